@@ -1,0 +1,5 @@
+import sys
+
+from dinokit.cli import main
+
+sys.exit(main())

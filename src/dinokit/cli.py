@@ -1,0 +1,192 @@
+"""The `dinokit` command: `dinokit <command> key=value ...`.
+
+Each command is a Python function; its keyword arguments are the command's keys, and the same keys can
+come from a YAML file (`config=run.yaml`, explicit key=value pairs win). Values are parsed as YAML
+scalars or lists (`true`, `3e-4`, `[1, 2]`) and converted to the function's annotated types.
+"""
+
+import difflib
+import importlib
+import inspect
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from dinokit.errors import DinokitError
+
+# command words -> "module:function". The function is the Python API of the same name.
+COMMANDS: dict[str, str] = {
+    "models": "dinokit.models.commands:list_models",
+    "info": "dinokit.models.commands:info",
+    "export": "dinokit.models.commands:export",
+    "demo": "dinokit.demo:demo",
+}
+
+
+def resolve_command(name: str):
+    module, func = COMMANDS[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def parse_value(text: str, annotation) -> object:
+    """Convert a command-line string to the annotated type (YAML syntax for scalars and lists)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if text.strip().lower() in ("none", "null", "~") and len(options) < len(typing.get_args(annotation)):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return parse_value(text, option)
+            except (ValueError, TypeError) as e:
+                errors.append(str(e))
+        raise ValueError("; ".join(errors))
+    if annotation in (str, Path, inspect.Parameter.empty) or annotation is typing.Any:
+        return text if annotation is not Path else Path(text)
+    value = yaml.safe_load(text)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if value in (0, 1):
+            return bool(value)
+        raise ValueError(f"expected true/false, got {text!r}")
+    if annotation in (int, float):
+        try:
+            number = float(text)  # also takes 3e-4, which YAML 1.1 reads as a string
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if annotation is int and not number.is_integer():
+            raise ValueError(f"expected an integer, got {text!r}")
+        return annotation(number)
+    if origin in (list, tuple) or annotation in (list, tuple):
+        items = value if isinstance(value, list) else [v for v in str(text).split(",") if v != ""]
+        args = typing.get_args(annotation)
+        inner = args[0] if args else str
+        converted = [parse_value(str(v) if not isinstance(v, str) else v, inner) for v in items]
+        return tuple(converted) if (origin or annotation) is tuple else converted
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if text not in choices:
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {text!r}")
+        return text
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping like {{a: 1}}, got {text!r}")
+        return value
+    return value
+
+
+def build_kwargs(func, pairs: list[str]) -> dict:
+    """key=value strings (plus an optional config=FILE.yaml) -> validated keyword arguments."""
+    signature = inspect.signature(func)
+    hints = typing.get_type_hints(func)
+    params = {n: p for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    accepts_extra = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+    raw: dict[str, object] = {}
+    explicit: dict[str, str] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise DinokitError(f"expected key=value, got {pair!r} (see `dinokit <command> --help`)")
+        key, text = pair.split("=", 1)
+        explicit[key.strip().replace("-", "_")] = text
+    if "config" in explicit and "config" not in params:
+        config_file = Path(explicit.pop("config"))
+        if not config_file.is_file():
+            raise DinokitError(f"config file not found: {config_file}")
+        loaded = yaml.safe_load(config_file.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise DinokitError(f"{config_file} must hold a mapping of key: value")
+        raw.update(loaded)
+    kwargs: dict[str, object] = {}
+    for key in [*raw, *explicit]:
+        if key not in params and not accepts_extra:
+            close = difflib.get_close_matches(key, params, n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise DinokitError(f"unknown key {key!r}.{hint} Valid keys: {', '.join(params)}")
+    for key, value in raw.items():  # YAML values are already typed
+        kwargs[key] = value
+    for key, text in explicit.items():
+        annotation = hints.get(key, inspect.Parameter.empty)
+        try:
+            kwargs[key] = parse_value(text, annotation)
+        except (ValueError, TypeError, yaml.YAMLError) as e:
+            raise DinokitError(f"bad value for {key}: {e}") from None
+    missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs]
+    if missing:
+        raise DinokitError(f"missing required key(s): {', '.join(f'{m}=...' for m in missing)}")
+    return kwargs
+
+
+def command_help(name: str, func) -> str:
+    lines = [f"usage: dinokit {name} key=value ... [config=FILE.yaml]", "", inspect.getdoc(func) or "", "", "keys:"]
+    hints = typing.get_type_hints(func)
+    for pname, p in inspect.signature(func).parameters.items():
+        if p.kind is p.VAR_KEYWORD:
+            lines.append("  ...           further keys are passed on (see above)")
+            continue
+        kind = getattr(hints.get(pname), "__name__", None) or str(hints.get(pname, "")).replace("typing.", "")
+        default = "(required)" if p.default is p.empty else f"= {p.default!r}"
+        lines.append(f"  {pname:<22} {kind:<18} {default}")
+    return "\n".join(lines)
+
+
+def main_help() -> str:
+    lines = ["usage: dinokit <command> key=value ...   (dinokit <command> --help for its keys)", "", "commands:"]
+    for name in COMMANDS:
+        try:
+            doc = (inspect.getdoc(resolve_command(name)) or "").splitlines()[0]
+        except Exception as e:  # keep --help usable even if one module fails to import
+            doc = f"(unavailable: {e})"
+        lines.append(f"  {name:<22} {doc}")
+    return "\n".join(lines)
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """The longest run of leading words that names a command, and the rest."""
+    words = []
+    for arg in argv:
+        if "=" in arg or arg.startswith("-"):
+            break
+        words.append(arg)
+    for n in range(len(words), 0, -1):
+        name = " ".join(words[:n])
+        if name in COMMANDS:
+            return name, argv[n:]
+    given = " ".join(words)
+    close = difflib.get_close_matches(given, COMMANDS, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise DinokitError(f"unknown command {given!r}.{hint} Run `dinokit --help` for the list.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(main_help())
+        return 0
+    try:
+        name, rest = split_command(argv)
+        func = resolve_command(name)
+        if any(a in ("-h", "--help") for a in rest):
+            print(command_help(name, func))
+            return 0
+        result = func(**build_kwargs(func, rest))
+    except DinokitError as e:
+        print(f"dinokit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dinokit: interrupted", file=sys.stderr)
+        return 130
+    if isinstance(result, (dict, list)):
+        print(json.dumps(result, indent=2, default=str))
+    elif result is not None:
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Images in: finding them, decoding them robustly, and the transforms that feed the models."""

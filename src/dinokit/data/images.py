@@ -1,0 +1,95 @@
+"""Finding and decoding images: any folder (recursive) or list file; bad files are skipped, not fatal.
+
+Every image becomes 8-bit RGB: EXIF orientation applied; grayscale, 16-bit, float, palette, CMYK and
+alpha images converted (alpha composited on white).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from dinokit.errors import DinokitError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
+
+
+def list_images(source: str | Path) -> list[Path]:
+    """Image paths of a folder (recursive, sorted), of a text file with one path per line (relative
+    paths are relative to the list file; blank lines and `#` comments ignored), or a single image."""
+    source = Path(source).expanduser()
+    if source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not paths:
+            raise DinokitError(
+                f"no images found under {source} (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        return paths
+    if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
+        return [source]
+    if source.is_file():
+        paths = []
+        for line in source.read_text().splitlines():
+            line = line.strip().split(",")[0].strip()
+            if line and not line.startswith("#"):
+                p = Path(line).expanduser()
+                paths.append(p if p.is_absolute() else source.parent / p)
+        if not paths:
+            raise DinokitError(f"the list file {source} names no images")
+        return paths
+    raise DinokitError(f"image source not found: {source} (give a folder, an image, or a text file of paths)")
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode `path` to an 8-bit RGB PIL image (raises on unreadable files; see module docstring)."""
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.exif_transpose(im)
+    return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16-bit and float images are rescaled by their dtype range."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode == "F":
+            lo, hi = np.nanmin(a), np.nanmax(a)
+            a = (a - lo) / (hi - lo + 1e-12) * 255.0
+        else:
+            a = a / 257.0 if a.max() > 255 or im.mode.startswith("I;16") else a
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("RGB") if im.mode != "RGB" else im
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Dataset over a list of paths: item i is (transform(image), i), or (None, i) when the file cannot
+    be decoded. Use `collate_skipping_bad` so that bad files drop out of the batch and are reported."""
+
+    def __init__(self, paths: list[Path], transform) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(open_rgb(self.paths[i])), i
+        except Exception:  # corrupt, truncated, zero-byte, not an image: skipped and counted
+            return None, i
+
+
+def collate_skipping_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor, list[int]]:
+    """(stacked images or None, indices of the good items, indices of the bad ones)."""
+    good = [(x, i) for x, i in batch if x is not None]
+    bad = [i for x, i in batch if x is None]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), bad
+    return torch.stack([x for x, _ in good]), torch.tensor([i for _, i in good]), bad

@@ -1,0 +1,84 @@
+"""Named architectures: the released DINOv2 / DINO models, and small ViTs for CPU-scale work.
+
+`create_model(name, **overrides)` builds a randomly initialised model; `load_model` (in
+`dinokit.models.loading`) builds one from weights.
+"""
+
+from dataclasses import replace
+
+from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
+
+# The hub models (`dinov2/hub/backbones.py`): img_size 518, patch 14, LayerScale, offset 0.1 (no registers)
+# or offset 0 + antialias (registers).
+_DINOV2_SIZES = {
+    "s": dict(embed_dim=384, depth=12, num_heads=6),
+    "b": dict(embed_dim=768, depth=12, num_heads=12),
+    "l": dict(embed_dim=1024, depth=24, num_heads=16),
+    "g": dict(embed_dim=1536, depth=40, num_heads=24, ffn_layer="swiglu"),
+}
+_DINOV2_BASE = dict(img_size=518, patch_size=14, init_values=1.0, interpolate_offset=0.1, interpolate_antialias=False)
+_REGISTERS = dict(num_register_tokens=4, interpolate_offset=0.0, interpolate_antialias=True)
+# DINO v1 (`dino:vision_transformer.py`): 224 grid, no LayerScale, offset 0.1.
+_DINO_BASE = dict(img_size=224, init_values=None, mask_token=False, interpolate_offset=0.1, interpolate_antialias=False)
+
+ARCHITECTURES: dict[str, ViTConfig] = {}
+for _s, _size in _DINOV2_SIZES.items():
+    ARCHITECTURES[f"dinov2_vit{_s}14"] = ViTConfig(**_DINOV2_BASE, **_size)
+    ARCHITECTURES[f"dinov2_vit{_s}14_reg"] = ViTConfig(**{**_DINOV2_BASE, **_size, **_REGISTERS})
+for _s, _size in (("s", _DINOV2_SIZES["s"]), ("b", _DINOV2_SIZES["b"])):
+    for _p in (16, 8):
+        ARCHITECTURES[f"dino_vit{_s}{_p}"] = ViTConfig(**_DINO_BASE, patch_size=_p, **_size)
+
+# Small ViTs for 32-96 px images on a CPU. LayerScale 1e-5 (the DINOv2 training value), no registers.
+_SMALL = dict(init_values=1e-5, interpolate_offset=0.0, interpolate_antialias=True)
+ARCHITECTURES.update(
+    {
+        "vit_tiny_p16": ViTConfig(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3, **_SMALL),
+        "vit_tiny_p8": ViTConfig(img_size=96, patch_size=8, embed_dim=192, depth=12, num_heads=3, **_SMALL),
+        "vit_tiny_p4": ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, **_SMALL),
+        "vit_mini_p4": ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, **_SMALL),
+        "vit_micro_p4": ViTConfig(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, **_SMALL),
+        "vit_nano_p2": ViTConfig(img_size=16, patch_size=2, embed_dim=32, depth=2, num_heads=2, **_SMALL),
+    }
+)
+
+
+def get_config(name: str, **overrides) -> ViTConfig:
+    """The ViTConfig of a named architecture, with `overrides` applied."""
+    if name not in ARCHITECTURES:
+        import difflib
+
+        close = difflib.get_close_matches(name, ARCHITECTURES, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"Unknown architecture {name!r}.{hint} Known: {', '.join(ARCHITECTURES)}.")
+    unknown = set(overrides) - set(ViTConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(
+            f"Unknown architecture options {sorted(unknown)}; valid: {sorted(ViTConfig.__dataclass_fields__)}"
+        )
+    return replace(ARCHITECTURES[name], **overrides)
+
+
+def create_model(name: str, **overrides) -> VisionTransformer:
+    """A randomly initialised model of a named architecture, e.g. create_model("dinov2_vits14_reg")."""
+    return VisionTransformer(get_config(name, **overrides))
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def nearest_architecture(config: ViTConfig) -> str:
+    """Name of the known architecture closest to `config` (width, depth, patch, registers, FFN)."""
+
+    def distance(c: ViTConfig) -> tuple:
+        return (
+            abs(c.embed_dim - config.embed_dim) // 64,
+            abs(c.depth - config.depth),
+            c.patch_size != config.patch_size,
+            c.num_register_tokens != config.num_register_tokens,
+            c.ffn_layer != config.ffn_layer,
+            (c.init_values is None) != (config.init_values is None),
+        )
+
+    return min(ARCHITECTURES, key=lambda n: distance(ARCHITECTURES[n]))

@@ -1,0 +1,60 @@
+"""Model commands: the architecture table, what a weights file holds, and format conversion."""
+
+import torch
+
+from dinokit.models.architectures import ARCHITECTURES, count_parameters, create_model
+from dinokit.models.loading import export_model, load_model, read_checkpoint
+
+
+def architecture_table() -> list[dict]:
+    """One row per named architecture, parameters counted at its native position grid."""
+    rows = []
+    for name, cfg in ARCHITECTURES.items():
+        with torch.device("meta"):
+            params = count_parameters(create_model(name))
+        rows.append(
+            {
+                "name": name,
+                "params": params,
+                "dim": cfg.embed_dim,
+                "depth": cfg.depth,
+                "heads": cfg.num_heads,
+                "patch": cfg.patch_size,
+                "img_size": cfg.img_size,
+                "registers": cfg.num_register_tokens,
+                "ffn": cfg.ffn_layer,
+                "layerscale": cfg.init_values is not None,
+            }
+        )
+    return rows
+
+
+def list_models() -> None:
+    """List the named architectures with their parameter counts."""
+    header = f"{'name':<20} {'params':>14} {'dim':>5} {'depth':>5} {'heads':>5} {'patch':>5} {'img':>4} {'reg':>3}  ffn"
+    print(header)
+    print("-" * len(header))
+    for r in architecture_table():
+        print(
+            f"{r['name']:<20} {r['params']:>14,} {r['dim']:>5} {r['depth']:>5} {r['heads']:>5} "
+            f"{r['patch']:>5} {r['img_size']:>4} {r['registers']:>3}  {r['ffn']}"
+        )
+
+
+def info(model: str) -> dict:
+    """Detect the format and architecture of a weights file, folder or released name."""
+    from dinokit.models.hub import resolve
+
+    path = resolve(model)
+    _, _, fmt = read_checkpoint(path)
+    m = load_model(path)
+    return {"source": str(path), "format": fmt, "parameters": count_parameters(m), "config": m.config.to_dict()}
+
+
+def export(model: str, out: str, format: str = "dinokit") -> str:
+    """Convert weights to another format: dinokit (safetensors), official (.pth) or hf (folder).
+
+    model: any file, folder or name that load_model reads. out: the file (dinokit, official) or
+    folder (hf) to write.
+    """
+    return export_model(load_model(model), out, format=format)

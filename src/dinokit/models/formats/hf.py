@@ -1,0 +1,204 @@
+"""Hugging Face `transformers` layout: `Dinov2Model`, `Dinov2WithRegistersModel` (and the
+`*ForImageClassification` wrappers), as `config.json` + `model.safetensors` / `pytorch_model.bin`.
+
+Key mapping from `convert_dinov2_to_hf.py`: q, k, v are separate Linear layers in HF and one `qkv`
+in the official layout. Files hold the legacy names (`attention.attention.query`); transformers 5 names
+the same tensors `attention.q_proj` in memory, and both are read here.
+"""
+
+import re
+
+import torch
+
+from dinokit.errors import DinokitError
+from dinokit.models.vision_transformer import ViTConfig
+
+_EMBEDDINGS = {
+    "embeddings.cls_token": "cls_token",
+    "embeddings.mask_token": "mask_token",
+    "embeddings.position_embeddings": "pos_embed",
+    "embeddings.register_tokens": "register_tokens",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "layernorm.weight": "norm.weight",
+    "layernorm.bias": "norm.bias",
+}
+# Per-layer renames (HF suffix -> official suffix); both legacy and transformers-5 names.
+_LAYER = {
+    "norm1": "norm1",
+    "norm2": "norm2",
+    "attention.output.dense": "attn.proj",
+    "attention.o_proj": "attn.proj",
+    "layer_scale1": "ls1",
+    "layer_scale2": "ls2",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+    "mlp.weights_in": "mlp.w12",
+    "mlp.weights_out": "mlp.w3",
+    "mlp.down_proj": "mlp.w3",
+}
+_QKV = {
+    "attention.attention.query": "q",
+    "attention.attention.key": "k",
+    "attention.attention.value": "v",
+    "attention.q_proj": "q",
+    "attention.k_proj": "k",
+    "attention.v_proj": "v",
+}
+_GATE_UP = {"mlp.gate_proj": "gate", "mlp.up_proj": "up"}
+_BACKBONE_PREFIXES = ("dinov2_with_registers.", "dinov2.")
+
+
+def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF state dict (backbone or ForImageClassification) -> official names. Unknown keys are kept
+    unchanged so that the caller can report them."""
+    out, parts = {}, {}
+    for key, value in sd.items():
+        for prefix in _BACKBONE_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if key.startswith("classifier."):
+            continue
+        if key in _EMBEDDINGS:
+            out[_EMBEDDINGS[key]] = value
+            continue
+        m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$", key)
+        if not m:
+            out[key] = value
+            continue
+        i, name, kind = m.groups()
+        kind = "gamma" if kind == "lambda1" else kind
+        if name in _LAYER:
+            out[f"blocks.{i}.{_LAYER[name]}.{kind}"] = value
+        elif name in _QKV:
+            parts.setdefault((f"blocks.{i}.attn.qkv.{kind}", "qkv"), {})[_QKV[name]] = value
+        elif name in _GATE_UP:
+            parts.setdefault((f"blocks.{i}.mlp.w12.{kind}", "gate_up"), {})[_GATE_UP[name]] = value
+        else:
+            out[key] = value
+    for (key, kind), pieces in parts.items():
+        order = ("q", "k", "v") if kind == "qkv" else ("gate", "up")
+        missing = [p for p in order if p not in pieces]
+        if missing:
+            raise DinokitError(f"HF weights lack the {missing} part of {key}")
+        out[key] = torch.cat([pieces[p] for p in order], dim=0)
+    return out
+
+
+def official_to_hf(sd: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
+    """Official names -> HF file names (legacy names, which every transformers version reads).
+
+    HF models always have LayerScale, biases and a mask token; where the dinokit model has none (DINO
+    v1, bias-free variants) the neutral value is written (ones, zeros), so the outputs are unchanged.
+    """
+    sd = dict(sd)
+    d = config.embed_dim
+    sd.setdefault("mask_token", torch.zeros(1, d))
+    hidden = sd["blocks.0.mlp.fc1.weight" if config.ffn_layer == "mlp" else "blocks.0.mlp.w3.weight"]
+    hidden = hidden.shape[0] if config.ffn_layer == "mlp" else hidden.shape[1]
+    for i in range(config.depth):
+        sd.setdefault(f"blocks.{i}.ls1.gamma", torch.ones(d))
+        sd.setdefault(f"blocks.{i}.ls2.gamma", torch.ones(d))
+        sd.setdefault(f"blocks.{i}.attn.qkv.bias", torch.zeros(3 * d))
+        sd.setdefault(f"blocks.{i}.attn.proj.bias", torch.zeros(d))
+        if config.ffn_layer == "mlp":
+            sd.setdefault(f"blocks.{i}.mlp.fc1.bias", torch.zeros(hidden))
+            sd.setdefault(f"blocks.{i}.mlp.fc2.bias", torch.zeros(d))
+        else:
+            sd.setdefault(f"blocks.{i}.mlp.w12.bias", torch.zeros(2 * hidden))
+            sd.setdefault(f"blocks.{i}.mlp.w3.bias", torch.zeros(d))
+    emb = {v: k for k, v in _EMBEDDINGS.items()}
+    layer = {
+        "norm1": "norm1",
+        "norm2": "norm2",
+        "attn.proj": "attention.output.dense",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+        "mlp.w12": "mlp.weights_in",
+        "mlp.w3": "mlp.weights_out",
+    }
+    out = {}
+    for key, value in sd.items():
+        if key in emb:
+            out[emb[key]] = value
+            continue
+        m = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias|gamma)$", key)
+        if not m:
+            raise DinokitError(f"cannot map {key!r} to the Hugging Face layout")
+        i, name, kind = m.groups()
+        prefix = f"encoder.layer.{i}."
+        if name == "attn.qkv":
+            for part, chunk in zip(("query", "key", "value"), value.chunk(3, dim=0), strict=True):
+                out[f"{prefix}attention.attention.{part}.{kind}"] = chunk.contiguous()
+        elif name in ("ls1", "ls2"):
+            out[f"{prefix}layer_scale{name[-1]}.lambda1"] = value
+        elif name in layer:
+            out[f"{prefix}{layer[name]}.{kind}"] = value
+        else:
+            raise DinokitError(f"cannot map {key!r} to the Hugging Face layout")
+    return out
+
+
+def config_from_hf(cfg: dict) -> ViTConfig:
+    """ViTConfig of an HF `config.json` (model_type dinov2 or dinov2_with_registers).
+
+    Interpolation follows the official model the weights come from: offset 0.1 without registers
+    (current `Dinov2Model` uses no offset, so it differs from the official model at sizes other than
+    its native grid; pass interpolate_offset=0.0 to reproduce transformers), offset 0 + antialias with
+    registers (identical to `Dinov2WithRegistersModel`).
+    """
+    model_type = cfg.get("model_type")
+    if model_type not in ("dinov2", "dinov2_with_registers"):
+        raise DinokitError(
+            f"config.json has model_type {model_type!r}; dinokit reads 'dinov2' and 'dinov2_with_registers'"
+        )
+    registers = int(cfg.get("num_register_tokens", 4 if model_type == "dinov2_with_registers" else 0))
+    if cfg.get("hidden_act", "gelu") != "gelu" and not cfg.get("use_swiglu_ffn"):
+        raise DinokitError(f"unsupported hidden_act {cfg['hidden_act']!r} (dinokit's MLP uses exact GELU)")
+    return ViTConfig(
+        img_size=int(cfg.get("image_size", 518)),
+        patch_size=int(cfg.get("patch_size", 14)),
+        in_chans=int(cfg.get("num_channels", 3)),
+        embed_dim=int(cfg["hidden_size"]),
+        depth=int(cfg["num_hidden_layers"]),
+        num_heads=int(cfg["num_attention_heads"]),
+        mlp_ratio=float(cfg.get("mlp_ratio", 4)),
+        ffn_layer="swiglu" if cfg.get("use_swiglu_ffn") else "mlp",
+        qkv_bias=bool(cfg.get("qkv_bias", True)),
+        init_values=float(cfg.get("layerscale_value", 1.0)),
+        num_register_tokens=registers,
+        interpolate_offset=0.0 if model_type == "dinov2_with_registers" else 0.1,
+        interpolate_antialias=model_type == "dinov2_with_registers",
+        norm_eps=float(cfg.get("layer_norm_eps", 1e-6)),
+        mask_token=bool(cfg.get("use_mask_token", True)),
+    )
+
+
+def hf_config(config: ViTConfig) -> dict:
+    """`config.json` content that transformers reads as the same network."""
+    with_registers = config.num_register_tokens > 0
+    cfg = {
+        "architectures": ["Dinov2WithRegistersModel" if with_registers else "Dinov2Model"],
+        "model_type": "dinov2_with_registers" if with_registers else "dinov2",
+        "hidden_size": config.embed_dim,
+        "num_hidden_layers": config.depth,
+        "num_attention_heads": config.num_heads,
+        "mlp_ratio": int(config.mlp_ratio) if float(config.mlp_ratio).is_integer() else config.mlp_ratio,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": config.norm_eps,
+        "image_size": config.img_size,
+        "patch_size": config.patch_size,
+        "num_channels": config.in_chans,
+        "qkv_bias": True,
+        "layerscale_value": 1.0,
+        "drop_path_rate": 0.0,
+        "use_swiglu_ffn": config.ffn_layer != "mlp",
+        "use_mask_token": True,
+        "torch_dtype": "float32",
+    }
+    if with_registers:
+        cfg["num_register_tokens"] = config.num_register_tokens
+    return cfg

@@ -1,0 +1,91 @@
+"""Released weights by name: the official download URLs and the Hugging Face Hub.
+
+A name resolves to a local file or folder, downloaded once into the cache (`$DINOKIT_CACHE`, default
+`~/.cache/dinokit`). Offline, the error says so and shows how to pass a local file instead.
+"""
+
+import os
+from pathlib import Path
+
+from dinokit.errors import DinokitError
+
+_OFFICIAL = "https://dl.fbaipublicfiles.com"
+_DINO_V1_FILES = {
+    "dino_vits16": "dino_deitsmall16_pretrain",
+    "dino_vits8": "dino_deitsmall8_pretrain",
+    "dino_vitb16": "dino_vitbase16_pretrain",
+    "dino_vitb8": "dino_vitbase8_pretrain",
+}
+# Hugging Face Hub ids of the same weights (transformers layout).
+HF_NAMES = {
+    f"dinov2_vit{s}14{'_reg' if reg else ''}": f"facebook/dinov2-{'with-registers-' if reg else ''}{size}"
+    for s, size in (("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant"))
+    for reg in (False, True)
+}
+
+
+def official_url(name: str) -> str | None:
+    """Download URL of a released official backbone name, or None."""
+    if name in _DINO_V1_FILES:
+        f = _DINO_V1_FILES[name]
+        return f"{_OFFICIAL}/dino/{f}/{f}.pth"
+    if name in HF_NAMES:
+        base = name.removesuffix("_reg")
+        file = f"{base}_reg4" if name.endswith("_reg") else base
+        return f"{_OFFICIAL}/dinov2/{base}/{file}_pretrain.pth"
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DINOKIT_CACHE", Path.home() / ".cache" / "dinokit"))
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """Local path for `source`: an existing path as is; a released name or Hub id downloaded (cached)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    name = str(source)
+    url = official_url(name)
+    if url is not None:
+        return _download_url(name, url)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return _download_hub(name)
+    known = ", ".join([*HF_NAMES, *_DINO_V1_FILES])
+    raise DinokitError(
+        f"No such file or folder: {name!r}; nor is it a released model name. "
+        f"Released names: {known}; or a Hugging Face id such as facebook/dinov2-small."
+    )
+
+
+def _offline_error(name: str, where: str, error: Exception) -> DinokitError:
+    return DinokitError(
+        f"Could not download {name!r} from {where} ({type(error).__name__}: {error}). This machine may be "
+        f"offline. Download the weights where there is a connection, copy them here and pass the local "
+        f"path instead, e.g. dinokit.load_model('/path/to/file.pth') or model=/path/to/file.pth on the "
+        f"command line (any official .pth, Hugging Face folder, timm or dinokit file works)."
+    )
+
+
+def _download_url(name: str, url: str) -> Path:
+    target = cache_dir() / url.rsplit("/", 1)[-1]
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    import torch.hub
+
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=True)
+    except Exception as e:  # urllib raises URLError, socket errors, HTTP errors...
+        raise _offline_error(name, url, e) from None
+    return target
+
+
+def _download_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir() / "hub"))
+    except Exception as e:  # offline, gated, missing repo: the hub raises many types
+        raise _offline_error(repo_id, f"the Hugging Face Hub ({repo_id})", e) from None

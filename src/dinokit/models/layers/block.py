@@ -1,0 +1,63 @@
+"""Pre-norm transformer block with LayerScale and stochastic depth on each residual branch."""
+
+import torch
+from torch import nn
+
+from dinokit.models.layers.attention import Attention
+from dinokit.models.layers.ffn import Mlp, SwiGLUFFN, swiglu_hidden_dim
+from dinokit.models.layers.layer_scale import LayerScale
+from dinokit.models.layers.stochastic_depth import drop_add_residual
+
+
+class Block(nn.Module):
+    """x = x + ls1(attn(norm1(x))); x = x + ls2(ffn(norm2(x))).
+
+    Each branch is dropped independently with rate `drop_path_rate` during training (the official code
+    applies `drop_path1` to both branches for small rates: its `# FIXME: drop_path2`). LayerScale is
+    absent (Identity) when `init_values` is None, as in DINO v1.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        ffn_layer: str = "mlp",
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        ffn_bias: bool = True,
+        init_values: float | None = None,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        hidden = int(dim * mlp_ratio)
+        if ffn_layer == "mlp":
+            self.mlp = Mlp(dim, hidden, bias=ffn_bias)
+        elif ffn_layer in ("swiglu", "swiglufused"):
+            self.mlp = SwiGLUFFN(dim, swiglu_hidden_dim(hidden), bias=ffn_bias)
+        else:
+            raise ValueError(f"ffn_layer must be 'mlp' or 'swiglu', got {ffn_layer!r}")
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path_rate = drop_path_rate
+
+    def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def ffn_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rate = self.drop_path_rate if self.training else 0.0
+        x = drop_add_residual(x, self.attention_branch, rate)
+        return drop_add_residual(x, self.ffn_branch, rate)
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference forward that also returns this block's attention probabilities (B, heads, T, T)."""
+        out, attn = self.attn(self.norm1(x), return_attention=True)
+        x = x + self.ls1(out)
+        return x + self.ls2(self.mlp(self.norm2(x))), attn

@@ -1,0 +1,191 @@
+"""Load a ready model from any weights file or folder users hold, and export to the peers' layouts.
+
+`load_model(source)` needs no architecture argument: the format is detected from the file, the
+architecture from keys and shapes (or from the config that dinokit and HF files carry).
+
+Formats read: dinokit safetensors; official backbone `.pth`; official / DINO v1 training checkpoints
+(`teacher_checkpoint.pth`, `checkpoint.pth`); Hugging Face folders (`config.json` + `model.safetensors`
+or `pytorch_model.bin`, sharded or not); timm state dicts (`.pth`, `.bin` or `.safetensors`, or a timm
+Hub folder); a dinokit pretraining run folder (its `backbone.safetensors`); released names.
+"""
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from dinokit.errors import DinokitError
+from dinokit.io import atomic_write, write_json
+from dinokit.models.architectures import nearest_architecture
+from dinokit.models.formats import hf as hf_format
+from dinokit.models.formats import timm as timm_format
+from dinokit.models.formats.official import infer_config, unwrap_training_checkpoint
+from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
+
+DINOKIT_CONFIG_KEY = "dinokit_config"
+EXPORT_FORMATS = ("dinokit", "official", "hf")
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors of a `.safetensors`, `.pth`/`.pt`/`.bin` file, plus safetensors metadata ({} for torch
+    files). Never unpickles code (`weights_only=True`); corrupt or truncated files get a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise DinokitError(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise DinokitError(f"weights file is empty (0 bytes): {path}. Download or export it again.")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DinokitError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise DinokitError(
+            f"{path} holds Python objects besides tensors, and dinokit never unpickles code from a file. "
+            f"If you trust the file, re-save only its tensors (torch.save(state_dict) or safetensors). ({e})"
+        ) from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, IndexError... on damaged files
+        raise DinokitError(f"{path} could not be read as a PyTorch file (corrupt or truncated?): {e}") from None
+    if not isinstance(obj, dict):
+        raise DinokitError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    return obj, {}
+
+
+def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    config = json.loads((folder / "config.json").read_text())
+    index = next(
+        (folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / n).exists()),
+        None,
+    )
+    if index is not None:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd = {}
+        for name in files:
+            sd.update(read_state_dict(folder / name)[0])
+        return sd, config
+    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
+        if (folder / name).exists():
+            return read_state_dict(folder / name)[0], config
+    raise DinokitError(f"{folder} has a config.json but no model.safetensors or pytorch_model.bin")
+
+
+def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTConfig | None, str]:
+    """(official-layout state dict, config if the file states it, format name) for a path."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "backbone.safetensors").exists():  # a dinokit pretraining run folder
+            return read_checkpoint(path / "backbone.safetensors")
+        if not (path / "config.json").exists():
+            raise DinokitError(f"{path} is a folder without config.json or backbone.safetensors; pass a weights file")
+        sd, config = _read_hf_folder(path)
+        if "model_type" not in config and "architecture" in config:  # a timm Hub folder
+            return timm_format.timm_to_official(sd), None, "timm"
+        return hf_format.hf_to_official(sd), hf_format.config_from_hf(config), "hf"
+    sd, metadata = read_state_dict(path)
+    if DINOKIT_CONFIG_KEY in metadata:
+        return sd, ViTConfig(**json.loads(metadata[DINOKIT_CONFIG_KEY])), "dinokit"
+    sd = unwrap_training_checkpoint(sd)
+    if any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
+        config_file = path.parent / "config.json"
+        config = hf_format.config_from_hf(json.loads(config_file.read_text())) if config_file.exists() else None
+        return hf_format.hf_to_official(sd), config, "hf"
+    if timm_format.is_timm(sd):
+        return timm_format.timm_to_official(sd), None, "timm"
+    return sd, None, "official"
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_model(source: str | Path, device: str | torch.device = "cpu", **overrides) -> VisionTransformer:
+    """A ready model (eval mode) from a weights file, folder or released name.
+
+    source: a path (any format above) or a released name (`dinov2_vits14`, `dinov2_vitb14_reg`,
+      `dino_vits16`, `facebook/dinov2-small`, ...), downloaded once and cached.
+    overrides: architecture options that the weights cannot tell, e.g. `num_heads` for a custom
+      official-layout file, or `interpolate_offset=0.0` to reproduce transformers' `Dinov2Model`.
+    """
+    from dinokit.models.hub import resolve
+
+    path = resolve(source)
+    sd, config, fmt = read_checkpoint(path)
+    if config is None:
+        config = infer_config(sd, num_heads=overrides.get("num_heads"))
+    unknown = set(overrides) - set(ViTConfig.__dataclass_fields__)
+    if unknown:
+        raise DinokitError(
+            f"unknown architecture options {sorted(unknown)}; valid: {sorted(ViTConfig.__dataclass_fields__)}"
+        )
+    config = ViTConfig(**{**config.to_dict(), **overrides})
+    with torch.device("meta"):
+        model = VisionTransformer(config)
+    expected = model.state_dict()
+    if config.mask_token and "mask_token" not in sd:
+        sd = {**sd, "mask_token": torch.zeros(1, config.embed_dim)}  # the official init of an absent token
+    check_keys(sd, expected, config, f"{path} ({fmt} format)")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device=device, dtype=torch.float32).eval()
+
+
+def check_keys(sd: dict, expected: dict, config: ViTConfig, what: str) -> None:
+    """Raise a DinokitError listing missing, unexpected and mis-shaped keys, naming the nearest known
+    architecture, if `sd` does not fit a model whose state dict is `expected`."""
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(sd) & set(expected))
+        if sd[k].shape != expected[k].shape
+    ]
+    if not (missing or unexpected or shapes):
+        return
+
+    def show(items: list[str]) -> str:
+        return ", ".join(items[:12]) + (f" ... (+{len(items) - 12} more)" if len(items) > 12 else "")
+
+    lines = [
+        f"{what} does not match the architecture it describes "
+        f"(nearest known architecture: {nearest_architecture(config)}; inferred {config})."
+    ]
+    if missing:
+        lines.append(f"Missing keys ({len(missing)}): {show(missing)}")
+    if unexpected:
+        lines.append(f"Unexpected keys ({len(unexpected)}): {show(unexpected)}")
+    if shapes:
+        lines.append(f"Shape mismatches ({len(shapes)}): {show(shapes)}")
+    lines.append("Pass architecture options to load_model(...) if the file's architecture was not detected right.")
+    raise DinokitError("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------ export
+def export_model(model: VisionTransformer, path: str | Path, format: str = "dinokit") -> str:
+    """Write `model` as dinokit safetensors (weights + architecture), the official `.pth` layout, or a
+    Hugging Face folder (`config.json` + `model.safetensors`) that `transformers.Dinov2Model` /
+    `Dinov2WithRegistersModel.from_pretrained` loads. Writes are atomic. Returns the written path."""
+    if format not in EXPORT_FORMATS:
+        raise DinokitError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    path = Path(path)
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    if format == "dinokit":
+        if path.suffix != ".safetensors":
+            path = path.with_suffix(".safetensors") if path.suffix else path / "model.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(
+            path, lambda tmp: save_file(sd, tmp, metadata={DINOKIT_CONFIG_KEY: json.dumps(model.config.to_dict())})
+        )
+    elif format == "official":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        hf_sd = hf_format.official_to_hf(sd, model.config)
+        atomic_write(path / "model.safetensors", lambda tmp: save_file(hf_sd, tmp, metadata={"format": "pt"}))
+        write_json(path / "config.json", hf_format.hf_config(model.config))
+    return str(path)

@@ -1,0 +1,290 @@
+"""The DINO / DINOv2 Vision Transformer: one model class for every released variant.
+
+Token layout: [CLS, REG x R, PATCH x N]. Registers carry no position embedding; the mask token replaces
+masked patch embeddings before the position embedding is added (as the official code). Outputs follow
+the official models: `forward_features` returns the `x_norm_*` dict, `forward` the normed CLS token, and
+`get_intermediate_layers` the last-n (or chosen) blocks.
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinokit.models.layers import Block, PatchEmbed
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Everything that defines the architecture (argument names as the official `DinoVisionTransformer`).
+
+    `img_size` fixes the stored position grid (img_size / patch_size per side); any other input size is
+    served by interpolating it, with `interpolate_offset` / `interpolate_antialias` exactly as the
+    official model (0.1 / False for DINO v1 and DINOv2, 0.0 / True for the register variants).
+    `init_values` is the LayerScale init; None means no LayerScale (DINO v1). `mask_token` adds the
+    learned token that replaces masked patches (iBOT); DINO v1 has none.
+    """
+
+    img_size: int = 224
+    patch_size: int = 14
+    in_chans: int = 3
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    ffn_layer: str = "mlp"
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    init_values: float | None = 1.0
+    num_register_tokens: int = 0
+    interpolate_offset: float = 0.1
+    interpolate_antialias: bool = False
+    drop_path_rate: float = 0.0
+    drop_path_uniform: bool = False
+    norm_eps: float = 1e-6
+    mask_token: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class VisionTransformer(nn.Module):
+    """DINOv2 / DINO ViT. (B, 3, H, W) with H, W multiples of the patch size -> normed CLS (B, D)."""
+
+    def __init__(self, config: ViTConfig | None = None, **kwargs) -> None:
+        super().__init__()
+        cfg = config if config is not None else ViTConfig(**kwargs)
+        if config is not None and kwargs:
+            cfg = ViTConfig(**{**cfg.to_dict(), **kwargs})
+        self.config = cfg
+        d = cfg.embed_dim
+        self.embed_dim = self.num_features = d
+        self.patch_size = cfg.patch_size
+        self.num_register_tokens = cfg.num_register_tokens
+        self.interpolate_offset = cfg.interpolate_offset
+        self.interpolate_antialias = cfg.interpolate_antialias
+
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
+        grid = cfg.img_size // cfg.patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, d))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, cfg.num_register_tokens, d)) if cfg.num_register_tokens else None
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, d)) if cfg.mask_token else None
+
+        if cfg.drop_path_uniform:
+            rates = [cfg.drop_path_rate] * cfg.depth
+        else:
+            rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(
+            Block(
+                d,
+                cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                ffn_layer=cfg.ffn_layer,
+                qkv_bias=cfg.qkv_bias,
+                proj_bias=cfg.proj_bias,
+                ffn_bias=cfg.ffn_bias,
+                init_values=cfg.init_values,
+                drop_path_rate=rate,
+                norm_eps=cfg.norm_eps,
+            )
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.head = nn.Identity()
+        self.cpu_inference_tokens = 1024
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Official init: pos_embed and Linear weights trunc_normal(0.02), CLS and registers normal(1e-6)."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        if self.mask_token is not None:
+            nn.init.zeros_(self.mask_token)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------------------------- tokens
+    def interpolate_pos_encoding(self, num_patches: int, height: int, width: int) -> torch.Tensor:
+        """Position embedding (1, 1 + N, D) for an input of `height` x `width` pixels.
+
+        Bicubic resampling of the stored M x M grid in float32. With `interpolate_offset` the target is
+        given as scale_factor (h0 + offset) / M (the official "historical kludge"), otherwise as size.
+        """
+        pos = self.pos_embed
+        stored = pos.shape[1] - 1
+        if num_patches == stored and height == width:
+            return pos
+        m = int(math.sqrt(stored))
+        if m * m != stored:
+            raise ValueError(f"stored position grid of {stored} patches is not square")
+        h0, w0 = height // self.patch_size, width // self.patch_size
+        grid = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
+        if self.interpolate_offset:
+            scale = ((h0 + self.interpolate_offset) / m, (w0 + self.interpolate_offset) / m)
+            grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=self.interpolate_antialias)
+        else:
+            grid = F.interpolate(grid, size=(h0, w0), mode="bicubic", antialias=self.interpolate_antialias)
+        if grid.shape[-2:] != (h0, w0):
+            raise RuntimeError(f"position grid interpolated to {tuple(grid.shape[-2:])}, expected {(h0, w0)}")
+        grid = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
+        return torch.cat([pos[:, :1].float(), grid], dim=1).to(pos.dtype)
+
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) [+ bool masks (B, N)] -> tokens (B, 1 + R + N, D)."""
+        b, _, h, w = x.shape
+        x = self.patch_embed(x)
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("this model has no mask token; build it with mask_token=True to use masks")
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        x = x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w).to(x.dtype)
+        if self.register_tokens is not None:
+            x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
+        return x
+
+    def run_blocks(self, tokens: torch.Tensor, keep: Sequence[int] = (-1,)) -> dict[int, torch.Tensor]:
+        """Run the blocks up to the last index in `keep` and return {index: output tokens} for `keep`.
+
+        Inference on CPU runs the batch in slices of about `cpu_inference_tokens` tokens: activations
+        then stay in cache, which is markedly faster in bf16 on a small CPU (docs/benchmarks.md); each
+        sample goes through exactly the same operations.
+        """
+        depth = len(self.blocks)
+        keep = sorted({i % depth for i in keep})
+        step = max(1, self.cpu_inference_tokens // tokens.shape[1])
+        if tokens.device.type == "cpu" and not torch.is_grad_enabled() and tokens.shape[0] > step:
+            slices = [self.run_blocks(chunk, keep) for chunk in tokens.split(step)]
+            return {i: torch.cat([out[i] for out in slices]) for i in keep}
+        outputs = {}
+        for i, blk in enumerate(self.blocks[: keep[-1] + 1]):
+            tokens = blk(tokens)
+            if i in keep:
+                outputs[i] = tokens
+        return outputs
+
+    # ----------------------------------------------------------------------------------- outputs
+    def forward_features(self, x: torch.Tensor | list[torch.Tensor], masks=None) -> dict | list[dict]:
+        """Dict with x_norm_clstoken (B, D), x_norm_regtokens (B, R, D), x_norm_patchtokens (B, N, D),
+        x_prenorm (B, 1 + R + N, D) and masks. A list of inputs (e.g. global and local crops, which
+        differ in size) gives a list of dicts, with `masks` a matching list."""
+        if isinstance(x, list):
+            masks = masks if masks is not None else [None] * len(x)
+            return [self.forward_features(xi, mi) for xi, mi in zip(x, masks, strict=True)]
+        tokens = self.run_blocks(self.prepare_tokens(x, masks))[len(self.blocks) - 1]
+        normed = self.norm(tokens)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": normed[:, 0],
+            "x_norm_regtokens": normed[:, 1 : 1 + r],
+            "x_norm_patchtokens": normed[:, 1 + r :],
+            "x_prenorm": tokens,
+            "masks": masks,
+        }
+
+    def forward(self, x: torch.Tensor, is_training: bool = False):
+        out = self.forward_features(x)
+        return out if is_training else self.head(out["x_norm_clstoken"])
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple:
+        """Patch tokens of the last `n` blocks (int) or of the blocks indexed by `n` (list).
+
+        Each output is (B, N, D), or (B, D, H/p, W/p) with `reshape`; with `return_class_token` each
+        entry is a (patch_tokens, cls_token) pair. `norm` applies the final LayerNorm.
+        """
+        depth = len(self.blocks)
+        wanted = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
+        if not wanted or not all(-depth <= i < depth for i in wanted):
+            raise ValueError(f"block indices {n} out of range for a {depth}-block model")
+        wanted = [i % depth for i in wanted]
+        b, _, h, w = x.shape
+        per_block = self.run_blocks(self.prepare_tokens(x), keep=wanted)
+        outputs = [self.norm(per_block[i]) if norm else per_block[i] for i in wanted]
+        r = self.num_register_tokens
+        class_tokens = [o[:, 0] for o in outputs]
+        patches = [o[:, 1 + r :] for o in outputs]
+        if reshape:
+            p = self.patch_size
+            patches = [o.reshape(b, h // p, w // p, -1).permute(0, 3, 1, 2).contiguous() for o in patches]
+        if return_class_token:
+            return tuple(zip(patches, class_tokens, strict=True))
+        return tuple(patches)
+
+    def get_selfattention(self, x: torch.Tensor, block: int = -1) -> torch.Tensor:
+        """Attention probabilities (B, heads, T, T) of one block, T = 1 + R + N (registers included;
+        `attention_to_patches` drops them). Computed explicitly in float32."""
+        block = block % len(self.blocks)
+        tokens = self.prepare_tokens(x)
+        if block > 0:
+            tokens = self.run_blocks(tokens, keep=[block - 1])[block - 1]
+        return self.blocks[block].forward_with_attention(tokens)[1]
+
+    def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
+        """Last block's attention (B, heads, T, T), the DINO v1 `get_last_selfattention` convention."""
+        return self.get_selfattention(x, -1)
+
+    # ----------------------------------------------------------------------------------- helpers
+    @classmethod
+    def from_pretrained(cls, source: str, **kwargs) -> "VisionTransformer":
+        """Any file, folder or released name that `dinokit.load_model` reads (HF-style entry point)."""
+        from dinokit.models.loading import load_model
+
+        return load_model(source, **kwargs)
+
+    def save_pretrained(self, path: str) -> str:
+        """Write dinokit safetensors (weights + architecture); returns the file path."""
+        from dinokit.models.loading import export_model
+
+        return export_model(self, path, format="dinokit")
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.patch_size, width // self.patch_size
+
+
+def attention_to_patches(attn: torch.Tensor, num_register_tokens: int) -> dict[str, torch.Tensor]:
+    """Split (B, heads, T, T) attention into what the CLS token attends to.
+
+    Returns cls_to_patches (B, heads, N) with registers dropped, cls_to_registers (B, heads, R) and
+    registers_to_patches (B, heads, R, N).
+    """
+    r = num_register_tokens
+    return {
+        "cls_to_patches": attn[:, :, 0, 1 + r :],
+        "cls_to_registers": attn[:, :, 0, 1 : 1 + r],
+        "registers_to_patches": attn[:, :, 1 : 1 + r, 1 + r :],
+    }
+
+
+def snap_to_patch_multiple(x: torch.Tensor, patch_size: int, mode: str = "crop") -> torch.Tensor:
+    """Center-crop (mode='crop') or zero-pad symmetrically (mode='pad', the official `CenterPadding`)
+    an image batch (..., H, W) so that both sides are multiples of `patch_size`."""
+    h, w = x.shape[-2:]
+    if mode == "crop":
+        nh, nw = h // patch_size * patch_size, w // patch_size * patch_size
+        if nh == 0 or nw == 0:
+            raise ValueError(f"image {h}x{w} is smaller than one patch ({patch_size}); use mode='pad'")
+        top, left = (h - nh) // 2, (w - nw) // 2
+        return x[..., top : top + nh, left : left + nw]
+    if mode == "pad":
+        ph, pw = -h % patch_size, -w % patch_size
+        return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+    raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")

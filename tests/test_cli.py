@@ -1,0 +1,96 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dinokit
+from dinokit.cli import COMMANDS, build_kwargs, main, parse_value, resolve_command
+from dinokit.errors import DinokitError
+
+
+def example(
+    model: str,
+    steps: int = 10,
+    lr: float = 1e-3,
+    flag: bool = False,
+    sizes: list[int] | None = None,
+    name: str | None = None,
+    out: Path = Path("out"),
+):
+    """An example command."""
+    return locals()
+
+
+def test_values_are_converted_to_the_annotated_types():
+    kw = build_kwargs(
+        example,
+        ["model=dinov2_vits14", "steps=20", "lr=3e-4", "flag=true", "sizes=[224, 448]", "name=none", "out=runs/a"],
+    )
+    assert kw == {
+        "model": "dinov2_vits14",
+        "steps": 20,
+        "lr": 3e-4,
+        "flag": True,
+        "sizes": [224, 448],
+        "name": None,
+        "out": Path("runs/a"),
+    }
+    assert build_kwargs(example, ["model=001", "sizes=1,2"]) == {"model": "001", "sizes": [1, 2]}
+    assert parse_value("1", bool) is True
+    with pytest.raises(ValueError):
+        parse_value("2.5", int)
+    with pytest.raises(ValueError):
+        parse_value("maybe", bool)
+
+
+def test_errors_name_the_problem_and_the_fix(tmp_path):
+    with pytest.raises(DinokitError, match="Did you mean steps"):
+        build_kwargs(example, ["model=a", "stepz=3"])
+    with pytest.raises(DinokitError, match=r"missing required key.*model="):
+        build_kwargs(example, ["steps=3"])
+    with pytest.raises(DinokitError, match="bad value for steps"):
+        build_kwargs(example, ["model=a", "steps=many"])
+    with pytest.raises(DinokitError, match="expected key=value"):
+        build_kwargs(example, ["model"])
+
+
+def test_yaml_config_supplies_keys_and_explicit_pairs_win(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: dinov2_vitb14\nsteps: 7\nlr: 0.01\n")
+    kw = build_kwargs(example, [f"config={cfg}", "steps=9"])
+    assert kw == {"model": "dinov2_vitb14", "steps": 9, "lr": 0.01}
+    cfg.write_text("modle: x\n")
+    with pytest.raises(DinokitError, match="unknown key 'modle'"):
+        build_kwargs(example, [f"config={cfg}"])
+
+
+def test_every_registered_command_resolves_and_has_a_docstring():
+    for name in COMMANDS:
+        func = resolve_command(name)
+        assert func.__doc__, name
+
+
+def test_main_help_export_and_info(tmp_path, capsys):
+    assert main(["--help"]) == 0
+    assert "export" in capsys.readouterr().out
+    assert main(["export", "--help"]) == 0
+    assert "format" in capsys.readouterr().out
+    m = dinokit.create_model("vit_nano_p2")
+    src = dinokit.export_model(m, tmp_path / "m.safetensors")
+    assert main(["export", f"model={src}", f"out={tmp_path / 'hf'}", "format=hf"]) == 0
+    assert (tmp_path / "hf" / "config.json").exists()
+    capsys.readouterr()
+    assert main(["info", f"model={tmp_path / 'hf'}"]) == 0
+    assert '"format": "hf"' in capsys.readouterr().out
+    assert main(["export", "model=/nonexistent.pth", "out=x"]) == 2
+    assert "No such file" in capsys.readouterr().err
+    assert main(["exprot"]) == 2
+    assert "Did you mean export" in capsys.readouterr().err
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "dinokit", "models"], capture_output=True, text=True, check=True)
+    assert "dinov2_vitg14_reg" in out.stdout and "1,136,486,912" in out.stdout
+    assert torch.__version__

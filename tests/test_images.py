@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinokit.data.images import ImageFiles, collate_skipping_bad, list_images, open_rgb
+from dinokit.data.transforms import IMAGENET_MEAN, eval_transform
+from dinokit.errors import DinokitError
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "a" / "rgb.jpg")
+    Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(tmp_path / "a" / "b" / "gray.png")
+    Image.fromarray(rng.integers(0, 65535, (20, 30), dtype=np.uint16)).save(tmp_path / "a" / "b" / "deep.png")
+    Image.new("CMYK", (12, 10), (0, 255, 0, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.save(tmp_path / "pal.png", transparency=0)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    good = (tmp_path / "a" / "rgb.jpg").read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(good[: len(good) // 3])
+    (tmp_path / "notes.txt").write_text("ignored")
+    return tmp_path
+
+
+def test_list_images_recursive_sorted_and_list_files(folder):
+    paths = list_images(folder)
+    names = [p.name for p in paths]
+    assert "notes.txt" not in names and "gray.png" in names and paths == sorted(paths)
+    lst = folder / "list.txt"
+    lst.write_text("# comment\na/rgb.jpg\n\ncmyk.jpg,3\n")
+    assert list_images(lst) == [folder / "a" / "rgb.jpg", folder / "cmyk.jpg"]
+    (folder / "none").mkdir()
+    with pytest.raises(DinokitError, match="no images found"):
+        list_images(folder / "none")
+    with pytest.raises(DinokitError, match="not found"):
+        list_images(folder / "missing")
+
+
+def test_every_mode_becomes_8bit_rgb(folder):
+    for name in ("a/rgb.jpg", "a/b/gray.png", "a/b/deep.png", "cmyk.jpg", "clear.png", "pal.png"):
+        im = open_rgb(folder / name)
+        assert im.mode == "RGB", name
+    assert open_rgb(folder / "clear.png").getpixel((0, 0)) == (255, 255, 255)  # alpha over white
+    assert open_rgb(folder / "pal.png").getpixel((0, 0)) == (255, 0, 0)
+    deep = np.asarray(Image.open(folder / "a" / "b" / "deep.png")).astype(np.float64)
+    assert np.abs(np.asarray(open_rgb(folder / "a" / "b" / "deep.png"))[..., 0] - deep / 257).max() <= 1
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    im = Image.new("RGB", (30, 10), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees
+    im.save(tmp_path / "rot.jpg", exif=exif)
+    assert open_rgb(tmp_path / "rot.jpg").size == (10, 30)
+
+
+def test_bad_files_are_skipped_and_reported(folder):
+    paths = list_images(folder)
+    ds = ImageFiles(paths, eval_transform(14))
+    batch = collate_skipping_bad([ds[i] for i in range(len(ds))])
+    images, good, bad = batch
+    bad_names = sorted(paths[i].name for i in bad)
+    assert bad_names == ["empty.jpg", "junk.png", "trunc.jpg"]
+    assert images.shape == (len(paths) - 3, 3, 14, 14) and len(good) == len(paths) - 3
+    assert collate_skipping_bad([(None, 0)])[0] is None
+
+
+def test_eval_transform_official_at_224_and_resize_policy():
+    im = Image.fromarray(np.full((300, 400, 3), 124, dtype=np.uint8))
+    t = eval_transform(224)
+    assert [type(s).__name__ for s in t.transforms[:2]] == ["Resize", "CenterCrop"]
+    assert t.transforms[0].size == [256]
+    x = t(im)
+    assert x.shape == (3, 224, 224)
+    assert torch.allclose(x[0], torch.full((224, 224), (124 / 255 - IMAGENET_MEAN[0]) / 0.229), atol=1e-5)
+    assert eval_transform((112, 168), resize_policy="resize")(im).shape == (3, 112, 168)

@@ -1,0 +1,117 @@
+"""Parity with Hugging Face transformers (the real peer), both directions."""
+
+import pytest
+import torch
+from transformers import (
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+)
+
+import dinokit
+from tests.conftest import perturb_scales_and_norms
+
+ATOL = 1e-4
+SMALL = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14)
+VIT_S = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518, patch_size=14)
+
+
+def hf_model(registers: bool, swiglu: bool = False, **cfg):
+    kw = dict(layer_norm_eps=1e-6, layerscale_value=0.5, use_swiglu_ffn=swiglu, **cfg)
+    if registers:
+        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
+    else:
+        model = Dinov2Model(Dinov2Config(**kw))
+    return perturb_scales_and_norms(model).eval()
+
+
+def compare(hf, ours, x, registers: int) -> None:
+    """CLS, patch tokens and every intermediate layer agree."""
+    with torch.no_grad():
+        o = hf(pixel_values=x, output_hidden_states=True)
+        f = ours.forward_features(x)
+        layers = ours.get_intermediate_layers(x, n=len(ours.blocks), norm=False, return_class_token=True)
+    assert (o.pooler_output - f["x_norm_clstoken"]).abs().max() <= ATOL
+    assert (o.last_hidden_state[:, 1 + registers :] - f["x_norm_patchtokens"]).abs().max() <= ATOL
+    if registers:
+        assert (o.last_hidden_state[:, 1 : 1 + registers] - f["x_norm_regtokens"]).abs().max() <= ATOL
+    for hidden, (patches, cls) in zip(o.hidden_states[1:], layers, strict=True):
+        assert (hidden[:, 1 + registers :] - patches).abs().max() <= ATOL
+        assert (hidden[:, 0] - cls).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("registers", [False, True])
+def test_hf_folder_loads_with_identical_outputs(tmp_path, registers, swiglu):
+    hf = hf_model(registers, swiglu, **SMALL)
+    hf.save_pretrained(tmp_path)
+    ours = dinokit.load_model(tmp_path)
+    r = 4 if registers else 0
+    assert ours.config.num_register_tokens == r
+    assert ours.config.ffn_layer == ("swiglu" if swiglu else "mlp")
+    compare(hf, ours, torch.randn(2, 3, 56, 56), r)  # native grid
+    if registers:  # Dinov2WithRegisters interpolates exactly as the official reg models
+        compare(hf, ours, torch.randn(2, 3, 42, 70), r)
+
+
+def test_plain_dinov2_off_grid_differs_by_the_dropped_offset_exactly(tmp_path):
+    """Current transformers' Dinov2Model drops the official +0.1 interpolation offset: dinokit follows
+    the official model by default, and reproduces transformers with interpolate_offset=0.0."""
+    hf = hf_model(False, **SMALL)
+    hf.save_pretrained(tmp_path)
+    x = torch.randn(2, 3, 42, 70)
+    official = dinokit.load_model(tmp_path)
+    like_hf = dinokit.load_model(tmp_path, interpolate_offset=0.0)
+    with torch.no_grad():
+        ref = hf(pixel_values=x).last_hidden_state[:, 1:]
+        assert (official.forward_features(x)["x_norm_patchtokens"] - ref).abs().max() > 1e-3
+    compare(hf, like_hf, x, 0)
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_vit_s14_config(tmp_path, registers):
+    hf = hf_model(registers, **VIT_S)
+    hf.save_pretrained(tmp_path)
+    ours = dinokit.load_model(tmp_path)
+    assert dinokit.count_parameters(ours) == (22_058_112 if registers else 22_056_576)
+    r = 4 if registers else 0
+    compare(hf, ours, torch.randn(1, 3, 518, 518), r)
+    if registers:
+        compare(hf, ours, torch.randn(1, 3, 224, 224), r)
+
+
+def test_export_to_hf_and_load_with_transformers(tmp_path):
+    for name, cls in (("vit_micro_p4", Dinov2Model), ("dinov2_vits14_reg", Dinov2WithRegistersModel)):
+        ours = perturb_scales_and_norms(
+            dinokit.create_model(name, img_size=56 if "reg" in name else 32, patch_size=14 if "reg" in name else 4)
+        ).eval()
+        folder = dinokit.export_model(ours, tmp_path / name, format="hf")
+        hf = cls.from_pretrained(folder).eval()
+        size = 56 if "reg" in name else 32
+        compare(hf, ours, torch.randn(2, 3, size, size), ours.num_register_tokens)
+
+
+def test_dino_v1_architecture_exports_to_hf_with_neutral_layerscale(tmp_path):
+    ours = perturb_scales_and_norms(dinokit.create_model("dino_vits16", depth=2)).eval()
+    hf = Dinov2Model.from_pretrained(dinokit.export_model(ours, tmp_path / "hf", format="hf")).eval()
+    compare(hf, ours, torch.randn(1, 3, 224, 224), 0)
+
+
+def test_image_classification_wrapper_loads_its_backbone(tmp_path):
+    config = Dinov2Config(layer_norm_eps=1e-6, num_labels=5, **SMALL)
+    clf = perturb_scales_and_norms(Dinov2ForImageClassification(config)).eval()
+    clf.save_pretrained(tmp_path)
+    ours = dinokit.load_model(tmp_path)
+    compare(clf.dinov2, ours, torch.randn(1, 3, 56, 56), 0)
+
+
+def test_hf_bin_weights_with_in_memory_names_are_read_too(tmp_path):
+    """pytorch_model.bin written from a live transformers 5 model, whose attention keys are
+    `attention.{q,k,v,o}_proj` rather than the legacy names that save_pretrained writes."""
+    hf = hf_model(True, **SMALL)
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    compare(hf, dinokit.load_model(tmp_path), torch.randn(1, 3, 56, 56), 4)

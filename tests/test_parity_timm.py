@@ -1,0 +1,63 @@
+"""timm state dicts (`vit_*_patch14_dinov2`, `_reg4_`, DINO v1 `vit_small_patch16_224`) load with the
+same outputs."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import dinokit
+from tests.conftest import perturb_scales_and_norms
+
+
+def timm_model(name: str, **kw):
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kw)
+    return perturb_scales_and_norms(model).eval()
+
+
+def check(tm, ours, x, registers: int) -> None:
+    with torch.no_grad():
+        ref = tm.forward_features(x)  # normed tokens: [CLS, REG, PATCH]
+        out = ours.forward_features(x)
+    assert (ref[:, 0] - out["x_norm_clstoken"]).abs().max() <= 1e-4
+    assert (ref[:, 1 + registers :] - out["x_norm_patchtokens"]).abs().max() <= 1e-4
+    if registers:
+        assert (ref[:, 1 : 1 + registers] - out["x_norm_regtokens"]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_vit_small_patch14_dinov2(tmp_path, suffix):
+    tm = timm_model("vit_small_patch14_dinov2", img_size=224)
+    path = tmp_path / f"timm.{suffix}"
+    sd = tm.state_dict()
+    torch.save(sd, path) if suffix == "pth" else save_file(sd, path)
+    ours = dinokit.load_model(path)
+    assert ours.config.num_register_tokens == 0 and ours.config.img_size == 224
+    check(tm, ours, torch.randn(2, 3, 224, 224), 0)
+
+
+def test_vit_small_patch14_reg4_dinov2_at_native_and_other_sizes(tmp_path):
+    tm = timm_model("vit_small_patch14_reg4_dinov2", img_size=224, dynamic_img_size=True)
+    assert "reg_token" in tm.state_dict() and tm.state_dict()["pos_embed"].shape[1] == 256
+    torch.save(tm.state_dict(), tmp_path / "reg.pth")
+    ours = dinokit.load_model(tmp_path / "reg.pth")
+    assert ours.config.num_register_tokens == 4
+    check(tm, ours, torch.randn(2, 3, 224, 224), 4)
+    check(tm, ours, torch.randn(1, 3, 168, 308), 4)  # timm resamples like the official reg models
+
+
+def test_dino_v1_vit_small_patch16(tmp_path):
+    tm = timm_model("vit_small_patch16_224")
+    torch.save(tm.state_dict(), tmp_path / "dino.pth")
+    ours = dinokit.load_model(tmp_path / "dino.pth")
+    assert ours.config.init_values is None and ours.config.patch_size == 16
+    assert dinokit.count_parameters(ours) == 21_665_664
+    check(tm, ours, torch.randn(2, 3, 224, 224), 0)
+
+
+def test_giant_packed_swiglu_maps_to_w12_w3(tmp_path):
+    tm = timm_model("vit_giant_patch14_dinov2", img_size=28, depth=2)
+    torch.save(tm.state_dict(), tmp_path / "g.pth")
+    ours = dinokit.load_model(tmp_path / "g.pth")
+    assert ours.config.ffn_layer == "swiglu"
+    check(tm, ours, torch.randn(1, 3, 28, 28), 0)

@@ -1,0 +1,262 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinokit.errors import DinokitError
+from dinokit.models import (
+    ARCHITECTURES,
+    VisionTransformer,
+    attention_to_patches,
+    count_parameters,
+    create_model,
+    snap_to_patch_multiple,
+)
+from tests.conftest import perturb_scales_and_norms
+
+RELEASED = {
+    "dinov2_vits14": 22_056_576,
+    "dinov2_vitb14": 86_580_480,
+    "dinov2_vitl14": 304_368_640,
+    "dinov2_vitg14": 1_136_480_768,
+    "dinov2_vits14_reg": 22_058_112,
+    "dinov2_vitb14_reg": 86_583_552,
+    "dinov2_vitl14_reg": 304_372_736,
+    "dinov2_vitg14_reg": 1_136_486_912,
+    # DINO v1 (facebookresearch/dino deit_small / vit_base): no mask token, no LayerScale, 224 grid.
+    "dino_vits16": 21_665_664,
+    "dino_vitb16": 85_798_656,
+}
+
+
+def tiny(**kw) -> VisionTransformer:
+    cfg = dict(img_size=28, patch_size=7, embed_dim=32, depth=3, num_heads=2, init_values=1.0)
+    return perturb_scales_and_norms(VisionTransformer(**{**cfg, **kw})).eval()
+
+
+@pytest.mark.parametrize("name", list(RELEASED))
+def test_parameter_counts_equal_released_models(name):
+    with torch.device("meta"):
+        assert count_parameters(create_model(name)) == RELEASED[name]
+
+
+def test_every_named_architecture_builds_with_its_table_entry():
+    for name, cfg in ARCHITECTURES.items():
+        with torch.device("meta"):
+            m = create_model(name)
+        assert m.pos_embed.shape[1] == 1 + (cfg.img_size // cfg.patch_size) ** 2
+        assert (m.register_tokens is not None) == (cfg.num_register_tokens > 0)
+
+
+def test_create_model_rejects_unknown_names_and_options():
+    with pytest.raises(ValueError, match="dinov2_vits14"):
+        create_model("dinov2_vits41")
+    with pytest.raises(TypeError, match=r"[Uu]nknown"):
+        create_model("dinov2_vits14", bogus=1)
+
+
+def test_forward_features_keys_shapes_and_register_order():
+    m = tiny(num_register_tokens=3)
+    x = torch.randn(2, 3, 28, 42)  # non-square: 4 x 6 patches
+    with torch.no_grad():
+        out = m.forward_features(x)
+        cls = m(x)
+    assert set(out) == {"x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens", "x_prenorm", "masks"}
+    assert out["x_norm_clstoken"].shape == (2, 32)
+    assert out["x_norm_regtokens"].shape == (2, 3, 32)
+    assert out["x_norm_patchtokens"].shape == (2, 24, 32)
+    assert out["x_prenorm"].shape == (2, 1 + 3 + 24, 32)
+    assert torch.equal(cls, out["x_norm_clstoken"])
+    normed = m.norm(out["x_prenorm"])
+    assert torch.allclose(normed[:, 1:4], out["x_norm_regtokens"])
+    # registers sit between CLS and patches and carry no position embedding
+    tokens = m.prepare_tokens(x)
+    assert torch.equal(tokens[:, 1:4], m.register_tokens.expand(2, -1, -1))
+
+
+def test_is_training_returns_the_dict():
+    m = tiny()
+    out = m(torch.randn(1, 3, 28, 28), is_training=True)
+    assert isinstance(out, dict) and "x_norm_patchtokens" in out
+
+
+def test_mask_token_replaces_patches_before_the_position_embedding():
+    m = tiny()
+    x = torch.randn(2, 3, 28, 28)
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[0, [0, 5]] = True
+    tokens = m.prepare_tokens(x, masks)
+    pos = m.interpolate_pos_encoding(16, 28, 28)
+    expected = m.mask_token + pos[0, 1:][[0, 5]]
+    assert torch.allclose(tokens[0, 1:][[0, 5]], expected)
+    unmasked = m.prepare_tokens(x)
+    assert torch.equal(tokens[1], unmasked[1])
+    assert torch.equal(tokens[0, 2:6], unmasked[0, 2:6])
+    out = m.forward_features(x, masks=masks)
+    assert out["masks"] is masks
+
+
+def test_list_input_gives_one_dict_per_crop_size():
+    m = tiny()
+    outs = m.forward_features([torch.randn(2, 3, 28, 28), torch.randn(4, 3, 14, 14)])
+    assert [o["x_norm_patchtokens"].shape[:2] for o in outs] == [(2, 16), (4, 4)]
+
+
+def test_input_not_a_multiple_of_the_patch_size_names_the_sizes_that_work():
+    m = tiny()
+    with pytest.raises(ValueError, match=r"30x33.*28x28 \(crop\) or 35x35 \(pad\)"):
+        m(torch.randn(1, 3, 30, 33))
+
+
+def test_snap_to_patch_multiple_crops_centered_and_pads_symmetrically():
+    x = torch.arange(30 * 33, dtype=torch.float32).reshape(1, 1, 30, 33)
+    cropped = snap_to_patch_multiple(x, 7, "crop")
+    assert cropped.shape[-2:] == (28, 28)
+    assert cropped[0, 0, 0, 0] == x[0, 0, 1, 2]  # (30-28)//2 = 1 row, (33-28)//2 = 2 columns
+    padded = snap_to_patch_multiple(x, 7, "pad")
+    assert padded.shape[-2:] == (35, 35)
+    assert padded[0, 0, 2, 1] == x[0, 0, 0, 0]  # 5 rows -> 2 top, 3 bottom; 2 columns -> 1 left, 1 right
+    assert padded[0, 0, :2].abs().sum() == 0
+    m = tiny()
+    assert m(snap_to_patch_multiple(torch.randn(1, 3, 30, 33), 7)).shape == (1, 32)
+
+
+def test_pos_embed_interpolation_matches_the_official_formula():
+    """scale_factor (h0 + 0.1) / M with offset; size (h0, w0) without; identity at the native grid."""
+    for offset, antialias in ((0.1, False), (0.0, True)):
+        m = tiny(interpolate_offset=offset, interpolate_antialias=antialias)
+        assert m.interpolate_pos_encoding(16, 28, 28) is m.pos_embed
+        grid = m.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+        if offset:
+            ref = F.interpolate(grid, scale_factor=((6 + 0.1) / 4, (3 + 0.1) / 4), mode="bicubic")
+        else:
+            ref = F.interpolate(grid, size=(6, 3), mode="bicubic", antialias=True)
+        ref = ref.permute(0, 2, 3, 1).reshape(1, 18, 32)
+        got = m.interpolate_pos_encoding(18, 42, 21)
+        assert torch.equal(got[:, 0], m.pos_embed[:, 0])
+        assert torch.allclose(got[:, 1:], ref, atol=1e-6)
+    # the offset really changes the result (this is why HF's Dinov2Model differs off-grid)
+    a = tiny(interpolate_offset=0.1).interpolate_pos_encoding(36, 42, 42)
+    b = tiny(interpolate_offset=0.0).interpolate_pos_encoding(36, 42, 42)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_get_intermediate_layers_int_list_reshape_classtoken_norm():
+    m = tiny(num_register_tokens=2)
+    x = torch.randn(2, 3, 28, 42)
+    with torch.no_grad():
+        tokens = m.prepare_tokens(x)
+        per_block = []
+        for blk in m.blocks:
+            tokens = blk(tokens)
+            per_block.append(tokens)
+        last2 = m.get_intermediate_layers(x, n=2)
+        assert len(last2) == 2
+        assert torch.allclose(last2[0], m.norm(per_block[1])[:, 3:], atol=1e-6)
+        assert torch.allclose(last2[1], m.forward_features(x)["x_norm_patchtokens"], atol=1e-6)
+        chosen = m.get_intermediate_layers(x, n=[0, 2], norm=False, return_class_token=True)
+        assert torch.allclose(chosen[0][0], per_block[0][:, 3:], atol=1e-6)
+        assert torch.allclose(chosen[1][1], per_block[2][:, 0], atol=1e-6)
+        maps = m.get_intermediate_layers(x, n=1, reshape=True)
+        assert maps[0].shape == (2, 32, 4, 6)
+        assert torch.allclose(maps[0].flatten(2).transpose(1, 2), last2[1], atol=1e-6)
+    with pytest.raises(ValueError):
+        m.get_intermediate_layers(x, n=[5])
+
+
+def test_attention_maps_work_with_registers_and_match_the_sdpa_path():
+    m = tiny(num_register_tokens=4)
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        attn = m.get_last_selfattention(x)
+        assert attn.shape == (2, 2, 1 + 4 + 16, 1 + 4 + 16)
+        assert torch.allclose(attn.sum(-1), torch.ones(2, 2, 21), atol=1e-5)
+        parts = attention_to_patches(attn, 4)
+        assert parts["cls_to_patches"].shape == (2, 2, 16)
+        assert parts["cls_to_registers"].shape == (2, 2, 4)
+        assert torch.allclose(
+            parts["cls_to_patches"].sum(-1) + parts["cls_to_registers"].sum(-1) + attn[:, :, 0, 0], torch.ones(2, 2)
+        )
+        # the explicit path computes the same block output as SDPA
+        tokens = m.prepare_tokens(x)
+        for blk in m.blocks[:-1]:
+            tokens = blk(tokens)
+        explicit, _ = m.blocks[-1].forward_with_attention(tokens)
+        assert torch.allclose(explicit, m.blocks[-1](tokens), atol=1e-5)
+        first = m.get_selfattention(x, block=0)
+        assert not torch.allclose(first, attn)
+
+
+def test_eval_is_deterministic_and_training_drops_paths():
+    m = tiny(drop_path_rate=0.5, depth=4)
+    assert [b.drop_path_rate for b in m.blocks] == pytest.approx([0, 0.5 / 3, 1 / 3, 0.5])
+    x = torch.randn(8, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(m(x), m(x))
+        m.train()
+        a, b = m(x), m(x)
+    assert not torch.allclose(a, b)
+    uniform = tiny(drop_path_rate=0.3, drop_path_uniform=True, depth=4)
+    assert [b.drop_path_rate for b in uniform.blocks] == [0.3] * 4
+
+
+def test_stochastic_depth_adds_a_rescaled_residual_to_a_subset():
+    from dinokit.models.layers import drop_add_residual
+
+    x = torch.zeros(10, 1, 1)
+    out = drop_add_residual(x, lambda t: torch.ones_like(t), 0.5)
+    kept = (out != 0).flatten()
+    assert kept.sum() == 5  # max(int(10 * 0.5), 1) samples
+    assert torch.allclose(out.flatten()[kept], torch.full((5,), 2.0))  # scaled by 10 / 5
+    assert torch.equal(drop_add_residual(x, lambda t: t + 1, 0.0), torch.ones(10, 1, 1))
+
+
+def test_cpu_inference_slices_give_the_same_result_as_one_pass():
+    m = tiny()
+    x = torch.randn(9, 3, 28, 28)
+    with torch.no_grad():
+        m.cpu_inference_tokens = 17 * 2  # 2 images per slice
+        sliced = m.forward_features(x)["x_norm_patchtokens"]
+        layers = m.get_intermediate_layers(x, n=2)
+        m.cpu_inference_tokens = 10**9
+        whole = m.forward_features(x)["x_norm_patchtokens"]
+        layers_whole = m.get_intermediate_layers(x, n=2)
+    assert torch.allclose(sliced, whole, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(layers, layers_whole, strict=True))
+
+
+def test_bf16_autocast_agrees_with_fp32():
+    m = create_model("vit_micro_p4").eval()
+    perturb_scales_and_norms(m, 0.1)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(x)
+    assert F.cosine_similarity(ref, low.float()).min() > 0.999
+
+
+def test_swiglu_block_width_follows_the_official_rule():
+    with torch.device("meta"):
+        g = create_model("dinov2_vitg14")
+    assert g.blocks[0].mlp.w12.weight.shape == (8192, 1536)
+    assert g.blocks[0].mlp.w3.weight.shape == (1536, 4096)
+
+
+def test_models_without_mask_token_reject_masks():
+    m = tiny(mask_token=False)
+    with pytest.raises(ValueError, match="mask token"):
+        m.forward_features(torch.randn(1, 3, 28, 28), masks=torch.ones(1, 16, dtype=torch.bool))
+
+
+def test_official_init():
+    m = create_model("dinov2_vits14")
+    assert m.mask_token.abs().sum() == 0
+    assert m.cls_token.std() < 1e-5
+    assert math.isclose(m.pos_embed.std().item(), 0.02, rel_tol=0.1)
+    assert m.blocks[0].attn.qkv.bias.abs().sum() == 0
+
+
+def test_dinokit_error_is_an_exception():
+    assert issubclass(DinokitError, Exception)

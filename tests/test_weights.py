@@ -1,0 +1,225 @@
+"""Formats dinokit reads and writes, and the errors users get for bad files."""
+
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dinokit
+from dinokit.errors import DinokitError
+from dinokit.models import hub
+from dinokit.models.loading import read_checkpoint
+from tests.conftest import perturb_scales_and_norms
+
+
+@pytest.fixture
+def model():
+    return perturb_scales_and_norms(dinokit.create_model("dinov2_vits14_reg", depth=2, img_size=56)).eval()
+
+
+def same_outputs(a, b, size=56) -> bool:
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        return torch.equal(a.forward_features(x)["x_prenorm"], b.forward_features(x)["x_prenorm"])
+
+
+@pytest.mark.parametrize("fmt", ["dinokit", "official", "hf"])
+def test_round_trip_is_exact(tmp_path, model, fmt):
+    path = dinokit.export_model(model, tmp_path / ("m.pth" if fmt == "official" else "m"), format=fmt)
+    loaded = dinokit.load_model(path)
+    assert loaded.config == model.config
+    assert same_outputs(model, loaded)
+    assert not loaded.training
+
+
+def test_official_layout_has_the_official_keys(tmp_path, model):
+    path = dinokit.export_model(model, tmp_path / "dinov2_vits14_reg4_pretrain.pth", format="official")
+    sd = torch.load(path, weights_only=True)
+    assert {
+        "cls_token",
+        "pos_embed",
+        "register_tokens",
+        "mask_token",
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.1.ls2.gamma",
+        "norm.bias",
+    } <= set(sd)
+    assert sd["pos_embed"].shape == (1, 17, 384)
+
+
+def test_official_file_architecture_is_detected_without_config(tmp_path):
+    for name in ("dinov2_vitb14", "dinov2_vits14_reg", "dino_vits8"):
+        with torch.device("meta"):
+            cfg = dinokit.create_model(name).config
+        m = dinokit.create_model(name, depth=2)
+        torch.save(m.state_dict(), tmp_path / "w.pth")
+        loaded = dinokit.load_model(tmp_path / "w.pth")
+        for field in (
+            "embed_dim",
+            "num_heads",
+            "patch_size",
+            "img_size",
+            "num_register_tokens",
+            "interpolate_offset",
+            "interpolate_antialias",
+            "ffn_layer",
+            "mask_token",
+        ):
+            assert getattr(loaded.config, field) == getattr(cfg, field), (name, field)
+        assert (loaded.config.init_values is None) == (cfg.init_values is None)
+
+
+def test_training_checkpoints_teacher_prefixes_heads_and_block_chunks(tmp_path, model):
+    sd = model.state_dict()
+    chunked = {}
+    for k, v in sd.items():  # block_chunks=2 layout: blocks.<chunk>.<global index>.
+        if k.startswith("blocks."):
+            i = int(k.split(".")[1])
+            k = f"blocks.{i // 2}.{i}." + k.split(".", 2)[2]
+        chunked[f"backbone.{k}"] = v
+    teacher = {
+        **chunked,
+        "dino_head.mlp.0.weight": torch.randn(8, 384),
+        "ibot_head.last_layer.weight": torch.randn(4, 8),
+    }
+    torch.save({"teacher": teacher}, tmp_path / "teacher_checkpoint.pth")
+    assert same_outputs(model, dinokit.load_model(tmp_path / "teacher_checkpoint.pth"))
+    # DINO v1 checkpoint.pth: student under DDP (`module.`), teacher plain; the teacher is loaded
+    other = {k: torch.zeros_like(v) for k, v in sd.items()}
+    v1 = {
+        "student": {f"module.backbone.{k}": v for k, v in other.items()},
+        "teacher": {f"backbone.{k}": v for k, v in sd.items()} | {"head.last_layer.weight_g": torch.ones(3, 1)},
+        "epoch": 3,
+    }
+    torch.save(v1, tmp_path / "checkpoint.pth")
+    assert same_outputs(model, dinokit.load_model(tmp_path / "checkpoint.pth"))
+
+
+def test_pretraining_run_folder_loads_its_backbone(tmp_path, model):
+    dinokit.export_model(model, tmp_path / "backbone.safetensors")
+    assert same_outputs(model, dinokit.load_model(tmp_path))
+
+
+def test_missing_and_unexpected_keys_are_listed_with_the_nearest_architecture(tmp_path, model):
+    sd = model.state_dict()
+    del sd["blocks.1.attn.proj.weight"]
+    sd["blocks.1.attn.extra.weight"] = torch.zeros(3)
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(DinokitError) as e:
+        dinokit.load_model(tmp_path / "broken.pth")
+    msg = str(e.value)
+    assert "blocks.1.attn.proj.weight" in msg and "blocks.1.attn.extra.weight" in msg
+    assert "nearest known architecture: dinov2_vits14_reg" in msg
+
+
+def test_shape_mismatch_is_reported(tmp_path, model):
+    sd = model.state_dict()
+    sd["blocks.0.mlp.fc2.bias"] = torch.zeros(5)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(DinokitError, match=r"blocks.0.mlp.fc2.bias: file \(5,\) vs model \(384,\)"):
+        dinokit.load_model(tmp_path / "bad.pth")
+
+
+@pytest.mark.parametrize("suffix", ["pth", "safetensors"])
+def test_truncated_and_empty_files_get_clear_errors(tmp_path, model, suffix):
+    path = tmp_path / f"m.{suffix}"
+    if suffix == "pth":
+        torch.save(model.state_dict(), path)
+    else:
+        save_file(model.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DinokitError, match="corrupt or truncated"):
+        dinokit.load_model(path)
+    path.write_bytes(b"")
+    with pytest.raises(DinokitError, match="empty"):
+        dinokit.load_model(path)
+    path.write_bytes(b"this is not a weights file at all" * 10)
+    with pytest.raises(DinokitError, match="corrupt or truncated"):
+        dinokit.load_model(path)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("arbitrary code ran",))
+
+
+def test_pickled_code_is_never_executed(tmp_path, capsys):
+    path = tmp_path / "evil.pth"
+    torch.save({"cls_token": torch.zeros(1), "x": Payload()}, path)
+    with pytest.raises(DinokitError, match="never unpickles"):
+        dinokit.load_model(path)
+    assert "arbitrary code ran" not in capsys.readouterr().out
+    with open(tmp_path / "raw.pkl", "wb") as f:
+        pickle.dump(Payload(), f)
+    with pytest.raises(DinokitError):
+        dinokit.load_model(tmp_path / "raw.pkl")
+
+
+def test_not_a_backbone(tmp_path):
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "w.pth")
+    with pytest.raises(DinokitError, match="not a ViT backbone"):
+        dinokit.load_model(tmp_path / "w.pth")
+    with pytest.raises(DinokitError, match="No such file or folder"):
+        dinokit.load_model(tmp_path / "nope.pth")
+
+
+def test_custom_heads_are_an_override(tmp_path):
+    m = dinokit.create_model("vit_micro_p4")  # 96-dim, 3 heads: not D/64
+    torch.save(m.state_dict(), tmp_path / "m.pth")
+    assert dinokit.load_model(tmp_path / "m.pth").config.num_heads == 1
+    assert dinokit.load_model(tmp_path / "m.pth", num_heads=3).config.num_heads == 3
+    with pytest.raises(DinokitError, match="unknown architecture options"):
+        dinokit.load_model(tmp_path / "m.pth", heads=3)
+
+
+def test_released_names_map_to_official_urls_and_hub_ids():
+    assert (
+        hub.official_url("dinov2_vits14")
+        == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+    )
+    assert (
+        hub.official_url("dinov2_vitg14_reg")
+        == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitg14/dinov2_vitg14_reg4_pretrain.pth"
+    )
+    assert (
+        hub.official_url("dino_vitb8")
+        == "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth"
+    )
+    assert hub.HF_NAMES["dinov2_vitl14_reg"] == "facebook/dinov2-with-registers-large"
+
+
+def test_offline_download_error_says_how_to_pass_a_local_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path))
+
+    def no_network(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", no_network)
+    with pytest.raises(DinokitError, match=r"offline.*local\s+path"):
+        dinokit.load_model("dinov2_vits14")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DinokitError, match="offline"):
+        dinokit.load_model("facebook/dinov2-small")
+    with pytest.raises(DinokitError, match="nor is it a released model name"):
+        dinokit.load_model("dinov2_vitz14")
+
+
+def test_cached_download_is_used_without_network(tmp_path, monkeypatch, model):
+    monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path))
+    torch.save(model.state_dict(), tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    monkeypatch.setattr("torch.hub.download_url_to_file", lambda *a, **k: pytest.fail("downloaded again"))
+    assert same_outputs(model, dinokit.load_model("dinov2_vits14_reg"))
+
+
+def test_format_detection(tmp_path, model):
+    dinokit.export_model(model, tmp_path / "a.safetensors")
+    dinokit.export_model(model, tmp_path / "b.pth", format="official")
+    dinokit.export_model(model, tmp_path / "hf", format="hf")
+    assert [read_checkpoint(p)[2] for p in (tmp_path / "a.safetensors", tmp_path / "b.pth", tmp_path / "hf")] == [
+        "dinokit",
+        "official",
+        "hf",
+    ]
