@@ -1,0 +1,1 @@
+"""Using the features: batch extraction (and, on top of it, retrieval and visual tools)."""

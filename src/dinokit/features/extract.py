@@ -1,0 +1,105 @@
+"""Batch feature extraction: DataLoader workers decode and resize while the model runs.
+
+The one place where images become features; embedding to disk, evaluation caches and the demo all
+call `iter_features` / `extract_features`.
+"""
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dinokit.data.images import ImageFiles, collate_skipping_bad
+from dinokit.errors import DinokitError
+from dinokit.models.vision_transformer import VisionTransformer
+from dinokit.runtime import autocast
+
+# Which features a batch can produce, and their shapes for B images, D dims, R registers, N patches.
+FEATURE_KINDS = {
+    "cls": "(B, D) normed CLS token",
+    "patch_mean": "(B, D) mean of the normed patch tokens",
+    "registers": "(B, R, D) normed register tokens",
+    "patch_tokens": "(B, N, D) normed patch tokens (the full grid, row-major)",
+    "layers": "(B, L, D) normed CLS of each block in `layers`",
+}
+
+
+def compute_features(
+    model: VisionTransformer, images: torch.Tensor, which: Sequence[str] = ("cls",), layers: Sequence[int] = ()
+) -> dict[str, torch.Tensor]:
+    """Features of one batch of images (already on the model's device)."""
+    unknown = set(which) - set(FEATURE_KINDS)
+    if unknown:
+        raise DinokitError(f"unknown feature kinds {sorted(unknown)}; choose from {', '.join(FEATURE_KINDS)}")
+    out = {}
+    if set(which) - {"layers"}:
+        f = model.forward_features(images)
+        if "cls" in which:
+            out["cls"] = f["x_norm_clstoken"]
+        if "patch_mean" in which:
+            out["patch_mean"] = f["x_norm_patchtokens"].mean(dim=1)
+        if "registers" in which:
+            out["registers"] = f["x_norm_regtokens"]
+        if "patch_tokens" in which:
+            out["patch_tokens"] = f["x_norm_patchtokens"]
+    if "layers" in which:
+        if not layers:
+            raise DinokitError("features 'layers' needs the block indices, e.g. layers=[8, 9, 10, 11]")
+        pairs = model.get_intermediate_layers(images, n=list(layers), return_class_token=True)
+        out["layers"] = torch.stack([cls for _, cls in pairs], dim=1)
+    return {k: v.float() for k, v in out.items()}
+
+
+def image_loader(paths: Sequence[Path], transform, batch_size: int, num_workers: int, device: torch.device):
+    """In-order DataLoader yielding (images, good indices, bad indices); bad files drop out."""
+    return torch.utils.data.DataLoader(
+        ImageFiles(list(paths), transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_skipping_bad,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+@torch.inference_mode()
+def iter_features(
+    model: VisionTransformer,
+    paths: Sequence[Path],
+    transform,
+    which: Sequence[str] = ("cls",),
+    layers: Sequence[int] = (),
+    batch_size: int = 64,
+    num_workers: int = 2,
+    precision: str = "bf16",
+    progress: bool = True,
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor], list[int]]]:
+    """Yield (indices into `paths`, features on CPU as float32, indices of unreadable files) per batch."""
+    device = next(model.parameters()).device
+    model.eval()
+    loader = image_loader(paths, transform, batch_size, num_workers, device)
+    for images, good, bad in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
+        if images is None:
+            yield good, {}, bad
+            continue
+        with autocast(device, precision):
+            feats = compute_features(model, images.to(device, non_blocking=True), which, layers)
+        yield good, {k: v.cpu() for k, v in feats.items()}, bad
+
+
+def extract_features(
+    model: VisionTransformer, paths: Sequence[Path], transform, **kwargs
+) -> tuple[dict, list[int], list[int]]:
+    """All features in memory: ({kind: tensor over the readable images}, their indices, bad indices)."""
+    chunks: dict[str, list[torch.Tensor]] = {}
+    kept: list[int] = []
+    bad: list[int] = []
+    for good, feats, bad_batch in iter_features(model, paths, transform, **kwargs):
+        kept += good.tolist()
+        bad += bad_batch
+        for k, v in feats.items():
+            chunks.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in chunks.items()}, kept, bad
