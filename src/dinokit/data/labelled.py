@@ -1,0 +1,42 @@
+"""Labelled image sets: a `root/<class>/*` folder (as torchvision's ImageFolder) or a CSV / text list
+of `path,label` lines (relative paths are relative to the list file)."""
+
+import csv
+from pathlib import Path
+
+from dinokit.data.images import IMAGE_EXTENSIONS
+from dinokit.errors import DinokitError
+
+
+def read_labelled(source: str | Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+    """(paths, integer labels, class names). `classes` fixes the name -> index mapping (e.g. to give a
+    validation set the training set's indices); by default classes are sorted names."""
+    source = Path(source).expanduser()
+    if source.is_dir():
+        pairs = [
+            (p, p.relative_to(source).parts[0])
+            for p in sorted(source.rglob("*"))
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and len(p.relative_to(source).parts) > 1
+        ]
+        if not pairs:
+            raise DinokitError(f"no labelled images under {source}: expected {source}/<class name>/<image files>")
+    elif source.is_file():
+        pairs = []
+        with source.open(newline="") as f:
+            for row in csv.reader(f):
+                if not row or row[0].strip().startswith("#") or row[0].strip() in ("path", "filename"):
+                    continue
+                if len(row) < 2:
+                    raise DinokitError(f"{source}: line {row!r} is not `path,label`")
+                p = Path(row[0].strip()).expanduser()
+                pairs.append((p if p.is_absolute() else source.parent / p, row[1].strip()))
+        if not pairs:
+            raise DinokitError(f"{source} lists no `path,label` lines")
+    else:
+        raise DinokitError(f"labelled dataset not found: {source} (a <class>/<images> folder or a path,label CSV)")
+    names = classes if classes is not None else sorted({label for _, label in pairs})
+    index = {name: i for i, name in enumerate(names)}
+    unknown = sorted({label for _, label in pairs} - set(index))
+    if unknown:
+        raise DinokitError(f"{source} has classes not in the reference class list: {unknown[:10]}")
+    return [p for p, _ in pairs], [index[label] for _, label in pairs], list(names)
