@@ -65,3 +65,74 @@ def test_read_labelled_folder_and_csv(tmp_path):
         read_labelled(tmp_path / "list.csv", classes=["cat"])
     with pytest.raises(DinokitError, match="no labelled images"):
         read_labelled(tmp_path / "train" / "cat")
+
+
+def clustered(n, q, d=16, classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, d, generator=g)
+    labels = torch.randint(0, classes, (n + q,), generator=g)
+    x = centers[labels] + 0.8 * torch.randn(n + q, d, generator=g)
+    return x[:n], labels[:n], x[n:], labels[n:]
+
+
+def test_bank_as_numpy_shards_or_memmap_and_bf16_search_give_the_exact_neighbours(tmp_path):
+    bank, _, queries, _ = clustered(500, 60)
+    s_ref, i_ref = knn_neighbours(bank, queries, 50)
+    shards = [bank[:123].numpy(), bank[123:400].numpy(), bank[400:]]  # arrays and tensors mixed
+    np.save(tmp_path / "b.npy", bank.numpy())
+    memmap = np.load(tmp_path / "b.npy", mmap_mode="r")
+    for source in (shards, memmap, [memmap[:250], memmap[250:]]):
+        s, i = knn_neighbours(source, queries, 50, bank_chunk=64, query_chunk=16)
+        assert torch.equal(i, i_ref) and torch.allclose(s, s_ref)
+    s, i = knn_neighbours(bank, queries, 50, precision="bf16", bank_chunk=128)
+    assert torch.equal(i, i_ref) and torch.allclose(s, s_ref, atol=1e-6)
+
+
+def test_bf16_search_falls_back_to_fp32_where_bf16_cannot_rank():
+    # 300 bank rows whose similarities to the query differ by 1e-4: bf16 (8 bits) cannot order them,
+    # so the certificate fails for every query and the exact fp32 search decides.
+    angles = 1.0 + 1e-4 * torch.arange(300, dtype=torch.float64)
+    bank = torch.stack([torch.cos(angles), torch.sin(angles)], dim=1).float()
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    i_ref = knn_neighbours(bank, queries, 20)[1]
+    i = knn_neighbours(bank, queries, 20, precision="bf16")[1]
+    assert torch.equal(i, i_ref)
+    assert torch.equal(i[0], torch.arange(20)) and torch.equal(i[1], torch.arange(299, 279, -1))
+
+
+def test_weighted_voting_equivalences():
+    bank, labels, queries, _ = clustered(400, 80, classes=4)
+    scores = knn_classify(bank, labels, queries, 4, ks=(1, 20, 400))
+    sims, idx = knn_neighbours(bank, queries, 400)
+    # k = 1 is the nearest neighbour's label
+    assert torch.equal(scores[1].argmax(1), labels[idx[:, 0]])
+    # the softmax weights of all K neighbours sum to one
+    assert torch.allclose(scores[400].sum(1), torch.ones(80))
+    # a huge temperature makes every weight equal: majority vote of the 20 nearest (ties: lowest class)
+    flat = knn_classify(bank, labels, queries, 4, ks=(20,), temperature=1e6)[20]
+    counts = torch.stack([(labels[idx[:, :20]] == c).sum(1) for c in range(4)], dim=1)
+    assert torch.equal(flat.argmax(1), counts.argmax(1))
+    # softmax over K vs DINO v1's exp(s/T): same argmax for every k (checked by the brute force above too)
+    raw = F.one_hot(labels[idx[:, :20]], 4).float() * (sims[:, :20] / 0.07).exp().unsqueeze(-1)
+    assert torch.equal(scores[20].argmax(1), raw.sum(1).argmax(1))
+
+
+def test_matches_scikit_learn_with_the_same_weighting():
+    sklearn = pytest.importorskip("sklearn.neighbors")
+    bank, labels, queries, _ = clustered(600, 100, d=32, classes=6)
+    T = 0.07
+    clf = sklearn.KNeighborsClassifier(
+        n_neighbors=20, algorithm="brute", metric="cosine", weights=lambda d: np.exp((1 - d) / T)
+    ).fit(bank.numpy(), labels.numpy())
+    ours = knn_classify(bank, labels, queries, 6, ks=(20,), temperature=T)[20].argmax(1)
+    assert np.array_equal(ours.numpy(), clf.predict(queries.numpy()))
+
+
+def test_few_shot_draws():
+    from dinokit.eval.knn import few_shot_indices
+
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 7)
+    a = few_shot_indices(labels, 5, seed=0)
+    assert np.bincount(labels[a]).tolist() == [5, 3, 5] and np.all(np.diff(a) > 0)
+    assert np.array_equal(a, few_shot_indices(labels, 5, seed=0))
+    assert not np.array_equal(a, few_shot_indices(labels, 5, seed=1))

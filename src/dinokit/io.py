@@ -1,8 +1,10 @@
 """File writing that never leaves a half-written file behind."""
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -23,3 +25,23 @@ def write_json(path: str | Path, obj) -> None:
     """Atomically write `obj` as indented JSON."""
     text = json.dumps(obj, indent=2)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder next to `path` to fill; when the block ends without error it is renamed
+    to `path`, so readers see the whole folder or none of it. If `path` appeared meanwhile (another
+    writer finished first), the new folder is discarded."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

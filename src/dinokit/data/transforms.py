@@ -33,4 +33,4 @@ def eval_transform(image_size: int | tuple[int, int] = 224, resize_policy: str =
 
 def describe(transform: v2.Compose) -> str:
     """One-line description of a transform, printed with results so that they can be reproduced."""
-    return " -> ".join(repr(t).replace("\n", "") for t in transform.transforms)
+    return " -> ".join(" ".join(repr(t).split()) for t in transform.transforms)

@@ -21,20 +21,46 @@ FEATURE_KINDS = {
     "patch_mean": "(B, D) mean of the normed patch tokens",
     "registers": "(B, R, D) normed register tokens",
     "patch_tokens": "(B, N, D) normed patch tokens (the full grid, row-major)",
-    "layers": "(B, L, D) normed CLS of each block in `layers`",
+    "layers": "(B, L, D) CLS of each block in `layers`",
+    "layer_patch_tokens": "(B, L, N, D) patch tokens of each block in `layers`",
 }
+# `layers` and `layer_patch_tokens` come from get_intermediate_layers, normed unless norm=False.
 
 
 def compute_features(
-    model: VisionTransformer, images: torch.Tensor, which: Sequence[str] = ("cls",), layers: Sequence[int] = ()
+    model: VisionTransformer,
+    images: torch.Tensor,
+    which: Sequence[str] = ("cls",),
+    layers: Sequence[int] = (),
+    norm: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Features of one batch of images (already on the model's device)."""
+    """Features of one batch of images (already on the model's device). `norm` applies the final
+    LayerNorm to the per-block kinds (`layers`, `layer_patch_tokens`), as get_intermediate_layers."""
     unknown = set(which) - set(FEATURE_KINDS)
     if unknown:
         raise DinokitError(f"unknown feature kinds {sorted(unknown)}; choose from {', '.join(FEATURE_KINDS)}")
+    per_block = {"layers", "layer_patch_tokens"} & set(which)
+    final = set(which) - per_block
     out = {}
-    if set(which) - {"layers"}:
-        f = model.forward_features(images)
+    pairs = None
+    if per_block:
+        if not layers:
+            raise DinokitError(
+                "features 'layers' / 'layer_patch_tokens' need block indices, e.g. layers=[8, 9, 10, 11]"
+            )
+        pairs = model.get_intermediate_layers(images, n=list(layers), return_class_token=True, norm=norm)
+        if "layers" in which:
+            out["layers"] = torch.stack([cls for _, cls in pairs], dim=1)
+        if "layer_patch_tokens" in which:
+            out["layer_patch_tokens"] = torch.stack([patches for patches, _ in pairs], dim=1)
+    if final:
+        depth = len(model.blocks)
+        blocks = [i % depth for i in layers]
+        if pairs is not None and norm and depth - 1 in blocks and "registers" not in final:
+            patches, cls = pairs[blocks.index(depth - 1)]  # the normed last block: no second forward
+            f = {"x_norm_clstoken": cls, "x_norm_patchtokens": patches}
+        else:
+            f = model.forward_features(images)
         if "cls" in which:
             out["cls"] = f["x_norm_clstoken"]
         if "patch_mean" in which:
@@ -43,11 +69,6 @@ def compute_features(
             out["registers"] = f["x_norm_regtokens"]
         if "patch_tokens" in which:
             out["patch_tokens"] = f["x_norm_patchtokens"]
-    if "layers" in which:
-        if not layers:
-            raise DinokitError("features 'layers' needs the block indices, e.g. layers=[8, 9, 10, 11]")
-        pairs = model.get_intermediate_layers(images, n=list(layers), return_class_token=True)
-        out["layers"] = torch.stack([cls for _, cls in pairs], dim=1)
     return {k: v.float() for k, v in out.items()}
 
 
@@ -72,6 +93,7 @@ def iter_features(
     transform,
     which: Sequence[str] = ("cls",),
     layers: Sequence[int] = (),
+    norm: bool = True,
     batch_size: int = 64,
     num_workers: int = 2,
     precision: str = "bf16",
@@ -86,7 +108,7 @@ def iter_features(
             yield good, {}, bad
             continue
         with autocast(device, precision):
-            feats = compute_features(model, images.to(device, non_blocking=True), which, layers)
+            feats = compute_features(model, images.to(device, non_blocking=True), which, layers, norm)
         yield good, {k: v.cpu() for k, v in feats.items()}, bad
 
 
