@@ -1,0 +1,273 @@
+"""The classification commands: `dinokit eval knn` and `dinokit eval linear`.
+
+Both read a labelled `root/<class>/*` folder or a `path,label` CSV for train and val, take features
+from the cache (`dinokit.eval.cache`: extracted once per model, files and transform), print a table
+with the protocol beside it, and write a JSON file of results into `out`.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinokit.errors import DinokitError
+from dinokit.eval.common import (
+    check_image_size,
+    labelled_features,
+    make_transform,
+    prepare_backbone,
+    protocol_record,
+    resolve_cache,
+)
+from dinokit.eval.knn import DEFAULT_KS, few_shot_indices, knn_classify, topk_accuracy
+from dinokit.eval.linear import LEARNING_RATES, ProbeSplit, head_grid, linear_probe
+from dinokit.io import atomic_write, write_json
+from dinokit.runtime import resolve_device
+
+# k-NN and the linear probes share one cache entry: the normed CLS of the last (up to) 4 blocks and the
+# mean of the last block's patch tokens. The final CLS used by k-NN is the last of those blocks.
+CLASSIFICATION_KINDS = ("layers", "patch_mean")
+
+
+def last_blocks(model, n: int = 4) -> tuple[int, ...]:
+    depth = len(model.blocks)
+    return tuple(range(max(0, depth - n), depth))
+
+
+def knn_accuracies(
+    bank, bank_labels: np.ndarray, queries, query_labels: np.ndarray, num_classes: int, ks, temperature, precision
+) -> dict:
+    """{"top1": {"k": %}, "top5": {"k": %}} of weighted k-NN."""
+    scores = knn_classify(
+        bank, torch.as_tensor(bank_labels), torch.as_tensor(queries), num_classes, ks, temperature, precision
+    )
+    labels = torch.as_tensor(query_labels)
+    return {
+        "top1": {str(k): topk_accuracy(scores[k], labels, 1) for k in ks},
+        "top5": {str(k): topk_accuracy(scores[k], labels, 5) for k in ks},
+    }
+
+
+def summarise_tries(tries: list[dict]) -> dict:
+    """Mean top-1 / top-5 per k over few-shot draws, with the top-1 standard deviation."""
+    ks = list(tries[0]["top1"])
+    summary = {m: {k: float(np.mean([t[m][k] for t in tries])) for k in ks} for m in ("top1", "top5")}
+    summary["top1_std"] = {k: float(np.std([t["top1"][k] for t in tries])) for k in ks}
+    summary["tries"] = len(tries)
+    return summary
+
+
+def print_knn_table(result: dict, title: str) -> None:
+    print(title)
+    print(f"{'k':>6} {'top-1':>8} {'top-5':>8}")
+    for k in result["top1"]:
+        print(f"{k:>6} {result['top1'][k]:>8.2f} {result['top5'][k]:>8.2f}")
+
+
+def eval_knn(
+    model: str,
+    train: str,
+    val: str,
+    out: str = "out/eval-knn",
+    ks: list[int] = list(DEFAULT_KS),  # noqa: B006 (never mutated; shown in --help)
+    temperature: float = 0.07,
+    few_shot: list[int] | None = None,
+    few_shot_tries: int = 5,
+    image_size: int = 224,
+    resize_policy: str = "center_crop",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "bf16",
+    knn_precision: str = "fp32",
+    cache: str = "auto",
+    seed: int = 0,
+) -> str:
+    """Weighted k-NN on L2-normalised CLS features (cosine, softmax(s/T) votes): writes out/knn.json.
+
+    model: a weights file / folder, a pretraining run folder, a released name or random:<arch>.
+    train, val: labelled `<class>/<images>` folders or `path,label` CSVs (val uses train's classes).
+    ks, temperature: the DINO / DINOv2 protocol (10, 20, 100, 200; 0.07). few_shot: e.g. [1, 5, 10]
+    images per class drawn from train, `few_shot_tries` draws each (mean and std reported).
+    precision: of feature extraction (bf16 | fp32); knn_precision: of the similarity search
+    (fp32, or bf16 with exact fp32 re-scoring). cache: auto | none | a folder for the feature cache.
+    """
+    if not ks or min(ks) < 1:
+        raise DinokitError(f"ks must be positive integers, got {ks}")
+    backbone = prepare_backbone(model, device, seed)
+    check_image_size(backbone, image_size)
+    transform = make_transform(image_size, resize_policy)
+    cache_dir = resolve_cache(cache)
+    kw = dict(cache=cache_dir, batch_size=batch_size, num_workers=num_workers, precision=precision)
+    layers = last_blocks(backbone.model)
+    tr = labelled_features(backbone, train, transform, CLASSIFICATION_KINDS, layers, **kw)
+    va = labelled_features(backbone, val, transform, CLASSIFICATION_KINDS, layers, classes=tr.class_names, **kw)
+    num_classes = len(tr.class_names)
+    bank = [shard[:, -1] for shard in tr.features.shards["layers"]]  # memory-mapped when cached: read in chunks
+    queries = va.features.array("layers")[:, -1]
+
+    result = knn_accuracies(bank, tr.labels, queries, va.labels, num_classes, ks, temperature, knn_precision)
+    protocol = protocol_record(
+        backbone,
+        transform,
+        image_size,
+        precision,
+        features="CLS token after the final norm, L2-normalised",
+        similarity="cosine",
+        voting="weights softmax(s/T) over the max-k neighbours, summed per class for each k",
+        ks=list(ks),
+        temperature=temperature,
+        metric="top-1 / top-5 accuracy in percent (micro average)",
+        train=str(train),
+        val=str(val),
+        train_images=len(tr.labels),
+        val_images=len(va.labels),
+        train_bad_files=tr.bad,
+        val_bad_files=va.bad,
+        num_classes=num_classes,
+        knn_precision=knn_precision,
+        feature_cache=tr.features.key if cache_dir else None,
+    )
+    record = {**result, "protocol": protocol}
+
+    if few_shot:
+        record["few_shot"] = {}
+        for n in few_shot:
+            tries = []
+            for t in range(few_shot_tries):
+                picked = few_shot_indices(tr.labels, n, seed + t)
+                sub_bank = tr.features.rows("layers", picked)[:, -1]
+                args = (queries, va.labels, num_classes, ks, temperature, knn_precision)
+                tries.append(knn_accuracies(sub_bank, tr.labels[picked], *args))
+            record["few_shot"][str(n)] = summarise_tries(tries)
+
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "knn.json", record)
+    title = (
+        f"k-NN (T={temperature}) {backbone.description}: bank {len(tr.labels)} ({train}), "
+        f"{len(va.labels)} queries ({val}), {num_classes} classes\n"
+        f"transform: {protocol['transform']}"
+    )
+    print_knn_table(result, title)
+    for n, r in record.get("few_shot", {}).items():
+        print_knn_table(r, f"few-shot: {n} per class, mean of {few_shot_tries} draws")
+    return str(out_dir / "knn.json")
+
+
+def eval_linear(
+    model: str,
+    train: str,
+    val: str,
+    out: str = "out/eval-linear",
+    selection: str | None = None,
+    selection_fraction: float = 0.1,
+    method: str = "sgd",
+    n_last_blocks: list[int] = [1, 4],  # noqa: B006 (never mutated; shown in --help)
+    avgpool: list[bool] = [False, True],  # noqa: B006
+    learning_rates: list[float] = list(LEARNING_RATES),  # noqa: B006
+    epochs: int = 10,
+    train_batch_size: int = 128,
+    logreg_values: int = 45,
+    refit: bool = True,
+    image_size: int = 224,
+    resize_policy: str = "center_crop",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "bf16",
+    cache: str = "auto",
+    seed: int = 0,
+) -> str:
+    """Linear probe on frozen features: a grid of heads chosen on a selection split, val reported once.
+
+    val: the split that is reported (e.g. ImageNet val), evaluated once with the chosen head.
+    selection: a labelled split to choose the head on; by default `selection_fraction` of each train
+    class is held out for it, and the chosen configuration is then retrained on all of train (refit).
+    method: sgd (the DINOv2 grid: n_last_blocks x avgpool x learning_rates, trained at once, SGD +
+    cosine schedule for `epochs`) or logreg (L2 logistic regression on the final CLS, `logreg_values`
+    values of C in 1e-6..1e5). Writes out/linear.json and out/linear_head.safetensors (sgd).
+    """
+    if method not in ("sgd", "logreg"):
+        raise DinokitError(f"method must be sgd or logreg, got {method!r}")
+    if not n_last_blocks or min(n_last_blocks) < 1:
+        raise DinokitError(f"n_last_blocks must be >= 1, got {n_last_blocks}")
+    dev = resolve_device(device)
+    backbone = prepare_backbone(model, device, seed)
+    check_image_size(backbone, image_size)
+    transform = make_transform(image_size, resize_policy)
+    cache_dir = resolve_cache(cache)
+    kw = dict(cache=cache_dir, batch_size=batch_size, num_workers=num_workers, precision=precision)
+    layers = last_blocks(backbone.model)
+    if max(n_last_blocks) > len(layers):
+        print(f"note: n_last_blocks {n_last_blocks} capped at {len(layers)} (the cached blocks: at most the last 4)")
+        n_last_blocks = sorted({min(n, len(layers)) for n in n_last_blocks})
+    tr = labelled_features(backbone, train, transform, CLASSIFICATION_KINDS, layers, **kw)
+    te = labelled_features(backbone, val, transform, CLASSIFICATION_KINDS, layers, classes=tr.class_names, **kw)
+    se = None
+    if selection is not None:
+        se = labelled_features(
+            backbone, selection, transform, CLASSIFICATION_KINDS, layers, classes=tr.class_names, **kw
+        )
+    num_classes = len(tr.class_names)
+
+    def split(lf, name):
+        return ProbeSplit(lf.features, np.arange(len(lf.labels)), lf.labels, name)
+
+    results, final = linear_probe(
+        split(tr, f"train {train}"),
+        split(te, f"val {val}"),
+        num_classes,
+        selection=split(se, f"selection {selection}") if se else None,
+        selection_fraction=selection_fraction,
+        method=method,
+        configs=head_grid(tuple(n_last_blocks), tuple(avgpool), tuple(learning_rates)),
+        epochs=epochs,
+        batch_size=train_batch_size,
+        logreg_values=logreg_values,
+        refit=refit,
+        seed=seed,
+        device=dev,
+    )
+    protocol = protocol_record(
+        backbone,
+        transform,
+        image_size,
+        precision,
+        features="normed CLS of the last n blocks (+ mean of the last block's patch tokens), as DINOv2",
+        method=method,
+        grid={"n_last_blocks": list(n_last_blocks), "avgpool": list(avgpool), "learning_rates": list(learning_rates)}
+        if method == "sgd"
+        else {"C": f"10^linspace(-6, 5, {logreg_values})"},
+        optimiser="SGD momentum 0.9, wd 0, cosine to 0, lr x batch/256, init N(0, 0.01)"
+        if method == "sgd"
+        else "lbfgs",
+        epochs=epochs,
+        train_batch_size=train_batch_size,
+        augmentation="none (features of the eval transform, cached)",
+        train=str(train),
+        val=str(val),
+        train_images=len(tr.labels),
+        val_images=len(te.labels),
+        train_bad_files=tr.bad,
+        val_bad_files=te.bad,
+        classes=tr.class_names,
+        seed=seed,
+    )
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "linear.json", {**results, "protocol": protocol})
+    if method == "sgd":
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().cpu().contiguous() for k, v in final.state_dict().items()}
+        meta = {"selected": json.dumps(results["selected"]), "classes": json.dumps(tr.class_names)}
+        atomic_write(out_dir / "linear_head.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
+    sel = results["selected"]
+    print(f"linear probe ({method}) {backbone.description}; transform: {protocol['transform']}")
+    print(f"chosen on {results['selection']['split']}: {sel} ")
+    print(f"{'split':<10} {'top-1':>8} {'top-5':>8}")
+    print(f"{'selection':<10} {sel['selection_top1']:>8.2f} {'':>8}")
+    print(f"{'val':<10} {results['top1']:>8.2f} {results['top5']:>8.2f}   <- reported (evaluated once)")
+    return str(out_dir / "linear.json")

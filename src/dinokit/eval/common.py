@@ -1,0 +1,115 @@
+"""What every evaluation command shares: the backbone, the transform, cached features of a labelled
+set, and the protocol record printed and saved with each result."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import dinokit
+from dinokit.data.labelled import read_labelled
+from dinokit.data.transforms import describe, eval_transform
+from dinokit.errors import DinokitError
+from dinokit.eval.backbone import is_random_source, load_backbone, weights_hash
+from dinokit.eval.cache import Features, cached_features, default_cache_dir
+from dinokit.models import VisionTransformer
+from dinokit.runtime import resolve_device
+
+
+@dataclass
+class Backbone:
+    model: VisionTransformer
+    source: str
+    description: str
+    hash: str
+    random: bool
+
+
+def prepare_backbone(model: str, device: str = "auto", seed: int = 0) -> Backbone:
+    dev = resolve_device(device)
+    net, description = load_backbone(model, dev, seed)
+    random = is_random_source(model)
+    if random:
+        print(f"note: model={model} is a randomly initialised network; its scores are a baseline only")
+    return Backbone(net, str(model), description, weights_hash(net), random)
+
+
+def resolve_cache(cache: str | None) -> Path | None:
+    """cache='auto' -> the default folder ($DINOKIT_CACHE/features), 'none' -> no cache, else a folder."""
+    if cache is None or str(cache).lower() in ("none", "off", "false", ""):
+        return None
+    return default_cache_dir() if str(cache) == "auto" else Path(cache)
+
+
+def check_image_size(backbone: Backbone, image_size: int) -> None:
+    p = backbone.model.patch_size
+    if image_size % p:
+        lower, upper = image_size // p * p, (image_size // p + 1) * p
+        raise DinokitError(
+            f"image_size={image_size} is not a multiple of the model's patch size {p}; use {lower or upper} or {upper}"
+        )
+
+
+@dataclass
+class LabelledFeatures:
+    features: Features
+    labels: np.ndarray  # (N,) int64, one per readable image
+    class_names: list[str]
+    source: str
+    bad: int
+
+
+def labelled_features(
+    backbone: Backbone,
+    source: str,
+    transform,
+    which: tuple[str, ...],
+    layers: tuple[int, ...] = (),
+    classes: list[str] | None = None,
+    cache: Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    precision: str = "bf16",
+) -> LabelledFeatures:
+    """Features of a labelled folder / CSV (bad files skipped and counted), with their labels."""
+    paths, labels, names = read_labelled(source, classes)
+    feats = cached_features(
+        backbone.model,
+        paths,
+        transform,
+        which,
+        layers,
+        cache_dir=cache,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+        model_hash=backbone.hash,
+    )
+    if len(feats) == 0:
+        raise DinokitError(f"none of the {len(paths)} images of {source} could be read")
+    if feats.bad:
+        print(f"{source}: skipped {len(feats.bad)} unreadable file(s), e.g. {paths[feats.bad[0]]}")
+    where = f"cached at {feats.location}" if feats.location else "not cached"
+    print(f"{source}: {len(feats)} images, features {'reused' if feats.reused else 'extracted'} ({where})")
+    return LabelledFeatures(feats, np.asarray(labels)[feats.kept], names, str(source), len(feats.bad))
+
+
+def make_transform(image_size: int, resize_policy: str = "center_crop"):
+    if resize_policy not in ("center_crop", "resize"):
+        raise DinokitError(f"resize_policy must be center_crop or resize, got {resize_policy!r}")
+    return eval_transform(image_size, resize_policy)
+
+
+def protocol_record(backbone: Backbone, transform, image_size: int, precision: str, **extra) -> dict:
+    """The facts that make a number reproducible (printed and stored with every result)."""
+    return {
+        "model": backbone.source,
+        "model_description": backbone.description,
+        "weights_hash": backbone.hash,
+        "random_init": backbone.random,
+        "image_size": image_size,
+        "transform": describe(transform),
+        "precision": precision,
+        **extra,
+        "dinokit_version": dinokit.__version__,
+    }

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from dinokit.cli import main
+from dinokit.data.synthetic import write_classification_set
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    write_classification_set(root, per_class=12, size=16, seed=0, split="train")
+    write_classification_set(root, per_class=4, size=16, seed=1, split="val")
+    (root / "val" / "star" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+COMMON = ["model=random:vit_nano_p2", "image_size=16", "num_workers=0", "batch_size=32"]
+
+
+def test_eval_knn_writes_the_specified_json_and_a_table(shapes, tmp_path, capsys):
+    args = [f"train={shapes / 'train'}", f"val={shapes / 'val'}", f"out={tmp_path / 'knn'}", f"cache={tmp_path / 'c'}"]
+    assert main(["eval", "knn", *COMMON, *args, "few_shot=[2]", "few_shot_tries=2"]) == 0
+    record = json.loads((tmp_path / "knn" / "knn.json").read_text())
+    assert set(record) == {"top1", "top5", "protocol", "few_shot"}
+    assert list(record["top1"]) == ["10", "20", "100", "200"] and list(record["top5"]) == ["10", "20", "100", "200"]
+    assert all(0.0 <= v <= 100.0 for v in [*record["top1"].values(), *record["top5"].values()])
+    p = record["protocol"]
+    assert p["temperature"] == 0.07 and p["ks"] == [10, 20, 100, 200] and p["random_init"] is True
+    assert p["train_images"] == 96 and p["val_images"] == 32 and p["val_bad_files"] == 1 and p["num_classes"] == 8
+    assert "CenterCrop(size=(16, 16))" in p["transform"]
+    assert record["few_shot"]["2"]["tries"] == 2
+    out = capsys.readouterr().out
+    assert "top-1" in out and "skipped 1 unreadable file" in out and "extracted" in out
+    # a second command reuses the cached features (k-NN and linear share the entry)
+    args[2] = f"out={tmp_path / 'lin'}"
+    assert main(["eval", "linear", *COMMON, *args, "epochs=2", "learning_rates=[0.01, 0.1]"]) == 0
+    out = capsys.readouterr().out
+    assert "features reused" in out and "capped at 2" in out
+    linear = json.loads((tmp_path / "lin" / "linear.json").read_text())
+    assert {"top1", "top5", "selected", "selection", "protocol"} <= set(linear)
+    assert len(linear["selection"]["scores"]) == 2 * 2 * 2 and (tmp_path / "lin" / "linear_head.safetensors").exists()
+
+
+def test_eval_commands_reject_bad_input_with_a_fix(shapes, tmp_path, capsys):
+    base = [f"train={shapes / 'train'}", f"val={shapes / 'val'}", f"out={tmp_path}", "cache=none"]
+    assert main(["eval", "knn", *COMMON[:1], "image_size=15", *base]) == 2
+    assert "not a multiple of the model's patch size 2; use 14 or 16" in capsys.readouterr().err
+    assert main(["eval", "knn", *COMMON, f"train={tmp_path / 'missing'}", *base[1:]]) == 2
+    assert "labelled dataset not found" in capsys.readouterr().err
+    assert main(["eval", "linear", *COMMON, *base, "n_last_blocks=[0]"]) == 2
+    assert "n_last_blocks must be >= 1" in capsys.readouterr().err
