@@ -24,6 +24,12 @@ COMMANDS: dict[str, str] = {
     "info": "dinokit.models.commands:info",
     "export": "dinokit.models.commands:export",
     "demo": "dinokit.demo:demo",
+    "eval knn": "dinokit.eval.classification:eval_knn",
+    "eval linear": "dinokit.eval.classification:eval_linear",
+    "eval segmentation": "dinokit.eval.segmentation:eval_segmentation",
+    "eval depth": "dinokit.eval.depth:eval_depth",
+    "predict segmentation": "dinokit.eval.segmentation:predict_segmentation",
+    "predict depth": "dinokit.eval.depth:predict_depth",
 }
 
 

@@ -1,0 +1,303 @@
+"""Linear depth probe: `dinokit eval depth` and `dinokit predict depth`.
+
+The DINOv2 linear depth head (`dinov2/hub/depth`: BNHead with classify=True, "UD" bins, "linear"
+normalisation), with the depth range as a real parameter (the official head hard-codes 0.001-80 m):
+- input: for each chosen block, its patch map and its CLS token broadcast over the map (2D channels
+  per block), blocks concatenated; the blocks are the reference's (ViT-S/B [2, 5, 8, 11], ViT-L
+  [4, 11, 17, 23], ViT-g [9, 19, 29, 39], else evenly spaced), or the last block alone; without the
+  final LayerNorm (`norm=False`), as the reference;
+- a 1x1 convolution to 256 logits, upsampled x4 bilinearly; p = (relu(logits) + 0.1) normalised over
+  the bins; depth = sum_k p_k * bin_k with bins = linspace(min_depth, max_depth, 256);
+- trained with SigLoss; the prediction is upsampled bilinearly to the target.
+Reported: RMSE, AbsRel and delta < 1.25 per image over valid pixels (min_depth < gt <= max_depth),
+averaged over images, beside two trivial baselines (the mean training depth everywhere, and the mean
+training depth at each pixel position).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from dinokit.errors import DinokitError
+from dinokit.eval.common import make_transform, prepare_backbone, protocol_record, resolve_cache
+from dinokit.eval.dense import (
+    backbone_for_head,
+    dense_split,
+    head_metadata,
+    load_head_file,
+    predict_images,
+    predict_split,
+    read_depth,
+    save_head,
+    train_dense_head,
+    upsample,
+)
+from dinokit.eval.metrics import depth_errors, mean_depth_errors
+from dinokit.eval.visualize import colour_depth, save_panel
+from dinokit.io import atomic_write, write_json
+from dinokit.runtime import resolve_device
+
+DEPTH_EXTS = (".png", ".npy", ".tif", ".tiff")
+REFERENCE_BLOCKS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}  # hub out_index per depth
+
+
+def depth_blocks(depth: int, n_layers: int) -> tuple[int, ...]:
+    """The reference's blocks for the 4-layer head (evenly spaced for other depths), or the last."""
+    if n_layers == 1:
+        return (depth - 1,)
+    if n_layers != 4:
+        raise DinokitError(f"n_layers must be 1 or 4 (the reference's linear and linear4 heads), got {n_layers}")
+    if depth in REFERENCE_BLOCKS:
+        return REFERENCE_BLOCKS[depth]
+    return tuple(sorted({max(0, round((i + 1) * depth / 4) - 1) for i in range(4)}))
+
+
+class SigLoss(nn.Module):
+    """Scale-invariant log loss (Eigen et al. 2014, as AdaBins / the DINOv2 depth heads), over the valid
+    pixels (0 < gt <= max_depth) of the whole batch:
+        g = log(pred + eps) - log(gt + eps)
+        L = sqrt(Var(g) + lam * mean(g)^2)        eps = 1e-3, lam = 0.15, Var unbiased
+    """
+
+    def __init__(self, max_depth: float | None = None, eps: float = 1e-3, lam: float = 0.15) -> None:
+        super().__init__()
+        self.max_depth, self.eps, self.lam = max_depth, eps, lam
+
+    def forward(self, pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        pred = pred.reshape(gt.shape)
+        valid = gt > 0
+        if self.max_depth is not None:
+            valid &= gt <= self.max_depth
+        if valid.sum() < 2:
+            return pred.sum() * 0.0
+        g = torch.log(pred[valid] + self.eps) - torch.log(gt[valid] + self.eps)
+        return torch.sqrt(torch.var(g) + self.lam * g.mean() ** 2)
+
+
+class LinearDepthHead(nn.Module):
+    """(B, L, N, D) patch tokens + (B, L, D) CLS -> depth (B, 1, 4h, 4w) in [min_depth, max_depth]."""
+
+    def __init__(
+        self, embed_dim: int, num_layers: int, min_depth: float, max_depth: float, n_bins: int = 256, scale: int = 4
+    ) -> None:
+        super().__init__()
+        if not 0 <= min_depth < max_depth:
+            raise DinokitError(f"need 0 <= min_depth < max_depth, got {min_depth}, {max_depth}")
+        self.conv = nn.Conv2d(2 * embed_dim * num_layers, n_bins, kernel_size=1)
+        self.register_buffer("bins", torch.linspace(min_depth, max_depth, n_bins))
+        self.scale = scale
+
+    def forward(self, tokens: torch.Tensor, cls: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        b, n_layers, _, d = tokens.shape
+        maps = tokens.permute(0, 1, 3, 2).reshape(b, n_layers, d, *grid)
+        with_cls = torch.cat([maps, cls[..., None, None].expand_as(maps)], dim=2)  # (B, L, 2D, h, w)
+        logits = self.conv(with_cls.flatten(1, 2))
+        # Upsampling the logits equals the reference's upsampling of the features before the conv: a 1x1
+        # conv and bilinear interpolation (weights summing to one) are linear maps that commute.
+        logits = F.interpolate(logits, scale_factor=self.scale, mode="bilinear", align_corners=False)
+        p = torch.relu(logits) + 0.1
+        p = p / p.sum(dim=1, keepdim=True)
+        return torch.einsum("bkhw,k->bhw", p, self.bins).unsqueeze(1)
+
+
+def evaluate_depth(head, split, read, min_depth, max_depth, device, train_targets) -> tuple[dict, dict]:
+    """(probe errors, {baseline: errors}) on `split`, each image at its original size."""
+    valid = (train_targets > min_depth) & (train_targets <= max_depth)
+    mean = float(train_targets[valid].mean())
+    per_pixel = (train_targets * valid).sum(0) / valid.sum(0).clamp(min=1)
+    per_pixel = torch.where(valid.sum(0) > 0, per_pixel, torch.tensor(mean))
+    probe, constant, positional = [], [], []
+    for pos, pred in predict_split(head, split, device):
+        gt = torch.from_numpy(read(split.target_paths[pos]))
+        pred = pred[0].clamp(min_depth, max_depth)
+        probe.append(depth_errors(pred, gt, min_depth, max_depth))
+        constant.append(depth_errors(torch.full_like(gt, mean), gt, min_depth, max_depth))
+        prior = upsample(per_pixel[None, None], tuple(gt.shape))[0, 0]
+        positional.append(depth_errors(prior, gt, min_depth, max_depth))
+    baselines = {"train_mean": mean_depth_errors(constant), "per_pixel_mean": mean_depth_errors(positional)}
+    return mean_depth_errors(probe), baselines
+
+
+def eval_depth(
+    model: str,
+    train: str,
+    val: str,
+    out: str = "out/eval-depth",
+    min_depth: float = 0.001,
+    max_depth: float | None = None,
+    depth_scale: float = 1000.0,
+    n_layers: int = 4,
+    norm: bool = False,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    train_batch_size: int = 16,
+    num_examples: int = 4,
+    image_size: int = 224,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "bf16",
+    cache: str = "auto",
+    seed: int = 0,
+) -> str:
+    """Linear depth probe on frozen features (DINOv2's linear head, SigLoss): RMSE, AbsRel, delta1.
+
+    train, val: folders with images/ and depth/ (same names; 16-bit PNG in 1/depth_scale metres, e.g.
+    millimetres for depth_scale=1000, or float .npy in metres; 0 = no measurement). min_depth,
+    max_depth: the range of the 256 bins and of the evaluated pixels (max_depth: by default the
+    largest training depth). n_layers: 4 (the reference's blocks) or 1 (the last). norm: apply the
+    final LayerNorm (the reference does not). Writes out/depth.json, out/depth_head.safetensors (for
+    `dinokit predict depth`), out/metrics.jsonl and out/examples/*.png (image | truth | prediction).
+    """
+    dev = resolve_device(device)
+    backbone = prepare_backbone(model, device, seed)
+    layers = depth_blocks(len(backbone.model.blocks), n_layers)
+
+    def read(path: Path) -> np.ndarray:
+        return read_depth(path, depth_scale)
+
+    kw = dict(
+        image_size=image_size,
+        layers=layers,
+        with_cls=True,
+        norm=norm,
+        cache=resolve_cache(cache),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+    )
+    tr = dense_split(backbone, train, "depth", DEPTH_EXTS, read, **kw)
+    va = dense_split(backbone, val, "depth", DEPTH_EXTS, read, **kw)
+    measured = tr.train_targets[tr.train_targets > 0]
+    if len(measured) == 0:
+        raise DinokitError(f"the depth maps of {train} hold no measurement (all 0): check depth_scale and the files")
+    if max_depth is None:
+        max_depth = float(measured.max())
+        print(f"max_depth={max_depth:.3f} (the largest training depth; pass max_depth= to set the range)")
+    head = LinearDepthHead(backbone.model.embed_dim, len(layers), min_depth, max_depth)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = train_dense_head(
+        head,
+        SigLoss(max_depth),
+        tr,
+        epochs,
+        train_batch_size,
+        lr,
+        weight_decay,
+        seed,
+        dev,
+        out_dir / "metrics.jsonl",
+    )
+    errors, baselines = evaluate_depth(head, va, read, min_depth, max_depth, dev, tr.train_targets)
+    meta = head_metadata(
+        backbone,
+        image_size,
+        layers,
+        norm,
+        seed,
+        task="depth",
+        with_cls=True,
+        min_depth=min_depth,
+        max_depth=max_depth,
+        depth_scale=depth_scale,
+    )
+    save_head(out_dir / "depth_head.safetensors", head, meta)
+    examples = write_examples(head, va, read, min_depth, max_depth, dev, out_dir / "examples", num_examples)
+    protocol = protocol_record(
+        backbone,
+        make_transform(image_size, "resize"),
+        image_size,
+        precision,
+        head="DINOv2 linear depth head: patch map + broadcast CLS per block, 1x1 conv to 256 bins, x4 "
+        "bilinear, linear bin normalisation",
+        blocks=list(layers),
+        final_norm=norm,
+        bins=f"linspace({min_depth}, {max_depth}, 256)",
+        loss="SigLoss (lambda 0.15, eps 1e-3)",
+        optimiser=f"AdamW lr {lr} wd {weight_decay}, cosine to 0, {epochs} epochs, batch {train_batch_size}",
+        augmentation="none (cached features)",
+        metric=f"per image over min_depth < gt <= max_depth ({min_depth}, {max_depth}), averaged over images",
+        resize="whole image resized to image_size x image_size (bicubic), no crop",
+        train=str(train),
+        val=str(val),
+        train_images=len(tr),
+        val_images=len(va),
+    )
+    result = {**errors, "baselines": baselines, "training": log, "examples": examples, "protocol": protocol}
+    write_json(out_dir / "depth.json", result)
+    print(f"linear depth {backbone.description}, blocks {list(layers)}, {image_size} px, range {min_depth}-{max_depth}")
+    print(f"{'':<24} {'RMSE':>8} {'AbsRel':>8} {'d<1.25':>8}")
+    for name, e in [("probe", errors), *((f"baseline ({k})", v) for k, v in baselines.items())]:
+        print(f"{name:<24} {e['rmse']:>8.4f} {e['abs_rel']:>8.4f} {e['delta1']:>8.2f}")
+    return str(out_dir / "depth.json")
+
+
+def write_examples(head, split, read, min_depth, max_depth, device, folder: Path, count: int) -> list[str]:
+    """image | truth | prediction panels of the first `count` images of `split`."""
+    from dinokit.data.images import open_rgb
+
+    written = []
+    for pos, pred in predict_split(head, split, device):
+        if pos >= count:
+            break
+        gt = read(split.target_paths[pos])
+        rgb = np.asarray(open_rgb(split.images[pos]))
+        tiles = [
+            rgb,
+            colour_depth(gt, min_depth, max_depth, gt > 0),
+            colour_depth(pred[0].numpy(), min_depth, max_depth),
+        ]
+        path = folder / f"{split.images[pos].stem}.png"
+        save_panel(path, tiles)
+        written.append(str(path))
+    return written
+
+
+def load_depth_head(path: str) -> tuple[LinearDepthHead, dict]:
+    state, meta = load_head_file(path)
+    if meta.get("task") != "depth":
+        raise DinokitError(f"{path} is a {meta.get('task')} head, not a depth head")
+    in_channels = state["conv.weight"].shape[1]
+    head = LinearDepthHead(
+        in_channels // (2 * len(meta["layers"])), len(meta["layers"]), meta["min_depth"], meta["max_depth"]
+    )
+    head.load_state_dict(state)
+    return head.eval(), meta
+
+
+def predict_depth(
+    head: str,
+    images: str,
+    out: str = "out/predict-depth",
+    model: str | None = None,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "bf16",
+) -> str:
+    """Apply a saved depth head to new images: 16-bit depth PNGs and coloured pictures.
+
+    head: out/depth_head.safetensors of `dinokit eval depth`. images: a folder, an image or a list
+    file. model: the backbone (default: the one the head was trained on; checked by hash). Writes
+    out/<name>.png (uint16, depth x depth_scale of training, e.g. millimetres) and out/<name>_depth.png.
+    """
+    net, meta = load_depth_head(head)
+    backbone = backbone_for_head(meta, model, device)
+    net.to(resolve_device(device))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for path, rgb, pred in predict_images(net, meta, backbone, images, batch_size, num_workers, precision):
+        depth = pred[0].clamp(meta["min_depth"], meta["max_depth"]).numpy()
+        units = np.clip(np.round(depth * meta["depth_scale"]), 0, 65535).astype(np.uint16)
+        atomic_write(out_dir / f"{path.stem}.png", lambda tmp, u=units: Image.fromarray(u).save(tmp, format="PNG"))
+        save_panel(out_dir / f"{path.stem}_depth.png", [rgb, colour_depth(depth, meta["min_depth"], meta["max_depth"])])
+        count += 1
+    print(f"wrote {count} depth maps to {out_dir}")
+    return str(out_dir)

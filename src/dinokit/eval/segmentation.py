@@ -1,0 +1,263 @@
+"""Linear semantic-segmentation probe: `dinokit eval segmentation` and `dinokit predict segmentation`.
+
+The DINOv2 "linear" protocol (mmseg `BNHead`): the patch tokens of the last block, or of the last 4
+concatenated, as a (B, L*D, h, w) map -> BatchNorm -> 1x1 convolution to class logits -> bilinear
+upsampling to the target -> cross-entropy over labelled pixels (`ignore_index` excluded). Reported:
+mIoU and pixel accuracy on val at each image's original size, beside the trivial baseline of
+predicting the most frequent training class everywhere.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from dinokit.errors import DinokitError
+from dinokit.eval.common import make_transform, prepare_backbone, protocol_record, resolve_cache
+from dinokit.eval.dense import (
+    backbone_for_head,
+    dense_split,
+    head_metadata,
+    load_head_file,
+    patch_maps,
+    predict_images,
+    predict_split,
+    read_mask,
+    save_head,
+    train_dense_head,
+)
+from dinokit.eval.metrics import confusion_matrix, segmentation_scores
+from dinokit.eval.visualize import colour_mask, save_panel
+from dinokit.io import atomic_write, write_json
+from dinokit.runtime import resolve_device
+
+MASK_EXTS = (".png", ".tif", ".tiff", ".bmp")
+
+
+class LinearSegmentationHead(nn.Module):
+    """BatchNorm + 1x1 conv on patch tokens: (B, L, N, D) -> logits (B, num_classes, h, w)."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(in_channels)
+        self.conv = nn.Conv2d(in_channels, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv.weight, std=0.01)  # mmseg's conv_seg init
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, tokens: torch.Tensor, cls: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
+        return self.conv(self.bn(patch_maps(tokens, grid)))
+
+
+def segmentation_loss(ignore_index: int):
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target.long(), ignore_index=ignore_index)
+
+    return loss
+
+
+def evaluate_segmentation(
+    head, split, num_classes: int, ignore_index: int, device, train_targets: torch.Tensor
+) -> tuple[dict, dict]:
+    """(probe scores, {baseline: scores}) on `split`, each image at its original size. Baselines: the
+    most frequent training class everywhere, and the most frequent training class at each position."""
+    labelled = split_labels(train_targets, ignore_index, num_classes)
+    majority = int(torch.bincount(labelled, minlength=num_classes).argmax())
+    t = train_targets.long()
+    counts = torch.stack([(t == c).sum(0) for c in range(num_classes)])  # (C, S, S)
+    prior = counts.argmax(0).float()[None, None]
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    positional = torch.zeros_like(confusion)
+    for pos, logits in predict_split(head, split, device):
+        target = torch.from_numpy(read_mask(split.target_paths[pos]))
+        confusion += confusion_matrix(logits.argmax(0), target, num_classes, ignore_index)
+        prior_here = F.interpolate(prior, size=tuple(target.shape), mode="nearest")[0, 0]
+        positional += confusion_matrix(prior_here, target, num_classes, ignore_index)
+    constant = torch.zeros_like(confusion)
+    constant[:, majority] = confusion.sum(1)  # every labelled pixel predicted as `majority`
+    baselines = {
+        "majority_class": segmentation_scores(constant) | {"class": majority},
+        "per_pixel_majority": segmentation_scores(positional),
+    }
+    return segmentation_scores(confusion), baselines
+
+
+def split_labels(targets: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
+    t = targets.long().flatten()
+    return t[(t != ignore_index) & (t >= 0) & (t < num_classes)]
+
+
+def eval_segmentation(
+    model: str,
+    train: str,
+    val: str,
+    out: str = "out/eval-segmentation",
+    num_classes: int | None = None,
+    ignore_index: int = 255,
+    n_last_blocks: int = 1,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    train_batch_size: int = 16,
+    num_examples: int = 4,
+    image_size: int = 224,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "bf16",
+    cache: str = "auto",
+    seed: int = 0,
+) -> str:
+    """Linear segmentation probe on frozen patch tokens: mIoU and pixel accuracy on val.
+
+    train, val: folders with images/ and masks/ (PNG of class indices, same file names; pixels equal
+    to ignore_index are unlabelled). n_last_blocks: 1 (the linear protocol) or 4 (concatenated).
+    num_classes: by default the largest class index in the train masks + 1. Writes
+    out/segmentation.json, out/segmentation_head.safetensors (for `dinokit predict segmentation`),
+    out/metrics.jsonl and out/examples/*.png (image | truth | prediction).
+    """
+    dev = resolve_device(device)
+    backbone = prepare_backbone(model, device, seed)
+    depth = len(backbone.model.blocks)
+    if not 1 <= n_last_blocks <= depth:
+        raise DinokitError(f"n_last_blocks must be between 1 and the model's {depth} blocks, got {n_last_blocks}")
+    layers = tuple(range(depth - n_last_blocks, depth))
+    kw = dict(
+        image_size=image_size,
+        layers=layers,
+        with_cls=False,
+        norm=True,
+        cache=resolve_cache(cache),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+    )
+    tr = dense_split(backbone, train, "masks", MASK_EXTS, read_mask, **kw)
+    va = dense_split(backbone, val, "masks", MASK_EXTS, read_mask, **kw)
+    labelled = split_labels(tr.train_targets, ignore_index, 1 << 16)
+    if len(labelled) == 0:
+        raise DinokitError(f"the masks of {train} have no labelled pixel (all equal ignore_index={ignore_index})")
+    num_classes = num_classes or int(labelled.max()) + 1
+    d = backbone.model.embed_dim
+    head = LinearSegmentationHead(d * len(layers), num_classes)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log = train_dense_head(
+        head,
+        segmentation_loss(ignore_index),
+        tr,
+        epochs,
+        train_batch_size,
+        lr,
+        weight_decay,
+        seed,
+        dev,
+        out_dir / "metrics.jsonl",
+    )
+    scores, baselines = evaluate_segmentation(head, va, num_classes, ignore_index, dev, tr.train_targets)
+
+    meta = head_metadata(
+        backbone,
+        image_size,
+        layers,
+        True,
+        seed,
+        task="segmentation",
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+    )
+    save_head(out_dir / "segmentation_head.safetensors", head, meta)
+    examples = write_examples(head, va, num_classes, ignore_index, dev, out_dir / "examples", num_examples)
+    protocol = protocol_record(
+        backbone,
+        make_transform(image_size, "resize"),
+        image_size,
+        precision,
+        head="BatchNorm + 1x1 conv on patch tokens (DINOv2 linear BNHead), bilinear upsampling",
+        blocks=list(layers),
+        resize="whole image resized to image_size x image_size (bicubic), no crop",
+        loss=f"cross-entropy, ignore_index={ignore_index}",
+        optimiser=f"AdamW lr {lr} wd {weight_decay}, cosine to 0, {epochs} epochs, batch {train_batch_size}",
+        augmentation="none (cached features)",
+        metric="mIoU over classes present in truth or prediction, pixel accuracy; full resolution",
+        train=str(train),
+        val=str(val),
+        train_images=len(tr),
+        val_images=len(va),
+        num_classes=num_classes,
+    )
+    result = {
+        "miou": scores["miou"],
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "iou_per_class": scores["iou"],
+        "baselines": baselines,
+        "training": log,
+        "examples": examples,
+        "protocol": protocol,
+    }
+    write_json(out_dir / "segmentation.json", result)
+    print(f"linear segmentation {backbone.description}, blocks {list(layers)}, {image_size} px")
+    print(f"{'':<30} {'mIoU':>7} {'pixel acc':>10}")
+    for name, r in [("probe", scores), *((f"baseline ({k})", v) for k, v in baselines.items())]:
+        print(f"{name:<30} {r['miou']:>7.2f} {r['pixel_accuracy']:>10.2f}")
+    return str(out_dir / "segmentation.json")
+
+
+def write_examples(head, split, num_classes, ignore_index, device, folder: Path, count: int) -> list[str]:
+    """image | truth | prediction panels of the first `count` images of `split`."""
+    from dinokit.data.images import open_rgb
+
+    written = []
+    for pos, logits in predict_split(head, split, device):
+        if pos >= count:
+            break
+        truth = read_mask(split.target_paths[pos])
+        pred = logits.argmax(0).numpy()
+        rgb = np.asarray(open_rgb(split.images[pos]))
+        path = folder / f"{split.images[pos].stem}.png"
+        save_panel(path, [rgb, colour_mask(truth, num_classes, ignore_index), colour_mask(pred, num_classes)])
+        written.append(str(path))
+    return written
+
+
+def load_segmentation_head(path: str) -> tuple[LinearSegmentationHead, dict]:
+    state, meta = load_head_file(path)
+    if meta.get("task") != "segmentation":
+        raise DinokitError(f"{path} is a {meta.get('task')} head, not a segmentation head")
+    head = LinearSegmentationHead(state["conv.weight"].shape[1], meta["num_classes"])
+    head.load_state_dict(state)
+    return head.eval(), meta
+
+
+def predict_segmentation(
+    head: str,
+    images: str,
+    out: str = "out/predict-segmentation",
+    model: str | None = None,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "bf16",
+) -> str:
+    """Apply a saved segmentation head to new images: class-index PNGs and coloured overlays.
+
+    head: out/segmentation_head.safetensors of `dinokit eval segmentation`. images: a folder, an image
+    or a list file. model: the backbone (default: the one the head was trained on; checked by hash).
+    Writes out/<name>.png (class index per pixel, original size) and out/<name>_overlay.png.
+    """
+    net, meta = load_segmentation_head(head)
+    backbone = backbone_for_head(meta, model, device)
+    net.to(resolve_device(device))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for path, rgb, logits in predict_images(net, meta, backbone, images, batch_size, num_workers, precision):
+        mask = logits.argmax(0).numpy().astype(np.uint8 if meta["num_classes"] <= 256 else np.uint16)
+        atomic_write(out_dir / f"{path.stem}.png", lambda tmp, m=mask: Image.fromarray(m).save(tmp, format="PNG"))
+        overlay = (0.5 * rgb + 0.5 * colour_mask(mask, meta["num_classes"])).astype(np.uint8)
+        save_panel(out_dir / f"{path.stem}_overlay.png", [rgb, overlay])
+        count += 1
+    print(f"wrote {count} masks to {out_dir}")
+    return str(out_dir)
