@@ -26,14 +26,17 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-TARBALL = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+# ../shared beside the checkout (CI), or beside a folder above it (git worktrees)
+TARBALL = next(
+    (p / "shared" / "data" / "cifar10-jpg.tar.gz" for p in ROOT.parents if (p / "shared" / "data").is_dir()),
+    ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz",
+)
 WORK = Path("/tmp/dinokit-bench-knn")
 T = 0.07
-METHODS = {
-    "dinokit fp32, k=20": ("dinokit", "fp32", (20,)),
-    "dinokit bf16 (exact), k=20": ("dinokit", "bf16", (20,)),
-    "dinokit fp32, k=10,20,100,200": ("dinokit", "fp32", (10, 20, 100, 200)),
-    "scikit-learn brute cosine, k=20": ("sklearn", "fp32", (20,)),
+METHODS = {  # name: (implementation, the k computed)
+    "dinokit, k=20": ("dinokit", (20,)),
+    "dinokit, k=10,20,100,200 at once": ("dinokit", (10, 20, 100, 200)),
+    "scikit-learn brute cosine, k=20": ("sklearn", (20,)),
 }
 
 
@@ -82,7 +85,7 @@ def rss(field: str) -> int:
 
 def worker(method: str) -> None:
     """Run one method once (in its own process) and print {"seconds", "peak_bytes"}; save predictions."""
-    kind, precision, ks = METHODS[method]
+    kind, ks = METHODS[method]
     bank, queries = np.load(WORK / "bank.npy"), np.load(WORK / "queries.npy")
     labels = np.load(WORK / "bank_labels.npy")
     if kind == "dinokit":
@@ -93,7 +96,7 @@ def worker(method: str) -> None:
         bank_t, queries_t, labels_t = torch.from_numpy(bank), torch.from_numpy(queries), torch.from_numpy(labels)
         base = peak_memory_reset()
         start = time.perf_counter()
-        scores = knn_classify(bank_t, labels_t, queries_t, 10, ks=ks, temperature=T, precision=precision)
+        scores = knn_classify(bank_t, labels_t, queries_t, 10, ks=ks, temperature=T)
         predictions = scores[20].argmax(1).numpy()
         seconds = time.perf_counter() - start
     else:
@@ -105,7 +108,7 @@ def worker(method: str) -> None:
         clf = KNeighborsClassifier(n_neighbors=20, algorithm="brute", metric="cosine", weights=weights)
         predictions = clf.fit(bank, labels).predict(queries)
         seconds = time.perf_counter() - start
-    np.save(WORK / f"pred_{kind}_{precision}_{len(ks)}.npy", predictions)
+    np.save(WORK / f"pred_{kind}_{len(ks)}.npy", predictions)
     print(json.dumps({"seconds": seconds, "peak_bytes": rss("VmHWM") - base}))
 
 
@@ -135,12 +138,12 @@ def main() -> None:
         }
         print(f"{method:<34} {rows[method]['seconds']:8.2f} s  peak +{rows[method]['peak_mb']:7.0f} MB", flush=True)
     reference = rows["scikit-learn brute cosine, k=20"]["seconds"]
-    sk = np.load(WORK / "pred_sklearn_fp32_1.npy")
+    sk = np.load(WORK / "pred_sklearn_1.npy")
     truth = np.load(WORK / "queries_labels.npy")
     print("\n| method | median s | peak MB | speed-up vs scikit-learn | k=20 predictions equal to scikit-learn |")
     print("|---|---|---|---|---|")
-    for method, (kind, precision, ks) in METHODS.items():
-        pred = np.load(WORK / f"pred_{kind}_{precision}_{len(ks)}.npy")
+    for method, (kind, ks) in METHODS.items():
+        pred = np.load(WORK / f"pred_{kind}_{len(ks)}.npy")
         same = int((pred == sk).sum())
         r = rows[method]
         print(

@@ -36,12 +36,10 @@ def last_blocks(model, n: int = 4) -> tuple[int, ...]:
 
 
 def knn_accuracies(
-    bank, bank_labels: np.ndarray, queries, query_labels: np.ndarray, num_classes: int, ks, temperature, precision
+    bank, bank_labels: np.ndarray, queries, query_labels: np.ndarray, num_classes: int, ks, temperature
 ) -> dict:
     """{"top1": {"k": %}, "top5": {"k": %}} of weighted k-NN."""
-    scores = knn_classify(
-        bank, torch.as_tensor(bank_labels), torch.as_tensor(queries), num_classes, ks, temperature, precision
-    )
+    scores = knn_classify(bank, torch.as_tensor(bank_labels), torch.as_tensor(queries), num_classes, ks, temperature)
     labels = torch.as_tensor(query_labels)
     return {
         "top1": {str(k): topk_accuracy(scores[k], labels, 1) for k in ks},
@@ -80,7 +78,6 @@ def eval_knn(
     num_workers: int = 2,
     device: str = "auto",
     precision: str = "bf16",
-    knn_precision: str = "fp32",
     cache: str = "auto",
     seed: int = 0,
 ) -> str:
@@ -90,8 +87,8 @@ def eval_knn(
     train, val: labelled `<class>/<images>` folders or `path,label` CSVs (val uses train's classes).
     ks, temperature: the DINO / DINOv2 protocol (10, 20, 100, 200; 0.07). few_shot: e.g. [1, 5, 10]
     images per class drawn from train, `few_shot_tries` draws each (mean and std reported).
-    precision: of feature extraction (bf16 | fp32); knn_precision: of the similarity search
-    (fp32, or bf16 with exact fp32 re-scoring). cache: auto | none | a folder for the feature cache.
+    precision: of feature extraction (bf16 | fp32); the search itself is exact fp32.
+    cache: auto | none | a folder for the feature cache.
     """
     if not ks or min(ks) < 1:
         raise DinokitError(f"ks must be positive integers, got {ks}")
@@ -107,7 +104,7 @@ def eval_knn(
     bank = [shard[:, -1] for shard in tr.features.shards["layers"]]  # memory-mapped when cached: read in chunks
     queries = va.features.array("layers")[:, -1]
 
-    result = knn_accuracies(bank, tr.labels, queries, va.labels, num_classes, ks, temperature, knn_precision)
+    result = knn_accuracies(bank, tr.labels, queries, va.labels, num_classes, ks, temperature)
     protocol = protocol_record(
         backbone,
         transform,
@@ -126,7 +123,6 @@ def eval_knn(
         train_bad_files=tr.bad,
         val_bad_files=va.bad,
         num_classes=num_classes,
-        knn_precision=knn_precision,
         feature_cache=tr.features.key if cache_dir else None,
     )
     record = {**result, "protocol": protocol}
@@ -138,7 +134,7 @@ def eval_knn(
             for t in range(few_shot_tries):
                 picked = few_shot_indices(tr.labels, n, seed + t)
                 sub_bank = tr.features.rows("layers", picked)[:, -1]
-                args = (queries, va.labels, num_classes, ks, temperature, knn_precision)
+                args = (queries, va.labels, num_classes, ks, temperature)
                 tries.append(knn_accuracies(sub_bank, tr.labels[picked], *args))
             record["few_shot"][str(n)] = summarise_tries(tries)
 

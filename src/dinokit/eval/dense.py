@@ -74,9 +74,13 @@ def read_depth(path: Path, depth_scale: float) -> np.ndarray:
 
 
 def resize_target(target: np.ndarray, size: int) -> torch.Tensor:
-    """Nearest-neighbour resize of an (H, W) target to (size, size): labels and depths are not mixed."""
-    t = torch.from_numpy(target)[None, None].float()
-    return F.interpolate(t, size=(size, size), mode="nearest")[0, 0]
+    """Nearest-neighbour resize of an (H, W) target to (size, size), so labels and depths are not mixed;
+    class indices come back as int16 (int32 beyond its range), depths as float32."""
+    t = F.interpolate(torch.from_numpy(target)[None, None].float(), size=(size, size), mode="nearest")[0, 0]
+    if np.issubdtype(target.dtype, np.integer):
+        small = target.size == 0 or (target.min() >= -(2**15) and target.max() < 2**15)
+        return t.to(torch.int16 if small else torch.int32)
+    return t
 
 
 @dataclass
@@ -142,14 +146,16 @@ def dense_split(
     if feats.bad:
         print(f"{root}: skipped {len(feats.bad)} unreadable image(s), e.g. {images[feats.bad[0]]}")
     kept = feats.kept.tolist()
-    full = [read_target(targets[i]) for i in kept]
-    train_targets = torch.stack([resize_target(t, image_size) for t in full])
+    train_targets, sizes = [], []
+    for i in kept:  # full-size targets are read again at evaluation, not kept in memory
+        target = read_target(targets[i])
+        sizes.append(target.shape)
+        train_targets.append(resize_target(target, image_size))
     side = image_size // backbone.model.patch_size
     where = f"cached at {feats.location}" if feats.location else "not cached"
     print(f"{root}: {len(kept)} images, features {'reused' if feats.reused else 'extracted'} ({where})")
-    sizes = [t.shape for t in full]
     images, targets = [images[i] for i in kept], [targets[i] for i in kept]
-    return DenseSplit(feats, images, targets, train_targets, sizes, (side, side), str(root))
+    return DenseSplit(feats, images, targets, torch.stack(train_targets), sizes, (side, side), str(root))
 
 
 # --------------------------------------------------------------------------------------------- heads
