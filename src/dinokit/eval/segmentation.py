@@ -72,6 +72,12 @@ def evaluate_segmentation(
     positional = torch.zeros_like(confusion)
     for pos, logits in predict_split(head, split, device):
         target = torch.from_numpy(read_mask(split.target_paths[pos]))
+        labelled = target[target != ignore_index]
+        if len(labelled) and (labelled.max() >= num_classes or labelled.min() < 0):
+            raise DinokitError(
+                f"{split.target_paths[pos]} holds class {int(labelled.max())} but num_classes={num_classes} "
+                f"(from the train masks or num_classes=): pass num_classes={int(labelled.max()) + 1}"
+            )
         confusion += confusion_matrix(logits.argmax(0), target, num_classes, ignore_index)
         prior_here = F.interpolate(prior, size=tuple(target.shape), mode="nearest")[0, 0]
         positional += confusion_matrix(prior_here, target, num_classes, ignore_index)
