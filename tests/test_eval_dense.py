@@ -25,6 +25,17 @@ from dinokit.errors import DinokitError
 from dinokit.eval.dense import read_depth, read_mask, read_pairs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dense_backbone.safetensors"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These probes are small: on a busy machine one thread is up to 5x faster than a thrashing pool."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 COMMON = ["image_size=64", "num_workers=0", "batch_size=64", "train_batch_size=16"]
 
 

@@ -22,7 +22,7 @@ def make_split(n, d=8, classes=3, where="patch_mean", seed=0, name="split", marg
     return ProbeSplit(feats, np.arange(n), labels, name)
 
 
-GRID = head_grid((1, 4), (False, True), (1e-4, 1e-2, 0.1))
+GRID = head_grid((1, 4), (False, True), (1e-3, 0.1))
 
 
 @pytest.mark.parametrize(("where", "n_last_blocks", "avgpool"), [("patch_mean", None, True), (0, 4, None)])

@@ -19,6 +19,7 @@ place of cuML): L2-regularised multinomial regression on the final CLS, C swept 
 10^linspace(-6, 5, 45), chosen on the selection split, refitted on train.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -31,6 +32,7 @@ from dinokit.eval.cache import Features
 from dinokit.eval.knn import topk_accuracy
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+SMALL_STEP_FLOPS = 5e7  # below this per head and step, one CPU thread beats several (no thread wake-ups)
 LOGREG_C_POWERS = (-6.0, 5.0)  # C in 10^linspace(-6, 5, n)
 LOGREG_TOL = 1e-6  # lbfgs gradient tolerance (cuML's 1e-12 makes scikit-learn run to max_iter every time)
 
@@ -134,6 +136,21 @@ class LinearHeads(nn.Module):
         return out
 
 
+@contextlib.contextmanager
+def threads_for(step_flops: float, device):
+    """Run tiny CPU steps on one thread: waking a thread pool for a 10 microsecond matmul costs more than
+    the matmul, and on a busy machine (other processes on the cores) it can cost 100x."""
+    if torch.device(device).type != "cpu" or step_flops >= SMALL_STEP_FLOPS:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_heads(
     split: ProbeSplit,
     configs: list[HeadConfig],
@@ -156,16 +173,18 @@ def train_heads(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps, eta_min=0.0)
     rng = np.random.default_rng(seed)
     bar = tqdm(total=steps, desc="linear heads", unit="step", disable=not progress, leave=False)
-    for _ in range(epochs):
-        for block_cls, patch_mean, labels in split.batches(batch_size, rng.permutation(len(split))):
-            logits = heads(block_cls.to(device), patch_mean.to(device))
-            labels = labels.to(device)
-            loss = sum(F.cross_entropy(v, labels) for v in logits.values())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            bar.update()
+    widest = max(h.in_features for h in heads.heads.values())
+    with threads_for(6 * batch_size * widest * num_classes, device):
+        for _ in range(epochs):
+            for block_cls, patch_mean, labels in split.batches(batch_size, rng.permutation(len(split))):
+                logits = heads(block_cls.to(device), patch_mean.to(device))
+                labels = labels.to(device)
+                loss = sum(F.cross_entropy(v, labels) for v in logits.values())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                bar.update()
     bar.close()
     return heads.eval()
 
