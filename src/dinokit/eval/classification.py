@@ -36,10 +36,11 @@ def last_blocks(model, n: int = 4) -> tuple[int, ...]:
 
 
 def knn_accuracies(
-    bank, bank_labels: np.ndarray, queries, query_labels: np.ndarray, num_classes: int, ks, temperature
+    bank, bank_labels: np.ndarray, queries, query_labels: np.ndarray, num_classes: int, ks, temperature, device="cpu"
 ) -> dict:
     """{"top1": {"k": %}, "top5": {"k": %}} of weighted k-NN."""
-    scores = knn_classify(bank, torch.as_tensor(bank_labels), torch.as_tensor(queries), num_classes, ks, temperature)
+    labels = torch.as_tensor(bank_labels)
+    scores = knn_classify(bank, labels, torch.as_tensor(queries), num_classes, ks, temperature, device=device)
     labels = torch.as_tensor(query_labels)
     return {
         "top1": {str(k): topk_accuracy(scores[k], labels, 1) for k in ks},
@@ -104,7 +105,8 @@ def eval_knn(
     bank = [shard[:, -1] for shard in tr.features.shards["layers"]]  # memory-mapped when cached: read in chunks
     queries = va.features.array("layers")[:, -1]
 
-    result = knn_accuracies(bank, tr.labels, queries, va.labels, num_classes, ks, temperature)
+    dev = resolve_device(device)
+    result = knn_accuracies(bank, tr.labels, queries, va.labels, num_classes, ks, temperature, dev)
     protocol = protocol_record(
         backbone,
         transform,
@@ -134,7 +136,7 @@ def eval_knn(
             for t in range(few_shot_tries):
                 picked = few_shot_indices(tr.labels, n, seed + t)
                 sub_bank = tr.features.rows("layers", picked)[:, -1]
-                args = (queries, va.labels, num_classes, ks, temperature)
+                args = (queries, va.labels, num_classes, ks, temperature, dev)
                 tries.append(knn_accuracies(sub_bank, tr.labels[picked], *args))
             record["few_shot"][str(n)] = summarise_tries(tries)
 

@@ -55,19 +55,25 @@ def _merge_topk(
 
 @torch.no_grad()
 def knn_neighbours(
-    bank: BankLike, queries: torch.Tensor, k: int, bank_chunk: int = 65536, query_chunk: int = 1024
+    bank: BankLike,
+    queries: torch.Tensor,
+    k: int,
+    bank_chunk: int = 65536,
+    query_chunk: int = 1024,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k cosine similarities and bank indices (Q, k), sorted, of each query.
+    """Top-k cosine similarities and bank indices (Q, k), sorted, of each query (returned on the CPU).
 
     bank: (N, D) tensor or array, or a list of (N_i, D) shards (see `bank_chunks`); queries (Q, D).
-    The outer loop runs over bank chunks, so each bank row is read once; memory is
-    O(bank_chunk * D + query_chunk * bank_chunk + Q * k).
+    The outer loop runs over bank chunks, so each bank row is read (and sent to `device`) once; memory
+    is O(bank_chunk * D + query_chunk * bank_chunk + Q * k).
     """
-    queries = F.normalize(torch.as_tensor(queries).float(), dim=-1)
+    queries = F.normalize(_as_tensor(queries).float(), dim=-1).to(device)
     k = min(k, bank_size(bank))
-    best_s = torch.full((len(queries), 0), float("-inf"))
-    best_i = torch.empty((len(queries), 0), dtype=torch.long)
+    best_s = torch.full((len(queries), 0), float("-inf"), device=device)
+    best_i = torch.empty((len(queries), 0), dtype=torch.long, device=device)
     for start, rows in bank_chunks(bank, bank_chunk):
+        rows = rows.to(device)
         new_s, new_i = [], []
         for q0 in range(0, len(queries), query_chunk):
             s = queries[q0 : q0 + query_chunk] @ rows.T
@@ -77,7 +83,7 @@ def knn_neighbours(
             new_s.append(merged[0])
             new_i.append(merged[1])
         best_s, best_i = torch.cat(new_s), torch.cat(new_i)
-    return best_s, best_i
+    return best_s.cpu(), best_i.cpu()
 
 
 def knn_scores(
@@ -110,7 +116,7 @@ def knn_classify(
     **chunks,
 ) -> dict[int, torch.Tensor]:
     """{k: class scores (Q, C)} of weighted k-NN; predictions are `scores[k].argmax(1)`.
-    `chunks`: bank_chunk / query_chunk of `knn_neighbours`."""
+    `chunks`: bank_chunk / query_chunk / device of `knn_neighbours`."""
     bank_labels = torch.as_tensor(bank_labels).long()
     num_classes = num_classes or int(bank_labels.max()) + 1
     sims, idx = knn_neighbours(bank, queries, max(ks), **chunks)
