@@ -73,12 +73,33 @@ def labelled_features(
 ) -> LabelledFeatures:
     """Features of a labelled folder / CSV (bad files skipped and counted), with their labels."""
     paths, labels, names = read_labelled(source, classes)
+    feats = split_features(
+        backbone, source, paths, transform, which, layers, True, cache, batch_size, num_workers, precision
+    )
+    return LabelledFeatures(feats, np.asarray(labels)[feats.kept], names, str(source), len(feats.bad))
+
+
+def split_features(
+    backbone: Backbone,
+    source: str,
+    paths: list[Path],
+    transform,
+    which: tuple[str, ...],
+    layers: tuple[int, ...],
+    norm: bool,
+    cache: Path | None,
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+) -> Features:
+    """Cached features of one split's images; reports skipped files and whether the cache was used."""
     feats = cached_features(
         backbone.model,
         paths,
         transform,
         which,
         layers,
+        norm,
         cache_dir=cache,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -91,7 +112,7 @@ def labelled_features(
         print(f"{source}: skipped {len(feats.bad)} unreadable file(s), e.g. {paths[feats.bad[0]]}")
     where = f"cached at {feats.location}" if feats.location else "not cached"
     print(f"{source}: {len(feats)} images, features {'reused' if feats.reused else 'extracted'} ({where})")
-    return LabelledFeatures(feats, np.asarray(labels)[feats.kept], names, str(source), len(feats.bad))
+    return feats
 
 
 def make_transform(image_size: int, resize_policy: str = "center_crop"):

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from dinokit.data.images import list_images
 from dinokit.errors import DinokitError
-from dinokit.eval.cache import Features, cached_features
-from dinokit.eval.common import Backbone, check_image_size, make_transform
+from dinokit.eval.cache import Features
+from dinokit.eval.common import Backbone, check_image_size, make_transform, split_features
 from dinokit.io import atomic_write
 
 
@@ -128,23 +128,9 @@ def dense_split(
     images, targets = read_pairs(root, target_folder, target_exts)
     transform = make_transform(image_size, "resize")
     which = ("layer_patch_tokens", "layers") if with_cls else ("layer_patch_tokens",)
-    feats = cached_features(
-        backbone.model,
-        images,
-        transform,
-        which,
-        layers,
-        norm,
-        cache_dir=cache,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-        model_hash=backbone.hash,
+    feats = split_features(
+        backbone, root, images, transform, which, layers, norm, cache, batch_size, num_workers, precision
     )
-    if len(feats) == 0:
-        raise DinokitError(f"none of the {len(images)} images of {root} could be read")
-    if feats.bad:
-        print(f"{root}: skipped {len(feats.bad)} unreadable image(s), e.g. {images[feats.bad[0]]}")
     kept = feats.kept.tolist()
     train_targets, sizes = [], []
     for i in kept:  # full-size targets are read again at evaluation, not kept in memory
@@ -152,8 +138,6 @@ def dense_split(
         sizes.append(target.shape)
         train_targets.append(resize_target(target, image_size))
     side = image_size // backbone.model.patch_size
-    where = f"cached at {feats.location}" if feats.location else "not cached"
-    print(f"{root}: {len(kept)} images, features {'reused' if feats.reused else 'extracted'} ({where})")
     images, targets = [images[i] for i in kept], [targets[i] for i in kept]
     return DenseSplit(feats, images, targets, torch.stack(train_targets), sizes, (side, side), str(root))
 
