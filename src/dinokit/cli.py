@@ -25,6 +25,8 @@ COMMANDS: dict[str, str] = {
     "export": "dinokit.models.commands:export",
     "demo": "dinokit.demo:demo",
     "embed": "dinokit.features.embed:embed",
+    "index build": "dinokit.retrieval.commands:build_index",
+    "index search": "dinokit.retrieval.commands:index_search",
 }
 
 
