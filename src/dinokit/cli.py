@@ -27,6 +27,10 @@ COMMANDS: dict[str, str] = {
     "embed": "dinokit.features.embed:embed",
     "index build": "dinokit.retrieval.commands:build_index",
     "index search": "dinokit.retrieval.commands:index_search",
+    "visualize attention": "dinokit.maps.commands:visualize_attention",
+    "visualize pca": "dinokit.maps.commands:visualize_pca",
+    "visualize similarity": "dinokit.maps.commands:visualize_similarity",
+    "segment": "dinokit.maps.commands:segment",
 }
 
 

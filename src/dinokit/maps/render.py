@@ -79,7 +79,8 @@ def save_figure(path: str | Path, fig: Figure) -> str:
 def panel_figure(panels: list[tuple[str, np.ndarray]], columns: int, title: str = "", size: float = 2.6) -> Figure:
     """A grid of titled images (uint8 RGB or 2-D arrays shown with a colour map); no pyplot state."""
     rows = -(-len(panels) // columns)
-    fig = Figure(figsize=(size * columns, size * rows + (0.5 if title else 0)))
+    aspect = min(2.0, max(0.3, np.asarray(panels[0][1]).shape[0] / np.asarray(panels[0][1]).shape[1]))
+    fig = Figure(figsize=(size * columns, (size * aspect + 0.3) * rows + (0.4 if title else 0)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     for ax, (name, picture) in zip(axes, panels, strict=False):
         ax.imshow(picture, cmap="inferno" if np.asarray(picture).ndim == 2 else None)
