@@ -74,7 +74,7 @@ def embed(
     if torch_device.type == "cuda" and world > 1:
         torch_device = torch.device("cuda", local_rank)
         torch.cuda.set_device(torch_device)
-    join_process_group(world)
+    joined = join_process_group(world)
 
     net = load_model(model, device=torch_device)
     if "registers" in features and not net.num_register_tokens:
@@ -125,7 +125,7 @@ def embed(
             "seconds": round(time.perf_counter() - started, 2),
         }
     barrier()
-    if dist.is_initialized():
+    if joined:
         dist.destroy_process_group()
     return summary
 
@@ -256,11 +256,14 @@ def torchrun_context() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def join_process_group(world: int) -> None:
-    """Join torchrun's group (gloo: embedding only needs barriers, never moves tensors between
-    processes). The timeout is long because processes wait for each other only at the very end."""
+def join_process_group(world: int) -> bool:
+    """Join torchrun's group unless one is running already; True if this call created it (gloo:
+    embedding only needs barriers and a gather of counts, never moves tensors between processes).
+    The timeout is long because processes wait for each other only at the very end."""
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        return True
+    return False
 
 
 def gather(value, world: int) -> list:
