@@ -62,9 +62,11 @@ def visualize_attention(
     mass: float = 0.6,
     device: str = "auto",
 ) -> dict:
-    """Last-block CLS attention of one image: averaged and per head, overlaid on the photo, DINO's
-    thresholded maps (the patches holding `mass` of each head's attention), and for register models
-    each register's share of the CLS attention and its own map (registers are left out of the maps).
+    """CLS attention of the last block as PNG: per head, mean, DINO's mass maps, registers apart.
+
+    The maps are overlaid on the photo; the thresholded maps show the patches holding `mass` of each
+    head's attention; for register models each register's share of the CLS attention and its own
+    map are shown separately (registers are left out of the maps).
 
     Writes the PNG `out`; returns the attention shares.
     """
@@ -104,8 +106,10 @@ def visualize_pca(
     foreground_threshold: float | None = None,
     device: str = "auto",
 ) -> dict:
-    """Patch features as colours: the first 3 principal components as RGB, one PCA for all images
-    (an image, a folder or a list file), so matching parts share colours. With
+    """Patch features as colours (PNG): 3 principal components as RGB, one PCA for all images.
+
+    image: an image, a folder or a list file; one PCA for all of them, so matching parts share
+    colours. With
     foreground_threshold (e.g. 0.5) the background (first component below it) is masked black and
     the colours come from the foreground alone, as in the DINOv2 paper.
 
@@ -154,8 +158,9 @@ def visualize_similarity(
     resize_policy: str = "aspect",
     device: str = "auto",
 ) -> dict:
-    """Cosine similarity of the patch under pixel (x = column, y = row) of `image` to every patch of
-    `target` (default: the same image), as a heat map over the target.
+    """Cosine similarity of the patch under a pixel to every patch of an image, as a PNG heat map.
+
+    x = column, y = row of the pixel in `image`; target: the image compared (default: the same).
 
     Writes the PNG `out`; returns the chosen patch and the best-matching target patch.
     """

@@ -53,8 +53,7 @@ def info(model: str) -> dict:
 
 
 def export(model: str, out: str, format: str = "dinokit", image_size: int | None = None) -> str | dict:
-    """Convert weights to another format: dinokit (safetensors), official (.pth), hf (folder), onnx or
-    torchscript.
+    """Convert weights: dinokit (safetensors), official (.pth), hf (folder), onnx or torchscript.
 
     model: any file, folder or name that load_model reads. out: the file (dinokit, official, onnx,
     torchscript) or folder (hf) to write. onnx / torchscript: a graph from images (any batch, any
