@@ -48,6 +48,11 @@ def load(model: str, device: str) -> VisionTransformer:
     return load_model(model, device=resolve_device(device))
 
 
+def label(model: str) -> str:
+    """How a picture names its model: the file name of a path, or the released name."""
+    return Path(model).name if Path(model).exists() else model
+
+
 def heat_overlay(rgb: np.ndarray, patch_map: np.ndarray, mode: str = "bilinear") -> np.ndarray:
     """A patch map upsampled to the photo, coloured and blended over it."""
     return overlay(rgb, colorize(upsample(patch_map, rgb.shape[:2], mode)), alpha=0.6)
@@ -86,7 +91,7 @@ def visualize_attention(
         (f"register {r} (CLS gives it {share:.1%})", heat_overlay(rgb, m))
         for r, (share, m) in enumerate(zip(to_registers, maps["registers_to_patches"], strict=True))
     ]
-    title = f"{model} at {tuple(x.shape[-2:])}: CLS attention to patches, registers excluded"
+    title = f"{label(model)} at {tuple(x.shape[-2:])}: CLS attention to patches, registers excluded"
     save_figure(out, panel_figure(panels, columns=max(4, len(maps["per_head"])), title=title))
     return {
         "out": out,
@@ -138,7 +143,7 @@ def visualize_pca(
                 )
             )
     columns = 3 if foreground_threshold is not None else 2
-    save_figure(out, panel_figure(panels, columns=columns, title=f"{model}: joint PCA of patch features"))
+    save_figure(out, panel_figure(panels, columns=columns, title=f"{label(model)}: joint PCA of patch features"))
     return {
         "out": out,
         "images": len(paths),
@@ -181,7 +186,7 @@ def visualize_similarity(
     r = max(2, min(source_rgb.shape[:2]) // 60)
     marked[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1] = (255, 0, 0)
     panels = [("chosen pixel", marked), ("cosine similarity", heat_overlay(target_rgb, cos)), ("raw map", cos)]
-    save_figure(out, panel_figure(panels, columns=3, title=f"{model}: similarity of patch {patch}"))
+    save_figure(out, panel_figure(panels, columns=3, title=f"{label(model)}: similarity of patch {patch}"))
     best = np.unravel_index(int(np.argmax(cos)), cos.shape)
     return {"out": out, "patch": list(patch), "best_match": [int(best[0]), int(best[1])], "max": float(cos.max())}
 
