@@ -13,7 +13,7 @@ import dinokit
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
 from dinokit.features import embed as embed_module
-from dinokit.features.embed import embed
+from dinokit.features.embed import auto_shard_size, embed
 from dinokit.features.extract import extract_features
 from dinokit.features.store import read_embeddings, read_manifest
 
@@ -157,3 +157,9 @@ def test_torchrun_two_processes_write_their_shards_and_one_manifest(setup, tmp_p
     b, paths_b = read_embeddings(single)
     assert paths_a == paths_b
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
+
+
+def test_default_shard_size_keeps_shards_near_512_mb():
+    assert auto_shard_size({"cls": [384]}, "float32") == 4096
+    assert auto_shard_size({"cls": [384], "patch_tokens": [32, 32, 384]}, "float32") == 2**29 // ((1024 + 1) * 384 * 4)
+    assert auto_shard_size({"patch_tokens": [16, 16, 1536]}, "float16") == 682

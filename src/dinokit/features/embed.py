@@ -11,6 +11,7 @@ The file layout is described in `dinokit.features.store`.
 import datetime
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -52,7 +53,7 @@ def embed(
     precision: str = "bf16",
     dtype: str = "float32",
     format: str = "safetensors",
-    shard_size: int = 4096,
+    shard_size: int | None = None,
     progress: bool = True,
 ) -> dict | None:
     """Embed every image of a folder / list file into shards under `out` (resumable; torchrun-ready).
@@ -63,7 +64,8 @@ def embed(
     resize (to exactly image_size). features: any of cls, patch_mean, registers, patch_tokens
     (the full grid), layers (CLS of the blocks listed in `layers`). precision: bf16 (autocast, fast)
     or fp32. dtype: float32, float16 or bfloat16 (safetensors only) on disk. format: safetensors or
-    numpy (.npz). Unreadable images are skipped and listed in the manifest. Returns a summary
+    numpy (.npz). shard_size: images per shard (default: up to 4096, fewer so that a shard stays
+    near 512 MB, e.g. with patch_tokens). Unreadable images are skipped and listed in the manifest. Returns a summary
     (on process 0; None on the others).
     """
     started = time.perf_counter()
@@ -84,6 +86,7 @@ def embed(
     paths = [str(p.absolute()) for p in list_images(data)]
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    shapes = feature_shapes(net, size, features, layers)
     settings = {
         "model": str(Path(model).absolute()) if Path(model).exists() else model,
         "architecture": net.config.to_dict(),
@@ -96,15 +99,16 @@ def embed(
         "transform": describe(transform),
         "features": features,
         "layers": layers,
-        "feature_shapes": feature_shapes(net, size, features, layers),
+        "feature_shapes": shapes,
         "precision": precision,
         "dtype": dtype,
         "format": format,
-        "shard_size": shard_size,
+        "shard_size": shard_size or auto_shard_size(shapes, dtype),
     }
     check_or_write_config(out_dir, settings, rank)
 
-    shards = [paths[i : i + shard_size] for i in range(0, len(paths), shard_size)]
+    step = settings["shard_size"]
+    shards = [paths[i : i + step] for i in range(0, len(paths), step)]
     mine = [i for i in range(len(shards)) if i % world == rank]
     todo = [i for i in mine if not shard_path(out_dir, i, format).exists()]
     run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_workers, progress and rank == 0)
@@ -158,6 +162,13 @@ def feature_shapes(net, size: tuple[int, int], features: list[str], layers: list
         "layers": [len(layers), d],
     }
     return {k: shapes[k] for k in features}
+
+
+def auto_shard_size(shapes: dict[str, list[int]], dtype: str, target_bytes: int = 512 * 2**20) -> int:
+    """Images per shard: 4096, or fewer so that one shard (held in memory until written) stays near
+    `target_bytes`."""
+    per_image = sum(math.prod(shape) for shape in shapes.values()) * STORE_DTYPES[dtype].itemsize
+    return max(1, min(4096, target_bytes // max(per_image, 1)))
 
 
 def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
