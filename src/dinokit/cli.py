@@ -30,6 +30,13 @@ COMMANDS: dict[str, str] = {
     "eval depth": "dinokit.eval.depth:eval_depth",
     "predict segmentation": "dinokit.eval.segmentation:predict_segmentation",
     "predict depth": "dinokit.eval.depth:predict_depth",
+    "embed": "dinokit.features.embed:embed",
+    "index build": "dinokit.retrieval.commands:build_index",
+    "index search": "dinokit.retrieval.commands:index_search",
+    "visualize attention": "dinokit.maps.commands:visualize_attention",
+    "visualize pca": "dinokit.maps.commands:visualize_pca",
+    "visualize similarity": "dinokit.maps.commands:visualize_similarity",
+    "segment": "dinokit.maps.commands:segment",
 }
 
 

@@ -1,13 +1,23 @@
 """Evaluation / feature-extraction transforms (torchvision transforms v2).
 
-The official eval transform is Resize(256, bicubic) -> CenterCrop(224) -> ImageNet normalisation;
-`eval_transform(size)` is its analogue at any size (resize to size * 256/224, crop size).
-`resize_policy="resize"` instead resizes the whole image to exactly size (or (height, width)), keeping
-the borders that a center crop drops.
+The official eval transform is Resize(256, bicubic) -> CenterCrop(224) -> ImageNet normalisation.
+`eval_transform(image_size, resize_policy)` offers three policies (all bicubic with antialiasing):
+
+- "center_crop" (default): keep the aspect ratio, scale the image to cover image_size * 256/224, crop
+  the center image_size. At a square size this is exactly the official transform; at a non-square
+  (height, width) the image covers the whole box (no padding).
+- "resize": resize to exactly image_size (height, width), stretching if needed; keeps the borders a
+  center crop drops (the maintainers' advice for retrieval, dinov2 #326).
+- "aspect": keep the aspect ratio: short side -> image_size, long side -> the nearest multiple of the
+  patch size (so the shape follows each image: one image at a time, e.g. the visual tools).
+
+Sizes given to the model must be multiples of the patch size; `check_image_size` says so early.
 """
 
 import torch
 from torchvision.transforms import v2
+
+from dinokit.errors import DinokitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -18,17 +28,83 @@ def normalize() -> v2.Compose:
     return v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def eval_transform(image_size: int | tuple[int, int] = 224, resize_policy: str = "center_crop") -> v2.Compose:
-    """resize_policy 'center_crop': keep aspect, resize the short side to size*256/224, center crop
-    `image_size` (the official eval transform at 224). 'resize': resize to `image_size` exactly."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+class ResizeToCover(torch.nn.Module):
+    """Keep the aspect ratio and resize so that the image covers (height, width): the side that needs
+    the larger scale gets exactly its target, the other follows (rounded down as torchvision does, so
+    a square target gives `v2.Resize(short_side)` exactly)."""
+
+    def __init__(self, height: int, width: int) -> None:
+        super().__init__()
+        self.height, self.width = height, width
+
+    def forward(self, image):
+        h, w = v2.functional.get_size(image)
+        if self.height / h >= self.width / w:
+            size = [self.height, max(int(self.height * w / h), self.width)]
+        else:
+            size = [max(int(self.width * h / w), self.height), self.width]
+        return v2.functional.resize(image, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"ResizeToCover(height={self.height}, width={self.width}, bicubic, antialias)"
+
+
+class ResizeKeepAspect(torch.nn.Module):
+    """Short side -> `short_side`, long side -> the multiple of `patch_size` nearest to the aspect-kept
+    length (at least one patch): the whole image, in a shape the model accepts."""
+
+    def __init__(self, short_side: int, patch_size: int) -> None:
+        super().__init__()
+        self.short_side, self.patch_size = short_side, patch_size
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        p = self.patch_size
+        long = max(p, round(self.short_side * max(height, width) / min(height, width) / p) * p)
+        return (self.short_side, long) if height <= width else (long, self.short_side)
+
+    def forward(self, image):
+        size = list(self.output_size(*v2.functional.get_size(image)))
+        return v2.functional.resize(image, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+
+    def __repr__(self) -> str:
+        return f"ResizeKeepAspect(short_side={self.short_side}, patch_size={self.patch_size}, bicubic, antialias)"
+
+
+RESIZE_POLICIES = ("center_crop", "resize", "aspect")
+
+
+def eval_transform(
+    image_size: int | tuple[int, int] = 224, resize_policy: str = "center_crop", patch_size: int = 14
+) -> v2.Compose:
+    """PIL image -> normalised tensor (3, H, W) under one of RESIZE_POLICIES (see the module docstring).
+    image_size: an int (square) or (height, width); for 'aspect' an int, the short side."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     bicubic = v2.InterpolationMode.BICUBIC
     if resize_policy == "center_crop":
-        resize = v2.Resize(round(min(h, w) * 256 / 224), interpolation=bicubic, antialias=True)
-        return v2.Compose([resize, v2.CenterCrop((h, w)), normalize()])
+        cover_h, cover_w = round(h * 256 / 224), round(w * 256 / 224)
+        # square: the official Resize(short side); ResizeToCover does the same there, and more
+        cover = v2.Resize(cover_h, bicubic, antialias=True) if h == w else ResizeToCover(cover_h, cover_w)
+        return v2.Compose([cover, v2.CenterCrop((h, w)), normalize()])
     if resize_policy == "resize":
         return v2.Compose([v2.Resize((h, w), interpolation=bicubic, antialias=True), normalize()])
-    raise ValueError(f"resize_policy must be 'center_crop' or 'resize', got {resize_policy!r}")
+    if resize_policy == "aspect":
+        if h != w:
+            raise DinokitError("resize_policy='aspect' takes one image_size (the short side), not (height, width)")
+        return v2.Compose([ResizeKeepAspect(h, patch_size), normalize()])
+    raise DinokitError(f"resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {resize_policy!r}")
+
+
+def check_image_size(image_size: int | tuple[int, int] | list[int], patch_size: int) -> tuple[int, int]:
+    """(height, width) from an int or a pair; a DinokitError naming the nearest valid sizes if a side is
+    not a positive multiple of the patch size."""
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    for side in (h, w):
+        if side <= 0 or side % patch_size:
+            lower, upper = max(side // patch_size, 1) * patch_size, -(-side // patch_size) * patch_size
+            raise DinokitError(
+                f"image_size {side} is not a multiple of the patch size {patch_size}; use {lower} or {upper}"
+            )
+    return h, w
 
 
 def describe(transform: v2.Compose) -> str:

@@ -3,6 +3,7 @@
 import torch
 
 from dinokit.models.architectures import ARCHITECTURES, count_parameters, create_model
+from dinokit.models.graph_export import GRAPH_FORMATS, export_graph
 from dinokit.models.loading import export_model, load_model, read_checkpoint
 
 
@@ -51,10 +52,16 @@ def info(model: str) -> dict:
     return {"source": str(path), "format": fmt, "parameters": count_parameters(m), "config": m.config.to_dict()}
 
 
-def export(model: str, out: str, format: str = "dinokit") -> str:
-    """Convert weights to another format: dinokit (safetensors), official (.pth) or hf (folder).
+def export(model: str, out: str, format: str = "dinokit", image_size: int | None = None) -> str | dict:
+    """Convert weights: dinokit (safetensors), official (.pth), hf (folder), onnx or torchscript.
 
-    model: any file, folder or name that load_model reads. out: the file (dinokit, official) or
-    folder (hf) to write.
+    model: any file, folder or name that load_model reads. out: the file (dinokit, official, onnx,
+    torchscript) or folder (hf) to write. onnx / torchscript: a graph from images (any batch, any
+    size that is a multiple of the patch size) to the normed CLS and patch tokens, exported at
+    image_size (default: the model's native size) and checked against PyTorch at another size; the
+    report (max abs differences) is printed.
     """
-    return export_model(load_model(model), out, format=format)
+    net = load_model(model)
+    if format in GRAPH_FORMATS:
+        return export_graph(net, out, format, image_size)
+    return export_model(net, out, format=format)

@@ -24,10 +24,11 @@ from dinokit.models.architectures import nearest_architecture
 from dinokit.models.formats import hf as hf_format
 from dinokit.models.formats import timm as timm_format
 from dinokit.models.formats.official import infer_config, unwrap_training_checkpoint
+from dinokit.models.graph_export import GRAPH_FORMATS, export_graph
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 
 DINOKIT_CONFIG_KEY = "dinokit_config"
-EXPORT_FORMATS = ("dinokit", "official", "hf")
+EXPORT_FORMATS = ("dinokit", "official", "hf", "onnx", "torchscript")
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -165,12 +166,18 @@ def check_keys(sd: dict, expected: dict, config: ViTConfig, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ export
-def export_model(model: VisionTransformer, path: str | Path, format: str = "dinokit") -> str:
-    """Write `model` as dinokit safetensors (weights + architecture), the official `.pth` layout, or a
+def export_model(
+    model: VisionTransformer, path: str | Path, format: str = "dinokit", image_size: int | None = None
+) -> str:
+    """Write `model` as dinokit safetensors (weights + architecture), the official `.pth` layout, a
     Hugging Face folder (`config.json` + `model.safetensors`) that `transformers.Dinov2Model` /
-    `Dinov2WithRegistersModel.from_pretrained` loads. Writes are atomic. Returns the written path."""
+    `Dinov2WithRegistersModel.from_pretrained` loads, or an ONNX / TorchScript graph (any batch and
+    size; `image_size` is the example size, default the native one; see `graph_export`). Writes are
+    atomic. Returns the written path."""
     if format not in EXPORT_FORMATS:
         raise DinokitError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if format in GRAPH_FORMATS:
+        return export_graph(model, path, format, image_size)["path"]
     path = Path(path)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     if format == "dinokit":

@@ -15,6 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinokit.models.layers import Block, PatchEmbed
+from dinokit.models.layers.position_interpolation import resample_grid
+
+
+def is_tracing() -> bool:
+    """True inside torch.jit.trace, torch.export and the ONNX exporter: code must then not branch on
+    input sizes in Python."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 @dataclass(frozen=True)
@@ -121,15 +128,19 @@ class VisionTransformer(nn.Module):
 
         Bicubic resampling of the stored M x M grid in float32. With `interpolate_offset` the target is
         given as scale_factor (h0 + offset) / M (the official "historical kludge"), otherwise as size.
+        While tracing or exporting, the same resampling runs as matrix products that hold for every input
+        size (`layers.position_interpolation`); eager numerics are unchanged.
         """
         pos = self.pos_embed
+        h0, w0 = height // self.patch_size, width // self.patch_size
+        if is_tracing():
+            return torch.cat([pos[:, :1].float(), self.traceable_pos_grid(h0, w0)], dim=1).to(pos.dtype)
         stored = pos.shape[1] - 1
         if num_patches == stored and height == width:
             return pos
         m = int(math.sqrt(stored))
         if m * m != stored:
             raise ValueError(f"stored position grid of {stored} patches is not square")
-        h0, w0 = height // self.patch_size, width // self.patch_size
         grid = pos[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)
         if self.interpolate_offset:
             scale = ((h0 + self.interpolate_offset) / m, (w0 + self.interpolate_offset) / m)
@@ -140,6 +151,19 @@ class VisionTransformer(nn.Module):
             raise RuntimeError(f"position grid interpolated to {tuple(grid.shape[-2:])}, expected {(h0, w0)}")
         grid = grid.permute(0, 2, 3, 1).reshape(1, h0 * w0, -1)
         return torch.cat([pos[:, :1].float(), grid], dim=1).to(pos.dtype)
+
+    def traceable_pos_grid(self, h0: int, w0: int) -> torch.Tensor:
+        """Patch position embeddings (1, h0 * w0, D) as `interpolate_pos_encoding` computes them, by
+        operations that trace for any size (the stored grid itself, exactly, at the native size)."""
+        pos = self.pos_embed
+        m = self.config.img_size // self.patch_size  # the stored grid's side (a constant in the graph)
+        grid = pos[0, 1:].float().reshape(m, m, -1).permute(2, 0, 1)
+        if self.interpolate_offset:
+            scale_h, scale_w = m / (h0 + self.interpolate_offset), m / (w0 + self.interpolate_offset)
+        else:
+            scale_h, scale_w = m / h0, m / w0
+        grid = resample_grid(grid, h0, w0, scale_h, scale_w, self.interpolate_antialias, keep_if_same=True)
+        return grid.permute(1, 2, 0).reshape(1, h0 * w0, -1)
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) [+ bool masks (B, N)] -> tokens (B, 1 + R + N, D)."""
@@ -164,10 +188,11 @@ class VisionTransformer(nn.Module):
         """
         depth = len(self.blocks)
         keep = sorted({i % depth for i in keep})
-        step = max(1, self.cpu_inference_tokens // tokens.shape[1])
-        if tokens.device.type == "cpu" and not torch.is_grad_enabled() and tokens.shape[0] > step:
-            slices = [self.run_blocks(chunk, keep) for chunk in tokens.split(step)]
-            return {i: torch.cat([out[i] for out in slices]) for i in keep}
+        if tokens.device.type == "cpu" and not torch.is_grad_enabled() and not is_tracing():
+            step = max(1, self.cpu_inference_tokens // tokens.shape[1])
+            if tokens.shape[0] > step:
+                slices = [self.run_blocks(chunk, keep) for chunk in tokens.split(step)]
+                return {i: torch.cat([out[i] for out in slices]) for i in keep}
         outputs = {}
         for i, blk in enumerate(self.blocks[: keep[-1] + 1]):
             tokens = blk(tokens)

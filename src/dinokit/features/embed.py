@@ -1,0 +1,291 @@
+"""`dinokit embed`: features of a folder (or list) of images, written to disk in resumable shards.
+
+The images are split into fixed shards of `shard_size` consecutive files (sorted folder order, or
+the list's order). Each shard is written atomically once all its images are done, so a killed job
+restarts where it stopped: shards on disk are skipped, the others computed. Under
+`torchrun --nproc_per_node N` (or several nodes sharing the output folder), shard i goes to process
+i mod N; every process writes its own shards and process 0 writes the one manifest at the end.
+The file layout is described in `dinokit.features.store`.
+"""
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from dinokit.data.images import list_images
+from dinokit.data.transforms import check_image_size, describe, eval_transform
+from dinokit.errors import DinokitError
+from dinokit.features.extract import FEATURE_KINDS, iter_features
+from dinokit.features.store import (
+    MANIFEST,
+    SHARD_FORMATS,
+    STORE_DTYPES,
+    read_shard_index,
+    shard_path,
+    write_shard,
+)
+from dinokit.io import write_json
+from dinokit.models import load_model
+from dinokit.runtime import resolve_device
+
+CONFIG = "embed_config.json"
+
+
+def embed(
+    model: str,
+    data: str,
+    out: str,
+    image_size: int | list[int] = 224,
+    resize_policy: str = "center_crop",
+    features: list[str] = ("cls",),
+    layers: list[int] = (),
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "bf16",
+    dtype: str = "float32",
+    format: str = "safetensors",
+    shard_size: int | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """Embed every image of a folder / list file into shards under `out` (resumable; torchrun-ready).
+
+    model: any weights file, folder or released name. data: a folder (recursive), a text file of
+    paths, or one image. image_size: 224, or [height, width]; multiples of the patch size.
+    resize_policy: center_crop (keep aspect, cover size*256/224, crop; the official transform) or
+    resize (to exactly image_size). features: any of cls, patch_mean, registers, patch_tokens
+    (the full grid), layers (CLS of the blocks listed in `layers`). precision: bf16 (autocast, fast)
+    or fp32. dtype: float32, float16 or bfloat16 (safetensors only) on disk. format: safetensors or
+    numpy (.npz). shard_size: images per shard (default: up to 4096, fewer so that a shard stays
+    near 512 MB, e.g. with patch_tokens). Unreadable images are skipped and listed in the manifest. Returns a summary
+    (on process 0; None on the others).
+    """
+    started = time.perf_counter()
+    features, layers = list(features), list(layers)
+    check_choices(features, layers, format, dtype, resize_policy)
+    rank, world, local_rank = torchrun_context()
+    torch_device = resolve_device(device)
+    if torch_device.type == "cuda" and world > 1:
+        torch_device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(torch_device)
+    joined = join_process_group(world)
+
+    net = load_model(model, device=torch_device)
+    if "registers" in features and not net.num_register_tokens:
+        raise DinokitError(f"{model} has no register tokens; drop 'registers' from features")
+    size = check_image_size(image_size, net.patch_size)
+    transform = eval_transform(size, resize_policy)
+    paths = [str(p.absolute()) for p in list_images(data)]
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shapes = feature_shapes(net, size, features, layers)
+    settings = {
+        "model": str(Path(model).absolute()) if Path(model).exists() else model,
+        "architecture": net.config.to_dict(),
+        "data": str(Path(data).absolute()),
+        "num_images": len(paths),
+        "paths_sha1": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
+        "image_size": list(size),
+        "patch_grid": [size[0] // net.patch_size, size[1] // net.patch_size],
+        "resize_policy": resize_policy,
+        "transform": describe(transform),
+        "features": features,
+        "layers": layers,
+        "feature_shapes": shapes,
+        "precision": precision,
+        "dtype": dtype,
+        "format": format,
+        "shard_size": shard_size or auto_shard_size(shapes, dtype),
+    }
+    check_or_write_config(out_dir, settings, rank)
+
+    step = settings["shard_size"]
+    shards = [paths[i : i + step] for i in range(0, len(paths), step)]
+    mine = [i for i in range(len(shards)) if i % world == rank]
+    todo = [i for i in mine if not shard_path(out_dir, i, format).exists()]
+    run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_workers, progress and rank == 0)
+
+    computed = sum(gather(len(todo), world))
+    summary = None
+    if rank == 0:
+        manifest = write_manifest(out_dir, settings, len(shards))
+        summary = {
+            "out": str(out_dir),
+            "images": len(paths),
+            "embedded": manifest["num_embedded"],
+            "bad_files": len(manifest["bad_files"]),
+            "shards": len(shards),
+            "computed_shards": computed,
+            "resumed_shards": len(shards) - computed,
+            "processes": world,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+    barrier()
+    if joined:
+        dist.destroy_process_group()
+    return summary
+
+
+def check_choices(features: list[str], layers: list[int], format: str, dtype: str, resize_policy: str) -> None:
+    if not features or set(features) - set(FEATURE_KINDS):
+        raise DinokitError(f"features must be a list of {', '.join(FEATURE_KINDS)}; got {features}")
+    if "layers" in features and not layers:
+        raise DinokitError("features 'layers' needs the block indices, e.g. layers=[8,9,10,11]")
+    if format not in SHARD_FORMATS:
+        raise DinokitError(f"format must be one of {', '.join(SHARD_FORMATS)}, got {format!r}")
+    if dtype not in STORE_DTYPES:
+        raise DinokitError(f"dtype must be one of {', '.join(STORE_DTYPES)}, got {dtype!r}")
+    if format == "numpy" and dtype == "bfloat16":
+        raise DinokitError("numpy has no bfloat16: use dtype=float16 or float32, or format=safetensors")
+    if resize_policy not in ("center_crop", "resize"):
+        raise DinokitError(
+            f"resize_policy for embed must be center_crop or resize (one shape per batch), got {resize_policy!r}"
+        )
+
+
+def feature_shapes(net, size: tuple[int, int], features: list[str], layers: list[int]) -> dict[str, list[int]]:
+    """Per-image shape of each feature kind."""
+    d, r, p = net.embed_dim, net.num_register_tokens, net.patch_size
+    shapes = {
+        "cls": [d],
+        "patch_mean": [d],
+        "registers": [r, d],
+        "patch_tokens": [size[0] // p, size[1] // p, d],
+        "layers": [len(layers), d],
+    }
+    return {k: shapes[k] for k in features}
+
+
+def auto_shard_size(shapes: dict[str, list[int]], dtype: str, target_bytes: int = 512 * 2**20) -> int:
+    """Images per shard: 4096, or fewer so that one shard (held in memory until written) stays near
+    `target_bytes`."""
+    per_image = sum(math.prod(shape) for shape in shapes.values()) * STORE_DTYPES[dtype].itemsize
+    return max(1, min(4096, target_bytes // max(per_image, 1)))
+
+
+def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
+    """A fresh folder gets the settings; a resumed one must have been started with the same ones."""
+    path = out_dir / CONFIG
+    if rank == 0 and not path.exists():
+        write_json(path, settings)
+    barrier()
+    previous = json.loads(path.read_text())
+    changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+    if changed:
+        raise DinokitError(
+            f"{out_dir} holds embeddings made with other settings ({', '.join(changed)} differ; "
+            f"see {path}). Use a new out= folder, or the same settings to resume."
+        )
+
+
+def run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_workers, progress) -> None:
+    """Embed the shards listed in `todo` with one DataLoader, writing each shard as soon as it is full."""
+    shapes = {k: settings["feature_shapes"][k] for k in settings["features"]}
+    if not todo:
+        return
+    queue = [p for i in todo for p in shards[i]]
+    bar = tqdm(total=len(queue), desc="embed", unit="img", disable=not progress)
+    current, start = 0, 0  # shard being filled (position in todo), its first index in `queue`
+    pending: dict[str, list[torch.Tensor]] = {}
+    kept: list[int] = []
+    bad: list[int] = []
+    batches = iter_features(
+        net,
+        queue,
+        transform,
+        which=settings["features"],
+        layers=settings["layers"],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=settings["precision"],
+        progress=False,
+    )
+    for good, feats, bad_batch in batches:
+        if "patch_tokens" in feats:
+            feats["patch_tokens"] = feats["patch_tokens"].unflatten(1, settings["patch_grid"])
+        bar.update(len(good) + len(bad_batch))
+        kept += good.tolist()
+        bad += bad_batch
+        for k, v in feats.items():
+            pending.setdefault(k, []).append(v)
+        # `kept` and `bad` hold the indices seen since the current shard began; a batch may run past
+        # the shard's end, so the features are split there
+        while current < len(todo) and len(kept) + len(bad) >= len(shards[todo[current]]):
+            end = start + len(shards[todo[current]])
+            n_in = sum(1 for i in kept if i < end)
+            stacked = {k: torch.cat(pending.get(k, [torch.zeros(0, *shape)])) for k, shape in shapes.items()}
+            shard_feats = {k: v[:n_in] for k, v in stacked.items()}
+            pending = {k: [v[n_in:]] for k, v in stacked.items()}
+            write_shard(
+                shard_path(out_dir, todo[current], settings["format"]),
+                shard_feats,
+                [queue[i] for i in kept if i < end],
+                [queue[i] for i in bad if i < end],
+                settings["dtype"],
+            )
+            kept = [i for i in kept if i >= end]
+            bad = [i for i in bad if i >= end]
+            current, start = current + 1, end
+    bar.close()
+
+
+def write_manifest(out_dir: Path, settings: dict, num_shards: int) -> dict:
+    """One manifest for the whole run, from the shards on disk (written by every process)."""
+    entries, bad_files, embedded = [], [], 0
+    for i in range(num_shards):
+        path = shard_path(out_dir, i, settings["format"])
+        if not path.exists():
+            raise DinokitError(f"{path} is missing: a process did not finish; run the same command again")
+        shard_paths, shard_bad = read_shard_index(path)
+        entries.append({"file": path.name, "count": len(shard_paths), "bad": len(shard_bad)})
+        bad_files += shard_bad
+        embedded += len(shard_paths)
+    manifest = {
+        **settings,
+        "num_embedded": embedded,
+        "bad_files": bad_files,
+        "shards": entries,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    for stale in out_dir.glob(".shard_*.tmp*"):  # left by a killed process; every process is done now
+        stale.unlink()
+    return manifest
+
+
+# ------------------------------------------------------------------------------ torchrun processes
+def torchrun_context() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) in a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def join_process_group(world: int) -> bool:
+    """Join torchrun's group unless one is running already; True if this call created it (gloo:
+    embedding only needs barriers and a gather of counts, never moves tensors between processes).
+    The timeout is long because processes wait for each other only at the very end."""
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        return True
+    return False
+
+
+def gather(value, world: int) -> list:
+    """[value of process 0, of process 1, ...] (waits for every process)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,96 @@
+"""Embeddings on disk: shard files and the manifest that `dinokit embed` writes, and reading them back.
+
+A run folder holds
+  manifest.json             model, resolution, transform, features and shapes, dtype, shards, bad files
+  embed_config.json         the settings (checked when a run resumes)
+  shard_00000.safetensors   (or .npz) one shard: a tensor per feature kind, its image paths, its bad files
+  ...
+Every shard is one file, written atomically: it either holds all its images or does not exist.
+Tensors in a shard (n = images of the shard):
+  cls (n, D), patch_mean (n, D), registers (n, R, D), patch_tokens (n, H/p, W/p, D), layers (n, L, D).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dinokit.errors import DinokitError
+from dinokit.io import atomic_write
+
+SHARD_FORMATS = {"safetensors": ".safetensors", "numpy": ".npz"}
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MANIFEST = "manifest.json"
+
+
+def shard_path(folder: Path, index: int, format: str) -> Path:
+    return folder / f"shard_{index:05d}{SHARD_FORMATS[format]}"
+
+
+def write_shard(path: Path, features: dict[str, torch.Tensor], paths: list[str], bad: list[str], dtype: str) -> None:
+    """Atomically write one shard: the features (cast to `dtype`), the image paths they belong to (in
+    order) and the files of this shard that could not be read."""
+    tensors = {k: v.to(STORE_DTYPES[dtype]).contiguous() for k, v in features.items()}
+    if path.suffix == ".npz":
+        arrays = {k: v.numpy() for k, v in tensors.items()}
+        arrays.update(paths=np.array(paths, dtype=str), bad=np.array(bad, dtype=str))
+
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+                np.savez(f, **arrays)
+
+        atomic_write(path, write)
+    else:
+        metadata = {"paths": json.dumps(paths), "bad": json.dumps(bad)}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_shard_index(path: Path) -> tuple[list[str], list[str]]:
+    """(image paths, bad files) of a shard, without reading its tensors."""
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return z["paths"].tolist(), z["bad"].tolist()
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    return json.loads(meta["paths"]), json.loads(meta["bad"])
+
+
+def read_shard(path: Path, kinds: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """({kind: tensor}, image paths) of one shard; `kinds` None reads every feature kind."""
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            names = [k for k in z.files if k not in ("paths", "bad")]
+            feats = {k: torch.from_numpy(z[k]) for k in names if kinds is None or k in kinds}
+            return feats, z["paths"].tolist()
+    with safe_open(str(path), framework="pt") as f:
+        feats = {k: f.get_tensor(k) for k in f.keys() if kinds is None or k in kinds}  # noqa: SIM118
+        return feats, json.loads(f.metadata()["paths"])
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of an embedding run folder (a clear error if the run is missing or unfinished)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        hint = " (the run has not finished: run the same `dinokit embed` again to resume)"
+        raise DinokitError(f"{path} not found: not a finished `dinokit embed` folder{hint}")
+    return json.loads(path.read_text())
+
+
+def read_embeddings(folder: str | Path, kinds: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """All shards of a finished run, concatenated in image order: ({kind: tensor (N, ...)}, paths)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    missing = sorted(set(kinds or []) - set(manifest["features"]))
+    if missing:
+        raise DinokitError(f"{folder} has no {missing} features (it has {', '.join(manifest['features'])})")
+    chunks: dict[str, list[torch.Tensor]] = {}
+    paths: list[str] = []
+    for shard in manifest["shards"]:
+        feats, shard_paths = read_shard(folder / shard["file"], kinds)
+        paths += shard_paths
+        for k, v in feats.items():
+            chunks.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in chunks.items()}, paths

@@ -1,0 +1,1 @@
+"""What patch features show: attention, PCA colours, patch similarity, reference-mask segmentation (PNG and arrays)."""

@@ -1,0 +1,245 @@
+"""The picture commands: `dinokit visualize attention | pca | similarity` and `dinokit segment`.
+
+Each loads a model, reads the images whole (resize_policy 'aspect': short side = image_size, long
+side the nearest multiple of the patch size; or 'resize' to exactly image_size), computes the arrays
+with the functions of this folder, and writes PNGs. Maps from a randomly initialised model mean
+nothing: pass released weights (the default, `dinov2_vits14`, is downloaded once) or your checkpoint.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dinokit.data.images import list_images, open_rgb
+from dinokit.data.transforms import eval_transform
+from dinokit.errors import DinokitError
+from dinokit.io import write_json
+from dinokit.maps.attention import attention_maps
+from dinokit.maps.pca import patch_features, pca_rgb
+from dinokit.maps.render import (
+    colorize,
+    mask_overlay,
+    overlay,
+    panel_figure,
+    save_figure,
+    save_png,
+    upsample,
+)
+from dinokit.maps.segment import segment_features
+from dinokit.maps.similarity import patch_similarity, pixel_to_patch
+from dinokit.models import VisionTransformer, load_model
+from dinokit.runtime import resolve_device
+
+
+def model_input(model: VisionTransformer, image, image_size: int, resize_policy: str = "aspect") -> torch.Tensor:
+    """(3, H, W) input for `model` from a path or PIL image, the whole image (no crop)."""
+    if resize_policy not in ("aspect", "resize"):
+        raise DinokitError(f"maps use the whole image: resize_policy must be aspect or resize, got {resize_policy!r}")
+    if image_size % model.patch_size:
+        raise DinokitError(f"image_size {image_size} is not a multiple of the patch size {model.patch_size}")
+    picture = open_rgb(image) if isinstance(image, (str, Path)) else image
+    device = next(model.parameters()).device
+    return eval_transform(image_size, resize_policy, patch_size=model.patch_size)(picture).to(device)
+
+
+def load(model: str, device: str) -> VisionTransformer:
+    return load_model(model, device=resolve_device(device))
+
+
+def label(model: str) -> str:
+    """How a picture names its model: the file name of a path, or the released name."""
+    return Path(model).name if Path(model).exists() else model
+
+
+def heat_overlay(rgb: np.ndarray, patch_map: np.ndarray, mode: str = "bilinear") -> np.ndarray:
+    """A patch map upsampled to the photo, coloured and blended over it."""
+    return overlay(rgb, colorize(upsample(patch_map, rgb.shape[:2], mode)), alpha=0.6)
+
+
+def visualize_attention(
+    image: str,
+    out: str,
+    model: str = "dinov2_vits14",
+    image_size: int = 448,
+    resize_policy: str = "aspect",
+    mass: float = 0.6,
+    device: str = "auto",
+) -> dict:
+    """CLS attention of the last block as PNG: per head, mean, DINO's mass maps, registers apart.
+
+    The maps are overlaid on the photo; the thresholded maps show the patches holding `mass` of each
+    head's attention; for register models each register's share of the CLS attention and its own
+    map are shown separately (registers are left out of the maps).
+
+    Writes the PNG `out`; returns the attention shares.
+    """
+    net = load(model, device)
+    x = model_input(net, image, image_size, resize_policy)
+    maps = attention_maps(net, x, mass=mass)
+    rgb = np.asarray(open_rgb(image))
+    panels = [("image", rgb), ("mean over heads", heat_overlay(rgb, maps["mean"]))]
+    panels += [(f"head {i}", heat_overlay(rgb, m)) for i, m in enumerate(maps["per_head"])]
+    masks = maps["mass_masks"]
+    panels += [
+        (f"head {i}: {mass:.0%} of mass", mask_overlay(rgb, upsample(m, rgb.shape[:2], "nearest") > 0.5))
+        for i, m in enumerate(masks)
+    ]
+    to_registers = maps["cls_to_registers"].mean(0)
+    panels += [
+        (f"register {r} (CLS gives it {share:.1%})", heat_overlay(rgb, m))
+        for r, (share, m) in enumerate(zip(to_registers, maps["registers_to_patches"], strict=True))
+    ]
+    title = f"{label(model)} at {tuple(x.shape[-2:])}: CLS attention to patches, registers excluded"
+    save_figure(out, panel_figure(panels, columns=max(4, len(maps["per_head"])), title=title))
+    return {
+        "out": out,
+        "grid": list(maps["mean"].shape),
+        "cls_to_patches": float(maps["per_head"].sum(axis=(1, 2)).mean()),
+        "cls_to_cls": float(maps["cls_to_cls"].mean()),
+        "cls_to_registers": [float(v) for v in to_registers],
+    }
+
+
+def visualize_pca(
+    image: str,
+    out: str,
+    model: str = "dinov2_vits14",
+    image_size: int = 448,
+    resize_policy: str = "aspect",
+    foreground_threshold: float | None = None,
+    device: str = "auto",
+) -> dict:
+    """Patch features as colours (PNG): 3 principal components as RGB, one PCA for all images.
+
+    image: an image, a folder or a list file; one PCA for all of them, so matching parts share
+    colours. With
+    foreground_threshold (e.g. 0.5) the background (first component below it) is masked black and
+    the colours come from the foreground alone, as in the DINOv2 paper.
+
+    Writes the PNG `out` (each image, its PCA colours, and its foreground mask); returns the
+    explained variance ratios.
+    """
+    net = load(model, device)
+    paths = list_images(image)
+    feats = patch_features(net, [model_input(net, p, image_size, resize_policy) for p in paths])
+    result = pca_rgb(feats, foreground_threshold)
+    panels = []
+    for path, colours, fg in zip(paths, result["rgb"], result["foreground"], strict=True):
+        rgb = np.asarray(open_rgb(path))
+        panels += [
+            (path.name, rgb),
+            (
+                "PCA (nearest)",
+                to_uint8(upsample(colours.transpose(2, 0, 1), rgb.shape[:2], "nearest").transpose(1, 2, 0)),
+            ),
+        ]
+        if foreground_threshold is not None:
+            panels.append(
+                (
+                    f"foreground > {foreground_threshold}",
+                    mask_overlay(rgb, upsample(fg.astype(np.float32), rgb.shape[:2], "nearest") > 0.5),
+                )
+            )
+    columns = 3 if foreground_threshold is not None else 2
+    save_figure(out, panel_figure(panels, columns=columns, title=f"{label(model)}: joint PCA of patch features"))
+    return {
+        "out": out,
+        "images": len(paths),
+        "explained_variance_ratio": [float(v) for v in result["explained_variance_ratio"]],
+        "foreground_fraction": [float(f.mean()) for f in result["foreground"]],
+    }
+
+
+def visualize_similarity(
+    image: str,
+    x: int,
+    y: int,
+    out: str,
+    target: str | None = None,
+    model: str = "dinov2_vits14",
+    image_size: int = 448,
+    resize_policy: str = "aspect",
+    device: str = "auto",
+) -> dict:
+    """Cosine similarity of the patch under a pixel to every patch of an image, as a PNG heat map.
+
+    x = column, y = row of the pixel in `image`; target: the image compared (default: the same).
+
+    Writes the PNG `out`; returns the chosen patch and the best-matching target patch.
+    """
+    net = load(model, device)
+    source_rgb = np.asarray(open_rgb(image))
+    source = patch_features(net, [model_input(net, image, image_size, resize_policy)])[0]
+    try:
+        patch = pixel_to_patch(x, y, source_rgb.shape[:2], source.shape[:2])
+    except ValueError as e:
+        raise DinokitError(str(e)) from None
+    if target is None:
+        target_rgb, target_feats = source_rgb, source
+    else:
+        target_rgb = np.asarray(open_rgb(target))
+        target_feats = patch_features(net, [model_input(net, target, image_size, resize_policy)])[0]
+    cos = patch_similarity(source, patch, target_feats)
+    marked = source_rgb.copy()
+    r = max(2, min(source_rgb.shape[:2]) // 60)
+    marked[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1] = (255, 0, 0)
+    panels = [("chosen pixel", marked), ("cosine similarity", heat_overlay(target_rgb, cos)), ("raw map", cos)]
+    save_figure(out, panel_figure(panels, columns=3, title=f"{label(model)}: similarity of patch {patch}"))
+    best = np.unravel_index(int(np.argmax(cos)), cos.shape)
+    return {"out": out, "patch": list(patch), "best_match": [int(best[0]), int(best[1])], "max": float(cos.max())}
+
+
+def segment(
+    reference: list[str],
+    reference_mask: list[str],
+    target: str,
+    out: str = "out/segment",
+    model: str = "dinov2_vits14",
+    image_size: int = 448,
+    resize_policy: str = "aspect",
+    threshold: float | str = "otsu",
+    device: str = "auto",
+) -> dict:
+    """Zero-shot segmentation: find in each target image what the reference masks mark.
+
+    reference / reference_mask: one image and its mask (nonzero pixels = object), or lists of them
+    (their similarity maps are averaged). target: an image, a folder or a list file. threshold: a
+    cosine value, or otsu (automatic, per target). Writes <out>/<name>_mask.png (0/255),
+    <out>/<name>_overlay.png and <out>/segment.json; returns the thresholds and mask fractions.
+    """
+    references = [reference] if isinstance(reference, str) else list(reference)
+    masks = [reference_mask] if isinstance(reference_mask, str) else list(reference_mask)
+    if len(references) != len(masks):
+        raise DinokitError(f"{len(references)} reference images but {len(masks)} reference masks: give one mask each")
+    net = load(model, device)
+    refs = []
+    for ref, mask_path in zip(references, masks, strict=True):
+        feats = patch_features(net, [model_input(net, ref, image_size, resize_policy)])[0]
+        refs.append((feats, read_mask(mask_path, open_rgb(ref).size)))
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in list_images(target):
+        rgb = np.asarray(open_rgb(path))
+        feats = patch_features(net, [model_input(net, path, image_size, resize_policy)])[0]
+        seg = segment_features(refs, feats, rgb.shape[:2], threshold)
+        save_png(out_dir / f"{path.stem}_mask.png", seg["mask"].astype(np.uint8) * 255)
+        save_png(out_dir / f"{path.stem}_overlay.png", mask_overlay(rgb, seg["mask"]))
+        results.append({"target": str(path), "threshold": seg["threshold"], "foreground": float(seg["mask"].mean())})
+    write_json(out_dir / "segment.json", {"model": model, "references": references, "results": results})
+    return {"out": str(out_dir), "results": results}
+
+
+def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """A bool mask (H, W) from an image file (nonzero = object), resized (nearest) to `size` (W, H)."""
+    with Image.open(path) as im:
+        mask = im.convert("L") if im.mode not in ("L", "1", "I", "I;16", "P") else im.copy()
+    if mask.size != tuple(size):
+        mask = mask.resize(tuple(size), Image.Resampling.NEAREST)
+    return np.asarray(mask) > 0
+
+
+def to_uint8(values: np.ndarray) -> np.ndarray:
+    return (np.clip(values, 0, 1) * 255).round().astype(np.uint8)

@@ -1,0 +1,123 @@
+"""Turning patch maps into pictures: upsampling, colour maps, overlays, grids and PNG files.
+
+Maps are numpy arrays (h, w) on the patch grid; images are uint8 RGB arrays (H, W, 3). Every PNG is
+written atomically.
+"""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageOps
+
+from dinokit.io import atomic_write
+
+
+def upsample(patch_map: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
+    """(h, w) or (C, h, w) patch map -> same at image size (H, W). 'bilinear' (smooth, values between
+    patch centres interpolated) or 'nearest' (one flat block per patch, DINO's attention figures)."""
+    t = torch.as_tensor(np.asarray(patch_map, dtype=np.float32))
+    squeeze = t.ndim == 2
+    t = t[None, None] if squeeze else t[None]
+    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    out = F.interpolate(t, size=tuple(size), mode=mode, **kwargs)[0]
+    return (out[0] if squeeze else out).numpy()
+
+
+def normalise_01(values: np.ndarray) -> np.ndarray:
+    """Min-max scale to [0, 1] (a constant array becomes zeros)."""
+    values = np.asarray(values, dtype=np.float32)
+    span = float(values.max() - values.min())
+    return (values - values.min()) / span if span > 0 else np.zeros_like(values)
+
+
+def colorize(values: np.ndarray, cmap: str = "inferno", vmin: float | None = None, vmax: float | None = None):
+    """(H, W) values -> (H, W, 3) uint8 through a matplotlib colour map (range: vmin..vmax or min..max)."""
+    values = np.asarray(values, dtype=np.float32)
+    lo = values.min() if vmin is None else vmin
+    hi = values.max() if vmax is None else vmax
+    scaled = np.clip((values - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros_like(values)
+    return (colormaps[cmap](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+def overlay(image: np.ndarray, heat_rgb: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend an (H, W, 3) uint8 colour map over an (H, W, 3) uint8 image."""
+    mixed = (1 - alpha) * image.astype(np.float32) + alpha * heat_rgb.astype(np.float32)
+    return mixed.round().clip(0, 255).astype(np.uint8)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, colour=(255, 40, 40), alpha: float = 0.5) -> np.ndarray:
+    """Tint the pixels where the bool (H, W) `mask` is set."""
+    out = image.astype(np.float32).copy()
+    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(colour, dtype=np.float32)
+    return out.round().astype(np.uint8)
+
+
+def save_png(path: str | Path, array: np.ndarray) -> str:
+    """Write a uint8 (H, W) or (H, W, 3) array as PNG (atomically); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(np.asarray(array))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return str(path)
+
+
+def save_figure(path: str | Path, fig: Figure) -> str:
+    """Save a matplotlib figure as PNG (atomically); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+    return str(path)
+
+
+def panel_figure(panels: list[tuple[str, np.ndarray]], columns: int, title: str = "", size: float = 2.6) -> Figure:
+    """A grid of titled images (uint8 RGB or 2-D arrays shown with a colour map); no pyplot state."""
+    rows = -(-len(panels) // columns)
+    aspect = min(2.0, max(0.3, np.asarray(panels[0][1]).shape[0] / np.asarray(panels[0][1]).shape[1]))
+    fig = Figure(figsize=(size * columns, (size * aspect + 0.3) * rows + (0.4 if title else 0)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax, (name, picture) in zip(axes, panels, strict=False):
+        ax.imshow(picture, cmap="inferno" if np.asarray(picture).ndim == 2 else None)
+        ax.set_title(name, fontsize=8)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def thumbnail(path: str | Path, size: int) -> Image.Image:
+    """A `size` x `size` letterboxed thumbnail of an image file (grey if it cannot be read)."""
+    from dinokit.data.images import open_rgb
+
+    canvas = Image.new("RGB", (size, size), (128, 128, 128))
+    try:
+        image = open_rgb(path)
+    except Exception:  # a moved or damaged file still gets its cell, marked grey
+        return canvas
+    image = ImageOps.contain(image, (size, size), Image.Resampling.BICUBIC)  # enlarges small images too
+    canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    return canvas
+
+
+def contact_sheet(rows: list[tuple[str, list[tuple[str, float]]]], path: str | Path, thumb: int = 128) -> str:
+    """One row per query: the query image, then its hits with their scores. rows: [(query path,
+    [(hit path, score), ...]), ...]. Writes a PNG; returns its path."""
+    columns = 1 + max((len(hits) for _, hits in rows), default=0)
+    caption = 14
+    sheet = Image.new("RGB", (columns * (thumb + 4), len(rows) * (thumb + caption + 4)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for r, (query, hits) in enumerate(rows):
+        y = r * (thumb + caption + 4)
+        cells = [(query, "query")] + [(p, f"{i + 1}: {s:.3f}") for i, (p, s) in enumerate(hits)]
+        for c, (cell_path, label) in enumerate(cells):
+            x = c * (thumb + 4)
+            sheet.paste(thumbnail(cell_path, thumb), (x, y))
+            draw.text((x + 2, y + thumb + 1), label, fill=(200, 0, 0) if c == 0 else (0, 0, 0))
+    return save_png(path, np.asarray(sheet))

@@ -1,0 +1,148 @@
+"""ONNX and TorchScript export: one graph for every batch size and every image size.
+
+The graph maps images (B, 3, H, W), H and W multiples of the patch size, to the normed CLS token
+(B, D) and the normed patch tokens (B, H/p * W/p, D), the `x_norm_clstoken` / `x_norm_patchtokens` of
+`forward_features`. The position grid is resampled inside the graph (see
+`layers/position_interpolation.py`), so sizes other than the example one give the eager model's
+numbers. Every export is checked before it is moved into place: the file is run (onnxruntime, or
+the TorchScript loader) on a batch and size other than the exported ones and compared with PyTorch.
+"""
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dinokit.errors import DinokitError
+from dinokit.io import atomic_write
+from dinokit.models.vision_transformer import VisionTransformer
+
+GRAPH_FORMATS = ("onnx", "torchscript")
+ONNX_OPSET = 18
+MAX_ABS_DIFF = 1e-4  # fp32 tolerance of the check
+LARGE_MODEL_BYTES = 1_800_000_000  # above this the ONNX weights go to a `.data` file (protobuf's 2 GB limit)
+
+
+class NormedTokens(nn.Module):
+    """images (B, 3, H, W) -> (cls (B, D), patch_tokens (B, N, D)), both after the final LayerNorm."""
+
+    def __init__(self, model: VisionTransformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.forward_features(images)
+        return out["x_norm_clstoken"], out["x_norm_patchtokens"]
+
+
+def example_inputs(model: VisionTransformer, image_size: int | None, batch: int = 2) -> torch.Tensor:
+    """A (batch, 3, S, S) input, S = image_size (default: the model's native size)."""
+    size = image_size or model.config.img_size
+    if size % model.patch_size:
+        raise DinokitError(f"image_size={size} is not a multiple of the patch size {model.patch_size}")
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def check_inputs(model: VisionTransformer, exported: torch.Tensor) -> torch.Tensor:
+    """A batch of 3 at a non-square size other than the exported one (one and two patches larger)."""
+    p = model.patch_size
+    h, w = exported.shape[-2] + p, exported.shape[-1] + 2 * p
+    return torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(1))
+
+
+def export_graph(model: VisionTransformer, path: str | Path, format: str, image_size: int | None = None) -> dict:
+    """Export to ONNX (`format='onnx'`) or TorchScript (`'torchscript'`), checked against PyTorch.
+
+    Returns {path, format, exported_size, checked_size, checked_batch, max_abs_diff_cls,
+    max_abs_diff_patch_tokens}. Raises DinokitError (and writes nothing) if the check exceeds 1e-4.
+    """
+    if format not in GRAPH_FORMATS:
+        raise DinokitError(f"unknown graph format {format!r}; choose one of {', '.join(GRAPH_FORMATS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = NormedTokens(model.to("cpu", torch.float32).eval()).eval()
+    example = example_inputs(model, image_size)
+    check = check_inputs(model, example)
+    with torch.no_grad():
+        expected = wrapper(check)
+    report = {}
+
+    def write(tmp: str) -> None:
+        if format == "onnx":
+            save_onnx(wrapper, example, tmp, external_data_name=f"{path.name}.data")
+            got = run_onnx(tmp, check)
+        else:
+            save_torchscript(wrapper, example, tmp)
+            got = run_torchscript(tmp, check)
+        diffs = [float((g - e).abs().max()) for g, e in zip(got, expected, strict=True)]
+        report.update(max_abs_diff_cls=diffs[0], max_abs_diff_patch_tokens=diffs[1])
+        if max(diffs) > MAX_ABS_DIFF:
+            raise DinokitError(
+                f"the exported {format} graph differs from PyTorch by {max(diffs):.2e} (> {MAX_ABS_DIFF}) at "
+                f"{tuple(check.shape)}; nothing was written. Please report this with the model you exported."
+            )
+
+    atomic_write(path, write)
+    return {
+        "path": str(path),
+        "format": format,
+        "exported_size": list(example.shape[-2:]),
+        "checked_size": list(check.shape[-2:]),
+        "checked_batch": check.shape[0],
+        **report,
+    }
+
+
+def save_onnx(wrapper: NormedTokens, example: torch.Tensor, path: str, external_data_name: str) -> None:
+    """torch.export-based ONNX export with dynamic batch, height and width (multiples of the patch)."""
+    try:
+        import onnxscript  # noqa: F401  (the exporter needs it)
+        from onnxscript import ir
+    except ImportError:
+        raise DinokitError("ONNX export needs onnx and onnxscript: pip install 'dinokit[export]'") from None
+    from torch.export import Dim
+
+    p = wrapper.model.patch_size
+    dynamic = {"images": {0: Dim("batch"), 2: p * Dim("patch_rows"), 3: p * Dim("patch_cols")}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's chatter; the result is checked numerically instead
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            input_names=["images"],
+            output_names=["cls", "patch_tokens"],
+            dynamic_shapes=dynamic,
+            opset_version=ONNX_OPSET,
+            verbose=False,
+        )
+    large = sum(t.numel() * t.element_size() for t in wrapper.parameters()) > LARGE_MODEL_BYTES
+    ir.save(program.model, path, external_data=external_data_name if large else None)
+
+
+def run_onnx(path: str, images: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of an exported ONNX file for `images`, through onnxruntime on the CPU."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DinokitError("checking an ONNX export needs onnxruntime: pip install 'dinokit[export]'") from None
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in session.run(None, {"images": images.numpy()})]
+
+
+def save_torchscript(wrapper: NormedTokens, example: torch.Tensor, path: str) -> None:
+    """torch.jit.trace; sizes are read from the input at run time, so any batch and size work."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings on shape checks and the deprecation notice
+        traced = torch.jit.trace(wrapper, example, check_trace=False)
+        torch.jit.save(traced, path)
+
+
+def run_torchscript(path: str, images: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of a saved TorchScript file for `images`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(path, map_location="cpu")
+    with torch.no_grad():
+        return list(module(images))

@@ -1,0 +1,1 @@
+"""Image retrieval: a faiss index over `dinokit embed` output, searched with query images."""

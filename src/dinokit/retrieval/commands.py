@@ -1,0 +1,169 @@
+"""`dinokit index build` and `dinokit index search`: image retrieval over `dinokit embed` output."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dinokit.data.images import list_images
+from dinokit.data.transforms import eval_transform
+from dinokit.errors import DinokitError
+from dinokit.features.extract import extract_features
+from dinokit.features.store import read_embeddings, read_manifest
+from dinokit.io import write_json
+from dinokit.maps.render import contact_sheet
+from dinokit.models import load_model
+from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex
+from dinokit.runtime import resolve_device
+
+VECTOR_FEATURES = ("cls", "patch_mean")
+
+
+def build_index(
+    features: str,
+    out: str,
+    feature: str = "cls",
+    kind: str = "flat",
+    add: bool = False,
+    nlist: int | None = None,
+    pq_m: int = 16,
+    pq_bits: int = 8,
+    hnsw_m: int = 32,
+) -> dict:
+    """Build a faiss index over a `dinokit embed` folder (cosine similarity), or add to one.
+
+    features: the embed output folder. out: the index folder. feature: cls or patch_mean (must be in
+    the embedding). kind: flat (exact, default), ivf, hnsw, pq or ivfpq (see dinokit.retrieval.index;
+    nlist defaults to 4 sqrt(N)). add: add the images of `features` to the existing index `out`
+    (images already indexed are skipped); the embedding settings must match.
+    """
+    if feature not in VECTOR_FEATURES:
+        raise DinokitError(
+            f"feature must be one of {', '.join(VECTOR_FEATURES)} (one vector per image), got {feature!r}"
+        )
+    manifest = read_manifest(features)
+    vectors, paths = read_embeddings(features, [feature])
+    embedding = {k: manifest[k] for k in EMBEDDING_KEYS}
+    exists = (Path(out) / INDEX_META).exists()
+    if exists and not add:
+        raise DinokitError(f"{out} already holds an index; pass add=true to add to it, or choose a new out=")
+    if add and exists:
+        index = FeatureIndex.load(out)
+        changed = [k for k in EMBEDDING_KEYS if index.meta["embedding"][k] != embedding[k]]
+        if changed or index.meta["feature"] != feature:
+            raise DinokitError(
+                f"{features} was embedded differently from the index {out} ({', '.join(changed) or 'feature'} "
+                "differ); queries could not match both. Build a separate index."
+            )
+        added = index.add(vectors[feature].float().numpy(), paths)
+        index.meta["sources"].append(str(Path(features).absolute()))
+    else:
+        meta = {"feature": feature, "embedding": embedding, "sources": [str(Path(features).absolute())]}
+        index = FeatureIndex.create(
+            vectors[feature].float().numpy(),
+            paths,
+            meta,
+            kind=kind,
+            nlist=nlist,
+            pq_m=pq_m,
+            pq_bits=pq_bits,
+            hnsw_m=hnsw_m,
+        )
+        added = len(paths)
+    index.save(out)
+    return {"index": str(out), "factory": index.meta["factory"], "added": added, "total": len(index.paths)}
+
+
+def search_index(
+    index: str | FeatureIndex,
+    query: str | list[str],
+    k: int = 10,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "auto",
+) -> list[dict]:
+    """[{"query": path, "hits": [{"path": ..., "score": cosine}, ...]}, ...] for every readable query
+    image (an image, a folder, a list file, or a list of paths), embedded with the index's own model,
+    transform and precision. Unreadable queries are reported on stderr and left out."""
+    idx = index if isinstance(index, FeatureIndex) else FeatureIndex.load(index)
+    found = [p for q in ([query] if isinstance(query, str | Path) else query) for p in list_images(q)]
+    queries = [str(p.absolute()) for p in found]
+    vectors, kept = embed_like_index(idx.meta, queries, batch_size, num_workers, device)
+    for i in sorted(set(range(len(queries))) - set(kept)):
+        print(f"dinokit: skipped unreadable query {queries[i]}", file=sys.stderr)
+    scores, ids = idx.search(vectors, k, nprobe=nprobe, ef_search=ef_search)
+    return [
+        {
+            "query": queries[q],
+            "hits": [
+                {"path": idx.paths[j], "score": float(s)} for s, j in zip(scores[row], ids[row], strict=True) if j >= 0
+            ],
+        }
+        for row, q in enumerate(kept)
+    ]
+
+
+def index_search(
+    index: str,
+    query: str,
+    k: int = 10,
+    out: str | None = None,
+    sheet: str | None = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str = "auto",
+) -> None:
+    """Find the k most similar indexed images to each query image; print them as a table.
+
+    index: an index folder (`dinokit index build`). query: an image, a folder or a list file; it is
+    embedded with the index's own model, transform and precision. out: also write the hits as JSON,
+    [{"query": path, "hits": [{"path": ..., "score": ...}, ...]}, ...]. sheet: also write a PNG
+    contact sheet (each query, then its hits with scores). nprobe (ivf) / ef_search (hnsw): search
+    effort (more = closer to exact, slower).
+    """
+    results = search_index(index, query, k, nprobe, ef_search, batch_size, num_workers, device)
+    print(format_table(results))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(out, results)
+        print(f"hits written to {out}")
+    if sheet:
+        contact_sheet([(r["query"], [(h["path"], h["score"]) for h in r["hits"]]) for r in results], sheet)
+        print(f"contact sheet written to {sheet}")
+
+
+def embed_like_index(meta: dict, paths: list[str], batch_size: int, num_workers: int, device: str):
+    """(normalised query vectors (Q, D), indices of the readable queries), embedded exactly as the index."""
+    emb = meta["embedding"]
+    model = load_model(emb["model"], device=resolve_device(device))
+    if model.config.to_dict() != emb["architecture"]:
+        raise DinokitError(
+            f"the model at {emb['model']} is not the one the index was built with (its architecture changed)"
+        )
+    transform = eval_transform(tuple(emb["image_size"]), emb["resize_policy"])
+    feats, kept, _ = extract_features(
+        model,
+        paths,
+        transform,
+        which=(meta["feature"],),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=emb["precision"],
+        progress=False,
+    )
+    if not kept:
+        raise DinokitError("none of the query images could be read")
+    return np.asarray(feats[meta["feature"]].numpy(), dtype=np.float32), kept
+
+
+def format_table(results: list[dict]) -> str:
+    """Hits as text: one block per query, rank / score / path."""
+    lines = []
+    for r in results:
+        lines += [f"query: {r['query']}", f"  {'rank':>4}  {'score':>7}  path"]
+        lines += [f"  {i + 1:>4}  {h['score']:>7.4f}  {h['path']}" for i, h in enumerate(r["hits"])]
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""A faiss index over embedded images, persisted with its file list and the settings that made it.
+
+Vectors are L2-normalised, so inner product = cosine similarity, and scores are cosines (exact
+for `flat`, and for `ivf` when nprobe = nlist). Index kinds (faiss factory strings):
+  flat    exact search, O(N) per query: the default, fine up to a few million vectors
+  ivf     IVF{nlist},Flat: k-means cells, search `nprobe` of them
+  hnsw    HNSW{hnsw_m}: graph search, no training, more memory
+  pq      PQ{pq_m}x{pq_bits}: product-quantised codes (pq_m * pq_bits / 8 bytes per vector)
+  ivfpq   IVF{nlist},PQ{pq_m}x{pq_bits}: both, for hundreds of millions of vectors
+
+An index folder holds index.json (settings, the embedding run's model and transform, and which
+generation of the files below is current), index-<g>.faiss and paths-<g>.txt (one image per line,
+in id order). Adding writes generation g + 1 and switches index.json last (atomically), so an
+interrupted add leaves the previous index intact.
+"""
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from dinokit.errors import DinokitError
+from dinokit.io import atomic_write, write_json
+
+INDEX_KINDS = ("flat", "ivf", "hnsw", "pq", "ivfpq")
+INDEX_META = "index.json"
+# embedding settings that queries must share with the indexed images
+EMBEDDING_KEYS = ("model", "architecture", "image_size", "resize_policy", "transform", "precision")
+
+
+def factory_string(kind: str, dim: int, count: int, nlist: int | None, pq_m: int, pq_bits: int, hnsw_m: int) -> str:
+    """The faiss index_factory string of an index kind (see the module docstring)."""
+    if kind not in INDEX_KINDS:
+        raise DinokitError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
+    nlist = nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))  # faiss wants >= 39 points per cell
+    if kind in ("pq", "ivfpq") and dim % pq_m:
+        raise DinokitError(f"pq_m={pq_m} must divide the feature dimension {dim}")
+    return {
+        "flat": "Flat",
+        "ivf": f"IVF{nlist},Flat",
+        "hnsw": f"HNSW{hnsw_m}",
+        "pq": f"PQ{pq_m}x{pq_bits}",
+        "ivfpq": f"IVF{nlist},PQ{pq_m}x{pq_bits}",
+    }[kind]
+
+
+def normalise(vectors) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as a contiguous float32 array (what faiss takes)."""
+    x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)).copy()
+    faiss.normalize_L2(x)
+    return x
+
+
+@dataclass
+class FeatureIndex:
+    """faiss index + the image path of every id + metadata (kind, feature, embedding settings)."""
+
+    index: faiss.Index
+    paths: list[str]
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, vectors, paths: list[str], meta: dict, kind: str = "flat", **options) -> "FeatureIndex":
+        """Build (and train, for ivf / pq kinds) an index over `vectors` (N, D)."""
+        x = normalise(vectors)
+        spec = factory_string(kind, x.shape[1], len(x), **options)
+        index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            needed = needed_training_points(spec)
+            if len(x) < needed:
+                raise DinokitError(
+                    f"index {spec} needs at least {needed} vectors to train, got {len(x)}; use kind=flat or "
+                    "hnsw for small collections, or a smaller nlist / pq_bits"
+                )
+            index.train(x)
+        index.add(x)
+        return cls(index, list(paths), {**meta, "kind": kind, "factory": spec, "dim": int(x.shape[1])})
+
+    def add(self, vectors, paths: list[str]) -> int:
+        """Add vectors whose path is not indexed yet; returns how many were added."""
+        known = set(self.paths)
+        keep = [i for i, p in enumerate(paths) if p not in known]
+        if keep:
+            self.index.add(normalise(np.asarray(vectors)[keep]))
+            self.paths += [paths[i] for i in keep]
+        return len(keep)
+
+    def search(
+        self, queries, k: int, nprobe: int | None = None, ef_search: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (Q, k) cosine, descending; ids (Q, k), -1 where fewer than k were found)."""
+        params = []
+        if nprobe and "IVF" in self.meta["factory"]:
+            params.append(f"nprobe={nprobe}")
+        if ef_search and "HNSW" in self.meta["factory"]:
+            params.append(f"efSearch={ef_search}")
+        if params:
+            faiss.ParameterSpace().set_index_parameters(self.index, ",".join(params))
+        return self.index.search(normalise(queries), min(k, self.index.ntotal))
+
+    # ------------------------------------------------------------------------------------ disk
+    def save(self, folder: str | Path) -> None:
+        """Write generation g + 1 of the files, switch index.json to it, remove generation g."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        previous = self.meta.get("generation")
+        generation = 0 if previous is None else previous + 1
+        atomic_write(folder / f"index-{generation}.faiss", lambda tmp: faiss.write_index(self.index, tmp))
+        text = "".join(p + "\n" for p in self.paths)
+        atomic_write(folder / f"paths-{generation}.txt", lambda tmp: Path(tmp).write_text(text))
+        self.meta.update(generation=generation, count=len(self.paths))
+        write_json(folder / INDEX_META, self.meta)
+        if previous is not None:
+            for old in (folder / f"index-{previous}.faiss", folder / f"paths-{previous}.txt"):
+                old.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "FeatureIndex":
+        folder = Path(folder)
+        if not (folder / INDEX_META).is_file():
+            raise DinokitError(
+                f"{folder} is not an index folder (no {INDEX_META}); build one with `dinokit index build`"
+            )
+        meta = json.loads((folder / INDEX_META).read_text())
+        g = meta["generation"]
+        index = faiss.read_index(str(folder / f"index-{g}.faiss"))
+        paths = (folder / f"paths-{g}.txt").read_text().splitlines()
+        if not index.ntotal == len(paths) == meta["count"]:
+            raise DinokitError(f"{folder}: index ({index.ntotal}) and file list ({len(paths)}) disagree; rebuild it")
+        return cls(index, paths, meta)
+
+
+def needed_training_points(spec: str) -> int:
+    """Fewest vectors faiss can train `spec` on: one per IVF cell and 2^bits per PQ codebook."""
+    needed = 1
+    for part in spec.split(","):
+        if part.startswith("IVF"):
+            needed = max(needed, int(part[3:]))
+        if part.startswith("PQ"):
+            needed = max(needed, 2 ** int(part.split("x")[1]))
+    return needed

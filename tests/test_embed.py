@@ -1,0 +1,165 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dinokit
+from dinokit.data.transforms import eval_transform
+from dinokit.errors import DinokitError
+from dinokit.features import embed as embed_module
+from dinokit.features.embed import auto_shard_size, embed
+from dinokit.features.extract import extract_features
+from dinokit.features.store import read_embeddings, read_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """13 images of varied sizes (one corrupt) and a tiny model with 2 registers, saved to a file."""
+    root = tmp_path_factory.mktemp("embed")
+    rng = np.random.default_rng(0)
+    folder = root / "images"
+    folder.mkdir()
+    for i in range(12):
+        h, w = rng.integers(20, 60, size=2)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    (folder / "05b.jpg").write_bytes(b"not a jpeg")
+    torch.manual_seed(0)
+    model = dinokit.create_model("vit_micro_p4", depth=2, num_register_tokens=2)
+    weights = dinokit.export_model(model, root / "model.safetensors")
+    return folder, weights, model.eval()
+
+
+def run(setup, out, **kw):
+    folder, weights, _ = setup
+    args = dict(image_size=16, batch_size=3, num_workers=0, shard_size=4, progress=False, precision="fp32")
+    return embed(model=weights, data=str(folder), out=str(out), **{**args, **kw})
+
+
+def test_shards_hold_the_features_of_extract_features(setup, tmp_path):
+    folder, _, model = setup
+    kinds = ["cls", "patch_mean", "registers", "patch_tokens", "layers"]
+    summary = run(setup, tmp_path / "e", features=kinds, layers=[0, 1], image_size=[16, 24])
+    assert summary["images"] == 13 and summary["embedded"] == 12 and summary["bad_files"] == 1
+    assert summary["shards"] == 4 and summary["computed_shards"] == 4
+    manifest = read_manifest(tmp_path / "e")
+    assert manifest["bad_files"] == [str((folder / "05b.jpg").absolute())]
+    assert manifest["image_size"] == [16, 24] and manifest["patch_grid"] == [4, 6]
+    assert manifest["feature_shapes"]["patch_tokens"] == [4, 6, 96] and manifest["dtype"] == "float32"
+    assert "CenterCrop(size=(16, 24))" in manifest["transform"] and manifest["model"].endswith("model.safetensors")
+    feats, paths = read_embeddings(tmp_path / "e")
+    every = sorted(folder.iterdir())
+    good = [p for p in every if p.name != "05b.jpg"]
+    assert paths == [str(p.absolute()) for p in good]
+    ref, kept, bad = extract_features(
+        model, every, eval_transform((16, 24)), which=kinds, layers=[0, 1], num_workers=0, precision="fp32"
+    )
+    assert len(kept) == 12 and [every[i].name for i in bad] == ["05b.jpg"]
+    assert feats["patch_tokens"].shape == (12, 4, 6, 96) and feats["registers"].shape == (12, 2, 96)
+    for k in kinds:
+        assert torch.allclose(feats[k].flatten(1), ref[k].flatten(1), atol=1e-5), k
+
+
+def test_numpy_float16_shards(setup, tmp_path):
+    run(setup, tmp_path / "f32", features=["cls"])
+    run(setup, tmp_path / "npz", features=["cls"], format="numpy", dtype="float16")
+    assert sorted(p.name for p in (tmp_path / "npz").glob("shard_*")) == [f"shard_0000{i}.npz" for i in range(4)]
+    a, paths_a = read_embeddings(tmp_path / "f32")
+    b, paths_b = read_embeddings(tmp_path / "npz")
+    assert paths_a == paths_b and b["cls"].dtype == torch.float16
+    assert torch.allclose(a["cls"], b["cls"].float(), atol=2e-3)
+
+
+def test_killed_job_resumes_without_recomputing_finished_shards(setup, tmp_path, monkeypatch):
+    reference = tmp_path / "ref"
+    run(setup, reference, features=["cls", "patch_mean"])
+    out = tmp_path / "run"
+    real_write = embed_module.write_shard
+    written = []
+
+    def crash_on_third(path, *args):
+        if len(written) == 2:  # the third shard dies half-way through its write
+            Path(path).with_name(f".{Path(path).name}.tmp99").write_bytes(b"half a shard")
+            raise KeyboardInterrupt
+        real_write(path, *args)
+        written.append(Path(path).name)
+
+    monkeypatch.setattr(embed_module, "write_shard", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(setup, out, features=["cls", "patch_mean"])
+    assert (
+        sorted(p.name for p in out.glob("shard_*")) == written == ["shard_00000.safetensors", "shard_00001.safetensors"]
+    )
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(DinokitError, match="has not finished"):
+        read_embeddings(out)
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*")}
+
+    monkeypatch.setattr(embed_module, "write_shard", real_write)
+    images_seen = []
+    real_iter = embed_module.iter_features
+    monkeypatch.setattr(
+        embed_module,
+        "iter_features",
+        lambda m, paths, *a, **k: images_seen.extend(paths) or real_iter(m, paths, *a, **k),
+    )
+    summary = run(setup, out, features=["cls", "patch_mean"])
+    assert summary["computed_shards"] == 2 and summary["resumed_shards"] == 2
+    assert len(images_seen) == 13 - 8  # only the two unfinished shards were computed
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard_0000[01]*")} == finished
+    assert not list(out.glob(".*tmp*"))  # the half-written temporary file was cleaned up
+    a, paths_a = read_embeddings(out)
+    b, paths_b = read_embeddings(reference)
+    assert paths_a == paths_b and all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_resuming_with_other_settings_is_refused(setup, tmp_path):
+    run(setup, tmp_path / "e")
+    with pytest.raises(DinokitError, match=r"other settings \(image_size"):
+        run(setup, tmp_path / "e", image_size=24)
+
+
+def test_bad_requests(setup, tmp_path):
+    with pytest.raises(DinokitError, match="multiple of the patch size 4; use 28 or 32"):
+        run(setup, tmp_path / "a", image_size=30)
+    with pytest.raises(DinokitError, match="numpy has no bfloat16"):
+        run(setup, tmp_path / "b", format="numpy", dtype="bfloat16")
+    with pytest.raises(DinokitError, match="layers="):
+        run(setup, tmp_path / "c", features=["layers"])
+    with pytest.raises(DinokitError, match="one shape per batch"):
+        run(setup, tmp_path / "d", resize_policy="aspect")
+
+
+def test_torchrun_two_processes_write_their_shards_and_one_manifest(setup, tmp_path):
+    folder, weights, _ = setup
+    single = tmp_path / "single"
+    run(setup, single, features=["cls", "patch_tokens"], precision="bf16")
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "dinokit", "embed", f"model={weights}", f"data={folder}", f"out={out}", "image_size=16"]
+    cmd += ["batch_size=3", "num_workers=0", "shard_size=4", "progress=false", "features=[cls,patch_tokens]"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{") :])  # printed once, by process 0
+    assert summary["processes"] == 2 and summary["computed_shards"] == 4 and summary["embedded"] == 12
+    assert sorted(p.name for p in out.iterdir()) == ["embed_config.json", "manifest.json"] + [
+        f"shard_0000{i}.safetensors" for i in range(4)
+    ]
+    a, paths_a = read_embeddings(out)
+    b, paths_b = read_embeddings(single)
+    assert paths_a == paths_b
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
+
+
+def test_default_shard_size_keeps_shards_near_512_mb():
+    assert auto_shard_size({"cls": [384]}, "float32") == 4096
+    assert auto_shard_size({"cls": [384], "patch_tokens": [32, 32, 384]}, "float32") == 2**29 // ((1024 + 1) * 384 * 4)
+    assert auto_shard_size({"patch_tokens": [16, 16, 1536]}, "float16") == 682

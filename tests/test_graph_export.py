@@ -1,0 +1,102 @@
+import itertools
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dinokit
+from dinokit.cli import main
+from dinokit.errors import DinokitError
+from dinokit.models import graph_export
+from dinokit.models.graph_export import NormedTokens, export_graph
+from dinokit.models.layers.position_interpolation import resample_grid
+from tests.conftest import perturb_scales_and_norms
+
+
+@pytest.mark.parametrize(("offset", "antialias"), list(itertools.product((0.0, 0.1), (False, True))))
+def test_matrix_resampling_equals_f_interpolate(offset, antialias):
+    grid = torch.randn(7, 8, 8)
+    for h0, w0 in [(9, 8), (8, 11), (3, 5), (16, 4), (1, 1), (23, 17)]:
+        if offset:
+            sf = ((h0 + offset) / 8, (w0 + offset) / 8)
+            ref = F.interpolate(grid[None], scale_factor=sf, mode="bicubic", antialias=antialias)[0]
+            scales = 8 / (h0 + offset), 8 / (w0 + offset)
+        else:
+            ref = F.interpolate(grid[None], size=(h0, w0), mode="bicubic", antialias=antialias)[0]
+            scales = 8 / h0, 8 / w0
+        out = resample_grid(grid, h0, w0, *scales, antialias=antialias, keep_if_same=False)
+        assert out.shape == ref.shape == (7, h0, w0)
+        assert (out - ref).abs().max() < 2e-5, (h0, w0)
+    same = resample_grid(grid, 8, 8, 8 / 8.1, 8 / 8.1, antialias=antialias, keep_if_same=True)
+    assert torch.equal(same, grid)  # the native grid comes back bit for bit, as in eager mode
+
+
+@pytest.mark.parametrize("name", ["dinov2_vits14", "dinov2_vits14_reg", "dino_vits16", "vit_micro_p4"])
+def test_traced_position_embedding_matches_eager(name):
+    model = dinokit.create_model(name, depth=1)
+    p, m = model.patch_size, model.config.img_size // model.patch_size
+    for h0, w0 in [(m, m), (m + 1, m), (m - 2, m + 3), (5, 7)]:
+        eager = model.interpolate_pos_encoding(h0 * w0, h0 * p, w0 * p)
+        traced = torch.cat([model.pos_embed[:, :1], model.traceable_pos_grid(h0, w0)], dim=1)
+        if (h0, w0) == (m, m):
+            assert torch.equal(traced, eager)
+        else:
+            assert (traced - eager).abs().max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2, num_register_tokens=2)).eval()
+
+
+def reference(model, x):
+    with torch.no_grad():
+        return [t.numpy() for t in NormedTokens(model)(x)]
+
+
+def test_onnx_has_dynamic_batch_and_size_and_matches_pytorch(model, tmp_path):
+    report = export_graph(model, tmp_path / "m.onnx", "onnx", image_size=32)
+    assert report["checked_size"] != report["exported_size"] and report["checked_batch"] != 2
+    assert max(report["max_abs_diff_cls"], report["max_abs_diff_patch_tokens"]) <= 1e-4
+    graph = onnx.load(tmp_path / "m.onnx").graph
+    assert [o.name for o in graph.output] == ["cls", "patch_tokens"]
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, False, True, True]  # B, 3, H, W
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    for shape in [(1, 3, 32, 32), (4, 3, 16, 40), (2, 3, 48, 8)]:
+        x = torch.randn(shape)
+        cls, patches = session.run(None, {"images": x.numpy()})
+        ref_cls, ref_patches = reference(model, x)
+        assert patches.shape == (shape[0], shape[2] * shape[3] // 16, 96)
+        assert np.abs(cls - ref_cls).max() <= 1e-4 and np.abs(patches - ref_patches).max() <= 1e-4
+
+
+def test_torchscript_serves_any_size(model, tmp_path):
+    export_graph(model, tmp_path / "m.pt", "torchscript", image_size=24)
+    for shape in [(1, 3, 32, 32), (3, 3, 16, 44)]:
+        x = torch.randn(shape)
+        got = [t.numpy() for t in graph_export.run_torchscript(str(tmp_path / "m.pt"), x)]
+        for g, r in zip(got, reference(model, x), strict=True):
+            assert np.abs(g - r).max() <= 1e-4
+
+
+def test_failed_check_writes_nothing(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(graph_export, "MAX_ABS_DIFF", -1.0)
+    with pytest.raises(DinokitError, match="nothing was written"):
+        export_graph(model, tmp_path / "m.pt", "torchscript")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command(model, tmp_path, capsys):
+    dinokit.export_model(model, tmp_path / "m.safetensors")
+    out = tmp_path / "m.pt"
+    assert (
+        main(["export", f"model={tmp_path / 'm.safetensors'}", f"out={out}", "format=torchscript", "image_size=16"])
+        == 0
+    )
+    assert "max_abs_diff_patch_tokens" in capsys.readouterr().out and out.is_file()
+    assert main(["export", f"model={tmp_path / 'm.safetensors'}", f"out={out}", "format=onnx", "image_size=15"]) == 2

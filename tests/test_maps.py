@@ -1,0 +1,217 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+from skimage.filters import threshold_otsu
+
+import dinokit
+from dinokit.cli import main
+from dinokit.maps.attention import attention_maps, attention_mass_masks
+from dinokit.maps.pca import pca_rgb
+from dinokit.maps.segment import otsu_threshold, patch_coverage, segment_features, similarity_to
+from dinokit.maps.similarity import patch_similarity, pixel_to_patch
+from tests.conftest import perturb_scales_and_norms
+
+
+@pytest.fixture(scope="module")
+def reg_model():
+    torch.manual_seed(0)
+    return perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2, num_register_tokens=2)).eval()
+
+
+def test_attention_rows_sum_to_one_and_registers_are_kept_out_of_the_maps(reg_model):
+    x = torch.randn(3, 16, 24)
+    maps = attention_maps(reg_model, x)
+    assert maps["per_head"].shape == (3, 4, 6) and maps["mean"].shape == (4, 6)
+    total = maps["per_head"].sum(axis=(1, 2)) + maps["cls_to_cls"] + maps["cls_to_registers"].sum(axis=1)
+    assert np.allclose(total, 1.0, atol=1e-5)
+    with torch.no_grad():
+        attn = reg_model.get_last_selfattention(x[None])[0]  # (heads, 1 + 2 + 24, same)
+    assert np.allclose(maps["per_head"].reshape(3, -1), attn[:, 0, 3:].numpy())  # patches only
+    assert np.allclose(maps["cls_to_registers"], attn[:, 0, 1:3].numpy())
+    assert np.allclose(maps["registers_to_patches"].reshape(2, -1), attn[:, 1:3, 3:].mean(0).numpy())
+    assert np.allclose(maps["mean"], maps["per_head"].mean(0))
+
+
+def test_mass_masks_hold_the_mass_with_the_fewest_patches():
+    row = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
+    assert attention_mass_masks(row, 0.6).tolist() == [[True, False, True, False]]  # 0.8 >= 0.6; 0.5 alone < 0.6
+    assert attention_mass_masks(row, 0.5).tolist() == [[True, False, False, False]]
+    attn = torch.rand(5, 50) ** 3
+    masks = attention_mass_masks(attn, 0.6)
+    share = attn / attn.sum(1, keepdim=True)
+    for head in range(5):
+        kept = share[head][masks[head]]
+        assert kept.sum() >= 0.6 - 1e-6 and kept.sum() - kept.min() < 0.6  # enough, and no patch to spare
+        assert kept.min() >= share[head][~masks[head]].max()  # the largest ones
+
+
+def constructed(shape, rng, scales=(3.0, 2.0, 1.0), dim=16):
+    """Patch features along three known directions with variances scales**2, plus tiny noise."""
+    coeffs = rng.normal(size=(*shape, 3)) * np.array(scales)
+    return coeffs @ np.eye(dim)[:3] + 0.01 * rng.normal(size=(*shape, dim))
+
+
+def test_pca_components_are_orthonormal_ordered_and_shared_across_images():
+    rng = np.random.default_rng(0)
+    a, b = constructed((16, 16), rng), constructed((12, 18), rng)
+    b[2, 3] = a[1, 1]  # the same feature in both images
+    out = pca_rgb([a, b])
+    comps = out["components"]
+    assert np.allclose(comps @ comps.T, np.eye(3), atol=1e-8)
+    assert np.allclose(np.abs(comps[:, :3]), np.eye(3), atol=0.05)  # recovers the directions, in order
+    ratios = out["explained_variance_ratio"]
+    assert ratios[0] > ratios[1] > ratios[2] and abs(ratios[0] / ratios[1] - 9 / 4) < 0.5
+    coords = np.concatenate([a.reshape(-1, 16), b.reshape(-1, 16)]) @ comps.T
+    cov = np.cov(coords.T)
+    assert np.abs(cov - np.diag(np.diag(cov))).max() < 1e-8  # uncorrelated colour channels
+    assert out["rgb"][0].shape == (16, 16, 3) and out["rgb"][1].shape == (12, 18, 3)
+    assert np.array_equal(out["rgb"][1][2, 3], out["rgb"][0][1, 1])
+    assert out["rgb"][0].min() >= 0 and max(r.max() for r in out["rgb"]) == 1.0
+
+
+def test_pca_foreground_is_the_first_component_above_the_threshold():
+    rng = np.random.default_rng(1)
+    images, truths = [], []
+    for h, w in ((8, 8), (8, 10)):
+        fg = np.zeros((h, w), dtype=bool)
+        fg[2:6, 3:7] = True
+        feats = constructed((h, w), rng, scales=(0.5, 0.3, 0.2))
+        feats[..., 5] += np.where(fg, 4.0, -4.0)  # object vs background along a 4th direction
+        images.append(feats)
+        truths.append(fg)
+    out = pca_rgb(images, foreground_threshold=0.5)
+    for got, truth, rgb in zip(out["foreground"], truths, out["rgb"], strict=True):
+        assert np.array_equal(got, truth)  # oriented so that the border is background
+        assert np.all(rgb[~truth] == 0)
+    assert abs(out["components"][0, 5]) < 0.1  # colours come from the foreground's own variation
+
+
+def test_pixel_to_patch_and_patch_similarity():
+    assert pixel_to_patch(0, 0, (100, 200), (5, 10)) == (0, 0)
+    assert pixel_to_patch(199, 99, (100, 200), (5, 10)) == (4, 9)
+    assert pixel_to_patch(45, 21, (100, 200), (5, 10)) == (1, 2)
+    with pytest.raises(ValueError, match="outside"):
+        pixel_to_patch(200, 5, (100, 200), (5, 10))
+    feats = np.random.default_rng(2).normal(size=(4, 6, 8))
+    cos = patch_similarity(feats, (2, 5))
+    assert cos[2, 5] == pytest.approx(1.0) and np.unravel_index(cos.argmax(), cos.shape) == (2, 5)
+    assert cos.max() <= 1 + 1e-9 and cos.min() >= -1 - 1e-9
+    other = feats[::-1].copy()
+    assert np.unravel_index(patch_similarity(feats, (2, 5), other).argmax(), (4, 6)) == (1, 5)
+
+
+def test_otsu_splits_a_bimodal_array_between_its_modes():
+    rng = np.random.default_rng(3)
+    low, high = 0.2 + 0.02 * rng.random(300), 0.7 + 0.02 * rng.random(100)
+    t = otsu_threshold(np.concatenate([low, high]))
+    assert low.max() < t < high.min()
+    assert otsu_threshold(np.full(5, 0.3)) == 0.3
+    assert otsu_threshold(np.array([0.0, 0.0, 0.0, 1.0, 1.0])) == 0.5
+
+    def between_class_variance(v, t):
+        w0 = np.mean(v <= t)
+        return w0 * (1 - w0) * (v[v <= t].mean() - v[v > t].mean()) ** 2
+
+    for seed in range(3):  # overlapping modes: the optimum of a brute-force search, and >= scikit-image's
+        r = np.random.default_rng(seed)
+        values = np.concatenate([r.normal(0.3, 0.05, 300), r.normal(0.6, 0.08, 200)])
+        best = max(between_class_variance(values, t) for t in np.sort(values)[:-1])
+        ours = between_class_variance(values, otsu_threshold(values))
+        assert ours == pytest.approx(best, rel=1e-12)
+        assert ours >= between_class_variance(values, threshold_otsu(values))
+
+
+def test_segmentation_finds_the_constructed_object():
+    rng = np.random.default_rng(4)
+    obj, background = rng.normal(size=32), rng.normal(size=32)
+
+    def scene(rows, cols):
+        truth = np.zeros((8, 8), dtype=bool)
+        truth[rows, cols] = True
+        feats = np.where(truth[..., None], obj, background) + 0.05 * rng.normal(size=(8, 8, 32))
+        return feats, np.kron(truth, np.ones((4, 4), dtype=bool))  # 4-pixel patches
+
+    ref_feats, ref_mask = scene(slice(2, 6), slice(2, 6))
+    assert np.array_equal(patch_coverage(ref_mask, (8, 8)) == 1.0, ref_mask[::4, ::4])
+    target, truth = scene(slice(0, 3), slice(4, 8))
+    for threshold in ("otsu", 0.5):
+        seg = segment_features([(ref_feats, ref_mask)], target, (32, 32), threshold)
+        assert np.array_equal(seg["mask"][2::4, 2::4], truth[2::4, 2::4])  # every patch centre right
+        assert (seg["mask"] & truth).sum() / (seg["mask"] | truth).sum() > 0.8
+    second, second_mask = scene(slice(0, 8), slice(0, 2))
+    both = segment_features([(ref_feats, ref_mask), (second, second_mask)], target, (32, 32))
+    one = similarity_to(target, ref_feats[ref_mask[::4, ::4]].mean(0))
+    two = similarity_to(target, second[second_mask[::4, ::4]].mean(0))
+    assert np.allclose(both["similarity"], (one + two) / 2)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, reg_model):
+    root = tmp_path_factory.mktemp("maps")
+    weights = dinokit.export_model(reg_model, root / "m.safetensors")
+    (root / "photos").mkdir()
+    Image.fromarray(data.chelsea()).resize((60, 40)).save(root / "photos" / "chelsea.png")
+    Image.fromarray(data.coffee()).resize((48, 36)).save(root / "photos" / "coffee.png")
+    return root, weights
+
+
+def test_visualize_commands_write_pngs(files, capsys):
+    root, weights = files
+    common = [f"model={weights}", "image_size=16", "device=cpu"]
+    assert (
+        main(["visualize", "attention", f"image={root / 'photos' / 'chelsea.png'}", f"out={root / 'a.png'}", *common])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["grid"] == [4, 6]
+    assert report["cls_to_patches"] + report["cls_to_cls"] + sum(report["cls_to_registers"]) == pytest.approx(
+        1, abs=1e-5
+    )
+    pca = [f"image={root / 'photos'}", f"out={root / 'p.png'}", "foreground_threshold=0.5", *common]
+    assert main(["visualize", "pca", *pca]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 2
+    sim = [f"image={root / 'photos' / 'chelsea.png'}", "x=59", "y=0", f"out={root / 's.png'}", *common]
+    assert main(["visualize", "similarity", *sim]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["patch"] == [0, 5] and report["best_match"] == [0, 5] and report["max"] == pytest.approx(1)
+    for name in ("a.png", "p.png", "s.png"):
+        assert Image.open(root / name).format == "PNG"
+    assert main(["visualize", "similarity", *sim[:1], "x=60", "y=0", *sim[3:]]) == 2  # outside: clear error
+
+
+def test_segment_command_on_a_pixel_identity_model(tmp_path):
+    """Position embeddings zeroed and LayerScale tiny: a patch's feature is its own pixels, so the
+    red square of the reference is found, and only it, in targets where it moved."""
+    torch.manual_seed(0)
+    model = dinokit.create_model("vit_micro_p4", depth=1)
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    weights = dinokit.export_model(model, tmp_path / "m.safetensors")
+    rng = np.random.default_rng(5)
+    texture = rng.integers(0, 60, (8, 8, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)  # patch-wise texture
+
+    def scene(top, left, name):
+        image = texture.copy()
+        image[top : top + 12, left : left + 12] = (230, 20, 20)
+        truth = np.zeros((32, 32), dtype=bool)
+        truth[top : top + 12, left : left + 12] = True
+        Image.fromarray(image).save(tmp_path / name)
+        return truth
+
+    reference_truth = scene(8, 8, "ref.png")
+    Image.fromarray(reference_truth.astype(np.uint8) * 255).save(tmp_path / "ref_mask.png")
+    (tmp_path / "targets").mkdir()
+    truths = {"t1": scene(0, 20, "targets/t1.png"), "t2": scene(16, 4, "targets/t2.png")}
+    args = [f"reference={tmp_path / 'ref.png'}", f"reference_mask={tmp_path / 'ref_mask.png'}"]
+    args += [f"target={tmp_path / 'targets'}", f"out={tmp_path / 'seg'}", f"model={weights}", "image_size=32"]
+    assert main(["segment", *args]) == 0
+    report = json.loads((tmp_path / "seg" / "segment.json").read_text())
+    assert [r["target"].endswith(f"{n}.png") for r, n in zip(report["results"], truths, strict=True)] == [True, True]
+    for name, truth in truths.items():
+        mask = np.asarray(Image.open(tmp_path / "seg" / f"{name}_mask.png")) > 127
+        assert (mask & truth).sum() / (mask | truth).sum() > 0.8
+        assert Image.open(tmp_path / "seg" / f"{name}_overlay.png").size == (32, 32)

@@ -1,0 +1,134 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dinokit
+from dinokit.cli import main
+from dinokit.errors import DinokitError
+from dinokit.features.embed import embed
+from dinokit.io import write_json
+from dinokit.retrieval import index as index_module
+from dinokit.retrieval.commands import build_index, search_index
+from dinokit.retrieval.index import FeatureIndex
+from tests.conftest import perturb_scales_and_norms
+
+OPTIONS = dict(nlist=None, pq_m=8, pq_bits=8, hnsw_m=16)
+
+
+@pytest.fixture(scope="module")
+def clustered():
+    """600 vectors around 12 centres, 40 queries, and the exact cosine top-10 of each query."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(12, 32))
+    labels = rng.integers(0, 12, 600)
+    x = (centres[labels] + 0.3 * rng.normal(size=(600, 32))).astype(np.float32)
+    query_labels = rng.integers(0, 12, 40)
+    q = (centres[query_labels] + 0.3 * rng.normal(size=(40, 32))).astype(np.float32)
+    xn, qn = x / np.linalg.norm(x, axis=1, keepdims=True), q / np.linalg.norm(q, axis=1, keepdims=True)
+    cosines = qn @ xn.T
+    truth = np.argsort(-cosines, axis=1)[:, :10]
+    return x, labels, q, query_labels, truth, np.take_along_axis(cosines, truth, axis=1)
+
+
+def make(x, kind, **options):
+    return FeatureIndex.create(x, [f"{i}.png" for i in range(len(x))], {}, kind=kind, **{**OPTIONS, **options})
+
+
+def test_exact_indexes_equal_brute_force(clustered):
+    x, _, q, _, truth, truth_scores = clustered
+    for index, params in [(make(x, "flat"), {}), (make(x, "ivf", nlist=8), {"nprobe": 8})]:
+        scores, ids = index.search(q, 10, **params)
+        assert np.array_equal(ids, truth)
+        assert np.allclose(scores, truth_scores, atol=1e-5)
+        assert np.all(np.diff(scores, axis=1) <= 0)
+
+
+def test_approximate_indexes_find_neighbours(clustered):
+    x, labels, q, query_labels, truth, _ = clustered
+    _, ids = make(x, "hnsw").search(q, 10, ef_search=200)
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(ids, truth, strict=True)]) >= 9.5
+    for kind, opts in [("pq", {"pq_bits": 5}), ("ivfpq", {"nlist": 4, "pq_bits": 5})]:
+        _, ids = make(x, kind, **opts).search(q, 10, nprobe=4)
+        same_cluster = np.mean(labels[ids] == query_labels[:, None])  # chance level: 1/12
+        assert same_cluster >= 0.95, kind
+
+
+def test_training_needs_enough_vectors(clustered):
+    x = clustered[0][:50]
+    with pytest.raises(DinokitError, match="needs at least 256 vectors"):
+        make(x, "pq")
+    with pytest.raises(DinokitError, match="must divide"):
+        make(x, "pq", pq_m=7)
+
+
+def test_save_add_and_interrupted_add(clustered, tmp_path, monkeypatch):
+    x = clustered[0]
+    paths = [f"{i}.png" for i in range(len(x))]
+    index = FeatureIndex.create(x[:400], paths[:400], {"feature": "cls"}, kind="flat", **OPTIONS)
+    index.save(tmp_path / "i")
+    loaded = FeatureIndex.load(tmp_path / "i")
+    assert loaded.add(x[300:], paths[300:]) == 200  # 100 already indexed: skipped
+    loaded.save(tmp_path / "i")
+    assert sorted(p.name for p in (tmp_path / "i").iterdir()) == ["index-1.faiss", "index.json", "paths-1.txt"]
+    again = FeatureIndex.load(tmp_path / "i")
+    assert again.paths == paths
+    _, ids = again.search(x[:5], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(index_module, "write_json", crash)
+    again.add(x[:1] + 1.0, ["new.png"])
+    with pytest.raises(OSError):
+        again.save(tmp_path / "i")
+    monkeypatch.setattr(index_module, "write_json", write_json)
+    assert FeatureIndex.load(tmp_path / "i").paths == paths  # the previous index is intact
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """18 distinct images embedded in two runs with a tiny model (non-trivial weights)."""
+    root = tmp_path_factory.mktemp("collection")
+    rng = np.random.default_rng(1)
+    for part, count in (("a", 12), ("b", 6)):
+        (root / part).mkdir()
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / part / f"{part}{i}.png")
+    torch.manual_seed(0)
+    model = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2))
+    weights = dinokit.export_model(model, root / "m.safetensors")
+    for part in ("a", "b"):
+        embed(weights, str(root / part), str(root / f"emb_{part}"), image_size=32, num_workers=0, progress=False)
+    return root
+
+
+def test_every_indexed_image_finds_itself_first(collection, tmp_path):
+    build_index(str(collection / "emb_a"), str(tmp_path / "idx"))
+    assert build_index(str(collection / "emb_b"), str(tmp_path / "idx"), add=True)["total"] == 18
+    results = search_index(str(tmp_path / "idx"), [str(collection / "a"), str(collection / "b")], k=5, num_workers=0)
+    assert len(results) == 18
+    for r in results:
+        assert r["hits"][0]["path"] == r["query"] and r["hits"][0]["score"] > 0.999
+        assert len(r["hits"]) == 5 and r["hits"][1]["score"] < r["hits"][0]["score"]
+    with pytest.raises(DinokitError, match="add=true"):
+        build_index(str(collection / "emb_b"), str(tmp_path / "idx"))
+    with pytest.raises(DinokitError, match="one vector per image"):
+        build_index(str(collection / "emb_b"), str(tmp_path / "other"), feature="patch_tokens")
+
+
+def test_index_search_command_writes_the_json_and_a_contact_sheet(collection, tmp_path, capsys):
+    assert main(["index", "build", f"features={collection / 'emb_a'}", f"out={tmp_path / 'idx'}"]) == 0
+    query = collection / "a" / "a3.png"
+    args = [f"index={tmp_path / 'idx'}", f"query={query}", "k=3", f"out={tmp_path / 'hits.json'}"]
+    assert main(["index", "search", *args, f"sheet={tmp_path / 'sheet.png'}"]) == 0
+    printed = capsys.readouterr().out
+    assert "rank" in printed and "1.0000" in printed
+    hits = json.loads((tmp_path / "hits.json").read_text())
+    assert list(hits[0]) == ["query", "hits"] and hits[0]["query"] == str(query)
+    assert [list(h) for h in hits[0]["hits"]] == [["path", "score"]] * 3
+    assert hits[0]["hits"][0]["path"] == str(query)
+    assert Image.open(tmp_path / "sheet.png").size == (4 * 132, 146)
