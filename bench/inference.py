@@ -36,7 +36,10 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    ours = perturb_scales_and_norms(dinokit.create_model("dinov2_vits14"), 0.1).eval().to(device)
+    # interpolate_offset=0.0 is what transformers' Dinov2Model computes, so the outputs can be compared
+    # (the official +0.1 offset changes the resampled position embedding at 224 px; speed is the same).
+    model = dinokit.create_model("dinov2_vits14", interpolate_offset=0.0)
+    ours = perturb_scales_and_norms(model, 0.1).eval().to(device)
     with tempfile.TemporaryDirectory() as tmp:
         folder = dinokit.export_model(ours, Path(tmp) / "hf", format="hf")
         peer_sdpa = Dinov2Model.from_pretrained(folder, attn_implementation="sdpa").eval().to(device)
