@@ -156,6 +156,7 @@ def files(tmp_path_factory, reg_model):
     (root / "photos").mkdir()
     Image.fromarray(data.chelsea()).resize((60, 40)).save(root / "photos" / "chelsea.png")
     Image.fromarray(data.coffee()).resize((48, 36)).save(root / "photos" / "coffee.png")
+    (root / "photos" / "broken.png").write_bytes(b"")  # skipped and reported, never fatal
     return root, weights
 
 
@@ -173,7 +174,10 @@ def test_visualize_commands_write_pngs(files, capsys):
     )
     pca = [f"image={root / 'photos'}", f"out={root / 'p.png'}", "foreground_threshold=0.5", *common]
     assert main(["visualize", "pca", *pca]) == 0
-    assert json.loads(capsys.readouterr().out)["images"] == 2
+    printed = capsys.readouterr().out
+    assert "skipped 1 unreadable image(s)" in printed
+    report = json.loads(printed[printed.index("{") :])
+    assert report["images"] == 2 and report["skipped"] == [str(root / "photos" / "broken.png")]
     sim = [f"image={root / 'photos' / 'chelsea.png'}", "x=59", "y=0", f"out={root / 's.png'}", *common]
     assert main(["visualize", "similarity", *sim]) == 0
     report = json.loads(capsys.readouterr().out)

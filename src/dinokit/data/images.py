@@ -42,11 +42,32 @@ def list_images(source: str | Path) -> list[Path]:
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Decode `path` to an 8-bit RGB PIL image (raises on unreadable files; see module docstring)."""
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-    return to_rgb(im)
+    """Decode `path` to an 8-bit RGB PIL image; an unreadable file raises DinokitError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return to_rgb(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DinokitError(
+            f"cannot read the image {path}: {err}. Check that the file is a complete image "
+            "(jpg, png, webp, bmp, tiff), or remove it from the input."
+        ) from err
+
+
+def readable_images(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Split `paths` into (readable, unreadable) by decoding each; for commands that take a folder
+    and must skip bad files up front. Raises DinokitError when none is readable."""
+    readable, bad = [], []
+    for path in paths:
+        try:
+            open_rgb(path)
+            readable.append(path)
+        except DinokitError:
+            bad.append(path)
+    if not readable:
+        raise DinokitError(f"none of the {len(paths)} images can be read (first: {paths[0]})")
+    return readable, bad
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinokit.data.images import list_images, open_rgb
+from dinokit.data.images import list_images, open_rgb, readable_images
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
 from dinokit.io import write_json
@@ -122,7 +122,8 @@ def visualize_pca(
     explained variance ratios.
     """
     net = load(model, device)
-    paths = list_images(image)
+    paths, bad = readable_images(list_images(image))
+    report_skipped(bad)
     feats = patch_features(net, [model_input(net, p, image_size, resize_policy) for p in paths])
     result = pca_rgb(feats, foreground_threshold)
     panels = []
@@ -147,6 +148,7 @@ def visualize_pca(
     return {
         "out": out,
         "images": len(paths),
+        "skipped": [str(p) for p in bad],
         "explained_variance_ratio": [float(v) for v in result["explained_variance_ratio"]],
         "foreground_fraction": [float(f.mean()) for f in result["foreground"]],
     }
@@ -221,15 +223,26 @@ def segment(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for path in list_images(target):
+    targets, bad = readable_images(list_images(target))
+    report_skipped(bad)
+    for path in targets:
         rgb = np.asarray(open_rgb(path))
         feats = patch_features(net, [model_input(net, path, image_size, resize_policy)])[0]
         seg = segment_features(refs, feats, rgb.shape[:2], threshold)
         save_png(out_dir / f"{path.stem}_mask.png", seg["mask"].astype(np.uint8) * 255)
         save_png(out_dir / f"{path.stem}_overlay.png", mask_overlay(rgb, seg["mask"]))
         results.append({"target": str(path), "threshold": seg["threshold"], "foreground": float(seg["mask"].mean())})
-    write_json(out_dir / "segment.json", {"model": model, "references": references, "results": results})
-    return {"out": str(out_dir), "results": results}
+    skipped = [str(p) for p in bad]
+    write_json(
+        out_dir / "segment.json", {"model": model, "references": references, "results": results, "skipped": skipped}
+    )
+    return {"out": str(out_dir), "results": results, "skipped": skipped}
+
+
+def report_skipped(bad: list[Path]) -> None:
+    if bad:
+        names = ", ".join(str(p) for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        print(f"skipped {len(bad)} unreadable image(s): {names}")
 
 
 def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
