@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "info": "dinokit.models.commands:info",
     "export": "dinokit.models.commands:export",
     "demo": "dinokit.demo:demo",
+    "pretrain": "dinokit.train.pretrain:pretrain",
 }
 
 
