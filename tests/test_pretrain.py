@@ -188,3 +188,49 @@ def test_cli_help_and_command(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout[result.stdout.index("{") :])["iterations"] == 2
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    from dinokit.train.self_distillation import SelfDistillation
+
+    data = tiny_images(tmp_path / "data")
+    original = SelfDistillation.losses
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args, **kwargs):
+        parts = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (3, 4):  # iterations 3 and 4 blow up
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(SelfDistillation, "losses", sometimes_nan)
+    summary = run(data, tmp_path / "run", max_iterations=6)
+    assert summary["skipped_steps"] == 2 and summary["iterations"] == 6
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["skipped_steps"] == 2
+    teacher = load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_00000006.pt")["model"]
+    assert all(torch.isfinite(v).all() for v in teacher.values() if v.is_floating_point())
+
+    def always_nan(self, *args, **kwargs):
+        parts = original(self, *args, **kwargs)
+        parts["loss"] = parts["loss"] * float("inf")
+        return parts
+
+    monkeypatch.setattr(SelfDistillation, "losses", always_nan)
+    with pytest.raises(DinokitError, match="3 steps in a row"):
+        run(data, tmp_path / "run2", max_iterations=6, nan_patience=3)
+
+
+def test_collapse_figures_by_hand():
+    from dinokit.train.self_distillation import collapse_figures
+
+    uniform = torch.full((4, 8), 1 / 8)
+    spread = collapse_figures(uniform, torch.eye(4, 6))  # 4 orthogonal unit vectors: mean norm^2 = 1/4
+    assert spread["teacher_entropy"] == pytest.approx(1.0) and spread["teacher_kl_uniform"] == pytest.approx(0.0)
+    assert spread["cls_spread"] == pytest.approx((1 - 1 / 4) ** 0.5)
+    one_hot = torch.zeros(4, 8)
+    one_hot[:, 3] = 1.0
+    collapsed = collapse_figures(one_hot, torch.ones(4, 6))
+    assert collapsed["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert collapsed["teacher_kl_uniform"] == pytest.approx(1.0)
+    assert collapsed["cls_spread"] == pytest.approx(0.0, abs=1e-6)
