@@ -294,7 +294,7 @@ def pretrain(
     """Self-supervised DINO / DINOv2 pretraining on a folder of images (labels ignored).
 
     `preset` names a shipped recipe (dinov2_vits14, dinov2_vitb14, dinov2_vitl14, dinov2_vitg14,
-    dino_vits16, dino_vitb16, demo, cpu_tiny, cifar) or a YAML file; any other key of the config
+    dino_vits16, dino_vitb16, cpu32, demo) or a YAML file; any other key of the config
     (`dinokit.train.config.PretrainConfig`, e.g. lr=, arch=, local_crops_number=) overrides it.
     Length: epochs (real passes), max_iterations and max_minutes (0 = no limit) each stop the run;
     schedules span epochs, else max_iterations, else max_minutes. resume=true continues the run in
@@ -518,6 +518,7 @@ class Trainer:
         last_row: dict = {}
         iterator = iter(loader)
         elapsed = self.elapsed
+        parts = None
         try:
             while not self.should_stop(elapsed := self.shared_clock(start)):
                 t0 = time.perf_counter()
@@ -573,6 +574,10 @@ class Trainer:
                 if due or dist.broadcast(torch.tensor([float(bool(due_time))])).item():
                     self.save(elapsed)
                     last_save_time = time.perf_counter()
+            if window["steps"] and parts is not None:  # the time budget ended between log points
+                last_row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
+                if self.main:
+                    log.write(last_row)
         finally:
             bar.close()
             if log is not None:
