@@ -39,3 +39,16 @@ def test_demo_writes_report_with_learned_and_random_init(tmp_path):
     iterations = int(re.search(r"(\d+) iterations = ", text).group(1))
     rows = read_metrics(tmp_path / "demo" / "run" / "metrics.jsonl")
     assert rows[-1]["iteration"] == iterations  # the last steps are logged even between log points
+
+
+def test_object_set_writes_every_shape_at_the_size(tmp_path):
+    from PIL import Image
+
+    from dinokit.data.synthetic import SHAPES
+    from dinokit.demo import write_object_set
+
+    split = write_object_set(tmp_path, per_class=2, size=32, seed=0, split="train")
+    files = sorted(split.glob("*/*.png"))
+    assert len(files) == 2 * len(SHAPES)
+    assert {Image.open(f).size for f in files} == {(32, 32)}
+    assert {f.parent.name for f in files} == set(SHAPES)

@@ -1,9 +1,10 @@
 """`make demo`: self-supervised pretraining end to end on a small CPU, with proof that it learned.
 
-1. Data: without `data=`, renders a labelled set of shape scenes (`dinokit.data.synthetic`: 8 shapes
-   on textured backgrounds, random colours; nothing is downloaded), a training split and a held-out
-   test split. With `data=FOLDER`: a `<class>/<images>` folder is split per class (every 5th image
-   held out); any other folder is used whole, without labels.
+1. Data: without `data=`, renders a labelled set of object-centred shape images
+   (`dinokit.data.synthetic` scenes cropped around their one shape: 8 shapes in random colours on
+   random striped backgrounds; nothing is downloaded), a training split and a held-out test split.
+   With `data=FOLDER`: a `<class>/<images>` folder is split per class (every 5th image held out);
+   any other folder is used whole, without labels.
 2. Pretrains (`dinokit.pretrain`, preset `demo`) on the training images, labels ignored, for a fixed
    wall-clock budget.
 3. Compares the learned teacher backbone with the same network at its random initialisation (the
@@ -17,13 +18,15 @@
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from dinokit.data.augmentations import MultiCropAugmentation
 from dinokit.data.images import list_images, open_rgb
 from dinokit.data.labelled import read_labelled
-from dinokit.data.synthetic import SHAPES, write_classification_set
+from dinokit.data.synthetic import SHAPES, render_scene
 from dinokit.data.transforms import eval_transform, normalize
 from dinokit.errors import DinokitError
 from dinokit.eval.knn import knn_classify, topk_accuracy
@@ -37,17 +40,36 @@ from dinokit.train.pretrain import build_backbone, pretrain
 SYNTHETIC = {"train_per_class": 300, "test_per_class": 100, "size": 32}
 
 
+def write_object_set(root: Path, per_class: int, size: int, seed: int, split: str) -> Path:
+    """`root/<split>/<shape>/<i>.png`: object-centred views of rendered scenes (one shape each, drawn at
+    twice `size`), cropped to a square around the shape's mask with a random margin and resized to
+    `size`, as in photo datasets like CIFAR where the object fills most of the frame."""
+    rng = np.random.default_rng(seed)
+    for kind in SHAPES:
+        (root / split / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            scene = render_scene(rng, 2 * size, num_shapes=1, shapes=(kind,))
+            ys, xs = np.nonzero(scene.mask)
+            cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+            half = min(max(ys.max() - ys.min(), xs.max() - xs.min()) / 2 * rng.uniform(1.2, 1.6) + 1, size)
+            cy, cx = np.clip(cy, half, 2 * size - half), np.clip(cx, half, 2 * size - half)  # inside the scene
+            box = [cx - half, cy - half, cx + half, cy + half]
+            image = Image.fromarray(scene.image).resize((size, size), Image.Resampling.BICUBIC, box=box)
+            atomic_write(root / split / kind / f"{i:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+    return root / split
+
+
 def prepare_data(out: Path, data: str | None) -> dict:
     """{"train": paths, "test": paths, "train_labels", "test_labels" (None without labels), "classes",
     "source"}; the training paths are also written to out/train_images.txt for `pretrain`."""
     if data is None:
         root = out / "shapes"
         if not (root / "test").exists():
-            write_classification_set(root, SYNTHETIC["train_per_class"], SYNTHETIC["size"], seed=0, split="train")
-            write_classification_set(root, SYNTHETIC["test_per_class"], SYNTHETIC["size"], seed=1, split="test")
+            write_object_set(root, SYNTHETIC["train_per_class"], SYNTHETIC["size"], seed=0, split="train")
+            write_object_set(root, SYNTHETIC["test_per_class"], SYNTHETIC["size"], seed=1, split="test")
         train, train_labels, classes = read_labelled(root / "train")
         test, test_labels, _ = read_labelled(root / "test", classes=classes)
-        source = f"rendered shape scenes ({len(SHAPES)} classes, {SYNTHETIC['size']} px), {root}"
+        source = f"rendered shapes, object-centred ({len(SHAPES)} classes, {SYNTHETIC['size']} px), {root}"
     else:
         try:
             paths, labels, classes = read_labelled(data)
@@ -200,6 +222,15 @@ def demo(
         *[f"| {name} | {value:.1f} |" for name, value in results.items()],
         "",
         f"The learned features {verdict} the same network at random init by {gain:+.1f} points ({key}).",
+        *(
+            [
+                f"Raw pixels score higher ({results['k-NN top-1 (k=20), raw pixels']:.1f}%): this short CPU run lifts "
+                "the network above its random start, not yet above matching pixels."
+            ]
+            if "k-NN top-1 (k=20), raw pixels" in results
+            and results["k-NN top-1 (k=20), raw pixels"] > results["k-NN top-1 (k=20), learned"]
+            else []
+        ),
         "",
         "![losses](loss.png)",
         "",
