@@ -35,9 +35,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from dinokit.data.images import list_images, open_rgb  # noqa: E402
 from dinokit.data.labelled import read_labelled  # noqa: E402
-from dinokit.data.transforms import eval_transform  # noqa: E402
-from dinokit.eval.knn import knn_classify, topk_accuracy  # noqa: E402
-from dinokit.features.extract import extract_features  # noqa: E402
+from dinokit.demo import knn_top1, raw_pixel_top1  # noqa: E402
 from dinokit.models import load_model  # noqa: E402
 from dinokit.train.config import resolve_config  # noqa: E402
 from dinokit.train.pretrain import build_backbone, pretrain  # noqa: E402
@@ -165,28 +163,6 @@ def train_lightly(
     return LightlyBackbone(teacher.eval()), summary
 
 
-# ---------------------------------------------------------------------------------------------- k-NN
-def knn_top1(model: torch.nn.Module, data: dict, size: int = 32) -> float:
-    transform = eval_transform(size, resize_policy="resize")
-    bank, kept_bank, _ = extract_features(
-        model, data["train"], transform, batch_size=256, num_workers=0, progress=False
-    )
-    queries, kept, _ = extract_features(model, data["test"], transform, batch_size=256, num_workers=0, progress=False)
-    labels = torch.tensor(data["train_labels"])[kept_bank]
-    scores = knn_classify(bank["cls"], labels, queries["cls"], 10, ks=(20,), temperature=0.07)
-    return topk_accuracy(scores[20], torch.tensor(data["test_labels"])[kept])
-
-
-def raw_pixel_top1(data: dict) -> float:
-    transform = eval_transform(32, resize_policy="resize")
-
-    def pixels(paths):
-        return torch.stack([transform(open_rgb(p)).flatten() for p in paths])
-
-    scores = knn_classify(pixels(data["train"]), torch.tensor(data["train_labels"]), pixels(data["test"]), 10, ks=(20,))
-    return topk_accuracy(scores[20], torch.tensor(data["test_labels"]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=15.0, help="training budget of each library")
@@ -199,7 +175,7 @@ def main() -> None:
     root = cifar10(args.data)
     train, train_labels, classes = read_labelled(root / "train")
     test, test_labels, _ = read_labelled(root / "test", classes=classes)
-    data = dict(train=train, train_labels=train_labels, test=test, test_labels=test_labels)
+    data = dict(train=train, train_labels=train_labels, test=test, test_labels=test_labels, classes=classes)
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
@@ -220,15 +196,15 @@ def main() -> None:
         progress=False,
     )
     ours = load_model(args.out / "dinokit" / "backbone.safetensors")
-    ours_top1 = knn_top1(ours, data)
+    ours_top1 = knn_top1(ours, data, 32)
     results["dinokit"] = {"knn_top1": ours_top1, "iterations": summary["iterations"], "epochs": summary["epochs"]}
     print(f"dinokit: {summary['iterations']} iterations, {summary['epochs']} epochs -> k-NN {ours_top1:.2f}%")
     torch.manual_seed(cfg.seed)
-    results["random_init_knn_top1"] = knn_top1(build_backbone(cfg), data)
-    results["raw_pixels_knn_top1"] = raw_pixel_top1(data)
+    results["random_init_knn_top1"] = knn_top1(build_backbone(cfg), data, 32)
+    results["raw_pixels_knn_top1"] = raw_pixel_top1(data, 32)
     if not args.skip_lightly:
         teacher, lightly_summary = train_lightly(root / "train", args.minutes, arch, 64, cfg.num_workers)
-        results["lightly"] = {**lightly_summary, "knn_top1": knn_top1(teacher, data)}
+        results["lightly"] = {**lightly_summary, "knn_top1": knn_top1(teacher, data, 32)}
         print(
             f"lightly: {lightly_summary['iterations']} iterations, {lightly_summary['epochs']:.3f} epochs -> "
             f"k-NN {results['lightly']['knn_top1']:.2f}%"

@@ -102,22 +102,27 @@ def prepare_data(out: Path, data: str | None) -> dict:
 
 
 def knn_top1(model, data: dict, size: int) -> float:
+    """Weighted k-NN top-1 (k = 20, T = 0.07) of data["test"] against data["train"] on CLS features
+    (images resized to `size`); data holds the paths, their labels and "classes"."""
     transform = eval_transform(size, resize_policy="resize")
-    bank, kept_bank, _ = extract_features(model, data["train"], transform, num_workers=0, progress=False)
-    queries, kept_queries, _ = extract_features(model, data["test"], transform, num_workers=0, progress=False)
+    options = dict(batch_size=256, num_workers=0, progress=False)
+    bank, kept_bank, _ = extract_features(model, data["train"], transform, **options)
+    queries, kept_queries, _ = extract_features(model, data["test"], transform, **options)
     bank_labels = torch.tensor(data["train_labels"])[kept_bank]
     scores = knn_classify(bank["cls"], bank_labels, queries["cls"], len(data["classes"]), ks=(20,), temperature=0.07)
     return topk_accuracy(scores[20], torch.tensor(data["test_labels"])[kept_queries])
 
 
 def raw_pixel_top1(data: dict, size: int) -> float:
+    """The same k-NN on raw pixels (images resized to `size` and normalised, flattened)."""
     transform = eval_transform(size, resize_policy="resize")
 
     def pixels(paths):
         return torch.stack([transform(open_rgb(p)).flatten() for p in paths])
 
     bank, queries = pixels(data["train"]), pixels(data["test"])
-    scores = knn_classify(bank, torch.tensor(data["train_labels"]), queries, len(data["classes"]), ks=(20,))
+    labels = torch.tensor(data["train_labels"])
+    scores = knn_classify(bank, labels, queries, len(data["classes"]), ks=(20,), temperature=0.07)
     return topk_accuracy(scores[20], torch.tensor(data["test_labels"]))
 
 
