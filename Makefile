@@ -12,8 +12,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev,export,bench]"
 	touch $@
 
+# `make demo` pretrains on rendered shapes; `make demo DATA=/a/folder` on your images.
 demo: setup
-	$(PY) -m dinokit demo
+	$(PY) -m dinokit demo $(if $(DATA),data=$(DATA))
 
 test: setup
 	$(PY) -m pytest

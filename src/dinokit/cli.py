@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "visualize pca": "dinokit.maps.commands:visualize_pca",
     "visualize similarity": "dinokit.maps.commands:visualize_similarity",
     "segment": "dinokit.maps.commands:segment",
+    "pretrain": "dinokit.train.pretrain:pretrain",
 }
 
 

@@ -1,0 +1,229 @@
+"""How much a fixed CPU budget of self-supervised pretraining learns: CIFAR-10, dinokit vs lightly.
+
+1. dinokit: `dinokit.pretrain` on CIFAR-10 train (50k images, labels ignored), preset `cpu32`, for
+   `--minutes` of wall clock (data loading included).
+2. lightly: its DINO recipe (`benchmarks/imagenet/vitb16/dino.py`: DINOTransform, DINOProjectionHead,
+   DINOLoss, AdamW with lr 0.0005 x batch / 256, weight decay 0.04 -> 0.4, teacher momentum
+   0.996 -> 1, teacher temperature 0.04, 10% warm-up, cosine schedules over the budget) on the same
+   backbone (a timm ViT with the preset's width, depth, heads and patch size, wrapped in
+   MaskedVisionTransformerTIMM), 2 x 32 + 6 x 16 crops, batch 64, 4096 prototypes, bf16, for the
+   same budget.
+3. Weighted k-NN (k = 20, T = 0.07; `dinokit.eval.knn`) of the 10k test images against the 50k
+   training images, on the CLS feature of each teacher, of the same network at random init, and of
+   raw pixels.
+
+    python bench/learn_cifar10.py                 # 15 minutes each (about 40 minutes in all)
+    python bench/learn_cifar10.py --minutes 2     # a short validation run
+
+Needs ../shared/data/cifar10-jpg.tar.gz beside the repository (or --data with train/ and test/).
+"""
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from dinokit.data.images import list_images, open_rgb  # noqa: E402
+from dinokit.data.labelled import read_labelled  # noqa: E402
+from dinokit.demo import knn_top1, raw_pixel_top1  # noqa: E402
+from dinokit.models import load_model  # noqa: E402
+from dinokit.train.config import resolve_config  # noqa: E402
+from dinokit.train.pretrain import build_backbone, pretrain  # noqa: E402
+
+ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+def cifar10(root: Path) -> Path:
+    """root with train/<class>/*.jpg and test/<class>/*.jpg, extracted from the shared archive."""
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return root
+    if not ARCHIVE.exists():
+        sys.exit(f"CIFAR-10 not found: {ARCHIVE} (or pass --data DIR with train/ and test/)")
+    root.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(ARCHIVE) as archive:
+        archive.extractall(root, filter="data")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- lightly
+class LightlyBackbone(torch.nn.Module):
+    """A lightly backbone seen through dinokit's feature interface (forward_features -> CLS)."""
+
+    def __init__(self, backbone: torch.nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward_features(self, images: torch.Tensor) -> dict:
+        return {"x_norm_clstoken": self.backbone(images)}
+
+
+def train_lightly(
+    train_dir: Path, minutes: float, arch, batch_size: int, num_workers: int
+) -> tuple[torch.nn.Module, dict]:
+    """lightly's DINO recipe for `minutes` of wall clock; returns (teacher backbone, summary)."""
+    from lightly.loss import DINOLoss
+    from lightly.models.modules import DINOProjectionHead, MaskedVisionTransformerTIMM
+    from lightly.models.utils import get_weight_decay_parameters, update_momentum
+    from lightly.transforms import DINOTransform
+    from lightly.utils.scheduler import cosine_schedule
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        img_size=32,
+        patch_size=arch.patch_size,
+        embed_dim=arch.embed_dim,
+        depth=arch.depth,
+        num_heads=arch.num_heads,
+        dynamic_img_size=True,
+    )
+    teacher = MaskedVisionTransformerTIMM(vit=vit)
+    student = copy.deepcopy(teacher)
+    teacher_head = DINOProjectionHead(input_dim=arch.embed_dim, output_dim=4096, norm_last_layer=False)
+    student_head = DINOProjectionHead(
+        input_dim=arch.embed_dim, output_dim=4096, norm_last_layer=False, freeze_last_layer=1
+    )
+    student_head.load_state_dict(teacher_head.state_dict())
+    for m in (teacher, teacher_head):
+        m.requires_grad_(False)
+    criterion = DINOLoss(output_dim=4096, warmup_teacher_temp=0.04, teacher_temp=0.04)
+    transform = DINOTransform(global_crop_size=32, local_crop_size=16, n_local_views=6)
+
+    class Views(torch.utils.data.Dataset):
+        def __init__(self, paths):
+            self.paths = paths
+
+        def __len__(self):
+            return len(self.paths)
+
+        def __getitem__(self, i):
+            return transform(open_rgb(self.paths[i]))
+
+    loader = torch.utils.data.DataLoader(
+        Views(list_images(train_dir)),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )
+    params, params_no_wd = get_weight_decay_parameters([student, student_head])
+    lr = 0.0005 * batch_size / 256
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "weight_decay": 0.04}, {"params": params_no_wd, "weight_decay": 0.0}], lr=lr
+    )
+    start, step, budget = time.perf_counter(), 0, 60.0 * minutes
+    student.train()
+    student_head.train()
+    done = False
+    while not done:
+        for views in loader:
+            progress = (time.perf_counter() - start) / budget
+            if progress >= 1.0:
+                done = True
+                break
+            momentum = cosine_schedule(int(1000 * progress), 1000, 0.996, 1.0)
+            update_momentum(student, teacher, m=momentum)
+            update_momentum(student_head, teacher_head, m=momentum)
+            warm = min(progress / 0.1, 1.0)
+            lr_now = lr * warm if progress < 0.1 else cosine_schedule(int(1000 * (progress - 0.1) / 0.9), 1000, lr, 0.0)
+            optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = lr_now
+            optimizer.param_groups[0]["weight_decay"] = cosine_schedule(int(1000 * progress), 1000, 0.04, 0.4)
+            global_views, local_views = torch.cat(views[:2]), torch.cat(views[2:])
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with torch.no_grad():
+                    teacher_out = teacher_head(teacher(global_views))
+                student_out = torch.cat([student_head(student(global_views)), student_head(student(local_views))])
+                loss = criterion(
+                    teacher_out=teacher_out.chunk(2), student_out=student_out.chunk(len(views)), teacher_temp=0.04
+                )
+            loss.backward()
+            student_head.cancel_last_layer_gradients(current_epoch=int(progress * 100))  # first 1% of the run
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+    seconds = time.perf_counter() - start
+    summary = {
+        "iterations": step,
+        "epochs": step * batch_size / len(loader.dataset),
+        "minutes": seconds / 60,
+        "img_per_s": step * batch_size / seconds,
+        "last_loss": loss.item(),
+    }
+    return LightlyBackbone(teacher.eval()), summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=15.0, help="training budget of each library")
+    parser.add_argument("--preset", default="cpu32")
+    parser.add_argument("--data", type=Path, default=Path("/tmp/cifar10"))
+    parser.add_argument("--out", type=Path, default=Path("/tmp/dinokit-bench/learn_cifar10"))
+    parser.add_argument("--skip-lightly", action="store_true")
+    args = parser.parse_args()
+
+    root = cifar10(args.data)
+    train, train_labels, classes = read_labelled(root / "train")
+    test, test_labels, _ = read_labelled(root / "test", classes=classes)
+    data = dict(train=train, train_labels=train_labels, test=test, test_labels=test_labels, classes=classes)
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    cfg = resolve_config(args.preset, {})
+    arch = build_backbone(cfg).config
+    results = {"minutes": args.minutes, "preset": args.preset, "arch": cfg.arch}
+    print(
+        f"CIFAR-10: {len(train)} train / {len(test)} test images; budget {args.minutes} min per library; "
+        f"backbone {cfg.arch} ({arch.embed_dim}/{arch.depth}/{arch.num_heads}, patch {arch.patch_size})"
+    )
+
+    summary = pretrain(
+        data=str(root / "train"),
+        out=str(args.out / "dinokit"),
+        preset=args.preset,
+        max_minutes=args.minutes,
+        epochs=0,
+        progress=False,
+    )
+    ours = load_model(args.out / "dinokit" / "backbone.safetensors")
+    ours_top1 = knn_top1(ours, data, 32)
+    results["dinokit"] = {"knn_top1": ours_top1, "iterations": summary["iterations"], "epochs": summary["epochs"]}
+    print(f"dinokit: {summary['iterations']} iterations, {summary['epochs']} epochs -> k-NN {ours_top1:.2f}%")
+    torch.manual_seed(cfg.seed)
+    results["random_init_knn_top1"] = knn_top1(build_backbone(cfg), data, 32)
+    results["raw_pixels_knn_top1"] = raw_pixel_top1(data, 32)
+    if not args.skip_lightly:
+        teacher, lightly_summary = train_lightly(root / "train", args.minutes, arch, 64, cfg.num_workers)
+        results["lightly"] = {**lightly_summary, "knn_top1": knn_top1(teacher, data, 32)}
+        print(
+            f"lightly: {lightly_summary['iterations']} iterations, {lightly_summary['epochs']:.3f} epochs -> "
+            f"k-NN {results['lightly']['knn_top1']:.2f}%"
+        )
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+    print("\n| method | k-NN top-1 (k=20) | epochs in budget |")
+    print("|---|---|---|")
+    print(f"| dinokit `{args.preset}` | {ours_top1:.1f} | {results['dinokit']['epochs']:.2f} |")
+    if "lightly" in results:
+        theirs = results["lightly"]
+        print(f"| lightly DINO, same backbone | {theirs['knn_top1']:.1f} | {theirs['epochs']:.2f} |")
+    print(f"| same network, random init | {results['random_init_knn_top1']:.1f} | - |")
+    print(f"| raw pixels | {results['raw_pixels_knn_top1']:.1f} | - |")
+    if "lightly" in results:
+        gap = results["dinokit"]["knn_top1"] - results["lightly"]["knn_top1"]
+        print(f"\ndinokit - lightly: {gap:+.1f} points")
+    assert math.isfinite(results["dinokit"]["knn_top1"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""EMA centering of the teacher's logits (DINO): the teacher's softmax is taken after subtracting a
+running mean of its own outputs, which keeps one prototype from dominating."""
+
+import torch
+from torch import nn
+
+from dinokit.distributed import all_reduce_sum
+
+
+class EMACenter(nn.Module):
+    """Teacher probabilities with a centered softmax, and the center's EMA update.
+
+        p = softmax((t - c) / tau_t)                              over the last dimension
+        c <- m c + (1 - m) (sum of t over rows of every process) / (number of rows over processes)
+
+    `center` (1, K) is a buffer (saved with the model). The update averages over all processes, so
+    every process keeps the same center; with equal per-process batches it is the official update.
+    """
+
+    def __init__(self, dim: int, momentum: float = 0.9) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("center", torch.zeros(1, dim))
+
+    def probabilities(self, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """(N, K) logits -> (N, K) float32 probabilities."""
+        return torch.softmax((teacher_logits.float() - self.center) / temperature, dim=-1)
+
+    @torch.no_grad()
+    def update(self, teacher_logits: torch.Tensor) -> None:
+        """Move the center towards the mean of (N, K) logits (all processes); N = 0 is allowed."""
+        stats = torch.cat([teacher_logits.float().sum(dim=0), teacher_logits.new_full((1,), teacher_logits.shape[0])])
+        stats = all_reduce_sum(stats.float())
+        count = stats[-1]
+        if count > 0:
+            self.center.mul_(self.momentum).add_(stats[:-1].unsqueeze(0) / count, alpha=1.0 - self.momentum)

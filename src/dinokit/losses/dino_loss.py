@@ -1,0 +1,45 @@
+"""The DINO loss: every student view predicts every teacher view of the same image."""
+
+import torch
+from torch import nn
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy over the (student view, teacher view) pair matrix.
+
+    For S student views and T teacher views (the teacher sees the T global crops, which are also the
+    first T student views), B images and teacher probabilities p:
+        L[s, t] = -(1/B) sum_b sum_k p[t, b, k] log softmax(x[s, b] / tau_s)_k
+        loss = mean of L[s, t] over the valid pairs
+    With `ignore_same_view` (DINO, DINOv2) the pairs s == t, a crop predicting itself, are not valid:
+    2 global + 8 local crops give 2 x 10 - 2 = 18 pairs, the official count.
+    """
+
+    def __init__(self, student_temp: float = 0.1, ignore_same_view: bool = True) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.ignore_same_view = ignore_same_view
+
+    def pair_matrix(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+        """student_logits (S, B, K), teacher_probs (T, B, K) -> L (S, T), in float32 (autocast off)."""
+        s, b, _ = student_logits.shape
+        with torch.autocast(student_logits.device.type, enabled=False):
+            log_p = torch.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+            return -(log_p.reshape(s, -1) @ teacher_probs.float().reshape(teacher_probs.shape[0], -1).T) / b
+
+    def valid_pairs(self, num_student: int, num_teacher: int, device=None) -> torch.Tensor:
+        """(S, T) bool: which pairs count."""
+        valid = torch.ones(num_student, num_teacher, dtype=torch.bool, device=device)
+        if self.ignore_same_view:
+            valid[: min(num_student, num_teacher)].fill_diagonal_(False)
+        return valid
+
+    def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+        matrix = self.pair_matrix(student_logits, teacher_probs)
+        valid = self.valid_pairs(*matrix.shape, device=matrix.device)
+        if not valid.any():
+            raise ValueError(
+                f"no valid (student, teacher) view pairs for {matrix.shape[0]} student and {matrix.shape[1]} "
+                "teacher views: use at least 2 global crops or some local crops"
+            )
+        return matrix[valid].mean()

@@ -1,0 +1,215 @@
+"""The pretraining configuration: one flat dataclass, YAML presets shipped in the package, overrides.
+
+Resolution order: the dataclass defaults (DINOv2 ViT-S/14-like) <- the preset's YAML
+(`dinokit/train/presets/<name>.yaml`, or a path to a YAML file) <- the keys given by the user. The
+resolved configuration is written to the run folder as `config.yaml`.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dinokit.errors import DinokitError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class PretrainConfig:
+    """Every key of `dinokit pretrain` (see README: pretraining). Schedule phases are fractions of the run."""
+
+    # ---- what to train
+    objective: str = "dinov2"  # dino (DINO v1: DINO loss) | dinov2 (DINO + iBOT + KoLeo)
+    arch: str = "dinov2_vits14"  # any dinokit architecture; the position grid is set to global_crops_size
+    init: str | None = None  # start from weights load_model reads (released name, .pth, HF folder, ...)
+    drop_path_rate: float = 0.1
+    drop_path_uniform: bool = True
+    layerscale: float | None = 1e-5  # LayerScale init of a fresh backbone; 0: no LayerScale; None: the architecture's
+    # ---- heads and losses
+    head_prototypes: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_norm_last_layer: bool = False  # True: freeze the weight-norm gain (DINO v1 default)
+    ibot_separate_head: bool = False
+    ibot_prototypes: int = 65536
+    ibot_hidden_dim: int = 2048
+    ibot_bottleneck_dim: int = 256
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    centering: str = "ema"  # ema | sinkhorn_knopp
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    mask_sample_probability: float = 0.5
+    # ---- crops and augmentation
+    global_crops_size: int = 224
+    local_crops_size: int = 96
+    global_crops_number: int = 2
+    local_crops_number: int = 8
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    blur_probabilities: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    blur_as_released: bool = False  # True: the released checkpoints' inverted blur (0.0 / 0.9 / 0.5)
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    blur_kernel_size: int = 9
+    solarize_probability: float = 0.2
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    color_jitter_probability: float = 0.8
+    grayscale_probability: float = 0.2
+    # ---- optimisation (lr is for a global batch of 1024 with sqrt_wrt_1024, 256 with linear_wrt_256)
+    lr: float = 0.004
+    lr_scaling: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 (DINOv2) | linear_wrt_256 (DINO v1) | none
+    min_lr: float = 1e-6
+    warmup: float = 0.1
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    clip_grad: float = 3.0  # per module (backbone, each head), as the official code; 0 = off
+    freeze_last_layer: float = 0.01
+    freeze_backbone: float = 0.0  # head warm-up on a frozen backbone (with init=), fraction of the run
+    momentum_teacher: float = 0.992
+    momentum_teacher_end: float = 1.0
+    teacher_temp_start: float = 0.04
+    teacher_temp: float = 0.07
+    teacher_temp_warmup: float = 0.3
+    # ---- length (whichever ends first; the schedule spans epochs / max_iterations, else max_minutes)
+    epochs: float | None = 100.0  # real passes over the data
+    max_iterations: int | None = None
+    max_minutes: float | None = None
+    batch_size: int = 64  # per process
+    # ---- runtime
+    device: str = "auto"
+    precision: str = "bf16"  # bf16 | fp32
+    num_workers: int = 8
+    seed: int = 0
+    fsdp: bool = False  # FSDP2 fully_shard (with torchrun) instead of DDP
+    compile: bool = False  # torch.compile the backbone blocks
+    # ---- run folder
+    checkpoint_every: int = 1000  # iterations (0 = off)
+    checkpoint_every_minutes: float = 30.0  # 0 = off
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    nan_patience: int = 5  # stop after this many non-finite steps in a row
+    progress: bool = True
+    tensorboard: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_preset(preset: str) -> dict:
+    """The keys of a shipped preset name or a YAML file path."""
+    path = Path(preset)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = PRESETS_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            close = difflib.get_close_matches(preset, list_presets(), n=3)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise DinokitError(f"unknown preset {preset!r}.{hint} Shipped presets: {', '.join(list_presets())}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise DinokitError(f"preset {path} must be a mapping of key: value")
+    return values
+
+
+def coerce(key: str, value):
+    """A user value (possibly a string from the command line) converted to the key's declared type."""
+    annotation = FIELDS[key].type
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    options = typing.get_args(annotation) if is_union else (annotation,)
+    optional = type(None) in options
+    kind = next(t for t in options if t is not type(None))
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "~") and optional:
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise DinokitError(f"{key} cannot be empty")
+    if kind is str:
+        return str(value)
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise DinokitError(f"bad value for {key}: {value!r}") from None
+    try:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind is float:
+            return float(value)  # also takes "3e-4", which YAML 1.1 reads as a string
+        if kind is int:
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        if typing.get_origin(kind) is list:
+            if not isinstance(value, list | tuple):
+                raise ValueError
+            return [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise DinokitError(f"bad value for {key}: expected {annotation}, got {value!r}") from None
+    return value
+
+
+def resolve_config(preset: str | None, overrides: dict) -> PretrainConfig:
+    """Defaults <- preset <- overrides; unknown keys are an error naming the nearest valid keys."""
+    values = read_preset(preset) if preset else {}
+    values.update(overrides)
+    unknown = [k for k in values if k not in FIELDS]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, FIELDS, n=3)
+            hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
+        raise DinokitError(f"unknown pretraining key(s): {', '.join(hints)}. `dinokit pretrain --help` lists them.")
+    config = PretrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def validate(c: PretrainConfig) -> None:
+    """Clear errors for inconsistent settings, before anything is built."""
+    checks = [
+        (c.objective in ("dino", "dinov2"), f"objective must be dino or dinov2, got {c.objective!r}"),
+        (c.centering in ("ema", "sinkhorn_knopp"), f"centering must be ema or sinkhorn_knopp, got {c.centering!r}"),
+        (c.precision in ("bf16", "fp32"), f"precision must be bf16 or fp32, got {c.precision!r}"),
+        (c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}"),
+        (c.global_crops_number >= 1, "global_crops_number must be >= 1"),
+        (
+            c.global_crops_number >= 2 or c.local_crops_number >= 1,
+            "one global crop and no local crops leave no pair of views to compare",
+        ),
+        (len(c.blur_probabilities) == 3, "blur_probabilities needs 3 values: first global, other globals, locals"),
+        (len(c.mask_ratio_min_max) == 2, "mask_ratio_min_max needs 2 values"),
+        (
+            any(v is not None for v in (c.epochs, c.max_iterations, c.max_minutes)),
+            "set at least one of epochs, max_iterations, max_minutes",
+        ),
+        (0 <= c.warmup <= 1 and 0 <= c.teacher_temp_warmup <= 1, "warmup fractions must lie in [0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DinokitError(message)
+
+
+def save_config(config: PretrainConfig, extra: dict) -> str:
+    """YAML text of the full resolved configuration plus run facts (data, out, derived values)."""
+    return yaml.safe_dump({**extra, **config.to_dict()}, sort_keys=False)

@@ -1,0 +1,119 @@
+"""Optimiser set-up of self-distillation: lr scaling, AdamW parameter groups, gradient clipping.
+
+Parameter groups follow `dinov2/utils/param_groups.py`: backbone parameters get the layer-wise lr
+multiplier decay^(L + 1 - layer) with layer 0 for the embeddings (patch_embed, pos_embed, cls_token,
+register_tokens, mask_token), i + 1 for `blocks.i` and L + 1 for the final norm; `patch_embed` is
+further multiplied by `patch_embed_lr_mult`; head parameters get 1. Weight decay is off for biases,
+norms and LayerScale gammas (names ending in `.bias` or containing `norm` or `gamma`). Parameters
+with equal (lr multiplier, wd multiplier, is last layer, is backbone) share one AdamW group.
+"""
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from dinokit.errors import DinokitError
+
+LR_SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
+EMBEDDINGS = ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")
+
+
+def scale_lr(base_lr: float, global_batch_size: int, rule: str = "sqrt_wrt_1024") -> float:
+    """sqrt_wrt_1024 (DINOv2): base * sqrt(G / 1024); linear_wrt_256 (DINO v1): base * G / 256; none."""
+    if rule == "sqrt_wrt_1024":
+        return base_lr * math.sqrt(global_batch_size / 1024)
+    if rule == "linear_wrt_256":
+        return base_lr * global_batch_size / 256
+    if rule == "none":
+        return base_lr
+    raise DinokitError(f"lr_scaling must be one of {', '.join(LR_SCALING_RULES)}, got {rule!r}")
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """Depth of a backbone parameter: 0 embeddings, i + 1 for blocks.i, num_layers + 1 otherwise."""
+    if name.split(".")[0] in EMBEDDINGS:
+        return 0
+    match = re.match(r"blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return num_layers + 1
+
+
+def no_weight_decay(name: str) -> bool:
+    return name.endswith(".bias") or "norm" in name or "gamma" in name
+
+
+def param_groups(
+    backbone: nn.Module,
+    heads: dict[str, nn.Module],
+    layerwise_decay: float = 0.9,
+    patch_embed_lr_mult: float = 0.2,
+) -> list[dict]:
+    """AdamW groups with keys params, lr_multiplier, wd_multiplier, is_last_layer, is_backbone, names."""
+    num_layers = len(backbone.blocks)
+    entries = []
+    for name, p in backbone.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr_mult = layerwise_decay ** (num_layers + 1 - layer_id(name, num_layers))
+        if "patch_embed" in name:
+            lr_mult *= patch_embed_lr_mult
+        entries.append((f"backbone.{name}", p, lr_mult, 0.0 if no_weight_decay(name) else 1.0, False, True))
+    for head_name, head in heads.items():
+        for name, p in head.named_parameters():
+            if not p.requires_grad:
+                continue
+            wd = 0.0 if no_weight_decay(name) else 1.0
+            entries.append((f"{head_name}.{name}", p, 1.0, wd, "last_layer" in name, False))
+    groups: dict[tuple, dict] = {}
+    for full_name, p, lr_mult, wd_mult, last, is_backbone in entries:
+        key = (lr_mult, wd_mult, last, is_backbone)
+        group = groups.setdefault(
+            key,
+            dict(
+                params=[],
+                names=[],
+                lr_multiplier=lr_mult,
+                wd_multiplier=wd_mult,
+                is_last_layer=last,
+                is_backbone=is_backbone,
+            ),
+        )
+        group["params"].append(p)
+        group["names"].append(full_name)
+    return list(groups.values())
+
+
+def build_optimizer(groups: list[dict], betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.AdamW:
+    """AdamW over the groups (lr and weight decay are set every iteration by `apply_schedule`)."""
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(betas), foreach=True)
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, values: dict[str, float]) -> None:
+    """Set each group's lr and weight decay from the schedule values at this iteration."""
+    for group in optimizer.param_groups:
+        lr = values["last_layer_lr"] if group["is_last_layer"] else values["lr"]
+        if group["is_backbone"]:
+            lr *= values["backbone_lr_factor"]
+        group["lr"] = lr * group["lr_multiplier"]
+        group["weight_decay"] = values["weight_decay"] * group["wd_multiplier"]
+
+
+def clip_gradients(modules: Iterable[nn.Module], max_norm: float) -> torch.Tensor:
+    """Clip each module's gradient norm to `max_norm` separately, as the official code does for the
+    backbone and each head; returns the total gradient norm before clipping (over all modules)."""
+    norms = []
+    for module in modules:
+        params = [p for p in module.parameters() if p.grad is not None]
+        if not params:
+            continue
+        if max_norm > 0:
+            norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+        else:
+            norms.append(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))
+    if not norms:
+        return torch.tensor(0.0)
+    return torch.stack([n.float().cpu() for n in norms]).norm()

@@ -1,0 +1,662 @@
+"""`dinokit pretrain`: DINO / DINOv2 self-supervised pretraining on any folder of images.
+
+One process on a CPU or GPU, or many with `torchrun --nproc_per_node N -m dinokit pretrain ...`
+(DDP; FSDP2 with `fsdp=true`). The run folder `out` receives config.yaml (the full resolved
+configuration), checkpoints/, metrics.jsonl, tensorboard/, bad_files.txt (if any) and
+backbone.safetensors (the teacher backbone, for `dinokit.load_model`).
+"""
+
+import math
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from dinokit import distributed as dist
+from dinokit.data.augmentations import MultiCropAugmentation
+from dinokit.data.collate import CropBatch, MultiCropCollate
+from dinokit.data.images import list_images, open_rgb
+from dinokit.data.masking import MaskingGenerator
+from dinokit.data.unlabelled import MultiCropDataset, StreamBatchSampler
+from dinokit.errors import DinokitError
+from dinokit.io import atomic_write
+from dinokit.models import create_model, export_model, load_model
+from dinokit.models.vision_transformer import VisionTransformer
+from dinokit.runtime import autocast, resolve_device
+from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dinokit.train.config import PretrainConfig, resolve_config
+from dinokit.train.ema import update_teacher
+from dinokit.train.metrics_log import MetricsLog
+from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups, scale_lr
+from dinokit.train.schedules import Schedules
+from dinokit.train.self_distillation import SelfDistillation, collapse_figures
+
+# Keys that may change when a run is resumed; any other key must match the saved config.
+RESUMABLE_KEYS = {
+    "epochs",
+    "max_iterations",
+    "max_minutes",
+    "device",
+    "precision",
+    "num_workers",
+    "checkpoint_every",
+    "checkpoint_every_minutes",
+    "keep_checkpoints",
+    "log_every",
+    "nan_patience",
+    "progress",
+    "tensorboard",
+    "batch_size",
+    "fsdp",
+    "compile",
+}
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_backbone(cfg: PretrainConfig) -> VisionTransformer:
+    """A fresh backbone of `cfg.arch` (position grid at the global crop size), or `cfg.init`'s weights."""
+    use_ibot = cfg.objective == "dinov2" and cfg.ibot_loss_weight > 0
+    if cfg.init:
+        backbone = load_model(cfg.init)
+        if use_ibot and backbone.mask_token is None:
+            raise DinokitError(f"init={cfg.init} has no mask token, which iBOT needs: use objective=dino")
+    else:
+        overrides = dict(img_size=cfg.global_crops_size, mask_token=use_ibot)
+        if cfg.layerscale is not None:
+            overrides["init_values"] = cfg.layerscale or None  # 0: no LayerScale (DINO v1)
+        try:
+            backbone = create_model(cfg.arch, **overrides)
+        except (ValueError, TypeError) as e:
+            raise DinokitError(str(e)) from None
+    depth = len(backbone.blocks)
+    for i, block in enumerate(backbone.blocks):
+        block.drop_path_rate = (
+            cfg.drop_path_rate if cfg.drop_path_uniform else cfg.drop_path_rate * i / max(depth - 1, 1)
+        )
+    return backbone
+
+
+def build_model(cfg: PretrainConfig) -> SelfDistillation:
+    return SelfDistillation(
+        build_backbone(cfg),
+        objective=cfg.objective,
+        head_prototypes=cfg.head_prototypes,
+        head_hidden_dim=cfg.head_hidden_dim,
+        head_bottleneck_dim=cfg.head_bottleneck_dim,
+        head_nlayers=cfg.head_nlayers,
+        head_norm_last_layer=cfg.head_norm_last_layer,
+        ibot_separate_head=cfg.ibot_separate_head,
+        ibot_prototypes=cfg.ibot_prototypes,
+        ibot_hidden_dim=cfg.ibot_hidden_dim,
+        ibot_bottleneck_dim=cfg.ibot_bottleneck_dim,
+        centering=cfg.centering,
+        center_momentum=cfg.center_momentum,
+        student_temp=cfg.student_temp,
+        dino_loss_weight=cfg.dino_loss_weight,
+        ibot_loss_weight=cfg.ibot_loss_weight,
+        koleo_loss_weight=cfg.koleo_loss_weight,
+    )
+
+
+def build_augmentation(cfg: PretrainConfig) -> MultiCropAugmentation:
+    return MultiCropAugmentation(
+        global_crops_size=cfg.global_crops_size,
+        local_crops_size=cfg.local_crops_size,
+        global_crops_number=cfg.global_crops_number,
+        local_crops_number=cfg.local_crops_number,
+        global_crops_scale=cfg.global_crops_scale,
+        local_crops_scale=cfg.local_crops_scale,
+        blur_probabilities=cfg.blur_probabilities,
+        blur_as_released=cfg.blur_as_released,
+        blur_sigma=cfg.blur_sigma,
+        blur_kernel_size=cfg.blur_kernel_size,
+        solarize_probability=cfg.solarize_probability,
+        color_jitter=cfg.color_jitter,
+        color_jitter_probability=cfg.color_jitter_probability,
+        grayscale_probability=cfg.grayscale_probability,
+    )
+
+
+def build_collate(cfg: PretrainConfig, patch_size: int, use_ibot: bool) -> MultiCropCollate:
+    generator = None
+    if use_ibot:
+        grid = cfg.global_crops_size // patch_size
+        generator = MaskingGenerator(grid, max_num_patches=int(0.5 * grid * grid))
+    return MultiCropCollate(generator, tuple(cfg.mask_ratio_min_max), cfg.mask_sample_probability, cfg.seed)
+
+
+def shard_fsdp(model: SelfDistillation) -> None:
+    """FSDP2: shard every block, the backbone (forward_features is its entry point), each head, and
+    the student as root."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    # outputs such as x_norm_clstoken are views; nothing modifies them in place
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for net in (model.student, model.teacher):
+        for block in net.backbone.blocks:
+            fully_shard(block)
+        fully_shard(net.backbone)
+        register_fsdp_forward_method(net.backbone, "forward_features")
+        for head in net.heads().values():
+            fully_shard(head)
+    fully_shard(model.student)
+
+
+def local_tensors(params) -> list[torch.Tensor]:
+    """Local shards of (possibly FSDP2 / DTensor) parameters."""
+    return [p.to_local() if hasattr(p, "to_local") else p for p in params]
+
+
+# ---------------------------------------------------------------------------------------------- state
+def model_state(model: SelfDistillation, fsdp: bool) -> dict:
+    if not fsdp:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: SelfDistillation, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=fsdp)
+    return get_optimizer_state_dict(model.student, optimizer, options=options)
+
+
+def load_optimizer_state(model: SelfDistillation, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A full optimiser state (keyed by parameter name) into a plain, DDP or FSDP2 student's optimiser."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model.student, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def export_backbone(model: SelfDistillation, path: Path, fsdp: bool) -> str | None:
+    """Write the teacher backbone as dinokit safetensors (rank 0); returns the path there."""
+    state = model_state(model, fsdp) if fsdp else None
+    if not dist.is_main_process():
+        return None
+    teacher = model.teacher.backbone
+    backbone = VisionTransformer(replace(teacher.config, drop_path_rate=0.0))
+    if fsdp:
+        prefix = "teacher.backbone."
+        backbone.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    else:
+        backbone.load_state_dict(teacher.state_dict())
+    return export_model(backbone.float().eval(), path, format="dinokit")
+
+
+# ---------------------------------------------------------------------------------------------- data
+def check_readable(paths: list[Path], sample: int = 64) -> None:
+    """Clear error before training if none of a sample of the files decodes."""
+    step = max(1, len(paths) // sample)
+    probe = paths[::step][:sample]
+    for p in probe:
+        try:
+            open_rgb(p)
+            return
+        except Exception:  # any failure: try the next file
+            continue
+    raise DinokitError(
+        f"none of {len(probe)} sampled files under the data source could be read as an image "
+        f"(e.g. {probe[0]}); check the folder (jpg, png, webp, bmp, tiff)"
+    )
+
+
+def make_loader(dataset, cfg: PretrainConfig, batch_size: int, start: int, device: torch.device, collate):
+    sampler = StreamBatchSampler(len(dataset), batch_size, dist.rank(), dist.world_size(), seed=cfg.seed, start=start)
+    workers = max(0, cfg.num_workers)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the loader off the global RNG
+    )
+
+
+# ---------------------------------------------------------------------------------------------- config
+def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple[PretrainConfig, bool]:
+    """The run's configuration, and whether a checkpoint will be resumed. A new run refuses a folder
+    that already holds one (never overwrites a run); a resumed run takes the saved config, and the
+    given keys may only change RESUMABLE_KEYS."""
+    saved = out / "config.yaml"
+    if not resume:
+        if saved.exists():
+            raise DinokitError(
+                f"{out} already holds a run (config.yaml); pass resume=true to continue it, or choose a new out=..."
+            )
+        return resolve_config(preset, keys), False
+    if not saved.exists():
+        print(f"resume=true but {out} holds no run yet: starting a new one")
+        return resolve_config(preset, keys), False
+    values = yaml.safe_load(saved.read_text())
+    old = resolve_config(None, {k: v for k, v in values.items() if k not in ("data", "out", "preset", "derived")})
+    given = resolve_config(None, {**old.to_dict(), **keys}).to_dict()
+    conflicts = [k for k in keys if k not in RESUMABLE_KEYS and given[k] != getattr(old, k)]
+    if conflicts:
+        text = ", ".join(f"{k} (saved {getattr(old, k)!r}, given {given[k]!r})" for k in conflicts)
+        raise DinokitError(f"resume=true continues the saved configuration, but {text} differ; start a new run instead")
+    return resolve_config(None, given), bool(list_checkpoints(out / "checkpoints"))
+
+
+def run_length(cfg: PretrainConfig, num_images: int, global_batch: int) -> dict:
+    """Iterations per epoch, the schedule's length in iterations (None: time-based) and stop limits."""
+    per_epoch = num_images / global_batch
+    limits = {}
+    if cfg.epochs:
+        limits["epochs"] = math.ceil(cfg.epochs * per_epoch)
+    if cfg.max_iterations:
+        limits["max_iterations"] = cfg.max_iterations
+    schedule = limits.get("epochs", limits.get("max_iterations"))
+    if schedule is None and not cfg.max_minutes:
+        raise DinokitError("set at least one of epochs, max_iterations, max_minutes (0 means no limit)")
+    stop = min(limits.values()) if limits else None
+    return {"iterations_per_epoch": per_epoch, "schedule_iterations": schedule, "stop_iteration": stop}
+
+
+# ---------------------------------------------------------------------------------------------- train
+def pretrain(
+    data: str,
+    out: str = "out/pretrain",
+    preset: str = "dinov2_vits14",
+    max_iterations: int | None = None,
+    max_minutes: float | None = None,
+    epochs: float | None = None,
+    batch_size: int | None = None,
+    checkpoint_every: int | None = None,
+    num_workers: int | None = None,
+    device: str | None = None,
+    precision: str | None = None,
+    resume: bool = False,
+    init: str | None = None,
+    **keys,
+) -> dict:
+    """Self-supervised DINO / DINOv2 pretraining on a folder of images (labels ignored).
+
+    `preset` names a shipped recipe (dinov2_vits14, dinov2_vitb14, dinov2_vitl14, dinov2_vitg14,
+    dino_vits16, dino_vitb16, cpu32, demo) or a YAML file; any other key of the config
+    (`dinokit.train.config.PretrainConfig`, e.g. lr=, arch=, local_crops_number=) overrides it.
+    Length: epochs (real passes), max_iterations and max_minutes (0 = no limit) each stop the run;
+    schedules span epochs, else max_iterations, else max_minutes. resume=true continues the run in
+    `out` from its newest checkpoint; init= starts from pretrained weights with fresh heads.
+    Launch with `torchrun --nproc_per_node N -m dinokit pretrain ...` for several processes.
+    Returns a summary (iterations, last metrics, paths).
+    """
+    given = dict(
+        max_iterations=max_iterations,
+        max_minutes=max_minutes,
+        epochs=epochs,
+        batch_size=batch_size,
+        checkpoint_every=checkpoint_every,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        init=init,
+    )
+    keys = {**{k: v for k, v in given.items() if v is not None}, **keys}
+    out_dir = Path(out)
+    cfg, resuming = run_config(out_dir, preset, keys, resume)
+    runtime_device = dist.init_distributed(resolve_device(cfg.device))
+    try:
+        return Trainer(cfg, data, out_dir, preset, runtime_device, resuming, "batch_size" in keys).run()
+    finally:
+        dist.destroy_distributed()
+
+
+class Trainer:
+    """One pretraining run (see `pretrain`)."""
+
+    def __init__(
+        self,
+        cfg: PretrainConfig,
+        data: str,
+        out: Path,
+        preset: str | None,
+        device: torch.device,
+        resuming: bool,
+        batch_size_given: bool = False,
+    ) -> None:
+        self.out, self.device = out, device
+        self.main = dist.is_main_process()
+        world = dist.world_size()
+        self.checkpoint = load_checkpoint(list_checkpoints(out / "checkpoints")[-1]) if resuming else None
+        if self.checkpoint is not None and not batch_size_given:  # keep the global batch on any world size
+            saved_global = self.checkpoint["global_batch"]
+            if saved_global % world:
+                raise DinokitError(
+                    f"the run's global batch {saved_global} does not divide over {world} processes; "
+                    "pass batch_size=... explicitly"
+                )
+            cfg = replace(cfg, batch_size=saved_global // world)
+        self.cfg = cfg
+        self.global_batch = cfg.batch_size * world
+
+        self.paths = list_images(data)
+        check_readable(self.paths)
+        self.length = run_length(cfg, len(self.paths), self.global_batch)
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        self.model = build_model(cfg).to(device)
+        self.use_ibot = self.model.use_ibot
+        self.augmentation = build_augmentation(cfg)
+        self.collate = build_collate(cfg, self.model.student.backbone.patch_size, self.use_ibot)
+        self.dataset = MultiCropDataset(self.paths, self.augmentation, seed=cfg.seed)
+        self.schedules = Schedules(
+            lr=scale_lr(cfg.lr, self.global_batch, cfg.lr_scaling),
+            min_lr=cfg.min_lr,
+            warmup=cfg.warmup,
+            weight_decay=cfg.weight_decay,
+            weight_decay_end=cfg.weight_decay_end,
+            momentum=cfg.momentum_teacher,
+            momentum_end=cfg.momentum_teacher_end,
+            teacher_temp_start=cfg.teacher_temp_start,
+            teacher_temp=cfg.teacher_temp,
+            teacher_temp_warmup=cfg.teacher_temp_warmup,
+            freeze_last_layer=cfg.freeze_last_layer,
+            freeze_backbone=cfg.freeze_backbone,
+        )
+        self.iteration, self.samples_seen, self.elapsed = 0, 0, 0.0
+        self.counters = {"skipped_steps": 0, "bad_files": 0}
+        self.bad_paths: set[str] = set()
+        if self.checkpoint is not None:  # full model state, before any sharding
+            self.model.load_state_dict(self.checkpoint["model"])
+            self.iteration = self.checkpoint["iteration"]
+            self.samples_seen = self.checkpoint["samples_seen"]
+            self.elapsed = self.checkpoint["elapsed_seconds"]
+            self.counters = dict(self.checkpoint["counters"])
+
+        if cfg.compile:
+            for net in (self.model.student, self.model.teacher):
+                for block in net.backbone.blocks:
+                    block.compile(dynamic=False)
+        self.fsdp = cfg.fsdp and dist.is_distributed()
+        self.student = self.model.student  # what the step calls: the student, or its DDP wrapper
+        if self.fsdp:
+            shard_fsdp(self.model)
+        elif dist.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.student = DistributedDataParallel(
+                self.model.student, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True
+            )
+        # the optimiser is built on the final (possibly sharded) parameters
+        groups = param_groups(
+            self.model.student.backbone, self.model.student.heads(), cfg.layerwise_decay, cfg.patch_embed_lr_mult
+        )
+        self.optimizer = build_optimizer(groups, tuple(cfg.adamw_betas))
+        if self.checkpoint is not None:
+            load_optimizer_state(self.model, self.optimizer, self.checkpoint["optimizer"])
+        self.student_params = list(self.model.student.parameters())
+        self.teacher_params = list(self.model.teacher.parameters())
+        torch.manual_seed(cfg.seed + 1 + dist.rank())  # drop path and other training randomness
+        if self.checkpoint is not None and len(self.checkpoint["rng"]) == world:
+            set_rng_state(self.checkpoint["rng"][dist.rank()], device)
+        self.describe(data, preset)
+
+    # ------------------------------------------------------------------------------------ helpers
+    def describe(self, data: str, preset: str | None) -> None:
+        cfg, n = self.cfg, len(self.paths)
+        derived = {
+            "images": n,
+            "processes": dist.world_size(),
+            "global_batch": self.global_batch,
+            "iterations_per_epoch": round(self.length["iterations_per_epoch"], 3),
+            "schedule_iterations": self.length["schedule_iterations"],
+            "peak_lr": self.schedules.lr,
+            "augmentation": repr(self.augmentation),
+        }
+        self.derived = derived
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(
+            {"data": str(data), "out": str(self.out), "preset": preset, "derived": derived, **cfg.to_dict()},
+            sort_keys=False,
+        )
+        atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        length = self.length["schedule_iterations"]
+        span = f"{length} iterations" if length else f"{cfg.max_minutes} minutes"
+        epochs = f" = {cfg.epochs} epochs" if cfg.epochs else ""
+        print(
+            f"pretrain: {n} images, {dist.world_size()} process(es) x batch {cfg.batch_size} = {self.global_batch} "
+            f"({derived['iterations_per_epoch']} iterations per epoch); schedule over {span}{epochs}; "
+            f"{cfg.objective} {cfg.arch if not cfg.init else cfg.init} on {self.device}, {cfg.precision}"
+        )
+
+    def progress(self, elapsed: float) -> float:
+        total = self.length["schedule_iterations"]
+        if total:
+            return self.iteration / total
+        return min(elapsed / (60.0 * self.cfg.max_minutes), 1.0)
+
+    def should_stop(self, elapsed: float) -> bool:
+        stop = self.length["stop_iteration"]
+        done = stop is not None and self.iteration >= stop
+        return done or bool(self.cfg.max_minutes and elapsed >= 60.0 * self.cfg.max_minutes)
+
+    def shared_clock(self, start: float) -> float:
+        """Seconds since the run started, as measured by process 0 (so that every process takes the
+        same time-based decisions and schedule values)."""
+        return float(dist.broadcast(torch.tensor([time.perf_counter() - start], dtype=torch.float64)).item())
+
+    def save(self, elapsed: float) -> None:
+        state = {
+            "iteration": self.iteration,
+            "samples_seen": self.samples_seen,
+            "elapsed_seconds": elapsed,
+            "global_batch": self.global_batch,
+            "counters": self.counters,
+            "model": model_state(self.model, self.fsdp),
+            "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
+            "rng": dist.all_gather_objects(rng_state(self.device)),
+            "config": self.cfg.to_dict(),
+        }
+        if self.main:
+            save_checkpoint(self.out / "checkpoints", self.iteration, state, self.cfg.keep_checkpoints)
+        dist.barrier()
+
+    # ------------------------------------------------------------------------------------ step
+    def step(self, batch: CropBatch, values: dict) -> tuple[dict, dict, bool, float]:
+        """One optimisation step; returns (loss parts, teacher outputs + probs, accepted, grad norm)."""
+        cfg = self.cfg
+        apply_schedule(self.optimizer, values)
+        batch = batch.to(self.device)
+        n_global = cfg.global_crops_number
+        with autocast(self.device, cfg.precision):
+            teacher = self.model.teacher_outputs(batch.global_crops, batch.masks)
+            targets = self.model.teacher_probabilities(teacher, values["teacher_temp"])
+            student = self.student(batch.global_crops, batch.local_crops, batch.masks)
+            parts = self.model.losses(student, targets, n_global, batch.mask_weights)
+        parts["loss"].backward()
+        heads = self.model.student.heads().values()
+        grad_norm = clip_gradients([self.model.student.backbone, *heads], cfg.clip_grad)
+        finite = torch.tensor([float(torch.isfinite(parts["loss"]).item() and math.isfinite(float(grad_norm)))])
+        accepted = bool(-dist.all_reduce_max(-finite).item())  # all processes agree
+        if accepted:
+            self.optimizer.step()
+            self.model.update_centers(teacher)
+            update_teacher(local_tensors(self.teacher_params), local_tensors(self.student_params), values["momentum"])
+        self.optimizer.zero_grad(set_to_none=True)
+        teacher["cls_probs"] = targets["cls_logits"]
+        return parts, teacher, accepted, float(grad_norm)
+
+    # ------------------------------------------------------------------------------------ loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        log = MetricsLog(self.out, cfg.tensorboard, self.iteration if self.checkpoint else None) if self.main else None
+        loader = make_loader(self.dataset, cfg, cfg.batch_size, self.samples_seen, self.device, self.collate)
+        self.model.train()
+        total = self.length["stop_iteration"]
+        bar = tqdm(
+            total=total, initial=self.iteration, desc="pretrain", unit="it", disable=not (cfg.progress and self.main)
+        )
+        start = time.perf_counter() - self.elapsed
+        last_save_time = time.perf_counter()
+        window = {"time": 0.0, "wait": 0.0, "images": 0, "steps": 0}
+        consecutive_bad = 0
+        warned_collapse = False
+        last_row: dict = {}
+        iterator = iter(loader)
+        elapsed = self.elapsed
+        parts = None
+        try:
+            while not self.should_stop(elapsed := self.shared_clock(start)):
+                t0 = time.perf_counter()
+                batch = next(iterator)
+                t1 = time.perf_counter()
+                self.record_bad(batch)
+                empty = dist.all_reduce_sum(torch.tensor([float(batch.batch_size == 0)]))
+                if empty.item() > 0:  # a batch of unreadable files on some process: skip everywhere
+                    self.iteration += 1
+                    self.samples_seen += self.global_batch
+                    continue
+                values = self.schedules(self.progress(elapsed))
+                parts, teacher, accepted, grad_norm = self.step(batch, values)
+                if accepted:
+                    consecutive_bad = 0
+                else:
+                    self.counters["skipped_steps"] += 1
+                    consecutive_bad += 1
+                    if self.main:
+                        warnings.warn(
+                            f"iteration {self.iteration}: non-finite loss or gradients, step skipped", stacklevel=1
+                        )
+                    if consecutive_bad >= cfg.nan_patience:
+                        raise DinokitError(
+                            f"{consecutive_bad} steps in a row had non-finite losses or gradients (iteration "
+                            f"{self.iteration}). Lower lr, use precision=fp32, raise batch_size, or set "
+                            "koleo_loss_weight=0; resume=true continues from the last checkpoint."
+                        )
+                self.iteration += 1
+                self.samples_seen += self.global_batch
+                t2 = time.perf_counter()
+                window["time"] += t2 - t0
+                window["wait"] += t1 - t0
+                window["images"] += self.global_batch
+                window["steps"] += 1
+                bar.update(1)
+
+                if self.iteration % cfg.log_every == 0 or self.should_log_last(elapsed):
+                    row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
+                    window = {"time": 0.0, "wait": 0.0, "images": 0, "steps": 0}
+                    last_row = row
+                    if self.main:
+                        log.write(row)
+                        bar.set_postfix(
+                            loss=f"{row['loss']:.3f}",
+                            img_s=f"{row['img_per_s']:.1f}",
+                            wait=f"{100 * row['data_wait']:.0f}%",
+                        )
+                        warned_collapse = self.warn_collapse(row, warned_collapse)
+                due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
+                minutes = cfg.checkpoint_every_minutes
+                due_time = minutes and time.perf_counter() - last_save_time >= 60.0 * minutes
+                if due or dist.broadcast(torch.tensor([float(bool(due_time))])).item():
+                    self.save(elapsed)
+                    last_save_time = time.perf_counter()
+            if window["steps"] and parts is not None:  # the time budget ended between log points
+                last_row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
+                if self.main:
+                    log.write(last_row)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+        self.save(elapsed)
+        backbone = export_backbone(self.model, self.out / "backbone.safetensors", self.fsdp)
+        self.write_bad_files()
+        summary = {
+            "out": str(self.out),
+            "iterations": self.iteration,
+            "epochs": round(self.samples_seen / len(self.paths), 3),
+            "minutes": round(elapsed / 60.0, 2),
+            "backbone": backbone,
+            "last_metrics": last_row,
+            "bad_files": self.counters["bad_files"],
+            "skipped_steps": self.counters["skipped_steps"],
+        }
+        if self.main:
+            print(f"pretrain: done, {summary['iterations']} iterations ({summary['epochs']} epochs) -> {backbone}")
+        return summary
+
+    def should_log_last(self, elapsed: float) -> bool:
+        stop = self.length["stop_iteration"]
+        return stop is not None and self.iteration == stop
+
+    def record_bad(self, batch: CropBatch) -> None:
+        for index in batch.bad:
+            path = str(self.paths[index])
+            if path not in self.bad_paths:
+                self.bad_paths.add(path)
+                self.counters["bad_files"] += 1
+
+    def write_bad_files(self) -> None:
+        every = set().union(*dist.all_gather_objects(self.bad_paths))
+        if self.main and every:
+            text = "".join(f"{p}\n" for p in sorted(every))
+            atomic_write(self.out / "bad_files.txt", lambda tmp: Path(tmp).write_text(text))
+            print(f"pretrain: {len(every)} unreadable file(s) skipped, listed in {self.out / 'bad_files.txt'}")
+
+    def metrics_row(
+        self, parts: dict, teacher: dict, values: dict, grad_norm: float, window: dict, elapsed: float
+    ) -> dict:
+        """Loss parts and health figures averaged over processes, schedule values, speed."""
+        names = [k for k in ("loss", "dino", "ibot", "koleo") if k in parts]
+        reduced = dist.all_reduce_sum(torch.stack([parts[k].detach().float().cpu() for k in names]))
+        reduced = (reduced / dist.world_size()).tolist()
+        row = {"iteration": self.iteration, "epoch": round(self.samples_seen / len(self.paths), 4)}
+        row.update({("loss" if k == "loss" else f"{k}_loss"): v for k, v in zip(names, reduced, strict=True)})
+        row.update({k: values[k] for k in ("lr", "last_layer_lr", "weight_decay", "momentum", "teacher_temp")})
+        row.update(collapse_figures(teacher["cls_probs"], teacher["cls"]))
+        counters = dist.all_reduce_sum(
+            torch.tensor([float(self.counters["bad_files"]), float(self.counters["skipped_steps"])])
+        )
+        row.update(
+            grad_norm=grad_norm,
+            img_per_s=window["images"] / max(window["time"], 1e-9),
+            data_wait=window["wait"] / max(window["time"], 1e-9),
+            bad_files=int(counters[0].item()),
+            skipped_steps=int(counters[1].item() / max(dist.world_size(), 1)),
+            minutes=elapsed / 60.0,
+        )
+        return row
+
+    def warn_collapse(self, row: dict, warned: bool) -> bool:
+        """Warn once when the figures say the representation has collapsed (after the warm-ups)."""
+        if warned or row["iteration"] < 20 or self.progress(row["minutes"] * 60.0) < 0.2:
+            return warned
+        reasons = []
+        if row["cls_spread"] < 0.05:
+            reasons.append(f"teacher CLS features nearly identical across images (spread {row['cls_spread']:.3f})")
+        if row["teacher_kl_uniform"] > 0.9:
+            reasons.append(
+                f"teacher puts every image on the same prototypes (KL to uniform {row['teacher_kl_uniform']:.2f})"
+            )
+        if reasons:
+            warnings.warn(
+                "possible collapse: " + "; ".join(reasons) + ". Try a lower lr, a higher teacher momentum, a lower "
+                "teacher_temp, or a larger batch.",
+                stacklevel=1,
+            )
+            return True
+        return False

@@ -1,0 +1,166 @@
+"""Heads and losses of self-distillation against values computed by hand on small tensors."""
+
+import math
+import warnings
+from fractions import Fraction
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinokit.losses import DINOHead, DINOLoss, EMACenter, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
+
+LN = math.log
+
+
+# ----------------------------------------------------------------------------------------- DINOHead
+def test_dino_head_structure_and_forward_formula():
+    head = DINOHead(8, 5, hidden_dim=16, bottleneck_dim=4, nlayers=3)
+    linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(8, 16), (16, 16), (16, 4)]
+    assert all(torch.all(m.bias == 0) for m in linears)
+    g = head.last_layer.parametrizations.weight.original0
+    v = head.last_layer.parametrizations.weight.original1
+    assert g.shape == (5, 1) and torch.all(g == 1) and g.requires_grad
+    with torch.no_grad():
+        g.copy_(torch.tensor([[0.5], [1.0], [2.0], [1.5], [3.0]]))
+    x = torch.randn(3, 8)
+    h = F.normalize(head.mlp(x), dim=-1)
+    w = g * v / v.norm(dim=1, keepdim=True)  # W_k = g_k v_k / ||v_k||
+    torch.testing.assert_close(head(x), h @ w.T)
+    torch.testing.assert_close(head.last_layer.weight.norm(dim=1), g.squeeze(1))
+
+
+def test_dino_head_norm_last_layer_freezes_gain_and_nlayers_1():
+    head = DINOHead(8, 5, bottleneck_dim=4, nlayers=1, norm_last_layer=True)
+    assert [type(m) for m in head.mlp] == [torch.nn.Linear]
+    g = head.last_layer.parametrizations.weight.original0
+    assert not g.requires_grad
+    names = {n for n, p in head.named_parameters() if p.requires_grad}
+    assert names == {"mlp.0.weight", "mlp.0.bias", "last_layer.parametrizations.weight.original1"}
+
+
+# ----------------------------------------------------------------------------------------- DINOLoss
+def test_dino_loss_pair_matrix_by_hand():
+    """3 student views (2 global, 1 local), 2 teacher views, B = 1, K = 2, student temperature 1."""
+    student = torch.tensor([[[0.0, 0.0]], [[0.0, LN(3)]], [[LN(3), 0.0]]])  # p = (1/2,1/2), (1/4,3/4), (3/4,1/4)
+    teacher = torch.tensor([[[1.0, 0.0]], [[0.5, 0.5]]])
+    loss = DINOLoss(student_temp=1.0)
+    matrix = loss.pair_matrix(student, teacher)
+    expected = torch.tensor(
+        [[LN(2), LN(2)], [LN(4), 0.5 * LN(16 / 3)], [LN(4 / 3), 0.5 * LN(16 / 3)]], dtype=torch.float32
+    )
+    torch.testing.assert_close(matrix, expected)
+    # same-view pairs (0, 0) and (1, 1) are skipped; the rest averaged
+    expected_loss = (LN(2) + LN(4) + LN(4 / 3) + 0.5 * LN(16 / 3)) / 4
+    assert loss(student, teacher).item() == pytest.approx(expected_loss, rel=1e-6)
+    assert DINOLoss(1.0, ignore_same_view=False)(student, teacher).item() == pytest.approx(expected.mean().item())
+
+
+def test_dino_loss_student_temperature_and_batch_mean():
+    student = torch.tensor([[[0.0, 0.0], [0.0, 0.1 * LN(3)]], [[0.0, 0.0], [0.0, 0.0]]])  # B = 2
+    teacher = torch.tensor([[[0.0, 1.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    # pair (1, 0): mean over b of -log p(1) = (ln 2 + ln 2) / 2; pair (0, 1): b=0 ln 2, b=1 -ln(3/4)
+    loss = DINOLoss(student_temp=0.1)(student, teacher)
+    assert loss.item() == pytest.approx((LN(2) + (LN(2) + LN(4 / 3)) / 2) / 2, rel=1e-6)
+
+
+def test_dino_loss_equals_official_bookkeeping():
+    """The official DINOv2 sum: local terms over 8 x 2 pairs + 2 x the mean over 2B swapped global rows,
+    divided by n_g(n_g - 1) + n_g n_l = 18, is the mean over the valid pairs of the pair matrix."""
+    torch.manual_seed(0)
+    b, k, n_l = 3, 7, 8
+    student = torch.randn(2 + n_l, b, k)
+    teacher = torch.softmax(torch.randn(2, b, k), dim=-1)
+
+    def ce(s, t):  # official DINOLoss.forward for one student / teacher chunk: -mean_b sum_k t log_softmax(s/0.1)
+        return -(t * torch.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()
+
+    local = sum(ce(student[2 + i], teacher[j]) for i in range(n_l) for j in range(2)) / 18
+    swapped = torch.cat([teacher[1], teacher[0]])
+    global_ = ce(torch.cat([student[0], student[1]]), swapped) * 2 / 18
+    torch.testing.assert_close(DINOLoss(0.1)(student, teacher), local + global_)
+
+
+def test_dino_loss_without_pairs_is_an_error():
+    with pytest.raises(ValueError, match="no valid"):
+        DINOLoss()(torch.zeros(1, 2, 3), torch.full((1, 2, 3), 1 / 3))
+
+
+# ----------------------------------------------------------------------------------------- centering
+def test_ema_center_update_and_probabilities():
+    center = EMACenter(2, momentum=0.9)
+    logits = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    torch.testing.assert_close(center.probabilities(logits, 1.0), torch.softmax(logits, -1))
+    center.update(logits)  # c = 0.9 * 0 + 0.1 * mean = (0.2, 0.3)
+    torch.testing.assert_close(center.center, torch.tensor([[0.2, 0.3]]))
+    p = center.probabilities(torch.tensor([[1.0, 2.0]]), 0.5)  # softmax(((1, 2) - (0.2, 0.3)) / 0.5)
+    assert p[0, 0].item() == pytest.approx(1 / (1 + math.exp(((2.0 - 0.3) - (1.0 - 0.2)) / 0.5)), rel=1e-6)
+    center.update(torch.empty(0, 2))  # no rows: unchanged
+    torch.testing.assert_close(center.center, torch.tensor([[0.2, 0.3]]))
+
+
+def sinkhorn_by_hand(logits: list[list[float]], n_iterations: int) -> list[list[Fraction]]:
+    """Sinkhorn-Knopp in exact fractions on exp(logits) given as ratios (tau = 1)."""
+    q = [[Fraction(v) for v in col] for col in zip(*logits, strict=True)]  # K x B, entries = exp(t)
+    k, b = len(q), len(q[0])
+    total = sum(sum(r) for r in q)
+    q = [[v / total for v in r] for r in q]
+    for _ in range(n_iterations):
+        q = [[v / sum(r) / k for v in r] for r in q]
+        cols = [sum(q[i][j] for i in range(k)) for j in range(b)]
+        q = [[q[i][j] / cols[j] / b for j in range(b)] for i in range(k)]
+    return [[q[i][j] * b for i in range(k)] for j in range(b)]  # B x K
+
+
+def test_sinkhorn_knopp_one_iteration_by_hand():
+    # exp(t) = [[1, 2], [1, 1]] (B = 2 samples, K = 2 prototypes); one iteration gives
+    # rows: proto 0 (1/4, 1/4), proto 1 (1/3, 1/6) -> columns normalised: sample 0 (3/7, 4/7), sample 1 (3/5, 2/5)
+    t = torch.tensor([[0.0, LN(2)], [0.0, 0.0]])
+    torch.testing.assert_close(sinkhorn_knopp(t, 1.0, n_iterations=1), torch.tensor([[3 / 7, 4 / 7], [3 / 5, 2 / 5]]))
+    exact = sinkhorn_by_hand([[1, 2], [1, 1]], 3)
+    torch.testing.assert_close(sinkhorn_knopp(t, 1.0), torch.tensor([[float(v) for v in r] for r in exact]))
+
+
+def test_sinkhorn_knopp_is_stable_at_large_logits_and_balances():
+    t = torch.randn(16, 8) * 5 + 300.0  # exp(300 / 0.04) overflows without the max subtraction
+    q = sinkhorn_knopp(t, 0.04)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(16))
+    reference = sinkhorn_knopp(t - 300.0, 0.04)  # a constant shift changes nothing
+    torch.testing.assert_close(q, reference)
+
+
+# ----------------------------------------------------------------------------------------- iBOT
+def test_ibot_loss_by_hand():
+    # 4 global-crop images; image 0 has 2 masked patches, image 1 has 1, images 2 and 3 none
+    student = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, LN(3)]])
+    teacher = torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.0, 1.0]])
+    weights = torch.tensor([0.5, 0.5, 1.0])
+    loss = IBOTPatchLoss(student_temp=1.0)(student, teacher, weights, num_images=4)
+    assert loss.item() == pytest.approx((0.5 * LN(2) + 0.5 * LN(2) + LN(4 / 3)) / 4, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- KoLeo
+def test_koleo_by_hand():
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])  # z2 = (1, 1)/sqrt 2 is everyone's neighbour
+    d = math.sqrt(2 - math.sqrt(2))
+    assert KoLeoLoss()(x).item() == pytest.approx(-math.log(d), rel=1e-5)
+
+
+def test_koleo_in_fp32_under_autocast_and_finite_for_duplicates():
+    x = torch.ones(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = KoLeoLoss()(x)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_koleo_single_sample_is_skipped_with_a_warning():
+    x = torch.randn(1, 8, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = KoLeoLoss()(x)
+    assert loss.item() == 0.0 and any("at least 2 samples" in str(w.message) for w in caught)
+    loss.backward()  # still part of the graph

@@ -1,0 +1,236 @@
+"""End-to-end pretraining runs on a tiny model: learning, run folder, resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pretrain_helpers import TINY, tiny_images
+from safetensors.torch import load_file
+
+import dinokit
+from dinokit.errors import DinokitError
+from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
+from dinokit.train.metrics_log import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(data, out, **keys):
+    return dinokit.pretrain(data=str(data), out=str(out), **{**TINY, **keys})
+
+
+# Sinkhorn-Knopp targets at a fixed teacher temperature: the loss measures how well the student matches
+# balanced teacher assignments, and falls as it learns (with EMA centering and a temperature warm-up
+# the teacher's own entropy, part of the cross-entropy, rises in a short run).
+LEARNS = dict(
+    centering="sinkhorn_knopp", layerscale=0, lr=0.005, lr_scaling="none", teacher_temp_start=0.04, teacher_temp=0.04
+)
+
+
+def test_loss_falls_and_run_folder_is_complete(tmp_path):
+    data = tiny_images(tmp_path / "data")
+    summary = run(data, tmp_path / "run", max_iterations=40, tensorboard=True, log_every=4, **LEARNS)
+    out = tmp_path / "run"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == list(range(4, 41, 4))
+    first, last = rows[0], rows[-1]
+    for key in (
+        "loss",
+        "dino_loss",
+        "ibot_loss",
+        "koleo_loss",
+        "lr",
+        "weight_decay",
+        "momentum",
+        "teacher_temp",
+        "img_per_s",
+        "data_wait",
+        "teacher_entropy",
+        "teacher_kl_uniform",
+        "cls_spread",
+        "epoch",
+    ):
+        assert key in last, key
+    assert last["loss"] < 0.8 * first["loss"] and last["dino_loss"] < 0.8 * first["dino_loss"]
+    assert last["ibot_loss"] < first["ibot_loss"]
+    assert 0 <= last["data_wait"] <= 1 and last["img_per_s"] > 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["arch"] == "vit_nano_p2" and config["head_prototypes"] == 64 and config["derived"]["images"] == 32
+    assert list((out / "tensorboard").glob("events.*"))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_00000040.pt"]
+    backbone = dinokit.load_model(out / "backbone.safetensors")
+    teacher = load_checkpoint(out / "checkpoints" / "checkpoint_00000040.pt")["model"]
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, teacher[f"teacher.backbone.{name}"]), name
+    assert summary["iterations"] == 40 and summary["epochs"] == 10.0
+
+
+def test_epochs_are_real_passes_and_dino_objective(tmp_path):
+    data = tiny_images(tmp_path / "data")
+    summary = run(data, tmp_path / "run", epochs=2, objective="dino", batch_size=6, log_every=100)
+    assert summary["iterations"] == 11  # ceil(2 * 32 / 6)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["iteration"] == 11 and "ibot_loss" not in rows[-1] and "koleo_loss" not in rows[-1]
+    assert dinokit.load_model(tmp_path / "run" / "backbone.safetensors").mask_token is None
+
+
+def test_resume_continues_exactly(tmp_path):
+    """4 + 4 iterations with a restart (and a data-loader worker in one part) give the same
+    parameters as 8 iterations in one go."""
+    data = tiny_images(tmp_path / "data")
+    schedule = dict(epochs=2.0)  # 8 iterations of 8 images over 32 images: the schedule both runs share
+    run(data, tmp_path / "full", max_iterations=8, **schedule)
+    run(data, tmp_path / "split", max_iterations=4, num_workers=1, **schedule)
+    run(data, tmp_path / "split", max_iterations=8, resume=True, **schedule)
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000008.pt")
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "checkpoint_00000008.pt")
+    assert full["samples_seen"] == split["samples_seen"] == 64
+    for name, value in full["model"].items():
+        assert torch.equal(value, split["model"][name]), name
+    rows = read_metrics(tmp_path / "split" / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [2, 4, 6, 8]
+
+
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    """SIGKILL a command-line run after a checkpoint; resuming reaches the uninterrupted parameters."""
+    data = tiny_images(tmp_path / "data")
+    run(data, tmp_path / "full", epochs=10.0)  # 40 iterations
+    out = tmp_path / "killed"
+    args = [f"{k}={v}" for k, v in {**TINY, "epochs": 10.0, "checkpoint_every": 4}.items()]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dinokit", "pretrain", f"data={data}", f"out={out}", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while len(list_checkpoints(out / "checkpoints")) < 2:  # checkpoint 8 written
+        assert process.poll() is None and time.time() < deadline, "training did not reach a checkpoint"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    reached = list_checkpoints(out / "checkpoints")[-1].name
+    assert reached < "checkpoint_00000040.pt", "the run finished before it was killed"
+    run(data, out, epochs=10.0, resume=True)
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000040.pt")["model"]
+    resumed = load_checkpoint(out / "checkpoints" / "checkpoint_00000040.pt")["model"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_bad_files_are_skipped_and_counted(tmp_path):
+    data = tiny_images(tmp_path / "data")
+    for name, content in (("empty.jpg", b""), ("text.png", b"hello"), ("half.png", b"\x89PNG\r\n\x1a\n\0\0")):
+        (data / "circle" / name).write_bytes(content)
+    summary = run(data, tmp_path / "run", max_iterations=12)
+    assert summary["bad_files"] == 3
+    listed = (tmp_path / "run" / "bad_files.txt").read_text().split()
+    assert sorted(Path(p).name for p in listed) == ["empty.jpg", "half.png", "text.png"]
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["bad_files"] == 3
+
+
+def test_clear_errors_before_training(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DinokitError, match="no images found"):
+        run(tmp_path / "empty", tmp_path / "a", max_iterations=1)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"{i}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DinokitError, match="could be read"):
+        run(broken, tmp_path / "b", max_iterations=1)
+    with pytest.raises(DinokitError, match="unknown pretraining key"):
+        run(tmp_path / "empty", tmp_path / "c", learning_rate=0.1)
+    with pytest.raises(DinokitError, match="unknown preset"):
+        dinokit.pretrain(data=str(tmp_path), out=str(tmp_path / "d"), preset="dinov3_vit7b")
+
+
+def test_existing_run_is_never_overwritten_and_resume_keeps_the_config(tmp_path):
+    data = tiny_images(tmp_path / "data")
+    run(data, tmp_path / "run", max_iterations=2)
+    with pytest.raises(DinokitError, match="already holds a run"):
+        run(data, tmp_path / "run", max_iterations=2)
+    with pytest.raises(DinokitError, match="lr"):
+        run(data, tmp_path / "run", max_iterations=4, resume=True, lr=0.5)
+
+
+def test_init_from_weights_with_fresh_heads_and_frozen_backbone_warmup(tmp_path):
+    data = tiny_images(tmp_path / "data")
+    run(data, tmp_path / "first", max_iterations=4)
+    init = tmp_path / "first" / "backbone.safetensors"
+    run(data, tmp_path / "second", max_iterations=4, init=str(init), freeze_backbone=1.0)
+    before, after = load_file(init), load_file(tmp_path / "second" / "backbone.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)  # backbone frozen throughout
+    state = load_checkpoint(tmp_path / "second" / "checkpoints" / "checkpoint_00000004.pt")["model"]
+    first = load_checkpoint(tmp_path / "first" / "checkpoints" / "checkpoint_00000004.pt")["model"]
+    head = "student.dino_head.mlp.0.weight"
+    assert not torch.equal(state[head], first[head])  # fresh heads, then trained
+
+
+def test_cli_help_and_command(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    help_text = subprocess.run(
+        [sys.executable, "-m", "dinokit", "pretrain", "--help"], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    for key in ("max_iterations", "max_minutes", "epochs", "batch_size", "checkpoint_every", "resume", "init"):
+        assert key in help_text
+    data = tiny_images(tmp_path / "data")
+    args = [f"{k}={v}" for k, v in TINY.items()] + ["max_iterations=2", f"data={data}", f"out={tmp_path / 'run'}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "dinokit", "pretrain", *args], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout[result.stdout.index("{") :])["iterations"] == 2
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    from dinokit.train.self_distillation import SelfDistillation
+
+    data = tiny_images(tmp_path / "data")
+    original = SelfDistillation.losses
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *args, **kwargs):
+        parts = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in (3, 4):  # iterations 3 and 4 blow up
+            parts["loss"] = parts["loss"] * float("nan")
+        return parts
+
+    monkeypatch.setattr(SelfDistillation, "losses", sometimes_nan)
+    summary = run(data, tmp_path / "run", max_iterations=6)
+    assert summary["skipped_steps"] == 2 and summary["iterations"] == 6
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["skipped_steps"] == 2
+    teacher = load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_00000006.pt")["model"]
+    assert all(torch.isfinite(v).all() for v in teacher.values() if v.is_floating_point())
+
+    def always_nan(self, *args, **kwargs):
+        parts = original(self, *args, **kwargs)
+        parts["loss"] = parts["loss"] * float("inf")
+        return parts
+
+    monkeypatch.setattr(SelfDistillation, "losses", always_nan)
+    with pytest.raises(DinokitError, match="3 steps in a row"):
+        run(data, tmp_path / "run2", max_iterations=6, nan_patience=3)
+
+
+def test_collapse_figures_by_hand():
+    from dinokit.train.self_distillation import collapse_figures
+
+    uniform = torch.full((4, 8), 1 / 8)
+    spread = collapse_figures(uniform, torch.eye(4, 6))  # 4 orthogonal unit vectors: mean norm^2 = 1/4
+    assert spread["teacher_entropy"] == pytest.approx(1.0) and spread["teacher_kl_uniform"] == pytest.approx(0.0)
+    assert spread["cls_spread"] == pytest.approx((1 - 1 / 4) ** 0.5)
+    one_hot = torch.zeros(4, 8)
+    one_hot[:, 3] = 1.0
+    collapsed = collapse_figures(one_hot, torch.ones(4, 6))
+    assert collapsed["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
+    assert collapsed["teacher_kl_uniform"] == pytest.approx(1.0)
+    assert collapsed["cls_spread"] == pytest.approx(0.0, abs=1e-6)

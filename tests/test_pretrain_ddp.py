@@ -1,0 +1,123 @@
+"""Two CPU processes (gloo): DDP pretraining keeps the teachers identical; centering, Sinkhorn-Knopp
+and the health figures reduced over processes equal their single-process values on the whole batch;
+a 2-process run resumes in one process."""
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from pretrain_helpers import TINY, tiny_images
+
+import dinokit
+from dinokit import distributed as dist
+from dinokit.losses import EMACenter, sinkhorn_knopp
+from dinokit.train.checkpoint import load_checkpoint
+from dinokit.train.metrics_log import read_metrics
+from dinokit.train.pretrain import Trainer, run_config
+from dinokit.train.self_distillation import collapse_figures
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker(rank: int, port: int, data: str, out: str, results: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    device = dist.init_distributed(torch.device("cpu"))
+    # collectives on a global batch split over the processes
+    torch.manual_seed(0)
+    logits = torch.randn(8, 5) * 3
+    mine = logits.chunk(WORLD)[rank]
+    center = EMACenter(5, momentum=0.5)
+    center.update(mine)
+    figures = collapse_figures(torch.softmax(logits, -1).chunk(WORLD)[rank], logits.chunk(WORLD)[rank])
+    torch.save(
+        {"sk": sinkhorn_knopp(mine, 0.1), "center": center.center, "figures": figures},
+        f"{results}/collectives{rank}.pt",
+    )
+    # a DDP run
+    keys = {k: v for k, v in TINY.items() if k != "preset"}
+    cfg, resuming = run_config(Path(out), "dinov2_vits14", {**keys, "max_iterations": 6, "batch_size": 4}, False)
+    trainer = Trainer(cfg, data, Path(out), "dinov2_vits14", device, resuming)
+    trainer.run()
+    torch.save({k: v.clone() for k, v in trainer.model.teacher.state_dict().items()}, f"{results}/teacher{rank}.pt")
+    # an FSDP2 run
+    fsdp_out = Path(out).with_name("fsdp")
+    cfg, _ = run_config(fsdp_out, "dinov2_vits14", {**keys, "max_iterations": 4, "batch_size": 4, "fsdp": True}, False)
+    Trainer(cfg, data, fsdp_out, "dinov2_vits14", device, False).run()
+    dist.destroy_distributed()
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    data = tiny_images(root / "data")
+    (root / "results").mkdir()
+    mp.spawn(worker, args=(free_port(), str(data), str(root / "run"), str(root / "results")), nprocs=WORLD, join=True)
+    return root, data
+
+
+def test_teachers_stay_identical_across_processes(ddp_run):
+    root, _ = ddp_run
+    t0, t1 = (torch.load(root / "results" / f"teacher{r}.pt", weights_only=True) for r in range(WORLD))
+    assert t0.keys() == t1.keys()
+    assert all(torch.equal(t0[k], t1[k]) for k in t0)
+    start = dinokit.create_model("vit_nano_p2", img_size=16)
+    moved = t0["backbone.blocks.0.attn.qkv.weight"] - start.state_dict()["blocks.0.attn.qkv.weight"]
+    assert moved.abs().max() > 0  # it trained
+    rows = read_metrics(root / "run" / "metrics.jsonl")
+    assert rows[-1]["iteration"] == 6 and rows[-1]["epoch"] == pytest.approx(6 * 8 / 32)
+
+
+def test_collectives_match_single_process(ddp_run):
+    root, _ = ddp_run
+    torch.manual_seed(0)
+    logits = torch.randn(8, 5) * 3
+    parts = [torch.load(root / "results" / f"collectives{r}.pt", weights_only=True) for r in range(WORLD)]
+    torch.testing.assert_close(torch.cat([p["sk"] for p in parts]), sinkhorn_knopp(logits, 0.1))
+    center = EMACenter(5, momentum=0.5)
+    center.update(logits)
+    for p in parts:
+        torch.testing.assert_close(p["center"], center.center)
+        single = collapse_figures(torch.softmax(logits, -1), logits)
+        assert p["figures"] == pytest.approx(single, rel=1e-5)
+
+
+def test_fsdp_run_checkpoints_full_state_and_resumes_in_one_process(ddp_run):
+    root, data = ddp_run
+    checkpoint = load_checkpoint(root / "fsdp" / "checkpoints" / "checkpoint_00000004.pt")
+    assert checkpoint["model"]["teacher.backbone.pos_embed"].shape == (1, 65, 32)  # full, unsharded
+    backbone = dinokit.load_model(root / "fsdp" / "backbone.safetensors")
+    assert torch.equal(backbone.pos_embed, checkpoint["model"]["teacher.backbone.pos_embed"])
+    summary = dinokit.pretrain(
+        data=str(data),
+        out=str(root / "fsdp"),
+        resume=True,
+        max_iterations=6,
+        **{k: v for k, v in TINY.items() if k not in ("batch_size",)},
+    )
+    assert summary["iterations"] == 6
+
+
+def test_two_process_run_resumes_in_one_process(ddp_run):
+    root, data = ddp_run
+    summary = dinokit.pretrain(
+        data=str(data),
+        out=str(root / "run"),
+        resume=True,
+        max_iterations=8,
+        **{k: v for k, v in TINY.items() if k not in ("batch_size",)},
+    )
+    assert summary["iterations"] == 8
+    checkpoint = load_checkpoint(root / "run" / "checkpoints" / "checkpoint_00000008.pt")
+    assert checkpoint["global_batch"] == 8 and checkpoint["samples_seen"] == 64  # the global batch is kept

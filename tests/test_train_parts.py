@@ -1,0 +1,114 @@
+"""Schedules, lr scaling, parameter groups, gradient clipping and the EMA update, by hand."""
+
+import pytest
+import torch
+
+from dinokit.losses import DINOHead
+from dinokit.models import create_model
+from dinokit.train.ema import update_teacher
+from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups, scale_lr
+from dinokit.train.schedules import Schedules, cosine, warmup_cosine
+
+
+def test_cosine_and_warmup_by_hand():
+    assert cosine(1.0, 0.0, 0.0) == 1.0 and cosine(1.0, 0.0, 1.0) == 0.0
+    assert cosine(1.0, 0.0, 0.5) == pytest.approx(0.5)
+    assert cosine(0.04, 0.4, 0.25) == pytest.approx(0.4 + 0.5 * (0.04 - 0.4) * (1 + 2**-0.5))
+    assert warmup_cosine(0.0, 1.0, 0.0, 0.25) == 0.0
+    assert warmup_cosine(0.125, 1.0, 0.0, 0.25) == pytest.approx(0.5)
+    assert warmup_cosine(0.25, 1.0, 0.0, 0.25) == pytest.approx(1.0)
+    assert warmup_cosine(0.625, 1.0, 0.0, 0.25) == pytest.approx(0.5)  # halfway through the cosine
+    assert warmup_cosine(1.0, 1.0, 0.1, 0.25) == pytest.approx(0.1)
+
+
+def test_schedules_by_hand():
+    s = Schedules(
+        lr=1.0,
+        min_lr=0.0,
+        warmup=0.25,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        momentum=0.992,
+        teacher_temp_start=0.04,
+        teacher_temp=0.07,
+        teacher_temp_warmup=0.3,
+        freeze_last_layer=0.01,
+        freeze_backbone=0.05,
+    )
+    v = s(0.005)
+    assert v["last_layer_lr"] == 0.0 and v["lr"] == pytest.approx(0.02) and v["backbone_lr_factor"] == 0.0
+    v = s(0.15)
+    assert v["teacher_temp"] == pytest.approx(0.055) and v["last_layer_lr"] == v["lr"] == pytest.approx(0.6)
+    assert v["backbone_lr_factor"] == 1.0
+    v = s(0.5)
+    assert v["teacher_temp"] == pytest.approx(0.07)
+    assert v["weight_decay"] == pytest.approx(0.22)
+    assert v["momentum"] == pytest.approx(0.996)
+    assert v["lr"] == pytest.approx(cosine(1.0, 0.0, 1 / 3))
+    v = s(1.0)
+    assert v["momentum"] == pytest.approx(1.0) and v["weight_decay"] == pytest.approx(0.4) and v["lr"] == 0.0
+
+
+def test_lr_scaling_rules():
+    assert scale_lr(0.004, 256, "sqrt_wrt_1024") == pytest.approx(0.002)
+    assert scale_lr(0.0005, 512, "linear_wrt_256") == pytest.approx(0.001)
+    assert scale_lr(0.1, 7, "none") == 0.1
+
+
+def test_param_groups_layer_decay_patch_embed_and_no_decay():
+    backbone = create_model("vit_nano_p2")  # depth 2: multipliers 0.9^3, 0.9^2, 0.9^1, 1
+    head = DINOHead(32, 10, hidden_dim=16, bottleneck_dim=8)
+    groups = param_groups(backbone, {"dino_head": head}, layerwise_decay=0.9, patch_embed_lr_mult=0.2)
+    by_name = {n: g for g in groups for n in g["names"]}
+    expected = {
+        "backbone.cls_token": (0.729, 1.0),
+        "backbone.pos_embed": (0.729, 1.0),
+        "backbone.mask_token": (0.729, 1.0),
+        "backbone.patch_embed.proj.weight": (0.729 * 0.2, 1.0),
+        "backbone.patch_embed.proj.bias": (0.729 * 0.2, 0.0),
+        "backbone.blocks.0.attn.qkv.weight": (0.81, 1.0),
+        "backbone.blocks.0.norm1.weight": (0.81, 0.0),
+        "backbone.blocks.0.ls1.gamma": (0.81, 0.0),
+        "backbone.blocks.1.mlp.fc2.bias": (0.9, 0.0),
+        "backbone.norm.weight": (1.0, 0.0),
+        "dino_head.mlp.0.weight": (1.0, 1.0),
+        "dino_head.mlp.0.bias": (1.0, 0.0),
+        "dino_head.last_layer.parametrizations.weight.original0": (1.0, 1.0),  # the gain gets decay, as official
+    }
+    for name, (lr_mult, wd_mult) in expected.items():
+        assert by_name[name]["lr_multiplier"] == pytest.approx(lr_mult), name
+        assert by_name[name]["wd_multiplier"] == wd_mult, name
+    assert by_name["dino_head.last_layer.parametrizations.weight.original1"]["is_last_layer"]
+    assert not by_name["dino_head.mlp.0.weight"]["is_last_layer"]
+    assert sum(len(g["params"]) for g in groups) == len(list(backbone.parameters())) + len(list(head.parameters()))
+    keys = [(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"], g["is_backbone"]) for g in groups]
+    assert len(keys) == len(set(keys))  # fused
+
+    optimizer = build_optimizer(groups)
+    apply_schedule(optimizer, {"lr": 0.1, "last_layer_lr": 0.0, "backbone_lr_factor": 1.0, "weight_decay": 0.05})
+    for group in optimizer.param_groups:
+        lr = 0.0 if group["is_last_layer"] else 0.1 * group["lr_multiplier"]
+        assert group["lr"] == pytest.approx(lr) and group["weight_decay"] == pytest.approx(
+            0.05 * group["wd_multiplier"]
+        )
+
+
+def test_clip_gradients_per_module():
+    a, b = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    a.weight.grad = torch.tensor([[6.0]])
+    b.weight.grad = torch.tensor([[8.0]])
+    total = clip_gradients([a, b], max_norm=3.0)
+    assert total.item() == pytest.approx(10.0)  # norm before clipping over both
+    assert a.weight.grad.item() == pytest.approx(3.0, rel=1e-5) and b.weight.grad.item() == pytest.approx(3.0, rel=1e-5)
+
+
+def test_ema_update_by_hand():
+    teacher = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])]
+    student = [torch.tensor([3.0, 6.0]), torch.tensor([[4.0]])]
+    update_teacher(teacher, student, momentum=0.75)  # 0.75 t + 0.25 s
+    torch.testing.assert_close(teacher[0], torch.tensor([1.5, 3.0]))
+    torch.testing.assert_close(teacher[1], torch.tensor([[1.0]]))
+    update_teacher(teacher, student, momentum=1.0)
+    torch.testing.assert_close(teacher[0], torch.tensor([1.5, 3.0]))
+    with pytest.raises(ValueError):
+        update_teacher(teacher, student[:1], 0.5)
