@@ -13,7 +13,7 @@ class Block(nn.Module):
     """x = x + ls1(attn(norm1(x))); x = x + ls2(ffn(norm2(x))).
 
     Each branch is dropped independently with rate `drop_path_rate` during training (the official code
-    applies `drop_path1` to both branches for small rates: its `# FIXME: drop_path2`). LayerScale is
+    applies `drop_path1` to both branches for small rates, a known bug its own comment marks). LayerScale is
     absent (Identity) when `init_values` is None, as in DINO v1.
     """
 
