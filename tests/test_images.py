@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinokit.data.images import ImageFiles, collate_skipping_bad, list_images, open_rgb, readable_images
+from dinokit.data.images import ImageFiles, collate_skipping_bad, list_images, open_images, open_rgb
 from dinokit.data.transforms import IMAGENET_MEAN, eval_transform
 from dinokit.errors import DinokitError
 
@@ -45,10 +45,11 @@ def test_list_images_recursive_sorted_and_list_files(folder):
 def test_an_unreadable_image_is_a_clear_error_naming_it(folder):
     with pytest.raises(DinokitError, match=r"cannot read the image .*trunc\.jpg"):
         open_rgb(folder / "trunc.jpg")
-    readable, bad = readable_images([folder / "a" / "rgb.jpg", folder / "trunc.jpg"])
-    assert readable == [folder / "a" / "rgb.jpg"] and bad == [folder / "trunc.jpg"]
+    opened, bad = open_images([folder / "a" / "rgb.jpg", folder / "trunc.jpg"])
+    assert [path for path, _ in opened] == [folder / "a" / "rgb.jpg"] and bad == [folder / "trunc.jpg"]
+    assert opened[0][1].mode == "RGB"
     with pytest.raises(DinokitError, match="none of the 1 images can be read"):
-        readable_images([folder / "trunc.jpg"])
+        open_images([folder / "trunc.jpg"])
 
 
 def test_every_mode_becomes_8bit_rgb(folder):

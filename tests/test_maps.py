@@ -210,10 +210,12 @@ def test_segment_command_on_a_pixel_identity_model(tmp_path):
     Image.fromarray(reference_truth.astype(np.uint8) * 255).save(tmp_path / "ref_mask.png")
     (tmp_path / "targets").mkdir()
     truths = {"t1": scene(0, 20, "targets/t1.png"), "t2": scene(16, 4, "targets/t2.png")}
+    (tmp_path / "targets" / "t3_broken.png").write_bytes(b"\x89PNG")  # skipped and listed, never fatal
     args = [f"reference={tmp_path / 'ref.png'}", f"reference_mask={tmp_path / 'ref_mask.png'}"]
     args += [f"target={tmp_path / 'targets'}", f"out={tmp_path / 'seg'}", f"model={weights}", "image_size=32"]
     assert main(["segment", *args]) == 0
     report = json.loads((tmp_path / "seg" / "segment.json").read_text())
+    assert report["skipped"] == [str(tmp_path / "targets" / "t3_broken.png")]
     assert [r["target"].endswith(f"{n}.png") for r, n in zip(report["results"], truths, strict=True)] == [True, True]
     for name, truth in truths.items():
         mask = np.asarray(Image.open(tmp_path / "seg" / f"{name}_mask.png")) > 127

@@ -55,19 +55,18 @@ def open_rgb(path: str | Path) -> Image.Image:
         ) from err
 
 
-def readable_images(paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """Split `paths` into (readable, unreadable) by decoding each; for commands that take a folder
-    and must skip bad files up front. Raises DinokitError when none is readable."""
-    readable, bad = [], []
+def open_images(paths: list[Path]) -> tuple[list[tuple[Path, Image.Image]], list[Path]]:
+    """Decode `paths` once: ([(path, RGB image)] of the readable ones, [unreadable paths]), for
+    commands that take a folder and skip bad files. Raises DinokitError when none is readable."""
+    opened, bad = [], []
     for path in paths:
         try:
-            open_rgb(path)
-            readable.append(path)
+            opened.append((path, open_rgb(path)))
         except DinokitError:
             bad.append(path)
-    if not readable:
+    if not opened:
         raise DinokitError(f"none of the {len(paths)} images can be read (first: {paths[0]})")
-    return readable, bad
+    return opened, bad
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinokit.data.images import list_images, open_rgb, readable_images
+from dinokit.data.images import list_images, open_images, open_rgb
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
 from dinokit.io import write_json
@@ -122,13 +122,13 @@ def visualize_pca(
     explained variance ratios.
     """
     net = load(model, device)
-    paths, bad = readable_images(list_images(image))
+    opened, bad = open_images(list_images(image))
     report_skipped(bad)
-    feats = patch_features(net, [model_input(net, p, image_size, resize_policy) for p in paths])
+    feats = patch_features(net, [model_input(net, picture, image_size, resize_policy) for _, picture in opened])
     result = pca_rgb(feats, foreground_threshold)
     panels = []
-    for path, colours, fg in zip(paths, result["rgb"], result["foreground"], strict=True):
-        rgb = np.asarray(open_rgb(path))
+    for (path, picture), colours, fg in zip(opened, result["rgb"], result["foreground"], strict=True):
+        rgb = np.asarray(picture)
         panels += [
             (path.name, rgb),
             (
@@ -147,7 +147,7 @@ def visualize_pca(
     save_figure(out, panel_figure(panels, columns=columns, title=f"{label(model)}: joint PCA of patch features"))
     return {
         "out": out,
-        "images": len(paths),
+        "images": len(opened),
         "skipped": [str(p) for p in bad],
         "explained_variance_ratio": [float(v) for v in result["explained_variance_ratio"]],
         "foreground_fraction": [float(f.mean()) for f in result["foreground"]],
@@ -218,20 +218,28 @@ def segment(
     net = load(model, device)
     refs = []
     for ref, mask_path in zip(references, masks, strict=True):
-        feats = patch_features(net, [model_input(net, ref, image_size, resize_policy)])[0]
-        refs.append((feats, read_mask(mask_path, open_rgb(ref).size)))
+        picture = open_rgb(ref)
+        feats = patch_features(net, [model_input(net, picture, image_size, resize_policy)])[0]
+        refs.append((feats, read_mask(mask_path, picture.size)))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    targets, bad = readable_images(list_images(target))
-    report_skipped(bad)
-    for path in targets:
-        rgb = np.asarray(open_rgb(path))
-        feats = patch_features(net, [model_input(net, path, image_size, resize_policy)])[0]
+    bad = []
+    for path in list_images(target):
+        try:
+            picture = open_rgb(path)
+        except DinokitError:
+            bad.append(path)
+            continue
+        rgb = np.asarray(picture)
+        feats = patch_features(net, [model_input(net, picture, image_size, resize_policy)])[0]
         seg = segment_features(refs, feats, rgb.shape[:2], threshold)
         save_png(out_dir / f"{path.stem}_mask.png", seg["mask"].astype(np.uint8) * 255)
         save_png(out_dir / f"{path.stem}_overlay.png", mask_overlay(rgb, seg["mask"]))
         results.append({"target": str(path), "threshold": seg["threshold"], "foreground": float(seg["mask"].mean())})
+    if not results:
+        raise DinokitError(f"none of the {len(bad)} target images can be read (first: {bad[0]})")
+    report_skipped(bad)
     skipped = [str(p) for p in bad]
     write_json(
         out_dir / "segment.json", {"model": model, "references": references, "results": results, "skipped": skipped}
