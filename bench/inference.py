@@ -56,6 +56,8 @@ def main() -> None:
         "dinokit fp32": (lambda: ours(x), contextlib.nullcontext),
         "dinokit bf16 autocast": (lambda: ours(x), bf16),
     }
+    if device.type == "cpu":  # the same model without its CPU inference slicing (cpu_inference_tokens)
+        modes["dinokit bf16 autocast, unsliced"] = (lambda: unsliced(ours, x), bf16)
     times: dict[str, list[float]] = {name: [] for name in modes}
     outputs = {}
     with torch.inference_mode():
@@ -88,6 +90,34 @@ def main() -> None:
         print(f"{name:<38} {ips[name]:>8.1f} {ratios} {cos:>16.5f}")
     fp32_diff = (outputs["transformers fp32 (sdpa)"] - reference).abs().max().item()
     print(f"\nmax abs diff of CLS, dinokit fp32 vs transformers fp32: {fp32_diff:.2e}")
+    print("matrix-product speed of this device (what bounds any bf16 / fp32 ratio):")
+    tokens = args.batch * ((args.size // 14) ** 2 + 1)
+    for label, (m, k, n) in {"ViT-S qkv shape": (tokens, 384, 1152), "square 2048": (2048, 2048, 2048)}.items():
+        rates = {dtype: matmul_gflops(m, k, n, dtype, device) for dtype in (torch.float32, torch.bfloat16)}
+        fp32, bf16_rate = rates[torch.float32], rates[torch.bfloat16]
+        print(f"  {label:<16} fp32 {fp32:6.0f} GFLOP/s, bf16 {bf16_rate:6.0f} ({bf16_rate / fp32:.2f}x)")
+
+
+def unsliced(model, x: torch.Tensor) -> torch.Tensor:
+    saved, model.cpu_inference_tokens = model.cpu_inference_tokens, 10**9
+    try:
+        return model(x)
+    finally:
+        model.cpu_inference_tokens = saved
+
+
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
+    times = []
+    for _ in range(repeats + 1):  # the first is a warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * m * k * n / statistics.median(times[1:]) / 1e9
 
 
 if __name__ == "__main__":

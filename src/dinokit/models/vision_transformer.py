@@ -183,7 +183,7 @@ class VisionTransformer(nn.Module):
         """Run the blocks up to the last index in `keep` and return {index: output tokens} for `keep`.
 
         Inference on CPU runs the batch in slices of about `cpu_inference_tokens` tokens: activations
-        then stay in cache, which is markedly faster in bf16 on a small CPU (docs/benchmarks.md); each
+        then stay in cache, about 10% faster in bf16 on a 2-core CPU (bench/inference.py); each
         sample goes through exactly the same operations.
         """
         depth = len(self.blocks)
