@@ -234,3 +234,24 @@ def test_collapse_figures_by_hand():
     assert collapsed["teacher_entropy"] == pytest.approx(0.0, abs=1e-6)
     assert collapsed["teacher_kl_uniform"] == pytest.approx(1.0)
     assert collapsed["cls_spread"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_batched_augmentation_learns_resumes_exactly_and_skips_bad_files(tmp_path):
+    """augmentation=batched (in-memory images, whole-batch crops): the loss falls, 4 + 4 iterations
+    with a restart equal 8 in one go, and unreadable files are counted as in the per-image path."""
+    data = tiny_images(tmp_path / "data")
+    (data / "circle" / "empty.jpg").write_bytes(b"")
+    batched = dict(augmentation="batched", epochs=2.0, **LEARNS)
+    run(data, tmp_path / "full", max_iterations=8, **batched)
+    run(data, tmp_path / "split", max_iterations=4, **batched)
+    summary = run(data, tmp_path / "split", max_iterations=8, resume=True, **batched)
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000008.pt")["model"]
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "checkpoint_00000008.pt")["model"]
+    assert all(torch.equal(full[k], split[k]) for k in full)
+    assert summary["bad_files"] == 1
+    assert (tmp_path / "split" / "bad_files.txt").read_text().strip().endswith("empty.jpg")
+    config = yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())
+    assert config["augmentation"] == "batched" and "BatchedMultiCrop" in config["derived"]["augmentation"]
+    long = run(data, tmp_path / "long", max_iterations=40, log_every=4, augmentation="batched", **LEARNS)
+    rows = read_metrics(tmp_path / "long" / "metrics.jsonl")
+    assert rows[-1]["dino_loss"] < 0.8 * rows[0]["dino_loss"] and long["iterations"] == 40

@@ -260,3 +260,27 @@ def test_official_init():
 
 def test_dinokit_error_is_an_exception():
     assert issubclass(DinokitError, Exception)
+
+
+def test_cpu_bf16_training_attention_matches_sdpa():
+    """Training in bf16 on CPU takes the matmul attention path; it computes what SDPA computes, in
+    values and gradients (against SDPA in fp32)."""
+    from dinokit.models.layers.attention import Attention, cpu_low_precision_training
+
+    q = torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)
+    assert cpu_low_precision_training(q) and not cpu_low_precision_training(q.detach().float().requires_grad_())
+    with torch.no_grad():
+        assert not cpu_low_precision_training(q)
+    torch.manual_seed(0)
+    attention = Attention(32, 4)
+    x = torch.randn(3, 17, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attention(x)
+    fast.float().sum().backward()
+    fast_grad, x.grad = x.grad.clone(), None
+    reference = attention(x)  # fp32: the SDPA path
+    reference.sum().backward()
+    torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(fast_grad, x.grad, atol=3e-2, rtol=3e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: SDPA in bf16
+        torch.testing.assert_close(attention(x).float(), reference, atol=3e-2, rtol=3e-2)

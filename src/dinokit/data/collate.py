@@ -101,6 +101,16 @@ class MultiCropCollate:
         self.sample_probability = sample_probability
         self.seed = seed
 
+    def ibot_masks(self, num_crops: int, first_position: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(masks (num_crops, N) bool, weights (M,)) for a batch whose first image is at stream
+        position `first_position`; (None, None) without a mask generator."""
+        if self.mask_generator is None:
+            return None, None
+        rng = np.random.default_rng([self.seed, 7919, first_position])
+        masks = stratified_masks(num_crops, self.mask_generator, rng, self.ratio_min_max, self.sample_probability)
+        per_image = masks.sum(dim=1, keepdim=True).clamp(min=1)
+        return masks, (1.0 / per_image).expand_as(masks)[masks]
+
     def __call__(self, items: list) -> CropBatch:
         good = [(crops, index, position) for crops, index, position in items if crops is not None]
         bad = [index for crops, index, _ in items if crops is None]
@@ -112,13 +122,6 @@ class MultiCropCollate:
         local_crops = (
             torch.stack([c["local_crops"][i] for i in range(n_local) for c, _, _ in good]) if n_local else None
         )
-        masks = weights = None
-        if self.mask_generator is not None:
-            rng = np.random.default_rng([self.seed, 7919, int(good[0][2])])
-            masks = stratified_masks(
-                len(global_crops), self.mask_generator, rng, self.ratio_min_max, self.sample_probability
-            )
-            per_image = masks.sum(dim=1, keepdim=True).clamp(min=1)
-            weights = (1.0 / per_image).expand_as(masks)[masks]
+        masks, weights = self.ibot_masks(len(global_crops), int(good[0][2]))
         indices = torch.tensor([index for _, index, _ in good])
         return CropBatch(global_crops, local_crops, masks, weights, indices, bad)

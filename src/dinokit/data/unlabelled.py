@@ -1,4 +1,5 @@
-"""Unlabelled images for pretraining: multi-crop items and an infinite, resumable sample stream.
+"""Unlabelled images for pretraining: multi-crop items (or, with augmentation=batched, whole batches
+cropped from images held in memory) and an infinite, resumable sample stream.
 
 The stream is the concatenation of one random permutation of the dataset per pass (epoch), seeded by
 (seed, pass). Global batch i is stream positions [i * G, (i + 1) * G) for a global batch of G images;
@@ -7,12 +8,18 @@ augmentation whatever the number of processes or data-loader workers, and resumi
 the stream at the number of images already seen.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.transforms import v2
+from tqdm import tqdm
 
-from dinokit.data.images import open_rgb
+from dinokit.data.batched_augmentations import BatchedMultiCrop
+from dinokit.data.collate import CropBatch, MultiCropCollate
+from dinokit.data.images import ImageFiles, collate_skipping_bad, open_rgb
+from dinokit.errors import DinokitError
 
 
 def mixed_seed(*values: int) -> int:
@@ -45,7 +52,8 @@ class MultiCropDataset(torch.utils.data.Dataset):
         except Exception:  # unreadable file: skipped and counted
             return None, index, position
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mixed_seed(self.seed, 0, position))
+            # the CPU generator only: torch.manual_seed would also queue seeds for every accelerator
+            torch.default_generator.manual_seed(mixed_seed(self.seed, 0, position))
             return self.transform(image), index, position
 
 
@@ -82,3 +90,67 @@ class StreamBatchSampler:
         while True:
             yield [(self.index_at(p), p) for p in range(position, position + self.batch_size)]
             position += step
+
+
+# ------------------------------------------------------------------------- augmentation=batched
+def decode_to_memory(
+    paths: list[Path], size: int, num_workers: int = 0, progress: bool = False
+) -> tuple[torch.Tensor, list[int]]:
+    """Every image decoded once: (uint8 (N, 3, size, size), indices of unreadable files, whose rows
+    stay zero). Shorter side resized to `size` (bicubic, antialiased), then the central square."""
+    needed = len(paths) * 3 * size * size
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > available // 2:
+        raise DinokitError(
+            f"augmentation=batched keeps the data in memory: {len(paths)} images at {size} px need "
+            f"{needed / 2**30:.1f} GiB, more than half of this machine's {available / 2**30:.1f} GiB. "
+            "Use augmentation=per_image, or a smaller batched_image_size."
+        )
+    transform = v2.Compose(
+        [v2.ToImage(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
+    )
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(list(paths), transform), batch_size=256, num_workers=num_workers, collate_fn=collate_skipping_bad
+    )
+    images = torch.zeros(len(paths), 3, size, size, dtype=torch.uint8)
+    bad: list[int] = []
+    for batch, good, bad_batch in tqdm(loader, desc="decoding", unit="batch", disable=not progress, leave=False):
+        if batch is not None:
+            images[good] = batch
+        bad += bad_batch
+    return images, bad
+
+
+class InMemoryMultiCrops:
+    """The `augmentation=batched` counterpart of `MultiCropDataset` + DataLoader: `batches(sampler)`
+    iterates `CropBatch`es over the sample stream, cropping whole batches of the in-memory images
+    (`decode_to_memory`) with `BatchedMultiCrop`. A batch's random draws come from a generator seeded
+    by (seed, stream position of its first image) and its iBOT masks from `collate.ibot_masks`, so a
+    resumed run sees the same batches."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        bad: list[int],
+        augmentation: BatchedMultiCrop,
+        collate: MultiCropCollate,
+        seed: int = 0,
+    ) -> None:
+        self.images, self.bad = images, set(bad)
+        self.augmentation, self.collate, self.seed = augmentation, collate, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batches(self, sampler: StreamBatchSampler):
+        for items in sampler:
+            first_position = items[0][1]
+            good = [index for index, _ in items if index not in self.bad]
+            bad = [index for index, _ in items if index in self.bad]
+            if not good:
+                yield CropBatch(torch.empty(0), None, None, None, torch.empty(0, dtype=torch.long), bad)
+                continue
+            generator = torch.Generator().manual_seed(mixed_seed(self.seed, 0, first_position))
+            global_crops, local_crops = self.augmentation(self.images[good], generator)
+            masks, weights = self.collate.ibot_masks(len(global_crops), first_position)
+            yield CropBatch(global_crops, local_crops, masks, weights, torch.tensor(good), bad)

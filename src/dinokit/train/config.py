@@ -63,6 +63,12 @@ class PretrainConfig:
     color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
     color_jitter_probability: float = 0.8
     grayscale_probability: float = 0.2
+    # per_image: torchvision transforms per crop in DataLoader workers (any data size). batched: every
+    # image decoded once to batched_image_size px (0: global_crops_size) and kept in memory as uint8,
+    # crops and colour augmentation applied to whole batches as tensor ops (data/batched_augmentations.py);
+    # several times faster for small images (CIFAR-size), memory N * 3 * size^2 bytes per process.
+    augmentation: str = "per_image"
+    batched_image_size: int = 0
     # ---- optimisation (lr is for a global batch of 1024 with sqrt_wrt_1024, 256 with linear_wrt_256)
     lr: float = 0.004
     lr_scaling: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 (DINOv2) | linear_wrt_256 (DINO v1) | none
@@ -191,6 +197,10 @@ def validate(c: PretrainConfig) -> None:
         (c.objective in ("dino", "dinov2"), f"objective must be dino or dinov2, got {c.objective!r}"),
         (c.centering in ("ema", "sinkhorn_knopp"), f"centering must be ema or sinkhorn_knopp, got {c.centering!r}"),
         (c.precision in ("bf16", "fp32"), f"precision must be bf16 or fp32, got {c.precision!r}"),
+        (
+            c.augmentation in ("per_image", "batched"),
+            f"augmentation must be per_image or batched, got {c.augmentation!r}",
+        ),
         (c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}"),
         (c.global_crops_number >= 1, "global_crops_number must be >= 1"),
         (

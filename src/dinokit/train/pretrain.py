@@ -18,10 +18,16 @@ from tqdm import tqdm
 
 from dinokit import distributed as dist
 from dinokit.data.augmentations import MultiCropAugmentation
+from dinokit.data.batched_augmentations import BatchedMultiCrop
 from dinokit.data.collate import CropBatch, MultiCropCollate
 from dinokit.data.images import list_images, open_rgb
 from dinokit.data.masking import MaskingGenerator
-from dinokit.data.unlabelled import MultiCropDataset, StreamBatchSampler
+from dinokit.data.unlabelled import (
+    InMemoryMultiCrops,
+    MultiCropDataset,
+    StreamBatchSampler,
+    decode_to_memory,
+)
 from dinokit.errors import DinokitError
 from dinokit.io import atomic_write
 from dinokit.models import create_model, export_model, load_model
@@ -103,6 +109,7 @@ def build_model(cfg: PretrainConfig) -> SelfDistillation:
 
 
 def build_augmentation(cfg: PretrainConfig) -> MultiCropAugmentation:
+    """The per-image augmentation of `cfg` (see `build_batched_augmentation` for augmentation=batched)."""
     return MultiCropAugmentation(
         global_crops_size=cfg.global_crops_size,
         local_crops_size=cfg.local_crops_size,
@@ -112,6 +119,26 @@ def build_augmentation(cfg: PretrainConfig) -> MultiCropAugmentation:
         local_crops_scale=cfg.local_crops_scale,
         blur_probabilities=cfg.blur_probabilities,
         blur_as_released=cfg.blur_as_released,
+        blur_sigma=cfg.blur_sigma,
+        blur_kernel_size=cfg.blur_kernel_size,
+        solarize_probability=cfg.solarize_probability,
+        color_jitter=cfg.color_jitter,
+        color_jitter_probability=cfg.color_jitter_probability,
+        grayscale_probability=cfg.grayscale_probability,
+    )
+
+
+def build_batched_augmentation(cfg: PretrainConfig) -> BatchedMultiCrop:
+    """`build_augmentation`'s parameters, for whole batches of in-memory images."""
+    per_image = build_augmentation(cfg)
+    return BatchedMultiCrop(
+        global_crops_size=cfg.global_crops_size,
+        local_crops_size=cfg.local_crops_size,
+        global_crops_number=cfg.global_crops_number,
+        local_crops_number=cfg.local_crops_number,
+        global_crops_scale=cfg.global_crops_scale,
+        local_crops_scale=cfg.local_crops_scale,
+        blur_probabilities=per_image.blur_probabilities,  # blur_as_released resolved there
         blur_sigma=cfg.blur_sigma,
         blur_kernel_size=cfg.blur_kernel_size,
         solarize_probability=cfg.solarize_probability,
@@ -220,7 +247,11 @@ def check_readable(paths: list[Path], sample: int = 64) -> None:
 
 
 def make_loader(dataset, cfg: PretrainConfig, batch_size: int, start: int, device: torch.device, collate):
+    """Batches of the sample stream from `start`: a DataLoader over a MultiCropDataset, or the
+    in-process batches of InMemoryMultiCrops (augmentation=batched)."""
     sampler = StreamBatchSampler(len(dataset), batch_size, dist.rank(), dist.world_size(), seed=cfg.seed, start=start)
+    if isinstance(dataset, InMemoryMultiCrops):
+        return dataset.batches(sampler)
     workers = max(0, cfg.num_workers)
     return torch.utils.data.DataLoader(
         dataset,
@@ -357,9 +388,15 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.model = build_model(cfg).to(device)
         self.use_ibot = self.model.use_ibot
-        self.augmentation = build_augmentation(cfg)
         self.collate = build_collate(cfg, self.model.student.backbone.patch_size, self.use_ibot)
-        self.dataset = MultiCropDataset(self.paths, self.augmentation, seed=cfg.seed)
+        if cfg.augmentation == "batched":
+            self.augmentation = build_batched_augmentation(cfg)
+            size = cfg.batched_image_size or cfg.global_crops_size
+            images, bad = decode_to_memory(self.paths, size, cfg.num_workers, cfg.progress and self.main)
+            self.dataset = InMemoryMultiCrops(images, bad, self.augmentation, self.collate, cfg.seed)
+        else:
+            self.augmentation = build_augmentation(cfg)
+            self.dataset = MultiCropDataset(self.paths, self.augmentation, seed=cfg.seed)
         self.schedules = Schedules(
             lr=scale_lr(cfg.lr, self.global_batch, cfg.lr_scaling),
             min_lr=cfg.min_lr,
@@ -383,6 +420,8 @@ class Trainer:
             self.samples_seen = self.checkpoint["samples_seen"]
             self.elapsed = self.checkpoint["elapsed_seconds"]
             self.counters = dict(self.checkpoint["counters"])
+            self.bad_paths = set(self.checkpoint.get("bad_files", []))  # not counted again after resume
+            self.counters["bad_files"] = max(self.counters["bad_files"], len(self.bad_paths))
 
         if cfg.compile:
             for net in (self.model.student, self.model.teacher):
@@ -469,6 +508,7 @@ class Trainer:
             "model": model_state(self.model, self.fsdp),
             "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
             "rng": dist.all_gather_objects(rng_state(self.device)),
+            "bad_files": sorted(set().union(*dist.all_gather_objects(self.bad_paths))),
             "config": self.cfg.to_dict(),
         }
         if self.main:
