@@ -23,6 +23,13 @@ DINOV2_SCALES = ((0.32, 1.0), (0.05, 0.32))  # ssl_default_config.yaml
 DINO_SCALES = ((0.4, 1.0), (0.05, 0.4))  # dino:main_dino.py
 
 
+def resolve_blur(probabilities: Sequence[float], as_released: bool) -> tuple[float, float, float]:
+    """The blur probabilities (first global, other globals, locals) actually applied: with
+    `as_released`, 1 - p each, as the official GaussianBlur(p) applies with probability 1 - p."""
+    first, other, local = (float(p) for p in probabilities)
+    return (1.0 - first, 1.0 - other, 1.0 - local) if as_released else (first, other, local)
+
+
 class GaussianBlurPIL(v2.Transform):
     """Gaussian blur with sigma ~ U(sigma_min, sigma_max) pixels and no kernel truncation: PIL's
     ImageFilter.GaussianBlur (DINO v1) for PIL images, a +-3 sigma kernel for tensors."""
@@ -70,10 +77,9 @@ class MultiCropAugmentation:
         color_jitter_probability: float = 0.8,
         grayscale_probability: float = 0.2,
     ) -> None:
-        blur_first, blur_other, blur_local = blur_probabilities
-        if blur_as_released:  # the official GaussianBlur(p) applies with probability 1 - p
-            blur_first, blur_other, blur_local = 1.0 - blur_first, 1.0 - blur_other, 1.0 - blur_local
-        self.blur_probabilities = (blur_first, blur_other, blur_local)
+        self.blur_probabilities = blur_first, blur_other, blur_local = resolve_blur(
+            blur_probabilities, blur_as_released
+        )
         self.global_crops_number = global_crops_number
         self.local_crops_number = local_crops_number
         bicubic = v2.InterpolationMode.BICUBIC

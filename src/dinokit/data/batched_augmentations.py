@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from dinokit.data.augmentations import DINOV2_SCALES
+from dinokit.data.augmentations import DINOV2_SCALES, resolve_blur
 
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -179,7 +179,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 class BatchedMultiCrop:
     """uint8 images (B, 3, H, W) -> (global crops uint8 (n_g * B, 3, G, G), local crops uint8
     (n_l * B, 3, L, L) or None), crop-major; the parameters and their meaning are those of
-    `MultiCropAugmentation` (blur probabilities already resolved: pass `blur_as_released` there)."""
+    `MultiCropAugmentation`."""
 
     def __init__(
         self,
@@ -190,6 +190,7 @@ class BatchedMultiCrop:
         global_crops_scale: Sequence[float] = DINOV2_SCALES[0],
         local_crops_scale: Sequence[float] = DINOV2_SCALES[1],
         blur_probabilities: Sequence[float] = (1.0, 0.1, 0.5),
+        blur_as_released: bool = False,
         blur_sigma: Sequence[float] = (0.1, 2.0),
         blur_kernel_size: int = 9,
         solarize_probability: float = 0.2,
@@ -200,7 +201,7 @@ class BatchedMultiCrop:
         self.global_crops_size, self.local_crops_size = global_crops_size, local_crops_size
         self.global_crops_number, self.local_crops_number = global_crops_number, local_crops_number
         self.global_crops_scale, self.local_crops_scale = tuple(global_crops_scale), tuple(local_crops_scale)
-        self.blur_probabilities = tuple(blur_probabilities)
+        self.blur_probabilities = resolve_blur(blur_probabilities, blur_as_released)
         self.blur_sigma = tuple(blur_sigma)
         self.blur_kernel_size = blur_kernel_size
         self.solarize_probability = solarize_probability

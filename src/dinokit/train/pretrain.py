@@ -108,9 +108,11 @@ def build_model(cfg: PretrainConfig) -> SelfDistillation:
     )
 
 
-def build_augmentation(cfg: PretrainConfig) -> MultiCropAugmentation:
-    """The per-image augmentation of `cfg` (see `build_batched_augmentation` for augmentation=batched)."""
-    return MultiCropAugmentation(
+def build_augmentation(cfg: PretrainConfig) -> MultiCropAugmentation | BatchedMultiCrop:
+    """The multi-crop augmentation of `cfg`: per image (torchvision transforms), or for
+    augmentation=batched the same parameters applied to whole batches of in-memory images."""
+    kind = BatchedMultiCrop if cfg.augmentation == "batched" else MultiCropAugmentation
+    return kind(
         global_crops_size=cfg.global_crops_size,
         local_crops_size=cfg.local_crops_size,
         global_crops_number=cfg.global_crops_number,
@@ -119,26 +121,6 @@ def build_augmentation(cfg: PretrainConfig) -> MultiCropAugmentation:
         local_crops_scale=cfg.local_crops_scale,
         blur_probabilities=cfg.blur_probabilities,
         blur_as_released=cfg.blur_as_released,
-        blur_sigma=cfg.blur_sigma,
-        blur_kernel_size=cfg.blur_kernel_size,
-        solarize_probability=cfg.solarize_probability,
-        color_jitter=cfg.color_jitter,
-        color_jitter_probability=cfg.color_jitter_probability,
-        grayscale_probability=cfg.grayscale_probability,
-    )
-
-
-def build_batched_augmentation(cfg: PretrainConfig) -> BatchedMultiCrop:
-    """`build_augmentation`'s parameters, for whole batches of in-memory images."""
-    per_image = build_augmentation(cfg)
-    return BatchedMultiCrop(
-        global_crops_size=cfg.global_crops_size,
-        local_crops_size=cfg.local_crops_size,
-        global_crops_number=cfg.global_crops_number,
-        local_crops_number=cfg.local_crops_number,
-        global_crops_scale=cfg.global_crops_scale,
-        local_crops_scale=cfg.local_crops_scale,
-        blur_probabilities=per_image.blur_probabilities,  # blur_as_released resolved there
         blur_sigma=cfg.blur_sigma,
         blur_kernel_size=cfg.blur_kernel_size,
         solarize_probability=cfg.solarize_probability,
@@ -389,13 +371,12 @@ class Trainer:
         self.model = build_model(cfg).to(device)
         self.use_ibot = self.model.use_ibot
         self.collate = build_collate(cfg, self.model.student.backbone.patch_size, self.use_ibot)
+        self.augmentation = build_augmentation(cfg)
         if cfg.augmentation == "batched":
-            self.augmentation = build_batched_augmentation(cfg)
             size = cfg.batched_image_size or cfg.global_crops_size
             images, bad = decode_to_memory(self.paths, size, cfg.num_workers, cfg.progress and self.main)
             self.dataset = InMemoryMultiCrops(images, bad, self.augmentation, self.collate, cfg.seed)
         else:
-            self.augmentation = build_augmentation(cfg)
             self.dataset = MultiCropDataset(self.paths, self.augmentation, seed=cfg.seed)
         self.schedules = Schedules(
             lr=scale_lr(cfg.lr, self.global_batch, cfg.lr_scaling),
