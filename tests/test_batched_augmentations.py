@@ -137,3 +137,22 @@ def test_solarize_inverts_bright_pixels_only():
     expected = torch.tensor([0, 100, 127, 0], dtype=torch.uint8)
     assert torch.equal(row, expected) or torch.equal(row, expected.flip(0))
     assert torch.equal(g[0, 0, 0], images[0, 0, 0]) or torch.equal(g[0, 0, 0], images[0, 0, 0].flip(0))
+
+
+def test_decode_to_memory_resizes_center_crops_and_lists_bad_files(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dinokit.data.unlabelled import decode_to_memory
+    from dinokit.errors import DinokitError
+
+    wide = torch.zeros(3, 8, 16, dtype=torch.uint8)
+    wide[:, :, 4:12] = 200  # the central square is bright, the sides dark
+    Image.fromarray(wide.permute(1, 2, 0).numpy()).save(tmp_path / "wide.png")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    paths = [tmp_path / "wide.png", tmp_path / "broken.jpg"]
+    images, bad = decode_to_memory(paths, 8)
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8 and bad == [1]
+    assert torch.equal(images[0], wide[:, :, 4:12]) and images[1].sum() == 0
+    monkeypatch.setattr("os.sysconf", lambda name: 1024 if name == "SC_PHYS_PAGES" else 4096)  # 4 MiB
+    with pytest.raises(DinokitError, match="augmentation=per_image"):
+        decode_to_memory(paths * 200, 64)

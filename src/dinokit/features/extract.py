@@ -54,11 +54,13 @@ def compute_features(
         if "layer_patch_tokens" in which:
             out["layer_patch_tokens"] = torch.stack([patches for patches, _ in pairs], dim=1)
     if final:
-        depth = len(model.blocks)
-        blocks = [i % depth for i in layers]
-        if pairs is not None and norm and depth - 1 in blocks and "registers" not in final:
-            patches, cls = pairs[blocks.index(depth - 1)]  # the normed last block: no second forward
-            f = {"x_norm_clstoken": cls, "x_norm_patchtokens": patches}
+        last = None  # the normed last block among the per-block outputs: no second forward
+        if pairs is not None and norm and "registers" not in final:
+            depth = len(model.blocks)
+            blocks = [i % depth for i in layers]
+            last = pairs[blocks.index(depth - 1)] if depth - 1 in blocks else None
+        if last is not None:
+            f = {"x_norm_clstoken": last[1], "x_norm_patchtokens": last[0]}
         else:
             f = model.forward_features(images)
         if "cls" in which:
