@@ -28,6 +28,11 @@ class CropBatch:
     indices: torch.Tensor
     bad: list[int]
 
+    @classmethod
+    def empty(cls, bad: list[int]) -> "CropBatch":
+        """A batch whose files were all unreadable (indices `bad`): the trainer skips it."""
+        return cls(torch.empty(0), None, None, None, torch.empty(0, dtype=torch.long), bad)
+
     @property
     def batch_size(self) -> int:
         return len(self.indices)
@@ -115,7 +120,7 @@ class MultiCropCollate:
         good = [(crops, index, position) for crops, index, position in items if crops is not None]
         bad = [index for crops, index, _ in items if crops is None]
         if not good:
-            return CropBatch(torch.empty(0), None, None, None, torch.empty(0, dtype=torch.long), bad)
+            return CropBatch.empty(bad)
         n_global = len(good[0][0]["global_crops"])
         n_local = len(good[0][0]["local_crops"])
         global_crops = torch.stack([c["global_crops"][i] for i in range(n_global) for c, _, _ in good])

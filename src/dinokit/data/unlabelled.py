@@ -148,7 +148,7 @@ class InMemoryMultiCrops:
             good = [index for index, _ in items if index not in self.bad]
             bad = [index for index, _ in items if index in self.bad]
             if not good:
-                yield CropBatch(torch.empty(0), None, None, None, torch.empty(0, dtype=torch.long), bad)
+                yield CropBatch.empty(bad)
                 continue
             generator = torch.Generator().manual_seed(mixed_seed(self.seed, 0, first_position))
             global_crops, local_crops = self.augmentation(self.images[good], generator)
