@@ -1,10 +1,10 @@
 """Multi-head self-attention through `torch.nn.functional.scaled_dot_product_attention`, or through two
 matrix products and a softmax where that is faster: training on CPU in bf16 / fp16.
 
-PyTorch's fused CPU attention backward in reduced precision is slow: forward + backward of a ViT block's
-attention in bf16 took 33-38 ms through SDPA and 3-7 ms through matmuls (64 and 16 tokens, 3 heads of
-32), 55 vs 42 ms at 257 tokens (6 heads of 64), on this project's AVX512-BF16 CPU; in fp32 SDPA is as
-fast as matmuls or faster. `bench/train_throughput.py` shows the effect on a whole training step.
+PyTorch's fused CPU attention backward in reduced precision is slow: forward + backward in bf16 is
+2.4x and 11x faster through matmuls at 65 and 17 tokens (3 heads of 32), 1.1x at 257 tokens (6 heads
+of 64), on this project's AVX512-BF16 CPU; in fp32 SDPA is as fast as matmuls or faster.
+`bench/cpu_training_speed.py` measures both paths.
 """
 
 import torch

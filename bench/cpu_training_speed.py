@@ -1,0 +1,100 @@
+"""The two CPU training speed-ups of dinokit, measured against the paths they replace, in one run.
+
+1. Attention forward + backward in bf16: fused `scaled_dot_product_attention` against two matrix
+   products and an fp32 softmax (what `dinokit.models.layers.attention` uses when training on CPU in
+   reduced precision), at the `cpu32` shapes (64 + 1 and 16 + 1 tokens, 3 heads of 32) and ViT-S/224
+   (256 + 1 tokens, 6 heads of 64); then the `cpu32` backbone's forward + backward on one batch
+   (2 x 32 + 6 x 16 px crops of 64 images) with each attention path.
+2. Multi-crop augmentation per image at 32 px (2 x 32 + 6 x 16 crops): torchvision transforms one crop
+   at a time (`MultiCropAugmentation`) against whole batches (`BatchedMultiCrop`), ms per image.
+
+    python bench/cpu_training_speed.py
+"""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from dinokit.data.augmentations import MultiCropAugmentation  # noqa: E402
+from dinokit.data.batched_augmentations import BatchedMultiCrop  # noqa: E402
+from dinokit.train.config import resolve_config  # noqa: E402
+from dinokit.train.pretrain import build_backbone  # noqa: E402
+
+
+def median_ms(fn, repeats: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def matmul_attention(q, k, v):
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return logits.float().softmax(dim=-1).to(v.dtype) @ v
+
+
+def attention_ms(fn, shape) -> float:
+    q, k, v = (torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    return median_ms(lambda: fn(q, k, v).float().sum().backward())
+
+
+def main() -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("\nattention forward + backward, bf16 (ms): shape | SDPA | matmul | speed-up")
+    for shape in [(128, 3, 65, 32), (384, 3, 17, 32), (16, 6, 257, 64)]:
+        fused, matmul = attention_ms(F.scaled_dot_product_attention, shape), attention_ms(matmul_attention, shape)
+        print(f"{shape} | {fused:.1f} | {matmul:.1f} | {fused / matmul:.1f}x")
+
+    cfg = resolve_config("cpu32", {"local_crops_number": 6})
+    backbone = build_backbone(cfg)
+    global_crops, local_crops = torch.randn(128, 3, 32, 32), torch.randn(384, 3, 16, 16)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = backbone(global_crops).float().sum() + backbone(local_crops).float().sum()
+        loss.backward()
+
+    matmul_step = median_ms(step, repeats=5)
+    with mock.patch("dinokit.models.layers.attention.cpu_low_precision_training", return_value=False):
+        fused_step = median_ms(step, repeats=5)
+    print(
+        f"\ncpu32 backbone forward + backward, bf16, one batch: SDPA {fused_step:.0f} ms, matmul {matmul_step:.0f} ms"
+    )
+
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    options = dict(
+        global_crops_size=32,
+        local_crops_size=16,
+        local_crops_number=6,
+        global_crops_scale=(0.32, 1.0),
+        local_crops_scale=(0.05, 0.32),
+        blur_probabilities=(0.0, 0.0, 0.0),
+        blur_kernel_size=0,
+    )
+    per_image = MultiCropAugmentation(**options)
+    pictures = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images]
+    per_image_ms = median_ms(lambda: [per_image(p) for p in pictures], repeats=3) / len(images)
+    batched = BatchedMultiCrop(**options)
+    generator = torch.Generator().manual_seed(0)
+    batched_ms = median_ms(lambda: batched(images, generator), repeats=5) / len(images)
+    print(
+        f"\nmulti-crop augmentation at 32 px, ms per image: per image {per_image_ms:.2f}, batched {batched_ms:.2f} "
+        f"({per_image_ms / batched_ms:.1f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
