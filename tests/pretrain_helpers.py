@@ -17,6 +17,7 @@ TINY = dict(
     ibot_prototypes=64,
     batch_size=8,
     num_workers=0,
+    device="cpu",  # resume is exact on the CPU; tests/test_cuda.py runs the GPU
     blur_kernel_size=0,
     drop_path_rate=0.1,
     layerscale=0,

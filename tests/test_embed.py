@@ -140,11 +140,18 @@ def test_bad_requests(setup, tmp_path):
 def test_torchrun_two_processes_write_their_shards_and_one_manifest(setup, tmp_path):
     folder, weights, _ = setup
     single = tmp_path / "single"
-    run(setup, single, features=["cls", "patch_tokens"], precision="bf16")
+    run(setup, single, features=["cls", "patch_tokens"], precision="bf16", device="cpu")  # as the gloo processes
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += ["-m", "dinokit", "embed", f"model={weights}", f"data={folder}", f"out={out}", "image_size=16"]
-    cmd += ["batch_size=3", "num_workers=0", "shard_size=4", "progress=false", "features=[cls,patch_tokens]"]
+    cmd += [
+        "batch_size=3",
+        "num_workers=0",
+        "shard_size=4",
+        "progress=false",
+        "features=[cls,patch_tokens]",
+        "device=cpu",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

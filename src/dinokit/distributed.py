@@ -40,18 +40,24 @@ def init_distributed(device: torch.device) -> torch.device:
     (cuda:LOCAL_RANK on GPUs). Backend: nccl for CUDA, gloo otherwise."""
     if not launched_by_torchrun() or is_distributed():
         return device
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device.type == "cuda":
-        if local_rank >= torch.cuda.device_count():
-            raise DinokitError(
-                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible; "
-                "lower --nproc_per_node to the number of GPUs"
-            )
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+    device = process_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return device
+
+
+def process_device(device: torch.device) -> torch.device:
+    """This process's device under torchrun: cuda:LOCAL_RANK (made current) for CUDA, else `device`."""
+    if device.type != "cuda" or not launched_by_torchrun():
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank >= torch.cuda.device_count():
+        raise DinokitError(
+            f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) visible; lower "
+            "--nproc_per_node to the number of GPUs, or run on the CPU with device=cpu"
+        )
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def destroy_distributed() -> None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from dinokit.data.images import list_images
 from dinokit.data.transforms import check_image_size, describe, eval_transform
+from dinokit.distributed import process_device
 from dinokit.errors import DinokitError
 from dinokit.features.extract import FEATURE_KINDS, iter_features
 from dinokit.features.store import (
@@ -71,11 +72,8 @@ def embed(
     started = time.perf_counter()
     features, layers = list(features), list(layers)
     check_choices(features, layers, format, dtype, resize_policy)
-    rank, world, local_rank = torchrun_context()
-    torch_device = resolve_device(device)
-    if torch_device.type == "cuda" and world > 1:
-        torch_device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(torch_device)
+    rank, world = torchrun_context()
+    torch_device = process_device(resolve_device(device))
     joined = join_process_group(world)
 
     net = load_model(model, device=torch_device)
@@ -262,9 +260,9 @@ def write_manifest(out_dir: Path, settings: dict, num_shards: int) -> dict:
 
 
 # ------------------------------------------------------------------------------ torchrun processes
-def torchrun_context() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; (0, 1, 0) in a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+def torchrun_context() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) in a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def join_process_group(world: int) -> bool:

@@ -1,0 +1,66 @@
+"""The GPU path (skipped without CUDA; run by bench/cuda_checks.sh on a lent GPU machine): the same
+network as on the CPU, and a pretraining run that learns, checkpoints and resumes there."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import perturb_scales_and_norms
+from pretrain_helpers import TINY, tiny_images
+
+import dinokit
+from dinokit.train.checkpoint import load_checkpoint
+from dinokit.train.metrics_log import read_metrics
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_vit_on_cuda_computes_what_it_computes_on_cpu():
+    torch.manual_seed(0)
+    model = perturb_scales_and_norms(dinokit.create_model("dinov2_vits14_reg"), 0.1).eval()
+    x = torch.randn(2, 3, 224, 168)  # non-square
+    with torch.inference_mode():
+        reference = model.forward_features(x)
+        model.cuda()
+        fp32 = model.forward_features(x.cuda())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model.forward_features(x.cuda())
+    for key in ("x_norm_clstoken", "x_norm_regtokens", "x_norm_patchtokens"):
+        torch.testing.assert_close(fp32[key].cpu(), reference[key], rtol=1e-4, atol=1e-4)
+    cosine = F.cosine_similarity(bf16["x_norm_clstoken"].float().cpu(), reference["x_norm_clstoken"])
+    assert cosine.min() > 0.999
+
+
+def test_pretraining_on_cuda_learns_and_resumes(tmp_path):
+    data = tiny_images(tmp_path / "data")
+    keys = {**TINY, "device": "cuda", "lr": 0.005, "centering": "sinkhorn_knopp", "teacher_temp_start": 0.04}
+    keys.update(teacher_temp=0.04, epochs=10.0, log_every=4)
+
+    def run(out, **more):
+        return dinokit.pretrain(data=str(data), out=str(tmp_path / out), **{**keys, **more})
+
+    summary = run("full", max_iterations=80, epochs=20.0)
+    losses = [row["dino_loss"] for row in read_metrics(tmp_path / "full" / "metrics.jsonl")]
+    assert summary["iterations"] == 80 and sum(losses[-5:]) / 5 < 0.9 * losses[0], losses
+    # the teacher backbone written by a GPU run loads on the CPU, equal to the checkpoint's
+    backbone = dinokit.load_model(tmp_path / "full" / "backbone.safetensors", device="cpu")
+    teacher = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000080.pt")["model"]
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, teacher[f"teacher.backbone.{name}"].cpu()), name
+
+    # 20 + 20 iterations with a restart, in fp32: the same run up to the GPU's non-deterministic
+    # kernels (atomic adds), which the CPU's exact-resume tests do not have; the difference must be
+    # far smaller than what the last 20 iterations changed
+    run("full32", max_iterations=40, precision="fp32")
+    run("split", max_iterations=20, precision="fp32")
+    halfway = flat_teacher(tmp_path / "split" / "checkpoints" / "checkpoint_00000020.pt")
+    run("split", max_iterations=40, precision="fp32", resume=True)
+    full = flat_teacher(tmp_path / "full32" / "checkpoints" / "checkpoint_00000040.pt")
+    resumed = flat_teacher(tmp_path / "split" / "checkpoints" / "checkpoint_00000040.pt")
+    moved, resume_error = (full - halfway).norm().item(), (resumed - full).norm().item()
+    print(f"last 20 iterations moved the teacher by {moved:.3e}; resume differs by {resume_error:.3e}")
+    assert resume_error <= 0.05 * moved
+
+
+def flat_teacher(checkpoint) -> torch.Tensor:
+    state = load_checkpoint(checkpoint)["model"]
+    return torch.cat([v.float().flatten().cpu() for k, v in sorted(state.items()) if k.startswith("teacher.")])
