@@ -92,8 +92,8 @@ def test_collate_is_crop_major_with_mask_weights():
 
 def test_masks_are_cheap_next_to_a_training_step():
     """Masks for one batch of the official ViT-S/14 recipe (64 images: 128 global crops of 16 x 16
-    patches) cost under 10% of one training step of the fastest CPU preset (cpu32, batch 64: 0.25 s
-    since matmul attention and 2 local crops), so mask generation cannot starve training."""
+    patches) cost under 10% of one training step of the fastest CPU preset (cpu32, batch 64 of 16 px
+    crops), so mask generation cannot starve training."""
     import time
 
     from dinokit.runtime import autocast
