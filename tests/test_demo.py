@@ -30,9 +30,9 @@ def test_demo_writes_report_with_learned_and_random_init(tmp_path):
     keys = {k: v for k, v in TINY.items() if k != "preset"}
     preset.write_text(yaml.safe_dump({**keys, "max_minutes": 0.01, "epochs": None}))  # stops on the clock
     folder = tiny_images(tmp_path / "images", per_class=5)
-    report = demo(out=str(tmp_path / "demo"), data=str(folder), preset=str(preset))
+    report = demo(out=str(tmp_path / "demo"), data=str(folder), preset=str(preset), image_size=16)
     text = (tmp_path / "demo" / "report.md").read_text()
-    assert report.endswith("report.md")
+    assert report.endswith("report.md") and "held-out images (16 px)" in text
     for line in ("k-NN top-1 (k=20), learned", "same network at random init", "raw pixels", "view retrieval"):
         assert line in text
     assert (tmp_path / "demo" / "loss.png").stat().st_size > 1000

@@ -170,10 +170,12 @@ def demo(
     minutes: float | None = None,
     preset: str = "demo",
     num_workers: int | None = None,
+    image_size: int = SYNTHETIC["size"],
 ) -> str:
     """Pretrain on rendered shapes (or data=FOLDER) for `minutes` (default: the preset's max_minutes),
     then show with k-NN that the features beat the same network at random init; writes out/report.md
-    and out/loss.png."""
+    and out/loss.png. image_size: the side that images are resized to for the evaluation (the
+    rendered shapes' size; training crops may be smaller)."""
     start = time.perf_counter()
     out_dir = Path(out)
     data_info = prepare_data(out_dir, data)
@@ -188,7 +190,7 @@ def demo(
         **{k: v for k, v in keys.items() if v is not None},
     )
     cfg = resolve_config(preset, {})
-    size = cfg.global_crops_size
+    size = image_size
     learned = load_model(run_dir / "backbone.safetensors").eval()
     torch.manual_seed(cfg.seed)  # the run's starting weights (the trainer seeds the same way)
     random_init = build_backbone(cfg).eval()
@@ -214,15 +216,16 @@ def demo(
         "",
         f"Data: {data_info['source']}: {len(data_info['train'])} training images (labels ignored while "
         f"pretraining), {len(data_info['test'])} held out.",
-        f"Pretraining: preset `{preset}` ({cfg.objective}, {cfg.arch}, {cfg.global_crops_number}x{size} + "
-        f"{cfg.local_crops_number}x{cfg.local_crops_size} crops, batch {cfg.batch_size}), {summary['iterations']} "
+        f"Pretraining: preset `{preset}` ({cfg.objective}, {cfg.arch}, "
+        f"{cfg.global_crops_number}x{cfg.global_crops_size} + {cfg.local_crops_number}x{cfg.local_crops_size} "
+        f"crops, batch {cfg.batch_size}), {summary['iterations']} "
         f"iterations = {summary['epochs']} epochs in {summary['minutes']} min, {last['img_per_s']:.0f} img/s, "
         f"data wait {100 * last['data_wait']:.0f}%.",
         f"Last losses: total {last['loss']:.3f}, DINO {last['dino_loss']:.3f}; health: teacher entropy "
         f"{last['teacher_entropy']:.2f}, KL to uniform {last['teacher_kl_uniform']:.3f}, "
         f"CLS spread {last['cls_spread']:.2f}.",
         "",
-        "| evaluation on held-out images | top-1 % |",
+        f"| evaluation on held-out images ({size} px) | top-1 % |",
         "|---|---|",
         *[f"| {name} | {value:.1f} |" for name, value in results.items()],
         "",
