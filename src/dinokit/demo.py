@@ -190,7 +190,6 @@ def demo(
         **{k: v for k, v in keys.items() if v is not None},
     )
     cfg = resolve_config(preset, {})
-    size = image_size
     learned = load_model(run_dir / "backbone.safetensors").eval()
     torch.manual_seed(cfg.seed)  # the run's starting weights (the trainer seeds the same way)
     random_init = build_backbone(cfg).eval()
@@ -198,12 +197,14 @@ def demo(
     results = {}
     if data_info["train_labels"] is not None:
         print("demo: k-NN evaluation")
-        results["k-NN top-1 (k=20), learned"] = knn_top1(learned, data_info, size)
-        results["k-NN top-1 (k=20), same network at random init"] = knn_top1(random_init, data_info, size)
-        results["k-NN top-1 (k=20), raw pixels"] = raw_pixel_top1(data_info, size)
+        results["k-NN top-1 (k=20), learned"] = knn_top1(learned, data_info, image_size)
+        results["k-NN top-1 (k=20), same network at random init"] = knn_top1(random_init, data_info, image_size)
+        results["k-NN top-1 (k=20), raw pixels"] = raw_pixel_top1(data_info, image_size)
     retrieval_paths = data_info["test"][:500]
-    results["view retrieval top-1, learned"] = view_retrieval(learned, retrieval_paths, size)
-    results["view retrieval top-1, same network at random init"] = view_retrieval(random_init, retrieval_paths, size)
+    results["view retrieval top-1, learned"] = view_retrieval(learned, retrieval_paths, image_size)
+    results["view retrieval top-1, same network at random init"] = view_retrieval(
+        random_init, retrieval_paths, image_size
+    )
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     plot_losses(rows, out_dir / "loss.png")
@@ -225,7 +226,7 @@ def demo(
         f"{last['teacher_entropy']:.2f}, KL to uniform {last['teacher_kl_uniform']:.3f}, "
         f"CLS spread {last['cls_spread']:.2f}.",
         "",
-        f"| evaluation on held-out images ({size} px) | top-1 % |",
+        f"| evaluation on held-out images ({image_size} px) | top-1 % |",
         "|---|---|",
         *[f"| {name} | {value:.1f} |" for name, value in results.items()],
         "",
