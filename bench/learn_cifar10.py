@@ -15,7 +15,7 @@
 
     python bench/learn_cifar10.py                 # 15 minutes each (about 40 minutes in all)
     python bench/learn_cifar10.py --minutes 2     # a short validation run
-    python bench/learn_cifar10.py --minutes 5 --skip-lightly --set lr=0.001 local_crops_number=6   # a probe
+    python bench/learn_cifar10.py --minutes 5 --skip-lightly --skip-baselines --set lr=0.001   # a probe
 
 Needs ../shared/data/cifar10-jpg.tar.gz beside the repository (or --data with train/ and test/).
 """
@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/dinokit-bench/learn_cifar10"))
     parser.add_argument("--skip-lightly", action="store_true")
     parser.add_argument("--skip-dinokit", action="store_true", help="only the lightly run and the baselines")
+    parser.add_argument("--skip-baselines", action="store_true", help="no random-init or raw-pixel k-NN (probes)")
     parser.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="override preset keys, e.g. --set lr=0.001"
     )
@@ -215,9 +216,10 @@ def main() -> None:
             "wall_minutes": wall,  # set-up (model, data decoding), training and saving
         }
         print(f"dinokit: {summary['iterations']} iterations, {summary['epochs']} epochs -> k-NN {ours_top1:.2f}%")
-    torch.manual_seed(cfg.seed)
-    results["random_init_knn_top1"] = knn_top1(build_backbone(cfg), data, 32)
-    results["raw_pixels_knn_top1"] = raw_pixel_top1(data, 32)
+    if not args.skip_baselines:
+        torch.manual_seed(cfg.seed)
+        results["random_init_knn_top1"] = knn_top1(build_backbone(cfg), data, 32)
+        results["raw_pixels_knn_top1"] = raw_pixel_top1(data, 32)
     if not args.skip_lightly:
         started = time.perf_counter()
         teacher, lightly_summary = train_lightly(root / "train", args.minutes, arch, 64, cfg.num_workers)
@@ -243,8 +245,9 @@ def main() -> None:
             f"| lightly DINO, same backbone | {theirs['knn_top1']:.1f} | {theirs['iterations']} | "
             f"{theirs['epochs']:.2f} | {theirs['wall_minutes']:.2f} |"
         )
-    print(f"| same network, random init | {results['random_init_knn_top1']:.1f} | - | - | - |")
-    print(f"| raw pixels | {results['raw_pixels_knn_top1']:.1f} | - | - | - |")
+    if not args.skip_baselines:
+        print(f"| same network, random init | {results['random_init_knn_top1']:.1f} | - | - | - |")
+        print(f"| raw pixels | {results['raw_pixels_knn_top1']:.1f} | - | - | - |")
     if "lightly" in results and "dinokit" in results:
         gap = results["dinokit"]["knn_top1"] - results["lightly"]["knn_top1"]
         print(f"\ndinokit - lightly: {gap:+.1f} points")

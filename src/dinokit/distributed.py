@@ -35,14 +35,15 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def init_distributed(device: torch.device) -> torch.device:
-    """Join the torchrun process group (if launched by torchrun) and return this process's device
-    (cuda:LOCAL_RANK on GPUs). Backend: nccl for CUDA, gloo otherwise."""
-    if not launched_by_torchrun() or is_distributed():
-        return device
+def init_distributed(
+    device: torch.device, backend: str | None = None, timeout: datetime.timedelta = datetime.timedelta(minutes=30)
+) -> torch.device:
+    """Join the torchrun process group (if launched by torchrun and not joined yet) and return this
+    process's device (cuda:LOCAL_RANK on GPUs). Backend: nccl for CUDA, gloo otherwise, unless given."""
     device = process_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    if launched_by_torchrun() and not is_distributed():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend, timeout=timeout)
     return device
 
 

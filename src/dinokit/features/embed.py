@@ -12,17 +12,23 @@ import datetime
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from dinokit import distributed
 from dinokit.data.images import list_images
 from dinokit.data.transforms import check_image_size, describe, eval_transform
-from dinokit.distributed import process_device
+from dinokit.distributed import (
+    all_gather_objects,
+    barrier,
+    destroy_distributed,
+    init_distributed,
+    is_distributed,
+    launched_by_torchrun,
+)
 from dinokit.errors import DinokitError
 from dinokit.features.extract import FEATURE_KINDS, iter_features
 from dinokit.features.store import (
@@ -72,9 +78,11 @@ def embed(
     started = time.perf_counter()
     features, layers = list(features), list(layers)
     check_choices(features, layers, format, dtype, resize_policy)
-    rank, world = torchrun_context()
-    torch_device = process_device(resolve_device(device))
-    joined = join_process_group(world)
+    # gloo even on GPUs: processes only wait for each other and gather counts, never move tensors; the
+    # timeout is long because they wait for each other only at the very end.
+    joined = launched_by_torchrun() and not is_distributed()
+    torch_device = init_distributed(resolve_device(device), backend="gloo", timeout=datetime.timedelta(days=7))
+    rank, world = distributed.rank(), distributed.world_size()
 
     net = load_model(model, device=torch_device)
     if "registers" in features and not net.num_register_tokens:
@@ -111,7 +119,7 @@ def embed(
     todo = [i for i in mine if not shard_path(out_dir, i, format).exists()]
     run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_workers, progress and rank == 0)
 
-    computed = sum(gather(len(todo), world))
+    computed = sum(all_gather_objects(len(todo)))
     summary = None
     if rank == 0:
         manifest = write_manifest(out_dir, settings, len(shards))
@@ -128,7 +136,7 @@ def embed(
         }
     barrier()
     if joined:
-        dist.destroy_process_group()
+        destroy_distributed()
     return summary
 
 
@@ -257,33 +265,3 @@ def write_manifest(out_dir: Path, settings: dict, num_shards: int) -> dict:
     for stale in out_dir.glob(".shard_*.tmp*"):  # left by a killed process; every process is done now
         stale.unlink()
     return manifest
-
-
-# ------------------------------------------------------------------------------ torchrun processes
-def torchrun_context() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; (0, 1) in a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def join_process_group(world: int) -> bool:
-    """Join torchrun's group unless one is running already; True if this call created it (gloo:
-    embedding only needs barriers and a gather of counts, never moves tensors between processes).
-    The timeout is long because processes wait for each other only at the very end."""
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-        return True
-    return False
-
-
-def gather(value, world: int) -> list:
-    """[value of process 0, of process 1, ...] (waits for every process)."""
-    if not dist.is_initialized():
-        return [value]
-    values = [None] * world
-    dist.all_gather_object(values, value)
-    return values
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
