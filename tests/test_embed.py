@@ -12,6 +12,7 @@ from PIL import Image
 import dinokit
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
+from dinokit.eval.backbone import weights_hash
 from dinokit.features import embed as embed_module
 from dinokit.features.embed import auto_shard_size, embed
 from dinokit.features.extract import extract_features
@@ -65,6 +66,23 @@ def test_shards_hold_the_features_of_extract_features(setup, tmp_path):
     assert feats["patch_tokens"].shape == (12, 4, 6, 96) and feats["registers"].shape == (12, 2, 96)
     for k in kinds:
         assert torch.allclose(feats[k].flatten(1), ref[k].flatten(1), atol=1e-5), k
+
+
+def test_layer_patch_tokens_are_the_intermediate_layers_on_the_patch_grid(setup, tmp_path):
+    _, _, model = setup
+    layers = [0, -1]
+    run(setup, tmp_path / "e", features=["layer_patch_tokens", "cls"], layers=layers, image_size=[16, 24])
+    manifest = read_manifest(tmp_path / "e")
+    assert manifest["feature_shapes"]["layer_patch_tokens"] == [2, 4, 6, 96]
+    assert manifest["weights_hash"] == weights_hash(model)
+    feats, paths = read_embeddings(tmp_path / "e")
+    assert feats["layer_patch_tokens"].shape == (12, 2, 4, 6, 96)
+    transform = eval_transform((16, 24))
+    x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[:4]])
+    with torch.inference_mode():
+        grids = model.get_intermediate_layers(x, n=layers, reshape=True, norm=True)  # each (B, D, h, w)
+    expected = torch.stack([g.permute(0, 2, 3, 1) for g in grids], dim=1)
+    assert torch.allclose(feats["layer_patch_tokens"][:4], expected, atol=1e-5)
 
 
 def test_numpy_float16_shards(setup, tmp_path):
@@ -133,6 +151,8 @@ def test_bad_requests(setup, tmp_path):
         run(setup, tmp_path / "b", format="numpy", dtype="bfloat16")
     with pytest.raises(DinokitError, match="layers="):
         run(setup, tmp_path / "c", features=["layers"])
+    with pytest.raises(DinokitError, match=r"\['layer_patch_tokens'\] need the block indices"):
+        run(setup, tmp_path / "c", features=["cls", "layer_patch_tokens"])
     with pytest.raises(DinokitError, match="one shape per batch"):
         run(setup, tmp_path / "d", resize_policy="aspect")
 

@@ -132,3 +132,25 @@ def test_index_search_command_writes_the_json_and_a_contact_sheet(collection, tm
     assert [list(h) for h in hits[0]["hits"]] == [["path", "score"]] * 3
     assert hits[0]["hits"][0]["path"] == str(query)
     assert Image.open(tmp_path / "sheet.png").size == (4 * 132, 146)
+
+
+def test_search_refuses_a_model_file_replaced_since_the_index_was_built(collection, tmp_path):
+    torch.manual_seed(1)
+    model = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2))
+    original = dinokit.export_model(model, tmp_path / "original.safetensors")
+    weights = dinokit.export_model(model, tmp_path / "m.safetensors")
+    embed(weights, str(collection / "b"), str(tmp_path / "emb"), image_size=32, num_workers=0, progress=False)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"))
+    query = str(collection / "b" / "b2.png")
+    assert search_index(str(tmp_path / "idx"), query, k=1)[0]["hits"][0]["path"] == query  # unchanged: works
+
+    with torch.no_grad():
+        model.blocks[0].norm1.weight.add_(0.01)  # same architecture, other weights, at the same path
+    dinokit.export_model(model, weights)
+    with pytest.raises(DinokitError, match=r"changed since the index was built.*model=PATH"):
+        search_index(str(tmp_path / "idx"), query, k=1)
+    hits = search_index(str(tmp_path / "idx"), query, k=1, model=original)[0]["hits"]  # the original weights
+    assert hits[0]["path"] == query and hits[0]["score"] > 0.999
+    embed(weights, str(collection / "a"), str(tmp_path / "emb_new"), image_size=32, num_workers=0, progress=False)
+    with pytest.raises(DinokitError, match="weights_hash differ"):
+        build_index(str(tmp_path / "emb_new"), str(tmp_path / "idx"), add=True)

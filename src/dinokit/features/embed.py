@@ -30,6 +30,7 @@ from dinokit.distributed import (
     launched_by_torchrun,
 )
 from dinokit.errors import DinokitError
+from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import FEATURE_KINDS, iter_features
 from dinokit.features.store import (
     MANIFEST,
@@ -69,11 +70,13 @@ def embed(
     paths, or one image. image_size: 224, or [height, width]; multiples of the patch size.
     resize_policy: center_crop (keep aspect, cover size*256/224, crop; the official transform) or
     resize (to exactly image_size). features: any of cls, patch_mean, registers, patch_tokens
-    (the full grid), layers (CLS of the blocks listed in `layers`). precision: bf16 (autocast, fast)
+    (the full grid), layers (CLS of the blocks listed in `layers`), layer_patch_tokens (the full patch
+    grid of each block in `layers`; normed like the last block). precision: bf16 (autocast, fast)
     or fp32. dtype: float32, float16 or bfloat16 (safetensors only) on disk. format: safetensors or
     numpy (.npz). shard_size: images per shard (default: up to 4096, fewer so that a shard stays
-    near 512 MB, e.g. with patch_tokens). Unreadable images are skipped and listed in the manifest. Returns a summary
-    (on process 0; None on the others).
+    near 512 MB, e.g. with patch_tokens). Unreadable images are skipped and listed in the manifest. The
+    manifest records a hash of the weights (`weights_hash`), so that `dinokit index search` can tell
+    when the model file changed. Returns a summary (on process 0; None on the others).
     """
     started = time.perf_counter()
     features, layers = list(features), list(layers)
@@ -96,6 +99,7 @@ def embed(
     settings = {
         "model": str(Path(model).absolute()) if Path(model).exists() else model,
         "architecture": net.config.to_dict(),
+        "weights_hash": weights_hash(net),
         "data": str(Path(data).absolute()),
         "num_images": len(paths),
         "paths_sha1": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
@@ -143,8 +147,9 @@ def embed(
 def check_choices(features: list[str], layers: list[int], format: str, dtype: str, resize_policy: str) -> None:
     if not features or set(features) - set(FEATURE_KINDS):
         raise DinokitError(f"features must be a list of {', '.join(FEATURE_KINDS)}; got {features}")
-    if "layers" in features and not layers:
-        raise DinokitError("features 'layers' needs the block indices, e.g. layers=[8,9,10,11]")
+    per_block = [k for k in ("layers", "layer_patch_tokens") if k in features]
+    if per_block and not layers:
+        raise DinokitError(f"features {per_block} need the block indices, e.g. layers=[8,9,10,11]")
     if format not in SHARD_FORMATS:
         raise DinokitError(f"format must be one of {', '.join(SHARD_FORMATS)}, got {format!r}")
     if dtype not in STORE_DTYPES:
@@ -158,16 +163,28 @@ def check_choices(features: list[str], layers: list[int], format: str, dtype: st
 
 
 def feature_shapes(net, size: tuple[int, int], features: list[str], layers: list[int]) -> dict[str, list[int]]:
-    """Per-image shape of each feature kind."""
+    """Per-image shape of each feature kind (patch grids as rows x columns, see GRID_DIM)."""
     d, r, p = net.embed_dim, net.num_register_tokens, net.patch_size
+    grid = [size[0] // p, size[1] // p]
     shapes = {
         "cls": [d],
         "patch_mean": [d],
         "registers": [r, d],
-        "patch_tokens": [size[0] // p, size[1] // p, d],
+        "patch_tokens": [*grid, d],
         "layers": [len(layers), d],
+        "layer_patch_tokens": [len(layers), *grid, d],
     }
     return {k: shapes[k] for k in features}
+
+
+# The dimension of the batched feature (from iter_features) that holds the row-major patch sequence,
+# stored on disk as a (rows, columns) grid.
+GRID_DIM = {"patch_tokens": 1, "layer_patch_tokens": 2}
+
+
+def as_grids(feats: dict[str, torch.Tensor], grid: list[int]) -> dict[str, torch.Tensor]:
+    """The batch's patch sequences (..., N, D) unflattened to (..., rows, columns, D)."""
+    return {k: v.unflatten(GRID_DIM[k], grid) if k in GRID_DIM else v for k, v in feats.items()}
 
 
 def auto_shard_size(shapes: dict[str, list[int]], dtype: str, target_bytes: int = 512 * 2**20) -> int:
@@ -215,8 +232,7 @@ def run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_
         progress=False,
     )
     for good, feats, bad_batch in batches:
-        if "patch_tokens" in feats:
-            feats["patch_tokens"] = feats["patch_tokens"].unflatten(1, settings["patch_grid"])
+        feats = as_grids(feats, settings["patch_grid"])
         bar.update(len(good) + len(bad_batch))
         kept += good.tolist()
         bad += bad_batch

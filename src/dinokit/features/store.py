@@ -1,13 +1,15 @@
 """Embeddings on disk: shard files and the manifest that `dinokit embed` writes, and reading them back.
 
 A run folder holds
-  manifest.json             model, resolution, transform, features and shapes, dtype, shards, bad files
+  manifest.json             model and its weights hash, resolution, transform, features and shapes, dtype,
+                            shards, bad files
   embed_config.json         the settings (checked when a run resumes)
   shard_00000.safetensors   (or .npz) one shard: a tensor per feature kind, its image paths, its bad files
   ...
 Every shard is one file, written atomically: it either holds all its images or does not exist.
 Tensors in a shard (n = images of the shard):
-  cls (n, D), patch_mean (n, D), registers (n, R, D), patch_tokens (n, H/p, W/p, D), layers (n, L, D).
+  cls (n, D), patch_mean (n, D), registers (n, R, D), patch_tokens (n, H/p, W/p, D), layers (n, L, D),
+  layer_patch_tokens (n, L, H/p, W/p, D).
 """
 
 import json

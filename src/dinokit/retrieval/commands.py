@@ -8,6 +8,7 @@ import numpy as np
 from dinokit.data.images import list_images
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
+from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
 from dinokit.features.store import read_embeddings, read_manifest
 from dinokit.io import write_json
@@ -43,13 +44,13 @@ def build_index(
         )
     manifest = read_manifest(features)
     vectors, paths = read_embeddings(features, [feature])
-    embedding = {k: manifest[k] for k in EMBEDDING_KEYS}
+    embedding = {k: manifest.get(k) for k in EMBEDDING_KEYS}
     exists = (Path(out) / INDEX_META).exists()
     if exists and not add:
         raise DinokitError(f"{out} already holds an index; pass add=true to add to it, or choose a new out=")
     if add and exists:
         index = FeatureIndex.load(out)
-        changed = [k for k in EMBEDDING_KEYS if index.meta["embedding"][k] != embedding[k]]
+        changed = [k for k in EMBEDDING_KEYS if index.meta["embedding"].get(k) != embedding[k]]
         if changed or index.meta["feature"] != feature:
             raise DinokitError(
                 f"{features} was embedded differently from the index {out} ({', '.join(changed) or 'feature'} "
@@ -83,14 +84,16 @@ def search_index(
     batch_size: int = 32,
     num_workers: int = 0,
     device: str = "auto",
+    model: str | None = None,
 ) -> list[dict]:
     """[{"query": path, "hits": [{"path": ..., "score": cosine}, ...]}, ...] for every readable query
     image (an image, a folder, a list file, or a list of paths), embedded with the index's own model,
-    transform and precision. Unreadable queries are reported on stderr and left out."""
+    transform and precision. `model` loads those weights from another path (they must be the same
+    weights). Unreadable queries are reported on stderr and left out."""
     idx = index if isinstance(index, FeatureIndex) else FeatureIndex.load(index)
     found = [p for q in ([query] if isinstance(query, str | Path) else query) for p in list_images(q)]
     queries = [str(p.absolute()) for p in found]
-    vectors, kept = embed_like_index(idx.meta, queries, batch_size, num_workers, device)
+    vectors, kept = embed_like_index(idx.meta, queries, batch_size, num_workers, device, model)
     for i in sorted(set(range(len(queries))) - set(kept)):
         print(f"dinokit: skipped unreadable query {queries[i]}", file=sys.stderr)
     scores, ids = idx.search(vectors, k, nprobe=nprobe, ef_search=ef_search)
@@ -116,6 +119,7 @@ def index_search(
     batch_size: int = 32,
     num_workers: int = 0,
     device: str = "auto",
+    model: str | None = None,
 ) -> None:
     """Find the k most similar indexed images to each query image; print them as a table.
 
@@ -123,9 +127,11 @@ def index_search(
     embedded with the index's own model, transform and precision. out: also write the hits as JSON,
     [{"query": path, "hits": [{"path": ..., "score": ...}, ...]}, ...]. sheet: also write a PNG
     contact sheet (each query, then its hits with scores). nprobe (ivf) / ef_search (hnsw): search
-    effort (more = closer to exact, slower).
+    effort (more = closer to exact, slower). model: where the index's model now is, if its weights
+    file moved (default: the path recorded in the index); the weights must be the ones it was built
+    with.
     """
-    results = search_index(index, query, k, nprobe, ef_search, batch_size, num_workers, device)
+    results = search_index(index, query, k, nprobe, ef_search, batch_size, num_workers, device, model)
     print(format_table(results))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -136,14 +142,15 @@ def index_search(
         print(f"contact sheet written to {sheet}")
 
 
-def embed_like_index(meta: dict, paths: list[str], batch_size: int, num_workers: int, device: str):
-    """(normalised query vectors (Q, D), indices of the readable queries), embedded exactly as the index."""
+def embed_like_index(
+    meta: dict, paths: list[str], batch_size: int, num_workers: int, device: str, source: str | None = None
+):
+    """(normalised query vectors (Q, D), indices of the readable queries), embedded exactly as the index:
+    with its model, loaded from `source` (default: the path the index records), transform and precision."""
     emb = meta["embedding"]
-    model = load_model(emb["model"], device=resolve_device(device))
-    if model.config.to_dict() != emb["architecture"]:
-        raise DinokitError(
-            f"the model at {emb['model']} is not the one the index was built with (its architecture changed)"
-        )
+    source = source or emb["model"]
+    model = load_model(source, device=resolve_device(device))
+    check_index_model(model, emb, source)
     transform = eval_transform(tuple(emb["image_size"]), emb["resize_policy"])
     feats, kept, _ = extract_features(
         model,
@@ -158,6 +165,29 @@ def embed_like_index(meta: dict, paths: list[str], batch_size: int, num_workers:
     if not kept:
         raise DinokitError("none of the query images could be read")
     return np.asarray(feats[meta["feature"]].numpy(), dtype=np.float32), kept
+
+
+def check_index_model(model, emb: dict, source: str) -> None:
+    """Refuse a model whose architecture or weights differ from those the index was embedded with."""
+    fix = (
+        "Rebuild the index (`dinokit embed` then `dinokit index build`) with this model, or pass the "
+        "original weights with model=PATH."
+    )
+    if model.config.to_dict() != emb["architecture"]:
+        raise DinokitError(
+            f"the model at {source} is not the one the index was built with (its architecture changed). {fix}"
+        )
+    if emb.get("weights_hash") is None:
+        print(
+            f"dinokit: the index records no weights hash (built before dinokit recorded one), so {source} cannot "
+            "be checked to be the model it was built with; rebuild the index to enable the check",
+            file=sys.stderr,
+        )
+    elif weights_hash(model) != emb["weights_hash"]:
+        raise DinokitError(
+            f"the model file {source} changed since the index was built (its weights differ), so queries would "
+            f"not be embedded like the indexed images. {fix}"
+        )
 
 
 def format_table(results: list[dict]) -> str:

@@ -8,9 +8,9 @@ for `flat`, and for `ivf` when nprobe = nlist). Index kinds (faiss factory strin
   pq      PQ{pq_m}x{pq_bits}: product-quantised codes (pq_m * pq_bits / 8 bytes per vector)
   ivfpq   IVF{nlist},PQ{pq_m}x{pq_bits}: both, for hundreds of millions of vectors
 
-An index folder holds index.json (settings, the embedding run's model and transform, and which
-generation of the files below is current), index-<g>.faiss and paths-<g>.txt (one image per line,
-in id order). Adding writes generation g + 1 and switches index.json last (atomically), so an
+An index folder holds index.json (settings, the embedding run's model, weights hash and transform,
+and which generation of the files below is current), index-<g>.faiss and paths-<g>.txt (one image
+per line, in id order). Adding writes generation g + 1 and switches index.json last (atomically), so an
 interrupted add leaves the previous index intact.
 """
 
@@ -27,8 +27,9 @@ from dinokit.io import atomic_write, write_json
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "pq", "ivfpq")
 INDEX_META = "index.json"
-# embedding settings that queries must share with the indexed images
-EMBEDDING_KEYS = ("model", "architecture", "image_size", "resize_policy", "transform", "precision")
+# embedding settings that queries must share with the indexed images (weights_hash: see
+# dinokit.eval.backbone.weights_hash; absent from embeddings made before it was recorded)
+EMBEDDING_KEYS = ("model", "architecture", "weights_hash", "image_size", "resize_policy", "transform", "precision")
 
 
 def factory_string(kind: str, dim: int, count: int, nlist: int | None, pq_m: int, pq_bits: int, hnsw_m: int) -> str:
