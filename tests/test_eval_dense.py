@@ -22,7 +22,7 @@ import dinokit
 from dinokit.cli import main
 from dinokit.data.synthetic import write_dense_set
 from dinokit.errors import DinokitError
-from dinokit.eval.dense import read_depth, read_mask, read_pairs
+from dinokit.eval.dense import load_head_file, read_depth, read_mask, read_pairs
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dense_backbone.safetensors"
 
@@ -157,3 +157,44 @@ def test_predict_writes_full_size_outputs_and_checks_the_backbone(tmp_path, caps
     other = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "other.safetensors")
     assert main([*args, f"out={tmp_path / 'o4'}", f"model={other}"]) == 2
     assert "Pass the backbone the head was trained with" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def small_scenes(tmp_path_factory):
+    """A handful of 32 px scenes: enough for the probes to run end to end in a second or two."""
+    root = tmp_path_factory.mktemp("small")
+    write_dense_set(root / "train", 6, size=32, seed=0)
+    write_dense_set(root / "val", 3, size=32, seed=1)
+    return root
+
+
+SMALL = ["image_size=32", "epochs=1", "cache=none", "num_workers=0", "batch_size=8", "train_batch_size=4"]
+
+
+def small_run(command: str, scenes: Path, out: Path, *extra: str) -> dict:
+    args = [f"model={FIXTURE}", f"train={scenes / 'train'}", f"val={scenes / 'val'}", f"out={out}", *SMALL, *extra]
+    assert main(["eval", command, *args]) == 0
+    return json.loads((out / f"{command}.json").read_text())
+
+
+def test_segmentation_on_the_last_4_blocks_concatenated(small_scenes, tmp_path, capsys):
+    r = small_run("segmentation", small_scenes, tmp_path / "seg", "n_last_blocks=4")
+    assert r["protocol"]["blocks"] == [0, 1, 2, 3] and 0.0 <= r["miou"] <= 100.0
+    head = load_head_file(str(tmp_path / "seg" / "segmentation_head.safetensors"))[0]
+    assert head["conv.weight"].shape[1] == 4 * 96  # the 4 blocks' tokens side by side
+    out = capsys.readouterr().out
+    assert "Resize" in r["protocol"]["transform"] and f"transform: {r['protocol']['transform']}" in out
+    assert "mIoU" in out
+
+
+def test_depth_on_one_block_writes_example_pngs(small_scenes, tmp_path, capsys):
+    r = small_run("depth", small_scenes, tmp_path / "depth", "n_layers=1", "num_examples=2", "max_depth=15")
+    assert r["protocol"]["blocks"] == [3] and np.isfinite([r["rmse"], r["abs_rel"], r["delta1"]]).all()
+    assert f"transform: {r['protocol']['transform']}" in capsys.readouterr().out
+    assert len(r["examples"]) == 2
+    for png in r["examples"]:
+        assert Path(png).parent == tmp_path / "depth" / "examples"
+        with Image.open(png) as image:
+            image.verify()  # a complete, valid file
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size == (3 * 32 + 2 * 4, 32)  # image | truth | prediction

@@ -1,11 +1,13 @@
 """End-to-end pretraining runs on a tiny model: learning, run folder, resume, bad input."""
 
+import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -255,3 +257,77 @@ def test_batched_augmentation_learns_resumes_exactly_and_skips_bad_files(tmp_pat
     long = run(data, tmp_path / "long", max_iterations=40, log_every=4, augmentation="batched", **LEARNS)
     rows = read_metrics(tmp_path / "long" / "metrics.jsonl")
     assert rows[-1]["dino_loss"] < 0.8 * rows[0]["dino_loss"] and long["iterations"] == 40
+
+
+def test_progress_bar_shows_what_metrics_jsonl_logs(tmp_path, capsys):
+    from dinokit.train.pretrain import progress_postfix
+
+    data = tiny_images(tmp_path / "data")
+    summary = run(data, tmp_path / "run", max_iterations=4, progress=True)
+    bar = capsys.readouterr().err
+    shown = progress_postfix(summary["last_metrics"])
+    assert set(shown) == {"loss", "lr", "wd", "mom", "temp", "ent", "spread", "img_s", "wait"}
+    for key in ("loss", "lr", "wd", "mom", "temp", "ent", "spread"):  # the last row's values, compactly
+        assert f"{key}={shown[key]}" in bar, key
+        assert len(shown[key]) <= 8, shown[key]
+
+
+def test_ibot_with_a_separate_head_learns(tmp_path):
+    data = tiny_images(tmp_path / "data")
+    separate = dict(ibot_separate_head=True, ibot_prototypes=32, ibot_hidden_dim=24, ibot_bottleneck_dim=8)
+    run(data, tmp_path / "run", max_iterations=24, log_every=4, **separate, **LEARNS)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["ibot_loss"]])).all() for r in rows)
+    assert rows[-1]["ibot_loss"] < rows[0]["ibot_loss"] and rows[-1]["loss"] < rows[0]["loss"]
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "checkpoint_00000024.pt")["model"]
+    assert state["ibot_center.center"].shape == (1, 32) and state["dino_center.center"].shape == (1, 64)
+    assert state["student.ibot_head.last_layer.parametrizations.weight.original1"].shape == (32, 8)
+    student, teacher = state["student.ibot_head.mlp.0.weight"], state["teacher.ibot_head.mlp.0.weight"]
+    assert student.shape == (24, 32) and not torch.equal(student, teacher)  # trained, the teacher follows
+
+
+class FakeClock:
+    """time.perf_counter that advances 10 seconds at every call."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 10.0
+        return self.now
+
+
+def test_checkpoint_every_minutes_writes_checkpoints(tmp_path, monkeypatch):
+    module = importlib.import_module("dinokit.train.pretrain")  # the module; dinokit.train.pretrain is the function
+    monkeypatch.setattr(module, "time", FakeClock())
+    data = tiny_images(tmp_path / "data")
+    run(data, tmp_path / "run", max_iterations=4, checkpoint_every_minutes=1.0, keep_checkpoints=0)
+    saved = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert len(saved) >= 2 and saved[-1].name == "checkpoint_00000004.pt"
+    first = load_checkpoint(saved[0])
+    assert first["iteration"] < 4 and first["elapsed_seconds"] >= 60.0
+
+
+def test_collapse_is_warned_once_after_the_warm_up(tmp_path):
+    from dinokit.train.config import resolve_config
+    from dinokit.train.pretrain import Trainer
+    from dinokit.train.self_distillation import collapse_figures
+
+    data = tiny_images(tmp_path / "data")
+    keys = {k: v for k, v in TINY.items() if k != "preset"}
+    cfg = resolve_config(TINY["preset"], {**keys, "max_iterations": 100})
+    trainer = Trainer(cfg, str(data), tmp_path / "run", None, torch.device("cpu"), False)
+    trainer.iteration = 50
+    healthy = collapse_figures(torch.full((4, 8), 1 / 8), torch.eye(4, 6))
+    one_hot = torch.zeros(4, 8)
+    one_hot[:, 3] = 1.0
+    collapsed = collapse_figures(one_hot, torch.ones(4, 6))
+    row = {"iteration": 50, "minutes": 1.0}
+    assert trainer.warn_collapse({**row, **healthy}, False) is False
+    with pytest.warns(UserWarning, match=r"possible collapse: teacher CLS .*spread 0.000.*same prototypes"):
+        assert trainer.warn_collapse({**row, **collapsed}, False) is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trainer.warn_collapse({**row, **collapsed}, True) is True  # once per run
+        trainer.iteration = 10  # still in the warm-up: no verdict yet
+        assert trainer.warn_collapse({**row, **collapsed, "iteration": 10}, False) is False

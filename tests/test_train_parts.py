@@ -112,3 +112,75 @@ def test_ema_update_by_hand():
     torch.testing.assert_close(teacher[0], torch.tensor([1.5, 3.0]))
     with pytest.raises(ValueError):
         update_teacher(teacher, student[:1], 0.5)
+
+
+def test_separate_ibot_head_receives_gradients():
+    from dinokit.train.self_distillation import SelfDistillation
+
+    torch.manual_seed(0)
+    backbone = create_model("vit_nano_p2", img_size=8, mask_token=True)
+    model = SelfDistillation(
+        backbone,
+        head_prototypes=16,
+        head_hidden_dim=12,
+        head_bottleneck_dim=6,
+        ibot_separate_head=True,
+        ibot_prototypes=10,
+        ibot_hidden_dim=12,
+        ibot_bottleneck_dim=6,
+    )
+    assert model.ibot_center.center.shape == (1, 10) and model.dino_center.center.shape == (1, 16)
+    crops, local = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 4, 4)
+    masks = torch.zeros(4, 16, dtype=torch.bool)
+    masks[:, :5] = True
+    teacher = model.teacher_outputs(crops, masks)
+    assert teacher["patch_logits"].shape == (20, 10)
+    targets = model.teacher_probabilities(teacher, 0.04)
+    student = model.student(crops, local, masks)
+    parts = model.losses(student, targets, 2, torch.full((20,), 1 / 5))
+    parts["loss"].backward()
+    assert torch.isfinite(parts["loss"]) and parts["ibot"] > 0
+    for name, p in model.student.ibot_head.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.update_centers(teacher)
+    assert model.ibot_center.center.abs().sum() > 0
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(folder, 2, {"iteration": 2, "w": torch.arange(4.0)}, keep=1)
+
+    def half_written(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(folder, 4, {"iteration": 4, "w": torch.zeros(4)}, keep=1)
+    assert [p.name for p in folder.iterdir()] == ["checkpoint_00000002.pt"]  # no partial or temp file
+    previous = load_checkpoint(list_checkpoints(folder)[-1])
+    assert previous["iteration"] == 2 and torch.equal(previous["w"], torch.arange(4.0))
+
+
+@pytest.mark.parametrize("device", ["cuda", "mps"])
+def test_autocast_falls_back_to_fp32_with_one_warning_where_bf16_is_unsupported(device, monkeypatch):
+    import warnings
+
+    from dinokit import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(runtime, "_warned_fp32", set())
+    dev = torch.device(device)
+    with pytest.warns(UserWarning, match="precision=fp32") as caught:
+        context = runtime.autocast(dev, "bf16")
+        runtime.autocast(dev, "bf16")  # a second step: no second warning
+    assert len(caught) == 1 and not isinstance(context, torch.autocast)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.autocast(dev, "fp32")  # asked for fp32: silent
+    assert runtime.bf16_supported(torch.device("cpu"))
+    assert isinstance(runtime.autocast(torch.device("cpu"), "bf16"), torch.autocast)

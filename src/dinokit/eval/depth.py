@@ -231,7 +231,10 @@ def eval_depth(
     )
     result = {**errors, "baselines": baselines, "training": log, "examples": examples, "protocol": protocol}
     write_json(out_dir / "depth.json", result)
-    print(f"linear depth {backbone.description}, blocks {list(layers)}, {image_size} px, range {min_depth}-{max_depth}")
+    print(
+        f"linear depth {backbone.description}, blocks {list(layers)}, {image_size} px, "
+        f"range {min_depth}-{max_depth}; transform: {protocol['transform']}"
+    )
     print(f"{'':<24} {'RMSE':>8} {'AbsRel':>8} {'d<1.25':>8}")
     for name, e in [("probe", errors), *((f"baseline ({k})", v) for k, v in baselines.items())]:
         print(f"{name:<24} {e['rmse']:>8.4f} {e['abs_rel']:>8.4f} {e['delta1']:>8.2f}")

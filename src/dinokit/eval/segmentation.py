@@ -204,7 +204,10 @@ def eval_segmentation(
         "protocol": protocol,
     }
     write_json(out_dir / "segmentation.json", result)
-    print(f"linear segmentation {backbone.description}, blocks {list(layers)}, {image_size} px")
+    print(
+        f"linear segmentation {backbone.description}, blocks {list(layers)}, {image_size} px; "
+        f"transform: {protocol['transform']}"
+    )
     print(f"{'':<30} {'mIoU':>7} {'pixel acc':>10}")
     for name, r in [("probe", scores), *((f"baseline ({k})", v) for k, v in baselines.items())]:
         print(f"{name:<30} {r['miou']:>7.2f} {r['pixel_accuracy']:>10.2f}")

@@ -288,6 +288,21 @@ def run_length(cfg: PretrainConfig, num_images: int, global_batch: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- train
+def progress_postfix(row: dict) -> dict[str, str]:
+    """The progress bar's short view of a metrics.jsonl row: loss, schedule values, health, speed."""
+    return {
+        "loss": f"{row['loss']:.3f}",
+        "lr": f"{row['lr']:.3g}",
+        "wd": f"{row['weight_decay']:.3g}",
+        "mom": f"{row['momentum']:.4f}",
+        "temp": f"{row['teacher_temp']:.3g}",
+        "ent": f"{row['teacher_entropy']:.2f}",
+        "spread": f"{row['cls_spread']:.2f}",
+        "img_s": f"{row['img_per_s']:.1f}",
+        "wait": f"{100 * row['data_wait']:.0f}%",
+    }
+
+
 def pretrain(
     data: str,
     out: str = "out/pretrain",
@@ -583,11 +598,7 @@ class Trainer:
                     last_row = row
                     if self.main:
                         log.write(row)
-                        bar.set_postfix(
-                            loss=f"{row['loss']:.3f}",
-                            img_s=f"{row['img_per_s']:.1f}",
-                            wait=f"{100 * row['data_wait']:.0f}%",
-                        )
+                        bar.set_postfix(progress_postfix(row))
                         warned_collapse = self.warn_collapse(row, warned_collapse)
                 due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
                 minutes = cfg.checkpoint_every_minutes
