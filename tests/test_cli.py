@@ -94,3 +94,13 @@ def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "dinokit", "models"], capture_output=True, text=True, check=True)
     assert "dinov2_vitg14_reg" in out.stdout and "1,136,486,912" in out.stdout
     assert torch.__version__
+
+
+def test_installed_console_script_lists_the_commands():
+    script = Path(sys.executable).parent / "dinokit"
+    if not script.is_file():
+        pytest.skip(f"no installed `dinokit` script beside {sys.executable} (install the package with pip -e .)")
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True, timeout=300)
+    assert "commands:" in out.stdout
+    for name in ("models", "info", "export"):
+        assert f"\n  {name} " in out.stdout, name

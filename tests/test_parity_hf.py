@@ -7,10 +7,12 @@ from transformers import (
     Dinov2ForImageClassification,
     Dinov2Model,
     Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
 )
 
 import dinokit
+from dinokit.models.loading import read_checkpoint
 from tests.conftest import perturb_scales_and_norms
 
 ATOL = 1e-4
@@ -115,3 +117,52 @@ def test_hf_bin_weights_with_in_memory_names_are_read_too(tmp_path):
     (tmp_path / "model.safetensors").unlink()
     torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
     compare(hf, dinokit.load_model(tmp_path), torch.randn(1, 3, 56, 56), 4)
+
+
+def test_hf_weights_file_loads_directly(tmp_path):
+    hf = hf_model(True, **SMALL)
+    hf.save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    ours = dinokit.load_model(weights)  # reads config.json beside the file
+    assert read_checkpoint(weights)[2] == "hf"
+    x = torch.randn(2, 3, 42, 70)
+    with torch.no_grad():
+        folder_out = dinokit.load_model(tmp_path / "hf").forward_features(x)["x_prenorm"]
+        assert torch.equal(ours.forward_features(x)["x_prenorm"], folder_out)
+    compare(hf, ours, x, 4)
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "w.safetensors").write_bytes(weights.read_bytes())  # no config.json: inferred
+    alone = dinokit.load_model(tmp_path / "alone" / "w.safetensors", num_heads=4)  # heads: not in the weights
+    compare(hf, alone, x, 4)
+
+
+def test_image_classification_weights_file_loads_directly(tmp_path):
+    config = Dinov2Config(layer_norm_eps=1e-6, num_labels=5, **SMALL)
+    clf = perturb_scales_and_norms(Dinov2ForImageClassification(config)).eval()
+    clf.save_pretrained(tmp_path)
+    assert all(k.startswith(("dinov2.", "classifier.")) for k in clf.state_dict())
+    ours = dinokit.load_model(tmp_path / "model.safetensors")
+    compare(clf.dinov2, ours, torch.randn(1, 3, 56, 56), 0)
+
+
+def test_registers_image_classification_wrapper_loads_its_backbone(tmp_path):
+    config = Dinov2WithRegistersConfig(layer_norm_eps=1e-6, num_labels=5, num_register_tokens=4, **SMALL)
+    clf = perturb_scales_and_norms(Dinov2WithRegistersForImageClassification(config)).eval()
+    clf.save_pretrained(tmp_path)
+    ours = dinokit.load_model(tmp_path)
+    assert ours.config.num_register_tokens == 4
+    compare(clf.dinov2_with_registers, ours, torch.randn(1, 3, 56, 56), 4)
+    compare(clf.dinov2_with_registers, ours, torch.randn(1, 3, 42, 70), 4)
+
+
+def test_hf_export_keeps_dinokit_interpolation(tmp_path):
+    """vit_micro_p4 resamples its position grid with offset 0 and antialias, unlike a plain HF Dinov2Model."""
+    ours = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4")).eval()
+    folder = dinokit.export_model(ours, tmp_path / "hf", format="hf")
+    back = dinokit.load_model(folder)
+    assert (back.config.interpolate_offset, back.config.interpolate_antialias) == (0.0, True)
+    x = torch.randn(2, 3, 16, 24)  # an 8 x 8 grid resampled to 4 x 6: antialias matters
+    with torch.no_grad():
+        assert torch.equal(ours.forward_features(x)["x_prenorm"], back.forward_features(x)["x_prenorm"])
+    hf = Dinov2Model.from_pretrained(folder).eval()  # transformers still reads the extended config.json
+    compare(hf, ours, torch.randn(2, 3, 32, 32), 0)

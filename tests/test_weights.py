@@ -1,12 +1,15 @@
 """Formats dinokit reads and writes, and the errors users get for bad files."""
 
+import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import dinokit
+from dinokit import ARCHITECTURES, VisionTransformer, ViTConfig
 from dinokit.errors import DinokitError
 from dinokit.models import hub
 from dinokit.models.loading import read_checkpoint
@@ -223,3 +226,72 @@ def test_format_detection(tmp_path, model):
         "official",
         "hf",
     ]
+
+
+@pytest.mark.parametrize("key", ["blocks.0.mlp.fc1.weight", "cls_token"])
+def test_a_missing_key_is_reported_with_the_nearest_architecture(tmp_path, model, key):
+    sd = model.state_dict()
+    del sd[key]
+    torch.save(sd, tmp_path / "partial.pth")
+    with pytest.raises(DinokitError) as e:
+        dinokit.load_model(tmp_path / "partial.pth")
+    msg = str(e.value)
+    assert f"Missing keys (1): {key}" in msg
+    assert "nearest known architecture: dinov2_vits14_reg" in msg
+
+
+def test_official_swiglu_layout_is_detected(tmp_path):
+    cfg = ViTConfig(img_size=28, patch_size=14, embed_dim=128, depth=2, num_heads=2, ffn_layer="swiglu")
+    ours = perturb_scales_and_norms(VisionTransformer(cfg)).eval()
+    path = dinokit.export_model(ours, tmp_path / "swiglu.pth", format="official")
+    assert "blocks.1.mlp.w12.weight" in torch.load(path, weights_only=True)
+    loaded = dinokit.load_model(path)
+    assert loaded.config.ffn_layer == "swiglu" and read_checkpoint(path)[2] == "official"
+    assert same_outputs(ours, loaded, size=28)
+    assert same_outputs(ours, loaded, size=42)
+
+
+def test_teacher_checkpoint_with_ddp_backbone_prefixes(tmp_path, model):
+    teacher = {f"module.backbone.{k}": v for k, v in model.state_dict().items()}
+    teacher["module.dino_head.last_layer.weight"] = torch.randn(4, 8)
+    torch.save({"teacher": teacher, "iteration": 10}, tmp_path / "teacher_checkpoint.pth")
+    assert same_outputs(model, dinokit.load_model(tmp_path / "teacher_checkpoint.pth"))
+
+
+def test_interpolation_settings_of_the_released_variants():
+    v2, reg, v1 = (ARCHITECTURES[n] for n in ("dinov2_vits14", "dinov2_vits14_reg", "dino_vits16"))
+    assert (v2.interpolate_offset, v2.interpolate_antialias) == (0.1, False)
+    assert (reg.interpolate_offset, reg.interpolate_antialias) == (0.0, True)
+    assert (v1.interpolate_offset, v1.interpolate_antialias) == (0.1, False)
+    assert v1.init_values is None and v1.img_size == 224 and v1.patch_size == 16
+    assert v2.init_values == 1.0 and reg.num_register_tokens == 4
+
+
+def test_timm_dinov2_without_registers_is_detected_as_timm(tmp_path, model):
+    timm = pytest.importorskip("timm")
+    tm = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, img_size=28, depth=2)
+    assert tm.state_dict()["pos_embed"].shape[1] == 5  # a CLS row, as the official layout
+    torch.save(tm.state_dict(), tmp_path / "timm.pth")
+    assert read_checkpoint(tmp_path / "timm.pth")[2] == "timm"
+    for name in ("dinov2_vits14", "dinov2_vits14_reg", "dino_vits16"):
+        path = dinokit.export_model(dinokit.create_model(name, depth=1), tmp_path / f"{name}.pth", format="official")
+        assert read_checkpoint(path)[2] == "official", name
+    assert read_checkpoint(dinokit.export_model(model, tmp_path / "m.safetensors"))[2] == "dinokit"
+
+
+def test_corrupt_or_incomplete_hf_config_gets_a_clear_error(tmp_path, model):
+    folder = Path(dinokit.export_model(model, tmp_path / "hf", format="hf"))
+    config = folder / "config.json"
+    good = json.loads(config.read_text())
+    config.write_text('{"model_type": "dinov2", "hidden_size": 384,')
+    for source in (folder, folder / "model.safetensors"):
+        with pytest.raises(DinokitError, match=r"config\.json is not valid JSON") as e:
+            dinokit.load_model(source)
+        assert str(config) in str(e.value)
+    config.write_text(json.dumps({k: v for k, v in good.items() if k != "hidden_size"}))
+    with pytest.raises(DinokitError, match=r"config\.json lacks 'hidden_size'") as e:
+        dinokit.load_model(folder)
+    assert str(config) in str(e.value)
+    config.write_text(json.dumps({**good, "num_hidden_layers": "two"}))
+    with pytest.raises(DinokitError, match="num_hidden_layers"):
+        dinokit.load_model(folder)

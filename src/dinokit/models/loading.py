@@ -61,16 +61,33 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return obj, {}
 
 
-def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    config = json.loads((folder / "config.json").read_text())
+def _read_json(path: Path) -> dict | list:
+    """Parsed JSON of a file in a weights folder; a damaged file gets a DinokitError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DinokitError(
+            f"{path} is not valid JSON ({e}); the file is damaged or truncated: download or export it again"
+        ) from None
+
+
+def _read_hf_config(path: Path) -> ViTConfig:
+    """ViTConfig of an HF config.json file."""
+    return hf_format.config_from_hf(_read_json(path), source=str(path))
+
+
+def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict | list]:
+    config = _read_json(folder / "config.json")
     index = next(
         (folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / n).exists()),
         None,
     )
     if index is not None:
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise DinokitError(f"{index} has no 'weight_map' object; download or export the folder again")
         sd = {}
-        for name in files:
+        for name in sorted(set(weight_map["weight_map"].values())):
             sd.update(read_state_dict(folder / name)[0])
         return sd, config
     for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
@@ -88,17 +105,17 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTCon
         if not (path / "config.json").exists():
             raise DinokitError(f"{path} is a folder without config.json or backbone.safetensors; pass a weights file")
         sd, config = _read_hf_folder(path)
-        if "model_type" not in config and "architecture" in config:  # a timm Hub folder
+        if isinstance(config, dict) and "model_type" not in config and "architecture" in config:  # timm Hub folder
             return timm_format.timm_to_official(sd), None, "timm"
-        return hf_format.hf_to_official(sd), hf_format.config_from_hf(config), "hf"
+        return hf_format.hf_to_official(sd), hf_format.config_from_hf(config, str(path / "config.json")), "hf"
     sd, metadata = read_state_dict(path)
     if DINOKIT_CONFIG_KEY in metadata:
         return sd, ViTConfig(**json.loads(metadata[DINOKIT_CONFIG_KEY])), "dinokit"
-    sd = unwrap_training_checkpoint(sd)
-    if any(k.startswith(("embeddings.", "encoder.layer.")) for k in sd):
+    if hf_format.is_hf(sd):  # before unwrapping: training prefixes include HF's own `encoder.`
         config_file = path.parent / "config.json"
-        config = hf_format.config_from_hf(json.loads(config_file.read_text())) if config_file.exists() else None
+        config = _read_hf_config(config_file) if config_file.exists() else None
         return hf_format.hf_to_official(sd), config, "hf"
+    sd = unwrap_training_checkpoint(sd)
     if timm_format.is_timm(sd):
         return timm_format.timm_to_official(sd), None, "timm"
     return sd, None, "official"

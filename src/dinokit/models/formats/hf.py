@@ -139,37 +139,78 @@ def official_to_hf(sd: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, 
     return out
 
 
-def config_from_hf(cfg: dict) -> ViTConfig:
-    """ViTConfig of an HF `config.json` (model_type dinov2 or dinov2_with_registers).
+def is_hf(sd: dict) -> bool:
+    """True for HF key names (`embeddings.*`, `encoder.layer.*`), bare or under a wrapper's backbone
+    prefix (`dinov2.`, `dinov2_with_registers.`); checked on the raw keys, before any prefix stripping."""
+    for key in sd:
+        if not isinstance(key, str):
+            continue
+        for prefix in _BACKBONE_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        if key.startswith(("embeddings.", "encoder.layer.")):
+            return True
+    return False
 
-    Interpolation follows the official model the weights come from: offset 0.1 without registers
-    (current `Dinov2Model` uses no offset, so it differs from the official model at sizes other than
-    its native grid; pass interpolate_offset=0.0 to reproduce transformers), offset 0 + antialias with
-    registers (identical to `Dinov2WithRegistersModel`).
+
+_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads")
+
+
+def config_from_hf(cfg: dict, source: str = "config.json") -> ViTConfig:
+    """ViTConfig of an HF `config.json` (model_type dinov2 or dinov2_with_registers); `source` names
+    the file in errors.
+
+    Interpolation: `interpolate_offset` / `interpolate_antialias` when the file states them (dinokit
+    writes them on export). Otherwise it follows the official model the weights come from: offset 0.1
+    without registers (current `Dinov2Model` uses no offset, so it differs from the official model at
+    sizes other than its native grid; pass interpolate_offset=0.0 to reproduce transformers), offset 0 +
+    antialias with registers (identical to `Dinov2WithRegistersModel`).
     """
+    if not isinstance(cfg, dict):
+        raise DinokitError(f"{source} holds a JSON {type(cfg).__name__}, not an object; re-download or re-export it")
     model_type = cfg.get("model_type")
     if model_type not in ("dinov2", "dinov2_with_registers"):
         raise DinokitError(
-            f"config.json has model_type {model_type!r}; dinokit reads 'dinov2' and 'dinov2_with_registers'"
+            f"{source} has model_type {model_type!r}; dinokit reads 'dinov2' and 'dinov2_with_registers'"
         )
-    registers = int(cfg.get("num_register_tokens", 4 if model_type == "dinov2_with_registers" else 0))
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise DinokitError(
+            f"{source} lacks {', '.join(repr(k) for k in missing)}, which a {model_type} config.json always has; "
+            "re-download the folder or re-export it (dinokit export format=hf)"
+        )
     if cfg.get("hidden_act", "gelu") != "gelu" and not cfg.get("use_swiglu_ffn"):
-        raise DinokitError(f"unsupported hidden_act {cfg['hidden_act']!r} (dinokit's MLP uses exact GELU)")
+        raise DinokitError(f"{source}: unsupported hidden_act {cfg['hidden_act']!r} (dinokit's MLP uses exact GELU)")
+    try:
+        return _vit_config(cfg, with_registers=model_type == "dinov2_with_registers")
+    except (TypeError, ValueError) as e:
+        raise DinokitError(f"{source} has a value of the wrong type ({e}); fix or re-export the file") from None
+
+
+def _vit_config(cfg: dict, with_registers: bool) -> ViTConfig:
+    """The ViTConfig fields of a config.json whose required keys exist (ValueError on a non-number)."""
+
+    def number(key: str, default, cast):
+        value = cfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} = {value!r} is not a number")
+        return cast(value)
+
     return ViTConfig(
-        img_size=int(cfg.get("image_size", 518)),
-        patch_size=int(cfg.get("patch_size", 14)),
-        in_chans=int(cfg.get("num_channels", 3)),
-        embed_dim=int(cfg["hidden_size"]),
-        depth=int(cfg["num_hidden_layers"]),
-        num_heads=int(cfg["num_attention_heads"]),
-        mlp_ratio=float(cfg.get("mlp_ratio", 4)),
+        img_size=number("image_size", 518, int),
+        patch_size=number("patch_size", 14, int),
+        in_chans=number("num_channels", 3, int),
+        embed_dim=number("hidden_size", None, int),
+        depth=number("num_hidden_layers", None, int),
+        num_heads=number("num_attention_heads", None, int),
+        mlp_ratio=number("mlp_ratio", 4, float),
         ffn_layer="swiglu" if cfg.get("use_swiglu_ffn") else "mlp",
         qkv_bias=bool(cfg.get("qkv_bias", True)),
-        init_values=float(cfg.get("layerscale_value", 1.0)),
-        num_register_tokens=registers,
-        interpolate_offset=0.0 if model_type == "dinov2_with_registers" else 0.1,
-        interpolate_antialias=model_type == "dinov2_with_registers",
-        norm_eps=float(cfg.get("layer_norm_eps", 1e-6)),
+        init_values=number("layerscale_value", 1.0, float),
+        num_register_tokens=number("num_register_tokens", 4 if with_registers else 0, int),
+        interpolate_offset=number("interpolate_offset", 0.0 if with_registers else 0.1, float),
+        interpolate_antialias=bool(cfg.get("interpolate_antialias", with_registers)),
+        norm_eps=number("layer_norm_eps", 1e-6, float),
         mask_token=bool(cfg.get("use_mask_token", True)),
     )
 
@@ -201,4 +242,7 @@ def hf_config(config: ViTConfig) -> dict:
     }
     if with_registers:
         cfg["num_register_tokens"] = config.num_register_tokens
+    # Not transformers fields (it keeps them as plain attributes): how dinokit resamples the position grid.
+    cfg["interpolate_offset"] = config.interpolate_offset
+    cfg["interpolate_antialias"] = config.interpolate_antialias
     return cfg

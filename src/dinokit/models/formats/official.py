@@ -47,47 +47,88 @@ def unwrap_training_checkpoint(obj: dict) -> dict[str, torch.Tensor]:
 
 
 def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> ViTConfig:
-    """Architecture of an official-layout state dict, from its keys and shapes.
+    """Architecture of an official-layout state dict, from whichever of its keys and shapes exist.
 
+    A file that lacks some keys still gets a config (defaults: patch 14, grid 37, MLP ratio 4), so
+    that `loading.check_keys` can list what is missing against the nearest known architecture.
     The number of heads is not stored in the weights; every released model has 64-dim heads, so
     num_heads = D / 64 unless given. Interpolation follows the official variants: offset 0.1 without
     registers, offset 0 + antialias with them.
     """
-    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
-        if key not in sd:
-            raise DinokitError(f"not a ViT backbone state dict: key {key!r} is missing (first keys: {list(sd)[:8]})")
-    dim = sd["cls_token"].shape[-1]
-    patch = sd["patch_embed.proj.weight"].shape[-1]
-    depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))), default=-1)
-    if depth == 0:
-        raise DinokitError("not a ViT backbone state dict: it has no `blocks.{i}.` keys")
-    grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
+    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not blocks:
+        raise DinokitError(
+            f"not a ViT backbone state dict: it has no `blocks.{{i}}.` keys (first keys: {list(sd)[:8]})"
+        )
+    dim = _embed_dim(sd)
+    proj = sd.get("patch_embed.proj.weight")
+    patch, in_chans = (proj.shape[-1], proj.shape[1]) if proj is not None else (14, 3)
+    pos = sd.get("pos_embed")
+    grid = round((pos.shape[1] - 1) ** 0.5) if pos is not None else 37
     registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
-    if "blocks.0.mlp.w12.weight" in sd:
-        ffn, hidden = "swiglu", sd["blocks.0.mlp.w12.weight"].shape[0] // 2
-        mlp_ratio = 4.0
-        if swiglu_hidden_dim(int(dim * mlp_ratio)) != hidden:
-            raise DinokitError(f"SwiGLU width {hidden} does not follow the official rule for dim {dim}")
-        ffn_bias = "blocks.0.mlp.w12.bias" in sd
-    else:
-        ffn, hidden = "mlp", sd["blocks.0.mlp.fc1.weight"].shape[0]
-        mlp_ratio = hidden / dim
-        ffn_bias = "blocks.0.mlp.fc1.bias" in sd
+    ffn, mlp_ratio, ffn_bias = _ffn(sd, dim)
     return ViTConfig(
         img_size=grid * patch,
         patch_size=patch,
-        in_chans=sd["patch_embed.proj.weight"].shape[1],
+        in_chans=in_chans,
         embed_dim=dim,
-        depth=depth,
+        depth=1 + max(blocks),
         num_heads=num_heads or max(1, dim // 64),
         mlp_ratio=mlp_ratio,
         ffn_layer=ffn,
-        qkv_bias="blocks.0.attn.qkv.bias" in sd,
-        proj_bias="blocks.0.attn.proj.bias" in sd,
+        qkv_bias=_in_any_block(sd, "attn.qkv.bias"),
+        proj_bias=_in_any_block(sd, "attn.proj.bias"),
         ffn_bias=ffn_bias,
-        init_values=1.0 if "blocks.0.ls1.gamma" in sd else None,
+        init_values=1.0 if _in_any_block(sd, "ls1.gamma") or _in_any_block(sd, "ls2.gamma") else None,
         num_register_tokens=registers,
         interpolate_offset=0.0 if registers else 0.1,
         interpolate_antialias=bool(registers),
         mask_token="mask_token" in sd,
     )
+
+
+def _block_keys(sd: dict[str, torch.Tensor], suffix: str) -> list[str]:
+    """`blocks.{i}.<suffix>` keys of `sd`, lowest block first."""
+    found = [k for k in sd if re.fullmatch(rf"blocks\.\d+\.{re.escape(suffix)}", k)]
+    return sorted(found, key=lambda k: int(k.split(".")[1]))
+
+
+def _in_any_block(sd: dict[str, torch.Tensor], suffix: str) -> bool:
+    return bool(_block_keys(sd, suffix))
+
+
+def _embed_dim(sd: dict[str, torch.Tensor]) -> int:
+    """Width D from the first of cls_token, norm.weight, a block's norm1/norm2, pos_embed, patch_embed."""
+    candidates = ["cls_token", "norm.weight", *_block_keys(sd, "norm1.weight"), *_block_keys(sd, "norm2.weight")]
+    for key in candidates:
+        if key in sd:
+            return int(sd[key].shape[-1])
+    if "pos_embed" in sd:
+        return int(sd["pos_embed"].shape[-1])
+    if "patch_embed.proj.weight" in sd:
+        return int(sd["patch_embed.proj.weight"].shape[0])
+    raise DinokitError(
+        "not a ViT backbone state dict: it has blocks but none of cls_token, norm.weight, "
+        f"blocks.{{i}}.norm1.weight, pos_embed, patch_embed.proj.weight (first keys: {list(sd)[:8]}). "
+        "Pass the backbone's weights file."
+    )
+
+
+def _ffn(sd: dict[str, torch.Tensor], dim: int) -> tuple[str, float, bool]:
+    """(ffn_layer, mlp_ratio, ffn_bias) from any block that has an FFN weight; MLP ratio 4 otherwise."""
+    w12 = _block_keys(sd, "mlp.w12.weight")
+    if w12:
+        hidden = sd[w12[0]].shape[0] // 2
+        if swiglu_hidden_dim(int(dim * 4.0)) != hidden:
+            raise DinokitError(f"SwiGLU width {hidden} ({w12[0]}) does not follow the official rule for dim {dim}")
+        return "swiglu", 4.0, _in_any_block(sd, "mlp.w12.bias") or _in_any_block(sd, "mlp.w3.bias")
+    if _in_any_block(sd, "mlp.w3.weight"):
+        return "swiglu", 4.0, _in_any_block(sd, "mlp.w3.bias")
+    fc1, fc2 = _block_keys(sd, "mlp.fc1.weight"), _block_keys(sd, "mlp.fc2.weight")
+    if fc1:
+        ratio = sd[fc1[0]].shape[0] / dim
+    elif fc2:
+        ratio = sd[fc2[0]].shape[1] / dim
+    else:
+        ratio = 4.0
+    return "mlp", ratio, _in_any_block(sd, "mlp.fc1.bias") or _in_any_block(sd, "mlp.fc2.bias")

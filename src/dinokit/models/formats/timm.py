@@ -9,14 +9,19 @@ import torch
 
 
 def is_timm(sd: dict[str, torch.Tensor]) -> bool:
-    """timm files have `reg_token`, or a `pos_embed` without a CLS row, or packed SwiGLU fc1/fc2."""
+    """timm files have `reg_token`, or a `pos_embed` without a CLS row, or packed SwiGLU fc1/fc2, or
+    LayerScale without a mask token (`vit_*_patch14_dinov2`: official DINOv2 backbones always have
+    `mask_token`, and DINO v1, which has none, has no LayerScale either)."""
     if "reg_token" in sd:
         return True
     n = sd["pos_embed"].shape[1] if "pos_embed" in sd else 0
     if n and int(n**0.5) ** 2 == n:
         return True
     fc1, fc2 = sd.get("blocks.0.mlp.fc1.weight"), sd.get("blocks.0.mlp.fc2.weight")
-    return fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
+    if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:
+        return True
+    has_layer_scale = any(k.startswith("blocks.") and k.endswith((".ls1.gamma", ".ls2.gamma")) for k in sd)
+    return has_layer_scale and "mask_token" not in sd
 
 
 def timm_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
