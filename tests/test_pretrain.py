@@ -331,3 +331,22 @@ def test_collapse_is_warned_once_after_the_warm_up(tmp_path):
         assert trainer.warn_collapse({**row, **collapsed}, True) is True  # once per run
         trainer.iteration = 10  # still in the warm-up: no verdict yet
         assert trainer.warn_collapse({**row, **collapsed, "iteration": 10}, False) is False
+
+
+def test_every_shipped_preset_resolves_to_a_known_architecture_and_whole_patch_grids():
+    from dinokit.models.architectures import ARCHITECTURES
+    from dinokit.train.config import list_presets, resolve_config
+
+    assert {"cpu32", "cpu96", "demo", "dinov2_vits14", "dino_vits16"} <= set(list_presets())
+    for name in list_presets():
+        cfg = resolve_config(name, {})
+        patch = ARCHITECTURES[cfg.arch].patch_size
+        assert cfg.global_crops_size % patch == 0 and cfg.local_crops_size % patch == 0, name
+    # cpu96 is cpu32 scaled for 96 px images: 8 px patches, crops of the same 4 x 4 / 2 x 2 patches.
+    cpu32, cpu96 = resolve_config("cpu32", {}), resolve_config("cpu96", {})
+    assert ARCHITECTURES[cpu96.arch].patch_size == 8 and (cpu96.global_crops_size, cpu96.local_crops_size) == (32, 16)
+    for size in ("global_crops_size", "local_crops_size"):
+        grid = getattr(cpu96, size) // 8
+        assert grid == getattr(cpu32, size) // ARCHITECTURES[cpu32.arch].patch_size
+    same = ("lr", "batch_size", "head_prototypes", "teacher_temp", "momentum_teacher", "koleo_loss_weight")
+    assert all(getattr(cpu96, k) == getattr(cpu32, k) for k in same)

@@ -38,6 +38,7 @@ ARCHITECTURES.update(
         "vit_tiny_p4": ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3, **_SMALL),
         "vit_mini_p4": ViTConfig(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, **_SMALL),
         "vit_micro_p4": ViTConfig(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, **_SMALL),
+        "vit_micro_p8": ViTConfig(img_size=96, patch_size=8, embed_dim=96, depth=4, num_heads=3, **_SMALL),
         "vit_nano_p2": ViTConfig(img_size=16, patch_size=2, embed_dim=32, depth=2, num_heads=2, **_SMALL),
     }
 )

@@ -322,7 +322,7 @@ def pretrain(
     """Self-supervised DINO / DINOv2 pretraining on a folder of images (labels ignored).
 
     `preset` names a shipped recipe (dinov2_vits14, dinov2_vitb14, dinov2_vitl14, dinov2_vitg14,
-    dino_vits16, dino_vitb16, cpu32, demo) or a YAML file; any other key of the config
+    dino_vits16, dino_vitb16, cpu32, cpu96, demo) or a YAML file; any other key of the config
     (`dinokit.train.config.PretrainConfig`, e.g. lr=, arch=, local_crops_number=) overrides it.
     Length: epochs (real passes), max_iterations and max_minutes (0 = no limit) each stop the run;
     schedules span epochs, else max_iterations, else max_minutes. resume=true continues the run in
