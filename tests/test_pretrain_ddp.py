@@ -4,6 +4,8 @@ a 2-process run resumes in one process."""
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,19 @@ def test_two_process_run_resumes_in_one_process(ddp_run):
     assert summary["iterations"] == 8
     checkpoint = load_checkpoint(root / "run" / "checkpoints" / "checkpoint_00000008.pt")
     assert checkpoint["global_batch"] == 8 and checkpoint["samples_seen"] == 64  # the global batch is kept
+
+
+def test_torchrun_launches_pretraining_on_two_processes(tmp_path):
+    """The documented entry path: `torchrun --nproc_per_node 2 -m dinokit pretrain ...` (gloo on CPU)."""
+    data = tiny_images(tmp_path / "data")
+    out = tmp_path / "run"
+    keys = {**TINY, "max_iterations": 6, "batch_size": 4}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
+    cmd += ["-m", "dinokit", "pretrain", f"data={data}", f"out={out}"] + [f"{k}={v}" for k, v in keys.items()]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["iteration"] == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert "2 process(es) x batch 4 = 8" in result.stdout + result.stderr
+    assert (out / "backbone.safetensors").exists() and dinokit.load_model(out / "backbone.safetensors")
