@@ -1,4 +1,7 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from dinokit.maps.attention import attention_maps, attention_mass_masks
 from dinokit.maps.pca import pca_rgb
 from dinokit.maps.segment import otsu_threshold, patch_coverage, segment_features, similarity_to
 from dinokit.maps.similarity import patch_similarity, pixel_to_patch
+from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from tests.conftest import perturb_scales_and_norms
 
 
@@ -221,3 +225,20 @@ def test_segment_command_on_a_pixel_identity_model(tmp_path):
         mask = np.asarray(Image.open(tmp_path / "seg" / f"{name}_mask.png")) > 127
         assert (mask & truth).sum() / (mask | truth).sum() > 0.8
         assert Image.open(tmp_path / "seg" / f"{name}_overlay.png").size == (32, 32)
+
+
+def test_example_script_draws_every_picture_on_the_photos(tmp_path):
+    """examples/feature_maps.py end to end, on a one-block 14 px-patch ViT (fast at any size)."""
+    config = ViTConfig(img_size=56, patch_size=14, embed_dim=32, depth=1, num_heads=2, num_register_tokens=2)
+    weights = dinokit.export_model(VisionTransformer(config), tmp_path / "tiny.safetensors")
+    script = Path(__file__).parents[1] / "examples" / "feature_maps.py"
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(script), "--model", weights, "--out", str(out), "--image-size", "56"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pictures = ["attention_chelsea.png", "pca_joint.png", "similarity_eye.png", "similarity_eye_astronaut.png"]
+    for name in pictures:
+        with Image.open(out / name) as image:
+            image.verify()
+    masks = sorted((out / "segment").rglob("*.png"))
+    assert len(masks) >= 4, masks
