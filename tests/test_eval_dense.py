@@ -39,12 +39,17 @@ def one_thread():
 COMMON = ["image_size=64", "num_workers=0", "batch_size=64", "train_batch_size=16"]
 
 
+def scene_folders(factory, name: str, train: int, val: int, size: int):
+    """root/train and root/val of rendered dense scenes (masks and depth)."""
+    root = factory.mktemp(name)
+    write_dense_set(root / "train", train, size=size, seed=0)
+    write_dense_set(root / "val", val, size=size, seed=1)
+    return root
+
+
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("scenes")
-    write_dense_set(root / "train", 64, size=64, seed=0)
-    write_dense_set(root / "val", 24, size=64, seed=1)
-    return root
+    return scene_folders(tmp_path_factory, "scenes", 64, 24, size=64)
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +167,7 @@ def test_predict_writes_full_size_outputs_and_checks_the_backbone(tmp_path, caps
 @pytest.fixture(scope="module")
 def small_scenes(tmp_path_factory):
     """A handful of 32 px scenes: enough for the probes to run end to end in a second or two."""
-    root = tmp_path_factory.mktemp("small")
-    write_dense_set(root / "train", 6, size=32, seed=0)
-    write_dense_set(root / "val", 3, size=32, seed=1)
-    return root
+    return scene_folders(tmp_path_factory, "small", 6, 3, size=32)
 
 
 SMALL = ["image_size=32", "epochs=1", "cache=none", "num_workers=0", "batch_size=8", "train_batch_size=4"]
