@@ -1,4 +1,4 @@
-"""File writing that never leaves a half-written file behind."""
+"""File writing that never leaves a half-written file behind, and reading JSON with a clear error."""
 
 import contextlib
 import json
@@ -6,6 +6,8 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from dinokit.errors import DinokitError
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
@@ -19,6 +21,16 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_json(path: str | Path):
+    """Parsed JSON of `path`; a damaged file gets a DinokitError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DinokitError(
+            f"{path} is not valid JSON ({e}); the file is damaged or truncated: download or export it again"
+        ) from None
 
 
 def write_json(path: str | Path, obj) -> None:

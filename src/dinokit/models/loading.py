@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dinokit.errors import DinokitError
-from dinokit.io import atomic_write, write_json
+from dinokit.io import atomic_write, read_json, write_json
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.formats import hf as hf_format
 from dinokit.models.formats import timm as timm_format
@@ -61,29 +61,14 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return obj, {}
 
 
-def _read_json(path: Path) -> dict | list:
-    """Parsed JSON of a file in a weights folder; a damaged file gets a DinokitError naming it."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DinokitError(
-            f"{path} is not valid JSON ({e}); the file is damaged or truncated: download or export it again"
-        ) from None
-
-
-def _read_hf_config(path: Path) -> ViTConfig:
-    """ViTConfig of an HF config.json file."""
-    return hf_format.config_from_hf(_read_json(path), source=str(path))
-
-
 def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict | list]:
-    config = _read_json(folder / "config.json")
+    config = read_json(folder / "config.json")
     index = next(
         (folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / n).exists()),
         None,
     )
     if index is not None:
-        weight_map = _read_json(index)
+        weight_map = read_json(index)
         if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
             raise DinokitError(f"{index} has no 'weight_map' object; download or export the folder again")
         sd = {}
@@ -113,7 +98,7 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTCon
         return sd, ViTConfig(**json.loads(metadata[DINOKIT_CONFIG_KEY])), "dinokit"
     if hf_format.is_hf(sd):  # before unwrapping: training prefixes include HF's own `encoder.`
         config_file = path.parent / "config.json"
-        config = _read_hf_config(config_file) if config_file.exists() else None
+        config = hf_format.config_from_hf(read_json(config_file), str(config_file)) if config_file.exists() else None
         return hf_format.hf_to_official(sd), config, "hf"
     sd = unwrap_training_checkpoint(sd)
     if timm_format.is_timm(sd):

@@ -54,9 +54,7 @@ def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     unchanged so that the caller can report them."""
     out, parts = {}, {}
     for key, value in sd.items():
-        for prefix in _BACKBONE_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
+        key = _backbone_key(key)
         if key.startswith("classifier."):
             continue
         if key in _EMBEDDINGS:
@@ -142,15 +140,15 @@ def official_to_hf(sd: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, 
 def is_hf(sd: dict) -> bool:
     """True for HF key names (`embeddings.*`, `encoder.layer.*`), bare or under a wrapper's backbone
     prefix (`dinov2.`, `dinov2_with_registers.`); checked on the raw keys, before any prefix stripping."""
-    for key in sd:
-        if not isinstance(key, str):
-            continue
-        for prefix in _BACKBONE_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        if key.startswith(("embeddings.", "encoder.layer.")):
-            return True
-    return False
+    return any(isinstance(k, str) and _backbone_key(k).startswith(("embeddings.", "encoder.layer.")) for k in sd)
+
+
+def _backbone_key(key: str) -> str:
+    """`key` without a ForImageClassification wrapper's backbone prefix (`dinov2.`, ...)."""
+    for prefix in _BACKBONE_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix) :]
+    return key
 
 
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads")
