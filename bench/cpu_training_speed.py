@@ -1,10 +1,11 @@
 """The CPU training speed-ups of dinokit, measured against the paths they replace, in one run.
 
 1. Attention forward + backward in bf16: fused `scaled_dot_product_attention` against two matrix
-   products and an fp32 softmax (what `dinokit.models.layers.attention` uses when training on CPU in
-   reduced precision), at the `cpu32` shapes (64 + 1 and 16 + 1 tokens, 3 heads of 32) and ViT-S/224
-   (256 + 1 tokens, 6 heads of 64); then the `cpu32` backbone's forward + backward on one batch
-   (2 x 32 + 6 x 16 px crops of 64 images) with each attention path.
+   products and a softmax (`matmul_attention`, what `dinokit.models.layers.attention` uses on CPU in
+   reduced precision), at the `cpu32` shapes (16 + 1 and 4 + 1 tokens, 3 heads of 32), 64 + 1 tokens,
+   and ViT-S/224 (256 + 1 tokens, 6 heads of 64), and forward only for ViT-S/224 inference; then the
+   `cpu32` backbone's forward + backward on one batch of the preset (2 x 16 + 2 x 8 px crops of 64
+   images) with each attention path.
 2. Multi-crop augmentation per image at 32 px (2 x 32 + 6 x 16 crops): torchvision transforms one crop
    at a time (`MultiCropAugmentation`) against whole batches (`BatchedMultiCrop`), ms per image.
 3. The AdamW step over the parameter groups of the DINOv2 ViT-S/14 recipe (student backbone and
@@ -28,6 +29,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from dinokit.data.augmentations import MultiCropAugmentation  # noqa: E402
 from dinokit.data.batched_augmentations import BatchedMultiCrop  # noqa: E402
+from dinokit.models.layers.attention import matmul_attention  # noqa: E402
 from dinokit.train.config import resolve_config  # noqa: E402
 from dinokit.train.optim import param_groups  # noqa: E402
 from dinokit.train.pretrain import build_backbone, build_model  # noqa: E402
@@ -44,26 +46,30 @@ def median_ms(fn, repeats: int = 7, warmup: int = 2) -> float:
     return 1e3 * statistics.median(times)
 
 
-def matmul_attention(q, k, v):
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    return logits.float().softmax(dim=-1).to(v.dtype) @ v
-
-
-def attention_ms(fn, shape) -> float:
-    q, k, v = (torch.randn(*shape, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+def attention_ms(fn, shape, backward: bool = True) -> float:
+    q, k, v = (torch.randn(*shape, dtype=torch.bfloat16, requires_grad=backward) for _ in range(3))
+    if not backward:
+        with torch.inference_mode():
+            return median_ms(lambda: fn(q, k, v), repeats=20)
     return median_ms(lambda: fn(q, k, v).float().sum().backward())
 
 
 def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("\nattention forward + backward, bf16 (ms): shape | SDPA | matmul | speed-up")
-    for shape in [(128, 3, 65, 32), (384, 3, 17, 32), (16, 6, 257, 64)]:
+    for shape in [(128, 3, 17, 32), (128, 3, 5, 32), (128, 3, 65, 32), (16, 6, 257, 64)]:
         fused, matmul = attention_ms(F.scaled_dot_product_attention, shape), attention_ms(matmul_attention, shape)
         print(f"{shape} | {fused:.1f} | {matmul:.1f} | {fused / matmul:.1f}x")
+    shape = (3, 6, 257, 64)  # ViT-S/14 inference at 224 px, one CPU slice of 3 images
+    fused = attention_ms(F.scaled_dot_product_attention, shape, backward=False)
+    matmul = attention_ms(matmul_attention, shape, backward=False)
+    print(f"attention forward only (inference), bf16: {shape} | {fused:.2f} | {matmul:.2f} | {fused / matmul:.1f}x")
 
-    cfg = resolve_config("cpu32", {"local_crops_number": 6, "global_crops_size": 32, "local_crops_size": 16})
+    cfg = resolve_config("cpu32", {})
     backbone = build_backbone(cfg)
-    global_crops, local_crops = torch.randn(128, 3, 32, 32), torch.randn(384, 3, 16, 16)
+    size, local_size = cfg.global_crops_size, cfg.local_crops_size
+    global_crops = torch.randn(2 * cfg.batch_size, 3, size, size)
+    local_crops = torch.randn(cfg.local_crops_number * cfg.batch_size, 3, local_size, local_size)
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -71,7 +77,7 @@ def main() -> None:
         loss.backward()
 
     matmul_step = median_ms(step, repeats=5)
-    with mock.patch("dinokit.models.layers.attention.cpu_low_precision_training", return_value=False):
+    with mock.patch("dinokit.models.layers.attention.cpu_low_precision", return_value=False):
         fused_step = median_ms(step, repeats=5)
     print(
         f"\ncpu32 backbone forward + backward, bf16, one batch: SDPA {fused_step:.0f} ms, matmul {matmul_step:.0f} ms"
