@@ -164,3 +164,26 @@ def test_koleo_single_sample_is_skipped_with_a_warning():
         loss = KoLeoLoss()(x)
     assert loss.item() == 0.0 and any("at least 2 samples" in str(w.message) for w in caught)
     loss.backward()  # still part of the graph
+
+
+def test_student_log_probs_divides_in_place_only_on_its_own_copy():
+    """bf16 logits: the float32 copy is divided in place, values and gradients as log_softmax(x.float() / t);
+    float32 logits (no copy is made) are left untouched, also when they are a view of a split."""
+    from dinokit.losses.dino_loss import student_log_probs
+
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = (3 * torch.randn(4, 6)).to(dtype).requires_grad_()
+        before = x.detach().clone()
+        log_p = student_log_probs(x, 0.1)
+        reference = torch.log_softmax(x.detach().float() / 0.1, dim=-1)
+        assert log_p.dtype == torch.float32
+        torch.testing.assert_close(log_p, reference, atol=0, rtol=0)
+        assert torch.equal(x.detach(), before)
+        weights = torch.randn(4, 6)
+        (log_p * weights).sum().backward()
+        x_ref = before.float().requires_grad_()
+        (torch.log_softmax(x_ref / 0.1, dim=-1) * weights).sum().backward()
+        torch.testing.assert_close(x.grad.float(), x_ref.grad.to(dtype).float(), atol=0, rtol=0)
+    _, patches = torch.randn(5, 6, requires_grad=True).split([2, 3])  # views, as the student's logits
+    student_log_probs(patches, 0.1).sum().backward()

@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from dinokit.losses.dino_loss import student_log_probs
+
 
 class IBOTPatchLoss(nn.Module):
     """Cross-entropy on masked patches, each image weighted equally.
@@ -23,6 +25,6 @@ class IBOTPatchLoss(nn.Module):
     ) -> torch.Tensor:
         """student_logits, teacher_probs (M, K) over the M masked patches; weights (M,) = 1/|M_i(p)|."""
         with torch.autocast(student_logits.device.type, enabled=False):
-            log_p = torch.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+            log_p = student_log_probs(student_logits, self.student_temp)
             per_patch = -(teacher_probs.float() * log_p).sum(dim=-1)
             return (per_patch * weights.float()).sum() / max(num_images, 1)
