@@ -10,6 +10,9 @@
    at a time (`MultiCropAugmentation`) against whole batches (`BatchedMultiCrop`), ms per image.
 3. The AdamW step over the parameter groups of the DINOv2 ViT-S/14 recipe (student backbone and
    65536-prototype head): `fused=True` (`dinokit.train.optim.build_optimizer`) against `foreach=True`.
+4. The student side of the iBOT loss at the ViT-S/14 recipe's 605 masked patches x 65536 prototypes,
+   forward + backward: the temperature division out of place against `student_log_probs` (in place
+   on the float32 copy of the bf16 logits).
 
     python bench/cpu_training_speed.py
 """
@@ -29,6 +32,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from dinokit.data.augmentations import MultiCropAugmentation  # noqa: E402
 from dinokit.data.batched_augmentations import BatchedMultiCrop  # noqa: E402
+from dinokit.losses.dino_loss import student_log_probs  # noqa: E402
 from dinokit.models.layers.attention import matmul_attention  # noqa: E402
 from dinokit.train.config import resolve_config  # noqa: E402
 from dinokit.train.optim import param_groups  # noqa: E402
@@ -117,6 +121,20 @@ def main() -> None:
         f"\nAdamW step, ViT-S/14 + 65536-prototype head ({sum(p.numel() for p in params) / 1e6:.1f}M parameters, "
         f"{len(groups)} groups): foreach {step_ms['foreach']:.0f} ms, fused {step_ms['fused']:.0f} ms "
         f"({step_ms['foreach'] / step_ms['fused']:.1f}x)"
+    )
+
+    # 605 rows: the masked patches of one batch of bench/train_throughput.py (ViT-S/14 recipe, batch 8)
+    logits = (3 * torch.randn(605, 65536)).to(torch.bfloat16).requires_grad_()
+    targets = torch.softmax(5 * torch.randn(605, 65536), dim=-1)
+
+    def loss_ms(log_probs) -> float:
+        return median_ms(lambda: (-(targets * log_probs(logits)).sum()).backward(), repeats=5)
+
+    divided = loss_ms(lambda x: torch.log_softmax(x.float() / 0.1, dim=-1))
+    in_place = loss_ms(lambda x: student_log_probs(x, 0.1))
+    print(
+        f"\niBOT-style loss forward + backward, bf16 logits 605 x 65536: log_softmax(x.float() / t) {divided:.0f} ms, "
+        f"student_log_probs {in_place:.0f} ms ({divided / in_place:.2f}x)"
     )
 
 

@@ -271,17 +271,18 @@ def test_cpu_bf16_attention_matches_sdpa():
     assert cpu_low_precision(q) and cpu_low_precision(q.detach().half()) and not cpu_low_precision(q.float())
     torch.manual_seed(0)
     attention = Attention(32, 4)
-    x = torch.randn(3, 17, 32, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = attention(x)
-    fast.float().sum().backward()
-    fast_grad, x.grad = x.grad.clone(), None
-    reference = attention(x)  # fp32: the SDPA path
-    reference.sum().backward()
-    torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(fast_grad, x.grad, atol=3e-2, rtol=3e-2)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: the same path
-        torch.testing.assert_close(attention(x).float(), fast.float(), atol=0, rtol=0)
-    # the function itself, in fp32 where nothing is rounded: SDPA's values (heads of 8, scale 8^-0.5)
-    q, k, v = torch.randn(3, 2, 4, 5, 8).unbind(0)
-    torch.testing.assert_close(matmul_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+    for tokens in (17, 40):  # rows under 32 tokens take the fp32-cast softmax, longer ones the bf16 one
+        x = torch.randn(3, tokens, 32, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = attention(x)
+        fast.float().sum().backward()
+        fast_grad, x.grad = x.grad.clone(), None
+        reference = attention(x)  # fp32: the SDPA path
+        reference.sum().backward()
+        torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
+        torch.testing.assert_close(fast_grad, x.grad, atol=3e-2, rtol=3e-2)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: the same path
+            torch.testing.assert_close(attention(x).float(), fast.float(), atol=0, rtol=0)
+        # the function itself, in fp32 where nothing is rounded: SDPA's values (heads of 8, scale 8^-0.5)
+        q, k, v = torch.randn(3, 2, 4, tokens, 8).unbind(0)
+        torch.testing.assert_close(matmul_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))

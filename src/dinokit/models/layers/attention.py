@@ -47,10 +47,10 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     """softmax(q k^T / sqrt(d_head)) v for q, k, v (B, heads, N, d_head), as two batched matrix products.
 
     The scale is applied inside the first product (its fp32 accumulator). The softmax is computed in
-    fp32 and rounded once to the inputs' dtype either way; for rows of 32 tokens or more PyTorch's CPU
-    kernel does that on the bf16 tensor directly (2-8x faster at 65-257 tokens than casting to fp32
-    and back), for shorter rows the cast is the faster route (5.7 vs 7.7 ms forward + backward at
-    384 x 3 heads x 17 tokens; 4% of the `cpu32` backbone's step).
+    fp32 and rounded once to the inputs' dtype either way. For rows of 32 tokens or more PyTorch's CPU
+    kernel does that on the bf16 tensor directly: forward + backward at 16 x 6 heads x 257 tokens took
+    72 ms with a cast to fp32 and back, 42 ms without (`bench/cpu_training_speed.py`, before and
+    after). For shorter rows the cast is the faster route (5.7 vs 7.7 ms at 384 x 3 heads x 17).
     """
     b, h, n, dh = q.shape
     q, k, v = (t.reshape(b * h, n, dh) for t in (q, k, v))
