@@ -2,8 +2,9 @@
 
 1. Attention forward + backward in bf16: fused `scaled_dot_product_attention` against two matrix
    products and a softmax (`matmul_attention`, what `dinokit.models.layers.attention` uses on CPU in
-   reduced precision), at the `cpu32` shapes (16 + 1 and 4 + 1 tokens, 3 heads of 32), 64 + 1 tokens,
-   and ViT-S/224 (256 + 1 tokens, 6 heads of 64), and forward only for ViT-S/224 inference; then the
+   bf16), at the `cpu32` shapes (16 + 1 and 4 + 1 tokens, 3 heads of 32), 64 + 1 tokens,
+   and ViT-S/224 (256 + 1 tokens, 6 heads of 64), and forward only for ViT-S/224 inference (also in
+   fp16, where dinokit keeps SDPA); then the
    `cpu32` backbone's forward + backward on one batch of the preset (2 x 16 + 2 x 8 px crops of 64
    images) with each attention path.
 2. Multi-crop augmentation per image at 32 px (2 x 32 + 6 x 16 crops): torchvision transforms one crop
@@ -68,6 +69,11 @@ def main() -> None:
     fused = attention_ms(F.scaled_dot_product_attention, shape, backward=False)
     matmul = attention_ms(matmul_attention, shape, backward=False)
     print(f"attention forward only (inference), bf16: {shape} | {fused:.2f} | {matmul:.2f} | {fused / matmul:.1f}x")
+    q, k, v = (torch.randn(*shape, dtype=torch.float16) for _ in range(3))  # fp16 keeps SDPA: why
+    with torch.inference_mode():
+        fused = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeats=20)
+        matmul = median_ms(lambda: matmul_attention(q, k, v), repeats=20)
+    print(f"attention forward only (inference), fp16: {shape} | {fused:.2f} | {matmul:.2f} | {fused / matmul:.2f}x")
 
     cfg = resolve_config("cpu32", {})
     backbone = build_backbone(cfg)
@@ -81,7 +87,7 @@ def main() -> None:
         loss.backward()
 
     matmul_step = median_ms(step, repeats=5)
-    with mock.patch("dinokit.models.layers.attention.cpu_low_precision", return_value=False):
+    with mock.patch("dinokit.models.layers.attention.cpu_bf16", return_value=False):
         fused_step = median_ms(step, repeats=5)
     print(
         f"\ncpu32 backbone forward + backward, bf16, one batch: SDPA {fused_step:.0f} ms, matmul {matmul_step:.0f} ms"

@@ -265,10 +265,10 @@ def test_dinokit_error_is_an_exception():
 def test_cpu_bf16_attention_matches_sdpa():
     """In bf16 on CPU, training and inference take the matmul attention path; it computes what SDPA
     computes, in values and gradients (against SDPA in fp32)."""
-    from dinokit.models.layers.attention import Attention, cpu_low_precision, matmul_attention
+    from dinokit.models.layers.attention import Attention, cpu_bf16, matmul_attention
 
     q = torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)
-    assert cpu_low_precision(q) and cpu_low_precision(q.detach().half()) and not cpu_low_precision(q.float())
+    assert cpu_bf16(q) and not cpu_bf16(q.detach().half()) and not cpu_bf16(q.float())  # fp16: SDPA
     torch.manual_seed(0)
     attention = Attention(32, 4)
     for tokens in (17, 40):  # rows under 32 tokens take the fp32-cast softmax, longer ones the bf16 one

@@ -1,5 +1,5 @@
 """Multi-head self-attention through `torch.nn.functional.scaled_dot_product_attention`, or through two
-matrix products and a softmax where that is faster: on CPU in bf16 / fp16, training and inference.
+matrix products and a softmax where that is faster: on CPU in bf16, training and inference.
 
 PyTorch's fused CPU attention is slow in reduced precision. On this project's AVX512-BF16 CPU the
 matmul path is 11x / 4.6x / 2.0x faster than SDPA for forward + backward at 17 / 65 / 257 tokens
@@ -7,7 +7,8 @@ matmul path is 11x / 4.6x / 2.0x faster than SDPA for forward + backward at 17 /
 (3 x 6 heads of 64), which makes a whole ViT-S/14 forward in bf16 about 10% faster;
 `bench/cpu_training_speed.py` measures it. Its logits are rounded to bf16 before the softmax, as in
 transformers' eager attention under autocast; a ViT-S/14's CLS keeps a cosine of 0.99999 to fp32
-either way. In fp32, and on GPUs, SDPA is as fast or faster and is used.
+either way. In fp32, in fp16 (whose matrix products this CPU runs slowly: SDPA is 2-8x faster than
+the matmul path there) and on GPUs, SDPA is used.
 """
 
 import torch
@@ -39,7 +40,7 @@ class Attention(nn.Module):
             attn = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(dim=-1)
             out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, d)
             return self.proj(out), attn
-        out = matmul_attention(q, k, v) if cpu_low_precision(q) else F.scaled_dot_product_attention(q, k, v)
+        out = matmul_attention(q, k, v) if cpu_bf16(q) else F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -60,6 +61,6 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return (probabilities @ v).view(b, h, n, dh)
 
 
-def cpu_low_precision(q: torch.Tensor) -> bool:
-    """True when attention on `q` runs on CPU in bf16 / fp16, where `matmul_attention` is faster."""
-    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+def cpu_bf16(q: torch.Tensor) -> bool:
+    """True when attention on `q` runs on CPU in bf16, where `matmul_attention` is faster than SDPA."""
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16
