@@ -69,14 +69,19 @@ def knn_neighbours(
     is O(bank_chunk * D + query_chunk * bank_chunk + Q * k).
     """
     queries = F.normalize(_as_tensor(queries).float(), dim=-1).to(device)
-    k = min(k, bank_size(bank))
+    n = bank_size(bank)
+    k = min(k, n)
     best_s = torch.full((len(queries), 0), float("-inf"), device=device)
     best_i = torch.empty((len(queries), 0), dtype=torch.long, device=device)
+    # one buffer for every chunk's similarities: a fresh (query_chunk, bank_chunk) result each time
+    # costs the CPU its page faults, 14% of the whole search at 10k x 50k (docs/benchmarks.md)
+    products = torch.empty(min(query_chunk, len(queries)) * min(bank_chunk, n), device=device)
     for start, rows in bank_chunks(bank, bank_chunk):
         rows = rows.to(device)
         new_s, new_i = [], []
         for q0 in range(0, len(queries), query_chunk):
-            s = queries[q0 : q0 + query_chunk] @ rows.T
+            chunk = queries[q0 : q0 + query_chunk]
+            s = torch.mm(chunk, rows.T, out=products[: len(chunk) * len(rows)].view(len(chunk), len(rows)))
             top_s, top_i = s.topk(min(k, s.shape[1]), dim=1)
             old = slice(q0, q0 + query_chunk)
             merged = _merge_topk(best_s[old], best_i[old], top_s, top_i + start, k)
