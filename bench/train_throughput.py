@@ -11,6 +11,7 @@ pairs alternate to spread machine drift.
 
     python bench/train_throughput.py                       # CPU, fp32 and bf16
     python bench/train_throughput.py --device cuda --compile
+    python bench/train_throughput.py --peer dinokit-default-malloc   # dinokit with / without reuse_freed_memory
 """
 
 import argparse
@@ -197,6 +198,19 @@ def peak_rss_mb() -> float:
 
 
 def worker(library: str, device: str, precision: str, steps: int, warmup: int, compile_model: bool) -> dict:
+    """Time `steps` steps of one library after `warmup`. dinokit's side runs inside
+    `reuse_freed_memory()`, as `dinokit pretrain` does on a CPU (a no-op elsewhere);
+    "dinokit-default-malloc" is the same step without it."""
+    if library == "dinokit" and device == "cpu":
+        from dinokit.runtime import reuse_freed_memory
+
+        with reuse_freed_memory():
+            return timed_steps(library, device, precision, steps, warmup, compile_model)
+    library = "dinokit" if library == "dinokit-default-malloc" else library
+    return timed_steps(library, device, precision, steps, warmup, compile_model)
+
+
+def timed_steps(library: str, device: str, precision: str, steps: int, warmup: int, compile_model: bool) -> dict:
     torch.manual_seed(0)
     inputs = {k: v.to(device) for k, v in make_inputs().items()}
     build = dinokit_step_fn if library == "dinokit" else lightly_step_fn
@@ -226,6 +240,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1, help="alternating (dinokit, lightly) rounds per precision")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (both libraries)")
+    parser.add_argument(
+        "--peer",
+        default="lightly",
+        choices=["lightly", "dinokit-default-malloc"],
+        help="what dinokit is timed against: lightly, or its own step without reuse_freed_memory (an A/B)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -240,9 +260,9 @@ def main() -> None:
     )
     rows = []
     for precision in args.precisions.split(","):
-        results = {"dinokit": [], "lightly": []}
+        results = {"dinokit": [], args.peer: []}
         for _ in range(args.rounds):
-            for library in ("dinokit", "lightly"):
+            for library in results:
                 cmd = [
                     sys.executable,
                     __file__,
@@ -269,7 +289,7 @@ def main() -> None:
                 "memory_mb": max(r["memory_mb"] for r in runs),
                 "loss": runs[-1]["losses"][-1],
             }
-        ours, theirs = summary["dinokit"], summary["lightly"]
+        ours, theirs = summary["dinokit"], summary[args.peer]
         rows.append((precision, ours, theirs))
         for library, s in summary.items():
             print(
@@ -277,10 +297,10 @@ def main() -> None:
                 f"peak memory {s['memory_mb']:8.0f} MB  loss {s['loss']:.3f}"
             )
         print(
-            f"{precision:5s} speed ratio dinokit/lightly {theirs['step_s'] / ours['step_s']:.2f}x, "
+            f"{precision:5s} speed ratio dinokit/{args.peer} {theirs['step_s'] / ours['step_s']:.2f}x, "
             f"memory ratio {ours['memory_mb'] / theirs['memory_mb']:.2f}"
         )
-    print("\n| precision | dinokit img/s | lightly img/s | speed-up | dinokit peak MB | lightly peak MB |")
+    print(f"\n| precision | dinokit img/s | {args.peer} img/s | speed-up | dinokit peak MB | {args.peer} peak MB |")
     print("|---|---|---|---|---|---|")
     for precision, ours, theirs in rows:
         print(

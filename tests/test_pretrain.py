@@ -83,6 +83,27 @@ def test_epochs_are_real_passes_and_dino_objective(tmp_path):
     assert dinokit.load_model(tmp_path / "run" / "backbone.safetensors").mask_token is None
 
 
+def test_cpu_runs_reuse_freed_memory_unless_switched_off(tmp_path, monkeypatch):
+    import contextlib
+
+    pretrain_module = importlib.import_module("dinokit.train.pretrain")
+    entered = []
+
+    @contextlib.contextmanager
+    def recording():
+        entered.append(True)
+        yield True
+
+    monkeypatch.setattr(pretrain_module, "reuse_freed_memory", recording)
+    data = tiny_images(tmp_path / "data")
+    run(data, tmp_path / "on", max_iterations=1)
+    assert entered == [True]
+    run(data, tmp_path / "off", max_iterations=1, reuse_freed_memory=False)
+    assert entered == [True]  # not entered again
+    saved = yaml.safe_load((tmp_path / "off" / "config.yaml").read_text())
+    assert saved["reuse_freed_memory"] is False
+
+
 def test_resume_continues_exactly(tmp_path):
     """4 + 4 iterations with a restart (and a data-loader worker in one part) give the same
     parameters as 8 iterations in one go."""

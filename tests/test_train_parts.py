@@ -184,3 +184,37 @@ def test_autocast_falls_back_to_fp32_with_one_warning_where_bf16_is_unsupported(
         runtime.autocast(dev, "fp32")  # asked for fp32: silent
     assert runtime.bf16_supported(torch.device("cpu"))
     assert isinstance(runtime.autocast(torch.device("cpu"), "bf16"), torch.autocast)
+
+
+def test_reuse_freed_memory_serves_large_tensors_from_the_heap_and_restores_the_defaults():
+    import ctypes
+
+    from dinokit import runtime
+
+    libc = runtime._glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        with runtime.reuse_freed_memory() as applied:
+            assert applied == (libc is not None)  # elsewhere the block runs unchanged
+        pytest.skip("needs glibc >= 2.33 (mallinfo2) to observe where allocations come from")
+
+    fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+
+    class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fields
+        _fields_ = tuple((name, ctypes.c_size_t) for name in fields)
+
+    libc.mallinfo2.restype = MallInfo2
+
+    def mapped_bytes() -> int:  # bytes in allocations that malloc mapped from the kernel on their own
+        return libc.mallinfo2().hblkhd
+
+    size = 64 * 2**20  # 64 MB: above glibc's largest mmap threshold (32 MB), so mapped by default
+    with runtime.reuse_freed_memory() as applied:
+        assert applied
+        before = mapped_bytes()
+        inside = torch.empty(size, dtype=torch.uint8)
+        assert mapped_bytes() == before  # from the heap
+        del inside
+    before = mapped_bytes()
+    outside = torch.empty(size, dtype=torch.uint8)
+    assert mapped_bytes() >= before + size  # defaults back: a fresh mapping again
+    del outside

@@ -99,6 +99,7 @@ class PretrainConfig:
     seed: int = 0
     fsdp: bool = False  # FSDP2 fully_shard (with torchrun) instead of DDP
     compile: bool = False  # torch.compile the backbone blocks
+    reuse_freed_memory: bool = True  # CPU: keep freed memory for reuse (faster steps, more peak memory; runtime.py)
     # ---- run folder
     checkpoint_every: int = 1000  # iterations (0 = off)
     checkpoint_every_minutes: float = 30.0  # 0 = off

@@ -6,6 +6,7 @@ configuration), checkpoints/, metrics.jsonl, tensorboard/, bad_files.txt (if any
 backbone.safetensors (the teacher backbone, for `dinokit.load_model`).
 """
 
+import contextlib
 import math
 import time
 import warnings
@@ -32,7 +33,7 @@ from dinokit.errors import DinokitError
 from dinokit.io import atomic_write
 from dinokit.models import create_model, export_model, load_model
 from dinokit.models.vision_transformer import VisionTransformer
-from dinokit.runtime import autocast, resolve_device
+from dinokit.runtime import autocast, resolve_device, reuse_freed_memory
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dinokit.train.config import PretrainConfig, resolve_config
 from dinokit.train.ema import update_teacher
@@ -59,6 +60,7 @@ RESUMABLE_KEYS = {
     "batch_size",
     "fsdp",
     "compile",
+    "reuse_freed_memory",
 }
 
 
@@ -345,8 +347,12 @@ def pretrain(
     out_dir = Path(out)
     cfg, resuming = run_config(out_dir, preset, keys, resume)
     runtime_device = dist.init_distributed(resolve_device(cfg.device))
+    # on a CPU, large tensors are made afresh every step: keep freed memory for reuse (runtime.py)
+    on_cpu = cfg.reuse_freed_memory and runtime_device.type == "cpu"
+    reuse = reuse_freed_memory() if on_cpu else contextlib.nullcontext()
     try:
-        return Trainer(cfg, data, out_dir, preset, runtime_device, resuming, "batch_size" in keys).run()
+        with reuse:
+            return Trainer(cfg, data, out_dir, preset, runtime_device, resuming, "batch_size" in keys).run()
     finally:
         dist.destroy_distributed()
 
