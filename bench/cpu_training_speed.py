@@ -14,6 +14,10 @@
 4. The student side of the iBOT loss at the ViT-S/14 recipe's 605 masked patches x 65536 prototypes,
    forward + backward: the temperature division out of place against `student_log_probs` (in place
    on the float32 copy of the bf16 logits).
+5. A dense probe's training step (`dinokit eval segmentation`'s linear head on the last 4 layers'
+   patch tokens of 16 images at 224 px, 21 classes, logits upsampled to 224 px, cross-entropy,
+   AdamW) with glibc's default malloc against inside `dinokit.runtime.reuse_freed_memory()`, as
+   `train_dense_head` runs it on a CPU.
 
     python bench/cpu_training_speed.py
 """
@@ -33,8 +37,11 @@ sys.path.insert(0, str(REPO / "src"))
 
 from dinokit.data.augmentations import MultiCropAugmentation  # noqa: E402
 from dinokit.data.batched_augmentations import BatchedMultiCrop  # noqa: E402
+from dinokit.eval.dense import upsample  # noqa: E402
+from dinokit.eval.segmentation import LinearSegmentationHead, segmentation_loss  # noqa: E402
 from dinokit.losses.dino_loss import student_log_probs  # noqa: E402
 from dinokit.models.layers.attention import matmul_attention  # noqa: E402
+from dinokit.runtime import reuse_freed_memory  # noqa: E402
 from dinokit.train.config import resolve_config  # noqa: E402
 from dinokit.train.optim import param_groups  # noqa: E402
 from dinokit.train.pretrain import build_backbone, build_model  # noqa: E402
@@ -141,6 +148,24 @@ def main() -> None:
     print(
         f"\niBOT-style loss forward + backward, bf16 logits 605 x 65536: log_softmax(x.float() / t) {divided:.0f} ms, "
         f"student_log_probs {in_place:.0f} ms ({divided / in_place:.2f}x)"
+    )
+
+    head = LinearSegmentationHead(4 * 384, 21)
+    head_optimizer = torch.optim.AdamW(head.parameters())
+    tokens, labels = torch.randn(16, 4, 256, 384), torch.randint(0, 21, (16, 224, 224))
+    loss_fn = segmentation_loss(ignore_index=255)
+
+    def dense_step() -> None:
+        loss_fn(upsample(head(tokens, None, (16, 16)), (224, 224)), labels).backward()
+        head_optimizer.step()
+        head_optimizer.zero_grad(set_to_none=True)
+
+    default_ms = median_ms(dense_step, repeats=9)
+    with reuse_freed_memory() as applied:
+        reused_ms = median_ms(dense_step, repeats=9)
+    print(
+        f"\ndense probe step, 16 x 21 classes at 224 px: default malloc {default_ms:.0f} ms, "
+        f"reuse_freed_memory {reused_ms:.0f} ms ({default_ms / reused_ms:.2f}x)" + ("" if applied else " (not glibc)")
     )
 
 

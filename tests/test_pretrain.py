@@ -90,16 +90,16 @@ def test_cpu_runs_reuse_freed_memory_unless_switched_off(tmp_path, monkeypatch):
     entered = []
 
     @contextlib.contextmanager
-    def recording():
-        entered.append(True)
-        yield True
+    def recording(enabled: bool = True):
+        entered.append(enabled)
+        yield enabled
 
     monkeypatch.setattr(pretrain_module, "reuse_freed_memory", recording)
     data = tiny_images(tmp_path / "data")
     run(data, tmp_path / "on", max_iterations=1)
-    assert entered == [True]
+    assert entered == [True]  # a CPU run
     run(data, tmp_path / "off", max_iterations=1, reuse_freed_memory=False)
-    assert entered == [True]  # not entered again
+    assert entered == [True, False]
     saved = yaml.safe_load((tmp_path / "off" / "config.yaml").read_text())
     assert saved["reuse_freed_memory"] is False
 

@@ -218,3 +218,9 @@ def test_reuse_freed_memory_serves_large_tensors_from_the_heap_and_restores_the_
     outside = torch.empty(size, dtype=torch.uint8)
     assert mapped_bytes() >= before + size  # defaults back: a fresh mapping again
     del outside
+    with runtime.reuse_freed_memory(enabled=False) as applied:  # e.g. work on a GPU: unchanged
+        assert not applied
+        before = mapped_bytes()
+        disabled = torch.empty(size, dtype=torch.uint8)
+        assert mapped_bytes() >= before + size
+        del disabled

@@ -73,19 +73,20 @@ def _glibc():
 
 
 @contextlib.contextmanager
-def reuse_freed_memory() -> Iterator[bool]:
+def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Inside the block, glibc's malloc serves large allocations from its heap and keeps what is freed
-    there for reuse; yields whether that applies (Linux with glibc) or the block runs unchanged.
+    there for reuse; yields whether that applies (`enabled`, on Linux with glibc) or the block runs
+    unchanged. Callers enable it for CPU work: tensors on a GPU do not come from malloc.
 
     By default glibc maps every allocation above 32 MB fresh from the kernel and unmaps it when it
     is freed, so a training step that makes the same large tensors every iteration (a ViT-S/14 step's
     685 x 65536 logits, their probabilities and gradients) pays a page fault per 4 KB of each of them,
-    every step. Kept in the heap, a DINOv2 ViT-S/14 step on a 2-core CPU is 13-14% faster in bf16 and
-    in fp32, for 3-9% more peak memory, which stays flat over the run (`bench/train_throughput.py
-    --peer dinokit-default-malloc`, docs/benchmarks.md). On leaving the block glibc's defaults come
-    back and the freed memory is returned to the system (`malloc_trim`).
+    every step. Kept in the heap, a DINOv2 ViT-S/14 step on a 2-core CPU is 6-19% faster (bf16 and
+    fp32, over several runs), for 7-10% more peak memory, which stays flat over the run
+    (`bench/train_throughput.py --peer dinokit-default-malloc`, docs/benchmarks.md). On leaving the
+    block glibc's defaults come back and the freed memory is returned to the system (`malloc_trim`).
     """
-    libc = _glibc()
+    libc = _glibc() if enabled else None
     applied = libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0))
     if applied:
         libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # keep up to 2 GB of free heap

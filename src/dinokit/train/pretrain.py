@@ -6,7 +6,6 @@ configuration), checkpoints/, metrics.jsonl, tensorboard/, bad_files.txt (if any
 backbone.safetensors (the teacher backbone, for `dinokit.load_model`).
 """
 
-import contextlib
 import math
 import time
 import warnings
@@ -348,10 +347,8 @@ def pretrain(
     cfg, resuming = run_config(out_dir, preset, keys, resume)
     runtime_device = dist.init_distributed(resolve_device(cfg.device))
     # on a CPU, large tensors are made afresh every step: keep freed memory for reuse (runtime.py)
-    on_cpu = cfg.reuse_freed_memory and runtime_device.type == "cpu"
-    reuse = reuse_freed_memory() if on_cpu else contextlib.nullcontext()
     try:
-        with reuse:
+        with reuse_freed_memory(cfg.reuse_freed_memory and runtime_device.type == "cpu"):
             return Trainer(cfg, data, out_dir, preset, runtime_device, resuming, "batch_size" in keys).run()
     finally:
         dist.destroy_distributed()
