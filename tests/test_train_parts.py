@@ -210,9 +210,11 @@ def test_reuse_freed_memory_serves_large_tensors_from_the_heap_and_restores_the_
     size = 64 * 2**20  # 64 MB: above glibc's largest mmap threshold (32 MB), so mapped by default
     with runtime.reuse_freed_memory() as applied:
         assert applied
+        with runtime.reuse_freed_memory() as nested:  # e.g. a dense probe run from a training script
+            assert nested
         before = mapped_bytes()
         inside = torch.empty(size, dtype=torch.uint8)
-        assert mapped_bytes() == before  # from the heap
+        assert mapped_bytes() == before  # from the heap, also after the nested block closed
         del inside
     before = mapped_bytes()
     outside = torch.empty(size, dtype=torch.uint8)

@@ -59,6 +59,7 @@ def autocast(device: torch.device, precision: str = "bf16"):
 # glibc mallopt parameters (malloc.h) and their defaults
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_reuse_depth = 0  # open reuse_freed_memory blocks: only the outermost sets and restores malloc's settings
 
 
 def _glibc():
@@ -84,16 +85,24 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
     every step. Kept in the heap, a DINOv2 ViT-S/14 step on a 2-core CPU is 6-19% faster (bf16 and
     fp32, over several runs), for 7-10% more peak memory, which stays flat over the run
     (`bench/train_throughput.py --peer dinokit-default-malloc`, docs/benchmarks.md). On leaving the
-    block glibc's defaults come back and the freed memory is returned to the system (`malloc_trim`).
+    outermost such block the two settings go back to glibc's default values (its dynamic mmap
+    threshold stays where it was) and the freed memory is returned to the system (`malloc_trim`).
     """
+    global _reuse_depth
     libc = _glibc() if enabled else None
-    applied = libc is not None and bool(libc.mallopt(M_MMAP_MAX, 0))
-    if applied:
-        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # keep up to 2 GB of free heap
+    if libc is None:
+        yield False
+        return
+    if _reuse_depth == 0 and not libc.mallopt(M_MMAP_MAX, 0):
+        yield False
+        return
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # keep up to 2 GB of free heap
+    _reuse_depth += 1
     try:
-        yield applied
+        yield True
     finally:
-        if applied:
+        _reuse_depth -= 1
+        if _reuse_depth == 0:
             libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
             libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
             libc.malloc_trim(0)
