@@ -1,4 +1,5 @@
-"""Where and in which precision to run: device choice and autocast, shared by every stage."""
+"""Where and how to run, shared by every stage: device choice, autocast, and (on CPU) malloc's
+reuse of freed memory for loops that make large tensors afresh."""
 
 import contextlib
 import ctypes

@@ -4,11 +4,12 @@ matrix products and a softmax where that is faster: on CPU in bf16, training and
 PyTorch's fused CPU attention is slow in reduced precision. On this project's AVX512-BF16 CPU the
 matmul path is 11x / 4.6x / 2.0x faster than SDPA for forward + backward at 17 / 65 / 257 tokens
 (128 x 3 heads of 32, 128 x 3 of 32, 16 x 6 of 64), and 2.1x faster for inference at 257 tokens
-(3 x 6 heads of 64), which makes a whole ViT-S/14 forward in bf16 about 10% faster;
-`bench/cpu_training_speed.py` measures it. Its logits are rounded to bf16 before the softmax, as in
-transformers' eager attention under autocast; a ViT-S/14's CLS keeps a cosine of 0.99999 to fp32
-either way. In fp32, in fp16 (whose matrix products this CPU runs slowly: SDPA is 2-8x faster than
-the matmul path there) and on GPUs, SDPA is used.
+(3 x 6 heads of 64) (`bench/cpu_training_speed.py`). A whole ViT-S/14 forward in bf16 went from
+1.12-1.14x to 1.29-1.32x the speed of transformers' best bf16 with it (`bench/inference.py`).
+Its logits are rounded to bf16 before the softmax, as in transformers' eager attention under
+autocast; a ViT-S/14's CLS keeps a cosine of 0.99999 to fp32 either way. In fp32, in fp16 (whose
+matrix products this CPU runs slowly: SDPA is 2-8x faster than the matmul path there) and on GPUs,
+SDPA is used.
 """
 
 import torch
