@@ -212,6 +212,21 @@ def test_stochastic_depth_adds_a_rescaled_residual_to_a_subset():
     assert torch.equal(drop_add_residual(x, lambda t: t + 1, 0.0), torch.ones(10, 1, 1))
 
 
+def test_stochastic_depth_at_small_rates_drops_each_sample_with_that_rate():
+    """At p <= 0.1 (the official Block's DropPath range) a batch of 8 loses 1% of its samples at
+    p = 0.01, not the subset path's at-least-one (12.5%); kept branches are scaled by 1 / (1 - p)."""
+    from dinokit.models.layers import drop_add_residual
+
+    torch.manual_seed(0)
+    x = torch.zeros(8, 1, 1)
+    outs = torch.stack([drop_add_residual(x, lambda t: torch.ones_like(t), 0.01) for _ in range(4000)])
+    dropped = (outs == 0).double().mean().item()
+    assert 0.006 < dropped < 0.014  # 32000 draws: the standard error is 0.0006
+    assert torch.allclose(outs[outs != 0], torch.tensor(1 / 0.99))
+    at_limit = drop_add_residual(torch.zeros(1000, 1, 1), lambda t: torch.ones_like(t), 0.1)
+    assert at_limit.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]  # per sample, not a subset
+
+
 def test_cpu_inference_slices_give_the_same_result_as_one_pass():
     m = tiny()
     x = torch.randn(9, 3, 28, 28)
