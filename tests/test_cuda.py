@@ -1,13 +1,19 @@
 """The GPU path (skipped without CUDA; run by bench/cuda_checks.sh on a lent GPU machine): the same
-network as on the CPU, and a pretraining run that learns, checkpoints and resumes there."""
+network as on the CPU, the feature maps and segmentation of a model on the GPU, and a pretraining
+run that learns, checkpoints and resumes there."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import perturb_scales_and_norms
+from PIL import Image
 from pretrain_helpers import TINY, tiny_images
 
 import dinokit
+from dinokit.maps.attention import attention_maps
+from dinokit.maps.commands import segment, visualize_attention, visualize_pca, visualize_similarity
+from dinokit.maps.pca import patch_features
 from dinokit.train.checkpoint import load_checkpoint
 from dinokit.train.metrics_log import read_metrics
 
@@ -28,6 +34,43 @@ def test_vit_on_cuda_computes_what_it_computes_on_cpu():
         torch.testing.assert_close(fp32[key].cpu(), reference[key], rtol=1e-4, atol=1e-4)
     cosine = F.cosine_similarity(bf16["x_norm_clstoken"].float().cpu(), reference["x_norm_clstoken"])
     assert cosine.min() > 0.999
+
+
+def test_maps_and_segment_with_a_cuda_model(tmp_path):
+    check_maps_on("cuda", tmp_path)
+
+
+def check_maps_on(device: str, tmp_path) -> None:
+    """The map functions and picture commands with the model on `device` give the CPU's arrays."""
+    model = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2, num_register_tokens=2)).eval()
+    weights = dinokit.export_model(model, tmp_path / "m.safetensors")
+    x = torch.randn(3, 16, 24)
+    on_cpu = attention_maps(model, x)
+    features_cpu = patch_features(model, [x])[0]
+    model.to(device)
+    on_device = attention_maps(model, x.to(device))
+    for key, value in on_cpu.items():
+        assert np.allclose(on_device[key], value, atol=1e-4), key
+    assert np.allclose(patch_features(model, [x.to(device)])[0], features_cpu, atol=1e-4)
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    mask = np.zeros((32, 48), dtype=np.uint8)
+    mask[8:24, 12:36] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    photo, common = str(tmp_path / "photo.png"), {"model": str(weights), "image_size": 16, "device": device}
+    visualize_attention(photo, str(tmp_path / "a.png"), **common)
+    visualize_pca(photo, str(tmp_path / "p.png"), **common)
+    similar = visualize_similarity(photo, 20, 10, str(tmp_path / "s.png"), **common)
+    assert similar["max"] == pytest.approx(1, abs=1e-4)  # the chosen patch matches itself
+    result = segment(photo, str(tmp_path / "mask.png"), photo, out=str(tmp_path / "seg"), **common)
+    reference = segment(
+        photo, str(tmp_path / "mask.png"), photo, out=str(tmp_path / "cpu"), **common | {"device": "cpu"}
+    )
+    assert result["results"][0]["foreground"] == pytest.approx(reference["results"][0]["foreground"], abs=0.02)
+    for name in ("a.png", "p.png", "s.png"):
+        assert Image.open(tmp_path / name).format == "PNG"
 
 
 def test_pretraining_on_cuda_learns_and_resumes(tmp_path):

@@ -26,7 +26,7 @@ def attention_maps(model: VisionTransformer, image: torch.Tensor, mass: float = 
     """
     x = image if image.ndim == 4 else image.unsqueeze(0)
     h, w = model.grid_size(*x.shape[-2:])
-    attn = model.get_last_selfattention(x)[0:1].float()  # (1, heads, T, T)
+    attn = model.get_last_selfattention(x)[0:1].float().cpu()  # (1, heads, T, T), off the model's device
     parts = attention_to_patches(attn, model.num_register_tokens)
     per_head = parts["cls_to_patches"][0]  # (heads, N)
     return {

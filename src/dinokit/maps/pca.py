@@ -23,7 +23,7 @@ def patch_features(model: VisionTransformer, images: list[torch.Tensor]) -> list
     for image in images:
         h, w = model.grid_size(*image.shape[-2:])
         tokens = model.forward_features(image.unsqueeze(0))["x_norm_patchtokens"][0]
-        out.append(tokens.float().reshape(h, w, -1).numpy())
+        out.append(tokens.float().cpu().reshape(h, w, -1).numpy())
     return out
 
 
