@@ -165,6 +165,20 @@ def test_get_intermediate_layers_int_list_reshape_classtoken_norm():
         m.get_intermediate_layers(x, n=[5])
 
 
+def test_get_intermediate_layers_rejects_more_blocks_than_the_model_has():
+    """n=int asks for the last n blocks; n > depth used to return duplicated blocks."""
+    m = tiny()  # 3 blocks
+    x = torch.randn(1, 3, 28, 28)
+    for n in (4, 6, 0, -1):
+        with pytest.raises(DinokitError, match=r"3-block model.*1 <= n <= 3"):
+            m.get_intermediate_layers(x, n=n)
+    with torch.no_grad():
+        all3 = m.get_intermediate_layers(x, n=3)
+        assert len(all3) == 3
+        chosen = m.get_intermediate_layers(x, n=[-3, 1, -1])
+    assert [torch.equal(a, b) for a, b in zip(chosen, (all3[0], all3[1], all3[2]), strict=True)] == [True] * 3
+
+
 def test_attention_maps_work_with_registers_and_match_the_sdpa_path():
     m = tiny(num_register_tokens=4)
     x = torch.randn(2, 3, 28, 28)

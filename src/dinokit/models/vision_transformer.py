@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinokit.errors import DinokitError
 from dinokit.models.layers import Block, PatchEmbed
 from dinokit.models.layers.position_interpolation import resample_grid
 
@@ -231,12 +232,18 @@ class VisionTransformer(nn.Module):
         return_class_token: bool = False,
         norm: bool = True,
     ) -> tuple:
-        """Patch tokens of the last `n` blocks (int) or of the blocks indexed by `n` (list).
+        """Patch tokens of the last `n` blocks (int, 1 <= n <= depth) or of the blocks indexed by `n`
+        (list; negative indices count from the end).
 
         Each output is (B, N, D), or (B, D, H/p, W/p) with `reshape`; with `return_class_token` each
         entry is a (patch_tokens, cls_token) pair. `norm` applies the final LayerNorm.
         """
         depth = len(self.blocks)
+        if isinstance(n, int) and not 1 <= n <= depth:
+            raise DinokitError(
+                f"get_intermediate_layers(n={n}) asks for the last {n} blocks of a {depth}-block model; "
+                f"pass 1 <= n <= {depth}, or a list of block indices such as [0, -1]"
+            )
         wanted = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
         if not wanted or not all(-depth <= i < depth for i in wanted):
             raise ValueError(f"block indices {n} out of range for a {depth}-block model")
