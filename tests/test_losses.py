@@ -100,6 +100,13 @@ def test_ema_center_update_and_probabilities():
     torch.testing.assert_close(center.center, torch.tensor([[0.2, 0.3]]))
 
 
+def test_ema_center_counts_bf16_rows_exactly():
+    """4900 bf16 rows of ones: the mean is exactly 1 (a bf16 row count would be 4896)."""
+    center = EMACenter(1, momentum=0.0)
+    center.update(torch.ones(4900, 1, dtype=torch.bfloat16))
+    assert center.center.item() == 1.0
+
+
 def sinkhorn_by_hand(logits: list[list[float]], n_iterations: int) -> list[list[Fraction]]:
     """Sinkhorn-Knopp in exact fractions on exp(logits) given as ratios (tau = 1)."""
     q = [[Fraction(v) for v in col] for col in zip(*logits, strict=True)]  # K x B, entries = exp(t)

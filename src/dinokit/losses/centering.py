@@ -29,8 +29,8 @@ class EMACenter(nn.Module):
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
         """Move the center towards the mean of (N, K) logits (all processes); N = 0 is allowed."""
-        stats = torch.cat([teacher_logits.float().sum(dim=0), teacher_logits.new_full((1,), teacher_logits.shape[0])])
-        stats = all_reduce_sum(stats.float())
+        logits = teacher_logits.float()  # also the count: bf16 would round a count above 256
+        stats = all_reduce_sum(torch.cat([logits.sum(dim=0), logits.new_full((1,), logits.shape[0])]))
         count = stats[-1]
         if count > 0:
             self.center.mul_(self.momentum).add_(stats[:-1].unsqueeze(0) / count, alpha=1.0 - self.momentum)
