@@ -13,6 +13,7 @@ from skimage.filters import threshold_otsu
 import dinokit
 from dinokit.cli import main
 from dinokit.maps.attention import attention_maps, attention_mass_masks
+from dinokit.maps.commands import output_names, segment
 from dinokit.maps.pca import pca_rgb
 from dinokit.maps.segment import otsu_threshold, patch_coverage, segment_features, similarity_to
 from dinokit.maps.similarity import patch_similarity, pixel_to_patch
@@ -225,6 +226,36 @@ def test_segment_command_on_a_pixel_identity_model(tmp_path):
         mask = np.asarray(Image.open(tmp_path / "seg" / f"{name}_mask.png")) > 127
         assert (mask & truth).sum() / (mask | truth).sum() > 0.8
         assert Image.open(tmp_path / "seg" / f"{name}_overlay.png").size == (32, 32)
+
+
+def test_segment_keeps_apart_targets_that_share_a_name(tmp_path):
+    """Targets listed recursively: a/cat.png, b/cat.png, cat.png and cat.jpg each get their own mask
+    (of their own size; the second cat is cat_png) and segment.json names each result's files."""
+    weights = dinokit.export_model(dinokit.create_model("vit_micro_p4", depth=1), tmp_path / "m.safetensors")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+    Image.fromarray(np.eye(16, dtype=np.uint8) * 255).save(tmp_path / "ref_mask.png")
+    sizes = {"a/cat.png": (16, 20), "b/cat.png": (24, 16), "cat.png": (16, 28), "cat.jpg": (32, 16)}
+    for name, (w, h) in sizes.items():
+        (tmp_path / "targets" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "targets" / name)
+    out = tmp_path / "seg"
+    args = [tmp_path / "ref.png", tmp_path / "ref_mask.png", tmp_path / "targets"]
+    result = segment(*map(str, args), out=str(out), model=weights, image_size=16, device="cpu")
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*_mask.png"))
+    assert written == ["a/cat_mask.png", "b/cat_mask.png", "cat_mask.png", "cat_png_mask.png"]
+    report = json.loads((out / "segment.json").read_text())
+    assert report["results"] == result["results"]
+    for entry in report["results"]:
+        size = sizes[str(Path(entry["target"]).relative_to(tmp_path / "targets"))]
+        assert Image.open(entry["mask"]).size == Image.open(entry["overlay"]).size == size
+
+
+def test_output_names_of_a_list_file_are_distinct_and_relative(tmp_path):
+    paths = [tmp_path / "lists" / ".." / "x" / "Cat.png", tmp_path / "y" / "cat.png", tmp_path / "x" / "cat.jpg"]
+    names = output_names([*paths, paths[1]], tmp_path / "lists" / "targets.txt")  # the last one twice
+    assert names == ["x/Cat", "y/cat", "x/cat_jpg", "y/cat_png"]
+    assert output_names([tmp_path / "one.png"], tmp_path / "one.png") == ["one"]
 
 
 def test_example_script_draws_every_picture_on_the_photos(tmp_path):

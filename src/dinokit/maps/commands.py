@@ -6,6 +6,7 @@ with the functions of this folder, and writes PNGs. Maps from a randomly initial
 nothing: pass released weights (the default, `dinov2_vits14`, is downloaded once) or your checkpoint.
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +210,9 @@ def segment(
     reference / reference_mask: one image and its mask (nonzero pixels = object), or lists of them
     (their similarity maps are averaged). target: an image, a folder or a list file. threshold: a
     cosine value, or otsu (automatic, per target). Writes <out>/<name>_mask.png (0/255),
-    <out>/<name>_overlay.png and <out>/segment.json; returns the thresholds and mask fractions.
+    <out>/<name>_overlay.png and <out>/segment.json; <name> is the target's path relative to the
+    target folder (subfolders kept, see `output_names`). Returns, per target, the threshold, mask
+    fraction and the two files (also in segment.json).
     """
     references = [reference] if isinstance(reference, str) else list(reference)
     masks = [reference_mask] if isinstance(reference_mask, str) else list(reference_mask)
@@ -225,7 +228,8 @@ def segment(
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     bad = []
-    for path in list_images(target):
+    paths = list_images(target)
+    for path, name in zip(paths, output_names(paths, target), strict=True):
         try:
             picture = open_rgb(path)
         except DinokitError:
@@ -234,9 +238,15 @@ def segment(
         rgb = np.asarray(picture)
         feats = patch_features(net, [model_input(net, picture, image_size, resize_policy)])[0]
         seg = segment_features(refs, feats, rgb.shape[:2], threshold)
-        save_png(out_dir / f"{path.stem}_mask.png", seg["mask"].astype(np.uint8) * 255)
-        save_png(out_dir / f"{path.stem}_overlay.png", mask_overlay(rgb, seg["mask"]))
-        results.append({"target": str(path), "threshold": seg["threshold"], "foreground": float(seg["mask"].mean())})
+        results.append(
+            {
+                "target": str(path),
+                "threshold": seg["threshold"],
+                "foreground": float(seg["mask"].mean()),
+                "mask": save_png(out_dir / f"{name}_mask.png", seg["mask"].astype(np.uint8) * 255),
+                "overlay": save_png(out_dir / f"{name}_overlay.png", mask_overlay(rgb, seg["mask"])),
+            }
+        )
     if not results:
         raise DinokitError(f"none of the {len(bad)} target images can be read (first: {bad[0]})")
     report_skipped(bad)
@@ -251,6 +261,27 @@ def report_skipped(bad: list[Path]) -> None:
     if bad:
         names = ", ".join(str(p) for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
         print(f"skipped {len(bad)} unreadable image(s): {names}")
+
+
+def output_names(paths: list[Path], target: str | Path) -> list[str]:
+    """A distinct output name (a relative path, no extension) per target image: its path relative to
+    the target folder (for one image or a list file: to the deepest folder holding them all), so that
+    photos/a/cat.jpg and photos/b/cat.jpg get a/cat and b/cat. Names that still clash (cat.jpg and
+    cat.png, or a file listed twice; compared ignoring case) get the extension, then a number."""
+    absolute = [os.path.abspath(p) for p in paths]
+    root = Path(target).expanduser()
+    base = os.path.abspath(root) if root.is_dir() else os.path.commonpath([os.path.dirname(p) for p in absolute])
+    names, taken = [], set()
+    for path in absolute:
+        relative = Path(os.path.relpath(path, base))
+        plain = str(relative.with_suffix(""))
+        with_suffix = f"{plain}_{relative.suffix[1:]}"
+        name, number = (plain if plain.casefold() not in taken else with_suffix), 2
+        while name.casefold() in taken:
+            name, number = f"{with_suffix}_{number}", number + 1
+        taken.add(name.casefold())
+        names.append(name)
+    return names
 
 
 def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
