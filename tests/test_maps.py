@@ -12,8 +12,10 @@ from skimage.filters import threshold_otsu
 
 import dinokit
 from dinokit.cli import main
+from dinokit.data.images import open_rgb
+from dinokit.errors import DinokitError
 from dinokit.maps.attention import attention_maps, attention_mass_masks
-from dinokit.maps.commands import output_names, segment
+from dinokit.maps.commands import output_names, read_mask, segment
 from dinokit.maps.pca import pca_rgb
 from dinokit.maps.segment import otsu_threshold, patch_coverage, segment_features, similarity_to
 from dinokit.maps.similarity import patch_similarity, pixel_to_patch
@@ -256,6 +258,25 @@ def test_output_names_of_a_list_file_are_distinct_and_relative(tmp_path):
     names = output_names([*paths, paths[1]], tmp_path / "lists" / "targets.txt")  # the last one twice
     assert names == ["x/Cat", "y/cat", "x/cat_jpg", "y/cat_png"]
     assert output_names([tmp_path / "one.png"], tmp_path / "one.png") == ["one"]
+
+
+def test_reference_masks_follow_exif_and_must_be_aligned_with_their_photo(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees clockwise
+    Image.fromarray(np.zeros((30, 45, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg", exif=exif)
+    raw = np.zeros((30, 45), dtype=np.uint8)
+    raw[:, :15] = 255  # the left third of the stored pixels = the top third as displayed
+    Image.fromarray(raw).save(tmp_path / "mask.png", exif=exif)
+    size = open_rgb(tmp_path / "photo.jpg").size
+    assert size == (30, 45)
+    mask = read_mask(tmp_path / "mask.png", size)
+    assert mask.shape == (45, 30) and mask[:15].all() and not mask[15:].any()
+
+    Image.fromarray(raw[::3, ::3]).save(tmp_path / "small.png")  # 15 x 10, stored orientation: no tag
+    with pytest.raises(DinokitError, match=r"15x10 pixels .* image is 30x45"):
+        read_mask(tmp_path / "small.png", size)
+    Image.fromarray(raw.T[::3, ::3]).save(tmp_path / "small.png")  # 10 x 15: same aspect, a third the size
+    assert np.array_equal(read_mask(tmp_path / "small.png", size), mask)
 
 
 def test_example_script_draws_every_picture_on_the_photos(tmp_path):

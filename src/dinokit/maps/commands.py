@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dinokit.data.images import list_images, open_images, open_rgb
 from dinokit.data.transforms import eval_transform
@@ -213,6 +213,9 @@ def segment(
     <out>/<name>_overlay.png and <out>/segment.json; <name> is the target's path relative to the
     target folder (subfolders kept, see `output_names`). Returns, per target, the threshold, mask
     fraction and the two files (also in segment.json).
+
+    A mask is read in its EXIF orientation and must be pixel-aligned with its reference image: the
+    same size, or the same aspect ratio (resized, nearest).
     """
     references = [reference] if isinstance(reference, str) else list(reference)
     masks = [reference_mask] if isinstance(reference_mask, str) else list(reference_mask)
@@ -285,12 +288,27 @@ def output_names(paths: list[Path], target: str | Path) -> list[str]:
 
 
 def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """A bool mask (H, W) from an image file (nonzero = object), resized (nearest) to `size` (W, H)."""
+    """A bool mask (H, W) from an image file (nonzero = object), in its EXIF orientation, for an image
+    of `size` (W, H): the same size, or the same aspect ratio (to 1 px) resized (nearest) to it."""
     with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
         mask = im.convert("L") if im.mode not in ("L", "1", "I", "I;16", "P") else im.copy()
-    if mask.size != tuple(size):
-        mask = mask.resize(tuple(size), Image.Resampling.NEAREST)
+    size = tuple(size)
+    if mask.size != size and not same_aspect(mask.size, size):
+        raise DinokitError(
+            f"the reference mask {path} is {mask.size[0]}x{mask.size[1]} pixels (width x height) but its "
+            f"image is {size[0]}x{size[1]} (both in their EXIF orientation): a mask must be pixel-aligned "
+            "with its photo. Save the mask at the photo's size and orientation (or a scaled copy of it)."
+        )
+    if mask.size != size:
+        mask = mask.resize(size, Image.Resampling.NEAREST)
     return np.asarray(mask) > 0
+
+
+def same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether sizes a and b (W, H) have one aspect ratio, up to rounding each side to whole pixels."""
+    (wa, ha), (wb, hb) = a, b
+    return abs(ha * wb / wa - hb) <= 1 or abs(wa * hb / ha - wb) <= 1
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
