@@ -89,6 +89,18 @@ def test_save_add_and_interrupted_add(clustered, tmp_path, monkeypatch):
     assert FeatureIndex.load(tmp_path / "i").paths == paths  # the previous index is intact
 
 
+def test_a_path_listed_twice_is_indexed_once(clustered):
+    x = clustered[0][:6]
+    index = FeatureIndex.create(x[:3], ["a", "b", "a"], {}, kind="flat", **OPTIONS)
+    assert index.paths == ["a", "b"] and index.index.ntotal == 2
+    _, ids = index.search(x[:1], 1)
+    assert ids[0, 0] == 0  # the first vector of "a" was kept
+    assert index.add(x[3:6], ["c", "a", "c"]) == 1  # "a" already indexed, "c" listed twice
+    assert index.paths == ["a", "b", "c"] and index.index.ntotal == 3
+    _, ids = index.search(x[3:4], 1)
+    assert ids[0, 0] == 2
+
+
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
     """18 distinct images embedded in two runs with a tiny model (non-trivial weights)."""
@@ -118,6 +130,22 @@ def test_every_indexed_image_finds_itself_first(collection, tmp_path):
         build_index(str(collection / "emb_b"), str(tmp_path / "idx"))
     with pytest.raises(DinokitError, match="one vector per image"):
         build_index(str(collection / "emb_b"), str(tmp_path / "other"), feature="patch_tokens")
+
+
+def test_build_and_add_skip_images_an_embedding_lists_twice(collection, tmp_path):
+    a, b = collection / "a", collection / "b"
+    (tmp_path / "list.txt").write_text(f"{a / 'a0.png'}\n{b / 'b0.png'}\n{b / 'b0.png'}\n")
+    embed_args = dict(image_size=32, num_workers=0, progress=False)
+    embed(str(collection / "m.safetensors"), str(tmp_path / "list.txt"), str(tmp_path / "emb"), **embed_args)
+    summary = build_index(str(tmp_path / "emb"), str(tmp_path / "new"))
+    assert (summary["added"], summary["skipped"], summary["total"]) == (2, 1, 2)
+    build_index(str(collection / "emb_a"), str(tmp_path / "idx"))
+    summary = build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), add=True)  # a0 indexed, b0 twice
+    assert (summary["added"], summary["skipped"], summary["total"]) == (1, 2, 13)
+    paths = FeatureIndex.load(tmp_path / "idx").paths
+    assert len(paths) == len(set(paths)) == 13
+    hits = search_index(str(tmp_path / "idx"), str(b / "b0.png"), k=2, num_workers=0)[0]["hits"]
+    assert hits[0]["path"] == str(b / "b0.png") and hits[1]["path"] != hits[0]["path"]
 
 
 def test_index_search_command_writes_the_json_and_a_contact_sheet(collection, tmp_path, capsys):

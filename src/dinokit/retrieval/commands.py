@@ -36,7 +36,8 @@ def build_index(
     features: the embed output folder. out: the index folder. feature: cls or patch_mean (must be in
     the embedding). kind: flat (exact, default), ivf, hnsw, pq or ivfpq (see dinokit.retrieval.index;
     nlist defaults to 4 sqrt(N)). add: add the images of `features` to the existing index `out`
-    (images already indexed are skipped); the embedding settings must match.
+    (images already indexed are skipped); the embedding settings must match. An image listed twice
+    is indexed once; the summary counts the images skipped.
     """
     if feature not in VECTOR_FEATURES:
         raise DinokitError(
@@ -70,9 +71,15 @@ def build_index(
             pq_bits=pq_bits,
             hnsw_m=hnsw_m,
         )
-        added = len(paths)
+        added = len(index.paths)
     index.save(out)
-    return {"index": str(out), "factory": index.meta["factory"], "added": added, "total": len(index.paths)}
+    return {
+        "index": str(out),
+        "factory": index.meta["factory"],
+        "added": added,
+        "skipped": len(paths) - added,  # already indexed, or listed twice in the embedding
+        "total": len(index.paths),
+    }
 
 
 def search_index(

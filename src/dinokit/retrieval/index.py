@@ -16,6 +16,7 @@ interrupted add leaves the previous index intact.
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +66,11 @@ class FeatureIndex:
 
     @classmethod
     def create(cls, vectors, paths: list[str], meta: dict, kind: str = "flat", **options) -> "FeatureIndex":
-        """Build (and train, for ivf / pq kinds) an index over `vectors` (N, D)."""
-        x = normalise(vectors)
+        """Build (and train, for ivf / pq kinds) an index over `vectors` (N, D); a path listed again
+        is left out (its first vector is indexed)."""
+        keep = first_occurrences(paths)
+        x = normalise(np.asarray(vectors)[keep])
+        paths = [paths[i] for i in keep]
         spec = factory_string(kind, x.shape[1], len(x), **options)
         index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
@@ -81,9 +85,9 @@ class FeatureIndex:
         return cls(index, list(paths), {**meta, "kind": kind, "factory": spec, "dim": int(x.shape[1])})
 
     def add(self, vectors, paths: list[str]) -> int:
-        """Add vectors whose path is not indexed yet; returns how many were added."""
-        known = set(self.paths)
-        keep = [i for i, p in enumerate(paths) if p not in known]
+        """Add vectors whose path is not indexed yet (the first of a path listed again); returns how
+        many were added."""
+        keep = first_occurrences(paths, known=set(self.paths))
         if keep:
             self.index.add(normalise(np.asarray(vectors)[keep]))
             self.paths += [paths[i] for i in keep]
@@ -132,6 +136,17 @@ class FeatureIndex:
         if not index.ntotal == len(paths) == meta["count"]:
             raise DinokitError(f"{folder}: index ({index.ntotal}) and file list ({len(paths)}) disagree; rebuild it")
         return cls(index, paths, meta)
+
+
+def first_occurrences(paths: list[str], known: Iterable[str] = ()) -> list[int]:
+    """Positions of the paths neither in `known` nor seen earlier in `paths`."""
+    seen = set(known)
+    keep = []
+    for i, path in enumerate(paths):
+        if path not in seen:
+            seen.add(path)
+            keep.append(i)
+    return keep
 
 
 def needed_training_points(spec: str) -> int:
