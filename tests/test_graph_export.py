@@ -100,3 +100,65 @@ def test_export_command(model, tmp_path, capsys):
     )
     assert "max_abs_diff_patch_tokens" in capsys.readouterr().out and out.is_file()
     assert main(["export", f"model={tmp_path / 'm.safetensors'}", f"out={out}", "format=onnx", "image_size=15"]) == 2
+
+
+def nano(seed: int, **overrides) -> dinokit.VisionTransformer:
+    torch.manual_seed(seed)
+    return perturb_scales_and_norms(dinokit.create_model("vit_nano_p2", **overrides)).eval()
+
+
+def test_failed_large_onnx_export_keeps_the_previous_graph_and_its_data(tmp_path, monkeypatch):
+    """Large models keep their weights in `<name>.data`, which used to be overwritten outside the
+    atomic write: a failed export then left the old graph pointing at the new model's weights."""
+    monkeypatch.setattr(graph_export, "LARGE_MODEL_BYTES", 0)  # every model "large": weights in model.onnx.data
+    first, second = nano(0), nano(1)
+    export_graph(first, tmp_path / "model.onnx", "onnx")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["model.onnx", "model.onnx.data"]
+    monkeypatch.setattr(graph_export, "MAX_ABS_DIFF", -1.0)
+    with pytest.raises(DinokitError, match="nothing was written"):
+        export_graph(second, tmp_path / "model.onnx", "onnx")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary files either
+    x = torch.randn(1, 3, 16, 16)
+    cls, _ = graph_export.run_onnx(str(tmp_path / "model.onnx"), x)
+    assert np.abs(cls.numpy() - reference(first, x)[0]).max() <= 1e-4
+    monkeypatch.setattr(graph_export, "MAX_ABS_DIFF", 1e-4)
+    export_graph(second, tmp_path / "model.onnx", "onnx")
+    cls, _ = graph_export.run_onnx(str(tmp_path / "model.onnx"), x)
+    assert np.abs(cls.numpy() - reference(second, x)[0]).max() <= 1e-4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def test_export_does_not_change_the_callers_model(tmp_path):
+    m = nano(0).train().to(torch.bfloat16)
+    params = {k: v.clone() for k, v in m.state_dict().items()}
+    dinokit.export_model(m, tmp_path / "m.pt", format="torchscript")
+    assert m.training and all(b.training for b in m.blocks)
+    assert m.pos_embed.dtype == torch.bfloat16
+    assert all(torch.equal(v, params[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_graph_export_uses_the_models_input_channels(tmp_path, fmt):
+    gray = nano(0, in_chans=1)
+    export_graph(gray, tmp_path / "gray", fmt)
+    x = torch.randn(2, 1, 12, 20)
+    run = graph_export.run_onnx if fmt == "onnx" else graph_export.run_torchscript
+    for g, r in zip(run(str(tmp_path / "gray"), x), reference(gray, x), strict=True):
+        assert np.abs(g.numpy() - r).max() <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_bad_out_paths_fail_before_the_export_with_the_fix(tmp_path, monkeypatch, capsys, fmt):
+    m = nano(0)
+    weights = dinokit.export_model(m, tmp_path / "m.safetensors")
+    monkeypatch.setattr(graph_export, "save_onnx", lambda *a: pytest.fail("exported before checking out="))
+    monkeypatch.setattr(graph_export, "save_torchscript", lambda *a: pytest.fail("exported before checking out="))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DinokitError, match=r"is an existing folder.*Pass a file path"):
+        export_graph(m, tmp_path / "folder", fmt)
+    with pytest.raises(DinokitError, match=r"m\.safetensors is a file, not a folder"):
+        export_graph(m, tmp_path / "m.safetensors" / "graph", fmt)
+    assert main(["export", f"model={weights}", f"out={tmp_path / 'folder'}", f"format={fmt}"]) == 2
+    assert "existing folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "m.safetensors"]

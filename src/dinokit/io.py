@@ -23,6 +23,44 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
             tmp.unlink()
 
 
+def prepare_output(path: str | Path, folder: bool = False, example: str = "model.pth") -> Path:
+    """`path` checked for writing one file (or, with `folder`, a folder) and its parent folders created.
+
+    Raises DinokitError, before any work is done, if `path` is an existing folder where a file is to
+    be written (`example` names a file to suggest inside it), an existing file where a folder is to
+    be written, or if its folder cannot be created or written to.
+    """
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise DinokitError(
+            f"cannot write to {path}: it is an existing file, and this export writes a folder. "
+            f"Pass a folder path instead (new or existing), e.g. {path.with_name(path.stem + '_export')}"
+        )
+    if not folder and path.is_dir():
+        raise DinokitError(
+            f"cannot write to {path}: it is an existing folder, and this export writes one file. "
+            f"Pass a file path instead, e.g. {path / example}"
+        )
+    parent = path if folder else path.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise DinokitError(
+            f"cannot write to {path}: {existing} is a file, not a folder. Pass a path in a folder you can write to"
+        )
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DinokitError(
+            f"cannot create the folder {parent} for {path} ({e.strerror or e}). Pass a path in a folder you can "
+            "write to"
+        ) from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DinokitError(
+            f"cannot write to {path}: no permission to write in {parent}. Pass a path in a folder you can write to"
+        )
+    return path
+
+
 def read_json(path: str | Path):
     """Parsed JSON of `path`; a damaged file gets a DinokitError naming it."""
     try:

@@ -1,13 +1,19 @@
 """ONNX and TorchScript export: one graph for every batch size and every image size.
 
-The graph maps images (B, 3, H, W), H and W multiples of the patch size, to the normed CLS token
+The graph maps images (B, C, H, W), C = `config.in_chans`, H and W multiples of the patch size, to the normed CLS token
 (B, D) and the normed patch tokens (B, H/p * W/p, D), the `x_norm_clstoken` / `x_norm_patchtokens` of
 `forward_features`. The position grid is resampled inside the graph (see
 `layers/position_interpolation.py`), so sizes other than the example one give the eager model's
-numbers. Every export is checked before it is moved into place: the file is run (onnxruntime, or
-the TorchScript loader) on a batch and size other than the exported ones and compared with PyTorch.
+numbers. Every export is written into a temporary folder beside the target and checked there before
+it is moved into place: the file is run (onnxruntime, or the TorchScript loader) on a batch and size
+other than the exported ones and compared with PyTorch. A failed or interrupted export leaves the
+previous files (`<name>.onnx` and its `<name>.onnx.data`) untouched. The caller's model is not changed
+(a float32 CPU copy is exported).
 """
 
+import copy
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -15,7 +21,7 @@ import torch
 from torch import nn
 
 from dinokit.errors import DinokitError
-from dinokit.io import atomic_write
+from dinokit.io import prepare_output
 from dinokit.models.vision_transformer import VisionTransformer
 
 GRAPH_FORMATS = ("onnx", "torchscript")
@@ -25,7 +31,7 @@ LARGE_MODEL_BYTES = 1_800_000_000  # above this the ONNX weights go to a `.data`
 
 
 class NormedTokens(nn.Module):
-    """images (B, 3, H, W) -> (cls (B, D), patch_tokens (B, N, D)), both after the final LayerNorm."""
+    """images (B, C, H, W) -> (cls (B, D), patch_tokens (B, N, D)), both after the final LayerNorm."""
 
     def __init__(self, model: VisionTransformer) -> None:
         super().__init__()
@@ -37,18 +43,18 @@ class NormedTokens(nn.Module):
 
 
 def example_inputs(model: VisionTransformer, image_size: int | None, batch: int = 2) -> torch.Tensor:
-    """A (batch, 3, S, S) input, S = image_size (default: the model's native size)."""
+    """A (batch, C, S, S) input, C = config.in_chans, S = image_size (default: the model's native size)."""
     size = image_size or model.config.img_size
     if size % model.patch_size:
         raise DinokitError(f"image_size={size} is not a multiple of the patch size {model.patch_size}")
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(batch, model.config.in_chans, size, size, generator=torch.Generator().manual_seed(0))
 
 
 def check_inputs(model: VisionTransformer, exported: torch.Tensor) -> torch.Tensor:
     """A batch of 3 at a non-square size other than the exported one (one and two patches larger)."""
     p = model.patch_size
     h, w = exported.shape[-2] + p, exported.shape[-1] + 2 * p
-    return torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(1))
+    return torch.randn(3, exported.shape[1], h, w, generator=torch.Generator().manual_seed(1))
 
 
 def export_graph(model: VisionTransformer, path: str | Path, format: str, image_size: int | None = None) -> dict:
@@ -59,39 +65,49 @@ def export_graph(model: VisionTransformer, path: str | Path, format: str, image_
     """
     if format not in GRAPH_FORMATS:
         raise DinokitError(f"unknown graph format {format!r}; choose one of {', '.join(GRAPH_FORMATS)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = NormedTokens(model.to("cpu", torch.float32).eval()).eval()
-    example = example_inputs(model, image_size)
-    check = check_inputs(model, example)
+    path = prepare_output(path, example="model.onnx" if format == "onnx" else "model.pt")
+    net = copy.deepcopy(model).to("cpu", torch.float32).eval()  # the caller's model keeps its device, dtype, mode
+    wrapper = NormedTokens(net).eval()
+    example = example_inputs(net, image_size)
+    check = check_inputs(net, example)
     with torch.no_grad():
         expected = wrapper(check)
-    report = {}
-
-    def write(tmp: str) -> None:
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp") as tmp:
+        written = Path(tmp) / path.name
         if format == "onnx":
-            save_onnx(wrapper, example, tmp, external_data_name=f"{path.name}.data")
-            got = run_onnx(tmp, check)
+            save_onnx(wrapper, example, str(written), external_data_name=f"{path.name}.data")
+            got = run_onnx(str(written), check)
         else:
-            save_torchscript(wrapper, example, tmp)
-            got = run_torchscript(tmp, check)
+            save_torchscript(wrapper, example, str(written))
+            got = run_torchscript(str(written), check)
         diffs = [float((g - e).abs().max()) for g, e in zip(got, expected, strict=True)]
-        report.update(max_abs_diff_cls=diffs[0], max_abs_diff_patch_tokens=diffs[1])
         if max(diffs) > MAX_ABS_DIFF:
             raise DinokitError(
                 f"the exported {format} graph differs from PyTorch by {max(diffs):.2e} (> {MAX_ABS_DIFF}) at "
                 f"{tuple(check.shape)}; nothing was written. Please report this with the model you exported."
             )
-
-    atomic_write(path, write)
+        move_into_place(Path(tmp), path, format)
     return {
         "path": str(path),
         "format": format,
         "exported_size": list(example.shape[-2:]),
         "checked_size": list(check.shape[-2:]),
         "checked_batch": check.shape[0],
-        **report,
+        "max_abs_diff_cls": diffs[0],
+        "max_abs_diff_patch_tokens": diffs[1],
     }
+
+
+def move_into_place(folder: Path, path: Path, format: str) -> None:
+    """Move `folder`/<name> to `path`, after its ONNX external data `<name>.data` if it has some. An ONNX
+    `<name>.data` left beside `path` by an earlier large export is removed if the new graph has none."""
+    data = path.with_name(f"{path.name}.data")
+    new_data = (folder / data.name).exists()
+    if new_data:
+        os.replace(folder / data.name, data)
+    os.replace(folder / path.name, path)
+    if format == "onnx" and not new_data:
+        data.unlink(missing_ok=True)
 
 
 def save_onnx(wrapper: NormedTokens, example: torch.Tensor, path: str, external_data_name: str) -> None:
