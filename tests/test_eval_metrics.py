@@ -24,6 +24,19 @@ def test_miou_and_pixel_accuracy_by_hand():
     assert s["iou"] == [50.0, None, 0.0] and s["miou"] == pytest.approx(25.0)
 
 
+def test_an_ignore_index_inside_the_class_range_is_no_class():
+    # ignore_index=0 with classes 1..2; confusion_matrix(pred, target): rows = truth, columns = prediction
+    cm = confusion_matrix(torch.tensor([1, 1, 0, 2, 2]), torch.tensor([0, 1, 1, 2, 2]), 3, ignore_index=0)
+    # the truth-0 pixel is ignored; (t1,p1) (t1,p0) (t2,p2) (t2,p2)
+    assert cm.tolist() == [[0, 0, 0], [1, 1, 0], [0, 0, 2]]
+    s = segmentation_scores(cm, ignore_index=0)
+    # IoU1 = 1 / (1 + 0 + 1) ; IoU2 = 2 / 2 ; class 0 is the ignore label, not a class with IoU 0
+    assert s["iou"] == [None, 50.0, 100.0] and s["miou"] == pytest.approx(75.0)
+    assert s["pixel_accuracy"] == pytest.approx(75.0)  # the pixel predicted 0 is still wrong
+    assert segmentation_scores(cm)["miou"] == pytest.approx(50.0)  # without it, class 0 counts
+    assert segmentation_scores(cm, ignore_index=255)["miou"] == pytest.approx(50.0)  # out of range: no effect
+
+
 def test_depth_errors_by_hand():
     pred = torch.tensor([2.0, 4.0, 1.0, 100.0, 3.0])
     gt = torch.tensor([1.0, 4.0, 2.0, 0.0, 50.0])  # gt 0 is no measurement, 50 is beyond max_depth

@@ -1,7 +1,7 @@
 """Dense-prediction metrics, as mmsegmentation and the monocular-depth toolbox that DINOv2 uses.
 
 Segmentation, accumulated over the whole dataset in one confusion matrix (pixels labelled
-`ignore_index` excluded):
+`ignore_index` excluded; an `ignore_index` inside 0..C-1 is no class, so it is left out of the mean):
     IoU_c = TP_c / (TP_c + FP_c + FN_c)   mIoU = mean over classes with TP + FP + FN > 0
     pixel accuracy = sum_c TP_c / labelled pixels
 Depth, per image over its valid pixels (min_depth < gt <= max_depth), then averaged over images:
@@ -21,12 +21,15 @@ def confusion_matrix(
     return torch.bincount(t * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
-def segmentation_scores(confusion: torch.Tensor) -> dict:
-    """{"miou": %, "pixel_accuracy": %, "iou": [% or None per class]} from a confusion matrix."""
+def segmentation_scores(confusion: torch.Tensor, ignore_index: int | None = None) -> dict:
+    """{"miou": %, "pixel_accuracy": %, "iou": [% or None per class]} from a confusion matrix
+    (rows = true class). An `ignore_index` in 0..C-1 labels no class: its IoU is None, out of the mean."""
     c = confusion.double()
     tp = c.diag()
     union = c.sum(0) + c.sum(1) - tp
     present = union > 0
+    if ignore_index is not None and 0 <= ignore_index < len(tp):
+        present[ignore_index] = False
     iou = torch.where(present, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
     total = c.sum()
     return {
