@@ -200,3 +200,164 @@ def test_depth_on_one_block_writes_example_pngs(small_scenes, tmp_path, capsys):
             image.verify()  # a complete, valid file
         with Image.open(png) as image:
             assert image.format == "PNG" and image.size == (3 * 32 + 2 * 4, 32)  # image | truth | prediction
+
+
+# ------------------------------------------------------------------- data edge cases (tiny, seconds)
+TINY = ["model=random:vit_nano_p2", "image_size=16", "epochs=1", "cache=none", "num_workers=0", "precision=fp32"]
+
+
+def tiny_run(command: str, train: Path, val: Path, out: Path, *extra: str) -> dict:
+    assert main(["eval", command, f"train={train}", f"val={val}", f"out={out}", *TINY, *extra]) == 0
+    return json.loads((out / f"{command}.json").read_text())
+
+
+def save(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        np.save(path, array)
+    else:
+        Image.fromarray(array).save(path)
+
+
+def test_an_in_range_ignore_index_is_never_predicted_nor_averaged(tmp_path, capsys):
+    from dinokit.eval.cache import Features
+    from dinokit.eval.dense import DenseSplit
+    from dinokit.eval.segmentation import LinearSegmentationHead, evaluate_segmentation
+
+    # a head whose logits are its bias (zero weights, zero features): class 0 >> 1 > 2 everywhere
+    head = LinearSegmentationHead(2, 3).eval()
+    torch.nn.init.zeros_(head.conv.weight)
+    head.conv.bias.data = torch.tensor([10.0, 1.0, 0.0])
+    save(tmp_path / "truth.png", np.array([[0, 1], [1, 2]], dtype=np.uint8))  # 0 = unlabelled
+    feats = Features({"layer_patch_tokens": [np.zeros((1, 1, 4, 2), np.float16)]}, np.arange(1), [])
+    split = DenseSplit(feats, [tmp_path / "im.png"], [tmp_path / "truth.png"], None, [(2, 2)], (2, 2), "val")
+    train_targets = torch.tensor([[[0, 0], [1, 2]]])
+    scores, baselines = evaluate_segmentation(head, split, 3, 0, torch.device("cpu"), train_targets)
+    # class 0 is masked, so 1 is predicted everywhere: truth 1,1,2 -> IoU1 = 2/3, IoU2 = 0, class 0 None
+    assert scores["iou"][0] is None and scores["iou"][1] == pytest.approx(200 / 3) and scores["iou"][2] == 0.0
+    assert scores["miou"] == pytest.approx(100 / 3) and scores["pixel_accuracy"] == pytest.approx(200 / 3)
+    # per position, the most frequent training class other than 0: 1 1 / 1 2 -> every labelled pixel right
+    assert baselines["per_pixel_majority"]["miou"] == pytest.approx(100.0)
+    assert baselines["majority_class"]["class"] == 1
+
+    # `predict segmentation` with the same head (ignore_index=0 in its metadata) writes 1, never 0
+    from dinokit.eval.common import prepare_backbone
+    from dinokit.eval.dense import head_metadata, save_head
+
+    backbone = prepare_backbone("random:vit_nano_p2", "cpu", seed=0)
+    head = LinearSegmentationHead(backbone.model.embed_dim, 3).eval()
+    torch.nn.init.zeros_(head.conv.weight)
+    head.conv.bias.data = torch.tensor([10.0, 1.0, 0.0])
+    meta = head_metadata(backbone, 16, (1,), True, 0, task="segmentation", num_classes=3, ignore_index=0)
+    save_head(tmp_path / "head.safetensors", head, meta)
+    save(tmp_path / "in" / "a" / "x.png", np.full((12, 10, 3), 90, np.uint8))
+    save(tmp_path / "in" / "b" / "x.png", np.full((12, 10, 3), 30, np.uint8))  # same stem, other folder
+    args = [f"head={tmp_path / 'head.safetensors'}", f"images={tmp_path / 'in'}", f"out={tmp_path / 'out'}"]
+    assert main(["predict", "segmentation", *args, "num_workers=0"]) == 0
+    for sub in ("a", "b"):  # subfolders mirrored, nothing overwritten
+        assert (read_mask(tmp_path / "out" / sub / "x.png") == 1).all()
+
+
+def test_float_depth_images_are_metres_and_integer_images_are_scaled(tmp_path):
+    metres = np.array([[1.5, 0.0], [12.25, np.nan]], dtype=np.float32)
+    Image.fromarray(metres, mode="F").save(tmp_path / "f.tif")
+    with Image.open(tmp_path / "f.tif") as im:
+        assert im.mode == "F"
+    assert np.array_equal(read_depth(tmp_path / "f.tif", 1000.0), [[1.5, 0.0], [12.25, 0.0]])  # not / 1000
+    Image.fromarray(np.array([[1500, 0], [70000, 7]], dtype=np.int32)).save(tmp_path / "i.tif")  # 32-bit int
+    assert np.allclose(read_depth(tmp_path / "i.tif", 1000.0), [[1.5, 0.0], [70.0, 0.007]])
+    Image.new("RGB", (2, 2)).save(tmp_path / "rgb.png")
+    with pytest.raises(DinokitError, match=r"shape \(2, 2, 3\); a depth map must be \(H, W\)"):
+        read_depth(tmp_path / "rgb.png", 1000.0)
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_an_unreadable_target_drops_its_pair_and_is_counted(task, tmp_path, capsys):
+    folder = "masks" if task == "segmentation" else "depth"
+    train = write_dense_set(tmp_path / "train", 3, size=16, seed=0)
+    val = write_dense_set(tmp_path / "val", 3, size=16, seed=1)
+    (val / "images" / "00000.png").write_bytes(b"not a png")  # a bad image, counted as before
+    for root in (train, val):
+        data = (root / folder / "00001.png").read_bytes()
+        (root / folder / "00001.png").write_bytes(data[: len(data) // 2])  # truncated
+    extra = ["max_depth=10"] if task == "depth" else []
+    r = tiny_run(task, train, val, tmp_path / "out", *extra)
+    p = r["protocol"]  # val: one bad image and one bad target file, both counted
+    assert (p["train_images"], p["train_bad_files"], p["val_images"], p["val_bad_files"]) == (2, 1, 1, 2)
+    out = capsys.readouterr().out
+    assert f"skipped 1 unreadable {folder} file(s) and their images, e.g. {train / folder / '00001.png'}" in out
+    for i in (0, 2):  # every target of the set unreadable: an error that names the set, not a traceback
+        (train / folder / f"{i:05d}.png").write_bytes(b"")
+    args = [f"train={train}", f"val={val}", f"out={tmp_path / 'o2'}", *TINY, *extra]
+    assert main(["eval", task, *args]) == 2
+    assert f"none of the 3 {folder} files of {train} could be read" in capsys.readouterr().err
+
+
+def test_images_in_subfolders_pair_with_the_same_subfolders_of_targets(tmp_path):
+    for sub, value in (("a", 1), ("b", 2)):
+        save(tmp_path / "images" / sub / "0.png", np.zeros((4, 4, 3), np.uint8))
+        save(tmp_path / "masks" / sub / "0.png", np.full((4, 4), value, np.uint8))
+    images, targets = read_pairs(tmp_path, "masks", (".png",))
+    assert images == [tmp_path / "images" / "a" / "0.png", tmp_path / "images" / "b" / "0.png"]
+    assert targets == [tmp_path / "masks" / "a" / "0.png", tmp_path / "masks" / "b" / "0.png"]
+    assert [read_mask(t)[0, 0] for t in targets] == [1, 2]
+    save(tmp_path / "masks" / "0.png", np.zeros((4, 4), np.uint8))  # a flat target does not serve both
+    (tmp_path / "masks" / "b" / "0.png").unlink()
+    with pytest.raises(DinokitError, match=r"1 image\(s\) .* b/0.png needs masks/b/0.png; subfolders"):
+        read_pairs(tmp_path, "masks", (".png",))
+    save(tmp_path / "masks" / "b" / "0.png", np.zeros((4, 4), np.uint8))
+    save(tmp_path / "images" / "a" / "0.jpg", np.zeros((4, 4, 3), np.uint8))  # a/0.png and a/0.jpg: one key
+    with pytest.raises(DinokitError, match=r"images/a/0.jpg and .*images/a/0.png would share .* masks/a/0"):
+        read_pairs(tmp_path, "masks", (".png",))
+    (tmp_path / "images" / "a" / "0.jpg").unlink()
+    save(tmp_path / "masks" / "a" / "0.tif", np.zeros((4, 4), np.uint8))  # two targets for one image
+    with pytest.raises(DinokitError, match=r"masks/a/0.png and .*masks/a/0.tif are both the masks file"):
+        read_pairs(tmp_path, "masks", (".png", ".tif"))
+
+
+def test_default_num_classes_and_max_depth_come_from_the_full_size_targets(tmp_path, capsys):
+    # 32 px targets, trained at 16 px: nearest downsampling keeps even rows, so row 1 vanishes from it
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i in range(2):
+            save(tmp_path / split / "images" / f"{i}.png", rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+            mask = np.zeros((32, 32), np.uint8)
+            mask[16:] = 1
+            mask[1] = 4  # a thin top class, only at full size
+            mask[3, :4] = 255  # unlabelled: not a class
+            save(tmp_path / split / "masks" / f"{i}.png", mask)
+            depth = np.full((32, 32), 2000, np.uint16)
+            depth[1, 5] = 7500  # the deepest pixel, only at full size
+            save(tmp_path / split / "depth" / f"{i}.png", depth)
+    train, val = tmp_path / "train", tmp_path / "val"
+    r = tiny_run("segmentation", train, val, tmp_path / "seg")
+    assert r["protocol"]["num_classes"] == 5 and len(r["iou_per_class"]) == 5  # classes 0..4
+    r = tiny_run("depth", train, val, tmp_path / "depth")
+    assert r["protocol"]["bins"] == "linspace(0.001, 7.5, 256)"
+    assert "max_depth=7.500 (the largest training depth" in capsys.readouterr().out
+
+
+def test_predict_depth_warns_about_depths_clipped_to_16_bits(tmp_path, capsys):
+    from dinokit.eval.common import prepare_backbone
+    from dinokit.eval.dense import head_metadata, save_head
+    from dinokit.eval.depth import LinearDepthHead
+
+    backbone = prepare_backbone("random:vit_nano_p2", "cpu", seed=0)
+    head = LinearDepthHead(backbone.model.embed_dim, 1, 0.001, 80.0).eval()
+    torch.nn.init.zeros_(head.conv.weight)
+    head.conv.bias.data[-1] = 1000.0  # nearly all weight on the 80 m bin: depth ~ 78 m everywhere
+    meta = head_metadata(
+        backbone, 16, (1,), False, 0, task="depth", with_cls=True, min_depth=0.001, max_depth=80.0, depth_scale=1000.0
+    )
+    save_head(tmp_path / "head.safetensors", head, meta)
+    save(tmp_path / "in" / "x.png", np.full((20, 30, 3), 90, np.uint8))
+    args = ["predict", "depth", f"head={tmp_path / 'head.safetensors'}", f"images={tmp_path / 'in'}", "num_workers=0"]
+    assert main([*args, f"out={tmp_path / 'out'}"]) == 0
+    out = capsys.readouterr().out
+    # 78 m x 1000 > 65535: all 20 x 30 pixels clipped; 65535 / 80 = 819.19 -> depth_scale=819 fits the range
+    assert "warning: 600 pixel(s) deeper than 65.535 m were clipped" in out and "pass depth_scale=819 " in out
+    assert (np.asarray(Image.open(tmp_path / "out" / "x.png")) == 65535).all()
+    assert main([*args, f"out={tmp_path / 'o2'}", "depth_scale=819"]) == 0
+    assert "warning" not in capsys.readouterr().out
+    units = np.asarray(Image.open(tmp_path / "o2" / "x.png")).astype(np.float64)
+    assert 75 < units.min() / 819 <= units.max() / 819 < 80  # every pixel kept, in metres x 819

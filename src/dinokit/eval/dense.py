@@ -2,16 +2,19 @@
 training loop of a linear head on them, and prediction at each image's own size.
 
 Data: `root/images/<name>.<ext>` with `root/masks/<name>.png` (segmentation: class index per pixel,
-`ignore_index` for unlabelled pixels) or `root/depth/<name>.png|.npy` (depth: 16-bit PNG in units of
-1/depth_scale metres, or float .npy in metres; 0 = no measurement). Images are resized whole (no crop)
-to image_size x image_size, so features and targets stay aligned; a head's output is upsampled
-bilinearly to the target, at training time to image_size and at evaluation to each image's original
-size. Training reads the cached features (no augmentation: features once, probes many).
+`ignore_index` for unlabelled pixels) or `root/depth/<name>.png|.tif|.npy` (depth: an integer image,
+e.g. a 16-bit PNG, in units of 1/depth_scale metres; float data, a .npy or a float (mode F) TIFF, in
+metres; 0 = no measurement). `<name>` is the path under images/ without extension, so subfolders are
+mirrored under masks/ or depth/. A pair whose image or target cannot be read is skipped and counted.
+Images are resized whole (no crop) to image_size x image_size, so features and targets stay aligned;
+a head's output is upsampled bilinearly to the target, at training time to image_size and at
+evaluation to each image's original size. Training reads the cached features (no augmentation:
+features once, probes many).
 """
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +33,15 @@ from dinokit.runtime import reuse_freed_memory
 
 
 # ---------------------------------------------------------------------------------------------- data
+def pair_key(path: Path, folder: Path) -> str:
+    """The name a file is paired by: its path under `folder` without extension (images/a/01.jpg and
+    masks/a/01.png -> "a/01")."""
+    return path.relative_to(folder).with_suffix("").as_posix()
+
+
 def read_pairs(root: str | Path, target_folder: str, target_exts: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
-    """(image paths, target paths) of `root/images` and `root/<target_folder>`, matched by file stem."""
+    """(image paths, target paths) of `root/images` and `root/<target_folder>`, matched by path relative
+    to each folder without extension (subfolders of images/ are mirrored under the target folder)."""
     root = Path(root).expanduser()
     images_dir, targets_dir = root / "images", root / target_folder
     if not images_dir.is_dir() or not targets_dir.is_dir():
@@ -40,14 +50,39 @@ def read_pairs(root: str | Path, target_folder: str, target_exts: tuple[str, ...
             f"(e.g. images/0001.jpg and {target_folder}/0001{target_exts[0]})"
         )
     images = list_images(images_dir)
-    targets = {p.stem: p for p in sorted(targets_dir.iterdir()) if p.suffix.lower() in target_exts}
-    missing = [p for p in images if p.stem not in targets]
+    image_keys = by_key(images, images_dir)
+    for key, same in image_keys.items():
+        if len(same) > 1:
+            raise DinokitError(
+                f"{same[0]} and {same[1]} would share the {target_folder} file {target_folder}/{key}.*: "
+                "images are paired with targets by name without extension; rename or remove one of them"
+            )
+    candidates = [p for p in sorted(targets_dir.rglob("*")) if p.suffix.lower() in target_exts and p.is_file()]
+    targets = by_key(candidates, targets_dir)
+    missing = [p for p in images if pair_key(p, images_dir) not in targets]
     if missing:
+        key = pair_key(missing[0], images_dir)
         raise DinokitError(
             f"{len(missing)} image(s) in {images_dir} have no {target_folder} file in {targets_dir} "
-            f"(e.g. {missing[0].name} needs {target_folder}/{missing[0].stem}{target_exts[0]})"
+            f"(e.g. {missing[0].relative_to(images_dir)} needs {target_folder}/{key}{target_exts[0]}; "
+            f"subfolders of images/ are mirrored under {target_folder}/)"
         )
-    return images, [targets[p.stem] for p in images]
+    keys = [pair_key(p, images_dir) for p in images]
+    for key in keys:
+        if len(targets[key]) > 1:
+            raise DinokitError(
+                f"{targets[key][0]} and {targets[key][1]} are both the {target_folder} file of "
+                f"images/{key}: keep one of them"
+            )
+    return images, [targets[key][0] for key in keys]
+
+
+def by_key(paths: list[Path], folder: Path) -> dict[str, list[Path]]:
+    """{pair_key: the paths with that key}."""
+    keys: dict[str, list[Path]] = {}
+    for p in paths:
+        keys.setdefault(pair_key(p, folder), []).append(p)
+    return keys
 
 
 def read_mask(path: Path) -> np.ndarray:
@@ -62,16 +97,23 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def read_depth(path: Path, depth_scale: float) -> np.ndarray:
-    """(H, W) float32 metres: .npy as is, a 16-bit PNG divided by depth_scale."""
+    """(H, W) float32 metres. Float data is in metres (.npy, a float TIFF); an integer image (16-bit PNG)
+    is in 1/depth_scale metres and divided by depth_scale. NaN and infinities become 0 (no measurement)."""
     if path.suffix.lower() == ".npy":
         depth = np.load(path, allow_pickle=False)
-        if depth.ndim == 3 and depth.shape[-1] == 1:
-            depth = depth[..., 0]
-        if depth.ndim != 2:
-            raise DinokitError(f"{path} holds an array of shape {depth.shape}; a depth map must be (H, W)")
-        return np.nan_to_num(depth.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    with Image.open(path) as im:
-        return np.asarray(im).astype(np.float32) / depth_scale
+    else:
+        with Image.open(path) as im:
+            depth = np.asarray(im)
+    if depth.ndim == 3 and depth.shape[-1] == 1:
+        depth = depth[..., 0]
+    if depth.ndim != 2:
+        raise DinokitError(
+            f"{path} holds an array of shape {depth.shape}; a depth map must be (H, W): one channel, "
+            "a 16-bit PNG or a float TIFF / .npy"
+        )
+    if path.suffix.lower() != ".npy" and not np.issubdtype(depth.dtype, np.floating):
+        return depth.astype(np.float32) / depth_scale
+    return np.nan_to_num(depth.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def resize_target(target: np.ndarray, size: int) -> torch.Tensor:
@@ -82,6 +124,38 @@ def resize_target(target: np.ndarray, size: int) -> torch.Tensor:
         small = target.size == 0 or (target.min() >= -(2**15) and target.max() < 2**15)
         return t.to(torch.int16 if small else torch.int32)
     return t
+
+
+# a damaged target file (truncated, not an image, a broken .npy) is skipped with its image
+UNREADABLE = (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass
+class Target:
+    """One target file as the probes keep it: resized to the training size, its full (H, W), and its
+    largest value (the ignore value excluded; None if it has no other value)."""
+
+    small: torch.Tensor
+    size: tuple[int, int]
+    peak: float | None
+
+
+def read_targets(
+    paths: list[Path], read_target, image_size: int, ignore: int | None
+) -> tuple[list[Target | None], list[tuple[Path, str]]]:
+    """Read every target once at full size: ([Target, or None where unreadable], [(bad file, why)])."""
+    out, bad = [], []
+    for path in paths:
+        try:
+            target = read_target(path)
+        except UNREADABLE as err:
+            out.append(None)
+            bad.append((path, f"{type(err).__name__}: {err}"))
+            continue
+        values = target if ignore is None else target[target != ignore]
+        peak = float(values.max()) if values.size else None
+        out.append(Target(resize_target(target, image_size), tuple(target.shape), peak))
+    return out, bad
 
 
 @dataclass
@@ -96,6 +170,9 @@ class DenseSplit:
     sizes: list[tuple[int, int]]  # (H, W) of each full-size target
     grid: tuple[int, int]
     name: str
+    names: list[str] = field(default_factory=list)  # each pair's key (path under images/ without extension)
+    target_max: float | None = None  # largest full-size target value of the kept pairs (ignore value excluded)
+    bad_files: int = 0  # pairs skipped: unreadable images and unreadable targets
 
     def __len__(self) -> int:
         return len(self.images)
@@ -123,24 +200,41 @@ def dense_split(
     batch_size: int,
     num_workers: int,
     precision: str,
+    ignore: int | None = None,
 ) -> DenseSplit:
-    """Read a split's pairs, take its features from the cache (extracting what is missing)."""
+    """Read a split's pairs and their full-size targets (pairs with an unreadable target skipped and
+    counted), take the features of the rest from the cache (extracting what is missing)."""
     check_image_size(backbone, image_size)
-    images, targets = read_pairs(root, target_folder, target_exts)
+    images, target_paths = read_pairs(root, target_folder, target_exts)
+    targets, bad = read_targets(target_paths, read_target, image_size, ignore)
+    readable = [i for i, t in enumerate(targets) if t is not None]
+    if bad:
+        where = f"e.g. {bad[0][0]} ({bad[0][1]})"
+        if not readable:
+            raise DinokitError(f"none of the {len(images)} {target_folder} files of {root} could be read, {where}")
+        print(f"{root}: skipped {len(bad)} unreadable {target_folder} file(s) and their images, {where}")
     transform = make_transform(image_size, "resize")
     which = ("layer_patch_tokens", "layers") if with_cls else ("layer_patch_tokens",)
+    paths = [images[i] for i in readable]
     feats = split_features(
-        backbone, root, images, transform, which, layers, norm, cache, batch_size, num_workers, precision
+        backbone, root, paths, transform, which, layers, norm, cache, batch_size, num_workers, precision
     )
-    kept = feats.kept.tolist()
-    train_targets, sizes = [], []
-    for i in kept:  # full-size targets are read again at evaluation, not kept in memory
-        target = read_target(targets[i])
-        sizes.append(target.shape)
-        train_targets.append(resize_target(target, image_size))
+    kept = [readable[i] for i in feats.kept.tolist()]
+    peaks = [targets[i].peak for i in kept if targets[i].peak is not None]
     side = image_size // backbone.model.patch_size
-    images, targets = [images[i] for i in kept], [targets[i] for i in kept]
-    return DenseSplit(feats, images, targets, torch.stack(train_targets), sizes, (side, side), str(root))
+    images_dir = Path(root).expanduser() / "images"
+    return DenseSplit(
+        feats,
+        [images[i] for i in kept],
+        [target_paths[i] for i in kept],
+        torch.stack([targets[i].small for i in kept]),
+        [targets[i].size for i in kept],
+        (side, side),
+        str(root),
+        [pair_key(images[i], images_dir) for i in kept],
+        max(peaks) if peaks else None,
+        len(feats.bad) + len(bad),
+    )
 
 
 # --------------------------------------------------------------------------------------------- heads
@@ -276,11 +370,13 @@ def backbone_for_head(meta: dict, model: str | None, device: str) -> Backbone:
 def predict_images(
     head: nn.Module, meta: dict, backbone: Backbone, images: str, batch_size: int, num_workers: int, precision: str
 ):
-    """Yield (image path, RGB array at original size, head output (C, H, W) at that size)."""
+    """Yield (output name, RGB array at original size, head output (C, H, W) at that size); the name is
+    the image's path under the `images` folder without extension (its stem for a list or one file)."""
     from dinokit.data.images import open_rgb
     from dinokit.features.extract import iter_features
 
     paths = list_images(images)
+    names = output_names(paths, Path(images).expanduser())
     transform = make_transform(meta["image_size"], "resize")
     which = ("layer_patch_tokens", "layers") if meta.get("with_cls") else ("layer_patch_tokens",)
     side = meta["image_size"] // meta["patch_size"]
@@ -305,6 +401,21 @@ def predict_images(
         output = head(feats["layer_patch_tokens"].to(device), cls, (side, side)).float().cpu()
         for j, i in enumerate(good.tolist()):
             rgb = np.asarray(open_rgb(paths[i]))
-            yield paths[i], rgb, upsample(output[j : j + 1], rgb.shape[:2])[0]
+            yield names[i], rgb, upsample(output[j : j + 1], rgb.shape[:2])[0]
     if bad:
         print(f"skipped {len(bad)} unreadable image(s), e.g. {paths[bad[0]]}")
+
+
+def output_names(paths: list[Path], source: Path) -> list[str]:
+    """Names for the outputs of `paths`: path under the `source` folder without extension (subfolders
+    mirrored), else the stem; two images with one name raise, as one output would overwrite the other."""
+    names = [pair_key(p, source) if source.is_dir() else p.stem for p in paths]
+    first: dict[str, Path] = {}
+    for name, path in zip(names, paths, strict=True):
+        if name in first:
+            raise DinokitError(
+                f"{first[name]} and {path} would both be written as {name}.png: rename one of them "
+                "(outputs are named by the image's path without extension)"
+            )
+        first[name] = path
+    return names

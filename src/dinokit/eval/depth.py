@@ -14,6 +14,7 @@ averaged over images, beside two trivial baselines (the mean training depth ever
 training depth at each pixel position).
 """
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -147,12 +148,14 @@ def eval_depth(
 ) -> str:
     """Linear depth probe on frozen features (DINOv2's linear head, SigLoss): RMSE, AbsRel, delta1.
 
-    train, val: folders with images/ and depth/ (same names; 16-bit PNG in 1/depth_scale metres, e.g.
-    millimetres for depth_scale=1000, or float .npy in metres; 0 = no measurement). min_depth,
-    max_depth: the range of the 256 bins and of the evaluated pixels (max_depth: by default the
-    largest training depth). n_layers: 4 (the reference's blocks) or 1 (the last). norm: apply the
-    final LayerNorm (the reference does not). Writes out/depth.json, out/depth_head.safetensors (for
-    `dinokit predict depth`), out/metrics.jsonl and out/examples/*.png (image | truth | prediction).
+    train, val: folders with images/ and depth/ (same names, subfolders mirrored): an integer image
+    (16-bit PNG) in 1/depth_scale metres, e.g. millimetres for depth_scale=1000; float data (.npy, a
+    float TIFF) in metres, not scaled; 0 = no measurement. Unreadable images or depth files are skipped
+    and counted. min_depth, max_depth: the range of the 256 bins and of the evaluated pixels
+    (max_depth: by default the largest training depth, at full size). n_layers: 4 (the reference's
+    blocks) or 1 (the last). norm: apply the final LayerNorm (the reference does not). Writes
+    out/depth.json, out/depth_head.safetensors (for `dinokit predict depth`), out/metrics.jsonl and
+    out/examples/*.png (image | truth | prediction).
     """
     dev = resolve_device(device)
     backbone = prepare_backbone(model, device, seed)
@@ -173,11 +176,10 @@ def eval_depth(
     )
     tr = dense_split(backbone, train, "depth", DEPTH_EXTS, read, **kw)
     va = dense_split(backbone, val, "depth", DEPTH_EXTS, read, **kw)
-    measured = tr.train_targets[tr.train_targets > 0]
-    if len(measured) == 0:
+    if tr.target_max is None or tr.target_max <= 0:
         raise DinokitError(f"the depth maps of {train} hold no measurement (all 0): check depth_scale and the files")
     if max_depth is None:
-        max_depth = float(measured.max())
+        max_depth = tr.target_max
         print(f"max_depth={max_depth:.3f} (the largest training depth; pass max_depth= to set the range)")
     head = LinearDepthHead(backbone.model.embed_dim, len(layers), min_depth, max_depth)
     out_dir = Path(out)
@@ -228,6 +230,8 @@ def eval_depth(
         val=str(val),
         train_images=len(tr),
         val_images=len(va),
+        train_bad_files=tr.bad_files,
+        val_bad_files=va.bad_files,
     )
     result = {**errors, "baselines": baselines, "training": log, "examples": examples, "protocol": protocol}
     write_json(out_dir / "depth.json", result)
@@ -256,7 +260,7 @@ def write_examples(head, split, read, min_depth, max_depth, device, folder: Path
             colour_depth(gt, min_depth, max_depth, gt > 0),
             colour_depth(pred[0].numpy(), min_depth, max_depth),
         ]
-        path = folder / f"{split.images[pos].stem}.png"
+        path = folder / f"{split.names[pos]}.png"
         save_panel(path, tiles)
         written.append(str(path))
     return written
@@ -283,24 +287,44 @@ def predict_depth(
     num_workers: int = 2,
     device: str = "auto",
     precision: str = "bf16",
+    depth_scale: float | None = None,
 ) -> str:
     """Apply a saved depth head to new images: 16-bit depth PNGs and coloured pictures.
 
     head: out/depth_head.safetensors of `dinokit eval depth`. images: a folder, an image or a list
     file. model: the backbone (default: the one the head was trained on; checked by hash). Writes
-    out/<name>.png (uint16, depth x depth_scale of training, e.g. millimetres) and out/<name>_depth.png.
+    out/<name>.png (uint16, depth x depth_scale, e.g. millimetres; <name> keeps the image's
+    subfolders) and out/<name>_depth.png. depth_scale: by default the one of training; depths beyond
+    65535 / depth_scale metres do not fit 16 bits and are clipped (with a warning).
     """
     net, meta = load_depth_head(head)
     backbone = backbone_for_head(meta, model, device)
     net.to(resolve_device(device))
+    scale = meta["depth_scale"] if depth_scale is None else depth_scale
+    if scale <= 0:
+        raise DinokitError(f"depth_scale must be > 0 (PNG units per metre), got {scale}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for path, rgb, pred in predict_images(net, meta, backbone, images, batch_size, num_workers, precision):
+    count = clipped = 0
+    for name, rgb, pred in predict_images(net, meta, backbone, images, batch_size, num_workers, precision):
         depth = pred[0].clamp(meta["min_depth"], meta["max_depth"]).numpy()
-        units = np.clip(np.round(depth * meta["depth_scale"]), 0, 65535).astype(np.uint16)
-        atomic_write(out_dir / f"{path.stem}.png", lambda tmp, u=units: Image.fromarray(u).save(tmp, format="PNG"))
-        save_panel(out_dir / f"{path.stem}_depth.png", [rgb, colour_depth(depth, meta["min_depth"], meta["max_depth"])])
+        units, over = depth_units(depth, scale)
+        clipped += over
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / f"{name}.png", lambda tmp, u=units: Image.fromarray(u).save(tmp, format="PNG"))
+        save_panel(out_dir / f"{name}_depth.png", [rgb, colour_depth(depth, meta["min_depth"], meta["max_depth"])])
         count += 1
     print(f"wrote {count} depth maps to {out_dir}")
+    if clipped:
+        print(
+            f"warning: {clipped} pixel(s) deeper than {65535 / scale:g} m were clipped to 65535 in the 16-bit "
+            f"PNGs (depth_scale={scale:g}); pass depth_scale={math.floor(65535 / meta['max_depth'])} or lower "
+            f"to fit the head's range up to {meta['max_depth']:g} m"
+        )
     return str(out_dir)
+
+
+def depth_units(depth: np.ndarray, depth_scale: float) -> tuple[np.ndarray, int]:
+    """(uint16 depth x depth_scale, how many pixels were beyond 65535 and clipped to it)."""
+    units = np.round(depth.astype(np.float64) * depth_scale)
+    return np.clip(units, 0, 65535).astype(np.uint16), int((units > 65535).sum())

@@ -58,16 +58,26 @@ def segmentation_loss(ignore_index: int):
     return loss
 
 
+def predict_classes(logits: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """(H, W) class per pixel of (C, H, W) logits. An ignore_index inside 0..C-1 labels no class (e.g. 0
+    with classes 1..K): it is never predicted."""
+    if 0 <= ignore_index < logits.shape[0]:
+        logits = logits.clone()
+        logits[ignore_index] = float("-inf")
+    return logits.argmax(0)
+
+
 def evaluate_segmentation(
     head, split, num_classes: int, ignore_index: int, device, train_targets: torch.Tensor
 ) -> tuple[dict, dict]:
     """(probe scores, {baseline: scores}) on `split`, each image at its original size. Baselines: the
-    most frequent training class everywhere, and the most frequent training class at each position."""
+    most frequent training class everywhere, and the most frequent training class at each position.
+    None of them predicts an ignore_index that lies in 0..num_classes-1."""
     labelled = split_labels(train_targets, ignore_index, num_classes)
     majority = int(torch.bincount(labelled, minlength=num_classes).argmax())
     t = train_targets.long()
     counts = torch.stack([(t == c).sum(0) for c in range(num_classes)])  # (C, S, S)
-    prior = counts.argmax(0).float()[None, None]
+    prior = predict_classes(counts.float(), ignore_index).float()[None, None]
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     positional = torch.zeros_like(confusion)
     for pos, logits in predict_split(head, split, device):
@@ -78,16 +88,16 @@ def evaluate_segmentation(
                 f"{split.target_paths[pos]} holds class {int(labelled.max())} but num_classes={num_classes} "
                 f"(from the train masks or num_classes=): pass num_classes={int(labelled.max()) + 1}"
             )
-        confusion += confusion_matrix(logits.argmax(0), target, num_classes, ignore_index)
+        confusion += confusion_matrix(predict_classes(logits, ignore_index), target, num_classes, ignore_index)
         prior_here = F.interpolate(prior, size=tuple(target.shape), mode="nearest")[0, 0]
         positional += confusion_matrix(prior_here, target, num_classes, ignore_index)
     constant = torch.zeros_like(confusion)
     constant[:, majority] = confusion.sum(1)  # every labelled pixel predicted as `majority`
     baselines = {
-        "majority_class": segmentation_scores(constant) | {"class": majority},
-        "per_pixel_majority": segmentation_scores(positional),
+        "majority_class": segmentation_scores(constant, ignore_index) | {"class": majority},
+        "per_pixel_majority": segmentation_scores(positional, ignore_index),
     }
-    return segmentation_scores(confusion), baselines
+    return segmentation_scores(confusion, ignore_index), baselines
 
 
 def split_labels(targets: torch.Tensor, ignore_index: int, num_classes: int) -> torch.Tensor:
@@ -119,8 +129,11 @@ def eval_segmentation(
     """Linear segmentation probe on frozen patch tokens: mIoU and pixel accuracy on val.
 
     train, val: folders with images/ and masks/ (PNG of class indices, same file names; pixels equal
-    to ignore_index are unlabelled). n_last_blocks: 1 (the linear protocol) or 4 (concatenated).
-    num_classes: by default the largest class index in the train masks + 1. Writes
+    to ignore_index are unlabelled; subfolders of images/ mirrored under masks/). An ignore_index
+    inside 0..num_classes-1 (e.g. 0 with classes 1..K) is never predicted nor averaged into mIoU.
+    n_last_blocks: 1 (the linear protocol) or 4 (concatenated). num_classes: by default the largest
+    class index in the train masks (at full size) + 1. Unreadable images or masks are skipped and
+    counted. Writes
     out/segmentation.json, out/segmentation_head.safetensors (for `dinokit predict segmentation`),
     out/metrics.jsonl and out/examples/*.png (image | truth | prediction).
     """
@@ -140,12 +153,11 @@ def eval_segmentation(
         num_workers=num_workers,
         precision=precision,
     )
-    tr = dense_split(backbone, train, "masks", MASK_EXTS, read_mask, **kw)
-    va = dense_split(backbone, val, "masks", MASK_EXTS, read_mask, **kw)
-    labelled = split_labels(tr.train_targets, ignore_index, 1 << 16)
-    if len(labelled) == 0:
+    tr = dense_split(backbone, train, "masks", MASK_EXTS, read_mask, **kw, ignore=ignore_index)
+    va = dense_split(backbone, val, "masks", MASK_EXTS, read_mask, **kw, ignore=ignore_index)
+    if tr.target_max is None:
         raise DinokitError(f"the masks of {train} have no labelled pixel (all equal ignore_index={ignore_index})")
-    num_classes = num_classes or int(labelled.max()) + 1
+    num_classes = num_classes or int(tr.target_max) + 1
     d = backbone.model.embed_dim
     head = LinearSegmentationHead(d * len(layers), num_classes)
     out_dir = Path(out)
@@ -187,11 +199,13 @@ def eval_segmentation(
         loss=f"cross-entropy, ignore_index={ignore_index}",
         optimiser=f"AdamW lr {lr} wd {weight_decay}, cosine to 0, {epochs} epochs, batch {train_batch_size}",
         augmentation="none (cached features)",
-        metric="mIoU over classes present in truth or prediction, pixel accuracy; full resolution",
+        metric="mIoU over classes present in truth or prediction (not ignore_index), pixel accuracy; full resolution",
         train=str(train),
         val=str(val),
         train_images=len(tr),
         val_images=len(va),
+        train_bad_files=tr.bad_files,
+        val_bad_files=va.bad_files,
         num_classes=num_classes,
     )
     result = {
@@ -223,9 +237,9 @@ def write_examples(head, split, num_classes, ignore_index, device, folder: Path,
         if pos >= count:
             break
         truth = read_mask(split.target_paths[pos])
-        pred = logits.argmax(0).numpy()
+        pred = predict_classes(logits, ignore_index).numpy()
         rgb = np.asarray(open_rgb(split.images[pos]))
-        path = folder / f"{split.images[pos].stem}.png"
+        path = folder / f"{split.names[pos]}.png"
         save_panel(path, [rgb, colour_mask(truth, num_classes, ignore_index), colour_mask(pred, num_classes)])
         written.append(str(path))
     return written
@@ -254,7 +268,8 @@ def predict_segmentation(
 
     head: out/segmentation_head.safetensors of `dinokit eval segmentation`. images: a folder, an image
     or a list file. model: the backbone (default: the one the head was trained on; checked by hash).
-    Writes out/<name>.png (class index per pixel, original size) and out/<name>_overlay.png.
+    Writes out/<name>.png (class index per pixel, original size; the head's ignore_index never, when
+    it is a class index) and out/<name>_overlay.png; <name> keeps the image's subfolders.
     """
     net, meta = load_segmentation_head(head)
     backbone = backbone_for_head(meta, model, device)
@@ -262,11 +277,14 @@ def predict_segmentation(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = 0
-    for path, rgb, logits in predict_images(net, meta, backbone, images, batch_size, num_workers, precision):
-        mask = logits.argmax(0).numpy().astype(np.uint8 if meta["num_classes"] <= 256 else np.uint16)
-        atomic_write(out_dir / f"{path.stem}.png", lambda tmp, m=mask: Image.fromarray(m).save(tmp, format="PNG"))
+    ignore_index = meta.get("ignore_index", 255)
+    for name, rgb, logits in predict_images(net, meta, backbone, images, batch_size, num_workers, precision):
+        mask = predict_classes(logits, ignore_index).numpy()
+        mask = mask.astype(np.uint8 if meta["num_classes"] <= 256 else np.uint16)
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / f"{name}.png", lambda tmp, m=mask: Image.fromarray(m).save(tmp, format="PNG"))
         overlay = (0.5 * rgb + 0.5 * colour_mask(mask, meta["num_classes"])).astype(np.uint8)
-        save_panel(out_dir / f"{path.stem}_overlay.png", [rgb, overlay])
+        save_panel(out_dir / f"{name}_overlay.png", [rgb, overlay])
         count += 1
     print(f"wrote {count} masks to {out_dir}")
     return str(out_dir)
