@@ -67,6 +67,23 @@ def test_read_labelled_folder_and_csv(tmp_path):
         read_labelled(tmp_path / "train" / "cat")
 
 
+def test_a_csv_header_with_other_column_names_is_not_a_line(tmp_path):
+    (tmp_path / "cat").mkdir()
+    for i in range(2):
+        Image.new("RGB", (4, 4)).save(tmp_path / "cat" / f"{i}.png")
+    for header in ("image,label", "img,species", "file,Class"):
+        (tmp_path / "list.csv").write_text(f"{header}\ncat/0.png,cat\ncat/1.png,dog\n")
+        paths, labels, names = read_labelled(tmp_path / "list.csv")
+        assert names == ["cat", "dog"] and labels == [0, 1], header  # no phantom class, no bad file
+        assert paths == [tmp_path / "cat" / "0.png", tmp_path / "cat" / "1.png"]
+    # an existing image whose class is named "label" is a line, not a header
+    (tmp_path / "list.csv").write_text("cat/0.png,label\ncat/1.png,cat\n")
+    assert read_labelled(tmp_path / "list.csv")[2] == ["cat", "label"]
+    # a missing image on a later line stays a line (a bad file, counted when read)
+    (tmp_path / "list.csv").write_text("cat/0.png,cat\nmissing.png,label\n")
+    assert read_labelled(tmp_path / "list.csv")[1] == [0, 1]
+
+
 def clustered(n, q, d=16, classes=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(classes, d, generator=g)
