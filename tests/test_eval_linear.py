@@ -89,3 +89,13 @@ def test_official_grid_and_inputs():
     x = linear.linear_input(block_cls, patch_mean, 4, True)
     assert x.shape == (2, 15) and torch.equal(x[:, :12], block_cls.flatten(1)) and torch.equal(x[:, 12:], patch_mean)
     assert torch.equal(linear.linear_input(block_cls, patch_mean, 1, False), block_cls[:, -1])
+
+
+def test_a_train_split_of_one_image_per_class_asks_for_a_selection_split():
+    from dinokit.errors import DinokitError
+
+    train = make_split(3, classes=3)
+    train.labels[:] = [0, 1, 2]  # one image per class: nothing can be held out for selection
+    with pytest.raises(DinokitError, match=r"no class with two or more images .* \(selection=") as err:
+        linear_probe(train, make_split(6, seed=1), 3, configs=GRID, epochs=1, progress=False)
+    assert not isinstance(err.value, ValueError)

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
 from dinokit.eval.knn import topk_accuracy
 
@@ -280,7 +281,11 @@ def linear_probe(
     if carved:
         fit_pos, select_pos = carve_selection(train.labels, selection_fraction, seed)
         if len(select_pos) == 0:
-            raise ValueError("train is too small to carve a selection split; pass a selection split")
+            raise DinokitError(
+                f"train has no class with two or more images ({len(train.labels)} images), so no "
+                "selection split can be carved from it: pass a labelled selection split (selection=...) "
+                "or give train at least two images of a class"
+            )
         fit = train.subset(fit_pos, f"train minus selection ({len(fit_pos)} images)")
         selection = train.subset(select_pos, f"{selection_fraction:g} of train per class, seed {seed}")
     else:
