@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import dinokit
+from dinokit import runtime
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
@@ -142,6 +143,23 @@ def test_resuming_with_other_settings_is_refused(setup, tmp_path):
     run(setup, tmp_path / "e")
     with pytest.raises(DinokitError, match=r"other settings \(image_size"):
         run(setup, tmp_path / "e", image_size=24)
+
+
+def test_manifest_records_fp32_where_bf16_falls_back_to_it(setup, tmp_path, monkeypatch):
+    """On a device without bf16 autocast (MPS, older GPUs; simulated here) precision=bf16 runs in
+    fp32, and the manifest, which index search reuses for queries, says so."""
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(runtime, "_warned_fp32", set())
+    with pytest.warns(UserWarning, match="running in fp32"):
+        run(setup, tmp_path / "asked_bf16", precision="bf16")
+    run(setup, tmp_path / "fp32", precision="fp32")
+    assert read_manifest(tmp_path / "asked_bf16")["precision"] == "fp32"
+    fallback, exact = read_embeddings(tmp_path / "asked_bf16")[0], read_embeddings(tmp_path / "fp32")[0]
+    assert torch.equal(fallback["cls"], exact["cls"])  # what ran was fp32
+    monkeypatch.undo()
+    run(setup, tmp_path / "bf16", precision="bf16")  # the CPU has bf16 autocast
+    assert read_manifest(tmp_path / "bf16")["precision"] == "bf16"
+    assert not torch.equal(read_embeddings(tmp_path / "bf16")[0]["cls"], exact["cls"])
 
 
 def test_bad_requests(setup, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dinokit import distributed
+from dinokit import distributed, runtime
 from dinokit.data.images import list_images
 from dinokit.data.transforms import check_image_size, describe, eval_transform
 from dinokit.distributed import (
@@ -42,7 +42,7 @@ from dinokit.features.store import (
 )
 from dinokit.io import write_json
 from dinokit.models import load_model
-from dinokit.runtime import resolve_device
+from dinokit.runtime import autocast, resolve_device
 
 CONFIG = "embed_config.json"
 
@@ -72,9 +72,10 @@ def embed(
     resize (to exactly image_size). features: any of cls, patch_mean, registers, patch_tokens
     (the full grid), layers (CLS of the blocks listed in `layers`), layer_patch_tokens (the full patch
     grid of each block in `layers`; normed like the last block). precision: bf16 (autocast, fast)
-    or fp32. dtype: float32, float16 or bfloat16 (safetensors only) on disk. format: safetensors or
-    numpy (.npz). shard_size: images per shard (default: up to 4096, fewer so that a shard stays
-    near 512 MB, e.g. with patch_tokens). Unreadable images are skipped and listed in the manifest. The
+    or fp32 (the manifest records fp32 where the device has no bf16 autocast). dtype: float32,
+    float16 or bfloat16 (safetensors only) on disk. format: safetensors or numpy (.npz). shard_size:
+    images per shard (default: up to 4096, fewer so that a shard stays near 512 MB, e.g. with
+    patch_tokens). Unreadable images are skipped and listed in the manifest. The
     manifest records a hash of the weights (`weights_hash`), so that `dinokit index search` can tell
     when the model file changed. Returns a summary (on process 0; None on the others).
     """
@@ -110,7 +111,7 @@ def embed(
         "features": features,
         "layers": layers,
         "feature_shapes": shapes,
-        "precision": precision,
+        "precision": precision_used(torch_device, precision),
         "dtype": dtype,
         "format": format,
         "shard_size": shard_size or auto_shard_size(shapes, dtype),
@@ -160,6 +161,13 @@ def check_choices(features: list[str], layers: list[int], format: str, dtype: st
         raise DinokitError(
             f"resize_policy for embed must be center_crop or resize (one shape per batch), got {resize_policy!r}"
         )
+
+
+def precision_used(device: torch.device, precision: str) -> str:
+    """The precision the features are computed in: bf16 only where bf16 autocast runs on `device`
+    (`autocast` checks the choice and warns once when bf16 falls back to fp32)."""
+    autocast(device, precision)
+    return "bf16" if precision == "bf16" and runtime.bf16_supported(device) else "fp32"
 
 
 def feature_shapes(net, size: tuple[int, int], features: list[str], layers: list[int]) -> dict[str, list[int]]:
