@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -169,10 +170,41 @@ def test_not_a_backbone(tmp_path):
         dinokit.load_model(tmp_path / "nope.pth")
 
 
-def test_custom_heads_are_an_override(tmp_path):
-    m = dinokit.create_model("vit_micro_p4")  # 96-dim, 3 heads: not D/64
+@pytest.mark.parametrize("name", ["vit_micro_p4", "vit_micro_p8", "vit_nano_p2"])
+def test_official_export_of_a_named_architecture_reloads_as_the_same_model(tmp_path, name):
+    """Heads and interpolation are not in the weights: they come from the named architecture of the
+    same shape (vit_micro_p4 used to come back with 1 head, offset 0.1 and no antialias)."""
+    m = perturb_scales_and_norms(dinokit.create_model(name)).eval()
+    with torch.no_grad():
+        m.pos_embed.normal_()
+    path = dinokit.export_model(m, tmp_path / "m.pth", format="official")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing guessed, so no warning
+        back = dinokit.load_model(path)
+    assert back.config == ViTConfig(**{**m.config.to_dict(), "init_values": back.config.init_values})
+    native, p = m.config.img_size, m.patch_size
+    assert same_outputs(m, back, size=native)
+    assert same_outputs(m, back, size=native + 2 * p)
+
+
+def test_heads_and_interpolation_of_an_unnamed_shape_are_guessed_with_a_warning(tmp_path):
+    m = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2)).eval()  # no named 2-block micro
     torch.save(m.state_dict(), tmp_path / "m.pth")
-    assert dinokit.load_model(tmp_path / "m.pth").config.num_heads == 1
+    with pytest.warns(UserWarning, match=r"guessed num_heads=1, interpolate_offset=0.1.*load_model\(path, num_heads="):
+        assert dinokit.load_model(tmp_path / "m.pth").config.num_heads == 1
+    with pytest.warns(UserWarning, match=r"guessed interpolate_antialias=False\."):
+        dinokit.load_model(tmp_path / "m.pth", num_heads=3, interpolate_offset=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = dinokit.load_model(tmp_path / "m.pth", num_heads=3, interpolate_offset=0.0, interpolate_antialias=True)
+    assert same_outputs(m, back, size=40)
+
+
+def test_custom_heads_are_an_override(tmp_path):
+    m = dinokit.create_model("vit_micro_p4", depth=2)  # 96-dim, 3 heads: not D/64
+    torch.save(m.state_dict(), tmp_path / "m.pth")
+    with pytest.warns(UserWarning, match="guessed"):
+        assert dinokit.load_model(tmp_path / "m.pth").config.num_heads == 1
     assert dinokit.load_model(tmp_path / "m.pth", num_heads=3).config.num_heads == 3
     with pytest.raises(DinokitError, match="unknown architecture options"):
         dinokit.load_model(tmp_path / "m.pth", heads=3)

@@ -114,13 +114,16 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", **overrid
       `dino_vits16`, `facebook/dinov2-small`, ...), downloaded once and cached.
     overrides: architecture options that the weights cannot tell, e.g. `num_heads` for a custom
       official-layout file, or `interpolate_offset=0.0` to reproduce transformers' `Dinov2Model`.
+      Files without a config take heads and interpolation from the named architecture of the same
+      shape; without one they are guessed with a warning that names these overrides.
     """
     from dinokit.models.hub import resolve
 
     path = resolve(source)
     sd, config, fmt = read_checkpoint(path)
     if config is None:
-        config = infer_config(sd, num_heads=overrides.get("num_heads"))
+        guessed = ("num_heads", "interpolate_offset", "interpolate_antialias")
+        config = infer_config(sd, **{k: overrides[k] for k in guessed if k in overrides})
     unknown = set(overrides) - set(ViTConfig.__dataclass_fields__)
     if unknown:
         raise DinokitError(

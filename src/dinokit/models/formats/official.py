@@ -4,10 +4,12 @@ Also where a ViTConfig is inferred from the keys and shapes of an official-layou
 """
 
 import re
+import warnings
 
 import torch
 
 from dinokit.errors import DinokitError
+from dinokit.models.architectures import ARCHITECTURES
 from dinokit.models.layers.ffn import swiglu_hidden_dim
 from dinokit.models.vision_transformer import ViTConfig
 
@@ -46,14 +48,20 @@ def unwrap_training_checkpoint(obj: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> ViTConfig:
+def infer_config(
+    sd: dict[str, torch.Tensor],
+    num_heads: int | None = None,
+    interpolate_offset: float | None = None,
+    interpolate_antialias: bool | None = None,
+) -> ViTConfig:
     """Architecture of an official-layout state dict, from whichever of its keys and shapes exist.
 
     A file that lacks some keys still gets a config (defaults: patch 14, grid 37, MLP ratio 4), so
     that `loading.check_keys` can list what is missing against the nearest known architecture.
-    The number of heads is not stored in the weights; every released model has 64-dim heads, so
-    num_heads = D / 64 unless given. Interpolation follows the official variants: offset 0.1 without
-    registers, offset 0 + antialias with them.
+    The number of heads and the position-grid interpolation are not stored in the weights: unless
+    given, they are taken from the named architecture (`ARCHITECTURES`) with the same width, depth,
+    patch, grid, registers and FFN. Without one they are guessed, with a warning: 64-dim heads (as
+    every released model), offset 0.1 without registers and offset 0 + antialias with them.
     """
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks:
@@ -67,13 +75,34 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> V
     grid = round((pos.shape[1] - 1) ** 0.5) if pos is not None else 37
     registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
     ffn, mlp_ratio, ffn_bias = _ffn(sd, dim)
+    depth = 1 + max(blocks)
+    given = dict(
+        num_heads=num_heads, interpolate_offset=interpolate_offset, interpolate_antialias=interpolate_antialias
+    )
+    named = _named_settings(dim, depth, patch, grid, registers, ffn)
+    unset = [k for k, v in given.items() if v is None]
+    if named is None:
+        named = {  # 64-dim heads as every released model; the official interpolation of the variant
+            "num_heads": max(1, dim // 64),
+            "interpolate_offset": 0.0 if registers else 0.1,
+            "interpolate_antialias": bool(registers),
+        }
+        if unset:
+            warnings.warn(
+                f"no named architecture has these weights' shape (dim {dim}, depth {depth}, patch {patch}, "
+                f"grid {grid}, {registers} registers, {ffn} FFN), and the weights do not store {', '.join(unset)}: "
+                f"guessed {', '.join(f'{k}={named[k]}' for k in unset)}. If the model was built otherwise, "
+                f"pass them: load_model(path, {', '.join(f'{k}=...' for k in unset)}).",
+                stacklevel=3,
+            )
+    settings = {k: named[k] if v is None else v for k, v in given.items()}
     return ViTConfig(
         img_size=grid * patch,
         patch_size=patch,
         in_chans=in_chans,
         embed_dim=dim,
-        depth=1 + max(blocks),
-        num_heads=num_heads or max(1, dim // 64),
+        depth=depth,
+        num_heads=settings["num_heads"],
         mlp_ratio=mlp_ratio,
         ffn_layer=ffn,
         qkv_bias=_in_any_block(sd, "attn.qkv.bias"),
@@ -81,10 +110,25 @@ def infer_config(sd: dict[str, torch.Tensor], num_heads: int | None = None) -> V
         ffn_bias=ffn_bias,
         init_values=1.0 if _in_any_block(sd, "ls1.gamma") or _in_any_block(sd, "ls2.gamma") else None,
         num_register_tokens=registers,
-        interpolate_offset=0.0 if registers else 0.1,
-        interpolate_antialias=bool(registers),
+        interpolate_offset=settings["interpolate_offset"],
+        interpolate_antialias=settings["interpolate_antialias"],
         mask_token="mask_token" in sd,
     )
+
+
+def _named_settings(dim: int, depth: int, patch: int, grid: int, registers: int, ffn: str) -> dict | None:
+    """num_heads / interpolate_offset / interpolate_antialias of the named architectures of this shape,
+    or None if there is none (or they disagree)."""
+    found = {
+        (c.num_heads, c.interpolate_offset, c.interpolate_antialias)
+        for c in ARCHITECTURES.values()
+        if (c.embed_dim, c.depth, c.patch_size, c.img_size // c.patch_size, c.num_register_tokens, c.ffn_layer)
+        == (dim, depth, patch, grid, registers, ffn)
+    }
+    if len(found) != 1:
+        return None
+    heads, offset, antialias = found.pop()
+    return {"num_heads": heads, "interpolate_offset": offset, "interpolate_antialias": antialias}
 
 
 def _block_keys(sd: dict[str, torch.Tensor], suffix: str) -> list[str]:
