@@ -48,14 +48,15 @@ def worker(rank: int, port: int, data: str, out: str, results: str) -> None:
         f"{results}/collectives{rank}.pt",
     )
     # a DDP run
-    keys = {k: v for k, v in TINY.items() if k != "preset"}
+    # a fast teacher from the first step, so that the FSDP run's teacher would drift if it went stale
+    keys = {**{k: v for k, v in TINY.items() if k != "preset"}, "momentum_teacher": 0.9, "warmup": 0.0}
     cfg, resuming = run_config(Path(out), "dinov2_vits14", {**keys, "max_iterations": 6, "batch_size": 4}, False)
     trainer = Trainer(cfg, data, Path(out), "dinov2_vits14", device, resuming)
     trainer.run()
     torch.save({k: v.clone() for k, v in trainer.model.teacher.state_dict().items()}, f"{results}/teacher{rank}.pt")
     # an FSDP2 run
     fsdp_out = Path(out).with_name("fsdp")
-    cfg, _ = run_config(fsdp_out, "dinov2_vits14", {**keys, "max_iterations": 4, "batch_size": 4, "fsdp": True}, False)
+    cfg, _ = run_config(fsdp_out, "dinov2_vits14", {**keys, "max_iterations": 6, "batch_size": 4, "fsdp": True}, False)
     Trainer(cfg, data, fsdp_out, "dinov2_vits14", device, False).run()
     dist.destroy_distributed()
 
@@ -95,9 +96,19 @@ def test_collectives_match_single_process(ddp_run):
         assert p["figures"] == pytest.approx(single, rel=1e-5)
 
 
+def test_fsdp_run_equals_the_ddp_run(ddp_run):
+    """The same 6 iterations sharded (FSDP2) and replicated (DDP) end in the same teacher: the
+    teacher's heads and embeddings follow the EMA under FSDP too (they went stale without a reshard)."""
+    root, _ = ddp_run
+    ddp = torch.load(root / "results" / "teacher0.pt", weights_only=True)
+    fsdp = load_checkpoint(root / "fsdp" / "checkpoints" / "checkpoint_00000006.pt")["model"]
+    for key, value in ddp.items():
+        torch.testing.assert_close(fsdp[f"teacher.{key}"], value, rtol=0, atol=1e-5, msg=key)
+
+
 def test_fsdp_run_checkpoints_full_state_and_resumes_in_one_process(ddp_run):
     root, data = ddp_run
-    checkpoint = load_checkpoint(root / "fsdp" / "checkpoints" / "checkpoint_00000004.pt")
+    checkpoint = load_checkpoint(root / "fsdp" / "checkpoints" / "checkpoint_00000006.pt")
     assert checkpoint["model"]["teacher.backbone.pos_embed"].shape == (1, 65, 32)  # full, unsharded
     backbone = dinokit.load_model(root / "fsdp" / "backbone.safetensors")
     assert torch.equal(backbone.pos_embed, checkpoint["model"]["teacher.backbone.pos_embed"])
@@ -105,10 +116,10 @@ def test_fsdp_run_checkpoints_full_state_and_resumes_in_one_process(ddp_run):
         data=str(data),
         out=str(root / "fsdp"),
         resume=True,
-        max_iterations=6,
+        max_iterations=8,
         **{k: v for k, v in TINY.items() if k not in ("batch_size",)},
     )
-    assert summary["iterations"] == 6
+    assert summary["iterations"] == 8
 
 
 def test_two_process_run_resumes_in_one_process(ddp_run):

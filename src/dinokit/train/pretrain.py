@@ -156,6 +156,14 @@ def shard_fsdp(model: SelfDistillation) -> None:
     fully_shard(model.student)
 
 
+def reshard_teacher(model: SelfDistillation) -> None:
+    """Free the teacher's gathered parameters after its forward. Its backbone and heads are FSDP2
+    roots with no backward, and a root keeps its unsharded parameters after forward: without this the
+    next forward would reuse them, stale, while the EMA update writes to the shards."""
+    for module in (model.teacher.backbone, *model.teacher.heads().values()):
+        module.reshard()
+
+
 def local_tensors(params) -> list[torch.Tensor]:
     """Local shards of (possibly FSDP2 / DTensor) parameters."""
     return [p.to_local() if hasattr(p, "to_local") else p for p in params]
@@ -523,6 +531,8 @@ class Trainer:
         n_global = cfg.global_crops_number
         with autocast(self.device, cfg.precision):
             teacher = self.model.teacher_outputs(batch.global_crops, batch.masks)
+            if self.fsdp:  # see reshard_teacher
+                reshard_teacher(self.model)
             targets = self.model.teacher_probabilities(teacher, values["teacher_temp"])
             student = self.student(batch.global_crops, batch.local_crops, batch.masks)
             parts = self.model.losses(student, targets, n_global, batch.mask_weights)
