@@ -1,5 +1,6 @@
 """Formats dinokit reads and writes, and the errors users get for bad files."""
 
+import argparse
 import json
 import pickle
 import warnings
@@ -99,6 +100,34 @@ def test_training_checkpoints_teacher_prefixes_heads_and_block_chunks(tmp_path, 
     }
     torch.save(v1, tmp_path / "checkpoint.pth")
     assert same_outputs(model, dinokit.load_model(tmp_path / "checkpoint.pth"))
+
+
+def test_dino_v1_checkpoint_with_its_args_namespace_loads(tmp_path):
+    """DINO v1 main_dino.py saves `args` (an argparse.Namespace) beside the weights; weights_only=True
+    refused the whole file."""
+    m = perturb_scales_and_norms(dinokit.create_model("dino_vits16", depth=1, img_size=32)).eval()
+    sd = m.state_dict()
+    ckpt = {
+        "student": {f"module.backbone.{k}": torch.zeros_like(v) for k, v in sd.items()},
+        "teacher": {f"backbone.{k}": v for k, v in sd.items()},
+        "optimizer": {},
+        "epoch": 3,
+        "args": argparse.Namespace(arch="vit_small", patch_size=16, lr=0.0005, data_path="/data/train"),
+        "dino_loss": {"center": torch.zeros(1, 8)},
+    }
+    torch.save(ckpt, tmp_path / "checkpoint.pth")
+    assert same_outputs(m, dinokit.load_model(tmp_path / "checkpoint.pth"), size=32)
+
+
+@pytest.mark.parametrize("teacher_first", [True, False])
+def test_teacher_wins_over_the_student_in_one_training_dict(tmp_path, model, teacher_first):
+    """DINOv2 training checkpoints hold `student.backbone.*` and `teacher.backbone.*` in one `model`
+    dict; stripping both prefixes let whichever came last win."""
+    teacher = {f"teacher.backbone.{k}": v for k, v in model.state_dict().items()}
+    student = {f"student.backbone.{k}": v + 1 for k, v in model.state_dict().items()}
+    both = {**teacher, **student} if teacher_first else {**student, **teacher}
+    torch.save({"model": both, "iteration": 3}, tmp_path / "model_0000003.pth")
+    assert same_outputs(model, dinokit.load_model(tmp_path / "model_0000003.pth"))
 
 
 def test_pretraining_run_folder_loads_its_backbone(tmp_path, model):

@@ -9,6 +9,7 @@ or `pytorch_model.bin`, sharded or not); timm state dicts (`.pth`, `.bin` or `.s
 Hub folder); a dinokit pretraining run folder (its `backbone.safetensors`); released names.
 """
 
+import argparse
 import json
 import pickle
 import zipfile
@@ -34,7 +35,8 @@ EXPORT_FORMATS = ("dinokit", "official", "hf", "onnx", "torchscript")
 # ------------------------------------------------------------------------------------------ reading
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors of a `.safetensors`, `.pth`/`.pt`/`.bin` file, plus safetensors metadata ({} for torch
-    files). Never unpickles code (`weights_only=True`); corrupt or truncated files get a clear error."""
+    files). Never unpickles code (`weights_only=True`, which also allows the plain `argparse.Namespace`
+    of DINO v1 training checkpoints); corrupt or truncated files get a clear error."""
     path = Path(path)
     if not path.is_file():
         raise DinokitError(f"weights file not found: {path}")
@@ -48,7 +50,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except (SafetensorError, OSError, ValueError) as e:
             raise DinokitError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with torch.serialization.safe_globals([argparse.Namespace]):  # DINO v1 checkpoint.pth holds its `args`
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         raise DinokitError(
             f"{path} holds Python objects besides tensors, and dinokit never unpickles code from a file. "

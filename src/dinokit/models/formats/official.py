@@ -22,8 +22,9 @@ _HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.", "heads.", "fc_norm.", "di
 
 
 def unwrap_training_checkpoint(obj: dict) -> dict[str, torch.Tensor]:
-    """Backbone state dict out of a training checkpoint: pick the teacher (or model) dict, strip the
-    `module.` / `backbone.` / `teacher.` prefixes, drop head and loss keys, flatten block chunks
+    """Backbone state dict out of a training checkpoint: pick the teacher (or model) dict, keep the
+    teacher's keys where one dict holds `teacher.` and `student.` keys, strip the `module.` /
+    `backbone.` / `teacher.` prefixes, drop head and loss keys, flatten block chunks
     (`blocks.<chunk>.<i>.` -> `blocks.<i>.`)."""
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
@@ -32,9 +33,10 @@ def unwrap_training_checkpoint(obj: dict) -> dict[str, torch.Tensor]:
         obj = inner
     if isinstance(obj, dict) and "teacher" in obj and isinstance(obj["teacher"], dict):
         obj = obj["teacher"]
+    has_teacher = any(_role(key) == "teacher" for key in obj)
     out = {}
     for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or (has_teacher and _role(key) == "student"):
             continue
         stripped = True
         while stripped:
@@ -46,6 +48,16 @@ def unwrap_training_checkpoint(obj: dict) -> dict[str, torch.Tensor]:
             continue
         out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)] = value
     return out
+
+
+def _role(key) -> str | None:
+    """The role of a `[module.]teacher.` / `[module.]student.` key (the DINOv2 training
+    `model` dict holds both): "teacher", "student" or None."""
+    if not isinstance(key, str):
+        return None
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return next((role for role in ("teacher", "student") if key.startswith(f"{role}.")), None)
 
 
 def infer_config(
