@@ -42,6 +42,23 @@ def test_list_images_recursive_sorted_and_list_files(folder):
         list_images(folder / "missing")
 
 
+def test_symlinked_folders_are_followed_once_and_commas_in_paths_kept(tmp_path):
+    real = tmp_path / "real"
+    (real / "cats").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (4, 4)).save(real / "cats" / f"{i}.png")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "cats").symlink_to(real / "cats")  # a dataset assembled from links
+    (data / "again").symlink_to(real / "cats")  # the same folder twice
+    (data / "cats" / "loop").symlink_to(data)  # a cycle
+    paths = list_images(data)
+    assert [p.relative_to(data).as_posix() for p in paths] == ["again/0.png", "again/1.png", "again/2.png"]
+    Image.new("RGB", (4, 4)).save(tmp_path / "a,b.png")
+    (tmp_path / "list.txt").write_text("a,b.png\nreal/cats/0.png,cat\n")
+    assert list_images(tmp_path / "list.txt") == [tmp_path / "a,b.png", real / "cats" / "0.png"]
+
+
 def test_an_unreadable_image_is_a_clear_error_naming_it(folder):
     with pytest.raises(DinokitError, match=r"cannot read the image .*trunc\.jpg"):
         open_rgb(folder / "trunc.jpg")

@@ -4,6 +4,7 @@ Every image becomes 8-bit RGB: EXIF orientation applied; grayscale, 16-bit, floa
 alpha images converted (alpha composited on white).
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,28 @@ from dinokit.errors import DinokitError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
 
 
+def files_under(root: Path, extensions: frozenset[str] | tuple[str, ...]) -> list[Path]:
+    """Sorted files under `root` (recursive) whose lower-case suffix is in `extensions`. Symlinked
+    folders are followed (datasets are often assembled from links), each real folder once."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a second link to a folder already walked, or a link cycle
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()  # which of two links to one folder is kept does not depend on the file system
+        found += [Path(folder, name) for name in files if Path(name).suffix.lower() in extensions]
+    return sorted(p for p in found if p.is_file())
+
+
 def list_images(source: str | Path) -> list[Path]:
-    """Image paths of a folder (recursive, sorted), of a text file with one path per line (relative
-    paths are relative to the list file; blank lines and `#` comments ignored), or a single image."""
+    """Image paths of a folder (recursive, sorted; see `files_under`), of a text file with one path
+    per line (or `path,label` lines; relative paths are relative to the list file; blank lines and `#`
+    comments ignored), or a single image."""
     source = Path(source).expanduser()
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        paths = files_under(source, IMAGE_EXTENSIONS)
         if not paths:
             raise DinokitError(
                 f"no images found under {source} (looked recursively for {', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -31,10 +48,15 @@ def list_images(source: str | Path) -> list[Path]:
     if source.is_file():
         paths = []
         for line in source.read_text().splitlines():
-            line = line.strip().split(",")[0].strip()
-            if line and not line.startswith("#"):
-                p = Path(line).expanduser()
-                paths.append(p if p.is_absolute() else source.parent / p)
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line).expanduser()
+            p = p if p.is_absolute() else source.parent / p
+            if not p.is_file():  # `path,label` lines; a path that itself holds a comma is kept whole
+                p = Path(line.split(",")[0].strip()).expanduser()
+                p = p if p.is_absolute() else source.parent / p
+            paths.append(p)
         if not paths:
             raise DinokitError(f"the list file {source} names no images")
         return paths

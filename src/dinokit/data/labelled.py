@@ -5,7 +5,7 @@ no file, and is no image name or has a column name (label, class, ...) as label,
 import csv
 from pathlib import Path
 
-from dinokit.data.images import IMAGE_EXTENSIONS
+from dinokit.data.images import IMAGE_EXTENSIONS, files_under
 from dinokit.errors import DinokitError
 
 PATH_HEADERS = ("path", "filename")  # a line starting with these is always a header
@@ -19,8 +19,8 @@ def read_labelled(source: str | Path, classes: list[str] | None = None) -> tuple
     if source.is_dir():
         pairs = [
             (p, p.relative_to(source).parts[0])
-            for p in sorted(source.rglob("*"))
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and len(p.relative_to(source).parts) > 1
+            for p in files_under(source, IMAGE_EXTENSIONS)
+            if len(p.relative_to(source).parts) > 1
         ]
         if not pairs:
             raise DinokitError(f"no labelled images under {source}: expected {source}/<class name>/<image files>")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dinokit.data.images import list_images
+from dinokit.data.images import files_under, list_images
 from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
 from dinokit.eval.common import Backbone, check_image_size, make_transform, split_features
@@ -57,7 +57,7 @@ def read_pairs(root: str | Path, target_folder: str, target_exts: tuple[str, ...
                 f"{same[0]} and {same[1]} would share the {target_folder} file {target_folder}/{key}.*: "
                 "images are paired with targets by name without extension; rename or remove one of them"
             )
-    candidates = [p for p in sorted(targets_dir.rglob("*")) if p.suffix.lower() in target_exts and p.is_file()]
+    candidates = files_under(targets_dir, target_exts)
     targets = by_key(candidates, targets_dir)
     missing = [p for p in images if pair_key(p, images_dir) not in targets]
     if missing:
