@@ -175,6 +175,18 @@ def test_clear_errors_before_training(tmp_path):
         dinokit.pretrain(data=str(tmp_path), out=str(tmp_path / "d"), preset="dinov3_vit7b")
 
 
+def test_crops_that_do_not_tile_into_patches_are_refused_before_the_run_folder_is_made(tmp_path):
+    data = tiny_images(tmp_path / "data")
+    with pytest.raises(
+        DinokitError, match=r"local_crops_size=9 is not a multiple of the patch size 2 .* use local_crops_size=8"
+    ):
+        run(data, tmp_path / "run", max_iterations=1, local_crops_size=9)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # so the same out= can be used again
+    run(data, tmp_path / "run", max_iterations=1)
+    with pytest.raises(DinokitError, match="blur_kernel_size must be odd"):
+        run(data, tmp_path / "blur", max_iterations=1, blur_kernel_size=4)
+
+
 def test_existing_run_is_never_overwritten_and_resume_keeps_the_config(tmp_path):
     data = tiny_images(tmp_path / "data")
     run(data, tmp_path / "run", max_iterations=2)

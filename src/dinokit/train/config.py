@@ -50,7 +50,7 @@ class PretrainConfig:
     mask_sample_probability: float = 0.5
     # ---- crops and augmentation
     global_crops_size: int = 224
-    local_crops_size: int = 96
+    local_crops_size: int = 98  # 7 x 7 patches of the default arch's 14 (the official default 96 is for patch 16)
     global_crops_number: int = 2
     local_crops_number: int = 8
     global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
@@ -210,6 +210,10 @@ def validate(c: PretrainConfig) -> None:
         ),
         (len(c.blur_probabilities) == 3, "blur_probabilities needs 3 values: first global, other globals, locals"),
         (len(c.mask_ratio_min_max) == 2, "mask_ratio_min_max needs 2 values"),
+        (
+            c.blur_kernel_size == 0 or (c.blur_kernel_size > 0 and c.blur_kernel_size % 2 == 1),
+            f"blur_kernel_size must be odd (e.g. 9), or 0 for an untruncated Gaussian; got {c.blur_kernel_size}",
+        ),
         (
             any(v is not None for v in (c.epochs, c.max_iterations, c.max_minutes)),
             "set at least one of epochs, max_iterations, max_minutes",

@@ -109,6 +109,18 @@ def build_model(cfg: PretrainConfig) -> SelfDistillation:
     )
 
 
+def check_crop_sizes(cfg: PretrainConfig, patch_size: int) -> None:
+    """Crops must tile into whole patches; checked before the run folder gets its config.yaml."""
+    for key in ("global_crops_size", "local_crops_size"):
+        size = getattr(cfg, key)
+        if size % patch_size:
+            lower, upper = max(size // patch_size, 1) * patch_size, -(-size // patch_size) * patch_size
+            raise DinokitError(
+                f"{key}={size} is not a multiple of the patch size {patch_size} of {cfg.init or cfg.arch}; "
+                f"use {key}={lower} or {key}={upper}"
+            )
+
+
 def build_augmentation(cfg: PretrainConfig) -> MultiCropAugmentation | BatchedMultiCrop:
     """The multi-crop augmentation of `cfg`: per image (torchvision transforms), or for
     augmentation=batched the same parameters applied to whole batches of in-memory images."""
@@ -395,6 +407,7 @@ class Trainer:
         self.length = run_length(cfg, len(self.paths), self.global_batch)
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.model = build_model(cfg).to(device)
+        check_crop_sizes(cfg, self.model.student.backbone.patch_size)
         self.use_ibot = self.model.use_ibot
         self.collate = build_collate(cfg, self.model.student.backbone.patch_size, self.use_ibot)
         self.augmentation = build_augmentation(cfg)
