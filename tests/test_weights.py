@@ -195,8 +195,53 @@ def test_not_a_backbone(tmp_path):
     torch.save({"weight": torch.zeros(3)}, tmp_path / "w.pth")
     with pytest.raises(DinokitError, match="not a ViT backbone"):
         dinokit.load_model(tmp_path / "w.pth")
-    with pytest.raises(DinokitError, match="No such file or folder"):
+    with pytest.raises(DinokitError, match="file not found"):
         dinokit.load_model(tmp_path / "nope.pth")
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """`weights/missing.pth` has one slash, so it was looked up as a Hub id and reported as offline."""
+    monkeypatch.chdir(tmp_path)
+    hub_ids = []
+    monkeypatch.setattr(hub, "_download_hub", lambda repo_id: hub_ids.append(repo_id) or tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name, why in [
+        ("weights/missing.pth", f"there is no folder {tmp_path / 'weights'}"),
+        ("weights/missing.safetensors", "no folder"),
+        ("missing.bin", f"{tmp_path} has no missing.bin"),
+        ("runs/typo", f"{tmp_path / 'runs'} has no typo"),  # no extension, but its folder exists here
+    ]:
+        with pytest.raises(DinokitError, match="file not found") as e:
+            dinokit.load_model(name)
+        assert name in str(e.value) and why in str(e.value) and "offline" not in str(e.value)
+    assert hub_ids == []
+    assert hub.resolve("facebook/dinov2-small") == tmp_path  # a Hub id still goes to the Hub
+    assert hub_ids == ["facebook/dinov2-small"]
+
+
+def test_bad_out_paths_fail_up_front_with_the_fix(tmp_path, monkeypatch, capsys, model):
+    from dinokit.cli import main
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(DinokitError, match=r"is an existing folder.*Pass a file path instead, e\.g\. .*model\.pth"):
+        dinokit.export_model(model, tmp_path / "folder", format="official")
+    with pytest.raises(DinokitError, match=r"is an existing file.*Pass a folder path instead"):
+        dinokit.export_model(model, tmp_path / "afile", format="hf")
+    for fmt in ("official", "dinokit", "hf"):
+        with pytest.raises(DinokitError, match=r"afile is a file, not a folder\. Pass a path in a folder"):
+            dinokit.export_model(model, tmp_path / "afile" / "sub" / "m.pth", format=fmt)
+    monkeypatch.setattr("dinokit.io.os.access", lambda *a: False)  # as a read-only folder (tests may run as root)
+    with pytest.raises(DinokitError, match=r"no permission to write in .*Pass a path in a folder you can write to"):
+        dinokit.export_model(model, tmp_path / "new" / "m.pth", format="official")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # nothing written, no folder made
+    assert list((tmp_path / "folder").iterdir()) == []
+    weights = dinokit.export_model(model, tmp_path / "m.safetensors")
+    monkeypatch.setattr("dinokit.models.commands.load_model", lambda *a: pytest.fail("loaded before checking out="))
+    for out, fmt in (("folder", "official"), ("folder", "torchscript"), ("afile", "hf")):
+        assert main(["export", f"model={weights}", f"out={tmp_path / out}", f"format={fmt}"]) == 2
+        assert "dinokit: error: cannot write to" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["vit_micro_p4", "vit_micro_p8", "vit_nano_p2"])

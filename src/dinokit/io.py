@@ -23,8 +23,9 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
             tmp.unlink()
 
 
-def prepare_output(path: str | Path, folder: bool = False, example: str = "model.pth") -> Path:
-    """`path` checked for writing one file (or, with `folder`, a folder) and its parent folders created.
+def prepare_output(path: str | Path, folder: bool = False, example: str = "model.pth", create: bool = True) -> Path:
+    """`path` checked for writing one file (or, with `folder`, a folder), its parent folders created
+    unless `create` is False.
 
     Raises DinokitError, before any work is done, if `path` is an existing folder where a file is to
     be written (`example` names a file to suggest inside it), an existing file where a folder is to
@@ -47,17 +48,18 @@ def prepare_output(path: str | Path, folder: bool = False, example: str = "model
         raise DinokitError(
             f"cannot write to {path}: {existing} is a file, not a folder. Pass a path in a folder you can write to"
         )
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise DinokitError(
-            f"cannot create the folder {parent} for {path} ({e.strerror or e}). Pass a path in a folder you can "
-            "write to"
-        ) from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise DinokitError(
-            f"cannot write to {path}: no permission to write in {parent}. Pass a path in a folder you can write to"
+            f"cannot write to {path}: no permission to write in {existing}. Pass a path in a folder you can write to"
         )
+    if create:
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DinokitError(
+                f"cannot create the folder {parent} for {path} ({e.strerror or e}). "
+                "Pass a path in a folder you can write to"
+            ) from None
     return path
 
 

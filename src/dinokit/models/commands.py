@@ -4,7 +4,7 @@ import torch
 
 from dinokit.models.architectures import ARCHITECTURES, count_parameters, create_model
 from dinokit.models.graph_export import GRAPH_FORMATS, export_graph
-from dinokit.models.loading import export_model, load_model, read_checkpoint
+from dinokit.models.loading import export_model, load_model, output_path, read_checkpoint
 
 
 def architecture_table() -> list[dict]:
@@ -61,6 +61,7 @@ def export(model: str, out: str, format: str = "dinokit", image_size: int | None
     image_size (default: the model's native size) and checked against PyTorch at another size; the
     report (max abs differences) is printed.
     """
+    output_path(out, format, create=False)  # a bad out= fails before the model is read
     net = load_model(model)
     if format in GRAPH_FORMATS:
         return export_graph(net, out, format, image_size)

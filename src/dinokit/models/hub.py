@@ -16,6 +16,7 @@ _DINO_V1_FILES = {
     "dino_vitb16": "dino_vitbase16_pretrain",
     "dino_vitb8": "dino_vitbase8_pretrain",
 }
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".onnx")
 # Hugging Face Hub ids of the same weights (transformers layout).
 HF_NAMES = {
     f"dinov2_vit{s}14{'_reg' if reg else ''}": f"facebook/dinov2-{'with-registers-' if reg else ''}{size}"
@@ -41,7 +42,9 @@ def cache_dir() -> Path:
 
 
 def resolve(source: str | os.PathLike) -> Path:
-    """Local path for `source`: an existing path as is; a released name or Hub id downloaded (cached)."""
+    """Local path for `source`: an existing path as is; a released name or Hub id downloaded (cached).
+    A missing path that `looks_local` (weights extension, or an existing parent folder) is reported as
+    not found rather than looked up on the Hub."""
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -49,6 +52,14 @@ def resolve(source: str | os.PathLike) -> Path:
     url = official_url(name)
     if url is not None:
         return _download_url(name, url)
+    if looks_local(path):
+        folder = path.absolute().parent
+        why = f"{folder} has no {path.name}" if folder.is_dir() else f"there is no folder {folder}"
+        raise DinokitError(
+            f"file not found: {path}. No such file or folder ({why}): check the spelling and the current "
+            "folder, or pass an absolute path. Released names have no file extension, e.g. dinov2_vits14 or "
+            "facebook/dinov2-small."
+        )
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return _download_hub(name)
     known = ", ".join([*HF_NAMES, *_DINO_V1_FILES])
@@ -56,6 +67,12 @@ def resolve(source: str | os.PathLike) -> Path:
         f"No such file or folder: {name!r}; nor is it a released model name. "
         f"Released names: {known}; or a Hugging Face id such as facebook/dinov2-small."
     )
+
+
+def looks_local(path: Path) -> bool:
+    """True for a name that is meant as a local path, not a Hub id: one ending in a weights file
+    extension, or one inside a folder that exists here (`weights/missing.pth`, `runs/typo`)."""
+    return path.suffix in WEIGHT_SUFFIXES or (len(path.parts) > 1 and path.parent.is_dir())
 
 
 def _offline_error(name: str, where: str, error: Exception) -> DinokitError:

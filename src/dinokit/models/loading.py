@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dinokit.errors import DinokitError
-from dinokit.io import atomic_write, read_json, write_json
+from dinokit.io import atomic_write, prepare_output, read_json, write_json
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.formats import hf as hf_format
 from dinokit.models.formats import timm as timm_format
@@ -181,26 +181,37 @@ def export_model(
     Hugging Face folder (`config.json` + `model.safetensors`) that `transformers.Dinov2Model` /
     `Dinov2WithRegistersModel.from_pretrained` loads, or an ONNX / TorchScript graph (any batch and
     size; `image_size` is the example size, default the native one; see `graph_export`). Writes are
-    atomic. Returns the written path."""
+    atomic; `path` is checked before any work (`output_path`). Returns the written path."""
     if format not in EXPORT_FORMATS:
         raise DinokitError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if format in GRAPH_FORMATS:
         return export_graph(model, path, format, image_size)["path"]
-    path = Path(path)
+    path = output_path(path, format)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     if format == "dinokit":
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors") if path.suffix else path / "model.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(
             path, lambda tmp: save_file(sd, tmp, metadata={DINOKIT_CONFIG_KEY: json.dumps(model.config.to_dict())})
         )
     elif format == "official":
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: torch.save(sd, tmp))
     else:
-        path.mkdir(parents=True, exist_ok=True)
         hf_sd = hf_format.official_to_hf(sd, model.config)
         atomic_write(path / "model.safetensors", lambda tmp: save_file(hf_sd, tmp, metadata={"format": "pt"}))
         write_json(path / "config.json", hf_format.hf_config(model.config))
     return str(path)
+
+
+def output_path(path: str | Path, format: str, create: bool = True) -> Path:
+    """The file (folder for `hf`) that export_model(format=...) writes for `path` (dinokit: a
+    `.safetensors` name), checked up front: an existing folder given for a file, an existing file
+    given for a folder, or an unwritable place raises a DinokitError that says what to pass instead."""
+    path = Path(path).expanduser()
+    if format == "dinokit" and path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors") if path.suffix else path / "model.safetensors"
+    examples = {
+        "dinokit": "model.safetensors",
+        "official": "model.pth",
+        "onnx": "model.onnx",
+        "torchscript": "model.pt",
+    }
+    return prepare_output(path, folder=format == "hf", example=examples.get(format, ""), create=create)
