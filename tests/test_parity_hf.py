@@ -1,8 +1,14 @@
 """Parity with Hugging Face transformers (the real peer), both directions."""
 
+import json
+import shutil
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
+    AutoModel,
     Dinov2Config,
     Dinov2ForImageClassification,
     Dinov2Model,
@@ -12,6 +18,7 @@ from transformers import (
 )
 
 import dinokit
+from dinokit import ViTConfig
 from dinokit.models.loading import read_checkpoint
 from tests.conftest import perturb_scales_and_norms
 
@@ -85,7 +92,7 @@ def test_vit_s14_config(tmp_path, registers):
 
 
 def test_export_to_hf_and_load_with_transformers(tmp_path):
-    for name, cls in (("vit_micro_p4", Dinov2Model), ("dinov2_vits14_reg", Dinov2WithRegistersModel)):
+    for name, cls in (("vit_micro_p4", Dinov2WithRegistersModel), ("dinov2_vits14_reg", Dinov2WithRegistersModel)):
         ours = perturb_scales_and_norms(
             dinokit.create_model(name, img_size=56 if "reg" in name else 32, patch_size=14 if "reg" in name else 4)
         ).eval()
@@ -156,13 +163,77 @@ def test_registers_image_classification_wrapper_loads_its_backbone(tmp_path):
 
 
 def test_hf_export_keeps_dinokit_interpolation(tmp_path):
-    """vit_micro_p4 resamples its position grid with offset 0 and antialias, unlike a plain HF Dinov2Model."""
+    """vit_micro_p4 resamples its position grid with offset 0 and antialias, as Dinov2WithRegistersModel
+    (not Dinov2Model, which has no antialias): it is written as that class with 0 registers, so that
+    transformers gives the same outputs at every size."""
     ours = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4")).eval()
-    folder = dinokit.export_model(ours, tmp_path / "hf", format="hf")
+    with torch.no_grad():
+        ours.pos_embed.normal_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact match: no warning
+        folder = dinokit.export_model(ours, tmp_path / "hf", format="hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["num_register_tokens"]) == ("dinov2_with_registers", 0)
     back = dinokit.load_model(folder)
-    assert (back.config.interpolate_offset, back.config.interpolate_antialias) == (0.0, True)
+    assert back.config == ViTConfig(**{**ours.config.to_dict(), "init_values": 1.0})
     x = torch.randn(2, 3, 16, 24)  # an 8 x 8 grid resampled to 4 x 6: antialias matters
     with torch.no_grad():
         assert torch.equal(ours.forward_features(x)["x_prenorm"], back.forward_features(x)["x_prenorm"])
-    hf = Dinov2Model.from_pretrained(folder).eval()  # transformers still reads the extended config.json
-    compare(hf, ours, torch.randn(2, 3, 32, 32), 0)
+    hf, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert isinstance(hf, Dinov2WithRegistersModel)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    for size in [(32, 32), (16, 24), (48, 40)]:  # native, and resampled both ways
+        compare(hf.eval(), ours, torch.randn(2, 3, *size), 0)
+
+
+def test_official_dinov2_exports_as_dinov2model_with_a_warning(tmp_path):
+    """No transformers class resamples with the official +0.1 offset; the export says so."""
+    ours = perturb_scales_and_norms(dinokit.create_model("dinov2_vits14", depth=1, img_size=28)).eval()
+    with pytest.warns(UserWarning, match=r"Dinov2Model resamples .* offset 0\.1 .* other than 28 px"):
+        folder = dinokit.export_model(ours, tmp_path / "hf", format="hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "dinov2"
+    compare(AutoModel.from_pretrained(folder).eval(), ours, torch.randn(1, 3, 28, 28), 0)
+    back = dinokit.load_model(folder)
+    x = torch.randn(1, 3, 42, 56)
+    with torch.no_grad():
+        assert torch.equal(ours.forward_features(x)["x_prenorm"], back.forward_features(x)["x_prenorm"])
+
+
+def nano(seed: int):
+    torch.manual_seed(seed)
+    return perturb_scales_and_norms(dinokit.create_model("vit_nano_p2")).eval()
+
+
+def test_hf_folder_with_old_shards_and_a_new_model_safetensors_loads_the_new_file(tmp_path):
+    """transformers reads model.safetensors before an index; dinokit read the old shards."""
+    old, new = nano(0), nano(1)
+    AutoModel.from_pretrained(dinokit.export_model(old, tmp_path / "old", format="hf")).save_pretrained(
+        tmp_path / "mixed", max_shard_size="20KB"
+    )
+    assert (tmp_path / "mixed" / "model.safetensors.index.json").exists()
+    shutil.copy(
+        Path(dinokit.export_model(new, tmp_path / "new", format="hf")) / "model.safetensors", tmp_path / "mixed"
+    )
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(dinokit.load_model(tmp_path / "mixed")(x), new(x))
+        assert torch.allclose(
+            AutoModel.from_pretrained(tmp_path / "mixed")(pixel_values=x).pooler_output, new(x), atol=ATOL
+        )
+
+
+def test_hf_export_removes_the_weight_files_of_an_earlier_export(tmp_path):
+    old, new = nano(0), nano(1)
+    folder = tmp_path / "hf"
+    AutoModel.from_pretrained(dinokit.export_model(old, tmp_path / "old", format="hf")).save_pretrained(
+        folder, max_shard_size="20KB"
+    )
+    (folder / "pytorch_model.bin").write_bytes(b"old weights")
+    (folder / "README.md").write_text("kept")
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    dinokit.export_model(new, folder, format="hf")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(dinokit.load_model(folder)(x), new(x))
+        assert torch.allclose(AutoModel.from_pretrained(folder)(pixel_values=x).pooler_output, new(x), atol=ATOL)

@@ -5,13 +5,16 @@ architecture from keys and shapes (or from the config that dinokit and HF files 
 
 Formats read: dinokit safetensors; official backbone `.pth`; official / DINO v1 training checkpoints
 (`teacher_checkpoint.pth`, `checkpoint.pth`); Hugging Face folders (`config.json` + `model.safetensors`
-or `pytorch_model.bin`, sharded or not); timm state dicts (`.pth`, `.bin` or `.safetensors`, or a timm
-Hub folder); a dinokit pretraining run folder (its `backbone.safetensors`); released names.
+or `pytorch_model.bin`, sharded or not, the first in transformers' order); timm state dicts (`.pth`,
+`.bin` or `.safetensors`, or a timm Hub folder); a dinokit pretraining run folder (its
+`backbone.safetensors`); released names.
 """
 
 import argparse
 import json
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -64,24 +67,31 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return obj, {}
 
 
+# transformers' order: a folder holding several reads the first (then open_clip's single file).
+HF_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Every file name of the HF weights (single, index, shard), e.g. model-00001-of-00002.safetensors.
+_HF_WEIGHT_NAME = re.compile(r"(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?")
+
+
 def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict | list]:
     config = read_json(folder / "config.json")
-    index = next(
-        (folder / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (folder / n).exists()),
-        None,
-    )
-    if index is not None:
-        weight_map = read_json(index)
-        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
-            raise DinokitError(f"{index} has no 'weight_map' object; download or export the folder again")
-        sd = {}
-        for name in sorted(set(weight_map["weight_map"].values())):
-            sd.update(read_state_dict(folder / name)[0])
-        return sd, config
-    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors"):
-        if (folder / name).exists():
-            return read_state_dict(folder / name)[0], config
-    raise DinokitError(f"{folder} has a config.json but no model.safetensors or pytorch_model.bin")
+    name = next((n for n in (*HF_WEIGHT_FILES, "open_clip_model.safetensors") if (folder / n).exists()), None)
+    if name is None:
+        raise DinokitError(f"{folder} has a config.json but no model.safetensors or pytorch_model.bin")
+    if not name.endswith(".index.json"):
+        return read_state_dict(folder / name)[0], config
+    weight_map = read_json(folder / name)
+    if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+        raise DinokitError(f"{folder / name} has no 'weight_map' object; download or export the folder again")
+    sd = {}
+    for shard in sorted(set(weight_map["weight_map"].values())):
+        sd.update(read_state_dict(folder / shard)[0])
+    return sd, config
 
 
 def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTConfig | None, str]:
@@ -181,7 +191,12 @@ def export_model(
     Hugging Face folder (`config.json` + `model.safetensors`) that `transformers.Dinov2Model` /
     `Dinov2WithRegistersModel.from_pretrained` loads, or an ONNX / TorchScript graph (any batch and
     size; `image_size` is the example size, default the native one; see `graph_export`). Writes are
-    atomic; `path` is checked before any work (`output_path`). Returns the written path."""
+    atomic; `path` is checked before any work (`output_path`). Returns the written path.
+
+    hf: the class is the one that resamples the position grid as the model (`hf.with_registers_class`:
+    register models and offset 0 + antialias models are `Dinov2WithRegistersModel`); where none does
+    (offset 0.1: DINO, DINOv2) a warning says so. Weight files of an earlier export in the folder
+    (index, shards, pytorch_model.bin) are removed."""
     if format not in EXPORT_FORMATS:
         raise DinokitError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     if format in GRAPH_FORMATS:
@@ -195,9 +210,7 @@ def export_model(
     elif format == "official":
         atomic_write(path, lambda tmp: torch.save(sd, tmp))
     else:
-        hf_sd = hf_format.official_to_hf(sd, model.config)
-        atomic_write(path / "model.safetensors", lambda tmp: save_file(hf_sd, tmp, metadata={"format": "pt"}))
-        write_json(path / "config.json", hf_format.hf_config(model.config))
+        _write_hf_folder(sd, model.config, path)
     return str(path)
 
 
@@ -215,3 +228,17 @@ def output_path(path: str | Path, format: str, create: bool = True) -> Path:
         "torchscript": "model.pt",
     }
     return prepare_output(path, folder=format == "hf", example=examples.get(format, ""), create=create)
+
+
+def _write_hf_folder(sd: dict[str, torch.Tensor], config: ViTConfig, folder: Path) -> None:
+    """config.json + model.safetensors in `folder`; then the weight files of an earlier export there
+    (index and shards, pytorch_model.bin) are removed, so that no reader picks stale weights."""
+    mismatch = hf_format.interpolation_mismatch(config)
+    if mismatch:
+        warnings.warn(mismatch, stacklevel=3)
+    hf_sd = hf_format.official_to_hf(sd, config)
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(hf_sd, tmp, metadata={"format": "pt"}))
+    write_json(folder / "config.json", hf_format.hf_config(config))
+    for file in folder.iterdir():
+        if file.name != "model.safetensors" and _HF_WEIGHT_NAME.fullmatch(file.name) and file.is_file():
+            file.unlink()

@@ -57,6 +57,8 @@ def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         key = _backbone_key(key)
         if key.startswith("classifier."):
             continue
+        if key == "embeddings.register_tokens" and value.shape[1] == 0:
+            continue  # a Dinov2WithRegistersModel with 0 registers (dinokit's export of offset-0 + antialias models)
         if key in _EMBEDDINGS:
             out[_EMBEDDINGS[key]] = value
             continue
@@ -92,6 +94,8 @@ def official_to_hf(sd: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, 
     sd = dict(sd)
     d = config.embed_dim
     sd.setdefault("mask_token", torch.zeros(1, d))
+    if with_registers_class(config):
+        sd.setdefault("register_tokens", torch.zeros(1, 0, d))  # 0 registers: written, so none is "missing"
     hidden = sd["blocks.0.mlp.fc1.weight" if config.ffn_layer == "mlp" else "blocks.0.mlp.w3.weight"]
     hidden = hidden.shape[0] if config.ffn_layer == "mlp" else hidden.shape[1]
     for i in range(config.depth):
@@ -213,9 +217,32 @@ def _vit_config(cfg: dict, with_registers: bool) -> ViTConfig:
     )
 
 
+def with_registers_class(config: ViTConfig) -> bool:
+    """True if `config` is exported as `Dinov2WithRegistersModel`: models with registers, and models
+    that resample the position grid as that class does (offset 0 + antialias, e.g. dinokit's small
+    `vit_*`), written with num_register_tokens=0. Others (offset 0.1: DINO, DINOv2) are `Dinov2Model`."""
+    return config.num_register_tokens > 0 or (config.interpolate_offset == 0 and config.interpolate_antialias)
+
+
+def interpolation_mismatch(config: ViTConfig) -> str | None:
+    """Why transformers' class for `config` resamples the position grid otherwise than the model (so its
+    outputs differ at input sizes other than the native one), or None where they agree."""
+    antialias = with_registers_class(config)  # Dinov2WithRegistersModel: size=, antialias; Dinov2Model: size=
+    if config.interpolate_offset == 0 and config.interpolate_antialias == antialias:
+        return None
+    cls = "Dinov2WithRegistersModel" if antialias else "Dinov2Model"
+    return (
+        f"transformers' {cls} resamples the position grid with no offset and {'with' if antialias else 'no'} "
+        f"antialias, this model with offset {config.interpolate_offset} and "
+        f"{'with' if config.interpolate_antialias else 'no'} antialias: at input sizes other than "
+        f"{config.img_size} px, transformers' outputs will differ from this model's (no transformers class "
+        "resamples as it does). dinokit.load_model reads the folder back exactly."
+    )
+
+
 def hf_config(config: ViTConfig) -> dict:
     """`config.json` content that transformers reads as the same network."""
-    with_registers = config.num_register_tokens > 0
+    with_registers = with_registers_class(config)
     cfg = {
         "architectures": ["Dinov2WithRegistersModel" if with_registers else "Dinov2Model"],
         "model_type": "dinov2_with_registers" if with_registers else "dinov2",
