@@ -1,5 +1,7 @@
 """Schedules, lr scaling, parameter groups, gradient clipping and the EMA update, by hand."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -164,6 +166,23 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in folder.iterdir()] == ["checkpoint_00000002.pt"]  # no partial or temp file
     previous = load_checkpoint(list_checkpoints(folder)[-1])
     assert previous["iteration"] == 2 and torch.equal(previous["w"], torch.arange(4.0))
+
+
+def test_atomic_write_flushes_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """A power cut after a checkpoint is saved (and older ones deleted) must not leave an empty file."""
+    import os
+
+    from dinokit import io
+
+    events = []
+    real_replace = os.replace
+    monkeypatch.setattr(io.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))))
+    monkeypatch.setattr(io.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b)))
+    target = tmp_path / "state.bin"
+    io.atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"data"))
+    assert target.read_bytes() == b"data"
+    temp = str(tmp_path / f".state.bin.tmp{os.getpid()}")
+    assert events == [("fsync", temp), ("replace", str(target)), ("fsync", str(tmp_path))]
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])

@@ -12,15 +12,32 @@ from dinokit.errors import DinokitError
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """Call write(tmp_path) on a temporary file next to `path`, then rename it into place: readers
-    never see a half-written file, and an interrupted write leaves the previous file intact."""
+    never see a half-written file, and an interrupted write leaves the previous file intact. The data
+    and the rename are flushed to disk (fsync) before returning, so that a caller may delete older
+    files (e.g. checkpoints) without a power cut leaving it an empty new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
+        sync(tmp)
         os.replace(tmp, path)
+        sync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def sync(path: Path) -> None:
+    """fsync a file or a folder (a folder: its entries, e.g. a rename); a no-op where the platform
+    cannot open folders (Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except (IsADirectoryError, PermissionError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def prepare_output(path: str | Path, folder: bool = False, example: str = "model.pth", create: bool = True) -> Path:
