@@ -244,11 +244,15 @@ def test_bad_out_paths_fail_up_front_with_the_fix(tmp_path, monkeypatch, capsys,
         assert "dinokit: error: cannot write to" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["vit_micro_p4", "vit_micro_p8", "vit_nano_p2"])
-def test_official_export_of_a_named_architecture_reloads_as_the_same_model(tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "img_size"), [("vit_micro_p4", None), ("vit_micro_p4", 16), ("vit_micro_p8", None), ("vit_nano_p2", None)]
+)
+def test_official_export_of_a_named_architecture_reloads_as_the_same_model(tmp_path, name, img_size):
     """Heads and interpolation are not in the weights: they come from the named architecture of the
-    same shape (vit_micro_p4 used to come back with 1 head, offset 0.1 and no antialias)."""
-    m = perturb_scales_and_norms(dinokit.create_model(name)).eval()
+    same shape (vit_micro_p4 used to come back with 1 head, offset 0.1 and no antialias), whatever its
+    position grid (img_size 16: as `cpu32` pretrains it, on 16 px global crops)."""
+    overrides = {"img_size": img_size} if img_size else {}
+    m = perturb_scales_and_norms(dinokit.create_model(name, **overrides)).eval()
     with torch.no_grad():
         m.pos_embed.normal_()
     path = dinokit.export_model(m, tmp_path / "m.pth", format="official")

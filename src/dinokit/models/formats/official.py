@@ -72,7 +72,7 @@ def infer_config(
     that `loading.check_keys` can list what is missing against the nearest known architecture.
     The number of heads and the position-grid interpolation are not stored in the weights: unless
     given, they are taken from the named architecture (`ARCHITECTURES`) with the same width, depth,
-    patch, grid, registers and FFN. Without one they are guessed, with a warning: 64-dim heads (as
+    patch, registers and FFN (any position grid). Without one they are guessed, with a warning: 64-dim heads (as
     every released model), offset 0.1 without registers and offset 0 + antialias with them.
     """
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
@@ -91,7 +91,7 @@ def infer_config(
     given = dict(
         num_heads=num_heads, interpolate_offset=interpolate_offset, interpolate_antialias=interpolate_antialias
     )
-    named = _named_settings(dim, depth, patch, grid, registers, ffn)
+    named = _named_settings(dim, depth, patch, registers, ffn)
     unset = [k for k, v in given.items() if v is None]
     if named is None:
         named = {  # 64-dim heads as every released model; the official interpolation of the variant
@@ -102,7 +102,7 @@ def infer_config(
         if unset:
             warnings.warn(
                 f"no named architecture has these weights' shape (dim {dim}, depth {depth}, patch {patch}, "
-                f"grid {grid}, {registers} registers, {ffn} FFN), and the weights do not store {', '.join(unset)}: "
+                f"{registers} registers, {ffn} FFN), and the weights do not store {', '.join(unset)}: "
                 f"guessed {', '.join(f'{k}={named[k]}' for k in unset)}. If the model was built otherwise, "
                 f"pass them: load_model(path, {', '.join(f'{k}=...' for k in unset)}).",
                 stacklevel=3,
@@ -128,14 +128,15 @@ def infer_config(
     )
 
 
-def _named_settings(dim: int, depth: int, patch: int, grid: int, registers: int, ffn: str) -> dict | None:
+def _named_settings(dim: int, depth: int, patch: int, registers: int, ffn: str) -> dict | None:
     """num_heads / interpolate_offset / interpolate_antialias of the named architectures of this shape,
-    or None if there is none (or they disagree)."""
+    or None if there is none (or they disagree). The position grid is not compared: pretraining sets it
+    to the global crop size (a dinov2_vits14 trained at 224 px has a 16 x 16 grid, not 37 x 37)."""
     found = {
         (c.num_heads, c.interpolate_offset, c.interpolate_antialias)
         for c in ARCHITECTURES.values()
-        if (c.embed_dim, c.depth, c.patch_size, c.img_size // c.patch_size, c.num_register_tokens, c.ffn_layer)
-        == (dim, depth, patch, grid, registers, ffn)
+        if (c.embed_dim, c.depth, c.patch_size, c.num_register_tokens, c.ffn_layer)
+        == (dim, depth, patch, registers, ffn)
     }
     if len(found) != 1:
         return None
