@@ -162,6 +162,32 @@ def test_predict_writes_full_size_outputs_and_checks_the_backbone(tmp_path, caps
     other = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "other.safetensors")
     assert main([*args, f"out={tmp_path / 'o4'}", f"model={other}"]) == 2
     assert "Pass the backbone the head was trained with" in capsys.readouterr().err
+    moved = tmp_path / "moved"  # a head whose backbone file is gone asks for model=
+    moved.mkdir()
+    dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "nano.safetensors")
+    nano = prepare_backbone(str(tmp_path / "nano.safetensors"), "cpu")
+    assert head_metadata(nano, 16, (1,), True, 0)["model"] == str((tmp_path / "nano.safetensors").resolve())
+    save_head(
+        moved / "head.safetensors", head, head_metadata(nano, 16, (1,), True, 0, task="segmentation", num_classes=3)
+    )
+    (tmp_path / "nano.safetensors").unlink()
+    assert (
+        main(
+            [
+                "predict",
+                "segmentation",
+                f"head={moved / 'head.safetensors'}",
+                f"images={tmp_path / 'in'}",
+                f"out={moved}",
+            ]
+        )
+        == 2
+    )
+    assert "cannot be loaded" in (err := capsys.readouterr().err) and "pass it as model=" in err
+    photo = (tmp_path / "in" / "wide.png").read_bytes()
+    assert main([*args, f"out={tmp_path / 'in'}", "num_workers=0"]) == 2  # would write in/wide.png
+    assert "would overwrite the input image" in capsys.readouterr().err
+    assert (tmp_path / "in" / "wide.png").read_bytes() == photo
 
 
 @pytest.fixture(scope="module")

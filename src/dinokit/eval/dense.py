@@ -340,8 +340,9 @@ def predict_split(head: nn.Module, split: DenseSplit, device: torch.device, batc
 # ------------------------------------------------------------------------------------ new images
 def head_metadata(backbone: Backbone, image_size: int, layers: tuple[int, ...], norm: bool, seed: int, **extra) -> dict:
     """What `predict` needs to rebuild a head's input: the backbone, resolution and blocks."""
-    return {
-        "model": backbone.source,
+    source = Path(backbone.source).expanduser()
+    return {  # a local model as an absolute path, so that predict finds it from any working folder
+        "model": str(source.resolve()) if source.exists() else backbone.source,
         "weights_hash": backbone.hash,
         "seed": seed,
         "image_size": image_size,
@@ -356,7 +357,12 @@ def backbone_for_head(meta: dict, model: str | None, device: str) -> Backbone:
     """The backbone a head was trained on (from its metadata, or `model=`), checked by weights hash."""
     from dinokit.eval.common import prepare_backbone
 
-    backbone = prepare_backbone(model or meta["model"], device, meta.get("seed", 0))
+    try:
+        backbone = prepare_backbone(model or meta["model"], device, meta.get("seed", 0))
+    except DinokitError as e:
+        if model is not None:
+            raise
+        raise DinokitError(f"the head's backbone {meta['model']} cannot be loaded ({e}); pass it as model=...") from e
     if backbone.hash != meta["weights_hash"]:
         raise DinokitError(
             f"the head was trained on features of {meta['model']} (weights hash {meta['weights_hash']}), "
@@ -368,15 +374,24 @@ def backbone_for_head(meta: dict, model: str | None, device: str) -> Backbone:
 
 @torch.no_grad()
 def predict_images(
-    head: nn.Module, meta: dict, backbone: Backbone, images: str, batch_size: int, num_workers: int, precision: str
+    head: nn.Module,
+    meta: dict,
+    backbone: Backbone,
+    images: str,
+    out_files: tuple[Path, tuple[str, ...]],
+    batch_size: int,
+    num_workers: int,
+    precision: str,
 ):
     """Yield (output name, RGB array at original size, head output (C, H, W) at that size); the name is
-    the image's path under the `images` folder without extension (its stem for a list or one file)."""
+    the image's path under the `images` folder without extension (its stem for a list or one file).
+    out_files: (output folder, suffixes of the files written per name), checked against the inputs."""
     from dinokit.data.images import open_rgb
     from dinokit.features.extract import iter_features
 
     paths = list_images(images)
     names = output_names(paths, Path(images).expanduser())
+    check_outputs_spare_inputs(paths, names, *out_files)
     transform = make_transform(meta["image_size"], "resize")
     which = ("layer_patch_tokens", "layers") if meta.get("with_cls") else ("layer_patch_tokens",)
     side = meta["image_size"] // meta["patch_size"]
@@ -404,6 +419,20 @@ def predict_images(
             yield names[i], rgb, upsample(output[j : j + 1], rgb.shape[:2])[0]
     if bad:
         print(f"skipped {len(bad)} unreadable image(s), e.g. {paths[bad[0]]}")
+
+
+def check_outputs_spare_inputs(paths: list[Path], names: list[str], out_dir: Path, suffixes: tuple[str, ...]) -> None:
+    """Refuse, before any work, an output folder where a prediction would replace an input image
+    (e.g. out= the images folder itself, with PNG inputs)."""
+    inputs = {p.resolve() for p in paths}
+    for name in names:
+        for suffix in suffixes:
+            target = (out_dir / f"{name}{suffix}").resolve()
+            if target in inputs:
+                raise DinokitError(
+                    f"out={out_dir} would overwrite the input image {target} with a prediction; "
+                    "choose an out folder apart from the images"
+                )
 
 
 def output_names(paths: list[Path], source: Path) -> list[str]:

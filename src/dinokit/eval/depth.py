@@ -306,7 +306,9 @@ def predict_depth(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = clipped = 0
-    for name, rgb, pred in predict_images(net, meta, backbone, images, batch_size, num_workers, precision):
+    for name, rgb, pred in predict_images(
+        net, meta, backbone, images, (out_dir, (".png", "_depth.png")), batch_size, num_workers, precision
+    ):
         depth = pred[0].clamp(meta["min_depth"], meta["max_depth"]).numpy()
         units, over = depth_units(depth, scale)
         clipped += over

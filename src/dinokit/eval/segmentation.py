@@ -278,7 +278,9 @@ def predict_segmentation(
     out_dir.mkdir(parents=True, exist_ok=True)
     count = 0
     ignore_index = meta.get("ignore_index", 255)
-    for name, rgb, logits in predict_images(net, meta, backbone, images, batch_size, num_workers, precision):
+    for name, rgb, logits in predict_images(
+        net, meta, backbone, images, (out_dir, (".png", "_overlay.png")), batch_size, num_workers, precision
+    ):
         mask = predict_classes(logits, ignore_index).numpy()
         mask = mask.astype(np.uint8 if meta["num_classes"] <= 256 else np.uint16)
         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
