@@ -104,3 +104,52 @@ def test_installed_console_script_lists_the_commands():
     assert "commands:" in out.stdout
     for name in ("models", "info", "export"):
         assert f"\n  {name} " in out.stdout, name
+
+
+def test_yaml_values_are_converted_like_command_line_values(tmp_path):
+    def command(
+        temperature: float = 0.07,
+        ks: list[int] = [10],  # noqa: B006
+        features: list[str] = ("cls",),
+        image_size: int | list[int] = 224,
+        few_shot: list[int] | None = None,
+        flag: bool = False,
+        name: str = "x",
+    ):
+        """A command with the key types of the real ones."""
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        'temperature: 7e-2\nks: 10\nfeatures: cls\nimage_size: "32"\nfew_shot: [1, "5"]\nflag: "yes"\nname: 001\n'
+    )
+    kw = build_kwargs(command, [f"config={cfg}"])
+    assert kw == {
+        "temperature": 0.07,
+        "ks": [10],
+        "features": ["cls"],
+        "image_size": 32,
+        "few_shot": [1, 5],
+        "flag": True,
+        "name": "1",
+    }
+    assert type(kw["temperature"]) is float and type(kw["image_size"]) is int
+    assert build_kwargs(command, [f"config={cfg}", "ks=[10, 20]"])["ks"] == [10, 20]
+    cfg.write_text("image_size: [32, 48]\nfew_shot: null\ntemperature: 1\n")
+    assert build_kwargs(command, [f"config={cfg}"]) == {"image_size": [32, 48], "few_shot": None, "temperature": 1.0}
+    for bad in ("ks: many", "temperature: warm", "flag: 2", "name: [a]"):
+        cfg.write_text(bad + "\n")
+        key = bad.split(":")[0]
+        with pytest.raises(DinokitError, match=rf"bad value for {key} in .*run\.yaml"):
+            build_kwargs(command, [f"config={cfg}"])
+
+
+def test_pretrain_yaml_keys_reach_the_config_typed(tmp_path):
+    from dinokit.train.config import resolve_config
+    from dinokit.train.pretrain import pretrain
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text('data: images\nmax_iterations: "2"\nepochs: 1e0\nlr: 4e-3\nglobal_crops_scale: [0.3, "1"]\n')
+    kw = build_kwargs(pretrain, [f"config={cfg}"])
+    assert kw["max_iterations"] == 2 and kw["epochs"] == 1.0  # named keys: converted here
+    config = resolve_config("cpu32", {k: v for k, v in kw.items() if k != "data"})  # the others: by the config
+    assert (config.max_iterations, config.epochs, config.lr, config.global_crops_scale) == (2, 1.0, 0.004, [0.3, 1.0])

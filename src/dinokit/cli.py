@@ -95,6 +95,44 @@ def parse_value(text: str, annotation) -> object:
     return value
 
 
+def convert_value(value: object, annotation) -> object:
+    """A value from a YAML file converted to the annotated type as a command-line value would be:
+    strings go through parse_value (`7e-2` for a float, `"32"` for an int, `cls` for a list), a scalar
+    for a list-typed key becomes a one-item list, numbers and lists are checked item by item."""
+    if isinstance(value, str):
+        return parse_value(value, annotation)
+    if annotation is inspect.Parameter.empty or annotation is typing.Any:
+        return value  # e.g. pretrain's further keys: its config converts them
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return convert_value(value, option)
+            except (ValueError, TypeError) as e:
+                errors.append(str(e))
+        raise ValueError("; ".join(errors))
+    if value is None:
+        raise ValueError("expected a value, got nothing (null)")
+    if origin in (list, tuple) or annotation in (list, tuple):
+        inner = args[0] if args else str
+        items = [convert_value(v, inner) for v in (value if isinstance(value, list) else [value])]
+        return tuple(items) if (origin or annotation) is tuple else items
+    if origin is dict or annotation is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping like {{a: 1}}, got {value!r}")
+        return value
+    if isinstance(value, (list, dict)):
+        raise ValueError(f"expected a single value, got {value!r}")
+    if annotation is bool and not isinstance(value, bool) and value not in (0, 1):
+        raise ValueError(f"expected true/false, got {value!r}")
+    if annotation in (int, float) and isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return parse_value(str(value).lower() if isinstance(value, bool) else str(value), annotation)
+
+
 def build_kwargs(func, pairs: list[str]) -> dict:
     """key=value strings (plus an optional config=FILE.yaml) -> validated keyword arguments."""
     signature = inspect.signature(func)
@@ -122,8 +160,11 @@ def build_kwargs(func, pairs: list[str]) -> dict:
             close = difflib.get_close_matches(key, params, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise DinokitError(f"unknown key {key!r}.{hint} Valid keys: {', '.join(params)}")
-    for key, value in raw.items():  # YAML values are already typed
-        kwargs[key] = value
+    for key, value in raw.items():
+        try:
+            kwargs[key] = convert_value(value, hints.get(key, inspect.Parameter.empty))
+        except (ValueError, TypeError, yaml.YAMLError) as e:
+            raise DinokitError(f"bad value for {key} in {config_file}: {e}") from None
     for key, text in explicit.items():
         annotation = hints.get(key, inspect.Parameter.empty)
         try:
