@@ -3,6 +3,8 @@ reuse of freed memory for loops that make large tensors afresh."""
 
 import contextlib
 import ctypes
+import inspect
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -14,25 +16,69 @@ from dinokit.errors import DinokitError
 PRECISIONS = ("bf16", "fp32")
 
 
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N (the GPU numbered N) or mps"
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda if available, else mps, else cpu. A requested device that is absent is an error."""
-    if str(device) == "auto":
+    """'auto' -> cuda if available, else mps, else cpu; or cpu, cuda, cuda:N, mps (any case). An unknown
+    name or a device this machine lacks is a DinokitError naming the choices and what is available."""
+    text = str(device).strip().lower()
+    if text == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DinokitError(f"device={device} requested but CUDA is not available here; use device=cpu or auto")
-    return dev
+    match = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", text)
+    if match is None:
+        hint = " (a GPU is device=cuda)" if "gpu" in text else ""
+        raise DinokitError(
+            f"device={device} is not a device name{hint}; use {DEVICE_CHOICES} (available here: {available_devices()})"
+        )
+    kind, index = match[1], None if match[2] is None else int(match[2])
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise DinokitError(
+            f"device={device} requested but CUDA is not available here; use device=cpu or auto "
+            f"(available here: {available_devices()})"
+        )
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise DinokitError(
+            f"device={device} requested but this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+            f"use one of {available_devices()}"
+        )
+    if kind == "mps" and not mps_available():
+        raise DinokitError(
+            f"device={device} requested but MPS (Apple GPUs) is not available here; use device=cpu or auto "
+            f"(available here: {available_devices()})"
+        )
+    return torch.device("cpu") if kind == "cpu" else torch.device(kind, index)
+
+
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def available_devices() -> str:
+    """The device names this machine accepts, e.g. 'cpu, cuda, cuda:0, cuda:1'."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if mps_available():
+        names.append("mps")
+    return ", ".join(names)
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast runs on `device`: always on the CPU, on CUDA GPUs that support bf16."""
+    """Whether bf16 autocast runs on `device`: always on the CPU; on a CUDA GPU (the one `device` names)
+    that supports bf16 natively (emulated bf16 on older GPUs is slower than fp32, so it does not count)."""
     if device.type == "cpu":
         return True
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    with torch.cuda.device(device.index) if device.index is not None else contextlib.nullcontext():
+        if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.is_bf16_supported()
 
 
 _warned_fp32: set[str] = set()  # device types already warned about (one warning per process)
