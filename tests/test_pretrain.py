@@ -196,6 +196,29 @@ def test_existing_run_is_never_overwritten_and_resume_keeps_the_config(tmp_path)
         run(data, tmp_path / "run", max_iterations=4, resume=True, lr=0.5)
 
 
+def test_resume_refuses_other_data_but_follows_the_same_images_elsewhere(tmp_path, capsys):
+    import shutil
+
+    data = tiny_images(tmp_path / "a")
+    run(data, tmp_path / "run", max_iterations=2)
+    other = tiny_images(tmp_path / "b", per_class=3)
+    with pytest.raises(DinokitError, match=r"trained on 32 images, but data=.* holds 24 images.*init=.*backbone"):
+        run(other, tmp_path / "run", max_iterations=4, resume=True)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"] == str(data)  # untouched
+    moved = shutil.copytree(data, tmp_path / "mounted" / "train")  # the same images at another path
+    assert run(moved, tmp_path / "run", max_iterations=4, resume=True)["iterations"] == 4
+    run(
+        other,
+        tmp_path / "next",
+        max_iterations=1,
+        init=str(tmp_path / "run" / "backbone.safetensors"),
+        arch="vit_micro_p4",
+    )
+    assert "arch=vit_micro_p4 is unused" in capsys.readouterr().out
+    derived = yaml.safe_load((tmp_path / "next" / "config.yaml").read_text())["derived"]
+    assert derived["backbone"].startswith("from init: 32 wide, 2 blocks, 2 heads, patch 2")
+
+
 def test_init_from_weights_with_fresh_heads_and_frozen_backbone_warmup(tmp_path):
     data = tiny_images(tmp_path / "data")
     run(data, tmp_path / "first", max_iterations=4)

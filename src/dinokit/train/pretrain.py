@@ -6,6 +6,7 @@ configuration), checkpoints/, metrics.jsonl, tensorboard/, bad_files.txt (if any
 backbone.safetensors (the teacher backbone, for `dinokit.load_model`).
 """
 
+import hashlib
 import math
 import time
 import warnings
@@ -31,6 +32,7 @@ from dinokit.data.unlabelled import (
 from dinokit.errors import DinokitError
 from dinokit.io import atomic_write
 from dinokit.models import create_model, export_model, load_model
+from dinokit.models.architectures import nearest_architecture
 from dinokit.models.vision_transformer import VisionTransformer
 from dinokit.runtime import autocast, resolve_device, reuse_freed_memory
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -233,6 +235,27 @@ def export_backbone(model: SelfDistillation, path: Path, fsdp: bool) -> str | No
 
 
 # ---------------------------------------------------------------------------------------------- data
+def data_fingerprint(paths: list[Path], data: str) -> dict:
+    """{"images": N, "sha256": hash of the paths relative to the data folder (or list file's folder)}:
+    the same files give the same fingerprint wherever the dataset is mounted."""
+    root = Path(data).expanduser()
+    root = root if root.is_dir() else root.parent
+    names = [p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p) for p in paths]
+    return {"images": len(paths), "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+
+
+def check_same_data(checkpoint: dict, fingerprint: dict, data: str, out: Path) -> None:
+    """A resumed run continues its data stream (the position in a shuffled order of N images), which
+    only means something on the same images: refuse other data, and say what to do instead."""
+    saved = checkpoint.get("data_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise DinokitError(
+            f"resume=true continues the run in {out}, trained on {saved['images']} images, but data={data} holds "
+            f"{fingerprint['images']} images with other names. Resume with the run's own data, or train on the new "
+            f"data in a new run (another out=...), starting from this one with init={out / 'backbone.safetensors'}"
+        )
+
+
 def check_readable(paths: list[Path], sample: int = 64) -> None:
     """Clear error before training if none of a sample of the files decodes."""
     step = max(1, len(paths) // sample)
@@ -403,6 +426,9 @@ class Trainer:
         self.global_batch = cfg.batch_size * world
 
         self.paths = list_images(data)
+        self.data_fingerprint = data_fingerprint(self.paths, data)
+        if self.checkpoint is not None:
+            check_same_data(self.checkpoint, self.data_fingerprint, data, out)
         check_readable(self.paths)
         self.length = run_length(cfg, len(self.paths), self.global_batch)
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
@@ -484,6 +510,12 @@ class Trainer:
             "peak_lr": self.schedules.lr,
             "augmentation": repr(self.augmentation),
         }
+        if cfg.init:  # the architecture comes from the weights; `arch` is not used
+            c = self.model.student.backbone.config
+            derived["backbone"] = (
+                f"from init: {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, patch {c.patch_size}, "
+                f"{c.num_register_tokens} registers (nearest named: {nearest_architecture(c)})"
+            )
         self.derived = derived
         if not self.main:
             return
@@ -501,6 +533,8 @@ class Trainer:
             f"({derived['iterations_per_epoch']} iterations per epoch); schedule over {span}{epochs}; "
             f"{cfg.objective} {cfg.arch if not cfg.init else cfg.init} on {self.device}, {cfg.precision}"
         )
+        if cfg.init:
+            print(f"pretrain: init={cfg.init} sets the architecture ({derived['backbone']}); arch={cfg.arch} is unused")
 
     def progress(self, elapsed: float) -> float:
         total = self.length["schedule_iterations"]
@@ -524,6 +558,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "elapsed_seconds": elapsed,
             "global_batch": self.global_batch,
+            "data_fingerprint": self.data_fingerprint,
             "counters": self.counters,
             "model": model_state(self.model, self.fsdp),
             "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
