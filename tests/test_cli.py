@@ -1,3 +1,4 @@
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,53 @@ def test_pretrain_yaml_keys_reach_the_config_typed(tmp_path):
     assert kw["max_iterations"] == 2 and kw["epochs"] == 1.0  # named keys: converted here
     config = resolve_config("cpu32", {k: v for k, v in kw.items() if k != "data"})  # the others: by the config
     assert (config.max_iterations, config.epochs, config.lr, config.global_crops_scale) == (2, 1.0, 0.004, [0.3, 1.0])
+
+
+@pytest.mark.parametrize(
+    "command, out, keys",
+    [
+        ("eval knn", "afile", ["model=m.pth", "train=t", "val=v"]),
+        ("eval linear", "afile", ["model=m.pth", "train=t", "val=v"]),
+        ("embed", "afile", ["model=m.pth", "data=d"]),
+        ("pretrain", "afile", ["data=d", "preset=cpu32"]),
+        ("index build", "afile", ["features=emb"]),
+        ("index search", "folder", ["index=idx", "query=q.jpg"]),
+        ("index search", "folder", ["index=idx", "query=q.jpg", "sheet={tmp}/folder"]),
+        ("visualize attention", "folder", ["model=m.pth", "image=a.jpg"]),
+        ("visualize pca", "folder", ["model=m.pth", "image=a.jpg"]),
+        ("visualize similarity", "folder", ["model=m.pth", "image=a.jpg", "x=1", "y=1"]),
+        ("segment", "afile", ["model=m.pth", "reference=a.jpg", "reference_mask=m.png", "target=t"]),
+    ],
+)
+def test_out_of_the_wrong_kind_fails_before_any_work(tmp_path, capsys, command, out, keys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("in the way")
+    keys = [k.format(tmp=tmp_path) for k in keys]
+    out_key = [] if any(k.startswith("sheet=") for k in keys) else [f"out={tmp_path / out}"]
+    assert main([*command.split(), *keys, *out_key]) == 2
+    kind = "an existing file" if out == "afile" else "an existing folder"
+    err = capsys.readouterr().err
+    assert f"dinokit: error: cannot write to {tmp_path / out}: it is {kind}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]
+
+
+def test_file_system_errors_are_one_line_without_a_traceback(monkeypatch, capsys):
+    def failing(error):
+        def command(out: str = "x"):
+            """A command that fails writing."""
+            raise error
+
+        return command
+
+    rename = IsADirectoryError(errno.EISDIR, "Is a directory", "/runs/.a.tmp1", None, "/runs/a")
+    monkeypatch.setattr("dinokit.cli.resolve_command", lambda name: failing(rename))
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err == "dinokit: error: Is a directory (/runs/a): a folder is where a file is to be written: " + (
+        "pass a file path, or remove the folder\n"
+    )
+    monkeypatch.setattr("dinokit.cli.resolve_command", lambda name: failing(PermissionError(13, "Permission denied")))
+    assert main(["models"]) == 2
+    assert capsys.readouterr().err == "dinokit: error: [Errno 13] Permission denied\n"
+    monkeypatch.setattr("dinokit.cli.resolve_command", lambda name: failing(KeyboardInterrupt()))
+    assert main(["models"]) == 130

@@ -6,6 +6,7 @@ scalars or lists (`true`, `3e-4`, `[1, 2]`) and converted to the function's anno
 """
 
 import difflib
+import errno
 import importlib
 import inspect
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from dinokit.errors import DinokitError
+from dinokit.io import prepare_output
 
 # command words -> "module:function". The function is the Python API of the same name.
 COMMANDS: dict[str, str] = {
@@ -38,6 +40,17 @@ COMMANDS: dict[str, str] = {
     "visualize similarity": "dinokit.maps.commands:visualize_similarity",
     "segment": "dinokit.maps.commands:segment",
     "pretrain": "dinokit.train.pretrain:pretrain",
+}
+
+# command -> its key naming the folder it writes, checked by the CLI before the command runs (the
+# other commands check their own out= first)
+OUTPUT_FOLDERS: dict[str, str] = {"pretrain": "out"}
+
+# a hint after the one-line message of an OSError, by errno
+OS_ERROR_HINTS = {
+    errno.EEXIST: "a file is where a folder is to be written: pass another path, or remove the file",
+    errno.ENOTDIR: "a file is where a folder is expected: pass another path",
+    errno.EISDIR: "a folder is where a file is to be written: pass a file path, or remove the folder",
 }
 
 
@@ -218,6 +231,20 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
     raise DinokitError(f"unknown command {given!r}.{hint} Run `dinokit --help` for the list.")
 
 
+def check_output_folder(func, kwargs: dict, key: str) -> None:
+    """Fail before any work if the folder `kwargs[key]` (or its default) cannot be written."""
+    out = kwargs.get(key, inspect.signature(func).parameters[key].default)
+    prepare_output(out, folder=True, create=False)
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: what went wrong, the path (of a rename: its target) and a hint."""
+    path = e.filename2 if e.filename2 is not None else e.filename
+    line = f"{e.strerror or e} ({path})" if path is not None else str(e)
+    hint = OS_ERROR_HINTS.get(e.errno)
+    return f"{line}: {hint}" if hint else line
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -229,9 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         if any(a in ("-h", "--help") for a in rest):
             print(command_help(name, func))
             return 0
-        result = func(**build_kwargs(func, rest))
+        kwargs = build_kwargs(func, rest)
+        if name in OUTPUT_FOLDERS:
+            check_output_folder(func, kwargs, OUTPUT_FOLDERS[name])
+        result = func(**kwargs)
     except DinokitError as e:
         print(f"dinokit: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file system problem the command did not foresee: one line, no traceback
+        print(f"dinokit: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dinokit: interrupted", file=sys.stderr)

@@ -22,7 +22,7 @@ from dinokit.eval.common import (
 )
 from dinokit.eval.knn import DEFAULT_KS, few_shot_indices, knn_classify, topk_accuracy
 from dinokit.eval.linear import LEARNING_RATES, ProbeSplit, head_grid, linear_probe
-from dinokit.io import atomic_write, write_json
+from dinokit.io import atomic_write, prepare_output, write_json
 from dinokit.runtime import resolve_device
 
 # k-NN and the linear probes share one cache entry: the normed CLS of the last (up to) 4 blocks and the
@@ -93,6 +93,7 @@ def eval_knn(
     """
     if not ks or min(ks) < 1:
         raise DinokitError(f"ks must be positive integers, got {ks}")
+    prepare_output(out, folder=True, create=False)  # before the features are extracted
     backbone = prepare_backbone(model, device, seed)
     check_image_size(backbone, image_size)
     transform = make_transform(image_size, resize_policy)
@@ -191,6 +192,7 @@ def eval_linear(
         raise DinokitError(f"method must be sgd or logreg, got {method!r}")
     if not n_last_blocks or min(n_last_blocks) < 1:
         raise DinokitError(f"n_last_blocks must be >= 1, got {n_last_blocks}")
+    prepare_output(out, folder=True, create=False)  # before the features are extracted
     dev = resolve_device(device)
     backbone = prepare_backbone(model, device, seed)
     check_image_size(backbone, image_size)

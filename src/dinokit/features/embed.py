@@ -40,7 +40,7 @@ from dinokit.features.store import (
     shard_path,
     write_shard,
 )
-from dinokit.io import write_json
+from dinokit.io import prepare_output, write_json
 from dinokit.models import load_model
 from dinokit.runtime import autocast, resolve_device
 
@@ -82,6 +82,7 @@ def embed(
     started = time.perf_counter()
     features, layers = list(features), list(layers)
     check_choices(features, layers, format, dtype, resize_policy)
+    prepare_output(out, folder=True, create=False)
     # gloo even on GPUs: processes only wait for each other and gather counts, never move tensors; the
     # timeout is long because they wait for each other only at the very end.
     joined = launched_by_torchrun() and not is_distributed()

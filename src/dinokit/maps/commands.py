@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from dinokit.data.images import list_images, open_images, open_rgb
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
-from dinokit.io import write_json
+from dinokit.io import prepare_output, write_json
 from dinokit.maps.attention import attention_maps
 from dinokit.maps.pca import patch_features, pca_rgb
 from dinokit.maps.render import (
@@ -76,6 +76,7 @@ def visualize_attention(
 
     Writes the PNG `out`; returns the attention shares.
     """
+    prepare_output(out, example="attention.png", create=False)
     net = load(model, device)
     x = model_input(net, image, image_size, resize_policy)
     maps = attention_maps(net, x, mass=mass)
@@ -122,6 +123,7 @@ def visualize_pca(
     Writes the PNG `out` (each image, its PCA colours, and its foreground mask); returns the
     explained variance ratios.
     """
+    prepare_output(out, example="pca.png", create=False)
     net = load(model, device)
     opened, bad = open_images(list_images(image))
     report_skipped(bad)
@@ -172,6 +174,7 @@ def visualize_similarity(
 
     Writes the PNG `out`; returns the chosen patch and the best-matching target patch.
     """
+    prepare_output(out, example="similarity.png", create=False)
     net = load(model, device)
     source_rgb = np.asarray(open_rgb(image))
     source = patch_features(net, [model_input(net, image, image_size, resize_policy)])[0]
@@ -221,6 +224,7 @@ def segment(
     masks = [reference_mask] if isinstance(reference_mask, str) else list(reference_mask)
     if len(references) != len(masks):
         raise DinokitError(f"{len(references)} reference images but {len(masks)} reference masks: give one mask each")
+    prepare_output(out, folder=True, create=False)
     net = load(model, device)
     refs = []
     for ref, mask_path in zip(references, masks, strict=True):

@@ -11,7 +11,7 @@ from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
 from dinokit.features.store import read_embeddings, read_manifest
-from dinokit.io import write_json
+from dinokit.io import prepare_output, write_json
 from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
 from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex
@@ -43,6 +43,7 @@ def build_index(
         raise DinokitError(
             f"feature must be one of {', '.join(VECTOR_FEATURES)} (one vector per image), got {feature!r}"
         )
+    prepare_output(out, folder=True, create=False)
     manifest = read_manifest(features)
     vectors, paths = read_embeddings(features, [feature])
     embedding = {k: manifest.get(k) for k in EMBEDDING_KEYS}
@@ -138,6 +139,9 @@ def index_search(
     file moved (default: the path recorded in the index); the weights must be the ones it was built
     with.
     """
+    for path, example in ((out, "hits.json"), (sheet, "hits.png")):  # checked before the queries are embedded
+        if path:
+            prepare_output(path, example=example, create=False)
     results = search_index(index, query, k, nprobe, ef_search, batch_size, num_workers, device, model)
     print(format_table(results))
     if out:
