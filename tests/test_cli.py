@@ -1,4 +1,5 @@
 import errno
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,3 +205,20 @@ def test_file_system_errors_are_one_line_without_a_traceback(monkeypatch, capsys
     assert capsys.readouterr().err == "dinokit: error: [Errno 13] Permission denied\n"
     monkeypatch.setattr("dinokit.cli.resolve_command", lambda name: failing(KeyboardInterrupt()))
     assert main(["models"]) == 130
+
+
+def test_pretrain_help_lists_every_config_key_with_type_and_default(capsys):
+    import dataclasses
+
+    from dinokit.train.config import PretrainConfig
+
+    assert main(["pretrain", "--help"]) == 0
+    out = capsys.readouterr().out
+    further = out.split("further keys")[1]
+    for f in dataclasses.fields(PretrainConfig):
+        assert re.search(rf"^  {f.name} +\S.* = ", further, re.M), f.name
+    assert re.search(r"^  lr +float +=\s*0\.004$", further, re.M)
+    assert re.search(r"^  global_crops_scale +list\[float\] += \[0\.32, 1\.0\]$", further, re.M)
+    assert re.search(r"^  centering +str += 'ema'  # ema \| sinkhorn_knopp$", further, re.M)
+    assert further.index(" optimisation") < further.index("  lr ") < further.index(" runtime")
+    assert "further keys are passed on" not in out

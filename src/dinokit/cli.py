@@ -5,11 +5,13 @@ come from a YAML file (`config=run.yaml`, explicit key=value pairs win). Values 
 scalars or lists (`true`, `3e-4`, `[1, 2]`) and converted to the function's annotated types.
 """
 
+import dataclasses
 import difflib
 import errno
 import importlib
 import inspect
 import json
+import re
 import sys
 import types
 import typing
@@ -45,6 +47,9 @@ COMMANDS: dict[str, str] = {
 # command -> its key naming the folder it writes, checked by the CLI before the command runs (the
 # other commands check their own out= first)
 OUTPUT_FOLDERS: dict[str, str] = {"pretrain": "out"}
+
+# command taking **keys -> the dataclass whose fields those keys are (listed by --help)
+FURTHER_KEYS: dict[str, str] = {"pretrain": "dinokit.train.config:PretrainConfig"}
 
 # a hint after the one-line message of an OSError, by errno
 OS_ERROR_HINTS = {
@@ -190,17 +195,59 @@ def build_kwargs(func, pairs: list[str]) -> dict:
     return kwargs
 
 
+def type_name(annotation) -> str:
+    """`int`, `float | None`, `list[int]`: an annotation as --help shows it."""
+    if annotation is inspect.Parameter.empty:
+        return ""
+    if typing.get_args(annotation):
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def key_line(name: str, annotation, default: str, comment: str = "") -> str:
+    line = f"  {name:<24} {type_name(annotation):<18} {default}"
+    return f"{line}  # {comment}" if comment else line
+
+
 def command_help(name: str, func) -> str:
     lines = [f"usage: dinokit {name} key=value ... [config=FILE.yaml]", "", inspect.getdoc(func) or "", "", "keys:"]
     hints = typing.get_type_hints(func)
     for pname, p in inspect.signature(func).parameters.items():
         if p.kind is p.VAR_KEYWORD:
-            lines.append("  ...           further keys are passed on (see above)")
+            if name not in FURTHER_KEYS:
+                lines.append("  ...           further keys are passed on (see above)")
             continue
-        kind = getattr(hints.get(pname), "__name__", None) or str(hints.get(pname, "")).replace("typing.", "")
         default = "(required)" if p.default is p.empty else f"= {p.default!r}"
-        lines.append(f"  {pname:<22} {kind:<18} {default}")
+        lines.append(key_line(pname, hints.get(pname, p.empty), default))
+    if name in FURTHER_KEYS:
+        module, cls = FURTHER_KEYS[name].split(":")
+        lines += ["", *dataclass_keys(getattr(importlib.import_module(module), cls))]
     return "\n".join(lines)
+
+
+def dataclass_keys(cls) -> list[str]:
+    """--help lines for every field of a config dataclass: type, default and the comment beside it in
+    the source, under the source's `# ---- group` headings."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    lines = [f"further keys ({cls.__name__}; these are its defaults, a preset may change them):"]
+    try:
+        source = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # source not available: the fields without groups or comments
+        source = []
+    for text in source:
+        heading = re.match(r"\s*# -+\s*(.+)", text)
+        field = re.match(r"\s*(\w+)\s*:[^#]*(?:#\s*(.*))?$", text)
+        if heading:
+            lines.append(f" {heading[1]}:")
+        elif field and field[1] in fields:
+            lines.append(field_line(fields.pop(field[1]), hints, field[2] or ""))
+    return lines + [field_line(f, hints) for f in fields.values()]  # any the source did not show on one line
+
+
+def field_line(f: dataclasses.Field, hints: dict, comment: str = "") -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return key_line(f.name, hints[f.name], f"= {default!r}", comment)
 
 
 def main_help() -> str:
