@@ -170,8 +170,36 @@ def test_truncated_and_empty_files_get_clear_errors(tmp_path, model, suffix):
     with pytest.raises(DinokitError, match="empty"):
         dinokit.load_model(path)
     path.write_bytes(b"this is not a weights file at all" * 10)
-    with pytest.raises(DinokitError, match="corrupt or truncated"):
+    with pytest.raises(DinokitError, match="not a PyTorch/safetensors weights file"):
         dinokit.load_model(path)
+
+
+def test_files_that_are_not_weights_are_named_by_their_first_bytes(tmp_path, model, capsys):
+    from PIL import Image
+
+    from dinokit.cli import main
+
+    page = tmp_path / "dinov2_vits14_pretrain.pth"
+    page.write_text("<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n")
+    with pytest.raises(
+        DinokitError,
+        match=r"pretrain\.pth is not a PyTorch/safetensors weights file \(corrupt or wrong "
+        r"download\?\): it starts with b'<!DOCTYP'.*web page \(HTML\)",
+    ):
+        dinokit.load_model(page)
+    photo = tmp_path / "cat.jpg"
+    Image.new("RGB", (8, 8)).save(photo)
+    assert main(["info", f"model={photo}"]) == 2
+    err = capsys.readouterr().err
+    assert "cat.jpg is not a PyTorch/safetensors weights file" in err and "Traceback" not in err
+    assert "Weights only load failed" not in err and len(err.splitlines()) == 1
+    # the content decides, not the name: safetensors saved as .pth, and torch's legacy (pickle) format
+    save_file(model.state_dict(), tmp_path / "st.pth")
+    torch.save(model.state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for name in ("st.pth", "legacy.pth"):
+        with pytest.warns(UserWarning, match="guessed num_heads"):  # the fixture is no named architecture
+            loaded = dinokit.load_model(tmp_path / name)
+        assert same_outputs(model, loaded), name
 
 
 class Payload:

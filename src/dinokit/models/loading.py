@@ -32,6 +32,7 @@ from dinokit.models.graph_export import GRAPH_FORMATS, export_graph
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 
 DINOKIT_CONFIG_KEY = "dinokit_config"
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors format refuses larger headers
 EXPORT_FORMATS = ("dinokit", "official", "hf", "onnx", "torchscript")
 
 
@@ -45,7 +46,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise DinokitError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise DinokitError(f"weights file is empty (0 bytes): {path}. Download or export it again.")
-    if path.suffix == ".safetensors":
+    if sniff_weights(path) == "safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -56,15 +57,39 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         with torch.serialization.safe_globals([argparse.Namespace]):  # DINO v1 checkpoint.pth holds its `args`
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         raise DinokitError(
-            f"{path} holds Python objects besides tensors, and dinokit never unpickles code from a file. "
-            f"If you trust the file, re-save only its tensors (torch.save(state_dict) or safetensors). ({e})"
+            f"{path} holds Python objects besides tensors"
+            + (f" ({found[1]})" if found else "")
+            + ", and dinokit never unpickles code from a file. "
+            "If you trust the file, re-save only its tensors (torch.save(state_dict) or safetensors)."
         ) from None
     except Exception as e:  # torch raises RuntimeError, EOFError, IndexError... on damaged files
         raise DinokitError(f"{path} could not be read as a PyTorch file (corrupt or truncated?): {e}") from None
     if not isinstance(obj, dict):
         raise DinokitError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     return obj, {}
+
+
+def sniff_weights(path: Path) -> str:
+    """'zip' (torch.save), 'pickle' (legacy torch.save) or 'safetensors', from the file's first bytes;
+    anything else (an HTML page saved as .pth, an image, ...) is a DinokitError naming the file."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head.startswith(b"\x80"):  # pickle protocol 2+ opcode
+        return "pickle"
+    if head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER:
+        return "safetensors"  # 8-byte header length, then the JSON header
+    if head.lstrip()[:1] == b"<":
+        fix = "It looks like a web page (HTML): download the file itself, not the page linking to it."
+    else:
+        fix = "Download or export it again."
+    raise DinokitError(
+        f"{path} is not a PyTorch/safetensors weights file (corrupt or wrong download?): it starts with "
+        f"{head[:8]!r}, not a zip, pickle or safetensors header. {fix}"
+    )
 
 
 # transformers' order: a folder holding several reads the first (then open_clip's single file).
