@@ -99,7 +99,9 @@ def test_export_command(model, tmp_path, capsys):
         == 0
     )
     assert "max_abs_diff_patch_tokens" in capsys.readouterr().out and out.is_file()
-    assert main(["export", f"model={tmp_path / 'm.safetensors'}", f"out={out}", "format=onnx", "image_size=15"]) == 2
+    onnx = tmp_path / "m.onnx"
+    assert main(["export", f"model={tmp_path / 'm.safetensors'}", f"out={onnx}", "format=onnx", "image_size=15"]) == 2
+    assert "patch size" in capsys.readouterr().err and not onnx.exists()
 
 
 def nano(seed: int, **overrides) -> dinokit.VisionTransformer:

@@ -38,6 +38,38 @@ def test_round_trip_is_exact(tmp_path, model, fmt):
     assert not loaded.training
 
 
+def test_export_format_follows_the_name_of_out_and_a_contradiction_is_an_error(tmp_path, model, capsys):
+    from dinokit.cli import main
+    from dinokit.models.loading import export_format
+
+    src = dinokit.export_model(model, tmp_path / "src.safetensors")
+    assert main(["export", f"model={src}", f"out={tmp_path / 'y.pth'}"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "y.pth")
+    assert "blocks.0.attn.qkv.weight" in torch.load(tmp_path / "y.pth", weights_only=True)  # official, not renamed
+    assert dinokit.export_model(model, tmp_path / "hf") == str(tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert same_outputs(model, dinokit.load_model(tmp_path / "hf"))
+    assert [export_format(f"m{s}") for s in (".safetensors", ".pth", ".PT", ".onnx", "")] == [
+        "dinokit",
+        "official",
+        "official",
+        "onnx",
+        "hf",
+    ]
+    assert export_format("m.pt", "torchscript") == "torchscript" and export_format("m", "dinokit") == "dinokit"
+    with pytest.raises(
+        DinokitError,
+        match=r"format=official writes a \.pth file, but .*y\.safetensors is named as a "
+        r"\.safetensors file \(format=dinokit\): drop format= to write dinokit",
+    ):
+        dinokit.export_model(model, tmp_path / "y.safetensors", format="official")
+    assert main(["export", f"model={src}", f"out={tmp_path / 'z.pth'}", "format=dinokit"]) == 2
+    assert "format=dinokit writes a .safetensors file, but" in capsys.readouterr().err
+    assert main(["export", f"model={src}", f"out={tmp_path / 'z.bin'}"]) == 2
+    assert "cannot tell the export format from" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "src.safetensors", "y.pth"]
+
+
 def test_official_layout_has_the_official_keys(tmp_path, model):
     path = dinokit.export_model(model, tmp_path / "dinov2_vits14_reg4_pretrain.pth", format="official")
     sd = torch.load(path, weights_only=True)
@@ -256,9 +288,9 @@ def test_bad_out_paths_fail_up_front_with_the_fix(tmp_path, monkeypatch, capsys,
         dinokit.export_model(model, tmp_path / "folder", format="official")
     with pytest.raises(DinokitError, match=r"is an existing file.*Pass a folder path instead"):
         dinokit.export_model(model, tmp_path / "afile", format="hf")
-    for fmt in ("official", "dinokit", "hf"):
+    for fmt, name in (("official", "m.pth"), ("dinokit", "m.safetensors"), ("hf", "m")):
         with pytest.raises(DinokitError, match=r"afile is a file, not a folder\. Pass a path in a folder"):
-            dinokit.export_model(model, tmp_path / "afile" / "sub" / "m.pth", format=fmt)
+            dinokit.export_model(model, tmp_path / "afile" / "sub" / name, format=fmt)
     monkeypatch.setattr("dinokit.io.os.access", lambda *a: False)  # as a read-only folder (tests may run as root)
     with pytest.raises(DinokitError, match=r"no permission to write in .*Pass a path in a folder you can write to"):
         dinokit.export_model(model, tmp_path / "new" / "m.pth", format="official")

@@ -4,7 +4,7 @@ import torch
 
 from dinokit.models.architectures import ARCHITECTURES, count_parameters, create_model
 from dinokit.models.graph_export import GRAPH_FORMATS, export_graph
-from dinokit.models.loading import export_model, load_model, output_path, read_checkpoint
+from dinokit.models.loading import export_format, export_model, load_model, output_path, read_checkpoint
 
 
 def architecture_table() -> list[dict]:
@@ -52,15 +52,18 @@ def info(model: str) -> dict:
     return {"source": str(path), "format": fmt, "parameters": count_parameters(m), "config": m.config.to_dict()}
 
 
-def export(model: str, out: str, format: str = "dinokit", image_size: int | None = None) -> str | dict:
+def export(model: str, out: str, format: str | None = None, image_size: int | None = None) -> str | dict:
     """Convert weights: dinokit (safetensors), official (.pth), hf (folder), onnx or torchscript.
 
     model: any file, folder or name that load_model reads. out: the file (dinokit, official, onnx,
-    torchscript) or folder (hf) to write. onnx / torchscript: a graph from images (any batch, any
-    size that is a multiple of the patch size) to the normed CLS and patch tokens, exported at
-    image_size (default: the model's native size) and checked against PyTorch at another size; the
-    report (max abs differences) is printed.
+    torchscript) or folder (hf) to write. format: by default the one out is named as (.safetensors:
+    dinokit, .pth / .pt: official, .onnx: onnx, a folder: hf); torchscript is format=torchscript. A
+    format that contradicts out's suffix is an error. onnx / torchscript: a graph from images (any
+    batch, any size that is a multiple of the patch size) to the normed CLS and patch tokens,
+    exported at image_size (default: the model's native size) and checked against PyTorch at another
+    size; the report (max abs differences) is printed.
     """
+    format = export_format(out, format)
     output_path(out, format, create=False)  # a bad out= fails before the model is read
     net = load_model(model)
     if format in GRAPH_FORMATS:

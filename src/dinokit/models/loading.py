@@ -34,6 +34,20 @@ from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 DINOKIT_CONFIG_KEY = "dinokit_config"
 SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; the safetensors format refuses larger headers
 EXPORT_FORMATS = ("dinokit", "official", "hf", "onnx", "torchscript")
+# out= suffix -> the export formats that write such a file; the first is the one a missing format= means
+SUFFIX_FORMATS = {
+    ".safetensors": ("dinokit",),
+    ".pth": ("official",),
+    ".pt": ("official", "torchscript"),
+    ".onnx": ("onnx",),
+}
+FORMAT_NAMES = {
+    "dinokit": "a .safetensors file",
+    "official": "a .pth file",
+    "hf": "a folder",
+    "onnx": "an .onnx file",
+    "torchscript": "a .pt file",
+}
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -209,8 +223,35 @@ def check_keys(sd: dict, expected: dict, config: ViTConfig, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------ export
+def export_format(path: str | Path, format: str | None = None) -> str:
+    """The export format for `path`: `format`, checked against the suffix, or where it is None the one
+    the suffix names (.safetensors: dinokit, .pth / .pt: official, .onnx: onnx; a folder or a name
+    without suffix: hf). An unknown suffix without format=, or a contradicting one, is a DinokitError."""
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if format is None:
+        if suffix in SUFFIX_FORMATS:
+            return SUFFIX_FORMATS[suffix][0]
+        if not suffix or path.is_dir():
+            return "hf"
+        raise DinokitError(
+            f"cannot tell the export format from {path} (unknown suffix {suffix}): name it .safetensors "
+            f"(dinokit), .pth (official) or .onnx, use a folder (hf), or pass format=, one of "
+            f"{', '.join(EXPORT_FORMATS)}"
+        )
+    if format not in EXPORT_FORMATS:
+        raise DinokitError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if suffix in SUFFIX_FORMATS and format not in SUFFIX_FORMATS[suffix]:
+        named = SUFFIX_FORMATS[suffix][0]
+        raise DinokitError(
+            f"format={format} writes {FORMAT_NAMES[format]}, but {path} is named as {FORMAT_NAMES[named]} "
+            f"(format={named}): drop format= to write {named}, or give {FORMAT_NAMES[format]} for {format}"
+        )
+    return format
+
+
 def export_model(
-    model: VisionTransformer, path: str | Path, format: str = "dinokit", image_size: int | None = None
+    model: VisionTransformer, path: str | Path, format: str | None = None, image_size: int | None = None
 ) -> str:
     """Write `model` as dinokit safetensors (weights + architecture), the official `.pth` layout, a
     Hugging Face folder (`config.json` + `model.safetensors`) that `transformers.Dinov2Model` /
@@ -218,12 +259,14 @@ def export_model(
     size; `image_size` is the example size, default the native one; see `graph_export`). Writes are
     atomic; `path` is checked before any work (`output_path`). Returns the written path.
 
+    format: by default the one `path` is named as (`export_format`: .safetensors dinokit, .pth / .pt
+    official, .onnx onnx, a folder hf); a format that contradicts the suffix is an error.
+
     hf: the class is the one that resamples the position grid as the model (`hf.with_registers_class`:
     register models and offset 0 + antialias models are `Dinov2WithRegistersModel`); where none does
     (offset 0.1: DINO, DINOv2) a warning says so. Weight files of an earlier export in the folder
     (index, shards, pytorch_model.bin) are removed."""
-    if format not in EXPORT_FORMATS:
-        raise DinokitError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    format = export_format(path, format)
     if format in GRAPH_FORMATS:
         return export_graph(model, path, format, image_size)["path"]
     path = output_path(path, format)
