@@ -294,3 +294,15 @@ def test_example_script_draws_every_picture_on_the_photos(tmp_path):
             image.verify()
     masks = sorted((out / "segment").rglob("*.png"))
     assert len(masks) >= 4, masks
+
+
+@pytest.mark.parametrize("command", ["attention", "pca", "similarity"])
+def test_a_size_off_the_patch_grid_names_the_nearest_sizes(files, capsys, command):
+    root, weights = files
+    extra = ["x=1", "y=1"] if command == "similarity" else []
+    image = f"image={root / 'photos' / 'chelsea.png'}"
+    assert (
+        main(["visualize", command, f"model={weights}", image, "image_size=15", f"out={root / 'e.png'}", *extra]) == 2
+    )
+    assert "image_size 15 is not a multiple of the patch size 4; use 12 or 16" in capsys.readouterr().err
+    assert not (root / "e.png").exists()

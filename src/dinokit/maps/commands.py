@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from dinokit.data.images import list_images, open_images, open_rgb
-from dinokit.data.transforms import eval_transform
+from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.io import prepare_output, write_json
 from dinokit.maps.attention import attention_maps
@@ -38,8 +38,7 @@ def model_input(model: VisionTransformer, image, image_size: int, resize_policy:
     """(3, H, W) input for `model` from a path or PIL image, the whole image (no crop)."""
     if resize_policy not in ("aspect", "resize"):
         raise DinokitError(f"maps use the whole image: resize_policy must be aspect or resize, got {resize_policy!r}")
-    if image_size % model.patch_size:
-        raise DinokitError(f"image_size {image_size} is not a multiple of the patch size {model.patch_size}")
+    check_image_size(image_size, model.patch_size)  # its error names the nearest valid sizes
     picture = open_rgb(image) if isinstance(image, (str, Path)) else image
     device = next(model.parameters()).device
     return eval_transform(image_size, resize_policy, patch_size=model.patch_size)(picture).to(device)
