@@ -1,4 +1,5 @@
 import errno
+import os
 import re
 import subprocess
 import sys
@@ -222,3 +223,16 @@ def test_pretrain_help_lists_every_config_key_with_type_and_default(capsys):
     assert re.search(r"^  centering +str += 'ema'  # ema \| sinkhorn_knopp$", further, re.M)
     assert further.index(" optimisation") < further.index("  lr ") < further.index(" runtime")
     assert "further keys are passed on" not in out
+
+
+def test_version_and_a_closed_output_pipe(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"dinokit {dinokit.__version__}\n"
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `dinokit models | head -1` once head has exited
+    try:
+        command = [sys.executable, "-m", "dinokit", "models"]
+        done = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (1, "")

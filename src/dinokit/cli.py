@@ -11,6 +11,7 @@ import errno
 import importlib
 import inspect
 import json
+import os
 import re
 import sys
 import types
@@ -293,9 +294,27 @@ def describe_os_error(e: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """`dinokit ...`; returns the exit status: 0 done, 1 output pipe closed, 2 error, 130 interrupted."""
+    try:
+        status = run(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (`dinokit models | head -1`): stop quietly, with stdout on devnull so that
+        # Python's last flush cannot fail again (the recipe of the Python docs, module signal)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def run(argv: list[str]) -> int:
+    """Run the command that `argv` names; user errors are one line on stderr, no traceback."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(main_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from dinokit import __version__
+
+        print(f"dinokit {__version__}")
         return 0
     try:
         name, rest = split_command(argv)
@@ -310,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     except DinokitError as e:
         print(f"dinokit: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # main: a closed output pipe ends quietly
     except OSError as e:  # a file system problem the command did not foresee: one line, no traceback
         print(f"dinokit: error: {describe_os_error(e)}", file=sys.stderr)
         return 2

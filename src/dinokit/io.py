@@ -1,9 +1,11 @@
 """File writing that never leaves a half-written file behind, and reading JSON with a clear error."""
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,15 +29,22 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
             tmp.unlink()
 
 
+# errors of fsync on a folder from file systems that do not sync folders (some network and FUSE ones)
+FOLDER_SYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
 def sync(path: Path) -> None:
     """fsync a file or a folder (a folder: its entries, e.g. a rename); a no-op where the platform
-    cannot open folders (Windows)."""
+    cannot open folders (Windows) or the file system refuses to sync them."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except (IsADirectoryError, PermissionError):
         return
     try:
         os.fsync(fd)
+    except OSError as e:
+        if not (e.errno in FOLDER_SYNC_UNSUPPORTED and stat.S_ISDIR(os.fstat(fd).st_mode)):
+            raise
     finally:
         os.close(fd)
 

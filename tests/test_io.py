@@ -1,0 +1,41 @@
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from dinokit import io
+from dinokit.io import atomic_write, sync
+
+
+def refuse_fsync(monkeypatch, code: int, folders_only: bool = True) -> None:
+    """os.fsync as on a file system that fails with `code` (on folders only, or on everything)."""
+    real = os.fsync
+
+    def fsync(fd):
+        if folders_only and not stat.S_ISDIR(os.fstat(fd).st_mode):
+            return real(fd)
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP])
+def test_a_file_system_that_refuses_to_sync_folders_still_gets_atomic_writes(tmp_path, monkeypatch, code):
+    refuse_fsync(monkeypatch, code)
+    atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("done"))
+    assert (tmp_path / "a.txt").read_text() == "done"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_other_sync_errors_are_not_hidden(tmp_path, monkeypatch):
+    refuse_fsync(monkeypatch, errno.EIO)
+    with pytest.raises(OSError) as failed:
+        sync(tmp_path)
+    assert failed.value.errno == errno.EIO
+    (tmp_path / "f").write_text("x")
+    refuse_fsync(monkeypatch, errno.EINVAL, folders_only=False)
+    with pytest.raises(OSError) as failed:  # a file that cannot be synced may be lost: still an error
+        sync(tmp_path / "f")
+    assert failed.value.errno == errno.EINVAL
