@@ -45,7 +45,7 @@ def test_eval_knn_writes_the_specified_json_and_a_table(shapes, tmp_path, capsys
 def test_eval_commands_reject_bad_input_with_a_fix(shapes, tmp_path, capsys):
     base = [f"train={shapes / 'train'}", f"val={shapes / 'val'}", f"out={tmp_path}", "cache=none"]
     assert main(["eval", "knn", *COMMON[:1], "image_size=15", *base]) == 2
-    assert "not a multiple of the model's patch size 2; use 14 or 16" in capsys.readouterr().err
+    assert "image_size 15 is not a multiple of the patch size 2; use 14 or 16" in capsys.readouterr().err
     assert main(["eval", "knn", *COMMON, f"train={tmp_path / 'missing'}", *base[1:]]) == 2
     assert "labelled dataset not found" in capsys.readouterr().err
     assert main(["eval", "linear", *COMMON, *base, "n_last_blocks=[0]"]) == 2

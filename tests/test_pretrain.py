@@ -177,9 +177,7 @@ def test_clear_errors_before_training(tmp_path):
 
 def test_crops_that_do_not_tile_into_patches_are_refused_before_the_run_folder_is_made(tmp_path):
     data = tiny_images(tmp_path / "data")
-    with pytest.raises(
-        DinokitError, match=r"local_crops_size=9 is not a multiple of the patch size 2 .* use local_crops_size=8"
-    ):
+    with pytest.raises(DinokitError, match="local_crops_size 9 is not a multiple of the patch size 2; use 8 or 10"):
         run(data, tmp_path / "run", max_iterations=1, local_crops_size=9)
     assert not (tmp_path / "run" / "config.yaml").exists()  # so the same out= can be used again
     run(data, tmp_path / "run", max_iterations=1)

@@ -161,7 +161,7 @@ def test_get_intermediate_layers_int_list_reshape_classtoken_norm():
         maps = m.get_intermediate_layers(x, n=1, reshape=True)
         assert maps[0].shape == (2, 32, 4, 6)
         assert torch.allclose(maps[0].flatten(2).transpose(1, 2), last2[1], atol=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(DinokitError, match=r"block indices must lie in -3\.\.2 for a 3-block model"):
         m.get_intermediate_layers(x, n=[5])
 
 

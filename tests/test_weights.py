@@ -67,6 +67,8 @@ def test_export_format_follows_the_name_of_out_and_a_contradiction_is_an_error(t
     assert "format=dinokit writes a .safetensors file, but" in capsys.readouterr().err
     assert main(["export", f"model={src}", f"out={tmp_path / 'z.bin'}"]) == 2
     assert "cannot tell the export format from" in capsys.readouterr().err
+    assert main(["export", f"model={src}", f"out={tmp_path / 'z.bin'}", "format=dinokit"]) == 2  # not renamed
+    assert "format=dinokit writes a .safetensors file, but" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "src.safetensors", "y.pth"]
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import yaml
 
 from dinokit.errors import DinokitError
-from dinokit.io import prepare_output
 
 # command words -> "module:function". The function is the Python API of the same name.
 COMMANDS: dict[str, str] = {
@@ -44,10 +43,6 @@ COMMANDS: dict[str, str] = {
     "segment": "dinokit.maps.commands:segment",
     "pretrain": "dinokit.train.pretrain:pretrain",
 }
-
-# command -> its key naming the folder it writes, checked by the CLI before the command runs (the
-# other commands check their own out= first)
-OUTPUT_FOLDERS: dict[str, str] = {"pretrain": "out"}
 
 # command taking **keys -> the dataclass whose fields those keys are (listed by --help)
 FURTHER_KEYS: dict[str, str] = {"pretrain": "dinokit.train.config:PretrainConfig"}
@@ -279,12 +274,6 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
     raise DinokitError(f"unknown command {given!r}.{hint} Run `dinokit --help` for the list.")
 
 
-def check_output_folder(func, kwargs: dict, key: str) -> None:
-    """Fail before any work if the folder `kwargs[key]` (or its default) cannot be written."""
-    out = kwargs.get(key, inspect.signature(func).parameters[key].default)
-    prepare_output(out, folder=True, create=False)
-
-
 def describe_os_error(e: OSError) -> str:
     """One line for an OSError: what went wrong, the path (of a rename: its target) and a hint."""
     path = e.filename2 if e.filename2 is not None else e.filename
@@ -322,10 +311,7 @@ def run(argv: list[str]) -> int:
         if any(a in ("-h", "--help") for a in rest):
             print(command_help(name, func))
             return 0
-        kwargs = build_kwargs(func, rest)
-        if name in OUTPUT_FOLDERS:
-            check_output_folder(func, kwargs, OUTPUT_FOLDERS[name])
-        result = func(**kwargs)
+        result = func(**build_kwargs(func, rest))
     except DinokitError as e:
         print(f"dinokit: error: {e}", file=sys.stderr)
         return 2

@@ -60,12 +60,12 @@ def prepare_output(path: str | Path, folder: bool = False, example: str = "model
     path = Path(path).expanduser()
     if folder and path.exists() and not path.is_dir():
         raise DinokitError(
-            f"cannot write to {path}: it is an existing file, and this export writes a folder. "
+            f"cannot write to {path}: it is an existing file, where a folder is to be written. "
             f"Pass a folder path instead (new or existing), e.g. {path.with_name(path.stem + '_export')}"
         )
     if not folder and path.is_dir():
         raise DinokitError(
-            f"cannot write to {path}: it is an existing folder, and this export writes one file. "
+            f"cannot write to {path}: it is an existing folder, where one file is to be written. "
             f"Pass a file path instead, e.g. {path / example}"
         )
     parent = path if folder else path.parent

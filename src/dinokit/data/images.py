@@ -53,7 +53,7 @@ def list_images(source: str | Path) -> list[Path]:
                 continue
             p = Path(line).expanduser()
             p = p if p.is_absolute() else source.parent / p
-            if not p.is_file():  # `path,label` lines; a path that itself holds a comma is kept whole
+            if "," in line and not p.is_file():  # `path,label`; a path that itself holds a comma is kept whole
                 p = Path(line.split(",")[0].strip()).expanduser()
                 p = p if p.is_absolute() else source.parent / p
             paths.append(p)

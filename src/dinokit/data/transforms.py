@@ -94,15 +94,17 @@ def eval_transform(
     raise DinokitError(f"resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {resize_policy!r}")
 
 
-def check_image_size(image_size: int | tuple[int, int] | list[int], patch_size: int) -> tuple[int, int]:
+def check_image_size(
+    image_size: int | tuple[int, int] | list[int], patch_size: int, name: str = "image_size"
+) -> tuple[int, int]:
     """(height, width) from an int or a pair; a DinokitError naming the nearest valid sizes if a side is
-    not a positive multiple of the patch size."""
+    not a positive multiple of the patch size. `name`: the key the size was given as."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     for side in (h, w):
         if side <= 0 or side % patch_size:
             lower, upper = max(side // patch_size, 1) * patch_size, -(-side // patch_size) * patch_size
             raise DinokitError(
-                f"image_size {side} is not a multiple of the patch size {patch_size}; use {lower} or {upper}"
+                f"{name} {side} is not a multiple of the patch size {patch_size}; use {lower} or {upper}"
             )
     return h, w
 

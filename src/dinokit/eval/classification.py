@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.eval.common import (
-    check_image_size,
     labelled_features,
     make_transform,
     prepare_backbone,
@@ -95,7 +95,7 @@ def eval_knn(
         raise DinokitError(f"ks must be positive integers, got {ks}")
     prepare_output(out, folder=True, create=False)  # before the features are extracted
     backbone = prepare_backbone(model, device, seed)
-    check_image_size(backbone, image_size)
+    check_image_size(image_size, backbone.model.patch_size)
     transform = make_transform(image_size, resize_policy)
     cache_dir = resolve_cache(cache)
     kw = dict(cache=cache_dir, batch_size=batch_size, num_workers=num_workers, precision=precision)
@@ -195,7 +195,7 @@ def eval_linear(
     prepare_output(out, folder=True, create=False)  # before the features are extracted
     dev = resolve_device(device)
     backbone = prepare_backbone(model, device, seed)
-    check_image_size(backbone, image_size)
+    check_image_size(image_size, backbone.model.patch_size)
     transform = make_transform(image_size, resize_policy)
     cache_dir = resolve_cache(cache)
     kw = dict(cache=cache_dir, batch_size=batch_size, num_workers=num_workers, precision=precision)

@@ -41,15 +41,6 @@ def resolve_cache(cache: str | None) -> Path | None:
     return default_cache_dir() if str(cache) == "auto" else Path(cache)
 
 
-def check_image_size(backbone: Backbone, image_size: int) -> None:
-    p = backbone.model.patch_size
-    if image_size % p:
-        lower, upper = image_size // p * p, (image_size // p + 1) * p
-        raise DinokitError(
-            f"image_size={image_size} is not a multiple of the model's patch size {p}; use {lower or upper} or {upper}"
-        )
-
-
 @dataclass
 class LabelledFeatures:
     features: Features

@@ -25,9 +25,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from dinokit.data.images import files_under, list_images
+from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
-from dinokit.eval.common import Backbone, check_image_size, make_transform, split_features
+from dinokit.eval.common import Backbone, make_transform, split_features
 from dinokit.io import atomic_write
 from dinokit.runtime import reuse_freed_memory
 
@@ -204,7 +205,7 @@ def dense_split(
 ) -> DenseSplit:
     """Read a split's pairs and their full-size targets (pairs with an unreadable target skipped and
     counted), take the features of the rest from the cache (extracting what is missing)."""
-    check_image_size(backbone, image_size)
+    check_image_size(image_size, backbone.model.patch_size)
     images, target_paths = read_pairs(root, target_folder, target_exts)
     targets, bad = read_targets(target_paths, read_target, image_size, ignore)
     readable = [i for i, t in enumerate(targets) if t is not None]

@@ -39,7 +39,7 @@ from dinokit.eval.dense import (
 )
 from dinokit.eval.metrics import depth_errors, mean_depth_errors
 from dinokit.eval.visualize import colour_depth, save_panel
-from dinokit.io import atomic_write, write_json
+from dinokit.io import atomic_write, prepare_output, write_json
 from dinokit.runtime import resolve_device
 
 DEPTH_EXTS = (".png", ".npy", ".tif", ".tiff")
@@ -158,6 +158,7 @@ def eval_depth(
     out/examples/*.png (image | truth | prediction).
     """
     dev = resolve_device(device)
+    out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     backbone = prepare_backbone(model, device, seed)
     layers = depth_blocks(len(backbone.model.blocks), n_layers)
 
@@ -182,7 +183,6 @@ def eval_depth(
         max_depth = tr.target_max
         print(f"max_depth={max_depth:.3f} (the largest training depth; pass max_depth= to set the range)")
     head = LinearDepthHead(backbone.model.embed_dim, len(layers), min_depth, max_depth)
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = train_dense_head(
         head,
@@ -297,13 +297,13 @@ def predict_depth(
     subfolders) and out/<name>_depth.png. depth_scale: by default the one of training; depths beyond
     65535 / depth_scale metres do not fit 16 bits and are clipped (with a warning).
     """
+    out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     net, meta = load_depth_head(head)
     backbone = backbone_for_head(meta, model, device)
     net.to(resolve_device(device))
     scale = meta["depth_scale"] if depth_scale is None else depth_scale
     if scale <= 0:
         raise DinokitError(f"depth_scale must be > 0 (PNG units per metre), got {scale}")
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = clipped = 0
     for name, rgb, pred in predict_images(

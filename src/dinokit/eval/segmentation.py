@@ -31,7 +31,7 @@ from dinokit.eval.dense import (
 )
 from dinokit.eval.metrics import confusion_matrix, segmentation_scores
 from dinokit.eval.visualize import colour_mask, save_panel
-from dinokit.io import atomic_write, write_json
+from dinokit.io import atomic_write, prepare_output, write_json
 from dinokit.runtime import resolve_device
 
 MASK_EXTS = (".png", ".tif", ".tiff", ".bmp")
@@ -138,6 +138,7 @@ def eval_segmentation(
     out/metrics.jsonl and out/examples/*.png (image | truth | prediction).
     """
     dev = resolve_device(device)
+    out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     backbone = prepare_backbone(model, device, seed)
     depth = len(backbone.model.blocks)
     if not 1 <= n_last_blocks <= depth:
@@ -160,7 +161,6 @@ def eval_segmentation(
     num_classes = num_classes or int(tr.target_max) + 1
     d = backbone.model.embed_dim
     head = LinearSegmentationHead(d * len(layers), num_classes)
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log = train_dense_head(
         head,
@@ -271,10 +271,10 @@ def predict_segmentation(
     Writes out/<name>.png (class index per pixel, original size; the head's ignore_index never, when
     it is a class index) and out/<name>_overlay.png; <name> keeps the image's subfolders.
     """
+    out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     net, meta = load_segmentation_head(head)
     backbone = backbone_for_head(meta, model, device)
     net.to(resolve_device(device))
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     count = 0
     ignore_index = meta.get("ignore_index", 255)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.io import prepare_output
 from dinokit.models.vision_transformer import VisionTransformer
@@ -45,8 +46,7 @@ class NormedTokens(nn.Module):
 def example_inputs(model: VisionTransformer, image_size: int | None, batch: int = 2) -> torch.Tensor:
     """A (batch, C, S, S) input, C = config.in_chans, S = image_size (default: the model's native size)."""
     size = image_size or model.config.img_size
-    if size % model.patch_size:
-        raise DinokitError(f"image_size={size} is not a multiple of the patch size {model.patch_size}")
+    check_image_size(size, model.patch_size)
     return torch.randn(batch, model.config.in_chans, size, size, generator=torch.Generator().manual_seed(0))
 
 

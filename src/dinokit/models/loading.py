@@ -241,6 +241,11 @@ def export_format(path: str | Path, format: str | None = None) -> str:
         )
     if format not in EXPORT_FORMATS:
         raise DinokitError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    if format == "dinokit" and suffix not in ("", ".safetensors") and not path.is_dir():
+        raise DinokitError(
+            f"format=dinokit writes a .safetensors file, but {path} ends in {suffix}: "
+            f"name it {path.with_suffix('.safetensors').name}"
+        )
     if suffix in SUFFIX_FORMATS and format not in SUFFIX_FORMATS[suffix]:
         named = SUFFIX_FORMATS[suffix][0]
         raise DinokitError(

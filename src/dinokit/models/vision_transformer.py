@@ -246,7 +246,10 @@ class VisionTransformer(nn.Module):
             )
         wanted = list(range(depth - n, depth)) if isinstance(n, int) else list(n)
         if not wanted or not all(-depth <= i < depth for i in wanted):
-            raise ValueError(f"block indices {n} out of range for a {depth}-block model")
+            raise DinokitError(
+                f"get_intermediate_layers(n={n}): block indices must lie in -{depth}..{depth - 1} for a "
+                f"{depth}-block model (negative ones count from the end)"
+            )
         wanted = [i % depth for i in wanted]
         b, _, h, w = x.shape
         per_block = self.run_blocks(self.prepare_tokens(x), keep=wanted)

@@ -23,6 +23,7 @@ from dinokit.data.batched_augmentations import BatchedMultiCrop
 from dinokit.data.collate import CropBatch, MultiCropCollate
 from dinokit.data.images import list_images, open_rgb
 from dinokit.data.masking import MaskingGenerator
+from dinokit.data.transforms import check_image_size
 from dinokit.data.unlabelled import (
     InMemoryMultiCrops,
     MultiCropDataset,
@@ -30,7 +31,7 @@ from dinokit.data.unlabelled import (
     decode_to_memory,
 )
 from dinokit.errors import DinokitError
-from dinokit.io import atomic_write
+from dinokit.io import atomic_write, prepare_output
 from dinokit.models import create_model, export_model, load_model
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.vision_transformer import VisionTransformer
@@ -114,13 +115,7 @@ def build_model(cfg: PretrainConfig) -> SelfDistillation:
 def check_crop_sizes(cfg: PretrainConfig, patch_size: int) -> None:
     """Crops must tile into whole patches; checked before the run folder gets its config.yaml."""
     for key in ("global_crops_size", "local_crops_size"):
-        size = getattr(cfg, key)
-        if size % patch_size:
-            lower, upper = max(size // patch_size, 1) * patch_size, -(-size // patch_size) * patch_size
-            raise DinokitError(
-                f"{key}={size} is not a multiple of the patch size {patch_size} of {cfg.init or cfg.arch}; "
-                f"use {key}={lower} or {key}={upper}"
-            )
+        check_image_size(getattr(cfg, key), patch_size, name=key)
 
 
 def build_augmentation(cfg: PretrainConfig) -> MultiCropAugmentation | BatchedMultiCrop:
@@ -386,7 +381,7 @@ def pretrain(
         init=init,
     )
     keys = {**{k: v for k, v in given.items() if v is not None}, **keys}
-    out_dir = Path(out)
+    out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     cfg, resuming = run_config(out_dir, preset, keys, resume)
     runtime_device = dist.init_distributed(resolve_device(cfg.device))
     # on a CPU, large tensors are made afresh every step: keep freed memory for reuse (runtime.py)
