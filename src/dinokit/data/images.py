@@ -63,6 +63,27 @@ def list_images(source: str | Path) -> list[Path]:
     raise DinokitError(f"image source not found: {source} (give a folder, an image, or a text file of paths)")
 
 
+def output_names(paths: list[Path], source: str | Path) -> list[str]:
+    """A distinct output name (a relative path, no extension) per image: its path relative to
+    the `source` folder (for one image or a list file `source`: to the deepest folder holding them all), so that
+    photos/a/cat.jpg and photos/b/cat.jpg get a/cat and b/cat. Names that still clash (cat.jpg and
+    cat.png, or a file listed twice; compared ignoring case) get the extension, then a number."""
+    absolute = [os.path.abspath(p) for p in paths]
+    root = Path(source).expanduser()
+    base = os.path.abspath(root) if root.is_dir() else os.path.commonpath([os.path.dirname(p) for p in absolute])
+    names, taken = [], set()
+    for path in absolute:
+        relative = Path(os.path.relpath(path, base))
+        plain = str(relative.with_suffix(""))
+        with_suffix = f"{plain}_{relative.suffix[1:]}"
+        name, number = (plain if plain.casefold() not in taken else with_suffix), 2
+        while name.casefold() in taken:
+            name, number = f"{with_suffix}_{number}", number + 1
+        taken.add(name.casefold())
+        names.append(name)
+    return names
+
+
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode `path` to an 8-bit RGB PIL image; an unreadable file raises DinokitError naming it."""
     try:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from dinokit.data.images import files_under, list_images
+from dinokit.data.images import files_under, list_images, output_names
 from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
@@ -434,18 +434,3 @@ def check_outputs_spare_inputs(paths: list[Path], names: list[str], out_dir: Pat
                     f"out={out_dir} would overwrite the input image {target} with a prediction; "
                     "choose an out folder apart from the images"
                 )
-
-
-def output_names(paths: list[Path], source: Path) -> list[str]:
-    """Names for the outputs of `paths`: path under the `source` folder without extension (subfolders
-    mirrored), else the stem; two images with one name raise, as one output would overwrite the other."""
-    names = [pair_key(p, source) if source.is_dir() else p.stem for p in paths]
-    first: dict[str, Path] = {}
-    for name, path in zip(names, paths, strict=True):
-        if name in first:
-            raise DinokitError(
-                f"{first[name]} and {path} would both be written as {name}.png: rename one of them "
-                "(outputs are named by the image's path without extension)"
-            )
-        first[name] = path
-    return names

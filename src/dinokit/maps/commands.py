@@ -6,14 +6,13 @@ with the functions of this folder, and writes PNGs. Maps from a randomly initial
 nothing: pass released weights (the default, `dinov2_vits14`, is downloaded once) or your checkpoint.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from dinokit.data.images import list_images, open_images, open_rgb
+from dinokit.data.images import list_images, open_images, open_rgb, output_names
 from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.io import prepare_output, write_json
@@ -267,27 +266,6 @@ def report_skipped(bad: list[Path]) -> None:
     if bad:
         names = ", ".join(str(p) for p in bad[:5]) + (" ..." if len(bad) > 5 else "")
         print(f"skipped {len(bad)} unreadable image(s): {names}")
-
-
-def output_names(paths: list[Path], target: str | Path) -> list[str]:
-    """A distinct output name (a relative path, no extension) per target image: its path relative to
-    the target folder (for one image or a list file: to the deepest folder holding them all), so that
-    photos/a/cat.jpg and photos/b/cat.jpg get a/cat and b/cat. Names that still clash (cat.jpg and
-    cat.png, or a file listed twice; compared ignoring case) get the extension, then a number."""
-    absolute = [os.path.abspath(p) for p in paths]
-    root = Path(target).expanduser()
-    base = os.path.abspath(root) if root.is_dir() else os.path.commonpath([os.path.dirname(p) for p in absolute])
-    names, taken = [], set()
-    for path in absolute:
-        relative = Path(os.path.relpath(path, base))
-        plain = str(relative.with_suffix(""))
-        with_suffix = f"{plain}_{relative.suffix[1:]}"
-        name, number = (plain if plain.casefold() not in taken else with_suffix), 2
-        while name.casefold() in taken:
-            name, number = f"{with_suffix}_{number}", number + 1
-        taken.add(name.casefold())
-        names.append(name)
-    return names
 
 
 def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
