@@ -110,41 +110,16 @@ def parse_value(text: str, annotation) -> object:
 
 
 def convert_value(value: object, annotation) -> object:
-    """A value from a YAML file converted to the annotated type as a command-line value would be:
-    strings go through parse_value (`7e-2` for a float, `"32"` for an int, `cls` for a list), a scalar
-    for a list-typed key becomes a one-item list, numbers and lists are checked item by item."""
+    """A value from a YAML file, converted as the same value written on the command line would be
+    (`parse_value`: `7e-2` for a float, `"32"` for an int, a scalar for a list key). Keys without an
+    annotation (pretrain's further keys) are converted by the pretraining config instead."""
+    if annotation is inspect.Parameter.empty or annotation is typing.Any:
+        return value
     if isinstance(value, str):
         return parse_value(value, annotation)
-    if annotation is inspect.Parameter.empty or annotation is typing.Any:
-        return value  # e.g. pretrain's further keys: its config converts them
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for option in (a for a in args if a is not type(None)):
-            try:
-                return convert_value(value, option)
-            except (ValueError, TypeError) as e:
-                errors.append(str(e))
-        raise ValueError("; ".join(errors))
-    if value is None:
-        raise ValueError("expected a value, got nothing (null)")
-    if origin in (list, tuple) or annotation in (list, tuple):
-        inner = args[0] if args else str
-        items = [convert_value(v, inner) for v in (value if isinstance(value, list) else [value])]
-        return tuple(items) if (origin or annotation) is tuple else items
-    if origin is dict or annotation is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a mapping like {{a: 1}}, got {value!r}")
-        return value
-    if isinstance(value, (list, dict)):
+    if isinstance(value, (list, dict)) and annotation in (str, Path):
         raise ValueError(f"expected a single value, got {value!r}")
-    if annotation is bool and not isinstance(value, bool) and value not in (0, 1):
-        raise ValueError(f"expected true/false, got {value!r}")
-    if annotation in (int, float) and isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    return parse_value(str(value).lower() if isinstance(value, bool) else str(value), annotation)
+    return parse_value(json.dumps(value), annotation)  # JSON is YAML: lists, numbers, true, null
 
 
 def build_kwargs(func, pairs: list[str]) -> dict:
