@@ -76,29 +76,39 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     with torch.cuda.device(device.index) if device.index is not None else contextlib.nullcontext():
-        if "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters:
+        if _NATIVE_BF16_ARGUMENT:
             return torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.cuda.is_bf16_supported()
+
+
+# whether this torch can ask for native bf16 only (checked once, not on every autocast call)
+_NATIVE_BF16_ARGUMENT = "including_emulation" in inspect.signature(torch.cuda.is_bf16_supported).parameters
 
 
 _warned_fp32: set[str] = set()  # device types already warned about (one warning per process)
 
 
-def autocast(device: torch.device, precision: str = "bf16"):
-    """bf16 autocast on CPU and CUDA where supported (the fast path), or nothing for 'fp32'. Where
-    bf16 is not supported (an older GPU, MPS), run in fp32 and warn once."""
+def effective_precision(device: torch.device, precision: str = "bf16") -> str:
+    """The precision that runs on `device` when `precision` is asked for: bf16 where bf16 autocast is
+    supported, else fp32 (an older GPU, MPS), with one warning per device type."""
     if precision not in PRECISIONS:
         raise DinokitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if not bf16_supported(device):
+    if precision == "bf16" and not bf16_supported(device):
         if device.type not in _warned_fp32:
             _warned_fp32.add(device.type)
             warnings.warn(
                 f"bf16 autocast is not supported on this device ({device}); running in fp32. "
                 "Pass precision=fp32 to silence this warning.",
-                stacklevel=2,
+                stacklevel=3,
             )
+        return "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CPU and CUDA where supported (the fast path), or nothing for fp32 (asked for,
+    or where bf16 falls back to it: `effective_precision`)."""
+    if effective_precision(device, precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 

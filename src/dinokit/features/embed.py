@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dinokit import distributed, runtime
+from dinokit import distributed
 from dinokit.data.images import list_images
 from dinokit.data.transforms import check_image_size, describe, eval_transform
 from dinokit.distributed import (
@@ -42,7 +42,7 @@ from dinokit.features.store import (
 )
 from dinokit.io import prepare_output, write_json
 from dinokit.models import load_model
-from dinokit.runtime import autocast, resolve_device
+from dinokit.runtime import effective_precision, resolve_device
 
 CONFIG = "embed_config.json"
 
@@ -112,7 +112,7 @@ def embed(
         "features": features,
         "layers": layers,
         "feature_shapes": shapes,
-        "precision": precision_used(torch_device, precision),
+        "precision": effective_precision(torch_device, precision),
         "dtype": dtype,
         "format": format,
         "shard_size": shard_size or auto_shard_size(shapes, dtype),
@@ -162,13 +162,6 @@ def check_choices(features: list[str], layers: list[int], format: str, dtype: st
         raise DinokitError(
             f"resize_policy for embed must be center_crop or resize (one shape per batch), got {resize_policy!r}"
         )
-
-
-def precision_used(device: torch.device, precision: str) -> str:
-    """The precision the features are computed in: bf16 only where bf16 autocast runs on `device`
-    (`autocast` checks the choice and warns once when bf16 falls back to fp32)."""
-    autocast(device, precision)
-    return "bf16" if precision == "bf16" and runtime.bf16_supported(device) else "fp32"
 
 
 def feature_shapes(net, size: tuple[int, int], features: list[str], layers: list[int]) -> dict[str, list[int]]:

@@ -15,7 +15,6 @@ import json
 import pickle
 import re
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
@@ -60,7 +59,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise DinokitError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise DinokitError(f"weights file is empty (0 bytes): {path}. Download or export it again.")
-    if sniff_weights(path) == "safetensors":
+    kind = sniff_weights(path)
+    if kind == "safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
@@ -69,7 +69,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise DinokitError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from None
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # DINO v1 checkpoint.pth holds its `args`
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         raise DinokitError(
