@@ -1,3 +1,6 @@
+import io
+import struct
+
 import numpy as np
 import pytest
 import torch
@@ -107,3 +110,21 @@ def test_eval_transform_official_at_224_and_resize_policy():
     assert x.shape == (3, 224, 224)
     assert torch.allclose(x[0], torch.full((224, 224), (124 / 255 - IMAGENET_MEAN[0]) / 0.229), atol=1e-5)
     assert eval_transform((112, 168), resize_policy="resize")(im).shape == (3, 112, 168)
+
+
+def test_any_decoding_failure_is_a_dinokit_error_and_a_damaged_exif_block_is_ignored(tmp_path):
+    tiff = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(tiff, "TIFF")
+    data = bytearray(tiff.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack("<H", data[ifd : ifd + 2])[0], 12):
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 273:  # StripOffsets, made a RATIONAL
+            data[entry + 2 : entry + 4] = struct.pack("<H", 5)
+    (tmp_path / "bad.tif").write_bytes(bytes(data))  # Pillow raises TypeError in load()
+    with pytest.raises(DinokitError, match=r"cannot read the image .*bad\.tif"):
+        open_rgb(tmp_path / "bad.tif")
+    Image.new("RGB", (6, 4), (0, 0, 255)).save(tmp_path / "exif.png", exif=b"MX\x00*\x00\x00\x00\x08")
+    im = open_rgb(tmp_path / "exif.png")  # SyntaxError from the EXIF block: the pixels are fine, used as stored
+    assert im.size == (6, 4) and im.getpixel((0, 0)) == (0, 0, 255)
+    opened, bad = open_images([tmp_path / "exif.png", tmp_path / "bad.tif"])  # visualize pca's folder reader
+    assert [path.name for path, _ in opened] == ["exif.png"] and [path.name for path in bad] == ["bad.tif"]

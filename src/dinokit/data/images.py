@@ -89,13 +89,20 @@ def open_rgb(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return to_rgb(im)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return to_rgb(upright(im))
+    except Exception as err:  # damaged files make Pillow raise OSError, ValueError, SyntaxError, TypeError, ...
         raise DinokitError(
             f"cannot read the image {path}: {err}. Check that the file is a complete image "
             "(jpg, png, webp, bmp, tiff), or remove it from the input."
         ) from err
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """`im` turned by its EXIF orientation; as stored when the EXIF block itself cannot be parsed."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # e.g. SyntaxError for a damaged TIFF header inside the EXIF block
+        return im
 
 
 def open_images(paths: list[Path]) -> tuple[list[tuple[Path, Image.Image]], list[Path]]:
