@@ -128,3 +128,20 @@ def test_any_decoding_failure_is_a_dinokit_error_and_a_damaged_exif_block_is_ign
     assert im.size == (6, 4) and im.getpixel((0, 0)) == (0, 0, 255)
     opened, bad = open_images([tmp_path / "exif.png", tmp_path / "bad.tif"])  # visualize pca's folder reader
     assert [path.name for path, _ in opened] == ["exif.png"] and [path.name for path in bad] == ["bad.tif"]
+
+
+def test_list_files_as_spreadsheets_write_them_give_every_command_the_same_paths(tmp_path):
+    from dinokit.data.labelled import read_labelled
+
+    for name in ("a,b.png", "c d.png", "e.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    body = '"a,b.png",cat\r\n   \r\n"c d.png",dog\r\n# note\r\ne.png,cat\r\n'
+    (tmp_path / "excel.csv").write_bytes(("\ufeffimage,species\r\n" + body).encode())  # BOM, header, CRLF
+    (tmp_path / "bom.csv").write_bytes(("\ufeff" + body).encode())
+    expected = [tmp_path / "a,b.png", tmp_path / "c d.png", tmp_path / "e.png"]
+    for name in ("excel.csv", "bom.csv"):
+        assert list_images(tmp_path / name) == expected, name  # pretrain / embed / segment / index search
+        assert read_labelled(tmp_path / name) == (expected, [0, 1, 0], ["cat", "dog"]), name  # eval knn / linear
+    (tmp_path / "archive.zip").write_bytes(b"PK\x03\x04\xff\xfe binary")
+    with pytest.raises(DinokitError, match="nor a UTF-8 text list of paths"):
+        list_images(tmp_path / "archive.zip")

@@ -4,6 +4,7 @@ Every image becomes 8-bit RGB: EXIF orientation applied; grayscale, 16-bit, floa
 alpha images converted (alpha composited on white).
 """
 
+import csv
 import os
 from pathlib import Path
 
@@ -32,9 +33,8 @@ def files_under(root: Path, extensions: frozenset[str] | tuple[str, ...]) -> lis
 
 
 def list_images(source: str | Path) -> list[Path]:
-    """Image paths of a folder (recursive, sorted; see `files_under`), of a text file with one path
-    per line (or `path,label` lines; relative paths are relative to the list file; blank lines and `#`
-    comments ignored), or a single image."""
+    """Image paths of a folder (recursive, sorted; see `files_under`), of a list file (one path or
+    `path,label` per line; see `read_list_file`), or a single image."""
     source = Path(source).expanduser()
     if source.is_dir():
         paths = files_under(source, IMAGE_EXTENSIONS)
@@ -46,21 +46,56 @@ def list_images(source: str | Path) -> list[Path]:
     if source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:
         return [source]
     if source.is_file():
-        paths = []
-        for line in source.read_text().splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            p = Path(line).expanduser()
-            p = p if p.is_absolute() else source.parent / p
-            if "," in line and not p.is_file():  # `path,label`; a path that itself holds a comma is kept whole
-                p = Path(line.split(",")[0].strip()).expanduser()
-                p = p if p.is_absolute() else source.parent / p
-            paths.append(p)
+        paths = [path for path, _ in read_list_file(source)]
         if not paths:
             raise DinokitError(f"the list file {source} names no images")
         return paths
     raise DinokitError(f"image source not found: {source} (give a folder, an image, or a text file of paths)")
+
+
+PATH_HEADERS = ("path", "filename")  # a line whose first cell is one of these is a header
+LABEL_HEADERS = ("label", "labels", "class", "classes", "class_name", "category", "target", "y")
+
+
+def read_list_file(source: Path) -> list[tuple[Path, str | None]]:
+    """(path, label or None) per line of a UTF-8 list file: one path, or CSV `path,label[,...]` cells
+    (quoted cells, a byte-order mark and CRLF endings as spreadsheets write them). Relative paths are
+    relative to the list file; blank lines, `#` comments and header lines (`is_header`) are skipped; a
+    line that names an existing file as a whole is a path holding a comma, not `path,label`."""
+    try:
+        text = source.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DinokitError(
+            f"{source} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor a UTF-8 text list of paths"
+        ) from err
+    rows: list[tuple[Path, str | None]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        cells = [line]
+        if ("," in line or line.startswith('"')) and not list_path(source, line).is_file():
+            cells = [cell.strip() for cell in next(csv.reader([line]))]
+        path, label = list_path(source, cells[0]), (cells[1] if len(cells) > 1 else None)
+        if cells[0].lower() in PATH_HEADERS or (not rows and label is not None and is_header(path, label)):
+            continue
+        rows.append((path, label))
+    return rows
+
+
+def list_path(source: Path, text: str) -> Path:
+    """A path as written in the list file `source`: relative ones are relative to its folder."""
+    path = Path(text).expanduser()
+    return path if path.is_absolute() else source.parent / path
+
+
+def is_header(path: Path, label: str) -> bool:
+    """Whether a CSV's first line is a header such as `image,label` or `img,species`: no file at its
+    path, and a column name as its label or no image extension on its path (a real image of a class
+    named "label" stays a line)."""
+    if path.is_file():
+        return False
+    return label.lower() in LABEL_HEADERS or path.suffix.lower() not in IMAGE_EXTENSIONS
 
 
 def output_names(paths: list[Path], source: str | Path) -> list[str]:

@@ -1,15 +1,11 @@
 """Labelled image sets: a `root/<class>/*` folder (as torchvision's ImageFolder) or a CSV / text list
-of `path,label` lines (relative paths are relative to the list file). A first line whose path cell is
-no file, and is no image name or has a column name (label, class, ...) as label, is a header: skipped."""
+of `path,label` lines, read as every list file (`dinokit.data.images.read_list_file`: relative paths are
+relative to the list file; quoted cells, comments and a header line are understood)."""
 
-import csv
 from pathlib import Path
 
-from dinokit.data.images import IMAGE_EXTENSIONS, files_under
+from dinokit.data.images import IMAGE_EXTENSIONS, files_under, read_list_file
 from dinokit.errors import DinokitError
-
-PATH_HEADERS = ("path", "filename")  # a line starting with these is always a header
-LABEL_HEADERS = ("label", "labels", "class", "classes", "class_name", "category", "target", "y")
 
 
 def read_labelled(source: str | Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
@@ -26,17 +22,10 @@ def read_labelled(source: str | Path, classes: list[str] | None = None) -> tuple
             raise DinokitError(f"no labelled images under {source}: expected {source}/<class name>/<image files>")
     elif source.is_file():
         pairs = []
-        with source.open(newline="") as f:
-            for row in csv.reader(f):
-                if not row or row[0].strip().startswith("#") or row[0].strip() in PATH_HEADERS:
-                    continue
-                if len(row) < 2:
-                    raise DinokitError(f"{source}: line {row!r} is not `path,label`")
-                p = Path(row[0].strip()).expanduser()
-                p = p if p.is_absolute() else source.parent / p
-                if not pairs and is_header(p, row[1].strip()):
-                    continue
-                pairs.append((p, row[1].strip()))
+        for path, label in read_list_file(source):
+            if label is None:
+                raise DinokitError(f"{source}: the line naming {path} is not `path,label`")
+            pairs.append((path, label))
         if not pairs:
             raise DinokitError(f"{source} lists no `path,label` lines")
     else:
@@ -47,12 +36,3 @@ def read_labelled(source: str | Path, classes: list[str] | None = None) -> tuple
     if unknown:
         raise DinokitError(f"{source} has classes not in the reference class list: {unknown[:10]}")
     return [p for p, _ in pairs], [index[label] for _, label in pairs], list(names)
-
-
-def is_header(path: Path, label: str) -> bool:
-    """Whether a CSV's first line is a header such as `image,label` or `img,species`: no file at its
-    path, and a column name as its label or no image extension on its path (a real image of a class
-    named "label" stays a line)."""
-    if path.is_file():
-        return False
-    return label.lower() in LABEL_HEADERS or path.suffix.lower() not in IMAGE_EXTENSIONS
