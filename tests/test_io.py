@@ -39,3 +39,21 @@ def test_other_sync_errors_are_not_hidden(tmp_path, monkeypatch):
     with pytest.raises(OSError) as failed:  # a file that cannot be synced may be lost: still an error
         sync(tmp_path / "f")
     assert failed.value.errno == errno.EINVAL
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_atomic_write_gives_new_files_the_umask_mode_and_keeps_an_existing_files_mode(tmp_path):
+    """safetensors >= 0.8 writes 0600 files (a temp file renamed into place): an exported model or a run's
+    backbone.safetensors was unreadable to other users, unlike every other file dinokit writes."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "m.safetensors", lambda tmp: save_file({"w": torch.zeros(2)}, tmp))
+        assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o644
+        os.chmod(tmp_path / "m.safetensors", 0o640)
+        atomic_write(tmp_path / "m.safetensors", lambda tmp: save_file({"w": torch.ones(2)}, tmp))
+        assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o640
+    finally:
+        os.umask(old)

@@ -21,12 +21,25 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
+        os.chmod(tmp, file_mode(path))
         sync(tmp)
         os.replace(tmp, path)
         sync(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def file_mode(path: Path) -> int:
+    """The permission bits a file written at `path` should have: those of the file it replaces, else
+    those of a new file under the process umask. (Writers such as safetensors >= 0.8 create 0600 files,
+    which other users could not read.)"""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 # errors of fsync on a folder from file systems that do not sync folders (some network and FUSE ones)
