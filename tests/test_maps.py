@@ -279,6 +279,15 @@ def test_reference_masks_follow_exif_and_must_be_aligned_with_their_photo(tmp_pa
     assert np.array_equal(read_mask(tmp_path / "small.png", size), mask)
 
 
+def test_a_damaged_reference_mask_is_one_error_naming_it_and_a_damaged_exif_block_is_ignored(tmp_path):
+    good = tmp_path / "exif.png"
+    Image.fromarray(np.full((4, 6), 255, dtype=np.uint8)).save(good, exif=b"MX\x00*\x00\x00\x00\x08")
+    assert read_mask(good, (6, 4)).all()  # Pillow's EXIF parser raised SyntaxError: a traceback
+    (tmp_path / "mask.png").write_bytes(Image.open(good).tobytes()[:5])
+    with pytest.raises(DinokitError, match=r"cannot read the reference mask .*mask\.png"):
+        read_mask(tmp_path / "mask.png", (6, 4))  # was Pillow's message alone, naming no file
+
+
 def test_example_script_draws_every_picture_on_the_photos(tmp_path):
     """examples/feature_maps.py end to end, on a one-block 14 px-patch ViT (fast at any size)."""
     config = ViTConfig(img_size=56, patch_size=14, embed_dim=32, depth=1, num_heads=2, num_register_tokens=2)

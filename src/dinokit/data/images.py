@@ -121,13 +121,20 @@ def output_names(paths: list[Path], source: str | Path) -> list[str]:
 
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode `path` to an 8-bit RGB PIL image; an unreadable file raises DinokitError naming it."""
+    return open_image(path, rgb=True)
+
+
+def open_image(path: str | Path, rgb: bool = False, what: str = "image") -> Image.Image:
+    """Decode `path` in its EXIF orientation, as 8-bit RGB (`rgb`) or in its own mode (a mask); an
+    unreadable file raises DinokitError naming it as `what`."""
     try:
         with Image.open(path) as im:
             im.load()
-            return to_rgb(upright(im))
+            im = upright(im)
+            return to_rgb(im) if rgb else im.copy()
     except Exception as err:  # damaged files make Pillow raise OSError, ValueError, SyntaxError, TypeError, ...
         raise DinokitError(
-            f"cannot read the image {path}: {err}. Check that the file is a complete image "
+            f"cannot read the {what} {path}: {err}. Check that the file is a complete image "
             "(jpg, png, webp, bmp, tiff), or remove it from the input."
         ) from err
 

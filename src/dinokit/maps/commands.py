@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from dinokit.data.images import list_images, open_images, open_rgb, output_names
+from dinokit.data.images import list_images, open_image, open_images, open_rgb, output_names
 from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.io import prepare_output, write_json
@@ -271,9 +271,8 @@ def report_skipped(bad: list[Path]) -> None:
 def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     """A bool mask (H, W) from an image file (nonzero = object), in its EXIF orientation, for an image
     of `size` (W, H): the same size, or the same aspect ratio (to 1 px) resized (nearest) to it."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        mask = im.convert("L") if im.mode not in ("L", "1", "I", "I;16", "P") else im.copy()
+    im = open_image(path, what="reference mask")
+    mask = im.convert("L") if im.mode not in ("L", "1", "I", "I;16", "P") else im
     size = tuple(size)
     if mask.size != size and not same_aspect(mask.size, size):
         raise DinokitError(
