@@ -90,6 +90,17 @@ def test_exif_orientation_is_applied(tmp_path):
     assert open_rgb(tmp_path / "rot.jpg").size == (10, 30)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_exif_orientation_of_a_grayscale_tiff_turns_the_pixels_instead_of_scrambling_them(tmp_path, dtype):
+    scale = 257 if dtype == np.uint16 else 1  # 16-bit values are rescaled to 8 bits
+    stored = np.arange(24, dtype=dtype).reshape(4, 6) * 10 * scale
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed rotated by 90 degrees clockwise
+    Image.fromarray(stored).save(tmp_path / "gray.tif", exif=exif)
+    shown = np.asarray(open_rgb(tmp_path / "gray.tif"))[..., 0]
+    assert np.array_equal(shown, np.rot90(stored, -1) // scale)
+
+
 def test_bad_files_are_skipped_and_reported(folder):
     paths = list_images(folder)
     ds = ImageFiles(paths, eval_transform(14))

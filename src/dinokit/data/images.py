@@ -128,7 +128,9 @@ def open_image(path: str | Path, rgb: bool = False, what: str = "image") -> Imag
     """Decode `path` in its EXIF orientation, as 8-bit RGB (`rgb`) or in its own mode (a mask); an
     unreadable file raises DinokitError naming it as `what`."""
     try:
-        with Image.open(path) as im:
+        # opened from a file object: Pillow's memory-mapped path (a file name) scrambles the pixels of an
+        # uncompressed grayscale TIFF with an Orientation tag of 5-8 (Pillow 13)
+        with open(path, "rb") as file, Image.open(file) as im:
             im.load()
             im = upright(im)
             return to_rgb(im) if rgb else im.copy()
