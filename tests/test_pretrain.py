@@ -148,6 +148,28 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_repeated(tmp_path, monkeypatch):
+    """A run killed before any checkpoint restarts from iteration 0 under resume=true: its rows are
+    replaced, not followed by a second 2, 4, ...; a row cut short by a crash does not stop a resume."""
+    data = tiny_images(tmp_path / "data")
+    trainer = importlib.import_module("dinokit.train.pretrain").Trainer
+
+    def killed(self, elapsed):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(data, tmp_path / "run", max_iterations=4)
+    assert [r["iteration"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 4]
+    run(data, tmp_path / "run", max_iterations=4, resume=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert [r["iteration"] for r in read_metrics(metrics)] == [2, 4]
+    metrics.write_text(metrics.read_text()[:-20])  # the row of iteration 4 cut short (a full disk)
+    run(data, tmp_path / "run", max_iterations=6, resume=True)
+    assert [r["iteration"] for r in read_metrics(metrics)] == [2, 6]
+
+
 def test_bad_files_are_skipped_and_counted(tmp_path):
     data = tiny_images(tmp_path / "data")
     for name, content in (("empty.jpg", b""), ("text.png", b"hello"), ("half.png", b"\x89PNG\r\n\x1a\n\0\0")):

@@ -9,25 +9,24 @@ from dinokit.io import atomic_write
 
 class MetricsLog:
     """Append rows {"iteration": i, ...} to `folder/metrics.jsonl` and TensorBoard scalars to
-    `folder/tensorboard`. On resume from the checkpoint of iteration i, rows after i (written by the
-    interrupted run after that checkpoint) are dropped first, so the file reads as one uninterrupted run."""
+    `folder/tensorboard`. The run starts from iteration `resume_from` (0, or the checkpoint resumed): rows
+    after it, written by an interrupted run (after its last checkpoint, or before its first one), are
+    dropped first, as is a row cut short by a crash, so that the file reads as one uninterrupted run."""
 
-    def __init__(self, folder: str | Path, tensorboard: bool = True, resume_from: int | None = None) -> None:
+    def __init__(self, folder: str | Path, tensorboard: bool = True, resume_from: int = 0) -> None:
         self.path = Path(folder) / "metrics.jsonl"
-        if resume_from is not None and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("iteration", 0) <= resume_from
-            ]
-            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in kept)))
+        if self.path.exists():
+            kept = [row for row in parse_rows(self.path.read_text()) if row.get("iteration", 0) <= resume_from]
+            text = "".join(json.dumps(row) + "\n" for row in kept)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text(text))
         self.file = self.path.open("a")
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            purge = resume_from + 1 if resume_from is not None else None
-            self.writer = SummaryWriter(str(Path(folder) / "tensorboard"), purge_step=purge)
+            board = Path(folder) / "tensorboard"
+            purge = resume_from + 1 if board.exists() else None
+            self.writer = SummaryWriter(str(board), purge_step=purge)
 
     def write(self, row: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
@@ -47,4 +46,15 @@ class MetricsLog:
 
 def read_metrics(path: str | Path) -> list[dict]:
     """Rows of a metrics.jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return parse_rows(Path(path).read_text())
+
+
+def parse_rows(text: str) -> list[dict]:
+    """The rows of metrics.jsonl text, without a line cut short by a crash (e.g. a full disk)."""
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows

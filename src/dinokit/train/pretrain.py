@@ -387,9 +387,12 @@ def pretrain(
     # on a CPU, large tensors are made afresh every step: keep freed memory for reuse (runtime.py)
     try:
         with reuse_freed_memory(cfg.reuse_freed_memory and runtime_device.type == "cpu"):
-            return Trainer(cfg, data, out_dir, preset, runtime_device, resuming, "batch_size" in keys).run()
-    finally:
-        dist.destroy_distributed()
+            summary = Trainer(cfg, data, out_dir, preset, runtime_device, resuming, "batch_size" in keys).run()
+    except BaseException:
+        dist.destroy_distributed(wait=False)  # the others may be in a collective: exit with the error
+        raise
+    dist.destroy_distributed()
+    return summary
 
 
 class Trainer:
@@ -595,7 +598,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ loop
     def run(self) -> dict:
         cfg = self.cfg
-        log = MetricsLog(self.out, cfg.tensorboard, self.iteration if self.checkpoint else None) if self.main else None
+        log = MetricsLog(self.out, cfg.tensorboard, self.iteration) if self.main else None
         loader = make_loader(self.dataset, cfg, cfg.batch_size, self.samples_seen, self.device, self.collate)
         self.model.train()
         total = self.length["stop_iteration"]
