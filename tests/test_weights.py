@@ -136,6 +136,18 @@ def test_training_checkpoints_teacher_prefixes_heads_and_block_chunks(tmp_path, 
     assert same_outputs(model, dinokit.load_model(tmp_path / "checkpoint.pth"))
 
 
+def test_dinokit_pretraining_checkpoints_load_as_their_teacher(tmp_path):
+    """A checkpoint of `dinokit pretrain` (run/checkpoints/checkpoint_*.pt) holds the loss centers
+    (`dino_center.center`, `ibot_center.center`) beside student and teacher: load_model refused it as an
+    official file with an unexpected key."""
+    from pretrain_helpers import TINY, tiny_images
+
+    data = tiny_images(tmp_path / "data")
+    dinokit.pretrain(data=str(data), out=str(tmp_path / "run"), **{**TINY, "max_iterations": 2, "checkpoint_every": 2})
+    teacher = dinokit.load_model(tmp_path / "run" / "checkpoints" / "checkpoint_00000002.pt")
+    assert same_outputs(dinokit.load_model(tmp_path / "run"), teacher, size=16)
+
+
 def test_dino_v1_checkpoint_with_its_args_namespace_loads(tmp_path):
     """DINO v1 main_dino.py saves `args` (an argparse.Namespace) beside the weights; weights_only=True
     refused the whole file."""

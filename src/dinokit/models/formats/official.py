@@ -18,7 +18,17 @@ from dinokit.models.vision_transformer import ViTConfig
 # released backbones are teachers, so the teacher wins.
 _CONTAINER_KEYS = ("teacher", "model", "state_dict", "student", "model_ema")
 _PREFIXES = ("module.", "_orig_mod.", "backbone.", "teacher.", "student.", "encoder.")
-_HEAD_PREFIXES = ("dino_head.", "ibot_head.", "head.", "heads.", "fc_norm.", "dino_loss.", "ibot_patch_loss.")
+_HEAD_PREFIXES = (
+    "dino_head.",
+    "ibot_head.",
+    "head.",
+    "heads.",
+    "fc_norm.",
+    "dino_loss.",
+    "ibot_patch_loss.",
+    "dino_center.",  # dinokit's own checkpoints (train.self_distillation): the loss centers
+    "ibot_center.",
+)
 
 
 def unwrap_training_checkpoint(obj: dict) -> dict[str, torch.Tensor]:
