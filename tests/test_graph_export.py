@@ -1,4 +1,5 @@
 import itertools
+import warnings
 
 import numpy as np
 import onnx
@@ -82,6 +83,17 @@ def test_torchscript_serves_any_size(model, tmp_path):
         got = [t.numpy() for t in graph_export.run_torchscript(str(tmp_path / "m.pt"), x)]
         for g, r in zip(got, reference(model, x), strict=True):
             assert np.abs(g - r).max() <= 1e-4
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("onnx", "m.onnx"), ("torchscript", "m.pt")])
+def test_a_graph_export_given_as_weights_is_named_as_a_graph(model, tmp_path, fmt, name):
+    """load_model / `dinokit info` on an ONNX export called it a corrupt download; on a TorchScript one
+    they passed on torch's weights_only message and warning."""
+    export_graph(model, tmp_path / name, fmt, image_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DinokitError, match=f"is {'an ONNX' if fmt == 'onnx' else 'a TorchScript'} graph"):
+            dinokit.load_model(tmp_path / name)
 
 
 def test_failed_check_writes_nothing(model, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import json
 import pickle
 import re
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -87,15 +88,25 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 def sniff_weights(path: Path) -> str:
     """'zip' (torch.save), 'pickle' (legacy torch.save) or 'safetensors', from the file's first bytes;
-    anything else (an HTML page saved as .pth, an image, ...) is a DinokitError naming the file."""
+    a graph (ONNX, TorchScript: `dinokit export` writes both) or anything else (an HTML page saved as
+    .pth, an image, ...) is a DinokitError naming the file."""
     with open(path, "rb") as f:
         head = f.read(16)
     if head.startswith(b"PK\x03\x04"):
-        return "zip"
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch.jit.save archives hold constants.pkl, torch.save's none
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            return "zip"  # damaged: torch.load's error says so
+        if not any(Path(name).name == "constants.pkl" for name in names):
+            return "zip"
+        raise graph_given_as_weights(path, "a TorchScript", "torch.jit.load")
     if head.startswith(b"\x80"):  # pickle protocol 2+ opcode
         return "pickle"
     if head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= SAFETENSORS_MAX_HEADER:
         return "safetensors"  # 8-byte header length, then the JSON header
+    if path.suffix.lower() == ".onnx" or head.startswith(b"\x08"):  # ModelProto: ir_version (field 1) first
+        raise graph_given_as_weights(path, "an ONNX", "onnxruntime")
     if head.lstrip()[:1] == b"<":
         fix = "It looks like a web page (HTML): download the file itself, not the page linking to it."
     else:
@@ -103,6 +114,14 @@ def sniff_weights(path: Path) -> str:
     raise DinokitError(
         f"{path} is not a PyTorch/safetensors weights file (corrupt or wrong download?): it starts with "
         f"{head[:8]!r}, not a zip, pickle or safetensors header. {fix}"
+    )
+
+
+def graph_given_as_weights(path: Path, graph: str, runner: str) -> DinokitError:
+    """The error for an exported graph passed where weights are read."""
+    return DinokitError(
+        f"{path} is {graph} graph (as `dinokit export` writes), not weights: run it with {runner}. "
+        "Give the weights it was exported from instead (a .safetensors / .pth file, a folder or a released name)"
     )
 
 
