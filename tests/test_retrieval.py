@@ -1,4 +1,5 @@
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -146,6 +147,38 @@ def test_build_and_add_skip_images_an_embedding_lists_twice(collection, tmp_path
     assert len(paths) == len(set(paths)) == 13
     hits = search_index(str(tmp_path / "idx"), str(b / "b0.png"), k=2, num_workers=0)[0]["hits"]
     assert hits[0]["path"] == str(b / "b0.png") and hits[1]["path"] != hits[0]["path"]
+
+
+def test_an_add_while_another_add_runs_waits_and_both_are_indexed(collection, tmp_path, monkeypatch):
+    """Two `index build add=true` at once into one index both wrote its next generation: one add was
+    lost (or its paths listed beside the other's vectors). The second now waits for the first."""
+    b = collection / "b"
+    (tmp_path / "list.txt").write_text(f"{b / 'b0.png'}\n")
+    embed_args = dict(image_size=32, num_workers=0, progress=False)
+    embed(str(collection / "m.safetensors"), str(tmp_path / "list.txt"), str(tmp_path / "emb"), **embed_args)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"))
+    real_add = FeatureIndex.add
+    other: list[threading.Thread] = []
+
+    def add_while_another_adds(self, vectors, paths):
+        added = real_add(self, vectors, paths)
+        if not other:  # the first add starts the second and gives it time to finish before saving
+            other.append(
+                threading.Thread(
+                    target=build_index, args=(str(b.parent / "emb_b"), str(tmp_path / "idx"), "cls", "flat", True)
+                )
+            )
+            other[0].start()
+            other[0].join(timeout=1.0)
+        return added
+
+    monkeypatch.setattr(FeatureIndex, "add", add_while_another_adds)
+    build_index(str(collection / "emb_a"), str(tmp_path / "idx"), add=True)
+    other[0].join()
+    index = FeatureIndex.load(tmp_path / "idx")
+    assert sorted(index.paths) == sorted(str(p) for part in "ab" for p in (collection / part).glob("*.png"))
+    hits = search_index(index, [str(b / "b3.png"), str(collection / "a" / "a3.png")], k=1, num_workers=0)
+    assert [r["hits"][0]["path"] for r in hits] == [r["query"] for r in hits]
 
 
 def test_index_search_command_writes_the_json_and_a_contact_sheet(collection, tmp_path, capsys):

@@ -136,3 +136,35 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+LOCK_FILE = ".dinokit.lock"
+# errors of flock from file systems that do not lock (some network and FUSE ones): no lock then
+LOCK_UNSUPPORTED = {errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (creating it) for the block, so that two processes never
+    write its files at once: with `wait` the second waits for the first, otherwise it gets a
+    DinokitError saying that `what` is being written there. The lock is a `.dinokit.lock` file's flock,
+    released when the process ends however it ends; a no-op without fcntl (Windows) or where the file
+    system does not lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise DinokitError(
+                f"another process is writing {what} in {folder}; wait for it to end, or choose another folder"
+            ) from None
+        except OSError as e:
+            if e.errno not in LOCK_UNSUPPORTED:
+                raise
+        yield

@@ -11,7 +11,7 @@ from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
 from dinokit.features.store import read_embeddings, read_manifest
-from dinokit.io import prepare_output, write_json
+from dinokit.io import folder_lock, prepare_output, write_json
 from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
 from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex
@@ -47,33 +47,36 @@ def build_index(
     manifest = read_manifest(features)
     vectors, paths = read_embeddings(features, [feature])
     embedding = {k: manifest.get(k) for k in EMBEDDING_KEYS}
-    exists = (Path(out) / INDEX_META).exists()
-    if exists and not add:
-        raise DinokitError(f"{out} already holds an index; pass add=true to add to it, or choose a new out=")
-    if add and exists:
-        index = FeatureIndex.load(out)
-        changed = [k for k in EMBEDDING_KEYS if index.meta["embedding"].get(k) != embedding[k]]
-        if changed or index.meta["feature"] != feature:
-            raise DinokitError(
-                f"{features} was embedded differently from the index {out} ({', '.join(changed) or 'feature'} "
-                "differ); queries could not match both. Build a separate index."
+    # one writer at a time: two adds would both write generation g + 1 (one add lost, or one's vectors
+    # listed with the other's paths); the second waits and adds to the first's result
+    with folder_lock(out, "an index"):
+        exists = (Path(out) / INDEX_META).exists()
+        if exists and not add:
+            raise DinokitError(f"{out} already holds an index; pass add=true to add to it, or choose a new out=")
+        if add and exists:
+            index = FeatureIndex.load(out)
+            changed = [k for k in EMBEDDING_KEYS if index.meta["embedding"].get(k) != embedding[k]]
+            if changed or index.meta["feature"] != feature:
+                raise DinokitError(
+                    f"{features} was embedded differently from the index {out} ({', '.join(changed) or 'feature'} "
+                    "differ); queries could not match both. Build a separate index."
+                )
+            added = index.add(vectors[feature].float().numpy(), paths)
+            index.meta["sources"].append(str(Path(features).absolute()))
+        else:
+            meta = {"feature": feature, "embedding": embedding, "sources": [str(Path(features).absolute())]}
+            index = FeatureIndex.create(
+                vectors[feature].float().numpy(),
+                paths,
+                meta,
+                kind=kind,
+                nlist=nlist,
+                pq_m=pq_m,
+                pq_bits=pq_bits,
+                hnsw_m=hnsw_m,
             )
-        added = index.add(vectors[feature].float().numpy(), paths)
-        index.meta["sources"].append(str(Path(features).absolute()))
-    else:
-        meta = {"feature": feature, "embedding": embedding, "sources": [str(Path(features).absolute())]}
-        index = FeatureIndex.create(
-            vectors[feature].float().numpy(),
-            paths,
-            meta,
-            kind=kind,
-            nlist=nlist,
-            pq_m=pq_m,
-            pq_bits=pq_bits,
-            hnsw_m=hnsw_m,
-        )
-        added = len(index.paths)
-    index.save(out)
+            added = len(index.paths)
+        index.save(out)
     return {
         "index": str(out),
         "factory": index.meta["factory"],
