@@ -136,17 +136,59 @@ def test_two_process_run_resumes_in_one_process(ddp_run):
     assert checkpoint["global_batch"] == 8 and checkpoint["samples_seen"] == 64  # the global batch is kept
 
 
+def run_torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 args` on the CPU. On a timeout the test fails, and
+    torchrun is stopped with SIGTERM, on which it stops its processes (each in a session of its own)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.communicate(timeout=60)
+        pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s: the processes hang")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
+
+
 def test_torchrun_launches_pretraining_on_two_processes(tmp_path):
     """The documented entry path: `torchrun --nproc_per_node 2 -m dinokit pretrain ...` (gloo on CPU)."""
     data = tiny_images(tmp_path / "data")
     out = tmp_path / "run"
     keys = {**TINY, "max_iterations": 6, "batch_size": 4}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
-    cmd += ["-m", "dinokit", "pretrain", f"data={data}", f"out={out}"] + [f"{k}={v}" for k, v in keys.items()]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    args = ["-m", "dinokit", "pretrain", f"data={data}", f"out={out}"] + [f"{k}={v}" for k, v in keys.items()]
+    result = run_torchrun(args, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert rows[-1]["iteration"] == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert "2 process(es) x batch 4 = 8" in result.stdout + result.stderr
     assert (out / "backbone.safetensors").exists() and dinokit.load_model(out / "backbone.safetensors")
+
+
+# A failure on process 1 only, in its third step, while process 0 goes on to the next collective.
+FAILING_RUN = """
+import importlib, os, sys
+from dinokit.cli import main
+from dinokit.errors import DinokitError
+pretrain = importlib.import_module("dinokit.train.pretrain")
+step = pretrain.Trainer.step
+def failing_step(self, *args):
+    if os.environ["RANK"] == "1" and self.iteration == 2:
+        raise DinokitError("a failure on process 1 only")
+    return step(self, *args)
+pretrain.Trainer.step = failing_step
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_an_error_on_one_process_ends_every_process_with_that_error(tmp_path):
+    """The failing process left the process group through a barrier, which waited forever for the
+    others (in the next step's collective): no error shown, torchrun hung until the 30-minute timeout."""
+    data = tiny_images(tmp_path / "data")
+    script = tmp_path / "failing_run.py"
+    script.write_text(FAILING_RUN)
+    keys = {**TINY, "max_iterations": 6, "batch_size": 4}
+    args = [str(script), f"data={data}", f"out={tmp_path / 'run'}"] + [f"{k}={v}" for k, v in keys.items()]
+    result = run_torchrun(args, timeout=90)
+    assert result.returncode != 0
+    assert "dinokit: error: a failure on process 1 only" in result.stderr

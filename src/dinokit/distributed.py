@@ -61,9 +61,13 @@ def process_device(device: torch.device) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def destroy_distributed() -> None:
+def destroy_distributed(wait: bool = True) -> None:
+    """Leave the process group, after every process got there (`wait`). Pass wait=False when this
+    process stops on an error: the others may be in another collective, and a barrier would hang
+    this process (and, under torchrun, all of them) instead of letting it exit with its error."""
     if is_distributed():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
