@@ -387,3 +387,31 @@ def test_predict_depth_warns_about_depths_clipped_to_16_bits(tmp_path, capsys):
     assert "warning" not in capsys.readouterr().out
     units = np.asarray(Image.open(tmp_path / "o2" / "x.png")).astype(np.float64)
     assert 75 < units.min() / 819 <= units.max() / 819 < 80  # every pixel kept, in metres x 819
+
+
+def test_targets_are_read_as_their_images_exif_orientation_and_any_damage_skips_the_pair(tmp_path):
+    import io
+    import struct
+
+    from dinokit.data.images import open_rgb
+    from dinokit.eval.dense import read_targets
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone photo and its mask, both displayed rotated by 90 degrees clockwise
+    Image.new("RGB", (6, 4)).save(tmp_path / "photo.jpg", exif=exif)
+    stored = np.arange(24, dtype=np.uint8).reshape(4, 6)
+    Image.fromarray(stored).save(tmp_path / "mask.png", exif=exif)
+    Image.fromarray(stored.astype(np.uint16) * 100).save(tmp_path / "depth.png", exif=exif)
+    assert open_rgb(tmp_path / "photo.jpg").size == (4, 6)  # as `segment` reads a reference mask
+    assert np.array_equal(read_mask(tmp_path / "mask.png"), np.rot90(stored, -1))
+    assert np.allclose(read_depth(tmp_path / "depth.png", 1000.0), np.rot90(stored, -1) / 10)
+    tiff = io.BytesIO()
+    Image.fromarray(np.ones((4, 4), dtype=np.float32)).save(tiff, "TIFF")
+    data = bytearray(tiff.getvalue())
+    ifd = struct.unpack("<I", data[4:8])[0]
+    for entry in range(ifd + 2, ifd + 2 + 12 * struct.unpack("<H", data[ifd : ifd + 2])[0], 12):
+        if struct.unpack("<H", data[entry : entry + 2])[0] == 273:  # StripOffsets, made a RATIONAL
+            data[entry + 2 : entry + 4] = struct.pack("<H", 5)
+    (tmp_path / "bad.tif").write_bytes(bytes(data))  # Pillow raises TypeError: was a traceback
+    targets, bad = read_targets([tmp_path / "bad.tif"], lambda p: read_depth(p, 1000.0), 4, None)
+    assert targets == [None] and [path for path, _ in bad] == [tmp_path / "bad.tif"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dinokit.errors import DinokitError
 
@@ -119,6 +119,12 @@ def output_names(paths: list[Path], source: str | Path) -> list[str]:
     return names
 
 
+class UnreadableImage(DinokitError):
+    """A file that cannot be decoded as an image (commands that read many skip it); `reason` says why."""
+
+    reason = ""
+
+
 def open_rgb(path: str | Path) -> Image.Image:
     """Decode `path` to an 8-bit RGB PIL image; an unreadable file raises DinokitError naming it."""
     return open_image(path, rgb=True)
@@ -126,7 +132,7 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 def open_image(path: str | Path, rgb: bool = False, what: str = "image") -> Image.Image:
     """Decode `path` in its EXIF orientation, as 8-bit RGB (`rgb`) or in its own mode (a mask); an
-    unreadable file raises DinokitError naming it as `what`."""
+    unreadable file raises UnreadableImage (a DinokitError) naming it as `what`."""
     try:
         # opened from a file object: Pillow's memory-mapped path (a file name) scrambles the pixels of an
         # uncompressed grayscale TIFF with an Orientation tag of 5-8 (Pillow 13)
@@ -135,10 +141,13 @@ def open_image(path: str | Path, rgb: bool = False, what: str = "image") -> Imag
             im = upright(im)
             return to_rgb(im) if rgb else im.copy()
     except Exception as err:  # damaged files make Pillow raise OSError, ValueError, SyntaxError, TypeError, ...
-        raise DinokitError(
-            f"cannot read the {what} {path}: {err}. Check that the file is a complete image "
+        reason = "not an image format Pillow recognises" if isinstance(err, UnidentifiedImageError) else str(err)
+        error = UnreadableImage(
+            f"cannot read the {what} {path}: {reason}. Check that the file is a complete image "
             "(jpg, png, webp, bmp, tiff), or remove it from the input."
-        ) from err
+        )
+        error.reason = reason
+        raise error from err
 
 
 def upright(im: Image.Image) -> Image.Image:

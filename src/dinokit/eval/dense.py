@@ -21,10 +21,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
-from dinokit.data.images import files_under, list_images, output_names
+from dinokit.data.images import UnreadableImage, files_under, list_images, open_image, output_names
 from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
@@ -87,24 +86,25 @@ def by_key(paths: list[Path], folder: Path) -> dict[str, list[Path]]:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """(H, W) int64 class indices of a single-channel (L, P, I;16 or I) PNG."""
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
-            raise DinokitError(
-                f"{path} is a {im.mode} image; a mask must hold one class index per pixel "
-                "(8/16-bit grayscale or palette PNG), not colours"
-            )
-        return np.asarray(im).astype(np.int64)
+    """(H, W) int64 class indices of a single-channel (L, P, I;16 or I) PNG, in its EXIF orientation
+    (as its image)."""
+    im = open_image(path, what="mask")
+    if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
+        raise DinokitError(
+            f"{path} is a {im.mode} image; a mask must hold one class index per pixel "
+            "(8/16-bit grayscale or palette PNG), not colours"
+        )
+    return np.asarray(im).astype(np.int64)
 
 
 def read_depth(path: Path, depth_scale: float) -> np.ndarray:
     """(H, W) float32 metres. Float data is in metres (.npy, a float TIFF); an integer image (16-bit PNG)
-    is in 1/depth_scale metres and divided by depth_scale. NaN and infinities become 0 (no measurement)."""
+    is in 1/depth_scale metres and divided by depth_scale. NaN and infinities become 0 (no measurement).
+    Images are read in their EXIF orientation (as their photos)."""
     if path.suffix.lower() == ".npy":
         depth = np.load(path, allow_pickle=False)
     else:
-        with Image.open(path) as im:
-            depth = np.asarray(im)
+        depth = np.asarray(open_image(path, what="depth map"))
     if depth.ndim == 3 and depth.shape[-1] == 1:
         depth = depth[..., 0]
     if depth.ndim != 2:
@@ -128,7 +128,7 @@ def resize_target(target: np.ndarray, size: int) -> torch.Tensor:
 
 
 # a damaged target file (truncated, not an image, a broken .npy) is skipped with its image
-UNREADABLE = (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError)
+UNREADABLE = (UnreadableImage, OSError, ValueError, EOFError)
 
 
 @dataclass
@@ -151,7 +151,7 @@ def read_targets(
             target = read_target(path)
         except UNREADABLE as err:
             out.append(None)
-            bad.append((path, f"{type(err).__name__}: {err}"))
+            bad.append((path, err.reason if isinstance(err, UnreadableImage) else f"{type(err).__name__}: {err}"))
             continue
         values = target if ignore is None else target[target != ignore]
         peak = float(values.max()) if values.size else None
