@@ -195,6 +195,13 @@ def test_index_search_command_writes_the_json_and_a_contact_sheet(collection, tm
     assert Image.open(tmp_path / "sheet.png").size == (4 * 132, 146)
 
 
+def test_an_unreadable_query_image_is_an_error_naming_it_and_why(collection, tmp_path):
+    build_index(str(collection / "emb_b"), str(tmp_path / "idx"))
+    (tmp_path / "query.png").write_text("not an image")
+    with pytest.raises(DinokitError, match=r"query images could be read.*query\.png: not an image format"):
+        search_index(str(tmp_path / "idx"), str(tmp_path / "query.png"), k=1, num_workers=0)
+
+
 def test_search_refuses_a_model_file_replaced_since_the_index_was_built(collection, tmp_path):
     torch.manual_seed(1)
     model = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinokit.data.images import list_images
+from dinokit.data.images import list_images, open_rgb
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
@@ -177,7 +177,11 @@ def embed_like_index(
         progress=False,
     )
     if not kept:
-        raise DinokitError("none of the query images could be read")
+        try:
+            open_rgb(paths[0])  # says which file and why
+        except DinokitError as err:
+            raise DinokitError(f"none of the {len(paths)} query images could be read; the first: {err}") from err
+        raise DinokitError(f"none of the {len(paths)} query images could be read (first: {paths[0]})")
     return np.asarray(feats[meta["feature"]].numpy(), dtype=np.float32), kept
 
 
