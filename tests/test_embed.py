@@ -175,6 +175,16 @@ def test_bad_requests(setup, tmp_path):
         run(setup, tmp_path / "d", resize_policy="aspect")
 
 
+def test_data_without_one_readable_image_is_an_error_before_any_work(setup, tmp_path):
+    _, weights, _ = setup
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "a.png").write_text("not an image")
+    (tmp_path / "bad" / "b.jpg").write_bytes(b"")
+    with pytest.raises(DinokitError, match=r"none of the 2 images .* could be read.*a\.png: not an image format"):
+        embed(model=weights, data=str(tmp_path / "bad"), out=str(tmp_path / "out"), image_size=16, progress=False)
+    assert not (tmp_path / "out").exists()  # was a finished run with 0 images embedded
+
+
 def test_torchrun_two_processes_write_their_shards_and_one_manifest(setup, tmp_path):
     folder, weights, _ = setup
     single = tmp_path / "single"

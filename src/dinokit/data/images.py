@@ -172,6 +172,21 @@ def open_images(paths: list[Path]) -> tuple[list[tuple[Path, Image.Image]], list
     return opened, bad
 
 
+def check_readable(paths: list, source: str | Path, sample: int = 64) -> None:
+    """A clear error before any work when none of `paths` (an even sample of at most `sample` of them)
+    decodes, naming the first and why."""
+    probe = paths[:: max(1, len(paths) // sample)][:sample]
+    first = None
+    for path in probe:
+        try:
+            open_rgb(path)
+            return
+        except UnreadableImage as err:
+            first = first or err
+    which = f"the {len(paths)}" if len(probe) == len(paths) else f"{len(probe)} sampled"
+    raise DinokitError(f"none of {which} images of {source} could be read; the first: {first}")
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. 16-bit and float images are rescaled by their dtype range."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

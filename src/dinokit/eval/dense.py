@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dinokit.data.images import UnreadableImage, files_under, list_images, open_image, output_names
+from dinokit.data.images import UnreadableImage, check_readable, files_under, list_images, open_image, output_names
 from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
@@ -393,6 +393,7 @@ def predict_images(
     paths = list_images(images)
     names = output_names(paths, Path(images).expanduser())
     check_outputs_spare_inputs(paths, names, *out_files)
+    check_readable(paths, images)
     transform = make_transform(meta["image_size"], "resize")
     which = ("layer_patch_tokens", "layers") if meta.get("with_cls") else ("layer_patch_tokens",)
     side = meta["image_size"] // meta["patch_size"]

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from dinokit import distributed
-from dinokit.data.images import list_images
+from dinokit.data.images import check_readable, list_images
 from dinokit.data.transforms import check_image_size, describe, eval_transform
 from dinokit.distributed import (
     all_gather_objects,
@@ -95,6 +95,7 @@ def embed(
     size = check_image_size(image_size, net.patch_size)
     transform = eval_transform(size, resize_policy)
     paths = [str(p.absolute()) for p in list_images(data)]
+    check_readable(paths, data)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     shapes = feature_shapes(net, size, features, layers)
