@@ -30,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker(rank: int, port: int, data: str, out: str, results: str) -> None:
+def worker(rank: int, port: int, data: str, out: str, results: str, bad_data: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank)
     )
@@ -58,6 +58,13 @@ def worker(rank: int, port: int, data: str, out: str, results: str) -> None:
     fsdp_out = Path(out).with_name("fsdp")
     cfg, _ = run_config(fsdp_out, "dinov2_vits14", {**keys, "max_iterations": 6, "batch_size": 4, "fsdp": True}, False)
     Trainer(cfg, data, fsdp_out, "dinov2_vits14", device, False).run()
+    # a run over 2 unreadable files, which both processes meet (in different passes), then resumed
+    bad_out = Path(out).with_name("bad_files_run")
+    for iterations, resume in ((6, False), (12, True)):
+        given = {**keys, "max_iterations": iterations, "batch_size": 4, "log_every": 1}
+        cfg, resuming = run_config(bad_out, "dinov2_vits14", given, resume)
+        summary = Trainer(cfg, bad_data, bad_out, "dinov2_vits14", device, resuming).run()
+    torch.save(summary["bad_files"], f"{results}/bad_files{rank}.pt")
     dist.destroy_distributed()
 
 
@@ -66,7 +73,11 @@ def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     data = tiny_images(root / "data")
     (root / "results").mkdir()
-    mp.spawn(worker, args=(free_port(), str(data), str(root / "run"), str(root / "results")), nprocs=WORLD, join=True)
+    bad_data = tiny_images(root / "bad_data")
+    for name in ("empty.png", "text.png"):
+        (bad_data / "circle" / name).write_bytes(b"" if name == "empty.png" else b"not an image")
+    args = (free_port(), str(data), str(root / "run"), str(root / "results"), str(bad_data))
+    mp.spawn(worker, args=args, nprocs=WORLD, join=True)
     return root, data
 
 
@@ -94,6 +105,19 @@ def test_collectives_match_single_process(ddp_run):
         torch.testing.assert_close(p["center"], center.center)
         single = collapse_figures(torch.softmax(logits, -1), logits)
         assert p["figures"] == pytest.approx(single, rel=1e-5)
+
+
+def test_unreadable_files_are_counted_once_over_processes_and_after_resume(ddp_run):
+    """metrics.jsonl's bad_files is the number of different unreadable files, as in one process: it
+    summed each process's count (a file met by both: 2), and every process restarted a resumed run
+    from the whole count (2 files: 4)."""
+    root, _ = ddp_run
+    rows = read_metrics(root / "bad_files_run" / "metrics.jsonl")
+    counts = [row["bad_files"] for row in rows]
+    assert [row["iteration"] for row in rows] == list(range(1, 13))
+    assert counts == sorted(counts) and counts[-1] == 2, counts
+    assert len((root / "bad_files_run" / "bad_files.txt").read_text().splitlines()) == 2
+    assert [torch.load(root / "results" / f"bad_files{r}.pt") for r in range(WORLD)] == [2, 2]  # the summary
 
 
 def test_fsdp_run_equals_the_ddp_run(ddp_run):

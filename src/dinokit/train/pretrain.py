@@ -457,7 +457,8 @@ class Trainer:
         )
         self.iteration, self.samples_seen, self.elapsed = 0, 0, 0.0
         self.counters = {"skipped_steps": 0, "bad_files": 0}
-        self.bad_paths: set[str] = set()
+        self.bad_paths: set[str] = set()  # the same on every process, as of the last share_bad_files
+        self.unshared_bad: set[str] = set()  # met by this process since then
         if self.checkpoint is not None:  # full model state, before any sharding
             self.model.load_state_dict(self.checkpoint["model"])
             self.iteration = self.checkpoint["iteration"]
@@ -561,7 +562,7 @@ class Trainer:
             "model": model_state(self.model, self.fsdp),
             "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
             "rng": dist.all_gather_objects(rng_state(self.device)),
-            "bad_files": sorted(set().union(*dist.all_gather_objects(self.bad_paths))),
+            "bad_files": sorted(self.share_bad_files()),
             "config": self.cfg.to_dict(),
         }
         if self.main:
@@ -695,14 +696,19 @@ class Trainer:
         return stop is not None and self.iteration == stop
 
     def record_bad(self, batch: CropBatch) -> None:
-        for index in batch.bad:
-            path = str(self.paths[index])
-            if path not in self.bad_paths:
-                self.bad_paths.add(path)
-                self.counters["bad_files"] += 1
+        self.unshared_bad.update(str(self.paths[index]) for index in batch.bad)
+
+    def share_bad_files(self) -> set[str]:
+        """The unreadable files met by any process so far (a collective): every process then holds the
+        same set, and counts each file once however many processes met it."""
+        for new in dist.all_gather_objects(sorted(self.unshared_bad - self.bad_paths)):
+            self.bad_paths.update(new)
+        self.unshared_bad.clear()
+        self.counters["bad_files"] = len(self.bad_paths)
+        return self.bad_paths
 
     def write_bad_files(self) -> None:
-        every = set().union(*dist.all_gather_objects(self.bad_paths))
+        every = self.share_bad_files()
         if self.main and every:
             text = "".join(f"{p}\n" for p in sorted(every))
             atomic_write(self.out / "bad_files.txt", lambda tmp: Path(tmp).write_text(text))
@@ -719,15 +725,13 @@ class Trainer:
         row.update({("loss" if k == "loss" else f"{k}_loss"): v for k, v in zip(names, reduced, strict=True)})
         row.update({k: values[k] for k in ("lr", "last_layer_lr", "weight_decay", "momentum", "teacher_temp")})
         row.update(collapse_figures(teacher["cls_probs"], teacher["cls"]))
-        counters = dist.all_reduce_sum(
-            torch.tensor([float(self.counters["bad_files"]), float(self.counters["skipped_steps"])])
-        )
+        self.share_bad_files()
         row.update(
             grad_norm=grad_norm,
             img_per_s=window["images"] / max(window["time"], 1e-9),
             data_wait=window["wait"] / max(window["time"], 1e-9),
-            bad_files=int(counters[0].item()),
-            skipped_steps=int(counters[1].item() / max(dist.world_size(), 1)),
+            bad_files=self.counters["bad_files"],
+            skipped_steps=self.counters["skipped_steps"],  # every process skips the same steps
             minutes=elapsed / 60.0,
         )
         return row
