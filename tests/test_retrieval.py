@@ -222,3 +222,17 @@ def test_search_refuses_a_model_file_replaced_since_the_index_was_built(collecti
     embed(weights, str(collection / "a"), str(tmp_path / "emb_new"), image_size=32, num_workers=0, progress=False)
     with pytest.raises(DinokitError, match="weights_hash differ"):
         build_index(str(tmp_path / "emb_new"), str(tmp_path / "idx"), add=True)
+
+
+def test_search_after_the_models_file_moved_asks_for_model_where_it_is_now(collection, tmp_path):
+    """The index records its model's path; once the file moved, search said `file not found ... check the
+    spelling`, a path the user never typed, instead of pointing to model=."""
+    weights = tmp_path / "m.safetensors"
+    weights.write_bytes((collection / "m.safetensors").read_bytes())
+    embed(str(weights), str(collection / "b"), str(tmp_path / "emb"), image_size=32, num_workers=0, progress=False)
+    build_index(str(tmp_path / "emb"), str(tmp_path / "idx"))
+    moved = weights.rename(tmp_path / "moved.safetensors")
+    query = str(collection / "b" / "b2.png")
+    with pytest.raises(DinokitError, match=r"m\.safetensors.*is not there any more.*model="):
+        search_index(str(tmp_path / "idx"), query, k=1)
+    assert search_index(str(tmp_path / "idx"), query, k=1, model=str(moved))[0]["hits"][0]["path"] == query

@@ -162,6 +162,11 @@ def embed_like_index(
     """(normalised query vectors (Q, D), indices of the readable queries), embedded exactly as the index:
     with its model, loaded from `source` (default: the path the index records), transform and precision."""
     emb = meta["embedding"]
+    if source is None and Path(emb["model"]).is_absolute() and not Path(emb["model"]).exists():
+        raise DinokitError(
+            f"the index's model {emb['model']} (where it was when the images were embedded) is not there any "
+            "more: pass model=PATH, where the same weights are now"
+        )
     source = source or emb["model"]
     model = load_model(source, device=resolve_device(device))
     check_index_model(model, emb, source)
