@@ -45,3 +45,12 @@ def test_check_image_size_names_the_nearest_valid_sizes():
     assert check_image_size([28, 42], 14) == (28, 42)
     with pytest.raises(DinokitError, match="use 224 or 238"):
         check_image_size(230, 14)
+
+
+def test_check_image_size_refuses_sizes_below_one_patch_and_lists_that_are_not_a_pair():
+    for size in (0, -16, [16, 0]):  # 0 "is not a multiple of the patch size 2; use 2 or 0"
+        with pytest.raises(DinokitError, match=r"at least the patch size 2, and a multiple of it; use 2\b"):
+            check_image_size(size, 2)
+    for size in ([16], [16, 16, 16]):  # a ValueError traceback
+        with pytest.raises(DinokitError, match=r"image_size must be one size or \[height, width\]"):
+            check_image_size(size, 2)

@@ -99,10 +99,18 @@ def check_image_size(
 ) -> tuple[int, int]:
     """(height, width) from an int or a pair; a DinokitError naming the nearest valid sizes if a side is
     not a positive multiple of the patch size. `name`: the key the size was given as."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    sides = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(sides) != 2:
+        raise DinokitError(f"{name} must be one size or [height, width], got {list(sides)}")
+    h, w = sides
     for side in (h, w):
-        if side <= 0 or side % patch_size:
-            lower, upper = max(side // patch_size, 1) * patch_size, -(-side // patch_size) * patch_size
+        if side < patch_size:
+            raise DinokitError(
+                f"{name} {side} must be at least the patch size {patch_size}, and a multiple of it; "
+                f"use {patch_size} or more"
+            )
+        if side % patch_size:
+            lower, upper = side // patch_size * patch_size, -(-side // patch_size) * patch_size
             raise DinokitError(
                 f"{name} {side} is not a multiple of the patch size {patch_size}; use {lower} or {upper}"
             )
