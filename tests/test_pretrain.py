@@ -170,6 +170,28 @@ def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_repeated(tm
     assert [r["iteration"] for r in read_metrics(metrics)] == [2, 6]
 
 
+def test_a_second_run_into_a_folder_still_training_is_refused(tmp_path, monkeypatch):
+    """resume=true while the run is still training (a job queued twice) is refused: both processes
+    wrote its checkpoints and metrics.jsonl, and each rewrote the file on start, losing the other's rows."""
+    data = tiny_images(tmp_path / "data")
+    trainer = importlib.import_module("dinokit.train.pretrain").Trainer
+    real_save = trainer.save
+    started = []
+
+    def save_then_start_another_run(self, elapsed):
+        real_save(self, elapsed)
+        if not started:
+            started.append(True)
+            with pytest.raises(DinokitError, match="another process is writing a pretraining run in"):
+                run(data, tmp_path / "run", max_iterations=8, resume=True)
+
+    monkeypatch.setattr(trainer, "save", save_then_start_another_run)
+    run(data, tmp_path / "run", max_iterations=8, checkpoint_every=4)
+    assert started
+    assert [r["iteration"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 4, 6, 8]
+    run(data, tmp_path / "run", max_iterations=10, resume=True)  # the lock went with the first run
+
+
 def test_bad_files_are_skipped_and_counted(tmp_path):
     data = tiny_images(tmp_path / "data")
     for name, content in (("empty.jpg", b""), ("text.png", b"hello"), ("half.png", b"\x89PNG\r\n\x1a\n\0\0")):

@@ -6,8 +6,10 @@ configuration), checkpoints/, metrics.jsonl, tensorboard/, bad_files.txt (if any
 backbone.safetensors (the teacher backbone, for `dinokit.load_model`).
 """
 
+import contextlib
 import hashlib
 import math
+import os
 import time
 import warnings
 from dataclasses import replace
@@ -31,7 +33,7 @@ from dinokit.data.unlabelled import (
     decode_to_memory,
 )
 from dinokit.errors import DinokitError
-from dinokit.io import atomic_write, prepare_output
+from dinokit.io import atomic_write, folder_lock, prepare_output
 from dinokit.models import create_model, export_model, load_model
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.vision_transformer import VisionTransformer
@@ -382,16 +384,20 @@ def pretrain(
     )
     keys = {**{k: v for k, v in given.items() if v is not None}, **keys}
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
-    cfg, resuming = run_config(out_dir, preset, keys, resume)
-    runtime_device = dist.init_distributed(resolve_device(cfg.device))
-    # on a CPU, large tensors are made afresh every step: keep freed memory for reuse (runtime.py)
-    try:
-        with reuse_freed_memory(cfg.reuse_freed_memory and runtime_device.type == "cpu"):
-            summary = Trainer(cfg, data, out_dir, preset, runtime_device, resuming, "batch_size" in keys).run()
-    except BaseException:
-        dist.destroy_distributed(wait=False)  # the others may be in a collective: exit with the error
-        raise
-    dist.destroy_distributed()
+    # one run per folder: a second one (e.g. resume=true while the first still runs) is refused, as
+    # both would write its checkpoints and metrics. Process 0 of torchrun (RANK, before init) holds it.
+    main = int(os.environ.get("RANK", "0")) == 0
+    with folder_lock(out_dir, "a pretraining run", wait=False) if main else contextlib.nullcontext():
+        cfg, resuming = run_config(out_dir, preset, keys, resume)
+        runtime_device = dist.init_distributed(resolve_device(cfg.device))
+        # on a CPU, large tensors are made afresh every step: keep freed memory for reuse (runtime.py)
+        try:
+            with reuse_freed_memory(cfg.reuse_freed_memory and runtime_device.type == "cpu"):
+                summary = Trainer(cfg, data, out_dir, preset, runtime_device, resuming, "batch_size" in keys).run()
+        except BaseException:
+            dist.destroy_distributed(wait=False)  # the others may be in a collective: exit with the error
+            raise
+        dist.destroy_distributed()
     return summary
 
 
