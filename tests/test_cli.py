@@ -158,6 +158,21 @@ def test_pretrain_yaml_keys_reach_the_config_typed(tmp_path):
     assert (config.max_iterations, config.epochs, config.lr, config.global_crops_scale) == (2, 1.0, 0.004, [0.3, 1.0])
 
 
+def test_a_runs_config_yaml_is_a_preset_and_a_config_file(tmp_path):
+    """config.yaml of a run (the full resolved configuration) was refused both as preset= and as config=:
+    its run facts (data, out, preset, derived) were unknown pretraining keys."""
+    from dinokit.train.config import resolve_config, save_config
+    from dinokit.train.pretrain import pretrain
+
+    ran = resolve_config("cpu32", {"lr": 0.002})
+    saved = tmp_path / "config.yaml"
+    saved.write_text(save_config(ran, {"data": "images", "out": "run", "preset": "cpu32", "derived": {"images": 3}}))
+    assert resolve_config(str(saved), {}) == ran
+    kw = build_kwargs(pretrain, [f"config={saved}", "out=run2"])
+    named = ("data", "out", "preset")
+    assert resolve_config(kw["preset"], {k: v for k, v in kw.items() if k not in named}) == ran
+
+
 @pytest.mark.parametrize(
     "command, out, keys",
     [

@@ -120,8 +120,14 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+# What a run's config.yaml records beside its settings (save_config): a config.yaml given as preset= or
+# config= is read without them (data, out and preset are pretrain's own arguments).
+RUN_FACTS = ("data", "out", "preset", "derived")
+
+
 def read_preset(preset: str) -> dict:
-    """The keys of a shipped preset name or a YAML file path."""
+    """The keys of a shipped preset name or a YAML file path (a run's config.yaml too: its RUN_FACTS are
+    left out)."""
     path = Path(preset)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = PRESETS_DIR / f"{preset}.yaml"
@@ -132,7 +138,7 @@ def read_preset(preset: str) -> dict:
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         raise DinokitError(f"preset {path} must be a mapping of key: value")
-    return values
+    return {k: v for k, v in values.items() if k not in RUN_FACTS}
 
 
 def coerce(key: str, value):
@@ -179,7 +185,7 @@ def coerce(key: str, value):
 def resolve_config(preset: str | None, overrides: dict) -> PretrainConfig:
     """Defaults <- preset <- overrides; unknown keys are an error naming the nearest valid keys."""
     values = read_preset(preset) if preset else {}
-    values.update(overrides)
+    values.update({k: v for k, v in overrides.items() if k != "derived"})  # config=<a run's config.yaml>
     unknown = [k for k in values if k not in FIELDS]
     if unknown:
         hints = []
