@@ -257,13 +257,16 @@ def eval_linear(
     )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "linear.json", {**results, "protocol": protocol})
+    head_path = out_dir / "linear_head.safetensors"
     if method == "sgd":
         from safetensors.torch import save_file
 
         state = {k: v.detach().cpu().contiguous() for k, v in final.state_dict().items()}
         meta = {"selected": json.dumps(results["selected"]), "classes": json.dumps(tr.class_names)}
-        atomic_write(out_dir / "linear_head.safetensors", lambda tmp: save_file(state, tmp, metadata=meta))
+        atomic_write(head_path, lambda tmp: save_file(state, tmp, metadata=meta))
+    else:  # logreg has no head file: one left by an earlier sgd run in out= is not this result's
+        head_path.unlink(missing_ok=True)
+    write_json(out_dir / "linear.json", {**results, "protocol": protocol})  # last: the result's record
     sel = results["selected"]
     print(f"linear probe ({method}) {backbone.description}; transform: {protocol['transform']}")
     print(f"chosen on {results['selection']['split']}: {sel} ")
