@@ -173,6 +173,10 @@ def test_bad_requests(setup, tmp_path):
         run(setup, tmp_path / "c", features=["cls", "layer_patch_tokens"])
     with pytest.raises(DinokitError, match="one shape per batch"):
         run(setup, tmp_path / "d", resize_policy="aspect")
+    for key, value in (("batch_size", 0), ("num_workers", -1), ("shard_size", -5)):  # tracebacks; -5: no shards
+        with pytest.raises(DinokitError, match=f"{key} must be"):
+            run(setup, tmp_path / "e", **{key: value})
+    assert not (tmp_path / "e").exists()
 
 
 def test_data_without_one_readable_image_is_an_error_before_any_work(setup, tmp_path):

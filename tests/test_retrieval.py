@@ -202,6 +202,13 @@ def test_an_unreadable_query_image_is_an_error_naming_it_and_why(collection, tmp
         search_index(str(tmp_path / "idx"), str(tmp_path / "query.png"), k=1, num_workers=0)
 
 
+def test_k_below_one_is_a_clear_error(collection, tmp_path):
+    build_index(str(collection / "emb_b"), str(tmp_path / "idx"))
+    for k in (0, -1):  # was faiss' bare AssertionError
+        with pytest.raises(DinokitError, match=f"k must be a positive number of hits, got {k}"):
+            search_index(str(tmp_path / "idx"), str(collection / "b" / "b2.png"), k=k, num_workers=0)
+
+
 def test_search_refuses_a_model_file_replaced_since_the_index_was_built(collection, tmp_path):
     torch.manual_seed(1)
     model = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2))

@@ -31,7 +31,7 @@ from dinokit.distributed import (
 )
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
-from dinokit.features.extract import FEATURE_KINDS, iter_features
+from dinokit.features.extract import FEATURE_KINDS, check_loader_settings, iter_features
 from dinokit.features.store import (
     MANIFEST,
     SHARD_FORMATS,
@@ -82,6 +82,9 @@ def embed(
     started = time.perf_counter()
     features, layers = list(features), list(layers)
     check_choices(features, layers, format, dtype, resize_policy)
+    check_loader_settings(batch_size, num_workers)
+    if shard_size is not None and shard_size < 0:
+        raise DinokitError(f"shard_size must be a positive number of images (0 or none: automatic), got {shard_size}")
     prepare_output(out, folder=True, create=False)
     # gloo even on GPUs: processes only wait for each other and gather counts, never move tensors; the
     # timeout is long because they wait for each other only at the very end.

@@ -74,8 +74,17 @@ def compute_features(
     return {k: v.float() for k, v in out.items()}
 
 
+def check_loader_settings(batch_size: int, num_workers: int) -> None:
+    """Clear errors for settings torch's DataLoader refuses with a traceback."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise DinokitError(f"batch_size must be a positive number of images, got {batch_size}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise DinokitError(f"num_workers must be 0 (decode in this process) or more, got {num_workers}")
+
+
 def image_loader(paths: Sequence[Path], transform, batch_size: int, num_workers: int, device: torch.device):
     """In-order DataLoader yielding (images, good indices, bad indices); bad files drop out."""
+    check_loader_settings(batch_size, num_workers)
     return torch.utils.data.DataLoader(
         ImageFiles(list(paths), transform),
         batch_size=batch_size,

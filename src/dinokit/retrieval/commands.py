@@ -101,6 +101,8 @@ def search_index(
     image (an image, a folder, a list file, or a list of paths), embedded with the index's own model,
     transform and precision. `model` loads those weights from another path (they must be the same
     weights). Unreadable queries are reported on stderr and left out."""
+    if k < 1:
+        raise DinokitError(f"k must be a positive number of hits, got {k}")
     idx = index if isinstance(index, FeatureIndex) else FeatureIndex.load(index)
     found = [p for q in ([query] if isinstance(query, str | Path) else query) for p in list_images(q)]
     queries = [str(p.absolute()) for p in found]
