@@ -229,6 +229,17 @@ def test_crops_that_do_not_tile_into_patches_are_refused_before_the_run_folder_i
         run(data, tmp_path / "blur", max_iterations=1, blur_kernel_size=4)
 
 
+@pytest.mark.parametrize(
+    "key, value",
+    [("num_workers", -1), ("local_crops_number", -1), ("max_iterations", -1), ("epochs", -1.0), ("max_minutes", -1.0)],
+)
+def test_negative_counts_are_refused_before_the_run_folder_is_made(tmp_path, key, value):
+    data = tiny_images(tmp_path / "data")  # were a traceback (workers, crops) or a "finished" run of 0 steps
+    with pytest.raises(DinokitError, match=f"{key} must be"):
+        run(data, tmp_path / "run", **{"max_iterations": 1, key: value})
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_existing_run_is_never_overwritten_and_resume_keeps_the_config(tmp_path):
     data = tiny_images(tmp_path / "data")
     run(data, tmp_path / "run", max_iterations=2)

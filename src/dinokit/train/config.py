@@ -209,7 +209,17 @@ def validate(c: PretrainConfig) -> None:
             f"augmentation must be per_image or batched, got {c.augmentation!r}",
         ),
         (c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}"),
+        (c.num_workers >= 0, f"num_workers must be >= 0 (0: decode in the training process), got {c.num_workers}"),
         (c.global_crops_number >= 1, "global_crops_number must be >= 1"),
+        (c.local_crops_number >= 0, f"local_crops_number must be >= 0, got {c.local_crops_number}"),
+        *(
+            (value is None or value >= 0, f"{key} must be >= 0 (0: no limit), got {value}")
+            for key, value in (
+                ("epochs", c.epochs),
+                ("max_iterations", c.max_iterations),
+                ("max_minutes", c.max_minutes),
+            )
+        ),
         (
             c.global_crops_number >= 2 or c.local_crops_number >= 1,
             "one global crop and no local crops leave no pair of views to compare",
