@@ -57,3 +57,26 @@ def test_atomic_write_gives_new_files_the_umask_mode_and_keeps_an_existing_files
         assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+def test_a_full_disk_is_an_os_error_naming_the_file_whatever_the_writer_raises(tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError("... unexpected pos ..."), safetensors a
+    SafetensorError: a traceback where `dinokit` prints one line for an OSError."""
+    import shutil
+
+    from dinokit.cli import describe_os_error
+
+    def torch_save_on_a_full_disk(tmp):
+        Path(tmp).write_bytes(b"half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=4096))
+    with pytest.raises(OSError) as failed:
+        atomic_write(tmp_path / "checkpoint.pt", torch_save_on_a_full_disk)
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(tmp_path / "checkpoint.pt")
+    assert describe_os_error(failed.value).startswith(f"No space left on device ({tmp_path / 'checkpoint.pt'}): free")
+    assert os.listdir(tmp_path) == []  # the unfinished file was removed
+    monkeypatch.setattr(io.shutil, "disk_usage", real_usage)  # space left: the writer's own error
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        atomic_write(tmp_path / "checkpoint.pt", torch_save_on_a_full_disk)

@@ -52,6 +52,7 @@ OS_ERROR_HINTS = {
     errno.EEXIST: "a file is where a folder is to be written: pass another path, or remove the file",
     errno.ENOTDIR: "a file is where a folder is expected: pass another path",
     errno.EISDIR: "a folder is where a file is to be written: pass a file path, or remove the folder",
+    errno.ENOSPC: "free some space there (the unfinished file was removed), or write elsewhere",
 }
 
 

@@ -16,11 +16,17 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     """Call write(tmp_path) on a temporary file next to `path`, then rename it into place: readers
     never see a half-written file, and an interrupted write leaves the previous file intact. The data
     and the rename are flushed to disk (fsync) before returning, so that a caller may delete older
-    files (e.g. checkpoints) without a power cut leaving it an empty new one."""
+    files (e.g. checkpoints) without a power cut leaving it an empty new one. A writer's error on a
+    full disk is an OSError (ENOSPC) naming `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        write(str(tmp))
+        try:
+            write(str(tmp))
+        except Exception as e:
+            if not isinstance(e, OSError) and disk_full(path.parent):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+            raise
         os.chmod(tmp, file_mode(path))
         sync(tmp)
         os.replace(tmp, path)
@@ -28,6 +34,15 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def disk_full(folder: Path, margin: int = 2**20) -> bool:
+    """Whether the file system of `folder` has (almost) no space left: what a writer's own error means
+    when it does not say so (torch.save: "unexpected pos", safetensors: a SafetensorError)."""
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def file_mode(path: Path) -> int:
