@@ -61,3 +61,20 @@ def test_eval_commands_reject_bad_input_with_a_fix(shapes, tmp_path, capsys):
     assert "labelled dataset not found" in capsys.readouterr().err
     assert main(["eval", "linear", *COMMON, *base, "n_last_blocks=[0]"]) == 2
     assert "n_last_blocks must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("temperature=0", "temperature must be > 0"),
+        ("temperature=-0.07", "temperature must be > 0"),
+        ("few_shot=[0, 5]", "few_shot must be positive numbers of images per class"),
+        ("few_shot_tries=0", "few_shot_tries must be >= 1"),
+    ],
+)
+def test_eval_knn_refuses_settings_that_gave_meaningless_accuracies(tmp_path, capsys, key, message):
+    """temperature=0 (votes divided by zero) and few_shot=[0] (an empty bank) printed accuracies that
+    looked like results; few_shot_tries=0 failed after the features were extracted."""
+    args = [f"train={tmp_path / 'train'}", f"val={tmp_path / 'val'}", f"out={tmp_path / 'knn'}", "few_shot=[1]"]
+    assert main(["eval", "knn", *COMMON, *args, key]) == 2
+    assert message in capsys.readouterr().err

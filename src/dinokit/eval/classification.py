@@ -93,6 +93,14 @@ def eval_knn(
     """
     if not ks or min(ks) < 1:
         raise DinokitError(f"ks must be positive integers, got {ks}")
+    if not temperature > 0:
+        raise DinokitError(
+            f"temperature must be > 0 (votes are softmax(s/T); the protocol's is 0.07), got {temperature}"
+        )
+    if few_shot and min(few_shot) < 1:
+        raise DinokitError(f"few_shot must be positive numbers of images per class, e.g. [1, 5, 10]; got {few_shot}")
+    if few_shot and few_shot_tries < 1:
+        raise DinokitError(f"few_shot_tries must be >= 1 (draws per few_shot size), got {few_shot_tries}")
     prepare_output(out, folder=True, create=False)  # before the features are extracted
     backbone = prepare_backbone(model, device, seed)
     check_image_size(image_size, backbone.model.patch_size)
