@@ -1,3 +1,4 @@
+import errno
 import os
 
 import numpy as np
@@ -105,6 +106,22 @@ def test_interrupted_extraction_resumes_at_the_missing_shard(images, tmp_path, m
     whole = cached_features(model, images, t, ("cls",), cache_dir=None, **KW)
     assert np.array_equal(resumed.array("cls"), whole.array("cls")) and resumed.bad == [3]
     assert np.array_equal(resumed.rows("cls", np.array([4, 0, 2])), whole.array("cls")[[4, 0, 2]])
+
+
+def test_a_full_disk_is_an_error_naming_the_file_not_a_sigbus(images, tmp_path, monkeypatch):
+    """Features are written through memory maps of sparse files: on a full disk the process died of
+    SIGBUS with no message. The space is allocated first, so a full disk is an OSError."""
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(cache_module.os, "posix_fallocate", no_space, raising=False)
+    model = dinokit.create_model("vit_nano_p2").eval()
+    with pytest.raises(OSError) as failed:
+        cached_features(model, images, eval_transform(16), ("cls",), cache_dir=tmp_path / "c", **KW)
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename.endswith("cls.npy")
+    entry = next((tmp_path / "c").iterdir())
+    assert [p.name for p in entry.iterdir()] == ["meta.json"]  # no shard, whole or partial
 
 
 def test_per_block_patch_tokens_match_get_intermediate_layers():

@@ -15,8 +15,10 @@ memory-mapped, so a k-NN bank of millions of rows is read chunk by chunk. Patch-
 as float16 (half the disk; dense probes upcast per batch), the rest as float32.
 """
 
+import errno
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,12 +115,27 @@ def _write_shard(folder: Path, model, paths: Sequence[Path], first: int, transfo
                 arrays[kind] = np.lib.format.open_memmap(
                     folder / f"{kind}.npy", mode="w+", dtype=storage_dtype(kind), shape=(len(paths), *value.shape[1:])
                 )
+                reserve_space(folder / f"{kind}.npy")
             arrays[kind][row : row + len(value)] = value.numpy()
         kept += (good + first).tolist()
         row += len(good)
     for a in arrays.values():
         a.flush()
     write_json(folder / "rows.json", {"kept": kept, "bad": bad})
+
+
+def reserve_space(path: Path) -> None:
+    """Allocate the disk blocks of the (sparse) file `path`: a memory-mapped write to a full disk kills
+    the process with SIGBUS and no message; this raises OSError (ENOSPC) naming the file instead. A
+    no-op where the platform or file system cannot allocate ahead."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def _read_shard(folder: Path, kinds: Sequence[str]) -> tuple[dict[str, np.ndarray], list[int], list[int]]:
