@@ -115,7 +115,7 @@ def test_a_full_disk_is_an_error_naming_the_file_not_a_sigbus(images, tmp_path, 
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(cache_module.os, "posix_fallocate", no_space, raising=False)
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
     model = dinokit.create_model("vit_nano_p2").eval()
     with pytest.raises(OSError) as failed:
         cached_features(model, images, eval_transform(16), ("cls",), cache_dir=tmp_path / "c", **KW)
