@@ -243,3 +243,18 @@ def test_search_after_the_models_file_moved_asks_for_model_where_it_is_now(colle
     with pytest.raises(DinokitError, match=r"m\.safetensors.*is not there any more.*model="):
         search_index(str(tmp_path / "idx"), query, k=1)
     assert search_index(str(tmp_path / "idx"), query, k=1, model=str(moved))[0]["hits"][0]["path"] == query
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "message"),
+    [
+        ("hnsw", {"hnsw_m": 0}, "hnsw_m must be >= 2"),  # faiss aborted the process (HNSW1: a segfault)
+        ("hnsw", {"hnsw_m": 1}, "hnsw_m must be >= 2"),
+        ("pq", {"pq_m": 0}, "pq_m must be >= 1"),  # a ZeroDivisionError traceback
+        ("pq", {"pq_bits": 0}, "pq_bits must be 1 to 16"),
+        ("ivf", {"nlist": -4}, "nlist must be >= 1"),  # faiss could not parse 'IVF-4,Flat'
+    ],
+)
+def test_index_options_out_of_range_are_a_clear_error(kind, options, message):
+    with pytest.raises(DinokitError, match=message):
+        index_module.factory_string(kind, 96, 1000, **{**OPTIONS, **options})
