@@ -23,7 +23,7 @@ from dinokit import distributed as dist
 from dinokit.data.augmentations import MultiCropAugmentation
 from dinokit.data.batched_augmentations import BatchedMultiCrop
 from dinokit.data.collate import CropBatch, MultiCropCollate
-from dinokit.data.images import list_images, open_rgb
+from dinokit.data.images import check_readable, list_images
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.transforms import check_image_size
 from dinokit.data.unlabelled import (
@@ -253,22 +253,6 @@ def check_same_data(checkpoint: dict, fingerprint: dict, data: str, out: Path) -
         )
 
 
-def check_readable(paths: list[Path], sample: int = 64) -> None:
-    """Clear error before training if none of a sample of the files decodes."""
-    step = max(1, len(paths) // sample)
-    probe = paths[::step][:sample]
-    for p in probe:
-        try:
-            open_rgb(p)
-            return
-        except Exception:  # any failure: try the next file
-            continue
-    raise DinokitError(
-        f"none of {len(probe)} sampled files under the data source could be read as an image "
-        f"(e.g. {probe[0]}); check the folder (jpg, png, webp, bmp, tiff)"
-    )
-
-
 def make_loader(dataset, cfg: PretrainConfig, batch_size: int, start: int, device: torch.device, collate):
     """Batches of the sample stream from `start`: a DataLoader over a MultiCropDataset, or the
     in-process batches of InMemoryMultiCrops (augmentation=batched)."""
@@ -433,7 +417,7 @@ class Trainer:
         self.data_fingerprint = data_fingerprint(self.paths, data)
         if self.checkpoint is not None:
             check_same_data(self.checkpoint, self.data_fingerprint, data, out)
-        check_readable(self.paths)
+        check_readable(self.paths, data)
         self.length = run_length(cfg, len(self.paths), self.global_batch)
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.model = build_model(cfg).to(device)
