@@ -78,3 +78,24 @@ def test_eval_knn_refuses_settings_that_gave_meaningless_accuracies(tmp_path, ca
     args = [f"train={tmp_path / 'train'}", f"val={tmp_path / 'val'}", f"out={tmp_path / 'knn'}", "few_shot=[1]"]
     assert main(["eval", "knn", *COMMON, *args, key]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("learning_rates=[]", "learning_rates must be a non-empty list of positive rates"),
+        ("learning_rates=[0.1, 0]", "learning_rates must be a non-empty list of positive rates"),
+        ("avgpool=[]", "avgpool must be a non-empty list"),
+        ("epochs=0", "epochs must be >= 1"),
+        ("train_batch_size=0", "train_batch_size must be >= 1"),
+        ("selection_fraction=0", "selection_fraction must be between 0 and 1"),
+        ("selection_fraction=1.5", "selection_fraction must be between 0 and 1"),
+    ],
+)
+def test_eval_linear_refuses_settings_that_were_silently_replaced(tmp_path, capsys, key, message):
+    """learning_rates=[] / avgpool=[] trained the default grid while linear.json recorded the empty one,
+    epochs=0 reported untrained heads as the probe, and selection_fraction 0 or 1.5 was clamped to one
+    image per class / all but one while the record named the fraction given."""
+    args = [f"train={tmp_path / 'train'}", f"val={tmp_path / 'val'}", f"out={tmp_path / 'lin'}"]
+    assert main(["eval", "linear", *COMMON, *args, key]) == 2
+    assert message in capsys.readouterr().err

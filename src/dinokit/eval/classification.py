@@ -200,6 +200,22 @@ def eval_linear(
         raise DinokitError(f"method must be sgd or logreg, got {method!r}")
     if not n_last_blocks or min(n_last_blocks) < 1:
         raise DinokitError(f"n_last_blocks must be >= 1, got {n_last_blocks}")
+    checks = [  # an empty grid used to become the default one, unrecorded; epochs=0 reported untrained heads
+        (
+            learning_rates and min(learning_rates) > 0,
+            f"learning_rates must be a non-empty list of positive rates, got {learning_rates}",
+        ),
+        (avgpool, f"avgpool must be a non-empty list of true / false, got {avgpool}"),
+        (epochs >= 1, f"epochs must be >= 1, got {epochs}"),
+        (train_batch_size >= 1, f"train_batch_size must be >= 1, got {train_batch_size}"),
+        (
+            selection is not None or 0 < selection_fraction < 1,
+            f"selection_fraction must be between 0 and 1 (held out of each class), got {selection_fraction}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DinokitError(message)
     prepare_output(out, folder=True, create=False)  # before the features are extracted
     dev = resolve_device(device)
     backbone = prepare_backbone(model, device, seed)
