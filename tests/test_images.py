@@ -62,6 +62,15 @@ def test_symlinked_folders_are_followed_once_and_commas_in_paths_kept(tmp_path):
     assert list_images(tmp_path / "list.txt") == [tmp_path / "a,b.png", real / "cats" / "0.png"]
 
 
+def test_a_broken_link_is_an_unreadable_image_not_silently_dropped(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "moved.png").symlink_to(tmp_path / "gone.png")  # its target was moved away
+    (tmp_path / "folder.png").mkdir()  # a folder named like an image is no file at all
+    paths = list_images(tmp_path)
+    assert paths == [tmp_path / "a.png", tmp_path / "moved.png"]
+    assert open_images(paths)[1] == [tmp_path / "moved.png"]  # skipped and counted
+
+
 def test_an_unreadable_image_is_a_clear_error_naming_it(folder):
     with pytest.raises(DinokitError, match=r"cannot read the image .*trunc\.jpg"):
         open_rgb(folder / "trunc.jpg")

@@ -19,7 +19,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 
 def files_under(root: Path, extensions: frozenset[str] | tuple[str, ...]) -> list[Path]:
     """Sorted files under `root` (recursive) whose lower-case suffix is in `extensions`. Symlinked
-    folders are followed (datasets are often assembled from links), each real folder once."""
+    folders are followed (datasets are often assembled from links), each real folder once; a broken
+    link is kept, so that it is reported as unreadable rather than silently missing."""
     found, seen = [], set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -29,7 +30,7 @@ def files_under(root: Path, extensions: frozenset[str] | tuple[str, ...]) -> lis
         seen.add(real)
         subfolders.sort()  # which of two links to one folder is kept does not depend on the file system
         found += [Path(folder, name) for name in files if Path(name).suffix.lower() in extensions]
-    return sorted(p for p in found if p.is_file())
+    return sorted(p for p in found if p.is_file() or (p.is_symlink() and not p.exists()))
 
 
 def list_images(source: str | Path) -> list[Path]:
