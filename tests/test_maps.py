@@ -315,3 +315,21 @@ def test_a_size_off_the_patch_grid_names_the_nearest_sizes(files, capsys, comman
     )
     assert "image_size 15 is not a multiple of the patch size 4; use 12 or 16" in capsys.readouterr().err
     assert not (root / "e.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "key", "message"),
+    [
+        ("attention", "mass=60", "mass must be a share between 0 and 1"),
+        ("attention", "mass=0", "mass must be a share between 0 and 1"),
+        ("pca", "foreground_threshold=50", "foreground_threshold must be between 0 and 1"),
+    ],
+)
+def test_shares_outside_0_1_are_a_clear_error(tmp_path, capsys, command, key, message):
+    """mass=60 (a percentage) drew every patch as the mass map, and foreground_threshold=50 left no
+    foreground, so the picture silently fell back to all patches as foreground."""
+    weights = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "m.safetensors")
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "cat.png")
+    args = [f"model={weights}", f"image={tmp_path / 'cat.png'}", f"out={tmp_path / 'v.png'}", "image_size=16", key]
+    assert main(["visualize", command, *args]) == 2
+    assert message in capsys.readouterr().err

@@ -74,6 +74,8 @@ def visualize_attention(
 
     Writes the PNG `out`; returns the attention shares.
     """
+    if not 0 < mass <= 1:
+        raise DinokitError(f"mass must be a share between 0 and 1 (e.g. 0.6 for 60%), got {mass}")
     prepare_output(out, example="attention.png", create=False)
     net = load(model, device)
     x = model_input(net, image, image_size, resize_policy)
@@ -121,6 +123,11 @@ def visualize_pca(
     Writes the PNG `out` (each image, its PCA colours, and its foreground mask); returns the
     explained variance ratios.
     """
+    if foreground_threshold is not None and not 0 <= foreground_threshold <= 1:
+        raise DinokitError(
+            f"foreground_threshold must be between 0 and 1 (the first component is scaled to [0, 1]), "
+            f"got {foreground_threshold}"
+        )
     prepare_output(out, example="pca.png", create=False)
     net = load(model, device)
     opened, bad = open_images(list_images(image))
