@@ -168,6 +168,19 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert previous["iteration"] == 2 and torch.equal(previous["w"], torch.arange(4.0))
 
 
+def test_a_save_killed_mid_write_leaves_no_file_behind_after_the_next_save(tmp_path):
+    """SIGKILL during torch.save leaves the temporary file (as large as a checkpoint): every killed
+    save of a long run used to keep one in checkpoints/ for good."""
+    from dinokit.train.checkpoint import list_checkpoints, save_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(folder, 2, {"iteration": 2}, keep=1)
+    (folder / ".checkpoint_00000004.pt.tmp4242").write_bytes(b"PK\x03\x04 half a checkpoint")  # pid 4242 killed
+    save_checkpoint(folder, 4, {"iteration": 4}, keep=1)
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_00000004.pt"]
+    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint_00000004.pt"]
+
+
 def test_atomic_write_flushes_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     """A power cut after a checkpoint is saved (and older ones deleted) must not leave an empty file."""
     import os

@@ -33,11 +33,15 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 def save_checkpoint(folder: str | Path, iteration: int, state: dict, keep: int = 3) -> Path:
     """Write `state` as checkpoint_<iteration>.pt (temp file + rename) and delete all but the newest
-    `keep` checkpoints (keep <= 0 keeps all)."""
+    `keep` checkpoints (keep <= 0 keeps all), and the temporary files of saves that were killed."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(folder, iteration)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
+    # a process killed while saving leaves its temporary file, a whole checkpoint in size; one run at a
+    # time writes a folder (pretrain's folder lock), so any such file here is stale
+    for stale in folder.glob(".checkpoint_*.pt.tmp*"):
+        stale.unlink(missing_ok=True)
     if keep > 0:
         for old in list_checkpoints(folder)[:-keep]:
             old.unlink(missing_ok=True)
