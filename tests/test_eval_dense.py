@@ -419,3 +419,16 @@ def test_targets_are_read_as_their_images_exif_orientation_and_any_damage_skips_
     (tmp_path / "bad.tif").write_bytes(bytes(data))  # Pillow raises TypeError: was a traceback
     targets, bad = read_targets([tmp_path / "bad.tif"], lambda p: read_depth(p, 1000.0), 4, None)
     assert targets == [None] and [path for path, _ in bad] == [tmp_path / "bad.tif"]
+
+
+def test_num_classes_below_the_train_masks_classes_and_zero_epochs_are_clear_errors(tmp_path, capsys):
+    """num_classes=2 on masks holding class 2 crashed in cross_entropy (IndexError: Target 2 is out of
+    bounds); epochs=0 reported the untrained head as the probe."""
+    train = write_dense_set(tmp_path / "train", 2, size=16, seed=0)
+    train_max = max(int(np.asarray(Image.open(p)).max()) for p in (train / "masks").glob("*.png"))
+    args = [f"train={train}", f"val={train}", f"out={tmp_path / 'o'}", *TINY]
+    assert main(["eval", "segmentation", *args, f"num_classes={train_max}"]) == 2
+    assert f"holds class {train_max} but num_classes={train_max}" in capsys.readouterr().err
+    for command in ("segmentation", "depth"):
+        assert main(["eval", command, *args, "epochs=0"]) == 2
+        assert "epochs must be >= 1" in capsys.readouterr().err

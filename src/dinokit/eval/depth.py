@@ -157,6 +157,8 @@ def eval_depth(
     out/depth.json, out/depth_head.safetensors (for `dinokit predict depth`), out/metrics.jsonl and
     out/examples/*.png (image | truth | prediction).
     """
+    if epochs < 1:
+        raise DinokitError(f"epochs must be >= 1 (passes over the train features), got {epochs}")
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     backbone = prepare_backbone(model, device, seed)

@@ -137,6 +137,8 @@ def eval_segmentation(
     out/segmentation.json, out/segmentation_head.safetensors (for `dinokit predict segmentation`),
     out/metrics.jsonl and out/examples/*.png (image | truth | prediction).
     """
+    if epochs < 1:
+        raise DinokitError(f"epochs must be >= 1 (passes over the train features), got {epochs}")
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     backbone = prepare_backbone(model, device, seed)
@@ -159,6 +161,11 @@ def eval_segmentation(
     if tr.target_max is None:
         raise DinokitError(f"the masks of {train} have no labelled pixel (all equal ignore_index={ignore_index})")
     num_classes = num_classes or int(tr.target_max) + 1
+    if tr.target_max >= num_classes:  # cross_entropy would fail on it with an IndexError
+        raise DinokitError(
+            f"{Path(train) / 'masks'} holds class {int(tr.target_max)} but num_classes={num_classes} (classes are "
+            f"0..num_classes-1): pass num_classes={int(tr.target_max) + 1}, or leave it out to take it from the masks"
+        )
     d = backbone.model.embed_dim
     head = LinearSegmentationHead(d * len(layers), num_classes)
     out_dir.mkdir(parents=True, exist_ok=True)
