@@ -91,6 +91,24 @@ def test_every_mode_becomes_8bit_rgb(folder):
     assert np.abs(np.asarray(open_rgb(folder / "a" / "b" / "deep.png"))[..., 0] - deep / 257).max() <= 1
 
 
+def test_a_float_image_is_scaled_by_its_finite_values(tmp_path):
+    values = np.linspace(0, 1, 24, dtype=np.float32).reshape(4, 6)
+    expected = np.asarray(open_rgb_of(tmp_path / "plain.tif", values))
+    with_inf, with_nan = values.copy(), values.copy()
+    with_inf[1, 2], with_nan[1, 2] = np.inf, np.nan  # one +inf pixel made the whole image black
+    others = np.ones((4, 6), dtype=bool)
+    others[1, 2] = False
+    infinite = np.asarray(open_rgb_of(tmp_path / "inf.tif", with_inf))
+    assert np.array_equal(infinite[1, 2], expected[3, 5]) and np.array_equal(infinite[others], expected[others])
+    missing = np.asarray(open_rgb_of(tmp_path / "nan.tif", with_nan))
+    assert missing[1, 2].tolist() == [0, 0, 0] and np.array_equal(missing[others], expected[others])
+
+
+def open_rgb_of(path, values: np.ndarray) -> Image.Image:
+    Image.fromarray(values, mode="F").save(path)
+    return open_rgb(path)
+
+
 def test_exif_orientation_is_applied(tmp_path):
     im = Image.new("RGB", (30, 10), (0, 0, 255))
     exif = Image.Exif()

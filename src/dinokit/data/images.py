@@ -189,12 +189,14 @@ def check_readable(paths: list, source: str | Path, sample: int = 64) -> None:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16-bit and float images are rescaled by their dtype range."""
+    """Any PIL mode -> 8-bit RGB. 16-bit images are rescaled by their dtype range, float images by the
+    range of their finite values (NaN: black, +-inf: the ends)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im).astype(np.float64)
         if im.mode == "F":
-            lo, hi = np.nanmin(a), np.nanmax(a)
-            a = (a - lo) / (hi - lo + 1e-12) * 255.0
+            finite = a[np.isfinite(a)]
+            lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+            a = np.nan_to_num((np.clip(a, lo, hi) - lo) / (hi - lo + 1e-12) * 255.0, nan=0.0)
         else:
             a = a / 257.0 if a.max() > 255 or im.mode.startswith("I;16") else a
         im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L")
