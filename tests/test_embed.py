@@ -139,6 +139,23 @@ def test_killed_job_resumes_without_recomputing_finished_shards(setup, tmp_path,
     assert paths_a == paths_b and all(torch.equal(a[k], b[k]) for k in b)
 
 
+@pytest.mark.parametrize("format", ["safetensors", "numpy"])
+def test_a_damaged_shard_is_computed_again_and_named_when_read(setup, tmp_path, capsys, format):
+    """A shard cut short outside dinokit (an interrupted copy of the folder) ended a rerun, and index
+    build, in the reader's traceback."""
+    out = tmp_path / "e"
+    run(setup, out, format=format)
+    reference, paths = read_embeddings(out)
+    shard = next(out.glob("shard_00001.*"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(DinokitError, match=f"{shard.name} is damaged"):
+        read_embeddings(out)
+    assert run(setup, out, format=format)["computed_shards"] == 1
+    assert f"{shard.name} is damaged; computing it again" in capsys.readouterr().err
+    again, again_paths = read_embeddings(out)
+    assert again_paths == paths and all(torch.equal(again[k], reference[k]) for k in reference)
+
+
 def test_resuming_with_other_settings_is_refused(setup, tmp_path):
     run(setup, tmp_path / "e")
     with pytest.raises(DinokitError, match=r"other settings \(image_size"):

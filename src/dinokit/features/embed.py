@@ -12,6 +12,7 @@ import datetime
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def embed(
     step = settings["shard_size"]
     shards = [paths[i : i + step] for i in range(0, len(paths), step)]
     mine = [i for i in range(len(shards)) if i % world == rank]
-    todo = [i for i in mine if not shard_path(out_dir, i, format).exists()]
+    todo = [i for i in mine if not finished(shard_path(out_dir, i, format))]
     run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_workers, progress and rank == 0)
 
     computed = sum(all_gather_objects(len(todo)))
@@ -213,6 +214,19 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
             f"{out_dir} holds embeddings made with other settings ({', '.join(changed)} differ; "
             f"see {path}). Use a new out= folder, or the same settings to resume."
         )
+
+
+def finished(shard: Path) -> bool:
+    """Whether a shard is on disk and readable; a damaged one (dinokit writes whole shards, but e.g. an
+    interrupted copy of the folder cuts one short) is computed again."""
+    if not shard.exists():
+        return False
+    try:
+        read_shard_index(shard)
+    except DinokitError:
+        print(f"dinokit: {shard} is damaged; computing it again", file=sys.stderr)
+        return False
+    return True
 
 
 def run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_workers, progress) -> None:

@@ -12,7 +12,9 @@ Tensors in a shard (n = images of the shard):
   layer_patch_tokens (n, L, H/p, W/p, D).
 """
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,16 +54,34 @@ def write_shard(path: Path, features: dict[str, torch.Tensor], paths: list[str],
 
 def read_shard_index(path: Path) -> tuple[list[str], list[str]]:
     """(image paths, bad files) of a shard, without reading its tensors."""
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return z["paths"].tolist(), z["bad"].tolist()
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    return json.loads(meta["paths"]), json.loads(meta["bad"])
+    with damaged_shard(path):
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return z["paths"].tolist(), z["bad"].tolist()
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        return json.loads(meta["paths"]), json.loads(meta["bad"])
+
+
+@contextlib.contextmanager
+def damaged_shard(path: Path) -> Iterator[None]:
+    """A shard that cannot be parsed (dinokit writes whole shards; e.g. one cut short by an interrupted
+    copy of the folder) is a DinokitError naming it, instead of the reader's traceback."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        raise DinokitError(f"{path} is damaged ({e}); run the same `dinokit embed` again to compute it again") from None
 
 
 def read_shard(path: Path, kinds: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """({kind: tensor}, image paths) of one shard; `kinds` None reads every feature kind."""
+    with damaged_shard(path):
+        return _read_shard(path, kinds)
+
+
+def _read_shard(path: Path, kinds: list[str] | None) -> tuple[dict[str, torch.Tensor], list[str]]:
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
             names = [k for k in z.files if k not in ("paths", "bad")]
