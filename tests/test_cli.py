@@ -46,6 +46,9 @@ def test_values_are_converted_to_the_annotated_types():
         parse_value("2.5", int)
     with pytest.raises(ValueError):
         parse_value("maybe", bool)
+    with pytest.raises(ValueError) as err:  # image_size: int | list[int] said it twice
+        parse_value("abc", int | list[int])
+    assert str(err.value) == "expected a number, got 'abc'"
 
 
 def test_errors_name_the_problem_and_the_fix(tmp_path):

@@ -74,7 +74,7 @@ def parse_value(text: str, annotation) -> object:
                 return parse_value(text, option)
             except (ValueError, TypeError) as e:
                 errors.append(str(e))
-        raise ValueError("; ".join(errors))
+        raise ValueError("; ".join(dict.fromkeys(errors)))  # int | list[int]: one "expected a number"
     if annotation in (str, Path, inspect.Parameter.empty) or annotation is typing.Any:
         return text if annotation is not Path else Path(text)
     value = yaml.safe_load(text)
