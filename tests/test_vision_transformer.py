@@ -109,6 +109,15 @@ def test_input_not_a_multiple_of_the_patch_size_names_the_sizes_that_work():
         m(torch.randn(1, 3, 30, 33))
 
 
+def test_an_input_that_is_not_a_batch_of_rgb_images_says_what_is_expected():
+    """One image (3, H, W) failed with 'not enough values to unpack', a grayscale batch in conv2d."""
+    m = tiny()
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*\(3, 28, 28\).*unsqueeze\(0\)"):
+        m(torch.randn(3, 28, 28))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\).*\(2, 1, 28, 28\)"):
+        m.forward_features(torch.randn(2, 1, 28, 28))
+
+
 def test_snap_to_patch_multiple_crops_centered_and_pads_symmetrically():
     x = torch.arange(30 * 33, dtype=torch.float32).reshape(1, 1, 30, 33)
     cropped = snap_to_patch_multiple(x, 7, "crop")

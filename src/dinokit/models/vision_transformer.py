@@ -168,6 +168,10 @@ class VisionTransformer(nn.Module):
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) [+ bool masks (B, N)] -> tokens (B, 1 + R + N, D)."""
+        channels = self.patch_embed.proj.in_channels
+        if x.ndim != 4 or x.shape[1] != channels:
+            one = ": one image needs images.unsqueeze(0)" if x.ndim == 3 else ""
+            raise ValueError(f"images must be a batch (B, {channels}, H, W), got {tuple(x.shape)}{one}")
         b, _, h, w = x.shape
         x = self.patch_embed(x)
         if masks is not None:
