@@ -78,6 +78,14 @@ def test_every_registered_command_resolves_and_has_a_docstring():
         assert func.__doc__, name
 
 
+def test_main_help_gives_each_command_a_whole_sentence(capsys):
+    """`dinokit --help` showed demo as 'Pretrain on rendered shapes ... (default: the preset's max_minutes),'
+    (its docstring's first line, cut mid-sentence)."""
+    assert main(["--help"]) == 0
+    summaries = capsys.readouterr().out.split("commands:\n")[1].splitlines()
+    assert summaries and all(line.rstrip().endswith(".") for line in summaries), summaries
+
+
 def test_main_help_export_and_info(tmp_path, capsys):
     assert main(["--help"]) == 0
     assert "export" in capsys.readouterr().out

@@ -172,10 +172,12 @@ def demo(
     num_workers: int | None = None,
     image_size: int = SYNTHETIC["size"],
 ) -> str:
-    """Pretrain on rendered shapes (or data=FOLDER) for `minutes` (default: the preset's max_minutes),
-    then show with k-NN that the features beat the same network at random init; writes out/report.md
-    and out/loss.png. image_size: the side that images are resized to for the evaluation (the
-    rendered shapes' size; training crops may be smaller)."""
+    """Pretrain on rendered shapes (or data=FOLDER), then compare its k-NN with the same network at random init.
+
+    Trains for `minutes` (default: the preset's max_minutes), then shows with k-NN that the features
+    beat the same network at random init; writes out/report.md and out/loss.png. image_size: the side
+    that images are resized to for the evaluation (the rendered shapes' size; training crops may be
+    smaller)."""
     start = time.perf_counter()
     out_dir = Path(out)
     data_info = prepare_data(out_dir, data)
