@@ -169,6 +169,16 @@ def test_pretrain_yaml_keys_reach_the_config_typed(tmp_path):
     assert (config.max_iterations, config.epochs, config.lr, config.global_crops_scale) == (2, 1.0, 0.004, [0.3, 1.0])
 
 
+def test_a_bad_pretraining_value_names_the_type_as_help_shows_it():
+    """lr=abc said 'expected <class 'float'>' (a Python repr) where --help says float."""
+    from dinokit.train.config import resolve_config
+
+    with pytest.raises(DinokitError, match=r"bad value for lr: expected float, got 'abc'$"):
+        resolve_config("cpu32", {"lr": "abc"})
+    with pytest.raises(DinokitError, match=r"bad value for max_iterations: expected int \| None, got 'x'$"):
+        resolve_config("cpu32", {"max_iterations": "x"})
+
+
 def test_a_runs_config_yaml_is_a_preset_and_a_config_file(tmp_path):
     """config.yaml of a run (the full resolved configuration) was refused both as preset= and as config=:
     its run facts (data, out, preset, derived) were unknown pretraining keys."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from dinokit.cli import type_name
 from dinokit.errors import DinokitError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -178,7 +179,7 @@ def coerce(key: str, value):
                 raise ValueError
             return [float(v) for v in value]
     except (TypeError, ValueError):
-        raise DinokitError(f"bad value for {key}: expected {annotation}, got {value!r}") from None
+        raise DinokitError(f"bad value for {key}: expected {type_name(annotation)}, got {value!r}") from None
     return value
 
 
