@@ -333,3 +333,16 @@ def test_shares_outside_0_1_are_a_clear_error(tmp_path, capsys, command, key, me
     args = [f"model={weights}", f"image={tmp_path / 'cat.png'}", f"out={tmp_path / 'v.png'}", "image_size=16", key]
     assert main(["visualize", command, *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("threshold", ["50", "-2", "high"])
+def test_segment_threshold_outside_the_cosine_range_is_a_clear_error(tmp_path, capsys, threshold):
+    """threshold=50 (a percentage) gave an empty mask for every target, silently."""
+    weights = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "m.safetensors")
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / "cat.png")
+    Image.fromarray(np.full((16, 16), 255, dtype=np.uint8)).save(tmp_path / "mask.png")
+    images = [f"reference={tmp_path / 'cat.png'}", f"reference_mask={tmp_path / 'mask.png'}", f"target={tmp_path}"]
+    args = [f"model={weights}", *images, f"out={tmp_path / 'seg'}", "image_size=16", f"threshold={threshold}"]
+    assert main(["segment", *args]) == 2
+    assert "threshold must be a cosine between -1 and 1" in capsys.readouterr().err
+    assert not (tmp_path / "seg").exists()

@@ -27,7 +27,7 @@ from dinokit.maps.render import (
     save_png,
     upsample,
 )
-from dinokit.maps.segment import segment_features
+from dinokit.maps.segment import check_threshold, segment_features
 from dinokit.maps.similarity import patch_similarity, pixel_to_patch
 from dinokit.models import VisionTransformer, load_model
 from dinokit.runtime import resolve_device
@@ -229,6 +229,7 @@ def segment(
     masks = [reference_mask] if isinstance(reference_mask, str) else list(reference_mask)
     if len(references) != len(masks):
         raise DinokitError(f"{len(references)} reference images but {len(masks)} reference masks: give one mask each")
+    check_threshold(threshold)
     prepare_output(out, folder=True, create=False)
     net = load(model, device)
     refs = []

@@ -71,10 +71,12 @@ def segment_features(
         raise DinokitError("segmentation needs at least one reference image and mask")
     similarity = np.mean([similarity_to(target, prototype(f, m)) for f, m in references], axis=0)
     score = upsample(similarity, size)
-    if threshold == "otsu":
-        value = otsu_threshold(score)
-    elif isinstance(threshold, (int, float)):
-        value = float(threshold)
-    else:
-        raise DinokitError(f"threshold must be a number (a cosine, e.g. 0.5) or 'otsu', got {threshold!r}")
+    check_threshold(threshold)
+    value = otsu_threshold(score) if threshold == "otsu" else float(threshold)
     return {"similarity": similarity, "score": score, "threshold": value, "mask": score > value}
+
+
+def check_threshold(threshold: float | str) -> None:
+    """A DinokitError unless `threshold` is "otsu" or a cosine in [-1, 1] (50 would leave every mask empty)."""
+    if threshold != "otsu" and not (isinstance(threshold, (int, float)) and -1 <= threshold <= 1):
+        raise DinokitError(f"threshold must be a cosine between -1 and 1 (e.g. 0.5) or 'otsu', got {threshold!r}")
