@@ -258,3 +258,12 @@ def test_search_after_the_models_file_moved_asks_for_model_where_it_is_now(colle
 def test_index_options_out_of_range_are_a_clear_error(kind, options, message):
     with pytest.raises(DinokitError, match=message):
         index_module.factory_string(kind, 96, 1000, **{**OPTIONS, **options})
+
+
+def test_an_embedding_without_the_feature_names_the_one_it_has(collection, tmp_path):
+    """index build on an embedding of patch_mean only said "has no ['cls'] features", not what to pass."""
+    embed_args = dict(image_size=32, num_workers=0, progress=False, features=["patch_mean"])
+    embed(str(collection / "m.safetensors"), str(collection / "b"), str(tmp_path / "emb"), **embed_args)
+    with pytest.raises(DinokitError, match=r"holds no cls vectors.*pass feature=patch_mean"):
+        build_index(str(tmp_path / "emb"), str(tmp_path / "idx"))
+    assert build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), feature="patch_mean")["total"] == 6

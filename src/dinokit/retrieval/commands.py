@@ -45,6 +45,13 @@ def build_index(
         )
     prepare_output(out, folder=True, create=False)
     manifest = read_manifest(features)
+    if feature not in manifest["features"]:
+        usable = [f for f in VECTOR_FEATURES if f in manifest["features"]]
+        fix = f"pass feature={usable[0]}, or " if usable else ""
+        raise DinokitError(
+            f"{features} holds no {feature} vectors (it has {', '.join(manifest['features'])}): "
+            f"{fix}embed again with features=[{feature}]"
+        )
     vectors, paths = read_embeddings(features, [feature])
     embedding = {k: manifest.get(k) for k in EMBEDDING_KEYS}
     # one writer at a time: two adds would both write generation g + 1 (one add lost, or one's vectors
