@@ -99,3 +99,22 @@ def test_eval_linear_refuses_settings_that_were_silently_replaced(tmp_path, caps
     args = [f"train={tmp_path / 'train'}", f"val={tmp_path / 'val'}", f"out={tmp_path / 'lin'}"]
     assert main(["eval", "linear", *COMMON, *args, key]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "missing"),
+    [("knn", "val"), ("linear", "val"), ("linear", "selection")],
+)
+def test_a_missing_split_fails_before_any_feature_is_extracted(shapes, tmp_path, capsys, monkeypatch, command, missing):
+    """eval knn with a mistyped val= extracted all of train's features before saying val was not found."""
+    import dinokit.eval.common
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("features were extracted before every split was read")
+
+    monkeypatch.setattr(dinokit.eval.common, "cached_features", no_extraction)
+    splits = {"train": shapes / "train", "val": shapes / "val", "selection": shapes / "val"}
+    splits[missing] = tmp_path / "typo"
+    args = [f"{name}={path}" for name, path in splits.items() if command == "linear" or name != "selection"]
+    assert main(["eval", command, *COMMON, *args, f"out={tmp_path / 'out'}", "cache=none"]) == 2
+    assert f"labelled dataset not found: {tmp_path / 'typo'}" in capsys.readouterr().err

@@ -18,6 +18,7 @@ from dinokit.eval.common import (
     make_transform,
     prepare_backbone,
     protocol_record,
+    read_splits,
     resolve_cache,
 )
 from dinokit.eval.knn import DEFAULT_KS, few_shot_indices, knn_classify, topk_accuracy
@@ -102,14 +103,15 @@ def eval_knn(
     if few_shot and few_shot_tries < 1:
         raise DinokitError(f"few_shot_tries must be >= 1 (draws per few_shot size), got {few_shot_tries}")
     prepare_output(out, folder=True, create=False)  # before the features are extracted
+    train_split, val_split = read_splits(train, val)  # a missing val fails before train's features
     backbone = prepare_backbone(model, device, seed)
     check_image_size(image_size, backbone.model.patch_size)
     transform = make_transform(image_size, resize_policy)
     cache_dir = resolve_cache(cache)
     kw = dict(cache=cache_dir, batch_size=batch_size, num_workers=num_workers, precision=precision)
     layers = last_blocks(backbone.model)
-    tr = labelled_features(backbone, train, transform, CLASSIFICATION_KINDS, layers, **kw)
-    va = labelled_features(backbone, val, transform, CLASSIFICATION_KINDS, layers, classes=tr.class_names, **kw)
+    tr = labelled_features(backbone, train_split, transform, CLASSIFICATION_KINDS, layers, **kw)
+    va = labelled_features(backbone, val_split, transform, CLASSIFICATION_KINDS, layers, **kw)
     num_classes = len(tr.class_names)
     bank = [shard[:, -1] for shard in tr.features.shards["layers"]]  # memory-mapped when cached: read in chunks
     queries = va.features.array("layers")[:, -1]
@@ -217,6 +219,7 @@ def eval_linear(
         if not ok:
             raise DinokitError(message)
     prepare_output(out, folder=True, create=False)  # before the features are extracted
+    train_split, val_split, selection_split = read_splits(train, val, selection)
     dev = resolve_device(device)
     backbone = prepare_backbone(model, device, seed)
     check_image_size(image_size, backbone.model.patch_size)
@@ -227,13 +230,11 @@ def eval_linear(
     if max(n_last_blocks) > len(layers):
         print(f"note: n_last_blocks {n_last_blocks} capped at {len(layers)} (the cached blocks: at most the last 4)")
         n_last_blocks = sorted({min(n, len(layers)) for n in n_last_blocks})
-    tr = labelled_features(backbone, train, transform, CLASSIFICATION_KINDS, layers, **kw)
-    te = labelled_features(backbone, val, transform, CLASSIFICATION_KINDS, layers, classes=tr.class_names, **kw)
+    tr = labelled_features(backbone, train_split, transform, CLASSIFICATION_KINDS, layers, **kw)
+    te = labelled_features(backbone, val_split, transform, CLASSIFICATION_KINDS, layers, **kw)
     se = None
-    if selection is not None:
-        se = labelled_features(
-            backbone, selection, transform, CLASSIFICATION_KINDS, layers, classes=tr.class_names, **kw
-        )
+    if selection_split is not None:
+        se = labelled_features(backbone, selection_split, transform, CLASSIFICATION_KINDS, layers, **kw)
     num_classes = len(tr.class_names)
 
     def split(lf, name):

@@ -50,24 +50,44 @@ class LabelledFeatures:
     bad: int
 
 
+@dataclass
+class LabelledSplit:
+    """A labelled folder / CSV as read (before any feature is computed)."""
+
+    source: str
+    paths: list[Path]
+    labels: list[int]
+    class_names: list[str]
+
+
+def read_splits(train: str, *others: str | None) -> list[LabelledSplit | None]:
+    """train's and the other splits' image lists, the others with train's classes (None stays None).
+    All are read before any feature is extracted, so a missing or mistyped split fails at once rather
+    than after train's features."""
+    first = LabelledSplit(str(train), *read_labelled(train))
+    return [first] + [
+        None if source is None else LabelledSplit(str(source), *read_labelled(source, first.class_names))
+        for source in others
+    ]
+
+
 def labelled_features(
     backbone: Backbone,
-    source: str,
+    split: LabelledSplit,
     transform,
     which: tuple[str, ...],
     layers: tuple[int, ...] = (),
-    classes: list[str] | None = None,
     cache: Path | None = None,
     batch_size: int = 64,
     num_workers: int = 2,
     precision: str = "bf16",
 ) -> LabelledFeatures:
-    """Features of a labelled folder / CSV (bad files skipped and counted), with their labels."""
-    paths, labels, names = read_labelled(source, classes)
+    """Features of a labelled split (bad files skipped and counted), with their labels."""
     feats = split_features(
-        backbone, source, paths, transform, which, layers, True, cache, batch_size, num_workers, precision
+        backbone, split.source, split.paths, transform, which, layers, True, cache, batch_size, num_workers, precision
     )
-    return LabelledFeatures(feats, np.asarray(labels)[feats.kept], names, str(source), len(feats.bad))
+    labels = np.asarray(split.labels)[feats.kept]
+    return LabelledFeatures(feats, labels, split.class_names, split.source, len(feats.bad))
 
 
 def split_features(
