@@ -216,3 +216,31 @@ def test_an_error_on_one_process_ends_every_process_with_that_error(tmp_path):
     result = run_torchrun(args, timeout=90)
     assert result.returncode != 0
     assert "dinokit: error: a failure on process 1 only" in result.stderr
+
+
+# Process 1 lists one image fewer (a copy that differs between nodes, or a folder still being written).
+UNEQUAL_DATA_RUN = """
+import importlib, os, sys
+from dinokit.cli import main
+pretrain = importlib.import_module("dinokit.train.pretrain")
+list_images = pretrain.list_images
+def listed(data):
+    paths = list_images(data)
+    return paths[:-1] if os.environ["RANK"] == "1" else paths
+pretrain.list_images = listed
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_processes_that_list_different_images_stop_with_an_error(tmp_path):
+    """Each process built its own shuffled order of the images it listed, so with different lists some
+    images were seen twice and others never, silently."""
+    data = tiny_images(tmp_path / "data")
+    script = tmp_path / "unequal_data_run.py"
+    script.write_text(UNEQUAL_DATA_RUN)
+    keys = {**TINY, "max_iterations": 2, "batch_size": 4}
+    args = [str(script), f"data={data}", f"out={tmp_path / 'run'}"] + [f"{k}={v}" for k, v in keys.items()]
+    result = run_torchrun(args, timeout=90)
+    assert result.returncode != 0
+    assert "the processes list different images" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -253,6 +253,20 @@ def check_same_data(checkpoint: dict, fingerprint: dict, data: str, out: Path) -
         )
 
 
+def check_data_agrees(fingerprint: dict, data: str) -> None:
+    """Every process streams its share of one shuffled order of the same N images: processes that list
+    different images (copies that differ between nodes, a folder still being written at the start) would
+    silently see some images twice and others never. Every process raises, so none waits for the rest."""
+    seen = dist.all_gather_objects(fingerprint)
+    if any(other != seen[0] for other in seen):
+        listed = ", ".join(f"process {rank}: {f['images']} images" for rank, f in enumerate(seen))
+        raise DinokitError(
+            f"the processes list different images under data={data} ({listed}, or the same number with other "
+            "names): every process must read the same dataset (one shared folder, or identical copies on "
+            "every node); wait until the folder is complete before starting"
+        )
+
+
 def make_loader(dataset, cfg: PretrainConfig, batch_size: int, start: int, device: torch.device, collate):
     """Batches of the sample stream from `start`: a DataLoader over a MultiCropDataset, or the
     in-process batches of InMemoryMultiCrops (augmentation=batched)."""
@@ -415,6 +429,7 @@ class Trainer:
 
         self.paths = list_images(data)
         self.data_fingerprint = data_fingerprint(self.paths, data)
+        check_data_agrees(self.data_fingerprint, data)
         if self.checkpoint is not None:
             check_same_data(self.checkpoint, self.data_fingerprint, data, out)
         check_readable(self.paths, data)
