@@ -80,3 +80,45 @@ def test_a_full_disk_is_an_os_error_naming_the_file_whatever_the_writer_raises(t
     monkeypatch.setattr(io.shutil, "disk_usage", real_usage)  # space left: the writer's own error
     with pytest.raises(RuntimeError, match="unexpected pos"):
         atomic_write(tmp_path / "checkpoint.pt", torch_save_on_a_full_disk)
+
+
+def test_a_folder_the_lock_made_is_removed_when_the_block_fails_before_writing_into_it(tmp_path):
+    """A refused pretraining run (a bad key) or index build (a bad option) left an empty out= folder
+    holding only .dinokit.lock."""
+    made = tmp_path / "new"
+    with pytest.raises(ValueError), io.folder_lock(made, "a test"):
+        raise ValueError("refused")
+    assert not made.exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    wrote = tmp_path / "wrote"
+    for folder in (existing, wrote):
+        with pytest.raises(ValueError), io.folder_lock(folder, "a test"):
+            (folder / "result.txt").write_text("kept") if folder == wrote else None
+            raise ValueError("refused")
+        assert folder.is_dir()  # it was there before, or holds work
+    assert (wrote / "result.txt").read_text() == "kept"
+
+
+def test_a_waiter_locks_afresh_when_the_holder_removes_its_empty_folder(tmp_path):
+    import threading
+    import time
+
+    folder = tmp_path / "index"
+    holding, waited = threading.Event(), []
+
+    def second():
+        holding.wait()
+        with io.folder_lock(folder, "an index"):  # blocks until the first fails and removes the folder
+            (folder / "index.faiss").write_text("second")
+            with open(folder / io.LOCK_FILE) as handle:
+                waited.append(io.same_file(handle, folder / io.LOCK_FILE))
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    with pytest.raises(ValueError), io.folder_lock(folder, "an index"):
+        holding.set()
+        time.sleep(0.3)  # the second is now waiting on this lock file
+        raise ValueError("refused")
+    thread.join(10)
+    assert waited == [True] and (folder / "index.faiss").read_text() == "second"

@@ -459,3 +459,13 @@ def test_every_shipped_preset_resolves_to_a_known_architecture_and_whole_patch_g
         assert grid == getattr(cpu32, size) // ARCHITECTURES[cpu32.arch].patch_size
     same = ("lr", "batch_size", "head_prototypes", "teacher_temp", "momentum_teacher", "koleo_loss_weight")
     assert all(getattr(cpu96, k) == getattr(cpu32, k) for k in same)
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path, capsys):
+    from dinokit.cli import main
+
+    data = tiny_images(tmp_path / "data")
+    out = tmp_path / "runs" / "r9"
+    assert main(["pretrain", f"data={data}", f"out={out}", "preset=cpu32", "objective=dinov3"]) == 2
+    assert "objective" in capsys.readouterr().err
+    assert not out.exists()

@@ -164,22 +164,46 @@ def folder_lock(folder: str | Path, what: str, wait: bool = True) -> Iterator[No
     write its files at once: with `wait` the second waits for the first, otherwise it gets a
     DinokitError saying that `what` is being written there. The lock is a `.dinokit.lock` file's flock,
     released when the process ends however it ends; a no-op without fcntl (Windows) or where the file
-    system does not lock."""
+    system does not lock. A folder the lock created is removed again if the block fails before writing
+    anything into it (a refused run leaves no empty folder behind)."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK_FILE, "a") as handle:
+    lock = folder / LOCK_FILE
+    while True:
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")  # noqa: SIM115 (held across the yield below)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
+            handle.close()
             raise DinokitError(
                 f"another process is writing {what} in {folder}; wait for it to end, or choose another folder"
             ) from None
         except OSError as e:
             if e.errno not in LOCK_UNSUPPORTED:
+                handle.close()
                 raise
-        yield
+        if same_file(handle, lock):
+            break
+        handle.close()  # the holder we waited for removed its lock with its empty folder: lock afresh
+    with handle:
+        try:
+            yield
+        except BaseException:
+            if created and os.listdir(folder) == [LOCK_FILE]:
+                lock.unlink()
+                folder.rmdir()
+            raise
+
+
+def same_file(handle, path: Path) -> bool:
+    """Whether the open `handle` is still the file at `path` (not one removed or replaced since)."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
