@@ -122,3 +122,15 @@ def test_a_waiter_locks_afresh_when_the_holder_removes_its_empty_folder(tmp_path
         raise ValueError("refused")
     thread.join(10)
     assert waited == [True] and (folder / "index.faiss").read_text() == "second"
+
+
+def test_the_umask_is_read_without_being_changed(monkeypatch):
+    """file_mode learned the umask by setting it to 0 and back: a file another thread created in that
+    instant got mode 0666."""
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", lambda mask: pytest.fail("the umask was set to read it"))
+        assert io.process_umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(old)

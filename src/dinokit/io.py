@@ -52,9 +52,22 @@ def file_mode(path: Path) -> int:
     try:
         return stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~process_umask()
+
+
+def process_umask() -> int:
+    """The process umask, read from /proc on Linux: setting it to learn it (os.umask) would give files
+    that other threads create meanwhile the wrong mode."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o077)  # elsewhere: a restrictive mode for the instant it is set
+    os.umask(umask)
+    return umask
 
 
 # errors of fsync on a folder from file systems that do not sync folders (some network and FUSE ones)
