@@ -315,12 +315,13 @@ def test_an_unreadable_target_drops_its_pair_and_is_counted(task, tmp_path, caps
     p = r["protocol"]  # val: one bad image and one bad target file, both counted
     assert (p["train_images"], p["train_bad_files"], p["val_images"], p["val_bad_files"]) == (2, 1, 1, 2)
     out = capsys.readouterr().out
-    assert f"skipped 1 unreadable {folder} file(s) and their images, e.g. {train / folder / '00001.png'}" in out
+    example = train / folder / "00001.png"
+    assert f"skipped 1 {folder} file(s) unreadable or not fitting their image, e.g. {example}" in out
     for i in (0, 2):  # every target of the set unreadable: an error that names the set, not a traceback
         (train / folder / f"{i:05d}.png").write_bytes(b"")
     args = [f"train={train}", f"val={val}", f"out={tmp_path / 'o2'}", *TINY, *extra]
     assert main(["eval", task, *args]) == 2
-    assert f"none of the 3 {folder} files of {train} could be read" in capsys.readouterr().err
+    assert f"none of the 3 {folder} files of {train} could be read and fit its image" in capsys.readouterr().err
 
 
 def test_images_in_subfolders_pair_with_the_same_subfolders_of_targets(tmp_path):
@@ -432,3 +433,22 @@ def test_num_classes_below_the_train_masks_classes_and_zero_epochs_are_clear_err
     for command in ("segmentation", "depth"):
         assert main(["eval", command, *args, "epochs=0"]) == 2
         assert "epochs must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_a_target_of_another_shape_than_its_image_drops_its_pair(task, tmp_path, capsys):
+    """A mask or depth map of another aspect than its image (here transposed) was silently stretched
+    onto it; a target at a lower resolution of the same aspect still pairs."""
+    folder = "masks" if task == "segmentation" else "depth"
+    train = write_dense_set(tmp_path / "train", 3, size=16, seed=0)
+    val = write_dense_set(tmp_path / "val", 3, size=16, seed=1)
+    for root in (train, val):
+        save(root / "images" / "00001.png", np.zeros((32, 48, 3), np.uint8))  # 32 high, 48 wide
+        target = np.asarray(Image.open(root / folder / "00001.png"))
+        Image.fromarray(np.resize(target, (48, 32))).save(root / folder / "00001.png")  # 48 high, 32 wide
+        small = np.asarray(Image.open(root / folder / "00002.png"))[::2, ::2].copy()
+        Image.fromarray(small).save(root / folder / "00002.png")  # half the image's size: still its target
+    extra = ["max_depth=10"] if task == "depth" else ["num_classes=9"]
+    p = tiny_run(task, train, val, tmp_path / "out", *extra)["protocol"]
+    assert (p["train_images"], p["train_bad_files"], p["val_images"], p["val_bad_files"]) == (2, 1, 2, 1)
+    assert f"e.g. {train / folder / '00001.png'} (48x32 for a 32x48 image)" in capsys.readouterr().out

@@ -159,6 +159,21 @@ def upright(im: Image.Image) -> Image.Image:
         return im
 
 
+def upright_size(path: str | Path) -> tuple[int, int] | None:
+    """(H, W) of an image as `open_image` turns it (EXIF orientation), from its header alone; None if the
+    header cannot be read (reading the whole file then decides)."""
+    try:
+        with open(path, "rb") as file, Image.open(file) as im:
+            w, h = im.size
+            try:
+                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # transposed or turned by 90 degrees
+            except Exception:  # a damaged EXIF block: open_image keeps the image as stored
+                turned = False
+    except Exception:
+        return None
+    return (w, h) if turned else (h, w)
+
+
 def open_images(paths: list[Path]) -> tuple[list[tuple[Path, Image.Image]], list[Path]]:
     """Decode `paths` once: ([(path, RGB image)] of the readable ones, [unreadable paths]), for
     commands that take a folder and skip bad files. Raises DinokitError when none is readable."""

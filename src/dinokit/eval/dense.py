@@ -23,7 +23,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dinokit.data.images import UnreadableImage, check_readable, files_under, list_images, open_image, output_names
+from dinokit.data.images import (
+    UnreadableImage,
+    check_readable,
+    files_under,
+    list_images,
+    open_image,
+    output_names,
+    upright_size,
+)
 from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
@@ -159,6 +167,13 @@ def read_targets(
     return out, bad
 
 
+def same_picture_shape(image: tuple[int, int], target: tuple[int, int]) -> bool:
+    """Whether a target of (H, W) `target` can be the image's: the same size, or a scaled copy (its aspect
+    within one pixel's rounding), as datasets that store masks at a lower resolution."""
+    (h, w), (th, tw) = image, target
+    return abs(h * tw - w * th) <= max(h, w, th, tw)
+
+
 @dataclass
 class DenseSplit:
     """Cached features of the readable images of a split, their targets at the training size, and the
@@ -208,12 +223,19 @@ def dense_split(
     check_image_size(image_size, backbone.model.patch_size)
     images, target_paths = read_pairs(root, target_folder, target_exts)
     targets, bad = read_targets(target_paths, read_target, image_size, ignore)
+    for i, target in enumerate(targets):  # a target of another picture's shape would be stretched onto it
+        shape = upright_size(images[i]) if target is not None else None
+        if shape is not None and not same_picture_shape(shape, target.size):
+            targets[i] = None
+            bad.append((target_paths[i], f"{target.size[0]}x{target.size[1]} for a {shape[0]}x{shape[1]} image"))
     readable = [i for i, t in enumerate(targets) if t is not None]
     if bad:
         where = f"e.g. {bad[0][0]} ({bad[0][1]})"
         if not readable:
-            raise DinokitError(f"none of the {len(images)} {target_folder} files of {root} could be read, {where}")
-        print(f"{root}: skipped {len(bad)} unreadable {target_folder} file(s) and their images, {where}")
+            raise DinokitError(
+                f"none of the {len(images)} {target_folder} files of {root} could be read and fit its image, {where}"
+            )
+        print(f"{root}: skipped {len(bad)} {target_folder} file(s) unreadable or not fitting their image, {where}")
     transform = make_transform(image_size, "resize")
     which = ("layer_patch_tokens", "layers") if with_cls else ("layer_patch_tokens",)
     paths = [images[i] for i in readable]
