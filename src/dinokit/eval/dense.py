@@ -5,7 +5,8 @@ Data: `root/images/<name>.<ext>` with `root/masks/<name>.png` (segmentation: cla
 `ignore_index` for unlabelled pixels) or `root/depth/<name>.png|.tif|.npy` (depth: an integer image,
 e.g. a 16-bit PNG, in units of 1/depth_scale metres; float data, a .npy or a float (mode F) TIFF, in
 metres; 0 = no measurement). `<name>` is the path under images/ without extension, so subfolders are
-mirrored under masks/ or depth/. A pair whose image or target cannot be read is skipped and counted.
+mirrored under masks/ or depth/. A pair whose image or target cannot be read is skipped and counted,
+as is one whose target does not have its image's shape (the same size, or a scaled copy of it).
 Images are resized whole (no crop) to image_size x image_size, so features and targets stay aligned;
 a head's output is upsampled bilinearly to the target, at training time to image_size and at
 evaluation to each image's original size. Training reads the cached features (no augmentation:
