@@ -479,3 +479,19 @@ def test_corrupt_or_incomplete_hf_config_gets_a_clear_error(tmp_path, model):
     config.write_text(json.dumps({**good, "num_hidden_layers": "two"}))
     with pytest.raises(DinokitError, match="num_hidden_layers"):
         dinokit.load_model(folder)
+
+
+def test_an_official_export_warns_where_reading_it_back_would_guess_otherwise(tmp_path):
+    """An official .pth of a shape no named architecture has loaded back with other heads (num_heads=1
+    for vit_micro_p4 with registers), with a warning only when it was read, none when it was written."""
+    custom = dinokit.create_model("vit_micro_p4", num_register_tokens=4)
+    with pytest.warns(UserWarning, match=r"does not store num_heads.*load_model\(path, num_heads=3"):
+        dinokit.export_model(custom, tmp_path / "custom.pth")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert dinokit.load_model(tmp_path / "custom.pth").config.num_heads != custom.config.num_heads
+    kept = dinokit.load_model(dinokit.export_model(custom, tmp_path / "custom.safetensors"))
+    assert kept.config.num_heads == custom.config.num_heads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a named architecture's shape reads back as itself: no warning
+        dinokit.export_model(dinokit.create_model("vit_micro_p4"), tmp_path / "named.pth")

@@ -300,10 +300,31 @@ def export_model(
             path, lambda tmp: save_file(sd, tmp, metadata={DINOKIT_CONFIG_KEY: json.dumps(model.config.to_dict())})
         )
     elif format == "official":
+        warn_if_read_back_otherwise(sd, model.config, path)
         atomic_write(path, lambda tmp: torch.save(sd, tmp))
     else:
         _write_hf_folder(sd, model.config, path)
     return str(path)
+
+
+UNSTORED_OPTIONS = ("num_heads", "interpolate_offset", "interpolate_antialias")  # not in official weights
+
+
+def warn_if_read_back_otherwise(sd: dict, config: ViTConfig, path: Path) -> None:
+    """The official layout holds weights only: warn where `load_model` would read the file back with
+    other heads or interpolation than the model's (a shape no named architecture has)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # infer_config's own guess warning is for the reader
+        back = infer_config(sd)
+    lost = {k: getattr(config, k) for k in UNSTORED_OPTIONS if getattr(back, k) != getattr(config, k)}
+    if lost:
+        warnings.warn(
+            f"{path}: the official .pth layout does not store {', '.join(lost)}, and load_model would read "
+            f"this model back with {', '.join(f'{k}={getattr(back, k)!r}' for k in lost)}: read it with "
+            f"load_model(path, {', '.join(f'{k}={v!r}' for k, v in lost.items())}), or export it as "
+            ".safetensors (dinokit format), which stores them",
+            stacklevel=3,
+        )
 
 
 def output_path(path: str | Path, format: str, create: bool = True) -> Path:
