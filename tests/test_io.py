@@ -134,3 +134,28 @@ def test_the_umask_is_read_without_being_changed(monkeypatch):
     finally:
         monkeypatch.undo()
         os.umask(old)
+
+
+def test_a_writer_killed_mid_folder_leaves_no_temporary_folder_after_the_next_write(tmp_path):
+    """eval's feature cache: a job killed while it wrote a shard left its .shard-NNNNN.tmp<pid> folder
+    (a whole shard in size) for good."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    host = socket.gethostname()
+    left = {
+        "dead writer here": tmp_path / f".shard-00000.tmp-{host}-{dead_pid}",
+        "live writer here": tmp_path / f".shard-00000.tmp-{host}-{os.getppid()}",
+        "another host's": tmp_path / f".shard-00000.tmp-elsewhere-{dead_pid}",
+    }
+    for folder in left.values():
+        folder.mkdir()
+        (folder / "features.npy").write_bytes(b"half")
+    with io.atomic_folder(tmp_path / "shard-00000") as tmp:
+        (tmp / "rows.json").write_text("[]")
+    assert (tmp_path / "shard-00000" / "rows.json").exists()
+    assert not left["dead writer here"].exists()
+    assert left["live writer here"].exists() and left["another host's"].exists()

@@ -2,9 +2,11 @@
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
+import socket
 import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -152,8 +154,10 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     to `path`, so readers see the whole folder or none of it. If `path` appeared meanwhile (another
     writer finished first), the new folder is discarded."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
+    tmp = path.with_name(f"{prefix}{os.getpid()}")
+    remove_dead_writers_folders(path.parent, prefix)
+    shutil.rmtree(tmp, ignore_errors=True)  # an earlier process of the same pid died mid-write
     tmp.mkdir(parents=True)
     try:
         yield tmp
@@ -164,6 +168,26 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_dead_writers_folders(parent: Path, prefix: str) -> None:
+    """Remove the temporary folders `<prefix><pid>` of writers on this host that died mid-write (a
+    killed job leaves them, a whole shard in size). Folders of live processes, and those of other
+    hosts (prefix names the host; a cache may be shared between machines), are left alone."""
+    for folder in parent.glob(f"{glob.escape(prefix)}*"):
+        pid = folder.name[len(prefix) :]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 LOCK_FILE = ".dinokit.lock"
