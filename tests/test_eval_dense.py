@@ -192,6 +192,7 @@ def test_predict_writes_full_size_outputs_and_checks_the_backbone(tmp_path, caps
     (tmp_path / "bad" / "broken.jpg").write_bytes(b"nope")  # nothing readable: was "wrote 0 masks", exit 0
     assert main([*args[:3], f"images={tmp_path / 'bad'}", f"out={tmp_path / 'o5'}", "num_workers=0"]) == 2
     assert "none of the 1 images of" in (err := capsys.readouterr().err) and "broken.jpg: not an image" in err
+    assert not (tmp_path / "o5").exists()  # refused before any output: no empty folder left behind
 
 
 @pytest.fixture(scope="module")

@@ -306,7 +306,6 @@ def predict_depth(
     scale = meta["depth_scale"] if depth_scale is None else depth_scale
     if scale <= 0:
         raise DinokitError(f"depth_scale must be > 0 (PNG units per metre), got {scale}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     count = clipped = 0
     for name, rgb, pred in predict_images(
         net, meta, backbone, images, (out_dir, (".png", "_depth.png")), batch_size, num_workers, precision

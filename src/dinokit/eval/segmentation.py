@@ -282,7 +282,6 @@ def predict_segmentation(
     net, meta = load_segmentation_head(head)
     backbone = backbone_for_head(meta, model, device)
     net.to(resolve_device(device))
-    out_dir.mkdir(parents=True, exist_ok=True)
     count = 0
     ignore_index = meta.get("ignore_index", 255)
     for name, rgb, logits in predict_images(
