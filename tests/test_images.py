@@ -94,6 +94,8 @@ def test_every_mode_becomes_8bit_rgb(folder):
 def test_a_float_image_is_scaled_by_its_finite_values(tmp_path):
     values = np.linspace(0, 1, 24, dtype=np.float32).reshape(4, 6)
     expected = np.asarray(open_rgb_of(tmp_path / "plain.tif", values))
+    # the range's ends are 0 and 255 (truncation made the top 254), the rest rounded
+    assert np.array_equal(expected[..., 0], np.rint(values * 255).astype(np.uint8))
     with_inf, with_nan = values.copy(), values.copy()
     with_inf[1, 2], with_nan[1, 2] = np.inf, np.nan  # one +inf pixel made the whole image black
     others = np.ones((4, 6), dtype=bool)
@@ -183,3 +185,15 @@ def test_list_files_as_spreadsheets_write_them_give_every_command_the_same_paths
     (tmp_path / "archive.zip").write_bytes(b"PK\x03\x04\xff\xfe binary")
     with pytest.raises(DinokitError, match="nor a UTF-8 text list of paths"):
         list_images(tmp_path / "archive.zip")
+
+
+def test_an_error_of_the_transform_is_raised_not_counted_as_a_bad_file(folder):
+    """Every exception of an item was taken for an unreadable file: a bug in a transform silently
+    emptied a dataset into 'bad files'."""
+
+    def broken(image):
+        raise RuntimeError("a bug in the transform")
+
+    with pytest.raises(RuntimeError, match="a bug in the transform"):
+        dataset = ImageFiles(list_images(folder), broken)
+        [dataset[i] for i in range(len(dataset))]  # the bad files among them return (None, i)

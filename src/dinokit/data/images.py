@@ -211,10 +211,10 @@ def to_rgb(im: Image.Image) -> Image.Image:
         if im.mode == "F":
             finite = a[np.isfinite(a)]
             lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-            a = np.nan_to_num((np.clip(a, lo, hi) - lo) / (hi - lo + 1e-12) * 255.0, nan=0.0)
+            a = np.nan_to_num((np.clip(a, lo, hi) - lo) / max(hi - lo, 1e-12) * 255.0, nan=0.0)
         else:
             a = a / 257.0 if a.max() > 255 or im.mode.startswith("I;16") else a
-        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L")
+        im = Image.fromarray(np.rint(np.clip(a, 0, 255)).astype(np.uint8), mode="L")  # rounded: 1.0 is 255
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA"):
@@ -237,9 +237,10 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return self.transform(open_rgb(self.paths[i])), i
-        except Exception:  # corrupt, truncated, zero-byte, not an image: skipped and counted
+            image = open_rgb(self.paths[i])
+        except UnreadableImage:  # corrupt, truncated, zero-byte, not an image: skipped and counted
             return None, i
+        return self.transform(image), i  # an error here is a bug to see, not a bad file to count
 
 
 def collate_skipping_bad(batch: list) -> tuple[torch.Tensor | None, torch.Tensor, list[int]]:
