@@ -189,6 +189,16 @@ def test_torchrun_launches_pretraining_on_two_processes(tmp_path):
     assert (out / "backbone.safetensors").exists() and dinokit.load_model(out / "backbone.safetensors")
 
 
+def run_patched_pretraining(script: str, tmp_path: Path, max_iterations: int) -> subprocess.CompletedProcess:
+    """`script` (which patches dinokit, then runs `dinokit pretrain` on its arguments) on 2 processes
+    under torchrun, on tiny images, out= tmp_path / "run"."""
+    data = tiny_images(tmp_path / "data")
+    (tmp_path / "run.py").write_text(script)
+    keys = {**TINY, "max_iterations": max_iterations, "batch_size": 4}
+    args = [str(tmp_path / "run.py"), f"data={data}", f"out={tmp_path / 'run'}"] + [f"{k}={v}" for k, v in keys.items()]
+    return run_torchrun(args, timeout=90)
+
+
 # A failure on process 1 only, in its third step, while process 0 goes on to the next collective.
 FAILING_RUN = """
 import importlib, os, sys
@@ -208,12 +218,7 @@ sys.exit(main(["pretrain", *sys.argv[1:]]))
 def test_an_error_on_one_process_ends_every_process_with_that_error(tmp_path):
     """The failing process left the process group through a barrier, which waited forever for the
     others (in the next step's collective): no error shown, torchrun hung until the 30-minute timeout."""
-    data = tiny_images(tmp_path / "data")
-    script = tmp_path / "failing_run.py"
-    script.write_text(FAILING_RUN)
-    keys = {**TINY, "max_iterations": 6, "batch_size": 4}
-    args = [str(script), f"data={data}", f"out={tmp_path / 'run'}"] + [f"{k}={v}" for k, v in keys.items()]
-    result = run_torchrun(args, timeout=90)
+    result = run_patched_pretraining(FAILING_RUN, tmp_path, max_iterations=6)
     assert result.returncode != 0
     assert "dinokit: error: a failure on process 1 only" in result.stderr
 
@@ -235,12 +240,7 @@ sys.exit(main(["pretrain", *sys.argv[1:]]))
 def test_processes_that_list_different_images_stop_with_an_error(tmp_path):
     """Each process built its own shuffled order of the images it listed, so with different lists some
     images were seen twice and others never, silently."""
-    data = tiny_images(tmp_path / "data")
-    script = tmp_path / "unequal_data_run.py"
-    script.write_text(UNEQUAL_DATA_RUN)
-    keys = {**TINY, "max_iterations": 2, "batch_size": 4}
-    args = [str(script), f"data={data}", f"out={tmp_path / 'run'}"] + [f"{k}={v}" for k, v in keys.items()]
-    result = run_torchrun(args, timeout=90)
+    result = run_patched_pretraining(UNEQUAL_DATA_RUN, tmp_path, max_iterations=2)
     assert result.returncode != 0
     assert "the processes list different images" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
