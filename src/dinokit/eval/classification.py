@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from dinokit.data.transforms import check_image_size
-from dinokit.errors import DinokitError
+from dinokit.errors import DinokitError, require
 from dinokit.eval.common import (
     labelled_features,
     make_transform,
@@ -215,9 +215,7 @@ def eval_linear(
             f"selection_fraction must be between 0 and 1 (held out of each class), got {selection_fraction}",
         ),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise DinokitError(message)
+    require(checks)
     prepare_output(out, folder=True, create=False)  # before the features are extracted
     train_split, val_split, selection_split = read_splits(train, val, selection)
     dev = resolve_device(device)

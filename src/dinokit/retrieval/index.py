@@ -23,7 +23,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from dinokit.errors import DinokitError
+from dinokit.errors import DinokitError, require
 from dinokit.io import atomic_write, write_json
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "pq", "ivfpq")
@@ -43,9 +43,7 @@ def factory_string(kind: str, dim: int, count: int, nlist: int | None, pq_m: int
         (kind not in ("pq", "ivfpq") or pq_m >= 1, f"pq_m must be >= 1 (sub-vectors per code), got {pq_m}"),
         (kind not in ("pq", "ivfpq") or 1 <= pq_bits <= 16, f"pq_bits must be 1 to 16 (e.g. 8), got {pq_bits}"),
     ]
-    for ok, message in checks:  # faiss aborts the process, or fails to parse, on these
-        if not ok:
-            raise DinokitError(message)
+    require(checks)  # faiss aborts the process, or fails to parse, on these
     nlist = nlist or max(1, min(int(4 * math.sqrt(count)), count // 39))  # faiss wants >= 39 points per cell
     if kind in ("pq", "ivfpq") and dim % pq_m:
         raise DinokitError(f"pq_m={pq_m} must divide the feature dimension {dim}")

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from dinokit.cli import type_name
-from dinokit.errors import DinokitError
+from dinokit.errors import DinokitError, require
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -237,9 +237,7 @@ def validate(c: PretrainConfig) -> None:
         ),
         (0 <= c.warmup <= 1 and 0 <= c.teacher_temp_warmup <= 1, "warmup fractions must lie in [0, 1]"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise DinokitError(message)
+    require(checks)
 
 
 def save_config(config: PretrainConfig, extra: dict) -> str:
