@@ -198,7 +198,8 @@ def test_index_search_command_writes_the_json_and_a_contact_sheet(collection, tm
 def test_an_unreadable_query_image_is_an_error_naming_it_and_why(collection, tmp_path):
     build_index(str(collection / "emb_b"), str(tmp_path / "idx"))
     (tmp_path / "query.png").write_text("not an image")
-    with pytest.raises(DinokitError, match=r"query images could be read.*query\.png: not an image format"):
+    said = r"none of the 1 images of .*query\.png could be read; the first: .*query\.png: not an image format"
+    with pytest.raises(DinokitError, match=said):
         search_index(str(tmp_path / "idx"), str(tmp_path / "query.png"), k=1, num_workers=0)
 
 

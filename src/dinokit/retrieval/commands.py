@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinokit.data.images import list_images, open_rgb
+from dinokit.data.images import check_readable, list_images
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
@@ -113,6 +113,7 @@ def search_index(
     idx = index if isinstance(index, FeatureIndex) else FeatureIndex.load(index)
     found = [p for q in ([query] if isinstance(query, str | Path) else query) for p in list_images(q)]
     queries = [str(p.absolute()) for p in found]
+    check_readable(queries, query if isinstance(query, str | Path) else "the query images")
     vectors, kept = embed_like_index(idx.meta, queries, batch_size, num_workers, device, model)
     for i in sorted(set(range(len(queries))) - set(kept)):
         print(f"dinokit: skipped unreadable query {queries[i]}", file=sys.stderr)
@@ -190,12 +191,6 @@ def embed_like_index(
         precision=emb["precision"],
         progress=False,
     )
-    if not kept:
-        try:
-            open_rgb(paths[0])  # says which file and why
-        except DinokitError as err:
-            raise DinokitError(f"none of the {len(paths)} query images could be read; the first: {err}") from err
-        raise DinokitError(f"none of the {len(paths)} query images could be read (first: {paths[0]})")
     return np.asarray(feats[meta["feature"]].numpy(), dtype=np.float32), kept
 
 
