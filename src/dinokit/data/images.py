@@ -174,6 +174,13 @@ def upright_size(path: str | Path) -> tuple[int, int] | None:
     return (w, h) if turned else (h, w)
 
 
+def same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether sizes a and b (both (W, H), or both (H, W)) have one aspect ratio, up to rounding each side
+    to whole pixels: a mask or depth map of its image's size, or a scaled copy of it."""
+    (wa, ha), (wb, hb) = a, b
+    return abs(ha * wb / wa - hb) <= 1 or abs(wa * hb / ha - wb) <= 1
+
+
 def open_images(paths: list[Path]) -> tuple[list[tuple[Path, Image.Image]], list[Path]]:
     """Decode `paths` once: ([(path, RGB image)] of the readable ones, [unreadable paths]), for
     commands that take a folder and skip bad files. Raises DinokitError when none is readable."""

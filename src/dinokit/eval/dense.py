@@ -31,6 +31,7 @@ from dinokit.data.images import (
     list_images,
     open_image,
     output_names,
+    same_aspect,
     upright_size,
 )
 from dinokit.data.transforms import check_image_size
@@ -168,13 +169,6 @@ def read_targets(
     return out, bad
 
 
-def same_picture_shape(image: tuple[int, int], target: tuple[int, int]) -> bool:
-    """Whether a target of (H, W) `target` can be the image's: the same size, or a scaled copy (its aspect
-    within one pixel's rounding), as datasets that store masks at a lower resolution."""
-    (h, w), (th, tw) = image, target
-    return abs(h * tw - w * th) <= max(h, w, th, tw)
-
-
 @dataclass
 class DenseSplit:
     """Cached features of the readable images of a split, their targets at the training size, and the
@@ -226,7 +220,7 @@ def dense_split(
     targets, bad = read_targets(target_paths, read_target, image_size, ignore)
     for i, target in enumerate(targets):  # a target of another picture's shape would be stretched onto it
         shape = upright_size(images[i]) if target is not None else None
-        if shape is not None and not same_picture_shape(shape, target.size):
+        if shape is not None and not same_aspect(shape, target.size):
             targets[i] = None
             bad.append((target_paths[i], f"{target.size[0]}x{target.size[1]} for a {shape[0]}x{shape[1]} image"))
     readable = [i for i, t in enumerate(targets) if t is not None]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinokit.data.images import list_images, open_image, open_images, open_rgb, output_names
+from dinokit.data.images import list_images, open_image, open_images, open_rgb, output_names, same_aspect
 from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.io import prepare_output, write_json
@@ -291,12 +291,6 @@ def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     if mask.size != size:
         mask = mask.resize(size, Image.Resampling.NEAREST)
     return np.asarray(mask) > 0
-
-
-def same_aspect(a: tuple[int, int], b: tuple[int, int]) -> bool:
-    """Whether sizes a and b (W, H) have one aspect ratio, up to rounding each side to whole pixels."""
-    (wa, ha), (wb, hb) = a, b
-    return abs(ha * wb / wa - hb) <= 1 or abs(wa * hb / ha - wb) <= 1
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:
