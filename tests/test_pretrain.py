@@ -64,7 +64,7 @@ def test_loss_falls_and_run_folder_is_complete(tmp_path):
     assert last["ibot_loss"] < first["ibot_loss"]
     assert 0 <= last["data_wait"] <= 1 and last["img_per_s"] > 0
     config = yaml.safe_load((out / "config.yaml").read_text())
-    assert config["arch"] == "vit_nano_p2" and config["head_prototypes"] == 64 and config["derived"]["images"] == 32
+    assert config["arch"] == "vit_nano_p2" and config["head_prototypes"] == 64 and config["derived"]["files"] == 32
     assert list((out / "tensorboard").glob("events.*"))
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_00000040.pt"]
     backbone = dinokit.load_model(out / "backbone.safetensors")
@@ -192,12 +192,16 @@ def test_a_second_run_into_a_folder_still_training_is_refused(tmp_path, monkeypa
     run(data, tmp_path / "run", max_iterations=10, resume=True)  # the lock went with the first run
 
 
-def test_bad_files_are_skipped_and_counted(tmp_path):
+def test_bad_files_are_skipped_and_counted(tmp_path, capsys):
     data = tiny_images(tmp_path / "data")
     for name, content in (("empty.jpg", b""), ("text.png", b"hello"), ("half.png", b"\x89PNG\r\n\x1a\n\0\0")):
         (data / "circle" / name).write_bytes(content)
     summary = run(data, tmp_path / "run", max_iterations=12)
     assert summary["bad_files"] == 3
+    out = capsys.readouterr().out
+    first = out.splitlines()[0]  # before training the files are only listed, not decoded: not called images
+    assert first.startswith("pretrain: 35 files found (unreadable ones are skipped when met") and "images" not in first
+    assert "pretrain: 3 unreadable file(s) skipped, listed in" in out
     listed = (tmp_path / "run" / "bad_files.txt").read_text().split()
     assert sorted(Path(p).name for p in listed) == ["empty.jpg", "half.png", "text.png"]
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]["bad_files"] == 3
@@ -347,13 +351,15 @@ def test_collapse_figures_by_hand():
     assert collapsed["cls_spread"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_batched_augmentation_learns_resumes_exactly_and_skips_bad_files(tmp_path):
+def test_batched_augmentation_learns_resumes_exactly_and_skips_bad_files(tmp_path, capsys):
     """augmentation=batched (in-memory images, whole-batch crops): the loss falls, 4 + 4 iterations
     with a restart equal 8 in one go, and unreadable files are counted as in the per-image path."""
     data = tiny_images(tmp_path / "data")
     (data / "circle" / "empty.jpg").write_bytes(b"")
     batched = dict(augmentation="batched", epochs=2.0, **LEARNS)
     run(data, tmp_path / "full", max_iterations=8, **batched)
+    # every file is decoded before training: the first line already knows the unreadable one
+    assert capsys.readouterr().out.startswith("pretrain: 33 files found, 1 unreadable file(s) skipped, 1 process(es)")
     run(data, tmp_path / "split", max_iterations=4, **batched)
     summary = run(data, tmp_path / "split", max_iterations=8, resume=True, **batched)
     full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000008.pt")["model"]

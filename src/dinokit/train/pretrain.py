@@ -506,7 +506,7 @@ class Trainer:
     def describe(self, data: str, preset: str | None) -> None:
         cfg, n = self.cfg, len(self.paths)
         derived = {
-            "images": n,
+            "files": n,
             "processes": dist.world_size(),
             "global_batch": self.global_batch,
             "iterations_per_epoch": round(self.length["iterations_per_epoch"], 3),
@@ -533,12 +533,22 @@ class Trainer:
         span = f"{length} iterations" if length else f"{cfg.max_minutes} minutes"
         epochs = f" = {cfg.epochs} epochs" if cfg.epochs else ""
         print(
-            f"pretrain: {n} images, {dist.world_size()} process(es) x batch {cfg.batch_size} = {self.global_batch} "
-            f"({derived['iterations_per_epoch']} iterations per epoch); schedule over {span}{epochs}; "
-            f"{cfg.objective} {cfg.arch if not cfg.init else cfg.init} on {self.device}, {cfg.precision}"
+            f"pretrain: {self.files_found()}, {dist.world_size()} process(es) x batch {cfg.batch_size} = "
+            f"{self.global_batch} ({derived['iterations_per_epoch']} iterations per epoch); "
+            f"schedule over {span}{epochs}; {cfg.objective} {cfg.arch if not cfg.init else cfg.init} "
+            f"on {self.device}, {cfg.precision}"
         )
         if cfg.init:
             print(f"pretrain: init={cfg.init} sets the architecture ({derived['backbone']}); arch={cfg.arch} is unused")
+
+    def files_found(self) -> str:
+        """The data as known before training: the files listed, and (augmentation=batched, which has
+        decoded them all) how many are unreadable; the per-image path meets those during training
+        (`write_bad_files`), as a full scan of a large dataset up front would be slow."""
+        n = len(self.paths)
+        if isinstance(self.dataset, InMemoryMultiCrops):
+            return f"{n} files found, {len(self.dataset.bad)} unreadable file(s) skipped"
+        return f"{n} files found (unreadable ones are skipped when met and listed at the end)"
 
     def progress(self, elapsed: float) -> float:
         total = self.length["schedule_iterations"]
