@@ -1,10 +1,21 @@
+import functools
+
 import pytest
 import torch
+
+from dinokit import runtime
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_bf16_cache(monkeypatch):
+    """An empty per-GPU cache of bf16 answers for this test, for tests that fake the GPUs or their answers
+    (the process's real cache is back afterwards)."""
+    monkeypatch.setattr(runtime, "_cuda_native_bf16", functools.cache(runtime._cuda_native_bf16.__wrapped__))
 
 
 def perturb_scales_and_norms(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:

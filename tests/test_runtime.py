@@ -33,8 +33,10 @@ def test_device_names_are_checked_against_the_choices_and_the_machine(two_gpus, 
     assert resolve_device("auto") == torch.device("cpu")
 
 
-def test_cuda_bf16_is_asked_of_the_device_used_without_emulation(two_gpus, monkeypatch):
-    native = {0: False, 1: True}  # an older GPU 0 (bf16 only emulated), a newer GPU 1
+@pytest.fixture
+def fake_gpus(two_gpus, fresh_bf16_cache, monkeypatch):
+    """GPU 0 older (bf16 only emulated), GPU 1 newer; returns the `including_emulation` of each question."""
+    native = {0: False, 1: True}
     current, calls = [0], []
 
     @contextlib.contextmanager
@@ -48,9 +50,22 @@ def test_cuda_bf16_is_asked_of_the_device_used_without_emulation(two_gpus, monke
         return native[current[0]] or including_emulation
 
     monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    return calls
+
+
+def test_cuda_bf16_is_asked_of_the_device_used_without_emulation(fake_gpus):
     assert bf16_supported(torch.device("cuda", 1))
     assert not bf16_supported(torch.device("cuda", 0))
+    assert fake_gpus == [False, False]
     assert not bf16_supported(torch.device("cuda"))  # the current GPU, 0
-    assert calls == [False, False, False]
     assert bf16_supported(torch.device("cpu")) and not bf16_supported(torch.device("mps"))
+
+
+def test_each_gpu_is_asked_about_bf16_once(fake_gpus):
+    """autocast asks on every training step; the answer per GPU is kept."""
+    for _ in range(3):
+        assert bf16_supported(torch.device("cuda", 1)) and not bf16_supported(torch.device("cuda", 0))
+        assert not bf16_supported(torch.device("cuda"))  # the current GPU, 0: the same answer as cuda:0
+    assert len(fake_gpus) == 2

@@ -199,7 +199,7 @@ def test_atomic_write_flushes_the_data_before_the_rename_and_the_folder_after(tm
 
 
 @pytest.mark.parametrize("device", ["cuda", "mps"])
-def test_autocast_falls_back_to_fp32_with_one_warning_where_bf16_is_unsupported(device, monkeypatch):
+def test_autocast_falls_back_to_fp32_with_one_warning_where_bf16_is_unsupported(device, fresh_bf16_cache, monkeypatch):
     import warnings
 
     from dinokit import runtime

@@ -3,6 +3,7 @@ reuse of freed memory for loops that make large tensors afresh."""
 
 import contextlib
 import ctypes
+import functools
 import inspect
 import re
 import sys
@@ -69,13 +70,20 @@ def available_devices() -> str:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 autocast runs on `device`: always on the CPU; on a CUDA GPU (the one `device` names)
-    that supports bf16 natively (emulated bf16 on older GPUs is slower than fp32, so it does not count)."""
+    """Whether bf16 autocast runs on `device`: always on the CPU; on a CUDA GPU (the one `device` names,
+    or the current one) that supports bf16 natively (emulated bf16 on older GPUs is slower than fp32, so
+    it does not count). Each GPU is asked once per process (`_cuda_native_bf16`)."""
     if device.type == "cpu":
         return True
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
-    with torch.cuda.device(device.index) if device.index is not None else contextlib.nullcontext():
+    return _cuda_native_bf16(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_native_bf16(index: int) -> bool:
+    """Whether CUDA GPU `index` supports bf16 natively; cached, as autocast asks on every step."""
+    with torch.cuda.device(index):
         if _NATIVE_BF16_ARGUMENT:
             return torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.cuda.is_bf16_supported()
