@@ -1,5 +1,7 @@
 import itertools
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -124,11 +126,11 @@ def nano(seed: int, **overrides) -> dinokit.VisionTransformer:
 def test_failed_large_onnx_export_keeps_the_previous_graph_and_its_data(tmp_path, monkeypatch):
     """Large models keep their weights in `<name>.data`, which used to be overwritten outside the
     atomic write: a failed export then left the old graph pointing at the new model's weights."""
-    monkeypatch.setattr(graph_export, "LARGE_MODEL_BYTES", 0)  # every model "large": weights in model.onnx.data
+    monkeypatch.setattr(graph_export, "LARGE_MODEL_BYTES", 0)  # every model "large": weights in a .data file
     first, second = nano(0), nano(1)
     export_graph(first, tmp_path / "model.onnx", "onnx")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    assert sorted(before) == ["model.onnx", "model.onnx.data"]
+    assert sorted(before)[0] == "model.onnx" and onnx_data(tmp_path)
     monkeypatch.setattr(graph_export, "MAX_ABS_DIFF", -1.0)
     with pytest.raises(DinokitError, match="nothing was written"):
         export_graph(second, tmp_path / "model.onnx", "onnx")
@@ -140,7 +142,45 @@ def test_failed_large_onnx_export_keeps_the_previous_graph_and_its_data(tmp_path
     export_graph(second, tmp_path / "model.onnx", "onnx")
     cls, _ = graph_export.run_onnx(str(tmp_path / "model.onnx"), x)
     assert np.abs(cls.numpy() - reference(second, x)[0]).max() <= 1e-4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", onnx_data(tmp_path)]
+
+
+def onnx_data(folder) -> str:
+    """The name of the one external data file that folder/model.onnx names."""
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    locations = {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"}
+    assert len(locations) == 1 and (folder / next(iter(locations))).is_file()
+    return next(iter(locations))
+
+
+def test_a_crash_before_the_new_graph_is_moved_in_keeps_the_previous_graph_and_its_data(tmp_path, monkeypatch):
+    """A large model's graph and data were moved into place one after the other under fixed names: a
+    crash between the two renames left the old graph beside the new model's data (its numbers wrong,
+    or no session at all). The data now gets a name of its own, and the graph's rename is the switch."""
+    monkeypatch.setattr(graph_export, "LARGE_MODEL_BYTES", 0)
+    first, second = nano(0), nano(1)
+    target = tmp_path / "model.onnx"
+    export_graph(first, target, "onnx")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_replace = os.replace
+
+    def crash_at_the_graph(src, dst):
+        if Path(dst) == target:
+            raise KeyboardInterrupt  # killed between moving the data and the graph
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_at_the_graph)
+    with pytest.raises(KeyboardInterrupt):
+        export_graph(second, target, "onnx")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert target.read_bytes() == before["model.onnx"]
+    data = onnx_data(tmp_path)
+    assert (tmp_path / data).read_bytes() == before[data]  # the old graph's own data, untouched
+    x = torch.randn(1, 3, 16, 16)
+    assert np.abs(graph_export.run_onnx(str(target), x)[0].numpy() - reference(first, x)[0]).max() <= 1e-4
+    export_graph(second, target, "onnx")  # the next export removes the killed one's data file too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", onnx_data(tmp_path)]
+    assert np.abs(graph_export.run_onnx(str(target), x)[0].numpy() - reference(second, x)[0]).max() <= 1e-4
 
 
 def test_export_does_not_change_the_callers_model(tmp_path):

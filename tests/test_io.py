@@ -159,3 +159,34 @@ def test_a_writer_killed_mid_folder_leaves_no_temporary_folder_after_the_next_wr
     assert (tmp_path / "shard-00000" / "rows.json").exists()
     assert not left["dead writer here"].exists()
     assert left["live writer here"].exists() and left["another host's"].exists()
+
+
+def test_a_folder_replaced_whole_is_never_a_mix_and_a_writer_killed_mid_swap_is_undone(tmp_path):
+    """atomic_folder(replace=True) (export format=hf): a failed writer leaves the old folder as it was;
+    one killed after renaming the old folder aside, before renaming the new one in, leaves no folder,
+    and the next writer puts the old one back before it starts."""
+    import socket
+    import subprocess
+    import sys
+
+    def files(folder: Path) -> dict[str, str]:
+        return {p.name: p.read_text() for p in folder.iterdir()}
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text("old config")
+    (folder / "weights").write_text("old weights")
+    with pytest.raises(KeyboardInterrupt), io.atomic_folder(folder, replace=True) as tmp:
+        (tmp / "weights").write_text("new weights")
+        raise KeyboardInterrupt
+    assert files(folder) == {"config.json": "old config", "weights": "old weights"}
+    assert os.listdir(tmp_path) == ["export"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder.rename(tmp_path / f".export.old-{socket.gethostname()}-{int(dead.stdout)}")  # killed mid-swap
+    with pytest.raises(KeyboardInterrupt), io.atomic_folder(folder, replace=True):
+        raise KeyboardInterrupt
+    assert files(folder) == {"config.json": "old config", "weights": "old weights"}
+    assert os.listdir(tmp_path) == ["export"]
+    with io.atomic_folder(folder, replace=True) as tmp:
+        (tmp / "weights").write_text("new weights")
+    assert files(folder) == {"weights": "new weights"} and os.listdir(tmp_path) == ["export"]

@@ -495,3 +495,31 @@ def test_an_official_export_warns_where_reading_it_back_would_guess_otherwise(tm
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a named architecture's shape reads back as itself: no warning
         dinokit.export_model(dinokit.create_model("vit_micro_p4"), tmp_path / "named.pth")
+
+
+def test_a_crash_between_the_hf_files_keeps_the_earlier_export_whole(tmp_path, model, monkeypatch):
+    """format=hf wrote model.safetensors and then config.json into the folder itself: an export killed
+    between the two left the new weights beside the earlier config. The folder is now replaced whole:
+    the earlier export stays as it was, and a finished one keeps the folder's other files."""
+    from dinokit.models import loading
+
+    folder = tmp_path / "hf"
+    dinokit.export_model(model, folder, format="hf")
+    (folder / "README.md").write_text("model card")
+    (folder / "pytorch_model.bin").write_bytes(b"stale weights of an earlier export")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    other = perturb_scales_and_norms(dinokit.create_model("dinov2_vits14_reg", depth=1, img_size=56)).eval()
+
+    def killed(path, obj):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loading, "write_json", killed)  # the second of the two files
+    with pytest.raises(KeyboardInterrupt):
+        dinokit.export_model(other, folder, format="hf")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no half-written folder beside it
+    monkeypatch.undo()
+    dinokit.export_model(other, folder, format="hf")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert (folder / "README.md").read_text() == "model card"
+    assert same_outputs(other, dinokit.load_model(folder)) and [p.name for p in tmp_path.iterdir()] == ["hf"]

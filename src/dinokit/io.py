@@ -149,35 +149,78 @@ def write_json(path: str | Path, obj) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | Path) -> Iterator[Path]:
+def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `path` to fill; when the block ends without error it is renamed
     to `path`, so readers see the whole folder or none of it. If `path` appeared meanwhile (another
-    writer finished first), the new folder is discarded."""
-    path = Path(path)
+    writer finished first), the new folder is discarded.
+
+    With `replace`, an existing `path` is replaced whole instead: it is renamed aside, the new folder
+    (given the old one's permission bits) renamed in, and the old one removed, so a reader never sees
+    files of both. An error in the block leaves `path` as it was. A writer killed between the two
+    renames leaves no `path`; the next atomic_folder of `path` puts the old folder back first. A
+    symbolic link is followed: the folder it names is replaced."""
+    path = Path(path).resolve() if replace else Path(path)
     prefix = f".{path.name}.tmp-{socket.gethostname()}-"
+    aside_prefix = f".{path.name}.old-{socket.gethostname()}-"
     tmp = path.with_name(f"{prefix}{os.getpid()}")
+    aside = path.with_name(f"{aside_prefix}{os.getpid()}")
+    remove_dead_writers_folders(path.parent, aside_prefix, restore=path)
     remove_dead_writers_folders(path.parent, prefix)
-    shutil.rmtree(tmp, ignore_errors=True)  # an earlier process of the same pid died mid-write
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        if replace and path.is_dir():
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+            os.rename(path, aside)
         try:
             os.replace(tmp, path)
         except OSError:
             if not path.is_dir():
+                if aside.is_dir():
+                    os.rename(aside, path)
                 raise
+        sync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
-def remove_dead_writers_folders(parent: Path, prefix: str) -> None:
+def remove_dead_writers_folders(parent: Path, prefix: str, restore: Path | None = None) -> None:
     """Remove the temporary folders `<prefix><pid>` of writers on this host that died mid-write (a
-    killed job leaves them, a whole shard in size). Folders of live processes, and those of other
-    hosts (prefix names the host; a cache may be shared between machines), are left alone."""
+    killed job leaves them, a whole shard in size), and one of this process's pid (an earlier process
+    of that pid died). Folders of live processes, and those of other hosts (prefix names the host; a
+    cache may be shared between machines), are left alone. With `restore`, such a folder is renamed
+    back to `restore` where that is missing (a folder its writer had set aside to replace it)."""
     for folder in parent.glob(f"{glob.escape(prefix)}*"):
         pid = folder.name[len(prefix) :]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
+        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
+            if restore is not None and not restore.exists():
+                os.rename(folder, restore)
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def link_entries(old: Path, new: Path, keep: Callable[[str], bool]) -> None:
+    """Hard-link the files and folders of `old` whose names `keep` accepts into the folder `new` (copies
+    where the file system refuses links): what a replacing atomic_folder carries over from the folder
+    it replaces, at no cost in space or time. Nothing where `old` is not a folder."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if not keep(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new / entry.name, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(entry, new / entry.name)
+
+
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link `dst` to `src` (a symbolic link itself, not what it points to), else a copy."""
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def process_alive(pid: int) -> bool:

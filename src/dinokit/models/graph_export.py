@@ -6,13 +6,18 @@ The graph maps images (B, C, H, W), C = `config.in_chans`, H and W multiples of 
 `layers/position_interpolation.py`), so sizes other than the example one give the eager model's
 numbers. Every export is written into a temporary folder beside the target and checked there before
 it is moved into place: the file is run (onnxruntime, or the TorchScript loader) on a batch and size
-other than the exported ones and compared with PyTorch. A failed or interrupted export leaves the
-previous files (`<name>.onnx` and its `<name>.onnx.data`) untouched. The caller's model is not changed
-(a float32 CPU copy is exported).
+other than the exported ones and compared with PyTorch. A large model's ONNX weights go to a file
+`<name>.onnx.<random>.data` named by the graph, a name no earlier export used: it is moved in first,
+then the graph is renamed over the old one, which switches from the old pair to the new one at once;
+the earlier data files are removed last. A failed or interrupted export leaves the previous graph
+and its data untouched. The caller's model is not changed (a float32 CPU copy is exported).
 """
 
 import copy
+import glob
 import os
+import re
+import secrets
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,7 +27,7 @@ from torch import nn
 
 from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
-from dinokit.io import prepare_output
+from dinokit.io import prepare_output, sync
 from dinokit.models.vision_transformer import VisionTransformer
 
 GRAPH_FORMATS = ("onnx", "torchscript")
@@ -75,7 +80,7 @@ def export_graph(model: VisionTransformer, path: str | Path, format: str, image_
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp") as tmp:
         written = Path(tmp) / path.name
         if format == "onnx":
-            save_onnx(wrapper, example, str(written), external_data_name=f"{path.name}.data")
+            save_onnx(wrapper, example, str(written), external_data_name=f"{path.name}.{secrets.token_hex(4)}.data")
             got = run_onnx(str(written), check)
         else:
             save_torchscript(wrapper, example, str(written))
@@ -99,15 +104,24 @@ def export_graph(model: VisionTransformer, path: str | Path, format: str, image_
 
 
 def move_into_place(folder: Path, path: Path, format: str) -> None:
-    """Move `folder`/<name> to `path`, after its ONNX external data `<name>.data` if it has some. An ONNX
-    `<name>.data` left beside `path` by an earlier large export is removed if the new graph has none."""
-    data = path.with_name(f"{path.name}.data")
-    new_data = (folder / data.name).exists()
-    if new_data:
-        os.replace(folder / data.name, data)
+    """Move `folder`/<name> to `path`, after the other files of `folder` (ONNX external data, named
+    apart from every earlier export's): the graph's rename is the one step that replaces the old
+    export, so no crash leaves a graph beside another export's data. Then the ONNX data files of
+    earlier exports (`<name>.data`, `<name>.<8 hex digits>.data`, those of killed exports too) are
+    removed."""
+    moved = [file.name for file in folder.iterdir() if file.name != path.name]
+    for name in moved:
+        sync(folder / name)
+        os.replace(folder / name, path.with_name(name))
+    sync(folder / path.name)
+    sync(path.parent)
     os.replace(folder / path.name, path)
-    if format == "onnx" and not new_data:
-        data.unlink(missing_ok=True)
+    sync(path.parent)
+    if format == "onnx":
+        earlier = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data")
+        for data in path.parent.glob(f"{glob.escape(path.name)}*.data"):
+            if earlier.fullmatch(data.name) and data.name not in moved:
+                data.unlink(missing_ok=True)
 
 
 def save_onnx(wrapper: NormedTokens, example: torch.Tensor, path: str, external_data_name: str) -> None:

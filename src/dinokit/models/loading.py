@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dinokit.errors import DinokitError
-from dinokit.io import atomic_write, prepare_output, read_json, write_json
+from dinokit.io import atomic_folder, atomic_write, link_entries, prepare_output, read_json, write_json
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.formats import hf as hf_format
 from dinokit.models.formats import timm as timm_format
@@ -288,8 +288,9 @@ def export_model(
 
     hf: the class is the one that resamples the position grid as the model (`hf.with_registers_class`:
     register models and offset 0 + antialias models are `Dinov2WithRegistersModel`); where none does
-    (offset 0.1: DINO, DINOv2) a warning says so. Weight files of an earlier export in the folder
-    (index, shards, pytorch_model.bin) are removed."""
+    (offset 0.1: DINO, DINOv2) a warning says so. An existing folder is replaced whole, its weight
+    files (index, shards, pytorch_model.bin) dropped and its other files kept; a failed or interrupted
+    export leaves it as it was."""
     format = export_format(path, format)
     if format in GRAPH_FORMATS:
         return export_graph(model, path, format, image_size)["path"]
@@ -340,18 +341,22 @@ def output_path(path: str | Path, format: str, create: bool = True) -> Path:
         "onnx": "model.onnx",
         "torchscript": "model.pt",
     }
+    if format == "hf":  # written beside `path`, then renamed into place
+        prepare_output(path.parent, folder=True, create=create)
     return prepare_output(path, folder=format == "hf", example=examples.get(format, ""), create=create)
 
 
 def _write_hf_folder(sd: dict[str, torch.Tensor], config: ViTConfig, folder: Path) -> None:
-    """config.json + model.safetensors in `folder`; then the weight files of an earlier export there
-    (index and shards, pytorch_model.bin) are removed, so that no reader picks stale weights."""
+    """config.json + model.safetensors in a new folder that replaces `folder` whole (io.atomic_folder),
+    so that a reader never sees a file of this export beside one of an earlier one, and a failed or
+    interrupted export leaves the earlier folder as it was. The earlier folder's other files (a
+    README, ...) are carried over; its weight files (index and shards, pytorch_model.bin) are not, so
+    that no reader picks stale weights."""
     mismatch = hf_format.interpolation_mismatch(config)
     if mismatch:
         warnings.warn(mismatch, stacklevel=3)
     hf_sd = hf_format.official_to_hf(sd, config)
-    atomic_write(folder / "model.safetensors", lambda tmp: save_file(hf_sd, tmp, metadata={"format": "pt"}))
-    write_json(folder / "config.json", hf_format.hf_config(config))
-    for file in folder.iterdir():
-        if file.name != "model.safetensors" and _HF_WEIGHT_NAME.fullmatch(file.name) and file.is_file():
-            file.unlink()
+    with atomic_folder(folder, replace=True) as tmp:
+        link_entries(folder, tmp, keep=lambda name: name != "config.json" and not _HF_WEIGHT_NAME.fullmatch(name))
+        atomic_write(tmp / "model.safetensors", lambda t: save_file(hf_sd, t, metadata={"format": "pt"}))
+        write_json(tmp / "config.json", hf_format.hf_config(config))
