@@ -31,6 +31,7 @@ from dinokit.io import prepare_output, sync
 from dinokit.models.vision_transformer import VisionTransformer
 
 GRAPH_FORMATS = ("onnx", "torchscript")
+GRAPH_EXAMPLE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}  # suggested where out= is a folder
 ONNX_OPSET = 18
 MAX_ABS_DIFF = 1e-4  # fp32 tolerance of the check
 LARGE_MODEL_BYTES = 1_800_000_000  # above this the ONNX weights go to a `.data` file (protobuf's 2 GB limit)
@@ -70,7 +71,7 @@ def export_graph(model: VisionTransformer, path: str | Path, format: str, image_
     """
     if format not in GRAPH_FORMATS:
         raise DinokitError(f"unknown graph format {format!r}; choose one of {', '.join(GRAPH_FORMATS)}")
-    path = prepare_output(path, example="model.onnx" if format == "onnx" else "model.pt")
+    path = prepare_output(path, example=GRAPH_EXAMPLE_NAMES[format])
     net = copy.deepcopy(model).to("cpu", torch.float32).eval()  # the caller's model keeps its device, dtype, mode
     wrapper = NormedTokens(net).eval()
     example = example_inputs(net, image_size)

@@ -28,7 +28,7 @@ from dinokit.models.architectures import nearest_architecture
 from dinokit.models.formats import hf as hf_format
 from dinokit.models.formats import timm as timm_format
 from dinokit.models.formats.official import infer_config, unwrap_training_checkpoint
-from dinokit.models.graph_export import GRAPH_FORMATS, export_graph
+from dinokit.models.graph_export import GRAPH_EXAMPLE_NAMES, GRAPH_FORMATS, export_graph
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 
 DINOKIT_CONFIG_KEY = "dinokit_config"
@@ -335,12 +335,7 @@ def output_path(path: str | Path, format: str, create: bool = True) -> Path:
     path = Path(path).expanduser()
     if format == "dinokit" and path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors") if path.suffix else path / "model.safetensors"
-    examples = {
-        "dinokit": "model.safetensors",
-        "official": "model.pth",
-        "onnx": "model.onnx",
-        "torchscript": "model.pt",
-    }
+    examples = {"dinokit": "model.safetensors", "official": "model.pth", **GRAPH_EXAMPLE_NAMES}
     if format == "hf":  # written beside `path`, then renamed into place
         prepare_output(path.parent, folder=True, create=create)
     return prepare_output(path, folder=format == "hf", example=examples.get(format, ""), create=create)
