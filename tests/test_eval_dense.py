@@ -453,3 +453,36 @@ def test_a_target_of_another_shape_than_its_image_drops_its_pair(task, tmp_path,
     p = tiny_run(task, train, val, tmp_path / "out", *extra)["protocol"]
     assert (p["train_images"], p["train_bad_files"], p["val_images"], p["val_bad_files"]) == (2, 1, 2, 1)
     assert f"e.g. {train / folder / '00001.png'} (48x32 for a 32x48 image)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_a_rerun_never_leaves_a_result_beside_another_runs_files(task, tmp_path, monkeypatch, capsys):
+    """A rerun into an earlier out= overwrote the head and metrics.jsonl first and the result json
+    last: stopped partway, it left the earlier json beside the new head, and a finished rerun with fewer
+    examples kept the earlier run's example PNGs. The result json is now removed first, the earlier
+    outputs with it, and written last."""
+    from dinokit.eval import depth, segmentation
+
+    train = write_dense_set(tmp_path / "train", 3, size=16, seed=0)
+    val = write_dense_set(tmp_path / "val", 3, size=16, seed=1)
+    extra = ["max_depth=10"] if task == "depth" else ["num_classes=9"]
+    out = tmp_path / "out"
+    first = tiny_run(task, train, val, out, *extra, "num_examples=3")
+    assert len(list((out / "examples").iterdir())) == 3 and (out / f"{task}_head.safetensors").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stopped after the new head, before the examples and the result
+
+    module = segmentation if task == "segmentation" else depth
+    with monkeypatch.context() as m:
+        m.setattr(module, "write_examples", killed)
+        assert main(["eval", task, f"train={train}", f"val={val}", f"out={out}", *TINY, *extra, "seed=1"]) == 130
+    assert not (out / f"{task}.json").exists() and not (out / "examples").exists()
+    second = tiny_run(task, train, val, out, *extra, "num_examples=1", "seed=1")
+    assert sorted(p.name for p in (out / "examples").iterdir()) == [Path(second["examples"][0]).name]
+    assert second["training"] != first["training"]
+    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == second["training"]
+    assert load_head_file(out / f"{task}_head.safetensors")[1]["seed"] == 1
+    other = "depth" if task == "segmentation" else "segmentation"
+    assert main(["eval", other, f"train={train}", f"val={val}", f"out={out}", *TINY]) == 2
+    assert f"holds the results of eval {task}" in capsys.readouterr().err

@@ -15,6 +15,7 @@ features once, probes many).
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
 from dinokit.eval.common import Backbone, make_transform, split_features
-from dinokit.io import atomic_write
+from dinokit.io import atomic_write, sync
 from dinokit.runtime import reuse_freed_memory
 
 
@@ -290,6 +291,34 @@ def load_head_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if meta is None:
         raise DinokitError(f"{path} is not a dinokit head file (no dinokit_head metadata)")
     return load_file(str(path)), json.loads(meta)
+
+
+# ------------------------------------------------------------------------------------- results folder
+DENSE_TASKS = ("segmentation", "depth")  # their results share out/metrics.jsonl and out/examples/
+
+
+def check_results_folder(out_dir: Path, task: str) -> None:
+    """Refuse an out folder that holds the other dense probe's results (before any work): this run
+    would replace the metrics.jsonl and examples/ that its result json describes."""
+    for other in DENSE_TASKS:
+        if other != task and (out_dir / f"{other}.json").exists():
+            raise DinokitError(
+                f"out={out_dir} holds the results of eval {other} ({other}.json), whose metrics.jsonl and "
+                f"examples/ eval {task} would replace: choose another out folder"
+            )
+
+
+def clear_results(out_dir: Path, task: str) -> None:
+    """Remove an earlier run's outputs from `out_dir` (created if missing) before writing any new one:
+    first its result json `<task>.json`, then its head, metrics.jsonl and examples/. With the result
+    json written last, it only ever stands beside its own run's files: a rerun stopped partway leaves
+    no result json, never an earlier one beside new files, nor stale example PNGs beside a new one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{task}.json").unlink(missing_ok=True)
+    sync(out_dir)  # the result is gone (power cut included) before any new file appears
+    (out_dir / f"{task}_head.safetensors").unlink(missing_ok=True)
+    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "examples", ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------------- training

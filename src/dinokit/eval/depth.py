@@ -27,6 +27,8 @@ from dinokit.errors import DinokitError
 from dinokit.eval.common import make_transform, prepare_backbone, protocol_record, resolve_cache
 from dinokit.eval.dense import (
     backbone_for_head,
+    check_results_folder,
+    clear_results,
     dense_split,
     head_metadata,
     load_head_file,
@@ -155,12 +157,16 @@ def eval_depth(
     (max_depth: by default the largest training depth, at full size). n_layers: 4 (the reference's
     blocks) or 1 (the last). norm: apply the final LayerNorm (the reference does not). Writes
     out/depth.json, out/depth_head.safetensors (for `dinokit predict depth`), out/metrics.jsonl and
-    out/examples/*.png (image | truth | prediction).
+    out/examples/*.png (image | truth | prediction). A rerun into the same out first removes
+    depth.json, then the earlier head, metrics.jsonl and examples/, and writes depth.json last: where
+    it exists, the files beside it are its run's (a run stopped partway leaves no json). out must
+    not hold eval segmentation's results (segmentation.json), which share those files.
     """
     if epochs < 1:
         raise DinokitError(f"epochs must be >= 1 (passes over the train features), got {epochs}")
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
+    check_results_folder(out_dir, "depth")
     backbone = prepare_backbone(model, device, seed)
     layers = depth_blocks(len(backbone.model.blocks), n_layers)
 
@@ -185,7 +191,7 @@ def eval_depth(
         max_depth = tr.target_max
         print(f"max_depth={max_depth:.3f} (the largest training depth; pass max_depth= to set the range)")
     head = LinearDepthHead(backbone.model.embed_dim, len(layers), min_depth, max_depth)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    clear_results(out_dir, "depth")
     log = train_dense_head(
         head,
         SigLoss(max_depth),

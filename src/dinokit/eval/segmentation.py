@@ -19,6 +19,8 @@ from dinokit.errors import DinokitError
 from dinokit.eval.common import make_transform, prepare_backbone, protocol_record, resolve_cache
 from dinokit.eval.dense import (
     backbone_for_head,
+    check_results_folder,
+    clear_results,
     dense_split,
     head_metadata,
     load_head_file,
@@ -135,12 +137,16 @@ def eval_segmentation(
     class index in the train masks (at full size) + 1. Unreadable images or masks are skipped and
     counted. Writes
     out/segmentation.json, out/segmentation_head.safetensors (for `dinokit predict segmentation`),
-    out/metrics.jsonl and out/examples/*.png (image | truth | prediction).
+    out/metrics.jsonl and out/examples/*.png (image | truth | prediction). A rerun into the same out
+    first removes segmentation.json, then the earlier head, metrics.jsonl and examples/, and writes
+    segmentation.json last: where it exists, the files beside it are its run's (a run stopped partway
+    leaves no json). out must not hold eval depth's results (depth.json), which share those files.
     """
     if epochs < 1:
         raise DinokitError(f"epochs must be >= 1 (passes over the train features), got {epochs}")
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
+    check_results_folder(out_dir, "segmentation")
     backbone = prepare_backbone(model, device, seed)
     depth = len(backbone.model.blocks)
     if not 1 <= n_last_blocks <= depth:
@@ -168,7 +174,7 @@ def eval_segmentation(
         )
     d = backbone.model.embed_dim
     head = LinearSegmentationHead(d * len(layers), num_classes)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    clear_results(out_dir, "segmentation")
     log = train_dense_head(
         head,
         segmentation_loss(ignore_index),
