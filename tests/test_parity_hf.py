@@ -15,10 +15,14 @@ from transformers import (
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
     Dinov2WithRegistersModel,
+    ViTForImageClassification,
+    ViTModel,
 )
+from transformers import ViTConfig as HFViTConfig
 
 import dinokit
 from dinokit import ViTConfig
+from dinokit.models.formats import hf as hf_format
 from dinokit.models.loading import read_checkpoint
 from tests.conftest import perturb_scales_and_norms
 
@@ -237,3 +241,89 @@ def test_hf_export_removes_the_weight_files_of_an_earlier_export(tmp_path):
     with torch.no_grad():
         assert torch.equal(dinokit.load_model(folder)(x), new(x))
         assert torch.allclose(AutoModel.from_pretrained(folder)(pixel_values=x).pooler_output, new(x), atol=ATOL)
+
+
+def hf_vit(**cfg) -> ViTModel:
+    """A transformers ViTModel shaped as DINO v1 (no LayerScale), as facebook/dino-vit{s,b}{16,8} hold."""
+    config = HFViTConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256, image_size=32, patch_size=8
+    )
+    for key, value in cfg.items():
+        setattr(config, key, value)
+    return perturb_scales_and_norms(ViTModel(config)).eval()
+
+
+def compare_vit(hf, ours, x, **kwargs) -> None:
+    """Every token of every block, and the final normed tokens, agree."""
+    with torch.no_grad():
+        o = hf(pixel_values=x, output_hidden_states=True, **kwargs)
+        f = ours.forward_features(x)
+        layers = ours.get_intermediate_layers(x, n=len(ours.blocks), norm=False, return_class_token=True)
+    assert (o.last_hidden_state[:, 0] - f["x_norm_clstoken"]).abs().max() <= ATOL
+    assert (o.last_hidden_state[:, 1:] - f["x_norm_patchtokens"]).abs().max() <= ATOL
+    for hidden, (patches, cls) in zip(o.hidden_states[1:], layers, strict=True):
+        assert (hidden[:, 1:] - patches).abs().max() <= ATOL
+        assert (hidden[:, 0] - cls).abs().max() <= ATOL
+
+
+def test_hf_vit_model_of_dino_v1_loads_with_identical_outputs(tmp_path):
+    """DINO v1's released weights on the Hub (facebook/dino-vits16, ...) are transformers ViTModel folders
+    (model_type 'vit': layernorm_before / intermediate.dense / output.dense, a pooler): dinokit refused
+    them as 'not dinov2'."""
+    hf = hf_vit(layer_norm_eps=1e-6)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = dinokit.load_model(tmp_path / "hf")
+    assert ours.config.init_values is None and not ours.config.mask_token and ours.config.patch_size == 8
+    assert (ours.config.interpolate_offset, ours.config.interpolate_antialias) == (0.1, False)  # official DINO
+    compare_vit(hf, ours, torch.randn(2, 3, 32, 32))
+    # off the native grid ViTModel drops the +0.1 offset as Dinov2Model does; interpolate_offset=0.0 follows it
+    compare_vit(
+        hf,
+        dinokit.load_model(tmp_path / "hf", interpolate_offset=0.0),
+        torch.randn(2, 3, 24, 40),
+        **{"interpolate_pos_encoding": True},
+    )
+    # the weights file alone (config.json beside it), and one without any config (eps: the official 1e-6)
+    compare_vit(hf, dinokit.load_model(tmp_path / "hf" / "model.safetensors"), torch.randn(1, 3, 32, 32))
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "hf" / "model.safetensors", tmp_path / "alone")
+    alone = dinokit.load_model(tmp_path / "alone" / "model.safetensors", num_heads=4)
+    compare_vit(hf, alone, torch.randn(1, 3, 32, 32))
+
+
+def test_hf_vit_eps_classification_wrapper_and_in_memory_names(tmp_path):
+    """ViTConfig's own default eps (1e-12) is read from config.json; ViTForImageClassification folders
+    load their backbone; a pytorch_model.bin of a live transformers 5 ViTModel (`layers.{i}.attention.q_proj`,
+    `layers.{i}.mlp.fc1`) loads too."""
+    hf = hf_vit()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = dinokit.load_model(tmp_path / "hf")
+    assert ours.config.norm_eps == 1e-12
+    compare_vit(hf, ours, torch.randn(1, 3, 32, 32))
+    clf = ViTForImageClassification(HFViTConfig(**{**hf.config.to_dict(), "num_labels": 3}))
+    clf.vit.load_state_dict(hf.state_dict(), strict=False)
+    clf.save_pretrained(tmp_path / "clf")
+    compare_vit(hf, dinokit.load_model(tmp_path / "clf"), torch.randn(1, 3, 32, 32))
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    assert any(k.startswith("layers.0.") for k in hf.state_dict())
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    compare_vit(hf, dinokit.load_model(tmp_path / "hf"), torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    ("name", "patch"), [("dino_vits16", 16), ("dino_vits8", 8), ("dino_vitb16", 16), ("dino_vitb8", 8)]
+)
+def test_full_size_dino_v1_keys_and_shapes_equal_those_of_vit_model(name, patch):
+    """The released DINO v1 sizes, built on the meta device: ViTModel's weights map onto them one to one."""
+    with torch.device("meta"):
+        ours = dinokit.create_model(name)
+        config = HFViTConfig(
+            hidden_size=ours.embed_dim,
+            num_hidden_layers=12,
+            num_attention_heads=ours.config.num_heads,
+            intermediate_size=4 * ours.embed_dim,
+            patch_size=patch,
+        )
+        hf = ViTModel(config, add_pooling_layer=False)
+    shapes = {k: v.shape for k, v in hf_format.hf_to_official(hf.state_dict()).items()}
+    assert shapes == {k: v.shape for k, v in ours.state_dict().items()}

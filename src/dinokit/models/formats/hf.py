@@ -1,9 +1,12 @@
-"""Hugging Face `transformers` layout: `Dinov2Model`, `Dinov2WithRegistersModel` (and the
-`*ForImageClassification` wrappers), as `config.json` + `model.safetensors` / `pytorch_model.bin`.
+"""Hugging Face `transformers` layout: `Dinov2Model`, `Dinov2WithRegistersModel`, `ViTModel` (DINO v1 on
+the Hub: facebook/dino-vit{s,b}{16,8}) and their `*ForImageClassification` wrappers, as `config.json` +
+`model.safetensors` / `pytorch_model.bin`.
 
 Key mapping from `convert_dinov2_to_hf.py`: q, k, v are separate Linear layers in HF and one `qkv`
 in the official layout. Files hold the legacy names (`attention.attention.query`); transformers 5 names
-the same tensors `attention.q_proj` in memory, and both are read here.
+the same tensors `attention.q_proj` in memory, and both are read here. `ViTModel` names its block parts
+`layernorm_before` / `layernorm_after` / `intermediate.dense` / `output.dense` (in memory: `layers.{i}.`,
+`mlp.fc1` / `mlp.fc2`) and has a `pooler`, which is no part of the backbone.
 """
 
 import re
@@ -36,6 +39,10 @@ _LAYER = {
     "mlp.weights_in": "mlp.w12",
     "mlp.weights_out": "mlp.w3",
     "mlp.down_proj": "mlp.w3",
+    "layernorm_before": "norm1",  # ViTModel
+    "layernorm_after": "norm2",
+    "intermediate.dense": "mlp.fc1",
+    "output.dense": "mlp.fc2",
 }
 _QKV = {
     "attention.attention.query": "q",
@@ -46,7 +53,12 @@ _QKV = {
     "attention.v_proj": "v",
 }
 _GATE_UP = {"mlp.gate_proj": "gate", "mlp.up_proj": "up"}
-_BACKBONE_PREFIXES = ("dinov2_with_registers.", "dinov2.")
+_BACKBONE_PREFIXES = ("dinov2_with_registers.", "dinov2.", "vit.")
+_NOT_BACKBONE = ("classifier.", "pooler.")  # a wrapper's classifier, ViTModel's pooler
+# A block's keys: `encoder.layer.{i}.` in files (and in memory for Dinov2), `layers.{i}.` in a live ViTModel
+_LAYER_KEY = re.compile(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(weight|bias|lambda1)$")
+# model_type -> (registers, LayerScale + mask token) of the transformers class
+MODEL_TYPES = {"dinov2": (False, True), "dinov2_with_registers": (True, True), "vit": (False, False)}
 
 
 def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -55,14 +67,14 @@ def hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out, parts = {}, {}
     for key, value in sd.items():
         key = _backbone_key(key)
-        if key.startswith("classifier."):
+        if key.startswith(_NOT_BACKBONE):
             continue
         if key == "embeddings.register_tokens" and value.shape[1] == 0:
             continue  # a Dinov2WithRegistersModel with 0 registers (dinokit's export of offset-0 + antialias models)
         if key in _EMBEDDINGS:
             out[_EMBEDDINGS[key]] = value
             continue
-        m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$", key)
+        m = _LAYER_KEY.match(key)
         if not m:
             out[key] = value
             continue
@@ -143,7 +155,7 @@ def official_to_hf(sd: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, 
 
 def is_hf(sd: dict) -> bool:
     """True for HF key names (`embeddings.*`, `encoder.layer.*`), bare or under a wrapper's backbone
-    prefix (`dinov2.`, `dinov2_with_registers.`); checked on the raw keys, before any prefix stripping."""
+    prefix (`dinov2.`, `dinov2_with_registers.`, `vit.`); checked on the raw keys, before any prefix stripping."""
     return any(isinstance(k, str) and _backbone_key(k).startswith(("embeddings.", "encoder.layer.")) for k in sd)
 
 
@@ -159,21 +171,23 @@ _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads")
 
 
 def config_from_hf(cfg: dict, source: str = "config.json") -> ViTConfig:
-    """ViTConfig of an HF `config.json` (model_type dinov2 or dinov2_with_registers); `source` names
+    """ViTConfig of an HF `config.json` (model_type dinov2, dinov2_with_registers or vit); `source` names
     the file in errors.
 
     Interpolation: `interpolate_offset` / `interpolate_antialias` when the file states them (dinokit
     writes them on export). Otherwise it follows the official model the weights come from: offset 0.1
     without registers (current `Dinov2Model` uses no offset, so it differs from the official model at
     sizes other than its native grid; pass interpolate_offset=0.0 to reproduce transformers), offset 0 +
-    antialias with registers (identical to `Dinov2WithRegistersModel`).
+    antialias with registers (identical to `Dinov2WithRegistersModel`). `ViTModel` (DINO v1) is read as
+    the official DINO model: no LayerScale, no mask token, offset 0.1 (transformers' ViTModel, like
+    Dinov2Model, resamples with no offset, and only when called with interpolate_pos_encoding=True).
     """
     if not isinstance(cfg, dict):
         raise DinokitError(f"{source} holds a JSON {type(cfg).__name__}, not an object; re-download or re-export it")
     model_type = cfg.get("model_type")
-    if model_type not in ("dinov2", "dinov2_with_registers"):
+    if model_type not in MODEL_TYPES:
         raise DinokitError(
-            f"{source} has model_type {model_type!r}; dinokit reads 'dinov2' and 'dinov2_with_registers'"
+            f"{source} has model_type {model_type!r}; dinokit reads {', '.join(repr(t) for t in MODEL_TYPES)}"
         )
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
@@ -184,13 +198,15 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> ViTConfig:
     if cfg.get("hidden_act", "gelu") != "gelu" and not cfg.get("use_swiglu_ffn"):
         raise DinokitError(f"{source}: unsupported hidden_act {cfg['hidden_act']!r} (dinokit's MLP uses exact GELU)")
     try:
-        return _vit_config(cfg, with_registers=model_type == "dinov2_with_registers")
+        return _vit_config(cfg, *MODEL_TYPES[model_type])
     except (TypeError, ValueError) as e:
         raise DinokitError(f"{source} has a value of the wrong type ({e}); fix or re-export the file") from None
 
 
-def _vit_config(cfg: dict, with_registers: bool) -> ViTConfig:
-    """The ViTConfig fields of a config.json whose required keys exist (ValueError on a non-number)."""
+def _vit_config(cfg: dict, with_registers: bool, dinov2: bool) -> ViTConfig:
+    """The ViTConfig fields of a config.json whose required keys exist (ValueError on a non-number).
+    `dinov2`: a Dinov2 class (LayerScale, mask token, `mlp_ratio`, eps 1e-6 by default); else a ViTModel
+    (`intermediate_size`, eps 1e-12 by default, as transformers' classes)."""
 
     def number(key: str, default, cast):
         value = cfg.get(key, default)
@@ -198,22 +214,25 @@ def _vit_config(cfg: dict, with_registers: bool) -> ViTConfig:
             raise ValueError(f"{key} = {value!r} is not a number")
         return cast(value)
 
+    embed_dim = number("hidden_size", None, int)
+    # Dinov2 states the MLP ratio, ViTModel the MLP width
+    mlp_ratio = number("mlp_ratio", 4, float) if dinov2 else number("intermediate_size", 3072, int) / embed_dim
     return ViTConfig(
-        img_size=number("image_size", 518, int),
-        patch_size=number("patch_size", 14, int),
+        img_size=number("image_size", 518 if dinov2 else 224, int),
+        patch_size=number("patch_size", 14 if dinov2 else 16, int),
         in_chans=number("num_channels", 3, int),
-        embed_dim=number("hidden_size", None, int),
+        embed_dim=embed_dim,
         depth=number("num_hidden_layers", None, int),
         num_heads=number("num_attention_heads", None, int),
-        mlp_ratio=number("mlp_ratio", 4, float),
+        mlp_ratio=mlp_ratio,
         ffn_layer="swiglu" if cfg.get("use_swiglu_ffn") else "mlp",
         qkv_bias=bool(cfg.get("qkv_bias", True)),
-        init_values=number("layerscale_value", 1.0, float),
+        init_values=number("layerscale_value", 1.0, float) if dinov2 else None,
         num_register_tokens=number("num_register_tokens", 4 if with_registers else 0, int),
         interpolate_offset=number("interpolate_offset", 0.0 if with_registers else 0.1, float),
         interpolate_antialias=bool(cfg.get("interpolate_antialias", with_registers)),
-        norm_eps=number("layer_norm_eps", 1e-6, float),
-        mask_token=bool(cfg.get("use_mask_token", True)),
+        norm_eps=number("layer_norm_eps", 1e-6 if dinov2 else 1e-12, float),
+        mask_token=bool(cfg.get("use_mask_token", True)) and dinov2,
     )
 
 
