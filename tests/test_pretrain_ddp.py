@@ -220,7 +220,42 @@ def test_an_error_on_one_process_ends_every_process_with_that_error(tmp_path):
     others (in the next step's collective): no error shown, torchrun hung until the 30-minute timeout."""
     result = run_patched_pretraining(FAILING_RUN, tmp_path, max_iterations=6)
     assert result.returncode != 0
-    assert "dinokit: error: a failure on process 1 only" in result.stderr
+    assert result.stderr.count("dinokit: error: a failure on process 1 only") == 1
+
+
+def test_an_error_of_every_process_before_they_join_is_printed_once(tmp_path):
+    """A mistyped key under torchrun was printed by every process, once per process."""
+    data = tiny_images(tmp_path / "data")
+    args = ["-m", "dinokit", "pretrain", f"data={data}", f"out={tmp_path / 'run'}", "no_such_key=1"]
+    result = run_torchrun(args, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("dinokit: error:") == 1, result.stderr[-3000:]
+    assert "dinokit: error: unknown pretraining key(s): 'no_such_key'" in result.stderr
+
+
+# Process 1 alone fails before the processes join (as one whose LOCAL_RANK has no GPU would), after a
+# shortened wait for process 0, which waits for it to join instead of failing too.
+ONE_PROCESS_FAILS_BEFORE_JOINING = """
+import importlib, os, sys
+from dinokit import distributed
+from dinokit.cli import main
+from dinokit.errors import DinokitError
+pretrain = importlib.import_module("dinokit.train.pretrain")
+run_config = pretrain.run_config
+def failing_run_config(*args):
+    if os.environ["RANK"] == "1":
+        raise DinokitError("a failure on process 1 before joining")
+    return run_config(*args)
+pretrain.run_config = failing_run_config
+distributed.SHARED_ERROR_WAIT_S = 1.0
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_an_error_of_one_process_before_they_join_is_still_printed(tmp_path):
+    result = run_patched_pretraining(ONE_PROCESS_FAILS_BEFORE_JOINING, tmp_path, max_iterations=2)
+    assert result.returncode != 0
+    assert result.stderr.count("dinokit: error: a failure on process 1 before joining") == 1
 
 
 # Process 1 lists one image fewer (a copy that differs between nodes, or a folder still being written).
@@ -242,5 +277,5 @@ def test_processes_that_list_different_images_stop_with_an_error(tmp_path):
     images were seen twice and others never, silently."""
     result = run_patched_pretraining(UNEQUAL_DATA_RUN, tmp_path, max_iterations=2)
     assert result.returncode != 0
-    assert "the processes list different images" in result.stderr
+    assert result.stderr.count("the processes list different images") == 1  # every process's: printed once
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from dinokit.errors import DinokitError
+from dinokit.errors import DinokitError, SharedError
 
 # command words -> "module:function". The function is the Python API of the same name.
 COMMANDS: dict[str, str] = {
@@ -258,6 +258,16 @@ def describe_os_error(e: OSError) -> str:
     return f"{line}: {hint}" if hint else line
 
 
+def print_error(message: str, shared: bool = False) -> None:
+    """`dinokit: error: <message>` on stderr; in a torchrun job, once for an error that every process
+    raises (`distributed.leave_shared_error_to_process_0`; imported there only, as it loads torch)."""
+    if "RANK" in os.environ:
+        from dinokit.distributed import leave_shared_error_to_process_0
+
+        leave_shared_error_to_process_0(shared)
+    print(f"dinokit: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`dinokit ...`; returns the exit status: 0 done, 1 output pipe closed, 2 error, 130 interrupted."""
     try:
@@ -289,12 +299,12 @@ def run(argv: list[str]) -> int:
             return 0
         result = func(**build_kwargs(func, rest))
     except DinokitError as e:
-        print(f"dinokit: error: {e}", file=sys.stderr)
+        print_error(str(e), shared=isinstance(e, SharedError))
         return 2
     except BrokenPipeError:
         raise  # main: a closed output pipe ends quietly
     except OSError as e:  # a file system problem the command did not foresee: one line, no traceback
-        print(f"dinokit: error: {describe_os_error(e)}", file=sys.stderr)
+        print_error(describe_os_error(e))
         return 2
     except KeyboardInterrupt:
         print("dinokit: interrupted", file=sys.stderr)

@@ -8,11 +8,15 @@ unconditionally.
 
 import datetime
 import os
+import time
 
 import torch
 import torch.distributed as dist
 
 from dinokit.errors import DinokitError
+
+SHARED_ERROR_WAIT_S = 10.0  # how long a process other than 0 leaves process 0 to print an error they share
+_joined = False  # whether this process joined a process group (it stays True after leaving it)
 
 
 def is_distributed() -> bool:
@@ -40,10 +44,12 @@ def init_distributed(
 ) -> torch.device:
     """Join the torchrun process group (if launched by torchrun and not joined yet) and return this
     process's device (cuda:LOCAL_RANK on GPUs). Backend: nccl for CUDA, gloo otherwise, unless given."""
+    global _joined
     device = process_device(device)
     if launched_by_torchrun() and not is_distributed():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend=backend, timeout=timeout)
+        _joined = True
     return device
 
 
@@ -69,6 +75,25 @@ def destroy_distributed(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def leave_shared_error_to_process_0(shared: bool) -> None:
+    """Called before a process prints the error it stops with, so that a torchrun job prints an error
+    that every process raises once, on process 0 (at once), not once per process.
+
+    A process other than 0 waits up to SHARED_ERROR_WAIT_S before it prints such an error: process 0
+    prints it and exits, and torchrun then stops the other processes. Shared are the errors raised
+    before this process joined the process group (they follow from the command line, the config and
+    the files every process reads) and `shared` ones (`SharedError`, from values the processes
+    exchanged). An error of this process alone before joining (LOCAL_RANK beyond its node's GPUs, say)
+    is printed after the wait, as process 0 meanwhile waits for it to join and does not end the job.
+    Other errors after joining are printed at once: this process has left the group
+    (`destroy_distributed(wait=False)`), so a collective of process 0 fails, ending the job, and the
+    wait would hide the error. Telling the two apart by asking the other processes would need a
+    collective, which could hang: they may be waiting in another one.
+    """
+    if launched_by_torchrun() and int(os.environ["RANK"]) != 0 and (shared or not _joined):
+        time.sleep(SHARED_ERROR_WAIT_S)
 
 
 def _collective(tensor: torch.Tensor, op) -> torch.Tensor:

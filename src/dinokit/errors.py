@@ -1,11 +1,18 @@
 """The one exception type dinokit raises for problems a user can fix (bad input, missing file, offline).
 
-The CLI prints these as a one-paragraph message without a traceback.
+The CLI prints these as a one-paragraph message without a traceback; in a torchrun job, an error that
+every process raises is printed once, by process 0 (`distributed.leave_shared_error_to_process_0`).
 """
 
 
 class DinokitError(Exception):
     """A problem with the user's input or environment; the message says what is wrong and how to fix it."""
+
+
+class SharedError(DinokitError):
+    """A DinokitError that every process of a torchrun job raises alike, as it follows from values the
+    processes exchanged (e.g. pretraining's check that they list the same images): the CLI prints it
+    once, on process 0 (`distributed.leave_shared_error_to_process_0`)."""
 
 
 def require(checks) -> None:

@@ -32,7 +32,7 @@ from dinokit.data.unlabelled import (
     StreamBatchSampler,
     decode_to_memory,
 )
-from dinokit.errors import DinokitError
+from dinokit.errors import DinokitError, SharedError
 from dinokit.io import atomic_write, folder_lock, prepare_output
 from dinokit.models import create_model, export_model, load_model
 from dinokit.models.architectures import nearest_architecture
@@ -256,11 +256,12 @@ def check_same_data(checkpoint: dict, fingerprint: dict, data: str, out: Path) -
 def check_data_agrees(fingerprint: dict, data: str) -> None:
     """Every process streams its share of one shuffled order of the same N images: processes that list
     different images (copies that differ between nodes, a folder still being written at the start) would
-    silently see some images twice and others never. Every process raises, so none waits for the rest."""
+    silently see some images twice and others never. Every process raises (the same SharedError, which
+    process 0 prints), so none waits for the rest."""
     seen = dist.all_gather_objects(fingerprint)
     if any(other != seen[0] for other in seen):
         listed = ", ".join(f"process {rank}: {f['images']} images" for rank, f in enumerate(seen))
-        raise DinokitError(
+        raise SharedError(
             f"the processes list different images under data={data} ({listed}, or the same number with other "
             "names): every process must read the same dataset (one shared folder, or identical copies on "
             "every node); wait until the folder is complete before starting"
