@@ -523,3 +523,15 @@ def test_a_crash_between_the_hf_files_keeps_the_earlier_export_whole(tmp_path, m
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert (folder / "README.md").read_text() == "model card"
     assert same_outputs(other, dinokit.load_model(folder)) and [p.name for p in tmp_path.iterdir()] == ["hf"]
+
+
+def test_an_official_export_warns_where_the_layer_norm_eps_would_be_read_back_otherwise(tmp_path):
+    """The official layout does not store the LayerNorm eps: a model with eps 1e-12 (transformers' ViTModel
+    default, e.g. DINO v1 read from the Hub) came back with 1e-6 from its .pth, silently, with other outputs."""
+    m = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", norm_eps=1e-12)).eval()
+    with pytest.warns(UserWarning, match=r"does not store norm_eps.*load_model\(path, norm_eps=1e-12\)"):
+        path = dinokit.export_model(m, tmp_path / "m.pth")
+    assert same_outputs(m, dinokit.load_model(path, norm_eps=1e-12), size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the official eps: nothing lost, no warning
+        dinokit.export_model(dinokit.create_model("vit_micro_p4"), tmp_path / "named.pth")

@@ -308,12 +308,14 @@ def export_model(
     return str(path)
 
 
-UNSTORED_OPTIONS = ("num_heads", "interpolate_offset", "interpolate_antialias")  # not in official weights
+# not in official weights (the LayerNorm eps: read back as the official 1e-6)
+UNSTORED_OPTIONS = ("num_heads", "interpolate_offset", "interpolate_antialias", "norm_eps")
 
 
 def warn_if_read_back_otherwise(sd: dict, config: ViTConfig, path: Path) -> None:
     """The official layout holds weights only: warn where `load_model` would read the file back with
-    other heads or interpolation than the model's (a shape no named architecture has)."""
+    other heads or interpolation than the model's (a shape no named architecture has), or another
+    LayerNorm eps (e.g. transformers' ViTModel default 1e-12)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # infer_config's own guess warning is for the reader
         back = infer_config(sd)
