@@ -324,3 +324,99 @@ def test_cpu_bf16_attention_matches_sdpa():
         # the function itself, in fp32 where nothing is rounded: SDPA's values (heads of 8, scale 8^-0.5)
         q, k, v = torch.randn(3, 2, 4, tokens, 8).unbind(0)
         torch.testing.assert_close(matmul_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_gelu_linear_gradients_equal_the_separate_ops():
+    """GeluLinear keeps gelu's input instead of its output and recomputes it in the backward: the
+    gradients are exactly those of F.gelu followed by F.linear (checked in float64)."""
+    from dinokit.models.layers.ffn import GeluLinear
+
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(GeluLinear.apply, (h, weight, bias))
+    assert torch.autograd.gradcheck(GeluLinear.apply, (h, weight, None))
+
+
+def plain_block(block, x: torch.Tensor) -> torch.Tensor:
+    """A LayerScale block computed op by op as its docstring writes it, from its own submodules:
+    x + ls1(proj(attention(norm1(x)))), then + ls2(fc2(gelu(fc1(norm2(.)))))."""
+    from dinokit.models.layers.attention import cpu_bf16, matmul_attention
+
+    attn, mlp = block.attn, block.mlp
+    h = block.norm1(x)
+    b, n, d = h.shape
+    q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+    out = matmul_attention(q, k, v) if cpu_bf16(q) else F.scaled_dot_product_attention(q, k, v)
+    y = x + block.ls1(attn.proj(out.transpose(1, 2).reshape(b, n, d)))
+    return y + block.ls2(mlp.fc2(F.gelu(mlp.fc1(block.norm2(y)))))
+
+
+def output_and_grads(block, forward, x: torch.Tensor, precision: str):
+    """forward(x)'s output and the gradients of x and of every block parameter for sum(out^2)."""
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = forward(x)
+    out.float().square().sum().backward()
+    grads = [x.grad] + [p.grad for p in block.parameters()]
+    block.zero_grad(set_to_none=True)
+    return out.float(), grads
+
+
+def layer_scale_block():
+    from dinokit.models.layers.block import Block
+
+    torch.manual_seed(0)
+    block = Block(32, 4, init_values=0.5)
+    with torch.no_grad():
+        for p in block.parameters():  # LayerScale gains and norms away from their init
+            p.add_(0.1 * torch.randn_like(p))
+    return block
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_block_path_computes_the_plain_block(precision):
+    """With gradients on, a block folds LayerScale into proj / fc2 and recomputes GELU in the backward.
+    Its output and every gradient are those of the plain ops in fp32: to rounding in fp32, and in bf16
+    autocast as close as the plain ops' own bf16 gradients are (0.1-0.5% in norm here, each gradient
+    in fp32 as before)."""
+    block = layer_scale_block()
+    x = torch.randn(3, 40, 32)
+    out, grads = output_and_grads(block, block, x, precision)
+    ref, ref_grads = output_and_grads(block, lambda x: plain_block(block, x), x, "fp32")
+    if precision == "fp32":
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert ((out - ref).norm() / ref.norm()).item() < 0.01
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert g.dtype == torch.float32
+        if precision == "fp32":
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+        assert ((g - r).norm() / r.norm()).item() < 0.01
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward while `fn()` runs."""
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_training_blocks_keep_neither_the_gelu_output_nor_the_layer_scale_inputs():
+    """Per block, the training path saves GELU's (N, hidden) output and both LayerScale inputs (N, D)
+    fewer than the plain ops. It keeps instead the two folded weights (D x D for proj, D x hidden for
+    fc2) and the two biases (D each), which the gains' gradients read."""
+    block = layer_scale_block()
+    x = torch.randn(3, 17, 32, requires_grad=True)
+    tokens, dim, hidden, fp32 = 3 * 17, 32, 128, 4
+    saved = saved_bytes(lambda: block(x))
+    plain = saved_bytes(lambda: plain_block(block, x))
+    assert plain - saved == fp32 * (tokens * (hidden + 2 * dim) - (dim * dim + dim * hidden + 2 * dim))
+    with torch.no_grad():  # without gradients the block runs as written: bit for bit the plain ops
+        assert torch.equal(block(x), plain_block(block, x))

@@ -136,7 +136,7 @@ def save_onnx(wrapper: NormedTokens, example: torch.Tensor, path: str, external_
 
     p = wrapper.model.patch_size
     dynamic = {"images": {0: Dim("batch"), 2: p * Dim("patch_rows"), 3: p * Dim("patch_cols")}}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():  # an inference graph: the blocks' plain ops
         warnings.simplefilter("ignore")  # the exporter's chatter; the result is checked numerically instead
         program = torch.onnx.export(
             wrapper,

@@ -16,12 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinokit.models.layers.layer_scale import scaled_linear
+
 
 class Attention(nn.Module):
     """qkv = Linear(D, 3D) with rows ordered [q; k; v] (the official layout), SDPA, then proj.
 
     `forward(x, return_attention=True)` computes softmax(q k^T / sqrt(d)) explicitly and returns it too
     (B, heads, T, T): the path used for attention maps, since fused SDPA kernels do not expose it.
+    `forward(x, gain=g)` returns proj(...) * g with the gain folded into proj (`scaled_linear`): the
+    block's LayerScale during training.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True) -> None:
@@ -32,7 +36,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, gain: torch.Tensor | None = None):
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, d_head)
@@ -40,9 +44,9 @@ class Attention(nn.Module):
             scale = q.shape[-1] ** -0.5
             attn = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(dim=-1)
             out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, d)
-            return self.proj(out), attn
+            return scaled_linear(out, self.proj, gain), attn
         out = matmul_attention(q, k, v) if cpu_bf16(q) else F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return scaled_linear(out.transpose(1, 2).reshape(b, n, d), self.proj, gain)
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
