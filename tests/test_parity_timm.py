@@ -5,6 +5,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.models.vision_transformer import checkpoint_filter_fn
 
 import dinokit
 from tests.conftest import perturb_scales_and_norms
@@ -61,3 +62,22 @@ def test_giant_packed_swiglu_maps_to_w12_w3(tmp_path):
     ours = dinokit.load_model(tmp_path / "g.pth")
     assert ours.config.ffn_layer == "swiglu"
     check(tm, ours, torch.randn(1, 3, 28, 28), 0)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"])
+def test_a_timm_dinov2_exports_to_an_official_file_that_the_official_code_and_timm_load(tmp_path, name):
+    """timm drops DINOv2's mask token: a timm file read by dinokit and written as an official .pth lacked
+    `mask_token`, so the official model's strict load failed, and timm, which recognises DINOv2 files by
+    that key, no longer converted the registers and CLS position (missing reg_token, pos_embed mismatch)."""
+    tm = timm_model(name, img_size=56, depth=2, dynamic_img_size=True)
+    torch.save(tm.state_dict(), tmp_path / "timm.pth")
+    path = dinokit.export_model(dinokit.load_model(tmp_path / "timm.pth"), tmp_path / "official.pth")
+    sd = torch.load(path, weights_only=True)
+    arch = "dinov2_vits14_reg" if "reg4" in name else "dinov2_vits14"
+    official = dinokit.create_model(arch, depth=2, img_size=56)
+    assert set(sd) == set(official.state_dict())  # keys of the official model (hub: strict=True)
+    back = timm.create_model(name, pretrained=False, num_classes=0, img_size=56, depth=2, dynamic_img_size=True)
+    back.load_state_dict(checkpoint_filter_fn(sd, back))
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        assert (back.eval().forward_features(x) - tm.forward_features(x)).abs().max() <= 1e-5
