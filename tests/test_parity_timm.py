@@ -81,3 +81,19 @@ def test_a_timm_dinov2_exports_to_an_official_file_that_the_official_code_and_ti
     x = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
         assert (back.eval().forward_features(x) - tm.forward_features(x)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize(("name", "size"), [("vit_small_patch14_dinov2", 56), ("vit_small_patch16_224", 64)])
+def test_timm_without_registers_off_grid_follows_the_official_model_and_overrides_reproduce_timm(tmp_path, name, size):
+    """timm resamples with an output size and antialias for every model; DINO / DINOv2 without registers
+    resample with the +0.1 offset and no antialias. dinokit follows the official model by default."""
+    tm = timm_model(name, img_size=size, depth=2, dynamic_img_size=True)
+    with torch.no_grad():
+        tm.pos_embed.normal_()
+    torch.save(tm.state_dict(), tmp_path / "timm.pth")
+    official = dinokit.load_model(tmp_path / "timm.pth")
+    assert (official.config.interpolate_offset, official.config.interpolate_antialias) == (0.1, False)
+    x = torch.randn(1, 3, size - size // 4, 2 * size - size // 4)
+    with torch.no_grad():
+        assert (tm.forward_features(x)[:, 1:] - official.forward_features(x)["x_norm_patchtokens"]).abs().max() > 1e-2
+    check(tm, dinokit.load_model(tmp_path / "timm.pth", interpolate_offset=0.0, interpolate_antialias=True), x, 0)
