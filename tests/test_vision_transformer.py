@@ -420,3 +420,18 @@ def test_training_blocks_keep_neither_the_gelu_output_nor_the_layer_scale_inputs
     assert plain - saved == fp32 * (tokens * (hidden + 2 * dim) - (dim * dim + dim * hidden + 2 * dim))
     with torch.no_grad():  # without gradients the block runs as written: bit for bit the plain ops
         assert torch.equal(block(x), plain_block(block, x))
+
+
+@pytest.mark.parametrize("init_values", [0.5, None])  # DINOv2 (LayerScale) and DINO v1 (none)
+@pytest.mark.parametrize("grad", [True, False])
+def test_the_residual_stream_stays_fp32_under_autocast(init_values, grad):
+    """As in the official models, where concatenating the CLS token promotes the bf16 patch embedding:
+    every block reads and writes fp32 tokens under bf16 autocast, so the residual adds accumulate in
+    fp32, with or without LayerScale, in training and inference."""
+    m = tiny(init_values=init_values).train(grad)
+    dtypes = []
+    for module in [*m.blocks, m.norm]:
+        module.register_forward_hook(lambda mod, args, out: dtypes.append((args[0].dtype, out.dtype)))
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        m.forward_features(torch.randn(2, 3, 28, 28))
+    assert dtypes == [(torch.float32, torch.float32)] * (len(m.blocks) + 1)

@@ -178,7 +178,9 @@ class VisionTransformer(nn.Module):
             if self.mask_token is None:
                 raise ValueError("this model has no mask token; build it with mask_token=True to use masks")
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
-        x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x], dim=1)
+        # the official concatenation: its type promotion makes the token stream fp32 under autocast, where
+        # the patch embedding gives bf16, so that every residual add accumulates in fp32
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
         x = x + self.interpolate_pos_encoding(x.shape[1] - 1, h, w).to(x.dtype)
         if self.register_tokens is not None:
             x = torch.cat([x[:, :1], self.register_tokens.expand(b, -1, -1).to(x.dtype), x[:, 1:]], dim=1)
