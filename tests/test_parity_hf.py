@@ -327,3 +327,24 @@ def test_full_size_dino_v1_keys_and_shapes_equal_those_of_vit_model(name, patch)
         hf = ViTModel(config, add_pooling_layer=False)
     shapes = {k: v.shape for k, v in hf_format.hf_to_official(hf.state_dict()).items()}
     assert shapes == {k: v.shape for k, v in ours.state_dict().items()}
+
+
+def test_hf_weights_inside_a_training_checkpoint_or_under_a_wrapper_prefix_load(tmp_path):
+    """A transformers model's state dict saved by a training loop ({"model": ...}), under DDP (`module.`)
+    or as a `backbone.` beside a head: stripping the training prefixes also cut HF's own `encoder.` from
+    `encoder.layer.{i}`, and the file was refused as 'not a ViT backbone'."""
+    hf = hf_model(True, **SMALL)
+    sd = hf.state_dict()
+    config = Dinov2WithRegistersConfig(num_labels=3, num_register_tokens=4, layer_norm_eps=1e-6, **SMALL)
+    clf = Dinov2WithRegistersForImageClassification(config)
+    clf.dinov2_with_registers.load_state_dict(sd)
+    for name, obj in [
+        ("model", {"model": sd, "optimizer": {}, "epoch": 3}),
+        ("ddp", {f"module.{k}": v for k, v in sd.items()}),
+        ("backbone", {f"backbone.{k}": v for k, v in sd.items()} | {"head.weight": torch.zeros(3, 64)}),
+        ("classifier", {"state_dict": {f"module.{k}": v for k, v in clf.state_dict().items()}}),
+    ]:
+        torch.save(obj, tmp_path / f"{name}.pth")
+        ours = dinokit.load_model(tmp_path / f"{name}.pth", num_heads=4)
+        assert read_checkpoint(tmp_path / f"{name}.pth")[2] == "hf"
+        compare(hf, ours, torch.randn(1, 3, 42, 70), 4)

@@ -167,11 +167,11 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTCon
     sd, metadata = read_state_dict(path)
     if DINOKIT_CONFIG_KEY in metadata:
         return sd, ViTConfig(**json.loads(metadata[DINOKIT_CONFIG_KEY])), "dinokit"
-    if hf_format.is_hf(sd):  # before unwrapping: training prefixes include HF's own `encoder.`
+    sd = unwrap_training_checkpoint(sd)  # a no-op for a bare backbone state dict
+    if hf_format.is_hf(sd):
         config_file = path.parent / "config.json"
         config = hf_format.config_from_hf(read_json(config_file), str(config_file)) if config_file.exists() else None
         return hf_format.hf_to_official(sd), config, "hf"
-    sd = unwrap_training_checkpoint(sd)
     if timm_format.is_timm(sd):
         return timm_format.timm_to_official(sd), None, "timm"
     return sd, None, "official"

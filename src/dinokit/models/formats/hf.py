@@ -154,9 +154,14 @@ def official_to_hf(sd: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, 
 
 
 def is_hf(sd: dict) -> bool:
-    """True for HF key names (`embeddings.*`, `encoder.layer.*`), bare or under a wrapper's backbone
-    prefix (`dinov2.`, `dinov2_with_registers.`, `vit.`); checked on the raw keys, before any prefix stripping."""
-    return any(isinstance(k, str) and _backbone_key(k).startswith(("embeddings.", "encoder.layer.")) for k in sd)
+    """True if any key of `sd` is an HF key name (`is_hf_key`)."""
+    return any(is_hf_key(k) for k in sd)
+
+
+def is_hf_key(key) -> bool:
+    """True for an HF key name (`embeddings.*`, `encoder.layer.*`), bare or under a wrapper's backbone
+    prefix (`dinov2.`, `dinov2_with_registers.`, `vit.`)."""
+    return isinstance(key, str) and _backbone_key(key).startswith(("embeddings.", "encoder.layer."))
 
 
 def _backbone_key(key: str) -> str:

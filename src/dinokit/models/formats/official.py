@@ -10,6 +10,7 @@ import torch
 
 from dinokit.errors import DinokitError
 from dinokit.models.architectures import ARCHITECTURES
+from dinokit.models.formats.hf import is_hf_key
 from dinokit.models.layers.ffn import swiglu_hidden_dim
 from dinokit.models.vision_transformer import ViTConfig
 
@@ -35,7 +36,8 @@ def unwrap_training_checkpoint(obj: dict) -> dict[str, torch.Tensor]:
     """Backbone state dict out of a training checkpoint: pick the teacher (or model) dict, keep the
     teacher's keys where one dict holds `teacher.` and `student.` keys, strip the `module.` /
     `backbone.` / `teacher.` prefixes, drop head and loss keys, flatten block chunks
-    (`blocks.<chunk>.<i>.` -> `blocks.<i>.`)."""
+    (`blocks.<chunk>.<i>.` -> `blocks.<i>.`). Keys of a Hugging Face model are left whole once their
+    wrapper prefixes are gone (HF's own `encoder.layer.` is no training prefix)."""
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), dict)), None)
         if inner is None:
@@ -48,16 +50,22 @@ def unwrap_training_checkpoint(obj: dict) -> dict[str, torch.Tensor]:
     for key, value in obj.items():
         if not isinstance(value, torch.Tensor) or (has_teacher and _role(key) == "student"):
             continue
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
+        key = _strip_prefixes(key)
         if key.startswith(_HEAD_PREFIXES):
             continue
         out[re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", key)] = value
     return out
+
+
+def _strip_prefixes(key: str) -> str:
+    """`key` without its training / wrapper prefixes (`module.backbone.` ...), one at a time, stopping
+    at a Hugging Face key (whose own `encoder.layer.` is no such prefix)."""
+    while not is_hf_key(key):
+        prefix = next((p for p in _PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            break
+        key = key[len(prefix) :]
+    return key
 
 
 def _role(key) -> str | None:
