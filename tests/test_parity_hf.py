@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import (
     AutoModel,
     Dinov2Config,
@@ -348,3 +349,14 @@ def test_hf_weights_inside_a_training_checkpoint_or_under_a_wrapper_prefix_load(
         ours = dinokit.load_model(tmp_path / f"{name}.pth", num_heads=4)
         assert read_checkpoint(tmp_path / f"{name}.pth")[2] == "hf"
         compare(hf, ours, torch.randn(1, 3, 42, 70), 4)
+
+
+def test_a_config_json_beside_hf_weights_that_is_no_transformers_config_is_ignored(tmp_path):
+    """A training run's own config.json (no model_type) beside a saved HF state dict made the weights
+    unloadable ('config.json has model_type None'): only a transformers config describes the weights."""
+    hf = hf_model(True, **SMALL)
+    save_file(hf.state_dict(), tmp_path / "weights.safetensors")
+    torch.save({"model": hf.state_dict(), "epoch": 3}, tmp_path / "checkpoint.pth")
+    (tmp_path / "config.json").write_text(json.dumps({"lr": 0.001, "epochs": 10, "batch_size": 64}))
+    for name in ("weights.safetensors", "checkpoint.pth"):
+        compare(hf, dinokit.load_model(tmp_path / name, num_heads=4), torch.randn(1, 3, 42, 70), 4)

@@ -169,12 +169,23 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTCon
         return sd, ViTConfig(**json.loads(metadata[DINOKIT_CONFIG_KEY])), "dinokit"
     sd = unwrap_training_checkpoint(sd)  # a no-op for a bare backbone state dict
     if hf_format.is_hf(sd):
-        config_file = path.parent / "config.json"
-        config = hf_format.config_from_hf(read_json(config_file), str(config_file)) if config_file.exists() else None
-        return hf_format.hf_to_official(sd), config, "hf"
+        return hf_format.hf_to_official(sd), _hf_config_beside(path), "hf"
     if timm_format.is_timm(sd):
         return timm_format.timm_to_official(sd), None, "timm"
     return sd, None, "official"
+
+
+def _hf_config_beside(path: Path) -> ViTConfig | None:
+    """The architecture in the transformers `config.json` beside an HF weights file, or None where there
+    is none: no such file, or one without a `model_type` (e.g. a training run's own config), in which
+    case the architecture is inferred from the weights."""
+    config_file = path.parent / "config.json"
+    if not config_file.exists():
+        return None
+    cfg = read_json(config_file)
+    if isinstance(cfg, dict) and "model_type" not in cfg:
+        return None
+    return hf_format.config_from_hf(cfg, str(config_file))
 
 
 # ------------------------------------------------------------------------------------------ loading
