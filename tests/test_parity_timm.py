@@ -1,6 +1,8 @@
 """timm state dicts (`vit_*_patch14_dinov2`, `_reg4_`, DINO v1 `vit_small_patch16_224`) load with the
 same outputs."""
 
+import json
+
 import pytest
 import timm
 import torch
@@ -97,3 +99,15 @@ def test_timm_without_registers_off_grid_follows_the_official_model_and_override
     with torch.no_grad():
         assert (tm.forward_features(x)[:, 1:] - official.forward_features(x)["x_norm_patchtokens"]).abs().max() > 1e-2
     check(tm, dinokit.load_model(tmp_path / "timm.pth", interpolate_offset=0.0, interpolate_antialias=True), x, 0)
+
+
+@pytest.mark.parametrize(("name", "size"), [("vit_small_patch14_reg4_dinov2", 56), ("vit_small_patch16_224", 64)])
+def test_a_timm_hub_folder_loads(tmp_path, name, size):
+    """What timm writes for the Hub (`save_for_hf`: config.json with `architecture`, no `model_type`)."""
+    from timm.models._hub import save_for_hf
+
+    tm = timm_model(name, img_size=size, depth=2)
+    save_for_hf(tm, tmp_path / "hub")
+    assert "architecture" in json.loads((tmp_path / "hub" / "config.json").read_text())
+    ours = dinokit.load_model(tmp_path / "hub")
+    check(tm, ours, torch.randn(1, 3, size, size), ours.num_register_tokens)
