@@ -360,3 +360,29 @@ def test_a_config_json_beside_hf_weights_that_is_no_transformers_config_is_ignor
     (tmp_path / "config.json").write_text(json.dumps({"lr": 0.001, "epochs": 10, "batch_size": 64}))
     for name in ("weights.safetensors", "checkpoint.pth"):
         compare(hf, dinokit.load_model(tmp_path / name, num_heads=4), torch.randn(1, 3, 42, 70), 4)
+
+
+@pytest.mark.parametrize("name", [f"dinov2_vit{s}14{r}" for s in "sblg" for r in ("", "_reg")])
+def test_full_size_dinov2_keys_and_shapes_equal_those_of_transformers(name):
+    """Every released DINOv2 size, on the meta device: transformers' model maps onto it one to one (ViT-g's
+    SwiGLU width included), and the export writes exactly the names of transformers' files."""
+    with torch.device("meta"):
+        ours = dinokit.create_model(name)
+        c = ours.config
+        kw = dict(
+            hidden_size=c.embed_dim,
+            num_hidden_layers=c.depth,
+            num_attention_heads=c.num_heads,
+            image_size=518,
+            patch_size=14,
+            use_swiglu_ffn=c.ffn_layer == "swiglu",
+        )
+        if c.num_register_tokens:
+            hf = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=4, **kw))
+        else:
+            hf = Dinov2Model(Dinov2Config(**kw))
+    expected = {k: v.shape for k, v in ours.state_dict().items()}
+    assert {k: v.shape for k, v in hf_format.hf_to_official(hf.state_dict()).items()} == expected
+    assert {
+        k: v.shape for k, v in hf_format.hf_to_official(hf_format.official_to_hf(ours.state_dict(), c)).items()
+    } == expected

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 import dinokit
+from dinokit.models.formats.timm import timm_to_official
 from tests.conftest import perturb_scales_and_norms
 
 
@@ -111,3 +112,19 @@ def test_a_timm_hub_folder_loads(tmp_path, name, size):
     assert "architecture" in json.loads((tmp_path / "hub" / "config.json").read_text())
     ours = dinokit.load_model(tmp_path / "hub")
     check(tm, ours, torch.randn(1, 3, size, size), ours.num_register_tokens)
+
+
+@pytest.mark.parametrize("size", ["small", "base", "large", "giant"])
+@pytest.mark.parametrize("registers", [False, True])
+def test_full_size_timm_dinov2_keys_and_shapes_equal_the_official_ones_both_ways(size, registers):
+    """Every released DINOv2 size, on the meta device: timm's model maps onto the official layout (ViT-g's
+    packed SwiGLU included), and timm's own filter reads the official layout dinokit exports."""
+    name = f"vit_{size}_patch14_{'reg4_' if registers else ''}dinov2"
+    arch = f"dinov2_vit{size[0]}14{'_reg' if registers else ''}"
+    with torch.device("meta"):
+        tm = timm.create_model(name, pretrained=False, num_classes=0)
+        ours = dinokit.create_model(arch)
+    official = {k: v.shape for k, v in ours.state_dict().items()}
+    assert {k: v.shape for k, v in timm_to_official(tm.state_dict()).items()} == official
+    filtered = checkpoint_filter_fn({k: torch.empty(v, device="meta") for k, v in official.items()}, tm)
+    assert {k: v.shape for k, v in filtered.items()} == {k: v.shape for k, v in tm.state_dict().items()}
