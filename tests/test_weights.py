@@ -535,3 +535,15 @@ def test_an_official_export_warns_where_the_layer_norm_eps_would_be_read_back_ot
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the official eps: nothing lost, no warning
         dinokit.export_model(dinokit.create_model("vit_micro_p4"), tmp_path / "named.pth")
+
+
+def test_an_official_export_of_a_dinov2_model_without_a_mask_token_holds_the_official_zero_token(tmp_path):
+    """A DINOv2 model without a mask token (transformers' use_mask_token=False, or mask_token=False) was
+    written to the official layout without `mask_token`, which the official model always has (strict load)."""
+    m = perturb_scales_and_norms(dinokit.create_model("dinov2_vits14_reg", depth=2, img_size=56, mask_token=False))
+    sd = torch.load(dinokit.export_model(m.eval(), tmp_path / "m.pth"), weights_only=True)
+    official = dinokit.create_model("dinov2_vits14_reg", depth=2, img_size=56).state_dict()
+    assert set(sd) == set(official) and torch.equal(sd["mask_token"], torch.zeros(1, 384))
+    assert same_outputs(m, dinokit.load_model(tmp_path / "m.pth"))
+    v1 = dinokit.export_model(dinokit.create_model("dino_vits16", depth=1), tmp_path / "v1.pth")
+    assert "mask_token" not in torch.load(v1, weights_only=True)  # DINO v1 has none

@@ -312,11 +312,21 @@ def export_model(
             path, lambda tmp: save_file(sd, tmp, metadata={DINOKIT_CONFIG_KEY: json.dumps(model.config.to_dict())})
         )
     elif format == "official":
+        sd = with_official_mask_token(sd, model.config)
         warn_if_read_back_otherwise(sd, model.config, path)
         atomic_write(path, lambda tmp: torch.save(sd, tmp))
     else:
         _write_hf_folder(sd, model.config, path)
     return str(path)
+
+
+def with_official_mask_token(sd: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
+    """`sd` with the zero mask token (the official init) of a DINOv2 model (LayerScale or registers) that
+    has none (transformers' use_mask_token=False, timm, mask_token=False): the official model always has
+    one and loads strictly. DINO v1 (neither) has no mask token."""
+    if "mask_token" in sd or (config.init_values is None and not config.num_register_tokens):
+        return sd
+    return {**sd, "mask_token": torch.zeros(1, config.embed_dim)}
 
 
 # not in official weights (the LayerNorm eps: read back as the official 1e-6)
