@@ -13,6 +13,7 @@ from dinokit.models import (
     create_model,
     snap_to_patch_multiple,
 )
+from dinokit.models.layers.ffn import SwiGLUFFN
 from tests.conftest import perturb_scales_and_norms
 
 RELEASED = {
@@ -341,7 +342,7 @@ def test_gelu_linear_gradients_equal_the_separate_ops():
 
 def plain_block(block, x: torch.Tensor) -> torch.Tensor:
     """A LayerScale block computed op by op as its docstring writes it, from its own submodules:
-    x + ls1(proj(attention(norm1(x)))), then + ls2(fc2(gelu(fc1(norm2(.)))))."""
+    x + ls1(proj(attention(norm1(x)))), then + ls2(fc2(gelu(fc1(norm2(.))))) or + ls2(swiglu(norm2(.)))."""
     from dinokit.models.layers.attention import cpu_bf16, matmul_attention
 
     attn, mlp = block.attn, block.mlp
@@ -350,6 +351,9 @@ def plain_block(block, x: torch.Tensor) -> torch.Tensor:
     q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
     out = matmul_attention(q, k, v) if cpu_bf16(q) else F.scaled_dot_product_attention(q, k, v)
     y = x + block.ls1(attn.proj(out.transpose(1, 2).reshape(b, n, d)))
+    if isinstance(mlp, SwiGLUFFN):
+        x1, x2 = mlp.w12(block.norm2(y)).chunk(2, dim=-1)
+        return y + block.ls2(mlp.w3(F.silu(x1) * x2))
     return y + block.ls2(mlp.fc2(F.gelu(mlp.fc1(block.norm2(y)))))
 
 
@@ -364,24 +368,25 @@ def output_and_grads(block, forward, x: torch.Tensor, precision: str):
     return out.float(), grads
 
 
-def layer_scale_block():
+def layer_scale_block(ffn_layer: str = "mlp"):
     from dinokit.models.layers.block import Block
 
     torch.manual_seed(0)
-    block = Block(32, 4, init_values=0.5)
+    block = Block(32, 4, init_values=0.5, ffn_layer=ffn_layer)
     with torch.no_grad():
         for p in block.parameters():  # LayerScale gains and norms away from their init
             p.add_(0.1 * torch.randn_like(p))
     return block
 
 
+@pytest.mark.parametrize("ffn_layer", ["mlp", "swiglu"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_training_block_path_computes_the_plain_block(precision):
+def test_training_block_path_computes_the_plain_block(precision, ffn_layer):
     """With gradients on, a block folds LayerScale into proj / fc2 and recomputes GELU in the backward.
     Its output and every gradient are those of the plain ops in fp32: to rounding in fp32, and in bf16
     autocast as close as the plain ops' own bf16 gradients are (0.1-0.5% in norm here, each gradient
-    in fp32 as before)."""
-    block = layer_scale_block()
+    in fp32 as before). SwiGLU blocks (ViT-g) fold their LayerScale into w3."""
+    block = layer_scale_block(ffn_layer)
     x = torch.randn(3, 40, 32)
     out, grads = output_and_grads(block, block, x, precision)
     ref, ref_grads = output_and_grads(block, lambda x: plain_block(block, x), x, "fp32")
