@@ -547,3 +547,15 @@ def test_an_official_export_of_a_dinov2_model_without_a_mask_token_holds_the_off
     assert same_outputs(m, dinokit.load_model(tmp_path / "m.pth"))
     v1 = dinokit.export_model(dinokit.create_model("dino_vits16", depth=1), tmp_path / "v1.pth")
     assert "mask_token" not in torch.load(v1, weights_only=True)  # DINO v1 has none
+
+
+def test_an_mlp_width_that_is_no_whole_multiple_of_the_width_reads_back(tmp_path):
+    """dim 224 with mlp_ratio 2.18 has a 488-wide MLP (int(224 * 2.18)); the ratio inferred back, 488 / 224,
+    gave int(224 * 488 / 224) = 487, so dinokit's own .pth export did not load ('file (488, 224) vs model
+    (487, 224)')."""
+    m = VisionTransformer(ViTConfig(img_size=28, patch_size=14, embed_dim=224, depth=1, num_heads=4, mlp_ratio=2.18))
+    m = perturb_scales_and_norms(m).eval()
+    assert m.blocks[0].mlp.fc1.out_features == 488
+    back = dinokit.load_model(dinokit.export_model(m, tmp_path / "m.pth"), num_heads=4)
+    assert back.blocks[0].mlp.fc1.out_features == 488
+    assert same_outputs(m, back, size=28)

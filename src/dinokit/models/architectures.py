@@ -4,6 +4,7 @@
 `dinokit.models.loading`) builds one from weights.
 """
 
+import math
 from dataclasses import replace
 
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
@@ -63,6 +64,15 @@ def get_config(name: str, **overrides) -> ViTConfig:
 def create_model(name: str, **overrides) -> VisionTransformer:
     """A randomly initialised model of a named architecture, e.g. create_model("dinov2_vits14_reg")."""
     return VisionTransformer(get_config(name, **overrides))
+
+
+def mlp_ratio_for_width(hidden: int, dim: int) -> float:
+    """An MLP ratio r with int(dim * r) == hidden, as a block computes its MLP width from r (the official
+    rule). hidden / dim itself can land just below: 224 * (488 / 224) = 487.99..."""
+    ratio = hidden / dim
+    while int(dim * ratio) < hidden:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
 
 
 def count_parameters(model) -> int:

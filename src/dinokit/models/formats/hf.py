@@ -14,6 +14,7 @@ import re
 import torch
 
 from dinokit.errors import DinokitError
+from dinokit.models.architectures import mlp_ratio_for_width
 from dinokit.models.vision_transformer import ViTConfig
 
 _EMBEDDINGS = {
@@ -221,7 +222,10 @@ def _vit_config(cfg: dict, with_registers: bool, dinov2: bool) -> ViTConfig:
 
     embed_dim = number("hidden_size", None, int)
     # Dinov2 states the MLP ratio, ViTModel the MLP width
-    mlp_ratio = number("mlp_ratio", 4, float) if dinov2 else number("intermediate_size", 3072, int) / embed_dim
+    if dinov2:
+        mlp_ratio = number("mlp_ratio", 4, float)
+    else:
+        mlp_ratio = mlp_ratio_for_width(number("intermediate_size", 3072, int), embed_dim)
     return ViTConfig(
         img_size=number("image_size", 518 if dinov2 else 224, int),
         patch_size=number("patch_size", 14 if dinov2 else 16, int),

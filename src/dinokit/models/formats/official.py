@@ -9,7 +9,7 @@ import warnings
 import torch
 
 from dinokit.errors import DinokitError
-from dinokit.models.architectures import ARCHITECTURES
+from dinokit.models.architectures import ARCHITECTURES, mlp_ratio_for_width
 from dinokit.models.formats.hf import is_hf_key
 from dinokit.models.layers.ffn import swiglu_hidden_dim
 from dinokit.models.vision_transformer import ViTConfig
@@ -201,9 +201,9 @@ def _ffn(sd: dict[str, torch.Tensor], dim: int) -> tuple[str, float, bool]:
         return "swiglu", 4.0, _in_any_block(sd, "mlp.w3.bias")
     fc1, fc2 = _block_keys(sd, "mlp.fc1.weight"), _block_keys(sd, "mlp.fc2.weight")
     if fc1:
-        ratio = sd[fc1[0]].shape[0] / dim
+        ratio = mlp_ratio_for_width(sd[fc1[0]].shape[0], dim)
     elif fc2:
-        ratio = sd[fc2[0]].shape[1] / dim
+        ratio = mlp_ratio_for_width(sd[fc2[0]].shape[1], dim)
     else:
         ratio = 4.0
     return "mlp", ratio, _in_any_block(sd, "mlp.fc1.bias") or _in_any_block(sd, "mlp.fc2.bias")
