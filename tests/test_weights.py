@@ -559,3 +559,15 @@ def test_an_mlp_width_that_is_no_whole_multiple_of_the_width_reads_back(tmp_path
     back = dinokit.load_model(dinokit.export_model(m, tmp_path / "m.pth"), num_heads=4)
     assert back.blocks[0].mlp.fc1.out_features == 488
     assert same_outputs(m, back, size=28)
+
+
+def test_a_guessed_head_count_divides_the_width(tmp_path):
+    """Heads are guessed as dim // 64 for a shape no named architecture has; for dim 224 that is 3, which
+    does not divide it, and the load died in the model's constructor with a ValueError."""
+    m = perturb_scales_and_norms(
+        VisionTransformer(ViTConfig(img_size=28, patch_size=14, embed_dim=224, depth=1, num_heads=4))
+    )
+    path = dinokit.export_model(m.eval(), tmp_path / "m.pth")
+    with pytest.warns(UserWarning, match=r"guessed num_heads=4"):
+        back = dinokit.load_model(path)
+    assert same_outputs(m, back, size=28)

@@ -91,7 +91,7 @@ def infer_config(
     The number of heads and the position-grid interpolation are not stored in the weights: unless
     given, they are taken from the named architecture (`ARCHITECTURES`) with the same width, depth,
     patch, registers and FFN (any position grid). Without one they are guessed, with a warning: 64-dim heads (as
-    every released model), offset 0.1 without registers and offset 0 + antialias with them.
+    every released model, `_guess_heads`), offset 0.1 without registers and offset 0 + antialias with them.
     """
     blocks = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not blocks:
@@ -113,7 +113,7 @@ def infer_config(
     unset = [k for k, v in given.items() if v is None]
     if named is None:
         named = {  # 64-dim heads as every released model; the official interpolation of the variant
-            "num_heads": max(1, dim // 64),
+            "num_heads": _guess_heads(dim),
             "interpolate_offset": 0.0 if registers else 0.1,
             "interpolate_antialias": bool(registers),
         }
@@ -144,6 +144,15 @@ def infer_config(
         interpolate_antialias=settings["interpolate_antialias"],
         mask_token="mask_token" in sd,
     )
+
+
+def _guess_heads(dim: int) -> int:
+    """dim // 64 heads (64-dim heads, as every released model) where that divides dim, else the divisor of
+    dim whose heads are nearest to 64 wide (224: 4 heads of 56, not 3, which would not divide it)."""
+    heads = max(1, dim // 64)
+    if dim % heads == 0:
+        return heads
+    return min((d for d in range(1, dim + 1) if dim % d == 0), key=lambda d: abs(dim / d - 64))
 
 
 def _named_settings(dim: int, depth: int, patch: int, registers: int, ffn: str) -> dict | None:
