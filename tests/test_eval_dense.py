@@ -486,3 +486,34 @@ def test_a_rerun_never_leaves_a_result_beside_another_runs_files(task, tmp_path,
     other = "depth" if task == "segmentation" else "segmentation"
     assert main(["eval", other, f"train={train}", f"val={val}", f"out={out}", *TINY]) == 2
     assert f"holds the results of eval {task}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_a_second_run_into_an_out_folder_still_in_use_is_refused(task, tmp_path, monkeypatch, capsys):
+    """Two runs at once into one out= were not kept apart: the second cleared and rewrote the head and
+    metrics.jsonl while the first went on, which then wrote its result json beside the other's head.
+    The second now fails at once, naming the folder, and the first one's files stay its own."""
+    from dinokit.eval import depth, segmentation
+
+    train = write_dense_set(tmp_path / "train", 3, size=16, seed=0)
+    val = write_dense_set(tmp_path / "val", 3, size=16, seed=1)
+    extra = ["max_depth=10"] if task == "depth" else ["num_classes=9"]
+    out = tmp_path / "out"
+    module = segmentation if task == "segmentation" else depth
+    real_train = module.train_dense_head
+    second: list[int | None] = []
+
+    def train_while_another_run_starts(*args, **kwargs):
+        if not second:  # the first run, between clearing out and writing its results
+            second.append(None)
+            second[0] = main(["eval", task, f"train={train}", f"val={val}", f"out={out}", *TINY, *extra, "seed=1"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train_dense_head", train_while_another_run_starts)
+    first = tiny_run(task, train, val, out, *extra)
+    assert second == [2]
+    err = capsys.readouterr().err
+    assert f"another process is writing eval {task} results in {out}" in err and "choose another folder" in err
+    assert load_head_file(out / f"{task}_head.safetensors")[1]["seed"] == 0  # the first run's head
+    assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == first["training"]
+    assert tiny_run(task, train, val, out, *extra, "seed=1")["training"]  # the lock went with the first run

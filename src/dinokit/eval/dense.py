@@ -13,9 +13,11 @@ evaluation to each image's original size. Training reads the cached features (no
 features once, probes many).
 """
 
+import contextlib
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +41,7 @@ from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
 from dinokit.eval.common import Backbone, make_transform, split_features
-from dinokit.io import atomic_write, sync
+from dinokit.io import atomic_write, folder_lock, sync
 from dinokit.runtime import reuse_freed_memory
 
 
@@ -306,6 +308,16 @@ def check_results_folder(out_dir: Path, task: str) -> None:
                 f"out={out_dir} holds the results of eval {other} ({other}.json), whose metrics.jsonl and "
                 f"examples/ eval {task} would replace: choose another out folder"
             )
+
+
+@contextlib.contextmanager
+def results_folder(out_dir: Path, task: str) -> Iterator[None]:
+    """Hold `out_dir` (io.folder_lock, creating it) while eval `task` checks, clears and writes its
+    results there: a second run into it meanwhile fails at once, as a second `dinokit pretrain` does,
+    instead of writing its head and metrics beside the first one's result json."""
+    with folder_lock(out_dir, f"eval {task} results", wait=False):
+        check_results_folder(out_dir, task)
+        yield
 
 
 def clear_results(out_dir: Path, task: str) -> None:

@@ -27,7 +27,6 @@ from dinokit.errors import DinokitError
 from dinokit.eval.common import make_transform, prepare_backbone, protocol_record, resolve_cache
 from dinokit.eval.dense import (
     backbone_for_head,
-    check_results_folder,
     clear_results,
     dense_split,
     head_metadata,
@@ -35,6 +34,7 @@ from dinokit.eval.dense import (
     predict_images,
     predict_split,
     read_depth,
+    results_folder,
     save_head,
     train_dense_head,
     upsample,
@@ -160,97 +160,100 @@ def eval_depth(
     out/examples/*.png (image | truth | prediction). A rerun into the same out first removes
     depth.json, then the earlier head, metrics.jsonl and examples/, and writes depth.json last: where
     it exists, the files beside it are its run's (a run stopped partway leaves no json). out must
-    not hold eval segmentation's results (segmentation.json), which share those files.
+    not hold eval segmentation's results (segmentation.json), which share those files, nor be the
+    out of a run still going on (a second run into it is refused at once).
     """
     if epochs < 1:
         raise DinokitError(f"epochs must be >= 1 (passes over the train features), got {epochs}")
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
-    check_results_folder(out_dir, "depth")
-    backbone = prepare_backbone(model, device, seed)
-    layers = depth_blocks(len(backbone.model.blocks), n_layers)
+    with results_folder(out_dir, "depth"):  # one run at a time in out
+        backbone = prepare_backbone(model, device, seed)
+        layers = depth_blocks(len(backbone.model.blocks), n_layers)
 
-    def read(path: Path) -> np.ndarray:
-        return read_depth(path, depth_scale)
+        def read(path: Path) -> np.ndarray:
+            return read_depth(path, depth_scale)
 
-    kw = dict(
-        image_size=image_size,
-        layers=layers,
-        with_cls=True,
-        norm=norm,
-        cache=resolve_cache(cache),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-    )
-    tr = dense_split(backbone, train, "depth", DEPTH_EXTS, read, **kw)
-    va = dense_split(backbone, val, "depth", DEPTH_EXTS, read, **kw)
-    if tr.target_max is None or tr.target_max <= 0:
-        raise DinokitError(f"the depth maps of {train} hold no measurement (all 0): check depth_scale and the files")
-    if max_depth is None:
-        max_depth = tr.target_max
-        print(f"max_depth={max_depth:.3f} (the largest training depth; pass max_depth= to set the range)")
-    head = LinearDepthHead(backbone.model.embed_dim, len(layers), min_depth, max_depth)
-    clear_results(out_dir, "depth")
-    log = train_dense_head(
-        head,
-        SigLoss(max_depth),
-        tr,
-        epochs,
-        train_batch_size,
-        lr,
-        weight_decay,
-        seed,
-        dev,
-        out_dir / "metrics.jsonl",
-    )
-    errors, baselines = evaluate_depth(head, va, read, min_depth, max_depth, dev, tr.train_targets)
-    meta = head_metadata(
-        backbone,
-        image_size,
-        layers,
-        norm,
-        seed,
-        task="depth",
-        with_cls=True,
-        min_depth=min_depth,
-        max_depth=max_depth,
-        depth_scale=depth_scale,
-    )
-    save_head(out_dir / "depth_head.safetensors", head, meta)
-    examples = write_examples(head, va, read, min_depth, max_depth, dev, out_dir / "examples", num_examples)
-    protocol = protocol_record(
-        backbone,
-        make_transform(image_size, "resize"),
-        image_size,
-        precision,
-        head="DINOv2 linear depth head: patch map + broadcast CLS per block, 1x1 conv to 256 bins, x4 "
-        "bilinear, linear bin normalisation",
-        blocks=list(layers),
-        final_norm=norm,
-        bins=f"linspace({min_depth}, {max_depth}, 256)",
-        loss="SigLoss (lambda 0.15, eps 1e-3)",
-        optimiser=f"AdamW lr {lr} wd {weight_decay}, cosine to 0, {epochs} epochs, batch {train_batch_size}",
-        augmentation="none (cached features)",
-        metric=f"per image over min_depth < gt <= max_depth ({min_depth}, {max_depth}), averaged over images",
-        resize="whole image resized to image_size x image_size (bicubic), no crop",
-        train=str(train),
-        val=str(val),
-        train_images=len(tr),
-        val_images=len(va),
-        train_bad_files=tr.bad_files,
-        val_bad_files=va.bad_files,
-    )
-    result = {**errors, "baselines": baselines, "training": log, "examples": examples, "protocol": protocol}
-    write_json(out_dir / "depth.json", result)
-    print(
-        f"linear depth {backbone.description}, blocks {list(layers)}, {image_size} px, "
-        f"range {min_depth}-{max_depth}; transform: {protocol['transform']}"
-    )
-    print(f"{'':<24} {'RMSE':>8} {'AbsRel':>8} {'d<1.25':>8}")
-    for name, e in [("probe", errors), *((f"baseline ({k})", v) for k, v in baselines.items())]:
-        print(f"{name:<24} {e['rmse']:>8.4f} {e['abs_rel']:>8.4f} {e['delta1']:>8.2f}")
-    return str(out_dir / "depth.json")
+        kw = dict(
+            image_size=image_size,
+            layers=layers,
+            with_cls=True,
+            norm=norm,
+            cache=resolve_cache(cache),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+        )
+        tr = dense_split(backbone, train, "depth", DEPTH_EXTS, read, **kw)
+        va = dense_split(backbone, val, "depth", DEPTH_EXTS, read, **kw)
+        if tr.target_max is None or tr.target_max <= 0:
+            raise DinokitError(
+                f"the depth maps of {train} hold no measurement (all 0): check depth_scale and the files"
+            )
+        if max_depth is None:
+            max_depth = tr.target_max
+            print(f"max_depth={max_depth:.3f} (the largest training depth; pass max_depth= to set the range)")
+        head = LinearDepthHead(backbone.model.embed_dim, len(layers), min_depth, max_depth)
+        clear_results(out_dir, "depth")
+        log = train_dense_head(
+            head,
+            SigLoss(max_depth),
+            tr,
+            epochs,
+            train_batch_size,
+            lr,
+            weight_decay,
+            seed,
+            dev,
+            out_dir / "metrics.jsonl",
+        )
+        errors, baselines = evaluate_depth(head, va, read, min_depth, max_depth, dev, tr.train_targets)
+        meta = head_metadata(
+            backbone,
+            image_size,
+            layers,
+            norm,
+            seed,
+            task="depth",
+            with_cls=True,
+            min_depth=min_depth,
+            max_depth=max_depth,
+            depth_scale=depth_scale,
+        )
+        save_head(out_dir / "depth_head.safetensors", head, meta)
+        examples = write_examples(head, va, read, min_depth, max_depth, dev, out_dir / "examples", num_examples)
+        protocol = protocol_record(
+            backbone,
+            make_transform(image_size, "resize"),
+            image_size,
+            precision,
+            head="DINOv2 linear depth head: patch map + broadcast CLS per block, 1x1 conv to 256 bins, x4 "
+            "bilinear, linear bin normalisation",
+            blocks=list(layers),
+            final_norm=norm,
+            bins=f"linspace({min_depth}, {max_depth}, 256)",
+            loss="SigLoss (lambda 0.15, eps 1e-3)",
+            optimiser=f"AdamW lr {lr} wd {weight_decay}, cosine to 0, {epochs} epochs, batch {train_batch_size}",
+            augmentation="none (cached features)",
+            metric=f"per image over min_depth < gt <= max_depth ({min_depth}, {max_depth}), averaged over images",
+            resize="whole image resized to image_size x image_size (bicubic), no crop",
+            train=str(train),
+            val=str(val),
+            train_images=len(tr),
+            val_images=len(va),
+            train_bad_files=tr.bad_files,
+            val_bad_files=va.bad_files,
+        )
+        result = {**errors, "baselines": baselines, "training": log, "examples": examples, "protocol": protocol}
+        write_json(out_dir / "depth.json", result)
+        print(
+            f"linear depth {backbone.description}, blocks {list(layers)}, {image_size} px, "
+            f"range {min_depth}-{max_depth}; transform: {protocol['transform']}"
+        )
+        print(f"{'':<24} {'RMSE':>8} {'AbsRel':>8} {'d<1.25':>8}")
+        for name, e in [("probe", errors), *((f"baseline ({k})", v) for k, v in baselines.items())]:
+            print(f"{name:<24} {e['rmse']:>8.4f} {e['abs_rel']:>8.4f} {e['delta1']:>8.2f}")
+        return str(out_dir / "depth.json")
 
 
 def write_examples(head, split, read, min_depth, max_depth, device, folder: Path, count: int) -> list[str]:

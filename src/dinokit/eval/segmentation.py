@@ -19,7 +19,6 @@ from dinokit.errors import DinokitError
 from dinokit.eval.common import make_transform, prepare_backbone, protocol_record, resolve_cache
 from dinokit.eval.dense import (
     backbone_for_head,
-    check_results_folder,
     clear_results,
     dense_split,
     head_metadata,
@@ -28,6 +27,7 @@ from dinokit.eval.dense import (
     predict_images,
     predict_split,
     read_mask,
+    results_folder,
     save_head,
     train_dense_head,
 )
@@ -140,105 +140,108 @@ def eval_segmentation(
     out/metrics.jsonl and out/examples/*.png (image | truth | prediction). A rerun into the same out
     first removes segmentation.json, then the earlier head, metrics.jsonl and examples/, and writes
     segmentation.json last: where it exists, the files beside it are its run's (a run stopped partway
-    leaves no json). out must not hold eval depth's results (depth.json), which share those files.
+    leaves no json). out must not hold eval depth's results (depth.json), which share those files,
+    nor be the out of a run still going on (a second run into it is refused at once).
     """
     if epochs < 1:
         raise DinokitError(f"epochs must be >= 1 (passes over the train features), got {epochs}")
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
-    check_results_folder(out_dir, "segmentation")
-    backbone = prepare_backbone(model, device, seed)
-    depth = len(backbone.model.blocks)
-    if not 1 <= n_last_blocks <= depth:
-        raise DinokitError(f"n_last_blocks must be between 1 and the model's {depth} blocks, got {n_last_blocks}")
-    layers = tuple(range(depth - n_last_blocks, depth))
-    kw = dict(
-        image_size=image_size,
-        layers=layers,
-        with_cls=False,
-        norm=True,
-        cache=resolve_cache(cache),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-    )
-    tr = dense_split(backbone, train, "masks", MASK_EXTS, read_mask, **kw, ignore=ignore_index)
-    va = dense_split(backbone, val, "masks", MASK_EXTS, read_mask, **kw, ignore=ignore_index)
-    if tr.target_max is None:
-        raise DinokitError(f"the masks of {train} have no labelled pixel (all equal ignore_index={ignore_index})")
-    num_classes = num_classes or int(tr.target_max) + 1
-    if tr.target_max >= num_classes:  # cross_entropy would fail on it with an IndexError
-        raise DinokitError(
-            f"{Path(train) / 'masks'} holds class {int(tr.target_max)} but num_classes={num_classes} (classes are "
-            f"0..num_classes-1): pass num_classes={int(tr.target_max) + 1}, or leave it out to take it from the masks"
+    with results_folder(out_dir, "segmentation"):  # one run at a time in out
+        backbone = prepare_backbone(model, device, seed)
+        depth = len(backbone.model.blocks)
+        if not 1 <= n_last_blocks <= depth:
+            raise DinokitError(f"n_last_blocks must be between 1 and the model's {depth} blocks, got {n_last_blocks}")
+        layers = tuple(range(depth - n_last_blocks, depth))
+        kw = dict(
+            image_size=image_size,
+            layers=layers,
+            with_cls=False,
+            norm=True,
+            cache=resolve_cache(cache),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
         )
-    d = backbone.model.embed_dim
-    head = LinearSegmentationHead(d * len(layers), num_classes)
-    clear_results(out_dir, "segmentation")
-    log = train_dense_head(
-        head,
-        segmentation_loss(ignore_index),
-        tr,
-        epochs,
-        train_batch_size,
-        lr,
-        weight_decay,
-        seed,
-        dev,
-        out_dir / "metrics.jsonl",
-    )
-    scores, baselines = evaluate_segmentation(head, va, num_classes, ignore_index, dev, tr.train_targets)
+        tr = dense_split(backbone, train, "masks", MASK_EXTS, read_mask, **kw, ignore=ignore_index)
+        va = dense_split(backbone, val, "masks", MASK_EXTS, read_mask, **kw, ignore=ignore_index)
+        if tr.target_max is None:
+            raise DinokitError(f"the masks of {train} have no labelled pixel (all equal ignore_index={ignore_index})")
+        num_classes = num_classes or int(tr.target_max) + 1
+        if tr.target_max >= num_classes:  # cross_entropy would fail on it with an IndexError
+            raise DinokitError(
+                f"{Path(train) / 'masks'} holds class {int(tr.target_max)} but num_classes={num_classes} (classes "
+                f"are 0..num_classes-1): pass num_classes={int(tr.target_max) + 1}, or leave it out to take it from "
+                "the masks"
+            )
+        d = backbone.model.embed_dim
+        head = LinearSegmentationHead(d * len(layers), num_classes)
+        clear_results(out_dir, "segmentation")
+        log = train_dense_head(
+            head,
+            segmentation_loss(ignore_index),
+            tr,
+            epochs,
+            train_batch_size,
+            lr,
+            weight_decay,
+            seed,
+            dev,
+            out_dir / "metrics.jsonl",
+        )
+        scores, baselines = evaluate_segmentation(head, va, num_classes, ignore_index, dev, tr.train_targets)
 
-    meta = head_metadata(
-        backbone,
-        image_size,
-        layers,
-        True,
-        seed,
-        task="segmentation",
-        num_classes=num_classes,
-        ignore_index=ignore_index,
-    )
-    save_head(out_dir / "segmentation_head.safetensors", head, meta)
-    examples = write_examples(head, va, num_classes, ignore_index, dev, out_dir / "examples", num_examples)
-    protocol = protocol_record(
-        backbone,
-        make_transform(image_size, "resize"),
-        image_size,
-        precision,
-        head="BatchNorm + 1x1 conv on patch tokens (DINOv2 linear BNHead), bilinear upsampling",
-        blocks=list(layers),
-        resize="whole image resized to image_size x image_size (bicubic), no crop",
-        loss=f"cross-entropy, ignore_index={ignore_index}",
-        optimiser=f"AdamW lr {lr} wd {weight_decay}, cosine to 0, {epochs} epochs, batch {train_batch_size}",
-        augmentation="none (cached features)",
-        metric="mIoU over classes present in truth or prediction (not ignore_index), pixel accuracy; full resolution",
-        train=str(train),
-        val=str(val),
-        train_images=len(tr),
-        val_images=len(va),
-        train_bad_files=tr.bad_files,
-        val_bad_files=va.bad_files,
-        num_classes=num_classes,
-    )
-    result = {
-        "miou": scores["miou"],
-        "pixel_accuracy": scores["pixel_accuracy"],
-        "iou_per_class": scores["iou"],
-        "baselines": baselines,
-        "training": log,
-        "examples": examples,
-        "protocol": protocol,
-    }
-    write_json(out_dir / "segmentation.json", result)
-    print(
-        f"linear segmentation {backbone.description}, blocks {list(layers)}, {image_size} px; "
-        f"transform: {protocol['transform']}"
-    )
-    print(f"{'':<30} {'mIoU':>7} {'pixel acc':>10}")
-    for name, r in [("probe", scores), *((f"baseline ({k})", v) for k, v in baselines.items())]:
-        print(f"{name:<30} {r['miou']:>7.2f} {r['pixel_accuracy']:>10.2f}")
-    return str(out_dir / "segmentation.json")
+        meta = head_metadata(
+            backbone,
+            image_size,
+            layers,
+            True,
+            seed,
+            task="segmentation",
+            num_classes=num_classes,
+            ignore_index=ignore_index,
+        )
+        save_head(out_dir / "segmentation_head.safetensors", head, meta)
+        examples = write_examples(head, va, num_classes, ignore_index, dev, out_dir / "examples", num_examples)
+        protocol = protocol_record(
+            backbone,
+            make_transform(image_size, "resize"),
+            image_size,
+            precision,
+            head="BatchNorm + 1x1 conv on patch tokens (DINOv2 linear BNHead), bilinear upsampling",
+            blocks=list(layers),
+            resize="whole image resized to image_size x image_size (bicubic), no crop",
+            loss=f"cross-entropy, ignore_index={ignore_index}",
+            optimiser=f"AdamW lr {lr} wd {weight_decay}, cosine to 0, {epochs} epochs, batch {train_batch_size}",
+            augmentation="none (cached features)",
+            metric="mIoU over classes present in truth or prediction (not ignore_index), pixel accuracy; "
+            "full resolution",
+            train=str(train),
+            val=str(val),
+            train_images=len(tr),
+            val_images=len(va),
+            train_bad_files=tr.bad_files,
+            val_bad_files=va.bad_files,
+            num_classes=num_classes,
+        )
+        result = {
+            "miou": scores["miou"],
+            "pixel_accuracy": scores["pixel_accuracy"],
+            "iou_per_class": scores["iou"],
+            "baselines": baselines,
+            "training": log,
+            "examples": examples,
+            "protocol": protocol,
+        }
+        write_json(out_dir / "segmentation.json", result)
+        print(
+            f"linear segmentation {backbone.description}, blocks {list(layers)}, {image_size} px; "
+            f"transform: {protocol['transform']}"
+        )
+        print(f"{'':<30} {'mIoU':>7} {'pixel acc':>10}")
+        for name, r in [("probe", scores), *((f"baseline ({k})", v) for k, v in baselines.items())]:
+            print(f"{name:<30} {r['miou']:>7.2f} {r['pixel_accuracy']:>10.2f}")
+        return str(out_dir / "segmentation.json")
 
 
 def write_examples(head, split, num_classes, ignore_index, device, folder: Path, count: int) -> list[str]:
