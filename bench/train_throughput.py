@@ -78,15 +78,17 @@ def dinokit_step_fn(device: str, precision: str, compile_model: bool):
         apply_schedule(optimizer, values)
         masks = x["masks"]
         weights = (1.0 / masks.sum(1, keepdim=True).clamp(min=1)).expand_as(masks)[masks]
-        with autocast(device, precision):
+        with autocast(device, precision):  # as the trainer's step: no logits kept beyond autograd's own
             teacher = model.teacher_outputs(x["global"], masks)
             targets = model.teacher_probabilities(teacher, values["teacher_temp"])
-            student = model.student(x["global"], x["local"], masks)
-            parts = model.losses(student, targets, 2, weights)
+            center_statistics = model.center_statistics(teacher)
+            del teacher
+            parts = model.losses(model.student(x["global"], x["local"], masks), targets, 2, weights)
+            del targets
         parts["loss"].backward()
         clip_gradients(modules, 3.0)
         optimizer.step()
-        model.update_centers(teacher)
+        model.update_centers(center_statistics)
         update_teacher(teacher_params, student_params, values["momentum"])
         optimizer.zero_grad(set_to_none=True)
         return parts["loss"].item()

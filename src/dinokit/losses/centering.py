@@ -26,11 +26,23 @@ class EMACenter(nn.Module):
         """(N, K) logits -> (N, K) float32 probabilities."""
         return torch.softmax((teacher_logits.float() - self.center) / temperature, dim=-1)
 
+    @staticmethod
+    @torch.no_grad()
+    def row_sums(teacher_logits: torch.Tensor) -> torch.Tensor:
+        """(N, K) logits -> (K + 1,) float32: their sum over rows, then N. All that `update` needs of
+        them, so that a step can let go of the logits before its backward."""
+        logits = teacher_logits.float()  # also the count: bf16 would round a count above 256
+        return torch.cat([logits.sum(dim=0), logits.new_full((1,), logits.shape[0])])
+
     @torch.no_grad()
     def update(self, teacher_logits: torch.Tensor) -> None:
         """Move the center towards the mean of (N, K) logits (all processes); N = 0 is allowed."""
-        logits = teacher_logits.float()  # also the count: bf16 would round a count above 256
-        stats = all_reduce_sum(torch.cat([logits.sum(dim=0), logits.new_full((1,), logits.shape[0])]))
+        self.update_from_row_sums(self.row_sums(teacher_logits))
+
+    @torch.no_grad()
+    def update_from_row_sums(self, row_sums: torch.Tensor) -> None:
+        """`update` from this process's `row_sums` of its logits (K + 1,)."""
+        stats = all_reduce_sum(row_sums.clone())
         count = stats[-1]
         if count > 0:
             self.center.mul_(self.momentum).add_(stats[:-1].unsqueeze(0) / count, alpha=1.0 - self.momentum)

@@ -587,7 +587,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ step
     def step(self, batch: CropBatch, values: dict) -> tuple[dict, dict, bool, float]:
-        """One optimisation step; returns (loss parts, teacher outputs + probs, accepted, grad norm)."""
+        """One optimisation step; returns (loss parts, the teacher's CLS features and probabilities,
+        accepted, grad norm).
+
+        Neither the teacher's nor the student's logits (M x K each) are kept through the backward
+        beyond what autograd saves: the centers need only their row sums, the log only the CLS rows.
+        """
         cfg = self.cfg
         apply_schedule(self.optimizer, values)
         batch = batch.to(self.device)
@@ -597,8 +602,12 @@ class Trainer:
             if self.fsdp:  # see reshard_teacher
                 reshard_teacher(self.model)
             targets = self.model.teacher_probabilities(teacher, values["teacher_temp"])
+            center_statistics = self.model.center_statistics(teacher)
+            logged = {"cls": teacher["cls"], "cls_probs": targets["cls_logits"]}
+            del teacher
             student = self.student(batch.global_crops, batch.local_crops, batch.masks)
             parts = self.model.losses(student, targets, n_global, batch.mask_weights)
+            del student, targets
         parts["loss"].backward()
         heads = self.model.student.heads().values()
         grad_norm = clip_gradients([self.model.student.backbone, *heads], cfg.clip_grad)
@@ -606,11 +615,10 @@ class Trainer:
         accepted = bool(-dist.all_reduce_max(-finite).item())  # all processes agree
         if accepted:
             self.optimizer.step()
-            self.model.update_centers(teacher)
+            self.model.update_centers(center_statistics)
             update_teacher(local_tensors(self.teacher_params), local_tensors(self.student_params), values["momentum"])
         self.optimizer.zero_grad(set_to_none=True)
-        teacher["cls_probs"] = targets["cls_logits"]
-        return parts, teacher, accepted, float(grad_norm)
+        return parts, logged, accepted, float(grad_norm)
 
     # ------------------------------------------------------------------------------------ loop
     def run(self) -> dict:

@@ -162,13 +162,22 @@ class SelfDistillation(nn.Module):
         return probs
 
     @torch.no_grad()
-    def update_centers(self, teacher: dict[str, torch.Tensor]) -> None:
-        """EMA center update with this step's teacher logits (after the step was accepted)."""
+    def center_statistics(self, teacher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What `update_centers` needs of this step's teacher logits: under EMA centering their row sums
+        and counts (`EMACenter.row_sums`), under Sinkhorn-Knopp nothing. A step takes them before its
+        backward and lets the logits (M x K, 80 MB in a DINOv2 ViT-S/14 step) go."""
+        if self.centering != "ema":
+            return {}
+        return {key: EMACenter.row_sums(teacher[key]) for key in ("cls_logits", "patch_logits") if key in teacher}
+
+    @torch.no_grad()
+    def update_centers(self, statistics: dict[str, torch.Tensor]) -> None:
+        """EMA center update with this step's `center_statistics` (after the step was accepted)."""
         if self.centering != "ema":
             return
-        self.dino_center.update(teacher["cls_logits"])
-        if "patch_logits" in teacher:
-            self.ibot_center.update(teacher["patch_logits"])
+        self.dino_center.update_from_row_sums(statistics["cls_logits"])
+        if "patch_logits" in statistics:
+            self.ibot_center.update_from_row_sums(statistics["patch_logits"])
 
     # ------------------------------------------------------------------------------------ losses
     def losses(
