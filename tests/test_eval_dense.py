@@ -517,3 +517,43 @@ def test_a_second_run_into_an_out_folder_still_in_use_is_refused(task, tmp_path,
     assert load_head_file(out / f"{task}_head.safetensors")[1]["seed"] == 0  # the first run's head
     assert [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] == first["training"]
     assert tiny_run(task, train, val, out, *extra, "seed=1")["training"]  # the lock went with the first run
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_a_predict_rerun_leaves_only_its_own_predictions(task, tmp_path):
+    """A rerun of predict into an earlier out= kept the predictions of images no longer in its input, so
+    the folder mixed two runs. The earlier run's recorded files are now removed first; other files in
+    out= stay."""
+    from dinokit.eval.common import prepare_backbone
+    from dinokit.eval.dense import head_metadata, save_head
+    from dinokit.eval.depth import LinearDepthHead
+    from dinokit.eval.segmentation import LinearSegmentationHead
+
+    backbone = prepare_backbone("random:vit_nano_p2", "cpu", seed=0)
+    dim = backbone.model.embed_dim
+    if task == "segmentation":
+        head = LinearSegmentationHead(dim, 3)
+        extra = dict(num_classes=3, ignore_index=255)
+    else:
+        head = LinearDepthHead(dim, 1, 0.001, 10.0)
+        extra = dict(with_cls=True, min_depth=0.001, max_depth=10.0, depth_scale=1000.0)
+    meta = head_metadata(backbone, 16, (1,), True, 0, task=task, **extra)
+    save_head(tmp_path / "head.safetensors", head.eval(), meta)
+    for name in ("a.png", "sub/b.png", "c.png"):
+        save(tmp_path / "in" / name, np.full((20, 30, 3), 90, np.uint8))
+    out = tmp_path / "out"
+    args = ["predict", task, f"head={tmp_path / 'head.safetensors'}", f"images={tmp_path / 'in'}", f"out={out}"]
+    assert main([*args, "num_workers=0"]) == 0
+    assert (out / "sub" / "b.png").is_file() and (out / "c.png").is_file()
+    save(out / "legend.png", np.zeros((4, 4, 3), np.uint8))  # the user's own files in out=
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / "in" / "sub" / "b.png").unlink()
+    (tmp_path / "in" / "c.png").unlink()
+    assert main([*args, "num_workers=0"]) == 0
+    picture = "_overlay.png" if task == "segmentation" else "_depth.png"
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert written == [".dinokit-predictions.json", "a.png", f"a{picture}", "legend.png", "notes.txt"]
+    record = json.loads((out / ".dinokit-predictions.json").read_text())
+    (out / ".dinokit-predictions.json").write_text(json.dumps({"files": [*record["files"], "../in/a.png"]}))
+    assert main([*args, "num_workers=0"]) == 0
+    assert (tmp_path / "in" / "a.png").is_file()  # nothing outside out= is removed

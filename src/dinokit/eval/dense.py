@@ -41,7 +41,7 @@ from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
 from dinokit.eval.common import Backbone, make_transform, split_features
-from dinokit.io import atomic_write, folder_lock, sync
+from dinokit.io import atomic_write, folder_lock, read_json, sync, write_json
 from dinokit.runtime import reuse_freed_memory
 
 
@@ -452,6 +452,8 @@ def predict_images(
     names = output_names(paths, Path(images).expanduser())
     check_outputs_spare_inputs(paths, names, *out_files)
     check_readable(paths, images)
+    out_dir, suffixes = out_files
+    replace_predictions(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes], paths)
     transform = make_transform(meta["image_size"], "resize")
     which = ("layer_patch_tokens", "layers") if meta.get("with_cls") else ("layer_patch_tokens",)
     side = meta["image_size"] // meta["patch_size"]
@@ -493,3 +495,35 @@ def check_outputs_spare_inputs(paths: list[Path], names: list[str], out_dir: Pat
                     f"out={out_dir} would overwrite the input image {target} with a prediction; "
                     "choose an out folder apart from the images"
                 )
+
+
+PREDICTIONS_RECORD = ".dinokit-predictions.json"  # the files a predict command wrote in its out folder
+
+
+def replace_predictions(out_dir: Path, files: list[str], inputs: list[Path]) -> None:
+    """Before a predict run writes anything: remove from `out_dir` (created if missing) the prediction
+    files that an earlier run recorded in PREDICTIONS_RECORD, then record `files` (paths under
+    `out_dir`) as this run's. A rerun so leaves only its own predictions, never those of images no
+    longer in its input; one stopped partway is cleaned up by the next. Other files are never removed,
+    nor any that is an input image of this run or lies outside `out_dir`."""
+    record = out_dir / PREDICTIONS_RECORD
+    if record.is_file():
+        root, keep = out_dir.resolve(), {p.resolve() for p in inputs}
+        for name in read_json(record).get("files", []):
+            path = (out_dir / name).resolve()
+            if path.is_relative_to(root) and path not in keep and path.is_file():
+                path.unlink(missing_ok=True)
+                remove_empty_folders(path.parent, root)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(record, {"files": files})
+
+
+def remove_empty_folders(folder: Path, root: Path) -> None:
+    """Remove `folder` and its parents below `root` while they are empty (a removed prediction's
+    subfolders)."""
+    while folder != root and folder.is_relative_to(root):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone)
+            return
+        folder = folder.parent

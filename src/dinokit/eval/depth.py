@@ -306,7 +306,9 @@ def predict_depth(
     file. model: the backbone (default: the one the head was trained on; checked by hash). Writes
     out/<name>.png (uint16, depth x depth_scale, e.g. millimetres; <name> keeps the image's
     subfolders) and out/<name>_depth.png. depth_scale: by default the one of training; depths beyond
-    65535 / depth_scale metres do not fit 16 bits and are clipped (with a warning).
+    65535 / depth_scale metres do not fit 16 bits and are clipped (with a warning). A rerun into the
+    same out first removes the earlier run's predictions (the files it listed in
+    out/.dinokit-predictions.json; no other file), so out holds this run's alone.
     """
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     net, meta = load_depth_head(head)

@@ -285,7 +285,9 @@ def predict_segmentation(
     head: out/segmentation_head.safetensors of `dinokit eval segmentation`. images: a folder, an image
     or a list file. model: the backbone (default: the one the head was trained on; checked by hash).
     Writes out/<name>.png (class index per pixel, original size; the head's ignore_index never, when
-    it is a class index) and out/<name>_overlay.png; <name> keeps the image's subfolders.
+    it is a class index) and out/<name>_overlay.png; <name> keeps the image's subfolders. A rerun into
+    the same out first removes the earlier run's predictions (the files it listed in
+    out/.dinokit-predictions.json; no other file), so out holds this run's alone.
     """
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     net, meta = load_segmentation_head(head)
