@@ -189,6 +189,16 @@ def test_torchrun_launches_pretraining_on_two_processes(tmp_path):
     assert (out / "backbone.safetensors").exists() and dinokit.load_model(out / "backbone.safetensors")
 
 
+def test_resume_into_an_empty_folder_says_so_once(tmp_path):
+    """Under torchrun, resume=true into a folder without a run printed its notice once per process."""
+    data = tiny_images(tmp_path / "data")
+    keys = {**TINY, "max_iterations": 2, "batch_size": 4, "resume": True}
+    args = ["-m", "dinokit", "pretrain", f"data={data}", f"out={tmp_path / 'run'}"]
+    result = run_torchrun(args + [f"{k}={v}" for k, v in keys.items()], timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (result.stdout + result.stderr).count("holds no run yet: starting a new one") == 1
+
+
 def run_patched_pretraining(script: str, tmp_path: Path, max_iterations: int) -> subprocess.CompletedProcess:
     """`script` (which patches dinokit, then runs `dinokit pretrain` on its arguments) on 2 processes
     under torchrun, on tiny images, out= tmp_path / "run"."""

@@ -39,6 +39,12 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
+def launched_as_process_0() -> bool:
+    """Whether this is process 0 of its job as torchrun numbered it (RANK), known before it joins the
+    process group; True outside torchrun. Notices that every process would print go out on it alone."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def init_distributed(
     device: torch.device, backend: str | None = None, timeout: datetime.timedelta = datetime.timedelta(minutes=30)
 ) -> torch.device:

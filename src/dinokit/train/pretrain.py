@@ -9,7 +9,6 @@ backbone.safetensors (the teacher backbone, for `dinokit.load_model`).
 import contextlib
 import hashlib
 import math
-import os
 import time
 import warnings
 from dataclasses import replace
@@ -300,7 +299,8 @@ def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple
             )
         return resolve_config(preset, keys), False
     if not saved.exists():
-        print(f"resume=true but {out} holds no run yet: starting a new one")
+        if dist.launched_as_process_0():  # once, not once per torchrun process
+            print(f"resume=true but {out} holds no run yet: starting a new one")
         return resolve_config(preset, keys), False
     values = yaml.safe_load(saved.read_text())
     old = resolve_config(None, {k: v for k, v in values.items() if k not in ("data", "out", "preset", "derived")})
@@ -385,7 +385,7 @@ def pretrain(
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     # one run per folder: a second one (e.g. resume=true while the first still runs) is refused, as
     # both would write its checkpoints and metrics. Process 0 of torchrun (RANK, before init) holds it.
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = dist.launched_as_process_0()
     with folder_lock(out_dir, "a pretraining run", wait=False) if main else contextlib.nullcontext():
         cfg, resuming = run_config(out_dir, preset, keys, resume)
         runtime_device = dist.init_distributed(resolve_device(cfg.device))
