@@ -244,6 +244,24 @@ def test_file_system_errors_are_one_line_without_a_traceback(monkeypatch, capsys
     assert main(["models"]) == 130
 
 
+def test_an_interrupted_torchrun_job_says_so_once(monkeypatch, capsys):
+    """Ctrl-C under torchrun printed `dinokit: interrupted` once per process: process 0 prints it, the
+    others exit with the same status quietly."""
+
+    def interrupted(out: str = "x"):
+        """A command stopped by Ctrl-C."""
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dinokit.cli.resolve_command", lambda name: interrupted)
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err == "dinokit: interrupted\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, err in (("0", "dinokit: interrupted\n"), ("1", "")):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["models"]) == 130
+        assert capsys.readouterr().err == err
+
+
 def test_pretrain_help_lists_every_config_key_with_type_and_default(capsys):
     import dataclasses
 

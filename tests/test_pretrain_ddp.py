@@ -243,6 +243,29 @@ def test_an_error_of_every_process_before_they_join_is_printed_once(tmp_path):
     assert "dinokit: error: unknown pretraining key(s): 'no_such_key'" in result.stderr
 
 
+# Ctrl-C, which torchrun passes on to every process: here each sends SIGINT to itself after a step.
+INTERRUPTED_RUN = """
+import importlib, os, signal, sys
+from dinokit.cli import main
+pretrain = importlib.import_module("dinokit.train.pretrain")
+step = pretrain.Trainer.step
+def interrupted_step(self, *args):
+    result = step(self, *args)
+    if self.iteration == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    return result
+pretrain.Trainer.step = interrupted_step
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_an_interrupted_run_says_so_once(tmp_path):
+    """Ctrl-C under torchrun printed `dinokit: interrupted` once per process."""
+    result = run_patched_pretraining(INTERRUPTED_RUN, tmp_path, max_iterations=6)
+    assert result.returncode != 0
+    assert result.stderr.count("dinokit: interrupted") == 1, result.stderr[-3000:]
+
+
 # Process 1 alone fails before the processes join (as one whose LOCAL_RANK has no GPU would), after a
 # shortened wait for process 0, which waits for it to join instead of failing too.
 ONE_PROCESS_FAILS_BEFORE_JOINING = """

@@ -268,6 +268,17 @@ def print_error(message: str, shared: bool = False) -> None:
     print(f"dinokit: error: {message}", file=sys.stderr)
 
 
+def print_interrupted() -> None:
+    """`dinokit: interrupted` on stderr; in a torchrun job on process 0 alone: Ctrl-C reaches every
+    process (torchrun passes it on), and the others exit quietly with the same status."""
+    if "RANK" in os.environ:
+        from dinokit.distributed import launched_as_process_0
+
+        if not launched_as_process_0():
+            return
+    print("dinokit: interrupted", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`dinokit ...`; returns the exit status: 0 done, 1 output pipe closed, 2 error, 130 interrupted."""
     try:
@@ -307,7 +318,7 @@ def run(argv: list[str]) -> int:
         print_error(describe_os_error(e))
         return 2
     except KeyboardInterrupt:
-        print("dinokit: interrupted", file=sys.stderr)
+        print_interrupted()
         return 130
     if isinstance(result, (dict, list)):
         print(json.dumps(result, indent=2, default=str))
