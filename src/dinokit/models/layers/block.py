@@ -62,7 +62,7 @@ class Block(nn.Module):
 
     def fold_layer_scale(self) -> bool:
         """Whether LayerScale runs folded into the linear before it (`scaled_weights`): whenever
-        gradients are on (`saves_for_backward`), where it saves memory and time. Without gradients the
+        gradients are on (`saves_for_backward`), where it saves memory. Without gradients the
         branch computes linear(x) * gamma as written: inference matches the official models bit for bit."""
         return isinstance(self.ls1, LayerScale) and saves_for_backward()
 
