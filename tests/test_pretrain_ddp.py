@@ -2,6 +2,7 @@
 and the health figures reduced over processes equal their single-process values on the whole batch;
 a 2-process run resumes in one process."""
 
+import json
 import os
 import socket
 import subprocess
@@ -187,6 +188,8 @@ def test_torchrun_launches_pretraining_on_two_processes(tmp_path):
     assert rows[-1]["iteration"] == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert "2 process(es) x batch 4 = 8" in result.stdout + result.stderr
     assert (out / "backbone.safetensors").exists() and dinokit.load_model(out / "backbone.safetensors")
+    summary = json.loads(result.stdout[result.stdout.index("{") :])  # printed once, by process 0
+    assert summary["iterations"] == 6 and summary["backbone"] == str(out / "backbone.safetensors")
 
 
 def test_resume_into_an_empty_folder_says_so_once(tmp_path):

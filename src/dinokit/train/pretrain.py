@@ -368,7 +368,8 @@ def pretrain(
     schedules span epochs, else max_iterations, else max_minutes. resume=true continues the run in
     `out` from its newest checkpoint; init= starts from pretrained weights with fresh heads.
     Launch with `torchrun --nproc_per_node N -m dinokit pretrain ...` for several processes.
-    Returns a summary (iterations, last metrics, paths).
+    Returns a summary (iterations, last metrics, paths) on process 0 and None on the others, as
+    `embed` does: the job's result, which the command line prints once.
     """
     given = dict(
         max_iterations=max_iterations,
@@ -397,7 +398,7 @@ def pretrain(
             dist.destroy_distributed(wait=False)  # the others may be in a collective: exit with the error
             raise
         dist.destroy_distributed()
-    return summary
+    return summary if main else None
 
 
 class Trainer:
