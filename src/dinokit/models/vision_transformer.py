@@ -243,6 +243,11 @@ class VisionTransformer(nn.Module):
 
         Each output is (B, N, D), or (B, D, H/p, W/p) with `reshape`; with `return_class_token` each
         entry is a (patch_tokens, cls_token) pair. `norm` applies the final LayerNorm.
+
+        This is the DINOv2 method, for DINO v1 models too. DINO v1's own returned every token, CLS
+        first, so its evaluation code reads `out[:, 0]` as the CLS; here that is the first patch:
+        ask for `return_class_token=True` and read each pair's second entry. A list `n` returns the
+        blocks in the order asked (the official code sorts them).
         """
         depth = len(self.blocks)
         if isinstance(n, int) and not 1 <= n <= depth:
