@@ -519,11 +519,8 @@ def test_a_second_run_into_an_out_folder_still_in_use_is_refused(task, tmp_path,
     assert tiny_run(task, train, val, out, *extra, "seed=1")["training"]  # the lock went with the first run
 
 
-@pytest.mark.parametrize("task", ["segmentation", "depth"])
-def test_a_predict_rerun_leaves_only_its_own_predictions(task, tmp_path):
-    """A rerun of predict into an earlier out= kept the predictions of images no longer in its input, so
-    the folder mixed two runs. The earlier run's recorded files are now removed first; other files in
-    out= stay."""
+def save_tiny_head(task: str, path: Path) -> None:
+    """A random head of `task` on the random `vit_nano_p2` backbone, saved as `dinokit eval` saves one."""
     from dinokit.eval.common import prepare_backbone
     from dinokit.eval.dense import head_metadata, save_head
     from dinokit.eval.depth import LinearDepthHead
@@ -532,13 +529,19 @@ def test_a_predict_rerun_leaves_only_its_own_predictions(task, tmp_path):
     backbone = prepare_backbone("random:vit_nano_p2", "cpu", seed=0)
     dim = backbone.model.embed_dim
     if task == "segmentation":
-        head = LinearSegmentationHead(dim, 3)
-        extra = dict(num_classes=3, ignore_index=255)
+        head, extra = LinearSegmentationHead(dim, 3), dict(num_classes=3, ignore_index=255)
     else:
         head = LinearDepthHead(dim, 1, 0.001, 10.0)
         extra = dict(with_cls=True, min_depth=0.001, max_depth=10.0, depth_scale=1000.0)
-    meta = head_metadata(backbone, 16, (1,), True, 0, task=task, **extra)
-    save_head(tmp_path / "head.safetensors", head.eval(), meta)
+    save_head(path, head.eval(), head_metadata(backbone, 16, (1,), True, 0, task=task, **extra))
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_a_predict_rerun_leaves_only_its_own_predictions(task, tmp_path):
+    """A rerun of predict into an earlier out= kept the predictions of images no longer in its input, so
+    the folder mixed two runs. The earlier run's recorded files are now removed first; other files in
+    out= stay."""
+    save_tiny_head(task, tmp_path / "head.safetensors")
     for name in ("a.png", "sub/b.png", "c.png"):
         save(tmp_path / "in" / name, np.full((20, 30, 3), 90, np.uint8))
     out = tmp_path / "out"
@@ -552,8 +555,28 @@ def test_a_predict_rerun_leaves_only_its_own_predictions(task, tmp_path):
     assert main([*args, "num_workers=0"]) == 0
     picture = "_overlay.png" if task == "segmentation" else "_depth.png"
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-    assert written == [".dinokit-predictions.json", "a.png", f"a{picture}", "legend.png", "notes.txt"]
+    assert written == [".dinokit-predictions.json", ".dinokit.lock", "a.png", f"a{picture}", "legend.png", "notes.txt"]
     record = json.loads((out / ".dinokit-predictions.json").read_text())
     (out / ".dinokit-predictions.json").write_text(json.dumps({"files": [*record["files"], "../in/a.png"]}))
     assert main([*args, "num_workers=0"]) == 0
     assert (tmp_path / "in" / "a.png").is_file()  # nothing outside out= is removed
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_a_predict_into_an_out_folder_in_use_is_refused(task, tmp_path, capsys):
+    """Two predict runs at once into one out= each removed the other's recorded files and wrote their
+    own beside them. A run into a folder that another run holds (predict or eval: one lock per folder)
+    now fails at once and touches nothing there."""
+    from dinokit.io import folder_lock
+
+    save_tiny_head(task, tmp_path / "head.safetensors")
+    save(tmp_path / "in" / "a.png", np.full((20, 30, 3), 90, np.uint8))
+    out = tmp_path / "out"
+    args = ["predict", task, f"head={tmp_path / 'head.safetensors'}", f"images={tmp_path / 'in'}", f"out={out}"]
+    assert main([*args, "num_workers=0"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with folder_lock(out, "another run", wait=False):  # as a run in another process holds it
+        assert main([*args, "num_workers=0"]) == 2
+    assert f"another process is writing predictions in {out}" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main([*args, "num_workers=0"]) == 0  # the lock went with the run that held it

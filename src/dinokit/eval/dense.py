@@ -444,7 +444,9 @@ def predict_images(
 ):
     """Yield (output name, RGB array at original size, head output (C, H, W) at that size); the name is
     the image's path under the `images` folder without extension (its stem for a list or one file).
-    out_files: (output folder, suffixes of the files written per name), checked against the inputs."""
+    out_files: (output folder, suffixes of the files written per name), checked against the inputs.
+    The output folder is held (io.folder_lock) until the last prediction: a second predict or eval run
+    into it meanwhile fails at once."""
     from dinokit.data.images import open_rgb
     from dinokit.features.extract import iter_features
 
@@ -453,34 +455,35 @@ def predict_images(
     check_outputs_spare_inputs(paths, names, *out_files)
     check_readable(paths, images)
     out_dir, suffixes = out_files
-    replace_predictions(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes], paths)
-    transform = make_transform(meta["image_size"], "resize")
-    which = ("layer_patch_tokens", "layers") if meta.get("with_cls") else ("layer_patch_tokens",)
-    side = meta["image_size"] // meta["patch_size"]
-    device = next(head.parameters()).device
-    bad = []
-    stream = iter_features(
-        backbone.model,
-        paths,
-        transform,
-        which,
-        meta["layers"],
-        meta["norm"],
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-    )
-    for good, feats, bad_batch in stream:
-        bad += bad_batch
-        if not feats:
-            continue
-        cls = feats["layers"].to(device) if "layers" in feats else None
-        output = head(feats["layer_patch_tokens"].to(device), cls, (side, side)).float().cpu()
-        for j, i in enumerate(good.tolist()):
-            rgb = np.asarray(open_rgb(paths[i]))
-            yield names[i], rgb, upsample(output[j : j + 1], rgb.shape[:2])[0]
-    if bad:
-        print(f"skipped {len(bad)} unreadable image(s), e.g. {paths[bad[0]]}")
+    with folder_lock(out_dir, "predictions", wait=False):  # one predict or eval at a time in out
+        replace_predictions(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes], paths)
+        transform = make_transform(meta["image_size"], "resize")
+        which = ("layer_patch_tokens", "layers") if meta.get("with_cls") else ("layer_patch_tokens",)
+        side = meta["image_size"] // meta["patch_size"]
+        device = next(head.parameters()).device
+        bad = []
+        stream = iter_features(
+            backbone.model,
+            paths,
+            transform,
+            which,
+            meta["layers"],
+            meta["norm"],
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=precision,
+        )
+        for good, feats, bad_batch in stream:
+            bad += bad_batch
+            if not feats:
+                continue
+            cls = feats["layers"].to(device) if "layers" in feats else None
+            output = head(feats["layer_patch_tokens"].to(device), cls, (side, side)).float().cpu()
+            for j, i in enumerate(good.tolist()):
+                rgb = np.asarray(open_rgb(paths[i]))
+                yield names[i], rgb, upsample(output[j : j + 1], rgb.shape[:2])[0]
+        if bad:
+            print(f"skipped {len(bad)} unreadable image(s), e.g. {paths[bad[0]]}")
 
 
 def check_outputs_spare_inputs(paths: list[Path], names: list[str], out_dir: Path, suffixes: tuple[str, ...]) -> None:
