@@ -12,9 +12,11 @@ pairs alternate to spread machine drift.
     python bench/train_throughput.py                       # CPU, fp32 and bf16
     python bench/train_throughput.py --device cuda --compile
     python bench/train_throughput.py --peer dinokit-default-malloc   # dinokit with / without reuse_freed_memory
+    python bench/train_throughput.py --saved-activations             # MB autograd saves for dinokit's backward
 """
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -54,7 +56,9 @@ def autocast(device: str, precision: str):
 
 
 # --------------------------------------------------------------------------------------------- dinokit
-def dinokit_step_fn(device: str, precision: str, compile_model: bool):
+def dinokit_step_fn(device: str, precision: str, compile_model: bool, pack_saved=None):
+    """dinokit's step; `pack_saved` (a saved_tensors_hooks pack function) sees every tensor autograd
+    saves for its backward (`saved_activations_mb`)."""
     from dinokit.train.config import resolve_config
     from dinokit.train.ema import update_teacher
     from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups
@@ -83,7 +87,8 @@ def dinokit_step_fn(device: str, precision: str, compile_model: bool):
             targets = model.teacher_probabilities(teacher, values["teacher_temp"])
             center_statistics = model.center_statistics(teacher)
             del teacher
-            parts = model.losses(model.student(x["global"], x["local"], masks), targets, 2, weights)
+            with saved_tensor_hooks(pack_saved):
+                parts = model.losses(model.student(x["global"], x["local"], masks), targets, 2, weights)
             del targets
         parts["loss"].backward()
         clip_gradients(modules, 3.0)
@@ -94,6 +99,27 @@ def dinokit_step_fn(device: str, precision: str, compile_model: bool):
         return parts["loss"].item()
 
     return step
+
+
+def saved_tensor_hooks(pack):
+    """torch.autograd.graph.saved_tensors_hooks(pack, identity), or nothing where pack is None."""
+    if pack is None:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def saved_activations_mb(precision: str) -> float:
+    """MB of the distinct storages autograd saves for the backward of one dinokit step on the CPU:
+    the student side (backbone, heads, losses), what the step's memory peak is made of."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(0)
+    dinokit_step_fn("cpu", precision, False, pack)(make_inputs())
+    return sum(storages.values()) / 2**20
 
 
 # --------------------------------------------------------------------------------------------- lightly
@@ -248,8 +274,17 @@ def main() -> None:
         choices=["lightly", "dinokit-default-malloc"],
         help="what dinokit is timed against: lightly, or its own step without reuse_freed_memory (an A/B)",
     )
+    parser.add_argument(
+        "--saved-activations",
+        action="store_true",
+        help="only print the MB autograd saves for the backward of dinokit's step (CPU), per precision",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.saved_activations:
+        for precision in args.precisions.split(","):
+            print(f"{precision}: dinokit step saves {saved_activations_mb(precision):.0f} MB for its backward")
+        return
     if args.worker:
         library, precision = args.worker.split(":")
         print(json.dumps(worker(library, args.device, precision, args.steps, args.warmup, args.compile)))
