@@ -98,7 +98,7 @@ def leave_shared_error_to_process_0(shared: bool) -> None:
     wait would hide the error. Telling the two apart by asking the other processes would need a
     collective, which could hang: they may be waiting in another one.
     """
-    if launched_by_torchrun() and int(os.environ["RANK"]) != 0 and (shared or not _joined):
+    if launched_by_torchrun() and not launched_as_process_0() and (shared or not _joined):
         time.sleep(SHARED_ERROR_WAIT_S)
 
 
