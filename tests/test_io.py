@@ -190,3 +190,30 @@ def test_a_folder_replaced_whole_is_never_a_mix_and_a_writer_killed_mid_swap_is_
     with io.atomic_folder(folder, replace=True) as tmp:
         (tmp / "weights").write_text("new weights")
     assert files(folder) == {"weights": "new weights"} and os.listdir(tmp_path) == ["export"]
+
+
+def test_a_replacing_writer_stopped_between_its_renames_puts_the_old_folder_back(tmp_path, monkeypatch):
+    """An error raised in the swap itself, after the old folder was renamed aside and before the new one
+    was renamed in, left no folder at all (the aside folder was removed with the temporary one). The
+    old folder is now put back. A finished swap gives the new folder the old one's permission bits,
+    and through a symbolic link replaces the folder it names."""
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "weights").write_text("old weights")
+    os.chmod(folder, 0o750)
+    real_replace = os.replace
+
+    def stopped(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", stopped)
+    with pytest.raises(KeyboardInterrupt), io.atomic_folder(folder, replace=True) as tmp:
+        (tmp / "weights").write_text("new weights")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert (folder / "weights").read_text() == "old weights" and os.listdir(tmp_path) == ["export"]
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    with io.atomic_folder(link, replace=True) as tmp:
+        (tmp / "weights").write_text("new weights")
+    assert link.is_symlink() and (folder / "weights").read_text() == "new weights"
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o750 and sorted(os.listdir(tmp_path)) == ["export", "link"]

@@ -156,9 +156,9 @@ def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
 
     With `replace`, an existing `path` is replaced whole instead: it is renamed aside, the new folder
     (given the old one's permission bits) renamed in, and the old one removed, so a reader never sees
-    files of both. An error in the block leaves `path` as it was. A writer killed between the two
-    renames leaves no `path`; the next atomic_folder of `path` puts the old folder back first. A
-    symbolic link is followed: the folder it names is replaced."""
+    files of both. An error in the block or in the swap leaves `path` as it was. A writer killed
+    between the two renames leaves no `path`; the next atomic_folder of `path` puts the old folder back
+    first. A symbolic link is followed: the folder it names is replaced."""
     path = Path(path).resolve() if replace else Path(path)
     prefix = f".{path.name}.tmp-{socket.gethostname()}-"
     aside_prefix = f".{path.name}.old-{socket.gethostname()}-"
@@ -176,11 +176,11 @@ def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
             os.replace(tmp, path)
         except OSError:
             if not path.is_dir():
-                if aside.is_dir():
-                    os.rename(aside, path)
                 raise
         sync(path.parent)
     finally:
+        if aside.is_dir() and not path.exists():  # stopped between the two renames: the old folder back
+            os.rename(aside, path)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(aside, ignore_errors=True)
 
