@@ -560,6 +560,11 @@ def test_a_predict_rerun_leaves_only_its_own_predictions(task, tmp_path):
     (out / ".dinokit-predictions.json").write_text(json.dumps({"files": [*record["files"], "../in/a.png"]}))
     assert main([*args, "num_workers=0"]) == 0
     assert (tmp_path / "in" / "a.png").is_file()  # nothing outside out= is removed
+    save(out / "photo.jpg", np.full((20, 30, 3), 90, np.uint8))  # an input image inside out=
+    record = json.loads((out / ".dinokit-predictions.json").read_text())
+    (out / ".dinokit-predictions.json").write_text(json.dumps({"files": [*record["files"], "photo.jpg"]}))
+    assert main([*args[:3], f"images={out / 'photo.jpg'}", f"out={out}", "num_workers=0"]) == 0
+    assert (out / "photo.jpg").is_file() and (out / "photo.png").is_file()  # nor this run's input
 
 
 @pytest.mark.parametrize("task", ["segmentation", "depth"])
