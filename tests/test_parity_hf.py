@@ -265,9 +265,14 @@ def test_hf_vit_model_of_dino_v1_loads_with_identical_outputs(tmp_path):
     assert ours.config.init_values is None and not ours.config.mask_token and ours.config.patch_size == 8
     assert (ours.config.interpolate_offset, ours.config.interpolate_antialias) == (0.1, False)  # official DINO
     compare(hf, ours, torch.randn(2, 3, 32, 32), 0)
-    # off the native grid ViTModel drops the +0.1 offset as Dinov2Model does; interpolate_offset=0.0 follows it
+    # off the native grid ViTModel drops the +0.1 offset as Dinov2Model does (README): the official model
+    # differs from it, and interpolate_offset=0.0 follows it
+    x = torch.randn(2, 3, 24, 40)
+    with torch.no_grad():
+        ref = hf(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state[:, 1:]
+        assert (ours.forward_features(x)["x_norm_patchtokens"] - ref).abs().max() > 1e-3
     like_hf = dinokit.load_model(tmp_path / "hf", interpolate_offset=0.0)
-    compare(hf, like_hf, torch.randn(2, 3, 24, 40), 0, interpolate_pos_encoding=True)
+    compare(hf, like_hf, x, 0, interpolate_pos_encoding=True)
     # the weights file alone (config.json beside it), and one without any config (eps: the official 1e-6)
     compare(hf, dinokit.load_model(tmp_path / "hf" / "model.safetensors"), torch.randn(1, 3, 32, 32), 0)
     (tmp_path / "alone").mkdir()
