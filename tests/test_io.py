@@ -217,3 +217,28 @@ def test_a_replacing_writer_stopped_between_its_renames_puts_the_old_folder_back
         (tmp / "weights").write_text("new weights")
     assert link.is_symlink() and (folder / "weights").read_text() == "new weights"
     assert stat.S_IMODE(os.stat(folder).st_mode) == 0o750 and sorted(os.listdir(tmp_path)) == ["export", "link"]
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_link_entries_carries_the_kept_files_and_folders_over_as_links_or_else_copies(tmp_path, monkeypatch, links):
+    """What a replacing atomic_folder keeps of the folder it replaces: hard links (no space, no time),
+    copies on a file system that refuses them; subfolders whole, symbolic links as links."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    (old / "sub").mkdir(parents=True)
+    (old / "README.md").write_text("card")
+    (old / "sub" / "notes.txt").write_text("notes")
+    (old / "weights.bin").write_text("stale")
+    (old / "card").symlink_to("README.md")
+    new.mkdir()
+    if not links:
+
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EPERM, "no hard links here")
+
+        monkeypatch.setattr(io.os, "link", refuse)
+    io.link_entries(old, new, keep=lambda name: name != "weights.bin")
+    assert sorted(str(p.relative_to(new)) for p in new.rglob("*")) == ["README.md", "card", "sub", "sub/notes.txt"]
+    assert (new / "sub" / "notes.txt").read_text() == "notes" and os.readlink(new / "card") == "README.md"
+    for name in ("README.md", "sub/notes.txt"):
+        assert os.path.samefile(old / name, new / name) == links
+    io.link_entries(tmp_path / "missing", new, keep=lambda name: True)  # no earlier folder: nothing
