@@ -525,6 +525,26 @@ def test_a_crash_between_the_hf_files_keeps_the_earlier_export_whole(tmp_path, m
     assert same_outputs(other, dinokit.load_model(folder)) and [p.name for p in tmp_path.iterdir()] == ["hf"]
 
 
+def test_an_hf_export_after_one_killed_mid_swap_keeps_the_earlier_folders_other_files(tmp_path, model):
+    """An hf export killed between renaming the earlier folder aside and the new one in leaves no folder;
+    the next export created an empty one before atomic_folder could put the earlier one back, so the
+    earlier folder (its README, ...) was removed instead of carried over. The folder is no longer
+    created up front."""
+    import socket
+    import subprocess
+    import sys
+
+    folder = tmp_path / "hf"
+    dinokit.export_model(model, folder, format="hf")
+    (folder / "README.md").write_text("model card")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder.rename(tmp_path / f".hf.old-{socket.gethostname()}-{int(dead.stdout)}")  # killed mid-swap
+    dinokit.export_model(model, folder, format="hf")
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert (folder / "README.md").read_text() == "model card" and [p.name for p in tmp_path.iterdir()] == ["hf"]
+    assert same_outputs(model, dinokit.load_model(folder))
+
+
 def test_an_official_export_warns_where_the_layer_norm_eps_would_be_read_back_otherwise(tmp_path):
     """The official layout does not store the LayerNorm eps: a model with eps 1e-12 (transformers' ViTModel
     default, e.g. DINO v1 read from the Hub) came back with 1e-6 from its .pth, silently, with other outputs."""

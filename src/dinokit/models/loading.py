@@ -359,9 +359,10 @@ def output_path(path: str | Path, format: str, create: bool = True) -> Path:
     if format == "dinokit" and path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors") if path.suffix else path / "model.safetensors"
     examples = {"dinokit": "model.safetensors", "official": "model.pth", **GRAPH_EXAMPLE_NAMES}
-    if format == "hf":  # written beside `path`, then renamed into place
+    if format == "hf":  # written beside `path`, then renamed into place: its parent is created, not it
         prepare_output(path.parent, folder=True, create=create)
-    return prepare_output(path, folder=format == "hf", example=examples.get(format, ""), create=create)
+        return prepare_output(path, folder=True, create=False)
+    return prepare_output(path, example=examples.get(format, ""), create=create)
 
 
 def _write_hf_folder(sd: dict[str, torch.Tensor], config: ViTConfig, folder: Path) -> None:
