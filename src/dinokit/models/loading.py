@@ -322,8 +322,8 @@ def export_model(
 
 def with_official_mask_token(sd: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
     """`sd` with the zero mask token (the official init) of a DINOv2 model (LayerScale or registers) that
-    has none (transformers' use_mask_token=False, timm, mask_token=False): the official model always has
-    one and loads strictly. DINO v1 (neither) has no mask token."""
+    has none (transformers' use_mask_token=False, mask_token=False; timm files get theirs when read): the
+    official model always has one and loads strictly. DINO v1 (neither) has no mask token."""
     if "mask_token" in sd or (config.init_values is None and not config.num_register_tokens):
         return sd
     return {**sd, "mask_token": torch.zeros(1, config.embed_dim)}
