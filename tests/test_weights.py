@@ -3,12 +3,13 @@
 import argparse
 import json
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import dinokit
 from dinokit import ARCHITECTURES, VisionTransformer, ViTConfig
@@ -399,6 +400,51 @@ def test_cached_download_is_used_without_network(tmp_path, monkeypatch, model):
     torch.save(model.state_dict(), tmp_path / "dinov2_vits14_reg4_pretrain.pth")
     monkeypatch.setattr("torch.hub.download_url_to_file", lambda *a, **k: pytest.fail("downloaded again"))
     assert same_outputs(model, dinokit.load_model("dinov2_vits14_reg"))
+
+
+def fake_hub_repo(monkeypatch, repo: Path) -> None:
+    """`huggingface_hub.snapshot_download` of a Hub repo whose files are those of the folder `repo`: the
+    files that allow_patterns select (matched as the Hub matches them) are copied into one snapshot folder."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    def snapshot_download(repo_id, allow_patterns=None, cache_dir=None, **kwargs):
+        snapshot = Path(cache_dir) / repo_id.replace("/", "--")
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for name in filter_repo_objects(sorted(p.name for p in repo.iterdir()), allow_patterns=allow_patterns):
+            shutil.copy(repo / name, snapshot / name)
+        return str(snapshot)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+
+
+@pytest.mark.parametrize("layout", ["safetensors and bin", "bin", "sharded bin"])
+def test_a_hub_repo_with_only_pytorch_model_bin_is_downloaded(tmp_path, monkeypatch, model, layout):
+    """Hub ids were fetched with config.json and *.safetensors only, so a repo that holds only
+    pytorch_model.bin (sharded or not) came down as a lone config.json that did not load."""
+    monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path / "cache"))
+    repo = Path(dinokit.export_model(model, tmp_path / "repo", format="hf"))
+    sd = load_file(repo / "model.safetensors")
+    if layout == "sharded bin":
+        keys = sorted(sd)
+        shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+        for name, part in shards.items():
+            torch.save({k: sd[k] for k in part}, repo / name)
+        weight_map = {k: name for name, part in shards.items() for k in part}
+        (repo / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        bin_files = [*shards, "pytorch_model.bin.index.json"]
+    else:
+        torch.save(sd, repo / "pytorch_model.bin")
+        bin_files = ["pytorch_model.bin"]
+    if layout != "safetensors and bin":
+        (repo / "model.safetensors").unlink()
+    (repo / "README.md").write_text("a model card, never fetched")
+    fake_hub_repo(monkeypatch, repo)
+    fetched = sorted(p.name for p in hub.resolve("someone/tiny-dinov2").iterdir())
+    # where the repo has safetensors, its .bin is never fetched
+    assert fetched == sorted(
+        ["config.json", *(["model.safetensors"] if layout == "safetensors and bin" else bin_files)]
+    )
+    assert same_outputs(model, dinokit.load_model("someone/tiny-dinov2"))
 
 
 def test_format_detection(tmp_path, model):

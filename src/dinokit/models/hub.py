@@ -98,11 +98,22 @@ def _download_url(name: str, url: str) -> Path:
     return target
 
 
+# What is fetched of a Hub repo: its safetensors; only where it has none, its pytorch_model.bin (read
+# weights_only, as every torch file), single or sharded. Its other files (other formats, README) never.
+_HUB_SAFETENSORS = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+_HUB_BIN = ["config.json", "pytorch_model.bin", "pytorch_model-*.bin", "pytorch_model.bin.index.json"]
+
+
 def _download_hub(repo_id: str) -> Path:
+    """The snapshot folder of `repo_id` with its config and safetensors weights, or where the snapshot
+    has no safetensors file (older repos), with its pytorch_model.bin. `snapshot_download` lists the
+    repo itself, and offline serves a snapshot cached earlier (of either kind)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir() / "hub"))
+        folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_SAFETENSORS, cache_dir=cache_dir() / "hub"))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_BIN, cache_dir=cache_dir() / "hub"))
     except Exception as e:  # offline, gated, missing repo: the hub raises many types
         raise _offline_error(repo_id, f"the Hugging Face Hub ({repo_id})", e) from None
+    return folder
