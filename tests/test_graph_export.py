@@ -183,6 +183,37 @@ def test_a_crash_before_the_new_graph_is_moved_in_keeps_the_previous_graph_and_i
     assert np.abs(graph_export.run_onnx(str(target), x)[0].numpy() - reference(second, x)[0]).max() <= 1e-4
 
 
+def test_a_second_export_to_the_same_path_while_one_runs_is_refused_and_removes_nothing(tmp_path, monkeypatch):
+    """Two exports at once to one path: the one that finished second removed the other's data file as an
+    earlier export's, so the graph moved in last named a data file that was gone (no session at all).
+    An export now holds the target while it runs: a second one is refused before it writes anything."""
+    monkeypatch.setattr(graph_export, "LARGE_MODEL_BYTES", 0)
+    first, second = nano(0), nano(1)
+    target = tmp_path / "model.onnx"
+    real_replace = os.replace
+    second_export = []
+
+    def second_export_meanwhile(src, dst):
+        if Path(dst) == target and not second_export:  # the first has moved its data in, not its graph
+            second_export.append("started")
+            try:
+                export_graph(second, target, "onnx")
+                second_export.append("finished")
+            except DinokitError as e:
+                second_export.append(str(e))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_export_meanwhile)
+    export_graph(first, target, "onnx")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert second_export[1].startswith(f"another process is exporting to {target}"), second_export
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", onnx_data(tmp_path)]
+    x = torch.randn(1, 3, 16, 16)
+    assert np.abs(graph_export.run_onnx(str(target), x)[0].numpy() - reference(first, x)[0]).max() <= 1e-4
+    export_graph(second, target, "onnx")  # the target is free again once the first export ended
+    assert np.abs(graph_export.run_onnx(str(target), x)[0].numpy() - reference(second, x)[0]).max() <= 1e-4
+
+
 def test_export_does_not_change_the_callers_model(tmp_path):
     m = nano(0).train().to(torch.bfloat16)
     params = {k: v.clone() for k, v in m.state_dict().items()}

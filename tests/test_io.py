@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from dinokit import io
+from dinokit.errors import DinokitError
 from dinokit.io import atomic_write, sync
 
 
@@ -242,3 +243,25 @@ def test_link_entries_carries_the_kept_files_and_folders_over_as_links_or_else_c
     for name in ("README.md", "sub/notes.txt"):
         assert os.path.samefile(old / name, new / name) == links
     io.link_entries(tmp_path / "missing", new, keep=lambda name: True)  # no earlier folder: nothing
+
+
+def test_a_file_lock_refuses_or_waits_for_a_second_writer_and_leaves_no_lock_file(tmp_path):
+    import threading
+
+    target = tmp_path / "model.onnx"
+    order = []
+
+    def second():
+        with io.file_lock(target, "exporting to"):  # waits for the first
+            order.append("second")
+
+    with io.file_lock(target, "exporting to", wait=False):
+        refused = pytest.raises(DinokitError, match=f"another process is exporting to {target}; wait for it")
+        with refused, io.file_lock(target, "exporting to", wait=False):
+            pass
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        waiter.join(0.3)
+        order.append("first")
+    waiter.join(10)
+    assert order == ["first", "second"] and os.listdir(tmp_path) == []

@@ -246,39 +246,74 @@ def folder_lock(folder: str | Path, what: str, wait: bool = True) -> Iterator[No
     released when the process ends however it ends; a no-op without fcntl (Windows) or where the file
     system does not lock. A folder the lock created is removed again if the block fails before writing
     anything into it (a refused run leaves no empty folder behind)."""
+    folder = Path(folder)
+    lock = folder / LOCK_FILE
+    created = False
+
+    def make_folder() -> None:
+        nonlocal created
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+
+    refusal = f"another process is writing {what} in {folder}; wait for it to end, or choose another folder"
+    handle = hold_lock(lock, refusal, wait, make_folder)
+    with handle or contextlib.nullcontext():
+        try:
+            yield
+        except BaseException:
+            if handle is not None and created and os.listdir(folder) == [LOCK_FILE]:
+                lock.unlink()
+                folder.rmdir()
+            raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, what: str, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on writing the file `path` for the block, as folder_lock does for a
+    folder: with `wait` a second writer of `path` waits, otherwise it gets a DinokitError saying that
+    another process is `what` (e.g. "exporting to") `path`. The lock is the flock of a file
+    `.<name>.lock` beside `path`, removed at the end of the block (a waiter that then holds the removed
+    file locks afresh), so no lock file stays behind."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    refusal = f"another process is {what} {path}; wait for it to end, or choose another path"
+    handle = hold_lock(lock, refusal, wait)
+    if handle is None:
+        yield
+        return
+    with handle:
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # while still held, so no other writer holds this file yet
+
+
+def hold_lock(lock: Path, refusal: str, wait: bool, prepare: Callable[[], None] | None = None):
+    """The open file `lock` (created if missing) with an exclusive flock on it, for folder_lock and
+    file_lock; `prepare` (e.g. creating the folder) runs before each try. Without `wait` a lock that
+    another process holds is a DinokitError saying `refusal`. None without fcntl (Windows); the
+    unlocked file where the file system does not lock. A lock file that its holder removed while this
+    one waited is locked afresh."""
     try:
         import fcntl
     except ImportError:
-        yield
-        return
-    folder = Path(folder)
-    lock = folder / LOCK_FILE
+        return None
     while True:
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(lock, "a")  # noqa: SIM115 (held across the yield below)
+        if prepare is not None:
+            prepare()
+        handle = open(lock, "a")  # noqa: SIM115 (held by the caller)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             handle.close()
-            raise DinokitError(
-                f"another process is writing {what} in {folder}; wait for it to end, or choose another folder"
-            ) from None
+            raise DinokitError(refusal) from None
         except OSError as e:
             if e.errno not in LOCK_UNSUPPORTED:
                 handle.close()
                 raise
         if same_file(handle, lock):
-            break
-        handle.close()  # the holder we waited for removed its lock with its empty folder: lock afresh
-    with handle:
-        try:
-            yield
-        except BaseException:
-            if created and os.listdir(folder) == [LOCK_FILE]:
-                lock.unlink()
-                folder.rmdir()
-            raise
+            return handle
+        handle.close()  # the holder we waited for removed its lock file: lock afresh
 
 
 def same_file(handle, path: Path) -> bool:

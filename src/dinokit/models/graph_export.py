@@ -10,7 +10,9 @@ other than the exported ones and compared with PyTorch. A large model's ONNX wei
 `<name>.onnx.<random>.data` named by the graph, a name no earlier export used: it is moved in first,
 then the graph is renamed over the old one, which switches from the old pair to the new one at once;
 the earlier data files are removed last. A failed or interrupted export leaves the previous graph
-and its data untouched. The caller's model is not changed (a float32 CPU copy is exported).
+and its data untouched. One export of a path runs at a time: a second one is refused (it would
+remove the running one's data file as an earlier export's). The caller's model is not changed (a
+float32 CPU copy is exported).
 """
 
 import copy
@@ -27,7 +29,7 @@ from torch import nn
 
 from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
-from dinokit.io import prepare_output, sync
+from dinokit.io import file_lock, prepare_output, sync
 from dinokit.models.vision_transformer import VisionTransformer
 
 GRAPH_FORMATS = ("onnx", "torchscript")
@@ -67,11 +69,20 @@ def export_graph(model: VisionTransformer, path: str | Path, format: str, image_
     """Export to ONNX (`format='onnx'`) or TorchScript (`'torchscript'`), checked against PyTorch.
 
     Returns {path, format, exported_size, checked_size, checked_batch, max_abs_diff_cls,
-    max_abs_diff_patch_tokens}. Raises DinokitError (and writes nothing) if the check exceeds 1e-4.
+    max_abs_diff_patch_tokens}. Raises DinokitError (and writes nothing) if the check exceeds 1e-4, or
+    if another export of `path` is running (io.file_lock).
     """
     if format not in GRAPH_FORMATS:
         raise DinokitError(f"unknown graph format {format!r}; choose one of {', '.join(GRAPH_FORMATS)}")
     path = prepare_output(path, example=GRAPH_EXAMPLE_NAMES[format])
+    # one export of `path` at a time: each removes the data files of earlier exports when it ends,
+    # and would remove those of one still running (whose graph, moved in last, then names no data)
+    with file_lock(path, "exporting to", wait=False):
+        return write_graph(model, path, format, image_size)
+
+
+def write_graph(model: VisionTransformer, path: Path, format: str, image_size: int | None) -> dict:
+    """export_graph's work, while it holds `path`."""
     net = copy.deepcopy(model).to("cpu", torch.float32).eval()  # the caller's model keeps its device, dtype, mode
     wrapper = NormedTokens(net).eval()
     example = example_inputs(net, image_size)
