@@ -1,5 +1,8 @@
 import itertools
 import os
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -212,6 +215,28 @@ def test_a_second_export_to_the_same_path_while_one_runs_is_refused_and_removes_
     assert np.abs(graph_export.run_onnx(str(target), x)[0].numpy() - reference(first, x)[0]).max() <= 1e-4
     export_graph(second, target, "onnx")  # the target is free again once the first export ended
     assert np.abs(graph_export.run_onnx(str(target), x)[0].numpy() - reference(second, x)[0]).max() <= 1e-4
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("onnx", "m.onnx"), ("torchscript", "m.pt")])
+def test_an_export_removes_the_temporary_folders_of_killed_exports_not_those_of_live_ones(tmp_path, fmt, name):
+    """A killed export (SIGKILL) left its hidden temporary folder, model-sized, beside the target for
+    good; the next export now removes those of dead writers on this host, as io.atomic_folder does."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    left = {
+        "dead writer here": tmp_path / f".{name}.tmp-{host}-{int(dead.stdout)}",
+        "live writer here": tmp_path / f".{name}.tmp-{host}-{os.getppid()}",
+        "another host's": tmp_path / f".{name}.tmp-elsewhere-{int(dead.stdout)}",
+    }
+    for folder in left.values():
+        folder.mkdir()
+        (folder / name).write_bytes(b"half a graph")
+    export_graph(nano(0), tmp_path / name, fmt)
+    assert not left["dead writer here"].exists()
+    assert left["live writer here"].exists() and left["another host's"].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [name, left["live writer here"].name, left["another host's"].name]
+    )
 
 
 def test_export_does_not_change_the_callers_model(tmp_path):

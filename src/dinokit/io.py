@@ -160,29 +160,42 @@ def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
     between the two renames leaves no `path`; the next atomic_folder of `path` puts the old folder back
     first. A symbolic link is followed: the folder it names is replaced."""
     path = Path(path).resolve() if replace else Path(path)
-    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
     aside_prefix = f".{path.name}.old-{socket.gethostname()}-"
-    tmp = path.with_name(f"{prefix}{os.getpid()}")
     aside = path.with_name(f"{aside_prefix}{os.getpid()}")
     remove_dead_writers_folders(path.parent, aside_prefix, restore=path)
+    with writers_folder(path) as tmp:
+        try:
+            yield tmp
+            if replace and path.is_dir():
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+                os.rename(path, aside)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if not path.is_dir():
+                    raise
+            sync(path.parent)
+        finally:
+            if aside.is_dir() and not path.exists():  # stopped between the two renames: the old folder back
+                os.rename(aside, path)
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writers_folder(path: str | Path) -> Iterator[Path]:
+    """A new temporary folder `.<name>.tmp-<host>-<pid>` next to `path`, in which this process writes
+    what becomes `path` (atomic_folder renames it to `path`; a graph export moves its files there); it
+    is removed when the block ends. Those of writers that died (SIGKILL, a power cut) are removed
+    first (remove_dead_writers_folders), those of live ones left alone."""
+    path = Path(path)
+    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
     remove_dead_writers_folders(path.parent, prefix)
+    tmp = path.with_name(f"{prefix}{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if replace and path.is_dir():
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-            os.rename(path, aside)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not path.is_dir():
-                raise
-        sync(path.parent)
     finally:
-        if aside.is_dir() and not path.exists():  # stopped between the two renames: the old folder back
-            os.rename(aside, path)
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def remove_dead_writers_folders(parent: Path, prefix: str, restore: Path | None = None) -> None:

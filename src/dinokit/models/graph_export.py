@@ -4,9 +4,10 @@ The graph maps images (B, C, H, W), C = `config.in_chans`, H and W multiples of 
 (B, D) and the normed patch tokens (B, H/p * W/p, D), the `x_norm_clstoken` / `x_norm_patchtokens` of
 `forward_features`. The position grid is resampled inside the graph (see
 `layers/position_interpolation.py`), so sizes other than the example one give the eager model's
-numbers. Every export is written into a temporary folder beside the target and checked there before
-it is moved into place: the file is run (onnxruntime, or the TorchScript loader) on a batch and size
-other than the exported ones and compared with PyTorch. A large model's ONNX weights go to a file
+numbers. Every export is written into a temporary folder beside the target (`io.writers_folder`,
+which also removes those of killed exports) and checked there before it is moved into place: the
+file is run (onnxruntime, or the TorchScript loader) on a batch and size other than the exported
+ones and compared with PyTorch. A large model's ONNX weights go to a file
 `<name>.onnx.<random>.data` named by the graph, a name no earlier export used: it is moved in first,
 then the graph is renamed over the old one, which switches from the old pair to the new one at once;
 the earlier data files are removed last. A failed or interrupted export leaves the previous graph
@@ -20,7 +21,6 @@ import glob
 import os
 import re
 import secrets
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from torch import nn
 
 from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
-from dinokit.io import file_lock, prepare_output, sync
+from dinokit.io import file_lock, prepare_output, sync, writers_folder
 from dinokit.models.vision_transformer import VisionTransformer
 
 GRAPH_FORMATS = ("onnx", "torchscript")
@@ -89,8 +89,8 @@ def write_graph(model: VisionTransformer, path: Path, format: str, image_size: i
     check = check_inputs(net, example)
     with torch.no_grad():
         expected = wrapper(check)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.tmp") as tmp:
-        written = Path(tmp) / path.name
+    with writers_folder(path) as tmp:  # those of killed exports are removed first
+        written = tmp / path.name
         if format == "onnx":
             save_onnx(wrapper, example, str(written), external_data_name=f"{path.name}.{secrets.token_hex(4)}.data")
             got = run_onnx(str(written), check)
@@ -103,7 +103,7 @@ def write_graph(model: VisionTransformer, path: Path, format: str, image_size: i
                 f"the exported {format} graph differs from PyTorch by {max(diffs):.2e} (> {MAX_ABS_DIFF}) at "
                 f"{tuple(check.shape)}; nothing was written. Please report this with the model you exported."
             )
-        move_into_place(Path(tmp), path, format)
+        move_into_place(tmp, path, format)
     return {
         "path": str(path),
         "format": format,
