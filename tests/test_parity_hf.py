@@ -375,3 +375,22 @@ def test_full_size_dinov2_keys_and_shapes_equal_those_of_transformers(name):
     assert {
         k: v.shape for k, v in hf_format.hf_to_official(hf_format.official_to_hf(ours.state_dict(), c)).items()
     } == expected
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_an_hf_config_whose_image_size_is_a_list_loads_where_square_and_is_a_clear_error_otherwise(tmp_path, registers):
+    """transformers' configs take image_size as a number or a [height, width] list; a list was 'a value of
+    the wrong type'. [56, 56] is the same model as 56; [56, 70] builds a 4 x 5 position grid, which the
+    official model (square grid) cannot hold, and which transformers' own forward cannot resample either."""
+    hf = hf_model(registers, **{**SMALL, "image_size": [56, 56]})
+    hf.save_pretrained(tmp_path / "square")
+    ours = dinokit.load_model(tmp_path / "square")
+    assert ours.config.img_size == 56
+    r = 4 if registers else 0
+    compare(hf, ours, torch.randn(2, 3, 56, 56), r)
+    if registers:  # Dinov2WithRegisters resamples as the model off the grid
+        compare(hf, ours, torch.randn(1, 3, 42, 70), r)
+    hf_model(registers, **{**SMALL, "image_size": [56, 70]}).save_pretrained(tmp_path / "wide")
+    with pytest.raises(dinokit.DinokitError, match=r"image_size \[56, 70\] is not square") as e:
+        dinokit.load_model(tmp_path / "wide")
+    assert "resample_abs_pos_embed" in str(e.value)

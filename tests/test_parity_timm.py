@@ -128,3 +128,23 @@ def test_full_size_timm_dinov2_keys_and_shapes_equal_the_official_ones_both_ways
     assert {k: v.shape for k, v in timm_to_official(tm.state_dict()).items()} == official
     filtered = checkpoint_filter_fn({k: torch.empty(v, device="meta") for k, v in official.items()}, tm)
     assert {k: v.shape for k, v in filtered.items()} == {k: v.shape for k, v in tm.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    ("name", "img_size"),
+    [
+        ("vit_small_patch14_dinov2", (224, 280)),  # 16 x 20 grid + CLS row
+        ("vit_small_patch14_reg4_dinov2", (224, 280)),  # 16 x 20 grid, no CLS row (no_embed_class)
+        ("vit_small_patch16_224", (224, 288)),  # DINO v1 (read as the official layout): 14 x 18 + CLS
+    ],
+)
+def test_a_timm_model_with_a_rectangular_grid_is_a_clear_error(tmp_path, name, img_size):
+    """timm builds a rectangular position grid for img_size=(224, 280); dinokit's model (as the official
+    one) stores a square grid, and the load ended in a shape mismatch against a guessed square grid
+    ('file (1, 321, 384) vs model (1, 325, 384)'), or for register models a wrong CLS row."""
+    tm = timm_model(name, img_size=img_size, depth=1)
+    torch.save(tm.state_dict(), tmp_path / "timm.pth")
+    patches = (img_size[0] // tm.patch_embed.patch_size[0]) * (img_size[1] // tm.patch_embed.patch_size[1])
+    with pytest.raises(dinokit.DinokitError, match=rf"{patches} patch positions, which is no square grid") as e:
+        dinokit.load_model(tmp_path / "timm.pth")
+    assert "square img_size" in str(e.value) and "resample_abs_pos_embed" in str(e.value)

@@ -60,6 +60,20 @@ class ViTConfig:
         return asdict(self)
 
 
+def rectangular_grid_error(found: str) -> DinokitError:
+    """The error for weights of a model built for a rectangular image size (`found` says how it shows),
+    which no ViTConfig describes: the stored position grid is square, as in the official model."""
+    return DinokitError(
+        f"{found}: these weights were made for a rectangular image size (e.g. timm's img_size=(224, 280)). "
+        "dinokit's VisionTransformer, as the official DINO / DINOv2 model, stores a square position grid "
+        "(img_size / patch_size per side) and resamples it for every other input size, so it cannot hold "
+        "them exactly. Build the model with a square img_size (timm: img_size=224, with dynamic_img_size=True "
+        "for other input sizes; transformers: image_size=224) and save it again, or resample its position "
+        "embeddings to a square grid (e.g. timm.layers.resample_abs_pos_embed) and state that size: the "
+        "outputs then differ slightly from those of the rectangular grid."
+    )
+
+
 class VisionTransformer(nn.Module):
     """DINOv2 / DINO ViT. (B, 3, H, W) with H, W multiples of the patch size -> normed CLS (B, D)."""
 

@@ -15,7 +15,7 @@ import torch
 
 from dinokit.errors import DinokitError
 from dinokit.models.architectures import mlp_ratio_for_width
-from dinokit.models.vision_transformer import ViTConfig
+from dinokit.models.vision_transformer import ViTConfig, rectangular_grid_error
 
 _EMBEDDINGS = {
     "embeddings.cls_token": "cls_token",
@@ -201,6 +201,14 @@ def config_from_hf(cfg: dict, source: str = "config.json") -> ViTConfig:
             f"{source} lacks {', '.join(repr(k) for k in missing)}, which a {model_type} config.json always has; "
             "re-download the folder or re-export it (dinokit export format=hf)"
         )
+    size = cfg.get("image_size")
+    if isinstance(size, list) and len(size) == 2:  # transformers takes [height, width] as well as one number
+        if size[0] != size[1]:
+            raise rectangular_grid_error(
+                f"{source}: image_size {size} is not square (transformers resamples the position grid as a "
+                "square one: its Dinov2 classes build such a model but fail at every input size)"
+            )
+        cfg = {**cfg, "image_size": size[0]}
     if cfg.get("hidden_act", "gelu") != "gelu" and not cfg.get("use_swiglu_ffn"):
         raise DinokitError(f"{source}: unsupported hidden_act {cfg['hidden_act']!r} (dinokit's MLP uses exact GELU)")
     try:

@@ -3,6 +3,7 @@
 Also where a ViTConfig is inferred from the keys and shapes of an official-layout state dict.
 """
 
+import math
 import re
 import warnings
 
@@ -12,7 +13,7 @@ from dinokit.errors import DinokitError
 from dinokit.models.architectures import ARCHITECTURES, mlp_ratio_for_width
 from dinokit.models.formats.hf import is_hf_key
 from dinokit.models.layers.ffn import swiglu_hidden_dim
-from dinokit.models.vision_transformer import ViTConfig
+from dinokit.models.vision_transformer import ViTConfig, rectangular_grid_error
 
 # Nested dicts that hold the backbone in training files: `teacher_checkpoint.pth` = {"teacher": ...},
 # DINO v1 `checkpoint.pth` = {"student", "teacher", ...}, generic {"model"} / {"state_dict"}. The
@@ -102,7 +103,9 @@ def infer_config(
     proj = sd.get("patch_embed.proj.weight")
     patch, in_chans = (proj.shape[-1], proj.shape[1]) if proj is not None else (14, 3)
     pos = sd.get("pos_embed")
-    grid = round((pos.shape[1] - 1) ** 0.5) if pos is not None else 37
+    grid = math.isqrt(pos.shape[1] - 1) if pos is not None else 37
+    if pos is not None and grid * grid != pos.shape[1] - 1:
+        raise rectangular_grid_error(f"pos_embed holds {pos.shape[1] - 1} patch positions, which is no square grid")
     registers = sd["register_tokens"].shape[1] if "register_tokens" in sd else 0
     ffn, mlp_ratio, ffn_bias = _ffn(sd, dim)
     depth = 1 + max(blocks)

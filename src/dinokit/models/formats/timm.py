@@ -6,7 +6,11 @@ patches only; registers are `reg_token`); ViT-g's SwiGLU is `mlp.fc1` / `mlp.fc2
 as the official w12 / w3).
 """
 
+import math
+
 import torch
+
+from dinokit.models.vision_transformer import rectangular_grid_error
 
 
 def is_timm(sd: dict[str, torch.Tensor]) -> bool:
@@ -33,7 +37,11 @@ def timm_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm state dict -> official names. The CLS position row is set to 0 when timm folded it into
     the token: cls_token + 0 is the same sum, and only patch rows are ever interpolated. DINOv2 models
     (LayerScale) get back the mask token timm drops, as zeros (the official init): the official model
-    loads strictly and timm recognises a DINOv2 file by it, so an official export must hold it."""
+    loads strictly and timm recognises a DINOv2 file by it, so an official export must hold it.
+
+    A grid built for a rectangular img_size (timm's img_size=(224, 280)) is a DinokitError where its size
+    shows it (neither a square number of rows nor one more): the flat `pos_embed` does not store the grid's
+    sides, so a rectangle with a square number of patches (4 x 16) cannot be told from a square."""
     out = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "head_drop."))}
     if has_layer_scale(out) and "mask_token" not in out and "cls_token" in out:
         cls = out["cls_token"]
@@ -41,9 +49,16 @@ def timm_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "reg_token" in out:
         out["register_tokens"] = out.pop("reg_token")
     pos = out.get("pos_embed")
-    if pos is not None and int(pos.shape[1] ** 0.5) ** 2 == pos.shape[1]:
+    if pos is not None and _is_square(pos.shape[1]):
         out["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
+    elif pos is not None and not _is_square(pos.shape[1] - 1):  # neither patches only nor CLS + patches
+        patches = pos.shape[1] - ("register_tokens" not in out)  # register models: no CLS row
+        raise rectangular_grid_error(f"pos_embed holds {patches} patch positions, which is no square grid")
     fc1, fc2 = out.get("blocks.0.mlp.fc1.weight"), out.get("blocks.0.mlp.fc2.weight")
     if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:
         out = {k.replace(".mlp.fc1.", ".mlp.w12.").replace(".mlp.fc2.", ".mlp.w3."): v for k, v in out.items()}
     return out
+
+
+def _is_square(n: int) -> bool:
+    return n >= 0 and math.isqrt(n) ** 2 == n
