@@ -235,6 +235,19 @@ def test_torchrun_two_processes_write_their_shards_and_one_manifest(setup, tmp_p
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
 
 
+def test_torchrun_an_error_of_every_process_after_they_join_is_printed_once(setup, tmp_path):
+    """data= a folder without images under torchrun: every process printed "no images found"."""
+    _, weights, _ = setup
+    (tmp_path / "empty").mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "dinokit"]
+    cmd += ["embed", f"model={weights}", f"data={tmp_path / 'empty'}", f"out={tmp_path / 'out'}", "device=cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("dinokit: error:") == 1, result.stderr[-3000:]
+    assert f"dinokit: error: no images found under {tmp_path / 'empty'}" in result.stderr
+
+
 def test_default_shard_size_keeps_shards_near_512_mb():
     assert auto_shard_size({"cls": [384]}, "float32") == 4096
     assert auto_shard_size({"cls": [384], "patch_tokens": [32, 32, 384]}, "float32") == 2**29 // ((1024 + 1) * 384 * 4)

@@ -246,6 +246,46 @@ def test_an_error_of_every_process_before_they_join_is_printed_once(tmp_path):
     assert "dinokit: error: unknown pretraining key(s): 'no_such_key'" in result.stderr
 
 
+def test_an_error_of_every_process_after_they_join_is_printed_once(tmp_path):
+    """data= a folder without images: every process found none after joining the process group, and
+    every process printed it."""
+    (tmp_path / "empty").mkdir()
+    keys = {**TINY, "max_iterations": 2, "batch_size": 4}
+    args = ["-m", "dinokit", "pretrain", f"data={tmp_path / 'empty'}", f"out={tmp_path / 'run'}"]
+    result = run_torchrun(args + [f"{k}={v}" for k, v in keys.items()], timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("dinokit: error:") == 1, result.stderr[-3000:]
+    assert f"dinokit: error: no images found under {tmp_path / 'empty'}" in result.stderr
+
+
+# Process 1 alone finds no images (its node's copy of the data is missing), after joining.
+ONE_PROCESS_FINDS_NO_IMAGES = """
+import importlib, os, sys
+from dinokit.cli import main
+from dinokit.errors import DinokitError
+pretrain = importlib.import_module("dinokit.train.pretrain")
+list_images = pretrain.list_images
+def listed(data):
+    if os.environ["RANK"] == "1":
+        raise DinokitError("no images on process 1")
+    return list_images(data)
+pretrain.list_images = listed
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_an_error_of_one_process_after_they_join_is_printed_by_it(tmp_path):
+    """An error that one process alone hits after joining (compared at once with the others') stays
+    that process's, printed by it at once."""
+    result = run_patched_pretraining(ONE_PROCESS_FINDS_NO_IMAGES, tmp_path, max_iterations=2)
+    assert result.returncode != 0
+    assert result.stderr.count("dinokit: error: no images on process 1") == 1, result.stderr[-3000:]
+    # process 0, which went on to the next collective, died in it with gloo's traceback; it now stops
+    # with a line that names the failed process
+    assert "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("dinokit: error: stopping, as process 1 failed: no images on process 1") == 1
+
+
 # Ctrl-C, which torchrun passes on to every process: here each sends SIGINT to itself after a step.
 INTERRUPTED_RUN = """
 import importlib, os, signal, sys

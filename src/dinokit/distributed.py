@@ -6,14 +6,16 @@ is a no-op, not an error, when no process group is running, so losses and the tr
 unconditionally.
 """
 
+import contextlib
 import datetime
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
-from dinokit.errors import DinokitError
+from dinokit.errors import DinokitError, SharedError
 
 SHARED_ERROR_WAIT_S = 10.0  # how long a process other than 0 leaves process 0 to print an error they share
 _joined = False  # whether this process joined a process group (it stays True after leaving it)
@@ -90,16 +92,56 @@ def leave_shared_error_to_process_0(shared: bool) -> None:
     A process other than 0 waits up to SHARED_ERROR_WAIT_S before it prints such an error: process 0
     prints it and exits, and torchrun then stops the other processes. Shared are the errors raised
     before this process joined the process group (they follow from the command line, the config and
-    the files every process reads) and `shared` ones (`SharedError`, from values the processes
-    exchanged). An error of this process alone before joining (LOCAL_RANK beyond its node's GPUs, say)
-    is printed after the wait, as process 0 meanwhile waits for it to join and does not end the job.
-    Other errors after joining are printed at once: this process has left the group
-    (`destroy_distributed(wait=False)`), so a collective of process 0 fails, ending the job, and the
-    wait would hide the error. Telling the two apart by asking the other processes would need a
-    collective, which could hang: they may be waiting in another one.
+    the files every process reads) and `shared` ones (`SharedError`: from values the processes
+    exchanged, or raised alike by every process in a `compare_errors` block after joining). An error
+    of this process alone before joining (LOCAL_RANK beyond its node's GPUs, say) is printed after the
+    wait, as process 0 meanwhile waits for it to join and does not end the job. Other errors after
+    joining are printed at once: this process has left the group (`destroy_distributed(wait=False)`),
+    so a collective of process 0 fails, ending the job, and the wait would hide the error. Telling the
+    two apart there would need a collective, which could hang: the others may be waiting in another
+    one; `compare_errors` asks where every process is known to run the same code up to its gather.
     """
     if launched_by_torchrun() and not launched_as_process_0() and (shared or not _joined):
         time.sleep(SHARED_ERROR_WAIT_S)
+
+
+@contextlib.contextmanager
+def compare_errors() -> Iterator[None]:
+    """Run a block that every process runs alike after joining the process group (reading the same
+    settings and files, with no collective inside), then compare how it ended in every process (one
+    all_gather), so that an error is printed once where every process has it, and no process goes on
+    to a collective that a stopped one never joins:
+    - every process raised a DinokitError with the same message: each raises it as a SharedError,
+      which process 0 alone prints (`leave_shared_error_to_process_0`), as errors before joining are;
+    - some raised: each of those raises its own error as it is (printed by it at once), and the
+      others stop with a SharedError naming the failed processes and their errors;
+    - none raised: the work goes on.
+    Outside a process group, the block just runs."""
+    if not is_distributed():
+        yield
+        return
+    error = None
+    try:
+        yield
+    except Exception as e:  # not KeyboardInterrupt: Ctrl-C reaches every process, which stop at once
+        error = e
+    outcomes = all_gather_objects(None if error is None else describe_error(error))
+    failed = {r: message for r, message in enumerate(outcomes) if message is not None}
+    if error is None:
+        if failed:
+            raise SharedError(
+                "stopping, as " + "; ".join(f"process {r} failed: {message}" for r, message in failed.items())
+            )
+        return
+    alike = len(failed) == len(outcomes) and len(set(failed.values())) == 1
+    if alike and isinstance(error, DinokitError) and not isinstance(error, SharedError):
+        raise SharedError(str(error)) from error
+    raise error
+
+
+def describe_error(error: Exception) -> str:
+    """How another process names `error`: a DinokitError's message, else the type and message."""
+    return str(error) if isinstance(error, DinokitError) else f"{type(error).__name__}: {error}"
 
 
 def _collective(tensor: torch.Tensor, op) -> torch.Tensor:

@@ -11,7 +11,8 @@ class DinokitError(Exception):
 
 class SharedError(DinokitError):
     """A DinokitError that every process of a torchrun job raises alike, as it follows from values the
-    processes exchanged (e.g. pretraining's check that they list the same images): the CLI prints it
+    processes exchanged (e.g. pretraining's check that they list the same images, or
+    `distributed.compare_errors`, which finds the same error in every process): the CLI prints it
     once, on process 0 (`distributed.leave_shared_error_to_process_0`)."""
 
 

@@ -25,6 +25,7 @@ from dinokit.data.transforms import check_image_size, describe, eval_transform
 from dinokit.distributed import (
     all_gather_objects,
     barrier,
+    compare_errors,
     destroy_distributed,
     init_distributed,
     is_distributed,
@@ -93,35 +94,37 @@ def embed(
     torch_device = init_distributed(resolve_device(device), backend="gloo", timeout=datetime.timedelta(days=7))
     rank, world = distributed.rank(), distributed.world_size()
 
-    net = load_model(model, device=torch_device)
-    if "registers" in features and not net.num_register_tokens:
-        raise DinokitError(f"{model} has no register tokens; drop 'registers' from features")
-    size = check_image_size(image_size, net.patch_size)
-    transform = eval_transform(size, resize_policy)
-    paths = [str(p.absolute()) for p in list_images(data)]
-    check_readable(paths, data)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shapes = feature_shapes(net, size, features, layers)
-    settings = {
-        "model": str(Path(model).absolute()) if Path(model).exists() else model,
-        "architecture": net.config.to_dict(),
-        "weights_hash": weights_hash(net),
-        "data": str(Path(data).absolute()),
-        "num_images": len(paths),
-        "paths_sha1": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
-        "image_size": list(size),
-        "patch_grid": [size[0] // net.patch_size, size[1] // net.patch_size],
-        "resize_policy": resize_policy,
-        "transform": describe(transform),
-        "features": features,
-        "layers": layers,
-        "feature_shapes": shapes,
-        "precision": effective_precision(torch_device, precision),
-        "dtype": dtype,
-        "format": format,
-        "shard_size": shard_size or auto_shard_size(shapes, dtype),
-    }
+    # an error that every process hits (no images found, ...) is printed once, by process 0
+    with compare_errors():
+        net = load_model(model, device=torch_device)
+        if "registers" in features and not net.num_register_tokens:
+            raise DinokitError(f"{model} has no register tokens; drop 'registers' from features")
+        size = check_image_size(image_size, net.patch_size)
+        transform = eval_transform(size, resize_policy)
+        paths = [str(p.absolute()) for p in list_images(data)]
+        check_readable(paths, data)
+        out_dir = Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shapes = feature_shapes(net, size, features, layers)
+        settings = {
+            "model": str(Path(model).absolute()) if Path(model).exists() else model,
+            "architecture": net.config.to_dict(),
+            "weights_hash": weights_hash(net),
+            "data": str(Path(data).absolute()),
+            "num_images": len(paths),
+            "paths_sha1": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
+            "image_size": list(size),
+            "patch_grid": [size[0] // net.patch_size, size[1] // net.patch_size],
+            "resize_policy": resize_policy,
+            "transform": describe(transform),
+            "features": features,
+            "layers": layers,
+            "feature_shapes": shapes,
+            "precision": effective_precision(torch_device, precision),
+            "dtype": dtype,
+            "format": format,
+            "shard_size": shard_size or auto_shard_size(shapes, dtype),
+        }
     check_or_write_config(out_dir, settings, rank)
 
     step = settings["shard_size"]
@@ -207,13 +210,14 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
     if rank == 0 and not path.exists():
         write_json(path, settings)
     barrier()
-    previous = json.loads(path.read_text())
-    changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
-    if changed:
-        raise DinokitError(
-            f"{out_dir} holds embeddings made with other settings ({', '.join(changed)} differ; "
-            f"see {path}). Use a new out= folder, or the same settings to resume."
-        )
+    with compare_errors():  # every process's error: printed once
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+        if changed:
+            raise DinokitError(
+                f"{out_dir} holds embeddings made with other settings ({', '.join(changed)} differ; "
+                f"see {path}). Use a new out= folder, or the same settings to resume."
+            )
 
 
 def finished(shard: Path) -> bool:

@@ -417,37 +417,40 @@ class Trainer:
         self.out, self.device = out, device
         self.main = dist.is_main_process()
         world = dist.world_size()
-        self.checkpoint = load_checkpoint(list_checkpoints(out / "checkpoints")[-1]) if resuming else None
-        if self.checkpoint is not None and not batch_size_given:  # keep the global batch on any world size
-            saved_global = self.checkpoint["global_batch"]
-            if saved_global % world:
-                raise DinokitError(
-                    f"the run's global batch {saved_global} does not divide over {world} processes; "
-                    "pass batch_size=... explicitly"
-                )
-            cfg = replace(cfg, batch_size=saved_global // world)
-        self.cfg = cfg
-        self.global_batch = cfg.batch_size * world
-
-        self.paths = list_images(data)
-        self.data_fingerprint = data_fingerprint(self.paths, data)
+        # an error that every process hits after joining (no images found, a bad crop size...) is printed
+        # once, by process 0; one of some processes by each of those (dist.compare_errors)
+        with dist.compare_errors():
+            self.checkpoint = load_checkpoint(list_checkpoints(out / "checkpoints")[-1]) if resuming else None
+            if self.checkpoint is not None and not batch_size_given:  # keep the global batch on any world size
+                saved_global = self.checkpoint["global_batch"]
+                if saved_global % world:
+                    raise DinokitError(
+                        f"the run's global batch {saved_global} does not divide over {world} processes; "
+                        "pass batch_size=... explicitly"
+                    )
+                cfg = replace(cfg, batch_size=saved_global // world)
+            self.cfg = cfg
+            self.global_batch = cfg.batch_size * world
+            self.paths = list_images(data)
+            self.data_fingerprint = data_fingerprint(self.paths, data)
         check_data_agrees(self.data_fingerprint, data)
-        if self.checkpoint is not None:
-            check_same_data(self.checkpoint, self.data_fingerprint, data, out)
-        check_readable(self.paths, data)
-        self.length = run_length(cfg, len(self.paths), self.global_batch)
-        torch.manual_seed(cfg.seed)  # the same initial weights in every process
-        self.model = build_model(cfg).to(device)
-        check_crop_sizes(cfg, self.model.student.backbone.patch_size)
-        self.use_ibot = self.model.use_ibot
-        self.collate = build_collate(cfg, self.model.student.backbone.patch_size, self.use_ibot)
-        self.augmentation = build_augmentation(cfg)
-        if cfg.augmentation == "batched":
-            size = cfg.batched_image_size or cfg.global_crops_size
-            images, bad = decode_to_memory(self.paths, size, cfg.num_workers, cfg.progress and self.main)
-            self.dataset = InMemoryMultiCrops(images, bad, self.augmentation, self.collate, cfg.seed)
-        else:
-            self.dataset = MultiCropDataset(self.paths, self.augmentation, seed=cfg.seed)
+        with dist.compare_errors():
+            if self.checkpoint is not None:
+                check_same_data(self.checkpoint, self.data_fingerprint, data, out)
+            check_readable(self.paths, data)
+            self.length = run_length(cfg, len(self.paths), self.global_batch)
+            torch.manual_seed(cfg.seed)  # the same initial weights in every process
+            self.model = build_model(cfg).to(device)
+            check_crop_sizes(cfg, self.model.student.backbone.patch_size)
+            self.use_ibot = self.model.use_ibot
+            self.collate = build_collate(cfg, self.model.student.backbone.patch_size, self.use_ibot)
+            self.augmentation = build_augmentation(cfg)
+            if cfg.augmentation == "batched":
+                size = cfg.batched_image_size or cfg.global_crops_size
+                images, bad = decode_to_memory(self.paths, size, cfg.num_workers, cfg.progress and self.main)
+                self.dataset = InMemoryMultiCrops(images, bad, self.augmentation, self.collate, cfg.seed)
+            else:
+                self.dataset = MultiCropDataset(self.paths, self.augmentation, seed=cfg.seed)
         self.schedules = Schedules(
             lr=scale_lr(cfg.lr, self.global_batch, cfg.lr_scaling),
             min_lr=cfg.min_lr,
