@@ -251,6 +251,45 @@ def test_stochastic_depth_at_small_rates_drops_each_sample_with_that_rate():
     assert at_limit.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]  # per sample, not a subset
 
 
+def test_stochastic_depth_at_small_rates_runs_the_branch_on_the_kept_samples_only():
+    """On a CPU, DropPath's branch sees only the samples its Bernoulli draw keeps, and the result is
+    x + branch(x) * m / (1 - p) with the same draws; gradients reach only the kept samples' branch."""
+    from dinokit.models.layers import drop_add_residual
+
+    x = torch.randn(16, 5, 4, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+    seen = []
+
+    def branch(t):
+        seen.append(t.shape[0])
+        return t @ w
+
+    torch.manual_seed(3)
+    out = drop_add_residual(x, branch, 0.1)
+    torch.manual_seed(3)
+    m = torch.empty(16, 1, 1).bernoulli_(0.9)
+    assert 0 < m.sum() < 16  # this seed drops some samples and keeps others
+    assert seen == [int(m.sum())]
+    expected = x + (x @ w) * m / 0.9
+    torch.testing.assert_close(out, expected)
+    grad_w, grad_x = torch.autograd.grad(out.square().sum(), (w, x))
+    expected_w, expected_x = torch.autograd.grad(expected.square().sum(), (w, x))
+    torch.testing.assert_close(grad_w, expected_w)
+    torch.testing.assert_close(grad_x, expected_x)
+    # one sample: dropped, the branch never runs; kept, it runs once, scaled by 1 / (1 - p)
+    one, outcomes = torch.ones(1, 2, 4), set()
+    for seed in range(60):
+        seen.clear()
+        torch.manual_seed(seed)
+        out = drop_add_residual(one, branch, 0.1)
+        outcomes.add(tuple(seen))
+        if seen:
+            torch.testing.assert_close(out, one + (one @ w).detach() / 0.9)
+        else:
+            assert torch.equal(out, one)
+    assert outcomes == {(), (1,)}
+
+
 def test_cpu_inference_slices_give_the_same_result_as_one_pass():
     m = tiny()
     x = torch.randn(9, 3, 28, 28)
