@@ -5,8 +5,9 @@
     python examples/feature_maps.py                               # random init: maps mean nothing
 
 Without --model the network is randomly initialised. Its file is then called
-`RANDOM-INIT-meaningless-maps.safetensors` and that name is printed on every picture: the pictures
-only show that the tools run, not what DINO features look like. Outputs go to out/examples/.
+`RANDOM-INIT-meaningless-maps.safetensors` and that name is printed on the attention, PCA and
+similarity pictures (the segmentation masks and overlays carry no title): the pictures only show that
+the tools run, not what DINO features look like. Outputs go to out/examples/.
 The segmentation example uses rendered shape scenes (dinokit.data.synthetic), whose masks are exact.
 """
 
