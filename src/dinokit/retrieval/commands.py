@@ -35,9 +35,10 @@ def build_index(
 
     features: the embed output folder. out: the index folder. feature: cls or patch_mean (must be in
     the embedding). kind: flat (exact, default), ivf, hnsw, pq or ivfpq (see dinokit.retrieval.index;
-    nlist defaults to 4 sqrt(N)). add: add the images of `features` to the existing index `out`
-    (images already indexed are skipped); the embedding settings must match. An image listed twice
-    is indexed once; the summary counts the images skipped.
+    nlist defaults to 4 sqrt(N), at most N / 39: faiss's 39 training points per cell). add: add the
+    images of `features` to the existing index `out` (images already indexed are skipped); the
+    embedding settings must match. An image listed twice is indexed once; the summary counts the
+    images skipped.
     """
     if feature not in VECTOR_FEATURES:
         raise DinokitError(

@@ -38,7 +38,7 @@ def factory_string(kind: str, dim: int, count: int, nlist: int | None, pq_m: int
     if kind not in INDEX_KINDS:
         raise DinokitError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")
     checks = [
-        (nlist is None or nlist >= 1, f"nlist must be >= 1 (or left out: 4 sqrt(N)), got {nlist}"),
+        (nlist is None or nlist >= 1, f"nlist must be >= 1 (or left out: 4 sqrt(N), at most N / 39), got {nlist}"),
         (kind != "hnsw" or hnsw_m >= 2, f"hnsw_m must be >= 2 (links per graph node, e.g. 32), got {hnsw_m}"),
         (kind not in ("pq", "ivfpq") or pq_m >= 1, f"pq_m must be >= 1 (sub-vectors per code), got {pq_m}"),
         (kind not in ("pq", "ivfpq") or 1 <= pq_bits <= 16, f"pq_bits must be 1 to 16 (e.g. 8), got {pq_bits}"),
