@@ -104,6 +104,16 @@ def test_main_help_export_and_info(tmp_path, capsys):
     assert "Did you mean export" in capsys.readouterr().err
 
 
+def test_a_command_group_word_alone_names_every_command_of_the_group(capsys):
+    """`dinokit predict` suggested predict depth alone, `dinokit eval` eval knn alone (difflib's close
+    matches): a group word lists all its commands."""
+    for group in ("eval", "predict", "index", "visualize"):
+        assert main([group, "--help"]) == 2
+        err = capsys.readouterr().err
+        for name in (n for n in COMMANDS if n.startswith(group + " ")):
+            assert name in err, (group, err)
+
+
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "dinokit", "models"], capture_output=True, text=True, check=True)
     assert "dinov2_vitg14_reg" in out.stdout and "1,136,486,912" in out.stdout

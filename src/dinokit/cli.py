@@ -245,7 +245,8 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
         if name in COMMANDS:
             return name, argv[n:]
     given = " ".join(words)
-    close = difflib.get_close_matches(given, COMMANDS, n=3)
+    group = [name for name in COMMANDS if given and name.startswith(given + " ")]  # `eval`: every eval command
+    close = group or difflib.get_close_matches(given, COMMANDS, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise DinokitError(f"unknown command {given!r}.{hint} Run `dinokit --help` for the list.")
 
