@@ -290,6 +290,27 @@ def test_stochastic_depth_at_small_rates_runs_the_branch_on_the_kept_samples_onl
     assert outcomes == {(), (1,)}
 
 
+def test_adding_the_branch_rows_back_keeps_only_their_indices_for_the_backward():
+    """AddRows is torch.index_add (value and gradients: gradcheck in fp64) without keeping the rows it
+    adds, which autograd's index_add keeps (one branch output per block and branch)."""
+    from dinokit.models.layers.stochastic_depth import AddRows
+
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(3, 3, 4, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([4, 0, 2])
+    assert torch.equal(AddRows.apply(x, idx, rows, 1.7), torch.index_add(x, 0, idx, rows, alpha=1.7))
+    assert torch.autograd.gradcheck(lambda x, rows: AddRows.apply(x, idx, rows, 1.7), (x, rows))
+
+    def saved_shapes(add) -> list:
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            add(x, rows * 1.0)  # rows * 1.0: a non-leaf, as a branch output is
+        return shapes
+
+    assert saved_shapes(lambda x, r: AddRows.apply(x, idx, r, 1.7)) == [(3,)]
+    assert (3, 3, 4) in saved_shapes(lambda x, r: torch.index_add(x, 0, idx, r, alpha=1.7))
+
+
 def test_cpu_inference_slices_give_the_same_result_as_one_pass():
     m = tiny()
     x = torch.randn(9, 3, 28, 28)

@@ -36,11 +36,27 @@ def drop_add_residual(
             return x
         if len(idx) == b:
             return torch.add(x, branch(x), alpha=1.0 / (1.0 - drop_rate))
-        residual = branch(x[idx]).to(x.dtype)
-        return torch.index_add(x, 0, idx, residual, alpha=1.0 / (1.0 - drop_rate))
+        return AddRows.apply(x, idx, branch(x[idx]).to(x.dtype), 1.0 / (1.0 - drop_rate))
     keep = max(int(b * (1.0 - drop_rate)), 1)
     # a random subset via argsort of uniform draws: on CUDA, randperm cost 184 us of host time per call
     # (96 calls per ViT-S step; bench/profile_train_step.py --device cuda)
     idx = torch.rand(b, device=x.device).argsort()[:keep]
-    residual = branch(x[idx]).to(x.dtype)
-    return torch.index_add(x, 0, idx, residual, alpha=b / keep)
+    return AddRows.apply(x, idx, branch(x[idx]).to(x.dtype), b / keep)
+
+
+class AddRows(torch.autograd.Function):
+    """x + alpha * rows added at the samples `idx` (torch.index_add), keeping only idx for the backward:
+    autograd's own index_add keeps the added rows too (a branch output per block, for nothing), and
+    index_put(accumulate=True), which does not, is 5-10x slower on a CPU.
+    x: (B, ...), idx: (S,) distinct sample indices, rows: (S, ...) of x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, alpha: float) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.alpha = alpha
+        return torch.index_add(x, 0, idx, rows, alpha=alpha)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, idx) * ctx.alpha, None
