@@ -47,6 +47,18 @@ def test_blur_probabilities_intended_and_as_released():
     assert not any(isinstance(t, v2.RandomSolarize) for t in intended.global_first.transforms)
 
 
+def test_a_blur_kernel_wider_than_a_crop_is_narrowed_to_the_crop():
+    """blur_kernel_size=9 (the default) on 4 px local crops: torchvision's reflect padding needs the
+    kernel's radius below the side, and the per-image path raised a bare RuntimeError mid-run where
+    the batched path narrows the kernel to 2 * (side - 1) + 1; both narrow it now."""
+    aug = MultiCropAugmentation(8, 4, local_crops_number=2, blur_probabilities=(1.0, 1.0, 1.0), blur_kernel_size=9)
+    out = aug(photo())
+    assert [c.shape for c in out["global_crops"]] == [(3, 8, 8)] * 2
+    assert [c.shape for c in out["local_crops"]] == [(3, 4, 4)] * 2
+    blurs = [t.transforms[0] for t in aug.local.transforms if isinstance(t, v2.RandomApply)]
+    assert [list(b.kernel_size) for b in blurs if isinstance(b, v2.GaussianBlur)] == [[7, 7]]
+
+
 def test_pil_blur_smooths_and_matches_tensor_path():
     image = Image.fromarray(((np.indices((32, 32)).sum(0) % 2) * 255).astype(np.uint8)).convert("RGB")
     blur = GaussianBlurPIL((1.5, 1.5))

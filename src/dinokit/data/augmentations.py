@@ -95,22 +95,29 @@ class MultiCropAugmentation:
             v2.RandomGrayscale(p=grayscale_probability),
         ]
 
-        def blur(p: float) -> list:
+        def blur(p: float, size: int) -> list:
             if p <= 0:
                 return []
-            if blur_kernel_size > 0:
-                return [v2.RandomApply([v2.GaussianBlur(blur_kernel_size, sigma=tuple(blur_sigma))], p=p)]
+            if blur_kernel_size > 0:  # reflect padding needs radius < side (as the batched path)
+                kernel = min(blur_kernel_size, 2 * (size - 1) + 1)
+                return [v2.RandomApply([v2.GaussianBlur(kernel, sigma=tuple(blur_sigma))], p=p)]
             return [v2.RandomApply([GaussianBlurPIL(blur_sigma)], p=p)]
 
         to_uint8 = [v2.ToImage(), v2.ToDtype(torch.uint8, scale=True)]
         solarize = [v2.RandomSolarize(threshold=128, p=solarize_probability)] if solarize_probability > 0 else []
         self.global_first = v2.Compose(
-            geometric(global_crops_size, global_crops_scale) + colour + blur(blur_first) + to_uint8
+            geometric(global_crops_size, global_crops_scale) + colour + blur(blur_first, global_crops_size) + to_uint8
         )
         self.global_other = v2.Compose(
-            geometric(global_crops_size, global_crops_scale) + colour + blur(blur_other) + to_uint8 + solarize
+            geometric(global_crops_size, global_crops_scale)
+            + colour
+            + blur(blur_other, global_crops_size)
+            + to_uint8
+            + solarize
         )
-        self.local = v2.Compose(geometric(local_crops_size, local_crops_scale) + colour + blur(blur_local) + to_uint8)
+        self.local = v2.Compose(
+            geometric(local_crops_size, local_crops_scale) + colour + blur(blur_local, local_crops_size) + to_uint8
+        )
 
     def __call__(self, image: Image.Image) -> dict[str, list[torch.Tensor]]:
         global_crops = [self.global_first(image)] + [
