@@ -252,3 +252,32 @@ def test_default_shard_size_keeps_shards_near_512_mb():
     assert auto_shard_size({"cls": [384]}, "float32") == 4096
     assert auto_shard_size({"cls": [384], "patch_tokens": [32, 32, 384]}, "float32") == 2**29 // ((1024 + 1) * 384 * 4)
     assert auto_shard_size({"patch_tokens": [16, 16, 1536]}, "float16") == 682
+
+
+# Process 0 cannot write the settings file of a new out= folder (a full disk), after the processes joined.
+CONFIG_WRITE_FAILS_ON_PROCESS_0 = """
+import errno, os, sys
+from dinokit.cli import main
+from dinokit.features import embed
+def write_json(path, obj):
+    if os.environ["RANK"] == "0":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+embed.write_json = write_json
+sys.exit(main(["embed", *sys.argv[1:]]))
+"""
+
+
+def test_torchrun_process_0_failing_to_write_the_settings_stops_the_others_without_a_traceback(setup, tmp_path):
+    """Process 0 wrote embed_config.json alone, outside compare_errors, while the others waited in a
+    barrier: its error ended the job, and the others died in that barrier with gloo's traceback."""
+    folder, weights, _ = setup
+    (tmp_path / "run.py").write_text(CONFIG_WRITE_FAILS_ON_PROCESS_0)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(tmp_path / "run.py"), f"model={weights}", f"data={folder}", f"out={tmp_path / 'out'}"]
+    cmd += ["image_size=16", "num_workers=0", "progress=false", "device=cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.count("dinokit: error:") == 1, result.stderr[-3000:]
+    assert f"dinokit: error: No space left on device ({tmp_path / 'out' / 'embed_config.json'})" in result.stderr
+    assert "[rank1]: Traceback" not in result.stderr, result.stderr[-3000:]

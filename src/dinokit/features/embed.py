@@ -207,9 +207,11 @@ def auto_shard_size(shapes: dict[str, list[int]], dtype: str, target_bytes: int 
 def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
     """A fresh folder gets the settings; a resumed one must have been started with the same ones."""
     path = out_dir / CONFIG
-    if rank == 0 and not path.exists():
-        write_json(path, settings)
-    barrier()
+    # process 0 writes it while the others wait in compare_errors' gather (not a barrier, which they
+    # would leave with gloo's traceback where process 0 fails, e.g. on a full disk)
+    with compare_errors():
+        if rank == 0 and not path.exists():
+            write_json(path, settings)
     with compare_errors():  # every process's error: printed once
         previous = json.loads(path.read_text())
         changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
