@@ -276,18 +276,38 @@ def test_stochastic_depth_at_small_rates_runs_the_branch_on_the_kept_samples_onl
     expected_w, expected_x = torch.autograd.grad(expected.square().sum(), (w, x))
     torch.testing.assert_close(grad_w, expected_w)
     torch.testing.assert_close(grad_x, expected_x)
-    # one sample: dropped, the branch never runs; kept, it runs once, scaled by 1 / (1 - p)
+    # one sample: kept, scaled by 1 / (1 - p); dropped, x itself (the branch times m = 0: the test below)
     one, outcomes = torch.ones(1, 2, 4), set()
     for seed in range(60):
-        seen.clear()
+        torch.manual_seed(seed)
+        kept = bool(torch.empty(1).bernoulli_(0.9))
         torch.manual_seed(seed)
         out = drop_add_residual(one, branch, 0.1)
-        outcomes.add(tuple(seen))
-        if seen:
+        outcomes.add(kept)
+        if kept:
             torch.testing.assert_close(out, one + (one @ w).detach() / 0.9)
         else:
             assert torch.equal(out, one)
-    assert outcomes == {(), (1,)}
+    assert outcomes == {False, True}
+
+
+def test_stochastic_depth_that_drops_every_sample_still_gives_the_branch_zero_gradients():
+    """Per-sample DropPath multiplies the branch by m = 0 where it drops every sample of the batch, so its
+    parameters get zero gradients. Skipping the branch left them None: DDP (which pretrain uses without
+    find_unused_parameters) then fails the next step ('Expected to have finished reduction'), and AdamW
+    skips those parameters (no weight decay, no momentum) where it would step them."""
+    from dinokit.models.layers import drop_add_residual
+
+    branch = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    seed = next(s for s in range(1000) if torch.manual_seed(s) and torch.empty(2, 1, 1).bernoulli_(0.9).sum() == 0)
+    torch.manual_seed(seed)
+    out = drop_add_residual(x, branch, 0.1)
+    assert torch.equal(out, x)
+    out.square().sum().backward()
+    assert branch.weight.grad is not None and branch.bias.grad is not None
+    assert not branch.weight.grad.any() and not branch.bias.grad.any()
+    torch.testing.assert_close(x.grad, 2 * x.detach())
 
 
 def test_adding_the_branch_rows_back_keeps_only_their_indices_for_the_backward():

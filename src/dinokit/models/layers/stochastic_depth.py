@@ -20,9 +20,11 @@ def drop_add_residual(
     0 < drop_rate <= 0.1 (classic DropPath): x + branch(x) * m / (1 - p), m ~ Bernoulli(1 - p) per
     sample. A subset there would drop far more than asked at small batches (at least one sample:
     1 of 8 = 12.5% for p = 0.01). On a CPU the branch then runs only on the samples that m keeps (the
-    same result: each sample's branch depends on that sample alone), saving p of its compute; on a GPU
-    (where picking them would wait for the device) and under torch.compile (where a changing batch
-    would recompile) it runs on all and is multiplied by m. x: (B, N, D).
+    same result: each sample's branch depends on that sample alone), saving p of its compute; where m
+    keeps no sample it runs on all and is multiplied by m = 0, so that its parameters get zero gradients,
+    not none (which DDP takes for unused parameters, and AdamW skips). On a GPU (where picking them
+    would wait for the device) and under torch.compile (where a changing batch would recompile) it runs
+    on all and is multiplied by m. x: (B, N, D).
     """
     if drop_rate <= 0.0:
         return x + branch(x)
@@ -32,8 +34,8 @@ def drop_add_residual(
         if x.device.type != "cpu" or torch.compiler.is_compiling():
             return x + branch(x) * keep.div_(1.0 - drop_rate)
         idx = keep.flatten().nonzero().flatten()
-        if len(idx) == 0:
-            return x
+        if len(idx) == 0:  # as x + branch(x) * 0: its parameters get zero gradients, not none (DDP, AdamW)
+            return x + branch(x) * keep
         if len(idx) == b:
             return torch.add(x, branch(x), alpha=1.0 / (1.0 - drop_rate))
         return AddRows.apply(x, idx, branch(x[idx]).to(x.dtype), 1.0 / (1.0 - drop_rate))
