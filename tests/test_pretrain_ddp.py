@@ -286,6 +286,23 @@ def test_an_error_of_one_process_after_they_join_is_printed_by_it(tmp_path):
     assert result.stderr.count("dinokit: error: stopping, as process 1 failed: no images on process 1") == 1
 
 
+def test_compare_errors_keeps_a_process_own_error_where_the_comparison_fails(monkeypatch):
+    """A process that raised in a compare_errors block, whose gather then failed (another process was
+    killed meanwhile, or NCCL found no memory left for its buffers after a CUDA out-of-memory error),
+    stopped with the gather's error alone: its own was lost. It keeps its own error now."""
+    from dinokit.errors import DinokitError
+
+    def failing_gather(obj):
+        raise RuntimeError("[gloo] Connection closed by peer")
+
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "all_gather_objects", failing_gather)
+    with pytest.raises(DinokitError, match="no images found"), dist.compare_errors():
+        raise DinokitError("no images found")
+    with pytest.raises(RuntimeError, match="Connection closed"), dist.compare_errors():  # none of its own
+        pass
+
+
 # Ctrl-C, which torchrun passes on to every process: here each sends SIGINT to itself after a step.
 INTERRUPTED_RUN = """
 import importlib, os, signal, sys

@@ -116,7 +116,8 @@ def compare_errors() -> Iterator[None]:
     - some raised: each of those raises its own error as it is (printed by it at once), and the
       others stop with a SharedError naming the failed processes and their errors;
     - none raised: the work goes on.
-    Outside a process group, the block just runs."""
+    Where the gather itself fails (another process died meanwhile), a process that raised keeps its own
+    error. Outside a process group, the block just runs."""
     if not is_distributed():
         yield
         return
@@ -125,7 +126,14 @@ def compare_errors() -> Iterator[None]:
         yield
     except Exception as e:  # not KeyboardInterrupt: Ctrl-C reaches every process, which stop at once
         error = e
-    outcomes = all_gather_objects(None if error is None else describe_error(error))
+    try:
+        outcomes = all_gather_objects(None if error is None else describe_error(error))
+    except Exception:
+        if error is None:
+            raise
+        outcomes = None  # the comparison failed (another process died meanwhile): this process's own error
+    if outcomes is None:
+        raise error
     failed = {r: message for r, message in enumerate(outcomes) if message is not None}
     if error is None:
         if failed:
