@@ -135,6 +135,7 @@ def test_full_size_timm_dinov2_keys_and_shapes_equal_the_official_ones_both_ways
     [
         ("vit_small_patch14_dinov2", (224, 280)),  # 16 x 20 grid + CLS row
         ("vit_small_patch14_reg4_dinov2", (224, 280)),  # 16 x 20 grid, no CLS row (no_embed_class)
+        ("vit_small_patch14_reg4_dinov2", (140, 238)),  # 10 x 17 = 13 * 13 + 1: no CLS row, so not 13 x 13
         ("vit_small_patch16_224", (224, 288)),  # DINO v1 (read as the official layout): 14 x 18 + CLS
     ],
 )

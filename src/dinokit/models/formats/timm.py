@@ -40,8 +40,11 @@ def timm_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     loads strictly and timm recognises a DINOv2 file by it, so an official export must hold it.
 
     A grid built for a rectangular img_size (timm's img_size=(224, 280)) is a DinokitError where its size
-    shows it (neither a square number of rows nor one more): the flat `pos_embed` does not store the grid's
-    sides, so a rectangle with a square number of patches (4 x 16) cannot be told from a square."""
+    shows it: register models with a number of rows that is not square (they have no CLS row), others with
+    neither a square number of rows nor one more. The flat `pos_embed` does not store the grid's sides, so
+    a rectangle with a square number of patches (4 x 16) cannot be told from a square, nor, in a file
+    without registers, one with a square number of rows (16 x 18 patches + CLS = 17 x 17: read as a
+    17 x 17 grid without a CLS row, as in no_embed_class files)."""
     out = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm.", "head_drop."))}
     if has_layer_scale(out) and "mask_token" not in out and "cls_token" in out:
         cls = out["cls_token"]
@@ -51,8 +54,9 @@ def timm_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     pos = out.get("pos_embed")
     if pos is not None and _is_square(pos.shape[1]):
         out["pos_embed"] = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
-    elif pos is not None and not _is_square(pos.shape[1] - 1):  # neither patches only nor CLS + patches
-        patches = pos.shape[1] - ("register_tokens" not in out)  # register models: no CLS row
+    elif pos is not None and ("register_tokens" in out or not _is_square(pos.shape[1] - 1)):
+        # register models have no CLS row (no_embed_class); others neither patches only nor CLS + patches
+        patches = pos.shape[1] - ("register_tokens" not in out)
         raise rectangular_grid_error(f"pos_embed holds {patches} patch positions, which is no square grid")
     fc1, fc2 = out.get("blocks.0.mlp.fc1.weight"), out.get("blocks.0.mlp.fc2.weight")
     if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:
