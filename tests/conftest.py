@@ -1,4 +1,9 @@
 import functools
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +36,26 @@ def perturb_scales_and_norms(module: torch.nn.Module, scale: float = 0.3) -> tor
             elif name.endswith(("cls_token", "register_tokens", "reg_token", "mask_token")):
                 p.copy_(torch.randn_like(p))
     return module
+
+
+def dead_writer_tag() -> str:
+    """`<host>-<pid>` of a process on this host that has ended, as io names a writer's temporary folder
+    (`.<name>.tmp-<host>-<pid>`, `.<name>.old-<host>-<pid>`): what a writer killed mid-write leaves."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return f"{socket.gethostname()}-{int(dead.stdout)}"
+
+
+def leftover_writer_folders(folder: Path, name: str, content: str) -> dict[str, Path]:
+    """Temporary folders of writers of `folder / name`, each holding a half-written file `content`: one
+    of a dead writer on this host, one of a live one (this test's parent process), one of another host
+    (with the dead writer's pid)."""
+    dead = dead_writer_tag()
+    left = {
+        "dead writer here": folder / f".{name}.tmp-{dead}",
+        "live writer here": folder / f".{name}.tmp-{socket.gethostname()}-{os.getppid()}",
+        "another host's": folder / f".{name}.tmp-elsewhere-{dead.rsplit('-', 1)[1]}",
+    }
+    for path in left.values():
+        path.mkdir()
+        (path / content).write_bytes(b"half")
+    return left

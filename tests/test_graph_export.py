@@ -1,8 +1,5 @@
 import itertools
 import os
-import socket
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from dinokit.errors import DinokitError
 from dinokit.models import graph_export
 from dinokit.models.graph_export import NormedTokens, export_graph
 from dinokit.models.layers.position_interpolation import resample_grid
-from tests.conftest import perturb_scales_and_norms
+from tests.conftest import leftover_writer_folders, perturb_scales_and_norms
 
 
 @pytest.mark.parametrize(("offset", "antialias"), list(itertools.product((0.0, 0.1), (False, True))))
@@ -221,16 +218,7 @@ def test_a_second_export_to_the_same_path_while_one_runs_is_refused_and_removes_
 def test_an_export_removes_the_temporary_folders_of_killed_exports_not_those_of_live_ones(tmp_path, fmt, name):
     """A killed export (SIGKILL) left its hidden temporary folder, model-sized, beside the target for
     good; the next export now removes those of dead writers on this host, as io.atomic_folder does."""
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = socket.gethostname()
-    left = {
-        "dead writer here": tmp_path / f".{name}.tmp-{host}-{int(dead.stdout)}",
-        "live writer here": tmp_path / f".{name}.tmp-{host}-{os.getppid()}",
-        "another host's": tmp_path / f".{name}.tmp-elsewhere-{int(dead.stdout)}",
-    }
-    for folder in left.values():
-        folder.mkdir()
-        (folder / name).write_bytes(b"half a graph")
+    left = leftover_writer_folders(tmp_path, name, name)
     export_graph(nano(0), tmp_path / name, fmt)
     assert not left["dead writer here"].exists()
     assert left["live writer here"].exists() and left["another host's"].exists()

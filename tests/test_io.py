@@ -8,6 +8,7 @@ import pytest
 from dinokit import io
 from dinokit.errors import DinokitError
 from dinokit.io import atomic_write, sync
+from tests.conftest import dead_writer_tag, leftover_writer_folders
 
 
 def refuse_fsync(monkeypatch, code: int, folders_only: bool = True) -> None:
@@ -140,21 +141,7 @@ def test_the_umask_is_read_without_being_changed(monkeypatch):
 def test_a_writer_killed_mid_folder_leaves_no_temporary_folder_after_the_next_write(tmp_path):
     """eval's feature cache: a job killed while it wrote a shard left its .shard-NNNNN.tmp<pid> folder
     (a whole shard in size) for good."""
-    import socket
-    import subprocess
-    import sys
-
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    host = socket.gethostname()
-    left = {
-        "dead writer here": tmp_path / f".shard-00000.tmp-{host}-{dead_pid}",
-        "live writer here": tmp_path / f".shard-00000.tmp-{host}-{os.getppid()}",
-        "another host's": tmp_path / f".shard-00000.tmp-elsewhere-{dead_pid}",
-    }
-    for folder in left.values():
-        folder.mkdir()
-        (folder / "features.npy").write_bytes(b"half")
+    left = leftover_writer_folders(tmp_path, "shard-00000", "features.npy")
     with io.atomic_folder(tmp_path / "shard-00000") as tmp:
         (tmp / "rows.json").write_text("[]")
     assert (tmp_path / "shard-00000" / "rows.json").exists()
@@ -166,9 +153,6 @@ def test_a_folder_replaced_whole_is_never_a_mix_and_a_writer_killed_mid_swap_is_
     """atomic_folder(replace=True) (export format=hf): a failed writer leaves the old folder as it was;
     one killed after renaming the old folder aside, before renaming the new one in, leaves no folder,
     and the next writer puts the old one back before it starts."""
-    import socket
-    import subprocess
-    import sys
 
     def files(folder: Path) -> dict[str, str]:
         return {p.name: p.read_text() for p in folder.iterdir()}
@@ -182,8 +166,7 @@ def test_a_folder_replaced_whole_is_never_a_mix_and_a_writer_killed_mid_swap_is_
         raise KeyboardInterrupt
     assert files(folder) == {"config.json": "old config", "weights": "old weights"}
     assert os.listdir(tmp_path) == ["export"]
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    folder.rename(tmp_path / f".export.old-{socket.gethostname()}-{int(dead.stdout)}")  # killed mid-swap
+    folder.rename(tmp_path / f".export.old-{dead_writer_tag()}")  # killed mid-swap
     with pytest.raises(KeyboardInterrupt), io.atomic_folder(folder, replace=True):
         raise KeyboardInterrupt
     assert files(folder) == {"config.json": "old config", "weights": "old weights"}

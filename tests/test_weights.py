@@ -16,7 +16,7 @@ from dinokit import ARCHITECTURES, VisionTransformer, ViTConfig
 from dinokit.errors import DinokitError
 from dinokit.models import hub
 from dinokit.models.loading import read_checkpoint
-from tests.conftest import perturb_scales_and_norms
+from tests.conftest import dead_writer_tag, perturb_scales_and_norms
 
 
 @pytest.fixture
@@ -576,15 +576,11 @@ def test_an_hf_export_after_one_killed_mid_swap_keeps_the_earlier_folders_other_
     the next export created an empty one before atomic_folder could put the earlier one back, so the
     earlier folder (its README, ...) was removed instead of carried over. The folder is no longer
     created up front."""
-    import socket
-    import subprocess
-    import sys
 
     folder = tmp_path / "hf"
     dinokit.export_model(model, folder, format="hf")
     (folder / "README.md").write_text("model card")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    folder.rename(tmp_path / f".hf.old-{socket.gethostname()}-{int(dead.stdout)}")  # killed mid-swap
+    folder.rename(tmp_path / f".hf.old-{dead_writer_tag()}")  # killed mid-swap
     dinokit.export_model(model, folder, format="hf")
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert (folder / "README.md").read_text() == "model card" and [p.name for p in tmp_path.iterdir()] == ["hf"]
