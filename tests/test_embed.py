@@ -281,3 +281,18 @@ def test_torchrun_process_0_failing_to_write_the_settings_stops_the_others_witho
     assert result.stderr.count("dinokit: error:") == 1, result.stderr[-3000:]
     assert f"dinokit: error: No space left on device ({tmp_path / 'out' / 'embed_config.json'})" in result.stderr
     assert "[rank1]: Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_damaged_settings_file_or_manifest_is_an_error_naming_it_and_the_fix(setup, tmp_path):
+    """embed_config.json and manifest.json were read with json.loads: a damaged one (a copy cut short)
+    ended in a bare JSONDecodeError traceback."""
+    out = tmp_path / "e"
+    run(setup, out)
+    (out / "manifest.json").write_text('{"model": "m.safe')
+    with pytest.raises(DinokitError, match=r"manifest\.json is not valid JSON.*run the same `dinokit embed` again"):
+        read_manifest(out)
+    (out / "manifest.json").unlink()  # the fix it names: finished shards are kept, the manifest rewritten
+    assert run(setup, out)["computed_shards"] == 0 and read_manifest(out)["num_embedded"] == 12
+    (out / "embed_config.json").write_text("{")
+    with pytest.raises(DinokitError, match=r"embed_config\.json is not valid JSON.*new out= folder"):
+        run(setup, out)

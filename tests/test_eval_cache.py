@@ -1,5 +1,6 @@
 import errno
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 
 import dinokit
 from dinokit.data.transforms import eval_transform
+from dinokit.errors import DinokitError
 from dinokit.eval import cache as cache_module
 from dinokit.eval.backbone import load_backbone, weights_hash
 from dinokit.eval.cache import cached_features
@@ -143,3 +145,17 @@ def test_random_backbones_are_seeded_and_flagged():
     assert "RANDOM" in desc and weights_hash(a) == weights_hash(b) != weights_hash(c)
     with pytest.raises(dinokit.DinokitError, match="unknown architecture"):
         load_backbone("random:vit_huge")
+
+
+@pytest.mark.parametrize("damaged", ["meta.json", "shard-00000/rows.json"])
+def test_a_damaged_cache_entry_is_an_error_naming_it_and_the_fix(images, tmp_path, damaged):
+    """The cache's meta.json and rows.json were read with json.loads: a damaged one ended in a bare
+    JSONDecodeError traceback. Removing the entry, as the error says, extracts the features again."""
+    model = dinokit.create_model("vit_nano_p2").eval()
+    first = cached_features(model, images, eval_transform(16), ("cls",), cache_dir=tmp_path / "c", **KW)
+    (first.location / damaged).write_text('{"kept": [0, 1')
+    with pytest.raises(DinokitError, match=rf"is not valid JSON.*remove the cache entry {first.location}"):
+        cached_features(model, images, eval_transform(16), ("cls",), cache_dir=tmp_path / "c", **KW)
+    shutil.rmtree(first.location)
+    again = cached_features(model, images, eval_transform(16), ("cls",), cache_dir=tmp_path / "c", **KW)
+    assert not again.reused and np.array_equal(again.array("cls"), first.array("cls"))

@@ -268,3 +268,12 @@ def test_an_embedding_without_the_feature_names_the_one_it_has(collection, tmp_p
     with pytest.raises(DinokitError, match=r"holds no cls vectors.*pass feature=patch_mean"):
         build_index(str(tmp_path / "emb"), str(tmp_path / "idx"))
     assert build_index(str(tmp_path / "emb"), str(tmp_path / "idx"), feature="patch_mean")["total"] == 6
+
+
+def test_a_damaged_index_file_is_an_error_naming_it_and_the_fix(collection, tmp_path):
+    """index.json was read with json.loads: a damaged one ended in a bare JSONDecodeError traceback."""
+    build_index(str(collection / "emb_a"), str(tmp_path / "idx"))
+    meta = next(p for p in (tmp_path / "idx").iterdir() if p.suffix == ".json")
+    meta.write_text(meta.read_text()[:10])
+    with pytest.raises(DinokitError, match=r"is not valid JSON.*build the index again"):
+        search_index(str(tmp_path / "idx"), [str(collection / "a")], k=1, num_workers=0)

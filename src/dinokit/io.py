@@ -132,14 +132,12 @@ def prepare_output(path: str | Path, folder: bool = False, example: str = "model
     return path
 
 
-def read_json(path: str | Path):
-    """Parsed JSON of `path`; a damaged file gets a DinokitError naming it."""
+def read_json(path: str | Path, fix: str = "download or export it again"):
+    """Parsed JSON of `path`; a damaged file gets a DinokitError naming it and `fix`, what to do."""
     try:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DinokitError(
-            f"{path} is not valid JSON ({e}); the file is damaged or truncated: download or export it again"
-        ) from None
+        raise DinokitError(f"{path} is not valid JSON ({e}); the file is damaged or truncated: {fix}") from None
 
 
 def write_json(path: str | Path, obj) -> None:

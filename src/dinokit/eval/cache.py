@@ -29,10 +29,11 @@ import torch
 from dinokit.data.transforms import describe
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features, iter_features
-from dinokit.io import atomic_folder, write_json
+from dinokit.io import atomic_folder, read_json, write_json
 
 CACHE_FORMAT = 1
 HALF_PRECISION_KINDS = ("patch_tokens", "layer_patch_tokens")
+DAMAGED_CACHE = "remove the cache entry {} (its features are then extracted again)"
 
 
 def default_cache_dir() -> Path:
@@ -139,7 +140,7 @@ def reserve_space(path: Path) -> None:
 
 
 def _read_shard(folder: Path, kinds: Sequence[str]) -> tuple[dict[str, np.ndarray], list[int], list[int]]:
-    rows = json.loads((folder / "rows.json").read_text())
+    rows = read_json(folder / "rows.json", DAMAGED_CACHE.format(folder.parent))
     n = len(rows["kept"])
     arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r")[:n] for k in kinds if n}
     return arrays, rows["kept"], rows["bad"]
@@ -200,7 +201,7 @@ def cached_features(
     entry.mkdir(parents=True, exist_ok=True)
     if not (entry / "meta.json").exists():
         write_json(entry / "meta.json", {**fields, "shard_size": shard_size, "paths": [str(p) for p in paths]})
-    shard_size = json.loads((entry / "meta.json").read_text())["shard_size"]
+    shard_size = read_json(entry / "meta.json", DAMAGED_CACHE.format(entry))["shard_size"]
     reused = True
     shards: dict[str, list[np.ndarray]] = {k: [] for k in which}
     kept: list[int] = []

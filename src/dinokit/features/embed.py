@@ -10,7 +10,6 @@ The file layout is described in `dinokit.features.store`.
 
 import datetime
 import hashlib
-import json
 import math
 import sys
 import time
@@ -42,7 +41,7 @@ from dinokit.features.store import (
     shard_path,
     write_shard,
 )
-from dinokit.io import prepare_output, write_json
+from dinokit.io import prepare_output, read_json, write_json
 from dinokit.models import load_model
 from dinokit.runtime import effective_precision, resolve_device
 
@@ -213,7 +212,7 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
         if rank == 0 and not path.exists():
             write_json(path, settings)
     with compare_errors():  # every process's error: printed once
-        previous = json.loads(path.read_text())
+        previous = read_json(path, f"embed into a new out= folder, or remove {out_dir} and embed again")
         changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
         if changed:
             raise DinokitError(

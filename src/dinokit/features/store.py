@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dinokit.errors import DinokitError
-from dinokit.io import atomic_write
+from dinokit.io import atomic_write, read_json
 
 SHARD_FORMATS = {"safetensors": ".safetensors", "numpy": ".npz"}
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -98,7 +98,7 @@ def read_manifest(folder: str | Path) -> dict:
     if not path.is_file():
         hint = " (the run has not finished: run the same `dinokit embed` again to resume)"
         raise DinokitError(f"{path} not found: not a finished `dinokit embed` folder{hint}")
-    return json.loads(path.read_text())
+    return read_json(path, "remove it and run the same `dinokit embed` again (its finished shards are kept)")
 
 
 def read_embeddings(folder: str | Path, kinds: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:

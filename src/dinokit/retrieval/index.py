@@ -14,7 +14,6 @@ per line, in id order). Adding writes generation g + 1 and switches index.json l
 interrupted add leaves the previous index intact.
 """
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import faiss
 import numpy as np
 
 from dinokit.errors import DinokitError, require
-from dinokit.io import atomic_write, write_json
+from dinokit.io import atomic_write, read_json, write_json
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "pq", "ivfpq")
 INDEX_META = "index.json"
@@ -136,7 +135,7 @@ class FeatureIndex:
             raise DinokitError(
                 f"{folder} is not an index folder (no {INDEX_META}); build one with `dinokit index build`"
             )
-        meta = json.loads((folder / INDEX_META).read_text())
+        meta = read_json(folder / INDEX_META, f"build the index again (`dinokit index build ... out={folder}`)")
         g = meta["generation"]
         index = faiss.read_index(str(folder / f"index-{g}.faiss"))
         paths = (folder / f"paths-{g}.txt").read_text().splitlines()
