@@ -372,3 +372,25 @@ def test_processes_that_list_different_images_stop_with_an_error(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("the processes list different images") == 1  # every process's: printed once
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# Process 0 cannot write a checkpoint (a full disk) at the end of the run.
+CHECKPOINT_WRITE_FAILS_ON_PROCESS_0 = """
+import errno, importlib, os, sys
+from dinokit.cli import main
+pretrain = importlib.import_module("dinokit.train.pretrain")
+def save_checkpoint(folder, *args):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "checkpoint.pth"))
+pretrain.save_checkpoint = save_checkpoint
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_process_0_failing_to_write_a_checkpoint_stops_the_others_without_a_traceback(tmp_path):
+    """Process 0 wrote checkpoints alone while the others waited in a barrier: its error (a full disk)
+    ended the job, and the others died in that barrier with gloo's traceback."""
+    result = run_patched_pretraining(CHECKPOINT_WRITE_FAILS_ON_PROCESS_0, tmp_path, max_iterations=2)
+    assert result.returncode != 0
+    assert result.stderr.count("dinokit: error:") == 1, result.stderr[-3000:]
+    assert "dinokit: error: No space left on device" in result.stderr, result.stderr[-3000:]
+    assert "[rank1]: Traceback" not in result.stderr, result.stderr[-3000:]

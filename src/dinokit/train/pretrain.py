@@ -215,16 +215,16 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def export_backbone(model: SelfDistillation, path: Path, fsdp: bool) -> str | None:
-    """Write the teacher backbone as dinokit safetensors (rank 0); returns the path there."""
-    state = model_state(model, fsdp) if fsdp else None
+def export_backbone(model: SelfDistillation, path: Path, fsdp_state: dict | None) -> str | None:
+    """Write the teacher backbone as dinokit safetensors (rank 0); returns the path there. fsdp_state:
+    under FSDP, the model's full state (`model_state`, a collective of every process), else None."""
     if not dist.is_main_process():
         return None
     teacher = model.teacher.backbone
     backbone = VisionTransformer(replace(teacher.config, drop_path_rate=0.0))
-    if fsdp:
+    if fsdp_state is not None:
         prefix = "teacher.backbone."
-        backbone.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        backbone.load_state_dict({k[len(prefix) :]: v for k, v in fsdp_state.items() if k.startswith(prefix)})
     else:
         backbone.load_state_dict(teacher.state_dict())
     return export_model(backbone.float().eval(), path, format="dinokit")
@@ -585,9 +585,11 @@ class Trainer:
             "bad_files": sorted(self.share_bad_files()),
             "config": self.cfg.to_dict(),
         }
-        if self.main:
-            save_checkpoint(self.out / "checkpoints", self.iteration, state, self.cfg.keep_checkpoints)
-        dist.barrier()
+        # process 0 writes while the others wait in compare_errors' gather (not a barrier, which they
+        # would leave with gloo's traceback where its write fails, e.g. on a full disk)
+        with dist.compare_errors():
+            if self.main:
+                save_checkpoint(self.out / "checkpoints", self.iteration, state, self.cfg.keep_checkpoints)
 
     # ------------------------------------------------------------------------------------ step
     def step(self, batch: CropBatch, values: dict) -> tuple[dict, dict, bool, float]:
@@ -703,7 +705,9 @@ class Trainer:
             if log is not None:
                 log.close()
         self.save(elapsed)
-        backbone = export_backbone(self.model, self.out / "backbone.safetensors", self.fsdp)
+        state = model_state(self.model, self.fsdp) if self.fsdp else None  # a collective: every process
+        with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
+            backbone = export_backbone(self.model, self.out / "backbone.safetensors", state)
         self.write_bad_files()
         summary = {
             "out": str(self.out),
