@@ -374,22 +374,30 @@ def test_processes_that_list_different_images_stop_with_an_error(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-# Process 0 cannot write a checkpoint (a full disk) at the end of the run.
-CHECKPOINT_WRITE_FAILS_ON_PROCESS_0 = """
+# Process 0 cannot write (a full disk) its config.yaml at the start, or a checkpoint at the end.
+WRITE_FAILS_ON_PROCESS_0 = """
 import errno, importlib, os, sys
+from pathlib import Path
 from dinokit.cli import main
 pretrain = importlib.import_module("dinokit.train.pretrain")
-def save_checkpoint(folder, *args):
-    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "checkpoint.pth"))
-pretrain.save_checkpoint = save_checkpoint
+def full_disk(path):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+if "WHICH" == "config":
+    atomic_write = pretrain.atomic_write
+    def failing_write(path, write):
+        return full_disk(path) if Path(path).name == "config.yaml" else atomic_write(path, write)
+    pretrain.atomic_write = failing_write
+else:
+    pretrain.save_checkpoint = lambda folder, *args: full_disk(folder / "checkpoint.pth")
 sys.exit(main(["pretrain", *sys.argv[1:]]))
 """
 
 
-def test_process_0_failing_to_write_a_checkpoint_stops_the_others_without_a_traceback(tmp_path):
-    """Process 0 wrote checkpoints alone while the others waited in a barrier: its error (a full disk)
-    ended the job, and the others died in that barrier with gloo's traceback."""
-    result = run_patched_pretraining(CHECKPOINT_WRITE_FAILS_ON_PROCESS_0, tmp_path, max_iterations=2)
+@pytest.mark.parametrize("write", ["config", "checkpoint"])
+def test_process_0_failing_to_write_stops_the_others_without_a_traceback(tmp_path, write):
+    """Process 0 wrote config.yaml and checkpoints alone, then met the others in a collective or
+    barrier: its error (a full disk) ended the job, and the others died there with gloo's traceback."""
+    result = run_patched_pretraining(WRITE_FAILS_ON_PROCESS_0.replace("WHICH", write), tmp_path, max_iterations=2)
     assert result.returncode != 0
     assert result.stderr.count("dinokit: error:") == 1, result.stderr[-3000:]
     assert "dinokit: error: No space left on device" in result.stderr, result.stderr[-3000:]

@@ -526,14 +526,16 @@ class Trainer:
                 f"{c.num_register_tokens} registers (nearest named: {nearest_architecture(c)})"
             )
         self.derived = derived
+        with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
+            if self.main:
+                self.out.mkdir(parents=True, exist_ok=True)
+                text = yaml.safe_dump(
+                    {"data": str(data), "out": str(self.out), "preset": preset, "derived": derived, **cfg.to_dict()},
+                    sort_keys=False,
+                )
+                atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
         if not self.main:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(
-            {"data": str(data), "out": str(self.out), "preset": preset, "derived": derived, **cfg.to_dict()},
-            sort_keys=False,
-        )
-        atomic_write(self.out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
         length = self.length["schedule_iterations"]
         span = f"{length} iterations" if length else f"{cfg.max_minutes} minutes"
         epochs = f" = {cfg.epochs} epochs" if cfg.epochs else ""
