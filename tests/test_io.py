@@ -248,3 +248,15 @@ def test_a_file_lock_refuses_or_waits_for_a_second_writer_and_leaves_no_lock_fil
         order.append("first")
     waiter.join(10)
     assert order == ["first", "second"] and os.listdir(tmp_path) == []
+
+
+def test_where_pids_cannot_be_probed_every_writer_counts_as_alive(tmp_path, monkeypatch):
+    """On Windows os.kill(pid, 0) sends CTRL_C_EVENT to the process group `pid` (and raises a plain
+    OSError for a dead one): process_alive must not call it there, and no writer's folder is removed."""
+    monkeypatch.setattr(io, "CAN_PROBE_PIDS", False)
+    monkeypatch.setattr(os, "kill", lambda *args: pytest.fail("os.kill called"))
+    assert io.process_alive(int(dead_writer_tag().rsplit("-", 1)[1]))
+    left = leftover_writer_folders(tmp_path, "shard-00000", "features.npy")
+    with io.atomic_folder(tmp_path / "shard-00000") as tmp:
+        (tmp / "rows.json").write_text("[]")
+    assert all(folder.exists() for folder in left.values())

@@ -234,7 +234,16 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
         shutil.copy2(src, dst, follow_symlinks=False)
 
 
+# os.kill(pid, 0) asks whether a process lives on POSIX only: on Windows signal 0 is CTRL_C_EVENT, which
+# it would send to that process group
+CAN_PROBE_PIDS = os.name == "posix"
+
+
 def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs; where that cannot be asked (Windows), True: a folder
+    of a writer that may live is never removed."""
+    if not CAN_PROBE_PIDS:
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
