@@ -1,4 +1,5 @@
 import json
+import shutil
 import threading
 
 import numpy as np
@@ -275,5 +276,18 @@ def test_a_damaged_index_file_is_an_error_naming_it_and_the_fix(collection, tmp_
     build_index(str(collection / "emb_a"), str(tmp_path / "idx"))
     meta = next(p for p in (tmp_path / "idx").iterdir() if p.suffix == ".json")
     meta.write_text(meta.read_text()[:10])
-    with pytest.raises(DinokitError, match=r"is not valid JSON.*build the index again"):
+    with pytest.raises(DinokitError, match=r"is not valid JSON.*remove .* and build the index again"):
         search_index(str(tmp_path / "idx"), [str(collection / "a")], k=1, num_workers=0)
+
+
+def test_the_fix_named_for_a_damaged_index_file_works(collection, tmp_path):
+    """The damaged index.json's fix said `dinokit index build ... out=<the same folder>`, which build
+    refuses there ('already holds an index'; add=true reads the damaged file again)."""
+    idx = tmp_path / "idx"
+    build_index(str(collection / "emb_a"), str(idx))
+    (idx / "index.json").write_text((idx / "index.json").read_text()[:10])
+    with pytest.raises(DinokitError, match=r"is not valid JSON") as error:
+        search_index(str(idx), [str(collection / "a")], k=1, num_workers=0)
+    assert f"remove {idx}" in str(error.value)
+    shutil.rmtree(idx)  # the fix it names
+    assert build_index(str(collection / "emb_a"), str(idx))["total"] > 0

@@ -135,7 +135,9 @@ class FeatureIndex:
             raise DinokitError(
                 f"{folder} is not an index folder (no {INDEX_META}); build one with `dinokit index build`"
             )
-        meta = read_json(folder / INDEX_META, f"build the index again (`dinokit index build ... out={folder}`)")
+        # build refuses a folder that holds index.json (add=true would read it): the folder goes first
+        fix = f"remove {folder} and build the index again (`dinokit index build ... out={folder}`)"
+        meta = read_json(folder / INDEX_META, fix)
         g = meta["generation"]
         index = faiss.read_index(str(folder / f"index-{g}.faiss"))
         paths = (folder / f"paths-{g}.txt").read_text().splitlines()
