@@ -374,7 +374,8 @@ def test_processes_that_list_different_images_stop_with_an_error(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-# Process 0 cannot write (a full disk) its config.yaml at the start, or a checkpoint at the end.
+# Process 0 cannot write (a full disk) its config.yaml or metrics.jsonl at the start, or a checkpoint,
+# backbone.safetensors or bad_files.txt at the end.
 WRITE_FAILS_ON_PROCESS_0 = """
 import errno, importlib, os, sys
 from pathlib import Path
@@ -382,18 +383,27 @@ from dinokit.cli import main
 pretrain = importlib.import_module("dinokit.train.pretrain")
 def full_disk(path):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-if "WHICH" == "config":
+if "WHICH" in ("config", "bad_files"):
     atomic_write = pretrain.atomic_write
+    name = {"config": "config.yaml", "bad_files": "bad_files.txt"}["WHICH"]
     def failing_write(path, write):
-        return full_disk(path) if Path(path).name == "config.yaml" else atomic_write(path, write)
+        return full_disk(path) if Path(path).name == name else atomic_write(path, write)
     pretrain.atomic_write = failing_write
+    share = pretrain.Trainer.share_bad_files
+    def share_with_one_bad(self):  # every process: one unreadable file met, so bad_files.txt is written
+        return share(self) | {"unreadable.png"}
+    pretrain.Trainer.share_bad_files = share_with_one_bad
+elif "WHICH" == "metrics":  # metrics.jsonl, opened (on resume: rewritten) before the first collective
+    pretrain.MetricsLog = lambda folder, *args: full_disk(Path(folder) / "metrics.jsonl")
+elif "WHICH" == "backbone":
+    pretrain.export_model = lambda model, path, **kwargs: full_disk(path)
 else:
     pretrain.save_checkpoint = lambda folder, *args: full_disk(folder / "checkpoint.pth")
 sys.exit(main(["pretrain", *sys.argv[1:]]))
 """
 
 
-@pytest.mark.parametrize("write", ["config", "checkpoint"])
+@pytest.mark.parametrize("write", ["config", "metrics", "checkpoint", "backbone", "bad_files"])
 def test_process_0_failing_to_write_stops_the_others_without_a_traceback(tmp_path, write):
     """Process 0 wrote config.yaml and checkpoints alone, then met the others in a collective or
     barrier: its error (a full disk) ended the job, and the others died there with gloo's traceback."""

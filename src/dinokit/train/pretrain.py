@@ -631,7 +631,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------ loop
     def run(self) -> dict:
         cfg = self.cfg
-        log = MetricsLog(self.out, cfg.tensorboard, self.iteration) if self.main else None
+        log = None
+        with dist.compare_errors():  # process 0 opens (on resume: rewrites) metrics.jsonl, the others wait
+            if self.main:
+                log = MetricsLog(self.out, cfg.tensorboard, self.iteration)
         loader = make_loader(self.dataset, cfg, cfg.batch_size, self.samples_seen, self.device, self.collate)
         self.model.train()
         total = self.length["stop_iteration"]
@@ -743,10 +746,11 @@ class Trainer:
 
     def write_bad_files(self) -> None:
         every = self.share_bad_files()
-        if self.main and every:
-            text = "".join(f"{p}\n" for p in sorted(every))
-            atomic_write(self.out / "bad_files.txt", lambda tmp: Path(tmp).write_text(text))
-            print(f"pretrain: {len(every)} unreadable file(s) skipped, listed in {self.out / 'bad_files.txt'}")
+        with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
+            if self.main and every:
+                text = "".join(f"{p}\n" for p in sorted(every))
+                atomic_write(self.out / "bad_files.txt", lambda tmp: Path(tmp).write_text(text))
+                print(f"pretrain: {len(every)} unreadable file(s) skipped, listed in {self.out / 'bad_files.txt'}")
 
     def metrics_row(
         self, parts: dict, teacher: dict, values: dict, grad_norm: float, window: dict, elapsed: float
