@@ -1,4 +1,4 @@
-"""The four pictures of `dinokit.maps` on scikit-image's photos: attention, PCA, similarity, segmentation.
+"""The four pictures of `dinokit.maps`: attention, PCA, similarity on scikit-image's photos; segmentation.
 
     python examples/feature_maps.py --model dinov2_vits14_reg     # released weights (downloaded once)
     python examples/feature_maps.py --model path/to/checkpoint    # any file load_model reads
