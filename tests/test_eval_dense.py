@@ -585,3 +585,20 @@ def test_a_predict_into_an_out_folder_in_use_is_refused(task, tmp_path, capsys):
     assert f"another process is writing predictions in {out}" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert main([*args, "num_workers=0"]) == 0  # the lock went with the run that held it
+
+
+def test_a_damaged_predictions_record_names_a_fix_that_works(tmp_path):
+    """A damaged .dinokit-predictions.json was read with read_json's default fix, 'download or export it
+    again', which cannot apply to a predict run's record of its files."""
+    from dinokit.eval.dense import PREDICTIONS_RECORD, replace_predictions
+
+    out = tmp_path / "pred"
+    replace_predictions(out, ["a.png"], [])
+    (out / "a.png").write_bytes(b"earlier")
+    (out / PREDICTIONS_RECORD).write_text('{"files": ["a.p')
+    with pytest.raises(DinokitError, match=r"is not valid JSON") as error:
+        replace_predictions(out, ["b.png"], [])
+    assert "download or export" not in str(error.value) and f"remove {out / PREDICTIONS_RECORD}" in str(error.value)
+    (out / PREDICTIONS_RECORD).unlink()  # the fix it names
+    replace_predictions(out, ["b.png"], [])
+    assert json.loads((out / PREDICTIONS_RECORD).read_text()) == {"files": ["b.png"]}

@@ -512,7 +512,8 @@ def replace_predictions(out_dir: Path, files: list[str], inputs: list[Path]) -> 
     record = out_dir / PREDICTIONS_RECORD
     if record.is_file():
         root, keep = out_dir.resolve(), {p.resolve() for p in inputs}
-        for name in read_json(record).get("files", []):
+        fix = f"remove {record} (the earlier run's predictions then stay), or predict into a new out= folder"
+        for name in read_json(record, fix).get("files", []):
             path = (out_dir / name).resolve()
             if path.is_relative_to(root) and path not in keep and path.is_file():
                 path.unlink(missing_ok=True)
