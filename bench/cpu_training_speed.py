@@ -18,6 +18,9 @@
    patch tokens of 16 images at 224 px, 21 classes, logits upsampled to 224 px, cross-entropy,
    AdamW) with glibc's default malloc against inside `dinokit.runtime.reuse_freed_memory()`, as
    `train_dense_head` runs it on a CPU.
+6. Stochastic depth at rate 0.1 (per-sample DropPath) in a ViT-S/14 backbone's forward + backward on
+   8 global crops at 224 px, bf16: every sample through each branch, multiplied by the drop mask,
+   against `drop_add_residual`, which runs each branch on the samples the mask keeps (the same draws).
 
     python bench/cpu_training_speed.py
 """
@@ -166,6 +169,26 @@ def main() -> None:
     print(
         f"\ndense probe step, 16 x 21 classes at 224 px: default malloc {default_ms:.0f} ms, "
         f"reuse_freed_memory {reused_ms:.0f} ms ({default_ms / reused_ms:.2f}x)" + ("" if applied else " (not glibc)")
+    )
+
+    vit = build_backbone(resolve_config("dinov2_vits14", {"drop_path_rate": 0.1, "drop_path_uniform": True})).train()
+    crops = torch.randn(8, 3, 224, 224)
+
+    def vit_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = vit(crops).float().sum()
+        loss.backward()
+
+    def masked_drop_path(x, branch, rate):
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - rate)
+        return x + branch(x) * keep.div_(1.0 - rate)
+
+    kept_only = median_ms(vit_step, repeats=5)
+    with mock.patch("dinokit.models.layers.block.drop_add_residual", masked_drop_path):
+        masked = median_ms(vit_step, repeats=5)
+    print(
+        f"\nViT-S/14 forward + backward, 8 x 224 px, bf16, drop path 0.1: every sample, masked {masked:.0f} ms, "
+        f"kept samples only {kept_only:.0f} ms ({masked / kept_only:.2f}x)"
     )
 
 
