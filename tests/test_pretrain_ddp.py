@@ -395,6 +395,8 @@ if "WHICH" in ("config", "bad_files"):
     pretrain.Trainer.share_bad_files = share_with_one_bad
 elif "WHICH" == "metrics":  # metrics.jsonl, opened (on resume: rewritten) before the first collective
     pretrain.MetricsLog = lambda folder, *args: full_disk(Path(folder) / "metrics.jsonl")
+elif "WHICH" == "metrics_row":  # a row of metrics.jsonl, written after the processes reduced its figures
+    pretrain.MetricsLog.write = lambda log, row: full_disk("metrics.jsonl")
 elif "WHICH" == "backbone":
     pretrain.export_model = lambda model, path, **kwargs: full_disk(path)
 else:
@@ -403,7 +405,7 @@ sys.exit(main(["pretrain", *sys.argv[1:]]))
 """
 
 
-@pytest.mark.parametrize("write", ["config", "metrics", "checkpoint", "backbone", "bad_files"])
+@pytest.mark.parametrize("write", ["config", "metrics", "metrics_row", "checkpoint", "backbone", "bad_files"])
 def test_process_0_failing_to_write_stops_the_others_without_a_traceback(tmp_path, write):
     """Process 0 wrote config.yaml and checkpoints alone, then met the others in a collective or
     barrier: its error (a full disk) ended the job, and the others died there with gloo's traceback."""

@@ -691,10 +691,11 @@ class Trainer:
                     row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
                     window = {"time": 0.0, "wait": 0.0, "images": 0, "steps": 0}
                     last_row = row
-                    if self.main:
-                        log.write(row)
-                        bar.set_postfix(progress_postfix(row))
-                        warned_collapse = self.warn_collapse(row, warned_collapse)
+                    with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
+                        if self.main:
+                            log.write(row)
+                            bar.set_postfix(progress_postfix(row))
+                            warned_collapse = self.warn_collapse(row, warned_collapse)
                 due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
                 minutes = cfg.checkpoint_every_minutes
                 due_time = minutes and time.perf_counter() - last_save_time >= 60.0 * minutes
@@ -703,8 +704,9 @@ class Trainer:
                     last_save_time = time.perf_counter()
             if window["steps"] and parts is not None:  # the time budget ended between log points
                 last_row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
-                if self.main:
-                    log.write(last_row)
+                with dist.compare_errors():
+                    if self.main:
+                        log.write(last_row)
         finally:
             bar.close()
             if log is not None:
