@@ -48,8 +48,10 @@ def drop_add_residual(
 
 class AddRows(torch.autograd.Function):
     """x + alpha * rows added at the samples `idx` (torch.index_add), keeping only idx for the backward:
-    autograd's own index_add keeps the added rows too (a branch output per block, for nothing), and
-    index_put(accumulate=True), which does not, is 5-10x slower on a CPU.
+    autograd's own index_add keeps the added rows too (a branch output per block, for nothing;
+    `bench/train_throughput.py --saved-activations`: 1743 against 1534 MB in bf16), and
+    index_put(accumulate=True), which does not, is 5-10x slower on a CPU (a throwaway probe, forward +
+    backward at the bench's shapes: 64 ms against 13 ms at 16 x 257 x 384, 6 ms at 64 x 50 x 384).
     x: (B, ...), idx: (S,) distinct sample indices, rows: (S, ...) of x's dtype."""
 
     @staticmethod
