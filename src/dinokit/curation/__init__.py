@@ -1,0 +1,1 @@
+"""Data curation as in the DINOv2 paper: deduplication, embedding clustering, balanced and retrieval-based sampling."""
