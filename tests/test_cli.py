@@ -107,7 +107,7 @@ def test_main_help_export_and_info(tmp_path, capsys):
 def test_a_command_group_word_alone_names_every_command_of_the_group(capsys):
     """`dinokit predict` suggested predict depth alone, `dinokit eval` eval knn alone (difflib's close
     matches): a group word lists all its commands."""
-    for group in ("eval", "predict", "index", "visualize"):
+    for group in ("eval", "predict", "index", "visualize", "curate"):
         assert main([group, "--help"]) == 2
         err = capsys.readouterr().err
         for name in (n for n in COMMANDS if n.startswith(group + " ")):

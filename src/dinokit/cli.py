@@ -41,6 +41,10 @@ COMMANDS: dict[str, str] = {
     "visualize pca": "dinokit.maps.commands:visualize_pca",
     "visualize similarity": "dinokit.maps.commands:visualize_similarity",
     "segment": "dinokit.maps.commands:segment",
+    "curate dedup": "dinokit.curation.commands:dedup",
+    "curate cluster": "dinokit.curation.commands:cluster",
+    "curate sample": "dinokit.curation.commands:sample",
+    "curate retrieve": "dinokit.curation.commands:retrieve",
     "pretrain": "dinokit.train.pretrain:pretrain",
 }
 

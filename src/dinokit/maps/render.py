@@ -106,16 +106,25 @@ def thumbnail(path: str | Path, size: int) -> Image.Image:
     return canvas
 
 
-def contact_sheet(rows: list[tuple[str, list[tuple[str, float]]]], path: str | Path, thumb: int = 128) -> str:
+def contact_sheet(
+    rows: list[tuple[str, list[tuple[str, float | None]]]],
+    path: str | Path,
+    thumb: int = 128,
+    first_labels: list[str] | None = None,
+) -> str:
     """One row per query: the query image, then its hits with their scores. rows: [(query path,
-    [(hit path, score), ...]), ...]. Writes a PNG; returns its path."""
+    [(hit path, score or None), ...]), ...]. first_labels: the caption of each row's first image
+    (default "query"). Writes a PNG; returns its path."""
     columns = 1 + max((len(hits) for _, hits in rows), default=0)
     caption = 14
     sheet = Image.new("RGB", (columns * (thumb + 4), len(rows) * (thumb + caption + 4)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for r, (query, hits) in enumerate(rows):
         y = r * (thumb + caption + 4)
-        cells = [(query, "query")] + [(p, f"{i + 1}: {s:.3f}") for i, (p, s) in enumerate(hits)]
+        first = first_labels[r] if first_labels else "query"
+        cells = [(query, first)] + [
+            (p, f"{i + 1}" + ("" if s is None else f": {s:.3f}")) for i, (p, s) in enumerate(hits)
+        ]
         for c, (cell_path, label) in enumerate(cells):
             x = c * (thumb + 4)
             sheet.paste(thumbnail(cell_path, thumb), (x, y))

@@ -40,21 +40,8 @@ def build_index(
     embedding settings must match. An image listed twice is indexed once; the summary counts the
     images skipped.
     """
-    if feature not in VECTOR_FEATURES:
-        raise DinokitError(
-            f"feature must be one of {', '.join(VECTOR_FEATURES)} (one vector per image), got {feature!r}"
-        )
     prepare_output(out, folder=True, create=False)
-    manifest = read_manifest(features)
-    if feature not in manifest["features"]:
-        usable = [f for f in VECTOR_FEATURES if f in manifest["features"]]
-        fix = f"pass feature={usable[0]}, or " if usable else ""
-        raise DinokitError(
-            f"{features} holds no {feature} vectors (it has {', '.join(manifest['features'])}): "
-            f"{fix}embed again with features=[{feature}]"
-        )
-    vectors, paths = read_embeddings(features, [feature])
-    embedding = {k: manifest.get(k) for k in EMBEDDING_KEYS}
+    vectors, paths, embedding = read_vectors(features, feature)
     # one writer at a time: two adds would both write generation g + 1 (one add lost, or one's vectors
     # listed with the other's paths); the second waits and adds to the first's result
     with folder_lock(out, "an index"):
@@ -63,18 +50,18 @@ def build_index(
             raise DinokitError(f"{out} already holds an index; pass add=true to add to it, or choose a new out=")
         if add and exists:
             index = FeatureIndex.load(out)
-            changed = [k for k in EMBEDDING_KEYS if index.meta["embedding"].get(k) != embedding[k]]
+            changed = embedding_differences(index.meta["embedding"], embedding)
             if changed or index.meta["feature"] != feature:
                 raise DinokitError(
                     f"{features} was embedded differently from the index {out} ({', '.join(changed) or 'feature'} "
                     "differ); queries could not match both. Build a separate index."
                 )
-            added = index.add(vectors[feature].float().numpy(), paths)
+            added = index.add(vectors, paths)
             index.meta["sources"].append(str(Path(features).absolute()))
         else:
             meta = {"feature": feature, "embedding": embedding, "sources": [str(Path(features).absolute())]}
             index = FeatureIndex.create(
-                vectors[feature].float().numpy(),
+                vectors,
                 paths,
                 meta,
                 kind=kind,
@@ -92,6 +79,32 @@ def build_index(
         "skipped": len(paths) - added,  # already indexed, or listed twice in the embedding
         "total": len(index.paths),
     }
+
+
+def read_vectors(features: str | Path, feature: str = "cls") -> tuple[np.ndarray, list[str], dict]:
+    """One vector per image from a `dinokit embed` folder: (vectors (N, D) float32, as stored, not
+    normalised; image paths; the embedding settings that queries must share, EMBEDDING_KEYS)."""
+    if feature not in VECTOR_FEATURES:
+        raise DinokitError(
+            f"feature must be one of {', '.join(VECTOR_FEATURES)} (one vector per image), got {feature!r}"
+        )
+    manifest = read_manifest(features)
+    if feature not in manifest["features"]:
+        usable = [f for f in VECTOR_FEATURES if f in manifest["features"]]
+        fix = f"pass feature={usable[0]}, or " if usable else ""
+        raise DinokitError(
+            f"{features} holds no {feature} vectors (it has {', '.join(manifest['features'])}): "
+            f"{fix}embed again with features=[{feature}]"
+        )
+    vectors, paths = read_embeddings(features, [feature])
+    embedding = {k: manifest.get(k) for k in EMBEDDING_KEYS}
+    return vectors[feature].float().numpy(), paths, embedding
+
+
+def embedding_differences(a: dict, b: dict) -> list[str]:
+    """The embedding settings (EMBEDDING_KEYS) in which two embeddings differ: vectors of embeddings
+    that differ are not comparable."""
+    return [k for k in EMBEDDING_KEYS if a.get(k) != b.get(k)]
 
 
 def search_index(

@@ -32,7 +32,9 @@ INDEX_META = "index.json"
 EMBEDDING_KEYS = ("model", "architecture", "weights_hash", "image_size", "resize_policy", "transform", "precision")
 
 
-def factory_string(kind: str, dim: int, count: int, nlist: int | None, pq_m: int, pq_bits: int, hnsw_m: int) -> str:
+def factory_string(
+    kind: str, dim: int, count: int, nlist: int | None = None, pq_m: int = 16, pq_bits: int = 8, hnsw_m: int = 32
+) -> str:
     """The faiss index_factory string of an index kind (see the module docstring)."""
     if kind not in INDEX_KINDS:
         raise DinokitError(f"index kind must be one of {', '.join(INDEX_KINDS)}, got {kind!r}")

@@ -1,0 +1,440 @@
+"""`dinokit curate dedup|cluster|sample|retrieve`: data curation over `dinokit embed` output.
+
+Each step reads embeddings (one vector per image, L2-normalised: cosine similarity) and writes a folder
+whose `*.txt` lists of image paths feed the next step or training (`dinokit pretrain data=out/kept.txt`):
+  dedup     kept.txt, removed.json, similarity.png, duplicates.png
+  cluster   clusters.safetensors (centroids and assignments per level), paths.txt, cluster_sizes.png
+  sample    selected.txt, sampled_sizes.png
+  retrieve  selected.txt, retrieved.json, retrieved.png
+and curation.json (the step, its inputs, settings and counts). A step's folder is written whole or not
+at all (a temporary folder swapped in), and replaces the output of an earlier curation step there; a
+folder holding anything else is refused.
+"""
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
+
+from dinokit.curation.dedup import deduplicate
+from dinokit.curation.kmeans import Level, hierarchical_kmeans
+from dinokit.curation.retrieval_sampling import seed_cluster_samples, seed_neighbours
+from dinokit.curation.sampling import cluster_sizes, hierarchical_sampling
+from dinokit.errors import DinokitError
+from dinokit.io import atomic_folder, atomic_write, prepare_output, read_json, write_json
+from dinokit.maps.render import contact_sheet, save_figure
+from dinokit.retrieval.commands import embedding_differences, read_vectors
+from dinokit.retrieval.index import INDEX_META, FeatureIndex, first_occurrences, normalise
+
+SUMMARY = "curation.json"
+CLUSTERS = "clusters.safetensors"
+
+
+# ------------------------------------------------------------------------------------------- dedup
+def dedup(
+    features: str,
+    out: str,
+    threshold: float = 0.95,
+    reference: str | None = None,
+    feature: str = "cls",
+    examples: int = 8,
+) -> dict:
+    """Remove near-duplicate images from an embedded collection (and copies of a reference set).
+
+    With `reference`, the images that near-duplicate another set (e.g. the test split you will
+    evaluate on) go too.
+    features: a `dinokit embed` folder. out: a folder for kept.txt (the kept images, one path per line,
+    in the embedding's order), removed.json ([{"path", "duplicate_of", "score", "reason"}], reason
+    "duplicate" or "reference"), similarity.png (each image's highest cosine to another image, with the
+    threshold), duplicates.png (the largest groups: the kept image, then those removed as its copies)
+    and curation.json. threshold: images whose cosine is >= threshold are duplicates, and chains of
+    them form one group, of which the first image is kept; the right value depends on the model, so
+    check it on the two PNGs. reference: a `dinokit embed` folder embedded like `features`.
+    feature: cls or patch_mean. examples: groups shown in duplicates.png (0: none).
+    """
+    vectors, paths, embedding = read_unique_vectors(features, feature)
+    ref_vectors, ref_paths = None, []
+    if reference is not None:
+        ref_vectors, ref_paths, ref_embedding = read_unique_vectors(reference, feature)
+        require_same_embedding(embedding, ref_embedding, features, reference)
+    with output_folder(out) as tmp:
+        result = deduplicate(vectors, threshold, reference=ref_vectors)
+        removed = np.flatnonzero(~np.isnan(result.score))
+        records = [
+            {
+                "path": paths[i],
+                "duplicate_of": ref_paths[result.reference_match[i]]
+                if result.duplicate_of[i] < 0
+                else paths[result.duplicate_of[i]],
+                "score": round(float(result.score[i]), 6),
+                "reason": "reference" if result.duplicate_of[i] < 0 else "duplicate",
+            }
+            for i in removed.tolist()
+        ]
+        write_paths(tmp / "kept.txt", [paths[i] for i in result.keep.tolist()])
+        write_json(tmp / "removed.json", records)
+        similarity_histogram(result.nearest, threshold, tmp / "similarity.png")
+        groups: dict[tuple[str, str], list[tuple[str, float]]] = {}  # (reason, kept or reference image): removed
+        for r in records:
+            groups.setdefault((r["reason"], r["duplicate_of"]), []).append((r["path"], r["score"]))
+        if examples > 0 and groups:
+            largest = sorted(groups.items(), key=lambda g: -len(g[1]))[:examples]
+            labels = ["reference" if reason == "reference" else "kept" for (reason, _), _ in largest]
+            contact_sheet([(g, hits[:8]) for (_, g), hits in largest], tmp / "duplicates.png", first_labels=labels)
+        summary = {
+            "step": "dedup",
+            "features": str(Path(features).absolute()),
+            "feature": feature,
+            "threshold": threshold,
+            "reference": str(Path(reference).absolute()) if reference else None,
+            "images": len(paths),
+            "kept": len(result.keep),
+            "removed_duplicates": sum(r["reason"] == "duplicate" for r in records),
+            "removed_reference": sum(r["reason"] == "reference" for r in records),
+            "groups": sum(reason == "duplicate" for reason, _ in groups),  # groups of 2 or more images
+            "embedding": embedding,
+        }
+        write_json(tmp / SUMMARY, summary)
+    print(
+        f"{summary['images']} images: kept {summary['kept']}, removed {summary['removed_duplicates']} near-duplicates "
+        f"(in {summary['groups']} groups) and {summary['removed_reference']} near-duplicates of the reference "
+        f"set (cosine >= {threshold}); written to {out}"
+    )
+    return summary
+
+
+def similarity_histogram(nearest: np.ndarray, threshold: float, path: Path) -> None:
+    """PNG: histogram of each image's highest cosine to another image, the threshold marked."""
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    values = nearest[np.isfinite(nearest)]
+    ax.hist(values, bins=100, range=(min(float(values.min(initial=1.0)), threshold) - 0.01, 1.0), color="#4477aa")
+    ax.axvline(threshold, color="#cc3311", label=f"threshold {threshold}: {int((values >= threshold).sum())} images")
+    ax.set_yscale("log")
+    ax.set_xlabel("cosine similarity to the nearest other image")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    save_figure(path, fig)
+
+
+# ----------------------------------------------------------------------------------------- cluster
+def cluster(
+    features: str,
+    out: str,
+    n_clusters: list[int],
+    n_resamples: list[int] | int = 10,
+    sample_size: list[int] | None = None,
+    strategy: str = "closest",
+    iterations: int = 50,
+    subset: str | None = None,
+    feature: str = "cls",
+    seed: int = 0,
+) -> dict:
+    """Hierarchical k-means with resampling of an embedded collection (ssl-data-curation, DINOv3's data).
+
+    features: a `dinokit embed` folder. n_clusters: clusters per level, e.g. [1000, 100]: level 1
+    clusters the images, each further level the centroids of the one below. n_resamples (per level, or
+    one for all): times each level's centroids are re-fitted on the `sample_size` members closest to
+    each of them (strategy closest; or random members), which spreads the centroids evenly over the
+    concepts instead of crowding dense ones; sample_size defaults to half the level's average cluster
+    size. iterations: Lloyd iterations per k-means. subset: a list of image paths to cluster instead
+    of all (e.g. `dinokit curate dedup`'s kept.txt). out: a folder for clusters.safetensors (per level
+    l: level<l>.centroids, level<l>.assignment (the cluster of each item of the level below),
+    level<l>.distances (squared L2 to its centroid)), paths.txt (the images, in level 1's item order),
+    cluster_sizes.png (images per cluster, per level) and curation.json. `dinokit curate sample` draws
+    a balanced subset from it; `dinokit curate retrieve clusters=` draws from seeds' clusters.
+    """
+    vectors, paths, embedding = read_unique_vectors(features, feature)
+    if subset is not None:
+        vectors, paths = select_subset(vectors, paths, subset, features)
+    if sample_size is None:  # half the average cluster size of each level (at least 1)
+        counts = [len(paths), *n_clusters[:-1]]
+        sample_size = [max(1, n // (2 * max(k, 1))) for n, k in zip(counts, n_clusters, strict=True)]
+    with output_folder(out) as tmp:
+        levels = hierarchical_kmeans(
+            vectors, n_clusters, n_resamples, sample_size, strategy=strategy, iterations=iterations, seed=seed
+        )
+        arrays = {}
+        for number, level in enumerate(levels, start=1):
+            arrays[f"level{number}.centroids"] = level.centroids
+            arrays[f"level{number}.assignment"] = level.assignment
+            arrays[f"level{number}.distances"] = level.distances
+        atomic_write(tmp / CLUSTERS, lambda t: save_numpy(arrays, t))
+        write_paths(tmp / "paths.txt", paths)
+        sizes = cluster_sizes(levels)
+        cluster_size_plot(sizes, tmp / "cluster_sizes.png")
+        summary = {
+            "step": "cluster",
+            "features": str(Path(features).absolute()),
+            "feature": feature,
+            "subset": str(Path(subset).absolute()) if subset else None,
+            "n_clusters": list(n_clusters),
+            "n_resamples": n_resamples,
+            "sample_size": sample_size,
+            "strategy": strategy,
+            "iterations": iterations,
+            "seed": seed,
+            "images": len(paths),
+            "levels": [
+                {
+                    "clusters": len(s),
+                    "images_per_cluster": {"min": int(s.min()), "median": float(np.median(s)), "max": int(s.max())},
+                }
+                for s in sizes
+            ],
+            "embedding": embedding,
+        }
+        write_json(tmp / SUMMARY, summary)
+    spread = ", ".join(
+        f"level {i}: {len(n)} clusters of {n.min()}-{n.max()} images" for i, n in enumerate(sizes, start=1)
+    )
+    print(f"clustered {len(paths)} images ({spread}); written to {out}")
+    return summary
+
+
+def read_clusters(folder: str | Path) -> tuple[list[Level], list[str], dict]:
+    """(levels, image paths, curation.json) of a `dinokit curate cluster` folder."""
+    folder = Path(folder)
+    meta = (
+        read_json(folder / SUMMARY, f"run `dinokit curate cluster ... out={folder}` again")
+        if (folder / SUMMARY).is_file()
+        else {}
+    )
+    if meta.get("step") != "cluster":
+        raise DinokitError(f"{folder} is not the output of `dinokit curate cluster` (no clusters in it): cluster first")
+    arrays = load_numpy(str(folder / CLUSTERS))
+    levels = [
+        Level(arrays[f"level{n}.centroids"], arrays[f"level{n}.assignment"], arrays[f"level{n}.distances"])
+        for n in range(1, len(meta["n_clusters"]) + 1)
+    ]
+    paths = (folder / "paths.txt").read_text().splitlines()
+    if len(paths) != len(levels[0].assignment):
+        raise DinokitError(f"{folder}: paths.txt and the clusters disagree; run `dinokit curate cluster` again")
+    return levels, paths, meta
+
+
+def select_subset(vectors: np.ndarray, paths: list[str], subset: str, features: str) -> tuple[np.ndarray, list[str]]:
+    """The rows of the images listed in the text file `subset` (one path per line), in the embedding's order."""
+    wanted = {line.strip() for line in Path(subset).read_text().splitlines() if line.strip()}
+    keep = [i for i, p in enumerate(paths) if p in wanted]
+    missing = len(wanted) - len(keep)
+    if missing:
+        example = next(iter(wanted - {paths[i] for i in keep}))
+        raise DinokitError(
+            f"{missing} of the {len(wanted)} images listed in {subset} are not in the embedding {features} "
+            f"(e.g. {example}): pass a list made from this embedding (e.g. `dinokit curate dedup`'s kept.txt)"
+        )
+    return vectors[keep], [paths[i] for i in keep]
+
+
+def cluster_size_plot(sizes: list[np.ndarray], path: Path) -> None:
+    """PNG: each level's clusters by number of images, largest first (a flat curve is a balanced clustering)."""
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    for number, s in enumerate(sizes, start=1):
+        ax.plot(np.arange(1, len(s) + 1), np.sort(s)[::-1], label=f"level {number} ({len(s)} clusters)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("cluster rank")
+    ax.set_ylabel("images in the cluster")
+    ax.legend(fontsize=8)
+    save_figure(path, fig)
+
+
+# ------------------------------------------------------------------------------------------ sample
+def sample(clusters: str, out: str, target_size: int, strategy: str = "random", seed: int = 0) -> dict:
+    """Draw a balanced subset of `target_size` images from a `dinokit curate cluster` folder.
+
+    Hierarchical sampling: each top-level cluster gets an equal share (a small one all its images),
+    and so on recursively down the levels; level-1 clusters give their images at random, or those
+    closest to the centroid with strategy=closest. out: a folder for selected.txt (in the embedding's
+    order), sampled_sizes.png (images per top-level cluster before and after) and curation.json.
+    """
+    levels, paths, meta = read_clusters(clusters)
+    with output_folder(out) as tmp:
+        selected = hierarchical_sampling(levels, target_size, strategy=strategy, seed=seed)
+        write_paths(tmp / "selected.txt", [paths[i] for i in selected.tolist()])
+        before = cluster_sizes(levels)[-1]
+        top = levels[0].assignment[selected]
+        for level in levels[1:]:
+            top = level.assignment[top]
+        after = np.bincount(top, minlength=len(before))
+        order = np.argsort(-before, kind="stable")
+        fig = Figure(figsize=(6, 3.5), layout="constrained")
+        ax = fig.subplots()
+        ax.plot(np.arange(1, len(before) + 1), before[order], label="all images")
+        ax.plot(np.arange(1, len(before) + 1), after[order], label=f"selected ({target_size})")
+        ax.set_yscale("log")
+        ax.set_xlabel(f"top-level cluster (level {len(levels)}), largest first")
+        ax.set_ylabel("images")
+        ax.legend(fontsize=8)
+        save_figure(tmp / "sampled_sizes.png", fig)
+        summary = {
+            "step": "sample",
+            "clusters": str(Path(clusters).absolute()),
+            "target_size": target_size,
+            "strategy": strategy,
+            "seed": seed,
+            "images": len(paths),
+            "selected": len(selected),
+            "top_level_clusters": {
+                "before_max": int(before.max()),
+                "after_max": int(after.max()),
+                "after_min": int(after.min()),
+            },
+            "embedding": meta["embedding"],
+        }
+        write_json(tmp / SUMMARY, summary)
+    print(
+        f"selected {len(selected)} of {len(paths)} images, at most {int(after.max())} per top-level cluster "
+        f"(before: up to {int(before.max())}); written to {out}"
+    )
+    return summary
+
+
+# ---------------------------------------------------------------------------------------- retrieve
+def retrieve(
+    seeds: str,
+    out: str,
+    pool: str | None = None,
+    clusters: str | None = None,
+    per_seed: int = 4,
+    min_score: float | None = None,
+    feature: str = "cls",
+    seed: int = 0,
+    examples: int = 8,
+) -> dict:
+    """Retrieval-based sampling (DINOv2's LVD-142M): select the pool images closest to a curated seed set.
+
+    seeds: a `dinokit embed` folder of the curated images, embedded like the pool. Then one of:
+    pool: a `dinokit embed` folder of the uncurated images, or an index folder over them (`dinokit
+    index build`; for millions of images an ivf or hnsw one): each seed image takes its `per_seed`
+    nearest pool images (cosine >= min_score, if given), the paper's choice for large seed sets.
+    clusters: a `dinokit curate cluster` folder of the pool: each seed image takes `per_seed` pool
+    images drawn at random (`seed`) from the pool cluster nearest to it, the choice for small seed sets.
+    out: a folder for selected.txt (the union, in the pool's order), retrieved.json ([{"seed": path,
+    "hits": [{"path", "score"}, ...]}, ...], with clusters [{"seed": path, "cluster": c, "hits":
+    [{"path"}, ...]}, ...]: the images drawn from a cluster are listed under its first seed),
+    retrieved.png (the first `examples` seeds and what they brought in) and curation.json.
+    """
+    if (pool is None) == (clusters is None):
+        raise DinokitError(
+            "pass either pool= (a `dinokit embed` or index folder: each seed takes its nearest pool images) or "
+            "clusters= (a `dinokit curate cluster` folder: each seed takes images of its pool cluster), not both"
+        )
+    seed_vectors, seed_paths, seed_embedding = read_unique_vectors(seeds, feature)
+    if clusters is not None:
+        levels, pool_paths, meta = read_clusters(clusters)
+        require_same_embedding(meta["embedding"], seed_embedding, clusters, seeds)
+        rng = np.random.default_rng(seed)
+        seed_clusters, drawn = seed_cluster_samples(
+            levels[0].centroids, levels[0].assignment, seed_vectors, per_seed, rng
+        )
+        first_seed = {}  # each cluster's images are listed under the first seed that chose it
+        for s, c in enumerate(seed_clusters.tolist()):
+            first_seed.setdefault(c, s)
+        hits = [
+            [(j, None) for j in drawn[c].tolist()] if first_seed[c] == s else []
+            for s, c in enumerate(seed_clusters.tolist())
+        ]
+        record = [
+            {"seed": p, "cluster": c, "hits": [{"path": pool_paths[j]} for j, _ in row]}
+            for p, c, row in zip(seed_paths, seed_clusters.tolist(), hits, strict=True)
+        ]
+    else:
+        index = pool_index(pool, feature, seed_embedding, seeds)
+        pool_paths = index.paths
+        hits = seed_neighbours(index, seed_vectors, per_seed, min_score)
+        record = [
+            {"seed": p, "hits": [{"path": pool_paths[j], "score": round(s, 6)} for j, s in row]}
+            for p, row in zip(seed_paths, hits, strict=True)
+        ]
+    selected = sorted({j for row in hits for j, _ in row})
+    with output_folder(out) as tmp:
+        write_paths(tmp / "selected.txt", [pool_paths[j] for j in selected])
+        write_json(tmp / "retrieved.json", record)
+        rows = [(p, [(pool_paths[j], s) for j, s in row[:8]]) for p, row in zip(seed_paths, hits, strict=True) if row]
+        if examples > 0 and rows:
+            contact_sheet(rows[:examples], tmp / "retrieved.png", first_labels=["seed"] * len(rows[:examples]))
+        summary = {
+            "step": "retrieve",
+            "seeds": str(Path(seeds).absolute()),
+            "pool": str(Path(pool).absolute()) if pool else None,
+            "clusters": str(Path(clusters).absolute()) if clusters else None,
+            "per_seed": per_seed,
+            "min_score": min_score,
+            "seed": seed,
+            "pool_images": len(pool_paths),
+            "seed_images": len(seed_paths),
+            "selected": len(selected),
+            "embedding": seed_embedding,
+        }
+        write_json(tmp / SUMMARY, summary)
+    how = "from the pool clusters of the seeds" if clusters else "nearest to the seeds"
+    print(
+        f"selected {len(selected)} of {len(pool_paths)} pool images {how} ({len(seed_paths)} seed images); "
+        f"written to {out}"
+    )
+    return summary
+
+
+def pool_index(pool: str, feature: str, seeds_embedding: dict, seeds: str) -> FeatureIndex:
+    """A search index over the pool: the index folder itself, or an exact one built over a `dinokit
+    embed` folder; refused if the pool was embedded unlike the seeds."""
+    if (Path(pool) / INDEX_META).is_file():
+        index = FeatureIndex.load(pool)
+        if index.meta["feature"] != feature:
+            raise DinokitError(
+                f"the index {pool} holds {index.meta['feature']} vectors: pass feature={index.meta['feature']}"
+            )
+        require_same_embedding(index.meta["embedding"], seeds_embedding, pool, seeds)
+        return index
+    vectors, paths, embedding = read_vectors(pool, feature)
+    require_same_embedding(embedding, seeds_embedding, pool, seeds)
+    return FeatureIndex.create(vectors, paths, {}, kind="flat")
+
+
+# ----------------------------------------------------------------------------------------- shared
+def read_unique_vectors(features: str, feature: str) -> tuple[np.ndarray, list[str], dict]:
+    """(L2-normalised vectors (N, D), paths, embedding settings) of a `dinokit embed` folder; an image
+    that the embedding lists twice is kept once (its first vector)."""
+    vectors, paths, embedding = read_vectors(features, feature)
+    keep = first_occurrences(paths)
+    return normalise(vectors[keep]), [paths[i] for i in keep], embedding
+
+
+def require_same_embedding(a: dict, b: dict, a_name: str, b_name: str) -> None:
+    """Refuse to compare vectors of two embeddings made differently (other weights, size or transform).
+    The model's path may differ where both record the same weights hash (the same weights, moved)."""
+    same_weights = a.get("weights_hash") is not None and a.get("weights_hash") == b.get("weights_hash")
+    changed = [k for k in embedding_differences(a, b) if not (k == "model" and same_weights)]
+    if changed:
+        raise DinokitError(
+            f"{a_name} and {b_name} were embedded differently ({', '.join(changed)} differ), so their vectors are "
+            f"not comparable: embed {b_name}'s images again with the same model and settings"
+        )
+
+
+def write_paths(path: Path, paths: list[str]) -> None:
+    """A list of image paths, one per line (what `dinokit pretrain data=` and `dinokit embed data=` read)."""
+    text = "".join(p + "\n" for p in paths)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+@contextlib.contextmanager
+def output_folder(out: str) -> Iterator[Path]:
+    """A temporary folder to fill, swapped in for `out` whole when the block succeeds, so a reader
+    never sees files of two runs. `out` may be new, empty, or the output of an earlier curation
+    step (which it replaces); a folder holding anything else is refused, as it may hold your files."""
+    path = prepare_output(out, folder=True, create=False)
+    if path.is_dir() and any(path.iterdir()) and not (path / SUMMARY).is_file():
+        raise DinokitError(
+            f"{path} already holds files and is not the output of a `dinokit curate` step (no {SUMMARY}); "
+            "pass a new or empty folder as out="
+        )
+    with atomic_folder(path, replace=True) as tmp:
+        yield tmp

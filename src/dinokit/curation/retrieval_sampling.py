@@ -1,0 +1,63 @@
+"""Retrieval-based sampling (the DINOv2 paper's LVD-142M): pool images chosen for their closeness to
+a curated seed set, both embedded by the same model.
+
+The paper picks one of two ways per seed dataset:
+  neighbours  each seed image takes its `per_seed` nearest pool images (cosine): for large seed sets
+  cluster     each seed image takes `per_seed` pool images drawn at random from the pool cluster
+              nearest to it (a k-means of the pool, `dinokit curate cluster`): for small seed sets,
+              whose few images then reach their whole concept, not only its closest copies
+The selection is the union over the seeds.
+"""
+
+import faiss
+import numpy as np
+
+from dinokit.errors import DinokitError
+from dinokit.retrieval.index import FeatureIndex, normalise
+
+
+def seed_neighbours(
+    pool: FeatureIndex, seeds: np.ndarray, per_seed: int, min_score: float | None = None
+) -> list[list[tuple[int, float]]]:
+    """Per seed (S, D), its `per_seed` nearest pool images as [(pool id, cosine), ...], most similar
+    first; hits under `min_score` are dropped."""
+    if per_seed < 1:
+        raise DinokitError(f"per_seed must be a positive number of pool images per seed image, got {per_seed}")
+    scores, ids = pool.search(seeds, per_seed)
+    return [
+        [
+            (int(j), float(s))
+            for s, j in zip(row_scores, row_ids, strict=True)
+            if j >= 0 and (min_score is None or s >= min_score)
+        ]
+        for row_scores, row_ids in zip(scores, ids, strict=True)
+    ]
+
+
+def seed_cluster_samples(
+    centroids: np.ndarray, assignment: np.ndarray, seeds: np.ndarray, per_seed: int, rng: np.random.Generator
+) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Pool images drawn from the clusters of the seeds.
+
+    centroids (C, D): the pool's k-means centroids (of L2-normalised vectors); assignment (N,): the
+    cluster of each pool image; seeds (S, D). Each seed goes to its nearest centroid (L2 on the
+    normalised seed, as k-means assigned the pool). A cluster that s seeds chose gives
+    min(s * per_seed, its size) of its images, drawn at random without repeats, so seeds sharing a
+    cluster add different images.
+    Returns (the cluster of each seed (S,), {cluster: pool ids drawn from it (sorted)}).
+    """
+    if per_seed < 1:
+        raise DinokitError(f"per_seed must be a positive number of pool images per seed image, got {per_seed}")
+    search = faiss.IndexFlatL2(centroids.shape[1])
+    search.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    seed_clusters = search.search(normalise(seeds), 1)[1][:, 0].astype(np.int64)
+    chosen, seeds_per_cluster = np.unique(seed_clusters, return_counts=True)
+    order = np.argsort(assignment, kind="stable")  # pool ids grouped by cluster, one sort for all clusters
+    starts = np.searchsorted(assignment[order], chosen, side="left")
+    ends = np.searchsorted(assignment[order], chosen, side="right")
+    drawn = {}
+    for cluster, count, start, end in zip(chosen.tolist(), seeds_per_cluster.tolist(), starts, ends, strict=True):
+        members = order[start:end]
+        take = min(count * per_seed, len(members))
+        drawn[cluster] = np.sort(rng.choice(members, size=take, replace=False))
+    return seed_clusters, drawn

@@ -1,0 +1,268 @@
+"""`dinokit curate ...` on real `dinokit embed` folders whose vectors are set by hand, so that every
+expected duplicate, neighbour and cluster is known exactly."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dinokit
+from dinokit.cli import main
+from dinokit.curation.commands import cluster, dedup, read_clusters, retrieve, sample
+from dinokit.curation.retrieval_sampling import seed_cluster_samples
+from dinokit.data.images import list_images
+from dinokit.errors import DinokitError
+from dinokit.features.embed import embed
+from dinokit.features.store import read_manifest, read_shard, write_shard
+from dinokit.retrieval.commands import build_index
+
+DIM = 96  # vit_micro_p4's width
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """Embedding folders of 12 pool and 4 seed images (a tiny model, fp32), and a copy of the seeds'
+    embedding made with another model."""
+    root = tmp_path_factory.mktemp("curation")
+    rng = np.random.default_rng(0)
+    for part, count in (("pool", 12), ("seeds", 4)):
+        (root / part).mkdir()
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / part / f"{i:02d}.png")
+    for name, seed in (("m", 0), ("other", 1)):
+        torch.manual_seed(seed)
+        dinokit.export_model(dinokit.create_model("vit_micro_p4", depth=1), root / f"{name}.safetensors")
+    args = dict(image_size=32, num_workers=0, progress=False, precision="fp32")
+    for part in ("pool", "seeds"):
+        embed(str(root / "m.safetensors"), str(root / part), str(root / f"emb_{part}"), **args)
+    embed(str(root / "other.safetensors"), str(root / "seeds"), str(root / "emb_seeds_other"), **args)
+    return root
+
+
+def with_vectors(source: Path, out: Path, vectors: np.ndarray) -> tuple[Path, list[str]]:
+    """A copy of the embedding folder `source` whose CLS vectors are `vectors` (one shard); its paths."""
+    shutil.copytree(source, out)
+    manifest = read_manifest(out)
+    shard = out / manifest["shards"][0]["file"]
+    _, paths = read_shard(shard)
+    write_shard(shard, {"cls": torch.from_numpy(vectors.astype(np.float32))}, paths, [], "float32")
+    return out, paths
+
+
+def unit(rng, n):
+    x = rng.normal(size=(n, DIM))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def near(v, rng, cos):
+    """A unit vector at cosine `cos` to the unit vector v."""
+    r = rng.normal(size=DIM)
+    r -= (r @ v) * v
+    r /= np.linalg.norm(r)
+    return cos * v + np.sqrt(1 - cos**2) * r
+
+
+@pytest.fixture
+def pool(embedded, tmp_path):
+    """Pool vectors: 3 and 7 are near-copies of 0 (cosine 0.99), 6 an exact copy of 5, the rest
+    random in 96-D (cosines about 0 +- 0.3)."""
+    rng = np.random.default_rng(1)
+    x = unit(rng, 12)
+    x[3], x[7] = near(x[0], rng, 0.99), near(x[0], rng, 0.99)
+    x[6] = x[5]
+    return (*with_vectors(embedded / "emb_pool", tmp_path / "pool", x), x)
+
+
+def read_lines(path):
+    return Path(path).read_text().splitlines()
+
+
+def test_dedup_keeps_the_first_of_each_group_and_says_what_each_removed_image_copies(pool, embedded, tmp_path):
+    folder, paths, x = pool
+    seeds = x[[9, 1, 2, 4]].copy()  # seed 0 is pool image 9 itself; the others are unrelated
+    seeds[1:] = unit(np.random.default_rng(2), 3)
+    reference, ref_paths = with_vectors(embedded / "emb_seeds", tmp_path / "ref", seeds)
+
+    summary = dedup(str(folder), str(tmp_path / "out"), threshold=0.95, reference=str(reference))
+
+    assert read_lines(tmp_path / "out" / "kept.txt") == [paths[i] for i in (0, 1, 2, 4, 5, 8, 10, 11)]
+    removed = json.loads((tmp_path / "out" / "removed.json").read_text())
+    assert [(r["path"], r["duplicate_of"], r["reason"]) for r in removed] == [
+        (paths[3], paths[0], "duplicate"),
+        (paths[6], paths[5], "duplicate"),
+        (paths[7], paths[0], "duplicate"),
+        (paths[9], ref_paths[0], "reference"),
+    ]
+    assert [r["score"] for r in removed] == pytest.approx([0.99, 1.0, 0.99, 1.0], abs=1e-5)
+    assert summary["kept"] == 8 and summary["removed_duplicates"] == 3 and summary["removed_reference"] == 1
+    assert summary["groups"] == 2
+    assert json.loads((tmp_path / "out" / "curation.json").read_text())["kept"] == 8
+    for picture in ("similarity.png", "duplicates.png"):
+        with Image.open(tmp_path / "out" / picture) as image:
+            assert image.width > 100 and image.height > 100
+    # the kept list is a data list that pretraining and embedding read
+    assert [str(p) for p in list_images(tmp_path / "out" / "kept.txt")] == read_lines(tmp_path / "out" / "kept.txt")
+
+
+def test_dedup_through_the_command_line(pool, tmp_path, capsys):
+    folder, _, _ = pool
+    assert main(["curate", "dedup", f"features={folder}", f"out={tmp_path / 'out'}", "threshold=0.98"]) == 0
+    assert "kept 9, removed 3 near-duplicates (in 2 groups)" in capsys.readouterr().out
+    # at 0.995 the near-copies at 0.99 stay, the exact copy goes
+    assert main(["curate", "dedup", f"features={folder}", f"out={tmp_path / 'out'}", "threshold=0.995"]) == 0
+    assert len(read_lines(tmp_path / "out" / "kept.txt")) == 11
+
+
+def test_a_curation_folder_is_replaced_whole_and_a_folder_of_other_files_is_refused(pool, tmp_path):
+    folder, _, _ = pool
+    out = tmp_path / "out"
+    dedup(str(folder), str(out), threshold=0.95)
+    assert (out / "duplicates.png").is_file()
+    dedup(str(folder), str(out), threshold=0.95, examples=0)  # a rerun leaves no file of the first run
+    assert not (out / "duplicates.png").exists() and (out / "kept.txt").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(DinokitError, match="not the output of a `dinokit curate` step"):
+        dedup(str(folder), str(mine))
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+
+
+def test_sets_embedded_by_different_models_are_refused(pool, embedded, tmp_path):
+    folder, _, _ = pool
+    with pytest.raises(DinokitError, match="embedded differently \\(model, weights_hash differ\\)"):
+        dedup(str(folder), str(tmp_path / "out"), reference=str(embedded / "emb_seeds_other"))
+    with pytest.raises(DinokitError, match="embedded differently"):
+        retrieve(str(embedded / "emb_seeds_other"), str(tmp_path / "out"), pool=str(folder))
+    assert not (tmp_path / "out").exists()
+
+
+def test_retrieve_selects_the_union_of_each_seeds_nearest_pool_images(pool, embedded, tmp_path):
+    folder, paths, x = pool
+    rng = np.random.default_rng(3)
+    seeds = unit(rng, 4)
+    seeds[0] = near(x[10], rng, 0.9)
+    seeds[1] = near(x[10], rng, 0.8)  # shares its nearest image with seed 0
+    seeds_folder, seed_paths = with_vectors(embedded / "emb_seeds", tmp_path / "seeds", seeds)
+    cosines = seeds @ x.T
+    truth = np.argsort(-cosines, axis=1)[:, :2]
+
+    retrieve(str(seeds_folder), str(tmp_path / "out"), pool=str(folder), per_seed=2)
+
+    assert read_lines(tmp_path / "out" / "selected.txt") == [paths[i] for i in sorted(set(truth.ravel().tolist()))]
+    record = json.loads((tmp_path / "out" / "retrieved.json").read_text())
+    assert [r["seed"] for r in record] == seed_paths
+    assert [[h["path"] for h in r["hits"]] for r in record] == [[paths[j] for j in row] for row in truth]
+    assert [h["score"] for h in record[0]["hits"]] == pytest.approx(np.sort(cosines[0])[::-1][:2], abs=1e-5)
+    # min_score keeps only the close hits; an index folder over the pool gives the same as the embedding
+    build_index(str(folder), str(tmp_path / "index"))
+    retrieve(str(seeds_folder), str(tmp_path / "out"), pool=str(tmp_path / "index"), per_seed=2, min_score=0.75)
+    assert read_lines(tmp_path / "out" / "selected.txt") == [paths[10]]
+
+
+def test_retrieve_needs_exactly_one_of_pool_and_clusters(pool, embedded, tmp_path):
+    folder, _, _ = pool
+    with pytest.raises(DinokitError, match="pass either pool="):
+        retrieve(str(embedded / "emb_seeds"), str(tmp_path / "out"))
+    with pytest.raises(DinokitError, match="not both"):
+        retrieve(str(embedded / "emb_seeds"), str(tmp_path / "out"), pool=str(folder), clusters=str(folder))
+
+
+def test_seeds_sharing_a_cluster_draw_different_images_and_a_small_cluster_gives_all():
+    centroids = np.eye(3, dtype=np.float32)  # clusters along the three axes
+    assignment = np.array([0, 0, 0, 0, 0, 0, 1, 2, 2, 2, 2, 2])
+    seeds = np.array([[1, 0.1, 0], [2, 0, 0.3], [0, 1, 0]], dtype=np.float32)  # two seeds near axis 0, one near 1
+    clusters, drawn = seed_cluster_samples(centroids, assignment, seeds, 2, np.random.default_rng(0))
+    assert clusters.tolist() == [0, 0, 1]
+    assert sorted(drawn) == [0, 1]
+    assert len(drawn[0]) == 4 and len(set(drawn[0].tolist())) == 4 and set(drawn[0].tolist()) <= set(range(6))
+    assert drawn[1].tolist() == [6]  # 2 asked of a cluster of 1: all of it
+    again = seed_cluster_samples(centroids, assignment, seeds, 2, np.random.default_rng(0))[1]
+    assert all(np.array_equal(drawn[c], again[c]) for c in drawn)
+    with pytest.raises(DinokitError, match="per_seed must be a positive"):
+        seed_cluster_samples(centroids, assignment, seeds, 0, np.random.default_rng(0))
+
+
+@pytest.fixture
+def concepts(embedded, tmp_path):
+    """Pool vectors in three concepts: images 0-7 around A, 8-9 around B, 10-11 around C (cosine 0.95
+    to their concept, the concepts orthogonal)."""
+    rng = np.random.default_rng(4)
+    axes = np.eye(DIM)[:3]
+    x = np.stack([near(axes[0 if i < 8 else 1 if i < 10 else 2], rng, 0.95) for i in range(12)])
+    return (*with_vectors(embedded / "emb_pool", tmp_path / "concepts", x), x)
+
+
+def test_cluster_then_sample_gives_small_concepts_their_share(concepts, tmp_path):
+    folder, paths, _ = concepts
+    summary = cluster(str(folder), str(tmp_path / "clusters"), n_clusters=[3], n_resamples=0)
+    levels, cluster_paths, meta = read_clusters(tmp_path / "clusters")
+    assert cluster_paths == paths and meta["step"] == "cluster"
+    groups = [set(np.flatnonzero(levels[0].assignment == c).tolist()) for c in range(3)]
+    assert sorted(groups, key=min) == [set(range(8)), {8, 9}, {10, 11}]
+    assert summary["levels"][0]["images_per_cluster"] == {"min": 2, "median": 2.0, "max": 8}
+    with Image.open(tmp_path / "clusters" / "cluster_sizes.png") as image:
+        assert image.width > 100
+
+    # 6 of 12: water-filling over clusters of 8, 2 and 2 gives 2 each, so B and C are taken whole
+    sample(str(tmp_path / "clusters"), str(tmp_path / "sample"), target_size=6, seed=1)
+    selected = [paths.index(p) for p in read_lines(tmp_path / "sample" / "selected.txt")]
+    assert len(selected) == 6 and selected == sorted(selected)
+    assert {8, 9, 10, 11} <= set(selected) and len(set(selected) & set(range(8))) == 2
+    assert (tmp_path / "sample" / "sampled_sizes.png").is_file()
+
+
+def test_cluster_a_deduplicated_subset_over_two_levels(pool, tmp_path):
+    folder, _, _ = pool
+    dedup(str(folder), str(tmp_path / "dedup"), threshold=0.95)
+    kept = read_lines(tmp_path / "dedup" / "kept.txt")
+    summary = cluster(
+        str(folder), str(tmp_path / "clusters"), n_clusters=[4, 2], subset=str(tmp_path / "dedup" / "kept.txt")
+    )
+    levels, cluster_paths, _ = read_clusters(tmp_path / "clusters")
+    assert cluster_paths == kept and len(kept) == 9
+    assert [len(level.centroids) for level in levels] == [4, 2]
+    assert [len(level.assignment) for level in levels] == [9, 4]
+    assert summary["sample_size"] == [1, 1]  # half the average cluster size: 9 / 4 / 2 and 4 / 2 / 2
+    assert (
+        main(["curate", "sample", f"clusters={tmp_path / 'clusters'}", f"out={tmp_path / 's'}", "target_size=9"]) == 0
+    )
+    assert read_lines(tmp_path / "s" / "selected.txt") == kept
+
+
+def test_retrieve_from_the_pool_clusters_of_the_seeds(concepts, embedded, tmp_path):
+    folder, paths, _ = concepts
+    cluster(str(folder), str(tmp_path / "clusters"), n_clusters=[3], n_resamples=0)
+    rng = np.random.default_rng(5)
+    seeds = unit(rng, 4)
+    seeds[:] = [
+        near(np.eye(DIM)[0], rng, 0.9),
+        near(np.eye(DIM)[2], rng, 0.9),
+        near(np.eye(DIM)[2], rng, 0.8),
+        near(np.eye(DIM)[0], rng, 0.9),
+    ]
+    seeds_folder, _ = with_vectors(embedded / "emb_seeds", tmp_path / "seeds", seeds)
+
+    retrieve(str(seeds_folder), str(tmp_path / "out"), clusters=str(tmp_path / "clusters"), per_seed=3)
+
+    selected = {paths.index(p) for p in read_lines(tmp_path / "out" / "selected.txt")}
+    # two seeds in A draw 6 of its 8 images; two in C ask 6 of its 2 and get both; B nothing
+    assert len(selected & set(range(8))) == 6 and {10, 11} <= selected and not selected & {8, 9}
+    record = json.loads((tmp_path / "out" / "retrieved.json").read_text())
+    assert [len(r["hits"]) for r in record] == [6, 2, 0, 0]  # listed under the first seed of each cluster
+
+
+def test_curation_inputs_of_the_wrong_kind_are_clear_errors(pool, tmp_path):
+    folder, _, _ = pool
+    with pytest.raises(DinokitError, match="n_clusters\\[0\\] = 20: ask for at least 1 and at most 12"):
+        cluster(str(folder), str(tmp_path / "c"), n_clusters=[20])
+    dedup(str(folder), str(tmp_path / "dedup"))
+    with pytest.raises(DinokitError, match="not the output of `dinokit curate cluster`"):
+        sample(str(tmp_path / "dedup"), str(tmp_path / "s"), target_size=3)
+    (tmp_path / "list.txt").write_text("/nowhere/a.png\n")
+    with pytest.raises(DinokitError, match=r"1 of the 1 images listed in .* are not in the embedding"):
+        cluster(str(folder), str(tmp_path / "c"), n_clusters=[2], subset=str(tmp_path / "list.txt"))
