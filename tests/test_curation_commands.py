@@ -170,6 +170,8 @@ def test_retrieve_needs_exactly_one_of_pool_and_clusters(pool, embedded, tmp_pat
         retrieve(str(embedded / "emb_seeds"), str(tmp_path / "out"))
     with pytest.raises(DinokitError, match="not both"):
         retrieve(str(embedded / "emb_seeds"), str(tmp_path / "out"), pool=str(folder), clusters=str(folder))
+    with pytest.raises(DinokitError, match="min_score applies to pool="):
+        retrieve(str(embedded / "emb_seeds"), str(tmp_path / "out"), clusters=str(folder), min_score=0.5)
 
 
 def test_seeds_sharing_a_cluster_draw_different_images_and_a_small_cluster_gives_all():
@@ -266,3 +268,13 @@ def test_curation_inputs_of_the_wrong_kind_are_clear_errors(pool, tmp_path):
     (tmp_path / "list.txt").write_text("/nowhere/a.png\n")
     with pytest.raises(DinokitError, match=r"1 of the 1 images listed in .* are not in the embedding"):
         cluster(str(folder), str(tmp_path / "c"), n_clusters=[2], subset=str(tmp_path / "list.txt"))
+
+
+def test_cluster_on_the_command_line_takes_one_value_or_one_per_level(pool, tmp_path):
+    folder, _, _ = pool
+    out = str(tmp_path / "c")
+    assert main(["curate", "cluster", f"features={folder}", f"out={out}", "n_clusters=[4,2]", "n_resamples=2"]) == 0
+    assert main(["curate", "cluster", f"features={folder}", f"out={out}", "n_clusters=[4,2]", "sample_size=[2,1]"]) == 0
+    meta = json.loads((tmp_path / "c" / "curation.json").read_text())
+    assert meta["n_resamples"] == 10 and meta["sample_size"] == [2, 1]
+    assert main(["curate", "cluster", f"features={folder}", f"out={out}", "n_clusters=[4,2]", "n_resamples=[1]"]) == 2

@@ -126,8 +126,8 @@ def cluster(
     features: str,
     out: str,
     n_clusters: list[int],
-    n_resamples: list[int] | int = 10,
-    sample_size: list[int] | None = None,
+    n_resamples: int | list[int] = 10,
+    sample_size: int | list[int] | None = None,
     strategy: str = "closest",
     iterations: int = 50,
     subset: str | None = None,
@@ -326,6 +326,8 @@ def retrieve(
             "pass either pool= (a `dinokit embed` or index folder: each seed takes its nearest pool images) or "
             "clusters= (a `dinokit curate cluster` folder: each seed takes images of its pool cluster), not both"
         )
+    if clusters is not None and min_score is not None:
+        raise DinokitError("min_score applies to pool= (nearest neighbours); images drawn from clusters have no score")
     seed_vectors, seed_paths, seed_embedding = read_unique_vectors(seeds, feature)
     if clusters is not None:
         levels, pool_paths, meta = read_clusters(clusters)
