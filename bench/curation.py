@@ -1,5 +1,6 @@
 """Data curation on CIFAR-10, where the truth is known: does each `dinokit curate` step do what it says?
 
+0. speed: deduplicate and hierarchical_kmeans on 50,000 random vectors of dimension 384.
 1. dedup: the 10k test images plus planted near-copies of 500 of them (JPEG quality 30 re-encodes,
    a 2-pixel shift, a 24 px round trip, a brightness change, a horizontal flip; 100 of each), appended
    after the originals: the precision and recall of the removals at several thresholds, and the time.
@@ -36,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 from dinokit.curation.commands import cluster, dedup, retrieve, sample
+from dinokit.curation.dedup import deduplicate
 from dinokit.curation.kmeans import hierarchical_kmeans
 from dinokit.curation.sampling import hierarchical_sampling
 from dinokit.data.labelled import read_labelled
@@ -102,6 +104,17 @@ def main() -> None:
         embed(args.model, write_list(work / f"{name}.txt", paths), str(work / name), **options)
         print(f"  (embedded {len(paths)} images for {name} in {time.perf_counter() - start:.1f} s)")
         return str(work / name)
+
+    # ---- 0. speed at 50k
+    print("## 0. speed: 50,000 random unit vectors of dimension 384 (the size of CIFAR-10 train in ViT-S features)")
+    x = normalise(rng.normal(size=(50_000, 384)))
+    start = time.perf_counter()
+    result = deduplicate(x, 0.95)
+    print(f"deduplicate (exact, threshold 0.95): {time.perf_counter() - start:.1f} s, {len(result.keep)} kept")
+    for levels, resamples in (([100, 10], 0), ([100, 10], 10)):
+        start = time.perf_counter()
+        hierarchical_kmeans(x, levels, resamples, [250, 5])
+        print(f"hierarchical_kmeans {levels}, {resamples} resamples: {time.perf_counter() - start:.1f} s")
 
     # ---- 1. dedup
     print("## 1. dedup: 10k test images + 500 planted near-copies")
