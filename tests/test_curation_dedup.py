@@ -233,3 +233,33 @@ def test_bad_vectors_are_errors_that_say_which_rows():
         near_duplicate_pairs(np.ones(5), 0.9)
     with pytest.raises(DinokitError, match=r"chunk_size must be a whole number >= 1"):
         deduplicate(np.eye(3), chunk_size=0)
+
+
+def test_a_large_group_of_copies_does_not_hold_all_its_pairs_in_memory():
+    # 6,000 noisy copies of one vector: 18 million pairs (360 MB as i, j, cos), but deduplicate only needs
+    # which items are linked, so its memory stays near a block of chunk_size^2 cosines and a few N arrays
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = (np.ones(32) + 0.01 * rng.normal(size=(6000, 32))).astype(np.float32)
+    tracemalloc.start()
+    try:
+        result = deduplicate(x, 0.95, chunk_size=256)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.keep.tolist() == [0] and (result.duplicate_of == 0).all()
+    assert peak < 40e6, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_groups_stay_exact_when_the_pairs_are_folded(planted):
+    # threshold 0.3 on 500 random 16-D vectors: ~10,000 pairs, folded many times at chunk_size 8 (every 500 pairs)
+    rng = np.random.default_rng(4)
+    reference = rng.normal(size=(30, 16)).astype(np.float32)
+    for chunk_size in (8, 2048):
+        result = deduplicate(planted, 0.3, reference=reference, chunk_size=chunk_size)
+        bi, bj, _ = brute_pairs(planted, 0.3)
+        assert len(bi) > 20 * len(planted)
+        skip = set(np.flatnonzero(result.reference_match >= 0).tolist())
+        assert 0 < len(skip) < len(planted)
+        np.testing.assert_array_equal(result.duplicate_of, brute_groups(len(planted), bi, bj, skip=skip))

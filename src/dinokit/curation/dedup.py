@@ -24,6 +24,10 @@ Rules:
 The pool is compared with itself in blocks of chunk_size x chunk_size over the upper triangle (each pair
 once), so memory stays at a few chunk_size^2 floats and never N x N; one pass gives both the pairs above
 the threshold and each item's highest cosine to another item (for a histogram to choose the threshold).
+`deduplicate` keeps only which items are linked, not every pair: a group of g copies has g (g - 1) / 2
+pairs (50,000 copies of a placeholder image: 1.25 billion), so each time max(N, chunk_size^2) more
+pairs are found they are folded into one edge per linked item to its group's first item (the same groups);
+`near_duplicate_pairs` returns every pair, so its output grows with their number.
 The products are exact float32 BLAS (numpy's matmul): N = 50,000 x 384 took about 6 s on 2 CPU cores,
 where faiss (IndexFlatIP) took 7.0 s for a range_search over the same upper triangle (11.7 s over all
 N x N) and 12.7 s more for the highest cosines (a k = 2 search), which a range search does not give.
@@ -79,7 +83,6 @@ def deduplicate(x, threshold: float = 0.95, reference=None, chunk_size: int = 20
     chunk = _chunk(chunk_size)
     xn = _vectors(x, "x")
     n = len(xn)
-    i, j, _, nearest = _scan(xn, cut, chunk)
 
     score = np.full(n, np.nan, dtype=np.float32)
     reference_match = np.full(n, -1, dtype=np.int64)
@@ -97,13 +100,8 @@ def deduplicate(x, threshold: float = 0.95, reference=None, chunk_size: int = 20
     by_reference = reference_match >= 0
 
     # groups among the items left: reference removals have no edges, so each is its own component
-    linked = ~by_reference[i] & ~by_reference[j]
-    i, j = i[linked], j[linked]
-    graph = coo_matrix((np.ones(len(i), dtype=np.int8), (i, j)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    first = np.full(labels.max() + 1, n, dtype=np.int64)
-    np.minimum.at(first, labels, np.arange(n, dtype=np.int64))
-    duplicate_of = first[labels]
+    i, j, _, nearest = _scan(xn, cut, chunk, skip=by_reference, links_only=True)
+    duplicate_of = _first_of_group(i, j, n)
     duplicate_of[by_reference] = -1
 
     copies = np.flatnonzero(duplicate_of >= 0)
@@ -159,12 +157,28 @@ def _vectors(vectors, name: str, allow_empty: bool = False) -> np.ndarray:
     return v
 
 
-def _scan(x: np.ndarray, cut: np.float32, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _first_of_group(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
+    """(n,) int64: for each of n items, the lowest item of its connected component in the graph of edges (i, j)."""
+    graph = coo_matrix((np.ones(len(i), dtype=bool), (i, j)), shape=(n, n))  # bool: repeated edges stay True
+    _, labels = connected_components(graph, directed=False)
+    first = np.full(labels.max() + 1, n, dtype=np.int64)
+    np.minimum.at(first, labels, np.arange(n, dtype=np.int64))
+    return first[labels]
+
+
+def _scan(
+    x: np.ndarray, cut: np.float32, chunk: int, skip: np.ndarray | None = None, links_only: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Over normalised x (N, D), block by block on the upper triangle: the pairs i < j with cosine >= cut
-    (sorted by (i, j)) and their cosines, and each row's highest cosine to another row (nan if N == 1)."""
+    (sorted by (i, j)) and their cosines, and each row's highest cosine to another row (nan if N == 1).
+    skip (N,) bool: rows left out of the pairs (not of the highest cosines). links_only: instead of every
+    pair, edges i < j with the same connected components (folded to one per linked item each time
+    max(N, chunk^2) more pairs are found), and no cosines: memory O(N + chunk^2) however many pairs."""
     n = len(x)
     nearest = np.full(n, -np.inf, dtype=np.float32)
     found_i, found_j, found_cos = [], [], []
+    found, fold_every = 0, max(n, chunk * chunk)
+    fold_at = fold_every
     for a in range(0, n, chunk):
         rows = x[a : a + chunk]
         for b in range(a, n, chunk):
@@ -181,16 +195,28 @@ def _scan(x: np.ndarray, cut: np.float32, chunk: int) -> tuple[np.ndarray, np.nd
                 r, c = np.nonzero(sub >= cut)
                 i, j = a + hit_rows[r], b + c
                 upper = i < j  # the diagonal block holds each pair twice
+                if skip is not None:
+                    upper &= ~skip[i] & ~skip[j]
                 found_i.append(i[upper])
                 found_j.append(j[upper])
-                found_cos.append(sub[r, c][upper])
+                found += int(upper.sum())
+                if not links_only:
+                    found_cos.append(sub[r, c][upper])
+                elif found > fold_at:  # fold the pairs into one edge per linked item, to its group's first
+                    i, j = np.concatenate(found_i), np.concatenate(found_j)
+                    linked = np.union1d(i, j)
+                    first = _first_of_group(i, j, n)[linked]
+                    linked_to = linked != first
+                    found_i, found_j = [first[linked_to]], [linked[linked_to]]
+                    found = len(found_i[0])
+                    fold_at = found + fold_every  # each fold takes in fold_every new pairs: O(1) per pair
     if n == 1:
         nearest[:] = np.nan
     i = np.concatenate(found_i).astype(np.int64) if found_i else np.zeros(0, dtype=np.int64)
     j = np.concatenate(found_j).astype(np.int64) if found_j else np.zeros(0, dtype=np.int64)
     cos = np.concatenate(found_cos).astype(np.float32) if found_cos else np.zeros(0, dtype=np.float32)
     order = np.lexsort((j, i))
-    return i[order], j[order], cos[order], nearest
+    return i[order], j[order], cos[order] if not links_only else cos, nearest
 
 
 def _best_matches(x: np.ndarray, ref: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
