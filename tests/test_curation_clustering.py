@@ -248,3 +248,15 @@ def test_hierarchical_sampling_errors(imbalanced_levels):
         hierarchical_sampling([levels[0], levels[1], levels[1]], 10)
     with pytest.raises(DinokitError, match="level 2 assigns 2180 items but level 1 has 8 clusters"):
         hierarchical_sampling([levels[1], levels[0]], 10)
+
+
+def test_vectors_that_would_crash_faiss_are_errors():
+    # faiss kills the process (SIGFPE on 0 dimensions, an uncaught C++ exception on overflowing distances)
+    with pytest.raises(DinokitError, match=r"x must be a non-empty \(N, D\) array of vectors, got shape \(5, 0\)"):
+        kmeans(np.zeros((5, 0), np.float32), 2)
+    with pytest.raises(DinokitError, match=r"x must be a non-empty"):
+        hierarchical_kmeans(np.zeros((5, 0), np.float32), [2])
+    x = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    x[[6, 9]] *= 1e20
+    with pytest.raises(DinokitError, match=r"x has 2 rows too large for float32 distances \(first: row 6, norm 1"):
+        kmeans(x, 3)

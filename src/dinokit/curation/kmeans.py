@@ -34,14 +34,29 @@ STRATEGIES = ("closest", "random")
 
 
 def as_vectors(x, name: str = "x") -> np.ndarray:
-    """x (N, D) as a C-contiguous float32 array, after checking it has rows and only finite values."""
+    """x (N, D) as a C-contiguous float32 array, after checking it has rows, a dimension and only finite
+    values small enough for float32 squared distances (faiss aborts the process on D = 0 or on overflow)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    require([(x.ndim == 2 and len(x) > 0, f"{name} must be a non-empty (N, D) array of vectors, got shape {x.shape}")])
+    require(
+        [
+            (
+                x.ndim == 2 and len(x) > 0 and x.shape[1] > 0,
+                f"{name} must be a non-empty (N, D) array of vectors, got shape {x.shape}",
+            )
+        ]
+    )
     bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
     if len(bad):
         raise DinokitError(
             f"{name} has {len(bad)} rows with NaN or inf values (first: row {bad[0]}): "
             "drop or recompute those embeddings before clustering"
+        )
+    # a squared distance between two rows (or a row and a mean of rows) is at most 4 max ||x||^2
+    bad = np.flatnonzero(np.einsum("ij,ij->i", x, x, dtype=np.float64) > np.finfo(np.float32).max / 4)
+    if len(bad):
+        raise DinokitError(
+            f"{name} has {len(bad)} rows too large for float32 distances (first: row {bad[0]}, norm "
+            f"{np.linalg.norm(x[bad[0]].astype(np.float64)):.3g}): L2-normalise or rescale the vectors"
         )
     return x
 
