@@ -40,17 +40,20 @@ def seed_cluster_samples(
     """Pool images drawn from the clusters of the seeds.
 
     centroids (C, D): the pool's k-means centroids (of L2-normalised vectors); assignment (N,): the
-    cluster of each pool image; seeds (S, D). Each seed goes to its nearest centroid (L2 on the
-    normalised seed, as k-means assigned the pool). A cluster that s seeds chose gives
+    cluster of each pool image; seeds (S, D). Each seed goes to its nearest centroid among the clusters
+    holding pool images (L2 on the normalised seed, as k-means assigned the pool; an empty cluster, e.g.
+    one faiss split off a group of exact copies, would give the seed nothing). A cluster that s seeds chose gives
     min(s * per_seed, its size) of its images, drawn at random without repeats, so seeds sharing a
     cluster add different images.
     Returns (the cluster of each seed (S,), {cluster: pool ids drawn from it (sorted)}).
     """
     if per_seed < 1:
         raise DinokitError(f"per_seed must be a positive number of pool images per seed image, got {per_seed}")
+    assignment = np.asarray(assignment, dtype=np.int64)
+    filled = np.flatnonzero(np.bincount(assignment, minlength=len(centroids)))  # clusters with pool images
     search = faiss.IndexFlatL2(centroids.shape[1])
-    search.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    seed_clusters = search.search(normalise(seeds), 1)[1][:, 0].astype(np.int64)
+    search.add(np.ascontiguousarray(np.asarray(centroids)[filled], dtype=np.float32))
+    seed_clusters = filled[search.search(normalise(seeds), 1)[1][:, 0]]
     chosen, seeds_per_cluster = np.unique(seed_clusters, return_counts=True)
     order = np.argsort(assignment, kind="stable")  # pool ids grouped by cluster, one sort for all clusters
     starts = np.searchsorted(assignment[order], chosen, side="left")

@@ -1,0 +1,25 @@
+import numpy as np
+
+from dinokit.curation.kmeans import hierarchical_kmeans
+from dinokit.curation.retrieval_sampling import seed_cluster_samples
+from dinokit.retrieval.index import normalise
+
+
+def test_a_seed_never_lands_in_an_empty_cluster():
+    # hand-built: centroid 1 has no pool image, and the seed is closest to it; the nearest non-empty is 0
+    centroids = np.array([[1, 0], [0.999, 0.01], [0, 1]], np.float32)
+    assignment = np.array([0, 0, 0, 2, 2])
+    clusters, drawn = seed_cluster_samples(
+        centroids, assignment, np.array([[0.999, 0.011]]), 2, np.random.default_rng(0)
+    )
+    assert clusters.tolist() == [0] and len(drawn[0]) == 2 and set(drawn[0].tolist()) <= {0, 1, 2}
+    # a pool of exact copies of 3 images clustered with k = 6 leaves empty clusters whose centroids sit on the
+    # copies (faiss splits a big cluster in two): each seed, equal to one of the images, still gets 4 of its copies
+    base = normalise(np.random.default_rng(0).normal(size=(3, 16)))
+    pool = np.repeat(base, [40, 30, 30], axis=0)
+    for seed in range(5):
+        level = hierarchical_kmeans(pool, [6], seed=seed)[0]
+        clusters, drawn = seed_cluster_samples(level.centroids, level.assignment, base, 4, np.random.default_rng(0))
+        assert np.bincount(level.assignment, minlength=6)[clusters].min() > 0
+        for s, c in enumerate(clusters.tolist()):
+            assert len(drawn[c]) == 4 and (np.abs(pool[drawn[c]] - base[s]) < 1e-6).all()
