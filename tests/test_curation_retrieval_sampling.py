@@ -1,8 +1,10 @@
 import numpy as np
+import pytest
 
 from dinokit.curation.kmeans import hierarchical_kmeans
-from dinokit.curation.retrieval_sampling import seed_cluster_samples
-from dinokit.retrieval.index import normalise
+from dinokit.curation.retrieval_sampling import seed_cluster_samples, seed_neighbours
+from dinokit.errors import DinokitError
+from dinokit.retrieval.index import FeatureIndex, normalise
 
 
 def test_a_seed_never_lands_in_an_empty_cluster():
@@ -23,3 +25,15 @@ def test_a_seed_never_lands_in_an_empty_cluster():
         assert np.bincount(level.assignment, minlength=6)[clusters].min() > 0
         for s, c in enumerate(clusters.tolist()):
             assert len(drawn[c]) == 4 and (np.abs(pool[drawn[c]] - base[s]) < 1e-6).all()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 0.0])
+def test_seeds_without_a_direction_are_errors_not_silent_picks(bad):
+    # a NaN seed got faiss label -1: no images (pool=) or, indexing the clusters, the last cluster's (clusters=)
+    centroids = np.array([[1, 0], [0, 1]], np.float32)
+    seeds = np.array([[1, 0], [bad, 0]], np.float32)
+    with pytest.raises(DinokitError, match=r"seeds has 1 row\(s\) .* \(the first is row 1\)"):
+        seed_cluster_samples(centroids, np.array([0, 1, 1]), seeds, 1, np.random.default_rng(0))
+    index = FeatureIndex.create(np.array([[1, 0], [0, 1]], np.float32), ["a.png", "b.png"], {})
+    with pytest.raises(DinokitError, match=r"seeds has 1 row\(s\) .* \(the first is row 1\)"):
+        seed_neighbours(index, seeds, 1)
