@@ -263,3 +263,15 @@ def test_groups_stay_exact_when_the_pairs_are_folded(planted):
         skip = set(np.flatnonzero(result.reference_match >= 0).tolist())
         assert 0 < len(skip) < len(planted)
         np.testing.assert_array_equal(result.duplicate_of, brute_groups(len(planted), bi, bj, skip=skip))
+
+
+def test_rows_too_large_to_normalise_are_not_called_zeros():
+    # float32 squared norm of 1e20 * x overflows: faiss.normalize_L2 then zeroes the row
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    x[2] *= 1e20
+    with pytest.raises(DinokitError, match=r"x has 1 row\(s\) too large to normalise in float32 \(the first is row 2"):
+        deduplicate(x)
+    # an empty reference is allowed as a (0, D) array; the message for other shapes does not ask for a row
+    assert deduplicate(x[:2], reference=np.zeros((0, 4))).keep.tolist() == [0, 1]
+    with pytest.raises(DinokitError, match=r"reference must be a 2-D array of shape \(rows, dimension\), got shape"):
+        deduplicate(x[:2], reference=np.zeros(4))

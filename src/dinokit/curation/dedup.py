@@ -138,14 +138,19 @@ def _vectors(vectors, name: str, allow_empty: bool = False) -> np.ndarray:
     except (TypeError, ValueError) as e:
         raise DinokitError(f"{name} must be a numeric array of shape (rows, dimension): {e}") from None
     if v.ndim != 2 or v.shape[1] < 1 or (len(v) < 1 and not allow_empty):
-        raise DinokitError(
-            f"{name} must be a 2-D array of shape (rows, dimension) with at least one row, got shape {v.shape}"
-        )
+        rows = "" if allow_empty else " with at least one row"
+        raise DinokitError(f"{name} must be a 2-D array of shape (rows, dimension){rows}, got shape {v.shape}")
     bad = np.flatnonzero(~np.isfinite(v).all(axis=1))
     if len(bad):
         raise DinokitError(
             f"{name} has {len(bad)} row(s) with NaN or infinite values (the first is row {bad[0]}): "
             "remove them or embed those images again"
+        )
+    bad = np.flatnonzero(np.einsum("ij,ij->i", v, v, dtype=np.float64) > np.finfo(np.float32).max)
+    if len(bad):  # faiss.normalize_L2 would turn them into zeros (an overflowing float32 squared norm)
+        raise DinokitError(
+            f"{name} has {len(bad)} row(s) too large to normalise in float32 (the first is row {bad[0]}): "
+            "divide the vectors by a common scale first"
         )
     v = normalise(v)
     bad = np.flatnonzero(np.abs(np.einsum("ij,ij->i", v, v) - 1) > 1e-3)
