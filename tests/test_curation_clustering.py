@@ -101,6 +101,23 @@ def test_kmeans_plus_plus_picks_distinct_rows():
         assert abs(first[0] - second[0]) > 50
 
 
+def test_kmeans_plus_plus_is_not_blinded_by_data_far_from_the_origin():
+    # 20 tight blobs (squared distances ~2 between, ~0.02 within) shifted 300 per coordinate (norm ~5,900):
+    # ||x||^2 - 2 x.c + ||c||^2 in float32 cancels to errors of ~1, and the D^2 draws became nearly uniform
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 384)) * 0.05
+    labels = rng.integers(0, 20, 2000)
+    base = centres[labels] + rng.normal(size=(2000, 384)) * 0.005
+    for offset in (0.0, 300.0):
+        x = (base + offset).astype(np.float32)
+        covered = []
+        for seed in range(5):
+            start = kmeans_plus_plus(x, 20, np.random.default_rng(seed)).astype(np.float64)
+            nearest_blob = ((start[:, None] - (centres + offset)[None]) ** 2).sum(-1).argmin(axis=1)
+            covered.append(len(set(nearest_blob.tolist())))
+        assert min(covered) >= 19, (offset, covered)  # uniform draws would cover about 13
+
+
 def test_kmeans_errors():
     x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)
     with pytest.raises(DinokitError, match=r"k-means on 10 vectors needs 1 <= k <= 10, got k = 11"):

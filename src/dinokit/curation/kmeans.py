@@ -82,18 +82,25 @@ def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
     """k initial centroids (k, D) by D^2 sampling: k distinct rows of x (N, D), the first uniform, each next
     one drawn with probability proportional to its squared distance to the nearest row already chosen.
     The distance array is updated once per chosen row: O(N k D) in all. When every remaining row
-    duplicates a chosen one (all distances 0), the next row is drawn uniformly among the unchosen."""
+    duplicates a chosen one (all distances 0), the next row is drawn uniformly among the unchosen.
+    Distances are expanded about the mean row, not the origin, so that data far from the origin keeps
+    its small distances (the plain expansion cancels to float32 errors of ~1e-7 ||x||^2)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     require([(1 <= k <= n, f"kmeans++ needs 1 <= k <= {n} (the number of rows), got k = {k}")])
-    squared_norms = np.einsum("ij,ij->i", x, x).astype(np.float64)
+    mean = x.mean(axis=0, dtype=np.float64)
+    squared_norms = np.empty(n)  # ||x - mean||^2, in chunks that bound the float64 copy
+    for start in range(0, n, 16384):
+        centred = x[start : start + 16384] - mean
+        squared_norms[start : start + 16384] = np.einsum("ij,ij->i", centred, centred)
     chosen = np.zeros(n, dtype=bool)
     indices = [int(rng.integers(n))]
     nearest = np.full(n, np.inf)
     for _ in range(1, k):
-        c = x[indices[-1]]
-        # ||x - c||^2 expanded, so that each step is one matrix-vector product
-        to_last = squared_norms - 2.0 * (x @ c).astype(np.float64) + float(c.astype(np.float64) @ c)
+        c = x[indices[-1]] - mean
+        # ||(x - mean) - c||^2 expanded, so that each step is one float32 matrix-vector product
+        products = (x @ c.astype(np.float32)).astype(np.float64) - float(mean @ c)
+        to_last = squared_norms - 2.0 * products + float(c @ c)
         nearest = np.minimum(nearest, np.maximum(to_last, 0.0))
         chosen[indices[-1]] = True
         nearest[chosen] = 0.0  # rounding in the expansion must not let a chosen row be drawn again
