@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dinokit.curation.kmeans import Level, hierarchical_kmeans, kmeans, kmeans_plus_plus
+from dinokit.curation.kmeans import Level, hierarchical_kmeans, kmeans, kmeans_plus_plus, nearest_centroid
 from dinokit.curation.sampling import balanced_quotas, cluster_sizes, hierarchical_sampling
 from dinokit.errors import DinokitError
 
@@ -116,6 +116,22 @@ def test_kmeans_plus_plus_is_not_blinded_by_data_far_from_the_origin():
             nearest_blob = ((start[:, None] - (centres + offset)[None]) ** 2).sum(-1).argmin(axis=1)
             covered.append(len(set(nearest_blob.tolist())))
         assert min(covered) >= 19, (offset, covered)  # uniform draws would cover about 13
+
+
+def test_assignment_and_lloyd_iterations_are_exact_far_from_the_origin():
+    # the same 20 tight blobs shifted 300 per coordinate: faiss's ||x||^2 + ||c||^2 - 2 x.c put 1,888 of 2,000
+    # rows in the wrong cluster, even given the true centres
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 384)) * 0.05
+    labels = rng.integers(0, 20, 2000)
+    x = (centres[labels] + rng.normal(size=(2000, 384)) * 0.005 + 300).astype(np.float32)
+    assignment, distances = nearest_centroid(x, (centres + 300).astype(np.float32))
+    assert np.array_equal(assignment, labels)
+    assert np.allclose(distances, ((x - (centres + 300)[labels]) ** 2).sum(1), rtol=1e-2)
+    centroids, assignment = kmeans(x, 20, init_centroids=(centres + 300).astype(np.float32), iterations=5)
+    assert np.array_equal(assignment, labels)
+    assert np.abs(centroids - np.array([x[labels == b].mean(0) for b in range(20)])).max() < 1e-3
+    assert same_partition(kmeans(x, 20, seed=2)[1], labels)  # as at offset 0 (seeds 0 and 1 merge two blobs there too)
 
 
 def test_kmeans_errors():

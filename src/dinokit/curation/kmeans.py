@@ -63,19 +63,33 @@ def as_vectors(x, name: str = "x") -> np.ndarray:
 
 def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For x (N, D) and centroids (k, D): (assignment (N,) int64 index of the nearest centroid by L2,
-    distances (N,) float32 squared L2 distance to it, computed exactly as sum((x - c)^2))."""
+    distances (N,) float32 squared L2 distance to it, computed exactly as sum((x - c)^2)). Both are
+    shifted by the centroids' mean first: faiss computes ||x||^2 + ||c||^2 - 2 x.c, whose float32
+    cancellation far from the origin (~1e-7 ||x||^2) would otherwise pick wrong centroids."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    shift = centroids.mean(axis=0, dtype=np.float64).astype(np.float32)
     index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(centroids)
-    _, nearest = index.search(x, 1)
-    assignment = nearest[:, 0].astype(np.int64)
+    index.add(centroids - shift)
+    assignment = np.empty(len(x), dtype=np.int64)
     distances = np.empty(len(x), dtype=np.float32)
-    for start in range(0, len(x), 65536):  # chunks bound the (chunk, D) difference array
+    for start in range(0, len(x), 65536):  # chunks bound the (chunk, D) shifted and difference arrays
         rows = slice(start, start + 65536)
+        assignment[rows] = index.search(x[rows] - shift, 1)[1][:, 0]
         diff = x[rows] - centroids[assignment[rows]]
         distances[rows] = np.einsum("ij,ij->i", diff, diff)
     return assignment, distances
+
+
+def _offset(x: np.ndarray) -> np.ndarray | None:
+    """x's mean row (float32) when x lies far from the origin relative to its spread (||mean||^2 > 100 times
+    the mean ||x - mean||^2), where faiss's float32 distance expansion would lose the spread; else None."""
+    mean = x.mean(axis=0, dtype=np.float64)
+    spread = 0.0
+    for start in range(0, len(x), 16384):  # chunks bound the float64 copy
+        centred = x[start : start + 16384] - mean
+        spread += float(np.einsum("ij,ij->", centred, centred))
+    return mean.astype(np.float32) if float(mean @ mean) > 100 * spread / len(x) else None
 
 
 def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -123,7 +137,8 @@ def kmeans(
     """k-means with L2 distance on x (N, D): (centroids (k, D) float32, assignment (N,) int64 of every row
     to its nearest centroid). init is "kmeans++" (D^2 sampling, `kmeans_plus_plus`) or "random" (k distinct
     random rows); init_centroids (k, D), when given, replaces it. Then `iterations` Lloyd iterations in faiss,
-    on all N rows (no subsampling). Same inputs and seed give the same result."""
+    on all N rows (no subsampling), shifted by their mean if they lie far from the origin (a copy of x; see
+    `nearest_centroid`). Same inputs and seed give the same result."""
     x = as_vectors(x)
     n, d = x.shape
     require(
@@ -153,8 +168,13 @@ def kmeans(
         min_points_per_centroid=1,
         max_points_per_centroid=n,
     )
-    km.train(x, init_centroids=start)
-    centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+    shift = _offset(x)  # Lloyd iterations on x - shift when x is far from the origin (a copy of x)
+    if shift is None:
+        km.train(x, init_centroids=start)
+        centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
+    else:
+        km.train(x - shift, init_centroids=start - shift)
+        centroids = np.ascontiguousarray(km.centroids + shift, dtype=np.float32)
     assignment, _ = nearest_centroid(x, centroids)
     return centroids, assignment
 
