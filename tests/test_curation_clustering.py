@@ -182,6 +182,28 @@ def test_hierarchical_kmeans_levels():
     check_level(random_strategy[1], 30, 8)
 
 
+def test_hierarchical_kmeans_assigns_each_level_once_per_k_means(monkeypatch):
+    # one nearest-centroid pass over a level's items per k-means run (the first and each resample), not a
+    # second one inside kmeans whose result was dropped: at N = 1M, k = 100k each pass is ~10 minutes
+    import dinokit.curation.kmeans as kmeans_module
+
+    calls = []
+    original = kmeans_module.nearest_centroid
+
+    def counting(x, centroids):
+        calls.append(len(x))
+        return original(x, centroids)
+
+    monkeypatch.setattr(kmeans_module, "nearest_centroid", counting)
+    x, _, _ = blobs([100, 80, 60], [1.0] * 3, seed=2)
+    levels = hierarchical_kmeans(x, [30, 8], n_resamples=[2, 1], sample_size=[4, 2], seed=0)
+    assert calls == [240] * 3 + [30] * 2
+    monkeypatch.undo()
+    again = hierarchical_kmeans(x, [30, 8], n_resamples=[2, 1], sample_size=[4, 2], seed=0)
+    for a, b in zip(levels, again, strict=True):
+        assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.assignment, b.assignment)
+
+
 def test_hierarchical_kmeans_with_fewer_distinct_items_than_clusters():
     # 3 distinct rows, k = 5: some clusters stay empty, and the resampled set is topped up to k items
     x = np.repeat(np.eye(3, 4, dtype=np.float32), [10, 6, 4], axis=0)

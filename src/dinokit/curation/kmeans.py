@@ -140,6 +140,13 @@ def kmeans(
     on all N rows (no subsampling), shifted by their mean if they lie far from the origin (a copy of x; see
     `nearest_centroid`). Same inputs and seed give the same result."""
     x = as_vectors(x)
+    centroids = _fit(x, k, iterations, init, seed, init_centroids)
+    assignment, _ = nearest_centroid(x, centroids)
+    return centroids, assignment
+
+
+def _fit(x: np.ndarray, k: int, iterations: int, init: str, seed: int, init_centroids=None) -> np.ndarray:
+    """The centroids of `kmeans` on x (checked by as_vectors), without the final assignment of x."""
     n, d = x.shape
     require(
         [
@@ -175,8 +182,7 @@ def kmeans(
     else:
         km.train(x - shift, init_centroids=start - shift)
         centroids = np.ascontiguousarray(km.centroids + shift, dtype=np.float32)
-    assignment, _ = nearest_centroid(x, centroids)
-    return centroids, assignment
+    return centroids
 
 
 @dataclass
@@ -258,7 +264,8 @@ def hierarchical_kmeans(
     levels = []
     items = x
     for level, k in enumerate(n_clusters):
-        centroids, _ = kmeans(items, k, iterations, init, seed=int(rng.integers(2**31 - 1)))
+        # _fit, not kmeans: the assignment is made once below (at N = 1M, k = 100k one costs ~10 min)
+        centroids = _fit(items, k, iterations, init, seed=int(rng.integers(2**31 - 1)))
         assignment, distances = nearest_centroid(items, centroids)
         for _ in range(n_resamples[level]):
             clusters = Level(centroids, assignment, distances).members()
@@ -270,7 +277,7 @@ def hierarchical_kmeans(
             if len(sample) < k:  # empty clusters (e.g. duplicate items): top up with random other items
                 others = np.setdiff1d(np.arange(len(items)), sample)
                 sample = np.sort(np.concatenate([sample, rng.choice(others, k - len(sample), replace=False)]))
-            centroids, _ = kmeans(items[sample], k, iterations, init, seed=int(rng.integers(2**31 - 1)))
+            centroids = _fit(items[sample], k, iterations, init, seed=int(rng.integers(2**31 - 1)))
             assignment, distances = nearest_centroid(items, centroids)
         levels.append(Level(centroids, assignment, distances))
         items = centroids
