@@ -278,3 +278,10 @@ def test_cluster_on_the_command_line_takes_one_value_or_one_per_level(pool, tmp_
     meta = json.loads((tmp_path / "c" / "curation.json").read_text())
     assert meta["n_resamples"] == 10 and meta["sample_size"] == [2, 1]
     assert main(["curate", "cluster", f"features={folder}", f"out={out}", "n_clusters=[4,2]", "n_resamples=[1]"]) == 2
+
+
+def test_cluster_with_no_levels_is_a_clear_error(pool, tmp_path, capsys):
+    folder, _, _ = pool
+    assert main(["curate", "cluster", f"features={folder}", f"out={tmp_path / 'c'}", "n_clusters=[]"]) == 2
+    assert "n_clusters must list at least one level" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -148,6 +148,8 @@ def cluster(
     cluster_sizes.png (images per cluster, per level) and curation.json. `dinokit curate sample` draws
     a balanced subset from it; `dinokit curate retrieve clusters=` draws from seeds' clusters.
     """
+    if not n_clusters:
+        raise DinokitError("n_clusters must list at least one level, e.g. n_clusters=[100] or [1000,100]")
     vectors, paths, embedding = read_unique_vectors(features, feature)
     if subset is not None:
         vectors, paths = select_subset(vectors, paths, subset, features)
