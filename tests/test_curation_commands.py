@@ -285,3 +285,19 @@ def test_cluster_with_no_levels_is_a_clear_error(pool, tmp_path, capsys):
     assert main(["curate", "cluster", f"features={folder}", f"out={tmp_path / 'c'}", "n_clusters=[]"]) == 2
     assert "n_clusters must list at least one level" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_out_may_not_be_a_folder_the_step_reads(concepts, tmp_path):
+    folder, _, _ = concepts
+    clusters = tmp_path / "clusters"
+    cluster(str(folder), str(clusters), n_clusters=[3], n_resamples=0)
+    before = sorted(p.name for p in clusters.iterdir())
+    with pytest.raises(DinokitError, match=r"out=.* is the clusters= folder this step reads"):
+        sample(str(clusters), str(clusters), target_size=4)
+    with pytest.raises(DinokitError, match=r"out=.* is the clusters= folder this step reads"):
+        retrieve(str(folder), str(clusters), clusters=str(clusters))
+    assert sorted(p.name for p in clusters.iterdir()) == before and read_clusters(clusters)[2]["step"] == "cluster"
+    dedup(str(folder), str(tmp_path / "dedup"))
+    with pytest.raises(DinokitError, match="holds the subset= list this step reads"):
+        cluster(str(folder), str(tmp_path / "dedup"), n_clusters=[2], subset=str(tmp_path / "dedup" / "kept.txt"))
+    assert (tmp_path / "dedup" / "kept.txt").is_file()

@@ -61,7 +61,7 @@ def dedup(
     if reference is not None:
         ref_vectors, ref_paths, ref_embedding = read_unique_vectors(reference, feature)
         require_same_embedding(embedding, ref_embedding, features, reference)
-    with output_folder(out) as tmp:
+    with output_folder(out, features=features, reference=reference) as tmp:
         result = deduplicate(vectors, threshold, reference=ref_vectors)
         removed = np.flatnonzero(~np.isnan(result.score))
         records = [
@@ -156,7 +156,7 @@ def cluster(
     if sample_size is None:  # half the average cluster size of each level (at least 1)
         counts = [len(paths), *n_clusters[:-1]]
         sample_size = [max(1, n // (2 * max(k, 1))) for n, k in zip(counts, n_clusters, strict=True)]
-    with output_folder(out) as tmp:
+    with output_folder(out, features=features, subset=subset) as tmp:
         levels = hierarchical_kmeans(
             vectors, n_clusters, n_resamples, sample_size, strategy=strategy, iterations=iterations, seed=seed
         )
@@ -257,7 +257,7 @@ def sample(clusters: str, out: str, target_size: int, strategy: str = "random", 
     order), sampled_sizes.png (images per top-level cluster before and after) and curation.json.
     """
     levels, paths, meta = read_clusters(clusters)
-    with output_folder(out) as tmp:
+    with output_folder(out, clusters=clusters) as tmp:
         selected = hierarchical_sampling(levels, target_size, strategy=strategy, seed=seed)
         write_paths(tmp / "selected.txt", [paths[i] for i in selected.tolist()])
         before = cluster_sizes(levels)[-1]
@@ -358,7 +358,7 @@ def retrieve(
             for p, row in zip(seed_paths, hits, strict=True)
         ]
     selected = sorted({j for row in hits for j, _ in row})
-    with output_folder(out) as tmp:
+    with output_folder(out, seeds=seeds, pool=pool, clusters=clusters) as tmp:
         write_paths(tmp / "selected.txt", [pool_paths[j] for j in selected])
         write_json(tmp / "retrieved.json", record)
         rows = [(p, [(pool_paths[j], s) for j, s in row[:8]]) for p, row in zip(seed_paths, hits, strict=True) if row]
@@ -430,11 +430,27 @@ def write_paths(path: Path, paths: list[str]) -> None:
 
 
 @contextlib.contextmanager
-def output_folder(out: str) -> Iterator[Path]:
+def output_folder(out: str, **inputs: str | None) -> Iterator[Path]:
     """A temporary folder to fill, swapped in for `out` whole when the block succeeds, so a reader
     never sees files of two runs. `out` may be new, empty, or the output of an earlier curation
-    step (which it replaces); a folder holding anything else is refused, as it may hold your files."""
+    step (which it replaces); a folder holding anything else is refused, as it may hold your files,
+    and so is one of the step's `inputs` (key: path) or a folder holding one, which it would replace."""
     path = prepare_output(out, folder=True, create=False)
+    target = path.resolve()
+    for key, given in inputs.items():
+        if given is None:
+            continue
+        source = Path(given).expanduser().resolve()
+        if source == target:
+            raise DinokitError(
+                f"out={out} is the {key}= folder this step reads, and writing there would replace it: "
+                "pass another folder as out="
+            )
+        if target in source.parents:
+            raise DinokitError(
+                f"out={out} holds the {key}= {'list' if source.is_file() else 'folder'} this step reads "
+                f"({given}), and writing there would replace it: pass another folder as out="
+            )
     if path.is_dir() and any(path.iterdir()) and not (path / SUMMARY).is_file():
         raise DinokitError(
             f"{path} already holds files and is not the output of a `dinokit curate` step (no {SUMMARY}); "
