@@ -301,3 +301,24 @@ def test_out_may_not_be_a_folder_the_step_reads(concepts, tmp_path):
     with pytest.raises(DinokitError, match="holds the subset= list this step reads"):
         cluster(str(folder), str(tmp_path / "dedup"), n_clusters=[2], subset=str(tmp_path / "dedup" / "kept.txt"))
     assert (tmp_path / "dedup" / "kept.txt").is_file()
+
+
+def test_a_folder_of_another_kind_where_an_embedding_is_expected_says_what_it_is(pool, embedded, tmp_path):
+    folder, _, _ = pool
+    dedup(str(folder), str(tmp_path / "dedup"))
+    build_index(str(folder), str(tmp_path / "index"))
+    with pytest.raises(DinokitError, match=r"features=.*dedup is the output of `dinokit curate dedup`.*pass the"):
+        cluster(str(tmp_path / "dedup"), str(tmp_path / "c"), n_clusters=[2])
+    with pytest.raises(DinokitError, match=r"reference=.*index is an index folder .*pass the `dinokit embed` folder"):
+        dedup(str(folder), str(tmp_path / "d2"), reference=str(tmp_path / "index"))
+    with pytest.raises(DinokitError, match=r"seeds=.*nowhere: no such folder"):
+        retrieve(str(tmp_path / "nowhere"), str(tmp_path / "r"), pool=str(folder))
+    with pytest.raises(DinokitError, match=r"pool=.*kept.txt is a file, not a `dinokit embed` folder"):
+        retrieve(str(embedded / "emb_seeds"), str(tmp_path / "r"), pool=str(tmp_path / "dedup" / "kept.txt"))
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(folder, unfinished)
+    (unfinished / "manifest.json").unlink()
+    with pytest.raises(DinokitError, match="run the same `dinokit embed` again to resume"):
+        dedup(str(unfinished), str(tmp_path / "d3"))
+    for name in ("c", "d2", "r", "d3"):
+        assert not (tmp_path / name).exists()

@@ -25,6 +25,7 @@ from dinokit.curation.kmeans import Level, hierarchical_kmeans
 from dinokit.curation.retrieval_sampling import seed_cluster_samples, seed_neighbours
 from dinokit.curation.sampling import cluster_sizes, hierarchical_sampling
 from dinokit.errors import DinokitError
+from dinokit.features.store import MANIFEST
 from dinokit.io import atomic_folder, atomic_write, prepare_output, read_json, write_json
 from dinokit.maps.render import contact_sheet, save_figure
 from dinokit.retrieval.commands import embedding_differences, read_vectors
@@ -56,10 +57,10 @@ def dedup(
     check it on the two PNGs. reference: a `dinokit embed` folder embedded like `features`.
     feature: cls or patch_mean. examples: groups shown in duplicates.png (0: none).
     """
-    vectors, paths, embedding = read_unique_vectors(features, feature)
+    vectors, paths, embedding = read_unique_vectors(features, feature, "features")
     ref_vectors, ref_paths = None, []
     if reference is not None:
-        ref_vectors, ref_paths, ref_embedding = read_unique_vectors(reference, feature)
+        ref_vectors, ref_paths, ref_embedding = read_unique_vectors(reference, feature, "reference")
         require_same_embedding(embedding, ref_embedding, features, reference)
     with output_folder(out, features=features, reference=reference) as tmp:
         result = deduplicate(vectors, threshold, reference=ref_vectors)
@@ -150,7 +151,7 @@ def cluster(
     """
     if not n_clusters:
         raise DinokitError("n_clusters must list at least one level, e.g. n_clusters=[100] or [1000,100]")
-    vectors, paths, embedding = read_unique_vectors(features, feature)
+    vectors, paths, embedding = read_unique_vectors(features, feature, "features")
     if subset is not None:
         vectors, paths = select_subset(vectors, paths, subset, features)
     if sample_size is None:  # half the average cluster size of each level (at least 1)
@@ -330,7 +331,7 @@ def retrieve(
         )
     if clusters is not None and min_score is not None:
         raise DinokitError("min_score applies to pool= (nearest neighbours); images drawn from clusters have no score")
-    seed_vectors, seed_paths, seed_embedding = read_unique_vectors(seeds, feature)
+    seed_vectors, seed_paths, seed_embedding = read_unique_vectors(seeds, feature, "seeds")
     if clusters is not None:
         levels, pool_paths, meta = read_clusters(clusters)
         require_same_embedding(meta["embedding"], seed_embedding, clusters, seeds)
@@ -397,18 +398,55 @@ def pool_index(pool: str, feature: str, seeds_embedding: dict, seeds: str) -> Fe
             )
         require_same_embedding(index.meta["embedding"], seeds_embedding, pool, seeds)
         return index
+    require_embedding_folder(pool, "pool", index_ok=True)
     vectors, paths, embedding = read_vectors(pool, feature)
     require_same_embedding(embedding, seeds_embedding, pool, seeds)
     return FeatureIndex.create(vectors, paths, {}, kind="flat")
 
 
 # ----------------------------------------------------------------------------------------- shared
-def read_unique_vectors(features: str, feature: str) -> tuple[np.ndarray, list[str], dict]:
-    """(L2-normalised vectors (N, D), paths, embedding settings) of a `dinokit embed` folder; an image
-    that the embedding lists twice is kept once (its first vector)."""
+def read_unique_vectors(features: str, feature: str, key: str = "features") -> tuple[np.ndarray, list[str], dict]:
+    """(L2-normalised vectors (N, D), paths, embedding settings) of a `dinokit embed` folder, given as
+    `key`=; an image that the embedding lists twice is kept once (its first vector)."""
+    require_embedding_folder(features, key)
     vectors, paths, embedding = read_vectors(features, feature)
     keep = first_occurrences(paths)
     return normalise(vectors[keep]), [paths[i] for i in keep], embedding
+
+
+def require_embedding_folder(folder: str, key: str, index_ok: bool = False) -> None:
+    """Refuse, naming what it is instead, a path given as `key`= that is not a `dinokit embed` folder:
+    a missing path, a file, a curation step's folder or an index folder. An embed folder without its
+    manifest (an unfinished run) is left to `read_vectors`, which says how to finish it."""
+    path = Path(folder).expanduser()
+    expected = "a `dinokit embed` folder" + (" or an index folder (`dinokit index build`)" if index_ok else "")
+    if not path.exists():
+        raise DinokitError(f"{key}={folder}: no such folder; pass {expected}")
+    if not path.is_dir():
+        raise DinokitError(
+            f"{key}={folder} is a file, not a `dinokit embed` folder: embed its images first "
+            f"(`dinokit embed model=... data={folder} out=...`) and pass that folder as {key}="
+        )
+    if (path / MANIFEST).is_file():
+        return
+    if (path / SUMMARY).is_file():
+        meta = read_json(path / SUMMARY, "it is not a `dinokit embed` folder either")
+        step = meta.get("step", "?") if isinstance(meta, dict) else "?"
+        source = next((meta[k] for k in ("features", "seeds") if isinstance(meta, dict) and meta.get(k)), None)
+        made_from = f" ({source})" if source else ""
+        raise DinokitError(
+            f"{key}={folder} is the output of `dinokit curate {step}`, not {expected}: pass the `dinokit embed` "
+            f"folder it was made from{made_from}"
+        )
+    if (path / INDEX_META).is_file():
+        meta = read_json(path / INDEX_META, "it is not a `dinokit embed` folder either")
+        sources = meta.get("sources") if isinstance(meta, dict) else None
+        made_from = f" ({', '.join(sources)})" if sources else ""
+        raise DinokitError(
+            f"{key}={folder} is an index folder (`dinokit index build`), not a `dinokit embed` folder (only "
+            "`dinokit curate retrieve pool=` takes an index): "
+            f"pass the `dinokit embed` folder it was built from{made_from}"
+        )
 
 
 def require_same_embedding(a: dict, b: dict, a_name: str, b_name: str) -> None:
