@@ -322,3 +322,18 @@ def test_a_folder_of_another_kind_where_an_embedding_is_expected_says_what_it_is
         dedup(str(unfinished), str(tmp_path / "d3"))
     for name in ("c", "d2", "r", "d3"):
         assert not (tmp_path / name).exists()
+
+
+def test_a_subset_that_is_missing_or_a_folder_is_a_clear_error(pool, tmp_path, capsys):
+    folder, _, _ = pool
+    dedup(str(folder), str(tmp_path / "dedup"))
+    args = ["curate", "cluster", f"features={folder}", f"out={tmp_path / 'c'}", "n_clusters=[2]"]
+    assert main([*args, f"subset={tmp_path / 'nolist.txt'}"]) == 2
+    assert "subset=" in (err := capsys.readouterr().err) and "no such file" in err and "kept.txt" in err
+    assert main([*args, f"subset={tmp_path / 'dedup'}"]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and f"subset={tmp_path / 'dedup' / 'kept.txt'}" in err and "written" not in err
+    shard = next(folder.glob("*.safetensors"))
+    assert main([*args, f"subset={shard}"]) == 2
+    assert "is not a text file of image paths" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -222,7 +222,23 @@ def read_clusters(folder: str | Path) -> tuple[list[Level], list[str], dict]:
 
 def select_subset(vectors: np.ndarray, paths: list[str], subset: str, features: str) -> tuple[np.ndarray, list[str]]:
     """The rows of the images listed in the text file `subset` (one path per line), in the embedding's order."""
-    wanted = {line.strip() for line in Path(subset).read_text().splitlines() if line.strip()}
+    listing = Path(subset).expanduser()
+    if listing.is_dir():
+        lists = [f"subset={listing / name}" for name in ("kept.txt", "selected.txt") if (listing / name).is_file()]
+        example = " or ".join(lists) or "e.g. subset=dedup/kept.txt"
+        raise DinokitError(f"subset={subset} is a folder, not a list of image paths: pass the list in it ({example})")
+    if not listing.is_file():
+        raise DinokitError(
+            f"subset={subset}: no such file; pass a text file of image paths, one per line "
+            "(e.g. `dinokit curate dedup`'s kept.txt)"
+        )
+    try:
+        text = listing.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DinokitError(
+            f"subset={subset} is not a text file of image paths: pass a list such as `dinokit curate dedup`'s kept.txt"
+        ) from None
+    wanted = {line.strip() for line in text.splitlines() if line.strip()}
     keep = [i for i, p in enumerate(paths) if p in wanted]
     missing = len(wanted) - len(keep)
     if missing:
