@@ -337,3 +337,10 @@ def test_a_subset_that_is_missing_or_a_folder_is_a_clear_error(pool, tmp_path, c
     assert main([*args, f"subset={shard}"]) == 2
     assert "is not a text file of image paths" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_min_score_no_cosine_reaches_is_refused(pool, embedded, tmp_path):
+    folder, _, _ = pool
+    with pytest.raises(DinokitError, match=r"min_score must be a cosine in \[-1, 1\]"):
+        retrieve(str(embedded / "emb_seeds"), str(tmp_path / "r"), pool=str(folder), min_score=2)
+    assert not (tmp_path / "r").exists()

@@ -347,6 +347,10 @@ def retrieve(
         )
     if clusters is not None and min_score is not None:
         raise DinokitError("min_score applies to pool= (nearest neighbours); images drawn from clusters have no score")
+    if min_score is not None and not -1 <= min_score <= 1:
+        raise DinokitError(
+            f"min_score must be a cosine in [-1, 1] (e.g. 0.5; hits below it are dropped), got {min_score}"
+        )
     seed_vectors, seed_paths, seed_embedding = read_unique_vectors(seeds, feature, "seeds")
     if clusters is not None:
         levels, pool_paths, meta = read_clusters(clusters)
