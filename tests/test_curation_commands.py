@@ -344,3 +344,28 @@ def test_a_min_score_no_cosine_reaches_is_refused(pool, embedded, tmp_path):
     with pytest.raises(DinokitError, match=r"min_score must be a cosine in \[-1, 1\]"):
         retrieve(str(embedded / "emb_seeds"), str(tmp_path / "r"), pool=str(folder), min_score=2)
     assert not (tmp_path / "r").exists()
+
+
+def test_retrieve_from_a_deduplicated_pool_never_brings_back_a_removed_image(pool, embedded, tmp_path):
+    folder, paths, x = pool
+    rng = np.random.default_rng(6)
+    seeds = unit(rng, 4)
+    seeds[0] = near(x[6], rng, 0.95)  # nearest: 5 and its exact copy 6 (removed by dedup)
+    seeds[1] = near(x[3], rng, 0.95)  # nearest: 3, a near-copy of 0 (removed)
+    seeds_folder, _ = with_vectors(embedded / "emb_seeds", tmp_path / "seeds", seeds)
+    dedup(str(folder), str(tmp_path / "dedup"), threshold=0.95)
+    kept = read_lines(tmp_path / "dedup" / "kept.txt")
+    subset = str(tmp_path / "dedup" / "kept.txt")
+
+    summary = retrieve(str(seeds_folder), str(tmp_path / "out"), pool=str(folder), per_seed=2, subset=subset)
+
+    selected = read_lines(tmp_path / "out" / "selected.txt")
+    assert set(selected) <= set(kept) and paths[5] in selected and paths[0] in selected
+    cosines = seeds @ x[[paths.index(p) for p in kept]].T
+    truth = {kept[j] for j in np.argsort(-cosines, axis=1)[:, :2].ravel().tolist()}
+    assert set(selected) == truth and summary["pool_images"] == len(kept) and summary["subset"] == subset
+    with pytest.raises(DinokitError, match="subset= applies to pool="):
+        retrieve(str(seeds_folder), str(tmp_path / "o2"), clusters=str(tmp_path / "dedup"), subset=subset)
+    build_index(str(folder), str(tmp_path / "index"))
+    with pytest.raises(DinokitError, match="subset= needs pool= a `dinokit embed` folder"):
+        retrieve(str(seeds_folder), str(tmp_path / "o2"), pool=str(tmp_path / "index"), subset=subset)

@@ -321,6 +321,7 @@ def retrieve(
     out: str,
     pool: str | None = None,
     clusters: str | None = None,
+    subset: str | None = None,
     per_seed: int = 4,
     min_score: float | None = None,
     feature: str = "cls",
@@ -335,10 +336,13 @@ def retrieve(
     nearest pool images (cosine >= min_score, if given), the paper's choice for large seed sets.
     clusters: a `dinokit curate cluster` folder of the pool: each seed image takes `per_seed` pool
     images drawn at random (`seed`) from the pool cluster nearest to it, the choice for small seed sets.
-    out: a folder for selected.txt (the union, in the pool's order), retrieved.json ([{"seed": path,
-    "hits": [{"path", "score"}, ...]}, ...], with clusters [{"seed": path, "cluster": c, "hits":
-    [{"path"}, ...]}, ...]: the images drawn from a cluster are listed under its first seed),
-    retrieved.png (the first `examples` seeds and what they brought in) and curation.json.
+    subset (with pool=): a list of the pool images to search (e.g. `dinokit curate dedup`'s kept.txt),
+    so that images deduplication removed, copies of the evaluation set included, do not come back; a
+    cluster folder holds only the images it clustered already. out: a folder for selected.txt (the
+    union, in the pool's order), retrieved.json ([{"seed": path, "hits": [{"path", "score"}, ...]},
+    ...], with clusters [{"seed": path, "cluster": c, "hits": [{"path"}, ...]}, ...]: the images drawn
+    from a cluster are listed under its first seed), retrieved.png (the first `examples` seeds and
+    what they brought in) and curation.json.
     """
     if (pool is None) == (clusters is None):
         raise DinokitError(
@@ -347,6 +351,10 @@ def retrieve(
         )
     if clusters is not None and min_score is not None:
         raise DinokitError("min_score applies to pool= (nearest neighbours); images drawn from clusters have no score")
+    if subset is not None and clusters is not None:
+        raise DinokitError(
+            "subset= applies to pool=; clusters= draws only from the images it clustered (cluster with subset= instead)"
+        )
     if min_score is not None and not -1 <= min_score <= 1:
         raise DinokitError(
             f"min_score must be a cosine in [-1, 1] (e.g. 0.5; hits below it are dropped), got {min_score}"
@@ -371,7 +379,7 @@ def retrieve(
             for p, c, row in zip(seed_paths, seed_clusters.tolist(), hits, strict=True)
         ]
     else:
-        index = pool_index(pool, feature, seed_embedding, seeds)
+        index = pool_index(pool, feature, seed_embedding, seeds, subset)
         pool_paths = index.paths
         hits = seed_neighbours(index, seed_vectors, per_seed, min_score)
         record = [
@@ -379,7 +387,7 @@ def retrieve(
             for p, row in zip(seed_paths, hits, strict=True)
         ]
     selected = sorted({j for row in hits for j, _ in row})
-    with output_folder(out, seeds=seeds, pool=pool, clusters=clusters) as tmp:
+    with output_folder(out, seeds=seeds, pool=pool, clusters=clusters, subset=subset) as tmp:
         write_paths(tmp / "selected.txt", [pool_paths[j] for j in selected])
         write_json(tmp / "retrieved.json", record)
         rows = [(p, [(pool_paths[j], s) for j, s in row[:8]]) for p, row in zip(seed_paths, hits, strict=True) if row]
@@ -390,6 +398,7 @@ def retrieve(
             "seeds": str(Path(seeds).absolute()),
             "pool": str(Path(pool).absolute()) if pool else None,
             "clusters": str(Path(clusters).absolute()) if clusters else None,
+            "subset": str(Path(subset).absolute()) if subset else None,
             "per_seed": per_seed,
             "min_score": min_score,
             "seed": seed,
@@ -407,10 +416,16 @@ def retrieve(
     return summary
 
 
-def pool_index(pool: str, feature: str, seeds_embedding: dict, seeds: str) -> FeatureIndex:
+def pool_index(pool: str, feature: str, seeds_embedding: dict, seeds: str, subset: str | None = None) -> FeatureIndex:
     """A search index over the pool: the index folder itself, or an exact one built over a `dinokit
-    embed` folder; refused if the pool was embedded unlike the seeds."""
+    embed` folder (over the images listed in `subset` only, if given); refused if the pool was
+    embedded unlike the seeds."""
     if (Path(pool) / INDEX_META).is_file():
+        if subset is not None:
+            raise DinokitError(
+                f"subset= needs pool= a `dinokit embed` folder, and {pool} is an index folder: pass the embed "
+                "folder it was built from, or build an index over the subset's images only"
+            )
         index = FeatureIndex.load(pool)
         if index.meta["feature"] != feature:
             raise DinokitError(
@@ -421,6 +436,9 @@ def pool_index(pool: str, feature: str, seeds_embedding: dict, seeds: str) -> Fe
     require_embedding_folder(pool, "pool", index_ok=True)
     vectors, paths, embedding = read_vectors(pool, feature)
     require_same_embedding(embedding, seeds_embedding, pool, seeds)
+    if subset is not None:
+        keep = first_occurrences(paths)
+        vectors, paths = select_subset(vectors[keep], [paths[i] for i in keep], subset, pool)
     return FeatureIndex.create(vectors, paths, {}, kind="flat")
 
 
