@@ -369,3 +369,20 @@ def test_retrieve_from_a_deduplicated_pool_never_brings_back_a_removed_image(poo
     build_index(str(folder), str(tmp_path / "index"))
     with pytest.raises(DinokitError, match="subset= needs pool= a `dinokit embed` folder"):
         retrieve(str(seeds_folder), str(tmp_path / "o2"), pool=str(tmp_path / "index"), subset=subset)
+
+
+def test_subset_is_read_like_any_image_list(pool, tmp_path):
+    """Comments, relative paths (to the list's folder) and `path,label` lines, as `dinokit pretrain
+    data=` and `dinokit embed data=` read a list, pick the same images."""
+    folder, paths, _ = pool
+    listing = Path(paths[0]).parent / "mine.txt"
+    relative = Path(paths[2]).relative_to(listing.parent)
+    listing.write_text(f"# my pick\n{paths[0]}\n{paths[1]},cat\n{relative}\n\n{paths[4]}\n")
+    try:
+        cluster(str(folder), str(tmp_path / "c"), n_clusters=[2], subset=str(listing))
+    finally:
+        listing.unlink()
+    assert read_lines(tmp_path / "c" / "paths.txt") == [paths[i] for i in (0, 1, 2, 4)]
+    (tmp_path / "empty.txt").write_text("# nothing yet\n")
+    with pytest.raises(DinokitError, match="lists no images"):
+        cluster(str(folder), str(tmp_path / "c2"), n_clusters=[2], subset=str(tmp_path / "empty.txt"))

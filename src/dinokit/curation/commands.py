@@ -24,6 +24,7 @@ from dinokit.curation.dedup import deduplicate
 from dinokit.curation.kmeans import Level, hierarchical_kmeans
 from dinokit.curation.retrieval_sampling import seed_cluster_samples, seed_neighbours
 from dinokit.curation.sampling import cluster_sizes, hierarchical_sampling
+from dinokit.data.images import read_list_file
 from dinokit.errors import DinokitError
 from dinokit.features.store import MANIFEST
 from dinokit.io import atomic_folder, atomic_write, prepare_output, read_json, write_json
@@ -221,7 +222,9 @@ def read_clusters(folder: str | Path) -> tuple[list[Level], list[str], dict]:
 
 
 def select_subset(vectors: np.ndarray, paths: list[str], subset: str, features: str) -> tuple[np.ndarray, list[str]]:
-    """The rows of the images listed in the text file `subset` (one path per line), in the embedding's order."""
+    """The rows of the images listed in the text file `subset`, in the embedding's order. It is read as
+    `dinokit embed data=` reads a list (one path per line, or `path,label`; relative paths are relative
+    to its folder; `#` comments skipped)."""
     listing = Path(subset).expanduser()
     if listing.is_dir():
         lists = [f"subset={listing / name}" for name in ("kept.txt", "selected.txt") if (listing / name).is_file()]
@@ -233,12 +236,14 @@ def select_subset(vectors: np.ndarray, paths: list[str], subset: str, features: 
             "(e.g. `dinokit curate dedup`'s kept.txt)"
         )
     try:
-        text = listing.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
+        listed = read_list_file(listing)  # as `dinokit embed data=` reads a list: the same path strings
+    except DinokitError:
         raise DinokitError(
             f"subset={subset} is not a text file of image paths: pass a list such as `dinokit curate dedup`'s kept.txt"
         ) from None
-    wanted = {line.strip() for line in text.splitlines() if line.strip()}
+    wanted = {str(path.absolute()) for path, _ in listed}
+    if not wanted:
+        raise DinokitError(f"subset={subset} lists no images: pass a list of image paths, one per line")
     keep = [i for i, p in enumerate(paths) if p in wanted]
     missing = len(wanted) - len(keep)
     if missing:
