@@ -386,3 +386,20 @@ def test_subset_is_read_like_any_image_list(pool, tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing yet\n")
     with pytest.raises(DinokitError, match="lists no images"):
         cluster(str(folder), str(tmp_path / "c2"), n_clusters=[2], subset=str(tmp_path / "empty.txt"))
+
+
+def test_duplicates_png_shows_copies_of_the_reference_set_too(pool, embedded, tmp_path, monkeypatch):
+    """Two duplicate groups and one reference copy with examples=2: the sheet has a row of each kind,
+    however many duplicate groups there are."""
+    folder, paths, x = pool
+    seeds = unit(np.random.default_rng(2), 4)
+    seeds[0] = x[9]
+    reference, ref_paths = with_vectors(embedded / "emb_seeds", tmp_path / "ref", seeds)
+    shown = {}
+    monkeypatch.setattr(
+        "dinokit.curation.commands.contact_sheet",
+        lambda rows, path, first_labels: shown.update(rows=rows, labels=first_labels),
+    )
+    dedup(str(folder), str(tmp_path / "out"), reference=str(reference), examples=2)
+    assert sorted(shown["labels"]) == ["kept", "reference"]
+    assert (ref_paths[0], [(paths[9], pytest.approx(1.0, abs=1e-5))]) in shown["rows"]

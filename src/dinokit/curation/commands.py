@@ -83,8 +83,15 @@ def dedup(
         groups: dict[tuple[str, str], list[tuple[str, float]]] = {}  # (reason, kept or reference image): removed
         for r in records:
             groups.setdefault((r["reason"], r["duplicate_of"]), []).append((r["path"], r["score"]))
-        if examples > 0 and groups:
-            largest = sorted(groups.items(), key=lambda g: -len(g[1]))[:examples]
+        if examples > 0 and groups:  # the largest groups; half the rows for reference copies if both kinds
+            by_kind = {
+                kind: sorted((g for g in groups.items() if g[0][0] == kind), key=lambda g: -len(g[1]))
+                for kind in ("duplicate", "reference")
+            }
+            n_ref = min(len(by_kind["reference"]), examples // 2 if by_kind["duplicate"] else examples)
+            n_dup = min(len(by_kind["duplicate"]), examples - n_ref)
+            n_ref = min(len(by_kind["reference"]), examples - n_dup)
+            largest = by_kind["duplicate"][:n_dup] + by_kind["reference"][:n_ref]
             labels = ["reference" if reason == "reference" else "kept" for (reason, _), _ in largest]
             contact_sheet([(g, hits[:8]) for (_, g), hits in largest], tmp / "duplicates.png", first_labels=labels)
         summary = {
