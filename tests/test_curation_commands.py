@@ -134,7 +134,7 @@ def test_a_curation_folder_is_replaced_whole_and_a_folder_of_other_files_is_refu
 
 def test_sets_embedded_by_different_models_are_refused(pool, embedded, tmp_path):
     folder, _, _ = pool
-    with pytest.raises(DinokitError, match="embedded differently \\(model, weights_hash differ\\)"):
+    with pytest.raises(DinokitError, match="embedded differently \\(model, weights_hash differ; model: "):
         dedup(str(folder), str(tmp_path / "out"), reference=str(embedded / "emb_seeds_other"))
     with pytest.raises(DinokitError, match="embedded differently"):
         retrieve(str(embedded / "emb_seeds_other"), str(tmp_path / "out"), pool=str(folder))
@@ -403,3 +403,16 @@ def test_duplicates_png_shows_copies_of_the_reference_set_too(pool, embedded, tm
     dedup(str(folder), str(tmp_path / "out"), reference=str(reference), examples=2)
     assert sorted(shown["labels"]) == ["kept", "reference"]
     assert (ref_paths[0], [(paths[9], pytest.approx(1.0, abs=1e-5))]) in shown["rows"]
+
+
+def test_a_refused_embedding_says_which_settings_to_embed_with(pool, embedded, tmp_path):
+    folder, _, _ = pool
+    other = tmp_path / "seeds48"
+    shutil.copytree(embedded / "emb_seeds", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["image_size"] = [48, 48]
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        DinokitError, match=r"image_size: \[48, 48\] in .*seeds48, \[32, 32\] in .*pool.*image_size=\[32,32\]"
+    ):
+        retrieve(str(other), str(tmp_path / "r"), pool=str(folder))

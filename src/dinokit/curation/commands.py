@@ -12,6 +12,7 @@ folder holding anything else is refused.
 """
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from dinokit.retrieval.commands import embedding_differences, read_vectors
 from dinokit.retrieval.index import INDEX_META, FeatureIndex, first_occurrences, normalise
 
 SUMMARY = "curation.json"
+EMBED_KEYS = ("model", "image_size", "resize_policy", "precision")  # settings that `dinokit embed` takes as keys
 CLUSTERS = "clusters.safetensors"
 
 
@@ -505,9 +507,16 @@ def require_same_embedding(a: dict, b: dict, a_name: str, b_name: str) -> None:
     same_weights = a.get("weights_hash") is not None and a.get("weights_hash") == b.get("weights_hash")
     changed = [k for k in embedding_differences(a, b) if not (k == "model" and same_weights)]
     if changed:
+        values = "".join(f"; {k}: {b.get(k)} in {b_name}, {a.get(k)} in {a_name}" for k in changed if k in EMBED_KEYS)
+        args = " ".join(
+            f"{k}={json.dumps(a[k], separators=(',', ':')) if isinstance(a[k], list) else a[k]}"
+            for k in EMBED_KEYS
+            if k in changed and a.get(k) is not None
+        )
         raise DinokitError(
-            f"{a_name} and {b_name} were embedded differently ({', '.join(changed)} differ), so their vectors are "
-            f"not comparable: embed {b_name}'s images again with the same model and settings"
+            f"{a_name} and {b_name} were embedded differently ({', '.join(changed)} differ{values}), so their "
+            f"vectors are not comparable: embed {b_name}'s images again with the same model and settings"
+            + (f" (`dinokit embed ... {args}`)" if args else "")
         )
 
 
