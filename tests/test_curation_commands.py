@@ -416,3 +416,12 @@ def test_a_refused_embedding_says_which_settings_to_embed_with(pool, embedded, t
         DinokitError, match=r"image_size: \[48, 48\] in .*seeds48, \[32, 32\] in .*pool.*image_size=\[32,32\]"
     ):
         retrieve(str(other), str(tmp_path / "r"), pool=str(folder))
+
+
+def test_a_negative_examples_is_refused(pool, embedded, tmp_path):
+    folder, _, _ = pool
+    with pytest.raises(DinokitError, match=r"examples must be 0 .* or more"):
+        dedup(str(folder), str(tmp_path / "d"), examples=-1)
+    with pytest.raises(DinokitError, match=r"examples must be 0 .* or more"):
+        retrieve(str(embedded / "emb_seeds"), str(tmp_path / "r"), pool=str(folder), examples=-1)
+    assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()

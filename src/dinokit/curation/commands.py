@@ -60,6 +60,7 @@ def dedup(
     check it on the two PNGs. reference: a `dinokit embed` folder embedded like `features`.
     feature: cls or patch_mean. examples: groups shown in duplicates.png (0: none).
     """
+    require_examples(examples, "duplicates.png")
     vectors, paths, embedding = read_unique_vectors(features, feature, "features")
     ref_vectors, ref_paths = None, []
     if reference is not None:
@@ -373,6 +374,7 @@ def retrieve(
         raise DinokitError(
             f"min_score must be a cosine in [-1, 1] (e.g. 0.5; hits below it are dropped), got {min_score}"
         )
+    require_examples(examples, "retrieved.png")
     seed_vectors, seed_paths, seed_embedding = read_unique_vectors(seeds, feature, "seeds")
     if clusters is not None:
         levels, pool_paths, meta = read_clusters(clusters)
@@ -464,6 +466,11 @@ def read_unique_vectors(features: str, feature: str, key: str = "features") -> t
     vectors, paths, embedding = read_vectors(features, feature)
     keep = first_occurrences(paths)
     return normalise(vectors[keep]), [paths[i] for i in keep], embedding
+
+
+def require_examples(examples: int, picture: str) -> None:
+    if examples < 0:
+        raise DinokitError(f"examples must be 0 (no {picture}) or more (rows shown in {picture}), got {examples}")
 
 
 def require_embedding_folder(folder: str, key: str, index_ok: bool = False) -> None:
