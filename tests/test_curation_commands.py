@@ -425,3 +425,11 @@ def test_a_negative_examples_is_refused(pool, embedded, tmp_path):
     with pytest.raises(DinokitError, match=r"examples must be 0 .* or more"):
         retrieve(str(embedded / "emb_seeds"), str(tmp_path / "r"), pool=str(folder), examples=-1)
     assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
+
+
+def test_similarity_png_of_a_single_image_draws_without_a_warning(tmp_path, recwarn):
+    from dinokit.curation.commands import similarity_histogram
+
+    similarity_histogram(np.array([np.nan], dtype=np.float32), 0.95, tmp_path / "s.png")
+    assert (tmp_path / "s.png").is_file()
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
