@@ -433,3 +433,10 @@ def test_similarity_png_of_a_single_image_draws_without_a_warning(tmp_path, recw
     similarity_histogram(np.array([np.nan], dtype=np.float32), 0.95, tmp_path / "s.png")
     assert (tmp_path / "s.png").is_file()
     assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_dedup_refuses_the_pool_itself_as_its_reference(pool, tmp_path):
+    folder, _, _ = pool
+    with pytest.raises(DinokitError, match="reference= is the features= embedding itself"):
+        dedup(str(folder), str(tmp_path / "d"), reference=str(folder) + "/")
+    assert not (tmp_path / "d").exists()

@@ -61,6 +61,11 @@ def dedup(
     feature: cls or patch_mean. examples: groups shown in duplicates.png (0: none).
     """
     require_examples(examples, "duplicates.png")
+    if reference is not None and Path(reference).expanduser().resolve() == Path(features).expanduser().resolve():
+        raise DinokitError(
+            "reference= is the features= embedding itself, so every image would be removed as a copy of itself: "
+            "pass the embedding of the set to keep out (e.g. your test split), or leave reference= out"
+        )
     vectors, paths, embedding = read_unique_vectors(features, feature, "features")
     ref_vectors, ref_paths = None, []
     if reference is not None:
