@@ -440,3 +440,14 @@ def test_dedup_refuses_the_pool_itself_as_its_reference(pool, tmp_path):
     with pytest.raises(DinokitError, match="reference= is the features= embedding itself"):
         dedup(str(folder), str(tmp_path / "d"), reference=str(folder) + "/")
     assert not (tmp_path / "d").exists()
+
+
+def test_similarity_png_legend_says_what_its_count_is(tmp_path, monkeypatch):
+    """4 images in two pairs above the threshold: 4 images have a near-duplicate, 2 of them are removed."""
+    from dinokit.curation.commands import similarity_histogram
+
+    figures = []
+    monkeypatch.setattr("dinokit.curation.commands.save_figure", lambda path, fig: figures.append(fig))
+    similarity_histogram(np.array([0.99, 0.99, 0.97, 0.97, 0.5], dtype=np.float32), 0.95, tmp_path / "s.png")
+    (legend,) = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert legend == "threshold 0.95: 4 images have a near-duplicate (one per group is kept)"

@@ -130,7 +130,9 @@ def similarity_histogram(nearest: np.ndarray, threshold: float, path: Path) -> N
     ax = fig.subplots()
     values = nearest[np.isfinite(nearest)]
     ax.hist(values, bins=100, range=(min(float(values.min(initial=1.0)), threshold) - 0.01, 1.0), color="#4477aa")
-    ax.axvline(threshold, color="#cc3311", label=f"threshold {threshold}: {int((values >= threshold).sum())} images")
+    count = int((values >= threshold).sum())
+    label = f"threshold {threshold}: {count} images have a near-duplicate (one per group is kept)"
+    ax.axvline(threshold, color="#cc3311", label=label)
     if len(values):  # a single image has no nearest other image: an empty histogram, not log-scaled
         ax.set_yscale("log")
     ax.set_xlabel("cosine similarity to the nearest other image")
