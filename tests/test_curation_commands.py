@@ -451,3 +451,23 @@ def test_similarity_png_legend_says_what_its_count_is(tmp_path, monkeypatch):
     similarity_histogram(np.array([0.99, 0.99, 0.97, 0.97, 0.5], dtype=np.float32), 0.95, tmp_path / "s.png")
     (legend,) = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
     assert legend == "threshold 0.95: 4 images have a near-duplicate (one per group is kept)"
+
+
+def test_a_damaged_clusters_folder_is_a_clear_error(concepts, tmp_path, capsys):
+    folder, _, _ = concepts
+    clusters = tmp_path / "clusters"
+    cluster(str(folder), str(clusters), n_clusters=[3], n_resamples=0)
+    data = (clusters / "clusters.safetensors").read_bytes()
+    for damage in ("truncated", "missing", "no paths"):
+        if damage == "truncated":
+            (clusters / "clusters.safetensors").write_bytes(data[:100])
+        elif damage == "missing":
+            (clusters / "clusters.safetensors").unlink()
+        else:
+            (clusters / "clusters.safetensors").write_bytes(data)
+            (clusters / "paths.txt").unlink()
+        args = ["curate", "sample", f"clusters={clusters}", f"out={tmp_path / 's'}", "target_size=3"]
+        assert main(args) == 2, damage
+        err = capsys.readouterr().err
+        assert "is missing or damaged" in err and "run `dinokit curate cluster" in err and "Traceback" not in err
+    assert not (tmp_path / "s").exists()

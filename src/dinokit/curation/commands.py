@@ -228,12 +228,19 @@ def read_clusters(folder: str | Path) -> tuple[list[Level], list[str], dict]:
     )
     if meta.get("step") != "cluster":
         raise DinokitError(f"{folder} is not the output of `dinokit curate cluster` (no clusters in it): cluster first")
-    arrays = load_numpy(str(folder / CLUSTERS))
-    levels = [
-        Level(arrays[f"level{n}.centroids"], arrays[f"level{n}.assignment"], arrays[f"level{n}.distances"])
-        for n in range(1, len(meta["n_clusters"]) + 1)
-    ]
-    paths = (folder / "paths.txt").read_text().splitlines()
+    try:
+        arrays = load_numpy(str(folder / CLUSTERS))
+        levels = [
+            Level(arrays[f"level{n}.centroids"], arrays[f"level{n}.assignment"], arrays[f"level{n}.distances"])
+            for n in range(1, len(meta["n_clusters"]) + 1)
+        ]
+        paths = (folder / "paths.txt").read_text(encoding="utf-8").splitlines()
+    except Exception as e:  # missing, truncated or foreign files (safetensors raises its own error type)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise DinokitError(
+            f"{folder}: a file of the clusters is missing or damaged ({reason}): "
+            f"run `dinokit curate cluster ... out={folder}` again"
+        ) from None
     if len(paths) != len(levels[0].assignment):
         raise DinokitError(f"{folder}: paths.txt and the clusters disagree; run `dinokit curate cluster` again")
     return levels, paths, meta
