@@ -112,6 +112,7 @@ def test_a_command_group_word_alone_names_every_command_of_the_group(capsys):
         err = capsys.readouterr().err
         for name in (n for n in COMMANDS if n.startswith(group + " ")):
             assert name in err, (group, err)
+        assert f"'{group}' is a group of commands; name one" in err and "unknown command" not in err
 
 
 def test_console_script_runs():

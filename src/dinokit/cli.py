@@ -250,7 +250,12 @@ def split_command(argv: list[str]) -> tuple[str, list[str]]:
             return name, argv[n:]
     given = " ".join(words)
     group = [name for name in COMMANDS if given and name.startswith(given + " ")]  # `eval`: every eval command
-    close = group or difflib.get_close_matches(given, COMMANDS, n=3)
+    if group:
+        raise DinokitError(
+            f"{given!r} is a group of commands; name one: {', '.join(group)}. Run `dinokit {group[0]} --help` "
+            "for its keys."
+        )
+    close = difflib.get_close_matches(given, COMMANDS, n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise DinokitError(f"unknown command {given!r}.{hint} Run `dinokit --help` for the list.")
 

@@ -121,7 +121,7 @@ def dedup(
         f"(in {summary['groups']} groups) and {summary['removed_reference']} near-duplicates of the reference "
         f"set (cosine >= {threshold}); written to {out}"
     )
-    return summary
+    return without_embedding(summary)
 
 
 def similarity_histogram(nearest: np.ndarray, threshold: float, path: Path) -> None:
@@ -215,7 +215,7 @@ def cluster(
         f"level {i}: {len(n)} clusters of {n.min()}-{n.max()} images" for i, n in enumerate(sizes, start=1)
     )
     print(f"clustered {len(paths)} images ({spread}); written to {out}")
-    return summary
+    return without_embedding(summary)
 
 
 def read_clusters(folder: str | Path) -> tuple[list[Level], list[str], dict]:
@@ -342,7 +342,7 @@ def sample(clusters: str, out: str, target_size: int, strategy: str = "random", 
         f"selected {len(selected)} of {len(paths)} images, at most {int(after.max())} per top-level cluster "
         f"(before: up to {int(before.max())}); written to {out}"
     )
-    return summary
+    return without_embedding(summary)
 
 
 # ---------------------------------------------------------------------------------------- retrieve
@@ -444,7 +444,7 @@ def retrieve(
         f"selected {len(selected)} of {len(pool_paths)} pool images {how} ({len(seed_paths)} seed images); "
         f"written to {out}"
     )
-    return summary
+    return without_embedding(summary)
 
 
 def pool_index(pool: str, feature: str, seeds_embedding: dict, seeds: str, subset: str | None = None) -> FeatureIndex:
@@ -540,6 +540,12 @@ def require_same_embedding(a: dict, b: dict, a_name: str, b_name: str) -> None:
             f"vectors are not comparable: embed {b_name}'s images again with the same model and settings"
             + (f" (`dinokit embed ... {args}`)" if args else "")
         )
+
+
+def without_embedding(summary: dict) -> dict:
+    """A step's summary as returned (and printed as JSON by the CLI): the embedding settings, long and
+    already in curation.json, left out."""
+    return {k: v for k, v in summary.items() if k != "embedding"}
 
 
 def write_paths(path: Path, paths: list[str]) -> None:

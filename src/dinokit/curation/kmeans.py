@@ -255,8 +255,12 @@ def hierarchical_kmeans(
                 f"most {n_items} (each level clusters the centroids of the level below, so n_clusters may not grow)",
             )
         )
-        checks.append((n_resamples[level - 1] >= 0, f"n_resamples[{level - 1}] must be >= 0"))
-        checks.append((sample_size[level - 1] >= 1, f"sample_size[{level - 1}] must be >= 1"))
+        checks.append(
+            (n_resamples[level - 1] >= 0, f"n_resamples[{level - 1}] must be >= 0, got {n_resamples[level - 1]}")
+        )
+        checks.append(
+            (sample_size[level - 1] >= 1, f"sample_size[{level - 1}] must be >= 1, got {sample_size[level - 1]}")
+        )
         n_items = k
     require(checks)
 
