@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dinokit import runtime
 
@@ -36,6 +38,13 @@ def perturb_scales_and_norms(module: torch.nn.Module, scale: float = 0.3) -> tor
             elif name.endswith(("cls_token", "register_tokens", "reg_token", "mask_token")):
                 p.copy_(torch.randn_like(p))
     return module
+
+
+def random_images(folder: Path, count: int, size: int, rng: np.random.Generator, prefix: str = "") -> None:
+    """`count` noise PNGs of size x size px in `folder` (created), named <prefix><i>.png."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{prefix}{i}.png")
 
 
 def dead_writer_tag() -> str:

@@ -19,6 +19,7 @@ from dinokit.errors import DinokitError
 from dinokit.features.embed import embed
 from dinokit.features.store import read_manifest, read_shard, write_shard
 from dinokit.retrieval.commands import build_index
+from tests.conftest import random_images
 
 DIM = 96  # vit_micro_p4's width
 
@@ -30,9 +31,7 @@ def embedded(tmp_path_factory):
     root = tmp_path_factory.mktemp("curation")
     rng = np.random.default_rng(0)
     for part, count in (("pool", 12), ("seeds", 4)):
-        (root / part).mkdir()
-        for i in range(count):
-            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / part / f"{i:02d}.png")
+        random_images(root / part, count, 32, rng)
     for name, seed in (("m", 0), ("other", 1)):
         torch.manual_seed(seed)
         dinokit.export_model(dinokit.create_model("vit_micro_p4", depth=1), root / f"{name}.safetensors")

@@ -15,7 +15,7 @@ from dinokit.io import write_json
 from dinokit.retrieval import index as index_module
 from dinokit.retrieval.commands import build_index, search_index
 from dinokit.retrieval.index import FeatureIndex
-from tests.conftest import perturb_scales_and_norms
+from tests.conftest import perturb_scales_and_norms, random_images
 
 OPTIONS = dict(nlist=None, pq_m=8, pq_bits=8, hnsw_m=16)
 
@@ -109,9 +109,7 @@ def collection(tmp_path_factory):
     root = tmp_path_factory.mktemp("collection")
     rng = np.random.default_rng(1)
     for part, count in (("a", 12), ("b", 6)):
-        (root / part).mkdir()
-        for i in range(count):
-            Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / part / f"{part}{i}.png")
+        random_images(root / part, count, 36, rng, prefix=part)
     torch.manual_seed(0)
     model = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2))
     weights = dinokit.export_model(model, root / "m.safetensors")

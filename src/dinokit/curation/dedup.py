@@ -28,9 +28,10 @@ the threshold and each item's highest cosine to another item (for a histogram to
 pairs (50,000 copies of a placeholder image: 1.25 billion), so each time max(N, chunk_size^2) more
 pairs are found they are folded into one edge per linked item to its group's first item (the same groups);
 `near_duplicate_pairs` returns every pair, so its output grows with their number.
-The products are exact float32 BLAS (numpy's matmul): N = 50,000 x 384 took about 6 s on 2 CPU cores,
-where faiss (IndexFlatIP) took 7.0 s for a range_search over the same upper triangle (11.7 s over all
-N x N) and 12.7 s more for the highest cosines (a k = 2 search), which a range search does not give.
+The products are exact float32 BLAS (numpy's matmul): N = 50,000 x 384 takes about 6 s on 2 CPU cores
+(bench/curation.py), where faiss (IndexFlatIP) took 7.0 s for a range_search over the same upper
+triangle (11.7 s over all N x N) and 12.7 s more for the highest cosines (a k = 2 search), which a range
+search does not give (a throwaway comparison when this module was written, not kept in bench/).
 """
 
 from dataclasses import dataclass
