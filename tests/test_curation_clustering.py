@@ -180,6 +180,9 @@ def test_hierarchical_kmeans_levels():
         assert np.array_equal(a.centroids, b.centroids) and np.array_equal(a.assignment, b.assignment)
     random_strategy = hierarchical_kmeans(x, [30, 8], n_resamples=2, sample_size=4, strategy="random", seed=0)
     check_level(random_strategy[1], 30, 8)
+    # the strategy picks other resampled sets (4 random members, not the 4 closest): other centroids
+    closest = hierarchical_kmeans(x, [30, 8], n_resamples=2, sample_size=4, strategy="closest", seed=0)
+    assert not np.array_equal(random_strategy[0].centroids, closest[0].centroids)
 
 
 def test_hierarchical_kmeans_assigns_each_level_once_per_k_means(monkeypatch):

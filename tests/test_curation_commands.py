@@ -206,6 +206,7 @@ def test_cluster_then_sample_gives_small_concepts_their_share(concepts, tmp_path
     groups = [set(np.flatnonzero(levels[0].assignment == c).tolist()) for c in range(3)]
     assert sorted(groups, key=min) == [set(range(8)), {8, 9}, {10, 11}]
     assert summary["levels"][0]["images_per_cluster"] == {"min": 2, "median": 2.0, "max": 8}
+    assert summary["sample_size"] == [2]  # the default: half the average cluster size, 12 / 3 / 2
     with Image.open(tmp_path / "clusters" / "cluster_sizes.png") as image:
         assert image.width > 100
 
@@ -215,6 +216,15 @@ def test_cluster_then_sample_gives_small_concepts_their_share(concepts, tmp_path
     assert len(selected) == 6 and selected == sorted(selected)
     assert {8, 9, 10, 11} <= set(selected) and len(set(selected) & set(range(8))) == 2
     assert (tmp_path / "sample" / "sampled_sizes.png").is_file()
+
+    def picks_from_a(**settings):
+        sample(str(tmp_path / "clusters"), str(tmp_path / "sample"), target_size=6, **settings)
+        return {paths.index(p) for p in read_lines(tmp_path / "sample" / "selected.txt")} & set(range(8))
+
+    # seed= chooses which 2 of A's 8 (random); strategy=closest takes the 2 closest to A's centroid, at any seed
+    assert len({tuple(sorted(picks_from_a(seed=s))) for s in range(4)}) > 1
+    closest = levels[0].members()[levels[0].assignment[0]][:2].tolist()
+    assert [picks_from_a(strategy="closest", seed=s) for s in range(2)] == [set(closest)] * 2
 
 
 def test_cluster_a_deduplicated_subset_over_two_levels(pool, tmp_path):
@@ -255,6 +265,11 @@ def test_retrieve_from_the_pool_clusters_of_the_seeds(concepts, embedded, tmp_pa
     assert len(selected & set(range(8))) == 6 and {10, 11} <= selected and not selected & {8, 9}
     record = json.loads((tmp_path / "out" / "retrieved.json").read_text())
     assert [len(r["hits"]) for r in record] == [6, 2, 0, 0]  # listed under the first seed of each cluster
+    draws = set()  # seed= chooses which 6 of A's 8 images are drawn
+    for seed in range(4):
+        retrieve(str(seeds_folder), str(tmp_path / "out"), clusters=str(tmp_path / "clusters"), per_seed=3, seed=seed)
+        draws.add(tuple(sorted(set(read_lines(tmp_path / "out" / "selected.txt")) - {paths[10], paths[11]})))
+    assert len(draws) > 1 and all(len(d) == 6 for d in draws)
 
 
 def test_curation_inputs_of_the_wrong_kind_are_clear_errors(pool, tmp_path):
@@ -277,6 +292,49 @@ def test_cluster_on_the_command_line_takes_one_value_or_one_per_level(pool, tmp_
     meta = json.loads((tmp_path / "c" / "curation.json").read_text())
     assert meta["n_resamples"] == 10 and meta["sample_size"] == [2, 1]
     assert main(["curate", "cluster", f"features={folder}", f"out={out}", "n_clusters=[4,2]", "n_resamples=[1]"]) == 2
+
+
+def test_cluster_passes_its_settings_to_the_clustering(pool, tmp_path, monkeypatch):
+    import inspect
+
+    import dinokit.curation.commands as commands
+
+    calls = []
+    original = commands.hierarchical_kmeans
+
+    def spy(*args, **kwargs):
+        calls.append(inspect.signature(original).bind(*args, **kwargs).arguments)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(commands, "hierarchical_kmeans", spy)
+    folder, _, _ = pool
+    settings = ["n_clusters=[4,2]", "n_resamples=2", "sample_size=[3,1]", "strategy=random", "iterations=7", "seed=5"]
+    assert main(["curate", "cluster", f"features={folder}", f"out={tmp_path / 'c'}", *settings]) == 0
+    (given,) = calls
+    expected = dict(n_resamples=2, sample_size=[3, 1], strategy="random", iterations=7, seed=5)
+    assert list(given["n_clusters"]) == [4, 2] and {k: given[k] for k in expected} == expected
+
+
+def test_feature_chooses_the_vectors_compared(embedded, tmp_path):
+    """CLS vectors all unrelated, patch_mean vectors of images 1 and 2 copies of image 0's: only
+    feature=patch_mean finds the copies."""
+    rng = np.random.default_rng(7)
+    cls, patch_mean = unit(rng, 12), unit(rng, 12)
+    patch_mean[[1, 2]] = patch_mean[0]
+    folder = tmp_path / "two"
+    shutil.copytree(embedded / "emb_pool", folder)
+    shard = folder / read_manifest(folder)["shards"][0]["file"]
+    _, paths = read_shard(shard)
+    kinds = {
+        "cls": torch.from_numpy(cls.astype(np.float32)),
+        "patch_mean": torch.from_numpy(patch_mean.astype(np.float32)),
+    }
+    write_shard(shard, kinds, paths, [], "float32")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["features"] = ["cls", "patch_mean"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert dedup(str(folder), str(tmp_path / "d"), feature="cls")["kept"] == 12
+    assert dedup(str(folder), str(tmp_path / "d"), feature="patch_mean")["kept"] == 10
 
 
 def test_cluster_with_no_levels_is_a_clear_error(pool, tmp_path, capsys):

@@ -37,3 +37,20 @@ def test_seeds_without_a_direction_are_errors_not_silent_picks(bad):
     index = FeatureIndex.create(np.array([[1, 0], [0, 1]], np.float32), ["a.png", "b.png"], {})
     with pytest.raises(DinokitError, match=r"seeds has 1 row\(s\) .* \(the first is row 1\)"):
         seed_neighbours(index, seeds, 1)
+
+
+def test_seed_neighbours_drops_the_places_an_index_left_empty():
+    # an ivf index with a small nprobe (or hnsw) can find fewer than k images: faiss fills the rest with
+    # id -1 (score -3.4e38), which read as a pool id would be the last image
+    class FewerFound:
+        def search(self, queries, k):
+            scores = np.full((len(queries), k), -3.4e38, np.float32)
+            ids = np.full((len(queries), k), -1, np.int64)
+            scores[:, :2], ids[:, :2] = [0.9, 0.5], [3, 1]
+            return scores, ids
+
+    hits = seed_neighbours(FewerFound(), np.array([[1, 0], [0, 1]], np.float32), 5)
+    assert hits == [[(3, pytest.approx(0.9)), (1, pytest.approx(0.5))]] * 2
+    assert seed_neighbours(FewerFound(), np.array([[1, 0]], np.float32), 5, min_score=0.6) == [
+        [(3, pytest.approx(0.9))]
+    ]
