@@ -173,7 +173,8 @@ def main() -> None:
             chosen = hierarchical_sampling(hierarchical_kmeans(normalise(x), levels, resamples, sizes), 1500)
             shares.append(f"{np.mean(blob[chosen] == 0):.1%}")
         print(f"| {spread} | " + " | ".join(shares) + " |")
-    print("(share of blob 0 among 1500 points drawn by curate sample's hierarchical_sampling; 66.7% by a uniform draw)")
+    by_chance = f"{np.mean(blob == 0):.1%}"  # 5000 of 7250
+    print(f"(share of blob 0 among 1500 points drawn by hierarchical_sampling; {by_chance} by a uniform draw)")
 
     print("\n## 2b. balancing an imbalanced pool: 5000 images of class 0 and 250 of each other class")
     by_class = [[p for p, y in zip(train, train_labels, strict=True) if y == c] for c in range(len(classes))]
