@@ -129,7 +129,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for threshold in (0.9, 0.95, 0.98, 0.99):
         start = time.perf_counter()
-        quiet(dedup, pool, str(work / "dedup"), threshold=threshold, examples=0)
+        quiet(dedup, pool, str(work / "dedup"), threshold=threshold, num_examples=0)
         seconds = time.perf_counter() - start
         kept = set((work / "dedup" / "kept.txt").read_text().splitlines())
         removed = [p for p in test + copies if p not in kept]
@@ -149,7 +149,7 @@ def main() -> None:
     reference = embedded("train", train)
     for threshold in (0.95, 0.98):
         start = time.perf_counter()
-        summary = quiet(dedup, pool, str(work / "leak"), threshold=threshold, reference=reference, examples=0)
+        summary = quiet(dedup, pool, str(work / "leak"), threshold=threshold, reference=reference, num_examples=0)
         kept = set((work / "leak" / "kept.txt").read_text().splitlines())
         found = sum(p not in kept for p in leaked)
         wrong = sum(p not in kept for p in test[:2000])
@@ -207,7 +207,7 @@ def main() -> None:
             ("neighbours (per_seed=10)", {"pool": pool}),
             ("seed clusters (per_seed=10)", {"clusters": str(work / "test_clusters")}),
         ):
-            quiet(retrieve, seeds, str(work / "retrieved"), per_seed=10, examples=0, **where)
+            quiet(retrieve, seeds, str(work / "retrieved"), per_seed=10, num_examples=0, **where)
             chosen = (work / "retrieved" / "selected.txt").read_text().splitlines()
             shares[mode].append(sum(label_of[p] == c for p in chosen) / max(1, len(chosen)))
     for mode, values in shares.items():

@@ -121,7 +121,7 @@ def test_a_curation_folder_is_replaced_whole_and_a_folder_of_other_files_is_refu
     out = tmp_path / "out"
     dedup(str(folder), str(out), threshold=0.95)
     assert (out / "duplicates.png").is_file()
-    dedup(str(folder), str(out), threshold=0.95, examples=0)  # a rerun leaves no file of the first run
+    dedup(str(folder), str(out), threshold=0.95, num_examples=0)  # a rerun leaves no file of the first run
     assert not (out / "duplicates.png").exists() and (out / "kept.txt").is_file()
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -446,7 +446,7 @@ def test_subset_is_read_like_any_image_list(pool, tmp_path):
 
 
 def test_duplicates_png_shows_copies_of_the_reference_set_too(pool, embedded, tmp_path, monkeypatch):
-    """Two duplicate groups and one reference copy with examples=2: the sheet has a row of each kind,
+    """Two duplicate groups and one reference copy with num_examples=2: the sheet has a row of each kind,
     however many duplicate groups there are."""
     folder, paths, x = pool
     seeds = unit(np.random.default_rng(2), 4)
@@ -457,7 +457,7 @@ def test_duplicates_png_shows_copies_of_the_reference_set_too(pool, embedded, tm
         "dinokit.curation.commands.contact_sheet",
         lambda rows, path, first_labels: shown.update(rows=rows, labels=first_labels),
     )
-    dedup(str(folder), str(tmp_path / "out"), reference=str(reference), examples=2)
+    dedup(str(folder), str(tmp_path / "out"), reference=str(reference), num_examples=2)
     assert sorted(shown["labels"]) == ["kept", "reference"]
     assert (ref_paths[0], [(paths[9], pytest.approx(1.0, abs=1e-5))]) in shown["rows"]
 
@@ -477,10 +477,10 @@ def test_a_refused_embedding_says_which_settings_to_embed_with(pool, embedded, t
 
 def test_a_negative_examples_is_refused(pool, embedded, tmp_path):
     folder, _, _ = pool
-    with pytest.raises(DinokitError, match=r"examples must be 0 .* or more"):
-        dedup(str(folder), str(tmp_path / "d"), examples=-1)
-    with pytest.raises(DinokitError, match=r"examples must be 0 .* or more"):
-        retrieve(str(embedded / "emb_seeds"), str(tmp_path / "r"), pool=str(folder), examples=-1)
+    with pytest.raises(DinokitError, match=r"num_examples must be 0 .* or more"):
+        dedup(str(folder), str(tmp_path / "d"), num_examples=-1)
+    with pytest.raises(DinokitError, match=r"num_examples must be 0 .* or more"):
+        retrieve(str(embedded / "emb_seeds"), str(tmp_path / "r"), pool=str(folder), num_examples=-1)
     assert not (tmp_path / "d").exists() and not (tmp_path / "r").exists()
 
 

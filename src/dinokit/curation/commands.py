@@ -45,7 +45,7 @@ def dedup(
     threshold: float = 0.95,
     reference: str | None = None,
     feature: str = "cls",
-    examples: int = 8,
+    num_examples: int = 8,
 ) -> dict:
     """Remove near-duplicate images from an embedded collection (and copies of a reference set).
 
@@ -58,9 +58,9 @@ def dedup(
     and curation.json. threshold: images whose cosine is >= threshold are duplicates, and chains of
     them form one group, of which the first image is kept; the right value depends on the model, so
     check it on the two PNGs. reference: a `dinokit embed` folder embedded like `features`.
-    feature: cls or patch_mean. examples: groups shown in duplicates.png (0: none).
+    feature: cls or patch_mean. num_examples: groups shown in duplicates.png (0: none).
     """
-    require_examples(examples, "duplicates.png")
+    require_examples(num_examples, "duplicates.png")
     if reference is not None and Path(reference).expanduser().resolve() == Path(features).expanduser().resolve():
         raise DinokitError(
             "reference= is the features= embedding itself, so every image would be removed as a copy of itself: "
@@ -91,14 +91,14 @@ def dedup(
         groups: dict[tuple[str, str], list[tuple[str, float]]] = {}  # (reason, kept or reference image): removed
         for r in records:
             groups.setdefault((r["reason"], r["duplicate_of"]), []).append((r["path"], r["score"]))
-        if examples > 0 and groups:  # the largest groups; half the rows for reference copies if both kinds
+        if num_examples > 0 and groups:  # the largest groups; half the rows for reference copies if both kinds
             by_kind = {
                 kind: sorted((g for g in groups.items() if g[0][0] == kind), key=lambda g: -len(g[1]))
                 for kind in ("duplicate", "reference")
             }
-            n_ref = min(len(by_kind["reference"]), examples // 2 if by_kind["duplicate"] else examples)
-            n_dup = min(len(by_kind["duplicate"]), examples - n_ref)
-            n_ref = min(len(by_kind["reference"]), examples - n_dup)
+            n_ref = min(len(by_kind["reference"]), num_examples // 2 if by_kind["duplicate"] else num_examples)
+            n_dup = min(len(by_kind["duplicate"]), num_examples - n_ref)
+            n_ref = min(len(by_kind["reference"]), num_examples - n_dup)
             largest = by_kind["duplicate"][:n_dup] + by_kind["reference"][:n_ref]
             labels = ["reference" if reason == "reference" else "kept" for (reason, _), _ in largest]
             contact_sheet([(g, hits[:8]) for (_, g), hits in largest], tmp / "duplicates.png", first_labels=labels)
@@ -356,7 +356,7 @@ def retrieve(
     min_score: float | None = None,
     feature: str = "cls",
     seed: int = 0,
-    examples: int = 8,
+    num_examples: int = 8,
 ) -> dict:
     """Retrieval-based sampling (DINOv2's LVD-142M): select the pool images closest to a curated seed set.
 
@@ -371,7 +371,7 @@ def retrieve(
     cluster folder holds only the images it clustered already. out: a folder for selected.txt (the
     union, in the pool's order), retrieved.json ([{"seed": path, "hits": [{"path", "score"}, ...]},
     ...], with clusters [{"seed": path, "cluster": c, "hits": [{"path"}, ...]}, ...]: the images drawn
-    from a cluster are listed under its first seed), retrieved.png (the first `examples` seeds and
+    from a cluster are listed under its first seed), retrieved.png (the first `num_examples` seeds and
     what they brought in) and curation.json.
     """
     if (pool is None) == (clusters is None):
@@ -389,7 +389,7 @@ def retrieve(
         raise DinokitError(
             f"min_score must be a cosine in [-1, 1] (e.g. 0.5; hits below it are dropped), got {min_score}"
         )
-    require_examples(examples, "retrieved.png")
+    require_examples(num_examples, "retrieved.png")
     seed_vectors, seed_paths, seed_embedding = read_unique_vectors(seeds, feature, "seeds")
     if clusters is not None:
         levels, pool_paths, meta = read_clusters(clusters)
@@ -422,8 +422,8 @@ def retrieve(
         write_paths(tmp / "selected.txt", [pool_paths[j] for j in selected])
         write_json(tmp / "retrieved.json", record)
         rows = [(p, [(pool_paths[j], s) for j, s in row[:8]]) for p, row in zip(seed_paths, hits, strict=True) if row]
-        if examples > 0 and rows:
-            contact_sheet(rows[:examples], tmp / "retrieved.png", first_labels=["seed"] * len(rows[:examples]))
+        if num_examples > 0 and rows:
+            contact_sheet(rows[:num_examples], tmp / "retrieved.png", first_labels=["seed"] * len(rows[:num_examples]))
         summary = {
             "step": "retrieve",
             "seeds": str(Path(seeds).absolute()),
@@ -483,9 +483,11 @@ def read_unique_vectors(features: str, feature: str, key: str = "features") -> t
     return normalise(vectors[keep]), [paths[i] for i in keep], embedding
 
 
-def require_examples(examples: int, picture: str) -> None:
-    if examples < 0:
-        raise DinokitError(f"examples must be 0 (no {picture}) or more (rows shown in {picture}), got {examples}")
+def require_examples(num_examples: int, picture: str) -> None:
+    if num_examples < 0:
+        raise DinokitError(
+            f"num_examples must be 0 (no {picture}) or more (rows shown in {picture}), got {num_examples}"
+        )
 
 
 def require_embedding_folder(folder: str, key: str, index_ok: bool = False) -> None:
