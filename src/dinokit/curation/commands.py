@@ -54,11 +54,13 @@ def dedup(
     features: a `dinokit embed` folder. out: a folder for kept.txt (the kept images, one path per line,
     in the embedding's order), removed.json ([{"path", "duplicate_of", "score", "reason"}], reason
     "duplicate" or "reference"), similarity.png (each image's highest cosine to another image, with the
-    threshold), duplicates.png (the largest groups: the kept image, then those removed as its copies)
-    and curation.json. threshold: images whose cosine is >= threshold are duplicates, and chains of
-    them form one group, of which the first image is kept; the right value depends on the model, so
-    check it on the two PNGs. reference: a `dinokit embed` folder embedded like `features`.
-    feature: cls or patch_mean. num_examples: groups shown in duplicates.png (0: none).
+    threshold), duplicates.png (if anything was removed: the largest groups, each the kept image, or
+    the reference image, then up to 8 images removed as its copies; half the rows for copies of the
+    reference set when there are both) and curation.json. threshold: images whose cosine is >=
+    threshold are duplicates, and chains of them form one group, of which the first image is kept; the
+    right value depends on the model, so check it on the two PNGs. reference: a `dinokit embed` folder
+    embedded like `features`. feature: cls or patch_mean. num_examples: rows (groups) shown in
+    duplicates.png (0: no duplicates.png).
     """
     require_examples(num_examples, "duplicates.png")
     if reference is not None and Path(reference).expanduser().resolve() == Path(features).expanduser().resolve():
@@ -163,10 +165,11 @@ def cluster(
     concepts instead of crowding dense ones; sample_size defaults to half the level's average cluster
     size. iterations: Lloyd iterations per k-means. subset: a list of image paths to cluster instead
     of all (e.g. `dinokit curate dedup`'s kept.txt). out: a folder for clusters.safetensors (per level
-    l: level<l>.centroids, level<l>.assignment (the cluster of each item of the level below),
-    level<l>.distances (squared L2 to its centroid)), paths.txt (the images, in level 1's item order),
-    cluster_sizes.png (images per cluster, per level) and curation.json. `dinokit curate sample` draws
-    a balanced subset from it; `dinokit curate retrieve clusters=` draws from seeds' clusters.
+    l: level<l>.centroids, level<l>.assignment (the cluster of each of its items: the images at level
+    1, the level l-1 clusters at level l > 1), level<l>.distances (squared L2 to its centroid)),
+    paths.txt (the images, in level 1's item order), cluster_sizes.png (images per cluster, per level)
+    and curation.json. `dinokit curate sample` draws a balanced subset from it; `dinokit curate
+    retrieve clusters=` draws from seeds' clusters.
     """
     if not n_clusters:
         raise DinokitError("n_clusters must list at least one level, e.g. n_clusters=[100] or [1000,100]")
@@ -371,8 +374,8 @@ def retrieve(
     cluster folder holds only the images it clustered already. out: a folder for selected.txt (the
     union, in the pool's order), retrieved.json ([{"seed": path, "hits": [{"path", "score"}, ...]},
     ...], with clusters [{"seed": path, "cluster": c, "hits": [{"path"}, ...]}, ...]: the images drawn
-    from a cluster are listed under its first seed), retrieved.png (the first `num_examples` seeds and
-    what they brought in) and curation.json.
+    from a cluster are listed under its first seed), retrieved.png (the first `num_examples` seeds that
+    brought images in, each with up to 8 of them; 0: no retrieved.png) and curation.json.
     """
     if (pool is None) == (clusters is None):
         raise DinokitError(
