@@ -528,3 +528,15 @@ def test_a_damaged_clusters_folder_is_a_clear_error(concepts, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "is missing or damaged" in err and "run `dinokit curate cluster" in err and "Traceback" not in err
     assert not (tmp_path / "s").exists()
+
+
+def test_similarity_png_counts_the_images_deduplicate_calls_duplicates(tmp_path, monkeypatch):
+    """At threshold 1.0, exact copies whose float32 cosine is 1 - 2e-6 are removed (TOLERANCE): the
+    legend counts them too."""
+    from dinokit.curation.commands import similarity_histogram
+
+    figures = []
+    monkeypatch.setattr("dinokit.curation.commands.save_figure", lambda path, fig: figures.append(fig))
+    similarity_histogram(np.array([1 - 2e-6, 1 - 2e-6, 0.5], dtype=np.float32), 1.0, tmp_path / "s.png")
+    (legend,) = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert legend.startswith("threshold 1.0: 2 images have a near-duplicate")

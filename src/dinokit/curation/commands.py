@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from dinokit.curation.dedup import deduplicate
+from dinokit.curation.dedup import TOLERANCE, deduplicate
 from dinokit.curation.kmeans import Level, hierarchical_kmeans
 from dinokit.curation.retrieval_sampling import seed_cluster_samples, seed_neighbours
 from dinokit.curation.sampling import cluster_sizes, hierarchical_sampling
@@ -132,7 +132,7 @@ def similarity_histogram(nearest: np.ndarray, threshold: float, path: Path) -> N
     ax = fig.subplots()
     values = nearest[np.isfinite(nearest)]
     ax.hist(values, bins=100, range=(min(float(values.min(initial=1.0)), threshold) - 0.01, 1.0), color="#4477aa")
-    count = int((values >= threshold).sum())
+    count = int((values >= np.float32(threshold - TOLERANCE)).sum())  # as deduplicate compares (float32 rounding)
     label = f"threshold {threshold}: {count} images have a near-duplicate (one per group is kept)"
     ax.axvline(threshold, color="#cc3311", label=label)
     if len(values):  # a single image has no nearest other image: an empty histogram, not log-scaled
