@@ -183,6 +183,10 @@ def test_hierarchical_kmeans_levels():
     # the strategy picks other resampled sets (4 random members, not the 4 closest): other centroids
     closest = hierarchical_kmeans(x, [30, 8], n_resamples=2, sample_size=4, strategy="closest", seed=0)
     assert not np.array_equal(random_strategy[0].centroids, closest[0].centroids)
+    # init and iterations reach every k-means run: other starts, or fewer Lloyd steps, give other centroids
+    for other in (dict(init="random"), dict(iterations=1)):
+        changed = hierarchical_kmeans(x, [30, 8], n_resamples=2, sample_size=4, strategy="closest", seed=0, **other)
+        assert not np.array_equal(changed[0].centroids, closest[0].centroids), other
 
 
 def test_hierarchical_kmeans_assigns_each_level_once_per_k_means(monkeypatch):
