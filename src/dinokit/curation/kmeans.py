@@ -1,6 +1,10 @@
-"""k-means and hierarchical k-means with resampling: the clustering step of DINOv2's data curation.
+"""k-means and hierarchical k-means with resampling: the clustering step of data curation.
 
-Used as in Vo et al. 2024, "Automatic data curation for self-supervised learning" (ssl-data-curation).
+Hierarchical k-means with resampling is Vo et al. 2024, "Automatic data curation for self-supervised
+learning" (ssl-data-curation, the curation of DINOv3's data), not the DINOv2 paper, whose pool is
+clustered by one plain k-means (for retrieval around seeds, `dinokit curate retrieve clusters=`).
+It follows ssl-data-curation.
+
 `kmeans` clusters the rows of x with L2 distance: k-means++ (or random) initialisation computed here,
 then Lloyd iterations and nearest-centroid assignment in faiss (which also re-seeds empty clusters by
 splitting big ones). Vectors are processed as float32; they do not need to be normalised.

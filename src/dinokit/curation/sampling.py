@@ -1,4 +1,4 @@
-"""Balanced hierarchical sampling from a hierarchical k-means (Vo et al. 2024, DINOv2's data curation).
+"""Balanced hierarchical sampling from a hierarchical k-means (Vo et al. 2024, ssl-data-curation).
 
 `hierarchical_sampling` picks target_size data points so that the top-level clusters are represented as
 evenly as their sizes allow, and recursively the sub-clusters within each of them:
