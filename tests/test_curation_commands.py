@@ -540,3 +540,19 @@ def test_similarity_png_counts_the_images_deduplicate_calls_duplicates(tmp_path,
     similarity_histogram(np.array([1 - 2e-6, 1 - 2e-6, 0.5], dtype=np.float32), 1.0, tmp_path / "s.png")
     (legend,) = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
     assert legend.startswith("threshold 1.0: 2 images have a near-duplicate")
+
+
+def test_an_embedding_made_with_the_same_weights_moved_elsewhere_is_accepted(pool, embedded, tmp_path):
+    """The model's path may differ when both embeddings record the same weights hash; not the hash."""
+    folder, _, _ = pool
+    moved = tmp_path / "moved"
+    shutil.copytree(embedded / "emb_seeds", moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    assert manifest["weights_hash"] and manifest["model"]
+    manifest["model"] = "/elsewhere/m.safetensors"
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    assert retrieve(str(moved), str(tmp_path / "r"), pool=str(folder), per_seed=1)["seed_images"] == 4
+    manifest["weights_hash"] = "0" * len(manifest["weights_hash"])
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DinokitError, match=r"embedded differently \(model, weights_hash differ"):
+        retrieve(str(moved), str(tmp_path / "r2"), pool=str(folder), per_seed=1)
