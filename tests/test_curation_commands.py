@@ -556,3 +556,23 @@ def test_an_embedding_made_with_the_same_weights_moved_elsewhere_is_accepted(poo
     (moved / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DinokitError, match=r"embedded differently \(model, weights_hash differ"):
         retrieve(str(moved), str(tmp_path / "r2"), pool=str(folder), per_seed=1)
+
+
+def test_an_image_the_embedding_lists_twice_counts_once(embedded, tmp_path):
+    """An embedding that lists an image twice (e.g. a data list naming it twice) gives it one row:
+    not a near-duplicate of itself, and one line in kept.txt."""
+    folder = tmp_path / "twice"
+    shutil.copytree(embedded / "emb_pool", folder)
+    shard = folder / read_manifest(folder)["shards"][0]["file"]
+    _, paths = read_shard(shard)
+    x = unit(np.random.default_rng(8), 12)
+    write_shard(
+        shard,
+        {"cls": torch.from_numpy(np.concatenate([x, x[:1]]).astype(np.float32))},
+        [*paths, paths[0]],
+        [],
+        "float32",
+    )
+    summary = dedup(str(folder), str(tmp_path / "d"))
+    assert summary["images"] == 12 and summary["removed_duplicates"] == 0
+    assert read_lines(tmp_path / "d" / "kept.txt") == paths
