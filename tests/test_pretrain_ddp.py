@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,7 @@ def worker(rank: int, port: int, data: str, out: str, results: str, bad_data: st
         summary = Trainer(cfg, bad_data, bad_out, "dinov2_vits14", device, resuming).run()
     torch.save(summary["bad_files"], f"{results}/bad_files{rank}.pt")
     dist.destroy_distributed()
+    Path(f"{results}/left{rank}").touch()  # every run done and the process group left
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,16 @@ def ddp_run(tmp_path_factory):
     for name in ("empty.png", "text.png"):
         (bad_data / "circle" / name).write_bytes(b"" if name == "empty.png" else b"not an image")
     args = (free_port(), str(data), str(root / "run"), str(root / "results"), str(bad_data))
-    mp.spawn(worker, args=args, nprocs=WORLD, join=True)
+    try:
+        mp.spawn(worker, args=args, nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:
+        # Seen once in six runs here: a process killed by SIGABRT ("terminate called without an active
+        # exception") after its runs had finished and it had left the process group, i.e. in the
+        # interpreter's exit, where gloo's C++ threads are torn down (pytorch/pytorch#179291). What this
+        # module tests is complete then; a crash any earlier still fails it.
+        if e.signal_name != "SIGABRT" or not all((root / "results" / f"left{r}").exists() for r in range(WORLD)):
+            raise
+        warnings.warn(f"{e} after every process had finished and left the process group", stacklevel=1)
     return root, data
 
 
