@@ -296,3 +296,15 @@ def test_a_damaged_settings_file_or_manifest_is_an_error_naming_it_and_the_fix(s
     (out / "embed_config.json").write_text("{")
     with pytest.raises(DinokitError, match=r"embed_config\.json is not valid JSON.*new out= folder"):
         run(setup, out)
+
+
+def test_reading_a_missing_path_or_a_file_as_an_embedding_says_so_not_that_the_run_is_unfinished(tmp_path):
+    """A typo in features= was answered 'the run has not finished: run the same dinokit embed again'."""
+    with pytest.raises(DinokitError, match="is not there: pass the folder that `dinokit embed"):
+        read_manifest(tmp_path / "no_such_run")
+    (tmp_path / "list.txt").write_text("a.png\n")
+    with pytest.raises(DinokitError, match=r"list\.txt is a file: pass the folder"):
+        read_manifest(tmp_path / "list.txt")
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(DinokitError, match="the run has not finished"):
+        read_manifest(tmp_path / "unfinished")

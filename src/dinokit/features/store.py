@@ -94,7 +94,11 @@ def _read_shard(path: Path, kinds: list[str] | None) -> tuple[dict[str, torch.Te
 
 def read_manifest(folder: str | Path) -> dict:
     """The manifest of an embedding run folder (a clear error if the run is missing or unfinished)."""
-    path = Path(folder) / MANIFEST
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        what = "a file" if folder.exists() else "not there"
+        raise DinokitError(f"{folder} is {what}: pass the folder that `dinokit embed ... out=` wrote")
     if not path.is_file():
         hint = " (the run has not finished: run the same `dinokit embed` again to resume)"
         raise DinokitError(f"{path} not found: not a finished `dinokit embed` folder{hint}")
