@@ -8,7 +8,7 @@ test split you will evaluate on, embedded by the same model), this computes:
   * which items to keep: the first item (lowest index) of every group, and every item without duplicates.
 
 Rules:
-  * Vectors are L2-normalised first (`dinokit.retrieval.index.normalise`): inner product = cosine.
+  * Vectors are L2-normalised first (`dinokit.curation.vectors.unit_rows`): inner product = cosine.
   * Two items are near-duplicates when their float32 cosine >= threshold - TOLERANCE. TOLERANCE (1e-5)
     covers float32 rounding: the computed cosine of a vector with itself was as low as 1 - 1.9e-6
     (D = 384 to 1536, non-negative features), so threshold 1.0 still catches identical vectors, and a pair
@@ -40,8 +40,8 @@ import numpy as np
 from scipy.sparse import coo_matrix  # scipy: installed with scikit-learn
 from scipy.sparse.csgraph import connected_components
 
+from dinokit.curation.vectors import unit_rows
 from dinokit.errors import DinokitError
-from dinokit.retrieval.index import normalise
 
 TOLERANCE = 1e-5  # float32 rounding allowance on cosines (see the module docstring)
 
@@ -70,7 +70,7 @@ def near_duplicate_pairs(x, threshold: float, chunk_size: int = 2048) -> tuple[n
     (i, j), with their cosines: (i (P,) int64, j (P,) int64, cos (P,) float32). A low threshold can give
     up to N (N - 1) / 2 pairs."""
     cut = _cut(threshold)
-    xn = _vectors(x, "x")
+    xn = unit_rows(x, "x")
     i, j, cos, _ = _scan(xn, cut, _chunk(chunk_size))
     return i, j, cos
 
@@ -82,13 +82,13 @@ def deduplicate(x, threshold: float = 0.95, reference=None, chunk_size: int = 20
     was the fastest of 1024 to 8192 on 50,000 x 384); the result does not depend on it."""
     cut = _cut(threshold)
     chunk = _chunk(chunk_size)
-    xn = _vectors(x, "x")
+    xn = unit_rows(x, "x")
     n = len(xn)
 
     score = np.full(n, np.nan, dtype=np.float32)
     reference_match = np.full(n, -1, dtype=np.int64)
     if reference is not None:
-        ref = _vectors(reference, "reference", allow_empty=True)
+        ref = unit_rows(reference, "reference", allow_empty=True)
         if ref.shape[1] != xn.shape[1]:
             raise DinokitError(
                 f"reference has dimension {ref.shape[1]} but x has {xn.shape[1]}: "
@@ -130,37 +130,6 @@ def _chunk(chunk_size) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
         raise DinokitError(f"chunk_size must be a whole number >= 1 (rows compared at a time), got {chunk_size!r}")
     return int(chunk_size)
-
-
-def _vectors(vectors, name: str, allow_empty: bool = False) -> np.ndarray:
-    """vectors as L2-normalised contiguous float32 rows, or a DinokitError naming what is wrong."""
-    try:
-        v = np.asarray(vectors, dtype=np.float32)
-    except (TypeError, ValueError) as e:
-        raise DinokitError(f"{name} must be a numeric array of shape (rows, dimension): {e}") from None
-    if v.ndim != 2 or v.shape[1] < 1 or (len(v) < 1 and not allow_empty):
-        rows = "" if allow_empty else " with at least one row"
-        raise DinokitError(f"{name} must be a 2-D array of shape (rows, dimension){rows}, got shape {v.shape}")
-    bad = np.flatnonzero(~np.isfinite(v).all(axis=1))
-    if len(bad):
-        raise DinokitError(
-            f"{name} has {len(bad)} row(s) with NaN or infinite values (the first is row {bad[0]}): "
-            "remove them or embed those images again"
-        )
-    bad = np.flatnonzero(np.einsum("ij,ij->i", v, v, dtype=np.float64) > np.finfo(np.float32).max)
-    if len(bad):  # faiss.normalize_L2 would turn them into zeros (an overflowing float32 squared norm)
-        raise DinokitError(
-            f"{name} has {len(bad)} row(s) too large to normalise in float32 (the first is row {bad[0]}): "
-            "divide the vectors by a common scale first"
-        )
-    v = normalise(v)
-    bad = np.flatnonzero(np.abs(np.einsum("ij,ij->i", v, v) - 1) > 1e-3)
-    if len(bad):
-        raise DinokitError(
-            f"{name} has {len(bad)} row(s) of zeros or too small to normalise (the first is row {bad[0]}): "
-            "a cosine needs a direction; remove them or embed those images again"
-        )
-    return v
 
 
 def _first_of_group(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:

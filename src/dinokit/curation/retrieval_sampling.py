@@ -12,24 +12,9 @@ The selection is the union over the seeds.
 import faiss
 import numpy as np
 
+from dinokit.curation.vectors import unit_rows
 from dinokit.errors import DinokitError
-from dinokit.retrieval.index import FeatureIndex, normalise
-
-
-def seed_directions(seeds) -> np.ndarray:
-    """seeds (S, D) L2-normalised, or a DinokitError naming the rows with NaN, inf or zeros: faiss answers
-    such a query with label -1 (no neighbours, or read as the last cluster) instead of failing."""
-    x = np.asarray(seeds, dtype=np.float32)
-    if x.ndim != 2 or x.shape[1] < 1:
-        raise DinokitError(f"seeds must be a 2-D array of shape (seed images, dimension), got shape {x.shape}")
-    normalised = normalise(x) if np.isfinite(x).all() else x
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1) | (np.abs((normalised**2).sum(axis=1) - 1) > 1e-3))
-    if len(bad):
-        raise DinokitError(
-            f"seeds has {len(bad)} row(s) with NaN, infinite values or zeros (the first is row {bad[0]}): "
-            "a seed needs a direction; remove those seed images or embed them again"
-        )
-    return normalised
+from dinokit.retrieval.index import FeatureIndex
 
 
 def seed_neighbours(
@@ -39,7 +24,7 @@ def seed_neighbours(
     first; hits under `min_score` are dropped."""
     if per_seed < 1:
         raise DinokitError(f"per_seed must be a positive number of pool images per seed image, got {per_seed}")
-    scores, ids = pool.search(seed_directions(seeds), per_seed)
+    scores, ids = pool.search(unit_rows(seeds, "seeds", allow_empty=True), per_seed)
     return [
         [
             (int(j), float(s))
@@ -71,7 +56,7 @@ def seed_cluster_samples(
         raise DinokitError("the pool clusters hold no images: cluster a non-empty pool first")
     search = faiss.IndexFlatL2(centroids.shape[1])
     search.add(np.ascontiguousarray(np.asarray(centroids)[filled], dtype=np.float32))
-    seed_clusters = filled[search.search(seed_directions(seeds), 1)[1][:, 0]]
+    seed_clusters = filled[search.search(unit_rows(seeds, "seeds", allow_empty=True), 1)[1][:, 0]]
     chosen, seeds_per_cluster = np.unique(seed_clusters, return_counts=True)
     order = np.argsort(assignment, kind="stable")  # pool ids grouped by cluster, one sort for all clusters
     starts = np.searchsorted(assignment[order], chosen, side="left")

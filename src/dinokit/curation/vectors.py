@@ -1,0 +1,39 @@
+"""The one check that curation's vectors are directions: unit rows for cosine similarity."""
+
+import numpy as np
+
+from dinokit.errors import DinokitError
+from dinokit.retrieval.index import normalise
+
+
+def unit_rows(vectors, name: str, allow_empty: bool = False) -> np.ndarray:
+    """vectors (N, D) as L2-normalised contiguous float32 rows (directions: cosine = inner product), or a
+    DinokitError naming the rows that have none: NaN or inf, zeros, or too large for float32. `name`
+    names the array in the message; allow_empty accepts N = 0."""
+    try:
+        v = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise DinokitError(f"{name} must be a numeric array of shape (rows, dimension): {e}") from None
+    if v.ndim != 2 or v.shape[1] < 1 or (len(v) < 1 and not allow_empty):
+        rows = "" if allow_empty else " with at least one row"
+        raise DinokitError(f"{name} must be a 2-D array of shape (rows, dimension){rows}, got shape {v.shape}")
+    bad = np.flatnonzero(~np.isfinite(v).all(axis=1))
+    if len(bad):
+        raise DinokitError(
+            f"{name} has {len(bad)} row(s) with NaN or infinite values (the first is row {bad[0]}): "
+            "remove them or embed those images again"
+        )
+    bad = np.flatnonzero(np.einsum("ij,ij->i", v, v, dtype=np.float64) > np.finfo(np.float32).max)
+    if len(bad):  # faiss.normalize_L2 would turn them into zeros (an overflowing float32 squared norm)
+        raise DinokitError(
+            f"{name} has {len(bad)} row(s) too large to normalise in float32 (the first is row {bad[0]}): "
+            "divide the vectors by a common scale first"
+        )
+    v = normalise(v)
+    bad = np.flatnonzero(np.abs(np.einsum("ij,ij->i", v, v) - 1) > 1e-3)
+    if len(bad):
+        raise DinokitError(
+            f"{name} has {len(bad)} row(s) of zeros or too small to normalise (the first is row {bad[0]}): "
+            "a cosine needs a direction; remove them or embed those images again"
+        )
+    return v
