@@ -467,20 +467,21 @@ def pool_index(pool: str, feature: str, seeds_embedding: dict, seeds: str, subse
             )
         require_same_embedding(index.meta["embedding"], seeds_embedding, pool, seeds)
         return index
-    require_embedding_folder(pool, "pool", index_ok=True)
-    vectors, paths, embedding = read_vectors(pool, feature)
+    vectors, paths, embedding = read_unique_vectors(pool, feature, "pool", index_ok=True)
     require_same_embedding(embedding, seeds_embedding, pool, seeds)
     if subset is not None:
-        keep = first_occurrences(paths)
-        vectors, paths = select_subset(vectors[keep], [paths[i] for i in keep], subset, pool)
+        vectors, paths = select_subset(vectors, paths, subset, pool)
     return FeatureIndex.create(vectors, paths, {}, kind="flat")
 
 
 # ----------------------------------------------------------------------------------------- shared
-def read_unique_vectors(features: str, feature: str, key: str = "features") -> tuple[np.ndarray, list[str], dict]:
+def read_unique_vectors(
+    features: str, feature: str, key: str = "features", index_ok: bool = False
+) -> tuple[np.ndarray, list[str], dict]:
     """(L2-normalised vectors (N, D), paths, embedding settings) of a `dinokit embed` folder, given as
-    `key`=; an image that the embedding lists twice is kept once (its first vector)."""
-    require_embedding_folder(features, key)
+    `key`= (index_ok: the key also takes an index folder, which the caller read itself); an image that
+    the embedding lists twice is kept once (its first vector)."""
+    require_embedding_folder(features, key, index_ok)
     vectors, paths, embedding = read_vectors(features, feature)
     keep = first_occurrences(paths)
     return normalise(vectors[keep]), [paths[i] for i in keep], embedding
