@@ -4,7 +4,14 @@ import torch
 
 from dinokit.models.architectures import ARCHITECTURES, count_parameters, create_model
 from dinokit.models.graph_export import GRAPH_FORMATS, export_graph
-from dinokit.models.loading import export_format, export_model, load_model, output_path, read_checkpoint
+from dinokit.models.loading import (
+    check_image_size_applies,
+    export_format,
+    export_model,
+    load_model,
+    output_path,
+    read_checkpoint,
+)
 
 
 def architecture_table() -> list[dict]:
@@ -64,6 +71,7 @@ def export(model: str, out: str, format: str | None = None, image_size: int | No
     size; the report (max abs differences) is printed.
     """
     format = export_format(out, format)
+    check_image_size_applies(format, image_size)
     output_path(out, format, create=False)  # a bad out= fails before the model is read
     net = load_model(model)
     if format in GRAPH_FORMATS:

@@ -303,6 +303,7 @@ def export_model(
     files (index, shards, pytorch_model.bin) dropped and its other files kept; a failed or interrupted
     export leaves it as it was."""
     format = export_format(path, format)
+    check_image_size_applies(format, image_size)
     if format in GRAPH_FORMATS:
         return export_graph(model, path, format, image_size)["path"]
     path = output_path(path, format)
@@ -318,6 +319,16 @@ def export_model(
     else:
         _write_hf_folder(sd, model.config, path)
     return str(path)
+
+
+def check_image_size_applies(format: str, image_size: int | None) -> None:
+    """image_size is the example size of a graph export; weights formats have none (a DinokitError
+    rather than a key accepted and ignored)."""
+    if image_size is not None and format not in GRAPH_FORMATS:
+        raise DinokitError(
+            f"image_size={image_size} sets the example size of a graph export (onnx, torchscript); "
+            f"format={format} writes weights, which serve every size: leave image_size out"
+        )
 
 
 def with_official_mask_token(sd: dict[str, torch.Tensor], config: ViTConfig) -> dict[str, torch.Tensor]:
