@@ -20,3 +20,29 @@ def test_export_refuses_image_size_for_a_weights_format(nano_weights, tmp_path, 
     err = capsys.readouterr().err
     assert "image_size" in err and "onnx" in err and "torchscript" in err
     assert not (tmp_path / out).exists()
+
+
+@pytest.fixture(scope="module")
+def one_class(tmp_path_factory):
+    """train and val folders of a single class."""
+    import numpy as np
+
+    from tests.conftest import random_images
+
+    root = tmp_path_factory.mktemp("one_class")
+    rng = np.random.default_rng(0)
+    random_images(root / "train" / "cat", 4, 16, rng)
+    random_images(root / "val" / "cat", 2, 16, rng)
+    return root
+
+
+@pytest.mark.parametrize("command", [["knn"], ["linear", "epochs=1"], ["linear", "method=logreg", "logreg_values=2"]])
+def test_classification_of_a_single_class_is_refused(one_class, tmp_path, capsys, command):
+    """One class in train: knn and linear (sgd) reported 100% as a result, logreg crashed in
+    scikit-learn (ValueError: needs samples of at least 2 classes)."""
+    args = [f"train={one_class / 'train'}", f"val={one_class / 'val'}", f"out={tmp_path / 'o'}", "cache=none"]
+    common = ["model=random:vit_nano_p2", "image_size=16", "num_workers=0"]
+    assert main(["eval", command[0], *common, *args, *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "one class (cat)" in err and "two or more" in err
+    assert not (tmp_path / "o").exists()

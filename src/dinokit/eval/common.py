@@ -65,6 +65,11 @@ def read_splits(train: str, *others: str | None) -> list[LabelledSplit | None]:
     All are read before any feature is extracted, so a missing or mistyped split fails at once rather
     than after train's features."""
     first = LabelledSplit(str(train), *read_labelled(train))
+    if len(first.class_names) < 2:  # every query would be right: no measure of the features
+        raise DinokitError(
+            f"{train} holds one class ({first.class_names[0]}); k-NN and linear probes classify among two or "
+            "more: give train a <class>/<images> folder (or CSV label) per class"
+        )
     return [first] + [
         None if source is None else LabelledSplit(str(source), *read_labelled(source, first.class_names))
         for source in others
