@@ -61,6 +61,8 @@ def test_balanced_quotas_errors():
         balanced_quotas([10, 3, 1], 15, rng)
     with pytest.raises(DinokitError, match="non-negative"):
         balanced_quotas([3, -1], 1, rng)
+    with pytest.raises(DinokitError, match=r"target must be a whole number >= 0, got 2\.5"):
+        balanced_quotas([3, 1], 2.5, rng)  # not truncated to 2
 
 
 # kmeans
@@ -248,6 +250,10 @@ def test_hierarchical_kmeans_errors():
         hierarchical_kmeans(x, [10, 2], sample_size=[1, 2, 3])
     with pytest.raises(DinokitError, match="strategy must be one of closest, random, got 'nearest'"):
         hierarchical_kmeans(x, [10], strategy="nearest")
+    with pytest.raises(DinokitError, match=r"n_clusters\[1\] must be a whole number >= 1, got 2\.5"):
+        hierarchical_kmeans(x, [10, 2.5])  # not truncated to 2
+    with pytest.raises(DinokitError, match=r"sample_size\[0\] must be a whole number >= 0, got True"):
+        hierarchical_kmeans(x, [10], sample_size=[True])
     x[7] = np.inf
     with pytest.raises(DinokitError, match="row 7"):
         hierarchical_kmeans(x, [10])
@@ -304,6 +310,8 @@ def test_hierarchical_sampling_errors(imbalanced_levels):
         hierarchical_sampling(levels, 2181)
     with pytest.raises(DinokitError, match="got 0"):
         hierarchical_sampling(levels, 0)
+    with pytest.raises(DinokitError, match=r"target_size must be a whole number >= 0, got 10\.5"):
+        hierarchical_sampling(levels, 10.5)
     with pytest.raises(DinokitError, match="strategy must be one of random, closest"):
         hierarchical_sampling(levels, 10, strategy="first")
     with pytest.raises(DinokitError, match="level 3 assigns 40 items but level 2 has 8 clusters"):

@@ -40,7 +40,7 @@ import numpy as np
 from scipy.sparse import coo_matrix  # scipy: installed with scikit-learn
 from scipy.sparse.csgraph import connected_components
 
-from dinokit.curation.vectors import unit_rows
+from dinokit.curation.vectors import unit_rows, whole_number
 from dinokit.errors import DinokitError
 
 TOLERANCE = 1e-5  # float32 rounding allowance on cosines (see the module docstring)
@@ -127,9 +127,7 @@ def _cut(threshold) -> np.float32:
 
 
 def _chunk(chunk_size) -> int:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
-        raise DinokitError(f"chunk_size must be a whole number >= 1 (rows compared at a time), got {chunk_size!r}")
-    return int(chunk_size)
+    return whole_number(chunk_size, "chunk_size", low=1)  # rows compared at a time
 
 
 def _first_of_group(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:

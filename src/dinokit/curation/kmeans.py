@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from dinokit.curation.vectors import whole_number
 from dinokit.errors import DinokitError, require
 
 INITS = ("kmeans++", "random")
@@ -212,7 +213,7 @@ class Level:
 def per_level(value, n_levels: int, name: str) -> list[int]:
     """An int applies to every level; a list must give one value per level."""
     if isinstance(value, (int, np.integer)):
-        return [int(value)] * n_levels
+        return [whole_number(value, name)] * n_levels
     value = list(value)
     require(
         [
@@ -223,7 +224,7 @@ def per_level(value, n_levels: int, name: str) -> list[int]:
             )
         ]
     )
-    return [int(v) for v in value]
+    return [whole_number(v, f"{name}[{i}]") for i, v in enumerate(value)]
 
 
 def hierarchical_kmeans(
@@ -242,7 +243,7 @@ def hierarchical_kmeans(
     Level per entry of n_clusters: level 1's assignment has length N, level l's has length
     n_clusters[l-2] (it assigns the clusters of level l-1). Same inputs and seed give the same levels."""
     x = as_vectors(x)
-    n_clusters = [int(k) for k in n_clusters]
+    n_clusters = [whole_number(k, f"n_clusters[{i}]", low=1) for i, k in enumerate(n_clusters)]
     require([(len(n_clusters) >= 1, "n_clusters must list at least one level, e.g. [100, 10]")])
     n_resamples = per_level(n_resamples, len(n_clusters), "n_resamples")
     sample_size = per_level(sample_size, len(n_clusters), "sample_size")

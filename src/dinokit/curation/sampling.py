@@ -17,6 +17,7 @@ evenly as their sizes allow, and recursively the sub-clusters within each of the
 import numpy as np
 
 from dinokit.curation.kmeans import Level
+from dinokit.curation.vectors import whole_number
 from dinokit.errors import require
 
 STRATEGIES = ("random", "closest")
@@ -26,6 +27,7 @@ def balanced_quotas(sizes, target: int, rng: np.random.Generator) -> np.ndarray:
     """Water-filling quotas (len(sizes),) int64 for sizes (n,) of non-negative ints: quotas sum to target and
     never exceed sizes (see the module docstring). rng draws which clusters get the remainder."""
     sizes = np.asarray(sizes, dtype=np.int64)
+    target = whole_number(target, "target")
     total = int(sizes.sum())
     require(
         [
@@ -72,6 +74,7 @@ def hierarchical_sampling(levels: list[Level], target_size: int, strategy: str =
             ]
         )
     n_points = len(levels[0].assignment)
+    target_size = whole_number(target_size, "target_size")
     require(
         [
             (strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}"),

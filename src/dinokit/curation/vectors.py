@@ -1,4 +1,5 @@
-"""The one check that curation's vectors are directions: unit rows for cosine similarity."""
+"""The checks curation's inputs share: vectors that are directions (unit rows for cosine similarity),
+and counts that are whole numbers."""
 
 import numpy as np
 
@@ -37,3 +38,11 @@ def unit_rows(vectors, name: str, allow_empty: bool = False) -> np.ndarray:
             "a cosine needs a direction; remove them or embed those images again"
         )
     return v
+
+
+def whole_number(value, name: str, low: int = 0) -> int:
+    """value as an int if it is a whole number >= low (an int or numpy integer, not a bool), else a
+    DinokitError naming it: counts are never truncated from floats."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise DinokitError(f"{name} must be a whole number >= {low}, got {value!r}")
+    return int(value)
