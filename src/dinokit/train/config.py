@@ -7,6 +7,7 @@ resolved configuration is written to the run folder as `config.yaml`.
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -236,8 +237,96 @@ def validate(c: PretrainConfig) -> None:
             "set at least one of epochs, max_iterations, max_minutes",
         ),
         (0 <= c.warmup <= 1 and 0 <= c.teacher_temp_warmup <= 1, "warmup fractions must lie in [0, 1]"),
+        *value_checks(c),
     ]
     require(checks)
+
+
+def is_range(values: list[float], low: float, high: float, low_open: bool = False) -> bool:
+    """A (min, max) pair with low <= min <= max <= high (low < min with `low_open`)."""
+    if len(values) != 2:
+        return False
+    first, second = values
+    return (first > low if low_open else first >= low) and first <= second <= high
+
+
+def value_checks(c: PretrainConfig) -> list[tuple[bool, str]]:
+    """Ranges and list lengths of the values that would otherwise crash a run mid-way with a bare
+    traceback (torchvision, NumPy, an index) or train on nonsense (a temperature of 0: NaN losses)."""
+    checks = []
+    for key in ("global_crops_scale", "local_crops_scale"):
+        value = getattr(c, key)
+        checks.append(
+            (
+                is_range(value, 0.0, 1.0, low_open=True),
+                f"{key} must be [min, max] with 0 < min <= max <= 1, got {value}",
+            )
+        )
+    checks += [
+        (
+            is_range(c.mask_ratio_min_max, 0.0, 1.0),
+            f"mask_ratio_min_max must be [min, max] with 0 <= min <= max <= 1, got {c.mask_ratio_min_max}",
+        ),
+        (
+            is_range(c.blur_sigma, 0.0, math.inf, low_open=True),
+            f"blur_sigma must be [min, max] pixels with 0 < min <= max, got {c.blur_sigma}",
+        ),
+        (
+            len(c.color_jitter) == 4 and min(c.color_jitter) >= 0 and c.color_jitter[3] <= 0.5,
+            "color_jitter must be [brightness, contrast, saturation, hue], each >= 0 and hue <= 0.5, "
+            f"got {c.color_jitter}",
+        ),
+        (
+            len(c.adamw_betas) == 2 and all(0 <= b < 1 for b in c.adamw_betas),
+            f"adamw_betas must be [beta1, beta2], each in [0, 1), got {c.adamw_betas}",
+        ),
+        (
+            all(0 <= p <= 1 for p in c.blur_probabilities),
+            f"blur_probabilities must lie in [0, 1], got {c.blur_probabilities}",
+        ),
+    ]
+    for key in (
+        "mask_sample_probability",
+        "solarize_probability",
+        "color_jitter_probability",
+        "grayscale_probability",
+        "momentum_teacher",
+        "momentum_teacher_end",
+        "center_momentum",
+        "freeze_last_layer",
+        "freeze_backbone",
+    ):
+        value = getattr(c, key)
+        checks.append((0 <= value <= 1, f"{key} must lie in [0, 1], got {value}"))
+    for key in ("teacher_temp", "teacher_temp_start", "student_temp"):
+        value = getattr(c, key)
+        checks.append((value > 0, f"{key} must be > 0 (e.g. 0.04), got {value}"))
+    for key in (
+        "head_prototypes",
+        "head_hidden_dim",
+        "head_bottleneck_dim",
+        "head_nlayers",
+        "ibot_prototypes",
+        "ibot_hidden_dim",
+        "ibot_bottleneck_dim",
+        "log_every",
+        "nan_patience",
+    ):
+        value = getattr(c, key)
+        checks.append((value >= 1, f"{key} must be >= 1, got {value}"))
+    for key, zero in (
+        ("checkpoint_every", "off"),
+        ("checkpoint_every_minutes", "off"),
+        ("keep_checkpoints", "keep all"),
+        ("batched_image_size", "global_crops_size"),
+    ):
+        value = getattr(c, key)
+        checks.append((value >= 0, f"{key} must be >= 0 (0: {zero}), got {value}"))
+    for key in ("lr", "min_lr", "weight_decay", "weight_decay_end", "patch_embed_lr_mult", "layerwise_decay"):
+        value = getattr(c, key)
+        checks.append((value >= 0, f"{key} must be >= 0, got {value}"))
+    checks.append((0 <= c.drop_path_rate < 1, f"drop_path_rate must lie in [0, 1), got {c.drop_path_rate}"))
+    return checks
 
 
 def save_config(config: PretrainConfig, extra: dict) -> str:

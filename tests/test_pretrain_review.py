@@ -1,0 +1,62 @@
+"""Review of pretraining: bad values refused up front, resume with another batch size, edge cases."""
+
+import pytest
+
+from dinokit.errors import DinokitError
+from dinokit.train.config import resolve_config
+
+# Each value was accepted and then crashed the run with a bare traceback (IndexError, ValueError,
+# ZeroDivisionError, RuntimeError from torchvision or NumPy) or silently trained on nonsense
+# (a temperature of 0 gives NaN losses; checkpoint_every=-1 saved every iteration).
+BAD_VALUES = [
+    ("mask_sample_probability", 1.5, "mask_sample_probability"),
+    ("mask_sample_probability", -0.5, "mask_sample_probability"),
+    ("mask_ratio_min_max", [0.5, 0.1], "mask_ratio_min_max"),
+    ("mask_ratio_min_max", [0.1, 1.5], "mask_ratio_min_max"),
+    ("color_jitter", [0.4], "color_jitter"),
+    ("color_jitter", [0.4, 0.4, 0.2, 0.8], "color_jitter"),
+    ("color_jitter", [-0.1, 0.4, 0.2, 0.1], "color_jitter"),
+    ("global_crops_scale", [0.5], "global_crops_scale"),
+    ("local_crops_scale", [0.4, 0.05], "local_crops_scale"),
+    ("global_crops_scale", [0.0, 1.0], "global_crops_scale"),
+    ("adamw_betas", [0.9], "adamw_betas"),
+    ("adamw_betas", [0.9, 1.0], "adamw_betas"),
+    ("blur_sigma", [0.1], "blur_sigma"),
+    ("blur_sigma", [2.0, 0.1], "blur_sigma"),
+    ("blur_probabilities", [1.0, 0.1, 1.5], "blur_probabilities"),
+    ("solarize_probability", 1.2, "solarize_probability"),
+    ("color_jitter_probability", -0.1, "color_jitter_probability"),
+    ("grayscale_probability", 2.0, "grayscale_probability"),
+    ("teacher_temp", 0.0, "teacher_temp"),
+    ("teacher_temp_start", -0.04, "teacher_temp_start"),
+    ("student_temp", 0.0, "student_temp"),
+    ("momentum_teacher", 1.5, "momentum_teacher"),
+    ("momentum_teacher_end", -0.1, "momentum_teacher_end"),
+    ("center_momentum", 1.1, "center_momentum"),
+    ("head_prototypes", 0, "head_prototypes"),
+    ("head_nlayers", 0, "head_nlayers"),
+    ("ibot_prototypes", 0, "ibot_prototypes"),
+    ("log_every", 0, "log_every"),
+    ("checkpoint_every", -1, "checkpoint_every"),
+    ("checkpoint_every_minutes", -1.0, "checkpoint_every_minutes"),
+    ("keep_checkpoints", -1, "keep_checkpoints"),
+    ("nan_patience", 0, "nan_patience"),
+    ("freeze_last_layer", 1.5, "freeze_last_layer"),
+    ("freeze_backbone", -0.1, "freeze_backbone"),
+    ("drop_path_rate", 1.0, "drop_path_rate"),
+    ("batched_image_size", -1, "batched_image_size"),
+    ("lr", -0.1, "lr"),
+]
+
+
+@pytest.mark.parametrize("key, value, named", BAD_VALUES)
+def test_bad_values_are_refused_with_the_key_named(key, value, named):
+    with pytest.raises(DinokitError, match=named):
+        resolve_config("dinov2_vits14", {key: value})
+
+
+def test_every_shipped_preset_passes_the_checks():
+    from dinokit.train.config import list_presets
+
+    for preset in list_presets():
+        resolve_config(preset, {})
