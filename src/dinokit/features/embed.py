@@ -98,6 +98,7 @@ def embed(
         net = load_model(model, device=torch_device)
         if "registers" in features and not net.num_register_tokens:
             raise DinokitError(f"{model} has no register tokens; drop 'registers' from features")
+        check_layers(layers, len(net.blocks))
         size = check_image_size(image_size, net.patch_size)
         transform = eval_transform(size, resize_policy)
         paths = [str(p.absolute()) for p in list_images(data)]
@@ -168,6 +169,17 @@ def check_choices(features: list[str], layers: list[int], format: str, dtype: st
     if resize_policy not in ("center_crop", "resize"):
         raise DinokitError(
             f"resize_policy for embed must be center_crop or resize (one shape per batch), got {resize_policy!r}"
+        )
+
+
+def check_layers(layers: list[int], depth: int) -> None:
+    """Block indices checked before the run folder is started (an error at the first batch would leave
+    settings that refuse the corrected command)."""
+    wrong = [i for i in layers if not isinstance(i, int) or not -depth <= i < depth]
+    if wrong:
+        raise DinokitError(
+            f"layers {wrong} are not blocks of this model: it has {depth} blocks, indices -{depth} to {depth - 1} "
+            f"(negative ones count from the end, e.g. layers=[{depth - 1}] or [-1])"
         )
 
 

@@ -1,0 +1,38 @@
+"""Review of the features, retrieval and maps area: each test pins a defect found and fixed."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dinokit
+from dinokit.errors import DinokitError
+from dinokit.features.embed import embed
+from tests.conftest import perturb_scales_and_norms, random_images
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """6 noise images and a tiny 2-block model (non-trivial weights) saved to a file."""
+    root = tmp_path_factory.mktemp("review")
+    random_images(root / "images", 6, 24, np.random.default_rng(0))
+    torch.manual_seed(0)
+    model = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2))
+    weights = dinokit.export_model(model, root / "model.safetensors")
+    return root, Path(weights), model.eval()
+
+
+def run_embed(small, out: Path, **kw) -> dict:
+    root, weights, _ = small
+    args = dict(image_size=16, num_workers=0, progress=False, precision="fp32")
+    return embed(model=str(weights), data=str(root / "images"), out=str(out), **{**args, **kw})
+
+
+def test_embed_layers_out_of_range_are_refused_before_the_folder_is_started(small, tmp_path):
+    # was: the error came from the first batch, after embed_config.json was written, so the corrected
+    # command was then refused ("holds embeddings made with other settings (layers differ)")
+    with pytest.raises(DinokitError, match=r"layers \[5\].*2 blocks.*-2 to 1"):
+        run_embed(small, tmp_path / "e", features=["layers"], layers=[5])
+    assert not (tmp_path / "e" / "embed_config.json").exists()
+    assert run_embed(small, tmp_path / "e", features=["layers"], layers=[1])["embedded"] == 6
