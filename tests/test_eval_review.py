@@ -46,3 +46,40 @@ def test_classification_of_a_single_class_is_refused(one_class, tmp_path, capsys
     err = capsys.readouterr().err
     assert "one class (cat)" in err and "two or more" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory):
+    """train/ and val/ folders of classes cat and dog, 4 and 2 noise images each."""
+    import numpy as np
+
+    from tests.conftest import random_images
+
+    root = tmp_path_factory.mktemp("two_classes")
+    rng = np.random.default_rng(1)
+    for name in ("cat", "dog"):
+        random_images(root / "train" / name, 4, 16, rng)
+        random_images(root / "val" / name, 2, 16, rng)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("command", "splits", "named"),
+    [
+        (["linear", "epochs=1"], {"train": "train", "val": "val", "selection": "val"}, "selection"),
+        (["linear", "epochs=1"], {"train": "train", "val": "train"}, "train"),
+        (["knn"], {"train": "train", "val": "train"}, "train"),
+    ],
+)
+def test_the_reported_split_must_share_no_image_with_train_or_selection(
+    two_classes, tmp_path, capsys, command, splits, named
+):
+    """selection=val chose the head on the split it then reported (the official script's flaw that
+    eval linear promises to avoid), and val=train searched each query in a bank holding itself: both
+    were accepted and reported as results."""
+    args = [f"{key}={two_classes / folder}" for key, folder in splits.items()]
+    common = ["model=random:vit_nano_p2", "image_size=16", "num_workers=0", "cache=none", f"out={tmp_path / 'o'}"]
+    assert main(["eval", command[0], *common, *args, *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert f"share {8 if splits['val'] == 'train' else 4} images" in err and f"{named}=" in err
+    assert not (tmp_path / "o").exists()

@@ -86,7 +86,8 @@ def eval_knn(
     """Weighted k-NN on L2-normalised CLS features (cosine, softmax(s/T) votes): writes out/knn.json.
 
     model: a weights file / folder, a pretraining run folder, a released name or random:<arch>.
-    train, val: labelled `<class>/<images>` folders or `path,label` CSVs (val uses train's classes).
+    train, val: labelled `<class>/<images>` folders or `path,label` CSVs (val uses train's classes and
+    shares no image with train).
     ks, temperature: the DINO / DINOv2 protocol (10, 20, 100, 200; 0.07). few_shot: e.g. [1, 5, 10]
     images per class drawn from train, `few_shot_tries` draws each (mean and std reported).
     precision: of feature extraction (bf16 | fp32); the search itself is exact fp32.
@@ -103,7 +104,7 @@ def eval_knn(
     if few_shot and few_shot_tries < 1:
         raise DinokitError(f"few_shot_tries must be >= 1 (draws per few_shot size), got {few_shot_tries}")
     prepare_output(out, folder=True, create=False)  # before the features are extracted
-    train_split, val_split = read_splits(train, val)  # a missing val fails before train's features
+    train_split, val_split, _ = read_splits(train, val)  # a missing val fails before train's features
     backbone = prepare_backbone(model, device, seed)
     check_image_size(image_size, backbone.model.patch_size)
     transform = make_transform(image_size, resize_policy)
@@ -191,7 +192,8 @@ def eval_linear(
 ) -> str:
     """Linear probe on frozen features: a grid of heads chosen on a selection split, val reported once.
 
-    val: the split that is reported (e.g. ImageNet val), evaluated once with the chosen head.
+    val: the split that is reported (e.g. ImageNet val), evaluated once with the chosen head; it must
+    share no image with train or selection.
     selection: a labelled split to choose the head on; by default `selection_fraction` of each train
     class is held out for it, and the chosen configuration is then retrained on all of train (refit).
     method: sgd (the DINOv2 grid: n_last_blocks x avgpool x learning_rates, trained at once, SGD +

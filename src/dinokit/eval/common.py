@@ -1,6 +1,7 @@
 """What every evaluation command shares: the backbone, the transform, cached features of a labelled
 set, and the protocol record printed and saved with each result."""
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,20 +61,31 @@ class LabelledSplit:
     class_names: list[str]
 
 
-def read_splits(train: str, *others: str | None) -> list[LabelledSplit | None]:
-    """train's and the other splits' image lists, the others with train's classes (None stays None).
+def read_splits(train: str, val: str, selection: str | None = None) -> list[LabelledSplit | None]:
+    """[train, val, selection (None stays None)] as read, val and selection with train's classes.
     All are read before any feature is extracted, so a missing or mistyped split fails at once rather
-    than after train's features."""
+    than after train's features. val, the reported split, must share no image with train or selection
+    (a head chosen on val, or a query found in the k-NN bank as its own neighbour, is no result)."""
     first = LabelledSplit(str(train), *read_labelled(train))
     if len(first.class_names) < 2:  # every query would be right: no measure of the features
         raise DinokitError(
             f"{train} holds one class ({first.class_names[0]}); k-NN and linear probes classify among two or "
             "more: give train a <class>/<images> folder (or CSV label) per class"
         )
-    return [first] + [
+    val_split, selection_split = (
         None if source is None else LabelledSplit(str(source), *read_labelled(source, first.class_names))
-        for source in others
-    ]
+        for source in (val, selection)
+    )
+    reported = {os.path.abspath(p) for p in val_split.paths}
+    for key, split in (("train", first), ("selection", selection_split)):
+        shared = [p for p in split.paths if os.path.abspath(p) in reported] if split is not None else []
+        if shared:
+            raise DinokitError(
+                f"val={val} and {key}={split.source} share {len(shared)} images (e.g. {shared[0]}): the reported "
+                f"split must be apart from the images the probe {'learns' if key == 'train' else 'is chosen'} "
+                f"on, or its score measures memory. Give val images that are not in {key}"
+            )
+    return [first, val_split, selection_split]
 
 
 def labelled_features(
