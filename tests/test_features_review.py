@@ -1,5 +1,6 @@
 """Review of the features, retrieval and maps area: each test pins a defect found and fixed."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 import dinokit
 from dinokit.errors import DinokitError
 from dinokit.features.embed import embed
+from dinokit.retrieval.commands import build_index, search_index
 from tests.conftest import perturb_scales_and_norms, random_images
 
 
@@ -36,3 +38,38 @@ def test_embed_layers_out_of_range_are_refused_before_the_folder_is_started(smal
         run_embed(small, tmp_path / "e", features=["layers"], layers=[5])
     assert not (tmp_path / "e" / "embed_config.json").exists()
     assert run_embed(small, tmp_path / "e", features=["layers"], layers=[1])["embedded"] == 6
+
+
+def test_index_add_takes_an_embedding_of_the_same_weights_at_another_path(small, tmp_path):
+    # was: refused as "embedded differently (model differ)", though the weights hash is the same
+    _, weights, _ = small
+    moved = tmp_path / "moved.safetensors"
+    shutil.copy(weights, moved)
+    random_images(tmp_path / "more", 3, 24, np.random.default_rng(1), prefix="more")
+    run_embed(small, tmp_path / "a")
+    embed(
+        str(moved),
+        str(tmp_path / "more"),
+        str(tmp_path / "b"),
+        image_size=16,
+        num_workers=0,
+        progress=False,
+        precision="fp32",
+    )
+    build_index(str(tmp_path / "a"), str(tmp_path / "idx"))
+    assert build_index(str(tmp_path / "b"), str(tmp_path / "idx"), add=True)["total"] == 9
+    results = search_index(str(tmp_path / "idx"), str(tmp_path / "more"), k=1, num_workers=0)
+    assert [r["hits"][0]["path"] for r in results] == [r["query"] for r in results]
+    other = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2))
+    other_weights = dinokit.export_model(other, tmp_path / "other.safetensors")
+    embed(
+        str(other_weights),
+        str(tmp_path / "more"),
+        str(tmp_path / "c"),
+        image_size=16,
+        num_workers=0,
+        progress=False,
+        precision="fp32",
+    )
+    with pytest.raises(DinokitError, match="weights_hash"):  # other weights are still refused
+        build_index(str(tmp_path / "c"), str(tmp_path / "idx"), add=True)

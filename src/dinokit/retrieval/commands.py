@@ -103,8 +103,10 @@ def read_vectors(features: str | Path, feature: str = "cls") -> tuple[np.ndarray
 
 def embedding_differences(a: dict, b: dict) -> list[str]:
     """The embedding settings (EMBEDDING_KEYS) in which two embeddings differ: vectors of embeddings
-    that differ are not comparable."""
-    return [k for k in EMBEDDING_KEYS if a.get(k) != b.get(k)]
+    that differ are not comparable. The model's path may differ where both record the same weights
+    hash (the same weights, moved or copied)."""
+    same_weights = a.get("weights_hash") is not None and a.get("weights_hash") == b.get("weights_hash")
+    return [k for k in EMBEDDING_KEYS if a.get(k) != b.get(k) and not (k == "model" and same_weights)]
 
 
 def search_index(
