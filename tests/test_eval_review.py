@@ -83,3 +83,22 @@ def test_the_reported_split_must_share_no_image_with_train_or_selection(
     err = capsys.readouterr().err
     assert f"share {8 if splits['val'] == 'train' else 4} images" in err and f"{named}=" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_val_class_that_train_lacks_is_named_with_its_cause(two_classes, tmp_path, capsys):
+    """A val label with a typo, or a class whose train folder is empty, gave 'has classes not in the
+    reference class list' without naming train, its classes or a fix."""
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(two_classes / "train", train)
+    (train / "bird").mkdir()  # an empty class folder
+    val_csv = tmp_path / "val.csv"
+    rows = [f"{p},{p.parent.name}" for p in sorted((two_classes / "val").rglob("*.png"))]
+    rows[-1] = rows[-1].replace(",dog", ",dgo")
+    val_csv.write_text("\n".join(["path,label", *rows, f"{rows[0].split(',')[0]},bird"]) + "\n")
+    common = ["model=random:vit_nano_p2", "image_size=16", "num_workers=0", "cache=none", f"out={tmp_path / 'o'}"]
+    assert main(["eval", "knn", *common, f"train={train}", f"val={val_csv}"]) == 2
+    err = capsys.readouterr().err
+    assert f"labels that are no class of {train}: ['bird', 'dgo']" in err
+    assert "classes: cat, dog" in err and "typo" in err and f"{train / 'bird'} holds no image" in err

@@ -61,7 +61,7 @@ def test_read_labelled_folder_and_csv(tmp_path):
     (tmp_path / "list.csv").write_text("path,label\ntrain/dog/0.png,dog\ntrain/cat/1.png,cat\n")
     paths, labels, names = read_labelled(tmp_path / "list.csv", classes=["cat", "dog"])
     assert labels == [1, 0] and paths[0] == tmp_path / "train/dog/0.png"
-    with pytest.raises(DinokitError, match="not in the reference class list"):
+    with pytest.raises(DinokitError, match="labels that are no class of the reference split"):
         read_labelled(tmp_path / "list.csv", classes=["cat"])
     with pytest.raises(DinokitError, match="no labelled images"):
         read_labelled(tmp_path / "train" / "cat")

@@ -8,9 +8,12 @@ from dinokit.data.images import IMAGE_EXTENSIONS, files_under, read_list_file
 from dinokit.errors import DinokitError
 
 
-def read_labelled(source: str | Path, classes: list[str] | None = None) -> tuple[list[Path], list[int], list[str]]:
+def read_labelled(
+    source: str | Path, classes: list[str] | None = None, reference: str | Path | None = None
+) -> tuple[list[Path], list[int], list[str]]:
     """(paths, integer labels, class names). `classes` fixes the name -> index mapping (e.g. to give a
-    validation set the training set's indices); by default classes are sorted names."""
+    validation set the training set's indices; `reference`: where they come from, for the error on a
+    label outside them); by default classes are sorted names."""
     source = Path(source).expanduser()
     if source.is_dir():
         pairs = [
@@ -34,5 +37,24 @@ def read_labelled(source: str | Path, classes: list[str] | None = None) -> tuple
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted({label for _, label in pairs} - set(index))
     if unknown:
-        raise DinokitError(f"{source} has classes not in the reference class list: {unknown[:10]}")
+        raise unknown_classes_error(source, unknown, list(names), reference)
     return [p for p, _ in pairs], [index[label] for _, label in pairs], list(names)
+
+
+def unknown_classes_error(source: Path, unknown: list[str], names: list[str], reference) -> DinokitError:
+    """The error for labels of `source` that are no class of `reference` (classes `names`): a typo, or
+    a class without images there (an empty class folder is named as such)."""
+    where = str(reference) if reference is not None else "the reference split"
+    shown = ", ".join(names[:20]) + (f" ... (+{len(names) - 20} more)" if len(names) > 20 else "")
+    empty = [
+        f"{Path(reference) / name} holds no image"
+        for name in unknown
+        if reference is not None and (Path(reference).expanduser() / name).is_dir()
+    ]
+    return DinokitError(
+        f"{source} has labels that are no class of {where}: {unknown[:10]}"
+        + (f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        + f" ({where}'s classes: {shown}). "
+        + (f"{'; '.join(empty[:3])}. " if empty else "")
+        + f"Check the labels for typos; a class can only be predicted with images of it in {where}"
+    )

@@ -73,7 +73,7 @@ def read_splits(train: str, val: str, selection: str | None = None) -> list[Labe
             "more: give train a <class>/<images> folder (or CSV label) per class"
         )
     val_split, selection_split = (
-        None if source is None else LabelledSplit(str(source), *read_labelled(source, first.class_names))
+        None if source is None else LabelledSplit(str(source), *read_labelled(source, first.class_names, train))
         for source in (val, selection)
     )
     reported = {os.path.abspath(p) for p in val_split.paths}
