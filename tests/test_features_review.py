@@ -10,6 +10,8 @@ import torch
 import dinokit
 from dinokit.errors import DinokitError
 from dinokit.features.embed import embed
+from dinokit.maps.commands import visualize_pca
+from dinokit.maps.pca import pca_rgb
 from dinokit.retrieval.commands import build_index, search_index
 from tests.conftest import perturb_scales_and_norms, random_images
 
@@ -73,3 +75,13 @@ def test_index_add_takes_an_embedding_of_the_same_weights_at_another_path(small,
     )
     with pytest.raises(DinokitError, match="weights_hash"):  # other weights are still refused
         build_index(str(tmp_path / "c"), str(tmp_path / "idx"), add=True)
+
+
+def test_pca_of_fewer_than_three_patches_is_a_clear_error(small, tmp_path):
+    # was: scikit-learn's ValueError traceback (n_components=3 must be between 0 and ... = 1)
+    root, weights, _ = small
+    with pytest.raises(DinokitError, match=r"3 patches.*image_size"):
+        visualize_pca(str(root / "images" / "0.png"), str(tmp_path / "pca.png"), model=str(weights), image_size=4)
+    with pytest.raises(DinokitError, match="3 patches"):
+        pca_rgb([np.random.default_rng(0).normal(size=(1, 2, 8))], foreground_threshold=0.5)
+    assert pca_rgb([np.random.default_rng(0).normal(size=(1, 3, 8))])["rgb"][0].shape == (1, 3, 3)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
+from dinokit.errors import DinokitError
 from dinokit.maps.render import normalise_01
 from dinokit.models import VisionTransformer
 
@@ -36,6 +37,11 @@ def pca_rgb(features: list[np.ndarray], foreground_threshold: float | None = Non
     """
     shapes = [f.shape[:2] for f in features]
     x = np.concatenate([f.reshape(-1, f.shape[-1]) for f in features]).astype(np.float64)
+    if len(x) < 3:
+        raise DinokitError(
+            f"PCA colours need at least 3 patches, the images give {len(x)} ({shapes[0][0]}x{shapes[0][1]} "
+            "patch grid): use a larger image_size"
+        )
     result = {}
     foreground = np.ones(len(x), dtype=bool)
     if foreground_threshold is not None:
