@@ -60,3 +60,29 @@ def test_every_shipped_preset_passes_the_checks():
 
     for preset in list_presets():
         resolve_config(preset, {})
+
+
+def test_resume_with_another_batch_size_finishes_the_epochs_and_continues_the_schedules(tmp_path):
+    """epochs=2 of 32 images at batch 8 is 64 images; stopped after 4 iterations (32 images) and resumed
+    with batch_size=16, the run saw 1 epoch and stopped at once: the schedule was recomputed as 4
+    iterations of 16 and iteration 4 had 'reached' it. It now sees the other 32 images in 2 batches
+    of 16, and its schedules go on from the images seen (progress 48 / 64 at the second of them)."""
+    import math
+
+    from pretrain_helpers import TINY, tiny_images
+
+    import dinokit
+    from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
+    from dinokit.train.metrics_log import read_metrics
+    from dinokit.train.schedules import cosine
+
+    data, out = tiny_images(tmp_path / "data"), tmp_path / "run"
+    dinokit.pretrain(data=str(data), out=str(out), **{**TINY, "epochs": 2.0, "max_iterations": 4})
+    summary = dinokit.pretrain(
+        data=str(data), out=str(out), **{**TINY, "epochs": 2.0, "max_iterations": 0, "batch_size": 16, "resume": True}
+    )
+    assert summary["epochs"] == 2.0 and summary["iterations"] == 6
+    assert load_checkpoint(list_checkpoints(out / "checkpoints")[-1])["samples_seen"] == 64
+    row = read_metrics(out / "metrics.jsonl")[-1]
+    assert row["iteration"] == 6
+    assert math.isclose(row["momentum"], cosine(0.992, 1.0, 48 / 64), rel_tol=1e-12)

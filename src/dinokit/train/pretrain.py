@@ -312,19 +312,34 @@ def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple
     return resolve_config(None, given), bool(list_checkpoints(out / "checkpoints"))
 
 
-def run_length(cfg: PretrainConfig, num_images: int, global_batch: int) -> dict:
-    """Iterations per epoch, the schedule's length in iterations (None: time-based) and stop limits."""
+def run_length(
+    cfg: PretrainConfig, num_images: int, global_batch: int, iteration: int = 0, samples_seen: int = 0
+) -> dict:
+    """Iterations per epoch, the schedule's length in iterations (None: time-based) and stop limits,
+    for a run at `iteration` that has seen `samples_seen` images (a resumed run).
+
+    `epochs` are real passes, so their limit is in images: ceil(epochs * N / G) batches of the global
+    batch G, and `schedule_samples` is that many images. A run resumed with another global batch
+    (batch_size=...) still ends after the same images, in batches of its new size, and its schedules,
+    measured in images seen, carry on where they were."""
     per_epoch = num_images / global_batch
     limits = {}
+    schedule_samples = None
     if cfg.epochs:
-        limits["epochs"] = math.ceil(cfg.epochs * per_epoch)
+        schedule_samples = math.ceil(cfg.epochs * per_epoch) * global_batch
+        limits["epochs"] = iteration + max(0, math.ceil((schedule_samples - samples_seen) / global_batch))
     if cfg.max_iterations:
         limits["max_iterations"] = cfg.max_iterations
     schedule = limits.get("epochs", limits.get("max_iterations"))
     if schedule is None and not cfg.max_minutes:
         raise DinokitError("set at least one of epochs, max_iterations, max_minutes (0 means no limit)")
     stop = min(limits.values()) if limits else None
-    return {"iterations_per_epoch": per_epoch, "schedule_iterations": schedule, "stop_iteration": stop}
+    return {
+        "iterations_per_epoch": per_epoch,
+        "schedule_iterations": schedule,
+        "schedule_samples": schedule_samples,
+        "stop_iteration": stop,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -438,7 +453,10 @@ class Trainer:
             if self.checkpoint is not None:
                 check_same_data(self.checkpoint, self.data_fingerprint, data, out)
             check_readable(self.paths, data)
-            self.length = run_length(cfg, len(self.paths), self.global_batch)
+            resumed = self.checkpoint or {}
+            self.length = run_length(
+                cfg, len(self.paths), self.global_batch, resumed.get("iteration", 0), resumed.get("samples_seen", 0)
+            )
             torch.manual_seed(cfg.seed)  # the same initial weights in every process
             self.model = build_model(cfg).to(device)
             check_crop_sizes(cfg, self.model.student.backbone.patch_size)
@@ -558,6 +576,10 @@ class Trainer:
         return f"{n} files found (unreadable ones are skipped when met and listed at the end)"
 
     def progress(self, elapsed: float) -> float:
+        """The run's progress in [0, 1]: images seen of `epochs`' images, else iterations of
+        max_iterations, else minutes of max_minutes."""
+        if self.length["schedule_samples"]:
+            return min(self.samples_seen / self.length["schedule_samples"], 1.0)
         total = self.length["schedule_iterations"]
         if total:
             return self.iteration / total
