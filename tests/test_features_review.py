@@ -85,3 +85,10 @@ def test_pca_of_fewer_than_three_patches_is_a_clear_error(small, tmp_path):
     with pytest.raises(DinokitError, match="3 patches"):
         pca_rgb([np.random.default_rng(0).normal(size=(1, 2, 8))], foreground_threshold=0.5)
     assert pca_rgb([np.random.default_rng(0).normal(size=(1, 3, 8))])["rgb"][0].shape == (1, 3, 3)
+
+
+def test_embed_layers_without_a_per_block_feature_is_refused_not_ignored(small, tmp_path):
+    # was: layers=[0, 1] with features=[cls] embedded the CLS alone, the layers silently ignored
+    with pytest.raises(DinokitError, match=r"layers=\[0, 1\] is used by the features layers / layer_patch_tokens"):
+        run_embed(small, tmp_path / "e", layers=[0, 1])
+    assert not (tmp_path / "e").exists()

@@ -160,6 +160,11 @@ def check_choices(features: list[str], layers: list[int], format: str, dtype: st
     per_block = [k for k in ("layers", "layer_patch_tokens") if k in features]
     if per_block and not layers:
         raise DinokitError(f"features {per_block} need the block indices, e.g. layers=[8,9,10,11]")
+    if layers and not per_block:
+        raise DinokitError(
+            f"layers={layers} is used by the features layers / layer_patch_tokens, which are not asked for: "
+            f"add one, e.g. features=[{','.join([*features, 'layers'])}], or leave layers out"
+        )
     if format not in SHARD_FORMATS:
         raise DinokitError(f"format must be one of {', '.join(SHARD_FORMATS)}, got {format!r}")
     if dtype not in STORE_DTYPES:
