@@ -102,3 +102,22 @@ def test_a_val_class_that_train_lacks_is_named_with_its_cause(two_classes, tmp_p
     err = capsys.readouterr().err
     assert f"labels that are no class of {train}: ['bird', 'dgo']" in err
     assert "classes: cat, dog" in err and "typo" in err and f"{train / 'bird'} holds no image" in err
+
+
+@pytest.fixture(scope="module")
+def dense_scenes(tmp_path_factory):
+    from dinokit.data.synthetic import write_dense_set
+
+    return write_dense_set(tmp_path_factory.mktemp("dense") / "train", 3, size=16, seed=0)
+
+
+DENSE = ["model=random:vit_nano_p2", "image_size=16", "epochs=1", "cache=none", "num_workers=0", "precision=fp32"]
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_a_dense_train_batch_size_below_one_is_refused_before_any_work(dense_scenes, tmp_path, capsys, task):
+    """train_batch_size=0 ended eval segmentation / depth in a ZeroDivisionError traceback after the
+    features were extracted (and an earlier run's results in out= removed)."""
+    args = [f"train={dense_scenes}", f"val={dense_scenes}", f"out={tmp_path / 'o'}", *DENSE, "train_batch_size=0"]
+    assert main(["eval", task, *args]) == 2
+    assert "train_batch_size must be >= 1, got 0" in capsys.readouterr().err

@@ -38,7 +38,7 @@ from dinokit.data.images import (
     upright_size,
 )
 from dinokit.data.transforms import check_image_size
-from dinokit.errors import DinokitError
+from dinokit.errors import DinokitError, require
 from dinokit.eval.cache import Features
 from dinokit.eval.common import Backbone, make_transform, split_features
 from dinokit.io import atomic_write, folder_lock, read_json, sync, write_json
@@ -334,6 +334,17 @@ def clear_results(out_dir: Path, task: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------- training
+def check_training(epochs: int, train_batch_size: int) -> None:
+    """Refuse, before any work, settings that train no head (epochs=0 reported the untrained head) or
+    cannot (train_batch_size=0 divided by zero after the features were extracted)."""
+    require(
+        [
+            (epochs >= 1, f"epochs must be >= 1 (passes over the train features), got {epochs}"),
+            (train_batch_size >= 1, f"train_batch_size must be >= 1, got {train_batch_size}"),
+        ]
+    )
+
+
 def train_dense_head(
     head: nn.Module,
     loss_fn,

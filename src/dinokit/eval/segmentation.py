@@ -19,6 +19,7 @@ from dinokit.errors import DinokitError
 from dinokit.eval.common import make_transform, prepare_backbone, protocol_record, resolve_cache
 from dinokit.eval.dense import (
     backbone_for_head,
+    check_training,
     clear_results,
     dense_split,
     head_metadata,
@@ -143,8 +144,7 @@ def eval_segmentation(
     leaves no json). out must not hold eval depth's results (depth.json), which share those files,
     nor be the out of a run still going on (a second run into it is refused at once).
     """
-    if epochs < 1:
-        raise DinokitError(f"epochs must be >= 1 (passes over the train features), got {epochs}")
+    check_training(epochs, train_batch_size)
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     with results_folder(out_dir, "segmentation"):  # one run at a time in out
