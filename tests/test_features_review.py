@@ -13,6 +13,7 @@ from dinokit.features.embed import embed
 from dinokit.maps.commands import visualize_pca
 from dinokit.maps.pca import pca_rgb
 from dinokit.retrieval.commands import build_index, search_index
+from dinokit.retrieval.index import FeatureIndex
 from tests.conftest import perturb_scales_and_norms, random_images
 
 
@@ -92,3 +93,19 @@ def test_embed_layers_without_a_per_block_feature_is_refused_not_ignored(small, 
     with pytest.raises(DinokitError, match=r"layers=\[0, 1\] is used by the features layers / layer_patch_tokens"):
         run_embed(small, tmp_path / "e", layers=[0, 1])
     assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate_index", "remove_index", "remove_paths"])
+def test_a_damaged_or_missing_faiss_file_of_an_index_is_an_error_naming_it_and_the_fix(small, tmp_path, damage):
+    # was: faiss's RuntimeError (or a FileNotFoundError) traceback
+    run_embed(small, tmp_path / "e")
+    idx = tmp_path / "idx"
+    build_index(str(tmp_path / "e"), str(idx))
+    faiss_file, paths_file = idx / "index-0.faiss", idx / "paths-0.txt"
+    if damage == "truncate_index":
+        faiss_file.write_bytes(faiss_file.read_bytes()[:20])
+    else:
+        (faiss_file if damage == "remove_index" else paths_file).unlink()
+    with pytest.raises(DinokitError, match=r"index-0\.faiss|paths-0\.txt") as error:
+        FeatureIndex.load(idx)
+    assert f"remove {idx} and build the index again" in str(error.value)

@@ -141,8 +141,14 @@ class FeatureIndex:
         fix = f"remove {folder} and build the index again (`dinokit index build ... out={folder}`)"
         meta = read_json(folder / INDEX_META, fix)
         g = meta["generation"]
-        index = faiss.read_index(str(folder / f"index-{g}.faiss"))
-        paths = (folder / f"paths-{g}.txt").read_text().splitlines()
+        index_file, paths_file = folder / f"index-{g}.faiss", folder / f"paths-{g}.txt"
+        try:
+            index = faiss.read_index(str(index_file))
+            paths = paths_file.read_text().splitlines()
+        except (RuntimeError, OSError) as e:  # faiss raises RuntimeError for a missing or cut-short file
+            which = paths_file if isinstance(e, OSError) else index_file
+            why = "missing" if not which.exists() else "damaged"
+            raise DinokitError(f"{which} is {why}, so {folder} cannot be read: {fix}") from None
         if not index.ntotal == len(paths) == meta["count"]:
             raise DinokitError(f"{folder}: index ({index.ntotal}) and file list ({len(paths)}) disagree; rebuild it")
         return cls(index, paths, meta)
