@@ -121,3 +121,19 @@ def test_a_dense_train_batch_size_below_one_is_refused_before_any_work(dense_sce
     args = [f"train={dense_scenes}", f"val={dense_scenes}", f"out={tmp_path / 'o'}", *DENSE, "train_batch_size=0"]
     assert main(["eval", task, *args]) == 2
     assert "train_batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("depth_scale=0", "depth_scale must be > 0"),
+        ("depth_scale=-1000", "depth_scale must be > 0"),
+    ],
+)
+def test_eval_depth_refuses_a_depth_scale_that_is_not_positive(dense_scenes, tmp_path, capsys, key, message):
+    """depth_scale=0 divided the 16-bit depths by zero and reported NaN errors with exit 0;
+    depth_scale=-1000 was told that the maps 'hold no measurement (all 0)'."""
+    args = [f"train={dense_scenes}", f"val={dense_scenes}", f"out={tmp_path / 'o'}", *DENSE, key]
+    assert main(["eval", "depth", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o" / "depth.json").exists()

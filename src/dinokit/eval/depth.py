@@ -165,6 +165,11 @@ def eval_depth(
     out of a run still going on (a second run into it is refused at once).
     """
     check_training(epochs, train_batch_size)
+    if not depth_scale > 0:  # 0 gave NaN errors as a result; a negative scale, maps 'without measurement'
+        raise DinokitError(
+            f"depth_scale must be > 0 (integer depth-image units per metre, e.g. 1000 for millimetres), "
+            f"got {depth_scale}"
+        )
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     with results_folder(out_dir, "depth"):  # one run at a time in out
