@@ -107,3 +107,18 @@ def test_pretraining_on_cuda_learns_and_resumes(tmp_path):
 def flat_teacher(checkpoint) -> torch.Tensor:
     state = load_checkpoint(checkpoint)["model"]
     return torch.cat([v.float().flatten().cpu() for k, v in sorted(state.items()) if k.startswith("teacher.")])
+
+
+def test_dedup_on_cuda_finds_what_it_finds_on_cpu():
+    from dinokit.curation.dedup import deduplicate
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 64)).astype(np.float32)
+    x[2000:] = x[:1000] + 0.2 * rng.normal(size=(1000, 64)).astype(np.float32)  # near-copies of the first 1000
+    reference = x[:50] + 0.01
+    on_cpu = deduplicate(x, 0.95, reference=reference, chunk_size=512, device="cpu")
+    on_gpu = deduplicate(x, 0.95, reference=reference, chunk_size=512, device="cuda")
+    assert len(on_cpu.removed) > 500
+    for field in ("keep", "duplicate_of", "reference_match"):
+        np.testing.assert_array_equal(getattr(on_gpu, field), getattr(on_cpu, field))
+    np.testing.assert_allclose(on_gpu.nearest, on_cpu.nearest, atol=1e-5)

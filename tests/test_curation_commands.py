@@ -114,6 +114,11 @@ def test_dedup_through_the_command_line(pool, tmp_path, capsys):
     # at 0.995 the near-copies at 0.99 stay, the exact copy goes
     assert main(["curate", "dedup", f"features={folder}", f"out={tmp_path / 'out'}", "threshold=0.995"]) == 0
     assert len(read_lines(tmp_path / "out" / "kept.txt")) == 11
+    assert main(["curate", "dedup", f"features={folder}", f"out={tmp_path / 'cpu'}", "device=cpu"]) == 0
+    # a device that is not one fails before any work, and out= is not created
+    assert main(["curate", "dedup", f"features={folder}", f"out={tmp_path / 'gpu'}", "device=gpu"]) != 0
+    assert "device=gpu is not a device name (a GPU is device=cuda)" in capsys.readouterr().err
+    assert not (tmp_path / "gpu").exists()
 
 
 def test_a_curation_folder_is_replaced_whole_and_a_folder_of_other_files_is_refused(pool, tmp_path):

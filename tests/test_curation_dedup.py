@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
+import torch
 
+from dinokit.curation import dedup as dedup_module
 from dinokit.curation.dedup import TOLERANCE, deduplicate, near_duplicate_pairs
 from dinokit.errors import DinokitError
 from dinokit.retrieval.index import normalise
@@ -275,3 +277,35 @@ def test_rows_too_large_to_normalise_are_not_called_zeros():
     assert deduplicate(x[:2], reference=np.zeros((0, 4))).keep.tolist() == [0, 1]
     with pytest.raises(DinokitError, match=r"reference must be a 2-D array of shape \(rows, dimension\), got shape"):
         deduplicate(x[:2], reference=np.zeros(4))
+
+
+def test_products_run_in_full_float32_whatever_the_process_chose(planted, monkeypatch):
+    """TF32 (precision "high" on a GPU) would round the cosines to 10 bits: dedup sets "highest" for its
+    products and gives the process its setting back."""
+    seen = []
+    real_scan = dedup_module._scan
+
+    def scan(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return real_scan(*args, **kwargs)
+
+    monkeypatch.setattr(dedup_module, "_scan", scan)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        near_duplicate_pairs(planted, 0.9)
+        deduplicate(planted, 0.9)
+        assert seen == ["highest", "highest"]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_device_is_checked_and_cpu_and_auto_agree_here(planted):
+    on_cpu = deduplicate(planted, 0.85, device="cpu")
+    np.testing.assert_array_equal(deduplicate(planted, 0.85, device="auto").keep, on_cpu.keep)
+    if not torch.cuda.is_available():
+        with pytest.raises(DinokitError, match="CUDA is not available here; use device=cpu or auto"):
+            deduplicate(planted, 0.85, device="cuda")
+    with pytest.raises(DinokitError, match="device=gpu is not a device name"):
+        near_duplicate_pairs(planted, 0.85, device="gpu")

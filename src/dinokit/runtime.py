@@ -127,6 +127,18 @@ DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
 _reuse_depth = 0  # open reuse_freed_memory blocks: only the outermost sets and restores malloc's settings
 
 
+@contextlib.contextmanager
+def exact_float32_products() -> Iterator[None]:
+    """float32 matrix products in full float32 inside the block, whatever the process chose (TF32 on a
+    GPU rounds inputs to 10 bits, too coarse for thresholds on cosines); the setting is restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def _glibc():
     """The C library, where it is glibc (it has mallopt and malloc_trim); else None."""
     if not sys.platform.startswith("linux"):

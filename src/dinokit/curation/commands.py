@@ -32,6 +32,7 @@ from dinokit.io import atomic_folder, atomic_write, prepare_output, read_json, w
 from dinokit.maps.render import contact_sheet, save_figure
 from dinokit.retrieval.commands import embedding_differences, read_vectors
 from dinokit.retrieval.index import INDEX_META, FeatureIndex, first_occurrences, normalise
+from dinokit.runtime import resolve_device
 
 SUMMARY = "curation.json"
 EMBED_KEYS = ("model", "image_size", "resize_policy", "precision")  # settings that `dinokit embed` takes as keys
@@ -46,6 +47,7 @@ def dedup(
     reference: str | None = None,
     feature: str = "cls",
     num_examples: int = 8,
+    device: str = "auto",
 ) -> dict:
     """Remove near-duplicate images from an embedded collection (and copies of a reference set).
 
@@ -60,9 +62,11 @@ def dedup(
     threshold are duplicates, and chains of them form one group, of which the first image is kept; the
     right value depends on the model, so check it on the two PNGs. reference: a `dinokit embed` folder
     embedded like `features`. feature: cls or patch_mean. num_examples: rows (groups) shown in
-    duplicates.png (0: no duplicates.png).
+    duplicates.png (0: no duplicates.png). device: where the similarities are computed (auto: a GPU
+    if there is one; the search grows as the square of the number of images).
     """
     require_examples(num_examples, "duplicates.png")
+    dev = resolve_device(device)
     if reference is not None and Path(reference).expanduser().resolve() == Path(features).expanduser().resolve():
         raise DinokitError(
             "reference= is the features= embedding itself, so every image would be removed as a copy of itself: "
@@ -74,7 +78,7 @@ def dedup(
         ref_vectors, ref_paths, ref_embedding = read_unique_vectors(reference, feature, "reference")
         require_same_embedding(embedding, ref_embedding, features, reference)
     with output_folder(out, features=features, reference=reference) as tmp:
-        result = deduplicate(vectors, threshold, reference=ref_vectors)
+        result = deduplicate(vectors, threshold, reference=ref_vectors, device=dev)
         removed = np.flatnonzero(~np.isnan(result.score))
         records = [
             {

@@ -28,20 +28,25 @@ the threshold and each item's highest cosine to another item (for a histogram to
 pairs (50,000 copies of a placeholder image: 1.25 billion), so each time max(N, chunk_size^2) more
 pairs are found they are folded into one edge per linked item to its group's first item (the same groups);
 `near_duplicate_pairs` returns every pair, so its output grows with their number.
-The products are exact float32 BLAS (numpy's matmul): N = 50,000 x 384 takes about 6 s on 2 CPU cores
-(bench/curation.py), where faiss (IndexFlatIP) took 7.0 s for a range_search over the same upper
-triangle (11.7 s over all N x N) and 12.7 s more for the highest cosines (a k = 2 search), which a range
+The products are exact float32 matrix products in torch, on `device` (a GPU too; TF32 kept off): N =
+50,000 x 384 took about 6 s on 2 CPU cores (bench/curation.py, with numpy's BLAS then), where faiss
+(IndexFlatIP) took 7.0 s for a range_search over the same upper triangle (11.7 s over all N x N) and
+12.7 s more for the highest cosines (a k = 2 search), which a range
 search does not give (a throwaway comparison when this module was written, not kept in bench/).
 """
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy.sparse import coo_matrix  # scipy: installed with scikit-learn
 from scipy.sparse.csgraph import connected_components
 
 from dinokit.curation.vectors import unit_rows, whole_number
 from dinokit.errors import DinokitError
+from dinokit.runtime import exact_float32_products, resolve_device
+
+CPU = torch.device("cpu")
 
 TOLERANCE = 1e-5  # float32 rounding allowance on cosines (see the module docstring)
 
@@ -65,23 +70,30 @@ class Deduplication:
         return np.flatnonzero(self.duplicate_of != np.arange(len(self.duplicate_of)))
 
 
-def near_duplicate_pairs(x, threshold: float, chunk_size: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_duplicate_pairs(
+    x, threshold: float, chunk_size: int = 2048, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The pairs (i, j), i < j, of rows of x (N, D) whose cosine >= threshold (- TOLERANCE), sorted by
     (i, j), with their cosines: (i (P,) int64, j (P,) int64, cos (P,) float32). A low threshold can give
-    up to N (N - 1) / 2 pairs."""
+    up to N (N - 1) / 2 pairs. device: where the products run (cpu, cuda, auto, ...)."""
     cut = _cut(threshold)
     xn = unit_rows(x, "x")
-    i, j, cos, _ = _scan(xn, cut, _chunk(chunk_size))
+    with exact_float32_products():
+        i, j, cos, _ = _scan(xn, cut, _chunk(chunk_size), device=resolve_device(device))
     return i, j, cos
 
 
-def deduplicate(x, threshold: float = 0.95, reference=None, chunk_size: int = 2048) -> Deduplication:
+def deduplicate(
+    x, threshold: float = 0.95, reference=None, chunk_size: int = 2048, device: str | torch.device = "cpu"
+) -> Deduplication:
     """Keep the first item of every group of near-duplicates in x (N, D), after removing the items that
     near-duplicate some row of reference (M, D) if given; rules in the module docstring. chunk_size: rows
     compared at a time (memory: a block or two of chunk_size^2 float32 cosines, 16 MB each at 2048; 2048
-    was the fastest of 1024 to 8192 on 50,000 x 384); the result does not depend on it."""
+    was the fastest of 1024 to 8192 on 50,000 x 384); the result does not depend on it. device: where
+    the products run (cpu, cuda, auto, ...; x and reference are copied there whole)."""
     cut = _cut(threshold)
     chunk = _chunk(chunk_size)
+    dev = resolve_device(device)
     xn = unit_rows(x, "x")
     n = len(xn)
 
@@ -94,14 +106,16 @@ def deduplicate(x, threshold: float = 0.95, reference=None, chunk_size: int = 20
                 f"reference has dimension {ref.shape[1]} but x has {xn.shape[1]}: "
                 "embed both with the same model and feature"
             )
-        best, match = _best_matches(xn, ref, chunk)
+        with exact_float32_products():
+            best, match = _best_matches(xn, ref, chunk, dev)
         hit = best >= cut
         reference_match[hit] = match[hit]
         score[hit] = best[hit]
     by_reference = reference_match >= 0
 
     # groups among the items left: reference removals have no edges, so each is its own component
-    i, j, _, nearest = _scan(xn, cut, chunk, skip=by_reference, links_only=True)
+    with exact_float32_products():
+        i, j, _, nearest = _scan(xn, cut, chunk, skip=by_reference, links_only=True, device=dev)
     duplicate_of = _first_of_group(i, j, n)
     duplicate_of[by_reference] = -1
 
@@ -140,33 +154,43 @@ def _first_of_group(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
 
 
 def _scan(
-    x: np.ndarray, cut: np.float32, chunk: int, skip: np.ndarray | None = None, links_only: bool = False
+    x: np.ndarray,
+    cut: np.float32,
+    chunk: int,
+    skip: np.ndarray | None = None,
+    links_only: bool = False,
+    device: torch.device = CPU,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Over normalised x (N, D), block by block on the upper triangle: the pairs i < j with cosine >= cut
     (sorted by (i, j)) and their cosines, and each row's highest cosine to another row (nan if N == 1).
     skip (N,) bool: rows left out of the pairs (not of the highest cosines). links_only: instead of every
     pair, edges i < j with the same connected components (folded to one per linked item each time
-    max(N, chunk^2) more pairs are found), and no cosines: memory O(N + chunk^2) however many pairs."""
+    max(N, chunk^2) more pairs are found), and no cosines: memory O(N + chunk^2) however many pairs.
+    The products, maxima and threshold run on `device`; only the pairs found come back to the CPU."""
     n = len(x)
-    nearest = np.full(n, -np.inf, dtype=np.float32)
+    xt = torch.from_numpy(x).to(device)
+    nearest = torch.full((n,), -torch.inf, device=device)
     found_i, found_j, found_cos = [], [], []
     found, fold_every = 0, max(n, chunk * chunk)
     fold_at = fold_every
+    products = torch.empty(min(chunk, n) ** 2, device=device)  # one buffer for every block (no page faults)
     for a in range(0, n, chunk):
-        rows = x[a : a + chunk]
+        rows = xt[a : a + chunk]
         for b in range(a, n, chunk):
-            s = rows @ x[b : b + chunk].T
+            cols = xt[b : b + chunk]
+            s = torch.mm(rows, cols.T, out=products[: len(rows) * len(cols)].view(len(rows), len(cols)))
             if b == a:
-                np.fill_diagonal(s, -np.inf)  # not a pair with itself; the block is symmetric
-            row_max = s.max(axis=1)
-            np.maximum(nearest[a : a + len(rows)], row_max, out=nearest[a : a + len(rows)])
+                s.fill_diagonal_(-torch.inf)  # not a pair with itself; the block is symmetric
+            row_max = s.amax(dim=1)
+            torch.maximum(nearest[a : a + len(rows)], row_max, out=nearest[a : a + len(rows)])
             if b != a:
-                np.maximum(nearest[b : b + s.shape[1]], s.max(axis=0), out=nearest[b : b + s.shape[1]])
-            hit_rows = np.flatnonzero(row_max >= cut)  # usually few: look at those rows only
+                torch.maximum(nearest[b : b + s.shape[1]], s.amax(dim=0), out=nearest[b : b + s.shape[1]])
+            hit_rows = torch.nonzero(row_max >= cut)[:, 0]  # usually few: look at those rows only
             if len(hit_rows):
                 sub = s[hit_rows]
-                r, c = np.nonzero(sub >= cut)
-                i, j = a + hit_rows[r], b + c
+                r, c = torch.nonzero(sub >= cut, as_tuple=True)
+                cos = sub[r, c].cpu().numpy()
+                i, j = a + hit_rows[r].cpu().numpy(), b + c.cpu().numpy()
                 upper = i < j  # the diagonal block holds each pair twice
                 if skip is not None:
                     upper &= ~skip[i] & ~skip[j]
@@ -174,7 +198,7 @@ def _scan(
                 found_j.append(j[upper])
                 found += int(upper.sum())
                 if not links_only:
-                    found_cos.append(sub[r, c][upper])
+                    found_cos.append(cos[upper])
                 elif found > fold_at:  # fold the pairs into one edge per linked item, to its group's first
                     i, j = np.concatenate(found_i), np.concatenate(found_j)
                     linked = np.union1d(i, j)
@@ -183,6 +207,7 @@ def _scan(
                     found_i, found_j = [first[linked_to]], [linked[linked_to]]
                     found = len(found_i[0])
                     fold_at = found + fold_every  # each fold takes in fold_every new pairs: O(1) per pair
+    nearest = nearest.cpu().numpy()
     if n == 1:
         nearest[:] = np.nan
     i = np.concatenate(found_i).astype(np.int64) if found_i else np.zeros(0, dtype=np.int64)
@@ -192,18 +217,19 @@ def _scan(
     return i[order], j[order], cos[order] if not links_only else cos, nearest
 
 
-def _best_matches(x: np.ndarray, ref: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+def _best_matches(
+    x: np.ndarray, ref: np.ndarray, chunk: int, device: torch.device = CPU
+) -> tuple[np.ndarray, np.ndarray]:
     """For each row of normalised x (N, D): the highest cosine to a row of normalised ref (M, D) and the
-    index of that row (the lowest among ties); -inf and -1 if M == 0."""
-    best = np.full(len(x), -np.inf, dtype=np.float32)
-    match = np.full(len(x), -1, dtype=np.int64)
+    index of that row (the lowest among ties); -inf and -1 if M == 0. Products on `device`."""
+    xt, rt = torch.from_numpy(x).to(device), torch.from_numpy(ref).to(device)
+    best = torch.full((len(x),), -torch.inf, device=device)
+    match = torch.full((len(x),), -1, dtype=torch.long, device=device)
     for a in range(0, len(x), chunk):
-        rows, rows_best, rows_match = x[a : a + chunk], best[a : a + chunk], match[a : a + chunk]  # views
-        for b in range(0, len(ref), chunk):
-            s = rows @ ref[b : b + chunk].T
-            arg = s.argmax(axis=1)
-            top = s[np.arange(len(s)), arg]
+        rows, rows_best, rows_match = xt[a : a + chunk], best[a : a + chunk], match[a : a + chunk]  # views
+        for b in range(0, len(rt), chunk):
+            top, arg = (rows @ rt[b : b + chunk].T).max(dim=1)
             better = top > rows_best  # strictly: an earlier block wins ties
             rows_best[better] = top[better]
             rows_match[better] = b + arg[better]
-    return best, match
+    return best.cpu().numpy(), match.cpu().numpy()
