@@ -137,3 +137,26 @@ def test_eval_depth_refuses_a_depth_scale_that_is_not_positive(dense_scenes, tmp
     assert main(["eval", "depth", *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o" / "depth.json").exists()
+
+
+def test_a_val_mask_class_beyond_num_classes_fails_before_training(dense_scenes, tmp_path, capsys):
+    """A val mask holding a class the train masks lack was found only while evaluating, after the
+    head was trained and the earlier run's results in out= were removed."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    val = tmp_path / "val"
+    shutil.copytree(dense_scenes, val)
+    mask_path = sorted((val / "masks").glob("*.png"))[0]
+    mask = np.asarray(Image.open(mask_path)).copy()
+    top = max(int(np.asarray(Image.open(p)).max()) for p in (dense_scenes / "masks").glob("*.png"))
+    mask[0, 0] = top + 1
+    Image.fromarray(mask).save(mask_path)
+    out = tmp_path / "o"
+    assert main(["eval", "segmentation", f"train={dense_scenes}", f"val={dense_scenes}", f"out={out}", *DENSE]) == 0
+    capsys.readouterr()
+    assert main(["eval", "segmentation", f"train={dense_scenes}", f"val={val}", f"out={out}", *DENSE]) == 2
+    assert f"holds class {top + 1} but num_classes={top + 1}" in capsys.readouterr().err
+    assert (out / "segmentation.json").exists() and (out / "segmentation_head.safetensors").exists()

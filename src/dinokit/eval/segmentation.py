@@ -168,12 +168,13 @@ def eval_segmentation(
         if tr.target_max is None:
             raise DinokitError(f"the masks of {train} have no labelled pixel (all equal ignore_index={ignore_index})")
         num_classes = num_classes or int(tr.target_max) + 1
-        if tr.target_max >= num_classes:  # cross_entropy would fail on it with an IndexError
-            raise DinokitError(
-                f"{Path(train) / 'masks'} holds class {int(tr.target_max)} but num_classes={num_classes} (classes "
-                f"are 0..num_classes-1): pass num_classes={int(tr.target_max) + 1}, or leave it out to take it from "
-                "the masks"
-            )
+        for source, split in ((train, tr), (val, va)):  # before training: cross_entropy / scoring would fail
+            if split.target_max is not None and split.target_max >= num_classes:
+                raise DinokitError(
+                    f"{Path(source) / 'masks'} holds class {int(split.target_max)} but num_classes={num_classes} "
+                    f"(classes are 0..num_classes-1): pass num_classes={int(split.target_max) + 1}"
+                    + (", or leave it out to take it from the masks" if split is tr else "")
+                )
         d = backbone.model.embed_dim
         head = LinearSegmentationHead(d * len(layers), num_classes)
         clear_results(out_dir, "segmentation")
