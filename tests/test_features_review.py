@@ -10,6 +10,7 @@ import torch
 import dinokit
 from dinokit.errors import DinokitError
 from dinokit.features.embed import embed
+from dinokit.features.store import read_embeddings
 from dinokit.maps.commands import visualize_pca
 from dinokit.maps.pca import pca_rgb
 from dinokit.retrieval.commands import build_index, search_index
@@ -109,3 +110,14 @@ def test_a_damaged_or_missing_faiss_file_of_an_index_is_an_error_naming_it_and_t
     with pytest.raises(DinokitError, match=r"index-0\.faiss|paths-0\.txt") as error:
         FeatureIndex.load(idx)
     assert f"remove {idx} and build the index again" in str(error.value)
+
+
+@pytest.mark.parametrize("format", ["safetensors", "numpy"])
+def test_a_shard_missing_from_a_finished_embedding_is_named_with_the_fix_that_works(small, tmp_path, format):
+    # was: a FileNotFoundError (the CLI: one line without a fix) from read_embeddings, index build, eval, curate
+    run_embed(small, tmp_path / "e", shard_size=2, format=format)
+    next((tmp_path / "e").glob("shard_00001.*")).unlink()
+    with pytest.raises(DinokitError, match=r"shard_00001\.\w+ is missing.*run the same `dinokit embed` again"):
+        read_embeddings(tmp_path / "e")
+    assert run_embed(small, tmp_path / "e", shard_size=2, format=format)["computed_shards"] == 1  # the fix
+    assert len(read_embeddings(tmp_path / "e")[1]) == 6

@@ -66,9 +66,11 @@ def read_shard_index(path: Path) -> tuple[list[str], list[str]]:
 @contextlib.contextmanager
 def damaged_shard(path: Path) -> Iterator[None]:
     """A shard that cannot be parsed (dinokit writes whole shards; e.g. one cut short by an interrupted
-    copy of the folder) is a DinokitError naming it, instead of the reader's traceback."""
+    copy of the folder) or is missing is a DinokitError naming it, instead of the reader's traceback."""
     try:
         yield
+    except FileNotFoundError:
+        raise DinokitError(f"{path} is missing; run the same `dinokit embed` again to compute it") from None
     except OSError:
         raise
     except Exception as e:
