@@ -160,3 +160,24 @@ def test_a_val_mask_class_beyond_num_classes_fails_before_training(dense_scenes,
     assert main(["eval", "segmentation", f"train={dense_scenes}", f"val={val}", f"out={out}", *DENSE]) == 2
     assert f"holds class {top + 1} but num_classes={top + 1}" in capsys.readouterr().err
     assert (out / "segmentation.json").exists() and (out / "segmentation_head.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ('{"embed_dim": 192, "future_option": 1}', "options this dinokit does not know: ['future_option']"),
+        ("{bad", "its dinokit_config metadata is not a JSON object"),
+        ("[1, 2]", "its dinokit_config metadata is not a JSON object"),
+    ],
+)
+def test_a_dinokit_file_with_a_config_this_version_cannot_read_is_named(nano_weights, tmp_path, config, message):
+    """A dinokit file whose stored config names an option this version lacks (a newer dinokit's
+    export) or is damaged ended load_model in a TypeError / JSONDecodeError traceback."""
+    from safetensors.torch import load_file, save_file
+
+    from dinokit.errors import DinokitError
+
+    path = tmp_path / "model.safetensors"
+    save_file(load_file(nano_weights), path, metadata={"dinokit_config": config})
+    with pytest.raises(DinokitError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        dinokit.load_model(path)

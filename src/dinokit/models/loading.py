@@ -166,13 +166,31 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTCon
         return hf_format.hf_to_official(sd), hf_format.config_from_hf(config, str(path / "config.json")), "hf"
     sd, metadata = read_state_dict(path)
     if DINOKIT_CONFIG_KEY in metadata:
-        return sd, ViTConfig(**json.loads(metadata[DINOKIT_CONFIG_KEY])), "dinokit"
+        return sd, stored_config(metadata[DINOKIT_CONFIG_KEY], path), "dinokit"
     sd = unwrap_training_checkpoint(sd)  # a no-op for a bare backbone state dict
     if hf_format.is_hf(sd):
         return hf_format.hf_to_official(sd), _hf_config_beside(path), "hf"
     if timm_format.is_timm(sd):
         return timm_format.timm_to_official(sd), None, "timm"
     return sd, None, "official"
+
+
+def stored_config(text: str, path: Path) -> ViTConfig:
+    """The ViTConfig a dinokit file states in its metadata; a damaged one, or one naming options this
+    version lacks (a newer dinokit's export), is a DinokitError naming the file."""
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError:
+        fields = None
+    if not isinstance(fields, dict):
+        raise DinokitError(f"{path}: its dinokit_config metadata is not a JSON object (damaged?); export it again")
+    unknown = sorted(set(fields) - set(ViTConfig.__dataclass_fields__))
+    if unknown:
+        raise DinokitError(
+            f"{path} states architecture options this dinokit does not know: {unknown} (written by a newer "
+            "dinokit?): upgrade dinokit, or export the model there in the official or hf format"
+        )
+    return ViTConfig(**fields)
 
 
 def _hf_config_beside(path: Path) -> ViTConfig | None:
