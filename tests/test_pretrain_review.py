@@ -86,3 +86,23 @@ def test_resume_with_another_batch_size_finishes_the_epochs_and_continues_the_sc
     row = read_metrics(out / "metrics.jsonl")[-1]
     assert row["iteration"] == 6
     assert math.isclose(row["momentum"], cosine(0.992, 1.0, 48 / 64), rel_tol=1e-12)
+
+
+def test_the_uniform_collapse_is_warned_about(tmp_path):
+    """DINO collapses two ways: every image on one prototype (caught) or every image's targets
+    uniform (docs/benchmarks.md: the first cpu32 drifted into it, teacher entropy 0.998 of log K).
+    The second gives KL to uniform 0 and may keep the CLS spread, and was never warned about."""
+    import torch
+    from pretrain_helpers import TINY, tiny_images
+
+    from dinokit.train.pretrain import Trainer
+    from dinokit.train.self_distillation import collapse_figures
+
+    keys = {k: v for k, v in TINY.items() if k != "preset"}
+    cfg = resolve_config(TINY["preset"], {**keys, "max_iterations": 100})
+    trainer = Trainer(cfg, str(tiny_images(tmp_path / "data")), tmp_path / "run", None, torch.device("cpu"), False)
+    trainer.iteration = 50
+    uniform = collapse_figures(torch.full((4, 8), 1 / 8), torch.eye(4, 6))
+    assert uniform["teacher_kl_uniform"] < 1e-6 and uniform["cls_spread"] > 0.5
+    with pytest.warns(UserWarning, match=r"possible collapse: teacher targets nearly uniform .*entropy 1.000"):
+        assert trainer.warn_collapse({"iteration": 50, "minutes": 1.0, **uniform}, False) is True

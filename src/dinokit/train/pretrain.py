@@ -799,7 +799,8 @@ class Trainer:
         return row
 
     def warn_collapse(self, row: dict, warned: bool) -> bool:
-        """Warn once when the figures say the representation has collapsed (after the warm-ups)."""
+        """Warn once when the figures say the representation has collapsed (after the warm-ups): the CLS
+        features all alike, every image on the same prototypes, or every image's targets uniform."""
         if warned or row["iteration"] < 20 or self.progress(row["minutes"] * 60.0) < 0.2:
             return warned
         reasons = []
@@ -808,6 +809,10 @@ class Trainer:
         if row["teacher_kl_uniform"] > 0.9:
             reasons.append(
                 f"teacher puts every image on the same prototypes (KL to uniform {row['teacher_kl_uniform']:.2f})"
+            )
+        if row["teacher_entropy"] > 0.99:  # the other collapse: KL to uniform 0, spread possibly kept
+            reasons.append(
+                f"teacher targets nearly uniform for every image (entropy {row['teacher_entropy']:.3f} of log K)"
             )
         if reasons:
             warnings.warn(
