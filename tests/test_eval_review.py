@@ -181,3 +181,19 @@ def test_a_dinokit_file_with_a_config_this_version_cannot_read_is_named(nano_wei
     save_file(load_file(nano_weights), path, metadata={"dinokit_config": config})
     with pytest.raises(DinokitError, match=message.replace("[", r"\[").replace("]", r"\]")):
         dinokit.load_model(path)
+
+
+def test_few_shot_knn_uses_the_official_ks_of_each_shot(two_classes, tmp_path):
+    """The official few-shot k-NN (dinov2/eval/knn.py: create_module_dict) votes with the ks not above
+    n per class, and k = n itself; eval knn voted with every k (10, 20, 100, 200) over banks of
+    n x classes images, i.e. with the whole bank, and reported that as k = 200."""
+    import json
+
+    args = [f"train={two_classes / 'train'}", f"val={two_classes / 'val'}", f"out={tmp_path / 'o'}", "cache=none"]
+    common = ["model=random:vit_nano_p2", "image_size=16", "num_workers=0", "few_shot_tries=2"]
+    assert main(["eval", "knn", *common, *args, "ks=[1, 2, 10]", "few_shot=[1, 3]"]) == 0
+    record = json.loads((tmp_path / "o" / "knn.json").read_text())
+    assert list(record["top1"]) == ["1", "2", "10"]  # the full bank: the ks asked for
+    assert list(record["few_shot"]["1"]["top1"]) == ["1"] and list(record["few_shot"]["3"]["top1"]) == ["1", "2", "3"]
+    assert list(record["few_shot"]["3"]["top5"]) == ["1", "2", "3"]
+    assert record["protocol"]["few_shot_ks"] == {"1": [1], "3": [1, 2, 3]}

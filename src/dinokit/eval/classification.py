@@ -21,7 +21,7 @@ from dinokit.eval.common import (
     read_splits,
     resolve_cache,
 )
-from dinokit.eval.knn import DEFAULT_KS, few_shot_indices, knn_classify, topk_accuracy
+from dinokit.eval.knn import DEFAULT_KS, few_shot_indices, few_shot_ks, knn_classify, topk_accuracy
 from dinokit.eval.linear import LEARNING_RATES, ProbeSplit, head_grid, linear_probe
 from dinokit.io import atomic_write, prepare_output, write_json
 from dinokit.runtime import resolve_device
@@ -89,7 +89,8 @@ def eval_knn(
     train, val: labelled `<class>/<images>` folders or `path,label` CSVs (val uses train's classes and
     shares no image with train).
     ks, temperature: the DINO / DINOv2 protocol (10, 20, 100, 200; 0.07). few_shot: e.g. [1, 5, 10]
-    images per class drawn from train, `few_shot_tries` draws each (mean and std reported).
+    images per class drawn from train, `few_shot_tries` draws each (mean and std reported); as the
+    official few-shot k-NN, n per class votes with the ks not above n, and k = n.
     precision: of feature extraction (bf16 | fp32); the search itself is exact fp32.
     cache: auto | none | a folder for the feature cache.
     """
@@ -143,12 +144,13 @@ def eval_knn(
 
     if few_shot:
         record["few_shot"] = {}
+        protocol["few_shot_ks"] = {str(n): few_shot_ks(ks, n) for n in few_shot}
         for n in few_shot:
             tries = []
             for t in range(few_shot_tries):
                 picked = few_shot_indices(tr.labels, n, seed + t)
                 sub_bank = tr.features.rows("layers", picked)[:, -1]
-                args = (queries, va.labels, num_classes, ks, temperature, dev)
+                args = (queries, va.labels, num_classes, few_shot_ks(ks, n), temperature, dev)
                 tries.append(knn_accuracies(sub_bank, tr.labels[picked], *args))
             record["few_shot"][str(n)] = summarise_tries(tries)
 

@@ -135,6 +135,12 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
     return 100.0 * hits.double().mean().item()
 
 
+def few_shot_ks(ks: Sequence[int], n_per_class: int) -> list[int]:
+    """The ks of a few-shot bank of `n_per_class` images per class, as the official few-shot k-NN
+    (`dinov2/eval/knn.py: create_module_dict`): those of `ks` not above n, and n itself."""
+    return sorted({k for k in ks if k <= n_per_class} | {n_per_class})
+
+
 def few_shot_indices(labels: np.ndarray, n_per_class: int, seed: int) -> np.ndarray:
     """Sorted indices of `n_per_class` random examples of each class (all of a class with fewer)."""
     rng = np.random.default_rng(seed)
