@@ -106,3 +106,27 @@ def test_the_uniform_collapse_is_warned_about(tmp_path):
     assert uniform["teacher_kl_uniform"] < 1e-6 and uniform["cls_spread"] > 0.5
     with pytest.warns(UserWarning, match=r"possible collapse: teacher targets nearly uniform .*entropy 1.000"):
         assert trainer.warn_collapse({"iteration": 50, "minutes": 1.0, **uniform}, False) is True
+
+
+def test_batched_memory_check_counts_every_process_on_the_machine(tmp_path, monkeypatch):
+    """augmentation=batched holds the decoded images in every process: under torchrun, 8 processes
+    whose copies each take 30% of the memory passed the 'half of this machine' check one by one and
+    were then killed by the kernel; the check now counts the processes on this machine."""
+    import os
+
+    from pretrain_helpers import tiny_images
+
+    from dinokit.data.images import list_images
+    from dinokit.data.unlabelled import decode_to_memory
+
+    paths = list_images(str(tiny_images(tmp_path / "data")))[:4]  # 4 x 3 x 16 x 16 = 3072 bytes
+    real_sysconf = os.sysconf
+    monkeypatch.setattr(
+        os, "sysconf", lambda name: {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 8000}.get(name) or real_sysconf(name)
+    )
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    images, bad = decode_to_memory(paths, 16)
+    assert images.shape == (4, 3, 16, 16) and bad == []
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(DinokitError, match="2 processes"):
+        decode_to_memory(paths, 16)

@@ -97,13 +97,17 @@ def decode_to_memory(
     paths: list[Path], size: int, num_workers: int = 0, progress: bool = False
 ) -> tuple[torch.Tensor, list[int]]:
     """Every image decoded once: (uint8 (N, 3, size, size), indices of unreadable files, whose rows
-    stay zero). Shorter side resized to `size` (bicubic, antialiased), then the central square."""
-    needed = len(paths) * 3 * size * size
+    stay zero). Shorter side resized to `size` (bicubic, antialiased), then the central square.
+    Refused when the copies of every process on this machine (torchrun's LOCAL_WORLD_SIZE) would
+    take more than half of its memory."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = len(paths) * 3 * size * size * processes
     available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > available // 2:
+        copies = f" ({processes} processes on this machine, a copy each)" if processes > 1 else ""
         raise DinokitError(
             f"augmentation=batched keeps the data in memory: {len(paths)} images at {size} px need "
-            f"{needed / 2**30:.1f} GiB, more than half of this machine's {available / 2**30:.1f} GiB. "
+            f"{needed / 2**30:.1f} GiB{copies}, more than half of this machine's {available / 2**30:.1f} GiB. "
             "Use augmentation=per_image, or a smaller batched_image_size."
         )
     transform = v2.Compose(
