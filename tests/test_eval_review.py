@@ -197,3 +197,15 @@ def test_few_shot_knn_uses_the_official_ks_of_each_shot(two_classes, tmp_path):
     assert list(record["few_shot"]["1"]["top1"]) == ["1"] and list(record["few_shot"]["3"]["top1"]) == ["1", "2", "3"]
     assert list(record["few_shot"]["3"]["top5"]) == ["1", "2", "3"]
     assert record["protocol"]["few_shot_ks"] == {"1": [1], "3": [1, 2, 3]}
+
+
+def test_a_csv_line_with_an_empty_label_is_named(two_classes, tmp_path):
+    """`a.png,` (a label left out in a spreadsheet) made a class named '' of its images, silently."""
+    from dinokit.data.labelled import read_labelled
+    from dinokit.errors import DinokitError
+
+    images = sorted((two_classes / "train").rglob("*.png"))
+    listing = tmp_path / "train.csv"
+    listing.write_text(f"{images[0]},cat\n{images[5]},dog\n{images[6]},\n")
+    with pytest.raises(DinokitError, match=f"the line naming {images[6]} has an empty label"):
+        read_labelled(listing)

@@ -28,6 +28,8 @@ def read_labelled(
         for path, label in read_list_file(source):
             if label is None:
                 raise DinokitError(f"{source}: the line naming {path} is not `path,label`")
+            if not label:  # `a.png,`: a class named '' of its own
+                raise DinokitError(f"{source}: the line naming {path} has an empty label; give its class name")
             pairs.append((path, label))
         if not pairs:
             raise DinokitError(f"{source} lists no `path,label` lines")
