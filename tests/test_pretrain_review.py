@@ -130,3 +130,26 @@ def test_batched_memory_check_counts_every_process_on_the_machine(tmp_path, monk
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(DinokitError, match="2 processes"):
         decode_to_memory(paths, 16)
+
+
+def test_a_run_started_from_init_resumes_without_its_init_weights(tmp_path):
+    """resume=true rebuilt the backbone by reading init= again, though the checkpoint holds every
+    weight: a run started from a file since moved or deleted (or a released name, offline) could not
+    be resumed. The checkpoint now records the backbone's architecture."""
+    import shutil
+
+    from pretrain_helpers import TINY, tiny_images
+
+    import dinokit
+
+    data = tiny_images(tmp_path / "data")
+    dinokit.pretrain(data=str(data), out=str(tmp_path / "first"), **{**TINY, "max_iterations": 1})
+    init = tmp_path / "init.safetensors"
+    shutil.copy(tmp_path / "first" / "backbone.safetensors", init)
+    keys = {**TINY, "init": str(init)}
+    dinokit.pretrain(data=str(data), out=str(tmp_path / "run"), **{**keys, "max_iterations": 2})
+    init.unlink()
+    summary = dinokit.pretrain(
+        data=str(data), out=str(tmp_path / "run"), **{**keys, "max_iterations": 4, "resume": True}
+    )
+    assert summary["iterations"] == 4

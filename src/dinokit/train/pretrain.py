@@ -35,7 +35,7 @@ from dinokit.errors import DinokitError, SharedError
 from dinokit.io import atomic_write, folder_lock, prepare_output
 from dinokit.models import create_model, export_model, load_model
 from dinokit.models.architectures import nearest_architecture
-from dinokit.models.vision_transformer import VisionTransformer
+from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.runtime import autocast, resolve_device, reuse_freed_memory
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dinokit.train.config import PretrainConfig, resolve_config
@@ -68,10 +68,14 @@ RESUMABLE_KEYS = {
 
 
 # ---------------------------------------------------------------------------------------------- model
-def build_backbone(cfg: PretrainConfig) -> VisionTransformer:
-    """A fresh backbone of `cfg.arch` (position grid at the global crop size), or `cfg.init`'s weights."""
+def build_backbone(cfg: PretrainConfig, resumed_config: dict | None = None) -> VisionTransformer:
+    """A fresh backbone of `cfg.arch` (position grid at the global crop size), or `cfg.init`'s weights.
+    resumed_config: the architecture a checkpoint recorded (`ViTConfig.to_dict`), whose weights it
+    holds: a resumed run started from init= does not read init= again (moved, deleted, offline)."""
     use_ibot = cfg.objective == "dinov2" and cfg.ibot_loss_weight > 0
-    if cfg.init:
+    if cfg.init and resumed_config is not None:
+        backbone = VisionTransformer(ViTConfig(**resumed_config))
+    elif cfg.init:
         backbone = load_model(cfg.init)
         if use_ibot and backbone.mask_token is None:
             raise DinokitError(f"init={cfg.init} has no mask token, which iBOT needs: use objective=dino")
@@ -91,9 +95,9 @@ def build_backbone(cfg: PretrainConfig) -> VisionTransformer:
     return backbone
 
 
-def build_model(cfg: PretrainConfig) -> SelfDistillation:
+def build_model(cfg: PretrainConfig, resumed_config: dict | None = None) -> SelfDistillation:
     return SelfDistillation(
-        build_backbone(cfg),
+        build_backbone(cfg, resumed_config),
         objective=cfg.objective,
         head_prototypes=cfg.head_prototypes,
         head_hidden_dim=cfg.head_hidden_dim,
@@ -458,7 +462,7 @@ class Trainer:
                 cfg, len(self.paths), self.global_batch, resumed.get("iteration", 0), resumed.get("samples_seen", 0)
             )
             torch.manual_seed(cfg.seed)  # the same initial weights in every process
-            self.model = build_model(cfg).to(device)
+            self.model = build_model(cfg, resumed.get("backbone_config")).to(device)
             check_crop_sizes(cfg, self.model.student.backbone.patch_size)
             self.use_ibot = self.model.use_ibot
             self.collate = build_collate(cfg, self.model.student.backbone.patch_size, self.use_ibot)
@@ -602,6 +606,7 @@ class Trainer:
             "elapsed_seconds": elapsed,
             "global_batch": self.global_batch,
             "data_fingerprint": self.data_fingerprint,
+            "backbone_config": self.model.student.backbone.config.to_dict(),
             "counters": self.counters,
             "model": model_state(self.model, self.fsdp),
             "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
