@@ -6,12 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import dinokit
 from dinokit.errors import DinokitError
 from dinokit.features.embed import embed
 from dinokit.features.store import read_embeddings
-from dinokit.maps.commands import visualize_pca
+from dinokit.maps.commands import segment, visualize_pca
 from dinokit.maps.pca import pca_rgb
 from dinokit.retrieval.commands import build_index, search_index
 from dinokit.retrieval.index import FeatureIndex
@@ -121,3 +122,22 @@ def test_a_shard_missing_from_a_finished_embedding_is_named_with_the_fix_that_wo
         read_embeddings(tmp_path / "e")
     assert run_embed(small, tmp_path / "e", shard_size=2, format=format)["computed_shards"] == 1  # the fix
     assert len(read_embeddings(tmp_path / "e")[1]) == 6
+
+
+def test_segment_and_pca_leave_out_their_own_earlier_outputs_inside_the_input_folder(small, tmp_path):
+    # was: with out= inside target=, a second run segmented the first run's masks and overlays too (and
+    # wrote seg/seg/...); visualize pca with out= inside image= took its earlier picture into the joint PCA
+    root, weights, _ = small
+    targets = tmp_path / "targets"
+    shutil.copytree(root / "images", targets)
+    ref, mask = root / "images" / "0.png", tmp_path / "mask.png"
+    Image.fromarray(np.eye(24, dtype=np.uint8) * 255).save(mask)
+    args = dict(out=str(targets / "seg"), model=str(weights), image_size=8, device="cpu")
+    first = segment(str(ref), str(mask), str(targets), **args)
+    second = segment(str(ref), str(mask), str(targets), **args)
+    assert len(first["results"]) == len(second["results"]) == 6
+    assert not (targets / "seg" / "seg").exists()
+    photos = shutil.copytree(root / "images", tmp_path / "photos")
+    pca_args = dict(model=str(weights), image_size=8, device="cpu")
+    assert visualize_pca(str(photos), str(photos / "pca.png"), **pca_args)["images"] == 6
+    assert visualize_pca(str(photos), str(photos / "pca.png"), **pca_args)["images"] == 6

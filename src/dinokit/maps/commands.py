@@ -130,7 +130,7 @@ def visualize_pca(
         )
     prepare_output(out, example="pca.png", create=False)
     net = load(model, device)
-    opened, bad = open_images(list_images(image))
+    opened, bad = open_images(inputs_without_outputs(image, Path(out)))
     report_skipped(bad)
     feats = patch_features(net, [model_input(net, picture, image_size, resize_policy) for _, picture in opened])
     result = pca_rgb(feats, foreground_threshold)
@@ -241,7 +241,7 @@ def segment(
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     bad = []
-    paths = list_images(target)
+    paths = inputs_without_outputs(target, out_dir)
     for path, name in zip(paths, output_names(paths, target), strict=True):
         try:
             picture = open_rgb(path)
@@ -268,6 +268,19 @@ def segment(
         out_dir / "segment.json", {"model": model, "references": references, "results": results, "skipped": skipped}
     )
     return {"out": str(out_dir), "results": results, "skipped": skipped}
+
+
+def inputs_without_outputs(source: str, out: Path) -> list[Path]:
+    """The images of `source` (`list_images`); for a folder, less `out` and the files under it: a run
+    with out= inside its input folder must not take its own earlier pictures as inputs."""
+    paths = list_images(source)
+    if not Path(source).expanduser().is_dir():
+        return paths  # images named one by one are taken as named
+    out = out.resolve()
+    kept = [p for p in paths if p.resolve() != out and out not in p.resolve().parents]
+    if not kept:
+        raise DinokitError(f"{source} holds no images besides the outputs in {out}")
+    return kept
 
 
 def report_skipped(bad: list[Path]) -> None:
