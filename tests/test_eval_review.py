@@ -209,3 +209,19 @@ def test_a_csv_line_with_an_empty_label_is_named(two_classes, tmp_path):
     listing.write_text(f"{images[0]},cat\n{images[5]},dog\n{images[6]},\n")
     with pytest.raises(DinokitError, match=f"the line naming {images[6]} has an empty label"):
         read_labelled(listing)
+
+
+def test_a_one_bit_mask_reads_as_classes_0_and_1(tmp_path):
+    """A binary mask saved from a boolean array (Image.fromarray(mask > 0): mode "1") was refused as
+    holding 'colours', not class indices."""
+    import numpy as np
+    from PIL import Image
+
+    from dinokit.eval.dense import read_mask
+
+    truth = np.array([[True, False, False], [False, True, True]])
+    Image.fromarray(truth).save(tmp_path / "m.png")
+    with Image.open(tmp_path / "m.png") as im:
+        assert im.mode == "1"
+    mask = read_mask(tmp_path / "m.png")
+    assert mask.dtype == np.int64 and np.array_equal(mask, truth.astype(np.int64))

@@ -99,13 +99,13 @@ def by_key(paths: list[Path], folder: Path) -> dict[str, list[Path]]:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """(H, W) int64 class indices of a single-channel (L, P, I;16 or I) PNG, in its EXIF orientation
-    (as its image)."""
+    """(H, W) int64 class indices of a single-channel (1-bit, L, P, I;16 or I) PNG, in its EXIF
+    orientation (as its image). A 1-bit mask (a boolean array saved by Pillow) holds classes 0 and 1."""
     im = open_image(path, what="mask")
-    if im.mode not in ("L", "P", "I;16", "I;16B", "I;16L", "I"):
+    if im.mode not in ("1", "L", "P", "I;16", "I;16B", "I;16L", "I"):
         raise DinokitError(
             f"{path} is a {im.mode} image; a mask must hold one class index per pixel "
-            "(8/16-bit grayscale or palette PNG), not colours"
+            "(1/8/16-bit grayscale or palette PNG), not colours"
         )
     return np.asarray(im).astype(np.int64)
 
