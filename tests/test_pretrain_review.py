@@ -153,3 +153,36 @@ def test_a_run_started_from_init_resumes_without_its_init_weights(tmp_path):
         data=str(data), out=str(tmp_path / "run"), **{**keys, "max_iterations": 4, "resume": True}
     )
     assert summary["iterations"] == 4
+
+
+def test_the_advice_after_non_finite_steps_can_be_followed(tmp_path, monkeypatch):
+    """The stop message advised 'Lower lr ... or set koleo_loss_weight=0; resume=true continues from the
+    last checkpoint', but resume=true refuses a changed lr or koleo_loss_weight (only precision and
+    batch_size may change): the message now says which changes a resume takes and which need a new run."""
+    from pretrain_helpers import TINY, tiny_images
+
+    import dinokit
+    from dinokit.train.self_distillation import SelfDistillation
+
+    data, out = tiny_images(tmp_path / "data"), tmp_path / "run"
+    original = SelfDistillation.losses
+
+    def blows_up_after_two(self, *args, **kwargs):
+        parts = original(self, *args, **kwargs)
+        blows_up_after_two.calls += 1
+        if blows_up_after_two.calls > 2:
+            parts["loss"] = parts["loss"] * float("inf")
+        return parts
+
+    blows_up_after_two.calls = 0
+    monkeypatch.setattr(SelfDistillation, "losses", blows_up_after_two)
+    keys = {**TINY, "max_iterations": 8, "nan_patience": 2, "checkpoint_every": 2}
+    with pytest.raises(DinokitError) as stop:
+        dinokit.pretrain(data=str(data), out=str(out), **keys)
+    message = str(stop.value)
+    assert "resume=true precision=fp32" in message and "new run" in message
+    with pytest.raises(DinokitError, match="lr"):  # as the message now says
+        dinokit.pretrain(data=str(data), out=str(out), **{**keys, "resume": True, "lr": 0.001})
+    monkeypatch.setattr(SelfDistillation, "losses", original)
+    summary = dinokit.pretrain(data=str(data), out=str(out), **{**keys, "resume": True, "precision": "fp32"})
+    assert summary["iterations"] == 8

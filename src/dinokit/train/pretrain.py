@@ -702,8 +702,9 @@ class Trainer:
                     if consecutive_bad >= cfg.nan_patience:
                         raise DinokitError(
                             f"{consecutive_bad} steps in a row had non-finite losses or gradients (iteration "
-                            f"{self.iteration}). Lower lr, use precision=fp32, raise batch_size, or set "
-                            "koleo_loss_weight=0; resume=true continues from the last checkpoint."
+                            f"{self.iteration}). `resume=true precision=fp32` (or a larger batch_size=...) "
+                            "continues from the last checkpoint; a lower lr or koleo_loss_weight=0 takes a new "
+                            "run (another out=...), as resume=true keeps the run's other settings."
                         )
                 self.iteration += 1
                 self.samples_seen += self.global_batch
