@@ -225,3 +225,26 @@ def test_a_one_bit_mask_reads_as_classes_0_and_1(tmp_path):
         assert im.mode == "1"
     mask = read_mask(tmp_path / "m.png")
     assert mask.dtype == np.int64 and np.array_equal(mask, truth.astype(np.int64))
+
+
+@pytest.mark.parametrize("key", ["learning_rates=[0.1, 0.1]", "avgpool=[true, true]", "n_last_blocks=[1, 1]"])
+def test_a_linear_grid_value_given_twice_is_one_head(two_classes, tmp_path, key):
+    """A value repeated in learning_rates / avgpool / n_last_blocks put one head's parameters in two
+    optimizer groups: a ValueError traceback after the features were extracted."""
+    import json
+
+    args = [f"train={two_classes / 'train'}", f"val={two_classes / 'val'}", f"out={tmp_path / 'o'}", "cache=none"]
+    common = ["model=random:vit_nano_p2", "image_size=16", "num_workers=0", "epochs=1"]
+    grid = ["learning_rates=[0.1]", "avgpool=[false]", "n_last_blocks=[1]"]
+    grid = [key if g.split("=")[0] == key.split("=")[0] else g for g in grid]
+    assert main(["eval", "linear", *common, *args, *grid]) == 0
+    record = json.loads((tmp_path / "o" / "linear.json").read_text())
+    assert len(record["selection"]["scores"]) == 1
+    once = {"n_last_blocks": [1], "avgpool": [key.startswith("avgpool")], "learning_rates": [0.1]}
+    assert record["protocol"]["grid"] == once
+
+
+def test_head_grid_holds_each_configuration_once():
+    from dinokit.eval.linear import head_grid
+
+    assert len(head_grid((1, 4, 1), (False, False), (0.1, 0.1, 0.2))) == 2 * 1 * 2

@@ -220,6 +220,8 @@ def eval_linear(
         ),
     ]
     require(checks)
+    # each value once, as the grid and its record hold it
+    n_last_blocks, avgpool, learning_rates = (list(dict.fromkeys(v)) for v in (n_last_blocks, avgpool, learning_rates))
     prepare_output(out, folder=True, create=False)  # before the features are extracted
     train_split, val_split, selection_split = read_splits(train, val, selection)
     dev = resolve_device(device)

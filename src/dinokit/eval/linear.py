@@ -56,7 +56,8 @@ class HeadConfig:
 
 
 def head_grid(n_last_blocks=(1, 4), avgpool=(False, True), learning_rates=LEARNING_RATES) -> list[HeadConfig]:
-    return [HeadConfig(n, p, lr) for n in n_last_blocks for p in avgpool for lr in learning_rates]
+    """Every (n, avgpool, lr) once (a repeated value would put one head in two optimizer groups)."""
+    return list(dict.fromkeys(HeadConfig(n, p, lr) for n in n_last_blocks for p in avgpool for lr in learning_rates))
 
 
 def linear_input(block_cls: torch.Tensor, patch_mean: torch.Tensor, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
