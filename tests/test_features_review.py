@@ -141,3 +141,17 @@ def test_segment_and_pca_leave_out_their_own_earlier_outputs_inside_the_input_fo
     pca_args = dict(model=str(weights), image_size=8, device="cpu")
     assert visualize_pca(str(photos), str(photos / "pca.png"), **pca_args)["images"] == 6
     assert visualize_pca(str(photos), str(photos / "pca.png"), **pca_args)["images"] == 6
+
+
+def test_a_folder_of_photos_given_as_an_embedding_is_not_called_an_unfinished_run(small, tmp_path):
+    # was: "manifest.json not found ... (the run has not finished: run the same `dinokit embed` again to
+    # resume)" for a folder that no embed ever wrote to, e.g. features=photos/ in index build
+    root, _, _ = small
+    with pytest.raises(DinokitError, match=r"not a `dinokit embed` folder.*dinokit embed model=M data=\S*images") as e:
+        build_index(str(root / "images"), str(tmp_path / "idx"))
+    assert "has not finished" not in str(e.value)
+    out = tmp_path / "e"
+    run_embed(small, out)
+    (out / "manifest.json").unlink()  # a run that stopped before its manifest still gets the resume hint
+    with pytest.raises(DinokitError, match="the run has not finished"):
+        read_embeddings(out)

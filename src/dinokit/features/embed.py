@@ -34,6 +34,7 @@ from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import FEATURE_KINDS, check_loader_settings, iter_features
 from dinokit.features.store import (
+    CONFIG,
     MANIFEST,
     SHARD_FORMATS,
     STORE_DTYPES,
@@ -44,8 +45,6 @@ from dinokit.features.store import (
 from dinokit.io import prepare_output, read_json, write_json
 from dinokit.models import load_model
 from dinokit.runtime import effective_precision, resolve_device
-
-CONFIG = "embed_config.json"
 
 
 def embed(

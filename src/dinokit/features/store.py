@@ -28,6 +28,7 @@ from dinokit.io import atomic_write, read_json
 SHARD_FORMATS = {"safetensors": ".safetensors", "numpy": ".npz"}
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MANIFEST = "manifest.json"
+CONFIG = "embed_config.json"  # the settings of a run, written before its first shard
 
 
 def shard_path(folder: Path, index: int, format: str) -> Path:
@@ -102,6 +103,12 @@ def read_manifest(folder: str | Path) -> dict:
         what = "a file" if folder.exists() else "not there"
         raise DinokitError(f"{folder} is {what}: pass the folder that `dinokit embed ... out=` wrote")
     if not path.is_file():
+        if any(folder.iterdir()) and not (folder / CONFIG).is_file():  # no embed ever wrote here
+            raise DinokitError(
+                f"{folder} is not a `dinokit embed` folder (no {MANIFEST}, no {CONFIG}): pass the folder that "
+                f"`dinokit embed ... out=` wrote, or embed its images first: "
+                f"dinokit embed model=M data={folder} out=EMB"
+            )
         hint = " (the run has not finished: run the same `dinokit embed` again to resume)"
         raise DinokitError(f"{path} not found: not a finished `dinokit embed` folder{hint}")
     return read_json(path, "remove it and run the same `dinokit embed` again (its finished shards are kept)")
