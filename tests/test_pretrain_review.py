@@ -186,3 +186,14 @@ def test_the_advice_after_non_finite_steps_can_be_followed(tmp_path, monkeypatch
     monkeypatch.setattr(SelfDistillation, "losses", original)
     summary = dinokit.pretrain(data=str(data), out=str(out), **{**keys, "resume": True, "precision": "fp32"})
     assert summary["iterations"] == 8
+
+
+@pytest.mark.parametrize("epochs, images, batch, iterations", [(2.2, 25, 1, 55), (1.1, 50, 1, 55), (4.4, 45, 2, 99)])
+def test_epochs_give_the_exact_number_of_iterations(epochs, images, batch, iterations):
+    """ceil(epochs * images / batch) in floating point: 2.2 * 25 is 55.000000000000007, which ran a 56th
+    iteration beyond the requested epochs."""
+    from dinokit.train.pretrain import run_length
+
+    length = run_length(resolve_config("dinov2_vits14", {"epochs": epochs}), images, batch)
+    assert length["stop_iteration"] == length["schedule_iterations"] == iterations
+    assert length["schedule_samples"] == iterations * batch

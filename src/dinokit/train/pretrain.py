@@ -330,7 +330,8 @@ def run_length(
     limits = {}
     schedule_samples = None
     if cfg.epochs:
-        schedule_samples = math.ceil(cfg.epochs * per_epoch) * global_batch
+        # rounded first: 2.2 * 25 is 55.000000000000007 in floating point, not one batch more
+        schedule_samples = math.ceil(round(cfg.epochs * per_epoch, 9)) * global_batch
         limits["epochs"] = iteration + max(0, math.ceil((schedule_samples - samples_seen) / global_batch))
     if cfg.max_iterations:
         limits["max_iterations"] = cfg.max_iterations
