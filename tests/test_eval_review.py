@@ -248,3 +248,12 @@ def test_head_grid_holds_each_configuration_once():
     from dinokit.eval.linear import head_grid
 
     assert len(head_grid((1, 4, 1), (False, False), (0.1, 0.1, 0.2))) == 2 * 1 * 2
+
+
+def test_logreg_values_below_one_is_refused_before_any_work(two_classes, tmp_path, capsys):
+    """method=logreg logreg_values=0 swept no C and ended in 'max() arg is an empty sequence' (a
+    ValueError traceback) after the features were extracted."""
+    args = [f"train={two_classes / 'train'}", f"val={two_classes / 'val'}", f"out={tmp_path / 'o'}", "cache=none"]
+    common = ["model=random:vit_nano_p2", "image_size=16", "num_workers=0", "method=logreg", "logreg_values=0"]
+    assert main(["eval", "linear", *common, *args]) == 2
+    assert "logreg_values must be >= 1" in capsys.readouterr().err

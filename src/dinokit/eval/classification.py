@@ -215,6 +215,10 @@ def eval_linear(
         (epochs >= 1, f"epochs must be >= 1, got {epochs}"),
         (train_batch_size >= 1, f"train_batch_size must be >= 1, got {train_batch_size}"),
         (
+            method != "logreg" or logreg_values >= 1,
+            f"logreg_values must be >= 1 (values of C swept over 1e-6..1e5; the protocol's is 45), got {logreg_values}",
+        ),
+        (
             selection is not None or 0 < selection_fraction < 1,
             f"selection_fraction must be between 0 and 1 (held out of each class), got {selection_fraction}",
         ),
