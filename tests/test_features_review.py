@@ -12,7 +12,7 @@ import dinokit
 from dinokit.errors import DinokitError
 from dinokit.features.embed import embed
 from dinokit.features.store import read_embeddings
-from dinokit.maps.commands import segment, visualize_pca
+from dinokit.maps.commands import read_mask, segment, visualize_pca
 from dinokit.maps.pca import pca_rgb
 from dinokit.retrieval.commands import build_index, search_index
 from dinokit.retrieval.index import FeatureIndex
@@ -155,3 +155,22 @@ def test_a_folder_of_photos_given_as_an_embedding_is_not_called_an_unfinished_ru
     (out / "manifest.json").unlink()  # a run that stopped before its manifest still gets the resume hint
     with pytest.raises(DinokitError, match="the run has not finished"):
         read_embeddings(out)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparent_pixels_of_a_reference_mask_are_background_whatever_their_colour(tmp_path, mode):
+    # was: the alpha channel was dropped, so a mask drawn on a transparent layer whose hidden colour is
+    # white (as editors keep it) marked the whole image as the object
+    rgba = np.zeros((20, 30, 4), dtype=np.uint8)
+    rgba[..., :3] = 255  # white everywhere, visible only where opaque
+    rgba[5:15, 10:20, 3] = 255
+    Image.fromarray(rgba, mode="RGBA").convert(mode).save(tmp_path / "mask.png")
+    mask = read_mask(tmp_path / "mask.png", (30, 20))
+    truth = np.zeros((20, 30), dtype=bool)
+    truth[5:15, 10:20] = True
+    assert np.array_equal(mask, truth)
+    opaque = rgba.copy()
+    opaque[..., :3], opaque[..., 3] = 0, 255  # an opaque mask reads as before: nonzero pixels
+    opaque[5:15, 10:20, :3] = 200
+    Image.fromarray(opaque, mode="RGBA").convert(mode).save(tmp_path / "opaque.png")
+    assert np.array_equal(read_mask(tmp_path / "opaque.png", (30, 20)), truth)

@@ -290,10 +290,14 @@ def report_skipped(bad: list[Path]) -> None:
 
 
 def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """A bool mask (H, W) from an image file (nonzero = object), in its EXIF orientation, for an image
-    of `size` (W, H): the same size, or the same aspect ratio (to 1 px) resized (nearest) to it."""
+    """A bool mask (H, W) from an image file (nonzero = object; transparent pixels are background,
+    whatever colour they hide), in its EXIF orientation, for an image of `size` (W, H): the same size,
+    or the same aspect ratio (to 1 px) resized (nearest) to it."""
     im = open_image(path, what="reference mask")
     mask = im.convert("L") if im.mode not in ("L", "1", "I", "I;16", "P") else im
+    if im.mode in ("RGBA", "LA", "PA"):
+        visible = np.asarray(im.getchannel("A")) > 0
+        mask = Image.fromarray(np.where(visible, np.asarray(mask), 0).astype(np.uint8))
     size = tuple(size)
     if mask.size != size and not same_aspect(mask.size, size):
         raise DinokitError(
