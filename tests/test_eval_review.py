@@ -257,3 +257,16 @@ def test_logreg_values_below_one_is_refused_before_any_work(two_classes, tmp_pat
     common = ["model=random:vit_nano_p2", "image_size=16", "num_workers=0", "method=logreg", "logreg_values=0"]
     assert main(["eval", "linear", *common, *args]) == 2
     assert "logreg_values must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [("lr=-0.001", "lr must be > 0"), ("lr=0", "lr must be > 0"), ("weight_decay=-1", "weight_decay must be >= 0")],
+)
+def test_dense_probe_optimiser_settings_are_checked_before_any_work(dense_scenes, tmp_path, capsys, task, key, message):
+    """lr < 0 or weight_decay < 0 ended in AdamW's ValueError traceback after the features were
+    extracted; lr=0 reported the untrained head as the probe."""
+    args = [f"train={dense_scenes}", f"val={dense_scenes}", f"out={tmp_path / 'o'}", *DENSE, key]
+    assert main(["eval", task, *args]) == 2
+    assert message in capsys.readouterr().err

@@ -334,13 +334,16 @@ def clear_results(out_dir: Path, task: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------- training
-def check_training(epochs: int, train_batch_size: int) -> None:
-    """Refuse, before any work, settings that train no head (epochs=0 reported the untrained head) or
-    cannot (train_batch_size=0 divided by zero after the features were extracted)."""
+def check_training(epochs: int, train_batch_size: int, lr: float, weight_decay: float) -> None:
+    """Refuse, before any work, settings that train no head (epochs=0 or lr=0 reported the untrained
+    head) or cannot (train_batch_size=0 divided by zero, AdamW refused a negative lr or weight decay,
+    after the features were extracted)."""
     require(
         [
             (epochs >= 1, f"epochs must be >= 1 (passes over the train features), got {epochs}"),
             (train_batch_size >= 1, f"train_batch_size must be >= 1, got {train_batch_size}"),
+            (lr > 0, f"lr must be > 0 (AdamW's peak learning rate), got {lr}"),
+            (weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}"),
         ]
     )
 

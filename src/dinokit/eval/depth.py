@@ -164,7 +164,7 @@ def eval_depth(
     not hold eval segmentation's results (segmentation.json), which share those files, nor be the
     out of a run still going on (a second run into it is refused at once).
     """
-    check_training(epochs, train_batch_size)
+    check_training(epochs, train_batch_size, lr, weight_decay)
     if not depth_scale > 0:  # 0 gave NaN errors as a result; a negative scale, maps 'without measurement'
         raise DinokitError(
             f"depth_scale must be > 0 (integer depth-image units per metre, e.g. 1000 for millimetres), "

@@ -144,7 +144,7 @@ def eval_segmentation(
     leaves no json). out must not hold eval depth's results (depth.json), which share those files,
     nor be the out of a run still going on (a second run into it is refused at once).
     """
-    check_training(epochs, train_batch_size)
+    check_training(epochs, train_batch_size, lr, weight_decay)
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     with results_folder(out_dir, "segmentation"):  # one run at a time in out
