@@ -174,3 +174,16 @@ def test_transparent_pixels_of_a_reference_mask_are_background_whatever_their_co
     opaque[5:15, 10:20, :3] = 200
     Image.fromarray(opaque, mode="RGBA").convert(mode).save(tmp_path / "opaque.png")
     assert np.array_equal(read_mask(tmp_path / "opaque.png", (30, 20)), truth)
+
+
+def test_pca_foreground_of_fewer_than_three_patches_is_reported_as_it_is(tmp_path):
+    # was: with fewer than 3 patches above the threshold every patch was returned (and drawn) as
+    # foreground, the opposite of what the first component says
+    rng = np.random.default_rng(0)
+    feats = rng.normal(scale=0.1, size=(6, 6, 8))
+    feats[3, 3, 0] = 50.0  # one outlier patch (a high-norm token) dominates the first component
+    out = pca_rgb([feats], foreground_threshold=0.5)
+    expected = np.zeros((6, 6), dtype=bool)
+    expected[3, 3] = True
+    assert np.array_equal(out["foreground"][0], expected)
+    assert np.all(out["rgb"][0][~expected] == 0)

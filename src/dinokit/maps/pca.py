@@ -50,13 +50,13 @@ def pca_rgb(features: list[np.ndarray], foreground_threshold: float | None = Non
             first = 1.0 - first
         foreground = first > foreground_threshold
         result["first_component"] = split(first, shapes)
-    if foreground.sum() < 3:
-        foreground = np.ones(len(x), dtype=bool)  # too few foreground patches for 3 components: use all
-    pca = PCA(n_components=3, svd_solver="full").fit(x[foreground])
+    # the colours come from the foreground patches (all images jointly); too few for 3 components: from all
+    fit = foreground if foreground.sum() >= 3 else np.ones(len(x), dtype=bool)
+    pca = PCA(n_components=3, svd_solver="full").fit(x[fit])
     coords = pca.transform(x)
     rgb = np.zeros_like(coords)
-    for c in range(3):  # scale each component over the foreground patches of all images jointly
-        lo, hi = coords[foreground, c].min(), coords[foreground, c].max()
+    for c in range(3):  # scale each component over the patches it was fitted on
+        lo, hi = coords[fit, c].min(), coords[fit, c].max()
         rgb[:, c] = np.clip((coords[:, c] - lo) / (hi - lo), 0, 1) if hi > lo else 0.0
     rgb[~foreground] = 0.0
     result.update(
