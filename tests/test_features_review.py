@@ -187,3 +187,22 @@ def test_pca_foreground_of_fewer_than_three_patches_is_reported_as_it_is(tmp_pat
     expected[3, 3] = True
     assert np.array_equal(out["foreground"][0], expected)
     assert np.all(out["rgb"][0][~expected] == 0)
+
+
+def test_pca_and_segment_on_unreadable_images_say_why(small, tmp_path):
+    # was: "none of the 1 images can be read (first: ...bad.png)", without the reason the other commands give
+    _, weights, _ = small
+    (tmp_path / "bad.png").write_text("not an image")
+    with pytest.raises(DinokitError, match=r"bad\.png: not an image format Pillow recognises"):
+        visualize_pca(str(tmp_path / "bad.png"), str(tmp_path / "pca.png"), model=str(weights), image_size=8)
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+    Image.fromarray(np.eye(8, dtype=np.uint8) * 255).save(tmp_path / "mask.png")
+    with pytest.raises(DinokitError, match=r"bad\.png: not an image format Pillow recognises"):
+        segment(
+            str(tmp_path / "ref.png"),
+            str(tmp_path / "mask.png"),
+            str(tmp_path / "bad.png"),
+            out=str(tmp_path / "seg"),
+            model=str(weights),
+            image_size=8,
+        )

@@ -185,13 +185,15 @@ def open_images(paths: list[Path]) -> tuple[list[tuple[Path, Image.Image]], list
     """Decode `paths` once: ([(path, RGB image)] of the readable ones, [unreadable paths]), for
     commands that take a folder and skip bad files. Raises DinokitError when none is readable."""
     opened, bad = [], []
+    first = None
     for path in paths:
         try:
             opened.append((path, open_rgb(path)))
-        except DinokitError:
+        except UnreadableImage as err:
             bad.append(path)
+            first = first or err
     if not opened:
-        raise DinokitError(f"none of the {len(paths)} images can be read (first: {paths[0]})")
+        raise DinokitError(f"none of the {len(paths)} images can be read; the first: {first}")
     return opened, bad
 
 

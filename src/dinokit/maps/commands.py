@@ -12,7 +12,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dinokit.data.images import list_images, open_image, open_images, open_rgb, output_names, same_aspect
+from dinokit.data.images import (
+    UnreadableImage,
+    list_images,
+    open_image,
+    open_images,
+    open_rgb,
+    output_names,
+    same_aspect,
+)
 from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.io import prepare_output, write_json
@@ -241,12 +249,14 @@ def segment(
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     bad = []
+    first_error = None
     paths = inputs_without_outputs(target, out_dir)
     for path, name in zip(paths, output_names(paths, target), strict=True):
         try:
             picture = open_rgb(path)
-        except DinokitError:
+        except UnreadableImage as err:
             bad.append(path)
+            first_error = first_error or err
             continue
         rgb = np.asarray(picture)
         feats = patch_features(net, [model_input(net, picture, image_size, resize_policy)])[0]
@@ -261,7 +271,7 @@ def segment(
             }
         )
     if not results:
-        raise DinokitError(f"none of the {len(bad)} target images can be read (first: {bad[0]})")
+        raise DinokitError(f"none of the {len(bad)} target images can be read; the first: {first_error}")
     report_skipped(bad)
     skipped = [str(p) for p in bad]
     write_json(
