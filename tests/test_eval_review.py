@@ -270,3 +270,20 @@ def test_dense_probe_optimiser_settings_are_checked_before_any_work(dense_scenes
     args = [f"train={dense_scenes}", f"val={dense_scenes}", f"out={tmp_path / 'o'}", *DENSE, key]
     assert main(["eval", task, *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_a_damaged_head_file_is_named_by_predict(nano_weights, tmp_path, capsys, task):
+    """predict with a truncated or non-safetensors head= ended in a SafetensorError traceback."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    for content in (b"not a head file", nano_weights.read_bytes()[:200]):
+        head = tmp_path / f"{task}_head.safetensors"
+        head.write_bytes(content)
+        args = [f"head={head}", f"images={tmp_path / 'images'}", f"out={tmp_path / 'out'}", "num_workers=0"]
+        assert main(["predict", task, *args]) == 2
+        err = capsys.readouterr().err
+        assert f"{head} is not a readable head file" in err and f"eval {task}" in err

@@ -282,17 +282,25 @@ def save_head(path: Path, head: nn.Module, metadata: dict) -> None:
 
 
 def load_head_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise DinokitError(f"head file not found: {path} (eval segmentation / eval depth write one into out/)")
-    with safe_open(str(path), framework="pt") as f:
-        meta = (f.metadata() or {}).get("dinokit_head")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("dinokit_head")
+        state = load_file(str(path))
+        meta = None if meta is None else json.loads(meta)
+    except (SafetensorError, OSError, ValueError) as e:  # json's JSONDecodeError is a ValueError
+        raise DinokitError(
+            f"{path} is not a readable head file (damaged or cut short? {e}): run eval segmentation / eval depth "
+            "again to write it"
+        ) from None
     if meta is None:
         raise DinokitError(f"{path} is not a dinokit head file (no dinokit_head metadata)")
-    return load_file(str(path)), json.loads(meta)
+    return state, meta
 
 
 # ------------------------------------------------------------------------------------- results folder
