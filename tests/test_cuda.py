@@ -122,3 +122,20 @@ def test_dedup_on_cuda_finds_what_it_finds_on_cpu():
     for field in ("keep", "duplicate_of", "reference_match"):
         np.testing.assert_array_equal(getattr(on_gpu, field), getattr(on_cpu, field))
     np.testing.assert_allclose(on_gpu.nearest, on_cpu.nearest, atol=1e-5)
+
+
+def test_kmeans_on_cuda_finds_what_it_finds_on_cpu():
+    from dinokit.curation.kmeans import hierarchical_kmeans, kmeans, kmeans_plus_plus
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, 64)) * 10
+    labels = rng.integers(0, 20, 4000)
+    x = (centres[labels] + rng.normal(size=(4000, 64))).astype(np.float32)
+    start = kmeans_plus_plus(x, 20, np.random.default_rng(1), device="cuda")
+    np.testing.assert_array_equal(start, kmeans_plus_plus(x, 20, np.random.default_rng(1), device="cpu"))
+    on_gpu = kmeans(x, 20, init_centroids=start, iterations=10, device="cuda")
+    on_cpu = kmeans(x, 20, init_centroids=start, iterations=10, device="cpu")
+    np.testing.assert_array_equal(on_gpu[1], on_cpu[1])
+    np.testing.assert_allclose(on_gpu[0], on_cpu[0], atol=1e-4)
+    levels = hierarchical_kmeans(x, [40, 20], n_resamples=2, sample_size=20, device="cuda")
+    assert [len(level.centroids) for level in levels] == [40, 20] and len(levels[0].assignment) == 4000

@@ -197,13 +197,14 @@ def test_hierarchical_kmeans_assigns_each_level_once_per_k_means(monkeypatch):
     import dinokit.curation.kmeans as kmeans_module
 
     calls = []
-    original = kmeans_module.nearest_centroid
+    original = kmeans_module._nearest
 
-    def counting(x, centroids):
-        calls.append(len(x))
-        return original(x, centroids)
+    def counting(x, centroids, distances=True, centre=True):
+        if distances:  # the Lloyd iterations' own assignments need no distances
+            calls.append(len(x))
+        return original(x, centroids, distances, centre)
 
-    monkeypatch.setattr(kmeans_module, "nearest_centroid", counting)
+    monkeypatch.setattr(kmeans_module, "_nearest", counting)
     x, _, _ = blobs([100, 80, 60], [1.0] * 3, seed=2)
     levels = hierarchical_kmeans(x, [30, 8], n_resamples=[2, 1], sample_size=[4, 2], seed=0)
     assert calls == [240] * 3 + [30] * 2
@@ -330,3 +331,51 @@ def test_vectors_that_would_crash_faiss_are_errors():
     x[[6, 9]] *= 1e20
     with pytest.raises(DinokitError, match=r"x has 2 rows too large for float32 distances \(first: row 6, norm 1"):
         kmeans(x, 3)
+
+
+def test_an_empty_cluster_takes_half_of_a_big_one():
+    """faiss's rule: a centroid that no row chose is moved next to a big cluster's (a factor 1 +- 1/1024 in
+    alternating coordinates), and the next iterations share that cluster between the two."""
+    x, labels, _ = blobs([100, 100], [0.5, 0.5], distance=20.0, seed=1)
+    far = np.full((1, 8), 1e3, dtype=np.float32)  # a start no row is nearest to
+    start = np.concatenate([x[[0, 150]], far])
+    centroids, assignment = kmeans(x, 3, init_centroids=start, iterations=10)
+    assert np.bincount(assignment, minlength=3).min() > 0  # every cluster holds rows
+    assert np.abs(centroids).max() < 100  # the far centroid came back to the data
+    blobs_of_cluster = {c: set(labels[assignment == c].tolist()) for c in range(3)}
+    assert all(len(b) == 1 for b in blobs_of_cluster.values())  # one blob is split in two, none is mixed
+
+
+def test_split_big_clusters_follows_faiss_rule():
+    import torch
+
+    from dinokit.curation.kmeans import _split_big_clusters
+
+    centroids = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [0.0, 0.0, 0.0]])
+    _split_big_clusters(centroids, np.array([1, 7, 0]), np.random.default_rng(0))  # only cluster 1 can give
+    e = 1 / 1024
+    expected = [[1.0, 2.0, 3.0], [4 * (1 - e), 5 * (1 + e), 6 * (1 - e)], [4 * (1 + e), 5 * (1 - e), 6 * (1 + e)]]
+    torch.testing.assert_close(centroids, torch.tensor(expected), rtol=0, atol=1e-6)
+    lone = torch.ones(2, 2)
+    _split_big_clusters(lone, np.array([1, 0]), np.random.default_rng(0))  # nothing to split: left as it is
+    assert torch.equal(lone, torch.ones(2, 2))
+
+
+def test_products_run_in_full_float32_and_the_device_is_checked():
+    import torch
+
+    x, _, _ = blobs([50, 50], [0.5, 0.5], seed=0)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32 on a GPU: the process's choice, given back after
+    try:
+        levels = hierarchical_kmeans(x, [4, 2], n_resamples=1, sample_size=5, device="cpu")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    again = hierarchical_kmeans(x, [4, 2], n_resamples=1, sample_size=5, device="auto")
+    assert all(np.array_equal(a.assignment, b.assignment) for a, b in zip(levels, again, strict=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(DinokitError, match="CUDA is not available here"):
+            kmeans(x, 2, device="cuda")
+    with pytest.raises(DinokitError, match="device=gpu is not a device name"):
+        nearest_centroid(x, x[:2], device="gpu")

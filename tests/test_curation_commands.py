@@ -212,6 +212,7 @@ def test_cluster_then_sample_gives_small_concepts_their_share(concepts, tmp_path
     assert sorted(groups, key=min) == [set(range(8)), {8, 9}, {10, 11}]
     assert summary["levels"][0]["images_per_cluster"] == {"min": 2, "median": 2.0, "max": 8}
     assert summary["sample_size"] == [2]  # the default: half the average cluster size, 12 / 3 / 2
+    assert summary["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # device=auto
     with Image.open(tmp_path / "clusters" / "cluster_sizes.png") as image:
         assert image.width > 100
 

@@ -159,6 +159,7 @@ def cluster(
     subset: str | None = None,
     feature: str = "cls",
     seed: int = 0,
+    device: str = "auto",
 ) -> dict:
     """Hierarchical k-means with resampling of an embedded collection (ssl-data-curation, DINOv3's data).
 
@@ -173,10 +174,12 @@ def cluster(
     1, the level l-1 clusters at level l > 1), level<l>.distances (squared L2 to its centroid)),
     paths.txt (the images, in level 1's item order), cluster_sizes.png (images per cluster, per level)
     and curation.json. `dinokit curate sample` draws a balanced subset from it; `dinokit curate
-    retrieve clusters=` draws from seeds' clusters.
+    retrieve clusters=` draws from seeds' clusters. device: where the k-means runs (auto: a GPU if
+    there is one); the same seed gives the same clusters on the same device.
     """
     if not n_clusters:
         raise DinokitError("n_clusters must list at least one level, e.g. n_clusters=[100] or [1000,100]")
+    dev = resolve_device(device)
     vectors, paths, embedding = read_unique_vectors(features, feature, "features")
     if subset is not None:
         vectors, paths = select_subset(vectors, paths, subset, features)
@@ -185,7 +188,14 @@ def cluster(
         sample_size = [max(1, n // (2 * max(k, 1))) for n, k in zip(counts, n_clusters, strict=True)]
     with output_folder(out, features=features, subset=subset) as tmp:
         levels = hierarchical_kmeans(
-            vectors, n_clusters, n_resamples, sample_size, strategy=strategy, iterations=iterations, seed=seed
+            vectors,
+            n_clusters,
+            n_resamples,
+            sample_size,
+            strategy=strategy,
+            iterations=iterations,
+            seed=seed,
+            device=dev,
         )
         arrays = {}
         for number, level in enumerate(levels, start=1):
@@ -207,6 +217,7 @@ def cluster(
             "strategy": strategy,
             "iterations": iterations,
             "seed": seed,
+            "device": str(dev),
             "images": len(paths),
             "levels": [
                 {

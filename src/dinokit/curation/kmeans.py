@@ -5,9 +5,10 @@ learning" (ssl-data-curation, the curation of DINOv3's data), not the DINOv2 pap
 clustered by one plain k-means (for retrieval around seeds, `dinokit curate retrieve clusters=`).
 It follows ssl-data-curation.
 
-`kmeans` clusters the rows of x with L2 distance: k-means++ (or random) initialisation computed here,
-then Lloyd iterations and nearest-centroid assignment in faiss (which also re-seeds empty clusters by
-splitting big ones). Vectors are processed as float32; they do not need to be normalised.
+`kmeans` clusters the rows of x with L2 distance: k-means++ (or random) initialisation, then Lloyd
+iterations and nearest-centroid assignment, all in torch on `device` (a GPU for the paper's scale: a
+million images into 100,000 clusters), in full float32 (TF32 off). A cluster left empty takes half of
+a big one, as in faiss. Vectors are processed as float32; they do not need to be normalised.
 
 `hierarchical_kmeans` builds a hierarchy of levels. Level 1 clusters the data points, level l clusters
 the centroids of level l-1. At every level, after the first k-means, the resampling loop runs
@@ -28,11 +29,12 @@ would not move centroids out of a dense region.
 
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
+import torch
 
 from dinokit.curation.vectors import whole_number
 from dinokit.errors import DinokitError, require
+from dinokit.runtime import exact_float32_products, resolve_device
 
 INITS = ("kmeans++", "random")
 STRATEGIES = ("closest", "random")
@@ -66,69 +68,93 @@ def as_vectors(x, name: str = "x") -> np.ndarray:
     return x
 
 
-def nearest_centroid(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def nearest_centroid(x, centroids, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """For x (N, D) and centroids (k, D): (assignment (N,) int64 index of the nearest centroid by L2,
-    distances (N,) float32 squared L2 distance to it, computed exactly as sum((x - c)^2)). Both are
-    shifted by the centroids' mean first: faiss computes ||x||^2 + ||c||^2 - 2 x.c, whose float32
-    cancellation far from the origin (~1e-7 ||x||^2) would otherwise pick wrong centroids."""
+    distances (N,) float32 squared L2 distance to it, computed exactly as sum((x - c)^2)), on `device`."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    shift = centroids.mean(axis=0, dtype=np.float64).astype(np.float32)
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(centroids - shift)
-    assignment = np.empty(len(x), dtype=np.int64)
-    distances = np.empty(len(x), dtype=np.float32)
-    for start in range(0, len(x), 65536):  # chunks bound the (chunk, D) shifted and difference arrays
-        rows = slice(start, start + 65536)
-        assignment[rows] = index.search(x[rows] - shift, 1)[1][:, 0]
-        diff = x[rows] - centroids[assignment[rows]]
-        distances[rows] = np.einsum("ij,ij->i", diff, diff)
-    return assignment, distances
+    dev = resolve_device(device)
+    with exact_float32_products():
+        assignment, distances = _nearest(_on(x, dev), _on(centroids, dev))
+    return assignment.cpu().numpy(), distances.cpu().numpy()
 
 
-def _offset(x: np.ndarray) -> np.ndarray | None:
+def _on(x: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(x).to(device)
+
+
+def _nearest(
+    x: torch.Tensor, centroids: torch.Tensor, distances: bool = True, centre: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(assignment (N,) int64, squared distances (N,) float32 or None) of x (N, D) to centroids (k, D).
+    The nearest centroid minimises ||c||^2 - 2 x.c about the centroids' mean (centre=True): expanded
+    about the origin, the float32 cancellation far from it (~1e-7 ||x||^2) would pick wrong centroids;
+    centre=False where x is known to be near the origin (the Lloyd iterations on shifted data). Rows go
+    in chunks of at most 2^26 products (256 MB)."""
+    shift = centroids.double().mean(dim=0).float() if centre else None
+    c = centroids - shift if centre else centroids
+    c_squared = (c * c).sum(dim=1)
+    assignment = torch.empty(len(x), dtype=torch.long, device=x.device)
+    squared = torch.empty(len(x), device=x.device) if distances else None
+    step = max(1, 2**26 // len(c))
+    for start in range(0, len(x), step):
+        rows = x[start : start + step]
+        best = torch.addmm(c_squared, rows - shift if centre else rows, c.T, alpha=-2).argmin(dim=1)
+        assignment[start : start + step] = best
+        if distances:
+            diff = rows - centroids[best]
+            squared[start : start + step] = (diff * diff).sum(dim=1)
+    return assignment, squared
+
+
+def _far_from_origin(x: torch.Tensor) -> torch.Tensor | None:
     """x's mean row (float32) when x lies far from the origin relative to its spread (||mean||^2 > 100 times
-    the mean ||x - mean||^2), where faiss's float32 distance expansion would lose the spread; else None."""
-    mean = x.mean(axis=0, dtype=np.float64)
-    spread = 0.0
-    for start in range(0, len(x), 16384):  # chunks bound the float64 copy
-        centred = x[start : start + 16384] - mean
-        spread += float(np.einsum("ij,ij->", centred, centred))
-    return mean.astype(np.float32) if float(mean @ mean) > 100 * spread / len(x) else None
+    the mean ||x - mean||^2), where the float32 distance expansion would lose the spread; else None."""
+    mean = x.double().mean(dim=0)
+    spread = sum(float(((x[s : s + 16384].double() - mean) ** 2).sum()) for s in range(0, len(x), 16384))
+    return mean.float() if float(mean @ mean) > 100 * spread / len(x) else None
 
 
-def kmeans_plus_plus(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+def kmeans_plus_plus(x, k: int, rng: np.random.Generator, device: str | torch.device = "cpu") -> np.ndarray:
     """k initial centroids (k, D) by D^2 sampling: k distinct rows of x (N, D), the first uniform, each next
     one drawn with probability proportional to its squared distance to the nearest row already chosen.
-    The distance array is updated once per chosen row: O(N k D) in all. When every remaining row
-    duplicates a chosen one (all distances 0), the next row is drawn uniformly among the unchosen.
-    Distances are expanded about the mean row, not the origin, so that data far from the origin keeps
-    its small distances (the plain expansion cancels to float32 errors of ~1e-7 ||x||^2)."""
+    The distance array is updated once per chosen row: O(N k D) in all, on `device`. When every
+    remaining row duplicates a chosen one (all distances 0), the next row is drawn uniformly among the
+    unchosen. Distances are expanded about the mean row, not the origin, so that data far from the
+    origin keeps its small distances (the plain expansion cancels to float32 errors of ~1e-7 ||x||^2)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n = len(x)
-    require([(1 <= k <= n, f"kmeans++ needs 1 <= k <= {n} (the number of rows), got k = {k}")])
-    mean = x.mean(axis=0, dtype=np.float64)
-    squared_norms = np.empty(n)  # ||x - mean||^2, in chunks that bound the float64 copy
-    for start in range(0, n, 16384):
-        centred = x[start : start + 16384] - mean
-        squared_norms[start : start + 16384] = np.einsum("ij,ij->i", centred, centred)
-    chosen = np.zeros(n, dtype=bool)
-    indices = [int(rng.integers(n))]
-    nearest = np.full(n, np.inf)
-    for _ in range(1, k):
-        c = x[indices[-1]] - mean
-        # ||(x - mean) - c||^2 expanded, so that each step is one float32 matrix-vector product
-        products = (x @ c.astype(np.float32)).astype(np.float64) - float(mean @ c)
-        to_last = squared_norms - 2.0 * products + float(c @ c)
-        nearest = np.minimum(nearest, np.maximum(to_last, 0.0))
-        chosen[indices[-1]] = True
-        nearest[chosen] = 0.0  # rounding in the expansion must not let a chosen row be drawn again
-        total = nearest.sum()
-        if total > 0:
-            indices.append(int(rng.choice(n, p=nearest / total)))
-        else:
-            indices.append(int(rng.choice(np.flatnonzero(~chosen))))
+    require([(1 <= k <= len(x), f"kmeans++ needs 1 <= k <= {len(x)} (the number of rows), got k = {k}")])
+    dev = resolve_device(device)
+    with exact_float32_products():
+        indices = _kmeans_plus_plus(_on(x, dev), k, rng)
     return x[indices].copy()
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, rng: np.random.Generator) -> list[int]:
+    """The row indices `kmeans_plus_plus` picks; draws come from rng (the same as rng.choice(n, p=...))."""
+    n = len(x)
+    mean = x.double().mean(dim=0)
+    squared_norms = torch.cat([((x[s : s + 16384].double() - mean) ** 2).sum(dim=1) for s in range(0, n, 16384)])
+    columns = x.T.contiguous()  # (D, N): c @ columns runs 2.4x faster than x @ c on a CPU (a copy of x)
+    chosen = torch.zeros(n, dtype=torch.bool, device=x.device)
+    indices = [int(rng.integers(n))]
+    nearest = torch.full((n,), torch.inf, dtype=torch.float64, device=x.device)
+    for _ in range(1, k):
+        c = x[indices[-1]].double() - mean
+        # ||(x - mean) - c||^2 expanded, so that each step is one float32 matrix-vector product
+        products = (c.float() @ columns).double() - float(mean @ c)
+        to_last = (squared_norms - 2.0 * products + float(c @ c)).clamp_(min=0.0)
+        torch.minimum(nearest, to_last, out=nearest)
+        chosen[indices[-1]] = True
+        nearest.masked_fill_(chosen, 0.0)  # rounding in the expansion must not let a chosen row be drawn again
+        cumulative = nearest.cumsum(dim=0)
+        total = float(cumulative[-1])
+        if total > 0:  # as numpy's choice(n, p=nearest / total): the first cumulative share above a uniform
+            share = torch.tensor(rng.random() * total, dtype=torch.float64, device=x.device)
+            indices.append(min(int(torch.searchsorted(cumulative, share, right=True)), n - 1))
+        else:
+            indices.append(int(rng.choice(torch.nonzero(~chosen)[:, 0].cpu().numpy())))
+    return indices
 
 
 def kmeans(
@@ -138,20 +164,29 @@ def kmeans(
     init: str = "kmeans++",
     seed: int = 0,
     init_centroids: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-means with L2 distance on x (N, D): (centroids (k, D) float32, assignment (N,) int64 of every row
     to its nearest centroid). init is "kmeans++" (D^2 sampling, `kmeans_plus_plus`) or "random" (k distinct
-    random rows); init_centroids (k, D), when given, replaces it. Then `iterations` Lloyd iterations in faiss,
-    on all N rows (no subsampling), shifted by their mean if they lie far from the origin (a copy of x; see
-    `nearest_centroid`). Same inputs and seed give the same result."""
+    random rows); init_centroids (k, D), when given, replaces it. Then `iterations` Lloyd iterations on all
+    N rows (no subsampling), shifted by their mean if they lie far from the origin; a cluster left empty
+    takes half of a big one, as faiss does (`_split_big_clusters`). All on `device` (x is copied there).
+    Same inputs and seed give the same result on a device."""
     x = as_vectors(x)
-    centroids = _fit(x, k, iterations, init, seed, init_centroids)
-    assignment, _ = nearest_centroid(x, centroids)
-    return centroids, assignment
+    dev = resolve_device(device)
+    with exact_float32_products():
+        rows = _on(x, dev)
+        start = None if init_centroids is None else _on(as_vectors(init_centroids, "init_centroids"), dev)
+        centroids = _fit(rows, k, iterations, init, seed, start)
+        assignment, _ = _nearest(rows, centroids, distances=False)
+    return centroids.cpu().numpy(), assignment.cpu().numpy()
 
 
-def _fit(x: np.ndarray, k: int, iterations: int, init: str, seed: int, init_centroids=None) -> np.ndarray:
-    """The centroids of `kmeans` on x (checked by as_vectors), without the final assignment of x."""
+def _fit(
+    x: torch.Tensor, k: int, iterations: int, init: str, seed: int, init_centroids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The centroids (k, D) of `kmeans` on x (checked by as_vectors, on its device), without the final
+    assignment of x."""
     n, d = x.shape
     require(
         [
@@ -162,32 +197,45 @@ def _fit(x: np.ndarray, k: int, iterations: int, init: str, seed: int, init_cent
     )
     rng = np.random.default_rng(seed)
     if init_centroids is not None:
-        start = as_vectors(init_centroids, "init_centroids")
-        require([(start.shape == (k, d), f"init_centroids must have shape ({k}, {d}), got {start.shape}")])
+        shape = tuple(init_centroids.shape)
+        require([(shape == (k, d), f"init_centroids must have shape ({k}, {d}), got {shape}")])
+        start = init_centroids
     elif init == "kmeans++":
-        start = kmeans_plus_plus(x, k, rng)
+        start = x[_kmeans_plus_plus(x, k, rng)]
     else:
-        start = x[np.sort(rng.choice(n, k, replace=False))].copy()
-    # min/max_points_per_centroid: no "please provide at least 39 points per centroid" warning on small
-    # inputs, and no subsampling to 256 points per centroid on large ones
-    km = faiss.Kmeans(
-        d,
-        int(k),
-        niter=int(iterations),
-        seed=int(rng.integers(2**31 - 1)),
-        spherical=False,
-        verbose=False,
-        min_points_per_centroid=1,
-        max_points_per_centroid=n,
-    )
-    shift = _offset(x)  # Lloyd iterations on x - shift when x is far from the origin (a copy of x)
-    if shift is None:
-        km.train(x, init_centroids=start)
-        centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
-    else:
-        km.train(x - shift, init_centroids=start - shift)
-        centroids = np.ascontiguousarray(km.centroids + shift, dtype=np.float32)
-    return centroids
+        start = x[torch.from_numpy(np.sort(rng.choice(n, k, replace=False))).to(x.device)]
+    split_rng = np.random.default_rng(int(rng.integers(2**31 - 1)))
+    shift = _far_from_origin(x)  # Lloyd iterations on x - shift when x is far from the origin (a copy of x)
+    if shift is not None:
+        x, start = x - shift, start - shift
+    centroids = start.clone()
+    for _ in range(iterations):  # x is near the origin (shifted if it was not): no centring in _nearest
+        assignment, _ = _nearest(x, centroids, distances=False, centre=False)
+        counts = torch.bincount(assignment, minlength=k)
+        sums = torch.zeros(k, d, device=x.device).index_add_(0, assignment, x)  # float32 sums, as faiss
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+        if not bool(filled.all()):
+            _split_big_clusters(centroids, counts.cpu().numpy(), split_rng)
+    return centroids if shift is None else centroids + shift
+
+
+def _split_big_clusters(centroids: torch.Tensor, counts: np.ndarray, rng: np.random.Generator) -> None:
+    """faiss's rule for empty clusters, in place: each empty cluster takes the centroid of a cluster drawn
+    with probability proportional to (its size - 1), and the two move apart by a factor 1 +- 1/1024 in
+    alternating coordinates; each is counted with half the items for the next draws."""
+    sign = torch.ones(centroids.shape[1], device=centroids.device)
+    sign[1::2] = -1
+    counts = counts.astype(np.float64)
+    for empty in np.flatnonzero(counts == 0):
+        weights = np.maximum(counts - 1, 0)
+        if weights.sum() <= 0:  # every cluster holds at most one item: nothing to split
+            return
+        big = int(rng.choice(len(counts), p=weights / weights.sum()))
+        centroids[empty] = centroids[big] * (1 + sign / 1024)
+        centroids[big] *= 1 - sign / 1024
+        counts[empty] = counts[big] / 2
+        counts[big] -= counts[empty]
 
 
 @dataclass
@@ -236,13 +284,16 @@ def hierarchical_kmeans(
     iterations: int = 50,
     seed: int = 0,
     init: str = "kmeans++",
+    device: str | torch.device = "cpu",
 ) -> list[Level]:
     """Hierarchical k-means with resampling (see the module docstring) of x (N, D). n_clusters gives k per
     level; n_resamples and sample_size are one int for all levels or one value per level; init ("kmeans++"
     or "random") starts every k-means run, the first and the resampled ones. Returns one
     Level per entry of n_clusters: level 1's assignment has length N, level l's has length
-    n_clusters[l-2] (it assigns the clusters of level l-1). Same inputs and seed give the same levels."""
+    n_clusters[l-2] (it assigns the clusters of level l-1). Every k-means and assignment runs on `device`
+    (x is copied there). Same inputs and seed give the same levels on a device."""
     x = as_vectors(x)
+    dev = resolve_device(device)
     n_clusters = [whole_number(k, f"n_clusters[{i}]", low=1) for i, k in enumerate(n_clusters)]
     require([(len(n_clusters) >= 1, "n_clusters must list at least one level, e.g. [100, 10]")])
     n_resamples = per_level(n_resamples, len(n_clusters), "n_resamples")
@@ -271,23 +322,25 @@ def hierarchical_kmeans(
 
     rng = np.random.default_rng(seed)
     levels = []
-    items = x
-    for level, k in enumerate(n_clusters):
-        # _fit, not kmeans: the assignment is made once below (at N = 1M, k = 100k one costs ~10 min)
-        centroids = _fit(items, k, iterations, init, seed=int(rng.integers(2**31 - 1)))
-        assignment, distances = nearest_centroid(items, centroids)
-        for _ in range(n_resamples[level]):
-            clusters = Level(centroids, assignment, distances).members()
-            if strategy == "closest":
-                sample = [members[: sample_size[level]] for members in clusters]
-            else:
-                sample = [rng.choice(m, min(len(m), sample_size[level]), replace=False) for m in clusters]
-            sample = np.sort(np.concatenate(sample))
-            if len(sample) < k:  # empty clusters (e.g. duplicate items): top up with random other items
-                others = np.setdiff1d(np.arange(len(items)), sample)
-                sample = np.sort(np.concatenate([sample, rng.choice(others, k - len(sample), replace=False)]))
-            centroids = _fit(items[sample], k, iterations, init, seed=int(rng.integers(2**31 - 1)))
-            assignment, distances = nearest_centroid(items, centroids)
-        levels.append(Level(centroids, assignment, distances))
-        items = centroids
+    with exact_float32_products():
+        items = _on(x, dev)
+        for level, k in enumerate(n_clusters):
+            # _fit, not kmeans: the assignment is made once below (at N = 1M, k = 100k one is the cost of an iteration)
+            centroids = _fit(items, k, iterations, init, seed=int(rng.integers(2**31 - 1)))
+            assignment, distances = (t.cpu().numpy() for t in _nearest(items, centroids))
+            for _ in range(n_resamples[level]):
+                clusters = Level(centroids, assignment, distances).members()
+                if strategy == "closest":
+                    sample = [members[: sample_size[level]] for members in clusters]
+                else:
+                    sample = [rng.choice(m, min(len(m), sample_size[level]), replace=False) for m in clusters]
+                sample = np.sort(np.concatenate(sample))
+                if len(sample) < k:  # empty clusters (e.g. duplicate items): top up with random other items
+                    others = np.setdiff1d(np.arange(len(items)), sample)
+                    sample = np.sort(np.concatenate([sample, rng.choice(others, k - len(sample), replace=False)]))
+                subset = items[torch.from_numpy(sample).to(dev)]
+                centroids = _fit(subset, k, iterations, init, seed=int(rng.integers(2**31 - 1)))
+                assignment, distances = (t.cpu().numpy() for t in _nearest(items, centroids))
+            levels.append(Level(centroids.cpu().numpy(), assignment, distances))
+            items = centroids
     return levels
