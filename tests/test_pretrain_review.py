@@ -46,6 +46,7 @@ BAD_VALUES = [
     ("drop_path_rate", 1.0, "drop_path_rate"),
     ("batched_image_size", -1, "batched_image_size"),
     ("lr", -0.1, "lr"),
+    ("seed", -1, "seed"),  # NumPy's SeedSequence, which seeds the crops and masks, takes no negative numbers
 ]
 
 

@@ -326,6 +326,7 @@ def value_checks(c: PretrainConfig) -> list[tuple[bool, str]]:
         value = getattr(c, key)
         checks.append((value >= 0, f"{key} must be >= 0, got {value}"))
     checks.append((0 <= c.drop_path_rate < 1, f"drop_path_rate must lie in [0, 1), got {c.drop_path_rate}"))
+    checks.append((c.seed >= 0, f"seed must be >= 0 (it seeds NumPy's generators too), got {c.seed}"))
     return checks
 
 
