@@ -287,3 +287,17 @@ def test_a_damaged_head_file_is_named_by_predict(nano_weights, tmp_path, capsys,
         assert main(["predict", task, *args]) == 2
         err = capsys.readouterr().err
         assert f"{head} is not a readable head file" in err and f"eval {task}" in err
+
+
+def test_a_run_folder_without_its_final_backbone_names_its_newest_checkpoint(tmp_path):
+    """A pretraining run still going on (or stopped) has checkpoints/ but no backbone.safetensors yet:
+    model=<run folder> was told the folder lacks config.json and to 'pass a weights file'."""
+    from dinokit.errors import DinokitError
+
+    (tmp_path / "checkpoints").mkdir()
+    for iteration in (100, 2000):
+        (tmp_path / "checkpoints" / f"checkpoint_{iteration:08d}.pt").write_bytes(b"")
+    (tmp_path / "metrics.jsonl").write_text("")
+    newest = tmp_path / "checkpoints" / "checkpoint_00002000.pt"
+    with pytest.raises(DinokitError, match=f"no backbone.safetensors yet.*{newest}"):
+        dinokit.load_model(tmp_path)

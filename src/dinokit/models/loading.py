@@ -158,6 +158,12 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTCon
     if path.is_dir():
         if (path / "backbone.safetensors").exists():  # a dinokit pretraining run folder
             return read_checkpoint(path / "backbone.safetensors")
+        checkpoints = sorted((path / "checkpoints").glob("checkpoint_*.pt"))  # zero-padded iterations
+        if checkpoints and not (path / "config.json").exists():  # a run going on, or stopped before its end
+            raise DinokitError(
+                f"{path} is a pretraining run with no backbone.safetensors yet (written when the run ends): "
+                f"pass its newest checkpoint, {checkpoints[-1]} (its teacher is read), or resume the run to its end"
+            )
         if not (path / "config.json").exists():
             raise DinokitError(f"{path} is a folder without config.json or backbone.safetensors; pass a weights file")
         sd, config = _read_hf_folder(path)
