@@ -198,3 +198,19 @@ def test_epochs_give_the_exact_number_of_iterations(epochs, images, batch, itera
     length = run_length(resolve_config("dinov2_vits14", {"epochs": epochs}), images, batch)
     assert length["stop_iteration"] == length["schedule_iterations"] == iterations
     assert length["schedule_samples"] == iterations * batch
+
+
+def test_resume_on_other_data_does_not_point_to_a_backbone_the_run_has_not_written(tmp_path):
+    """A killed run has checkpoints but no backbone.safetensors (written at the end); resumed on other
+    data it was told to start a new run 'with init=<out>/backbone.safetensors', a file that is not there."""
+    from pretrain_helpers import TINY, tiny_images
+
+    import dinokit
+
+    out = tmp_path / "run"
+    keys = {**TINY, "max_iterations": 2, "checkpoint_every": 1}
+    dinokit.pretrain(data=str(tiny_images(tmp_path / "a")), out=str(out), **keys)
+    (out / "backbone.safetensors").unlink()  # as a run killed after its checkpoints
+    other = tiny_images(tmp_path / "b", per_class=3)
+    with pytest.raises(DinokitError, match=r"no backbone\.safetensors yet .* finish it first"):
+        dinokit.pretrain(data=str(other), out=str(out), **{**keys, "max_iterations": 4, "resume": True})

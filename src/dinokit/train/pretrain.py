@@ -249,10 +249,17 @@ def check_same_data(checkpoint: dict, fingerprint: dict, data: str, out: Path) -
     only means something on the same images: refuse other data, and say what to do instead."""
     saved = checkpoint.get("data_fingerprint")
     if saved is not None and saved != fingerprint:
+        backbone = out / "backbone.safetensors"
+        start_from = (
+            f"starting from this one with init={backbone}"
+            if backbone.is_file()
+            else f"starting from this one with init={backbone} once it is written: the run has no "
+            "backbone.safetensors yet (it is written at the end), so finish it first with its own data"
+        )
         raise DinokitError(
             f"resume=true continues the run in {out}, trained on {saved['images']} images, but data={data} holds "
             f"{fingerprint['images']} images with other names. Resume with the run's own data, or train on the new "
-            f"data in a new run (another out=...), starting from this one with init={out / 'backbone.safetensors'}"
+            f"data in a new run (another out=...), {start_from}"
         )
 
 
