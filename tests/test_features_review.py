@@ -14,6 +14,7 @@ from dinokit.features.embed import embed
 from dinokit.features.store import read_embeddings
 from dinokit.maps.commands import read_mask, segment, visualize_pca
 from dinokit.maps.pca import pca_rgb
+from dinokit.retrieval import index as index_module
 from dinokit.retrieval.commands import build_index, search_index
 from dinokit.retrieval.index import FeatureIndex
 from tests.conftest import perturb_scales_and_norms, random_images
@@ -206,3 +207,29 @@ def test_pca_and_segment_on_unreadable_images_say_why(small, tmp_path):
             model=str(weights),
             image_size=8,
         )
+
+
+def test_a_search_that_loads_the_index_while_an_add_switches_generations_reads_the_new_one(
+    small, tmp_path, monkeypatch
+):
+    # was: the add removed index-0.faiss between the search's reads of index.json and of that file, and the
+    # search failed (faiss's RuntimeError; after the fix above, a message to rebuild a sound index)
+    _, weights, _ = small
+    run_embed(small, tmp_path / "a")
+    random_images(tmp_path / "more", 2, 24, np.random.default_rng(2), prefix="more")
+    run_args = dict(image_size=16, num_workers=0, progress=False, precision="fp32")
+    embed(str(weights), str(tmp_path / "more"), str(tmp_path / "b"), **run_args)
+    idx = tmp_path / "idx"
+    build_index(str(tmp_path / "a"), str(idx))
+    real_read = index_module.faiss.read_index
+    added = []
+
+    def read_after_an_add(path):
+        if not added:  # another process's add completes right after this reader chose generation 0
+            added.append(None)  # the add's own read is a plain one
+            added[0] = build_index(str(tmp_path / "b"), str(idx), add=True)
+        return real_read(path)
+
+    monkeypatch.setattr(index_module.faiss, "read_index", read_after_an_add)
+    index = FeatureIndex.load(idx)
+    assert added[0]["total"] == 8 and len(index.paths) == index.index.ntotal == 8

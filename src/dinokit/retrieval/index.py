@@ -139,16 +139,22 @@ class FeatureIndex:
             )
         # build refuses a folder that holds index.json (add=true would read it): the folder goes first
         fix = f"remove {folder} and build the index again (`dinokit index build ... out={folder}`)"
-        meta = read_json(folder / INDEX_META, fix)
-        g = meta["generation"]
-        index_file, paths_file = folder / f"index-{g}.faiss", folder / f"paths-{g}.txt"
-        try:
-            index = faiss.read_index(str(index_file))
-            paths = paths_file.read_text().splitlines()
-        except (RuntimeError, OSError) as e:  # faiss raises RuntimeError for a missing or cut-short file
-            which = paths_file if isinstance(e, OSError) else index_file
-            why = "missing" if not which.exists() else "damaged"
-            raise DinokitError(f"{which} is {why}, so {folder} cannot be read: {fix}") from None
+        for _ in range(3):  # an add that finishes meanwhile removes the generation read: read the new one
+            meta = read_json(folder / INDEX_META, fix)
+            g = meta["generation"]
+            index_file, paths_file = folder / f"index-{g}.faiss", folder / f"paths-{g}.txt"
+            try:
+                index = faiss.read_index(str(index_file))
+                paths = paths_file.read_text().splitlines()
+                break
+            except (RuntimeError, OSError) as e:  # faiss raises RuntimeError for a missing or cut-short file
+                if read_json(folder / INDEX_META, fix)["generation"] != g:
+                    continue
+                which = paths_file if isinstance(e, OSError) else index_file
+                why = "missing" if not which.exists() else "damaged"
+                raise DinokitError(f"{which} is {why}, so {folder} cannot be read: {fix}") from None
+        else:
+            raise DinokitError(f"{folder} changed while it was read (adds running): read it again")
         if not index.ntotal == len(paths) == meta["count"]:
             raise DinokitError(f"{folder}: index ({index.ntotal}) and file list ({len(paths)}) disagree; rebuild it")
         return cls(index, paths, meta)
