@@ -8,6 +8,7 @@
 #   pretrain    `dinokit pretrain` of ViT-S/14 (DINOv2 recipe, 224 px) on rendered shapes, then
 #               continued under torchrun (NCCL) with resume=true
 #   tests       the test suite's training, model and feature tests (device=auto picks the GPU)
+#   curation    bench/curation.py section 0 (dedup and hierarchical k-means), CPU and GPU at 50k and the GPU at 400k
 # Python packages that the machine lacks (lightly, faiss) can be installed from wheels in .whl/.
 set -u
 OUT=${OUT:-/tmp/dinokit-cuda-checks}
@@ -68,7 +69,10 @@ transformers.__version__, timm.__version__)'; nproc" ;;
     profile) step profile_dinokit 120 $PY bench/profile_train_step.py --device cuda --library dinokit
         step profile_lightly 120 $PY bench/profile_train_step.py --device cuda --library lightly ;;
     tests) step tests 240 $PY -m pytest -o addopts=-ra -p no:cacheprovider tests/test_cuda.py tests/test_pretrain.py \
-        tests/test_vision_transformer.py tests/test_extract.py tests/test_embed.py tests/test_parity_hf.py ;;
+        tests/test_vision_transformer.py tests/test_extract.py tests/test_embed.py tests/test_parity_hf.py \
+        tests/test_curation_dedup.py tests/test_curation_clustering.py ;;
+    curation) step curation 240 bash -c "$PY bench/curation.py --speed-only --devices cpu,cuda && \
+$PY bench/curation.py --speed-only --devices cuda --n 400000" ;;
     *) echo "unknown step $name" && exit 2 ;;
     esac
 done

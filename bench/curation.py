@@ -1,6 +1,6 @@
 """Data curation on CIFAR-10, where the truth is known: does each `dinokit curate` step do what it says?
 
-0. speed: deduplicate and hierarchical_kmeans on 50,000 random vectors of dimension 384.
+0. speed: deduplicate and hierarchical_kmeans on 50,000 random vectors of dimension 384 (--devices: per device).
 1. dedup: the 10k test images plus planted near-copies of 500 of them (JPEG quality 30 re-encodes,
    a 2-pixel shift, a 24 px round trip, a brightness change, a horizontal flip; 100 of each), appended
    after the originals: the precision and recall of the removals at several thresholds, and the time.
@@ -20,6 +20,7 @@ initialised ViT maps all images almost alike), e.g. `dinokit pretrain data=/tmp/
 preset=cpu32 max_minutes=10 out=RUN` and RUN/backbone.safetensors:
 
     PYTHONPATH=src flock /tmp/dinokit-heavy.lock .venv/bin/python bench/curation.py --model RUN/backbone.safetensors
+    PYTHONPATH=src .venv/bin/python bench/curation.py --speed-only --devices cpu,cuda   # section 0 on a GPU too
 
 Needs CIFAR-10 extracted as DATA/train and DATA/test (bench/learn_cifar10.py extracts it to /tmp/cifar10).
 """
@@ -85,13 +86,39 @@ def quiet(step, *args, **kwargs):
         return step(*args, **kwargs)
 
 
+def speed(rng: np.random.Generator, n: int, devices: list[str]) -> None:
+    """Section 0: deduplicate and hierarchical_kmeans on n random unit vectors of dimension 384, per device."""
+    print(f"## 0. speed: {n:,} random unit vectors of dimension 384 (50,000: CIFAR-10 train in ViT-S features)")
+    x = normalise(rng.normal(size=(n, 384)))
+    for device in devices:
+        if device != "cpu":  # CUDA's first calls load and tune kernels: not part of the timing
+            deduplicate(x[:2048], 0.95, device=device)
+            hierarchical_kmeans(x[:2048], [10, 2], 1, [5, 2], device=device)
+        start = time.perf_counter()
+        kept = len(deduplicate(x, 0.95, device=device).keep)
+        print(f"[{device}] deduplicate (exact, threshold 0.95): {time.perf_counter() - start:.1f} s, {kept} kept")
+        for levels, resamples in (([100, 10], 0), ([100, 10], 10)):
+            start = time.perf_counter()
+            hierarchical_kmeans(x, levels, resamples, [max(1, n // 200), 5], device=device)
+            seconds = time.perf_counter() - start
+            print(f"[{device}] hierarchical_kmeans {levels}, {resamples} resamples: {seconds:.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a backbone file dinokit.load_model reads")
+    parser.add_argument("--model", help="a backbone file dinokit.load_model reads (sections 1-3)")
     parser.add_argument("--data", type=Path, default=Path("/tmp/cifar10"))
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--speed-only", action="store_true", help="section 0 only (no images, no model)")
+    parser.add_argument("--devices", default="cpu", help="section 0's devices, e.g. cpu,cuda (one after the other)")
+    parser.add_argument("--n", type=int, default=50_000, help="section 0's number of vectors")
     args = parser.parse_args()
+    if not args.speed_only and args.model is None:
+        parser.error("--model is needed for sections 1-3 (or pass --speed-only)")
     rng = np.random.default_rng(0)
+    speed(rng, args.n, args.devices.split(","))
+    if args.speed_only:
+        return
     train, train_labels, classes = read_labelled(args.data / "train")
     test, test_labels, _ = read_labelled(args.data / "test", classes=classes)
     train, test = [str(p.absolute()) for p in train], [str(p.absolute()) for p in test]  # as embed lists them
@@ -104,17 +131,6 @@ def main() -> None:
         embed(args.model, write_list(work / f"{name}.txt", paths), str(work / name), **options)
         print(f"  (embedded {len(paths)} images for {name} in {time.perf_counter() - start:.1f} s)")
         return str(work / name)
-
-    # ---- 0. speed at 50k
-    print("## 0. speed: 50,000 random unit vectors of dimension 384 (the size of CIFAR-10 train in ViT-S features)")
-    x = normalise(rng.normal(size=(50_000, 384)))
-    start = time.perf_counter()
-    result = deduplicate(x, 0.95)
-    print(f"deduplicate (exact, threshold 0.95): {time.perf_counter() - start:.1f} s, {len(result.keep)} kept")
-    for levels, resamples in (([100, 10], 0), ([100, 10], 10)):
-        start = time.perf_counter()
-        hierarchical_kmeans(x, levels, resamples, [250, 5])
-        print(f"hierarchical_kmeans {levels}, {resamples} resamples: {time.perf_counter() - start:.1f} s")
 
     # ---- 1. dedup
     print("## 1. dedup: 10k test images + 500 planted near-copies")

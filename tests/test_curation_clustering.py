@@ -379,3 +379,27 @@ def test_products_run_in_full_float32_and_the_device_is_checked():
             kmeans(x, 2, device="cuda")
     with pytest.raises(DinokitError, match="device=gpu is not a device name"):
         nearest_centroid(x, x[:2], device="gpu")
+
+
+def test_lloyd_iterations_stop_at_a_fixed_point_with_the_same_result(monkeypatch):
+    import dinokit.curation.kmeans as kmeans_module
+
+    x, labels, _ = blobs([60, 40, 80], [1.0] * 3, distance=8.0, seed=4)
+    start = x[[0, 1, 2]]  # three rows of blob 0: the centroids have to travel
+    passes = []
+    original = kmeans_module._nearest
+
+    def counting(rows, centroids, distances=True, centre=True):
+        passes.append(distances)
+        return original(rows, centroids, distances, centre)
+
+    monkeypatch.setattr(kmeans_module, "_nearest", counting)
+    centroids, assignment = kmeans(x, 3, init_centroids=start, iterations=500)
+    lloyd = passes.count(False) - 1  # the last pass without distances is kmeans' final assignment
+    assert 2 < lloyd < 50  # stopped at the fixed point: the pass that changed nothing is the last
+    assert same_partition(assignment, labels)
+    # exactly the centroids of lloyd - 1 full iterations (the last pass only found nothing to move)
+    again, _ = kmeans(x, 3, init_centroids=start, iterations=lloyd - 1)
+    assert np.array_equal(again, centroids)
+    fewer, _ = kmeans(x, 3, init_centroids=start, iterations=lloyd - 2)
+    assert not np.array_equal(fewer, centroids)

@@ -141,19 +141,21 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, rng: np.random.Generator) -> list
     nearest = torch.full((n,), torch.inf, dtype=torch.float64, device=x.device)
     for _ in range(1, k):
         c = x[indices[-1]].double() - mean
-        # ||(x - mean) - c||^2 expanded, so that each step is one float32 matrix-vector product
-        products = (c.float() @ columns).double() - float(mean @ c)
-        to_last = (squared_norms - 2.0 * products + float(c @ c)).clamp_(min=0.0)
+        # ||(x - mean) - c||^2 expanded, so that each step is one float32 matrix-vector product; scalars stay
+        # tensors, so that a step waits for the device once (its draw)
+        products = (c.float() @ columns).double() - mean @ c
+        to_last = (squared_norms - 2.0 * products + c @ c).clamp_(min=0.0)
         torch.minimum(nearest, to_last, out=nearest)
         chosen[indices[-1]] = True
         nearest.masked_fill_(chosen, 0.0)  # rounding in the expansion must not let a chosen row be drawn again
         cumulative = nearest.cumsum(dim=0)
-        total = float(cumulative[-1])
-        if total > 0:  # as numpy's choice(n, p=nearest / total): the first cumulative share above a uniform
-            share = torch.tensor(rng.random() * total, dtype=torch.float64, device=x.device)
-            indices.append(min(int(torch.searchsorted(cumulative, share, right=True)), n - 1))
-        else:
-            indices.append(int(rng.choice(torch.nonzero(~chosen)[:, 0].cpu().numpy())))
+        # as numpy's choice(n, p=nearest / total): the first row whose cumulative weight exceeds a uniform share
+        drawn = int(torch.searchsorted(cumulative, cumulative[-1:] * rng.random(), right=True))
+        if drawn >= n and float(cumulative[-1]) > 0:  # a share rounded up to the total: the last weighted row
+            drawn = int(torch.nonzero(nearest)[-1])
+        elif drawn >= n:  # every row left duplicates a chosen one (all weights 0): a uniform draw among them
+            drawn = int(rng.choice(torch.nonzero(~chosen)[:, 0].cpu().numpy()))
+        indices.append(drawn)
     return indices
 
 
@@ -168,8 +170,9 @@ def kmeans(
 ) -> tuple[np.ndarray, np.ndarray]:
     """k-means with L2 distance on x (N, D): (centroids (k, D) float32, assignment (N,) int64 of every row
     to its nearest centroid). init is "kmeans++" (D^2 sampling, `kmeans_plus_plus`) or "random" (k distinct
-    random rows); init_centroids (k, D), when given, replaces it. Then `iterations` Lloyd iterations on all
-    N rows (no subsampling), shifted by their mean if they lie far from the origin; a cluster left empty
+    random rows); init_centroids (k, D), when given, replaces it. Then up to `iterations` Lloyd iterations on
+    all N rows (no subsampling; they stop early at a fixed point, where an iteration leaves every row in
+    its cluster), shifted by their mean if they lie far from the origin; a cluster left empty
     takes half of a big one, as faiss does (`_split_big_clusters`). All on `device` (x is copied there).
     Same inputs and seed give the same result on a device."""
     x = as_vectors(x)
@@ -209,14 +212,19 @@ def _fit(
     if shift is not None:
         x, start = x - shift, start - shift
     centroids = start.clone()
+    means_of = None  # the assignment whose cluster means the centroids are (None: a start or a split)
     for _ in range(iterations):  # x is near the origin (shifted if it was not): no centring in _nearest
         assignment, _ = _nearest(x, centroids, distances=False, centre=False)
+        if means_of is not None and torch.equal(assignment, means_of):
+            break  # a fixed point: every further iteration would give these centroids again
         counts = torch.bincount(assignment, minlength=k)
         sums = torch.zeros(k, d, device=x.device).index_add_(0, assignment, x)  # float32 sums, as faiss
         filled = counts > 0
         centroids[filled] = sums[filled] / counts[filled, None]
+        means_of = assignment
         if not bool(filled.all()):
             _split_big_clusters(centroids, counts.cpu().numpy(), split_rng)
+            means_of = None
     return centroids if shift is None else centroids + shift
 
 

@@ -9,9 +9,9 @@ The paper picks one of two ways per seed dataset:
 The selection is the union over the seeds.
 """
 
-import faiss
 import numpy as np
 
+from dinokit.curation.kmeans import nearest_centroid
 from dinokit.curation.vectors import unit_rows
 from dinokit.errors import DinokitError
 from dinokit.retrieval.index import FeatureIndex
@@ -43,7 +43,7 @@ def seed_cluster_samples(
     centroids (C, D): the pool's k-means centroids (of L2-normalised vectors); assignment (N,): the
     cluster of each pool image; seeds (S, D). Each seed goes to its nearest centroid among the clusters
     holding pool images (L2 on the normalised seed, as k-means assigned the pool; an empty cluster, e.g.
-    one faiss split off a group of exact copies, would give the seed nothing). A cluster that s seeds chose gives
+    one k-means split off a group of exact copies, would give the seed nothing). A cluster that s seeds chose gives
     min(s * per_seed, its size) of its images, drawn at random without repeats, so seeds sharing a
     cluster add different images.
     Returns (the cluster of each seed (S,), {cluster: pool ids drawn from it (sorted)}).
@@ -54,9 +54,8 @@ def seed_cluster_samples(
     filled = np.flatnonzero(np.bincount(assignment, minlength=len(centroids)))  # clusters with pool images
     if not len(filled):
         raise DinokitError("the pool clusters hold no images: cluster a non-empty pool first")
-    search = faiss.IndexFlatL2(centroids.shape[1])
-    search.add(np.ascontiguousarray(np.asarray(centroids)[filled], dtype=np.float32))
-    seed_clusters = filled[search.search(unit_rows(seeds, "seeds", allow_empty=True), 1)[1][:, 0]]
+    nearest, _ = nearest_centroid(unit_rows(seeds, "seeds", allow_empty=True), np.asarray(centroids)[filled])
+    seed_clusters = filled[nearest]
     chosen, seeds_per_cluster = np.unique(seed_clusters, return_counts=True)
     order = np.argsort(assignment, kind="stable")  # pool ids grouped by cluster, one sort for all clusters
     starts = np.searchsorted(assignment[order], chosen, side="left")
