@@ -232,3 +232,18 @@ def test_the_stream_sampler_keeps_a_pass_order_as_a_tensor_not_a_python_list():
     assert peak < 10 * 2**20, f"{peak / 2**20:.0f} MiB of Python objects for one batch"
     assert [position for _, position in first] == [0, 1, 2, 3]
     assert all(isinstance(index, int) for index, _ in first)
+
+
+@pytest.mark.parametrize("text", ["", "lr: [0.1\n", "- a list\n"])
+def test_a_damaged_config_yaml_is_named_on_resume(tmp_path, text):
+    """resume=true reads the run's config.yaml; an emptied or hand-edited one that is not a YAML mapping
+    gave yaml's ScannerError or an AttributeError traceback."""
+    from pretrain_helpers import TINY, tiny_images
+
+    import dinokit
+
+    out = tmp_path / "run"
+    dinokit.pretrain(data=str(tiny_images(tmp_path / "data")), out=str(out), **{**TINY, "max_iterations": 1})
+    (out / "config.yaml").write_text(text)
+    with pytest.raises(DinokitError, match=r"config\.yaml"):
+        dinokit.pretrain(data=str(tmp_path / "data" / "train"), out=str(out), **{**TINY, "resume": True})

@@ -313,7 +313,16 @@ def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple
         if dist.launched_as_process_0():  # once, not once per torchrun process
             print(f"resume=true but {out} holds no run yet: starting a new one")
         return resolve_config(preset, keys), False
-    values = yaml.safe_load(saved.read_text())
+    try:
+        values = yaml.safe_load(saved.read_text())
+    except yaml.YAMLError as e:
+        values = e
+    if not isinstance(values, dict):
+        problem = f"is not valid YAML ({values})" if isinstance(values, Exception) else "holds no key: value mapping"
+        raise DinokitError(
+            f"resume=true reads the run's settings from {saved}, which {problem}; restore it (the newest "
+            "checkpoint holds the same settings under 'config'), or start a new run in another out=..."
+        )
     old = resolve_config(None, {k: v for k, v in values.items() if k not in ("data", "out", "preset", "derived")})
     given = resolve_config(None, {**old.to_dict(), **keys}).to_dict()
     conflicts = [k for k in keys if k not in RESUMABLE_KEYS and given[k] != getattr(old, k)]
