@@ -132,6 +132,16 @@ def test_every_indexed_image_finds_itself_first(collection, tmp_path):
         build_index(str(collection / "emb_b"), str(tmp_path / "other"), feature="patch_tokens")
 
 
+def test_add_keeps_the_index_structure_and_refuses_options_it_would_ignore(collection, tmp_path):
+    build_index(str(collection / "emb_a"), str(tmp_path / "idx"), kind="hnsw", hnsw_m=8)
+    for ignored, named in ((dict(kind="flat"), "kind=flat"), (dict(kind="hnsw", hnsw_m=16), "kind=hnsw, hnsw_m=16")):
+        with pytest.raises(DinokitError, match=rf"is a hnsw index \(HNSW8\) and add=true .* so {named}"):
+            build_index(str(collection / "emb_b"), str(tmp_path / "idx"), add=True, **ignored)
+    assert build_index(str(collection / "emb_b"), str(tmp_path / "idx"), add=True, kind="hnsw")["total"] == 18
+    index = FeatureIndex.load(tmp_path / "idx")
+    assert (index.meta["kind"], index.meta["factory"], len(index.paths)) == ("hnsw", "HNSW8", 18)
+
+
 def test_build_and_add_skip_images_an_embedding_lists_twice(collection, tmp_path):
     a, b = collection / "a", collection / "b"
     (tmp_path / "list.txt").write_text(f"{a / 'a0.png'}\n{b / 'b0.png'}\n{b / 'b0.png'}\n")

@@ -24,22 +24,25 @@ def build_index(
     features: str,
     out: str,
     feature: str = "cls",
-    kind: str = "flat",
+    kind: str | None = None,
     add: bool = False,
     nlist: int | None = None,
-    pq_m: int = 16,
-    pq_bits: int = 8,
-    hnsw_m: int = 32,
+    pq_m: int | None = None,
+    pq_bits: int | None = None,
+    hnsw_m: int | None = None,
 ) -> dict:
     """Build a faiss index over a `dinokit embed` folder (cosine similarity), or add to one.
 
     features: the embed output folder. out: the index folder. feature: cls or patch_mean (must be in
     the embedding). kind: flat (exact, default), ivf, hnsw, pq or ivfpq (see dinokit.retrieval.index;
-    nlist defaults to 4 sqrt(N), at most N / 39: faiss's 39 training points per cell). add: add the
-    images of `features` to the existing index `out` (images already indexed are skipped); the
-    embedding settings must match. An image listed twice is indexed once; the summary counts the
-    images skipped.
+    nlist defaults to 4 sqrt(N), at most N / 39: faiss's 39 training points per cell; pq_m 16, pq_bits
+    8, hnsw_m 32). add: add the images of `features` to the existing index `out` (images already
+    indexed are skipped), which keeps the structure it was built with (kind and its options are for
+    building); the embedding settings must match. An image listed twice is indexed once; the summary
+    counts the images skipped.
     """
+    structure = {"kind": kind, "nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "hnsw_m": hnsw_m}
+    given = {key: value for key, value in structure.items() if value is not None}
     prepare_output(out, folder=True, create=False)
     vectors, paths, embedding = read_vectors(features, feature)
     # one writer at a time: two adds would both write generation g + 1 (one add lost, or one's vectors
@@ -50,6 +53,12 @@ def build_index(
             raise DinokitError(f"{out} already holds an index; pass add=true to add to it, or choose a new out=")
         if add and exists:
             index = FeatureIndex.load(out)
+            if given and given != {"kind": index.meta["kind"]}:
+                raise DinokitError(
+                    f"{out} is a {index.meta['kind']} index ({index.meta['factory']}) and add=true adds to it as "
+                    f"it was built, so {', '.join(f'{k}={v}' for k, v in given.items())} would be ignored: leave "
+                    "them out to add, or build a new index with them"
+                )
             changed = embedding_differences(index.meta["embedding"], embedding)
             if changed or index.meta["feature"] != feature:
                 raise DinokitError(
@@ -60,16 +69,8 @@ def build_index(
             index.meta["sources"].append(str(Path(features).absolute()))
         else:
             meta = {"feature": feature, "embedding": embedding, "sources": [str(Path(features).absolute())]}
-            index = FeatureIndex.create(
-                vectors,
-                paths,
-                meta,
-                kind=kind,
-                nlist=nlist,
-                pq_m=pq_m,
-                pq_bits=pq_bits,
-                hnsw_m=hnsw_m,
-            )
+            options = {key: value for key, value in given.items() if key != "kind"}
+            index = FeatureIndex.create(vectors, paths, meta, kind=kind or "flat", **options)
             added = len(index.paths)
         index.save(out)
     return {
