@@ -301,3 +301,30 @@ def test_a_run_folder_without_its_final_backbone_names_its_newest_checkpoint(tmp
     newest = tmp_path / "checkpoints" / "checkpoint_00002000.pt"
     with pytest.raises(DinokitError, match=f"no backbone.safetensors yet.*{newest}"):
         dinokit.load_model(tmp_path)
+
+
+def test_the_feature_cache_keys_the_precision_that_ran(two_classes, monkeypatch):
+    """Where bf16 falls back to fp32 (an older GPU, MPS), features computed in fp32 were cached under
+    precision 'bf16', and read back as bf16 features by a run on a bf16 device sharing the cache."""
+    import warnings
+
+    from dinokit import runtime
+    from dinokit.data.transforms import eval_transform
+    from dinokit.eval.cache import cached_features
+
+    model = dinokit.create_model("vit_nano_p2").eval()
+    paths = sorted((two_classes / "train").rglob("*.png"))[:2]
+    kw = dict(cache_dir=None, num_workers=0, progress=False)
+
+    def key(precision: str) -> str:
+        return cached_features(model, paths, eval_transform(16), precision=precision, **kw).key
+
+    assert key("bf16") != key("fp32")  # the CPU runs bf16
+    monkeypatch.setattr(runtime, "bf16_supported", lambda device: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's own warning
+        assert key("bf16") == key("fp32")  # bf16 asked, fp32 ran: the same features
+        from dinokit.eval.common import Backbone, protocol_record
+
+        backbone = Backbone(model, "m", "m", "hash", False)
+        assert protocol_record(backbone, eval_transform(16), 16, "bf16")["precision"] == "fp32"

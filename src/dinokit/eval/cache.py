@@ -97,6 +97,15 @@ def files_fingerprint(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def ran_precision(model: torch.nn.Module, precision: str) -> str:
+    """The precision that features of `model` are computed in when `precision` is asked for (bf16 falls
+    back to fp32 on devices without it: `runtime.effective_precision`)."""
+    from dinokit import runtime
+
+    device = next(model.parameters(), torch.empty(0)).device
+    return runtime.effective_precision(device, precision)
+
+
 def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -187,7 +196,7 @@ def cached_features(
         "kinds": which,
         "layers": list(layers),
         "norm": norm,
-        "precision": precision,
+        "precision": ran_precision(model, precision),  # bf16 asked where it falls back: fp32 features
     }
     key = cache_key(fields)
     if cache_dir is None:

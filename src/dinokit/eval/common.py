@@ -12,7 +12,7 @@ from dinokit.data.labelled import read_labelled
 from dinokit.data.transforms import describe, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import is_random_source, load_backbone, weights_hash
-from dinokit.eval.cache import Features, cached_features, default_cache_dir
+from dinokit.eval.cache import Features, cached_features, default_cache_dir, ran_precision
 from dinokit.models import VisionTransformer
 from dinokit.runtime import resolve_device
 
@@ -158,7 +158,7 @@ def protocol_record(backbone: Backbone, transform, image_size: int, precision: s
         "random_init": backbone.random,
         "image_size": image_size,
         "transform": describe(transform),
-        "precision": precision,
+        "precision": ran_precision(backbone.model, precision),  # fp32 where bf16 falls back
         **extra,
         "dinokit_version": dinokit.__version__,
     }
