@@ -148,6 +148,62 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_reaches_the_same_parameters(tmp_path):
+    """A scheduler's SIGTERM (pre-emption) mid-run: the run finishes its step, saves a checkpoint at the
+    iteration it reached (none was due: checkpoint_every=0), exits with 143, and resuming gives the
+    uninterrupted parameters. The loader's worker ignores the signal (the main process ends it)."""
+    data = tiny_images(tmp_path / "data")
+    run(data, tmp_path / "full", epochs=10.0)  # 40 iterations
+    out = tmp_path / "stopped"
+    args = [f"{k}={v}" for k, v in {**TINY, "epochs": 10.0, "num_workers": 1}.items()]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dinokit", "pretrain", f"data={data}", f"out={out}", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():  # iteration 2 done
+        assert process.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    (checkpoint,) = list_checkpoints(out / "checkpoints")
+    reached = load_checkpoint(checkpoint)["iteration"]
+    assert 2 <= reached < 40 and f"stopped by SIGTERM at iteration {reached}, checkpoint saved" in output
+    assert "resume=true" in output and not (out / "backbone.safetensors").exists()
+    run(data, out, epochs=10.0, num_workers=1, resume=True)
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000040.pt")["model"]
+    resumed = load_checkpoint(out / "checkpoints" / "checkpoint_00000040.pt")["model"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_stop_signals_ask_once_then_act_as_usual():
+    from dinokit.runtime import StopSignals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)  # the handler runs between bytecodes
+        assert stop.requested == "SIGTERM"  # still alive: asked, not killed
+        with pytest.raises(KeyboardInterrupt):  # the second signal acts as usual
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with pytest.raises(SystemExit) as exit_:
+        stop.raise_requested()
+    assert exit_.value.code == 143
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+    assert stop.requested == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        stop.raise_requested()
+
+
 def test_metrics_of_a_run_killed_before_its_first_checkpoint_are_not_repeated(tmp_path, monkeypatch):
     """A run killed before any checkpoint restarts from iteration 0 under resume=true: its rows are
     replaced, not followed by a second 2, 4, ...; a row cut short by a crash does not stop a resume."""

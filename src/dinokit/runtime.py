@@ -1,12 +1,14 @@
-"""Where and how to run, shared by every stage: device choice, autocast, and (on CPU) malloc's
-reuse of freed memory for loops that make large tensors afresh."""
+"""Where and how to run, shared by every stage: device choice, autocast, (on CPU) malloc's reuse of
+freed memory for loops that make large tensors afresh, and stopping long loops cleanly on a signal."""
 
 import contextlib
 import ctypes
 import functools
 import inspect
 import re
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 
@@ -183,3 +185,48 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
             libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
             libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
             libc.malloc_trim(0)
+
+
+class StopSignals:
+    """A context in which SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption, `kill`) ask a long
+    loop to stop rather than kill it: the first one sets `requested` (its name), the loop checks it
+    between steps, saves its state and calls `raise_requested`; a second one acts as usual at once
+    (SIGINT: KeyboardInterrupt; SIGTERM: termination). Handlers are set in the main thread only and
+    restored on leaving."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.requested = signal.Signals(signum).name
+        self._restore()  # a second signal acts as usual
+
+    def _restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def raise_requested(self) -> None:
+        """After the loop saved its state: KeyboardInterrupt for SIGINT, exit status 143 for SIGTERM."""
+        if self.requested == "SIGINT":
+            raise KeyboardInterrupt
+        if self.requested == "SIGTERM":
+            raise SystemExit(128 + signal.SIGTERM)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader worker_init_fn: workers leave SIGINT and SIGTERM to the main process, which stops
+    the loop cleanly (`StopSignals`) and then ends them; a worker killed first would fail its batch."""
+    for s in StopSignals.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -36,7 +36,7 @@ from dinokit.io import atomic_write, folder_lock, prepare_output
 from dinokit.models import create_model, export_model, load_model
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
-from dinokit.runtime import autocast, resolve_device, reuse_freed_memory
+from dinokit.runtime import StopSignals, autocast, ignore_stop_signals, resolve_device, reuse_freed_memory
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dinokit.train.config import PretrainConfig, resolve_config
 from dinokit.train.ema import update_teacher
@@ -294,6 +294,7 @@ def make_loader(dataset, cfg: PretrainConfig, batch_size: int, start: int, devic
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the loader off the global RNG
+        worker_init_fn=ignore_stop_signals,  # Ctrl-C / SIGTERM stop the run in the main process, after a step
     )
 
 
@@ -611,10 +612,13 @@ class Trainer:
         done = stop is not None and self.iteration >= stop
         return done or bool(self.cfg.max_minutes and elapsed >= 60.0 * self.cfg.max_minutes)
 
-    def shared_clock(self, start: float) -> float:
-        """Seconds since the run started, as measured by process 0 (so that every process takes the
-        same time-based decisions and schedule values)."""
-        return float(dist.broadcast(torch.tensor([time.perf_counter() - start], dtype=torch.float64)).item())
+    def shared_clock(self, start: float, stop_requested: bool) -> tuple[float, bool]:
+        """(Seconds since the run started as process 0 measured them, whether any process was asked to
+        stop), in one collective: every process takes the same time-based decisions, schedule values
+        and stop."""
+        mine = [time.perf_counter() - start if self.main else 0.0, float(stop_requested)]
+        clock, stops = dist.all_reduce_sum(torch.tensor(mine, dtype=torch.float64)).tolist()
+        return clock, stops > 0
 
     def save(self, elapsed: float) -> None:
         state = {
@@ -691,11 +695,19 @@ class Trainer:
         consecutive_bad = 0
         warned_collapse = False
         last_row: dict = {}
-        iterator = iter(loader)
         elapsed = self.elapsed
         parts = None
+        stopped_by = None
+        stop = StopSignals().__enter__()  # left right after the loop: a signal during the end acts as usual
         try:
-            while not self.should_stop(elapsed := self.shared_clock(start)):
+            iterator = iter(loader)  # the loader's workers ignore both signals (ignore_stop_signals)
+            while True:
+                elapsed, stop_requested = self.shared_clock(start, stop.requested is not None)
+                if stop_requested:  # Ctrl-C or SIGTERM on some process: every process stops here
+                    stopped_by = stop.requested or "a signal to another process"
+                    break
+                if self.should_stop(elapsed):
+                    break
                 t0 = time.perf_counter()
                 batch = next(iterator)
                 t1 = time.perf_counter()
@@ -753,10 +765,19 @@ class Trainer:
                     if self.main:
                         log.write(last_row)
         finally:
+            stop.__exit__()
             bar.close()
             if log is not None:
                 log.close()
         self.save(elapsed)
+        if stopped_by is not None:
+            if self.main:
+                print(
+                    f"pretrain: stopped by {stopped_by} at iteration {self.iteration}, checkpoint saved; "
+                    f"the same command with resume=true continues the run (out={self.out})"
+                )
+            stop.raise_requested()
+            raise KeyboardInterrupt  # a process that did not receive the signal itself stops too
         state = model_state(self.model, self.fsdp) if self.fsdp else None  # a collective: every process
         with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
             backbone = export_backbone(self.model, self.out / "backbone.safetensors", state)
