@@ -18,7 +18,7 @@ from pretrain_helpers import TINY, tiny_images
 import dinokit
 from dinokit import distributed as dist
 from dinokit.losses import EMACenter, sinkhorn_knopp
-from dinokit.train.checkpoint import load_checkpoint
+from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
 from dinokit.train.metrics_log import read_metrics
 from dinokit.train.pretrain import Trainer, run_config
 from dinokit.train.self_distillation import collapse_figures
@@ -245,6 +245,29 @@ def test_an_error_on_one_process_ends_every_process_with_that_error(tmp_path):
     result = run_patched_pretraining(FAILING_RUN, tmp_path, max_iterations=6)
     assert result.returncode != 0
     assert result.stderr.count("dinokit: error: a failure on process 1 only") == 1
+
+
+# SIGTERM to process 1 only, during its third step.
+SIGNALLED_RUN = """
+import importlib, os, signal, sys
+from dinokit.cli import main
+pretrain = importlib.import_module("dinokit.train.pretrain")
+step = pretrain.Trainer.step
+def signalled_step(self, *args):
+    if os.environ["RANK"] == "1" and self.iteration == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return step(self, *args)
+pretrain.Trainer.step = signalled_step
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step_with_a_checkpoint(tmp_path):
+    result = run_patched_pretraining(SIGNALLED_RUN, tmp_path, max_iterations=20)
+    assert result.returncode != 0
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_00000003.pt"]
+    assert "stopped by a signal to another process at iteration 3, checkpoint saved" in result.stdout
+    assert not (tmp_path / "run" / "backbone.safetensors").exists()
 
 
 def test_an_error_of_every_process_before_they_join_is_printed_once(tmp_path):
