@@ -48,6 +48,18 @@ def test_exact_indexes_equal_brute_force(clustered):
         assert np.all(np.diff(scores, axis=1) <= 0)
 
 
+def test_ivf_searches_sqrt_nlist_cells_by_default(clustered):
+    """faiss's default of one cell returns fewer than k = 50 hits for some queries on these 600 vectors
+    in 16 cells; the default ceil(sqrt(16)) = 4 cells gives what nprobe=4 gives, k hits for every query."""
+    x, _, q, _, _, _ = clustered
+    index = make(x, "ivf", nlist=16)
+    default_scores, default_ids = index.search(q, 50)
+    assert (default_ids >= 0).all()
+    scores, ids = index.search(q, 50, nprobe=4)
+    assert np.array_equal(default_ids, ids) and np.array_equal(default_scores, scores)
+    assert (index.search(q, 50, nprobe=1)[1] < 0).any()  # one cell: fewer than k for some queries
+
+
 def test_approximate_indexes_find_neighbours(clustered):
     x, labels, q, query_labels, truth, _ = clustered
     _, ids = make(x, "hnsw").search(q, 10, ef_search=200)

@@ -164,8 +164,8 @@ def index_search(
     index: an index folder (`dinokit index build`). query: an image, a folder or a list file; it is
     embedded with the index's own model, transform and precision. out: also write the hits as JSON,
     [{"query": path, "hits": [{"path": ..., "score": ...}, ...]}, ...]. sheet: also write a PNG
-    contact sheet (each query, then its hits with scores). nprobe (ivf) / ef_search (hnsw): search
-    effort (more = closer to exact, slower). model: where the index's model now is, if its weights
+    contact sheet (each query, then its hits with scores). nprobe (ivf: cells visited, default
+    ceil(sqrt(nlist))) / ef_search (hnsw): search effort (more = closer to exact, slower). model: where the index's model now is, if its weights
     file moved (default: the path recorded in the index); the weights must be the ones it was built
     with.
     """

@@ -3,7 +3,7 @@
 Vectors are L2-normalised, so inner product = cosine similarity, and scores are cosines (exact
 for `flat`, and for `ivf` when nprobe = nlist). Index kinds (faiss factory strings):
   flat    exact search, O(N) per query: the default, fine up to a few million vectors
-  ivf     IVF{nlist},Flat: k-means cells, search `nprobe` of them
+  ivf     IVF{nlist},Flat: k-means cells, search `nprobe` of them (default ceil(sqrt(nlist)))
   hnsw    HNSW{hnsw_m}: graph search, no training, more memory
   pq      PQ{pq_m}x{pq_bits}: product-quantised codes (pq_m * pq_bits / 8 bytes per vector)
   ivfpq   IVF{nlist},PQ{pq_m}x{pq_bits}: both, for hundreds of millions of vectors
@@ -104,9 +104,12 @@ class FeatureIndex:
     def search(
         self, queries, k: int, nprobe: int | None = None, ef_search: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (Q, k) cosine, descending; ids (Q, k), -1 where fewer than k were found)."""
+        """(scores (Q, k) cosine, descending; ids (Q, k), -1 where fewer than k were found). nprobe: the
+        cells an ivf / ivfpq search visits, by default ceil(sqrt(nlist)) (faiss's own default, 1, misses
+        most neighbours and can return fewer than k hits); ef_search: hnsw's search breadth."""
         params = []
-        if nprobe and "IVF" in self.meta["factory"]:
+        if "IVF" in self.meta["factory"]:
+            nprobe = nprobe or math.ceil(math.sqrt(faiss.extract_index_ivf(self.index).nlist))
             params.append(f"nprobe={nprobe}")
         if ef_search and "HNSW" in self.meta["factory"]:
             params.append(f"efSearch={ef_search}")
