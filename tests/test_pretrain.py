@@ -121,31 +121,37 @@ def test_resume_continues_exactly(tmp_path):
     assert [r["iteration"] for r in rows] == [2, 4, 6, 8]
 
 
+def start_command_line_run(data, out, **keys) -> subprocess.Popen:
+    """`python -m dinokit pretrain` of TINY with `keys` in a subprocess; its output (text) in .stdout."""
+    args = [f"{k}={v}" for k, v in {**TINY, **keys}.items()]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    command = [sys.executable, "-m", "dinokit", "pretrain", f"data={data}", f"out={out}", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def assert_same_parameters_at_40(full, resumed):
+    """The checkpoints of iteration 40 of two runs hold the same model parameters, bit for bit."""
+    a = load_checkpoint(full / "checkpoints" / "checkpoint_00000040.pt")["model"]
+    b = load_checkpoint(resumed / "checkpoints" / "checkpoint_00000040.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     """SIGKILL a command-line run after a checkpoint; resuming reaches the uninterrupted parameters."""
     data = tiny_images(tmp_path / "data")
     run(data, tmp_path / "full", epochs=10.0)  # 40 iterations
     out = tmp_path / "killed"
-    args = [f"{k}={v}" for k, v in {**TINY, "epochs": 10.0, "checkpoint_every": 4}.items()]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dinokit", "pretrain", f"data={data}", f"out={out}", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = start_command_line_run(data, out, epochs=10.0, checkpoint_every=4)
     deadline = time.time() + 120
     while len(list_checkpoints(out / "checkpoints")) < 2:  # checkpoint 8 written
         assert process.poll() is None and time.time() < deadline, "training did not reach a checkpoint"
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.communicate()
     reached = list_checkpoints(out / "checkpoints")[-1].name
     assert reached < "checkpoint_00000040.pt", "the run finished before it was killed"
     run(data, out, epochs=10.0, resume=True)
-    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000040.pt")["model"]
-    resumed = load_checkpoint(out / "checkpoints" / "checkpoint_00000040.pt")["model"]
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert_same_parameters_at_40(tmp_path / "full", out)
 
 
 def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_reaches_the_same_parameters(tmp_path):
@@ -155,15 +161,7 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_reaches_the_sam
     data = tiny_images(tmp_path / "data")
     run(data, tmp_path / "full", epochs=10.0)  # 40 iterations
     out = tmp_path / "stopped"
-    args = [f"{k}={v}" for k, v in {**TINY, "epochs": 10.0, "num_workers": 1}.items()]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dinokit", "pretrain", f"data={data}", f"out={out}", *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process = start_command_line_run(data, out, epochs=10.0, num_workers=1)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():  # iteration 2 done
         assert process.poll() is None and time.time() < deadline, "training did not start"
@@ -176,9 +174,7 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_reaches_the_sam
     assert 2 <= reached < 40 and f"stopped by SIGTERM at iteration {reached}, checkpoint saved" in output
     assert "resume=true" in output and not (out / "backbone.safetensors").exists()
     run(data, out, epochs=10.0, num_workers=1, resume=True)
-    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000040.pt")["model"]
-    resumed = load_checkpoint(out / "checkpoints" / "checkpoint_00000040.pt")["model"]
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert_same_parameters_at_40(tmp_path / "full", out)
 
 
 def test_stop_signals_ask_once_then_act_as_usual():
