@@ -33,8 +33,8 @@ def small(tmp_path_factory):
 
 def run_embed(small, out: Path, **kw) -> dict:
     root, weights, _ = small
-    args = dict(image_size=16, num_workers=0, progress=False, precision="fp32")
-    return embed(model=str(weights), data=str(root / "images"), out=str(out), **{**args, **kw})
+    args = dict(model=str(weights), data=str(root / "images"), image_size=16, num_workers=0, progress=False)
+    return embed(out=str(out), **{**args, "precision": "fp32", **kw})
 
 
 def test_embed_layers_out_of_range_are_refused_before_the_folder_is_started(small, tmp_path):
@@ -53,30 +53,14 @@ def test_index_add_takes_an_embedding_of_the_same_weights_at_another_path(small,
     shutil.copy(weights, moved)
     random_images(tmp_path / "more", 3, 24, np.random.default_rng(1), prefix="more")
     run_embed(small, tmp_path / "a")
-    embed(
-        str(moved),
-        str(tmp_path / "more"),
-        str(tmp_path / "b"),
-        image_size=16,
-        num_workers=0,
-        progress=False,
-        precision="fp32",
-    )
+    run_embed(small, tmp_path / "b", model=str(moved), data=str(tmp_path / "more"))
     build_index(str(tmp_path / "a"), str(tmp_path / "idx"))
     assert build_index(str(tmp_path / "b"), str(tmp_path / "idx"), add=True)["total"] == 9
     results = search_index(str(tmp_path / "idx"), str(tmp_path / "more"), k=1, num_workers=0)
     assert [r["hits"][0]["path"] for r in results] == [r["query"] for r in results]
     other = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2))
     other_weights = dinokit.export_model(other, tmp_path / "other.safetensors")
-    embed(
-        str(other_weights),
-        str(tmp_path / "more"),
-        str(tmp_path / "c"),
-        image_size=16,
-        num_workers=0,
-        progress=False,
-        precision="fp32",
-    )
+    run_embed(small, tmp_path / "c", model=str(other_weights), data=str(tmp_path / "more"))
     with pytest.raises(DinokitError, match="weights_hash"):  # other weights are still refused
         build_index(str(tmp_path / "c"), str(tmp_path / "idx"), add=True)
 
