@@ -168,6 +168,7 @@ def _scan(
     max(N, chunk^2) more pairs are found), and no cosines: memory O(N + chunk^2) however many pairs.
     The products, maxima and threshold run on `device`; only the pairs found come back to the CPU."""
     n = len(x)
+    cut = float(cut)  # a Python number: compared in float32 with the float32 cosines on any device
     xt = torch.from_numpy(x).to(device)
     nearest = torch.full((n,), -torch.inf, device=device)
     found_i, found_j, found_cos = [], [], []

@@ -337,7 +337,7 @@ def hierarchical_kmeans(
             centroids = _fit(items, k, iterations, init, seed=int(rng.integers(2**31 - 1)))
             assignment, distances = (t.cpu().numpy() for t in _nearest(items, centroids))
             for _ in range(n_resamples[level]):
-                clusters = Level(centroids, assignment, distances).members()
+                clusters = Level(centroids.cpu().numpy(), assignment, distances).members()
                 if strategy == "closest":
                     sample = [members[: sample_size[level]] for members in clusters]
                 else:
