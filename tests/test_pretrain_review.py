@@ -1,5 +1,7 @@
 """Review of pretraining: bad values refused up front, resume with another batch size, edge cases."""
 
+import re
+
 import pytest
 
 from dinokit.errors import DinokitError
@@ -212,8 +214,13 @@ def test_resume_on_other_data_does_not_point_to_a_backbone_the_run_has_not_writt
     dinokit.pretrain(data=str(tiny_images(tmp_path / "a")), out=str(out), **keys)
     (out / "backbone.safetensors").unlink()  # as a run killed after its checkpoints
     other = tiny_images(tmp_path / "b", per_class=3)
-    with pytest.raises(DinokitError, match=r"no backbone\.safetensors yet .* finish it first"):
+    newest = out / "checkpoints" / "checkpoint_00000002.pt"
+    with pytest.raises(DinokitError, match=rf"init={re.escape(str(newest))} \(its teacher"):
         dinokit.pretrain(data=str(other), out=str(out), **{**keys, "max_iterations": 4, "resume": True})
+    # the advice works: a new run on the other data starts from the checkpoint's teacher, without
+    # finishing the first run
+    dinokit.pretrain(data=str(other), out=str(tmp_path / "new"), **{**keys, "init": str(newest)})
+    assert (tmp_path / "new" / "backbone.safetensors").is_file()
 
 
 def test_the_stream_sampler_keeps_a_pass_order_as_a_tensor_not_a_python_list():

@@ -252,9 +252,8 @@ def check_same_data(checkpoint: dict, fingerprint: dict, data: str, out: Path) -
         backbone = out / "backbone.safetensors"
         start_from = (
             f"starting from this one with init={backbone}"
-            if backbone.is_file()
-            else f"starting from this one with init={backbone} once it is written: the run has no "
-            "backbone.safetensors yet (it is written at the end), so finish it first with its own data"
+            if backbone.is_file()  # written at the end; before it, the newest checkpoint's teacher serves
+            else f"starting from this one with init={list_checkpoints(out / 'checkpoints')[-1]} (its teacher)"
         )
         raise DinokitError(
             f"resume=true continues the run in {out}, trained on {saved['images']} images, but data={data} holds "
