@@ -62,6 +62,19 @@ def test_symlinked_folders_are_followed_once_and_commas_in_paths_kept(tmp_path):
     assert list_images(tmp_path / "list.txt") == [tmp_path / "a,b.png", real / "cats" / "0.png"]
 
 
+def test_hidden_folders_and_macos_zip_leftovers_are_not_data(tmp_path):
+    """A folder unzipped from a Mac (__MACOSX/, ._name resource files) or opened in Jupyter
+    (.ipynb_checkpoints/): none of it is an image or a class."""
+    from dinokit.data.labelled import read_labelled
+
+    for name in ("cat/a.png", "dog/b.png", "cat/.ipynb_checkpoints/a.png", "__MACOSX/cat/._a.png", "dog/._b.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    images = [tmp_path / "cat" / "a.png", tmp_path / "dog" / "b.png"]
+    assert list_images(tmp_path) == images
+    assert read_labelled(tmp_path) == (images, [0, 1], ["cat", "dog"])
+
+
 def test_a_broken_link_is_an_unreadable_image_not_silently_dropped(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / "moved.png").symlink_to(tmp_path / "gone.png")  # its target was moved away

@@ -20,7 +20,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 def files_under(root: Path, extensions: frozenset[str] | tuple[str, ...]) -> list[Path]:
     """Sorted files under `root` (recursive) whose lower-case suffix is in `extensions`. Symlinked
     folders are followed (datasets are often assembled from links), each real folder once; a broken
-    link is kept, so that it is reported as unreadable rather than silently missing."""
+    link is kept, so that it is reported as unreadable rather than silently missing. Hidden folders
+    (`.ipynb_checkpoints`, `.cache`, ...), macOS's `__MACOSX` of a zip and its `._name` resource
+    files are not data: they are left out (as class folders they would become classes)."""
     found, seen = [], set()
     for folder, subfolders, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -28,8 +30,13 @@ def files_under(root: Path, extensions: frozenset[str] | tuple[str, ...]) -> lis
             subfolders.clear()
             continue
         seen.add(real)
-        subfolders.sort()  # which of two links to one folder is kept does not depend on the file system
-        found += [Path(folder, name) for name in files if Path(name).suffix.lower() in extensions]
+        # sorted: which of two links to one folder is kept does not depend on the file system
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__MACOSX")
+        found += [
+            Path(folder, name)
+            for name in files
+            if Path(name).suffix.lower() in extensions and not name.startswith("._")
+        ]
     return sorted(p for p in found if p.is_file() or (p.is_symlink() and not p.exists()))
 
 
