@@ -146,12 +146,21 @@ def test_every_indexed_image_finds_itself_first(collection, tmp_path):
 
 def test_add_keeps_the_index_structure_and_refuses_options_it_would_ignore(collection, tmp_path):
     build_index(str(collection / "emb_a"), str(tmp_path / "idx"), kind="hnsw", hnsw_m=8)
-    for ignored, named in ((dict(kind="flat"), "kind=flat"), (dict(kind="hnsw", hnsw_m=16), "kind=hnsw, hnsw_m=16")):
+    for ignored, named in ((dict(kind="flat"), "kind=flat"), (dict(kind="hnsw", hnsw_m=16), "hnsw_m=16")):
         with pytest.raises(DinokitError, match=rf"is a hnsw index \(HNSW8\) and add=true .* so {named}"):
             build_index(str(collection / "emb_b"), str(tmp_path / "idx"), add=True, **ignored)
     assert build_index(str(collection / "emb_b"), str(tmp_path / "idx"), add=True, kind="hnsw")["total"] == 18
     index = FeatureIndex.load(tmp_path / "idx")
     assert (index.meta["kind"], index.meta["factory"], len(index.paths)) == ("hnsw", "HNSW8", 18)
+
+
+def test_add_takes_the_options_the_index_was_built_with(collection, tmp_path):
+    """The build command repeated with add=true (a script adding each new batch) gives the index's own
+    options: they are not ignored (the add keeps them), so they are no reason to refuse it."""
+    build_index(str(collection / "emb_a"), str(tmp_path / "idx"), kind="hnsw", hnsw_m=8)
+    assert build_index(str(collection / "emb_b"), str(tmp_path / "idx"), add=True, kind="hnsw", hnsw_m=8)["total"] == 18
+    with pytest.raises(DinokitError, match=r"\(HNSW8\) and add=true .* so nlist=4 would be ignored"):
+        build_index(str(collection / "emb_b"), str(tmp_path / "idx"), add=True, kind="hnsw", hnsw_m=8, nlist=4)
 
 
 def test_build_and_add_skip_images_an_embedding_lists_twice(collection, tmp_path):

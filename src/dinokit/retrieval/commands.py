@@ -14,7 +14,7 @@ from dinokit.features.store import read_embeddings, read_manifest
 from dinokit.io import folder_lock, prepare_output, write_json
 from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
-from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex
+from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex, built_options
 from dinokit.runtime import resolve_device
 
 VECTOR_FEATURES = ("cls", "patch_mean")
@@ -38,8 +38,8 @@ def build_index(
     nlist defaults to 4 sqrt(N), at most N / 39: faiss's 39 training points per cell; pq_m 16, pq_bits
     8, hnsw_m 32). add: add the images of `features` to the existing index `out` (images already
     indexed are skipped), which keeps the structure it was built with (kind and its options are for
-    building); the embedding settings must match. An image listed twice is indexed once; the summary
-    counts the images skipped.
+    building: given with add=true, they must be the index's own); the embedding settings must match.
+    An image listed twice is indexed once; the summary counts the images skipped.
     """
     structure = {"kind": kind, "nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "hnsw_m": hnsw_m}
     given = {key: value for key, value in structure.items() if value is not None}
@@ -53,10 +53,12 @@ def build_index(
             raise DinokitError(f"{out} already holds an index; pass add=true to add to it, or choose a new out=")
         if add and exists:
             index = FeatureIndex.load(out)
-            if given and given != {"kind": index.meta["kind"]}:
+            own = built_options(index.meta)
+            ignored = {key: value for key, value in given.items() if own.get(key) != value}  # its own: fine
+            if ignored:
                 raise DinokitError(
                     f"{out} is a {index.meta['kind']} index ({index.meta['factory']}) and add=true adds to it as "
-                    f"it was built, so {', '.join(f'{k}={v}' for k, v in given.items())} would be ignored: leave "
+                    f"it was built, so {', '.join(f'{k}={v}' for k, v in ignored.items())} would be ignored: leave "
                     "them out to add, or build a new index with them"
                 )
             changed = embedding_differences(index.meta["embedding"], embedding)
@@ -165,9 +167,9 @@ def index_search(
     embedded with the index's own model, transform and precision. out: also write the hits as JSON,
     [{"query": path, "hits": [{"path": ..., "score": ...}, ...]}, ...]. sheet: also write a PNG
     contact sheet (each query, then its hits with scores). nprobe (ivf: cells visited, default
-    ceil(sqrt(nlist))) / ef_search (hnsw): search effort (more = closer to exact, slower). model: where the index's model now is, if its weights
-    file moved (default: the path recorded in the index); the weights must be the ones it was built
-    with.
+    ceil(sqrt(nlist))) / ef_search (hnsw): search effort (more = closer to exact, slower). model:
+    where the index's model now is, if its weights file moved (default: the path recorded in the
+    index); the weights must be the ones it was built with.
     """
     for path, example in ((out, "hits.json"), (sheet, "hits.png")):  # checked before the queries are embedded
         if path:

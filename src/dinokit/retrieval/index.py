@@ -15,6 +15,7 @@ interrupted add leaves the previous index intact.
 """
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,19 @@ def factory_string(
         "pq": f"PQ{pq_m}x{pq_bits}",
         "ivfpq": f"IVF{nlist},PQ{pq_m}x{pq_bits}",
     }[kind]
+
+
+def built_options(meta: dict) -> dict:
+    """The kind and options (nlist, pq_m, pq_bits, hnsw_m) an index was built with, as its factory
+    string states them."""
+    factory, options = meta["factory"], {"kind": meta["kind"]}
+    if ivf := re.search(r"IVF(\d+)", factory):
+        options["nlist"] = int(ivf.group(1))
+    if pq := re.search(r"PQ(\d+)x(\d+)", factory):
+        options["pq_m"], options["pq_bits"] = int(pq.group(1)), int(pq.group(2))
+    if hnsw := re.search(r"HNSW(\d+)", factory):
+        options["hnsw_m"] = int(hnsw.group(1))
+    return options
 
 
 def normalise(vectors) -> np.ndarray:
