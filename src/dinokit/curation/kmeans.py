@@ -42,7 +42,7 @@ STRATEGIES = ("closest", "random")
 
 def as_vectors(x, name: str = "x") -> np.ndarray:
     """x (N, D) as a C-contiguous float32 array, after checking it has rows, a dimension and only finite
-    values small enough for float32 squared distances (faiss aborts the process on D = 0 or on overflow)."""
+    values small enough for float32 squared distances (an overflow would make every distance inf)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     require(
         [
