@@ -254,3 +254,24 @@ def test_a_damaged_config_yaml_is_named_on_resume(tmp_path, text):
     (out / "config.yaml").write_text(text)
     with pytest.raises(DinokitError, match=r"config\.yaml"):
         dinokit.pretrain(data=str(tmp_path / "data" / "train"), out=str(out), **{**TINY, "resume": True})
+
+
+def test_a_saved_value_refused_since_is_fixed_by_giving_its_resumable_key(tmp_path):
+    """A run started when keep_checkpoints=-1 was accepted (save_checkpoint: keep <= 0 keeps all) could
+    not be resumed: its saved config was validated alone, so the fix the error named, keep_checkpoints=0,
+    was refused as well. The saved settings with the given keys are what is checked."""
+    import yaml
+    from pretrain_helpers import TINY, tiny_images
+
+    import dinokit
+
+    out, data = tmp_path / "run", tiny_images(tmp_path / "data")
+    keys = {**TINY, "max_iterations": 2, "checkpoint_every": 1}
+    dinokit.pretrain(data=str(data), out=str(out), **keys)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**saved, "keep_checkpoints": -1}, sort_keys=False))
+    with pytest.raises(DinokitError, match=r"keep_checkpoints must be >= 0 \(0: keep all\), got -1"):
+        dinokit.pretrain(data=str(data), out=str(out), **{**keys, "max_iterations": 3, "resume": True})
+    resumed = {**keys, "max_iterations": 3, "resume": True, "keep_checkpoints": 0}
+    dinokit.pretrain(data=str(data), out=str(out), **resumed)
+    assert len(list((out / "checkpoints").glob("checkpoint_*.pt"))) == 3  # 0: every checkpoint kept

@@ -184,8 +184,9 @@ def coerce(key: str, value):
     return value
 
 
-def resolve_config(preset: str | None, overrides: dict) -> PretrainConfig:
-    """Defaults <- preset <- overrides; unknown keys are an error naming the nearest valid keys."""
+def resolve_config(preset: str | None, overrides: dict, check: bool = True) -> PretrainConfig:
+    """Defaults <- preset <- overrides; unknown keys are an error naming the nearest valid keys.
+    `check=False` leaves out `validate` (a resumed run's saved settings, checked with the keys given)."""
     values = read_preset(preset) if preset else {}
     values.update({k: v for k, v in overrides.items() if k != "derived"})  # config=<a run's config.yaml>
     unknown = [k for k in values if k not in FIELDS]
@@ -196,7 +197,8 @@ def resolve_config(preset: str | None, overrides: dict) -> PretrainConfig:
             hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         raise DinokitError(f"unknown pretraining key(s): {', '.join(hints)}. `dinokit pretrain --help` lists them.")
     config = PretrainConfig(**{k: coerce(k, v) for k, v in values.items()})
-    validate(config)
+    if check:
+        validate(config)
     return config
 
 

@@ -38,7 +38,7 @@ from dinokit.models.architectures import nearest_architecture
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.runtime import StopSignals, autocast, ignore_stop_signals, resolve_device, reuse_freed_memory
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from dinokit.train.config import PretrainConfig, resolve_config
+from dinokit.train.config import RUN_FACTS, PretrainConfig, resolve_config
 from dinokit.train.ema import update_teacher
 from dinokit.train.metrics_log import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups, scale_lr
@@ -323,7 +323,8 @@ def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple
             f"resume=true reads the run's settings from {saved}, which {problem}; restore it (the newest "
             "checkpoint holds the same settings under 'config'), or start a new run in another out=..."
         )
-    old = resolve_config(None, {k: v for k, v in values.items() if k not in ("data", "out", "preset", "derived")})
+    # checked with the keys given: a resumable key fixes a saved value that a later dinokit refuses
+    old = resolve_config(None, {k: v for k, v in values.items() if k not in RUN_FACTS}, check=False)
     given = resolve_config(None, {**old.to_dict(), **keys}).to_dict()
     conflicts = [k for k in keys if k not in RESUMABLE_KEYS and given[k] != getattr(old, k)]
     if conflicts:
