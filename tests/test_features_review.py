@@ -161,6 +161,23 @@ def test_transparent_pixels_of_a_reference_mask_are_background_whatever_their_co
     assert np.array_equal(read_mask(tmp_path / "opaque.png", (30, 20)), truth)
 
 
+def test_transparent_pixels_of_a_palette_reference_mask_are_background(tmp_path):
+    # a palette PNG keeps its transparency as a transparent palette entry (mode P, info['transparency']),
+    # not as an alpha channel: its transparent pixels, here of palette index 1, marked the whole image
+    indices = np.ones((20, 30), dtype=np.uint8)  # index 1: transparent (white, hidden)
+    indices[5:15, 10:20] = 2  # index 2: the opaque object
+    palette = Image.fromarray(indices, mode="L").convert("P")
+    palette.putpalette([0, 0, 0, 255, 255, 255, 255, 0, 0] + [0] * (3 * 253))
+    palette.save(tmp_path / "mask.png", transparency=1)
+    with Image.open(tmp_path / "mask.png") as saved:
+        assert saved.mode == "P" and saved.info.get("transparency") is not None
+    truth = np.zeros((20, 30), dtype=bool)
+    truth[5:15, 10:20] = True
+    assert np.array_equal(read_mask(tmp_path / "mask.png", (30, 20)), truth)
+    palette.save(tmp_path / "opaque.png")  # without transparency: nonzero palette indices, as before
+    assert read_mask(tmp_path / "opaque.png", (30, 20)).all()
+
+
 def test_pca_foreground_of_fewer_than_three_patches_is_reported_as_it_is(tmp_path):
     # was: with fewer than 3 patches above the threshold every patch was returned (and drawn) as
     # foreground, the opposite of what the first component says

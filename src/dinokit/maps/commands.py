@@ -305,8 +305,9 @@ def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     or the same aspect ratio (to 1 px) resized (nearest) to it."""
     im = open_image(path, what="reference mask")
     mask = im.convert("L") if im.mode not in ("L", "1", "I", "I;16", "P") else im
-    if im.mode in ("RGBA", "LA", "PA"):
-        visible = np.asarray(im.getchannel("A")) > 0
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # an alpha channel, or a palette's transparent entry (a palette PNG keeps no alpha channel)
+        visible = np.asarray(im.convert("RGBA").getchannel("A")) > 0
         mask = Image.fromarray(np.where(visible, np.asarray(mask), 0).astype(np.uint8))
     size = tuple(size)
     if mask.size != size and not same_aspect(mask.size, size):
