@@ -4,9 +4,11 @@ a 2-process run resumes in one process."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -268,6 +270,28 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step_with_a_che
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_00000003.pt"]
     assert "stopped by a signal to another process at iteration 3, checkpoint saved" in result.stdout
     assert not (tmp_path / "run" / "backbone.safetensors").exists()
+
+
+def test_sigterm_to_torchrun_reaches_its_processes_which_stop_with_a_checkpoint(tmp_path):
+    """A scheduler's SIGTERM goes to torchrun, which passes it on to its processes: they stop at one
+    step and save a checkpoint there (README: Checkpoints and resume)."""
+    data = tiny_images(tmp_path / "data")
+    out = tmp_path / "run"
+    keys = {**TINY, "max_iterations": 100000, "batch_size": 4}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD)]
+    cmd += ["-m", "dinokit", "pretrain", f"data={data}", f"out={out}", *[f"{k}={v}" for k, v in keys.items()]]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.time() < deadline, "training did not start"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+    (checkpoint,) = list_checkpoints(out / "checkpoints")
+    reached = load_checkpoint(checkpoint)["iteration"]
+    assert 2 <= reached < 100000 and f"stopped by SIGTERM at iteration {reached}, checkpoint saved" in output
 
 
 def test_an_error_of_every_process_before_they_join_is_printed_once(tmp_path):
