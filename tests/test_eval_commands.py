@@ -32,6 +32,8 @@ def test_eval_knn_writes_the_specified_json_and_a_table(shapes, tmp_path, capsys
     assert record["few_shot"]["2"]["tries"] == 2
     out = capsys.readouterr().out
     assert "top-1" in out and "skipped 1 unreadable file" in out and "extracted" in out
+    assert p["ks_above_bank"] == [100, 200]  # 96 train images: k = 100 and 200 vote with all of them
+    assert "note: k = 100, 200 exceed the 96 train images: those vote with all of them" in out
     # a second command reuses the cached features (k-NN and linear share the entry)
     args[2] = f"out={tmp_path / 'lin'}"
     assert main(["eval", "linear", *COMMON, *args, "epochs=2", "learning_rates=[0.01, 0.1]"]) == 0

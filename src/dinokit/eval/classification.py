@@ -139,6 +139,8 @@ def eval_knn(
         val_bad_files=va.bad,
         num_classes=num_classes,
         feature_cache=tr.features.key if cache_dir else None,
+        # a k beyond the bank votes with every train image: its accuracy is that of k = train_images
+        ks_above_bank=[k for k in ks if k > len(tr.labels)],
     )
     record = {**result, "protocol": protocol}
 
@@ -163,6 +165,9 @@ def eval_knn(
         f"transform: {protocol['transform']}"
     )
     print_knn_table(result, title)
+    if protocol["ks_above_bank"]:
+        above = ", ".join(map(str, protocol["ks_above_bank"]))
+        print(f"note: k = {above} exceed the {len(tr.labels)} train images: those vote with all of them")
     for n, r in record.get("few_shot", {}).items():
         print_knn_table(r, f"few-shot: {n} per class, mean of {few_shot_tries} draws")
     return str(out_dir / "knn.json")
