@@ -200,22 +200,27 @@ class StopSignals:
         self.requested: str | None = None
         self.previous: dict = {}
 
-    def __enter__(self) -> "StopSignals":
+    def install(self) -> "StopSignals":
+        """Set the handlers (in the main thread; elsewhere signals act as usual)."""
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum: int, frame) -> None:
         self.requested = signal.Signals(signum).name
-        self._restore()  # a second signal acts as usual
+        self.restore()  # a second signal acts as usual
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Give the signals their earlier handlers back (idempotent)."""
         for s, handler in self.previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
 
+    def __enter__(self) -> "StopSignals":
+        return self.install()
+
     def __exit__(self, *exc) -> None:
-        self._restore()
+        self.restore()
 
     def raise_requested(self) -> None:
         """After the loop saved its state: KeyboardInterrupt for SIGINT, exit status 143 for SIGTERM."""

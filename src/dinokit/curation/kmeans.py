@@ -135,7 +135,9 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, rng: np.random.Generator) -> list
     n = len(x)
     mean = x.double().mean(dim=0)
     squared_norms = torch.cat([((x[s : s + 16384].double() - mean) ** 2).sum(dim=1) for s in range(0, n, 16384)])
-    columns = x.T.contiguous()  # (D, N): c @ columns runs 2.4x faster than x @ c on a CPU (a copy of x)
+    # (D, N), a copy of x: c @ columns took 3.3 ms where x @ c took 7.8 at 50,000 x 384 on this 2-core CPU
+    # (a throwaway probe; numpy's x @ c 4.1 ms), the step repeated k times
+    columns = x.T.contiguous()
     chosen = torch.zeros(n, dtype=torch.bool, device=x.device)
     indices = [int(rng.integers(n))]
     nearest = torch.full((n,), torch.inf, dtype=torch.float64, device=x.device)

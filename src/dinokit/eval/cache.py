@@ -30,6 +30,7 @@ from dinokit.data.transforms import describe
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features, iter_features
 from dinokit.io import atomic_folder, read_json, write_json
+from dinokit.runtime import effective_precision
 
 CACHE_FORMAT = 1
 HALF_PRECISION_KINDS = ("patch_tokens", "layer_patch_tokens")
@@ -100,10 +101,8 @@ def files_fingerprint(paths: Sequence[Path]) -> str:
 def ran_precision(model: torch.nn.Module, precision: str) -> str:
     """The precision that features of `model` are computed in when `precision` is asked for (bf16 falls
     back to fp32 on devices without it: `runtime.effective_precision`)."""
-    from dinokit import runtime
-
     device = next(model.parameters(), torch.empty(0)).device
-    return runtime.effective_precision(device, precision)
+    return effective_precision(device, precision)
 
 
 def cache_key(fields: dict) -> str:

@@ -698,7 +698,7 @@ class Trainer:
         elapsed = self.elapsed
         parts = None
         stopped_by = None
-        stop = StopSignals().__enter__()  # left right after the loop: a signal during the end acts as usual
+        stop = StopSignals().install()  # restored right after the loop: a signal during the end acts as usual
         try:
             iterator = iter(loader)  # the loader's workers ignore both signals (ignore_stop_signals)
             while True:
@@ -765,7 +765,7 @@ class Trainer:
                     if self.main:
                         log.write(last_row)
         finally:
-            stop.__exit__()
+            stop.restore()
             bar.close()
             if log is not None:
                 log.close()
