@@ -22,7 +22,8 @@ import dinokit
 from dinokit.cli import main
 from dinokit.data.synthetic import write_dense_set
 from dinokit.errors import DinokitError
-from dinokit.eval.dense import load_head_file, read_depth, read_mask, read_pairs
+from dinokit.eval.dense import read_depth, read_mask, read_pairs
+from dinokit.eval.heads import load_head_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dense_backbone.safetensors"
 
@@ -142,7 +143,7 @@ def test_dense_data_errors_and_formats(tmp_path, capsys):
 
 def test_predict_writes_full_size_outputs_and_checks_the_backbone(tmp_path, capsys):
     from dinokit.eval.common import prepare_backbone
-    from dinokit.eval.dense import head_metadata, save_head
+    from dinokit.eval.heads import head_metadata, save_head
     from dinokit.eval.segmentation import LinearSegmentationHead
 
     backbone = prepare_backbone("random:vit_nano_p2", "cpu", seed=0)
@@ -273,7 +274,7 @@ def test_an_in_range_ignore_index_is_never_predicted_nor_averaged(tmp_path, caps
 
     # `predict segmentation` with the same head (ignore_index=0 in its metadata) writes 1, never 0
     from dinokit.eval.common import prepare_backbone
-    from dinokit.eval.dense import head_metadata, save_head
+    from dinokit.eval.heads import head_metadata, save_head
 
     backbone = prepare_backbone("random:vit_nano_p2", "cpu", seed=0)
     head = LinearSegmentationHead(backbone.model.embed_dim, 3).eval()
@@ -371,8 +372,8 @@ def test_default_num_classes_and_max_depth_come_from_the_full_size_targets(tmp_p
 
 def test_predict_depth_warns_about_depths_clipped_to_16_bits(tmp_path, capsys):
     from dinokit.eval.common import prepare_backbone
-    from dinokit.eval.dense import head_metadata, save_head
     from dinokit.eval.depth import LinearDepthHead
+    from dinokit.eval.heads import head_metadata, save_head
 
     backbone = prepare_backbone("random:vit_nano_p2", "cpu", seed=0)
     head = LinearDepthHead(backbone.model.embed_dim, 1, 0.001, 80.0).eval()
@@ -522,8 +523,8 @@ def test_a_second_run_into_an_out_folder_still_in_use_is_refused(task, tmp_path,
 def save_tiny_head(task: str, path: Path) -> None:
     """A random head of `task` on the random `vit_nano_p2` backbone, saved as `dinokit eval` saves one."""
     from dinokit.eval.common import prepare_backbone
-    from dinokit.eval.dense import head_metadata, save_head
     from dinokit.eval.depth import LinearDepthHead
+    from dinokit.eval.heads import head_metadata, save_head
     from dinokit.eval.segmentation import LinearSegmentationHead
 
     backbone = prepare_backbone("random:vit_nano_p2", "cpu", seed=0)

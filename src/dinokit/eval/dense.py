@@ -273,36 +273,6 @@ def upsample(output: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(output, size=size, mode="bilinear", align_corners=False)
 
 
-def save_head(path: Path, head: nn.Module, metadata: dict) -> None:
-    """Weights as safetensors with everything needed to apply the head again (JSON metadata)."""
-    from safetensors.torch import save_file
-
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"dinokit_head": json.dumps(metadata)}))
-
-
-def load_head_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise DinokitError(f"head file not found: {path} (eval segmentation / eval depth write one into out/)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("dinokit_head")
-        state = load_file(str(path))
-        meta = None if meta is None else json.loads(meta)
-    except (SafetensorError, OSError, ValueError) as e:  # json's JSONDecodeError is a ValueError
-        raise DinokitError(
-            f"{path} is not a readable head file (damaged or cut short? {e}): run eval segmentation / eval depth "
-            "again to write it"
-        ) from None
-    if meta is None:
-        raise DinokitError(f"{path} is not a dinokit head file (no dinokit_head metadata)")
-    return state, meta
-
-
 # ------------------------------------------------------------------------------------- results folder
 DENSE_TASKS = ("segmentation", "depth")  # their results share out/metrics.jsonl and out/examples/
 
@@ -419,40 +389,6 @@ def predict_split(head: nn.Module, split: DenseSplit, device: torch.device, batc
 
 
 # ------------------------------------------------------------------------------------ new images
-def head_metadata(backbone: Backbone, image_size: int, layers: tuple[int, ...], norm: bool, seed: int, **extra) -> dict:
-    """What `predict` needs to rebuild a head's input: the backbone, resolution and blocks."""
-    source = Path(backbone.source).expanduser()
-    return {  # a local model as an absolute path, so that predict finds it from any working folder
-        "model": str(source.resolve()) if source.exists() else backbone.source,
-        "weights_hash": backbone.hash,
-        "seed": seed,
-        "image_size": image_size,
-        "layers": list(layers),
-        "norm": norm,
-        "patch_size": backbone.model.patch_size,
-        **extra,
-    }
-
-
-def backbone_for_head(meta: dict, model: str | None, device: str) -> Backbone:
-    """The backbone a head was trained on (from its metadata, or `model=`), checked by weights hash."""
-    from dinokit.eval.common import prepare_backbone
-
-    try:
-        backbone = prepare_backbone(model or meta["model"], device, meta.get("seed", 0))
-    except DinokitError as e:
-        if model is not None:
-            raise
-        raise DinokitError(f"the head's backbone {meta['model']} cannot be loaded ({e}); pass it as model=...") from e
-    if backbone.hash != meta["weights_hash"]:
-        raise DinokitError(
-            f"the head was trained on features of {meta['model']} (weights hash {meta['weights_hash']}), "
-            f"but model={model or meta['model']} has weights hash {backbone.hash}. Pass the backbone the "
-            f"head was trained with as model=..."
-        )
-    return backbone
-
-
 @torch.no_grad()
 def predict_images(
     head: nn.Module,

@@ -26,20 +26,17 @@ from PIL import Image
 from dinokit.errors import DinokitError
 from dinokit.eval.common import make_transform, prepare_backbone, protocol_record, resolve_cache
 from dinokit.eval.dense import (
-    backbone_for_head,
     check_training,
     clear_results,
     dense_split,
-    head_metadata,
-    load_head_file,
     predict_images,
     predict_split,
     read_depth,
     results_folder,
-    save_head,
     train_dense_head,
     upsample,
 )
+from dinokit.eval.heads import backbone_for_head, head_metadata, load_head_file, save_head
 from dinokit.eval.metrics import depth_errors, mean_depth_errors
 from dinokit.eval.visualize import colour_depth, save_panel
 from dinokit.io import atomic_write, prepare_output, write_json
@@ -283,9 +280,7 @@ def write_examples(head, split, read, min_depth, max_depth, device, folder: Path
 
 
 def load_depth_head(path: str) -> tuple[LinearDepthHead, dict]:
-    state, meta = load_head_file(path)
-    if meta.get("task") != "depth":
-        raise DinokitError(f"{path} is a {meta.get('task')} head, not a depth head")
+    state, meta = load_head_file(path, "depth")
     in_channels = state["conv.weight"].shape[1]
     head = LinearDepthHead(
         in_channels // (2 * len(meta["layers"])), len(meta["layers"]), meta["min_depth"], meta["max_depth"]

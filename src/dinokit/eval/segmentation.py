@@ -18,20 +18,17 @@ from PIL import Image
 from dinokit.errors import DinokitError
 from dinokit.eval.common import make_transform, prepare_backbone, protocol_record, resolve_cache
 from dinokit.eval.dense import (
-    backbone_for_head,
     check_training,
     clear_results,
     dense_split,
-    head_metadata,
-    load_head_file,
     patch_maps,
     predict_images,
     predict_split,
     read_mask,
     results_folder,
-    save_head,
     train_dense_head,
 )
+from dinokit.eval.heads import backbone_for_head, head_metadata, load_head_file, save_head
 from dinokit.eval.metrics import confusion_matrix, segmentation_scores
 from dinokit.eval.visualize import colour_mask, save_panel
 from dinokit.io import atomic_write, prepare_output, write_json
@@ -263,9 +260,7 @@ def write_examples(head, split, num_classes, ignore_index, device, folder: Path,
 
 
 def load_segmentation_head(path: str) -> tuple[LinearSegmentationHead, dict]:
-    state, meta = load_head_file(path)
-    if meta.get("task") != "segmentation":
-        raise DinokitError(f"{path} is a {meta.get('task')} head, not a segmentation head")
+    state, meta = load_head_file(path, "segmentation")
     head = LinearSegmentationHead(state["conv.weight"].shape[1], meta["num_classes"])
     head.load_state_dict(state)
     return head.eval(), meta

@@ -1,0 +1,93 @@
+"""Head files: a probe's (or a fine-tuned classifier's) weights with what applying it needs.
+
+One safetensors file per head: its tensors, and under the metadata key `dinokit_head` a JSON record
+of the backbone it was trained on (`model`, its `weights_hash`), the input resolution, which blocks
+feed it and its `task` ("segmentation", "depth" or "classification") with the task's own facts
+(classes, ignore index, depth range, ...). `dinokit predict <task> head=FILE` reads it back, loads that
+backbone (or `model=`) and refuses one whose weights differ from those the head was trained on.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from dinokit.errors import DinokitError
+from dinokit.eval.common import Backbone, prepare_backbone
+from dinokit.io import atomic_write
+
+WRITERS = {  # which command writes each task's head file (named in errors)
+    "segmentation": "dinokit eval segmentation",
+    "depth": "dinokit eval depth",
+    "classification": "dinokit eval linear (method=sgd or logreg) or dinokit finetune",
+}
+
+
+def head_metadata(backbone: Backbone, image_size: int, layers: tuple[int, ...], norm: bool, seed: int, **extra) -> dict:
+    """What `predict` needs to rebuild a head's input: the backbone, resolution and blocks."""
+    source = Path(backbone.source).expanduser()
+    return {  # a local model as an absolute path, so that predict finds it from any working folder
+        "model": str(source.resolve()) if source.exists() else backbone.source,
+        "weights_hash": backbone.hash,
+        "seed": seed,
+        "image_size": image_size,
+        "layers": list(layers),
+        "norm": norm,
+        "patch_size": backbone.model.patch_size,
+        **extra,
+    }
+
+
+def save_head(path: Path, head: nn.Module | dict[str, torch.Tensor], metadata: dict) -> None:
+    """Weights (a module's state dict, or the tensors themselves) as safetensors, with `metadata`."""
+    from safetensors.torch import save_file
+
+    tensors = head.state_dict() if isinstance(head, nn.Module) else head
+    state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"dinokit_head": json.dumps(metadata)}))
+
+
+def load_head_file(path: str | Path, task: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a head file; with `task`, a head of another task is refused."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    writer = WRITERS.get(task, "dinokit eval segmentation / depth / linear")
+    if not path.is_file():
+        raise DinokitError(f"head file not found: {path} ({writer} writes one into its out folder)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("dinokit_head")
+        state = load_file(str(path))
+        meta = None if meta is None else json.loads(meta)
+    except (SafetensorError, OSError, ValueError) as e:  # json's JSONDecodeError is a ValueError
+        raise DinokitError(
+            f"{path} is not a readable head file (damaged or cut short? {e}): run {writer} again to write it"
+        ) from None
+    if not isinstance(meta, dict):
+        raise DinokitError(f"{path} is not a dinokit head file (no dinokit_head metadata); {writer} writes one")
+    if task is not None and meta.get("task") != task:
+        other = meta.get("task")
+        use = f"use `dinokit predict {other}` with it, or " if other in WRITERS else ""
+        fix = f"{use}pass a {task} head ({writer} writes one)"
+        raise DinokitError(f"{path} is a {other} head, not a {task} head: {fix}")
+    return state, meta
+
+
+def backbone_for_head(meta: dict, model: str | None, device: str) -> Backbone:
+    """The backbone a head was trained on (from its metadata, or `model=`), checked by weights hash."""
+    try:
+        backbone = prepare_backbone(model or meta["model"], device, meta.get("seed", 0))
+    except DinokitError as e:
+        if model is not None:
+            raise
+        raise DinokitError(f"the head's backbone {meta['model']} cannot be loaded ({e}); pass it as model=...") from e
+    if backbone.hash != meta["weights_hash"]:
+        raise DinokitError(
+            f"the head was trained on features of {meta['model']} (weights hash {meta['weights_hash']}), "
+            f"but model={model or meta['model']} has weights hash {backbone.hash}. Pass the backbone the "
+            f"head was trained with as model=..."
+        )
+    return backbone
