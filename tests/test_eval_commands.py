@@ -44,15 +44,19 @@ def test_eval_knn_writes_the_specified_json_and_a_table(shapes, tmp_path, capsys
     assert len(linear["selection"]["scores"]) == 2 * 2 * 2 and (tmp_path / "lin" / "linear_head.safetensors").exists()
 
 
-def test_a_logreg_rerun_leaves_no_head_of_the_earlier_sgd_run(shapes, tmp_path):
-    """eval linear rerun into one out= with method=logreg (no head) kept the sgd run's
-    linear_head.safetensors beside a linear.json that is not its result."""
+def test_a_logreg_rerun_replaces_the_head_of_the_earlier_sgd_run(shapes, tmp_path):
+    """eval linear rerun into one out= with method=logreg kept the sgd run's linear_head.safetensors
+    beside a linear.json that is not its result; now each method writes its own chosen head."""
+    from dinokit.eval.heads import load_head_file
+
     args = [f"train={shapes / 'train'}", f"val={shapes / 'val'}", f"out={tmp_path / 'lin'}", f"cache={tmp_path / 'c'}"]
     assert main(["eval", "linear", *COMMON, *args, "epochs=1", "learning_rates=[0.01]"]) == 0
-    assert (tmp_path / "lin" / "linear_head.safetensors").exists()
+    assert load_head_file(tmp_path / "lin" / "linear_head.safetensors")[1]["method"] == "sgd"
     assert main(["eval", "linear", *COMMON, *args, "method=logreg", "logreg_values=3"]) == 0
     assert json.loads((tmp_path / "lin" / "linear.json").read_text())["protocol"]["method"] == "logreg"
-    assert not (tmp_path / "lin" / "linear_head.safetensors").exists()
+    state, meta = load_head_file(tmp_path / "lin" / "linear_head.safetensors", "classification")
+    assert meta["method"] == "logreg" and (meta["n_last_blocks"], meta["avgpool"]) == (1, False)
+    assert state["weight"].shape == (8, 32) and state["bias"].shape == (8,)  # 8 shapes, vit_nano width 32
 
 
 def test_eval_commands_reject_bad_input_with_a_fix(shapes, tmp_path, capsys):

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "eval linear": "dinokit.eval.classification:eval_linear",
     "eval segmentation": "dinokit.eval.segmentation:eval_segmentation",
     "eval depth": "dinokit.eval.depth:eval_depth",
+    "predict classification": "dinokit.eval.classification:predict_classification",
     "predict segmentation": "dinokit.eval.segmentation:predict_segmentation",
     "predict depth": "dinokit.eval.depth:predict_depth",
     "embed": "dinokit.features.embed:embed",

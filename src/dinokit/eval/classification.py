@@ -5,7 +5,6 @@ from the cache (`dinokit.eval.cache`: extracted once per model, files and transf
 with the protocol beside it, and write a JSON file of results into `out`.
 """
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,9 @@ from dinokit.eval.common import (
     read_splits,
     resolve_cache,
 )
+from dinokit.eval.heads import head_metadata, save_head
 from dinokit.eval.knn import DEFAULT_KS, few_shot_indices, few_shot_ks, knn_classify, topk_accuracy
-from dinokit.eval.linear import LEARNING_RATES, ProbeSplit, head_grid, linear_probe
+from dinokit.eval.linear import LEARNING_RATES, ProbeSplit, head_grid, linear_classifier, linear_probe
 from dinokit.io import atomic_write, prepare_output, write_json
 from dinokit.runtime import resolve_device
 
@@ -205,7 +205,8 @@ def eval_linear(
     class is held out for it, and the chosen configuration is then retrained on all of train (refit).
     method: sgd (the DINOv2 grid: n_last_blocks x avgpool x learning_rates, trained at once, SGD +
     cosine schedule for `epochs`) or logreg (L2 logistic regression on the final CLS, `logreg_values`
-    values of C in 1e-6..1e5). Writes out/linear.json and out/linear_head.safetensors (sgd).
+    values of C in 1e-6..1e5). Writes out/linear.json and out/linear_head.safetensors, the chosen
+    head, which `dinokit predict classification head=...` applies to new images.
     """
     if method not in ("sgd", "logreg"):
         raise DinokitError(f"method must be sgd or logreg, got {method!r}")
@@ -295,20 +296,163 @@ def eval_linear(
     )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    head_path = out_dir / "linear_head.safetensors"
-    if method == "sgd":
-        from safetensors.torch import save_file
-
-        state = {k: v.detach().cpu().contiguous() for k, v in final.state_dict().items()}
-        meta = {"selected": json.dumps(results["selected"]), "classes": json.dumps(tr.class_names)}
-        atomic_write(head_path, lambda tmp: save_file(state, tmp, metadata=meta))
-    else:  # logreg has no head file: one left by an earlier sgd run in out= is not this result's
-        head_path.unlink(missing_ok=True)
-    write_json(out_dir / "linear.json", {**results, "protocol": protocol})  # last: the result's record
     sel = results["selected"]
+    n, avg = (sel["n_last_blocks"], sel["avgpool"]) if method == "sgd" else (1, False)
+    meta = head_metadata(
+        backbone,
+        image_size,
+        layers[-n:],
+        True,
+        seed,
+        task="classification",
+        resize_policy=resize_policy,
+        n_last_blocks=n,
+        avgpool=avg,
+        classes=tr.class_names,
+        method=method,
+        selected=sel,
+    )
+    save_head(out_dir / "linear_head.safetensors", linear_classifier(final, sel, num_classes), meta)
+    write_json(out_dir / "linear.json", {**results, "protocol": protocol})  # last: the result's record
     print(f"linear probe ({method}) {backbone.description}; transform: {protocol['transform']}")
     print(f"chosen on {results['selection']['split']}: {sel} ")
     print(f"{'split':<10} {'top-1':>8} {'top-5':>8}")
     print(f"{'selection':<10} {sel['selection_top1']:>8.2f} {'':>8}")
     print(f"{'val':<10} {results['top1']:>8.2f} {results['top5']:>8.2f}   <- reported (evaluated once)")
     return str(out_dir / "linear.json")
+
+
+# --------------------------------------------------------------------------------------- new images
+PREDICTION_FORMATS = (".csv", ".json")
+
+
+@torch.no_grad()
+def predict_classification(
+    head: str,
+    images: str,
+    out: str = "predictions.csv",
+    k: int = 5,
+    model: str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    device: str = "auto",
+    precision: str = "bf16",
+) -> str:
+    """Apply a saved classifier to new images: the k most probable classes of each, as CSV or JSON.
+
+    head: a classification head file, `linear_head.safetensors` of `dinokit eval linear` or
+    `classifier.safetensors` of `dinokit finetune` (or the out folder holding it); its backbone,
+    transform and classes come with it.
+    images: an image, a folder (recursive) or a list file. model: where the head's backbone is now, if
+    it moved (its weights must be the ones the head was trained on). out: .csv (path, class,
+    probability, then class_2, probability_2, ... class_k, probability_k) or .json ([{"path": ...,
+    "predictions": [{"class": ..., "probability": ...}, ...]}, ...]). Unreadable images are skipped
+    and counted. Returns the path of `out`.
+    """
+    from dinokit.data.images import check_readable, list_images
+    from dinokit.eval.heads import backbone_for_head, load_head_file
+    from dinokit.eval.linear import classifier_logits
+    from dinokit.features.extract import iter_features
+
+    if not isinstance(k, int) or k < 1:
+        raise DinokitError(f"k must be a positive number of classes to list per image, got {k}")
+    out_path = Path(out).expanduser()
+    if out_path.suffix.lower() not in PREDICTION_FORMATS:
+        raise DinokitError(f"out={out} must end in .csv or .json (the format of the predictions file)")
+    prepare_output(out_path, example="predictions.csv", create=False)
+    state, meta = load_head_file(head_in_folder(head), "classification")
+    classes = meta["classes"]
+    backbone = backbone_for_head(meta, model, device)
+    dev = next(backbone.model.parameters()).device
+    weight, bias = state["weight"].to(dev), state["bias"].to(dev)
+    paths = list_images(images)
+    check_readable(paths, images)
+    transform = make_transform(meta["image_size"], meta["resize_policy"])
+    which = ("layers", "patch_mean") if meta["avgpool"] else ("layers",)
+    k = min(k, len(classes))
+    rows, bad = [], []
+    stream = iter_features(
+        backbone.model,
+        paths,
+        transform,
+        which,
+        meta["layers"],
+        meta["norm"],
+        batch_size=batch_size,
+        num_workers=num_workers,
+        precision=precision,
+    )
+    for good, feats, bad_batch in stream:
+        bad += bad_batch
+        if not feats:
+            continue
+        logits = classifier_logits(
+            weight,
+            bias,
+            feats["layers"].to(dev),
+            feats["patch_mean"].to(dev) if meta["avgpool"] else None,
+            meta["n_last_blocks"],
+            meta["avgpool"],
+        )
+        probs, top = logits.float().softmax(dim=-1).topk(k, dim=-1)
+        for i, p, t in zip(good.tolist(), probs.cpu().tolist(), top.cpu().tolist(), strict=True):
+            predictions = [{"class": classes[c], "probability": round(q, 6)} for c, q in zip(t, p, strict=True)]
+            rows.append({"path": str(paths[i]), "predictions": predictions})
+    write_predictions(out_path, rows, k)
+    print(prediction_table(rows))
+    if bad:
+        print(f"skipped {len(bad)} unreadable image(s), e.g. {paths[bad[0]]}")
+    print(f"{len(rows)} predictions written to {out_path} (head {head}, {len(classes)} classes)")
+    return str(out_path)
+
+
+HEAD_FILES = ("linear_head.safetensors", "classifier.safetensors")  # eval linear's, finetune's
+
+
+def head_in_folder(head: str) -> Path:
+    """`head` itself, or the classification head file in the out folder `head`."""
+    path = Path(head).expanduser()
+    if not path.is_dir():
+        return path
+    found = [path / name for name in HEAD_FILES if (path / name).is_file()]
+    if len(found) != 1:
+        what = "no" if not found else "two"
+        raise DinokitError(
+            f"head={head} is a folder with {what} classification head files ({' or '.join(HEAD_FILES)}): "
+            "pass the head file itself"
+        )
+    return found[0]
+
+
+def write_predictions(path: Path, rows: list[dict], k: int) -> None:
+    """`rows` ({"path", "predictions": [{"class", "probability"}, ...]}) as JSON, or as CSV with one
+    line per image: path, class, probability, class_2, probability_2, ..."""
+    import csv
+    import io
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        write_json(path, rows)
+        return
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    header = ["path"]
+    for rank in range(1, k + 1):
+        suffix = "" if rank == 1 else f"_{rank}"
+        header += [f"class{suffix}", f"probability{suffix}"]
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([row["path"], *(v for p in row["predictions"] for v in (p["class"], p["probability"]))])
+    text = buffer.getvalue()
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def prediction_table(rows: list[dict], limit: int = 20) -> str:
+    """The first `limit` rows as a table: image, top class, its probability."""
+    lines = [f"{'image':<48} {'class':<24} {'prob':>6}"]
+    for row in rows[:limit]:
+        best = row["predictions"][0]
+        lines.append(f"{row['path'][-48:]:<48} {best['class'][:24]:<24} {best['probability']:>6.3f}")
+    if len(rows) > limit:
+        lines.append(f"... and {len(rows) - limit} more")
+    return "\n".join(lines)

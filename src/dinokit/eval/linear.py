@@ -251,6 +251,39 @@ def sweep_logreg(
     return float(best_head(results)), results
 
 
+# ---------------------------------------------------------------------------------- the chosen head
+def linear_classifier(final, selected: dict, num_classes: int) -> dict[str, torch.Tensor]:
+    """{"weight": (C, D_in), "bias": (C,)} of the chosen head, applied as softmax(linear_input W^T + b).
+
+    sgd: the chosen `nn.Linear` of the grid. logreg: scikit-learn's model on the final CLS, whose
+    probabilities are softmax(x W^T + b) (multinomial); a binary model's sigmoid(x w + b) is the softmax
+    of the logits (0, x w + b). A class the model never saw gets bias -inf (probability 0, as
+    `logreg_scores` gives it)."""
+    if isinstance(final, LinearHeads):
+        head = final.heads[selected["head"]]
+        return {"weight": head.weight.detach().float().cpu(), "bias": head.bias.detach().float().cpu()}
+    coef, intercept = np.asarray(final.coef_, np.float64), np.asarray(final.intercept_, np.float64)
+    if coef.shape[0] == 1:  # binary
+        coef, intercept = np.concatenate([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    weight = torch.zeros(num_classes, coef.shape[1])
+    bias = torch.full((num_classes,), float("-inf"))
+    weight[final.classes_] = torch.from_numpy(coef).float()
+    bias[final.classes_] = torch.from_numpy(intercept).float()
+    return {"weight": weight, "bias": bias}
+
+
+def classifier_logits(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    block_cls: torch.Tensor,
+    patch_mean: torch.Tensor | None,
+    n_last_blocks: int,
+    avgpool: bool,
+) -> torch.Tensor:
+    """(B, C) logits of a saved classifier (`linear_classifier`) on block_cls (B, L, D) / patch_mean (B, D)."""
+    return F.linear(linear_input(block_cls, patch_mean, n_last_blocks, avgpool), weight, bias)
+
+
 # ---------------------------------------------------------------------------------- the protocol
 def linear_probe(
     train: ProbeSplit,
