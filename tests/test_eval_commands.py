@@ -53,7 +53,9 @@ def test_a_logreg_rerun_replaces_the_head_of_the_earlier_sgd_run(shapes, tmp_pat
     assert main(["eval", "linear", *COMMON, *args, "epochs=1", "learning_rates=[0.01]"]) == 0
     assert load_head_file(tmp_path / "lin" / "linear_head.safetensors")[1]["method"] == "sgd"
     assert main(["eval", "linear", *COMMON, *args, "method=logreg", "logreg_values=3"]) == 0
-    assert json.loads((tmp_path / "lin" / "linear.json").read_text())["protocol"]["method"] == "logreg"
+    protocol = json.loads((tmp_path / "lin" / "linear.json").read_text())["protocol"]
+    assert protocol["method"] == "logreg" and protocol["optimiser"] == "lbfgs"
+    assert "epochs" not in protocol and "train_batch_size" not in protocol  # sgd's keys: logreg uses neither
     state, meta = load_head_file(tmp_path / "lin" / "linear_head.safetensors", "classification")
     assert meta["method"] == "logreg" and (meta["n_last_blocks"], meta["avgpool"]) == (1, False)
     assert state["weight"].shape == (8, 32) and state["bias"].shape == (8,)  # 8 shapes, vit_nano width 32

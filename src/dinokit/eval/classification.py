@@ -282,8 +282,7 @@ def eval_linear(
         optimiser="SGD momentum 0.9, wd 0, cosine to 0, lr x batch/256, init N(0, 0.01)"
         if method == "sgd"
         else "lbfgs",
-        epochs=epochs,
-        train_batch_size=train_batch_size,
+        **({"epochs": epochs, "train_batch_size": train_batch_size} if method == "sgd" else {}),
         augmentation="none (features of the eval transform, cached)",
         train=str(train),
         val=str(val),
