@@ -712,39 +712,41 @@ class Trainer:
                 batch = next(iterator)
                 t1 = time.perf_counter()
                 self.record_bad(batch)
-                empty = dist.all_reduce_sum(torch.tensor([float(batch.batch_size == 0)]))
-                if empty.item() > 0:  # a batch of unreadable files on some process: skip everywhere
-                    self.iteration += 1
-                    self.samples_seen += self.global_batch
-                    continue
-                values = self.schedules(self.progress(elapsed))
-                parts, teacher, accepted, grad_norm = self.step(batch, values)
-                if accepted:
-                    consecutive_bad = 0
-                else:
-                    self.counters["skipped_steps"] += 1
-                    consecutive_bad += 1
-                    if self.main:
-                        warnings.warn(
-                            f"iteration {self.iteration}: non-finite loss or gradients, step skipped", stacklevel=1
-                        )
-                    if consecutive_bad >= cfg.nan_patience:
-                        raise DinokitError(
-                            f"{consecutive_bad} steps in a row had non-finite losses or gradients (iteration "
-                            f"{self.iteration}). `resume=true precision=fp32` (or a larger batch_size=...) "
-                            "continues from the last checkpoint; a lower lr or koleo_loss_weight=0 takes a new "
-                            "run (another out=...), as resume=true keeps the run's other settings."
-                        )
+                # a batch of unreadable files on some process: no step anywhere, but the iteration's
+                # bookkeeping (bar, metrics row, checkpoint due) as after a step
+                empty = dist.all_reduce_sum(torch.tensor([float(batch.batch_size == 0)])).item() > 0
+                if not empty:
+                    values = self.schedules(self.progress(elapsed))
+                    parts, teacher, accepted, grad_norm = self.step(batch, values)
+                    if accepted:
+                        consecutive_bad = 0
+                    else:
+                        self.counters["skipped_steps"] += 1
+                        consecutive_bad += 1
+                        if self.main:
+                            warnings.warn(
+                                f"iteration {self.iteration}: non-finite loss or gradients, step skipped", stacklevel=1
+                            )
+                        if consecutive_bad >= cfg.nan_patience:
+                            raise DinokitError(
+                                f"{consecutive_bad} steps in a row had non-finite losses or gradients (iteration "
+                                f"{self.iteration}). `resume=true precision=fp32` (or a larger batch_size=...) "
+                                "continues from the last checkpoint; a lower lr or koleo_loss_weight=0 takes a new "
+                                "run (another out=...), as resume=true keeps the run's other settings."
+                            )
                 self.iteration += 1
                 self.samples_seen += self.global_batch
-                t2 = time.perf_counter()
-                window["time"] += t2 - t0
-                window["wait"] += t1 - t0
-                window["images"] += self.global_batch
-                window["steps"] += 1
+                if not empty:
+                    t2 = time.perf_counter()
+                    window["time"] += t2 - t0
+                    window["wait"] += t1 - t0
+                    window["images"] += self.global_batch
+                    window["steps"] += 1
                 bar.update(1)
 
-                if self.iteration % cfg.log_every == 0 or self.should_log_last(elapsed):
+                # a row's losses are its window's last step's: a window of empty batches only has none
+                log_due = self.iteration % cfg.log_every == 0 or self.should_log_last(elapsed)
+                if log_due and window["steps"]:
                     row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
                     window = {"time": 0.0, "wait": 0.0, "images": 0, "steps": 0}
                     last_row = row
