@@ -2,11 +2,14 @@
 
 import importlib
 
+import numpy as np
+from PIL import Image
 from pretrain_helpers import TINY, tiny_images
 
 import dinokit
 from dinokit.data.images import list_images
 from dinokit.data.unlabelled import StreamBatchSampler
+from dinokit.eval.dense import read_depth
 from dinokit.train.checkpoint import list_checkpoints
 from dinokit.train.metrics_log import read_metrics
 
@@ -48,3 +51,19 @@ def test_an_empty_batch_still_saves_a_due_checkpoint_and_advances_the_bar(tmp_pa
     # iteration 2's row: the window since the last row holds iteration 1's step (its losses, its speed)
     assert [r["iteration"] for r in rows] == [2, 4]
     assert rows[0]["bad_files"] == 8
+
+
+# ------------------------------------------------------------------ depth targets: integer .npy
+def test_an_integer_npy_depth_map_is_in_depth_scale_units_as_an_integer_png(tmp_path):
+    """uint16 millimetres saved with np.save are divided by depth_scale, as the same values in a 16-bit
+    PNG; float .npy stays metres."""
+    millimetres = np.array([[1500, 0], [12250, 7]], dtype=np.uint16)
+    np.save(tmp_path / "mm.npy", millimetres)
+    Image.fromarray(millimetres).save(tmp_path / "mm.png")
+    expected = np.array([[1.5, 0.0], [12.25, 0.007]], dtype=np.float32)
+    assert np.array_equal(read_depth(tmp_path / "mm.npy", 1000.0), expected)
+    assert np.array_equal(read_depth(tmp_path / "mm.png", 1000.0), expected)
+    np.save(tmp_path / "cm.npy", np.array([[150, 3]], dtype=np.int32))
+    assert np.array_equal(read_depth(tmp_path / "cm.npy", 100.0), np.array([[1.5, 0.03]], dtype=np.float32))
+    np.save(tmp_path / "m.npy", expected.astype(np.float64))
+    assert np.array_equal(read_depth(tmp_path / "m.npy", 1000.0), expected)  # float: metres, not scaled

@@ -2,11 +2,11 @@
 training loop of a linear head on them, and prediction at each image's own size.
 
 Data: `root/images/<name>.<ext>` with `root/masks/<name>.png` (segmentation: class index per pixel,
-`ignore_index` for unlabelled pixels) or `root/depth/<name>.png|.tif|.npy` (depth: an integer image,
-e.g. a 16-bit PNG, in units of 1/depth_scale metres; float data, a .npy or a float (mode F) TIFF, in
-metres; 0 = no measurement). `<name>` is the path under images/ without extension, so subfolders are
-mirrored under masks/ or depth/. A pair whose image or target cannot be read is skipped and counted,
-as is one whose target does not have its image's shape (the same size, or a scaled copy of it).
+`ignore_index` for unlabelled pixels) or `root/depth/<name>.png|.tif|.npy` (depth: integer data, e.g. a
+16-bit PNG or a uint16 .npy, in units of 1/depth_scale metres; float data, a float .npy or a float
+(mode F) TIFF, in metres; 0 = no measurement). `<name>` is the path under images/ without extension,
+so subfolders are mirrored under masks/ or depth/. A pair whose image or target cannot be read is skipped
+and counted, as is one whose target does not have its image's shape (the same size, or a scaled copy of it).
 Images are resized whole (no crop) to image_size x image_size, so features and targets stay aligned;
 a head's output is upsampled bilinearly to the target, at training time to image_size and at
 evaluation to each image's original size. Training reads the cached features (no augmentation:
@@ -111,9 +111,10 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def read_depth(path: Path, depth_scale: float) -> np.ndarray:
-    """(H, W) float32 metres. Float data is in metres (.npy, a float TIFF); an integer image (16-bit PNG)
-    is in 1/depth_scale metres and divided by depth_scale. NaN and infinities become 0 (no measurement).
-    Images are read in their EXIF orientation (as their photos)."""
+    """(H, W) float32 metres. Float data is in metres (a float .npy or TIFF); integer data (a 16-bit PNG,
+    an integer TIFF, or an integer .npy such as uint16 millimetres saved with np.save) is in 1/depth_scale
+    metres and divided by depth_scale. NaN and infinities become 0 (no measurement). Images are read in
+    their EXIF orientation (as their photos)."""
     if path.suffix.lower() == ".npy":
         depth = np.load(path, allow_pickle=False)
     else:
@@ -125,7 +126,7 @@ def read_depth(path: Path, depth_scale: float) -> np.ndarray:
             f"{path} holds an array of shape {depth.shape}; a depth map must be (H, W): one channel, "
             "a 16-bit PNG or a float TIFF / .npy"
         )
-    if path.suffix.lower() != ".npy" and not np.issubdtype(depth.dtype, np.floating):
+    if not np.issubdtype(depth.dtype, np.floating):  # the file's type says its unit, whatever its format
         return depth.astype(np.float32) / depth_scale
     return np.nan_to_num(depth.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
 

@@ -148,10 +148,10 @@ def eval_depth(
 ) -> str:
     """Linear depth probe on frozen features (DINOv2's linear head, SigLoss): RMSE, AbsRel, delta1.
 
-    train, val: folders with images/ and depth/ (same names, subfolders mirrored): an integer image
-    (16-bit PNG) in 1/depth_scale metres, e.g. millimetres for depth_scale=1000; float data (.npy, a
-    float TIFF) in metres, not scaled; 0 = no measurement. Unreadable images or depth files are skipped
-    and counted. min_depth, max_depth: the range of the 256 bins and of the evaluated pixels
+    train, val: folders with images/ and depth/ (same names, subfolders mirrored): integer data (a
+    16-bit PNG, an integer .npy) in 1/depth_scale metres, e.g. millimetres for depth_scale=1000; float
+    data (a float .npy or TIFF) in metres, not scaled; 0 = no measurement. Unreadable images or depth
+    files are skipped and counted. min_depth, max_depth: the range of the 256 bins and of the evaluated pixels
     (max_depth: by default the largest training depth, at full size). n_layers: 4 (the reference's
     blocks) or 1 (the last). norm: apply the final LayerNorm (the reference does not). Writes
     out/depth.json, out/depth_head.safetensors (for `dinokit predict depth`), out/metrics.jsonl and
