@@ -3,10 +3,13 @@
 import importlib
 
 import numpy as np
+import pytest
 from PIL import Image
 from pretrain_helpers import TINY, tiny_images
 
 import dinokit
+from dinokit import cli
+from dinokit.cli import parse_value
 from dinokit.data.images import list_images
 from dinokit.data.unlabelled import StreamBatchSampler
 from dinokit.eval.dense import read_depth
@@ -67,3 +70,30 @@ def test_an_integer_npy_depth_map_is_in_depth_scale_units_as_an_integer_png(tmp_
     assert np.array_equal(read_depth(tmp_path / "cm.npy", 100.0), np.array([[1.5, 0.03]], dtype=np.float32))
     np.save(tmp_path / "m.npy", expected.astype(np.float64))
     assert np.array_equal(read_depth(tmp_path / "m.npy", 1000.0), expected)  # float: metres, not scaled
+
+
+# ------------------------------------------------------------------ CLI: list values holding commas
+@pytest.mark.parametrize(
+    "text, items",
+    [
+        ("['a,b.jpg', c.jpg]", ["a,b.jpg", "c.jpg"]),  # the YAML list form
+        ('"a,b.jpg"', ["a,b.jpg"]),  # one quoted value is one item (was split, quotes kept: ['"a', 'b.jpg"'])
+        ("'a,b.jpg'", ["a,b.jpg"]),
+        ('"a,b.jpg", c.jpg', ["a,b.jpg", "c.jpg"]),  # CSV cells (was a YAML error)
+        ("*.jpg,b.jpg", ["*.jpg", "b.jpg"]),  # not YAML (was 'while scanning an alias')
+        ("a.jpg, b.jpg", ["a.jpg", "b.jpg"]),  # no leading space kept
+        ("a.jpg", ["a.jpg"]),
+    ],
+)
+def test_list_values_with_commas(text, items):
+    assert parse_value(text, list[str]) == items
+    assert parse_value(text, list[str] | None) == items
+
+
+def test_a_broken_list_value_is_named_and_help_says_how_to_quote_commas(capsys):
+    with pytest.raises(ValueError, match=r"not a YAML list .*\"\['a,b', c\]\""):
+        parse_value("[a.jpg, b", list[str])
+    with pytest.raises(ValueError, match=r"expected a number, got '@3'"):  # was YAML's scanner message
+        parse_value("@3", int)
+    assert cli.run(["embed", "--help"]) == 0
+    assert "items holding commas are quoted in the list form: key=\"['a,b', c]\"" in capsys.readouterr().out

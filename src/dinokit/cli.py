@@ -5,6 +5,8 @@ come from a YAML file (`config=run.yaml`, explicit key=value pairs win). Values 
 scalars or lists (`true`, `3e-4`, `[1, 2]`) and converted to the function's annotated types.
 """
 
+import contextlib
+import csv
 import dataclasses
 import difflib
 import errno
@@ -82,13 +84,11 @@ def parse_value(text: str, annotation) -> object:
         raise ValueError("; ".join(dict.fromkeys(errors)))  # int | list[int]: one "expected a number"
     if annotation in (str, Path, inspect.Parameter.empty) or annotation is typing.Any:
         return text if annotation is not Path else Path(text)
-    value = yaml.safe_load(text)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if value in (0, 1):
-            return bool(value)
-        raise ValueError(f"expected true/false, got {text!r}")
+    if origin in (list, tuple) or annotation in (list, tuple):
+        args = typing.get_args(annotation)
+        inner = args[0] if args else str
+        converted = [parse_value(str(v) if not isinstance(v, str) else v, inner) for v in list_items(text)]
+        return tuple(converted) if (origin or annotation) is tuple else converted
     if annotation in (int, float):
         try:
             number = float(text)  # also takes 3e-4, which YAML 1.1 reads as a string
@@ -97,12 +97,13 @@ def parse_value(text: str, annotation) -> object:
         if annotation is int and not number.is_integer():
             raise ValueError(f"expected an integer, got {text!r}")
         return annotation(number)
-    if origin in (list, tuple) or annotation in (list, tuple):
-        items = value if isinstance(value, list) else [v for v in str(text).split(",") if v != ""]
-        args = typing.get_args(annotation)
-        inner = args[0] if args else str
-        converted = [parse_value(str(v) if not isinstance(v, str) else v, inner) for v in items]
-        return tuple(converted) if (origin or annotation) is tuple else converted
+    value = yaml.safe_load(text)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if value in (0, 1):
+            return bool(value)
+        raise ValueError(f"expected true/false, got {text!r}")
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
         if text not in choices:
@@ -113,6 +114,29 @@ def parse_value(text: str, annotation) -> object:
             raise ValueError(f"expected a mapping like {{a: 1}}, got {text!r}")
         return value
     return value
+
+
+def list_items(text: str) -> list:
+    """The items of a list key's value: a YAML list (`[a, 'b,c']`), one quoted YAML scalar (`'b,c'`:
+    one item), or else comma-separated items (`"b,c", d`: double quotes hold commas), not parsed as
+    YAML, so that `*.jpg,b.jpg` or `@x` are items too."""
+    if text.strip().startswith("["):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(
+                f"{text!r} is not a YAML list ({e.problem}); write a list as [a, b], with items holding commas "
+                "quoted: \"['a,b', c]\""
+            ) from None
+        if isinstance(value, list):
+            return value
+    if text.strip()[:1] in ("'", '"'):
+        with contextlib.suppress(yaml.YAMLError):
+            value = yaml.safe_load(text)
+            if isinstance(value, str):
+                return [value]
+    # CSV cells: a,b or "a,b", c (double quotes hold commas)
+    return [item.strip() for item in next(csv.reader([text], skipinitialspace=True), []) if item.strip()]
 
 
 def convert_value(value: object, annotation) -> object:
@@ -187,7 +211,16 @@ def key_line(name: str, annotation, default: str, comment: str = "") -> str:
 
 
 def command_help(name: str, func) -> str:
-    lines = [f"usage: dinokit {name} key=value ... [config=FILE.yaml]", "", inspect.getdoc(func) or "", "", "keys:"]
+    lines = [
+        f"usage: dinokit {name} key=value ... [config=FILE.yaml]",
+        "",
+        inspect.getdoc(func) or "",
+        "",
+        "values are YAML (true, 3e-4, none); a list key takes [a, b] or a,b, and items holding commas are quoted "
+        "in the list form: key=\"['a,b', c]\"",
+        "",
+        "keys:",
+    ]
     hints = typing.get_type_hints(func)
     for pname, p in inspect.signature(func).parameters.items():
         if p.kind is p.VAR_KEYWORD:
