@@ -29,6 +29,9 @@ class PretrainConfig:
     objective: str = "dinov2"  # dino (DINO v1: DINO loss) | dinov2 (DINO + iBOT + KoLeo)
     arch: str = "dinov2_vits14"  # any dinokit architecture; the position grid is set to global_crops_size
     init: str | None = None  # start from weights load_model reads (released name, .pth, HF folder, ...)
+    # distil from a finished run's frozen teacher (its folder or a checkpoint): DINOv2's distillation of
+    # smaller models; its objective and head sizes replace these, no masking nor drop path (train/distillation.py)
+    distill_from: str | None = None
     drop_path_rate: float = 0.1
     drop_path_uniform: bool = True
     layerscale: float | None = 1e-5  # LayerScale init of a fresh backbone; 0: no LayerScale; None: the architecture's

@@ -32,6 +32,7 @@ from dinokit.data.unlabelled import (
     decode_to_memory,
 )
 from dinokit.errors import DinokitError, SharedError
+from dinokit.eval.backbone import weights_hash
 from dinokit.io import atomic_write, folder_lock, prepare_output
 from dinokit.models import create_model, export_model, load_model
 from dinokit.models.architectures import nearest_architecture
@@ -39,11 +40,19 @@ from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.runtime import StopSignals, autocast, ignore_stop_signals, resolve_device, reuse_freed_memory
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from dinokit.train.config import RUN_FACTS, PretrainConfig, resolve_config
+from dinokit.train.distillation import (
+    SET_BY_DISTILLATION,
+    TeacherRun,
+    distillation_config,
+    frozen_teacher,
+    read_teacher_run,
+    teacher_centers,
+)
 from dinokit.train.ema import update_teacher
 from dinokit.train.metrics_log import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups, scale_lr
 from dinokit.train.schedules import Schedules
-from dinokit.train.self_distillation import SelfDistillation, collapse_figures
+from dinokit.train.self_distillation import SelfDistillation, Student, collapse_figures
 
 # Keys that may change when a run is resumed; any other key must match the saved config.
 RESUMABLE_KEYS = {
@@ -72,15 +81,15 @@ def build_backbone(cfg: PretrainConfig, resumed_config: dict | None = None) -> V
     """A fresh backbone of `cfg.arch` (position grid at the global crop size), or `cfg.init`'s weights.
     resumed_config: the architecture a checkpoint recorded (`ViTConfig.to_dict`), whose weights it
     holds: a resumed run started from init= does not read init= again (moved, deleted, offline)."""
-    use_ibot = cfg.objective == "dinov2" and cfg.ibot_loss_weight > 0
+    masked_ibot = cfg.objective == "dinov2" and cfg.ibot_loss_weight > 0 and not cfg.distill_from
     if cfg.init and resumed_config is not None:
         backbone = VisionTransformer(ViTConfig(**resumed_config))
     elif cfg.init:
         backbone = load_model(cfg.init)
-        if use_ibot and backbone.mask_token is None:
+        if masked_ibot and backbone.mask_token is None:
             raise DinokitError(f"init={cfg.init} has no mask token, which iBOT needs: use objective=dino")
     else:
-        overrides = dict(img_size=cfg.global_crops_size, mask_token=use_ibot)
+        overrides = dict(img_size=cfg.global_crops_size, mask_token=masked_ibot)
         if cfg.layerscale is not None:
             overrides["init_values"] = cfg.layerscale or None  # 0: no LayerScale (DINO v1)
         try:
@@ -114,6 +123,7 @@ def build_model(cfg: PretrainConfig, resumed_config: dict | None = None) -> Self
         dino_loss_weight=cfg.dino_loss_weight,
         ibot_loss_weight=cfg.ibot_loss_weight,
         koleo_loss_weight=cfg.koleo_loss_weight,
+        masked_inputs=not cfg.distill_from,  # distillation: iBOT on whole crops (train/distillation.py)
     )
 
 
@@ -181,6 +191,14 @@ def reshard_teacher(model: SelfDistillation) -> None:
 def local_tensors(params) -> list[torch.Tensor]:
     """Local shards of (possibly FSDP2 / DTensor) parameters."""
     return [p.to_local() if hasattr(p, "to_local") else p for p in params]
+
+
+def every_patch(global_crops: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masks (n_g B, N) all True, weights (n_g B N,) = 1/N): iBOT's selection of every patch, each
+    image weighted as one (distillation's iBOT on the whole global crops)."""
+    h, w = (side // patch_size for side in global_crops.shape[-2:])
+    masks = torch.ones(len(global_crops), h * w, dtype=torch.bool, device=global_crops.device)
+    return masks, torch.full((masks.numel(),), 1.0 / (h * w), device=global_crops.device)
 
 
 # ---------------------------------------------------------------------------------------------- state
@@ -326,7 +344,9 @@ def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple
     # checked with the keys given: a resumable key fixes a saved value that a later dinokit refuses
     old = resolve_config(None, {k: v for k, v in values.items() if k not in RUN_FACTS}, check=False)
     given = resolve_config(None, {**old.to_dict(), **keys}).to_dict()
-    conflicts = [k for k in keys if k not in RESUMABLE_KEYS and given[k] != getattr(old, k)]
+    # a distilling run replaces some keys by the teacher's, whatever was given (as when it started)
+    replaced = SET_BY_DISTILLATION if old.distill_from else ()
+    conflicts = [k for k in keys if k not in (*RESUMABLE_KEYS, *replaced) and given[k] != getattr(old, k)]
     if conflicts:
         text = ", ".join(f"{k} (saved {getattr(old, k)!r}, given {given[k]!r})" for k in conflicts)
         raise DinokitError(f"resume=true continues the saved configuration, but {text} differ; start a new run instead")
@@ -466,6 +486,10 @@ class Trainer:
                         "pass batch_size=... explicitly"
                     )
                 cfg = replace(cfg, batch_size=saved_global // world)
+            teacher_run, self.distill_notes = None, []
+            if cfg.distill_from:  # the teacher run's objective and heads (already so in a resumed config)
+                teacher_run = read_teacher_run(cfg.distill_from)
+                cfg, self.distill_notes = distillation_config(cfg, teacher_run)
             self.cfg = cfg
             self.global_batch = cfg.batch_size * world
             self.paths = list_images(data)
@@ -483,7 +507,12 @@ class Trainer:
             self.model = build_model(cfg, resumed.get("backbone_config")).to(device)
             check_crop_sizes(cfg, self.model.student.backbone.patch_size)
             self.use_ibot = self.model.use_ibot
-            self.collate = build_collate(cfg, self.model.student.backbone.patch_size, self.use_ibot)
+            self.frozen_teacher = None  # distillation's teacher: targets come from it, not the EMA
+            if teacher_run is not None:
+                self.frozen_teacher = self.build_frozen_teacher(teacher_run)
+                del teacher_run  # its whole checkpoint
+            masked = self.use_ibot and self.frozen_teacher is None
+            self.collate = build_collate(cfg, self.model.student.backbone.patch_size, masked)
             self.augmentation = build_augmentation(cfg)
             if cfg.augmentation == "batched":
                 size = cfg.batched_image_size or cfg.global_crops_size
@@ -548,6 +577,30 @@ class Trainer:
         self.describe(data, preset)
 
     # ------------------------------------------------------------------------------------ helpers
+    def build_frozen_teacher(self, teacher_run: TeacherRun) -> Student:
+        """The distillation teacher on this run's device, checked against the student and, on resume,
+        against the teacher the run started with; a new run's EMA centers start from the teacher's."""
+        teacher = frozen_teacher(teacher_run, self.cfg).to(self.device)
+        patch, student_patch = teacher.backbone.patch_size, self.model.student.backbone.patch_size
+        check_image_size(self.cfg.global_crops_size, patch, name="global_crops_size")  # the teacher sees those
+        if self.use_ibot and patch != student_patch:
+            raise DinokitError(
+                f"distill_from={self.cfg.distill_from}: the teacher's patch size is {patch}, the student's "
+                f"{student_patch}; iBOT compares their patches one by one, so they must match (choose an arch "
+                "with the teacher's patch size, or ibot_loss_weight=0 to distil the CLS only)"
+            )
+        self.distill_hash = weights_hash(teacher)
+        saved = (self.checkpoint or {}).get("distill_teacher_hash")
+        if saved is not None and saved != self.distill_hash:
+            raise DinokitError(
+                f"distill_from={self.cfg.distill_from} now holds another teacher than the one this run started "
+                f"with (weights hash {self.distill_hash}, not {saved}): put the run's teacher back there, or "
+                "start a new run"
+            )
+        if self.checkpoint is None and self.cfg.centering == "ema":
+            self.model.load_state_dict(teacher_centers(teacher_run), strict=False)
+        return teacher
+
     def describe(self, data: str, preset: str | None) -> None:
         cfg, n = self.cfg, len(self.paths)
         derived = {
@@ -564,6 +617,12 @@ class Trainer:
             derived["backbone"] = (
                 f"from init: {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, patch {c.patch_size}, "
                 f"{c.num_register_tokens} registers (nearest named: {nearest_architecture(c)})"
+            )
+        if cfg.distill_from:
+            derived["distillation"] = (
+                f"frozen teacher of {cfg.distill_from} ({self.frozen_teacher.backbone.embed_dim} wide, "
+                f"{len(self.frozen_teacher.backbone.blocks)} blocks); from it: "
+                + (", ".join(self.distill_notes) or "the same objective and heads")
             )
         self.derived = derived
         with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
@@ -587,6 +646,8 @@ class Trainer:
         )
         if cfg.init:
             print(f"pretrain: init={cfg.init} sets the architecture ({derived['backbone']}); arch={cfg.arch} is unused")
+        if cfg.distill_from:
+            print(f"pretrain: distilling from the {derived['distillation']}; the final model is the student's EMA")
 
     def files_found(self) -> str:
         """The data as known before training: the files listed, and (augmentation=batched, which has
@@ -628,6 +689,7 @@ class Trainer:
             "global_batch": self.global_batch,
             "data_fingerprint": self.data_fingerprint,
             "backbone_config": self.model.student.backbone.config.to_dict(),
+            "distill_teacher_hash": self.distill_hash if self.frozen_teacher is not None else None,
             "counters": self.counters,
             "model": model_state(self.model, self.fsdp),
             "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
@@ -653,16 +715,19 @@ class Trainer:
         apply_schedule(self.optimizer, values)
         batch = batch.to(self.device)
         n_global = cfg.global_crops_number
+        masks, mask_weights = batch.masks, batch.mask_weights
+        if self.frozen_teacher is not None and self.use_ibot:  # distillation: iBOT on every patch, unmasked
+            masks, mask_weights = every_patch(batch.global_crops, self.model.student.backbone.patch_size)
         with autocast(self.device, cfg.precision):
-            teacher = self.model.teacher_outputs(batch.global_crops, batch.masks)
-            if self.fsdp:  # see reshard_teacher
+            teacher = self.model.teacher_outputs(batch.global_crops, masks, self.frozen_teacher)
+            if self.fsdp and self.frozen_teacher is None:  # see reshard_teacher
                 reshard_teacher(self.model)
             targets = self.model.teacher_probabilities(teacher, values["teacher_temp"])
             center_statistics = self.model.center_statistics(teacher)
             logged = {"cls": teacher["cls"], "cls_probs": targets["cls_logits"]}
             del teacher
-            student = self.student(batch.global_crops, batch.local_crops, batch.masks)
-            parts = self.model.losses(student, targets, n_global, batch.mask_weights)
+            student = self.student(batch.global_crops, batch.local_crops, masks, self.frozen_teacher is None)
+            parts = self.model.losses(student, targets, n_global, mask_weights)
             del student, targets
         parts["loss"].backward()
         heads = self.model.student.heads().values()

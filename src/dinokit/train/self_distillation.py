@@ -27,8 +27,10 @@ class Student(nn.Module):
     """Backbone + DINO head (+ a separate iBOT head, or None to share the DINO head).
 
     forward(global_crops (n_g B, 3, G, G), local_crops (n_l B, 3, L, L) or None, masks (n_g B, N) or
-    None) -> {"cls": backbone CLS of the global crops (n_g B, D), "cls_logits": ((n_g + n_l) B, K)
-    crop-major, "patch_logits": (M, K') at the masked patches (absent without masks)}.
+    None, mask_inputs) -> {"cls": backbone CLS of the global crops (n_g B, D), "cls_logits":
+    ((n_g + n_l) B, K) crop-major, "patch_logits": (M, K') at the masked patches (absent without
+    masks)}. mask_inputs=False keeps the patches whole (the mask token is not applied) and only picks
+    the patches the head sees: distillation's iBOT on every patch.
     """
 
     def __init__(self, backbone: VisionTransformer, dino_head: DINOHead, ibot_head: DINOHead | None = None) -> None:
@@ -44,10 +46,15 @@ class Student(nn.Module):
         return heads
 
     def forward(
-        self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None, masks: torch.Tensor | None = None
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        mask_inputs: bool = True,
     ) -> dict[str, torch.Tensor]:
         crops = [global_crops] + ([local_crops] if local_crops is not None and len(local_crops) else [])
-        features = self.backbone.forward_features(crops, masks=[masks] + [None] * (len(crops) - 1))
+        input_masks = masks if mask_inputs else None
+        features = self.backbone.forward_features(crops, masks=[input_masks] + [None] * (len(crops) - 1))
         cls = [f["x_norm_clstoken"] for f in features]
         out = {"cls": cls[0]}
         patches = features[0]["x_norm_patchtokens"][masks] if masks is not None else None
@@ -87,6 +94,7 @@ class SelfDistillation(nn.Module):
         dino_loss_weight: float = 1.0,
         ibot_loss_weight: float = 1.0,
         koleo_loss_weight: float = 0.1,
+        masked_inputs: bool = True,
     ) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
@@ -98,9 +106,9 @@ class SelfDistillation(nn.Module):
         self.use_koleo = objective == "dinov2" and koleo_loss_weight > 0
         self.centering = centering
         self.weights = {"dino": dino_loss_weight, "ibot": ibot_loss_weight, "koleo": koleo_loss_weight}
-        if self.use_ibot and backbone.mask_token is None:
+        if self.use_ibot and masked_inputs and backbone.mask_token is None:
             raise ValueError("iBOT needs a backbone with a mask token (mask_token=True)")
-        if not self.use_ibot and backbone.mask_token is not None:
+        if not (self.use_ibot and masked_inputs) and backbone.mask_token is not None:
             backbone.mask_token.requires_grad_(False)  # unused: keep it out of the optimiser and DDP
 
         dim = backbone.embed_dim
@@ -131,21 +139,25 @@ class SelfDistillation(nn.Module):
 
     # ------------------------------------------------------------------------------------ teacher
     @torch.no_grad()
-    def teacher_outputs(self, global_crops: torch.Tensor, masks: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Teacher logits of the global crops' CLS (n_g B, K) and of the masked patches (M, K')."""
-        features = self.teacher.backbone.forward_features(global_crops)
+    def teacher_outputs(
+        self, global_crops: torch.Tensor, masks: torch.Tensor | None, teacher: Student | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Teacher logits of the global crops' CLS (n_g B, K) and of the masked patches (M, K'), from
+        the EMA teacher or from `teacher` (a frozen one: distillation)."""
+        teacher = teacher or self.teacher
+        features = teacher.backbone.forward_features(global_crops)
         cls = features["x_norm_clstoken"]
         out = {"cls": cls}
         if self.use_ibot and masks is not None:
             patches = features["x_norm_patchtokens"][masks]
-            if self.teacher.ibot_head is None:
-                logits = self.teacher.dino_head(torch.cat([cls, patches]))
+            if teacher.ibot_head is None:
+                logits = teacher.dino_head(torch.cat([cls, patches]))
                 out["cls_logits"], out["patch_logits"] = logits[: len(cls)], logits[len(cls) :]
             else:
-                out["cls_logits"] = self.teacher.dino_head(cls)
-                out["patch_logits"] = self.teacher.ibot_head(patches)
+                out["cls_logits"] = teacher.dino_head(cls)
+                out["patch_logits"] = teacher.ibot_head(patches)
         else:
-            out["cls_logits"] = self.teacher.dino_head(cls)
+            out["cls_logits"] = teacher.dino_head(cls)
         return out
 
     @torch.no_grad()
