@@ -12,7 +12,10 @@ from dinokit import cli
 from dinokit.cli import parse_value
 from dinokit.data.images import list_images
 from dinokit.data.unlabelled import StreamBatchSampler
+from dinokit.errors import DinokitError
 from dinokit.eval.dense import read_depth
+from dinokit.maps.commands import read_mask, segment
+from dinokit.maps.segment import patch_coverage, prototype
 from dinokit.train.checkpoint import list_checkpoints
 from dinokit.train.metrics_log import read_metrics
 
@@ -97,3 +100,76 @@ def test_a_broken_list_value_is_named_and_help_says_how_to_quote_commas(capsys):
         parse_value("@3", int)
     assert cli.run(["embed", "--help"]) == 0
     assert "items holding commas are quoted in the list form: key=\"['a,b', c]\"" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ segment: VOC-style palette masks
+def voc_mask(path, indices: np.ndarray) -> None:
+    """A palette PNG as Pascal VOC saves its masks (no transparency): 0 black, 255 the void colour."""
+    im = Image.fromarray(indices.astype(np.uint8), mode="P")
+    palette = [0, 0, 0] * 256
+    palette[15 * 3 : 15 * 3 + 3] = [192, 128, 128]  # VOC's person
+    palette[7 * 3 : 7 * 3 + 3] = [128, 128, 128]
+    palette[255 * 3 :] = [224, 224, 192]  # VOC's void
+    im.putpalette(palette)
+    im.save(path)
+
+
+def test_a_voc_palette_mask_marks_its_classes_and_leaves_its_255_border_out(tmp_path):
+    """8 x 8 pixels in 2 x 2 patches of 4 x 4: patch (0, 0) is class 15 with a 1 px void (255) border
+    inside it, patch (0, 1) void only, patch (1, 0) class 7, patch (1, 1) background. The void patch is
+    neither object (it was: 255 is nonzero) nor background evidence."""
+    indices = np.zeros((8, 8), dtype=np.uint8)
+    indices[:4, :4] = 255
+    indices[1:3, 1:3] = 15
+    indices[:4, 4:] = 255
+    indices[4:, :4] = 7
+    voc_mask(tmp_path / "voc.png", indices)
+    mask = read_mask(tmp_path / "voc.png", (8, 8))
+    assert np.array_equal(np.isnan(mask), indices == 255)
+    assert np.array_equal(np.nan_to_num(mask), np.isin(indices, [7, 15]).astype(np.float32))
+    features = np.eye(4, dtype=np.float32).reshape(2, 2, 4)  # one feature per patch
+    assert np.array_equal(prototype(features, mask), (features[0, 0] + features[1, 0]) / 2)
+    person = read_mask(tmp_path / "voc.png", (8, 8), reference_class=15)
+    assert np.array_equal(np.nan_to_num(person), (indices == 15).astype(np.float32))
+    assert np.array_equal(np.isnan(person), indices == 255)
+    assert np.array_equal(patch_coverage(person, (2, 2)), [[1.0, 0.0], [0.0, 0.0]])  # 4 of 4 labelled pixels
+    assert np.array_equal(prototype(features, person), features[0, 0])
+    with pytest.raises(DinokitError, match=r"no pixel of class 3 \(it holds 0, 7, 15, 255\)"):
+        read_mask(tmp_path / "voc.png", (8, 8), reference_class=3)
+    voc_mask(tmp_path / "void_only.png", np.where(indices == 255, 255, 0))
+    with pytest.raises(DinokitError, match=r"marks no object: it holds 0, 255.*reference_class=255"):
+        read_mask(tmp_path / "void_only.png", (8, 8))
+    Image.fromarray(np.where(indices == 255, 255, 0).astype(np.uint8)).save(tmp_path / "gray.png")
+    assert np.array_equal(read_mask(tmp_path / "gray.png", (8, 8)), indices == 255)  # grayscale: 255 = object
+
+
+def test_segment_takes_reference_class(tmp_path):
+    weights = dinokit.export_model(dinokit.create_model("vit_micro_p4", depth=1), tmp_path / "m.safetensors")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "ref.png")
+    indices = np.zeros((16, 16), dtype=np.uint8)
+    indices[:8] = 15
+    indices[8:, :8] = 255
+    voc_mask(tmp_path / "ref_mask.png", indices)
+    result = segment(
+        str(tmp_path / "ref.png"),
+        str(tmp_path / "ref_mask.png"),
+        str(tmp_path / "ref.png"),
+        out=str(tmp_path / "seg"),
+        model=weights,
+        image_size=16,
+        device="cpu",
+        reference_class=15,
+    )
+    assert len(result["results"]) == 1
+    with pytest.raises(DinokitError, match="no pixel of class 4"):
+        segment(
+            str(tmp_path / "ref.png"),
+            str(tmp_path / "ref_mask.png"),
+            str(tmp_path / "ref.png"),
+            out=str(tmp_path / "seg2"),
+            model=weights,
+            image_size=16,
+            device="cpu",
+            reference_class=4,
+        )

@@ -220,12 +220,16 @@ def segment(
     resize_policy: str = "aspect",
     threshold: float | str = "otsu",
     device: str = "auto",
+    reference_class: int | None = None,
 ) -> dict:
     """Zero-shot segmentation: find in each target image what the reference masks mark.
 
-    reference / reference_mask: one image and its mask (nonzero pixels = object), or lists of them
-    (their similarity maps are averaged). target: an image, a folder or a list file. threshold: a
-    cosine value, or otsu (automatic, per target). Writes <out>/<name>_mask.png (0/255),
+    reference / reference_mask: one image and its mask (nonzero pixels = object; in a palette PNG
+    such as Pascal VOC's, index 0 = background, 255 = void, ignored, any other = object), or lists of
+    them (their similarity maps are averaged). reference_class: the class index that marks the object
+    in the masks (the others are background, 255 void), e.g. 15 for VOC's person. target: an image,
+    a folder or a list file. threshold: a cosine value, or otsu (automatic, per target). Writes
+    <out>/<name>_mask.png (0/255),
     <out>/<name>_overlay.png and <out>/segment.json; <name> is the target's path relative to the
     target folder (subfolders kept, see `output_names`). Returns, per target, the threshold, mask
     fraction and the two files (also in segment.json).
@@ -244,7 +248,7 @@ def segment(
     for ref, mask_path in zip(references, masks, strict=True):
         picture = open_rgb(ref)
         feats = patch_features(net, [model_input(net, picture, image_size, resize_policy)])[0]
-        refs.append((feats, read_mask(mask_path, picture.size)))
+        refs.append((feats, read_mask(mask_path, picture.size, reference_class)))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
@@ -299,16 +303,40 @@ def report_skipped(bad: list[Path]) -> None:
         print(f"skipped {len(bad)} unreadable image(s): {names}")
 
 
-def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
-    """A bool mask (H, W) from an image file (nonzero = object; transparent pixels are background,
-    whatever colour they hide), in its EXIF orientation, for an image of `size` (W, H): the same size,
-    or the same aspect ratio (to 1 px) resized (nearest) to it."""
+VOID = 255  # the class index of a palette mask's unlabelled pixels (Pascal VOC's object borders)
+CLASS_INDEX_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")  # one class index per pixel
+
+
+def read_mask(path: str | Path, size: tuple[int, int], reference_class: int | None = None) -> np.ndarray:
+    """A mask (H, W) float32 from an image file: 1 = object, 0 = background, NaN = void (neither), in
+    its EXIF orientation, for an image of `size` (W, H): the same size, or the same aspect ratio (to
+    1 px) resized (nearest) to it.
+
+    The object: the pixels of index `reference_class` (a class-index mask: palette or grayscale), or
+    without it the nonzero pixels. Index 255 of a palette (P) PNG, and of any mask read with a
+    reference_class other than 255, is void, as in Pascal VOC's masks (0 background, 1..20 classes,
+    255 borders). Transparent pixels are background, whatever colour they hide."""
     im = open_image(path, what="reference mask")
-    mask = im.convert("L") if im.mode not in ("L", "1", "I", "I;16", "P") else im
+    if reference_class is not None and im.mode not in CLASS_INDEX_MODES:
+        raise DinokitError(
+            f"reference_class={reference_class} picks pixels by class index, but the reference mask {path} is a "
+            f"{im.mode} image (colours): pass a class-index PNG (palette or grayscale), or leave reference_class "
+            "out (nonzero pixels = object)"
+        )
+    values = np.asarray(im if im.mode in CLASS_INDEX_MODES else im.convert("L")).astype(np.int64)
+    if reference_class is None:
+        codes = np.where(values != 0, 1, 0)
+        void = values == VOID if im.mode == "P" else np.zeros(values.shape, dtype=bool)
+    else:
+        codes = np.where(values == reference_class, 1, 0)
+        void = (values == VOID) & (reference_class != VOID)
+    codes[void] = 2
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         # an alpha channel, or a palette's transparent entry (a palette PNG keeps no alpha channel)
         visible = np.asarray(im.convert("RGBA").getchannel("A")) > 0
-        mask = Image.fromarray(np.where(visible, np.asarray(mask), 0).astype(np.uint8))
+        codes[~visible] = 0
+    check_marks_object(values, codes, path, reference_class)
+    mask = Image.fromarray(codes.astype(np.uint8))
     size = tuple(size)
     if mask.size != size and not same_aspect(mask.size, size):
         raise DinokitError(
@@ -318,7 +346,27 @@ def read_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
         )
     if mask.size != size:
         mask = mask.resize(size, Image.Resampling.NEAREST)
-    return np.asarray(mask) > 0
+    return np.asarray(mask).choose([0.0, 1.0, np.nan]).astype(np.float32)
+
+
+def check_marks_object(values: np.ndarray, codes: np.ndarray, path, reference_class: int | None) -> None:
+    """A clear error where a mask's codes (0 background, 1 object, 2 void) mark no object pixel,
+    naming the class indices it holds (its `values`)."""
+    if (codes == 1).any():
+        return
+    found = ", ".join(str(v) for v in np.unique(values)[:20])
+    if reference_class is not None:
+        raise DinokitError(
+            f"the reference mask {path} has no pixel of class {reference_class} (it holds {found}): pass one of its "
+            "object classes as reference_class="
+        )
+    if (codes == 2).any():
+        raise DinokitError(
+            f"the reference mask {path} marks no object: it holds {found}, and in a palette mask 0 is background "
+            f"and {VOID} void (ignored, as Pascal VOC's borders); if {VOID} marks the object, pass "
+            f"reference_class={VOID}"
+        )
+    raise DinokitError(f"the reference mask {path} is empty: it must mark the object (nonzero pixels)")
 
 
 def to_uint8(values: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Zero-shot segmentation from reference masks by patch-feature matching (the seed tutorial's 5.1).
 
-The reference mask picks the reference image's patches (those at least half covered); their mean
-feature is the prototype. Each target patch scores its cosine similarity to the prototype; with
-several references the scores are averaged. The score map is upsampled (bilinear) to the target's
+The reference mask picks the reference image's patches (those at least half covered, counting its
+labelled pixels only: void ones, e.g. Pascal VOC's 255 borders, are neither object nor background);
+their mean feature is the prototype. Each target patch scores its cosine similarity to the prototype;
+with several references the scores are averaged. The score map is upsampled (bilinear) to the target's
 pixels and thresholded, at a fixed value or at Otsu's threshold (the one that best splits the
 scores into two classes, computed exactly on the scores).
 """
@@ -16,14 +17,20 @@ from dinokit.maps.render import upsample
 
 
 def patch_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Fraction (h, w) of each patch covered by a bool (H, W) mask of the same image (area average)."""
-    m = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
-    return F.interpolate(m, size=tuple(grid), mode="area")[0, 0].numpy()
+    """Fraction (h, w) of each patch's labelled pixels that a (H, W) mask of the same image marks as
+    object (area averages): mask 1 / True = object, 0 = background, NaN = void (not counted either
+    way; a patch of void pixels only has coverage 0)."""
+    m = torch.as_tensor(np.asarray(mask, dtype=np.float32))
+    known = ~torch.isnan(m)
+    both = torch.stack([torch.where(known, m, 0.0), known.float()])[None]
+    covered, labelled = F.interpolate(both, size=tuple(grid), mode="area")[0]
+    return torch.where(labelled > 0, covered / labelled.clamp_min(1e-12), 0.0).numpy()
 
 
 def prototype(features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean (D,) of the patch features (h, w, D) at least half covered by the bool pixel `mask`
-    (or, for a mask smaller than any patch, of the most covered patches)."""
+    """Mean (D,) of the patch features (h, w, D) at least half covered by the pixel `mask` (bool, or
+    float with NaN = void; see `patch_coverage`), or, for a mask smaller than any patch, of the most
+    covered patches."""
     coverage = patch_coverage(mask, features.shape[:2])
     if coverage.max() <= 0:
         raise DinokitError("the reference mask is empty: it must mark the object (nonzero pixels)")
