@@ -49,10 +49,14 @@ COMMANDS: dict[str, str] = {
     "curate sample": "dinokit.curation.commands:sample",
     "curate retrieve": "dinokit.curation.commands:retrieve",
     "pretrain": "dinokit.train.pretrain:pretrain",
+    "finetune": "dinokit.train.finetune:finetune",
 }
 
 # command taking **keys -> the dataclass whose fields those keys are (listed by --help)
-FURTHER_KEYS: dict[str, str] = {"pretrain": "dinokit.train.config:PretrainConfig"}
+FURTHER_KEYS: dict[str, str] = {
+    "pretrain": "dinokit.train.config:PretrainConfig",
+    "finetune": "dinokit.train.finetune_config:FinetuneConfig",
+}
 
 # a hint after the one-line message of an OSError, by errno
 OS_ERROR_HINTS = {

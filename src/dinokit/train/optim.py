@@ -4,7 +4,9 @@ Parameter groups follow `dinov2/utils/param_groups.py`: backbone parameters get 
 multiplier decay^(L + 1 - layer) with layer 0 for the embeddings (patch_embed, pos_embed, cls_token,
 register_tokens, mask_token), i + 1 for `blocks.i` and L + 1 for the final norm; `patch_embed` is
 further multiplied by `patch_embed_lr_mult`; head parameters get 1. Weight decay is off for biases,
-norms and LayerScale gammas (names ending in `.bias` or containing `norm` or `gamma`). Parameters
+norms and LayerScale gammas (names ending in `.bias` or containing `norm` or `gamma`), and with
+`no_decay_tokens` for the EMBEDDINGS' tokens and position embeddings too (the fine-tuning recipes of
+BEiT / MAE / timm; `patch_embed`'s projection keeps it). Parameters
 with equal (lr multiplier, wd multiplier, is last layer, is backbone) share one AdamW group.
 """
 
@@ -43,7 +45,8 @@ def layer_id(name: str, num_layers: int) -> int:
 
 
 def no_weight_decay(name: str) -> bool:
-    return name.endswith(".bias") or "norm" in name or "gamma" in name
+    """Biases, norms and LayerScale gammas; `name` relative to its module (a bare nn.Linear head's "bias")."""
+    return name == "bias" or name.endswith(".bias") or "norm" in name or "gamma" in name
 
 
 def param_groups(
@@ -51,6 +54,7 @@ def param_groups(
     heads: dict[str, nn.Module],
     layerwise_decay: float = 0.9,
     patch_embed_lr_mult: float = 0.2,
+    no_decay_tokens: bool = False,
 ) -> list[dict]:
     """AdamW groups with keys params, lr_multiplier, wd_multiplier, is_last_layer, is_backbone, names."""
     num_layers = len(backbone.blocks)
@@ -61,7 +65,9 @@ def param_groups(
         lr_mult = layerwise_decay ** (num_layers + 1 - layer_id(name, num_layers))
         if "patch_embed" in name:
             lr_mult *= patch_embed_lr_mult
-        entries.append((f"backbone.{name}", p, lr_mult, 0.0 if no_weight_decay(name) else 1.0, False, True))
+        token = no_decay_tokens and name.split(".")[0] in EMBEDDINGS and not name.startswith("patch_embed")
+        wd = 0.0 if no_weight_decay(name) or token else 1.0
+        entries.append((f"backbone.{name}", p, lr_mult, wd, False, True))
     for head_name, head in heads.items():
         for name, p in head.named_parameters():
             if not p.requires_grad:

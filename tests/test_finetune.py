@@ -1,0 +1,271 @@
+"""`dinokit finetune`: the optimiser groups by hand, learning beyond a frozen backbone, the head-only
+epochs, exact resume after Ctrl-C, the output files (backbone, head file, result), bad input, and a
+two-process torchrun run that matches one process on the same global batch."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dinokit
+from dinokit.cli import run as cli_run
+from dinokit.data.images import list_images
+from dinokit.errors import DinokitError
+from dinokit.eval.backbone import load_backbone, weights_hash
+from dinokit.eval.common import make_transform
+from dinokit.eval.heads import backbone_for_head, load_head_file
+from dinokit.eval.linear import linear_input
+from dinokit.features.extract import compute_features
+from dinokit.io import folder_lock
+from dinokit.models import create_model
+from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
+from dinokit.train.classifier import Classifier, finetune_groups
+from dinokit.train.finetune import Finetuner, finetune
+from dinokit.train.optim import apply_schedule, build_optimizer
+
+# A 2-block, 32-dim ViT (patch 2) on 16 px images, fp32 on the CPU: exact and fast.
+TINY = dict(
+    model="random:vit_nano_p2",
+    image_size=16,
+    batch_size=8,
+    num_workers=0,
+    device="cpu",
+    precision="fp32",
+    progress=False,
+    tensorboard=False,
+    crop_scale=[0.6, 1.0],
+)
+
+
+def colour_images(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """root/<split>/<class>/<i>.png: 16 px noise images tinted red, green or blue by class."""
+    rng = np.random.default_rng(seed)
+    tints = {"red": (80, -40, -40), "green": (-40, 80, -40), "blue": (-40, -40, 80)}
+    for split, n in per_class.items():
+        for name, tint in tints.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a = rng.normal(128, 30, (16, 16, 3)) + np.array(tint)
+                Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return colour_images(tmp_path_factory.mktemp("colours"), {"train": 32, "val": 8})
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run (12 steps per epoch) with stochastic depth: the reference run."""
+    out = tmp_path_factory.mktemp("runs") / "whole"
+    finetune(train=str(data / "train"), val=str(data / "val"), out=str(out), epochs=2, lr=0.1, **TINY)
+    return out
+
+
+def without_minutes(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "minutes"}
+
+
+def run(data: Path, out: Path, **keys) -> dict:
+    path = finetune(train=str(data / "train"), val=str(data / "val"), out=str(out), **{**TINY, **keys})
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------------------------------------- groups
+def test_layer_decay_lrs_and_weight_decay_of_each_parameter_by_hand():
+    """2 blocks, decay 0.5: head and final norm x 1, block 1 x 0.5, block 0 x 0.25, embeddings x 0.125;
+    no weight decay on biases, norms, LayerScale, CLS and position embedding; no mask token at all."""
+    model = Classifier(create_model("vit_nano_p2"), 3)
+    optimizer = build_optimizer(finetune_groups(model, 0.5))
+    values = {"lr": 0.1, "last_layer_lr": 0.1, "backbone_lr_factor": 1.0, "weight_decay": 0.05}
+    apply_schedule(optimizer, values)
+    lr, wd = {}, {}
+    for group in optimizer.param_groups:
+        for name in group["names"]:
+            lr[name], wd[name] = group["lr"], group["weight_decay"]
+    expected_lr = {
+        "head.weight": 0.1,
+        "head.bias": 0.1,
+        "backbone.norm.weight": 0.1,
+        "backbone.blocks.1.attn.qkv.weight": 0.05,
+        "backbone.blocks.1.ls2.gamma": 0.05,
+        "backbone.blocks.0.mlp.fc1.bias": 0.025,
+        "backbone.patch_embed.proj.weight": 0.0125,
+        "backbone.cls_token": 0.0125,
+        "backbone.pos_embed": 0.0125,
+    }
+    for name, value in expected_lr.items():
+        assert lr[name] == pytest.approx(value, rel=1e-12), name
+    decayed = {"head.weight", "backbone.blocks.1.attn.qkv.weight", "backbone.patch_embed.proj.weight"}
+    for name in expected_lr:
+        assert wd[name] == (0.05 if name in decayed else 0.0), name
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lr)
+    assert "backbone.mask_token" not in lr  # masked pretraining's token: no gradient here (DDP)
+    # the head-only epochs: the backbone's groups get lr 0, the head keeps its own
+    apply_schedule(optimizer, {**values, "backbone_lr_factor": 0.0})
+    for group in optimizer.param_groups:
+        assert group["lr"] == (0.0 if group["is_backbone"] else pytest.approx(0.1))
+
+
+# ---------------------------------------------------------------------------------------------- learning
+def test_fine_tuning_learns_what_a_head_on_the_frozen_backbone_does_not(data, tmp_path):
+    """A random backbone's features barely tell the tints apart (LayerScale 1e-5: the blocks add almost
+    nothing to the CLS token); fine-tuned, it learns them."""
+    tuned = run(data, tmp_path / "tuned", epochs=5, lr=0.2)
+    frozen = run(data, tmp_path / "frozen", epochs=5, lr=0.2, freeze_backbone_epochs=5)
+    assert tuned["top1"] >= 90.0
+    assert tuned["top1"] >= frozen["top1"] + 30.0
+    assert frozen["history"][-1]["backbone_frozen"] and not tuned["history"][-1]["backbone_frozen"]
+
+
+def test_backbone_unchanged_during_the_head_only_epochs_and_changed_after(data, tmp_path):
+    out = tmp_path / "run"
+    result = run(data, out, epochs=2, freeze_backbone_epochs=1, keep_checkpoints=0, lr=0.1)
+    start, _ = load_backbone("random:vit_nano_p2", "cpu", seed=0)
+    first, last = (load_checkpoint(p)["model"] for p in list_checkpoints(out / "checkpoints"))
+    torch.manual_seed(0)  # the head's initialisation, as the run makes it (seed=0)
+    initial_head = Classifier(create_model("vit_nano_p2"), 3).head
+    for name, tensor in start.state_dict().items():
+        assert torch.equal(first[f"backbone.{name}"], tensor), name
+    assert not torch.equal(first["head.weight"], initial_head.weight)
+    changed = [n for n, t in start.state_dict().items() if not torch.equal(last[f"backbone.{n}"], t)]
+    assert "blocks.1.attn.qkv.weight" in changed and "patch_embed.proj.weight" in changed
+    assert [h["backbone_frozen"] for h in result["history"]] == [True, False]
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run(data, finished, tmp_path, monkeypatch):
+    """SIGINT in the middle of epoch 1 (after step 4 of 12): the run stops with a checkpoint there, and
+    resume=true ends with exactly the parameters, history and result of the uninterrupted run."""
+    out = tmp_path / "interrupted"
+    step = Finetuner.step
+
+    def interrupting_step(self, *args):
+        if self.iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *args)
+
+    monkeypatch.setattr(Finetuner, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, out, epochs=2, lr=0.1)
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_00000004.pt"]
+    monkeypatch.setattr(Finetuner, "step", step)
+    with pytest.raises(DinokitError, match="already holds a run"):
+        run(data, out, epochs=2, lr=0.1)
+    with pytest.raises(DinokitError, match="lr"):
+        run(data, out, epochs=2, lr=0.2, resume=True)
+    resumed = run(data, out, epochs=2, lr=0.1, resume=True)
+    whole = json.loads((finished / "finetune.json").read_text())
+    assert [without_minutes(h) for h in resumed["history"]] == [without_minutes(h) for h in whole["history"]]
+    a, b = (load_checkpoint(list_checkpoints(o / "checkpoints")[-1]) for o in (finished, out))
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert resumed["fine_tuned_weights_hash"] == whole["fine_tuned_weights_hash"]
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def test_backbone_and_head_files_reproduce_the_model_and_its_val_accuracy(data, finished):
+    result = json.loads((finished / "finetune.json").read_text())
+    final = load_checkpoint(list_checkpoints(finished / "checkpoints")[-1])["model"]
+    trained = Classifier(create_model("vit_nano_p2"), 3)
+    trained.load_state_dict(final)
+    trained.eval()
+    loaded = dinokit.load_model(finished / "backbone.safetensors")
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), trained.backbone(images))
+    # the head file: metadata of the fine-tuned backbone, accepted by predict's backbone check
+    state, meta = load_head_file(finished / "classifier.safetensors", task="classification")
+    assert set(state) == {"weight", "bias"} and state["weight"].shape == (3, 32) and state["bias"].shape == (3,)
+    assert meta["model"] == str((finished / "backbone.safetensors").resolve())
+    assert meta["weights_hash"] == weights_hash(loaded) == result["fine_tuned_weights_hash"]
+    assert (meta["classes"], meta["layers"], meta["n_last_blocks"], meta["avgpool"]) == (
+        ["blue", "green", "red"],
+        [1],
+        1,
+        False,
+    )
+    assert meta["image_size"] == 16 and meta["norm"] is True and meta["resize_policy"] == "center_crop"
+    backbone = backbone_for_head(meta, None, "cpu")
+    # the head on the backbone's features of val, in the eval transform: finetune.json's top-1
+    paths = list_images(data / "val")
+    labels = torch.tensor([meta["classes"].index(p.parent.name) for p in paths])
+    transform = make_transform(meta["image_size"], meta["resize_policy"])
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+    with torch.no_grad():
+        feats = compute_features(backbone.model, batch, ("cls", "patch_mean"))
+    x = linear_input(feats["cls"].unsqueeze(1), feats["patch_mean"], meta["n_last_blocks"], meta["avgpool"])
+    logits = x @ state["weight"].T + state["bias"]
+    top1 = 100.0 * int((logits.argmax(1) == labels).sum()) / len(labels)
+    assert top1 == pytest.approx(result["top1"], abs=1e-9)
+    assert result["train_images"] == 96 and result["val_images"] == 24 and result["bad_files"] == []
+    assert result["protocol"]["weights_hash"] == weights_hash(load_backbone("random:vit_nano_p2", "cpu", 0)[0])
+    assert len(result["history"]) == 2 and (finished / "metrics.jsonl").exists()
+    assert (finished / "config.yaml").exists()
+
+
+def test_unreadable_files_are_skipped_and_counted(data, tmp_path):
+    root = colour_images(tmp_path / "d", {"train": 8, "val": 4})
+    (root / "train" / "red" / "broken.png").write_bytes(b"not a png")
+    (root / "val" / "blue" / "broken.png").write_bytes(b"")
+    result = run(root, tmp_path / "run", epochs=1)
+    assert (result["train_bad_files"], result["val_bad_files"]) == (1, 1)
+    assert (result["train_images"], result["val_images"]) == (24, 12)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_bad_input_is_refused_with_a_clear_message(data, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DinokitError, match="share"):
+        finetune(train=str(data / "train"), val=str(data / "train"), out=str(out), **TINY)
+    single = tmp_path / "single"
+    (single / "red").mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(single / "red" / "a.png")
+    with pytest.raises(DinokitError, match="one class"):
+        finetune(train=str(single), val=str(data / "val"), out=str(out), **TINY)
+    with pytest.raises(DinokitError, match="not a multiple of the patch size 2"):
+        run(data, out, image_size=15)
+    with pytest.raises(DinokitError, match=r"unknown fine-tuning key.*'layer_decy' \(did you mean layer_decay"):
+        run(data, out, layer_decy=0.5)
+    with pytest.raises(DinokitError, match=r"missing required key.*model="):
+        finetune(train=str(data / "train"), val=str(data / "val"), out=str(out))
+    with pytest.raises(DinokitError, match="batch_size"):
+        run(data, out, batch_size=128)  # more than the 96 train images
+    with folder_lock(out, "a test"), pytest.raises(DinokitError, match="another process is writing"):
+        run(data, out)
+    assert cli_run(["finetune", f"train={data / 'train'}", "val=x", f"out={out}", "layer_decy=0.5"]) == 2
+    assert not (out / "config.yaml").exists()
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(data, tmp_path):
+    """2 processes x batch 4 read the same stream positions, augmentations and mean loss as 1 x 8:
+    without stochastic depth (whose draws are per process) the results agree up to float rounding."""
+    keys = {**TINY, "batch_size": 4, "drop_path_rate": 0.0, "epochs": 2, "lr": 0.1}
+    args = [f"train={data / 'train'}", f"val={data / 'val'}", f"out={tmp_path / 'ddp'}"]
+    args += [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in keys.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [*cmd, "-m", "dinokit", "finetune", *args], capture_output=True, text=True, env=env, timeout=240
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("finetune.json") == 1  # the result, printed by process 0 alone
+    ddp = json.loads((tmp_path / "ddp" / "finetune.json").read_text())
+    one = run(data, tmp_path / "one", **{**keys, "batch_size": 8})
+    assert ddp["protocol"]["processes"] == 2 and ddp["protocol"]["global_batch"] == 8
+    assert [h["val_top1"] for h in ddp["history"]] == [h["val_top1"] for h in one["history"]]
+    for a, b in zip(ddp["history"], one["history"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    a, b = (dinokit.load_model(tmp_path / o / "backbone.safetensors").state_dict() for o in ("ddp", "one"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
