@@ -130,3 +130,19 @@ def test_a_teacher_without_heads_or_with_other_patches_is_refused(teacher_run, t
     wide_patches = narrow_backbone(tmp_path / "p4.safetensors", patch_size=4)
     with pytest.raises(DinokitError, match="the teacher's patch size is 2, the student's 4"):
         run(data, tmp_path / "c", max_iterations=1, distill_from=str(teacher), init=wide_patches)
+
+
+def test_a_checkpoint_without_its_backbone_config_gives_the_same_frozen_teacher(teacher_run, tmp_path):
+    """Checkpoints written before backbone_config was saved: the architecture comes from the weights."""
+    from dinokit.train.config import resolve_config
+    from dinokit.train.distillation import frozen_teacher, read_teacher_run
+
+    _, teacher = teacher_run
+    checkpoint = load_checkpoint(list_checkpoints(teacher / "checkpoints")[-1])
+    del checkpoint["backbone_config"]
+    old = tmp_path / "checkpoint_00000004.pt"
+    torch.save(checkpoint, old)
+    cfg = resolve_config(None, {k: v for k, v in TINY.items() if k != "preset"})
+    new_net, old_net = (frozen_teacher(read_teacher_run(p), cfg) for p in (teacher, old))
+    assert old_net.backbone.config == new_net.backbone.config
+    assert all(torch.equal(v, old_net.state_dict()[k]) for k, v in new_net.state_dict().items())

@@ -26,6 +26,7 @@ import torch
 
 from dinokit.errors import DinokitError
 from dinokit.losses import DINOHead
+from dinokit.models.loading import load_model
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
 from dinokit.train.config import PretrainConfig
@@ -54,7 +55,7 @@ class TeacherRun:
 
     source: Path  # the checkpoint read
     config: dict  # the run's PretrainConfig as a dict
-    backbone_config: dict  # ViTConfig.to_dict() of its backbone
+    backbone_config: dict | None  # ViTConfig.to_dict() of its backbone (None: a checkpoint from before 2026-11-27)
     state: dict[str, torch.Tensor]  # the checkpoint's model state (teacher.*, *_center.*)
 
 
@@ -83,10 +84,10 @@ def teacher_checkpoint(source: str | Path) -> Path:
 def read_teacher_run(source: str | Path) -> TeacherRun:
     path = teacher_checkpoint(source)
     checkpoint = load_checkpoint(path)
-    missing = [k for k in ("config", "backbone_config", "model") if k not in checkpoint]
+    missing = [k for k in ("config", "model") if k not in checkpoint]
     if missing:
         raise DinokitError(f"{path} is not a dinokit pretraining checkpoint (no {', '.join(missing)})")
-    return TeacherRun(path, checkpoint["config"], checkpoint["backbone_config"], checkpoint["model"])
+    return TeacherRun(path, checkpoint["config"], checkpoint.get("backbone_config"), checkpoint["model"])
 
 
 def distillation_config(cfg: PretrainConfig, teacher: TeacherRun) -> tuple[PretrainConfig, list[str]]:
@@ -100,7 +101,11 @@ def distillation_config(cfg: PretrainConfig, teacher: TeacherRun) -> tuple[Pretr
 
 def frozen_teacher(teacher: TeacherRun, cfg: PretrainConfig) -> Student:
     """The teacher run's teacher (backbone + heads) as a frozen module in eval mode."""
-    backbone = VisionTransformer(replace(ViTConfig(**teacher.backbone_config), drop_path_rate=0.0))
+    if teacher.backbone_config is not None:
+        backbone = VisionTransformer(replace(ViTConfig(**teacher.backbone_config), drop_path_rate=0.0))
+    else:  # the architecture from the weights, as load_model reads a training checkpoint
+        config = load_model(teacher.source).config
+        backbone = VisionTransformer(replace(config, mask_token="teacher.backbone.mask_token" in teacher.state))
     dim = backbone.embed_dim
     heads = (cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_nlayers, cfg.head_norm_last_layer)
     dino_head = DINOHead(dim, cfg.head_prototypes, *heads)
