@@ -146,3 +146,19 @@ def test_a_checkpoint_without_its_backbone_config_gives_the_same_frozen_teacher(
     new_net, old_net = (frozen_teacher(read_teacher_run(p), cfg) for p in (teacher, old))
     assert old_net.backbone.config == new_net.backbone.config
     assert all(torch.equal(v, old_net.state_dict()[k]) for k, v in new_net.state_dict().items())
+
+
+def test_torchrun_distils_on_two_processes(teacher_run, tmp_path):
+    """DDP: the student's wrapper takes the unmasked-patches call, each process holds the frozen teacher."""
+    from test_pretrain_ddp import run_torchrun
+
+    data, teacher = teacher_run
+    out = tmp_path / "run"
+    keys = {**TINY, "max_iterations": 4, "batch_size": 4, "distill_from": teacher}
+    args = ["-m", "dinokit", "pretrain", f"data={data}", f"out={out}"] + [f"{k}={v}" for k, v in keys.items()]
+    result = run_torchrun(args, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) x batch 4 = 8" in result.stdout and "distilling from the frozen teacher" in result.stdout
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["iteration"] == 4 and all(torch.isfinite(torch.tensor(r["ibot_loss"])) for r in rows)
+    assert dinokit.load_model(out / "backbone.safetensors").embed_dim == 32
