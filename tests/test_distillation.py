@@ -123,7 +123,7 @@ def test_a_resumed_distillation_is_exact_and_refuses_another_teacher(teacher_run
 def test_a_teacher_without_heads_or_with_other_patches_is_refused(teacher_run, tmp_path):
     data, teacher = teacher_run
     backbone = narrow_backbone(tmp_path / "b.safetensors")
-    with pytest.raises(DinokitError, match=r"distillation needs the teacher's heads.*freeze_backbone=1\.0"):
+    with pytest.raises(DinokitError, match=r"it needs the run's heads.*freeze_backbone=1\.0"):
         run(data, tmp_path / "a", max_iterations=1, distill_from=backbone)
     with pytest.raises(DinokitError, match="not found"):
         run(data, tmp_path / "b", max_iterations=1, distill_from=str(tmp_path / "missing"))
@@ -134,8 +134,9 @@ def test_a_teacher_without_heads_or_with_other_patches_is_refused(teacher_run, t
 
 def test_a_checkpoint_without_its_backbone_config_gives_the_same_frozen_teacher(teacher_run, tmp_path):
     """Checkpoints written before backbone_config was saved: the architecture comes from the weights."""
+    from dinokit.train.checkpoint import read_run
     from dinokit.train.config import resolve_config
-    from dinokit.train.distillation import frozen_teacher, read_teacher_run
+    from dinokit.train.distillation import frozen_teacher
 
     _, teacher = teacher_run
     checkpoint = load_checkpoint(list_checkpoints(teacher / "checkpoints")[-1])
@@ -143,7 +144,7 @@ def test_a_checkpoint_without_its_backbone_config_gives_the_same_frozen_teacher(
     old = tmp_path / "checkpoint_00000004.pt"
     torch.save(checkpoint, old)
     cfg = resolve_config(None, {k: v for k, v in TINY.items() if k != "preset"})
-    new_net, old_net = (frozen_teacher(read_teacher_run(p), cfg) for p in (teacher, old))
+    new_net, old_net = (frozen_teacher(read_run(p, "distill_from"), cfg) for p in (teacher, old))
     assert old_net.backbone.config == new_net.backbone.config
     assert all(torch.equal(v, old_net.state_dict()[k]) for k, v in new_net.state_dict().items())
 

@@ -8,12 +8,15 @@ Files are read with `torch.load(weights_only=True)`.
 """
 
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from dinokit.errors import DinokitError
 from dinokit.io import atomic_write
+from dinokit.models.loading import load_model
+from dinokit.models.vision_transformer import ViTConfig
 
 PATTERN = re.compile(r"checkpoint_(\d+)\.pt$")
 
@@ -55,3 +58,71 @@ def load_checkpoint(path: str | Path) -> dict:
         raise DinokitError(
             f"checkpoint {path} could not be read ({e}); delete it to resume from the previous one"
         ) from None
+
+
+# ---------------------------------------------------------------------------------- another run's state
+# What a run's objective and heads are: a run that starts from another's heads (continue_from=) or
+# learns in its teacher's prototype space (distill_from=) takes these from it.
+OBJECTIVE_KEYS = (
+    "objective",
+    "head_prototypes",
+    "head_hidden_dim",
+    "head_bottleneck_dim",
+    "head_nlayers",
+    "head_norm_last_layer",
+    "ibot_separate_head",
+    "ibot_prototypes",
+    "ibot_hidden_dim",
+    "ibot_bottleneck_dim",
+    "ibot_loss_weight",
+)
+
+
+@dataclass
+class RunState:
+    """A (finished or stopped) run's newest checkpoint, as another run starts from it."""
+
+    source: Path  # the checkpoint read
+    config: dict  # the run's PretrainConfig as a dict
+    backbone_config: dict | None  # ViTConfig.to_dict() of its backbone (None: a checkpoint from before 2026-11-27)
+    state: dict[str, torch.Tensor]  # its model state: student.*, teacher.*, *_center.*
+
+    def vit_config(self) -> ViTConfig:
+        """The backbone's architecture: as saved, or (older checkpoints) read from the weights."""
+        if self.backbone_config is not None:
+            return ViTConfig(**self.backbone_config)
+        return replace(load_model(self.source).config, mask_token="teacher.backbone.mask_token" in self.state)
+
+
+def read_run(source: str | Path, key: str) -> RunState:
+    """The newest checkpoint of a run folder, or the checkpoint file `source`, given as `key`=."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        found = list_checkpoints(path / "checkpoints")
+        if not found:
+            raise DinokitError(
+                f"{key}={source} holds no checkpoints/ (a `dinokit pretrain` run folder keeps them there; run "
+                "with checkpoint_every=... or let the run end, which saves one)"
+            )
+        path = found[-1]
+    elif not path.exists():
+        raise DinokitError(f"{key}={source} not found (a `dinokit pretrain` run folder or one of its checkpoints)")
+    elif path.suffix != ".pt":
+        raise DinokitError(
+            f"{key}={source} is not a dinokit pretraining run: it needs the run's heads, which a backbone file has "
+            "none of. Train heads for it first: `dinokit pretrain init=<its weights> freeze_backbone=1.0 ...` "
+            f"(the backbone frozen), then pass that run folder as {key}="
+        )
+    checkpoint = load_checkpoint(path)
+    missing = [k for k in ("config", "model") if k not in checkpoint]
+    if missing:
+        raise DinokitError(f"{path} is not a dinokit pretraining checkpoint (no {', '.join(missing)})")
+    return RunState(path, checkpoint["config"], checkpoint.get("backbone_config"), checkpoint["model"])
+
+
+def settings_from_run(cfg, run: RunState, **fixed) -> tuple[object, list[str]]:
+    """`cfg` (a PretrainConfig) with `run`'s OBJECTIVE_KEYS and the `fixed` values; and a note per value
+    that changed."""
+    values = {key: run.config[key] for key in OBJECTIVE_KEYS if key in run.config} | fixed
+    notes = [f"{k}={getattr(cfg, k)!r} -> {v!r}" for k, v in values.items() if getattr(cfg, k) != v]
+    return replace(cfg, **values), notes

@@ -38,16 +38,9 @@ from dinokit.models import create_model, export_model, load_model
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.runtime import StopSignals, autocast, ignore_stop_signals, resolve_device, reuse_freed_memory
-from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dinokit.train.checkpoint import RunState, list_checkpoints, load_checkpoint, read_run, save_checkpoint
 from dinokit.train.config import RUN_FACTS, PretrainConfig, resolve_config
-from dinokit.train.distillation import (
-    SET_BY_DISTILLATION,
-    TeacherRun,
-    distillation_config,
-    frozen_teacher,
-    read_teacher_run,
-    teacher_centers,
-)
+from dinokit.train.distillation import SET_BY_DISTILLATION, distillation_config, frozen_teacher, teacher_centers
 from dinokit.train.ema import update_teacher
 from dinokit.train.metrics_log import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups, scale_lr
@@ -488,7 +481,7 @@ class Trainer:
                 cfg = replace(cfg, batch_size=saved_global // world)
             teacher_run, self.distill_notes = None, []
             if cfg.distill_from:  # the teacher run's objective and heads (already so in a resumed config)
-                teacher_run = read_teacher_run(cfg.distill_from)
+                teacher_run = read_run(cfg.distill_from, "distill_from")
                 cfg, self.distill_notes = distillation_config(cfg, teacher_run)
             self.cfg = cfg
             self.global_batch = cfg.batch_size * world
@@ -577,7 +570,7 @@ class Trainer:
         self.describe(data, preset)
 
     # ------------------------------------------------------------------------------------ helpers
-    def build_frozen_teacher(self, teacher_run: TeacherRun) -> Student:
+    def build_frozen_teacher(self, teacher_run: RunState) -> Student:
         """The distillation teacher on this run's device, checked against the student and, on resume,
         against the teacher the run started with; a new run's EMA centers start from the teacher's."""
         teacher = frozen_teacher(teacher_run, self.cfg).to(self.device)
