@@ -308,3 +308,53 @@ def test_reading_a_missing_path_or_a_file_as_an_embedding_says_so_not_that_the_r
     (tmp_path / "unfinished").mkdir()
     with pytest.raises(DinokitError, match="the run has not finished"):
         read_manifest(tmp_path / "unfinished")
+
+
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        ({"features": ["cls", "patch_mean"]}, "feature_shapes, features"),
+        ({"resize_policy": "resize"}, "resize_policy, transform"),
+        ({"precision": "bf16"}, "precision"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"image_size": [16, 20]}, "image_size, patch_grid, transform"),
+    ],
+)
+def test_resuming_with_any_other_setting_is_refused_naming_it(setup, tmp_path, changed, named):
+    """Finished shards are never mixed with shards of other settings: embed_config.json, written before
+    the first shard, must match (whatever the order of the changes, every one is named)."""
+    run(setup, tmp_path / "e")
+    with pytest.raises(DinokitError, match=rf"other settings \({named} differ"):
+        run(setup, tmp_path / "e", **changed)
+
+
+def test_resuming_with_another_model_is_refused(setup, tmp_path):
+    """Another weights file, or the same file with other weights (its hash), is another model."""
+    folder = setup[0]
+    run(setup, tmp_path / "e")
+    other = dinokit.export_model(
+        dinokit.create_model("vit_micro_p4", depth=2, num_register_tokens=2), tmp_path / "o.safetensors"
+    )
+    with pytest.raises(DinokitError, match=r"other settings \(model, weights_hash differ"):
+        embed(
+            model=other,
+            data=str(folder),
+            out=str(tmp_path / "e"),
+            image_size=16,
+            batch_size=3,
+            num_workers=0,
+            shard_size=4,
+            progress=False,
+            precision="fp32",
+        )
+
+
+def test_shards_without_their_settings_file_are_not_resumed(setup, tmp_path):
+    """Shards whose embed_config.json is gone (removed, or not copied with them) have unknown settings:
+    a run at another image_size wrote a new settings file and kept them as finished, so the embedding
+    mixed 16 px and 24 px features."""
+    run(setup, tmp_path / "e")
+    (tmp_path / "e" / "embed_config.json").unlink()
+    (tmp_path / "e" / "manifest.json").unlink()
+    with pytest.raises(DinokitError, match=r"holds 4 shard\(s\) \(shard_00000.safetensors, ...\) but no embed_config"):
+        run(setup, tmp_path / "e", image_size=24)

@@ -226,6 +226,7 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
     # would leave with gloo's traceback where process 0 fails, e.g. on a full disk)
     with compare_errors():
         if rank == 0 and not path.exists():
+            check_no_unknown_shards(out_dir)
             write_json(path, settings)
     with compare_errors():  # every process's error: printed once
         previous = read_json(path, f"embed into a new out= folder, or remove {out_dir} and embed again")
@@ -235,6 +236,18 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
                 f"{out_dir} holds embeddings made with other settings ({', '.join(changed)} differ; "
                 f"see {path}). Use a new out= folder, or the same settings to resume."
             )
+
+
+def check_no_unknown_shards(out_dir: Path) -> None:
+    """Shards without the embed_config.json of their run (removed, or not copied with them) were made
+    with unknown settings: resuming would mix them with shards of this run's settings, so it is refused."""
+    shards = sorted(p.name for p in out_dir.glob("shard_*") if p.suffix in SHARD_FORMATS.values())
+    if shards:
+        raise DinokitError(
+            f"{out_dir} holds {len(shards)} shard(s) ({shards[0]}, ...) but no {CONFIG}, which records the settings "
+            "they were made with, so they cannot be resumed safely: use a new out= folder, or remove the folder "
+            "to embed everything again"
+        )
 
 
 def finished(shard: Path) -> bool:
