@@ -32,6 +32,9 @@ class PretrainConfig:
     # distil from a finished run's frozen teacher (its folder or a checkpoint): DINOv2's distillation of
     # smaller models; its objective and head sizes replace these, no masking nor drop path (train/distillation.py)
     distill_from: str | None = None
+    # start from another run's students, teachers, heads and centers (not its optimiser nor schedules):
+    # DINOv2's high-resolution adaptation (larger crops, a short run) or continued pretraining on new data
+    continue_from: str | None = None
     drop_path_rate: float = 0.1
     drop_path_uniform: bool = True
     layerscale: float | None = 1e-5  # LayerScale init of a fresh backbone; 0: no LayerScale; None: the architecture's
@@ -214,6 +217,11 @@ def validate(c: PretrainConfig) -> None:
         (
             c.augmentation in ("per_image", "batched"),
             f"augmentation must be per_image or batched, got {c.augmentation!r}",
+        ),
+        (
+            not (c.continue_from and (c.init or c.distill_from)),
+            "continue_from= starts from another run's backbones and heads: it cannot be combined with init= or "
+            "distill_from=",
         ),
         (c.batch_size >= 1, f"batch_size must be >= 1, got {c.batch_size}"),
         (c.num_workers >= 0, f"num_workers must be >= 0 (0: decode in the training process), got {c.num_workers}"),

@@ -38,7 +38,15 @@ from dinokit.models import create_model, export_model, load_model
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.runtime import StopSignals, autocast, ignore_stop_signals, resolve_device, reuse_freed_memory
-from dinokit.train.checkpoint import RunState, list_checkpoints, load_checkpoint, read_run, save_checkpoint
+from dinokit.train.checkpoint import (
+    OBJECTIVE_KEYS,
+    RunState,
+    list_checkpoints,
+    load_checkpoint,
+    read_run,
+    save_checkpoint,
+    settings_from_run,
+)
 from dinokit.train.config import RUN_FACTS, PretrainConfig, resolve_config
 from dinokit.train.distillation import SET_BY_DISTILLATION, distillation_config, frozen_teacher, teacher_centers
 from dinokit.train.ema import update_teacher
@@ -73,9 +81,10 @@ RESUMABLE_KEYS = {
 def build_backbone(cfg: PretrainConfig, resumed_config: dict | None = None) -> VisionTransformer:
     """A fresh backbone of `cfg.arch` (position grid at the global crop size), or `cfg.init`'s weights.
     resumed_config: the architecture a checkpoint recorded (`ViTConfig.to_dict`), whose weights it
+    holds (a continue_from= run's, whose weights the trainer loads then), or
     holds: a resumed run started from init= does not read init= again (moved, deleted, offline)."""
     masked_ibot = cfg.objective == "dinov2" and cfg.ibot_loss_weight > 0 and not cfg.distill_from
-    if cfg.init and resumed_config is not None:
+    if (cfg.init or cfg.continue_from) and resumed_config is not None:
         backbone = VisionTransformer(ViTConfig(**resumed_config))
     elif cfg.init:
         backbone = load_model(cfg.init)
@@ -338,7 +347,7 @@ def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple
     old = resolve_config(None, {k: v for k, v in values.items() if k not in RUN_FACTS}, check=False)
     given = resolve_config(None, {**old.to_dict(), **keys}).to_dict()
     # a distilling run replaces some keys by the teacher's, whatever was given (as when it started)
-    replaced = SET_BY_DISTILLATION if old.distill_from else ()
+    replaced = SET_BY_DISTILLATION if old.distill_from else OBJECTIVE_KEYS if old.continue_from else ()
     conflicts = [k for k in keys if k not in (*RESUMABLE_KEYS, *replaced) and given[k] != getattr(old, k)]
     if conflicts:
         text = ", ".join(f"{k} (saved {getattr(old, k)!r}, given {given[k]!r})" for k in conflicts)
@@ -479,10 +488,14 @@ class Trainer:
                         "pass batch_size=... explicitly"
                     )
                 cfg = replace(cfg, batch_size=saved_global // world)
-            teacher_run, self.distill_notes = None, []
-            if cfg.distill_from:  # the teacher run's objective and heads (already so in a resumed config)
+            # another run's objective and heads (already so in a resumed config)
+            teacher_run, continued, self.notes_from_run = None, None, []
+            if cfg.distill_from:
                 teacher_run = read_run(cfg.distill_from, "distill_from")
-                cfg, self.distill_notes = distillation_config(cfg, teacher_run)
+                cfg, self.notes_from_run = distillation_config(cfg, teacher_run)
+            if cfg.continue_from and self.checkpoint is None:  # a resumed one holds the weights itself
+                continued = read_run(cfg.continue_from, "continue_from")
+                cfg, self.notes_from_run = settings_from_run(cfg, continued)
             self.cfg = cfg
             self.global_batch = cfg.batch_size * world
             self.paths = list_images(data)
@@ -497,7 +510,11 @@ class Trainer:
                 cfg, len(self.paths), self.global_batch, resumed.get("iteration", 0), resumed.get("samples_seen", 0)
             )
             torch.manual_seed(cfg.seed)  # the same initial weights in every process
-            self.model = build_model(cfg, resumed.get("backbone_config")).to(device)
+            architecture = continued.vit_config().to_dict() if continued else resumed.get("backbone_config")
+            self.model = build_model(cfg, architecture).to(device)
+            if continued is not None:  # students, teachers, heads and centers: the whole model state
+                self.load_continued(continued)
+                del continued
             check_crop_sizes(cfg, self.model.student.backbone.patch_size)
             self.use_ibot = self.model.use_ibot
             self.frozen_teacher = None  # distillation's teacher: targets come from it, not the EMA
@@ -570,6 +587,17 @@ class Trainer:
         self.describe(data, preset)
 
     # ------------------------------------------------------------------------------------ helpers
+    def load_continued(self, run: RunState) -> None:
+        """A new continue_from= run's start: the other run's whole model state."""
+        try:
+            self.model.load_state_dict(run.state)
+        except RuntimeError as e:
+            raise DinokitError(
+                f"continue_from={self.cfg.continue_from}: its model state does not fit this run's ({e}); a run "
+                "continues another with the same objective and heads (they are taken from it), so this is a "
+                "checkpoint dinokit cannot read"
+            ) from None
+
     def build_frozen_teacher(self, teacher_run: RunState) -> Student:
         """The distillation teacher on this run's device, checked against the student and, on resume,
         against the teacher the run started with; a new run's EMA centers start from the teacher's."""
@@ -605,17 +633,23 @@ class Trainer:
             "peak_lr": self.schedules.lr,
             "augmentation": repr(self.augmentation),
         }
-        if cfg.init:  # the architecture comes from the weights; `arch` is not used
+        if cfg.init or cfg.continue_from:  # the architecture comes from the weights; `arch` is not used
             c = self.model.student.backbone.config
             derived["backbone"] = (
-                f"from init: {c.embed_dim} wide, {c.depth} blocks, {c.num_heads} heads, patch {c.patch_size}, "
-                f"{c.num_register_tokens} registers (nearest named: {nearest_architecture(c)})"
+                f"from {'init' if cfg.init else 'continue_from'}: {c.embed_dim} wide, {c.depth} blocks, "
+                f"{c.num_heads} heads, patch {c.patch_size}, {c.num_register_tokens} registers "
+                f"(nearest named: {nearest_architecture(c)})"
             )
         if cfg.distill_from:
             derived["distillation"] = (
                 f"frozen teacher of {cfg.distill_from} ({self.frozen_teacher.backbone.embed_dim} wide, "
                 f"{len(self.frozen_teacher.backbone.blocks)} blocks); from it: "
-                + (", ".join(self.distill_notes) or "the same objective and heads")
+                + (", ".join(self.notes_from_run) or "the same objective and heads")
+            )
+        if cfg.continue_from:
+            derived["continued"] = (
+                f"students, teachers, heads and centers of {cfg.continue_from}, not its optimiser, schedules nor "
+                "data position; from it: " + (", ".join(self.notes_from_run) or "the same objective and heads")
             )
         self.derived = derived
         with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
@@ -634,11 +668,14 @@ class Trainer:
         print(
             f"pretrain: {self.files_found()}, {dist.world_size()} process(es) x batch {cfg.batch_size} = "
             f"{self.global_batch} ({derived['iterations_per_epoch']} iterations per epoch); "
-            f"schedule over {span}{epochs}; {cfg.objective} {cfg.arch if not cfg.init else cfg.init} "
+            f"schedule over {span}{epochs}; {cfg.objective} {cfg.init or cfg.continue_from or cfg.arch} "
             f"on {self.device}, {cfg.precision}"
         )
-        if cfg.init:
-            print(f"pretrain: init={cfg.init} sets the architecture ({derived['backbone']}); arch={cfg.arch} is unused")
+        if cfg.init or cfg.continue_from:
+            key = f"init={cfg.init}" if cfg.init else f"continue_from={cfg.continue_from}"
+            print(f"pretrain: {key} sets the architecture ({derived['backbone']}); arch={cfg.arch} is unused")
+        if cfg.continue_from:
+            print(f"pretrain: continuing from the {derived['continued']}")
         if cfg.distill_from:
             print(f"pretrain: distilling from the {derived['distillation']}; the final model is the student's EMA")
 
