@@ -349,9 +349,8 @@ def predict_classification(
     and counted. Returns the path of `out`.
     """
     from dinokit.data.images import check_readable, list_images
-    from dinokit.eval.heads import backbone_for_head, load_head_file
+    from dinokit.eval.heads import backbone_for_head, head_inputs, load_head_file
     from dinokit.eval.linear import classifier_logits
-    from dinokit.features.extract import iter_features
 
     if not isinstance(k, int) or k < 1:
         raise DinokitError(f"k must be a positive number of classes to list per image, got {k}")
@@ -370,18 +369,8 @@ def predict_classification(
     which = ("layers", "patch_mean") if meta["avgpool"] else ("layers",)
     k = min(k, len(classes))
     rows, bad = [], []
-    stream = iter_features(
-        backbone.model,
-        paths,
-        transform,
-        which,
-        meta["layers"],
-        meta["norm"],
-        batch_size=batch_size,
-        num_workers=num_workers,
-        precision=precision,
-    )
-    for good, feats, bad_batch in stream:
+    loader = dict(batch_size=batch_size, num_workers=num_workers, precision=precision)
+    for good, feats, bad_batch in head_inputs(backbone, paths, meta, which, transform, **loader):
         bad += bad_batch
         if not feats:
             continue

@@ -407,7 +407,7 @@ def predict_images(
     The output folder is held (io.folder_lock) until the last prediction: a second predict or eval run
     into it meanwhile fails at once."""
     from dinokit.data.images import open_rgb
-    from dinokit.features.extract import iter_features
+    from dinokit.eval.heads import head_inputs
 
     paths = list_images(images)
     names = output_names(paths, Path(images).expanduser())
@@ -421,18 +421,8 @@ def predict_images(
         side = meta["image_size"] // meta["patch_size"]
         device = next(head.parameters()).device
         bad = []
-        stream = iter_features(
-            backbone.model,
-            paths,
-            transform,
-            which,
-            meta["layers"],
-            meta["norm"],
-            batch_size=batch_size,
-            num_workers=num_workers,
-            precision=precision,
-        )
-        for good, feats, bad_batch in stream:
+        loader = dict(batch_size=batch_size, num_workers=num_workers, precision=precision)
+        for good, feats, bad_batch in head_inputs(backbone, paths, meta, which, transform, **loader):
             bad += bad_batch
             if not feats:
                 continue

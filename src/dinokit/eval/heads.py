@@ -76,6 +76,15 @@ def load_head_file(path: str | Path, task: str | None = None) -> tuple[dict[str,
     return state, meta
 
 
+def head_inputs(backbone: Backbone, paths: list[Path], meta: dict, which: tuple[str, ...], transform, **loader):
+    """`iter_features` of `paths` with the blocks and norm a head was trained on (`meta`): yields
+    (indices into paths, {kind: features}, indices of unreadable files) per batch. loader: batch_size,
+    num_workers, precision."""
+    from dinokit.features.extract import iter_features
+
+    return iter_features(backbone.model, paths, transform, which, meta["layers"], meta["norm"], **loader)
+
+
 def backbone_for_head(meta: dict, model: str | None, device: str) -> Backbone:
     """The backbone a head was trained on (from its metadata, or `model=`), checked by weights hash."""
     try:
