@@ -16,9 +16,11 @@ from PIL import Image
 
 import dinokit
 from dinokit.cli import run as cli_run
+from dinokit.data.finetune_augmentation import SoftTargets
 from dinokit.data.images import list_images
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import load_backbone, weights_hash
+from dinokit.eval.classification import predict_classification
 from dinokit.eval.common import make_transform
 from dinokit.eval.heads import backbone_for_head, load_head_file
 from dinokit.eval.linear import linear_input
@@ -173,7 +175,7 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(data, finished, tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------- outputs
-def test_backbone_and_head_files_reproduce_the_model_and_its_val_accuracy(data, finished):
+def test_backbone_and_head_files_reproduce_the_model_and_its_val_accuracy(data, finished, tmp_path):
     result = json.loads((finished / "finetune.json").read_text())
     final = load_checkpoint(list_checkpoints(finished / "checkpoints")[-1])["model"]
     trained = Classifier(create_model("vit_nano_p2"), 3)
@@ -207,19 +209,39 @@ def test_backbone_and_head_files_reproduce_the_model_and_its_val_accuracy(data, 
     logits = x @ state["weight"].T + state["bias"]
     top1 = 100.0 * int((logits.argmax(1) == labels).sum()) / len(labels)
     assert top1 == pytest.approx(result["top1"], abs=1e-9)
+    # and as `dinokit predict classification` applies it (from the out folder, by the metadata alone)
+    predicted = tmp_path / "predictions.json"
+    predict_classification(str(finished), str(data / "val"), str(predicted), k=1, precision="fp32", num_workers=0)
+    rows = {Path(r["path"]).resolve(): r["predictions"][0]["class"] for r in json.loads(predicted.read_text())}
+    hits = sum(rows[p.resolve()] == p.parent.name for p in paths)
+    assert 100.0 * hits / len(paths) == pytest.approx(result["top1"], abs=1e-9)
     assert result["train_images"] == 96 and result["val_images"] == 24 and result["bad_files"] == []
     assert result["protocol"]["weights_hash"] == weights_hash(load_backbone("random:vit_nano_p2", "cpu", 0)[0])
     assert len(result["history"]) == 2 and (finished / "metrics.jsonl").exists()
     assert (finished / "config.yaml").exists()
 
 
-def test_unreadable_files_are_skipped_and_counted(data, tmp_path):
+def test_unreadable_files_skipped_and_counted_with_every_option_on(tmp_path):
+    """bf16, avgpool, MixUp + CutMix, RandAugment and clipping together, on folders with a broken file."""
     root = colour_images(tmp_path / "d", {"train": 8, "val": 4})
     (root / "train" / "red" / "broken.png").write_bytes(b"not a png")
     (root / "val" / "blue" / "broken.png").write_bytes(b"")
-    result = run(root, tmp_path / "run", epochs=1)
+    keys = dict(precision="bf16", avgpool=True, mixup=0.8, cutmix=1.0, rand_augment=9, clip_grad=1.0)
+    result = run(root, tmp_path / "run", epochs=1, **keys)
     assert (result["train_bad_files"], result["val_bad_files"]) == (1, 1)
     assert (result["train_images"], result["val_images"]) == (24, 12)
+    assert np.isfinite(result["history"][0]["train_loss"]) and "RandAugment" in result["protocol"]["train_transform"]
+    assert "MixUp" in result["protocol"]["targets"] and "CutMix" in result["protocol"]["targets"]
+    state, meta = load_head_file(tmp_path / "run" / "classifier.safetensors", task="classification")
+    assert state["weight"].shape == (3, 64) and meta["avgpool"] is True
+
+
+def test_soft_targets_smooth_one_hot_labels_and_mix_pairs():
+    images, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 2, 1, 2])
+    _, targets = SoftTargets(3, smoothing=0.3)(images, labels)
+    assert torch.allclose(targets, torch.nn.functional.one_hot(labels, 3) * 0.7 + 0.1)
+    mixed, targets = SoftTargets(3, mixup=1.0, smoothing=0.0)(images, labels)
+    assert torch.allclose(targets.sum(1), torch.ones(4)) and not torch.equal(mixed, images)
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -249,8 +271,9 @@ def test_bad_input_is_refused_with_a_clear_message(data, tmp_path):
 # ---------------------------------------------------------------------------------------------- torchrun
 def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(data, tmp_path):
     """2 processes x batch 4 read the same stream positions, augmentations and mean loss as 1 x 8:
-    without stochastic depth (whose draws are per process) the results agree up to float rounding."""
-    keys = {**TINY, "batch_size": 4, "drop_path_rate": 0.0, "epochs": 2, "lr": 0.1}
+    without stochastic depth (whose draws are per process) the results agree up to float rounding, in
+    the head-only epoch (gradients averaged by hand) and the fine-tuning one (DDP)."""
+    keys = {**TINY, "batch_size": 4, "drop_path_rate": 0.0, "epochs": 2, "freeze_backbone_epochs": 1, "lr": 0.1}
     args = [f"train={data / 'train'}", f"val={data / 'val'}", f"out={tmp_path / 'ddp'}"]
     args += [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in keys.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
