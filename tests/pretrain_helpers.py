@@ -1,7 +1,13 @@
 """Shared set-up of the pretraining tests: a tiny model on tiny rendered images."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
+
+import dinokit
 from dinokit.data.synthetic import write_classification_set
 
 # A 2-block, 32-dim ViT on 16 px crops: one iteration takes milliseconds.
@@ -36,3 +42,23 @@ def tiny_images(root: Path, per_class: int = 4) -> Path:
     if not (root / "train").exists():
         write_classification_set(root, per_class=per_class, size=16, seed=0)
     return root / "train"
+
+
+def run(data, out, **keys):
+    """`dinokit.pretrain` of TINY with `keys` on `data` into `out`."""
+    return dinokit.pretrain(data=str(data), out=str(out), **{**TINY, **keys})
+
+
+def run_torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 args` on the CPU. On a timeout the test fails, and
+    torchrun is stopped with SIGTERM, on which it stops its processes (each in a session of its own)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()
+        process.communicate(timeout=60)
+        pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s: the processes hang")
+    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)

@@ -6,15 +6,10 @@ import shutil
 import pytest
 import torch
 import yaml
-from pretrain_helpers import TINY, tiny_images
+from pretrain_helpers import run, tiny_images
 
-import dinokit
 from dinokit.errors import DinokitError
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
-
-
-def run(data, out, **keys):
-    return dinokit.pretrain(data=str(data), out=str(out), **{**TINY, **keys})
 
 
 @pytest.fixture(scope="module")

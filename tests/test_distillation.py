@@ -3,7 +3,7 @@
 import pytest
 import torch
 import yaml
-from pretrain_helpers import TINY, tiny_images
+from pretrain_helpers import TINY, run, run_torchrun, tiny_images
 
 import dinokit
 from dinokit.errors import DinokitError
@@ -14,10 +14,6 @@ from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
 from dinokit.train.metrics_log import read_metrics
 from dinokit.train.pretrain import every_patch
 from dinokit.train.self_distillation import SelfDistillation, Student
-
-
-def run(data, out, **keys):
-    return dinokit.pretrain(data=str(data), out=str(out), **{**TINY, **keys})
 
 
 def narrow_backbone(path, patch_size: int = 2) -> str:
@@ -151,8 +147,6 @@ def test_a_checkpoint_without_its_backbone_config_gives_the_same_frozen_teacher(
 
 def test_torchrun_distils_on_two_processes(teacher_run, tmp_path):
     """DDP: the student's wrapper takes the unmasked-patches call, each process holds the frozen teacher."""
-    from test_pretrain_ddp import run_torchrun
-
     data, teacher = teacher_run
     out = tmp_path / "run"
     keys = {**TINY, "max_iterations": 4, "batch_size": 4, "distill_from": teacher}

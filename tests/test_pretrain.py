@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from pretrain_helpers import TINY, tiny_images
+from pretrain_helpers import TINY, run, tiny_images
 from safetensors.torch import load_file
 
 import dinokit
@@ -22,10 +22,6 @@ from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
 from dinokit.train.metrics_log import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(data, out, **keys):
-    return dinokit.pretrain(data=str(data), out=str(out), **{**TINY, **keys})
 
 
 # Sinkhorn-Knopp targets at a fixed teacher temperature: the loss measures how well the student matches

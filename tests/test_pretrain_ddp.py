@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from pretrain_helpers import TINY, tiny_images
+from pretrain_helpers import TINY, run_torchrun, tiny_images
 
 import dinokit
 from dinokit import distributed as dist
@@ -172,21 +172,6 @@ def test_two_process_run_resumes_in_one_process(ddp_run):
     assert summary["iterations"] == 8
     checkpoint = load_checkpoint(root / "run" / "checkpoints" / "checkpoint_00000008.pt")
     assert checkpoint["global_batch"] == 8 and checkpoint["samples_seen"] == 64  # the global batch is kept
-
-
-def run_torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 args` on the CPU. On a timeout the test fails, and
-    torchrun is stopped with SIGTERM, on which it stops its processes (each in a session of its own)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), *args]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.terminate()
-        process.communicate(timeout=60)
-        pytest.fail(f"torchrun {' '.join(args)} still running after {timeout} s: the processes hang")
-    return subprocess.CompletedProcess(cmd, process.returncode, stdout, stderr)
 
 
 def test_torchrun_launches_pretraining_on_two_processes(tmp_path):
