@@ -104,6 +104,41 @@ def test_pretraining_on_cuda_learns_and_resumes(tmp_path):
     assert resume_error <= 0.05 * moved
 
 
+def test_distillation_and_continuation_on_cuda(tmp_path):
+    """A run on the GPU, then a student distilled from it and a run continued from it, both on the GPU
+    (the frozen teacher, every-patch masks and the loaded state on the run's device)."""
+    data = tiny_images(tmp_path / "data")
+    keys = {**TINY, "device": "cuda"}
+    dinokit.pretrain(data=str(data), out=str(tmp_path / "teacher"), **keys, max_iterations=4)
+    for key, out in (("distill_from", "student"), ("continue_from", "continued")):
+        summary = dinokit.pretrain(
+            data=str(data), out=str(tmp_path / out), **keys, max_iterations=4, **{key: str(tmp_path / "teacher")}
+        )
+        rows = read_metrics(tmp_path / out / "metrics.jsonl")
+        assert summary["iterations"] == 4 and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_finetune_on_cuda_learns_and_writes_a_head(tmp_path):
+    from dinokit.data.synthetic import write_classification_set
+    from dinokit.train.finetune import finetune
+
+    write_classification_set(tmp_path, per_class=12, size=16, seed=0, split="train")
+    write_classification_set(tmp_path, per_class=4, size=16, seed=1, split="val")
+    result = finetune(
+        model="random:vit_nano_p2",
+        train=str(tmp_path / "train"),
+        val=str(tmp_path / "val"),
+        out=str(tmp_path / "ft"),
+        image_size=16,
+        epochs=3,
+        batch_size=16,
+        num_workers=0,
+        device="cuda",
+        progress=False,
+    )
+    assert (tmp_path / "ft" / "classifier.safetensors").exists() and result.endswith("finetune.json")
+
+
 def flat_teacher(checkpoint) -> torch.Tensor:
     state = load_checkpoint(checkpoint)["model"]
     return torch.cat([v.float().flatten().cpu() for k, v in sorted(state.items()) if k.startswith("teacher.")])
