@@ -2,10 +2,16 @@
 
 import dinokit
 model = dinokit.load_model("dinov2_vits14")          # or any .pth / HF folder / timm / dinokit file
+transform = dinokit.eval_transform(224)               # PIL image -> normalised (3, 224, 224) tensor
 cls = model(images)                                   # (B, D) normed CLS
 out = model.forward_features(images)                  # x_norm_clstoken, x_norm_patchtokens, ...
+feats, kept, bad = dinokit.extract_features(model, paths, transform, which=["cls"])  # {kind: (N, ...)}
 dinokit.pretrain(data="my_images/", out="out/run", preset="cpu32")  # DINO / DINOv2 pretraining
+
+The functions below `__getattr__`'s table are imported on first use. docs/python.md shows them all.
 """
+
+import importlib
 
 from dinokit.errors import DinokitError
 from dinokit.models import (
@@ -21,12 +27,32 @@ from dinokit.models import (
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
-    if name == "pretrain":  # imported on first use: it pulls in torchvision and the trainer
-        from dinokit.train.pretrain import pretrain
+# name -> module, imported on first use (they pull in torchvision, sklearn, faiss or the trainer)
+LAZY = {
+    "pretrain": "dinokit.train.pretrain",
+    "eval_transform": "dinokit.data.transforms",
+    "list_images": "dinokit.data.images",
+    "extract_features": "dinokit.features.extract",
+    "embed": "dinokit.features.embed",
+    "read_embeddings": "dinokit.features.store",
+    "attention_maps": "dinokit.maps.attention",
+    "patch_features": "dinokit.maps.pca",
+    "pca_rgb": "dinokit.maps.pca",
+    "patch_similarity": "dinokit.maps.similarity",
+    "segment_features": "dinokit.maps.segment",
+    "build_index": "dinokit.retrieval.commands",
+    "search_index": "dinokit.retrieval.commands",
+}
 
-        return pretrain
+
+def __getattr__(name: str):
+    if name in LAZY:
+        return getattr(importlib.import_module(LAZY[name]), name)
     raise AttributeError(f"module 'dinokit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *LAZY})
 
 
 __all__ = [
@@ -38,5 +64,5 @@ __all__ = [
     "create_model",
     "export_model",
     "load_model",
-    "pretrain",
+    *LAZY,
 ]

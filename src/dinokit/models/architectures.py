@@ -79,6 +79,31 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+# What makes two models the same network: weights of one fit the other and give the same outputs.
+# (img_size only sets the stored position grid, which is resampled to any input; drop path only trains;
+# a mask token and LayerScale of 1 change no output.)
+NETWORK_FIELDS = (
+    "patch_size",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "mlp_ratio",
+    "ffn_layer",
+    "num_register_tokens",
+    "interpolate_offset",
+    "interpolate_antialias",
+)
+
+
+def architecture_name(config: ViTConfig) -> str:
+    """The named architecture `config` is (same network, any position grid), else 'custom (nearest: X)'."""
+    key = [getattr(config, f) for f in NETWORK_FIELDS]
+    for name, named in ARCHITECTURES.items():
+        if [getattr(named, f) for f in NETWORK_FIELDS] == key:
+            return name
+    return f"custom (nearest: {nearest_architecture(config)})"
+
+
 def nearest_architecture(config: ViTConfig) -> str:
     """Name of the known architecture closest to `config` (width, depth, patch, registers, FFN)."""
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from dinokit.models.architectures import ARCHITECTURES, count_parameters, create_model
+from dinokit.models.architectures import ARCHITECTURES, architecture_name, count_parameters, create_model
 from dinokit.models.graph_export import GRAPH_FORMATS, export_graph
 from dinokit.models.loading import (
     check_image_size_applies,
@@ -50,13 +50,22 @@ def list_models() -> None:
 
 
 def info(model: str) -> dict:
-    """Detect the format and architecture of a weights file, folder or released name."""
+    """Detect the format and architecture of a weights file, folder or released name.
+
+    Returns source (the file or folder read), format, architecture (the named one whose network it
+    is, `dinokit models`, else 'custom (nearest: NAME)'), parameters and the full config."""
     from dinokit.models.hub import resolve
 
     path = resolve(model)
     _, _, fmt = read_checkpoint(path)
     m = load_model(path)
-    return {"source": str(path), "format": fmt, "parameters": count_parameters(m), "config": m.config.to_dict()}
+    return {
+        "source": str(path),
+        "format": fmt,
+        "architecture": architecture_name(m.config),
+        "parameters": count_parameters(m),
+        "config": m.config.to_dict(),
+    }
 
 
 def export(model: str, out: str, format: str | None = None, image_size: int | None = None) -> str | dict:

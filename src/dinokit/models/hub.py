@@ -57,16 +57,27 @@ def resolve(source: str | os.PathLike) -> Path:
         why = f"{folder} has no {path.name}" if folder.is_dir() else f"there is no folder {folder}"
         raise DinokitError(
             f"file not found: {path}. No such file or folder ({why}): check the spelling and the current "
-            "folder, or pass an absolute path. Released names have no file extension, e.g. dinov2_vits14 or "
-            "facebook/dinov2-small."
+            f"folder, or pass an absolute path.{did_you_mean(path)} Released names have no file extension, e.g. "
+            "dinov2_vits14 or facebook/dinov2-small."
         )
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return _download_hub(name)
     known = ", ".join([*HF_NAMES, *_DINO_V1_FILES])
     raise DinokitError(
-        f"No such file or folder: {name!r}; nor is it a released model name. "
+        f"No such file or folder: {name!r}; nor is it a released model name.{did_you_mean(path)} "
         f"Released names: {known}; or a Hugging Face id such as facebook/dinov2-small."
     )
+
+
+def did_you_mean(path: Path) -> str:
+    """' Did you mean X?' for a mistyped released name, Hub id, or entry of the folder `path` names
+    (`dinov2_vit14`, `runs/my_rn`), else ''."""
+    import difflib
+
+    local = [str(path.parent / entry.name) for entry in path.parent.iterdir()] if path.parent.is_dir() else []
+    candidates = [*HF_NAMES, *HF_NAMES.values(), *_DINO_V1_FILES, *local]
+    close = difflib.get_close_matches(str(path), candidates, n=3, cutoff=0.75)
+    return f" Did you mean {' or '.join(close)}?" if close else ""
 
 
 def looks_local(path: Path) -> bool:
@@ -75,12 +86,22 @@ def looks_local(path: Path) -> bool:
     return path.suffix in WEIGHT_SUFFIXES or (len(path.parts) > 1 and path.parent.is_dir())
 
 
-def _offline_error(name: str, where: str, error: Exception) -> DinokitError:
+def _offline_error(
+    name: str, where: str, error: Exception, cached_as: Path | None = None, hint: str = ""
+) -> DinokitError:
+    """The download failed: say how to go on without a connection. `cached_as`: the file the name is
+    looked up as before any download, where a copy makes the name itself work offline; `hint` ends
+    the message (a likely misspelling)."""
+    keep_name = (
+        f" Or copy the file to {cached_as}, where {name!r} is looked up before any download, and the name works."
+        if cached_as is not None
+        else ""
+    )
     return DinokitError(
         f"Could not download {name!r} from {where} ({type(error).__name__}: {error}). This machine may be "
         f"offline. Download the weights where there is a connection, copy them here and pass the local "
         f"path instead, e.g. dinokit.load_model('/path/to/file.pth') or model=/path/to/file.pth on the "
-        f"command line (any official .pth, Hugging Face folder, timm or dinokit file works)."
+        f"command line (any official .pth, Hugging Face folder, timm or dinokit file works).{keep_name}{hint}"
     )
 
 
@@ -94,7 +115,7 @@ def _download_url(name: str, url: str) -> Path:
     try:
         torch.hub.download_url_to_file(url, str(target), progress=True)
     except Exception as e:  # urllib raises URLError, socket errors, HTTP errors...
-        raise _offline_error(name, url, e) from None
+        raise _offline_error(name, url, e, cached_as=target) from None
     return target
 
 
@@ -115,5 +136,6 @@ def _download_hub(repo_id: str) -> Path:
         if not any(folder.glob("*.safetensors")):
             folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_BIN, cache_dir=cache_dir() / "hub"))
     except Exception as e:  # offline, gated, missing repo: the hub raises many types
-        raise _offline_error(repo_id, f"the Hugging Face Hub ({repo_id})", e) from None
+        hint = "" if repo_id in HF_NAMES.values() else did_you_mean(Path(repo_id))
+        raise _offline_error(repo_id, "the Hugging Face Hub", e, hint=hint) from None
     return folder
