@@ -1,6 +1,7 @@
 """Small defects found in reviews, each pinned by a test that failed before its fix."""
 
 import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,12 +11,15 @@ from pretrain_helpers import TINY, tiny_images
 import dinokit
 from dinokit import cli
 from dinokit.cli import parse_value
-from dinokit.data.images import list_images
+from dinokit.data.images import list_images, output_names
 from dinokit.data.unlabelled import StreamBatchSampler
 from dinokit.errors import DinokitError
 from dinokit.eval.dense import read_depth
+from dinokit.features.embed import embed
+from dinokit.features.store import read_embeddings
 from dinokit.maps.commands import read_mask, segment
 from dinokit.maps.segment import patch_coverage, prototype
+from dinokit.retrieval.commands import build_index
 from dinokit.train.checkpoint import list_checkpoints
 from dinokit.train.metrics_log import read_metrics
 
@@ -173,3 +177,38 @@ def test_segment_takes_reference_class(tmp_path):
             device="cpu",
             reference_class=4,
         )
+
+
+# ------------------------------------------------------------------ input paths with `..`
+def test_two_spellings_of_one_file_are_one_path_through_embed_and_index(tmp_path):
+    """A list file naming imgs/y/a.png as ../imgs/y/a.png and ../imgs/x/../y/a.png, and imgs/y/b.png
+    through a symlinked folder (link/../b.png: the system resolves link first): every path is read
+    without its `folder/..` detour, so the embedding lists a.png twice under one name and the index
+    keeps it once (it kept both spellings, as two images)."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "x").mkdir(parents=True)
+    (tmp_path / "imgs" / "y" / "deep").mkdir(parents=True)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "y" / f"{name}.png")
+    (tmp_path / "link").symlink_to(tmp_path / "imgs" / "y" / "deep")
+    (tmp_path / "lists").mkdir()
+    listing = tmp_path / "lists" / "l.txt"
+    listing.write_text("../imgs/y/a.png\n../imgs/x/../y/a.png\n../link/../b.png\n")
+    a, b = (tmp_path / "imgs" / "y" / "a.png"), (tmp_path / "imgs" / "y" / "b.png").resolve()
+    assert list_images(listing) == [a, a, b]
+    assert list_images(tmp_path / "imgs" / "x" / ".." / "y") == [a, tmp_path / "imgs" / "y" / "b.png"]
+    assert output_names(list_images(listing), listing) == ["a", "a_png", "b"]  # never a `..` in an output name
+    through_link = tmp_path / "link" / ".."  # the system's imgs/y (link's parent), not tmp_path
+    assert list_images(through_link) == [a.resolve(), b]
+    assert output_names(list_images(through_link), through_link) == ["a", "b"]
+
+    weights = dinokit.export_model(dinokit.create_model("vit_micro_p4", depth=1), tmp_path / "m.safetensors")
+    embed(model=weights, data=str(listing), out=str(tmp_path / "e"), image_size=16, num_workers=0, progress=False)
+    paths = read_manifest_paths(tmp_path / "e")
+    assert paths == [str(a), str(a), str(b)]
+    summary = build_index(features=str(tmp_path / "e"), out=str(tmp_path / "index"))
+    assert summary["total"] == 2 and summary["skipped"] == 1
+
+
+def read_manifest_paths(folder: Path) -> list[str]:
+    return read_embeddings(folder)[1]

@@ -40,10 +40,28 @@ def files_under(root: Path, extensions: frozenset[str] | tuple[str, ...]) -> lis
     return sorted(p for p in found if p.is_file() or (p.is_symlink() and not p.exists()))
 
 
+def plain_path(path: Path) -> Path:
+    """`path` without `folder/..` detours (`imgs/x/../y/a.jpg` -> `imgs/y/a.jpg`), so that two spellings
+    of one file are one path: a file listed twice is the same path twice, its embedding rows and index
+    entries carry one name, and a subset list finds it. Lexical, as os.path.normpath (relative paths
+    stay relative, a leading `..` stays), except where a `..` follows a symlinked folder, which the
+    system resolves first: that path becomes its real path, the file it names."""
+    if ".." not in path.parts:
+        return path
+    plain = Path(os.path.normpath(path))
+    try:
+        if path.exists() and not (plain.exists() and os.path.samefile(path, plain)):
+            return Path(os.path.realpath(path))
+    except OSError:  # unreadable along the way: the lexical form, reported when it is opened
+        pass
+    return plain
+
+
 def list_images(source: str | Path) -> list[Path]:
     """Image paths of a folder (recursive, sorted; see `files_under`), of a list file (one path or
-    `path,label` per line; see `read_list_file`), or a single image."""
-    source = Path(source).expanduser()
+    `path,label` per line; see `read_list_file`), or a single image; `folder/..` detours taken out
+    (`plain_path`)."""
+    source = plain_path(Path(source).expanduser())
     if source.is_dir():
         paths = files_under(source, IMAGE_EXTENSIONS)
         if not paths:
@@ -92,9 +110,10 @@ def read_list_file(source: Path) -> list[tuple[Path, str | None]]:
 
 
 def list_path(source: Path, text: str) -> Path:
-    """A path as written in the list file `source`: relative ones are relative to its folder."""
+    """A path as written in the list file `source`: relative ones are relative to its folder; `a/../b`
+    is `b` (`plain_path`)."""
     path = Path(text).expanduser()
-    return path if path.is_absolute() else source.parent / path
+    return plain_path(path if path.is_absolute() else source.parent / path)
 
 
 def is_header(path: Path, label: str) -> bool:
@@ -112,8 +131,10 @@ def output_names(paths: list[Path], source: str | Path) -> list[str]:
     photos/a/cat.jpg and photos/b/cat.jpg get a/cat and b/cat. Names that still clash (cat.jpg and
     cat.png, or a file listed twice; compared ignoring case) get the extension, then a number."""
     absolute = [os.path.abspath(p) for p in paths]
-    root = Path(source).expanduser()
-    base = os.path.abspath(root) if root.is_dir() else os.path.commonpath([os.path.dirname(p) for p in absolute])
+    root = plain_path(Path(source).expanduser())  # as list_images read it
+    base = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    if root.is_dir() and all(p.startswith(os.path.join(os.path.abspath(root), "")) for p in absolute):
+        base = os.path.abspath(root)  # else a name would climb out of the folder (`..`): never out of out=
     names, taken = [], set()
     for path in absolute:
         relative = Path(os.path.relpath(path, base))

@@ -4,7 +4,7 @@ relative to the list file; quoted cells, comments and a header line are understo
 
 from pathlib import Path
 
-from dinokit.data.images import IMAGE_EXTENSIONS, files_under, read_list_file
+from dinokit.data.images import IMAGE_EXTENSIONS, files_under, plain_path, read_list_file
 from dinokit.errors import DinokitError
 
 
@@ -14,7 +14,7 @@ def read_labelled(
     """(paths, integer labels, class names). `classes` fixes the name -> index mapping (e.g. to give a
     validation set the training set's indices; `reference`: where they come from, for the error on a
     label outside them); by default classes are sorted names."""
-    source = Path(source).expanduser()
+    source = plain_path(Path(source).expanduser())  # as list_images: no `folder/..` detours
     if source.is_dir():
         pairs = [
             (p, p.relative_to(source).parts[0])

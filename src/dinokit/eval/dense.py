@@ -34,6 +34,7 @@ from dinokit.data.images import (
     list_images,
     open_image,
     output_names,
+    plain_path,
     same_aspect,
     upright_size,
 )
@@ -55,7 +56,7 @@ def pair_key(path: Path, folder: Path) -> str:
 def read_pairs(root: str | Path, target_folder: str, target_exts: tuple[str, ...]) -> tuple[list[Path], list[Path]]:
     """(image paths, target paths) of `root/images` and `root/<target_folder>`, matched by path relative
     to each folder without extension (subfolders of images/ are mirrored under the target folder)."""
-    root = Path(root).expanduser()
+    root = plain_path(Path(root).expanduser())  # as list_images spells the image paths
     images_dir, targets_dir = root / "images", root / target_folder
     if not images_dir.is_dir() or not targets_dir.is_dir():
         raise DinokitError(
