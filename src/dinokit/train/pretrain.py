@@ -80,9 +80,9 @@ RESUMABLE_KEYS = {
 # ---------------------------------------------------------------------------------------------- model
 def build_backbone(cfg: PretrainConfig, resumed_config: dict | None = None) -> VisionTransformer:
     """A fresh backbone of `cfg.arch` (position grid at the global crop size), or `cfg.init`'s weights.
-    resumed_config: the architecture a checkpoint recorded (`ViTConfig.to_dict`), whose weights it
-    holds (a continue_from= run's, whose weights the trainer loads then), or
-    holds: a resumed run started from init= does not read init= again (moved, deleted, offline)."""
+    resumed_config: the architecture (`ViTConfig.to_dict`) of weights the trainer loads afterwards: a
+    checkpoint's (a resumed run started from init= does not read init= again: moved, deleted,
+    offline), or the continue_from= run's."""
     masked_ibot = cfg.objective == "dinov2" and cfg.ibot_loss_weight > 0 and not cfg.distill_from
     if (cfg.init or cfg.continue_from) and resumed_config is not None:
         backbone = VisionTransformer(ViTConfig(**resumed_config))
@@ -346,7 +346,7 @@ def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple
     # checked with the keys given: a resumable key fixes a saved value that a later dinokit refuses
     old = resolve_config(None, {k: v for k, v in values.items() if k not in RUN_FACTS}, check=False)
     given = resolve_config(None, {**old.to_dict(), **keys}).to_dict()
-    # a distilling run replaces some keys by the teacher's, whatever was given (as when it started)
+    # a distilling or continued run takes some keys from the other run, whatever was given (as when it started)
     replaced = SET_BY_DISTILLATION if old.distill_from else OBJECTIVE_KEYS if old.continue_from else ()
     conflicts = [k for k in keys if k not in (*RESUMABLE_KEYS, *replaced) and given[k] != getattr(old, k)]
     if conflicts:
