@@ -5,14 +5,13 @@ two-process torchrun run that matches one process on the same global batch."""
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pretrain_helpers import run_torchrun
 
 import dinokit
 from dinokit.cli import run as cli_run
@@ -276,11 +275,7 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(data,
     keys = {**TINY, "batch_size": 4, "drop_path_rate": 0.0, "epochs": 2, "freeze_backbone_epochs": 1, "lr": 0.1}
     args = [f"train={data / 'train'}", f"val={data / 'val'}", f"out={tmp_path / 'ddp'}"]
     args += [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in keys.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [*cmd, "-m", "dinokit", "finetune", *args], capture_output=True, text=True, env=env, timeout=240
-    )
+    done = run_torchrun(["-m", "dinokit", "finetune", *args], timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("finetune.json") == 1  # the result, printed by process 0 alone
     ddp = json.loads((tmp_path / "ddp" / "finetune.json").read_text())
