@@ -114,3 +114,19 @@ def test_offline_a_released_name_says_where_a_copied_file_makes_the_name_work(tm
     assert f"copy the file to {cached}" in str(offline.value)
     cached.write_bytes(b"x")  # what the message says, done: the name resolves to it
     assert hub.resolve("dinov2_vits14_reg") == cached
+
+
+def test_a_folder_around_the_weights_names_the_weights_in_it(tmp_path):
+    """model=runs (the folder of run folders) or model=weights/ (a download folder) said only 'pass a
+    weights file'; it names what load_model reads in it."""
+    net = dinokit.create_model("vit_nano_p2")
+    dinokit.export_model(net, tmp_path / "runs" / "a" / "backbone.safetensors")
+    dinokit.export_model(net, tmp_path / "weights" / "vits.pth")
+    (tmp_path / "weights" / "notes.txt").write_text("from the model card")
+    with pytest.raises(dinokit.DinokitError, match=r"e\.g\. .*runs/a$"):
+        dinokit.load_model(tmp_path / "runs")
+    with pytest.raises(dinokit.DinokitError, match=r"e\.g\. .*weights/vits\.pth$"):
+        dinokit.load_model(tmp_path / "weights")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(dinokit.DinokitError, match=r"run folder\)$"):
+        dinokit.load_model(tmp_path / "empty")

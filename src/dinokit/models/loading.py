@@ -165,7 +165,10 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTCon
                 f"pass its newest checkpoint, {checkpoints[-1]} (its teacher is read), or resume the run to its end"
             )
         if not (path / "config.json").exists():
-            raise DinokitError(f"{path} is a folder without config.json or backbone.safetensors; pass a weights file")
+            raise DinokitError(
+                f"{path} is a folder without config.json or backbone.safetensors; pass a weights file "
+                f"(or a Hugging Face / run folder){weights_inside(path)}"
+            )
         sd, config = _read_hf_folder(path)
         if isinstance(config, dict) and "model_type" not in config and "architecture" in config:  # timm Hub folder
             return timm_format.timm_to_official(sd), None, "timm"
@@ -179,6 +182,19 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTCon
     if timm_format.is_timm(sd):
         return timm_format.timm_to_official(sd), None, "timm"
     return sd, None, "official"
+
+
+def weights_inside(folder: Path, shown: int = 3) -> str:
+    """', e.g. A or B' naming what in `folder` (one level down) load_model reads: weights files, run
+    folders, HF folders; '' if nothing. What a user meant who passed the folder around them."""
+    weights = (".pth", ".pt", ".bin", ".safetensors")
+    found = sorted(
+        entry
+        for entry in folder.iterdir()
+        if (entry.is_file() and entry.suffix in weights)
+        or (entry.is_dir() and any((entry / name).is_file() for name in ("backbone.safetensors", "config.json")))
+    )
+    return f", e.g. {' or '.join(str(p) for p in found[:shown])}" if found else ""
 
 
 def stored_config(text: str, path: Path) -> ViTConfig:
