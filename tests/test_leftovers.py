@@ -212,3 +212,33 @@ def test_two_spellings_of_one_file_are_one_path_through_embed_and_index(tmp_path
 
 def read_manifest_paths(folder: Path) -> list[str]:
     return read_embeddings(folder)[1]
+
+
+def test_a_relative_data_path_leaves_no_detour_in_the_manifest_and_a_subset_finds_its_images(tmp_path, monkeypatch):
+    """embed data=../imgs wrote /cwd/../imgs/a.png into its manifest, so a subset list naming the file
+    by its plain absolute path found nothing; and a pretraining run started on imgs/x/../y could not
+    resume once paths lost their detours (its data fingerprint changed)."""
+    import numpy as np
+
+    from dinokit.curation.commands import select_subset
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "imgs" / "x").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"{name}.png")
+    monkeypatch.chdir(tmp_path / "work")
+    weights = dinokit.export_model(dinokit.create_model("vit_micro_p4", depth=1), tmp_path / "m.safetensors")
+    embed(model=weights, data="../imgs", out=str(tmp_path / "e"), image_size=16, num_workers=0, progress=False)
+    features, paths = read_embeddings(tmp_path / "e")
+    assert paths == [str(tmp_path / "imgs" / "a.png"), str(tmp_path / "imgs" / "b.png")]
+    listing = tmp_path / "subset.txt"
+    listing.write_text(f"{tmp_path / 'imgs' / 'b.png'}\n")
+    assert select_subset(features["cls"].numpy(), paths, str(listing), "e")[1] == [paths[1]]
+
+    from dinokit.train.pretrain import data_fingerprint
+
+    detour = tmp_path / "imgs" / "x" / ".."
+    assert data_fingerprint(list_images(detour), str(detour)) == data_fingerprint(
+        list_images(tmp_path / "imgs"), str(tmp_path / "imgs")
+    )

@@ -25,7 +25,7 @@ from dinokit.curation.dedup import TOLERANCE, deduplicate
 from dinokit.curation.kmeans import Level, hierarchical_kmeans
 from dinokit.curation.retrieval_sampling import seed_cluster_samples, seed_neighbours
 from dinokit.curation.sampling import cluster_sizes, hierarchical_sampling
-from dinokit.data.images import read_list_file
+from dinokit.data.images import plain_path, read_list_file
 from dinokit.errors import DinokitError
 from dinokit.features.store import MANIFEST
 from dinokit.io import atomic_folder, atomic_write, prepare_output, read_json, write_json
@@ -284,7 +284,7 @@ def select_subset(vectors: np.ndarray, paths: list[str], subset: str, features: 
         raise DinokitError(
             f"subset={subset} is not a text file of image paths: pass a list such as `dinokit curate dedup`'s kept.txt"
         ) from None
-    wanted = {str(path.absolute()) for path, _ in listed}
+    wanted = {str(plain_path(path.absolute())) for path, _ in listed}  # as embed spells its paths
     if not wanted:
         raise DinokitError(f"subset={subset} lists no images: pass a list of image paths, one per line")
     keep = [i for i, p in enumerate(paths) if p in wanted]

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from dinokit import distributed
-from dinokit.data.images import check_readable, list_images
+from dinokit.data.images import check_readable, list_images, plain_path
 from dinokit.data.transforms import check_image_size, describe, eval_transform
 from dinokit.distributed import (
     all_gather_objects,
@@ -100,7 +100,7 @@ def embed(
         check_layers(layers, len(net.blocks))
         size = check_image_size(image_size, net.patch_size)
         transform = eval_transform(size, resize_policy)
-        paths = [str(p.absolute()) for p in list_images(data)]
+        paths = [str(plain_path(p.absolute())) for p in list_images(data)]  # no ../ from a relative data=
         check_readable(paths, data)
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)

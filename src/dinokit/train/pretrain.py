@@ -22,7 +22,7 @@ from dinokit import distributed as dist
 from dinokit.data.augmentations import MultiCropAugmentation
 from dinokit.data.batched_augmentations import BatchedMultiCrop
 from dinokit.data.collate import CropBatch, MultiCropCollate
-from dinokit.data.images import check_readable, list_images
+from dinokit.data.images import check_readable, list_images, plain_path
 from dinokit.data.masking import MaskingGenerator
 from dinokit.data.transforms import check_image_size
 from dinokit.data.unlabelled import (
@@ -258,7 +258,7 @@ def export_backbone(model: SelfDistillation, path: Path, fsdp_state: dict | None
 def data_fingerprint(paths: list[Path], data: str) -> dict:
     """{"images": N, "sha256": hash of the paths relative to the data folder (or list file's folder)}:
     the same files give the same fingerprint wherever the dataset is mounted."""
-    root = Path(data).expanduser()
+    root = plain_path(Path(data).expanduser())  # as list_images spells the paths
     root = root if root.is_dir() else root.parent
     names = [p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p) for p in paths]
     return {"images": len(paths), "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
