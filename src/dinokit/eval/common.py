@@ -69,8 +69,8 @@ def read_splits(train: str, val: str, selection: str | None = None) -> list[Labe
     first = LabelledSplit(str(train), *read_labelled(train))
     if len(first.class_names) < 2:  # every query would be right: no measure of the features
         raise DinokitError(
-            f"{train} holds one class ({first.class_names[0]}); k-NN and linear probes classify among two or "
-            "more: give train a <class>/<images> folder (or CSV label) per class"
+            f"{train} holds one class ({first.class_names[0]}); a classifier chooses among two or more: give "
+            "train a <class>/<images> folder (or CSV label) per class"
         )
     val_split, selection_split = (
         None if source is None else LabelledSplit(str(source), *read_labelled(source, first.class_names, train))
