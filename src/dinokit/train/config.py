@@ -17,6 +17,7 @@ import yaml
 
 from dinokit.cli import type_name
 from dinokit.errors import DinokitError, require
+from dinokit.train.run_settings import refuse_unknown_keys
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -195,13 +196,7 @@ def resolve_config(preset: str | None, overrides: dict, check: bool = True) -> P
     `check=False` leaves out `validate` (a resumed run's saved settings, checked with the keys given)."""
     values = read_preset(preset) if preset else {}
     values.update({k: v for k, v in overrides.items() if k != "derived"})  # config=<a run's config.yaml>
-    unknown = [k for k in values if k not in FIELDS]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, FIELDS, n=3)
-            hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise DinokitError(f"unknown pretraining key(s): {', '.join(hints)}. `dinokit pretrain --help` lists them.")
+    refuse_unknown_keys(values, FIELDS, "pretrain", "pretraining")
     config = PretrainConfig(**{k: coerce(k, v) for k, v in values.items()})
     if check:
         validate(config)

@@ -55,6 +55,7 @@ from dinokit.train.finetune_config import RESUMABLE_KEYS, RUN_FACTS, FinetuneCon
 from dinokit.train.metrics_log import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, scale_lr
 from dinokit.train.pretrain import data_fingerprint, rng_state, set_rng_state
+from dinokit.train.run_settings import run_settings
 from dinokit.train.schedules import warmup_cosine
 
 NAN_PATIENCE = 5  # stop after this many steps in a row with non-finite losses or gradients
@@ -99,34 +100,15 @@ def run_config(out: Path, keys: dict, resume: bool) -> tuple[FinetuneConfig, boo
     """The run's configuration, and whether a checkpoint will be resumed (as `dinokit pretrain`): a
     new run refuses a folder that already holds one; a resumed run takes the saved config, and the
     given keys may only change RESUMABLE_KEYS (and batch_size, keeping the global batch)."""
-    saved = out / "config.yaml"
-    if not resume:
-        if saved.exists():
-            raise DinokitError(
-                f"{out} already holds a run (config.yaml); pass resume=true to continue it, or choose a new out=..."
-            )
-        return resolve_config(keys), False
-    if not saved.exists():
-        if dist.launched_as_process_0():  # once, not once per torchrun process
-            print(f"resume=true but {out} holds no run yet: starting a new one")
-        return resolve_config(keys), False
-    try:
-        values = yaml.safe_load(saved.read_text())
-    except yaml.YAMLError as e:
-        values = e
-    if not isinstance(values, dict):
-        problem = f"is not valid YAML ({values})" if isinstance(values, Exception) else "holds no key: value mapping"
-        raise DinokitError(
-            f"resume=true reads the run's settings from {saved}, which {problem}; restore it (the newest "
-            "checkpoint holds the same settings under 'config'), or start a new run in another out=..."
-        )
-    old = resolve_config({k: v for k, v in values.items() if k not in RUN_FACTS}, check=False)
-    given = resolve_config({**old.to_dict(), **keys})
-    conflicts = [k for k in keys if k not in RESUMABLE_KEYS | {"batch_size"} and getattr(given, k) != getattr(old, k)]
-    if conflicts:
-        text = ", ".join(f"{k} (saved {getattr(old, k)!r}, given {getattr(given, k)!r})" for k in conflicts)
-        raise DinokitError(f"resume=true continues the saved configuration, but {text} differ; start a new run instead")
-    return given, bool(list_checkpoints(out / "checkpoints"))
+    return run_settings(
+        out,
+        keys,
+        resume,
+        new=resolve_config,
+        resolve=resolve_config,
+        resumable=lambda old: RESUMABLE_KEYS | {"batch_size"},
+        facts=RUN_FACTS,
+    )
 
 
 def collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor, list[int]]:

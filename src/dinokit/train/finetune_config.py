@@ -3,11 +3,11 @@
 checks that give a clear error before anything is built."""
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 
 from dinokit.cli import convert_value
 from dinokit.errors import DinokitError, require
+from dinokit.train.run_settings import refuse_unknown_keys
 
 
 @dataclass
@@ -66,13 +66,7 @@ RUN_FACTS = ("out", "derived")
 def resolve_config(values: dict, check: bool = True) -> FinetuneConfig:
     """Defaults <- `values` (typed, or strings from the command line); unknown keys are an error naming
     the nearest valid ones. `check=False` leaves out `validate` (a resumed run's saved settings)."""
-    unknown = [k for k in values if k not in FIELDS]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, FIELDS, n=3)
-            hints.append(f"{key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
-        raise DinokitError(f"unknown fine-tuning key(s): {', '.join(hints)}. `dinokit finetune --help` lists them.")
+    refuse_unknown_keys(values, FIELDS, "finetune", "fine-tuning")
     converted = {}
     for key, value in values.items():
         try:

@@ -52,6 +52,7 @@ from dinokit.train.distillation import SET_BY_DISTILLATION, distillation_config,
 from dinokit.train.ema import update_teacher
 from dinokit.train.metrics_log import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups, scale_lr
+from dinokit.train.run_settings import run_settings
 from dinokit.train.schedules import Schedules
 from dinokit.train.self_distillation import SelfDistillation, Student, collapse_figures
 
@@ -319,40 +320,23 @@ def make_loader(dataset, cfg: PretrainConfig, batch_size: int, start: int, devic
 
 # ---------------------------------------------------------------------------------------------- config
 def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple[PretrainConfig, bool]:
-    """The run's configuration, and whether a checkpoint will be resumed. A new run refuses a folder
-    that already holds one (never overwrites a run); a resumed run takes the saved config, and the
-    given keys may only change RESUMABLE_KEYS."""
-    saved = out / "config.yaml"
-    if not resume:
-        if saved.exists():
-            raise DinokitError(
-                f"{out} already holds a run (config.yaml); pass resume=true to continue it, or choose a new out=..."
-            )
-        return resolve_config(preset, keys), False
-    if not saved.exists():
-        if dist.launched_as_process_0():  # once, not once per torchrun process
-            print(f"resume=true but {out} holds no run yet: starting a new one")
-        return resolve_config(preset, keys), False
-    try:
-        values = yaml.safe_load(saved.read_text())
-    except yaml.YAMLError as e:
-        values = e
-    if not isinstance(values, dict):
-        problem = f"is not valid YAML ({values})" if isinstance(values, Exception) else "holds no key: value mapping"
-        raise DinokitError(
-            f"resume=true reads the run's settings from {saved}, which {problem}; restore it (the newest "
-            "checkpoint holds the same settings under 'config'), or start a new run in another out=..."
-        )
-    # checked with the keys given: a resumable key fixes a saved value that a later dinokit refuses
-    old = resolve_config(None, {k: v for k, v in values.items() if k not in RUN_FACTS}, check=False)
-    given = resolve_config(None, {**old.to_dict(), **keys}).to_dict()
-    # a distilling or continued run takes some keys from the other run, whatever was given (as when it started)
-    replaced = SET_BY_DISTILLATION if old.distill_from else OBJECTIVE_KEYS if old.continue_from else ()
-    conflicts = [k for k in keys if k not in (*RESUMABLE_KEYS, *replaced) and given[k] != getattr(old, k)]
-    if conflicts:
-        text = ", ".join(f"{k} (saved {getattr(old, k)!r}, given {given[k]!r})" for k in conflicts)
-        raise DinokitError(f"resume=true continues the saved configuration, but {text} differ; start a new run instead")
-    return resolve_config(None, given), bool(list_checkpoints(out / "checkpoints"))
+    """The run's configuration, and whether a checkpoint will be resumed (`run_settings`): a new run
+    takes `preset` and `keys`; a resumed run its config.yaml, where `keys` may change RESUMABLE_KEYS."""
+
+    def resumable(old: PretrainConfig) -> set[str]:
+        # a distilling or continued run takes some keys from the other run, whatever was given (as when it started)
+        replaced = SET_BY_DISTILLATION if old.distill_from else OBJECTIVE_KEYS if old.continue_from else ()
+        return {*RESUMABLE_KEYS, *replaced}
+
+    return run_settings(
+        out,
+        keys,
+        resume,
+        new=lambda values: resolve_config(preset, values),
+        resolve=lambda values, check=True: resolve_config(None, values, check),
+        resumable=resumable,
+        facts=RUN_FACTS,
+    )
 
 
 def run_length(
