@@ -130,3 +130,17 @@ def test_a_folder_around_the_weights_names_the_weights_in_it(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(dinokit.DinokitError, match=r"run folder\)$"):
         dinokit.load_model(tmp_path / "empty")
+
+
+def test_save_pretrained_to_a_folder_loads_back_with_from_pretrained(tmp_path):
+    """HF users' round trip: save_pretrained(folder) wrote folder/model.safetensors, which
+    from_pretrained(folder) refused as a folder without config.json."""
+    net = dinokit.create_model("vit_nano_p2", num_register_tokens=2)
+    torch.nn.init.normal_(net.cls_token)
+    written = net.save_pretrained(str(tmp_path / "mine"))
+    assert written == str(tmp_path / "mine" / "model.safetensors")
+    back = dinokit.VisionTransformer.from_pretrained(str(tmp_path / "mine"))
+    assert back.config == net.config
+    x = torch.randn(2, 3, 16, 12)
+    with torch.inference_mode():
+        torch.testing.assert_close(back(x), net.eval()(x), rtol=0, atol=0)

@@ -158,6 +158,8 @@ def read_checkpoint(source: str | Path) -> tuple[dict[str, torch.Tensor], ViTCon
     if path.is_dir():
         if (path / "backbone.safetensors").exists():  # a dinokit pretraining run folder
             return read_checkpoint(path / "backbone.safetensors")
+        if (path / "model.safetensors").is_file() and not (path / "config.json").exists():
+            return read_checkpoint(path / "model.safetensors")  # VisionTransformer.save_pretrained(folder)
         checkpoints = sorted((path / "checkpoints").glob("checkpoint_*.pt"))  # zero-padded iterations
         if checkpoints and not (path / "config.json").exists():  # a run going on, or stopped before its end
             raise DinokitError(

@@ -311,7 +311,8 @@ class VisionTransformer(nn.Module):
         return load_model(source, **kwargs)
 
     def save_pretrained(self, path: str) -> str:
-        """Write dinokit safetensors (weights + architecture); returns the file path."""
+        """Write dinokit safetensors (weights + architecture): `path` itself if it ends in .safetensors,
+        else `path`/model.safetensors, which from_pretrained(path) reads back; returns the file path."""
         from dinokit.models.loading import export_model
 
         return export_model(self, path, format="dinokit")
