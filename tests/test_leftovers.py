@@ -242,3 +242,15 @@ def test_a_relative_data_path_leaves_no_detour_in_the_manifest_and_a_subset_find
     assert data_fingerprint(list_images(detour), str(detour)) == data_fingerprint(
         list_images(tmp_path / "imgs"), str(tmp_path / "imgs")
     )
+
+
+def test_the_random_init_note_is_printed_by_process_0_alone(monkeypatch, capsys):
+    """Under torchrun (finetune model=random:...) every process printed the note."""
+    from dinokit.eval.common import prepare_backbone
+
+    monkeypatch.setenv("RANK", "1")
+    prepare_backbone("random:vit_nano_p2", "cpu")
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    prepare_backbone("random:vit_nano_p2", "cpu")
+    assert "randomly initialised network" in capsys.readouterr().out

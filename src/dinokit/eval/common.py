@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 import dinokit
+from dinokit import distributed as dist
 from dinokit.data.labelled import read_labelled
 from dinokit.data.transforms import describe, eval_transform
 from dinokit.errors import DinokitError
@@ -30,7 +31,7 @@ def prepare_backbone(model: str, device: str = "auto", seed: int = 0) -> Backbon
     dev = resolve_device(device)
     net, description = load_backbone(model, dev, seed)
     random = is_random_source(model)
-    if random:
+    if random and dist.launched_as_process_0():  # once under torchrun (finetune), not once per process
         print(f"note: model={model} is a randomly initialised network; its scores are a baseline only")
     return Backbone(net, str(model), description, weights_hash(net), random)
 
