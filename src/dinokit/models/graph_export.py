@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dinokit.data.transforms import check_image_size
 from dinokit.errors import DinokitError
 from dinokit.io import file_lock, prepare_output, sync, writers_folder
 from dinokit.models.vision_transformer import VisionTransformer
@@ -54,6 +53,8 @@ class NormedTokens(nn.Module):
 def example_inputs(model: VisionTransformer, image_size: int | None, batch: int = 2) -> torch.Tensor:
     """A (batch, C, S, S) input, C = config.in_chans, S = image_size (default: the model's native size)."""
     size = image_size or model.config.img_size
+    from dinokit.data.transforms import check_image_size  # here: torchvision is 1.2 s of `import dinokit`
+
     check_image_size(size, model.patch_size)
     return torch.randn(batch, model.config.in_chans, size, size, generator=torch.Generator().manual_seed(0))
 
