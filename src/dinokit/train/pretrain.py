@@ -86,6 +86,8 @@ def build_backbone(cfg: PretrainConfig, resumed_config: dict | None = None) -> V
     offline), or the continue_from= run's."""
     masked_ibot = cfg.objective == "dinov2" and cfg.ibot_loss_weight > 0 and not cfg.distill_from
     if (cfg.init or cfg.continue_from) and resumed_config is not None:
+        if cfg.continue_from and masked_ibot:  # a distilled run's student has none: it starts a fresh one
+            resumed_config = {**resumed_config, "mask_token": True}
         backbone = VisionTransformer(ViTConfig(**resumed_config))
     elif cfg.init:
         backbone = load_model(cfg.init)
@@ -572,9 +574,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ helpers
     def load_continued(self, run: RunState) -> None:
-        """A new continue_from= run's start: the other run's whole model state."""
+        """A new continue_from= run's start: the other run's whole model state. A run distilled from
+        another (distill_from=) saw no masks, so its backbones have no mask token: masked iBOT starts
+        with a fresh one (zeros, as a new backbone's)."""
+        fresh = {k: v for k, v in self.model.state_dict().items() if k.endswith("backbone.mask_token")}
         try:
-            self.model.load_state_dict(run.state)
+            self.model.load_state_dict({**fresh, **run.state})
         except RuntimeError as e:
             raise DinokitError(
                 f"continue_from={self.cfg.continue_from}: its model state does not fit this run's ({e}); a run "
