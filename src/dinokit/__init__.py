@@ -7,6 +7,7 @@ cls = model(images)                                   # (B, D) normed CLS
 out = model.forward_features(images)                  # x_norm_clstoken, x_norm_patchtokens, ...
 feats, kept, bad = dinokit.extract_features(model, paths, transform, which=["cls"])  # {kind: (N, ...)}
 dinokit.pretrain(data="my_images/", out="out/run", preset="cpu32")  # DINO / DINOv2 pretraining
+dinokit.finetune(model="out/run", train="data/train", val="data/val", out="out/ft", image_size=32)
 
 The functions below `__getattr__`'s table are imported on first use. docs/python.md shows them all.
 """
@@ -30,6 +31,8 @@ __version__ = "0.1.0"
 # name -> module, imported on first use (they pull in torchvision, sklearn, faiss or the trainer)
 LAZY = {
     "pretrain": "dinokit.train.pretrain",
+    "finetune": "dinokit.train.finetune",
+    "predict_classification": "dinokit.eval.classification",
     "eval_transform": "dinokit.data.transforms",
     "list_images": "dinokit.data.images",
     "extract_features": "dinokit.features.extract",
