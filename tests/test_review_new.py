@@ -2,9 +2,14 @@
 
 import pytest
 import torch
+import yaml
 from pretrain_helpers import run, tiny_images
 
+from dinokit.errors import DinokitError
+from dinokit.models import export_model
+from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
+from dinokit.train.metrics_log import read_metrics
 
 FROZEN = dict(lr=0.0, min_lr=0.0, momentum_teacher=1.0, momentum_teacher_end=1.0)  # a step changes no weight
 
@@ -35,3 +40,21 @@ def test_a_distilled_run_can_be_continued_with_masked_ibot(distilled_run, tmp_pa
             assert torch.equal(value, after[name]), name
     rows = (out / "metrics.jsonl").read_text()
     assert "ibot_loss" in rows
+
+
+def test_distillation_keeps_ibot_loss_weight_0_for_a_student_of_another_patch_size(distilled_run, tmp_path):
+    """The patch-size error advised ibot_loss_weight=0, which the teacher's objective then replaced
+    (1.0): the advice could not be followed. 0 is kept now and the CLS alone is distilled."""
+    data, teacher, _ = distilled_run
+    config = ViTConfig(img_size=16, patch_size=4, embed_dim=16, depth=1, num_heads=2, init_values=None)
+    init = export_model(VisionTransformer(config), tmp_path / "p4.safetensors", format="dinokit")
+    with pytest.raises(DinokitError, match="ibot_loss_weight=0 to distil the CLS only"):
+        run(data, tmp_path / "masked", max_iterations=1, distill_from=str(teacher), init=init)
+    out = tmp_path / "cls_only"
+    run(data, out, max_iterations=2, distill_from=str(teacher), init=init, ibot_loss_weight=0)
+    assert yaml.safe_load((out / "config.yaml").read_text())["ibot_loss_weight"] == 0.0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows and all("ibot_loss" not in r and r["dino_loss"] > 0 for r in rows)
+    state = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])["model"]
+    assert not any("ibot" in k for k in state)
+    run(data, out, max_iterations=4, distill_from=str(teacher), init=init, ibot_loss_weight=0, resume=True)

@@ -9,7 +9,8 @@ distillation code; its released ViT-S/B/L were distilled from ViT-g this way.) H
     student   a fresh backbone (or init=) of any width and depth, with fresh heads of the teacher's
               sizes, trained with the teacher run's objective against the frozen teacher's targets;
     no masking: the student sees whole global crops and iBOT compares every patch of them, so the
-              two backbones must share their patch size;
+              two backbones must share their patch size (ibot_loss_weight=0 distils the CLS alone,
+              for a student of another patch size);
     no stochastic depth (drop_path_rate 0);
     final model: the run's EMA of the student (the EMA teacher slot of self-distillation), exported
               as backbone.safetensors.
@@ -35,8 +36,10 @@ SET_BY_DISTILLATION = (*OBJECTIVE_KEYS, "drop_path_rate")  # what `distillation_
 
 def distillation_config(cfg: PretrainConfig, teacher: RunState) -> tuple[PretrainConfig, list[str]]:
     """`cfg` with the teacher run's objective and head sizes (the student learns in its teacher's
-    prototype space) and no stochastic depth; and a note per value that changed."""
-    return settings_from_run(cfg, teacher, drop_path_rate=0.0)
+    prototype space) and no stochastic depth; and a note per value that changed. ibot_loss_weight=0
+    is kept: the CLS alone is distilled (a student of another patch size than the teacher's)."""
+    cls_only = {"ibot_loss_weight": 0.0} if cfg.ibot_loss_weight == 0 else {}
+    return settings_from_run(cfg, teacher, drop_path_rate=0.0, **cls_only)
 
 
 def frozen_teacher(teacher: RunState, cfg: PretrainConfig) -> Student:
