@@ -117,6 +117,24 @@ def check_image_size(
     return h, w
 
 
+def check_model_input_size(model, image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """`check_image_size` for `model` (a VisionTransformer), printing a note (once under torchrun) where
+    the size makes over 4x the patches of the model's own position grid: a model trained on small crops
+    (e.g. a 16 px cpu32 run) fed the default 224 px is slow, and its features usually worse."""
+    from dinokit.distributed import launched_as_process_0
+
+    h, w = check_image_size(image_size, model.patch_size)
+    own = model.config.img_size // model.patch_size
+    grid = (h // model.patch_size, w // model.patch_size)
+    if grid[0] * grid[1] > 4 * own * own and launched_as_process_0():
+        print(
+            f"note: image_size={image_size} makes a {grid[0]}x{grid[1]} patch grid, {grid[0] * grid[1] / own**2:.0f}x "
+            f"the model's own {own}x{own} (img_size {model.config.img_size}): far from the size it was trained at "
+            "its features are slower and usually worse; pass image_size near that size (e.g. 32 for CIFAR-10)"
+        )
+    return h, w
+
+
 def describe(transform: v2.Compose) -> str:
     """One-line description of a transform, printed with results so that they can be reproduced."""
     return " -> ".join(" ".join(repr(t).split()) for t in transform.transforms)

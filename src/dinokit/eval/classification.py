@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dinokit.data.transforms import check_image_size
+from dinokit.data.transforms import check_model_input_size
 from dinokit.errors import DinokitError, require
 from dinokit.eval.common import (
     labelled_features,
@@ -107,7 +107,7 @@ def eval_knn(
     prepare_output(out, folder=True, create=False)  # before the features are extracted
     train_split, val_split, _ = read_splits(train, val)  # a missing val fails before train's features
     backbone = prepare_backbone(model, device, seed)
-    check_image_size(image_size, backbone.model.patch_size)
+    check_model_input_size(backbone.model, image_size)
     transform = make_transform(image_size, resize_policy)
     cache_dir = resolve_cache(cache)
     kw = dict(cache=cache_dir, batch_size=batch_size, num_workers=num_workers, precision=precision)
@@ -236,7 +236,7 @@ def eval_linear(
     train_split, val_split, selection_split = read_splits(train, val, selection)
     dev = resolve_device(device)
     backbone = prepare_backbone(model, device, seed)
-    check_image_size(image_size, backbone.model.patch_size)
+    check_model_input_size(backbone.model, image_size)
     transform = make_transform(image_size, resize_policy)
     cache_dir = resolve_cache(cache)
     kw = dict(cache=cache_dir, batch_size=batch_size, num_workers=num_workers, precision=precision)

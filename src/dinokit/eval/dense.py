@@ -38,7 +38,7 @@ from dinokit.data.images import (
     same_aspect,
     upright_size,
 )
-from dinokit.data.transforms import check_image_size
+from dinokit.data.transforms import check_model_input_size
 from dinokit.errors import DinokitError, require
 from dinokit.eval.cache import Features
 from dinokit.eval.common import Backbone, make_transform, split_features
@@ -220,7 +220,7 @@ def dense_split(
 ) -> DenseSplit:
     """Read a split's pairs and their full-size targets (pairs with an unreadable target skipped and
     counted), take the features of the rest from the cache (extracting what is missing)."""
-    check_image_size(image_size, backbone.model.patch_size)
+    check_model_input_size(backbone.model, image_size)
     images, target_paths = read_pairs(root, target_folder, target_exts)
     targets, bad = read_targets(target_paths, read_target, image_size, ignore)
     for i, target in enumerate(targets):  # a target of another picture's shape would be stretched onto it

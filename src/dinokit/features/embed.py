@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from dinokit import distributed
 from dinokit.data.images import check_readable, list_images, plain_path
-from dinokit.data.transforms import check_image_size, describe, eval_transform
+from dinokit.data.transforms import check_model_input_size, describe, eval_transform
 from dinokit.distributed import (
     all_gather_objects,
     barrier,
@@ -98,7 +98,7 @@ def embed(
         if "registers" in features and not net.num_register_tokens:
             raise DinokitError(f"{model} has no register tokens; drop 'registers' from features")
         check_layers(layers, len(net.blocks))
-        size = check_image_size(image_size, net.patch_size)
+        size = check_model_input_size(net, image_size)
         transform = eval_transform(size, resize_policy)
         paths = [str(plain_path(p.absolute())) for p in list_images(data)]  # no ../ from a relative data=
         check_readable(paths, data)
