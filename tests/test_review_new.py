@@ -1,5 +1,6 @@
 """Defects found in review of distill_from=, continue_from=, finetune and predict classification."""
 
+import re
 import pytest
 import torch
 import yaml
@@ -58,3 +59,24 @@ def test_distillation_keeps_ibot_loss_weight_0_for_a_student_of_another_patch_si
     state = load_checkpoint(list_checkpoints(out / "checkpoints")[-1])["model"]
     assert not any("ibot" in k for k in state)
     run(data, out, max_iterations=4, distill_from=str(teacher), init=init, ibot_loss_weight=0, resume=True)
+
+
+def test_a_finetune_run_as_distill_from_or_continue_from_names_its_backbone_as_init(distilled_run, tmp_path):
+    """A fine-tuning run folder has checkpoints/ with config and model too: distill_from= failed with
+    'the teacher does not match its own settings' and a page of missing keys, continue_from= with a bare
+    ValueError. Both now say what the folder is and name init=<its backbone.safetensors>."""
+    data, _, _ = distilled_run
+    finetuned = tmp_path / "ft"
+    (finetuned / "checkpoints").mkdir(parents=True)
+    torch.save(
+        {"config": {"train": "x"}, "model": {"backbone.cls_token": torch.zeros(1, 1, 8), "head.bias": torch.zeros(2)}},
+        finetuned / "checkpoints" / "checkpoint_00000003.pt",
+    )
+    (finetuned / "backbone.safetensors").write_bytes(b"")
+    init = re.escape(f"init={finetuned / 'backbone.safetensors'}")
+    with pytest.raises(
+        DinokitError, match=rf"distill_from=.*not a dinokit pretraining run.*{init}.*freeze_backbone=1\.0"
+    ):
+        run(data, tmp_path / "d", max_iterations=1, distill_from=str(finetuned))
+    with pytest.raises(DinokitError, match=rf"continue_from=.*not a dinokit pretraining run.*{init}"):
+        run(data, tmp_path / "c", max_iterations=1, continue_from=str(finetuned))

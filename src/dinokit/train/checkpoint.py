@@ -117,6 +117,19 @@ def read_run(source: str | Path, key: str) -> RunState:
     missing = [k for k in ("config", "model") if k not in checkpoint]
     if missing:
         raise DinokitError(f"{path} is not a dinokit pretraining checkpoint (no {', '.join(missing)})")
+    if not any(k.startswith("teacher.") for k in checkpoint["model"]):  # e.g. a `dinokit finetune` run's
+        backbone = path.parent.parent / "backbone.safetensors"
+        weights = str(backbone) if backbone.is_file() else "<its weights>"
+        raise DinokitError(
+            f"{key}={source} is not a dinokit pretraining run ({path} holds no teacher nor DINO heads: a "
+            f"`dinokit finetune` run's backbone and classifier?). Start a pretraining run from its backbone with "
+            f"`dinokit pretrain init={weights} ...`"
+            + (
+                ""
+                if key == "continue_from"
+                else f" (freeze_backbone=1.0 trains heads for it), then pass that run as {key}="
+            )
+        )
     return RunState(path, checkpoint["config"], checkpoint.get("backbone_config"), checkpoint["model"])
 
 
