@@ -226,7 +226,7 @@ def test_torchrun_two_processes_write_their_shards_and_one_manifest(setup, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{") :])  # printed once, by process 0
     assert summary["processes"] == 2 and summary["computed_shards"] == 4 and summary["embedded"] == 12
-    assert sorted(p.name for p in out.iterdir()) == ["embed_config.json", "manifest.json"] + [
+    assert sorted(p.name for p in out.iterdir()) == [".dinokit.lock", "embed_config.json", "manifest.json"] + [
         f"shard_0000{i}.safetensors" for i in range(4)
     ]
     a, paths_a = read_embeddings(out)

@@ -270,3 +270,27 @@ def test_a_size_far_above_the_models_own_grid_gets_a_note(capsys, tmp_path):
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
     embed(model=weights, data=str(tmp_path / "a.png"), out=str(tmp_path / "e"), image_size=64, num_workers=0)
     assert "16x the model's own 8x8" in capsys.readouterr().out
+
+
+def test_embed_is_one_run_per_folder_and_a_stop_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    """Two embeds into one out= both computed every shard; Ctrl-C printed only 'interrupted'."""
+    import dinokit.features.embed as embed_module
+    from dinokit.io import folder_lock
+
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i * 80, 0, 0)).save(tmp_path / f"{i}.png")
+    weights = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "nano.safetensors")
+    run = dict(model=weights, data=str(tmp_path), out=str(tmp_path / "e"), image_size=16, num_workers=0, shard_size=1)
+    refused = pytest.raises(DinokitError, match="another process is writing an embedding run")
+    with folder_lock(tmp_path / "e", "an embedding run"), refused:  # another run holds the folder
+        embed(**run)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_module, "run_shards", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        embed(**run)
+    assert "embed: stopped; 0 of 3 shards are saved" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert embed(**run)["computed_shards"] == 3

@@ -8,6 +8,7 @@ i mod N; every process writes its own shards and process 0 writes the one manife
 The file layout is described in `dinokit.features.store`.
 """
 
+import contextlib
 import datetime
 import hashlib
 import math
@@ -42,7 +43,7 @@ from dinokit.features.store import (
     shard_path,
     write_shard,
 )
-from dinokit.io import prepare_output, read_json, write_json
+from dinokit.io import folder_lock, prepare_output, read_json, write_json
 from dinokit.models import load_model
 from dinokit.runtime import effective_precision, resolve_device
 
@@ -92,65 +93,78 @@ def embed(
     torch_device = init_distributed(resolve_device(device), backend="gloo", timeout=datetime.timedelta(days=7))
     rank, world = distributed.rank(), distributed.world_size()
 
-    # an error that every process hits (no images found, ...) is printed once, by process 0
-    with compare_errors():
-        net = load_model(model, device=torch_device)
-        if "registers" in features and not net.num_register_tokens:
-            raise DinokitError(f"{model} has no register tokens; drop 'registers' from features")
-        check_layers(layers, len(net.blocks))
-        size = check_model_input_size(net, image_size)
-        transform = eval_transform(size, resize_policy)
-        paths = [str(plain_path(p.absolute())) for p in list_images(data)]  # no ../ from a relative data=
-        check_readable(paths, data)
-        out_dir = Path(out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shapes = feature_shapes(net, size, features, layers)
-        settings = {
-            "model": str(Path(model).absolute()) if Path(model).exists() else model,
-            "architecture": net.config.to_dict(),
-            "weights_hash": weights_hash(net),
-            "data": str(Path(data).absolute()),
-            "num_images": len(paths),
-            "paths_sha1": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
-            "image_size": list(size),
-            "patch_grid": [size[0] // net.patch_size, size[1] // net.patch_size],
-            "resize_policy": resize_policy,
-            "transform": describe(transform),
-            "features": features,
-            "layers": layers,
-            "feature_shapes": shapes,
-            "precision": effective_precision(torch_device, precision),
-            "dtype": dtype,
-            "format": format,
-            "shard_size": shard_size or auto_shard_size(shapes, dtype),
-        }
-    check_or_write_config(out_dir, settings, rank)
+    with contextlib.ExitStack() as held:  # the folder lock, from the run's checks to its manifest
+        # an error that every process hits (no images found, ...) is printed once, by process 0
+        with compare_errors():
+            net = load_model(model, device=torch_device)
+            if "registers" in features and not net.num_register_tokens:
+                raise DinokitError(f"{model} has no register tokens; drop 'registers' from features")
+            check_layers(layers, len(net.blocks))
+            size = check_model_input_size(net, image_size)
+            transform = eval_transform(size, resize_policy)
+            paths = [str(plain_path(p.absolute())) for p in list_images(data)]  # no ../ from a relative data=
+            check_readable(paths, data)
+            out_dir = Path(out)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            shapes = feature_shapes(net, size, features, layers)
+            settings = {
+                "model": str(Path(model).absolute()) if Path(model).exists() else model,
+                "architecture": net.config.to_dict(),
+                "weights_hash": weights_hash(net),
+                "data": str(Path(data).absolute()),
+                "num_images": len(paths),
+                "paths_sha1": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
+                "image_size": list(size),
+                "patch_grid": [size[0] // net.patch_size, size[1] // net.patch_size],
+                "resize_policy": resize_policy,
+                "transform": describe(transform),
+                "features": features,
+                "layers": layers,
+                "feature_shapes": shapes,
+                "precision": effective_precision(torch_device, precision),
+                "dtype": dtype,
+                "format": format,
+                "shard_size": shard_size or auto_shard_size(shapes, dtype),
+            }
+            if rank == 0:  # one embedding run at a time in out: a second would compute every shard again
+                held.enter_context(folder_lock(out_dir, "an embedding run", wait=False))
+        check_or_write_config(out_dir, settings, rank)
 
-    step = settings["shard_size"]
-    shards = [paths[i : i + step] for i in range(0, len(paths), step)]
-    mine = [i for i in range(len(shards)) if i % world == rank]
-    todo = [i for i in mine if not finished(shard_path(out_dir, i, format))]
-    run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_workers, progress and rank == 0)
+        step = settings["shard_size"]
+        shards = [paths[i : i + step] for i in range(0, len(paths), step)]
+        mine = [i for i in range(len(shards)) if i % world == rank]
+        todo = [i for i in mine if not finished(shard_path(out_dir, i, format))]
+        try:
+            run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_workers, progress and rank == 0)
+        except KeyboardInterrupt:
+            if rank == 0:
+                saved = sum(finished(shard_path(out_dir, i, format)) for i in range(len(shards)))
+                print(
+                    f"embed: stopped; {saved} of {len(shards)} shards are saved in {out_dir}, and the same command "
+                    "resumes from there",
+                    file=sys.stderr,
+                )
+            raise
 
-    computed = sum(all_gather_objects(len(todo)))
-    summary = None
-    if rank == 0:
-        manifest = write_manifest(out_dir, settings, len(shards))
-        summary = {
-            "out": str(out_dir),
-            "images": len(paths),
-            "embedded": manifest["num_embedded"],
-            "bad_files": len(manifest["bad_files"]),
-            "shards": len(shards),
-            "computed_shards": computed,
-            "resumed_shards": len(shards) - computed,
-            "processes": world,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-    barrier()
-    if joined:
-        destroy_distributed()
-    return summary
+        computed = sum(all_gather_objects(len(todo)))
+        summary = None
+        if rank == 0:
+            manifest = write_manifest(out_dir, settings, len(shards))
+            summary = {
+                "out": str(out_dir),
+                "images": len(paths),
+                "embedded": manifest["num_embedded"],
+                "bad_files": len(manifest["bad_files"]),
+                "shards": len(shards),
+                "computed_shards": computed,
+                "resumed_shards": len(shards) - computed,
+                "processes": world,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        barrier()
+        if joined:
+            destroy_distributed()
+        return summary
 
 
 def check_choices(features: list[str], layers: list[int], format: str, dtype: str, resize_policy: str) -> None:
