@@ -1,6 +1,7 @@
 """Defects found in review of distill_from=, continue_from=, finetune and predict classification."""
 
 import re
+
 import pytest
 import torch
 import yaml
@@ -80,3 +81,25 @@ def test_a_finetune_run_as_distill_from_or_continue_from_names_its_backbone_as_i
         run(data, tmp_path / "d", max_iterations=1, distill_from=str(finetuned))
     with pytest.raises(DinokitError, match=rf"continue_from=.*not a dinokit pretraining run.*{init}"):
         run(data, tmp_path / "c", max_iterations=1, continue_from=str(finetuned))
+
+
+def test_a_distillation_resumes_from_its_teacher_checkpoint_after_the_teacher_run_went_on(tmp_path):
+    """distill_from=RUN read RUN's newest checkpoint again on resume: once the teacher run was resumed
+    and saved a newer one, the student's resume was refused (another teacher) though the checkpoint it
+    started from was still there. It reads that checkpoint now, and resumes exactly."""
+    data = tiny_images(tmp_path / "data")
+    teacher = tmp_path / "teacher"
+    run(data, teacher, max_iterations=2, keep_checkpoints=0)
+    keys = dict(distill_from=str(teacher), epochs=1.0)  # 4 iterations
+    run(data, tmp_path / "full", max_iterations=4, **keys)
+    run(data, tmp_path / "split", max_iterations=2, **keys)
+    run(data, teacher, max_iterations=4, keep_checkpoints=0, resume=True)  # the teacher run goes on
+    assert len(list_checkpoints(teacher / "checkpoints")) == 2
+    run(data, tmp_path / "split", max_iterations=4, resume=True, **keys)
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000004.pt")
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "checkpoint_00000004.pt")
+    assert split["distill_teacher_checkpoint"] == str(teacher.resolve() / "checkpoints" / "checkpoint_00000002.pt")
+    assert all(torch.equal(full["model"][k], split["model"][k]) for k in full["model"])
+    list_checkpoints(teacher / "checkpoints")[0].unlink()  # gone: the newest is another teacher
+    with pytest.raises(DinokitError, match=r"another teacher.*back at .*checkpoint_00000002\.pt"):
+        run(data, tmp_path / "split", max_iterations=6, resume=True, **keys)

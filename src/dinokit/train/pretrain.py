@@ -206,6 +206,14 @@ def every_patch(global_crops: torch.Tensor, patch_size: int) -> tuple[torch.Tens
     return masks, torch.full((masks.numel(),), 1.0 / (h * w), device=global_crops.device)
 
 
+def teacher_checkpoint(distill_from: str, checkpoint: dict | None) -> str:
+    """What a distilling run reads its teacher from: distill_from=, or (resumed) the checkpoint of that
+    run it started from while it is still there, though the teacher run went on and saved newer ones."""
+    pinned = Path((checkpoint or {}).get("distill_teacher_checkpoint") or "")
+    given = Path(distill_from).expanduser().resolve()
+    return str(pinned) if pinned.is_file() and given in (pinned, pinned.parent.parent) else distill_from
+
+
 # ---------------------------------------------------------------------------------------------- state
 def model_state(model: SelfDistillation, fsdp: bool) -> dict:
     if not fsdp:
@@ -477,7 +485,7 @@ class Trainer:
             # another run's objective and heads (already so in a resumed config)
             teacher_run, continued, self.notes_from_run = None, None, []
             if cfg.distill_from:
-                teacher_run = read_run(cfg.distill_from, "distill_from")
+                teacher_run = read_run(teacher_checkpoint(cfg.distill_from, self.checkpoint), "distill_from")
                 cfg, self.notes_from_run = distillation_config(cfg, teacher_run)
             if cfg.continue_from and self.checkpoint is None:  # a resumed one holds the weights itself
                 continued = read_run(cfg.continue_from, "continue_from")
@@ -600,12 +608,13 @@ class Trainer:
                 "with the teacher's patch size, or ibot_loss_weight=0 to distil the CLS only)"
             )
         self.distill_hash = weights_hash(teacher)
+        self.distill_source = str(teacher_run.source.resolve())
         saved = (self.checkpoint or {}).get("distill_teacher_hash")
         if saved is not None and saved != self.distill_hash:
             raise DinokitError(
                 f"distill_from={self.cfg.distill_from} now holds another teacher than the one this run started "
-                f"with (weights hash {self.distill_hash}, not {saved}): put the run's teacher back there, or "
-                "start a new run"
+                f"with (weights hash {self.distill_hash}, not {saved}): put the teacher checkpoint it started from "
+                f"back at {self.checkpoint.get('distill_teacher_checkpoint') or 'its place'}, or start a new run"
             )
         if self.checkpoint is None and self.cfg.centering == "ema":
             self.model.load_state_dict(teacher_centers(teacher_run), strict=False)
@@ -709,6 +718,7 @@ class Trainer:
             "data_fingerprint": self.data_fingerprint,
             "backbone_config": self.model.student.backbone.config.to_dict(),
             "distill_teacher_hash": self.distill_hash if self.frozen_teacher is not None else None,
+            "distill_teacher_checkpoint": self.distill_source if self.frozen_teacher is not None else None,
             "counters": self.counters,
             "model": model_state(self.model, self.fsdp),
             "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
