@@ -294,3 +294,16 @@ def test_embed_is_one_run_per_folder_and_a_stop_says_how_to_resume(tmp_path, mon
     assert "embed: stopped; 0 of 3 shards are saved" in capsys.readouterr().err
     monkeypatch.undo()
     assert embed(**run)["computed_shards"] == 3
+
+
+def test_picture_outputs_must_be_named_png(tmp_path, capsys):
+    """visualize attention out=a9.jpg wrote PNG bytes into a .jpg; out=a9 a PNG without a suffix."""
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    weights = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "nano.safetensors")
+    common = [f"model={weights}", f"image={tmp_path / 'a.png'}", "image_size=16"]
+    for out, hint in (("a9.jpg", "a9.png"), ("a9", "a9.png")):
+        assert cli.main(["visualize", "attention", *common, f"out={tmp_path / out}"]) == 2
+        err = capsys.readouterr().err
+        assert "is written as PNG, so its name must end in .png" in err and str(tmp_path / hint) in err
+        assert not (tmp_path / out).exists()
+    assert cli.main(["visualize", "attention", *common, f"out={tmp_path / 'a9.png'}"]) == 0

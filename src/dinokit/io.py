@@ -92,9 +92,11 @@ def sync(path: Path) -> None:
         os.close(fd)
 
 
-def prepare_output(path: str | Path, folder: bool = False, example: str = "model.pth", create: bool = True) -> Path:
+def prepare_output(
+    path: str | Path, folder: bool = False, example: str = "model.pth", create: bool = True, suffix: str | None = None
+) -> Path:
     """`path` checked for writing one file (or, with `folder`, a folder), its parent folders created
-    unless `create` is False.
+    unless `create` is False; with `suffix` (e.g. ".png") the file's name must end in it.
 
     Raises DinokitError, before any work is done, if `path` is an existing folder where a file is to
     be written (`example` names a file to suggest inside it), an existing file where a folder is to
@@ -110,6 +112,11 @@ def prepare_output(path: str | Path, folder: bool = False, example: str = "model
         raise DinokitError(
             f"cannot write to {path}: it is an existing folder, where one file is to be written. "
             f"Pass a file path instead, e.g. {path / example}"
+        )
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise DinokitError(
+            f"cannot write to {path}: the file is written as {suffix[1:].upper()}, so its name must end in {suffix}; "
+            f"pass e.g. {path.with_suffix(suffix) if path.suffix else path.with_name(path.name + suffix)}"
         )
     parent = path if folder else path.parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())

@@ -84,7 +84,7 @@ def visualize_attention(
     """
     if not 0 < mass <= 1:
         raise DinokitError(f"mass must be a share between 0 and 1 (e.g. 0.6 for 60%), got {mass}")
-    prepare_output(out, example="attention.png", create=False)
+    prepare_output(out, example="attention.png", create=False, suffix=".png")
     net = load(model, device)
     x = model_input(net, image, image_size, resize_policy)
     maps = attention_maps(net, x, mass=mass)
@@ -136,7 +136,7 @@ def visualize_pca(
             f"foreground_threshold must be between 0 and 1 (the first component is scaled to [0, 1]), "
             f"got {foreground_threshold}"
         )
-    prepare_output(out, example="pca.png", create=False)
+    prepare_output(out, example="pca.png", create=False, suffix=".png")
     net = load(model, device)
     opened, bad = open_images(inputs_without_outputs(image, Path(out)))
     report_skipped(bad)
@@ -187,7 +187,7 @@ def visualize_similarity(
 
     Writes the PNG `out`; returns the chosen patch and the best-matching target patch.
     """
-    prepare_output(out, example="similarity.png", create=False)
+    prepare_output(out, example="similarity.png", create=False, suffix=".png")
     net = load(model, device)
     source_rgb = np.asarray(open_rgb(image))
     source = patch_features(net, [model_input(net, image, image_size, resize_policy)])[0]

@@ -171,9 +171,9 @@ def index_search(
     where the index's model now is, if its weights file moved (default: the path recorded in the
     index); the weights must be the ones it was built with.
     """
-    for path, example in ((out, "hits.json"), (sheet, "hits.png")):  # checked before the queries are embedded
+    for path, example, suffix in ((out, "hits.json", None), (sheet, "hits.png", ".png")):  # before any work
         if path:
-            prepare_output(path, example=example, create=False)
+            prepare_output(path, example=example, create=False, suffix=suffix)
     results = search_index(index, query, k, nprobe, ef_search, batch_size, num_workers, device, model)
     print(format_table(results))
     if out:
