@@ -103,3 +103,27 @@ def test_a_distillation_resumes_from_its_teacher_checkpoint_after_the_teacher_ru
     list_checkpoints(teacher / "checkpoints")[0].unlink()  # gone: the newest is another teacher
     with pytest.raises(DinokitError, match=r"another teacher.*back at .*checkpoint_00000002\.pt"):
         run(data, tmp_path / "split", max_iterations=6, resume=True, **keys)
+
+
+def test_finetune_resumed_after_its_last_epoch_still_counts_the_unreadable_val_files(tmp_path, monkeypatch):
+    """A run stopped after its last checkpoint but before its outputs (a crash, a kill while exporting)
+    resumes straight to the outputs without evaluating val again: the unreadable val files were not in
+    the checkpoint, so finetune.json counted none and every val image as read."""
+    from test_finetune import colour_images
+    from test_finetune import run as finetune_run
+
+    from dinokit.train.finetune import Finetuner
+
+    root = colour_images(tmp_path / "d", {"train": 4, "val": 2})
+    (root / "val" / "blue" / "broken.png").write_bytes(b"")
+
+    def crash(self):
+        raise RuntimeError("killed while exporting")
+
+    monkeypatch.setattr(Finetuner, "write_outputs", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        finetune_run(root, tmp_path / "run", epochs=1)
+    monkeypatch.undo()
+    result = finetune_run(root, tmp_path / "run", epochs=1, resume=True)
+    assert (result["val_bad_files"], result["val_images"]) == (1, 6)
+    assert result["bad_files"] == [str(root / "val" / "blue" / "broken.png")]

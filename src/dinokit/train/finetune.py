@@ -177,6 +177,7 @@ class Finetuner:
             self.iteration, self.history = self.checkpoint["iteration"], list(self.checkpoint["history"])
             self.epoch_loss, self.elapsed = list(self.checkpoint["epoch_loss"]), self.checkpoint["elapsed_seconds"]
             self.train_bad = set(self.checkpoint["train_bad_files"])
+            self.val_bad = set(self.checkpoint.get("val_bad_files", []))  # a finished run evaluates no more
         self.model.to(device)
         self.net = self.model  # what the fine-tuning step calls: the model, or its DDP wrapper
         if dist.is_distributed():
@@ -350,7 +351,7 @@ class Finetuner:
         return set().union(*(set(p) for p in dist.all_gather_objects(sorted(paths))))
 
     def save(self, elapsed: float) -> None:
-        self.train_bad = self.shared(self.train_bad)
+        self.train_bad, self.val_bad = self.shared(self.train_bad), self.shared(self.val_bad)
         state = {
             "iteration": self.iteration,
             "global_batch": self.global_batch,
@@ -358,6 +359,7 @@ class Finetuner:
             "history": self.history,
             "epoch_loss": self.epoch_loss,
             "train_bad_files": sorted(self.train_bad),
+            "val_bad_files": sorted(self.val_bad),
             "start": self.start,
             "backbone_config": self.model.backbone.config.to_dict(),
             "classes": self.classes,
