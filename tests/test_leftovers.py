@@ -307,3 +307,19 @@ def test_picture_outputs_must_be_named_png(tmp_path, capsys):
         assert "is written as PNG, so its name must end in .png" in err and str(tmp_path / hint) in err
         assert not (tmp_path / out).exists()
     assert cli.main(["visualize", "attention", *common, f"out={tmp_path / 'a9.png'}"]) == 0
+
+
+def test_a_folder_for_one_image_and_an_image_for_a_labelled_set_are_named_as_such(tmp_path, capsys):
+    """visualize similarity image=photos/ said 'Is a directory ... check that the file is a complete
+    image'; eval knn train=photos/cat.jpg said it was 'neither an image nor a text list'."""
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "photos" / "cat.jpg")
+    weights = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "nano.safetensors")
+    args = [f"model={weights}", f"image={tmp_path / 'photos'}", "x=1", "y=1", f"out={tmp_path / 's.png'}"]
+    assert cli.main(["visualize", "similarity", *args, "image_size=16"]) == 2
+    err = capsys.readouterr().err
+    assert "it is a folder. Pass one image file there (a file inside it, e.g." in err and "cat.jpg" in err
+    cat = tmp_path / "photos" / "cat.jpg"
+    args = ["model=random:vit_nano_p2", f"train={cat}", f"val={cat}", f"out={tmp_path / 'k'}", "image_size=16"]
+    assert cli.main(["eval", "knn", *args]) == 2
+    assert "is one image; a labelled dataset is a folder of <class>/<image files> folders" in capsys.readouterr().err

@@ -171,12 +171,21 @@ def open_image(path: str | Path, rgb: bool = False, what: str = "image") -> Imag
             return to_rgb(im) if rgb else im.copy()
     except Exception as err:  # damaged files make Pillow raise OSError, ValueError, SyntaxError, TypeError, ...
         reason = "not an image format Pillow recognises" if isinstance(err, UnidentifiedImageError) else str(err)
-        error = UnreadableImage(
-            f"cannot read the {what} {path}: {reason}. Check that the file is a complete image "
-            "(jpg, png, webp, bmp, tiff), or remove it from the input."
-        )
+        fix = "Check that the file is a complete image (jpg, png, webp, bmp, tiff), or remove it from the input."
+        if isinstance(err, IsADirectoryError):  # e.g. a folder given where one image is taken
+            reason, fix = "it is a folder", f"Pass one {what} file there (a file inside it, e.g. {example_in(path)})."
+        error = UnreadableImage(f"cannot read the {what} {path}: {reason}. {fix}")
         error.reason = reason
         raise error from err
+
+
+def example_in(folder: str | Path) -> str:
+    """The first image file under `folder` (for an error's example), or `folder/<name>.jpg`."""
+    try:
+        found = next((p for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS), None)
+    except OSError:  # unreadable folder
+        found = None
+    return str(found or Path(folder) / "<name>.jpg")
 
 
 def upright(im: Image.Image) -> Image.Image:

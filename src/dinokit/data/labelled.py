@@ -23,6 +23,11 @@ def read_labelled(
         ]
         if not pairs:
             raise DinokitError(f"no labelled images under {source}: expected {source}/<class name>/<image files>")
+    elif source.is_file() and source.suffix.lower() in IMAGE_EXTENSIONS:  # read as a list, it fails oddly
+        raise DinokitError(
+            f"{source} is one image; a labelled dataset is a folder of <class>/<image files> folders, or a "
+            "CSV of `path,label` lines"
+        )
     elif source.is_file():
         pairs = []
         for path, label in read_list_file(source):
