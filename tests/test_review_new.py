@@ -127,3 +127,18 @@ def test_finetune_resumed_after_its_last_epoch_still_counts_the_unreadable_val_f
     result = finetune_run(root, tmp_path / "run", epochs=1, resume=True)
     assert (result["val_bad_files"], result["val_images"]) == (1, 6)
     assert result["bad_files"] == [str(root / "val" / "blue" / "broken.png")]
+
+
+def test_a_continued_run_resumed_with_its_first_command_keeps_the_sources_objective(distilled_run, tmp_path):
+    """continue_from= replaces head_prototypes=999 by the source's 64; resumed with the same command,
+    the given 999 was taken (the source is not read again) and loading the checkpoint failed with a
+    RuntimeError of size mismatches. The saved objective and head sizes hold now."""
+    data, teacher, _ = distilled_run
+    keys = dict(continue_from=str(teacher), head_prototypes=999, epochs=1.0)
+    run(data, tmp_path / "full", max_iterations=4, **keys)
+    run(data, tmp_path / "split", max_iterations=2, **keys)
+    run(data, tmp_path / "split", max_iterations=4, resume=True, **keys)
+    assert yaml.safe_load((tmp_path / "split" / "config.yaml").read_text())["head_prototypes"] == 64
+    full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000004.pt")["model"]
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "checkpoint_00000004.pt")["model"]
+    assert all(torch.equal(full[k], split[k]) for k in full)
