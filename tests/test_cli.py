@@ -301,3 +301,19 @@ def test_version_and_a_closed_output_pipe(capsys):
     finally:
         os.close(write_end)
     assert (done.returncode, done.stderr) == (1, "")
+
+
+def test_the_help_page_reads_summaries_without_importing_the_commands():
+    """`dinokit --help` imported every command module (torchvision, the trainer, faiss): 6 s for a page."""
+    import inspect
+    import subprocess
+    import sys
+
+    from dinokit.cli import COMMANDS, resolve_command, summary_line
+
+    for name in COMMANDS:
+        assert summary_line(name) == inspect.getdoc(resolve_command(name)).splitlines()[0], name
+    heavy = "('torchvision', 'dinokit.train', 'faiss')"
+    code = f"import sys; from dinokit.cli import main_help; main_help(); print([m for m in {heavy} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
