@@ -1,6 +1,7 @@
 """Defects found in review of distill_from=, continue_from=, finetune and predict classification."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -142,3 +143,27 @@ def test_a_continued_run_resumed_with_its_first_command_keeps_the_sources_object
     full = load_checkpoint(tmp_path / "full" / "checkpoints" / "checkpoint_00000004.pt")["model"]
     split = load_checkpoint(tmp_path / "split" / "checkpoints" / "checkpoint_00000004.pt")["model"]
     assert all(torch.equal(full[k], split[k]) for k in full)
+
+
+def test_predict_finds_the_fine_tuned_backbone_beside_its_head_in_a_moved_run_folder(tmp_path):
+    """classifier.safetensors records its backbone as an absolute path in the same run folder: once the
+    folder was moved (or copied to another machine), predict failed ('cannot be loaded') though the
+    backbone was beside the head. It reads it from there now (the weights hash still checked)."""
+    import shutil
+
+    from test_finetune import colour_images
+    from test_finetune import run as finetune_run
+
+    from dinokit.eval.classification import predict_classification
+
+    root = colour_images(tmp_path / "d", {"train": 4, "val": 2})
+    finetune_run(root, tmp_path / "run", epochs=1)
+    before = predict_classification(str(tmp_path / "run"), str(root / "val"), str(tmp_path / "a.json"), num_workers=0)
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    after = predict_classification(str(tmp_path / "moved"), str(root / "val"), str(tmp_path / "b.json"), num_workers=0)
+    assert Path(after).read_text() == Path(before).read_text()
+    other = tmp_path / "other.safetensors"
+    shutil.copy(tmp_path / "moved" / "backbone.safetensors", other)
+    (tmp_path / "moved" / "backbone.safetensors").write_bytes(other.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(DinokitError, match="weights hash"):
+        predict_classification(str(tmp_path / "moved"), str(root / "val"), str(tmp_path / "c.json"), num_workers=0)

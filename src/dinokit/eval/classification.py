@@ -358,9 +358,10 @@ def predict_classification(
     if out_path.suffix.lower() not in PREDICTION_FORMATS:
         raise DinokitError(f"out={out} must end in .csv or .json (the format of the predictions file)")
     prepare_output(out_path, example="predictions.csv", create=False)
-    state, meta = load_head_file(head_in_folder(head), "classification")
+    head_file = head_in_folder(head)
+    state, meta = load_head_file(head_file, "classification")
     classes = meta["classes"]
-    backbone = backbone_for_head(meta, model, device)
+    backbone = backbone_for_head(meta, model, device, head_file)
     dev = next(backbone.model.parameters()).device
     weight, bias = state["weight"].to(dev), state["bias"].to(dev)
     paths = list_images(images)

@@ -85,8 +85,14 @@ def head_inputs(backbone: Backbone, paths: list[Path], meta: dict, which: tuple[
     return iter_features(backbone.model, paths, transform, which, meta["layers"], meta["norm"], **loader)
 
 
-def backbone_for_head(meta: dict, model: str | None, device: str) -> Backbone:
-    """The backbone a head was trained on (from its metadata, or `model=`), checked by weights hash."""
+def backbone_for_head(meta: dict, model: str | None, device: str, head: Path | None = None) -> Backbone:
+    """The backbone a head was trained on (from its metadata, or `model=`), checked by weights hash.
+    head: the head file; a recorded local model no longer at its path but beside the head under its
+    name (a fine-tuning run folder copied or moved whole) is read from there."""
+    recorded = Path(meta["model"])
+    beside = None if head is None else Path(head).parent / recorded.name
+    if model is None and beside is not None and recorded.is_absolute() and not recorded.exists() and beside.exists():
+        model = str(beside)
     try:
         backbone = prepare_backbone(model or meta["model"], device, meta.get("seed", 0))
     except DinokitError as e:
