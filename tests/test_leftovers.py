@@ -323,3 +323,27 @@ def test_a_folder_for_one_image_and_an_image_for_a_labelled_set_are_named_as_suc
     args = ["model=random:vit_nano_p2", f"train={cat}", f"val={cat}", f"out={tmp_path / 'k'}", "image_size=16"]
     assert cli.main(["eval", "knn", *args]) == 2
     assert "is one image; a labelled dataset is a folder of <class>/<image files> folders" in capsys.readouterr().err
+
+
+def test_a_command_refuses_another_commands_out_folder(tmp_path, capsys):
+    """embed into a pretraining run, index build into its own features folder, eval knn into an
+    embedding, pretrain into an eval folder: each succeeded and left the two commands' files mixed."""
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    weights = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "nano.safetensors")
+    emb = tmp_path / "emb"
+    embed(model=weights, data=str(tmp_path / "a.png"), out=str(emb), image_size=16, num_workers=0)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("objective: dinov2\n")
+    (tmp_path / "knn").mkdir()
+    (tmp_path / "knn" / "knn.json").write_text("{}")
+    attempts = [
+        (["embed", f"model={weights}", f"data={tmp_path / 'a.png'}", f"out={tmp_path / 'run'}"], "a training run"),
+        (["index", "build", f"features={emb}", f"out={emb}"], "an embedding (dinokit embed)"),
+        (["eval", "knn", f"model={weights}", f"train={tmp_path}", f"val={tmp_path}", f"out={emb}"], "an embedding"),
+        (["pretrain", f"data={tmp_path / 'a.png'}", f"out={tmp_path / 'knn'}", "max_iterations=1"], "eval knn results"),
+    ]
+    for argv, holds in attempts:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"holds {holds}" in err and "choose another out folder" in err, (argv, err)
+    assert sorted(p.name for p in (tmp_path / "knn").iterdir()) == ["knn.json"]  # nothing written there

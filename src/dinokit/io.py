@@ -139,6 +139,33 @@ def prepare_output(
     return path
 
 
+# The file that marks a folder as the output of a command: one command's out folder given to another
+# would mix their files (a pretraining run's checkpoints beside an embedding's shards, ...).
+OUTPUT_MARKERS = {
+    "config.yaml": "a training run (dinokit pretrain / finetune)",
+    "embed_config.json": "an embedding (dinokit embed)",
+    "index.json": "a retrieval index (dinokit index build)",
+    "knn.json": "eval knn results",
+    "linear.json": "eval linear results",
+    "segmentation.json": "eval segmentation results",
+    "depth.json": "eval depth results",
+    "segment.json": "dinokit segment results",
+    "curation.json": "a curation step (dinokit curate)",
+}
+
+
+def refuse_other_outputs(folder: str | Path, own: tuple[str, ...], command: str) -> None:
+    """A DinokitError, before any work, where `folder` holds another command's output (an
+    OUTPUT_MARKERS file not among `own`, the markers `command` itself writes or shares)."""
+    folder = Path(folder).expanduser()
+    found = [name for name in OUTPUT_MARKERS if name not in own and (folder / name).is_file()]
+    if found:
+        raise DinokitError(
+            f"out={folder} holds {OUTPUT_MARKERS[found[0]]} ({found[0]}), which {command} would mix its own "
+            "files with: choose another out folder"
+        )
+
+
 def read_json(path: str | Path, fix: str = "download or export it again"):
     """Parsed JSON of `path`; a damaged file gets a DinokitError naming it and `fix`, what to do."""
     try:

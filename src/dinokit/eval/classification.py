@@ -23,7 +23,7 @@ from dinokit.eval.common import (
 from dinokit.eval.heads import head_metadata, save_head
 from dinokit.eval.knn import DEFAULT_KS, few_shot_indices, few_shot_ks, knn_classify, topk_accuracy
 from dinokit.eval.linear import LEARNING_RATES, ProbeSplit, head_grid, linear_classifier, linear_probe
-from dinokit.io import atomic_write, prepare_output, write_json
+from dinokit.io import atomic_write, prepare_output, refuse_other_outputs, write_json
 from dinokit.runtime import resolve_device
 
 # k-NN and the linear probes share one cache entry: the normed CLS of the last (up to) 4 blocks and the
@@ -105,6 +105,7 @@ def eval_knn(
     if few_shot and few_shot_tries < 1:
         raise DinokitError(f"few_shot_tries must be >= 1 (draws per few_shot size), got {few_shot_tries}")
     prepare_output(out, folder=True, create=False)  # before the features are extracted
+    refuse_other_outputs(out, ("knn.json", "linear.json"), "dinokit eval")
     train_split, val_split, _ = read_splits(train, val)  # a missing val fails before train's features
     backbone = prepare_backbone(model, device, seed)
     check_model_input_size(backbone.model, image_size)
@@ -233,6 +234,7 @@ def eval_linear(
     # each value once, as the grid and its record hold it
     n_last_blocks, avgpool, learning_rates = (list(dict.fromkeys(v)) for v in (n_last_blocks, avgpool, learning_rates))
     prepare_output(out, folder=True, create=False)  # before the features are extracted
+    refuse_other_outputs(out, ("knn.json", "linear.json"), "dinokit eval")
     train_split, val_split, selection_split = read_splits(train, val, selection)
     dev = resolve_device(device)
     backbone = prepare_backbone(model, device, seed)

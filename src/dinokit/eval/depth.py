@@ -39,7 +39,7 @@ from dinokit.eval.dense import (
 from dinokit.eval.heads import backbone_for_head, head_metadata, load_head_file, save_head
 from dinokit.eval.metrics import depth_errors, mean_depth_errors
 from dinokit.eval.visualize import colour_depth, save_panel
-from dinokit.io import atomic_write, prepare_output, write_json
+from dinokit.io import atomic_write, prepare_output, refuse_other_outputs, write_json
 from dinokit.runtime import resolve_device
 
 DEPTH_EXTS = (".png", ".npy", ".tif", ".tiff")
@@ -169,6 +169,7 @@ def eval_depth(
         )
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
+    refuse_other_outputs(out_dir, ("segmentation.json", "depth.json"), "dinokit eval")
     with results_folder(out_dir, "depth"):  # one run at a time in out
         backbone = prepare_backbone(model, device, seed)
         layers = depth_blocks(len(backbone.model.blocks), n_layers)

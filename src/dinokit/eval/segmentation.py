@@ -31,7 +31,7 @@ from dinokit.eval.dense import (
 from dinokit.eval.heads import backbone_for_head, head_metadata, load_head_file, save_head
 from dinokit.eval.metrics import confusion_matrix, segmentation_scores
 from dinokit.eval.visualize import colour_mask, save_panel
-from dinokit.io import atomic_write, prepare_output, write_json
+from dinokit.io import atomic_write, prepare_output, refuse_other_outputs, write_json
 from dinokit.runtime import resolve_device
 
 MASK_EXTS = (".png", ".tif", ".tiff", ".bmp")
@@ -144,6 +144,7 @@ def eval_segmentation(
     check_training(epochs, train_batch_size, lr, weight_decay)
     dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
+    refuse_other_outputs(out_dir, ("segmentation.json", "depth.json"), "dinokit eval")
     with results_folder(out_dir, "segmentation"):  # one run at a time in out
         backbone = prepare_backbone(model, device, seed)
         depth = len(backbone.model.blocks)

@@ -43,7 +43,7 @@ from dinokit.features.store import (
     shard_path,
     write_shard,
 )
-from dinokit.io import folder_lock, prepare_output, read_json, write_json
+from dinokit.io import folder_lock, prepare_output, read_json, refuse_other_outputs, write_json
 from dinokit.models import load_model
 from dinokit.runtime import effective_precision, resolve_device
 
@@ -87,6 +87,7 @@ def embed(
     if shard_size is not None and shard_size < 0:
         raise DinokitError(f"shard_size must be a positive number of images (0 or none: automatic), got {shard_size}")
     prepare_output(out, folder=True, create=False)
+    refuse_other_outputs(out, ("embed_config.json",), "dinokit embed")
     # gloo even on GPUs: processes only wait for each other and gather counts, never move tensors; the
     # timeout is long because they wait for each other only at the very end.
     joined = launched_by_torchrun() and not is_distributed()

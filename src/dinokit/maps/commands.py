@@ -23,7 +23,7 @@ from dinokit.data.images import (
 )
 from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
-from dinokit.io import prepare_output, write_json
+from dinokit.io import prepare_output, refuse_other_outputs, write_json
 from dinokit.maps.attention import attention_maps
 from dinokit.maps.pca import patch_features, pca_rgb
 from dinokit.maps.render import (
@@ -243,6 +243,7 @@ def segment(
         raise DinokitError(f"{len(references)} reference images but {len(masks)} reference masks: give one mask each")
     check_threshold(threshold)
     prepare_output(out, folder=True, create=False)
+    refuse_other_outputs(out, ("segment.json",), "dinokit segment")
     net = load(model, device)
     refs = []
     for ref, mask_path in zip(references, masks, strict=True):

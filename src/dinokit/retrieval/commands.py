@@ -11,7 +11,7 @@ from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
 from dinokit.features.store import read_embeddings, read_manifest
-from dinokit.io import folder_lock, prepare_output, write_json
+from dinokit.io import folder_lock, prepare_output, refuse_other_outputs, write_json
 from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
 from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex, built_options
@@ -44,6 +44,7 @@ def build_index(
     structure = {"kind": kind, "nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "hnsw_m": hnsw_m}
     given = {key: value for key, value in structure.items() if value is not None}
     prepare_output(out, folder=True, create=False)
+    refuse_other_outputs(out, ("index.json",), "dinokit index build")
     vectors, paths, embedding = read_vectors(features, feature)
     # one writer at a time: two adds would both write generation g + 1 (one add lost, or one's vectors
     # listed with the other's paths); the second waits and adds to the first's result

@@ -45,7 +45,7 @@ from dinokit.data.unlabelled import MultiCropDataset, StreamBatchSampler
 from dinokit.errors import DinokitError
 from dinokit.eval.common import Backbone, make_transform, prepare_backbone, protocol_record, read_splits
 from dinokit.eval.heads import head_metadata, save_head
-from dinokit.io import atomic_write, folder_lock, prepare_output, write_json
+from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs, write_json
 from dinokit.models import VisionTransformer, export_model
 from dinokit.models.vision_transformer import ViTConfig
 from dinokit.runtime import StopSignals, autocast, effective_precision, ignore_stop_signals, resolve_device
@@ -82,6 +82,7 @@ def finetune(
     """
     given = {**{k: v for k, v in dict(model=model, train=train, val=val).items() if v is not None}, **keys}
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
+    refuse_other_outputs(out_dir, ("config.yaml",), "dinokit finetune")
     main = dist.launched_as_process_0()
     # one run per folder: a second one (e.g. resume=true while the first still runs) is refused
     with folder_lock(out_dir, "a fine-tuning run", wait=False) if main else contextlib.nullcontext():

@@ -33,7 +33,7 @@ from dinokit.data.unlabelled import (
 )
 from dinokit.errors import DinokitError, SharedError
 from dinokit.eval.backbone import weights_hash
-from dinokit.io import atomic_write, folder_lock, prepare_output
+from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs
 from dinokit.models import create_model, export_model, load_model
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
@@ -437,6 +437,7 @@ def pretrain(
     )
     keys = {**{k: v for k, v in given.items() if v is not None}, **keys}
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
+    refuse_other_outputs(out_dir, ("config.yaml",), "dinokit pretrain")
     # one run per folder: a second one (e.g. resume=true while the first still runs) is refused, as
     # both would write its checkpoints and metrics. Process 0 of torchrun (RANK, before init) holds it.
     main = dist.launched_as_process_0()
