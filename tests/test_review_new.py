@@ -167,3 +167,15 @@ def test_predict_finds_the_fine_tuned_backbone_beside_its_head_in_a_moved_run_fo
     (tmp_path / "moved" / "backbone.safetensors").write_bytes(other.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(DinokitError, match="weights hash"):
         predict_classification(str(tmp_path / "moved"), str(root / "val"), str(tmp_path / "c.json"), num_workers=0)
+
+
+def test_a_distillation_resumed_with_ibot_loss_weight_0_keeps_its_ibot(distilled_run, tmp_path):
+    """ibot_loss_weight may be given on resume (the teacher's value replaces it), but 0 now means
+    CLS-only distillation: a run that started with iBOT keeps it instead of failing to load its
+    checkpoint into a model without iBOT."""
+    data, teacher, _ = distilled_run
+    out = tmp_path / "student"
+    run(data, out, max_iterations=2, distill_from=str(teacher))
+    run(data, out, max_iterations=4, distill_from=str(teacher), ibot_loss_weight=0, resume=True)
+    assert yaml.safe_load((out / "config.yaml").read_text())["ibot_loss_weight"] == 1.0
+    assert all("ibot_loss" in row for row in read_metrics(out / "metrics.jsonl"))

@@ -485,12 +485,12 @@ class Trainer:
                 cfg = replace(cfg, batch_size=saved_global // world)
             # another run's objective and heads (already so in a resumed config)
             teacher_run, continued, self.notes_from_run = None, None, []
+            if self.checkpoint is not None and (cfg.continue_from or cfg.distill_from):  # as when it started,
+                saved = self.checkpoint["config"]  # whatever is given: the objective it took from the other run
+                cfg = replace(cfg, **{key: saved[key] for key in OBJECTIVE_KEYS if key in saved})
             if cfg.distill_from:
                 teacher_run = read_run(teacher_checkpoint(cfg.distill_from, self.checkpoint), "distill_from")
                 cfg, self.notes_from_run = distillation_config(cfg, teacher_run)
-            if cfg.continue_from and self.checkpoint is not None:  # the objective it took from its source
-                saved = self.checkpoint["config"]
-                cfg = replace(cfg, **{key: saved[key] for key in OBJECTIVE_KEYS if key in saved})
             if cfg.continue_from and self.checkpoint is None:  # a resumed one holds the weights itself
                 continued = read_run(cfg.continue_from, "continue_from")
                 cfg, self.notes_from_run = settings_from_run(cfg, continued)
