@@ -11,6 +11,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
+from typing import NoReturn
 
 import torch
 
@@ -228,6 +229,17 @@ class StopSignals:
             raise KeyboardInterrupt
         if self.requested == "SIGTERM":
             raise SystemExit(128 + signal.SIGTERM)
+
+    def end_run(self, command: str, stopped_by: str, iteration: int, out, announce: bool) -> NoReturn:
+        """A training run stopped with a checkpoint at `iteration`: say how to resume it (`announce`: on
+        process 0), then stop as the signal asks; a process that did not receive it stops too."""
+        if announce:
+            print(
+                f"{command}: stopped by {stopped_by} at iteration {iteration}, checkpoint saved; the same "
+                f"command with resume=true continues the run (out={out})"
+            )
+        self.raise_requested()
+        raise KeyboardInterrupt
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

@@ -439,13 +439,7 @@ class Finetuner:
         if stopped_by is not None:
             self.fold(window)  # the steps since the last row count towards this epoch's train loss
             self.save(elapsed)
-            if self.main:
-                print(
-                    f"finetune: stopped by {stopped_by} at iteration {self.iteration}, checkpoint saved; the same "
-                    f"command with resume=true continues the run (out={self.out})"
-                )
-            stop.raise_requested()
-            raise KeyboardInterrupt  # a process that did not receive the signal itself stops too
+            stop.end_run("finetune", stopped_by, self.iteration, self.out, self.main)
         return self.finish()
 
     def fold(self, window: torch.Tensor) -> torch.Tensor:

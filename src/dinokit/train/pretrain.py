@@ -871,13 +871,7 @@ class Trainer:
                 log.close()
         self.save(elapsed)
         if stopped_by is not None:
-            if self.main:
-                print(
-                    f"pretrain: stopped by {stopped_by} at iteration {self.iteration}, checkpoint saved; "
-                    f"the same command with resume=true continues the run (out={self.out})"
-                )
-            stop.raise_requested()
-            raise KeyboardInterrupt  # a process that did not receive the signal itself stops too
+            stop.end_run("pretrain", stopped_by, self.iteration, self.out, self.main)
         state = model_state(self.model, self.fsdp) if self.fsdp else None  # a collective: every process
         with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
             backbone = export_backbone(self.model, self.out / "backbone.safetensors", state)
