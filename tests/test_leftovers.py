@@ -347,3 +347,12 @@ def test_a_command_refuses_another_commands_out_folder(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"holds {holds}" in err and "choose another out folder" in err, (argv, err)
     assert sorted(p.name for p in (tmp_path / "knn").iterdir()) == ["knn.json"]  # nothing written there
+
+
+def test_finetune_refuses_a_head_init_std_that_is_not_positive():
+    from dinokit.train.finetune_config import resolve_config
+
+    keys = {"model": "random:vit_nano_p2", "train": "t", "val": "v"}
+    assert resolve_config({**keys, "head_init_std": 0.01}).head_init_std == 0.01
+    with pytest.raises(DinokitError, match="head_init_std must be > 0"):
+        resolve_config({**keys, "head_init_std": -1})

@@ -101,6 +101,7 @@ def validate(c: FinetuneConfig) -> None:
                 f"adamw_betas must be [beta1, beta2], each in [0, 1), got {c.adamw_betas}",
             ),
             (c.clip_grad >= 0, f"clip_grad must be >= 0 (0 = off), got {c.clip_grad}"),
+            (c.head_init_std > 0, f"head_init_std must be > 0 (MAE 2e-5, DINOv2 0.01), got {c.head_init_std}"),
             (0 <= c.drop_path_rate < 1, f"drop_path_rate must lie in [0, 1), got {c.drop_path_rate}"),
             (0 <= c.label_smoothing < 1, f"label_smoothing must lie in [0, 1), got {c.label_smoothing}"),
             (
