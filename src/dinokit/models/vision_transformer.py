@@ -74,6 +74,12 @@ def rectangular_grid_error(found: str) -> DinokitError:
     )
 
 
+def drop_path_rates(rate: float, depth: int, uniform: bool = False) -> list[float]:
+    """Per-block stochastic depth: `rate` everywhere (uniform, DINOv2's recipes), else rising linearly
+    from 0 at the first block to `rate` at the last."""
+    return [rate] * depth if uniform else [rate * i / max(depth - 1, 1) for i in range(depth)]
+
+
 class VisionTransformer(nn.Module):
     """DINOv2 / DINO ViT. (B, 3, H, W) with H, W multiples of the patch size -> normed CLS (B, D)."""
 
@@ -99,10 +105,7 @@ class VisionTransformer(nn.Module):
         )
         self.mask_token = nn.Parameter(torch.zeros(1, d)) if cfg.mask_token else None
 
-        if cfg.drop_path_uniform:
-            rates = [cfg.drop_path_rate] * cfg.depth
-        else:
-            rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        rates = drop_path_rates(cfg.drop_path_rate, cfg.depth, cfg.drop_path_uniform)
         self.blocks = nn.ModuleList(
             Block(
                 d,
@@ -122,6 +125,11 @@ class VisionTransformer(nn.Module):
         self.head = nn.Identity()
         self.cpu_inference_tokens = 1024
         self.init_weights()
+
+    def set_drop_path(self, rate: float, uniform: bool = False) -> None:
+        """Stochastic depth for training (`drop_path_rates`), whatever the config was built with."""
+        for block, block_rate in zip(self.blocks, drop_path_rates(rate, len(self.blocks), uniform), strict=True):
+            block.drop_path_rate = block_rate
 
     def init_weights(self) -> None:
         """Official init: pos_embed and Linear weights trunc_normal(0.02), CLS and registers normal(1e-6)."""

@@ -33,13 +33,6 @@ class Classifier(nn.Module):
         return self.head(self.features(images))
 
 
-def set_drop_path(backbone: VisionTransformer, rate: float) -> None:
-    """Stochastic depth rising linearly from 0 at the first block to `rate` at the last (ViTConfig's rule)."""
-    depth = len(backbone.blocks)
-    for i, block in enumerate(backbone.blocks):
-        block.drop_path_rate = rate * i / max(depth - 1, 1)
-
-
 def finetune_groups(model: Classifier, layer_decay: float) -> list[dict]:
     """AdamW groups (`dinokit.train.optim.param_groups`): head and final norm lr x 1, block i
     x decay^(L - i), patch embed, CLS, position embedding and registers x decay^(L + 1); weight decay

@@ -50,7 +50,7 @@ from dinokit.models import VisionTransformer, export_model
 from dinokit.models.vision_transformer import ViTConfig
 from dinokit.runtime import StopSignals, autocast, effective_precision, ignore_stop_signals, resolve_device
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from dinokit.train.classifier import Classifier, finetune_groups, set_drop_path
+from dinokit.train.classifier import Classifier, finetune_groups
 from dinokit.train.finetune_config import RESUMABLE_KEYS, RUN_FACTS, FinetuneConfig, resolve_config
 from dinokit.train.metrics_log import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, scale_lr
@@ -168,7 +168,7 @@ class Finetuner:
 
         torch.manual_seed(cfg.seed)  # the same head in every process
         self.model = Classifier(backbone.float(), len(self.classes), cfg.avgpool, cfg.head_init_std)
-        set_drop_path(self.model.backbone, cfg.drop_path_rate)
+        self.model.backbone.set_drop_path(cfg.drop_path_rate)  # rising to drop_path_rate at the last block
         self.iteration, self.history, self.elapsed = 0, [], 0.0
         self.epoch_loss = [0.0, 0]  # this epoch's summed loss over every process and step, steps
         self.train_bad: set[str] = set()

@@ -101,11 +101,7 @@ def build_backbone(cfg: PretrainConfig, resumed_config: dict | None = None) -> V
             backbone = create_model(cfg.arch, **overrides)
         except (ValueError, TypeError) as e:
             raise DinokitError(str(e)) from None
-    depth = len(backbone.blocks)
-    for i, block in enumerate(backbone.blocks):
-        block.drop_path_rate = (
-            cfg.drop_path_rate if cfg.drop_path_uniform else cfg.drop_path_rate * i / max(depth - 1, 1)
-        )
+    backbone.set_drop_path(cfg.drop_path_rate, cfg.drop_path_uniform)
     return backbone
 
 
