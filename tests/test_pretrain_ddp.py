@@ -441,7 +441,7 @@ elif "WHICH" == "metrics":  # metrics.jsonl, opened (on resume: rewritten) befor
 elif "WHICH" == "metrics_row":  # a row of metrics.jsonl, written after the processes reduced its figures
     pretrain.MetricsLog.write = lambda log, row: full_disk("metrics.jsonl")
 elif "WHICH" == "backbone":
-    pretrain.export_model = lambda model, path, **kwargs: full_disk(path)
+    importlib.import_module("dinokit.train.checkpoint").export_model = lambda model, path, **kwargs: full_disk(path)
 else:
     pretrain.save_checkpoint = lambda folder, *args: full_disk(folder / "checkpoint.pth")
 sys.exit(main(["pretrain", *sys.argv[1:]]))

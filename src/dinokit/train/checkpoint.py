@@ -15,8 +15,8 @@ import torch
 
 from dinokit.errors import DinokitError
 from dinokit.io import atomic_write
-from dinokit.models.loading import load_model
-from dinokit.models.vision_transformer import ViTConfig
+from dinokit.models.loading import export_model, load_model
+from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 
 PATTERN = re.compile(r"checkpoint_(\d+)\.pt$")
 
@@ -58,6 +58,14 @@ def load_checkpoint(path: str | Path) -> dict:
         raise DinokitError(
             f"checkpoint {path} could not be read ({e}); delete it to resume from the previous one"
         ) from None
+
+
+def export_trained_backbone(config: ViTConfig, state: dict[str, torch.Tensor], path: str | Path) -> str:
+    """A run's backbone (`config`, weights `state`) as dinokit safetensors at `path`: fp32, eval mode,
+    without the stochastic depth it trained with; returns the path."""
+    backbone = VisionTransformer(replace(config, drop_path_rate=0.0))
+    backbone.load_state_dict(state)
+    return export_model(backbone.float().eval(), path, format="dinokit")
 
 
 # ---------------------------------------------------------------------------------- another run's state

@@ -46,10 +46,10 @@ from dinokit.errors import DinokitError
 from dinokit.eval.common import Backbone, make_transform, prepare_backbone, protocol_record, read_splits
 from dinokit.eval.heads import head_metadata, save_head
 from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs, write_json
-from dinokit.models import VisionTransformer, export_model
+from dinokit.models import VisionTransformer
 from dinokit.models.vision_transformer import ViTConfig
 from dinokit.runtime import StopSignals, autocast, effective_precision, ignore_stop_signals, resolve_device
-from dinokit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from dinokit.train.checkpoint import export_trained_backbone, list_checkpoints, load_checkpoint, save_checkpoint
 from dinokit.train.classifier import Classifier, finetune_groups
 from dinokit.train.finetune_config import RESUMABLE_KEYS, RUN_FACTS, FinetuneConfig, resolve_config
 from dinokit.train.metrics_log import MetricsLog
@@ -120,9 +120,7 @@ def collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor, list[int]]:
 
 def export_backbone(model: Classifier, path: Path) -> str:
     """The fine-tuned backbone as dinokit safetensors (fp32, eval mode, no stochastic depth)."""
-    backbone = VisionTransformer(replace(model.backbone.config, drop_path_rate=0.0))
-    backbone.load_state_dict(model.backbone.state_dict())
-    return export_model(backbone.float().eval(), path, format="dinokit")
+    return export_trained_backbone(model.backbone.config, model.backbone.state_dict(), path)
 
 
 class Finetuner:

@@ -34,13 +34,14 @@ from dinokit.data.unlabelled import (
 from dinokit.errors import DinokitError, SharedError
 from dinokit.eval.backbone import weights_hash
 from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs
-from dinokit.models import create_model, export_model, load_model
+from dinokit.models import create_model, load_model
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.runtime import StopSignals, autocast, ignore_stop_signals, resolve_device, reuse_freed_memory
 from dinokit.train.checkpoint import (
     OBJECTIVE_KEYS,
     RunState,
+    export_trained_backbone,
     list_checkpoints,
     load_checkpoint,
     read_run,
@@ -252,13 +253,11 @@ def export_backbone(model: SelfDistillation, path: Path, fsdp_state: dict | None
     if not dist.is_main_process():
         return None
     teacher = model.teacher.backbone
-    backbone = VisionTransformer(replace(teacher.config, drop_path_rate=0.0))
+    state = teacher.state_dict()
     if fsdp_state is not None:
         prefix = "teacher.backbone."
-        backbone.load_state_dict({k[len(prefix) :]: v for k, v in fsdp_state.items() if k.startswith(prefix)})
-    else:
-        backbone.load_state_dict(teacher.state_dict())
-    return export_model(backbone.float().eval(), path, format="dinokit")
+        state = {k[len(prefix) :]: v for k, v in fsdp_state.items() if k.startswith(prefix)}
+    return export_trained_backbone(teacher.config, state, path)
 
 
 # ---------------------------------------------------------------------------------------------- data
