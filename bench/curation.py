@@ -43,6 +43,7 @@ from dinokit.curation.kmeans import hierarchical_kmeans
 from dinokit.curation.sampling import hierarchical_sampling
 from dinokit.data.labelled import read_labelled
 from dinokit.features.embed import embed
+from dinokit.io import atomic_write
 from dinokit.retrieval.index import normalise
 
 # (levels, n_resamples) of section 2a; sample_size is half the average cluster size, as curate cluster's default
@@ -70,7 +71,7 @@ def near_copy(path: str, kind: str, out: Path, number: int) -> str:
 
 
 def write_list(path: Path, paths: list[str]) -> str:
-    path.write_text("".join(p + "\n" for p in paths))
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(p + "\n" for p in paths)))
     return str(path)
 
 

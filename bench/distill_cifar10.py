@@ -13,7 +13,6 @@ Needs ../shared/data/cifar10-jpg.tar.gz beside the repository (or --data with tr
 """
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ from learn_cifar10 import cifar10  # noqa: E402
 
 from dinokit.data.labelled import read_labelled  # noqa: E402
 from dinokit.demo import knn_top1  # noqa: E402
+from dinokit.io import write_json  # noqa: E402
 from dinokit.models import export_model, load_model  # noqa: E402
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig  # noqa: E402
 from dinokit.train.pretrain import pretrain  # noqa: E402
@@ -106,7 +106,7 @@ def main() -> None:
         "minutes": {k: v["minutes"] for k, v in runs.items()},
     }
     if args.json:
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import dinokit  # noqa: E402
 from dinokit.data.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from dinokit.features.embed import embed  # noqa: E402
 from dinokit.features.store import read_embeddings  # noqa: E402
+from dinokit.io import write_json  # noqa: E402
 
 # ../shared beside the checkout (CI, /work/main); a worktree one level deeper finds it one level up
 ARCHIVES = [base / "shared" / "data" / "cifar10-jpg.tar.gz" for base in (ROOT.parent, ROOT.parent.parent)]
@@ -193,7 +194,7 @@ def main() -> None:
     }
     print("targets met:", ", ".join(f"{k}: {v}" for k, v in met.items()))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

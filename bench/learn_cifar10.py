@@ -26,7 +26,6 @@ Needs ../shared/data/cifar10-jpg.tar.gz beside the repository (or --data with tr
 
 import argparse
 import copy
-import json
 import shutil
 import sys
 import tarfile
@@ -41,6 +40,7 @@ sys.path.insert(0, str(REPO / "src"))
 from dinokit.data.images import list_images, open_rgb  # noqa: E402
 from dinokit.data.labelled import read_labelled  # noqa: E402
 from dinokit.demo import knn_top1, raw_pixel_top1  # noqa: E402
+from dinokit.io import write_json  # noqa: E402
 from dinokit.models import load_model  # noqa: E402
 from dinokit.train.config import resolve_config  # noqa: E402
 from dinokit.train.pretrain import build_backbone, pretrain  # noqa: E402
@@ -230,7 +230,7 @@ def main() -> None:
             f"lightly: {lightly_summary['iterations']} iterations, {lightly_summary['epochs']:.3f} epochs -> "
             f"k-NN {results['lightly']['knn_top1']:.2f}%"
         )
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(args.out / "results.json", results)
 
     print("\n| method | k-NN top-1 (k=20) | iterations | epochs in budget | wall minutes (with set-up) |")
     print("|---|---|---|---|---|")
