@@ -44,6 +44,7 @@ COMMANDS: dict[str, str] = {
     "visualize attention": "dinokit.maps.commands:visualize_attention",
     "visualize pca": "dinokit.maps.commands:visualize_pca",
     "visualize similarity": "dinokit.maps.commands:visualize_similarity",
+    "visualize matches": "dinokit.maps.commands:visualize_matches",
     "segment": "dinokit.maps.commands:segment",
     "curate dedup": "dinokit.curation.commands:dedup",
     "curate cluster": "dinokit.curation.commands:cluster",

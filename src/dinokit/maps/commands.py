@@ -1,4 +1,4 @@
-"""The picture commands: `dinokit visualize attention | pca | similarity` and `dinokit segment`.
+"""The picture commands: `dinokit visualize attention | pca | similarity | matches` and `dinokit segment`.
 
 Each loads a model, reads the images whole (resize_policy 'aspect': short side = image_size, long
 side the nearest multiple of the patch size; or 'resize' to exactly image_size), computes the arrays
@@ -25,10 +25,12 @@ from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.io import prepare_output, refuse_other_outputs, write_json
 from dinokit.maps.attention import attention_maps
+from dinokit.maps.matching import best_match_similarity, check_options, match_patches
 from dinokit.maps.pca import patch_features, pca_rgb
 from dinokit.maps.render import (
     colorize,
     mask_overlay,
+    matches_figure,
     overlay,
     panel_figure,
     save_figure,
@@ -36,7 +38,7 @@ from dinokit.maps.render import (
     upsample,
 )
 from dinokit.maps.segment import check_threshold, segment_features
-from dinokit.maps.similarity import patch_similarity, pixel_to_patch
+from dinokit.maps.similarity import patch_similarity, patch_to_pixel, pixel_to_patch
 from dinokit.models import VisionTransformer, load_model
 from dinokit.runtime import resolve_device
 
@@ -131,11 +133,7 @@ def visualize_pca(
     Writes the PNG `out` (each image, its PCA colours, and its foreground mask); returns the
     explained variance ratios.
     """
-    if foreground_threshold is not None and not 0 <= foreground_threshold <= 1:
-        raise DinokitError(
-            f"foreground_threshold must be between 0 and 1 (the first component is scaled to [0, 1]), "
-            f"got {foreground_threshold}"
-        )
+    check_foreground_threshold(foreground_threshold)
     prepare_output(out, example="pca.png", create=False, suffix=".png")
     net = load(model, device)
     opened, bad = open_images(inputs_without_outputs(image, Path(out)))
@@ -208,6 +206,97 @@ def visualize_similarity(
     save_figure(out, panel_figure(panels, columns=3, title=f"{label(model)}: similarity of patch {patch}"))
     best = np.unravel_index(int(np.argmax(cos)), cos.shape)
     return {"out": out, "patch": list(patch), "best_match": [int(best[0]), int(best[1])], "max": float(cos.max())}
+
+
+def visualize_matches(
+    image: str,
+    other: str,
+    out: str,
+    model: str = "dinov2_vits14",
+    image_size: int = 448,
+    resize_policy: str = "aspect",
+    max_matches: int | None = 50,
+    min_similarity: float | None = None,
+    ratio: float | None = None,
+    foreground_threshold: float | None = None,
+    json: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """Patch matches between two images as a PNG: mutual nearest neighbours of their patch features.
+
+    Top: `image` and `other` side by side, a line between the centres of each matched patch pair,
+    coloured by cosine similarity. Below: each image with its best-match map (every patch's highest
+    cosine to any patch of the other image: the regions that drive a retrieval match).
+    max_matches: the sparse mode, at most this many pairs, the strongest spread out; none: every
+    mutual match (dense). min_similarity: a cosine floor. ratio: Lowe's ratio test (e.g. 0.8).
+    foreground_threshold (e.g. 0.5): match foreground patches only (PCA first component, as
+    `dinokit visualize pca`). json: also write the matches there: pixel (x, y) of the patch centres
+    in each original image, and their cosine.
+
+    Writes the PNG `out` (and `json`); returns the number of matches, the grids and the files.
+    """
+    check_options(min_similarity, max_matches, ratio)
+    check_foreground_threshold(foreground_threshold)
+    prepare_output(out, example="matches.png", create=False, suffix=".png")
+    if json is not None:
+        prepare_output(json, example="matches.json", create=False, suffix=".json")
+    pictures = [open_rgb(image), open_rgb(other)]  # unreadable or missing files: an error before the model loads
+    net = load(model, device)
+    inputs = [model_input(net, picture, image_size, resize_policy) for picture in pictures]
+    feats = patch_features(net, inputs)
+    foreground = None if foreground_threshold is None else pca_rgb(feats, foreground_threshold)["foreground"]
+    options = {"min_similarity": min_similarity, "ratio": ratio, "foreground": foreground}
+    candidates = len(match_patches(*feats, **options)["similarity"])
+    matches = match_patches(*feats, max_matches=max_matches, **options)
+    rgbs = [np.asarray(picture) for picture in pictures]
+    xy = [
+        np.stack(patch_to_pixel(*m.T, rgb.shape[:2], f.shape[:2]), axis=1)
+        for m, rgb, f in zip((matches["a"], matches["b"]), rgbs, feats, strict=True)
+    ]
+    best = best_match_similarity(*feats)
+    names = [Path(image).name, Path(other).name]
+    below = [
+        (f"{name}: best-match cosine {m.min():.2f}..{m.max():.2f}", heat_overlay(rgb, m))
+        for name, rgb, m in zip(names, rgbs, best, strict=True)
+    ]
+    n = len(matches["similarity"])
+    shown = f"{n} of {candidates}" if n < candidates else f"{n}"
+    filters = [f"foreground > {foreground_threshold}"] if foreground_threshold is not None else []
+    filters += [f"cosine >= {min_similarity}"] if min_similarity is not None else []
+    filters += [f"ratio test {ratio}"] if ratio is not None else []
+    title = (
+        f"{label(model)} at {tuple(inputs[0].shape[-2:])} and {tuple(inputs[1].shape[-2:])}: {shown} mutual "
+        f"nearest-neighbour patch matches" + (f" ({', '.join(filters)})" if filters else "")
+    )
+    save_figure(out, matches_figure(tuple(rgbs), tuple(xy), matches["similarity"], below, title))
+    if json is not None:
+        pairs = [
+            {"image": [round(float(v), 2) for v in p], "other": [round(float(v), 2) for v in q], "similarity": float(c)}
+            for p, q, c in zip(*xy, matches["similarity"], strict=True)
+        ]
+        write_json(
+            json,
+            {
+                "model": model,
+                "image": str(image),
+                "other": str(other),
+                "image_size": [rgbs[0].shape[1], rgbs[0].shape[0]],
+                "other_size": [rgbs[1].shape[1], rgbs[1].shape[0]],
+                "grid": list(feats[0].shape[:2]),
+                "other_grid": list(feats[1].shape[:2]),
+                "matches": pairs,
+            },
+        )
+    sims = matches["similarity"]
+    return {
+        "out": out,
+        "json": json,
+        "grid": list(feats[0].shape[:2]),
+        "other_grid": list(feats[1].shape[:2]),
+        "matches": n,
+        "candidates": candidates,
+        "similarity": [float(sims.min()), float(sims.max())] if n else [],
+    }
 
 
 def segment(
@@ -283,6 +372,14 @@ def segment(
         out_dir / "segment.json", {"model": model, "references": references, "results": results, "skipped": skipped}
     )
     return {"out": str(out_dir), "results": results, "skipped": skipped}
+
+
+def check_foreground_threshold(foreground_threshold: float | None) -> None:
+    if foreground_threshold is not None and not 0 <= foreground_threshold <= 1:
+        raise DinokitError(
+            f"foreground_threshold must be between 0 and 1 (the first component is scaled to [0, 1]), "
+            f"got {foreground_threshold}"
+        )
 
 
 def inputs_without_outputs(source: str, out: Path) -> list[Path]:

@@ -11,6 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.collections import LineCollection
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageOps
 
@@ -89,6 +92,48 @@ def panel_figure(panels: list[tuple[str, np.ndarray]], columns: int, title: str 
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def matches_figure(
+    images: tuple[np.ndarray, np.ndarray],
+    points: tuple[np.ndarray, np.ndarray],
+    values: np.ndarray,
+    below: list[tuple[str, np.ndarray]],
+    title: str,
+    cmap: str = "viridis",
+) -> Figure:
+    """Two uint8 images side by side (the second scaled to the first's height) with a line from
+    points[0][k] to points[1][k] ((N, 2) pixel (x, y) in each image) coloured by values[k] (colour
+    bar: cosine similarity), above a row of titled images `below` (e.g. heat overlays)."""
+    left, right = images
+    scale = left.shape[0] / right.shape[0]
+    right = np.asarray(Image.fromarray(right).resize((max(1, round(right.shape[1] * scale)), left.shape[0])))
+    canvas = np.concatenate([left, right], axis=1)
+    width = 8.0
+    below_height = max(width / len(below) * p.shape[0] / p.shape[1] for _, p in below)
+    top_height = width * canvas.shape[0] / canvas.shape[1]
+    fig = Figure(figsize=(width, top_height + below_height + 0.8), layout="constrained")
+    mosaic = [["pair"] * len(below), [f"below{k}" for k in range(len(below))]]
+    axes = fig.subplot_mosaic(mosaic, height_ratios=[top_height, below_height])
+    ax = axes["pair"]
+    ax.imshow(canvas)
+    values = np.asarray(values, dtype=np.float64)
+    lo, hi = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
+    norm = Normalize(lo, hi if hi > lo else lo + 1e-6)
+    if len(values):
+        start = np.asarray(points[0], dtype=np.float64)
+        end = np.asarray(points[1], dtype=np.float64) * scale + [left.shape[1], 0]
+        colours = colormaps[cmap](norm(values))
+        ax.add_collection(LineCollection(np.stack([start, end], axis=1), colors=colours, linewidths=0.8))
+        ax.scatter(*np.concatenate([start, end]).T, s=4, c=np.concatenate([colours, colours]))
+    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, shrink=0.8, label="cosine similarity")
+    for k, (name, picture) in enumerate(below):
+        axes[f"below{k}"].imshow(picture)
+        axes[f"below{k}"].set_title(name, fontsize=8)
+    for a in axes.values():
+        a.axis("off")
+    fig.suptitle(title, fontsize=9)
     return fig
 
 

@@ -12,6 +12,13 @@ def pixel_to_patch(x: float, y: float, image_size: tuple[int, int], grid: tuple[
     return min(int(y / height * grid[0]), grid[0] - 1), min(int(x / width * grid[1]), grid[1] - 1)
 
 
+def patch_to_pixel(row, col, image_size: tuple[int, int], grid: tuple[int, int]):
+    """(x, y) pixel of the centre of patch (row, col) of a `grid` (h, w) on an image of `image_size`
+    (height, width): the inverse of `pixel_to_patch` (whose patch it falls in). Takes arrays too."""
+    height, width = image_size
+    return (np.asarray(col) + 0.5) * width / grid[1], (np.asarray(row) + 0.5) * height / grid[0]
+
+
 def patch_similarity(source: np.ndarray, patch: tuple[int, int], target: np.ndarray | None = None) -> np.ndarray:
     """Cosine similarity (h_t, w_t) of patch (row, col) of `source` (h, w, D) patch features to every
     patch of `target` (h_t, w_t, D; default: the source itself)."""
