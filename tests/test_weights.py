@@ -633,3 +633,25 @@ def test_a_guessed_head_count_divides_the_width(tmp_path):
     with pytest.warns(UserWarning, match=r"guessed num_heads=4"):
         back = dinokit.load_model(path)
     assert same_outputs(m, back, size=28)
+
+
+def test_shape_only_models_draw_no_weights_so_loading_does_not_import_the_compiler(tmp_path):
+    """load_model builds its model on the meta device; drawing the official init there (normal_ on a
+    meta tensor) imported torch._dynamo, 1.4 s of every command that loads a model."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "nano.safetensors"
+    dinokit.export_model(dinokit.create_model("vit_nano_p2"), path)
+    code = (
+        "import sys, dinokit; from dinokit.models.commands import architecture_table\n"
+        f"dinokit.load_model({str(path)!r}); rows = architecture_table()\n"
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'\n"
+        "print({r['name']: r['params'] for r in rows}['dinov2_vitg14_reg'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "1136486912"
+    with torch.device("meta"):
+        meta = VisionTransformer(ViTConfig(img_size=16, patch_size=2, embed_dim=32, depth=1, num_heads=2))
+    assert meta.cls_token.is_meta and meta.blocks[0].attn.qkv.weight.is_meta

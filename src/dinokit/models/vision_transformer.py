@@ -124,7 +124,8 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
         self.head = nn.Identity()
         self.cpu_inference_tokens = 1024
-        self.init_weights()
+        if not self.cls_token.is_meta:  # a shape-only model (load_model, `dinokit models`) has nothing to draw
+            self.init_weights()
 
     def set_drop_path(self, rate: float, uniform: bool = False) -> None:
         """Stochastic depth for training (`drop_path_rates`), whatever the config was built with."""
