@@ -6,10 +6,20 @@ Segmentation, accumulated over the whole dataset in one confusion matrix (pixels
     pixel accuracy = sum_c TP_c / labelled pixels
 Depth, per image over its valid pixels (min_depth < gt <= max_depth), then averaged over images:
     RMSE = sqrt(mean (pred - gt)^2)   AbsRel = mean |pred - gt| / gt   delta1 = mean[max(pred/gt, gt/pred) < 1.25]
+Video object segmentation, as DAVIS-2017's semi-supervised benchmark (davis2017-evaluation: db_eval_iou,
+db_eval_boundary), per object k of the first frame over the frames but the first and last:
+    J = |pred_k & gt_k| / |pred_k | gt_k| (1 where both are empty)
+    F = 2 P R / (P + R) of the 1-px boundaries, a boundary pixel matching within ceil(0.008 x the image
+        diagonal) px of the other's (a disk); P = 1, R = 0 without a predicted boundary, and so on
+    J-mean, F-mean: mean over frames per object, then over objects; J&F-mean = their average
 """
+
+import math
 
 import numpy as np
 import torch
+from scipy.ndimage import binary_dilation
+from skimage.morphology import disk
 
 
 def confusion_matrix(
@@ -59,3 +69,69 @@ def mean_depth_errors(per_image: list[dict | None]) -> dict:
     if not rows:
         return {"rmse": float("nan"), "abs_rel": float("nan"), "delta1": float("nan"), "images": 0}
     return {k: float(np.mean([r[k] for r in rows])) for k in ("rmse", "abs_rel", "delta1")} | {"images": len(rows)}
+
+
+DAVIS_VOID = 255  # DAVIS's masks mark no pixel void in its scores: its reader turns 255 into background
+
+
+def jaccard(truth: np.ndarray, pred: np.ndarray) -> float:
+    """J of one object in one frame: IoU of two (H, W) bool masks; 1 where both are empty (DAVIS)."""
+    union = np.logical_or(truth, pred).sum()
+    return 1.0 if union == 0 else float(np.logical_and(truth, pred).sum() / union)
+
+
+def boundary_map(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool 1-px boundary of a bool mask, DAVIS's seg2bmap at full size: a pixel differing from
+    its east, south or south-east neighbour (the last row: east only; the last column: south only;
+    the corner never), i.e. the boundary offset half a pixel towards the origin."""
+    seg = np.asarray(mask, dtype=bool)
+    east, south, south_east = (np.zeros_like(seg) for _ in range(3))
+    east[:, :-1], south[:-1, :], south_east[:-1, :-1] = seg[:, 1:], seg[1:, :], seg[1:, 1:]
+    edge = (seg ^ east) | (seg ^ south) | (seg ^ south_east)
+    edge[-1, :] = seg[-1, :] ^ east[-1, :]
+    edge[:, -1] = seg[:, -1] ^ south[:, -1]
+    edge[-1, -1] = False
+    return edge
+
+
+def boundary_f(truth: np.ndarray, pred: np.ndarray, bound_th: float = 0.008) -> float:
+    """F of one object in one frame (DAVIS's f_measure): boundary precision and recall of two (H, W)
+    bool masks within a tolerance of ceil(bound_th x diagonal) px (bound_th >= 1: that many px)."""
+    radius = int(bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*np.shape(truth))))
+    pred_edge, truth_edge = boundary_map(pred), boundary_map(truth)
+    n_pred, n_truth = int(pred_edge.sum()), int(truth_edge.sum())
+    if n_pred == 0 or n_truth == 0:  # DAVIS: no boundary on one side is P = 1, R = 0 (or the reverse)
+        return 1.0 if n_pred == n_truth else 0.0
+    ball = disk(radius).astype(bool)
+    precision = (pred_edge & binary_dilation(truth_edge, ball)).sum() / n_pred
+    recall = (truth_edge & binary_dilation(pred_edge, ball)).sum() / n_truth
+    return 0.0 if precision + recall == 0 else float(2 * precision * recall / (precision + recall))
+
+
+def frame_jf(pred: np.ndarray, truth: np.ndarray, objects: list[int]) -> tuple[list[float], list[float]]:
+    """(J per object, F per object) of one frame: (H, W) index masks, object k = the pixels of index k
+    (the truth's 255 counts as background, as DAVIS reads it)."""
+    truth = np.where(truth == DAVIS_VOID, 0, truth)
+    pairs = [(truth == k, pred == k) for k in objects]
+    return [jaccard(t, p) for t, p in pairs], [boundary_f(t, p) for t, p in pairs]
+
+
+def video_jf(per_frame: list, objects: list[int]) -> dict:
+    """DAVIS-2017 scores of one video from `frame_jf` of every frame, the first and last included
+    (those two are left out of the scores as DAVIS does, and may be None): {"J_mean", "F_mean",
+    "J&F_mean", "objects": {k: {"J", "F"}}, "frames_scored"}, shares in [0, 1]."""
+    scored = per_frame[1:-1]
+    if not scored:
+        raise ValueError("DAVIS scores leave out the first and last frames: a video of 3 frames or more is needed")
+    j = np.array([frame[0] for frame in scored], dtype=np.float64).reshape(len(scored), len(objects))
+    f = np.array([frame[1] for frame in scored], dtype=np.float64).reshape(len(scored), len(objects))
+    j_objects, f_objects = j.mean(axis=0), f.mean(axis=0)
+    j_mean, f_mean = float(j_objects.mean()), float(f_objects.mean())
+    by_object = zip(objects, j_objects, f_objects, strict=True)
+    return {
+        "J_mean": j_mean,
+        "F_mean": f_mean,
+        "J&F_mean": (j_mean + f_mean) / 2,
+        "objects": {str(k): {"J": float(a), "F": float(b)} for k, a, b in by_object},
+        "frames_scored": len(scored),
+    }
