@@ -411,6 +411,11 @@ def retrieve(
     seed_vectors, seed_paths, seed_embedding = read_unique_vectors(seeds, feature, "seeds")
     if clusters is not None:
         levels, pool_paths, meta = read_clusters(clusters)
+        if meta.get("feature", feature) != feature:
+            raise DinokitError(
+                f"the clusters {clusters} were fitted on {meta['feature']} vectors and the seeds' {feature} vectors "
+                f"cannot be matched to their centroids: pass feature={meta['feature']}"
+            )
         require_same_embedding(meta["embedding"], seed_embedding, clusters, seeds)
         rng = np.random.default_rng(seed)
         seed_clusters, drawn = seed_cluster_samples(
@@ -448,6 +453,7 @@ def retrieve(
             "pool": str(Path(pool).absolute()) if pool else None,
             "clusters": str(Path(clusters).absolute()) if clusters else None,
             "subset": str(Path(subset).absolute()) if subset else None,
+            "feature": feature,
             "per_seed": per_seed,
             "min_score": min_score,
             "seed": seed,
