@@ -46,6 +46,7 @@ COMMANDS: dict[str, str] = {
     "visualize similarity": "dinokit.maps.commands:visualize_similarity",
     "visualize matches": "dinokit.maps.commands:visualize_matches",
     "segment": "dinokit.maps.commands:segment",
+    "track": "dinokit.maps.track_command:track",
     "curate dedup": "dinokit.curation.commands:dedup",
     "curate cluster": "dinokit.curation.commands:cluster",
     "curate sample": "dinokit.curation.commands:sample",

@@ -150,6 +150,7 @@ OUTPUT_MARKERS = {
     "segmentation.json": "eval segmentation results",
     "depth.json": "eval depth results",
     "segment.json": "dinokit segment results",
+    "track.json": "dinokit track results",
     "curation.json": "a curation step (dinokit curate)",
 }
 
