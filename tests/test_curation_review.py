@@ -67,3 +67,18 @@ def test_retrieve_refuses_clusters_made_from_another_feature(tmp_path):
     )
     assert summary["seed_images"] == 12
     assert json.loads((tmp_path / "ret" / "curation.json").read_text())["clusters"] == str(tmp_path / "clusters")
+
+
+def test_similarity_png_counts_exact_copies_whose_float32_cosine_rounds_above_one(tmp_path, monkeypatch):
+    # identical vectors' float32 cosines come out at 1 + 1.2e-7 about a third of the time; the histogram's
+    # range ended at 1.0, so exactly the copies a user looks for were left out of its bars
+    from dinokit.curation import commands
+
+    figures = []
+    monkeypatch.setattr(commands, "save_figure", lambda path, fig: figures.append(fig))
+    above_one = np.nextafter(np.float32(1), np.float32(2))
+    nearest = np.array([0.5, 0.97, 1.0, above_one, above_one, np.nan], np.float32)
+    commands.similarity_histogram(nearest, 0.95, tmp_path / "similarity.png")
+    bars = figures[0].axes[0].patches
+    assert sum(bar.get_height() for bar in bars) == 5
+    assert max(bars, key=lambda bar: bar.get_x()).get_height() == 3  # 1.0 and the two above it: the top bin

@@ -134,7 +134,8 @@ def similarity_histogram(nearest: np.ndarray, threshold: float, path: Path) -> N
     """PNG: histogram of each image's highest cosine to another image, the threshold marked."""
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
-    values = nearest[np.isfinite(nearest)]
+    # a cosine is at most 1: identical vectors whose float32 cosine rounds above it go in the top bin
+    values = np.minimum(nearest[np.isfinite(nearest)], np.float32(1))
     ax.hist(values, bins=100, range=(min(float(values.min(initial=1.0)), threshold) - 0.01, 1.0), color="#4477aa")
     count = int((values >= np.float32(threshold - TOLERANCE)).sum())  # as deduplicate compares (float32 rounding)
     label = f"threshold {threshold}: {count} images have a near-duplicate (one per group is kept)"
