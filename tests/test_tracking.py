@@ -12,6 +12,7 @@ from PIL import Image
 import dinokit
 from dinokit.cli import main
 from dinokit.eval.metrics import boundary_f, boundary_map, frame_jf, jaccard, video_jf
+from dinokit.maps import tracking
 from dinokit.maps.pca import patch_features
 from dinokit.maps.tracking import labels_to_mask, one_hot_at_grid, propagate_labels, track
 
@@ -55,6 +56,15 @@ def test_a_context_patch_outside_the_neighbourhood_never_contributes():
     assert windowed[:, 0, 0].tolist() == [1.0, 0.0]
     anywhere = propagate_labels(target, context, labels, topk=5, size_mask_neighborhood=0)
     assert anywhere[1, 0, 0] > 0.99
+
+
+def test_chunks_of_target_patches_give_the_whole_step(monkeypatch):
+    """Memory bound: target patches in chunks of a few rows give the same labels as all at once."""
+    torch.manual_seed(0)
+    target, context, labels = torch.randn(5, 7, 8), torch.randn(3, 5, 7, 8), torch.rand(3, 4, 5, 7)
+    whole = propagate_labels(target, context, labels, topk=4, size_mask_neighborhood=2)
+    monkeypatch.setattr(tracking, "CHUNK_ELEMENTS", 3 * 5 * 7 * 3)  # 3 target patches a chunk
+    assert torch.allclose(propagate_labels(target, context, labels, topk=4, size_mask_neighborhood=2), whole)
 
 
 @pytest.fixture(scope="module")
