@@ -231,7 +231,7 @@ def visualize_matches(
     mutual match (dense). min_similarity: a cosine floor. ratio: Lowe's ratio test (e.g. 0.8).
     foreground_threshold (e.g. 0.5): match foreground patches only (PCA first component, as
     `dinokit visualize pca`). json: also write the matches there: pixel (x, y) of the patch centres
-    in each original image, and their cosine.
+    in each original image, their cosine, and the patches' (row, col).
 
     Writes the PNG `out` (and `json`); returns the number of matches, the grids and the files.
     """
@@ -271,8 +271,14 @@ def visualize_matches(
     save_figure(out, matches_figure(tuple(rgbs), tuple(xy), matches["similarity"], below, title))
     if json is not None:
         pairs = [
-            {"image": [round(float(v), 2) for v in p], "other": [round(float(v), 2) for v in q], "similarity": float(c)}
-            for p, q, c in zip(*xy, matches["similarity"], strict=True)
+            {
+                "image": [round(float(v), 2) for v in p],
+                "other": [round(float(v), 2) for v in q],
+                "similarity": float(c),
+                "patch": [int(v) for v in pa],
+                "other_patch": [int(v) for v in pb],
+            }
+            for p, q, c, pa, pb in zip(*xy, matches["similarity"], matches["a"], matches["b"], strict=True)
         ]
         write_json(
             json,

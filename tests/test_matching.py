@@ -1,0 +1,226 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dinokit
+from dinokit.cli import main
+from dinokit.errors import DinokitError
+from dinokit.maps.matching import best_match_similarity, match_patches
+from dinokit.maps.pca import patch_features
+from dinokit.maps.similarity import patch_to_pixel, pixel_to_patch
+from tests.conftest import perturb_scales_and_norms
+
+
+def directions(degrees, shape, norms=1.0):
+    """(h, w, 3) features: unit vectors at the given angles in the first two axes, times `norms`."""
+    t = np.radians(np.asarray(degrees, dtype=np.float64))
+    v = np.stack([np.cos(t), np.sin(t), np.zeros_like(t)], axis=-1) * np.reshape(norms, (-1, 1))
+    return v.reshape(*shape, 3)
+
+
+def cosd(degrees):
+    return np.cos(np.radians(degrees))
+
+
+# A 2x2: a0..a3 at 0, 42, 90, 20 degrees; B 2x3: b0..b5 at 5, 350, 45, 100, 60, 270 degrees.
+# A -> B nearest: a0 -> b0 (5 deg), a1 -> b2 (3), a2 -> b3 (10), a3 -> b0 (15).
+# B -> A nearest: b0 -> a0, b2 -> a1, b3 -> a2 (b1 -> a0, b4 -> a1, b5 -> a0): a3's pair is not mutual.
+A = directions([0, 42, 90, 20], (2, 2), norms=[1.0, 2.0, 0.5, 3.0])  # norms: cosine, not dot product
+B = directions([5, 350, 45, 100, 60, 270], (2, 3), norms=[0.7, 1.0, 4.0, 1.0, 1.0, 2.0])
+
+
+def as_lists(m):
+    return m["a"].tolist(), m["b"].tolist()
+
+
+def test_mutual_nearest_neighbours_by_hand():
+    m = match_patches(A, B)
+    assert as_lists(m) == ([[0, 1], [0, 0], [1, 0]], [[0, 2], [0, 0], [1, 0]])  # a1-b2, a0-b0, a2-b3
+    assert np.allclose(m["similarity"], cosd([3, 5, 10]), atol=1e-12)
+    every = match_patches(A, B, mutual=False)  # each A patch's nearest, a3 -> b0 too
+    assert as_lists(every) == ([[0, 1], [0, 0], [1, 0], [1, 1]], [[0, 2], [0, 0], [1, 0], [0, 0]])
+    assert np.allclose(every["similarity"], cosd([3, 5, 10, 15]), atol=1e-12)
+
+
+def test_best_match_maps_by_hand():
+    map_a, map_b = best_match_similarity(A, B)
+    assert np.allclose(map_a, cosd([[5, 3], [10, 15]]), atol=1e-12)
+    assert np.allclose(map_b, cosd([[5, 10, 3], [10, 18, 90]]), atol=1e-12)
+
+
+def test_similarity_floor_ratio_test_and_foreground_remove_what_they_must():
+    kept = match_patches(A, B, min_similarity=cosd(7))
+    assert as_lists(kept) == ([[0, 1], [0, 0]], [[0, 2], [0, 0]])
+    # distances d = 2 sin(angle / 2); best / second best: a1 3 vs 18 deg (0.168), a2 10 vs 30 (0.337),
+    # a0 5 vs 10 (0.500)
+    assert as_lists(match_patches(A, B, ratio=0.4)) == ([[0, 1], [1, 0]], [[0, 2], [1, 0]])
+    assert as_lists(match_patches(A, B, ratio=0.3)) == ([[0, 1]], [[0, 2]])
+    assert len(match_patches(A, B, ratio=0.51)["similarity"]) == 3
+    # a0 outside the foreground: b0's nearest in A is now a3, so a3-b0 becomes a mutual pair
+    fg_a = np.array([[False, True], [True, True]])
+    m = match_patches(A, B, foreground=(fg_a, np.ones((2, 3), dtype=bool)))
+    assert as_lists(m) == ([[0, 1], [1, 0], [1, 1]], [[0, 2], [1, 0], [0, 0]])
+    assert np.allclose(m["similarity"], cosd([3, 10, 15]), atol=1e-12)
+    empty = match_patches(A, B, foreground=(np.zeros((2, 2), dtype=bool), np.ones((2, 3), dtype=bool)))
+    assert empty["a"].shape == (0, 2) and empty["similarity"].shape == (0,)
+
+
+def test_max_matches_keeps_the_strongest_spread_out():
+    assert as_lists(match_patches(A, B, max_matches=1)) == ([[0, 1]], [[0, 2]])
+    # on 2x2 every patch touches a1, so the spread pass keeps one and the strongest others fill up
+    assert as_lists(match_patches(A, B, max_matches=2)) == ([[0, 1], [0, 0]], [[0, 2], [0, 0]])
+    assert len(match_patches(A, B, max_matches=10)["similarity"]) == 3
+    # a 1x6 strip matched to itself with similarity falling along it: the spread pass skips each
+    # strongest match's neighbour (0, 2, 4), then the strongest skipped one (1) fills up
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(1, 6, 64))
+    b = a + np.arange(6)[None, :, None] * 0.05 * rng.normal(size=(1, 6, 64))
+    m = match_patches(a, b)
+    assert m["a"][:, 1].tolist() == [0, 1, 2, 3, 4, 5] and np.all(np.diff(m["similarity"]) < 0)
+    assert match_patches(a, b, max_matches=3)["a"][:, 1].tolist() == [0, 2, 4]
+    assert match_patches(a, b, max_matches=4)["a"][:, 1].tolist() == [0, 1, 2, 4]
+    # B's patches shuffled (A's k-th strongest at B's column perm[k]): neighbours in B block too, both ways
+    perm = [0, 2, 4, 1, 3, 5]
+    shuffled = np.empty_like(b)
+    shuffled[:, perm] = b
+    m = match_patches(a, shuffled, max_matches=3)  # A 0-B 0, A 2-B 4; A 4-B 3 touches B 4: fill with A 1-B 2
+    assert m["a"][:, 1].tolist() == [0, 1, 2] and m["b"][:, 1].tolist() == [0, 2, 4]
+    m = match_patches(shuffled, a, max_matches=3)
+    assert m["a"][:, 1].tolist() == [0, 2, 4] and m["b"][:, 1].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_matches": 0}, "max_matches must be a whole number >= 1"),
+        ({"max_matches": 2.5}, "max_matches must be a whole number >= 1"),
+        ({"min_similarity": 50}, "min_similarity must be a cosine between -1 and 1"),
+        ({"ratio": 1.5}, "ratio (Lowe's test"),
+    ],
+)
+def test_options_out_of_range_are_clear_errors(options, message):
+    with pytest.raises(DinokitError, match=message.replace("(", r"\(")):
+        match_patches(A, B, **options)
+
+
+def test_patch_to_pixel_is_the_centre_of_the_patch_pixel_to_patch_finds():
+    rows, cols = np.meshgrid(np.arange(5), np.arange(7), indexing="ij")
+    x, y = patch_to_pixel(rows, cols, (100, 140), (5, 7))
+    assert (x[0, 0], y[0, 0]) == (10.0, 10.0) and (x[4, 6], y[4, 6]) == (130.0, 90.0)
+    for r, c, px, py in zip(rows.ravel(), cols.ravel(), x.ravel(), y.ravel(), strict=True):
+        assert pixel_to_patch(px, py, (100, 140), (5, 7)) == (r, c)
+
+
+def position_free_model(registers: int):
+    """A ViT whose position embedding is zero: permutation-equivariant over the patch tokens."""
+    torch.manual_seed(registers)
+    model = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2, num_register_tokens=registers))
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    return model.eval()
+
+
+def mirrored_patch_noise(seed: int, height: int = 16, width: int = 24, patch: int = 4) -> torch.Tensor:
+    """(3, H, W) noise whose every patch is left-right symmetric, so that flipping the image only
+    reverses the order of the patches in each row (their pixels stay as they were)."""
+    x = torch.rand(3, height, width // patch, patch, generator=torch.Generator().manual_seed(seed))
+    x[..., patch // 2 :] = x[..., : patch // 2].flip(-1)
+    return x.reshape(3, height, width)
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+def test_without_position_embedding_flips_and_rolls_match_their_patches(registers):
+    model = position_free_model(registers)
+    x = mirrored_patch_noise(registers)
+    flipped = x.flip(-1)
+    assert torch.equal(flipped.reshape(3, 16, 6, 4), x.reshape(3, 16, 6, 4).flip(2))  # patches reversed
+    rolled = torch.roll(x, shifts=(4, 8), dims=(1, 2))  # one patch down, two right, wrapping round
+    fa, ff, fr = patch_features(model, [x, flipped, rolled])
+    assert np.allclose(ff, fa[:, ::-1], atol=1e-5) and np.allclose(fr, np.roll(fa, (1, 2), axis=(0, 1)), atol=1e-5)
+    rows, cols = np.meshgrid(np.arange(4), np.arange(6), indexing="ij")
+    for other, expected in [(ff, np.stack([rows, 5 - cols], -1)), (fr, np.stack([(rows + 1) % 4, (cols + 2) % 6], -1))]:
+        m = match_patches(fa, other)
+        assert len(m["a"]) == 24  # every patch, to its moved self
+        assert np.array_equal(m["b"], expected[m["a"][:, 0], m["a"][:, 1]])
+        assert np.allclose(m["similarity"], 1.0, atol=1e-5)
+        best_a, best_b = best_match_similarity(fa, other)
+        assert np.allclose(best_a, 1.0, atol=1e-5) and np.allclose(best_b, 1.0, atol=1e-5)
+    s = fa.reshape(24, -1) / np.linalg.norm(fa.reshape(24, -1), axis=1, keepdims=True)
+    assert (s @ s.T)[~np.eye(24, dtype=bool)].max() < 0.999  # the nearest neighbours are unique
+
+
+def test_an_image_matches_itself_patch_for_patch():
+    model = position_free_model(0)
+    torch.manual_seed(1)
+    model.pos_embed.data.normal_(std=0.5)  # with position embedding, as a trained model
+    (f,) = patch_features(model, [torch.rand(3, 16, 24)])
+    m = match_patches(f, f)
+    assert len(m["a"]) == 24 and np.array_equal(m["a"], m["b"])
+    assert np.allclose(m["similarity"], 1.0, atol=1e-6)
+    assert all(np.allclose(best, 1.0, atol=1e-6) for best in best_match_similarity(f, f))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("matches")
+    weights = dinokit.export_model(position_free_model(2), root / "m.safetensors")
+    pixels = (mirrored_patch_noise(5).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(root / "a.png")  # 24x16: image_size=16 keeps it as it is
+    Image.fromarray(pixels[:, ::-1]).save(root / "flipped.png")
+    Image.fromarray(np.asarray(Image.fromarray(pixels).resize((60, 40)))).save(root / "big.png")
+    return root, weights
+
+
+def test_visualize_matches_command_writes_the_picture_and_the_matches_in_original_pixels(files, capsys):
+    root, weights = files
+    args = [f"model={weights}", "image_size=16", "device=cpu", f"image={root / 'a.png'}"]
+    out, out_json = root / "m.png", root / "m.json"
+    assert main(["visualize", "matches", *args, f"other={root / 'flipped.png'}", f"out={out}", f"json={out_json}"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["matches"] == 24 and report["grid"] == [4, 6] and report["other_grid"] == [4, 6]
+    with Image.open(out) as picture:
+        assert picture.format == "PNG" and picture.width > 300
+    saved = json.loads(out_json.read_text())
+    assert saved["image_size"] == [24, 16] and saved["other_size"] == [24, 16] and len(saved["matches"]) == 24
+    for pair in saved["matches"]:  # the flip: x -> 24 - x, patch centres at 2, 6, 10, ...
+        (x, y), (ox, oy) = pair["image"], pair["other"]
+        assert ox == 24 - x and oy == y and x % 4 == 2 and y % 4 == 2 and pair["similarity"] > 0.9999
+        assert pair["other_patch"] == [pair["patch"][0], 5 - pair["patch"][1]]
+    sims = [p["similarity"] for p in saved["matches"]]
+    assert sims == sorted(sims, reverse=True)
+
+    # another size than the model's input: centres in the original 60x40 pixels; the sparse mode
+    assert main(["visualize", "matches", *args, f"other={root / 'big.png'}", f"out={out}", "max_matches=5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["matches"] == 5 and report["candidates"] >= 5 and report["json"] is None
+    json_args = [f"json={out_json}", "max_matches=none", "min_similarity=0.5"]
+    assert main(["visualize", "matches", *args, f"other={root / 'big.png'}", f"out={out}", *json_args]) == 0
+    saved = json.loads(out_json.read_text())
+    assert saved["other_size"] == [60, 40] and 0 < len(saved["matches"]) <= 24
+    for pair in saved["matches"]:
+        ox, oy = pair["other"]
+        assert 0 <= ox < 60 and 0 <= oy < 40 and pair["similarity"] >= 0.5
+        assert pixel_to_patch(ox, oy, (40, 60), (4, 6)) == tuple(pair["other_patch"])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"other": "missing.png"}, "cannot read the image"),
+        ({"image_size": "15"}, "image_size 15 is not a multiple of the patch size 4; use 12 or 16"),
+        ({"max_matches": "0"}, "max_matches must be a whole number >= 1 (or none: every match)"),
+        ({"foreground_threshold": "50"}, "foreground_threshold must be between 0 and 1"),
+        ({"json": "matches.txt"}, "its name must end in .json"),
+    ],
+)
+def test_visualize_matches_bad_input_is_a_clear_error(files, capsys, change, message):
+    root, weights = files
+    keys = {"model": weights, "image": root / "a.png", "other": root / "flipped.png", "out": root / "e.png"}
+    keys |= {"image_size": "16", "device": "cpu"}
+    keys |= {k: root / v if k in ("other", "json") else v for k, v in change.items()}
+    assert main(["visualize", "matches", *[f"{k}={v}" for k, v in keys.items()]]) == 2
+    assert message in capsys.readouterr().err
+    assert not (root / "e.png").exists()
