@@ -228,5 +228,28 @@ def test_track_command_refuses_bad_input_before_writing(video_files, capsys):
     assert "save the mask at its frame's size" in error(f"first_mask={root / 'small.png'}")
     Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(root / "none.png")
     assert "marks no object" in error(f"first_mask={root / 'none.png'}")
+    (root / "odd").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.open(root / "frames" / f"{names[0]}.png").crop((0, 0, 64, 60 if name == "b.png" else 64)).save(
+            root / "odd" / name
+        )
+    assert "a video's frames share one size" in error(f"frames={root / 'odd'}")
     (root / "truth" / f"{names[1]}.png").unlink()
     assert f"lacks 1 of the frames' masks ({names[1]}.png)" in error(f"ground_truth={root / 'truth'}")
+
+
+def test_an_object_smaller_than_the_patch_grid_is_named(video_files, capsys):
+    """A 1-pixel object that the first frame's patches do not hold (PIL's nearest samples each patch's
+    centre) is reported, and tracked as nothing."""
+    root, args, names, colours, _ = video_files
+    mask = np.asarray(Image.open(root / "first.png")).copy()
+    mask[1, 1] = 5
+    first = Image.fromarray(mask)
+    first.putpalette(colours)
+    first.save(root / "first.png")
+    assert main(["track", *args]) == 0
+    assert "object(s) [5] of the first mask cover no patch of the 16x16 patch grid" in capsys.readouterr().out
+    report = json.loads((root / "out" / "track.json").read_text())
+    assert report["objects"] == [1, 3, 5] and report["objects_below_the_patch_grid"] == [5]
+    assert report["patch_grid"] == [16, 16] and "scores" not in report
+    assert not (np.asarray(Image.open(root / "out" / f"{names[1]}.png")) == 5).any()

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dinokit.data.images import open_image, open_rgb, output_names
+from dinokit.data.images import open_image, open_rgb, output_names, upright_size
 from dinokit.errors import DinokitError
 from dinokit.eval.metrics import frame_jf, video_jf
 from dinokit.eval.visualize import palette
@@ -60,10 +60,19 @@ def track(
     paths = frame_paths(frames, out_dir)
     names = output_names(paths, frames)
     first_rgb = np.asarray(open_rgb(paths[0]))
+    check_frame_sizes(paths, first_rgb.shape[:2])
     mask, colours = read_first_mask(first_mask, first_rgb.shape[:2], paths[0])
     objects = tracking.object_values(mask)
     truths = ground_truth_paths(ground_truth, names) if ground_truth is not None else None
     net = load(model, device)
+    grid = net.grid_size(*model_input(net, Image.fromarray(first_rgb), image_size, resize_policy).shape[-2:])
+    at_grid = tracking.one_hot_at_grid(mask, objects, grid)  # the objects as the first frame's patches hold them
+    unseen = [k for k, patches in zip(objects, at_grid, strict=True) if not patches.any()]
+    if unseen:
+        print(
+            f"note: object(s) {unseen} of the first mask cover no patch of the {grid[0]}x{grid[1]} patch grid and "
+            "cannot be tracked: pass a larger image_size"
+        )
     settings = {
         "image_size": image_size,
         "resize_policy": resize_policy,
@@ -72,6 +81,7 @@ def track(
         "topk": topk,
     }
     report = {"complete": False, "model": model, "frames": names, "objects": objects, "settings": settings}
+    report |= {"patch_grid": list(grid), "objects_below_the_patch_grid": unseen}
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "track.json", report)
 
@@ -80,11 +90,7 @@ def track(
     def features():
         for path in paths:
             rgb = first_rgb if path == paths[0] else np.asarray(open_rgb(path))
-            if rgb.shape != first_rgb.shape:
-                raise DinokitError(
-                    f"the frame {path} is {rgb.shape[1]}x{rgb.shape[0]} pixels but the first frame {paths[0]} is "
-                    f"{first_rgb.shape[1]}x{first_rgb.shape[0]}: a video's frames share one size"
-                )
+            check_frame_size(path, rgb.shape[:2], paths[0], first_rgb.shape[:2])
             pictures.append(rgb)
             x = model_input(net, Image.fromarray(rgb), image_size, resize_policy)
             yield torch.from_numpy(patch_features(net, [x])[0]).to(x.device)
@@ -119,6 +125,22 @@ def check_settings(n_last_frames: int, size_mask_neighborhood: int, topk: int) -
         )
     if topk < 1:
         raise DinokitError(f"topk must be 1 or more (DINO uses 5), got {topk}")
+
+
+def check_frame_sizes(paths: list[Path], size: tuple[int, int]) -> None:
+    """A DinokitError, before any work, where a frame's header gives another size than the first's."""
+    for path in paths[1:]:
+        found = upright_size(path)
+        if found is not None:
+            check_frame_size(path, found, paths[0], size)
+
+
+def check_frame_size(path: Path, found: tuple[int, int], first: Path, size: tuple[int, int]) -> None:
+    if tuple(found) != tuple(size):
+        raise DinokitError(
+            f"the frame {path} is {found[1]}x{found[0]} pixels but the first frame {first} is {size[1]}x{size[0]}: "
+            "a video's frames share one size"
+        )
 
 
 def natural_key(path: Path) -> list:
