@@ -234,6 +234,8 @@ def test_track_command_refuses_bad_input_before_writing(video_files, capsys):
             root / "odd" / name
         )
     assert "a video's frames share one size" in error(f"frames={root / 'odd'}")
+    Image.open(root / "truth" / f"{names[2]}.png").resize((32, 32)).save(root / "truth" / f"{names[2]}.png")
+    assert "is 32x32 pixels but the frames are 64x64" in error(f"ground_truth={root / 'truth'}")
     (root / "truth" / f"{names[1]}.png").unlink()
     assert f"lacks 1 of the frames' masks ({names[1]}.png)" in error(f"ground_truth={root / 'truth'}")
 

@@ -63,7 +63,7 @@ def track(
     check_frame_sizes(paths, first_rgb.shape[:2])
     mask, colours = read_first_mask(first_mask, first_rgb.shape[:2], paths[0])
     objects = tracking.object_values(mask)
-    truths = ground_truth_paths(ground_truth, names) if ground_truth is not None else None
+    truths = ground_truth_paths(ground_truth, names, first_rgb.shape[:2]) if ground_truth is not None else None
     net = load(model, device)
     grid = net.grid_size(*model_input(net, Image.fromarray(first_rgb), image_size, resize_policy).shape[-2:])
     at_grid = tracking.one_hot_at_grid(mask, objects, grid)  # the objects as the first frame's patches hold them
@@ -184,9 +184,10 @@ def read_first_mask(path: str, size: tuple[int, int], first_frame: Path) -> tupl
     return mask.astype(np.uint8), colours
 
 
-def ground_truth_paths(ground_truth: str, names: list[str]) -> list[Path | None]:
+def ground_truth_paths(ground_truth: str, names: list[str], size: tuple[int, int]) -> list[Path | None]:
     """Per frame its ground-truth mask <ground_truth>/<name>.png (None for the first and last frames,
-    which DAVIS does not score); a DinokitError naming the missing ones."""
+    which DAVIS does not score); a DinokitError naming the missing ones, or one whose header gives
+    another size than the frames' (H, W)."""
     folder = Path(ground_truth).expanduser()
     if not folder.is_dir():
         raise DinokitError(f"ground_truth={ground_truth} is not a folder: pass the folder of per-frame masks")
@@ -203,6 +204,13 @@ def ground_truth_paths(ground_truth: str, names: list[str]) -> list[Path | None]
             f"ground_truth={ground_truth} lacks {len(missing)} of the frames' masks ({listed}): it needs <frame "
             "name>.png for every frame but the first and last"
         )
+    for path in paths[1:-1]:
+        found = upright_size(path)
+        if found is not None and tuple(found) != tuple(size):
+            raise DinokitError(
+                f"the ground-truth mask {path} is {found[1]}x{found[0]} pixels but the frames are {size[1]}x{size[0]}: "
+                "a frame's mask has its size"
+            )
     return paths
 
 
