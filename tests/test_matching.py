@@ -73,6 +73,7 @@ def test_max_matches_keeps_the_strongest_spread_out():
     # on 2x2 every patch touches a1, so the spread pass keeps one and the strongest others fill up
     assert as_lists(match_patches(A, B, max_matches=2)) == ([[0, 1], [0, 0]], [[0, 2], [0, 0]])
     assert len(match_patches(A, B, max_matches=10)["similarity"]) == 3
+    assert as_lists(match_patches(A, B, max_matches=2.0)) == as_lists(match_patches(A, B, max_matches=2))  # YAML 2.0
     # a 1x6 strip matched to itself with similarity falling along it: the spread pass skips each
     # strongest match's neighbour (0, 2, 4), then the strongest skipped one (1) fills up
     rng = np.random.default_rng(0)

@@ -86,7 +86,7 @@ def match_patches(
     order = np.lexsort((i, -sim))  # descending similarity, ties by A's index
     i, j, sim = i[order], j[order], sim[order]
     if max_matches is not None:
-        chosen = spread_strongest(i, j, a.shape[:2], b.shape[:2], max_matches)
+        chosen = spread_strongest(i, j, a.shape[:2], b.shape[:2], int(max_matches))
         i, j, sim = i[chosen], j[chosen], sim[chosen]
     return pairs(i, j, sim, a.shape[:2], b.shape[:2])
 

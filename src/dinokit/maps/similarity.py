@@ -1,4 +1,5 @@
-"""Cosine similarity of one patch (chosen by pixel coordinates) to every patch of an image."""
+"""Cosine similarity of one patch (chosen by pixel coordinates) to every patch of an image; the
+pixel <-> patch conversions for an image seen whole (resized, not cropped)."""
 
 import numpy as np
 
