@@ -8,8 +8,9 @@ from PIL import Image
 import dinokit
 from dinokit.cli import main
 from dinokit.errors import DinokitError
+from dinokit.maps.commands import model_input
 from dinokit.maps.matching import best_match_similarity, match_patches
-from dinokit.maps.pca import patch_features
+from dinokit.maps.pca import patch_features, pca_rgb
 from dinokit.maps.similarity import patch_to_pixel, pixel_to_patch
 from tests.conftest import perturb_scales_and_norms
 
@@ -205,6 +206,25 @@ def test_visualize_matches_command_writes_the_picture_and_the_matches_in_origina
         ox, oy = pair["other"]
         assert 0 <= ox < 60 and 0 <= oy < 40 and pair["similarity"] >= 0.5
         assert pixel_to_patch(ox, oy, (40, 60), (4, 6)) == tuple(pair["other_patch"])
+
+
+def test_visualize_matches_foreground_threshold_matches_only_foreground_patches(files, capsys):
+    root, weights = files
+    pictures = [root / "a.png", root / "big.png"]
+    args = [f"model={weights}", "image_size=16", "device=cpu", f"image={pictures[0]}", f"other={pictures[1]}"]
+    out = [f"out={root / 'fg.png'}", f"json={root / 'fg.json'}", "max_matches=none"]
+    assert main(["visualize", "matches", *args, *out, "foreground_threshold=0.5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model = dinokit.load_model(weights)
+    feats = patch_features(model, [model_input(model, p, 16) for p in pictures])
+    fg_a, fg_b = pca_rgb(feats, 0.5)["foreground"]
+    assert 0 < fg_a.sum() < 24 and 0 < fg_b.sum() < 24  # the threshold splits both images
+    expected = match_patches(*feats, foreground=(fg_a, fg_b))
+    saved = json.loads((root / "fg.json").read_text())["matches"]
+    assert report["matches"] == len(expected["a"]) == len(saved) > 0
+    assert [p["patch"] for p in saved] == expected["a"].tolist()
+    assert [p["other_patch"] for p in saved] == expected["b"].tolist()
+    assert all(fg_a[tuple(p["patch"])] and fg_b[tuple(p["other_patch"])] for p in saved)
 
 
 @pytest.mark.parametrize(
