@@ -82,3 +82,54 @@ def test_similarity_png_counts_exact_copies_whose_float32_cosine_rounds_above_on
     bars = figures[0].axes[0].patches
     assert sum(bar.get_height() for bar in bars) == 5
     assert max(bars, key=lambda bar: bar.get_x()).get_height() == 3  # 1.0 and the two above it: the top bin
+
+
+MEMORY_PROBE = """
+import sys
+from dinokit.curation.commands import read_unique_vectors
+from dinokit.curation.vectors import unit_rows
+
+
+def peak():  # this process's peak resident memory in bytes (ru_maxrss would include the parent's: fork)
+    status = open("/proc/self/status").read().split("VmHWM:")[1]
+    return int(status.split()[0]) * 1024
+
+
+before = peak()
+vectors, paths, _ = read_unique_vectors(sys.argv[1], "cls")
+unit_rows(vectors, "x")  # what deduplicate does first
+print((peak() - before) / vectors.nbytes)
+"""
+
+
+def test_reading_an_embedding_for_curation_holds_one_copy_of_the_vectors(tmp_path):
+    # the shards, their concatenation, its float32 copy, a de-duplicated copy, a normalised copy and
+    # deduplicate's own normalised copy: peak memory was 3.1 times the N x D float32 vectors (93 GB for
+    # 10 million 768-D vectors), now one array filled shard by shard and normalised in place
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("reads the peak memory from /proc (Linux)")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120_000, 256)).astype(np.float32)
+    embedding_folder(tmp_path / "emb", {"cls": x}, shard=8_000, dtype="float16")
+    probe = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "emb")], capture_output=True, text=True, check=True
+    )
+    assert float(probe.stdout) < 1.6, probe.stdout  # the array itself, one shard and the read's temporaries
+
+
+def test_read_vectors_fills_one_array_in_image_order_across_shards(tmp_path):
+    from dinokit.retrieval.commands import read_vectors
+
+    x = np.arange(7 * 3, dtype=np.float32).reshape(7, 3)
+    paths = embedding_folder(tmp_path / "emb", {"cls": x}, shard=3)
+    vectors, read, embedding = read_vectors(tmp_path / "emb")
+    np.testing.assert_array_equal(vectors, x)
+    assert read == paths and embedding["weights_hash"] == "0123abcd"
+    manifest = json.loads((tmp_path / "emb" / MANIFEST).read_text())
+    manifest["shards"][1]["count"] = 2  # a shard replaced after the run finished
+    write_json(tmp_path / "emb" / MANIFEST, manifest)
+    with pytest.raises(DinokitError, match="disagree on the number of images"):
+        read_vectors(tmp_path / "emb")

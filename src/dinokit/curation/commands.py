@@ -502,11 +502,13 @@ def read_unique_vectors(
 ) -> tuple[np.ndarray, list[str], dict]:
     """(L2-normalised vectors (N, D), paths, embedding settings) of a `dinokit embed` folder, given as
     `key`= (index_ok: the key also takes an index folder, which the caller read itself); an image that
-    the embedding lists twice is kept once (its first vector)."""
+    the embedding lists twice is kept once (its first vector). Normalised in place: one N x D array."""
     require_embedding_folder(features, key, index_ok)
     vectors, paths, embedding = read_vectors(features, feature)
     keep = first_occurrences(paths)
-    return normalise(vectors[keep]), [paths[i] for i in keep], embedding
+    if len(keep) < len(paths):
+        vectors, paths = vectors[keep], [paths[i] for i in keep]
+    return normalise(vectors, in_place=True), paths, embedding
 
 
 def require_examples(num_examples: int, picture: str) -> None:

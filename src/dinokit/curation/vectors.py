@@ -6,11 +6,15 @@ import numpy as np
 from dinokit.errors import DinokitError
 from dinokit.retrieval.index import normalise
 
+UNIT = 1e-6  # rows whose squared norm is within this of 1 are taken as they are (float32 normalised rows are)
+
 
 def unit_rows(vectors, name: str, allow_empty: bool = False) -> np.ndarray:
     """vectors (N, D) as L2-normalised contiguous float32 rows (directions: cosine = inner product), or a
     DinokitError naming the rows that have none: NaN or inf, zeros, or too large for float32. `name`
-    names the array in the message; allow_empty accepts N = 0."""
+    names the array in the message; allow_empty accepts N = 0. Rows normalised already (squared norms
+    within UNIT of 1) come back as they are, `vectors` itself if it is a contiguous float32 array: do
+    not write to the result."""
     try:
         v = np.asarray(vectors, dtype=np.float32)
     except (TypeError, ValueError) as e:
@@ -24,12 +28,15 @@ def unit_rows(vectors, name: str, allow_empty: bool = False) -> np.ndarray:
             f"{name} has {len(bad)} row(s) with NaN or infinite values (the first is row {bad[0]}): "
             "remove them or embed those images again"
         )
-    bad = np.flatnonzero(np.einsum("ij,ij->i", v, v, dtype=np.float64) > np.finfo(np.float32).max)
+    squared = np.einsum("ij,ij->i", v, v, dtype=np.float64)
+    bad = np.flatnonzero(squared > np.finfo(np.float32).max)
     if len(bad):  # faiss.normalize_L2 would turn them into zeros (an overflowing float32 squared norm)
         raise DinokitError(
             f"{name} has {len(bad)} row(s) too large to normalise in float32 (the first is row {bad[0]}): "
             "divide the vectors by a common scale first"
         )
+    if v.flags.c_contiguous and np.abs(squared - 1).max(initial=0) <= UNIT:
+        return v  # normalised already (a curation command's vectors): no second N x D array
     v = normalise(v)
     bad = np.flatnonzero(np.abs(np.einsum("ij,ij->i", v, v) - 1) > 1e-3)
     if len(bad):

@@ -1,16 +1,18 @@
 """`dinokit index build` and `dinokit index search`: image retrieval over `dinokit embed` output."""
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dinokit.data.images import check_readable, list_images
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
-from dinokit.features.store import read_embeddings, read_manifest
+from dinokit.features.store import MANIFEST, read_manifest, read_shard
 from dinokit.io import folder_lock, prepare_output, refuse_other_outputs, write_json
 from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
@@ -87,7 +89,34 @@ def build_index(
 
 def read_vectors(features: str | Path, feature: str = "cls") -> tuple[np.ndarray, list[str], dict]:
     """One vector per image from a `dinokit embed` folder: (vectors (N, D) float32, as stored, not
-    normalised; image paths; the embedding settings that queries must share, EMBEDDING_KEYS)."""
+    normalised; image paths; the embedding settings that queries must share, EMBEDDING_KEYS). The shards
+    are read one at a time into one (N, D) array: memory N x D float32 and one shard, not the stored
+    shards, their concatenation and its float32 copy at once."""
+    manifest = vector_manifest(features, feature)
+    count = sum(int(shard["count"]) for shard in manifest["shards"])
+    disagree = DinokitError(
+        f"{features}: its shards and {MANIFEST} disagree on the number of images (the folder was changed "
+        "after `dinokit embed` finished): embed the images again into a new folder"
+    )
+    vectors, paths = None, []
+    for chunk, chunk_paths in vector_shards(features, manifest, feature):
+        if vectors is None:
+            vectors = np.empty((count, chunk.shape[1]), dtype=np.float32)
+        if len(paths) + len(chunk) > count:
+            raise disagree
+        # converted while copied: no float32 temporary per shard (freed temporaries grew the heap to 1.7 N x D)
+        torch.from_numpy(vectors[len(paths) : len(paths) + len(chunk)]).copy_(chunk)
+        paths += chunk_paths
+    if len(paths) != count:
+        raise disagree
+    if vectors is None:  # no images
+        vectors = np.zeros((0, manifest.get("feature_shapes", {}).get(feature, [1])[0]), dtype=np.float32)
+    return vectors, paths, {k: manifest.get(k) for k in EMBEDDING_KEYS}
+
+
+def vector_manifest(features: str | Path, feature: str) -> dict:
+    """The manifest of a `dinokit embed` folder, after checking that `feature` is one vector per image
+    and that the folder holds it."""
     if feature not in VECTOR_FEATURES:
         raise DinokitError(
             f"feature must be one of {', '.join(VECTOR_FEATURES)} (one vector per image), got {feature!r}"
@@ -100,9 +129,18 @@ def read_vectors(features: str | Path, feature: str = "cls") -> tuple[np.ndarray
             f"{features} holds no {feature} vectors (it has {', '.join(manifest['features'])}): "
             f"{fix}embed again with features=[{feature}]"
         )
-    vectors, paths = read_embeddings(features, [feature])
-    embedding = {k: manifest.get(k) for k in EMBEDDING_KEYS}
-    return vectors[feature].float().numpy(), paths, embedding
+    return manifest
+
+
+def vector_shards(features: str | Path, manifest: dict, feature: str) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """The shards of a `dinokit embed` folder one at a time, in image order: (vectors (n, D) as stored,
+    in the stored dtype, not normalised; their n image paths)."""
+    for shard in manifest["shards"]:
+        path = Path(features) / shard["file"]
+        feats, paths = read_shard(path, [feature])
+        if feature not in feats or len(feats[feature]) != len(paths):
+            raise DinokitError(f"{path} is damaged (its {feature} rows and paths disagree): embed the images again")
+        yield feats[feature], paths
 
 
 def embedding_differences(a: dict, b: dict) -> list[str]:

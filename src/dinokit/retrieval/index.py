@@ -71,9 +71,12 @@ def built_options(meta: dict) -> dict:
     return options
 
 
-def normalise(vectors) -> np.ndarray:
-    """Rows scaled to unit L2 norm, as a contiguous float32 array (what faiss takes)."""
-    x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32)).copy()
+def normalise(vectors, in_place: bool = False) -> np.ndarray:
+    """Rows scaled to unit L2 norm, as a contiguous float32 array (what faiss takes): a new array, or with
+    in_place `vectors` itself when it is a contiguous float32 array already (no copy of N x D floats)."""
+    x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if not in_place:
+        x = x.copy()
     faiss.normalize_L2(x)
     return x
 
