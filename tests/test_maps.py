@@ -346,3 +346,53 @@ def test_segment_threshold_outside_the_cosine_range_is_a_clear_error(tmp_path, c
     assert main(["segment", *args]) == 2
     assert "threshold must be a cosine between -1 and 1" in capsys.readouterr().err
     assert not (tmp_path / "seg").exists()
+
+
+MAPS_COMMANDS = ["attention", "pca", "similarity", "matches", "segment", "track"]
+
+
+def maps_command_args(command: str, root: Path, model: str) -> list[str]:
+    """The CLI words of one maps command on 24x16 pictures (a 4x6 grid at image_size=16) under `root`."""
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    (root / "frames").mkdir(exist_ok=True)
+    for name, picture in [("a.png", pixels), ("frames/f0.png", pixels), ("frames/f1.png", pixels[::-1])]:
+        Image.fromarray(picture).save(root / name)
+    mask = np.zeros((16, 24), dtype=np.uint8)
+    mask[4:12, 8:16] = 1
+    Image.fromarray(mask).save(root / "mask.png")
+    common = [f"model={model}", "image_size=16", "device=cpu"]
+    image, out = f"image={root / 'a.png'}", f"out={root / 'out.png'}"
+    segment = ["segment", f"reference={root / 'a.png'}", f"reference_mask={root / 'mask.png'}"]
+    return {
+        "attention": ["visualize", "attention", image, out],
+        "pca": ["visualize", "pca", image, out],
+        "similarity": ["visualize", "similarity", image, "x=1", "y=1", out],
+        "matches": ["visualize", "matches", image, f"other={root / 'frames' / 'f1.png'}", out],
+        "segment": [*segment, f"target={root / 'frames'}", f"out={root / 'segment'}"],
+        "track": ["track", f"frames={root / 'frames'}", f"first_mask={root / 'mask.png'}", f"out={root / 'track'}"],
+    }[command] + common
+
+
+@pytest.mark.parametrize("command", MAPS_COMMANDS)
+def test_maps_commands_take_a_random_init_as_the_eval_commands_do(tmp_path, capsys, monkeypatch, command):
+    """model=random:<arch> (and a bare architecture name) is the seeded network of the eval commands'
+    loader, and every picture says its maps are meaningless; it was refused as 'No such file or folder'."""
+    titles = []
+    real_save = dinokit.maps.commands.save_figure
+    monkeypatch.setattr(
+        dinokit.maps.commands,
+        "save_figure",
+        lambda path, fig: titles.append(fig._suptitle.get_text()) or real_save(path, fig),
+    )
+    reports = []
+    for model in ["random:vit_micro_p4", "vit_micro_p4"]:
+        assert main(maps_command_args(command, tmp_path, model)) == 0, capsys.readouterr().err
+        printed = capsys.readouterr().out
+        assert "note: model=" in printed and "randomly initialised network" in printed
+        reports.append(json.loads(printed[printed.index("{") :]))
+    if command in ("attention", "pca", "similarity", "matches"):
+        assert len(titles) == 2 and all("vit_micro_p4 RANDOM INIT (meaningless maps)" in t for t in titles)
+    drop = {"model", "out", "results"}  # the same seeded network: the same numbers
+    assert {k: v for k, v in reports[0].items() if k not in drop} == {
+        k: v for k, v in reports[1].items() if k not in drop
+    }

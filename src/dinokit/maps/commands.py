@@ -23,6 +23,7 @@ from dinokit.data.images import (
 )
 from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
+from dinokit.eval.backbone import RANDOM_PREFIX, is_random_source, load_backbone
 from dinokit.io import prepare_output, refuse_other_outputs, write_json
 from dinokit.maps.attention import attention_maps
 from dinokit.maps.matching import best_match_similarity, check_options, match_patches
@@ -39,7 +40,7 @@ from dinokit.maps.render import (
 )
 from dinokit.maps.segment import check_threshold, segment_features
 from dinokit.maps.similarity import patch_similarity, patch_to_pixel, pixel_to_patch
-from dinokit.models import VisionTransformer, load_model
+from dinokit.models import VisionTransformer
 from dinokit.runtime import resolve_device
 
 
@@ -54,11 +55,20 @@ def model_input(model: VisionTransformer, image, image_size: int, resize_policy:
 
 
 def load(model: str, device: str) -> VisionTransformer:
-    return load_model(model, device=resolve_device(device))
+    """The network of `model=`, as the eval commands read it (`dinokit.eval.backbone.load_backbone`):
+    a file or folder of any format, a pretraining run folder, a released name, or `random:<arch>` (a
+    seeded random init, with a note that its maps mean nothing)."""
+    net, _ = load_backbone(model, resolve_device(device))
+    if is_random_source(model):
+        print(f"note: model={model} is a randomly initialised network: its maps show nothing about the images")
+    return net
 
 
 def label(model: str) -> str:
-    """How a picture names its model: the file name of a path, or the released name."""
+    """How a picture names its model: the file name of a path, the released name, or for a random init
+    its architecture and that its maps are meaningless."""
+    if is_random_source(model):
+        return f"{str(model).removeprefix(RANDOM_PREFIX)} RANDOM INIT (meaningless maps)"
     return Path(model).name if Path(model).exists() else model
 
 
