@@ -117,6 +117,26 @@ def test_motion_beyond_the_window_loses_the_object(shuffle_model):
     assert jaccard(np.roll(mask, (3 * P, 3 * P), axis=(0, 1)) == 1, predicted == 1) < 0.5
 
 
+def test_the_first_masks_void_is_background_never_an_object(shuffle_model):
+    """DAVIS marks unlabelled pixels 255 (void); davis2017-evaluation reads them as background. A void
+    block in the first mask is tracked as background: 255 is no object, never predicted, and the
+    masks are those of the first mask with its void made background."""
+    video, mask = rolled_video(frames=3, step=1)
+    void = mask.copy()
+    void[12 * P : 14 * P, 10 * P : 13 * P] = 255
+    assert tracking.object_values(void) == [1, 3]
+
+    def masks_of(first: np.ndarray) -> list[np.ndarray]:
+        features = (torch.from_numpy(patch_features(shuffle_model, [frame])[0]) for frame in video)
+        return list(track(features, first, patch_size=P, size_mask_neighborhood=2))
+
+    with_void, without = masks_of(void), masks_of(mask)
+    assert with_void[0] is void
+    for predicted, expected in zip(with_void[1:], without[1:], strict=True):
+        assert not (predicted == 255).any()
+        assert np.array_equal(predicted, expected)
+
+
 def test_jaccard_and_boundary_by_hand():
     truth = np.zeros((4, 4), dtype=bool)
     truth[0:2, 0:2] = True

@@ -9,9 +9,10 @@ most that, 0 = whole frame) count. Per target patch the `topk` (5) largest affin
 patches are kept (as DINO: every affinity >= the k-th largest, so ties may keep a few more), normalised
 to sum 1, and the target's soft segmentation is their weighted sum of the context patches' soft
 segmentations. The first frame's is one-hot per object, from its mask resized (nearest, as PIL) to
-the patch grid; frame t's soft segmentation joins the context queue. The output label map: the soft
-segmentation upsampled bilinearly by the patch size (to the model input), each object's channel
-min-max scaled to [0, 1] (DINO's `norm_mask`), the argmax per pixel, resized (nearest) to the frame.
+the patch grid (DAVIS's void index 255 read as background, as davis2017-evaluation reads its masks);
+frame t's soft segmentation joins the context queue. The output label map: the soft segmentation
+upsampled bilinearly by the patch size (to the model input), each object's channel min-max scaled
+to [0, 1] (DINO's `norm_mask`), the argmax per pixel, resized (nearest) to the frame.
 
 Arrays only (no files): `propagate_labels` is one step, `track` the sequence.
 """
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+VOID = 255  # DAVIS marks void (unlabelled) pixels 255: background for tracking and scoring, never an object
 TEMPERATURE = 0.1  # affinity = exp(cos / TEMPERATURE), DINO's value
 CHUNK_ELEMENTS = 2**24  # affinities held at once: target patches per chunk x context patches
 
@@ -93,8 +95,9 @@ def labels_to_mask(
 
 
 def object_values(mask: np.ndarray) -> list[int]:
-    """The object indices of a first-frame mask: its nonzero values, ascending (DAVIS: 1..N)."""
-    return [int(v) for v in np.unique(mask) if v != 0]
+    """The object indices of a first-frame mask: its values but 0 (background) and 255 (DAVIS's void),
+    ascending (DAVIS: 1..N)."""
+    return [int(v) for v in np.unique(mask) if v not in (0, VOID)]
 
 
 def track(
@@ -110,13 +113,15 @@ def track(
     features: per frame (first included) its patch features (h, w, D), e.g. a generator computing them
     one frame at a time; only that frame's features and the context queue (first frame + the last
     `n_last_frames`, with their (C, h, w) soft segmentations) are held. first_mask: (H, W) indices of the
-    first frame (0 = background, others = objects), at the frames' pixel size; `patch_size` of the
-    model (h p x w p is its input). Masks keep first_mask's indices and dtype.
+    first frame (0 = background, 255 = void, read as background, others = objects), at the frames' pixel
+    size; `patch_size` of the model (h p x w p is its input). Masks keep first_mask's indices and dtype;
+    the first is first_mask as given.
     """
     values = [0, *object_values(first_mask)]
     frames = iter(features)
     first = next(frames)
-    first_labels = one_hot_at_grid(first_mask, values, first.shape[:2]).to(first.device)
+    labelled = np.where(first_mask == VOID, 0, first_mask)
+    first_labels = one_hot_at_grid(labelled, values, first.shape[:2]).to(first.device)
     queue: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=n_last_frames)
     yield first_mask
     for target in frames:
