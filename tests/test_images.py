@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from dinokit.data.images import ImageFiles, collate_skipping_bad, list_images, open_images, open_rgb
-from dinokit.data.transforms import IMAGENET_MEAN, eval_transform
+from dinokit.data.transforms import IMAGENET_MEAN, describe, eval_transform
 from dinokit.errors import DinokitError
 
 
@@ -157,8 +157,11 @@ def test_bad_files_are_skipped_and_reported(folder):
 def test_eval_transform_official_at_224_and_resize_policy():
     im = Image.fromarray(np.full((300, 400, 3), 124, dtype=np.uint8))
     t = eval_transform(224)
-    assert [type(s).__name__ for s in t.transforms[:2]] == ["Resize", "CenterCrop"]
-    assert t.transforms[0].size == [256]
+    assert [type(s).__name__ for s in t.transforms[:3]] == ["ReducedJpegDecode", "Resize", "CenterCrop"]
+    assert t.transforms[0].min_side == 512 and t.transforms[1].size == [256]
+    official = eval_transform(224, reduced_decode=False)
+    assert [type(s).__name__ for s in official.transforms[:2]] == ["Resize", "CenterCrop"]
+    assert torch.equal(official(im), t(im))
     x = t(im)
     assert x.shape == (3, 224, 224)
     assert torch.allclose(x[0], torch.full((224, 224), (124 / 255 - IMAGENET_MEAN[0]) / 0.229), atol=1e-5)
@@ -210,3 +213,37 @@ def test_an_error_of_the_transform_is_raised_not_counted_as_a_bad_file(folder):
     with pytest.raises(RuntimeError, match="a bug in the transform"):
         dataset = ImageFiles(list_images(folder), broken)
         [dataset[i] for i in range(len(dataset))]  # the bad files among them return (None, i)
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_that_keeps_twice_the_resize(tmp_path):
+    """ReducedJpegDecode: a JPEG whose sides are >= 2 x min_side decodes at 1/2, 1/4 or 1/8 scale, both
+    sides staying >= min_side (in any EXIF orientation); PNGs and small JPEGs decode whole; the model
+    input differs from a full decode's by resampling only."""
+    from dinokit.data.images import decode_min_side
+
+    rng = np.random.default_rng(0)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).resize((4000, 3000)))
+    big = tmp_path / "big.jpg"
+    Image.fromarray(smooth).save(big, quality=95)
+    rotated = tmp_path / "rotated.jpg"  # stored 4000 x 3000, shown 3000 x 4000 (EXIF orientation 6)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(smooth).save(rotated, quality=95, exif=exif)
+    Image.fromarray(smooth[:600, :800]).save(tmp_path / "small.jpg", quality=95)
+    Image.fromarray(smooth).save(tmp_path / "big.png")
+
+    assert open_rgb(big, 512).size == (1000, 750)  # 1/4: 1/8 would give 500 x 375 < 512
+    assert open_rgb(big, 1500).size == (2000, 1500)
+    assert open_rgb(big).size == (4000, 3000)
+    assert open_rgb(rotated, 512).size == (750, 1000)
+    assert open_rgb(tmp_path / "small.jpg", 512).size == (800, 600)
+    assert open_rgb(tmp_path / "big.png", 512).size == (4000, 3000)
+
+    reduced, whole = eval_transform(224), eval_transform(224, reduced_decode=False)
+    assert decode_min_side(reduced) == 512 and decode_min_side(whole) is None
+    assert decode_min_side(eval_transform((112, 168), resize_policy="resize")) == 336
+    assert decode_min_side(eval_transform(98, resize_policy="aspect")) == 196
+    assert "ReducedJpegDecode(min_side=512)" in describe(reduced) and "Reduced" not in describe(whole)
+    fast, full = ImageFiles([big], reduced)[0][0], ImageFiles([big], whole)[0][0]
+    assert fast.shape == full.shape == (3, 224, 224)
+    assert 0 < (fast - full).abs().mean() < 0.01  # normalised units: resampling differences only

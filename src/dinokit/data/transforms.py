@@ -12,11 +12,14 @@ The official eval transform is Resize(256, bicubic) -> CenterCrop(224) -> ImageN
   patch size (so the shape follows each image: one image at a time, e.g. the visual tools).
 
 Sizes given to the model must be multiples of the patch size; `check_image_size` says so early.
+Each policy starts with `ReducedJpegDecode` (`reduced_decode=False` leaves it out): large JPEGs opened
+by `ImageFiles` decode at a reduced scale that keeps twice the resize's size.
 """
 
 import torch
 from torchvision.transforms import v2
 
+from dinokit.data.images import ReducedJpegDecode
 from dinokit.errors import DinokitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,24 +77,32 @@ RESIZE_POLICIES = ("center_crop", "resize", "aspect")
 
 
 def eval_transform(
-    image_size: int | tuple[int, int] = 224, resize_policy: str = "center_crop", patch_size: int = 14
+    image_size: int | tuple[int, int] = 224,
+    resize_policy: str = "center_crop",
+    patch_size: int = 14,
+    reduced_decode: bool = True,
 ) -> v2.Compose:
     """PIL image -> normalised tensor (3, H, W) under one of RESIZE_POLICIES (see the module docstring).
-    image_size: an int (square) or (height, width); for 'aspect' an int, the short side."""
+    image_size: an int (square) or (height, width); for 'aspect' an int, the short side.
+    reduced_decode: start with `ReducedJpegDecode` at twice the resize's largest side, so that files
+    opened by `ImageFiles` (every eval and embed command) decode large JPEGs at a reduced scale; False
+    decodes them whole, as the official evaluation does."""
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     bicubic = v2.InterpolationMode.BICUBIC
     if resize_policy == "center_crop":
         cover_h, cover_w = round(h * 256 / 224), round(w * 256 / 224)
         # square: the official Resize(short side); ResizeToCover does the same there, and more
         cover = v2.Resize(cover_h, bicubic, antialias=True) if h == w else ResizeToCover(cover_h, cover_w)
-        return v2.Compose([cover, v2.CenterCrop((h, w)), normalize()])
-    if resize_policy == "resize":
-        return v2.Compose([v2.Resize((h, w), interpolation=bicubic, antialias=True), normalize()])
-    if resize_policy == "aspect":
+        steps, resized = [cover, v2.CenterCrop((h, w)), normalize()], max(cover_h, cover_w)
+    elif resize_policy == "resize":
+        steps, resized = [v2.Resize((h, w), interpolation=bicubic, antialias=True), normalize()], max(h, w)
+    elif resize_policy == "aspect":
         if h != w:
             raise DinokitError("resize_policy='aspect' takes one image_size (the short side), not (height, width)")
-        return v2.Compose([ResizeKeepAspect(h, patch_size), normalize()])
-    raise DinokitError(f"resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {resize_policy!r}")
+        steps, resized = [ResizeKeepAspect(h, patch_size), normalize()], h
+    else:
+        raise DinokitError(f"resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {resize_policy!r}")
+    return v2.Compose([ReducedJpegDecode(2 * resized), *steps] if reduced_decode else steps)
 
 
 def check_image_size(

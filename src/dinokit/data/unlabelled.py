@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dinokit.data.batched_augmentations import BatchedMultiCrop
 from dinokit.data.collate import CropBatch, MultiCropCollate
-from dinokit.data.images import ImageFiles, collate_skipping_bad, open_rgb
+from dinokit.data.images import ImageFiles, ReducedJpegDecode, collate_skipping_bad, open_rgb
 from dinokit.errors import DinokitError
 
 
@@ -111,8 +111,9 @@ def decode_to_memory(
             f"{needed / 2**30:.1f} GiB{copies}, more than half of this machine's {available / 2**30:.1f} GiB. "
             "Use augmentation=per_image, or a smaller batched_image_size."
         )
+    bicubic = v2.InterpolationMode.BICUBIC
     transform = v2.Compose(
-        [v2.ToImage(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
+        [ReducedJpegDecode(2 * size), v2.ToImage(), v2.Resize(size, bicubic, antialias=True), v2.CenterCrop(size)]
     )
     loader = torch.utils.data.DataLoader(
         ImageFiles(list(paths), transform), batch_size=256, num_workers=num_workers, collate_fn=collate_skipping_bad
