@@ -10,6 +10,7 @@ with ground_truth= the DAVIS scores J, F and J&F. Every file is written atomical
 
 import re
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,8 @@ from dinokit.maps import tracking
 from dinokit.maps.commands import CLASS_INDEX_MODES, inputs_without_outputs, load, model_input
 from dinokit.maps.pca import patch_features
 from dinokit.maps.render import mask_overlay, save_png
+from dinokit.models import VisionTransformer
+from dinokit.runtime import autocast
 
 
 def track(
@@ -85,34 +88,70 @@ def track(
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "track.json", report)
 
-    pictures: deque[np.ndarray] = deque()  # the frames whose features were computed, not yet written
-
-    def features():
+    def frames_read():
         for path in paths:
             rgb = first_rgb if path == paths[0] else np.asarray(open_rgb(path))
             check_frame_size(path, rgb.shape[:2], paths[0], first_rgb.shape[:2])
-            pictures.append(rgb)
-            x = model_input(net, Image.fromarray(rgb), image_size, resize_policy)
-            yield torch.from_numpy(patch_features(net, [x])[0]).to(x.device)
+            yield rgb, model_input(net, Image.fromarray(rgb), image_size, resize_policy)
 
-    masks = tracking.track(features(), mask, net.patch_size, n_last_frames, size_mask_neighborhood, topk)
-    per_frame = []
-    bar = tqdm(zip(names, masks, strict=True), total=len(names), desc="track", unit="frame")
-    for i, (name, predicted) in enumerate(bar):
-        rgb = pictures.popleft()
-        save_indexed(out_dir / f"{name}.png", predicted, colours)
-        tinted = rgb
-        for k in objects:
-            tinted = mask_overlay(tinted, predicted == k, colour=tuple(int(c) for c in colours[k]))
-        save_png(out_dir / "overlays" / f"{name}.png", tinted)
-        if truths is not None:
-            scored = 0 < i < len(names) - 1
-            per_frame.append(frame_jf(predicted, read_truth(truths[i], rgb.shape[:2]), objects) if scored else None)
+    settings_run = (n_last_frames, size_mask_neighborhood, topk)
+    per_frame = track_frames(net, frames_read(), names, mask, colours, out_dir, settings_run, truths, objects)
     report |= {"complete": True, "masks": str(out_dir), "overlays": str(out_dir / "overlays")}
     if truths is not None:
         report["scores"] = video_jf(per_frame, objects) | {"ground_truth": str(ground_truth)}
     write_json(out_dir / "track.json", report)
     return report
+
+
+def track_frames(
+    net: VisionTransformer,
+    frames: Iterable[tuple[np.ndarray, torch.Tensor]],
+    names: list[str],
+    mask: np.ndarray,
+    colours: np.ndarray,
+    out_dir: Path,
+    settings: tuple[int, int, int],
+    truths: list[Path | None] | None = None,
+    objects: list[int] | None = None,
+    overlays: bool = True,
+    precision: str = "fp32",
+    desc: str = "track",
+) -> list | None:
+    """One video tracked and written (`dinokit track`, and each sequence of `dinokit eval video`).
+
+    frames: per frame, the first included, its (H, W, 3) uint8 RGB and its model input (3, H', W'), e.g.
+    a generator reading them one at a time; names: their output names; mask: the first frame's (H, W)
+    indices, `colours` (256, 3) its palette; settings: (n_last_frames, size_mask_neighborhood, topk).
+    Writes <out_dir>/<name>.png per frame (palette PNG at the frame's size; the first is `mask`) and with
+    `overlays` <out_dir>/overlays/<name>.png. With `truths` (per frame a ground-truth mask's path, None for
+    the unscored first and last) returns per frame `frame_jf` of `objects` (None where unscored), else None.
+    """
+    objects = tracking.object_values(mask) if objects is None else objects
+    pictures: deque[np.ndarray] = deque()  # the frames whose features were computed, not yet written
+    device = next(net.parameters()).device
+
+    def features():
+        for rgb, x in frames:
+            pictures.append(np.asarray(rgb))
+            with autocast(device, precision):  # the features only: never held across the yield
+                tokens = patch_features(net, [x.to(device)])[0]
+            yield torch.from_numpy(tokens).to(device)
+
+    masks = tracking.track(features(), mask, net.patch_size, *settings)
+    per_frame = []
+    bar = tqdm(zip(names, masks, strict=True), total=len(names), desc=desc, unit="frame")
+    for i, (name, predicted) in enumerate(bar):
+        rgb = pictures.popleft()
+        save_indexed(out_dir / f"{name}.png", predicted, colours)
+        if overlays:
+            tinted = rgb
+            for k in objects:
+                tinted = mask_overlay(tinted, predicted == k, colour=tuple(int(c) for c in colours[k]))
+            save_png(out_dir / "overlays" / f"{name}.png", tinted)
+        if truths is not None:
+            scored = 0 < i < len(names) - 1
+            per_frame.append(frame_jf(predicted, read_truth(truths[i], rgb.shape[:2]), objects) if scored else None)
+    return per_frame if truths is not None else None
 
 
 def check_settings(n_last_frames: int, size_mask_neighborhood: int, topk: int) -> None:
