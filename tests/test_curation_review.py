@@ -42,7 +42,14 @@ def embedding_folder(
         shards.append({"file": file.name, "count": end - start, "bad": 0})
     write_json(
         out / MANIFEST,
-        {**EMBEDDING, "features": list(features), "dtype": dtype, "format": "safetensors", "shards": shards},
+        {
+            **EMBEDDING,
+            "features": list(features),
+            "feature_shapes": {k: list(np.shape(v)[1:]) for k, v in features.items()},
+            "dtype": dtype,
+            "format": "safetensors",
+            "shards": shards,
+        },
     )
     return paths
 
@@ -84,40 +91,51 @@ def test_similarity_png_counts_exact_copies_whose_float32_cosine_rounds_above_on
     assert max(bars, key=lambda bar: bar.get_x()).get_height() == 3  # 1.0 and the two above it: the top bin
 
 
-MEMORY_PROBE = """
-import sys
-from dinokit.curation.commands import read_unique_vectors
-from dinokit.curation.vectors import unit_rows
-
-
-def peak():  # this process's peak resident memory in bytes (ru_maxrss would include the parent's: fork)
-    status = open("/proc/self/status").read().split("VmHWM:")[1]
-    return int(status.split()[0]) * 1024
-
-
-before = peak()
-vectors, paths, _ = read_unique_vectors(sys.argv[1], "cls")
-unit_rows(vectors, "x")  # what deduplicate does first
-print((peak() - before) / vectors.nbytes)
-"""
-
-
-def test_reading_an_embedding_for_curation_holds_one_copy_of_the_vectors(tmp_path):
-    # the shards, their concatenation, its float32 copy, a de-duplicated copy, a normalised copy and
-    # deduplicate's own normalised copy: peak memory was 3.1 times the N x D float32 vectors (93 GB for
-    # 10 million 768-D vectors), now one array filled shard by shard and normalised in place
+def peak_memory_ratio(setup: str, call: str, folder: Path) -> float:
+    """In a fresh process: how much its peak resident memory grows while `call` runs, in units of the N x D
+    float32 vectors of the embedding `folder` (`setup`: imports; ru_maxrss would include pytest's, by fork)."""
     import subprocess
     import sys
 
     if not Path("/proc/self/status").is_file():
         pytest.skip("reads the peak memory from /proc (Linux)")
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(120_000, 256)).astype(np.float32)
-    embedding_folder(tmp_path / "emb", {"cls": x}, shard=8_000, dtype="float16")
-    probe = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "emb")], capture_output=True, text=True, check=True
-    )
-    assert float(probe.stdout) < 1.6, probe.stdout  # the array itself, one shard and the read's temporaries
+    probe = f"""
+import sys
+from dinokit.features.store import read_manifest
+{setup}
+
+
+def peak():
+    return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+
+
+manifest = read_manifest(sys.argv[1])
+nbytes = sum(s["count"] for s in manifest["shards"]) * manifest["feature_shapes"]["cls"][0] * 4
+before = peak()
+{call}
+print((peak() - before) / nbytes)
+"""
+    result = subprocess.run([sys.executable, "-c", probe, str(folder)], capture_output=True, text=True, check=True)
+    return float(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def large_embedding(tmp_path_factory) -> Path:
+    """120,000 x 256 vectors (123 MB as float32) stored as float16 in shards of 2,000 (the temporaries of
+    a shard, which malloc keeps for reuse, are then small beside them)."""
+    folder = tmp_path_factory.mktemp("large") / "emb"
+    x = np.random.default_rng(0).normal(size=(120_000, 256)).astype(np.float32)
+    embedding_folder(folder, {"cls": x}, shard=2_000, dtype="float16")
+    return folder
+
+
+def test_reading_an_embedding_for_curation_holds_one_copy_of_the_vectors(large_embedding):
+    # the shards, their concatenation, its float32 copy, a de-duplicated copy, a normalised copy and
+    # deduplicate's own normalised copy: peak memory was 3.2 times the N x D float32 vectors (98 GB for
+    # 10 million 768-D vectors), now one array filled shard by shard and normalised in place
+    setup = "from dinokit.curation.commands import read_unique_vectors\nfrom dinokit.curation.vectors import unit_rows"
+    call = 'unit_rows(read_unique_vectors(sys.argv[1], "cls")[0], "x")  # what dedup does first'
+    assert peak_memory_ratio(setup, call, large_embedding) < 1.6  # the array, a shard and the read's temporaries
 
 
 def test_read_vectors_fills_one_array_in_image_order_across_shards(tmp_path):
@@ -133,3 +151,44 @@ def test_read_vectors_fills_one_array_in_image_order_across_shards(tmp_path):
     write_json(tmp_path / "emb" / MANIFEST, manifest)
     with pytest.raises(DinokitError, match="disagree on the number of images"):
         read_vectors(tmp_path / "emb")
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_index_build_holds_the_index_and_one_shard_not_every_vector(large_embedding, tmp_path):
+    # build_index read every shard into one array, then FeatureIndex.create took a de-duplicated copy and
+    # a normalised copy before faiss its own: 3.2 times the vectors at the peak (98 GB for a flat index of
+    # 10 million 768-D vectors, itself 31 GB), and 3.6 times for an ivfpq index of 16 bytes per vector.
+    # Now the shards are added one at a time, after training on the rows faiss would use
+    setup = "from dinokit.retrieval.commands import build_index"
+    flat = f'build_index(sys.argv[1], "{tmp_path / "flat"}")'
+    # the flat index holds a copy (1; faiss grows it by doubling), the paths (0.09) and a few shards: 1.4
+    assert peak_memory_ratio(setup, flat, large_embedding) < 1.8
+    # 16,384 training rows (0.13), 16-byte codes (0.02), the paths, faiss's training and a few shards: 0.8
+    ivfpq = f'build_index(sys.argv[1], "{tmp_path / "ivfpq"}", kind="ivfpq", nlist=64, pq_m=16, pq_bits=6)'
+    assert peak_memory_ratio(setup, ivfpq, large_embedding) < 1.2
+
+
+def test_an_index_built_shard_by_shard_is_the_index_built_at_once(tmp_path):
+    from dinokit.retrieval.commands import build_index
+    from dinokit.retrieval.index import FeatureIndex, training_rows
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 16))
+    x = (centres[rng.integers(0, 10, 700)] + 0.3 * rng.normal(size=(700, 16))).astype(np.float32)
+    paths = [f"/data/img{i:04d}.jpg" for i in range(700)]
+    paths[650] = paths[3]  # listed twice: its first vector is indexed
+    embedding_folder(tmp_path / "emb", {"cls": x}, paths=paths, shard=128)
+    queries = x[::7] + 0.05
+    for kind, options in [("flat", {}), ("hnsw", {}), ("ivf", {"nlist": 8}), ("ivfpq", {"nlist": 4, "pq_bits": 4})]:
+        build_index(str(tmp_path / "emb"), str(tmp_path / kind), kind=kind, **options)
+        streamed = FeatureIndex.load(tmp_path / kind)
+        at_once = FeatureIndex.create(x, paths, {}, kind=kind, **options)
+        assert streamed.paths == at_once.paths == paths[:650] + paths[651:]
+        for a, b in zip(streamed.search(queries, 5), at_once.search(queries, 5), strict=True):
+            np.testing.assert_array_equal(a, b)
+    # faiss trains on at most 256 rows per centroid: beyond that, a seeded sample of that many is read
+    np.testing.assert_array_equal(training_rows("IVF8,Flat", 2048), np.arange(2048))
+    sample = training_rows("IVF8,PQ4x2", 5000)  # max(8 cells, 4 PQ centroids) x 256
+    assert len(sample) == 2048 and len(np.unique(sample)) == 2048 and (np.diff(sample) > 0).all()
+    np.testing.assert_array_equal(sample, training_rows("IVF8,PQ4x2", 5000))
+    assert len(training_rows("PQ16x8", 10**6)) == 256 * 256

@@ -187,11 +187,11 @@ def test_an_add_while_another_add_runs_waits_and_both_are_indexed(collection, tm
     embed_args = dict(image_size=32, num_workers=0, progress=False)
     embed(str(collection / "m.safetensors"), str(tmp_path / "list.txt"), str(tmp_path / "emb"), **embed_args)
     build_index(str(tmp_path / "emb"), str(tmp_path / "idx"))
-    real_add = FeatureIndex.add
+    real_add = FeatureIndex.add_blocks  # build_index adds an embedding shard by shard
     other: list[threading.Thread] = []
 
-    def add_while_another_adds(self, vectors, paths):
-        added = real_add(self, vectors, paths)
+    def add_while_another_adds(self, paths, blocks):
+        added = real_add(self, paths, blocks)
         if not other:  # the first add starts the second and gives it time to finish before saving
             other.append(
                 threading.Thread(
@@ -202,7 +202,7 @@ def test_an_add_while_another_add_runs_waits_and_both_are_indexed(collection, tm
             other[0].join(timeout=1.0)
         return added
 
-    monkeypatch.setattr(FeatureIndex, "add", add_while_another_adds)
+    monkeypatch.setattr(FeatureIndex, "add_blocks", add_while_another_adds)
     build_index(str(collection / "emb_a"), str(tmp_path / "idx"), add=True)
     other[0].join()
     index = FeatureIndex.load(tmp_path / "idx")

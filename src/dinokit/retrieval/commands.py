@@ -12,7 +12,7 @@ from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
-from dinokit.features.store import MANIFEST, read_manifest, read_shard
+from dinokit.features.store import MANIFEST, read_manifest, read_shard, read_shard_index
 from dinokit.io import folder_lock, prepare_output, refuse_other_outputs, write_json
 from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
@@ -41,13 +41,21 @@ def build_index(
     8, hnsw_m 32). add: add the images of `features` to the existing index `out` (images already
     indexed are skipped), which keeps the structure it was built with (kind and its options are for
     building: given with add=true, they must be the index's own); the embedding settings must match.
-    An image listed twice is indexed once; the summary counts the images skipped.
+    An image listed twice is indexed once; the summary counts the images skipped. The embedding is read a
+    shard at a time (ivf / pq kinds: once to train on at most 256 vectors per centroid, once to add), so
+    memory holds the index, not every vector.
     """
     structure = {"kind": kind, "nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "hnsw_m": hnsw_m}
     given = {key: value for key, value in structure.items() if value is not None}
     prepare_output(out, folder=True, create=False)
     refuse_other_outputs(out, ("index.json",), "dinokit index build")
-    vectors, paths, embedding = read_vectors(features, feature)
+    manifest = vector_manifest(features, feature)
+    paths = [p for shard in manifest["shards"] for p in read_shard_index(Path(features) / shard["file"])[0]]
+    embedding = embedding_settings(manifest)
+
+    def blocks() -> Iterator[np.ndarray]:  # a shard at a time: never all N x D floats in memory
+        return (chunk.float().numpy() for chunk, _ in vector_shards(features, manifest, feature))
+
     # one writer at a time: two adds would both write generation g + 1 (one add lost, or one's vectors
     # listed with the other's paths); the second waits and adds to the first's result
     with folder_lock(out, "an index"):
@@ -70,12 +78,12 @@ def build_index(
                     f"{features} was embedded differently from the index {out} ({', '.join(changed) or 'feature'} "
                     "differ); queries could not match both. Build a separate index."
                 )
-            added = index.add(vectors, paths)
+            added = index.add_blocks(paths, blocks)
             index.meta["sources"].append(str(Path(features).absolute()))
         else:
             meta = {"feature": feature, "embedding": embedding, "sources": [str(Path(features).absolute())]}
             options = {key: value for key, value in given.items() if key != "kind"}
-            index = FeatureIndex.create(vectors, paths, meta, kind=kind or "flat", **options)
+            index = FeatureIndex.create_from_blocks(paths, blocks, meta, kind=kind or "flat", **options)
             added = len(index.paths)
         index.save(out)
     return {
@@ -111,7 +119,12 @@ def read_vectors(features: str | Path, feature: str = "cls") -> tuple[np.ndarray
         raise disagree
     if vectors is None:  # no images
         vectors = np.zeros((0, manifest.get("feature_shapes", {}).get(feature, [1])[0]), dtype=np.float32)
-    return vectors, paths, {k: manifest.get(k) for k in EMBEDDING_KEYS}
+    return vectors, paths, embedding_settings(manifest)
+
+
+def embedding_settings(manifest: dict) -> dict:
+    """The settings of an embedding (from its manifest) that vectors compared with its own must share."""
+    return {k: manifest.get(k) for k in EMBEDDING_KEYS}
 
 
 def vector_manifest(features: str | Path, feature: str) -> dict:

@@ -16,7 +16,7 @@ interrupted add leaves the previous index intact.
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,8 @@ INDEX_KINDS = ("flat", "ivf", "hnsw", "pq", "ivfpq")
 INDEX_META = "index.json"
 # embedding settings that queries must share with the indexed images (weights_hash: see
 # dinokit.eval.backbone.weights_hash; absent from embeddings made before it was recorded)
+# faiss's k-means trains on at most this many vectors per centroid (ClusteringParameters.max_points_per_centroid)
+TRAINING_POINTS_PER_CENTROID = 256
 EMBEDDING_KEYS = ("model", "architecture", "weights_hash", "image_size", "resize_policy", "transform", "precision")
 
 
@@ -93,30 +95,61 @@ class FeatureIndex:
     def create(cls, vectors, paths: list[str], meta: dict, kind: str = "flat", **options) -> "FeatureIndex":
         """Build (and train, for ivf / pq kinds) an index over `vectors` (N, D); a path listed again
         is left out (its first vector is indexed)."""
-        keep = first_occurrences(paths)
-        x = normalise(np.asarray(vectors)[keep])
-        paths = [paths[i] for i in keep]
-        spec = factory_string(kind, x.shape[1], len(x), **options)
-        index = faiss.index_factory(x.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:
-            needed = needed_training_points(spec)
-            if len(x) < needed:
-                raise DinokitError(
-                    f"index {spec} needs at least {needed} vectors to train, got {len(x)}; use kind=flat or "
-                    "hnsw for small collections, or a smaller nlist / pq_bits"
-                )
-            index.train(x)
-        index.add(x)
-        return cls(index, list(paths), {**meta, "kind": kind, "factory": spec, "dim": int(x.shape[1])})
+        return cls.create_from_blocks(paths, lambda: iter([np.asarray(vectors)]), meta, kind, **options)
+
+    @classmethod
+    def create_from_blocks(
+        cls, paths: list[str], blocks: Callable[[], Iterator[np.ndarray]], meta: dict, kind: str = "flat", **options
+    ) -> "FeatureIndex":
+        """`create` over vectors read a block at a time: blocks() iterates over consecutive row blocks
+        (n_i, D) of the vectors of `paths` (e.g. the shards of an embedding). It is called once to add
+        them (flat, hnsw), or once to train on `training_rows` and once to add (ivf, pq, ivfpq), so that
+        memory holds the index, one block and the training rows, never all N x D floats."""
+        first = np.zeros(len(paths), dtype=bool)
+        first[first_occurrences(paths)] = True
+        count = int(first.sum())
+        index, train, spec, sample, seen = None, None, "", [], 0
+        for block in _kept_blocks(blocks(), first):
+            if index is None:
+                spec = factory_string(kind, block.shape[1], count, **options)
+                index = faiss.index_factory(block.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
+                needed = needed_training_points(spec) if not index.is_trained else 0
+                if count < needed:
+                    raise DinokitError(
+                        f"index {spec} needs at least {needed} vectors to train, got {count}; use kind=flat or "
+                        "hnsw for small collections, or a smaller nlist / pq_bits"
+                    )
+                train = training_rows(spec, count) if not index.is_trained else None
+            if train is None:
+                index.add(block)
+            else:  # the training rows of this block
+                sample.append(block[train[(train >= seen) & (train < seen + len(block))] - seen])
+            seen += len(block)
+        if index is None:
+            raise DinokitError("there are no vectors to index: embed some images first")
+        if train is not None:
+            index.train(np.concatenate(sample))
+            del sample
+            for block in _kept_blocks(blocks(), first):
+                index.add(block)
+        kept = np.flatnonzero(first).tolist()
+        dim = int(index.d)
+        return cls(index, [paths[i] for i in kept], {**meta, "kind": kind, "factory": spec, "dim": dim})
 
     def add(self, vectors, paths: list[str]) -> int:
         """Add vectors whose path is not indexed yet (the first of a path listed again); returns how
         many were added."""
-        keep = first_occurrences(paths, known=set(self.paths))
-        if keep:
-            self.index.add(normalise(np.asarray(vectors)[keep]))
-            self.paths += [paths[i] for i in keep]
-        return len(keep)
+        return self.add_blocks(paths, lambda: iter([np.asarray(vectors)]))
+
+    def add_blocks(self, paths: list[str], blocks: Callable[[], Iterator[np.ndarray]]) -> int:
+        """`add` over vectors read a block at a time (blocks() as in `create_from_blocks`, called once)."""
+        new = np.zeros(len(paths), dtype=bool)
+        new[first_occurrences(paths, known=set(self.paths))] = True
+        if new.any():
+            for block in _kept_blocks(blocks(), new):
+                self.index.add(block)
+            self.paths += [paths[i] for i in np.flatnonzero(new).tolist()]
+        return int(new.sum())
 
     def search(
         self, queries, k: int, nprobe: int | None = None, ef_search: int | None = None
@@ -189,6 +222,39 @@ def first_occurrences(paths: list[str], known: Iterable[str] = ()) -> list[int]:
             seen.add(path)
             keep.append(i)
     return keep
+
+
+def _kept_blocks(blocks: Iterable[np.ndarray], kept: np.ndarray) -> Iterator[np.ndarray]:
+    """The normalised rows of each block (n_i, D) whose entry in kept (N,) bool is True, block by block
+    (blocks that hold no kept row are skipped, except a first one: its width gives the dimension)."""
+    start = 0
+    for block in blocks:
+        if start + len(block) > len(kept):
+            break
+        rows = kept[start : start + len(block)]
+        if rows.any() or start == 0:
+            yield normalise(block if rows.all() else np.asarray(block)[rows])
+        start += len(block)
+    else:
+        if start == len(kept):
+            return
+    raise DinokitError(f"the vectors and the {len(kept)} image paths disagree: embed the images again")
+
+
+def training_rows(spec: str, count: int, seed: int = 0) -> np.ndarray:
+    """Which of `count` vectors (indices, ascending) to train `spec` on: all of them, or where faiss would
+    subsample anyway (more than TRAINING_POINTS_PER_CENTROID per IVF cell or PQ centroid) as many drawn
+    at random (seeded): the vectors it would not look at need not be read into memory."""
+    centroids = 1
+    for part in spec.split(","):
+        if part.startswith("IVF"):
+            centroids = max(centroids, int(part[3:]))
+        if part.startswith("PQ"):
+            centroids = max(centroids, 2 ** int(part.split("x")[1]))
+    limit = TRAINING_POINTS_PER_CENTROID * centroids
+    if count <= limit:
+        return np.arange(count)
+    return np.sort(np.random.default_rng(seed).choice(count, limit, replace=False))
 
 
 def needed_training_points(spec: str) -> int:
