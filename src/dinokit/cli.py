@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "eval linear": "dinokit.eval.classification:eval_linear",
     "eval segmentation": "dinokit.eval.segmentation:eval_segmentation",
     "eval depth": "dinokit.eval.depth:eval_depth",
+    "eval video": "dinokit.eval.video:eval_video",
     "predict classification": "dinokit.eval.classification:predict_classification",
     "predict segmentation": "dinokit.eval.segmentation:predict_segmentation",
     "predict depth": "dinokit.eval.depth:predict_depth",

@@ -11,7 +11,12 @@ db_eval_boundary), per object k of the first frame over the frames but the first
     J = |pred_k & gt_k| / |pred_k | gt_k| (1 where both are empty)
     F = 2 P R / (P + R) of the 1-px boundaries, a boundary pixel matching within ceil(0.008 x the image
         diagonal) px of the other's (a disk); P = 1, R = 0 without a predicted boundary, and so on
-    J-mean, F-mean: mean over frames per object, then over objects; J&F-mean = their average
+    per object (davis2017-evaluation's db_statistics): mean over its frames; recall = the share of frames
+        scoring > 0.5; decay = mean of the first of 4 frame bins minus that of the last (the bins' edges
+        round(linspace(1, n, 5)) - 1, each bin from its edge to the next one included)
+    J-mean, F-mean (and recall, decay): mean over objects, of one video or of all objects of all videos
+        (davis2017-evaluation's global results: an object of a video with 3 weighs as one of a video with
+        1); J&F-mean = (J-mean + F-mean) / 2
 """
 
 import math
@@ -127,11 +132,43 @@ def video_jf(per_frame: list, objects: list[int]) -> dict:
     f = np.array([frame[1] for frame in scored], dtype=np.float64).reshape(len(scored), len(objects))
     j_objects, f_objects = j.mean(axis=0), f.mean(axis=0)
     j_mean, f_mean = float(j_objects.mean()), float(f_objects.mean())
-    by_object = zip(objects, j_objects, f_objects, strict=True)
+    by_object = {}
+    for i, k in enumerate(objects):
+        (jm, jr, jd), (fm, fr, fd) = davis_statistics(j[:, i]), davis_statistics(f[:, i])
+        by_object[str(k)] = {"J": jm, "F": fm, "J_recall": jr, "J_decay": jd, "F_recall": fr, "F_decay": fd}
     return {
         "J_mean": j_mean,
         "F_mean": f_mean,
         "J&F_mean": (j_mean + f_mean) / 2,
-        "objects": {str(k): {"J": float(a), "F": float(b)} for k, a, b in by_object},
+        "objects": by_object,
         "frames_scored": len(scored),
     }
+
+
+def davis_statistics(per_frame: np.ndarray) -> tuple[float, float, float]:
+    """(mean, recall, decay) of one object's per-frame J or F over its n scored frames (davis2017-evaluation's
+    db_statistics): recall = share of frames > 0.5; decay = mean of bin 0 - mean of bin 3 of 4 bins with
+    edges e = round(linspace(1, n, 5)) - 1, bin i = frames e_i .. e_(i+1) (both included). DAVIS casts the
+    edges to uint8, which wraps beyond 256 frames; here they stay exact (equal on every DAVIS video)."""
+    values = np.asarray(per_frame, dtype=np.float64)
+    edges = (np.round(np.linspace(1, len(values), 5) + 1e-10) - 1).astype(np.int64)
+    bins = [values[edges[i] : edges[i + 1] + 1] for i in range(4)]
+    return float(values.mean()), float((values > 0.5).mean()), float(bins[0].mean() - bins[3].mean())
+
+
+GLOBAL_MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
+
+
+def davis_global(videos: list[dict]) -> dict:
+    """davis2017-evaluation's global results from `video_jf` of each video: every measure of
+    GLOBAL_MEASURES averaged over all objects of all videos (not over videos), "objects": their count."""
+    objects = [o for video in videos for o in video["objects"].values()]
+    if not objects:
+        raise ValueError("no video scored: global results need one object or more")
+
+    def mean(key: str) -> float:
+        return float(np.mean([o[key] for o in objects]))
+
+    j, f = mean("J"), mean("F")
+    values = [(j + f) / 2, j, mean("J_recall"), mean("J_decay"), f, mean("F_recall"), mean("F_decay")]
+    return dict(zip(GLOBAL_MEASURES, values, strict=True)) | {"objects": len(objects)}
