@@ -192,3 +192,29 @@ def test_an_index_built_shard_by_shard_is_the_index_built_at_once(tmp_path):
     assert len(sample) == 2048 and len(np.unique(sample)) == 2048 and (np.diff(sample) > 0).all()
     np.testing.assert_array_equal(sample, training_rows("IVF8,PQ4x2", 5000))
     assert len(training_rows("PQ16x8", 10**6)) == 256 * 256
+
+
+def test_python_callers_get_dinokit_errors_or_results_for_the_cli_s_plain_values(tmp_path):
+    # the CLI turns n_clusters=4 into [4] and refuses per_seed=2.5; from Python, cluster(n_clusters=4) and
+    # hierarchical_kmeans(x, 4) were TypeErrors ('int' object is not subscriptable / iterable), and
+    # per_seed=2.5 a TypeError from numpy's choice or faiss's search
+    from dinokit.curation.kmeans import hierarchical_kmeans
+    from dinokit.curation.retrieval_sampling import seed_cluster_samples, seed_neighbours
+    from dinokit.retrieval.index import FeatureIndex
+
+    rng = np.random.default_rng(0)
+    x = unit(rng, 30)
+    embedding_folder(tmp_path / "emb", {"cls": x})
+    summary = cluster(str(tmp_path / "emb"), str(tmp_path / "clusters"), n_clusters=4, device="cpu")
+    assert summary["n_clusters"] == [4] and summary["levels"][0]["clusters"] == 4
+    levels = hierarchical_kmeans(x, 4)
+    np.testing.assert_array_equal(levels[0].assignment, hierarchical_kmeans(x, [4])[0].assignment)
+    index = FeatureIndex.create(x, [f"{i}.png" for i in range(30)], {})
+    for per_seed in (2.5, 0, True, "2"):
+        with pytest.raises(DinokitError, match="per_seed must be a positive number"):
+            seed_neighbours(index, x[:2], per_seed)
+        with pytest.raises(DinokitError, match="per_seed must be a positive number"):
+            seed_cluster_samples(levels[0].centroids, levels[0].assignment, x[:2], per_seed, rng)
+        with pytest.raises(DinokitError, match="per_seed must be a positive number"):
+            retrieve(str(tmp_path / "emb"), str(tmp_path / "ret"), pool=str(tmp_path / "emb"), per_seed=per_seed)
+    assert len(seed_neighbours(index, x[:2], np.int64(3))[0]) == 3

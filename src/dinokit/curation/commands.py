@@ -152,7 +152,7 @@ def similarity_histogram(nearest: np.ndarray, threshold: float, path: Path) -> N
 def cluster(
     features: str,
     out: str,
-    n_clusters: list[int],
+    n_clusters: list[int] | int,
     n_resamples: int | list[int] = 10,
     sample_size: int | list[int] | None = None,
     strategy: str = "closest",
@@ -178,6 +178,7 @@ def cluster(
     retrieve clusters=` draws from seeds' clusters. device: where the k-means runs (auto: a GPU if
     there is one); the same seed gives the same clusters on the same device.
     """
+    n_clusters = [n_clusters] if isinstance(n_clusters, int | np.integer) else list(n_clusters)  # one level
     if not n_clusters:
         raise DinokitError("n_clusters must list at least one level, e.g. n_clusters=[100] or [1000,100]")
     dev = resolve_device(device)

@@ -287,7 +287,7 @@ def per_level(value, n_levels: int, name: str) -> list[int]:
 
 def hierarchical_kmeans(
     x: np.ndarray,
-    n_clusters: list[int],
+    n_clusters: list[int] | int,
     n_resamples: list[int] | int = 0,
     sample_size: list[int] | int = 1,
     strategy: str = "closest",
@@ -297,13 +297,14 @@ def hierarchical_kmeans(
     device: str | torch.device = "cpu",
 ) -> list[Level]:
     """Hierarchical k-means with resampling (see the module docstring) of x (N, D). n_clusters gives k per
-    level; n_resamples and sample_size are one int for all levels or one value per level; init ("kmeans++"
-    or "random") starts every k-means run, the first and the resampled ones. Returns one
+    level (an int: one level); n_resamples and sample_size are one int for all levels or one value per
+    level; init ("kmeans++" or "random") starts every k-means run, the first and the resampled ones. Returns one
     Level per entry of n_clusters: level 1's assignment has length N, level l's has length
     n_clusters[l-2] (it assigns the clusters of level l-1). Every k-means and assignment runs on `device`
     (x is copied there). Same inputs and seed give the same levels on a device."""
     x = as_vectors(x)
     dev = resolve_device(device)
+    n_clusters = [n_clusters] if isinstance(n_clusters, int | np.integer) else n_clusters  # one level
     n_clusters = [whole_number(k, f"n_clusters[{i}]", low=1) for i, k in enumerate(n_clusters)]
     require([(len(n_clusters) >= 1, "n_clusters must list at least one level, e.g. [100, 10]")])
     n_resamples = per_level(n_resamples, len(n_clusters), "n_resamples")

@@ -12,7 +12,7 @@ The selection is the union over the seeds.
 import numpy as np
 
 from dinokit.curation.kmeans import nearest_centroid
-from dinokit.curation.vectors import unit_rows
+from dinokit.curation.vectors import unit_rows, whole_number
 from dinokit.errors import DinokitError
 from dinokit.retrieval.index import FeatureIndex
 
@@ -22,8 +22,7 @@ def seed_neighbours(
 ) -> list[list[tuple[int, float]]]:
     """Per seed (S, D), its `per_seed` nearest pool images as [(pool id, cosine), ...], most similar
     first; hits under `min_score` are dropped."""
-    if per_seed < 1:
-        raise DinokitError(f"per_seed must be a positive number of pool images per seed image, got {per_seed}")
+    per_seed = count_per_seed(per_seed)
     scores, ids = pool.search(unit_rows(seeds, "seeds", allow_empty=True), per_seed)
     return [
         [
@@ -48,8 +47,7 @@ def seed_cluster_samples(
     cluster add different images.
     Returns (the cluster of each seed (S,), {cluster: pool ids drawn from it (sorted)}).
     """
-    if per_seed < 1:
-        raise DinokitError(f"per_seed must be a positive number of pool images per seed image, got {per_seed}")
+    per_seed = count_per_seed(per_seed)
     assignment = np.asarray(assignment, dtype=np.int64)
     filled = np.flatnonzero(np.bincount(assignment, minlength=len(centroids)))  # clusters with pool images
     if not len(filled):
@@ -66,3 +64,13 @@ def seed_cluster_samples(
         take = min(count * per_seed, len(members))
         drawn[cluster] = np.sort(rng.choice(members, size=take, replace=False))
     return seed_clusters, drawn
+
+
+def count_per_seed(per_seed) -> int:
+    """per_seed as an int, or a DinokitError if it is not a whole number >= 1 (2.5 was a TypeError)."""
+    try:
+        return whole_number(per_seed, "per_seed", low=1)
+    except DinokitError:
+        raise DinokitError(
+            f"per_seed must be a positive number of pool images per seed image (a whole number), got {per_seed!r}"
+        ) from None
