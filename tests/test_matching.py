@@ -6,10 +6,11 @@ import torch
 from PIL import Image
 
 import dinokit
+import dinokit.maps.commands
 from dinokit.cli import main
 from dinokit.errors import DinokitError
 from dinokit.maps.commands import model_input
-from dinokit.maps.matching import best_match_similarity, match_patches
+from dinokit.maps.matching import best_match_similarity, cosine_matrix, match_patches
 from dinokit.maps.pca import patch_features, pca_rgb
 from dinokit.maps.similarity import patch_to_pixel, pixel_to_patch
 from tests.conftest import perturb_scales_and_norms
@@ -245,3 +246,35 @@ def test_visualize_matches_bad_input_is_a_clear_error(files, capsys, change, mes
     assert main(["visualize", "matches", *[f"{k}={v}" for k, v in keys.items()]]) == 2
     assert message in capsys.readouterr().err
     assert not (root / "e.png").exists()
+
+
+def test_visualize_matches_computes_the_similarity_matrix_once(files, capsys, monkeypatch):
+    """The (h1*w1, h2*w2) matrix S is the large array of matching (8000 x 8000 float64 = 512 MB for two
+    1024 px photos at patch 14); it was computed three times (candidates, matches, best-match maps)."""
+    root, weights = files
+    calls = []
+    real = dinokit.maps.matching.cosine_matrix
+    monkeypatch.setattr(dinokit.maps.commands, "cosine_matrix", lambda a, b: calls.append(1) or real(a, b))
+    monkeypatch.setattr(dinokit.maps.matching, "cosine_matrix", lambda a, b: calls.append(1) or real(a, b))
+    args = [f"model={weights}", "image_size=16", "device=cpu", f"image={root / 'a.png'}", f"other={root / 'big.png'}"]
+    assert main(["visualize", "matches", *args, f"out={root / 'once.png'}", "max_matches=3", "ratio=0.99"]) == 0
+    assert len(calls) == 1
+    report = json.loads(capsys.readouterr().out)
+    model = dinokit.load_model(weights)
+    feats = patch_features(model, [model_input(model, root / name, 16) for name in ("a.png", "big.png")])
+    assert report["candidates"] == len(match_patches(*feats, ratio=0.99)["similarity"]) > report["matches"] == 3
+
+
+def test_a_given_similarity_matrix_gives_the_same_matches_and_maps():
+    s = cosine_matrix(A, B)
+    for options in [{}, {"ratio": 0.4}, {"max_matches": 2, "min_similarity": 0.9}]:
+        given, computed = match_patches(A, B, similarity=s, **options), match_patches(A, B, **options)
+        assert as_lists(given) == as_lists(computed) and given["candidates"] == computed["candidates"]
+        assert np.array_equal(given["similarity"], computed["similarity"])
+    assert match_patches(A, B)["candidates"] == 3 and match_patches(A, B, max_matches=1)["candidates"] == 3
+    assert all(
+        np.array_equal(g, c)
+        for g, c in zip(best_match_similarity(A, B, similarity=s), best_match_similarity(A, B), strict=True)
+    )
+    with pytest.raises(DinokitError, match=r"similarity must be cosine_matrix\(a, b\), 4 x 6"):
+        match_patches(A, B, similarity=s.T)

@@ -26,7 +26,7 @@ from dinokit.errors import DinokitError
 from dinokit.eval.backbone import RANDOM_PREFIX, is_random_source, load_backbone
 from dinokit.io import prepare_output, refuse_other_outputs, write_json
 from dinokit.maps.attention import attention_maps
-from dinokit.maps.matching import best_match_similarity, check_options, match_patches
+from dinokit.maps.matching import best_match_similarity, check_options, cosine_matrix, match_patches
 from dinokit.maps.pca import patch_features, pca_rgb
 from dinokit.maps.render import (
     colorize,
@@ -255,15 +255,17 @@ def visualize_matches(
     inputs = [model_input(net, picture, image_size, resize_policy) for picture in pictures]
     feats = patch_features(net, inputs)
     foreground = None if foreground_threshold is None else pca_rgb(feats, foreground_threshold)["foreground"]
-    options = {"min_similarity": min_similarity, "ratio": ratio, "foreground": foreground}
-    candidates = len(match_patches(*feats, **options)["similarity"])
+    similarity = cosine_matrix(*feats)  # once, for the matches and the best-match maps
+    options = {"min_similarity": min_similarity, "ratio": ratio, "foreground": foreground, "similarity": similarity}
     matches = match_patches(*feats, max_matches=max_matches, **options)
+    candidates = matches["candidates"]
     rgbs = [np.asarray(picture) for picture in pictures]
     xy = [
         np.stack(patch_to_pixel(*m.T, rgb.shape[:2], f.shape[:2]), axis=1)
         for m, rgb, f in zip((matches["a"], matches["b"]), rgbs, feats, strict=True)
     ]
-    best = best_match_similarity(*feats)
+    best = best_match_similarity(*feats, similarity=similarity)
+    del similarity
     names = [Path(image).name, Path(other).name]
     below = [
         (f"{name}: best-match cosine {m.min():.2f}..{m.max():.2f}", heat_overlay(rgb, m))

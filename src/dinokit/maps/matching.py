@@ -27,11 +27,14 @@ def cosine_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x @ y.T
 
 
-def best_match_similarity(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def best_match_similarity(
+    a: np.ndarray, b: np.ndarray, similarity: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Each patch's highest cosine to any patch of the other image: ((h1, w1) for A against B,
     (h2, w2) for B against A), i.e. max_j S[i, j] and max_i S[i, j]. High where a region of one
-    image has a counterpart in the other: the regions that drive a retrieval match."""
-    s = cosine_matrix(a, b)
+    image has a counterpart in the other: the regions that drive a retrieval match.
+    similarity: S = cosine_matrix(a, b) where it is already computed (it is not computed again)."""
+    s = cosine_matrix(a, b) if similarity is None else checked_similarity(similarity, a, b)
     return s.max(axis=1).reshape(a.shape[:2]), s.max(axis=0).reshape(b.shape[:2])
 
 
@@ -43,6 +46,7 @@ def match_patches(
     max_matches: int | None = None,
     ratio: float | None = None,
     foreground: tuple[np.ndarray, np.ndarray] | None = None,
+    similarity: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Matched patch pairs between A (h1, w1, D) and B (h2, w2, D), strongest first.
 
@@ -55,12 +59,14 @@ def match_patches(
     searched and matched. max_matches: the sparse mode, at most this many pairs: greedily the
     strongest whose patches touch (are or are 8-neighbours of) no kept pair's patches, in A or in B,
     so that the pairs spread out; if that keeps fewer, the strongest of the others fill up.
+    similarity: S = cosine_matrix(a, b) where it is already computed (it is not computed again).
 
     Returns a: (N, 2) int (row, col) in A, b: (N, 2) int (row, col) in B, similarity: (N,) float,
-    sorted by descending similarity (ties: A's row-major order).
+    sorted by descending similarity (ties: A's row-major order), and candidates: the number of pairs
+    before max_matches (every pair that passes the other filters).
     """
     check_options(min_similarity, max_matches, ratio)
-    s = cosine_matrix(a, b)
+    s = cosine_matrix(a, b) if similarity is None else checked_similarity(similarity, a, b)
     rows, cols = np.arange(s.shape[0]), np.arange(s.shape[1])
     if foreground is not None:
         mask_a, mask_b = (np.asarray(m, dtype=bool) for m in foreground)
@@ -72,11 +78,11 @@ def match_patches(
         rows, cols = np.flatnonzero(mask_a), np.flatnonzero(mask_b)
         s = s[np.ix_(rows, cols)]
     if s.size == 0:
-        return pairs(np.zeros(0, int), np.zeros(0, int), np.zeros(0), a.shape[:2], b.shape[:2])
+        return pairs(np.zeros(0, int), np.zeros(0, int), np.zeros(0), a.shape[:2], b.shape[:2]) | {"candidates": 0}
     best = s.argmax(axis=1)  # A -> B, within the searched patches
     keep = np.ones(len(best), dtype=bool)
     if mutual:
-        keep &= s.argmax(axis=0)[best] == np.arange(len(best))
+        keep &= column_argmax(s)[best] == np.arange(len(best))
     sim = s[np.arange(len(best)), best]
     if min_similarity is not None:
         keep &= sim >= min_similarity
@@ -85,10 +91,28 @@ def match_patches(
     i, j, sim = rows[keep], cols[best[keep]], sim[keep]
     order = np.lexsort((i, -sim))  # descending similarity, ties by A's index
     i, j, sim = i[order], j[order], sim[order]
+    candidates = len(i)
     if max_matches is not None:
         chosen = spread_strongest(i, j, a.shape[:2], b.shape[:2], int(max_matches))
         i, j, sim = i[chosen], j[chosen], sim[chosen]
-    return pairs(i, j, sim, a.shape[:2], b.shape[:2])
+    return pairs(i, j, sim, a.shape[:2], b.shape[:2]) | {"candidates": candidates}
+
+
+def checked_similarity(similarity: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`similarity`, if it is the (h1*w1, h2*w2) matrix S of A and B's grids."""
+    expected = (a.shape[0] * a.shape[1], b.shape[0] * b.shape[1])
+    if similarity.shape != expected:
+        raise DinokitError(
+            f"similarity must be cosine_matrix(a, b), {expected[0]} x {expected[1]} for grids {a.shape[:2]} and "
+            f"{b.shape[:2]}; got {similarity.shape}"
+        )
+    return similarity
+
+
+def column_argmax(s: np.ndarray, block: int = 1024) -> np.ndarray:
+    """(n_b,) s.argmax(axis=0) of S (n_a, n_b), in column blocks: numpy's argmax over axis 0 copies
+    the whole matrix first."""
+    return np.concatenate([s[:, k : k + block].argmax(axis=0) for k in range(0, s.shape[1], block)])
 
 
 def passes_ratio_test(s: np.ndarray, ratio: float) -> np.ndarray:
@@ -96,8 +120,9 @@ def passes_ratio_test(s: np.ndarray, ratio: float) -> np.ndarray:
     smallest unit-vector distances sqrt(2 - 2 S); with one column there is no second: all pass."""
     if s.shape[1] < 2:
         return np.ones(s.shape[0], dtype=bool)
-    top2 = -np.partition(-s, 1, axis=1)[:, :2]  # the two largest similarities, largest first
-    d1, d2 = np.sqrt(np.maximum(2 - 2 * top2, 0)).T
+    # the two largest similarities, largest last; in row blocks, so that no copy of all of S is made
+    top2 = np.concatenate([np.partition(s[k : k + 1024], -2, axis=1)[:, -2:].copy() for k in range(0, len(s), 1024)])
+    d2, d1 = np.sqrt(np.maximum(2 - 2 * top2, 0)).T
     return d1 < ratio * d2
 
 
