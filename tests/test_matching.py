@@ -9,7 +9,7 @@ import dinokit
 import dinokit.maps.commands
 from dinokit.cli import main
 from dinokit.errors import DinokitError
-from dinokit.maps.commands import model_input
+from dinokit.maps.commands import joint_heat_overlays, model_input
 from dinokit.maps.matching import best_match_similarity, cosine_matrix, match_patches
 from dinokit.maps.pca import patch_features, pca_rgb
 from dinokit.maps.similarity import patch_to_pixel, pixel_to_patch
@@ -278,3 +278,25 @@ def test_a_given_similarity_matrix_gives_the_same_matches_and_maps():
     )
     with pytest.raises(DinokitError, match=r"similarity must be cosine_matrix\(a, b\), 4 x 6"):
         match_patches(A, B, similarity=s.T)
+
+
+def test_best_match_maps_share_one_colour_scale(files, capsys, monkeypatch):
+    """Each best-match map was coloured from its own min..max with no colour bar, so one colour was
+    another cosine in each image (and cosines 0.9998..1.0 of an image matched with itself spanned the
+    whole colour map); both maps now share one scale, shown by a colour bar."""
+    grey = [np.full((4, 8, 3), 128, dtype=np.uint8)] * 2
+    (left, right), scale = joint_heat_overlays(grey, [np.array([[0.3, 0.5]]), np.array([[0.5, 0.9]])])
+    assert scale == (0.3, 0.9)
+    assert np.array_equal(left[:, -1], right[:, 0])  # 0.5 at A's right edge and at B's left edge: one colour
+    assert not np.array_equal(left[:, 0], right[:, -1])  # 0.3 and 0.9
+    root, weights = files
+    drawn = {}
+    real = dinokit.maps.commands.matches_figure
+    monkeypatch.setattr(dinokit.maps.commands, "matches_figure", lambda *a: drawn.update(args=a) or real(*a))
+    args = [f"model={weights}", "image_size=16", "device=cpu", f"image={root / 'a.png'}", f"other={root / 'big.png'}"]
+    assert main(["visualize", "matches", *args, f"out={root / 'scale.png'}"]) == 0
+    model = dinokit.load_model(weights)
+    feats = patch_features(model, [model_input(model, root / name, 16) for name in ("a.png", "big.png")])
+    best = best_match_similarity(*feats)
+    lo, hi, label = drawn["args"][5]
+    assert (lo, hi) == (min(m.min() for m in best), max(m.max() for m in best)) and "both images" in label

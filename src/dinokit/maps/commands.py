@@ -72,9 +72,22 @@ def label(model: str) -> str:
     return Path(model).name if Path(model).exists() else model
 
 
-def heat_overlay(rgb: np.ndarray, patch_map: np.ndarray, mode: str = "bilinear") -> np.ndarray:
-    """A patch map upsampled to the photo, coloured and blended over it."""
-    return overlay(rgb, colorize(upsample(patch_map, rgb.shape[:2], mode)), alpha=0.6)
+def heat_overlay(
+    rgb: np.ndarray, patch_map: np.ndarray, mode: str = "bilinear", scale: tuple[float, float] | None = None
+) -> np.ndarray:
+    """A patch map upsampled to the photo, coloured (from its own min..max, or `scale` (lo, hi)) and
+    blended over it."""
+    lo, hi = (None, None) if scale is None else scale
+    return overlay(rgb, colorize(upsample(patch_map, rgb.shape[:2], mode), vmin=lo, vmax=hi), alpha=0.6)
+
+
+def joint_heat_overlays(
+    rgbs: list[np.ndarray], patch_maps: list[np.ndarray]
+) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """Each patch map over its photo on ONE colour scale, (lo, hi) = the min and max over all the maps
+    (returned for the colour bar): the same colour is the same value in every picture."""
+    scale = (min(float(m.min()) for m in patch_maps), max(float(m.max()) for m in patch_maps))
+    return [heat_overlay(rgb, m, scale=scale) for rgb, m in zip(rgbs, patch_maps, strict=True)], scale
 
 
 def visualize_attention(
@@ -267,9 +280,10 @@ def visualize_matches(
     best = best_match_similarity(*feats, similarity=similarity)
     del similarity
     names = [Path(image).name, Path(other).name]
+    overlays, scale = joint_heat_overlays(rgbs, best)
     below = [
-        (f"{name}: best-match cosine {m.min():.2f}..{m.max():.2f}", heat_overlay(rgb, m))
-        for name, rgb, m in zip(names, rgbs, best, strict=True)
+        (f"{name}: best-match cosine {m.min():.3f}..{m.max():.3f}", picture)
+        for name, picture, m in zip(names, overlays, best, strict=True)
     ]
     n = len(matches["similarity"])
     shown = f"{n} of {candidates}" if n < candidates else f"{n}"
@@ -280,7 +294,8 @@ def visualize_matches(
         f"{label(model)} at {tuple(inputs[0].shape[-2:])} and {tuple(inputs[1].shape[-2:])}: {shown} mutual "
         f"nearest-neighbour patch matches" + (f" ({', '.join(filters)})" if filters else "")
     )
-    save_figure(out, matches_figure(tuple(rgbs), tuple(xy), matches["similarity"], below, title))
+    below_bar = (*scale, "best-match cosine, both images")
+    save_figure(out, matches_figure(tuple(rgbs), tuple(xy), matches["similarity"], below, title, below_bar))
     if json is not None:
         pairs = [
             {

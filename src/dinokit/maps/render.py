@@ -101,11 +101,13 @@ def matches_figure(
     values: np.ndarray,
     below: list[tuple[str, np.ndarray]],
     title: str,
+    below_bar: tuple[float, float, str] | None = None,
     cmap: str = "viridis",
 ) -> Figure:
     """Two uint8 images side by side (the second scaled to the first's height) with a line from
     points[0][k] to points[1][k] ((N, 2) pixel (x, y) in each image) coloured by values[k] (colour
-    bar: cosine similarity), above a row of titled images `below` (e.g. heat overlays)."""
+    bar: cosine similarity), above a row of titled images `below` (e.g. heat overlays); below_bar
+    (lo, hi, label): the colour bar of the row below (`colorize`'s inferno from lo to hi)."""
     left, right = images
     scale = left.shape[0] / right.shape[0]
     right = np.asarray(Image.fromarray(right).resize((max(1, round(right.shape[1] * scale)), left.shape[0])))
@@ -131,6 +133,12 @@ def matches_figure(
     for k, (name, picture) in enumerate(below):
         axes[f"below{k}"].imshow(picture)
         axes[f"below{k}"].set_title(name, fontsize=8)
+    if below_bar is not None:
+        lo, hi, label = below_bar
+        row = [axes[f"below{k}"] for k in range(len(below))]
+        fig.colorbar(
+            ScalarMappable(Normalize(lo, hi if hi > lo else lo + 1e-6), "inferno"), ax=row, shrink=0.8, label=label
+        )
     for a in axes.values():
         a.axis("off")
     fig.suptitle(title, fontsize=9)
