@@ -196,6 +196,13 @@ def test_bad_layouts_are_named_with_their_fix(davis, capsys):
         return capsys.readouterr().err
 
     assert "sequences=gamma not in" in error("sequences=gamma,alpha")
+    beta_annotation = root / "Annotations" / "480p" / "beta" / "00002.png"
+    Image.open(beta_annotation).resize((64, 64)).save(beta_annotation)
+    message = error("sequences=beta")
+    assert f"the annotation {beta_annotation} is 64x64 pixels but the frames of beta are 128x128" in message
+    beta_frame = root / "JPEGImages" / "480p" / "beta" / "00004.jpg"
+    Image.open(beta_frame).crop((0, 0, 128, 120)).save(beta_frame)
+    assert f"the frame {beta_frame} is 128x120 pixels" in error("sequences=beta")
     (root / "Annotations" / "480p" / "alpha" / "00002.png").unlink()
     assert "lacks 1 annotations of scored frames (e.g. 00002.png)" in error()
     (root / "Annotations" / "480p" / "alpha" / "00000.png").unlink()

@@ -51,6 +51,7 @@ class Sequence:
     name: str
     frames: list[Path]  # JPEGImages/<resolution>/<name>/*.jpg, in name order
     annotations: Path  # Annotations/<resolution>/<name>
+    size: tuple[int, int]  # (H, W) of every frame and annotation
 
 
 class DinoFrameTransform(torch.nn.Module):
@@ -121,7 +122,8 @@ class FrameFiles(Dataset):
 
 def split_sequences(data: str, split: str, resolution: str, sequences: str | list[str] | None) -> list[Sequence]:
     """The sequences of `split` (or the listed `sequences` of it), every file checked before any work:
-    frames, the first frame's annotation and those of every scored frame (all but the first and last)."""
+    frames (one size a sequence, from their headers), the first frame's annotation and those of every
+    scored frame (all but the first and last), of the frames' size."""
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DinokitError(
@@ -170,7 +172,8 @@ def davis_sequence(root: Path, name: str, resolution: str) -> Sequence:
             f"{first} is missing: the first frame {frames[0].name} of {name} needs its annotation (the masks to "
             "track); every frame's annotation <frame>.png belongs beside the others"
         )
-    size = upright_size(frames[0])
+    size = upright_size(frames[0]) or np.asarray(open_rgb(frames[0])).shape[:2]
+    check_frame_sizes(frames, size)
     missing = [a for a in (annotations / f"{f.stem}.png" for f in frames[1:-1]) if not a.is_file()]
     if missing:
         raise DinokitError(
@@ -179,12 +182,12 @@ def davis_sequence(root: Path, name: str, resolution: str) -> Sequence:
         )
     for path in [first, *(annotations / f"{f.stem}.png" for f in frames[1:-1])]:
         found = upright_size(path)
-        if size is not None and found is not None and found != size:
+        if found is not None and tuple(found) != tuple(size):
             raise DinokitError(
                 f"the annotation {path} is {found[1]}x{found[0]} pixels but the frames of {name} are "
                 f"{size[1]}x{size[0]}: frames and annotations of one resolution ({resolution}) belong together"
             )
-    return Sequence(name, frames, annotations)
+    return Sequence(name, frames, annotations, tuple(size))
 
 
 def eval_video(
@@ -282,10 +285,8 @@ def finished_sequences(out_dir: Path, videos: list[Sequence], run: dict) -> dict
 
 def track_sequence(net, video: Sequence, transform, out_dir: Path, run: dict, precision: str, workers: int) -> dict:
     """Track one DAVIS sequence from its first annotation; writes its masks, then its scores.json."""
-    size = np.asarray(open_rgb(video.frames[0])).shape[:2]
-    check_frame_sizes(video.frames, size)
     first = video.annotations / f"{video.frames[0].stem}.png"
-    mask, colours = read_first_mask(str(first), size, video.frames[0])
+    mask, colours = read_first_mask(str(first), video.size, video.frames[0])
     labelled = np.where(mask == VOID, 0, mask)
     objects = list(range(1, int(labelled.max()) + 1))  # DAVIS: objects 1..N of the first annotation
     if not objects:
