@@ -218,3 +218,36 @@ def test_python_callers_get_dinokit_errors_or_results_for_the_cli_s_plain_values
         with pytest.raises(DinokitError, match="per_seed must be a positive number"):
             retrieve(str(tmp_path / "emb"), str(tmp_path / "ret"), pool=str(tmp_path / "emb"), per_seed=per_seed)
     assert len(seed_neighbours(index, x[:2], np.int64(3))[0]) == 3
+
+
+LOCALE_PROBE = """
+import sys
+from pathlib import Path
+from dinokit.curation.commands import write_paths
+from dinokit.retrieval.index import FeatureIndex, read_paths
+import numpy as np
+
+folder, paths = Path(sys.argv[1]), ["/data/caf\\u00e9.jpg", "/data/a\\u2028b.jpg", "/data/\\u732b.jpg"]
+write_paths(folder / "kept.txt", paths)
+assert (folder / "kept.txt").read_bytes().decode("utf-8").split("\\n")[:-1] == paths
+FeatureIndex.create(np.eye(3, dtype=np.float32), paths, {}).save(folder / "idx")
+assert FeatureIndex.load(folder / "idx").paths == paths
+assert read_paths(folder / "kept.txt") == paths
+print("ok")
+"""
+
+
+def test_path_lists_are_utf8_whatever_the_locale_and_split_at_newlines_only(tmp_path):
+    # kept.txt / selected.txt / paths.txt and an index's paths-<g>.txt were written in the locale's encoding
+    # (an ASCII or Latin-1 locale: UnicodeEncodeError for a Chinese file name) while lists are read as UTF-8;
+    # paths.txt and the index's list were split with str.splitlines, which also splits at U+2028 (the index
+    # of a file holding one then said "index (3) and file list (4) disagree; rebuild it")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LC_ALL": "POSIX", "PYTHONUTF8": "0"}
+    probe = subprocess.run(
+        [sys.executable, "-X", "utf8=0", "-c", LOCALE_PROBE, str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert probe.stdout.strip() == "ok", probe.stderr[-2000:]

@@ -31,7 +31,7 @@ from dinokit.features.store import MANIFEST
 from dinokit.io import atomic_folder, atomic_write, prepare_output, read_json, write_json
 from dinokit.maps.render import contact_sheet, save_figure
 from dinokit.retrieval.commands import embedding_differences, read_vectors
-from dinokit.retrieval.index import INDEX_META, FeatureIndex, first_occurrences, normalise
+from dinokit.retrieval.index import INDEX_META, FeatureIndex, first_occurrences, normalise, read_paths
 from dinokit.runtime import resolve_device
 
 SUMMARY = "curation.json"
@@ -254,7 +254,7 @@ def read_clusters(folder: str | Path) -> tuple[list[Level], list[str], dict]:
             Level(arrays[f"level{n}.centroids"], arrays[f"level{n}.assignment"], arrays[f"level{n}.distances"])
             for n in range(1, len(meta["n_clusters"]) + 1)
         ]
-        paths = (folder / "paths.txt").read_text(encoding="utf-8").splitlines()
+        paths = read_paths(folder / "paths.txt")
     except Exception as e:  # missing, truncated or foreign files (safetensors raises its own error type)
         reason = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
         raise DinokitError(
@@ -582,7 +582,7 @@ def without_embedding(summary: dict) -> dict:
 def write_paths(path: Path, paths: list[str]) -> None:
     """A list of image paths, one per line (what `dinokit pretrain data=` and `dinokit embed data=` read)."""
     text = "".join(p + "\n" for p in paths)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # as lists are read
 
 
 @contextlib.contextmanager

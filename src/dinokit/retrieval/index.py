@@ -176,7 +176,7 @@ class FeatureIndex:
         generation = 0 if previous is None else previous + 1
         atomic_write(folder / f"index-{generation}.faiss", lambda tmp: faiss.write_index(self.index, tmp))
         text = "".join(p + "\n" for p in self.paths)
-        atomic_write(folder / f"paths-{generation}.txt", lambda tmp: Path(tmp).write_text(text))
+        atomic_write(folder / f"paths-{generation}.txt", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         self.meta.update(generation=generation, count=len(self.paths))
         write_json(folder / INDEX_META, self.meta)
         if previous is not None:
@@ -198,7 +198,7 @@ class FeatureIndex:
             index_file, paths_file = folder / f"index-{g}.faiss", folder / f"paths-{g}.txt"
             try:
                 index = faiss.read_index(str(index_file))
-                paths = paths_file.read_text().splitlines()
+                paths = read_paths(paths_file)
                 break
             except (RuntimeError, OSError) as e:  # faiss raises RuntimeError for a missing or cut-short file
                 if read_json(folder / INDEX_META, fix)["generation"] != g:
@@ -211,6 +211,13 @@ class FeatureIndex:
         if not index.ntotal == len(paths) == meta["count"]:
             raise DinokitError(f"{folder}: index ({index.ntotal}) and file list ({len(paths)}) disagree; rebuild it")
         return cls(index, paths, meta)
+
+
+def read_paths(path: Path) -> list[str]:
+    """The lines of a list of image paths that dinokit wrote (UTF-8, whatever the locale; split at newlines
+    only: str.splitlines also splits at characters such as U+2028 or U+0085 that a file name may hold)."""
+    text = path.read_text(encoding="utf-8")
+    return text[:-1].split("\n") if text else []
 
 
 def first_occurrences(paths: list[str], known: Iterable[str] = ()) -> list[int]:
