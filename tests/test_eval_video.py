@@ -215,3 +215,15 @@ def test_bad_layouts_are_named_with_their_fix(davis, capsys):
     (root / "ImageSets" / "2017" / "val.txt").unlink()
     message = error()
     assert str(root / "ImageSets" / "2017" / "val.txt") in message and "DAVIS-2017 folder" in message
+
+
+def test_dinokit_preprocessing_and_bf16_features(davis, capsys):
+    """preprocessing=dinokit (the maps commands' transform; a 128 px frame stays 128 px) tracks alpha as
+    exactly; bf16 features are recorded as such; an unknown preprocessing is named."""
+    _, out, args, _ = davis
+    assert main(["eval", "video", *args, "sequences=alpha", "preprocessing=dinokit", "precision=bf16"]) == 0
+    result = json.loads((out / "video.json").read_text())
+    assert result["global"]["J&F-Mean"] == 1 and result["protocol"]["precision"] == "bf16"
+    assert "ResizeKeepAspect(short_side=128, patch_size=4" in result["protocol"]["transform"]
+    assert main(["eval", "video", *[a for a in args if "out=" not in a], f"out={out}2", "preprocessing=opencv"]) == 2
+    assert "preprocessing must be dino" in capsys.readouterr().err and not (out.parent / "out2").exists()

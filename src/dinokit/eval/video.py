@@ -91,13 +91,17 @@ class DinoFrameTransform(torch.nn.Module):
         )
 
 
-def frame_transform(preprocessing: str, image_size: int, patch_size: int) -> v2.Compose:
-    """The frames' transform (PIL RGB -> (3, H, W)) of `preprocessing` (dino or dinokit)."""
+def check_preprocessing(preprocessing: str) -> None:
     if preprocessing not in PREPROCESSINGS:
         raise DinokitError(
             f"preprocessing must be dino (DINO's read_frame: the published numbers' protocol) or dinokit (the maps "
             f"commands' resize and normalisation), got {preprocessing!r}"
         )
+
+
+def frame_transform(preprocessing: str, image_size: int, patch_size: int) -> v2.Compose:
+    """The frames' transform (PIL RGB -> (3, H, W)) of `preprocessing` (dino or dinokit)."""
+    check_preprocessing(preprocessing)
     if preprocessing == "dino":
         if image_size < patch_size:
             raise DinokitError(f"image_size {image_size} is less than the patch size {patch_size}: DINO uses 480")
@@ -221,6 +225,7 @@ def eval_video(
     and object its scores, and the protocol. Returns the path of video.json.
     """
     check_settings(n_last_frames, size_mask_neighborhood, topk)
+    check_preprocessing(preprocessing)
     out_dir = prepare_output(out, folder=True, create=False)
     refuse_other_outputs(out_dir, ("video.json",), "dinokit eval video")
     videos = split_sequences(data, split, resolution, sequences)
