@@ -48,8 +48,9 @@ def track(
 
     frames: a folder of the video's images, in natural name order (frame9 before frame10).
     first_mask: the first frame's mask, a class-index PNG (palette, as DAVIS's, or grayscale) of the
-    first frame's size: 0 = background, each other index one object. ground_truth: a folder of masks
-    named as the frames (<name>.png), for every frame but the first and last (DAVIS scores neither).
+    first frame's size: 0 = background, 255 = void (DAVIS's unlabelled pixels, read as background), each
+    other index one object. ground_truth: a folder of masks named as the frames (<name>.png), for every
+    frame but the first and last (DAVIS scores neither).
     n_last_frames: preceding frames in the context beside the first; size_mask_neighborhood: a target
     patch matches context patches within that many patches (0 = anywhere); topk: matches per patch.
 
