@@ -396,3 +396,21 @@ def test_maps_commands_take_a_random_init_as_the_eval_commands_do(tmp_path, caps
     assert {k: v for k, v in reports[0].items() if k not in drop} == {
         k: v for k, v in reports[1].items() if k not in drop
     }
+
+
+@pytest.mark.parametrize("command", ["attention", "pca", "similarity", "matches"])
+def test_a_picture_is_never_written_over_an_input_image(tmp_path, capsys, command):
+    """out= (or json=) naming an input image replaced the photo with the picture."""
+    args = maps_command_args(command, tmp_path, "random:vit_micro_p4")
+    photo = tmp_path / ("frames/f1.png" if command == "matches" else "a.png")
+    before = photo.read_bytes()
+    args = [f"out={photo}" if a.startswith("out=") else a for a in args]
+    assert main(args) == 2
+    assert f"out={photo} is one of the input images, and writing there would replace it" in capsys.readouterr().err
+    assert photo.read_bytes() == before
+    if command == "matches":
+        json_photo = tmp_path / "a.json"
+        Image.open(tmp_path / "a.png").save(json_photo, format="PNG")  # an image named .json
+        args = [*maps_command_args(command, tmp_path, "random:vit_micro_p4"), f"json={json_photo}"]
+        args = [f"image={json_photo}" if a.startswith("image=") else a for a in args]
+        assert main(args) == 2 and f"json={json_photo} is one of the input images" in capsys.readouterr().err

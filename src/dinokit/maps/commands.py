@@ -110,6 +110,7 @@ def visualize_attention(
     if not 0 < mass <= 1:
         raise DinokitError(f"mass must be a share between 0 and 1 (e.g. 0.6 for 60%), got {mass}")
     prepare_output(out, example="attention.png", create=False, suffix=".png")
+    refuse_inputs_as_outputs({"out": out}, [image])
     net = load(model, device)
     x = model_input(net, image, image_size, resize_policy)
     maps = attention_maps(net, x, mass=mass)
@@ -159,7 +160,9 @@ def visualize_pca(
     check_foreground_threshold(foreground_threshold)
     prepare_output(out, example="pca.png", create=False, suffix=".png")
     net = load(model, device)
-    opened, bad = open_images(inputs_without_outputs(image, Path(out)))
+    paths = inputs_without_outputs(image, Path(out))
+    refuse_inputs_as_outputs({"out": out}, paths)
+    opened, bad = open_images(paths)
     report_skipped(bad)
     feats = patch_features(net, [model_input(net, picture, image_size, resize_policy) for _, picture in opened])
     result = pca_rgb(feats, foreground_threshold)
@@ -209,6 +212,7 @@ def visualize_similarity(
     Writes the PNG `out`; returns the chosen patch and the best-matching target patch.
     """
     prepare_output(out, example="similarity.png", create=False, suffix=".png")
+    refuse_inputs_as_outputs({"out": out}, [image] if target is None else [image, target])
     net = load(model, device)
     source_rgb = np.asarray(open_rgb(image))
     source = patch_features(net, [model_input(net, image, image_size, resize_policy)])[0]
@@ -263,6 +267,7 @@ def visualize_matches(
     prepare_output(out, example="matches.png", create=False, suffix=".png")
     if json is not None:
         prepare_output(json, example="matches.json", create=False, suffix=".json")
+    refuse_inputs_as_outputs({"out": out, "json": json}, [image, other])
     pictures = [open_rgb(image), open_rgb(other)]  # unreadable or missing files: an error before the model loads
     net = load(model, device)
     inputs = [model_input(net, picture, image_size, resize_policy) for picture in pictures]
@@ -426,6 +431,19 @@ def inputs_without_outputs(source: str, out: Path) -> list[Path]:
     if not kept:
         raise DinokitError(f"{source} holds no images besides the outputs in {out}")
     return kept
+
+
+def refuse_inputs_as_outputs(outputs: dict[str, str | None], inputs: list) -> None:
+    """DinokitError, before any work, where an output file (key: path, None: not written) is one of
+    the input images: the picture would replace the photo."""
+    given = {Path(p).expanduser().resolve() for p in inputs}
+    for key, path in outputs.items():
+        if path is not None and Path(path).expanduser().resolve() in given:
+            other = Path(path).with_name(f"{Path(path).stem}_{key}{Path(path).suffix}")
+            raise DinokitError(
+                f"{key}={path} is one of the input images, and writing there would replace it: pass another "
+                f"{key}= path, e.g. {other}"
+            )
 
 
 def report_skipped(bad: list[Path]) -> None:
