@@ -287,3 +287,17 @@ def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(data,
     a, b = (dinokit.load_model(tmp_path / o / "backbone.safetensors").state_dict() for o in ("ddp", "one"))
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4)
+
+
+def test_finetuning_decodes_large_jpegs_at_a_scale_no_crop_upsamples():
+    """The train transform starts with ReducedJpegDecode at crops_min_side of its RandomResizedCrop
+    (224 px from 8%: 224 / sqrt(0.08 * 3/4) = 914.5 -> 915), the val transform at twice its resize;
+    reduced_decode=False decodes whole."""
+    from dinokit.data.finetune_augmentation import train_transform
+    from dinokit.data.images import decode_min_side
+    from dinokit.eval.common import make_transform
+
+    assert decode_min_side(train_transform(224, (0.08, 1.0), reduced_decode=True)) == 915
+    assert decode_min_side(train_transform(224, (0.08, 1.0))) is None
+    assert decode_min_side(make_transform(224)) == 512
+    assert decode_min_side(make_transform(224, reduced_decode=False)) is None

@@ -129,3 +129,34 @@ def test_stream_sampler_partitions_passes_and_resumes():
     assert list(itertools.islice(iter(resumed), 3)) == batches[1][2:5]
     single = StreamBatchSampler(n, batch * world, 0, 1, seed=1)  # one process with the global batch
     assert [p for b in itertools.islice(iter(single), 5) for _, p in b] == positions
+
+
+def test_pretraining_decodes_large_jpegs_at_a_scale_no_crop_upsamples(tmp_path):
+    """reduced_decode (default): the per-image dataset decodes a large JPEG at 1/2, 1/4 or 1/8 scale
+    whose short side stays >= crops_min_side, where the smallest region any RandomResizedCrop may read
+    (area scale[0], aspect 3/4..4/3) still has >= the crop's size pixels a side."""
+    import math
+
+    from dinokit.data.images import crops_min_side
+    from dinokit.train.config import resolve_config
+    from dinokit.train.pretrain import build_augmentation
+
+    # by hand: 98 / sqrt(0.05 * 3/4) = 506.07 -> 507; 224 / sqrt(0.32 * 3/4) = 457.2; 2 x 224 = 448
+    assert crops_min_side([(224, (0.32, 1.0)), (98, (0.05, 0.32))]) == 507
+    assert crops_min_side([(224, (0.32, 1.0))]) == 458
+    assert crops_min_side([(16, (0.9, 1.0))]) == 32  # twice the crop
+    side = crops_min_side([(98, (0.05, 0.32))])
+    assert math.sqrt(0.05 * side * side * 3 / 4) >= 98 > math.sqrt(0.05 * (side - 1) ** 2 * 3 / 4)
+
+    official = build_augmentation(resolve_config("dinov2_vits14", {}))
+    assert official.decode_min_side == 507 and "ReducedJpegDecode(min_side=507)" in repr(official)
+    assert build_augmentation(resolve_config("dinov2_vits14", {"reduced_decode": False})).decode_min_side is None
+    assert build_augmentation(resolve_config("dinov2_vits14", {"local_crops_number": 0})).decode_min_side == 458
+
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)).save(photo)
+    seen = []
+    dataset = MultiCropDataset([photo], lambda image: seen.append(image.size) or {}, min_side=official.decode_min_side)
+    dataset[(0, 0)]
+    MultiCropDataset([photo], lambda image: seen.append(image.size) or {})[(0, 0)]
+    assert seen == [(1000, 750), (4000, 3000)]  # 1/4 scale (1/8: 375 < 507); whole without min_side

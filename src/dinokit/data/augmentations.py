@@ -18,6 +18,8 @@ import torch
 from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 
+from dinokit.data.images import crops_min_side
+
 # (global crops scale, local crops scale) of the two recipes.
 DINOV2_SCALES = ((0.32, 1.0), (0.05, 0.32))  # ssl_default_config.yaml
 DINO_SCALES = ((0.4, 1.0), (0.05, 0.4))  # dino:main_dino.py
@@ -58,6 +60,8 @@ class MultiCropAugmentation:
     `blur_probabilities` = (first global crop, other global crops, local crops). The second and later
     global crops are solarised (threshold 128) with `solarize_probability`. `blur_sigma` is in pixels of
     the crop; `blur_kernel_size` > 0 uses torchvision's GaussianBlur with that kernel, 0 `GaussianBlurPIL`.
+    `reduced_decode`: `decode_min_side` is the short side large JPEGs may be decoded at (`crops_min_side`),
+    which the pretraining dataset applies when it opens a file; else None.
     """
 
     def __init__(
@@ -76,7 +80,13 @@ class MultiCropAugmentation:
         color_jitter: Sequence[float] = (0.4, 0.4, 0.2, 0.1),
         color_jitter_probability: float = 0.8,
         grayscale_probability: float = 0.2,
+        reduced_decode: bool = False,
     ) -> None:
+        crops = [(global_crops_size, global_crops_scale)] + [(local_crops_size, local_crops_scale)] * (
+            local_crops_number > 0
+        )
+        # the short side large JPEGs may be decoded at (MultiCropDataset): no crop is ever upsampled
+        self.decode_min_side = crops_min_side(crops) if reduced_decode else None
         self.blur_probabilities = blur_first, blur_other, blur_local = resolve_blur(
             blur_probabilities, blur_as_released
         )
@@ -132,4 +142,6 @@ class MultiCropAugmentation:
             f"global 2+: {self.global_other}",
             f"local x{self.local_crops_number}: {self.local}",
         ]
+        if self.decode_min_side:
+            parts.insert(0, f"ReducedJpegDecode(min_side={self.decode_min_side})")
         return "MultiCropAugmentation(\n  " + "\n  ".join(p.replace("\n", " ") for p in parts) + "\n)"

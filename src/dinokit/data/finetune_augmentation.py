@@ -5,16 +5,20 @@ per batch. Evaluation uses the eval commands' transform (`dinokit.data.transform
 import torch
 from torchvision.transforms import v2
 
+from dinokit.data.images import ReducedJpegDecode, crops_min_side
 from dinokit.data.transforms import normalize
 
 
 def train_transform(
-    image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), rand_augment: int = 0
+    image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0), rand_augment: int = 0, reduced_decode: bool = False
 ) -> v2.Compose:
     """PIL image -> normalised (3, image_size, image_size): a random crop of `crop_scale` of the area
     (aspect 3/4..4/3) resized bicubic, a flip with probability 0.5, then RandAugment (2 operations at
-    `rand_augment` magnitude of 31) if it is > 0."""
+    `rand_augment` magnitude of 31) if it is > 0. `reduced_decode`: first a `ReducedJpegDecode` at the
+    smallest size no crop upsamples (`crops_min_side`), applied by the dataset that opens the files."""
+    decode = [ReducedJpegDecode(crops_min_side([(image_size, crop_scale)]))] if reduced_decode else []
     steps = [
+        *decode,
         v2.RandomResizedCrop(
             image_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC, antialias=True
         ),

@@ -5,7 +5,9 @@ alpha images converted (alpha composited on white).
 """
 
 import csv
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +295,15 @@ class ReducedJpegDecode(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"ReducedJpegDecode(min_side={self.min_side})"
+
+
+def crops_min_side(crops: list[tuple[int, Sequence[float]]]) -> int:
+    """The smallest short side at which an image may be decoded (`ReducedJpegDecode`) without any of
+    `crops`, (size, (min area scale, max)) RandomResizedCrops at aspect ratios 3/4..4/3, being
+    upsampled: a crop reads a region of at least scale * H * W pixels whose shorter side is at least
+    short_side * sqrt(scale * 3/4), which must be >= size; and at least twice the largest crop.
+    DINOv2's 224 px (0.32..1) and 98 px (0.05..0.32) crops: 507."""
+    return max(max(2 * size, math.ceil(size / math.sqrt(scale[0] * 3 / 4))) for size, scale in crops)
 
 
 def decode_min_side(transform) -> int | None:

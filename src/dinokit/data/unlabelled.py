@@ -34,13 +34,15 @@ class MultiCropDataset(torch.utils.data.Dataset):
     orientation, any mode -> RGB); images smaller than a crop are upsampled by RandomResizedCrop.
 
     The augmentation's random draws come from a generator seeded by (seed, position), so they do not
-    depend on which worker processes the item or on the process's own RNG.
+    depend on which worker processes the item or on the process's own RNG. min_side: large JPEGs are
+    decoded at a reduced scale whose sides stay >= min_side (`ReducedJpegDecode`, `crops_min_side`).
     """
 
-    def __init__(self, paths: list[Path], transform, seed: int = 0) -> None:
+    def __init__(self, paths: list[Path], transform, seed: int = 0, min_side: int | None = None) -> None:
         self.paths = list(paths)
         self.transform = transform
         self.seed = seed
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -48,7 +50,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, position = key
         try:
-            image = open_rgb(self.paths[index])
+            image = open_rgb(self.paths[index], self.min_side)
         except Exception:  # unreadable file: skipped and counted
             return None, index, position
         with torch.random.fork_rng(devices=[]):
@@ -95,10 +97,11 @@ class StreamBatchSampler:
 
 # ------------------------------------------------------------------------- augmentation=batched
 def decode_to_memory(
-    paths: list[Path], size: int, num_workers: int = 0, progress: bool = False
+    paths: list[Path], size: int, num_workers: int = 0, progress: bool = False, reduced_decode: bool = True
 ) -> tuple[torch.Tensor, list[int]]:
     """Every image decoded once: (uint8 (N, 3, size, size), indices of unreadable files, whose rows
-    stay zero). Shorter side resized to `size` (bicubic, antialiased), then the central square.
+    stay zero). Shorter side resized to `size` (bicubic, antialiased), then the central square; large
+    JPEGs decoded at a reduced scale that keeps twice `size` (`ReducedJpegDecode`) if `reduced_decode`.
     Refused when the copies of every process on this machine (torchrun's LOCAL_WORLD_SIZE) would
     take more than half of its memory."""
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -112,9 +115,8 @@ def decode_to_memory(
             "Use augmentation=per_image, or a smaller batched_image_size."
         )
     bicubic = v2.InterpolationMode.BICUBIC
-    transform = v2.Compose(
-        [ReducedJpegDecode(2 * size), v2.ToImage(), v2.Resize(size, bicubic, antialias=True), v2.CenterCrop(size)]
-    )
+    steps = [v2.ToImage(), v2.Resize(size, bicubic, antialias=True), v2.CenterCrop(size)]
+    transform = v2.Compose([ReducedJpegDecode(2 * size), *steps] if reduced_decode else steps)
     loader = torch.utils.data.DataLoader(
         ImageFiles(list(paths), transform), batch_size=256, num_workers=num_workers, collate_fn=collate_skipping_bad
     )

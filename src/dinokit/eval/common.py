@@ -144,10 +144,10 @@ def split_features(
     return feats
 
 
-def make_transform(image_size: int, resize_policy: str = "center_crop"):
+def make_transform(image_size: int, resize_policy: str = "center_crop", reduced_decode: bool = True):
     if resize_policy not in ("center_crop", "resize"):
         raise DinokitError(f"resize_policy must be center_crop or resize, got {resize_policy!r}")
-    return eval_transform(image_size, resize_policy)
+    return eval_transform(image_size, resize_policy, reduced_decode=reduced_decode)
 
 
 def protocol_record(backbone: Backbone, transform, image_size: int, precision: str, **extra) -> dict:

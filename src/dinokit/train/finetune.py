@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from dinokit import distributed as dist
 from dinokit.data.finetune_augmentation import SoftTargets, train_transform
-from dinokit.data.images import ImageFiles, check_readable, collate_skipping_bad
+from dinokit.data.images import ImageFiles, check_readable, collate_skipping_bad, decode_min_side
 from dinokit.data.transforms import check_image_size, describe
 from dinokit.data.unlabelled import MultiCropDataset, StreamBatchSampler
 from dinokit.errors import DinokitError
@@ -188,8 +188,8 @@ class Finetuner:
         if self.checkpoint is not None:
             self.optimizer.load_state_dict(self.checkpoint["optimizer"])
         self.soft_targets = SoftTargets(len(self.classes), cfg.mixup, cfg.cutmix, cfg.label_smoothing)
-        self.train_transform = train_transform(cfg.image_size, cfg.crop_scale, cfg.rand_augment)
-        self.val_transform = make_transform(cfg.image_size, cfg.resize_policy)
+        self.train_transform = train_transform(cfg.image_size, cfg.crop_scale, cfg.rand_augment, cfg.reduced_decode)
+        self.val_transform = make_transform(cfg.image_size, cfg.resize_policy, cfg.reduced_decode)
         torch.manual_seed(cfg.seed + 1 + dist.rank())  # stochastic depth, MixUp / CutMix
         if self.checkpoint is not None and len(self.checkpoint["rng"]) == world:
             set_rng_state(self.checkpoint["rng"][dist.rank()], device)
@@ -247,7 +247,9 @@ class Finetuner:
     def train_loader(self):
         """Batches of the sample stream from this run's position (`StreamBatchSampler`)."""
         cfg, workers = self.cfg, self.cfg.num_workers
-        dataset = MultiCropDataset(self.train_paths, self.train_transform, seed=cfg.seed)
+        dataset = MultiCropDataset(
+            self.train_paths, self.train_transform, seed=cfg.seed, min_side=decode_min_side(self.train_transform)
+        )
         sampler = StreamBatchSampler(
             len(dataset),
             cfg.batch_size,

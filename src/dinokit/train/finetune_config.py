@@ -41,6 +41,7 @@ class FinetuneConfig:
     mixup: float = 0.0  # MixUp alpha (0 = off; MAE: 0.8)
     cutmix: float = 0.0  # CutMix alpha (0 = off; MAE: 1.0); with both, each batch gets one of the two
     resize_policy: str = "center_crop"  # of the val transform: center_crop | resize (as eval)
+    reduced_decode: bool = True  # large JPEGs decoded at a reduced scale that no crop upsamples (ReducedJpegDecode)
     # ---- runtime
     device: str = "auto"
     precision: str = "bf16"  # bf16 | fp32

@@ -138,8 +138,12 @@ def check_crop_sizes(cfg: PretrainConfig, patch_size: int) -> None:
 def build_augmentation(cfg: PretrainConfig) -> MultiCropAugmentation | BatchedMultiCrop:
     """The multi-crop augmentation of `cfg`: per image (torchvision transforms), or for
     augmentation=batched the same parameters applied to whole batches of in-memory images."""
-    kind = BatchedMultiCrop if cfg.augmentation == "batched" else MultiCropAugmentation
+    if cfg.augmentation == "batched":
+        kind, decode = BatchedMultiCrop, {}  # its images are decoded once, by decode_to_memory
+    else:
+        kind, decode = MultiCropAugmentation, {"reduced_decode": cfg.reduced_decode}
     return kind(
+        **decode,
         global_crops_size=cfg.global_crops_size,
         local_crops_size=cfg.local_crops_size,
         global_crops_number=cfg.global_crops_number,
@@ -519,10 +523,14 @@ class Trainer:
             self.augmentation = build_augmentation(cfg)
             if cfg.augmentation == "batched":
                 size = cfg.batched_image_size or cfg.global_crops_size
-                images, bad = decode_to_memory(self.paths, size, cfg.num_workers, cfg.progress and self.main)
+                images, bad = decode_to_memory(
+                    self.paths, size, cfg.num_workers, cfg.progress and self.main, cfg.reduced_decode
+                )
                 self.dataset = InMemoryMultiCrops(images, bad, self.augmentation, self.collate, cfg.seed)
             else:
-                self.dataset = MultiCropDataset(self.paths, self.augmentation, seed=cfg.seed)
+                self.dataset = MultiCropDataset(
+                    self.paths, self.augmentation, seed=cfg.seed, min_side=self.augmentation.decode_min_side
+                )
         self.schedules = Schedules(
             lr=scale_lr(cfg.lr, self.global_batch, cfg.lr_scaling),
             min_lr=cfg.min_lr,
