@@ -251,3 +251,20 @@ def test_path_lists_are_utf8_whatever_the_locale_and_split_at_newlines_only(tmp_
         [sys.executable, "-X", "utf8=0", "-c", LOCALE_PROBE, str(tmp_path)], capture_output=True, text=True, env=env
     )
     assert probe.stdout.strip() == "ok", probe.stderr[-2000:]
+
+
+def test_a_level_with_sample_size_one_is_not_resampled_as_in_ssl_data_curation():
+    # ssl-data-curation resamples a level only if its sample_size is > 1 (its production config: level 1 with
+    # n_resampling_steps 1, sample_size 1, i.e. plain k-means); dinokit ran a k-means on the closest member of
+    # each cluster, which put every level-1 centroid on a data point and re-assigned the whole level
+    from dinokit.curation.kmeans import hierarchical_kmeans
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(12, 8))[rng.integers(0, 12, 600)] + 0.5 * rng.normal(size=(600, 8))).astype(np.float32)
+    plain = hierarchical_kmeans(x, [40, 6], n_resamples=[0, 3], sample_size=[1, 3], seed=0)
+    production = hierarchical_kmeans(x, [40, 6], n_resamples=[1, 3], sample_size=[1, 3], seed=0)
+    for a, b in zip(plain, production, strict=True):
+        np.testing.assert_array_equal(a.centroids, b.centroids)
+        np.testing.assert_array_equal(a.assignment, b.assignment)
+    on_points = np.isclose(((production[0].centroids[:, None] - x[None]) ** 2).sum(-1).min(axis=1), 0, atol=1e-9)
+    assert on_points.sum() < 40  # k-means means, not members (all 40 sat on data points before)

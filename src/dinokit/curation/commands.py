@@ -169,14 +169,15 @@ def cluster(
     one for all): times each level's centroids are re-fitted on the `sample_size` members closest to
     each of them (strategy closest; or random members), which spreads the centroids evenly over the
     concepts instead of crowding dense ones; sample_size defaults to half the level's average cluster
-    size. iterations: Lloyd iterations per k-means. subset: a list of image paths to cluster instead
-    of all (e.g. `dinokit curate dedup`'s kept.txt). out: a folder for clusters.safetensors (per level
-    l: level<l>.centroids, level<l>.assignment (the cluster of each of its items: the images at level
-    1, the level l-1 clusters at level l > 1), level<l>.distances (squared L2 to its centroid)),
-    paths.txt (the images, in level 1's item order), cluster_sizes.png (images per cluster, per level)
-    and curation.json. `dinokit curate sample` draws a balanced subset from it; `dinokit curate
-    retrieve clusters=` draws from seeds' clusters. device: where the k-means runs (auto: a GPU if
-    there is one); the same seed gives the same clusters on the same device.
+    size (a level whose sample_size is 1 is not resampled, as in ssl-data-curation). iterations: Lloyd
+    iterations per k-means. subset: a list of image paths to cluster instead of all (e.g. `dinokit
+    curate dedup`'s kept.txt). out: a folder for clusters.safetensors (per level l: level<l>.centroids,
+    level<l>.assignment (the cluster of each of its items: the images at level 1, the level l-1 clusters
+    at level l > 1), level<l>.distances (squared L2 to its centroid)), paths.txt (the images, in level
+    1's item order), cluster_sizes.png (images per cluster, per level) and curation.json. `dinokit
+    curate sample` draws a balanced subset from it; `dinokit curate retrieve clusters=` draws from
+    seeds' clusters. device: where the k-means runs (auto: a GPU if there is one); the same seed gives
+    the same clusters on the same device.
     """
     n_clusters = [n_clusters] if isinstance(n_clusters, int | np.integer) else list(n_clusters)  # one level
     if not n_clusters:

@@ -21,10 +21,12 @@ n_resamples times:
 
 Every cluster gives about as many points to the sample, however many it has, so dense regions stop
 hoarding centroids and the centroids move towards a uniform coverage of the concepts in the data
-(sample_size of about half the average cluster size works; sample_size 1 only snaps each centroid
-to its closest member). Like the reference, step 2 starts from a fresh initialisation on the sample,
-not from the current centroids: a Lloyd run started from them stays in the same local optimum and
-would not move centroids out of a dense region.
+(sample_size of about half the average cluster size works). A level whose sample_size is 1 is not
+resampled, as in ssl-data-curation (its production config asks for 1 resampling with sample_size 1 at
+level 1, which it skips): a k-means on one member per cluster would only move each centroid onto its
+closest member, and cost a k-means and an assignment of the whole level. Like the reference, step 2
+starts from a fresh initialisation on the sample, not from the current centroids: a Lloyd run started
+from them stays in the same local optimum and would not move centroids out of a dense region.
 """
 
 from dataclasses import dataclass
@@ -339,7 +341,7 @@ def hierarchical_kmeans(
             # _fit, not kmeans: the assignment is made once below (at N = 1M, k = 100k one is the cost of an iteration)
             centroids = _fit(items, k, iterations, init, seed=int(rng.integers(2**31 - 1)))
             assignment, distances = (t.cpu().numpy() for t in _nearest(items, centroids))
-            for _ in range(n_resamples[level]):
+            for _ in range(n_resamples[level] if sample_size[level] > 1 else 0):  # as the reference
                 clusters = Level(centroids.cpu().numpy(), assignment, distances).members()
                 if strategy == "closest":
                     sample = [members[: sample_size[level]] for members in clusters]
