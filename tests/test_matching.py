@@ -187,7 +187,8 @@ def test_visualize_matches_command_writes_the_picture_and_the_matches_in_origina
     with Image.open(out) as picture:
         assert picture.format == "PNG" and picture.width > 300
     saved = json.loads(out_json.read_text())
-    assert saved["image_size"] == [24, 16] and saved["other_size"] == [24, 16] and len(saved["matches"]) == 24
+    assert saved["image_width_height"] == [24, 16] and saved["other_width_height"] == [24, 16]
+    assert len(saved["matches"]) == 24 == saved["candidates"]
     for pair in saved["matches"]:  # the flip: x -> 24 - x, patch centres at 2, 6, 10, ...
         (x, y), (ox, oy) = pair["image"], pair["other"]
         assert ox == 24 - x and oy == y and x % 4 == 2 and y % 4 == 2 and pair["similarity"] > 0.9999
@@ -202,7 +203,15 @@ def test_visualize_matches_command_writes_the_picture_and_the_matches_in_origina
     json_args = [f"json={out_json}", "max_matches=none", "min_similarity=0.5"]
     assert main(["visualize", "matches", *args, f"other={root / 'big.png'}", f"out={out}", *json_args]) == 0
     saved = json.loads(out_json.read_text())
-    assert saved["other_size"] == [60, 40] and 0 < len(saved["matches"]) <= 24
+    assert saved["other_width_height"] == [60, 40] and 0 < len(saved["matches"]) <= 24
+    assert saved["settings"] == {
+        "image_size": 16,
+        "resize_policy": "aspect",
+        "max_matches": None,
+        "min_similarity": 0.5,
+        "ratio": None,
+        "foreground_threshold": None,
+    }
     for pair in saved["matches"]:
         ox, oy = pair["other"]
         assert 0 <= ox < 60 and 0 <= oy < 40 and pair["similarity"] >= 0.5

@@ -258,7 +258,9 @@ def visualize_matches(
     mutual match (dense). min_similarity: a cosine floor. ratio: Lowe's ratio test (e.g. 0.8).
     foreground_threshold (e.g. 0.5): match foreground patches only (PCA first component, as
     `dinokit visualize pca`). json: also write the matches there: pixel (x, y) of the patch centres
-    in each original image, their cosine, and the patches' (row, col).
+    in each original image (upright in its EXIF orientation; pixel k spans [k, k + 1)), their cosine,
+    and the patches' (row, col), with the settings, each image's width and height in pixels and the
+    number of candidates (matches before max_matches).
 
     Writes the PNG `out` (and `json`); returns the number of matches, the grids and the files.
     """
@@ -318,10 +320,19 @@ def visualize_matches(
                 "model": model,
                 "image": str(image),
                 "other": str(other),
-                "image_size": [rgbs[0].shape[1], rgbs[0].shape[0]],
-                "other_size": [rgbs[1].shape[1], rgbs[1].shape[0]],
+                "settings": {
+                    "image_size": image_size,
+                    "resize_policy": resize_policy,
+                    "max_matches": max_matches,
+                    "min_similarity": min_similarity,
+                    "ratio": ratio,
+                    "foreground_threshold": foreground_threshold,
+                },
+                "image_width_height": [rgbs[0].shape[1], rgbs[0].shape[0]],
+                "other_width_height": [rgbs[1].shape[1], rgbs[1].shape[0]],
                 "grid": list(feats[0].shape[:2]),
                 "other_grid": list(feats[1].shape[:2]),
+                "candidates": candidates,
                 "matches": pairs,
             },
         )
