@@ -6,7 +6,8 @@ Photos from a phone or camera are 12 megapixels and more; every eval and embed c
 while both sides stay at least twice the resize's. This script times decode + eval transform per image
 both ways, in one process, alternating, on four of scikit-image's photos enlarged to WIDTH x HEIGHT
 (with pixel noise, so that the JPEGs hold detail at full size), and compares a randomly initialised
-ViT-S/14's CLS on the two inputs.
+ViT-S/14's CLS on the two inputs. Then the same for pretraining: one item of the per-image dataset
+(decode + DINOv2's 2 x 224 + 8 x 98 px multi-crop), decoded whole or at `crops_min_side`.
 
     flock /tmp/dinokit-heavy.lock .venv/bin/python bench/jpeg_decode.py            # 4000 x 3000
     .venv/bin/python bench/jpeg_decode.py --size 6000 4000 --rounds 5
@@ -29,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import dinokit
 from dinokit.data.images import decode_min_side, open_rgb
 from dinokit.data.transforms import eval_transform
+from dinokit.data.unlabelled import MultiCropDataset
+from dinokit.train.config import resolve_config
+from dinokit.train.pretrain import build_augmentation
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -62,6 +66,15 @@ def main() -> None:
                 times[mode].append((time.perf_counter() - start) / len(paths))
                 inputs[mode] = torch.stack(batch)
         decoded = open_rgb(paths[0], decode_min_side(modes["reduced"])).size
+        augmentation = build_augmentation(resolve_config("dinov2_vits14", {}))
+        crops: dict[str, list[float]] = {"whole": [], "reduced": []}
+        for _ in range(args.rounds):
+            for mode, min_side in (("whole", None), ("reduced", augmentation.decode_min_side)):
+                dataset = MultiCropDataset(paths, augmentation, min_side=min_side)
+                start = time.perf_counter()
+                for i in range(len(paths)):
+                    dataset[(i, i)]
+                crops[mode].append((time.perf_counter() - start) / len(paths))
     torch.manual_seed(0)
     model = dinokit.create_model("dinov2_vits14").eval()
     with torch.inference_mode():
@@ -73,6 +86,10 @@ def main() -> None:
     difference = float((inputs["whole"] - inputs["reduced"]).abs().max())
     print(f"  model input max abs diff {difference:.3f} (normalised units)")
     print(f"  ViT-S/14 (random init) CLS cosine, reduced vs whole: min {float(cosine.min()):.6f}")
+    whole, reduced = (statistics.median(crops[m]) * 1000 for m in crops)
+    print(f"pretraining item (decode + 2 x 224 + 8 x 98 px crops), min_side {augmentation.decode_min_side}:")
+    print(f"  whole decode    {whole:7.1f} ms / image")
+    print(f"  reduced decode  {reduced:7.1f} ms / image  {whole / reduced:.1f}x")
 
 
 if __name__ == "__main__":
