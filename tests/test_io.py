@@ -260,3 +260,12 @@ def test_where_pids_cannot_be_probed_every_writer_counts_as_alive(tmp_path, monk
     with io.atomic_folder(tmp_path / "shard-00000") as tmp:
         (tmp / "rows.json").write_text("[]")
     assert all(folder.exists() for folder in left.values())
+
+
+def test_an_eval_video_folder_is_refused_by_the_other_commands(tmp_path):
+    """`dinokit eval video` refused other commands' folders, but its video.json was no output marker,
+    so e.g. eval knn wrote its files into an eval video folder without a word."""
+    (tmp_path / "video.json").write_text("{}")
+    with pytest.raises(DinokitError, match=r"eval video results \(video.json\)"):
+        io.refuse_other_outputs(tmp_path, ("knn.json", "linear.json"), "dinokit eval")
+    io.refuse_other_outputs(tmp_path, ("video.json",), "dinokit eval video")

@@ -151,6 +151,7 @@ OUTPUT_MARKERS = {
     "depth.json": "eval depth results",
     "segment.json": "dinokit segment results",
     "track.json": "dinokit track results",
+    "video.json": "eval video results",
     "curation.json": "a curation step (dinokit curate)",
 }
 
