@@ -9,7 +9,7 @@ import dinokit
 import dinokit.maps.commands
 from dinokit.cli import main
 from dinokit.errors import DinokitError
-from dinokit.maps.commands import joint_heat_overlays, model_input
+from dinokit.maps.commands import DRAWN_SIDE, joint_heat_overlays, model_input
 from dinokit.maps.matching import best_match_similarity, cosine_matrix, match_patches
 from dinokit.maps.pca import patch_features, pca_rgb
 from dinokit.maps.similarity import patch_to_pixel, pixel_to_patch
@@ -309,3 +309,22 @@ def test_best_match_maps_share_one_colour_scale(files, capsys, monkeypatch):
     best = best_match_similarity(*feats)
     lo, hi, label = drawn["args"][5]
     assert (lo, hi) == (min(m.min() for m in best), max(m.max() for m in best)) and "both images" in label
+
+
+def test_large_photos_are_drawn_at_the_figure_size_with_the_lines_on_their_patches(files, capsys, monkeypatch):
+    """Two 24 MP photos were drawn whole (heat maps upsampled to 6000x4000 for an 800 px figure: 4 GB,
+    22 s); they are drawn at most DRAWN_SIDE px, the line ends scaled with them, the JSON unchanged."""
+    root, weights = files
+    Image.fromarray(np.zeros((2000, 3200, 3), dtype=np.uint8)).save(root / "huge.png")
+    drawn = {}
+    real = dinokit.maps.commands.matches_figure
+    monkeypatch.setattr(dinokit.maps.commands, "matches_figure", lambda *a: drawn.update(args=a) or real(*a))
+    args = [f"model={weights}", "image_size=16", "device=cpu", f"image={root / 'a.png'}", f"other={root / 'huge.png'}"]
+    assert main(["visualize", "matches", *args, f"out={root / 'huge_m.png'}", f"json={root / 'huge.json'}"]) == 0
+    (small, shown), (xy_small, xy_shown), *_ = drawn["args"]
+    assert small.shape == (16, 24, 3) and shown.shape == (DRAWN_SIDE * 5 // 8, DRAWN_SIDE, 3)
+    saved = json.loads((root / "huge.json").read_text())
+    assert saved["other_width_height"] == [3200, 2000] and len(saved["matches"]) == len(xy_shown) > 0
+    original = np.array([p["other"] for p in saved["matches"]])
+    assert np.allclose(xy_shown, original * DRAWN_SIDE / 3200, atol=0.01)
+    assert np.allclose(xy_small, [p["image"] for p in saved["matches"]], atol=0.01)  # small: as it is

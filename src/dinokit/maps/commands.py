@@ -36,6 +36,7 @@ from dinokit.maps.render import (
     panel_figure,
     save_figure,
     save_png,
+    shrink,
     upsample,
 )
 from dinokit.maps.segment import check_threshold, segment_features
@@ -235,6 +236,9 @@ def visualize_similarity(
     return {"out": out, "patch": list(patch), "best_match": [int(best[0]), int(best[1])], "max": float(cos.max())}
 
 
+DRAWN_SIDE = 1600  # the long side, in pixels, at which visualize matches draws a photo
+
+
 def visualize_matches(
     image: str,
     other: str,
@@ -286,8 +290,13 @@ def visualize_matches(
     ]
     best = best_match_similarity(*feats, similarity=similarity)
     del similarity
+    # drawn at most DRAWN_SIDE px (the figure is about 800 px wide): two 24 MP photos drawn whole took 4 GB
+    drawn = [shrink(rgb, DRAWN_SIDE) for rgb in rgbs]
+    drawn_xy = [
+        p * [d.shape[1] / rgb.shape[1], d.shape[0] / rgb.shape[0]] for p, d, rgb in zip(xy, drawn, rgbs, strict=True)
+    ]
     names = [Path(image).name, Path(other).name]
-    overlays, scale = joint_heat_overlays(rgbs, best)
+    overlays, scale = joint_heat_overlays(drawn, best)
     below = [
         (f"{name}: best-match cosine {m.min():.3f}..{m.max():.3f}", picture)
         for name, picture, m in zip(names, overlays, best, strict=True)
@@ -302,7 +311,7 @@ def visualize_matches(
         f"nearest-neighbour patch matches" + (f" ({', '.join(filters)})" if filters else "")
     )
     below_bar = (*scale, "best-match cosine, both images")
-    save_figure(out, matches_figure(tuple(rgbs), tuple(xy), matches["similarity"], below, title, below_bar))
+    save_figure(out, matches_figure(tuple(drawn), tuple(drawn_xy), matches["similarity"], below, title, below_bar))
     if json is not None:
         pairs = [
             {

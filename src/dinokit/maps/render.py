@@ -31,6 +31,17 @@ def upsample(patch_map: np.ndarray, size: tuple[int, int], mode: str = "bilinear
     return (out[0] if squeeze else out).numpy()
 
 
+def shrink(image: np.ndarray, longest: int) -> np.ndarray:
+    """An (H, W, 3) uint8 image resized (box filter) so that its long side is at most `longest`
+    pixels, for drawing; a smaller one is returned as it is."""
+    h, w = image.shape[:2]
+    if max(h, w) <= longest:
+        return image
+    scale = longest / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
 def normalise_01(values: np.ndarray) -> np.ndarray:
     """Min-max scale to [0, 1] (a constant array becomes zeros)."""
     values = np.asarray(values, dtype=np.float32)
