@@ -414,3 +414,18 @@ def test_a_picture_is_never_written_over_an_input_image(tmp_path, capsys, comman
         args = [*maps_command_args(command, tmp_path, "random:vit_micro_p4"), f"json={json_photo}"]
         args = [f"image={json_photo}" if a.startswith("image=") else a for a in args]
         assert main(args) == 2 and f"json={json_photo} is one of the input images" in capsys.readouterr().err
+
+
+def test_the_similarity_picture_says_what_its_colours_span(tmp_path, capsys, monkeypatch):
+    """The heat map's colours run from the map's own minimum to its maximum, so a target without the
+    chosen part looked as hot as one with it, under the bare title 'cosine similarity'; the panel
+    now names the cosine range its colours span."""
+    panels = {}
+    real = dinokit.maps.commands.panel_figure
+    monkeypatch.setattr(dinokit.maps.commands, "panel_figure", lambda p, **k: panels.update(p=p) or real(p, **k))
+    assert main(maps_command_args("similarity", tmp_path, "random:vit_micro_p4")) == 0
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    title = panels["p"][1][0]
+    low = float(title.split()[1])
+    assert title == f"cosine {low:.3f} (dark) .. {report['max']:.3f} (bright)" and low < report["max"]
+    assert np.isclose(panels["p"][2][1].min(), low, atol=5e-4)

@@ -230,7 +230,8 @@ def visualize_similarity(
     marked = source_rgb.copy()
     r = max(2, min(source_rgb.shape[:2]) // 60)
     marked[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1] = (255, 0, 0)
-    panels = [("chosen pixel", marked), ("cosine similarity", heat_overlay(target_rgb, cos)), ("raw map", cos)]
+    scale = f"cosine {cos.min():.3f} (dark) .. {cos.max():.3f} (bright)"  # the colours span this map's own range
+    panels = [("chosen pixel", marked), (scale, heat_overlay(target_rgb, cos)), ("per patch, same colours", cos)]
     save_figure(out, panel_figure(panels, columns=3, title=f"{label(model)}: similarity of patch {patch}"))
     best = np.unravel_index(int(np.argmax(cos)), cos.shape)
     return {"out": out, "patch": list(patch), "best_match": [int(best[0]), int(best[1])], "max": float(cos.max())}
