@@ -358,3 +358,16 @@ def test_shards_without_their_settings_file_are_not_resumed(setup, tmp_path):
     (tmp_path / "e" / "manifest.json").unlink()
     with pytest.raises(DinokitError, match=r"holds 4 shard\(s\) \(shard_00000.safetensors, ...\) but no embed_config"):
         run(setup, tmp_path / "e", image_size=24)
+
+
+def test_reduced_decode_is_a_setting_and_a_folder_embedded_whole_resumes_with_it(setup, tmp_path):
+    """reduced_decode=false embeds as the official transform (no ReducedJpegDecode); such a folder (or
+    one embedded before dinokit decoded large JPEGs at a reduced scale) refuses a resume with the default,
+    naming reduced_decode=false, which resumes it."""
+    run(setup, tmp_path / "e", reduced_decode=False)
+    assert "ReducedJpegDecode" not in read_manifest(tmp_path / "e")["transform"]
+    with pytest.raises(DinokitError, match=r"transform differ.*reduced_decode=false"):
+        run(setup, tmp_path / "e")
+    run(setup, tmp_path / "e", reduced_decode=False)
+    run(setup, tmp_path / "f")
+    assert "ReducedJpegDecode(min_side=" in read_manifest(tmp_path / "f")["transform"]

@@ -320,3 +320,28 @@ def test_the_fix_named_for_a_damaged_index_file_works(collection, tmp_path):
     assert f"remove {idx}" in str(error.value)
     shutil.rmtree(idx)  # the fix it names
     assert build_index(str(collection / "emb_a"), str(idx))["total"] > 0
+
+
+def test_queries_are_decoded_as_the_indexed_images_were(collection, tmp_path, monkeypatch):
+    """An index over an embedding made with reduced_decode=false (or before it existed) embeds its
+    queries with whole decoding too, and one with the default with reduced decoding: exactly as the index."""
+    from dinokit.retrieval import commands
+
+    embed(
+        str(collection / "m.safetensors"),
+        str(collection / "b"),
+        str(tmp_path / "whole"),
+        image_size=32,
+        num_workers=0,
+        progress=False,
+        reduced_decode=False,
+    )
+    build_index(str(tmp_path / "whole"), str(tmp_path / "idx_whole"))
+    build_index(str(collection / "emb_b"), str(tmp_path / "idx_reduced"))
+    seen = []
+    extract = commands.extract_features
+    monkeypatch.setattr(commands, "extract_features", lambda m, p, t, **kw: seen.append(t) or extract(m, p, t, **kw))
+    for index in ("idx_whole", "idx_reduced"):
+        hits = search_index(str(tmp_path / index), str(collection / "b" / "b1.png"), k=1, num_workers=0)
+        assert hits[0]["hits"][0]["path"] == str(collection / "b" / "b1.png")
+    assert [type(t.transforms[0]).__name__ == "ReducedJpegDecode" for t in seen] == [False, True]

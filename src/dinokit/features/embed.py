@@ -63,6 +63,7 @@ def embed(
     dtype: str = "float32",
     format: str = "safetensors",
     shard_size: int | None = None,
+    reduced_decode: bool = True,
     progress: bool = True,
 ) -> dict | None:
     """Embed every image of a folder / list file into shards under `out` (resumable; torchrun-ready).
@@ -76,7 +77,8 @@ def embed(
     or fp32 (the manifest records fp32 where the device has no bf16 autocast). dtype: float32,
     float16 or bfloat16 (safetensors only) on disk. format: safetensors or numpy (.npz). shard_size:
     images per shard (default: up to 4096, fewer so that a shard stays near 512 MB, e.g. with
-    patch_tokens). Unreadable images are skipped and listed in the manifest. The
+    patch_tokens). reduced_decode: large JPEGs decoded at 1/2, 1/4 or 1/8 scale, never below twice the
+    resize (`ReducedJpegDecode`; false: whole). Unreadable images are skipped and listed in the manifest. The
     manifest records a hash of the weights (`weights_hash`), so that `dinokit index search` can tell
     when the model file changed. Returns a summary (on process 0; None on the others).
     """
@@ -102,7 +104,7 @@ def embed(
                 raise DinokitError(f"{model} has no register tokens; drop 'registers' from features")
             check_layers(layers, len(net.blocks))
             size = check_model_input_size(net, image_size)
-            transform = eval_transform(size, resize_policy)
+            transform = eval_transform(size, resize_policy, reduced_decode=reduced_decode)
             paths = [str(plain_path(p.absolute())) for p in list_images(data)]  # no ../ from a relative data=
             check_readable(paths, data)
             out_dir = Path(out)
@@ -247,9 +249,11 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
         previous = read_json(path, f"embed into a new out= folder, or remove {out_dir} and embed again")
         changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
         if changed:
+            older = "transform" in changed and "ReducedJpegDecode" not in str(previous.get("transform"))
+            hint = " (it decoded JPEGs whole: reduced_decode=false)" if older else ""
             raise DinokitError(
                 f"{out_dir} holds embeddings made with other settings ({', '.join(changed)} differ; "
-                f"see {path}). Use a new out= folder, or the same settings to resume."
+                f"see {path}). Use a new out= folder, or the same settings to resume{hint}."
             )
 
 
