@@ -268,3 +268,22 @@ def test_a_level_with_sample_size_one_is_not_resampled_as_in_ssl_data_curation()
         np.testing.assert_array_equal(a.assignment, b.assignment)
     on_points = np.isclose(((production[0].centroids[:, None] - x[None]) ** 2).sum(-1).min(axis=1), 0, atol=1e-9)
     assert on_points.sum() < 40  # k-means means, not members (all 40 sat on data points before)
+
+
+def test_vectors_too_large_for_the_gpu_are_refused_naming_device_cpu(monkeypatch):
+    # device=auto picks a GPU, and dedup and k-means copy every vector to it: 100 million 768-D vectors
+    # (286 GiB) on an 80 GB GPU ended in torch.OutOfMemoryError's traceback, which does not say device=cpu
+    from dinokit.curation.dedup import deduplicate
+    from dinokit.curation.kmeans import hierarchical_kmeans
+
+    free = 4096  # bytes: a GPU that is full (patched; runs without one)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    x = unit(np.random.default_rng(0), 200, 8)  # 6400 bytes
+    with pytest.raises(DinokitError, match=r"the vectors \(0.0 GiB, 200 x 8 float32\) do not fit .*device=cpu"):
+        deduplicate(x, 0.95, device="cuda")
+    with pytest.raises(DinokitError, match=r"do not fit in the free memory of cuda .*pass device=cpu"):
+        hierarchical_kmeans(x, [4], device="cuda")
+    with pytest.raises(DinokitError, match=r"the reference vectors \(0.0 GiB, 150 x 8"):
+        free = 4000  # the 3200 bytes of x[:100] would fit
+        deduplicate(x[:100], 0.95, reference=unit(np.random.default_rng(1), 150, 8), device="cuda")

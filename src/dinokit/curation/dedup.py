@@ -42,7 +42,7 @@ import torch
 from scipy.sparse import coo_matrix  # scipy: installed with scikit-learn
 from scipy.sparse.csgraph import connected_components
 
-from dinokit.curation.vectors import unit_rows, whole_number
+from dinokit.curation.vectors import on_device, unit_rows, whole_number
 from dinokit.errors import DinokitError
 from dinokit.runtime import exact_float32_products, resolve_device
 
@@ -169,7 +169,7 @@ def _scan(
     The products, maxima and threshold run on `device`; only the pairs found come back to the CPU."""
     n = len(x)
     cut = float(cut)  # a Python number: compared in float32 with the float32 cosines on any device
-    xt = torch.from_numpy(x).to(device)
+    xt = on_device(x, device)
     nearest = torch.full((n,), -torch.inf, device=device)
     found_i, found_j, found_cos = [], [], []
     found, fold_every = 0, max(n, chunk * chunk)
@@ -223,7 +223,8 @@ def _best_matches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each row of normalised x (N, D): the highest cosine to a row of normalised ref (M, D) and the
     index of that row (the lowest among ties); -inf and -1 if M == 0. Products on `device`."""
-    xt, rt = torch.from_numpy(x).to(device), torch.from_numpy(ref).to(device)
+    rt = on_device(ref, device, "the reference vectors")  # before x: refused before any copy if too large
+    xt = on_device(x, device)
     best = torch.full((len(x),), -torch.inf, device=device)
     match = torch.full((len(x),), -1, dtype=torch.long, device=device)
     for a in range(0, len(x), chunk):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dinokit.curation.vectors import whole_number
+from dinokit.curation.vectors import on_device, whole_number
 from dinokit.errors import DinokitError, require
 from dinokit.runtime import exact_float32_products, resolve_device
 
@@ -82,7 +82,7 @@ def nearest_centroid(x, centroids, device: str | torch.device = "cpu") -> tuple[
 
 
 def _on(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(x).to(device)
+    return on_device(x, device)
 
 
 def _nearest(

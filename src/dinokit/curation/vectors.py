@@ -1,7 +1,8 @@
 """The checks curation's inputs share: vectors that are directions (unit rows for cosine similarity),
-and counts that are whole numbers."""
+counts that are whole numbers, and vectors that fit on the device the work runs on."""
 
 import numpy as np
+import torch
 
 from dinokit.errors import DinokitError
 from dinokit.retrieval.index import normalise
@@ -53,3 +54,16 @@ def whole_number(value, name: str, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
         raise DinokitError(f"{name} must be a whole number >= {low}, got {value!r}")
     return int(value)
+
+
+def on_device(x: np.ndarray, device: torch.device, name: str = "the vectors") -> torch.Tensor:
+    """x as a tensor on `device` (the same memory on the CPU). Curation works on x whole there: on a GPU
+    whose free memory x exceeds, a DinokitError naming the fix instead of CUDA's out-of-memory traceback."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if x.nbytes > free:
+            raise DinokitError(
+                f"{name} ({x.nbytes / 2**30:.1f} GiB, {len(x)} x {x.shape[1]} float32) do not fit in the free "
+                f"memory of {device} ({free / 2**30:.1f} GiB): pass device=cpu, or curate fewer images at a time"
+            )
+    return torch.from_numpy(x).to(device)
