@@ -97,3 +97,73 @@ def test_a_logreg_head_gives_scikit_learns_probabilities(classes):
     expected = np.zeros((60, num_classes))
     expected[:, model.classes_] = model.predict_proba(x)
     np.testing.assert_allclose(probs.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("blocks", [1, 4])
+def test_a_released_dinov2_linear_head_predicts_as_the_official_classifier(tmp_path, blocks):
+    """A released ImageNet-1k linear head (.pth: weight (1000, (1 + n) D), bias) applied as the official
+    hub's `_LinearClassifierWrapper` computes: the normed CLS of the last n blocks, then the last block's
+    mean normed patch token, at 224 px (resize 256, centre crop), into 1000 ImageNet classes."""
+    from PIL import Image
+    from torchvision.models import ResNet50_Weights
+
+    from dinokit import create_model, export_model
+    from dinokit.data.transforms import eval_transform
+
+    imagenet = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    assert len(imagenet) == 1000 and imagenet[0] == "tench" and imagenet[999] == "toilet tissue"
+    torch.manual_seed(0)
+    net = create_model("vit_micro_p4").eval()  # 96 wide, 4 blocks
+    weights = export_model(net, tmp_path / "micro.safetensors")
+    head = {"weight": torch.randn(1000, (1 + blocks) * 96), "bias": torch.randn(1000)}
+    torch.save(head, tmp_path / "my_head.pth")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (40 + 10 * i, 50, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    args = ["predict", "classification", f"head={tmp_path / 'my_head.pth'}", f"model={weights}"]
+    out = tmp_path / "p.json"
+    assert main([*args, f"images={tmp_path}", f"out={out}", "k=3", "num_workers=0", "precision=fp32"]) == 0
+    rows = {Path(r["path"]).name: r["predictions"] for r in json.loads(out.read_text())}
+
+    transform = eval_transform(224, reduced_decode=False)
+    for name, predicted in rows.items():
+        x = transform(Image.open(tmp_path / name).convert("RGB"))[None]
+        with torch.no_grad():
+            if blocks == 1:
+                f = net.forward_features(x)
+                inputs = torch.cat([f["x_norm_clstoken"], f["x_norm_patchtokens"].mean(dim=1)], dim=1)
+            else:
+                layers = net.get_intermediate_layers(x, n=4, return_class_token=True)
+                inputs = torch.cat([*(cls for _, cls in layers), layers[3][0].mean(dim=1)], dim=1)
+            probs, top = torch.nn.functional.linear(inputs, head["weight"], head["bias"]).softmax(-1).topk(3)
+        assert [p["class"] for p in predicted] == [imagenet[i] for i in top[0].tolist()]
+        assert np.allclose([p["probability"] for p in predicted], probs[0].numpy(), atol=1e-4)
+
+
+def test_released_linear_heads_by_name_and_what_a_wrong_one_is_told(tmp_path, monkeypatch):
+    from dinokit import create_model, export_model
+    from dinokit.errors import DinokitError
+    from dinokit.eval.heads import official_linear_head
+    from dinokit.models import hub
+
+    assert hub.official_head_url("dinov2_vitb14_reg_linear4_head") == (
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_linear4_head.pth"
+    )
+    assert hub.official_head_url("dinov2_vits14_linear_head").endswith("/dinov2_vits14/dinov2_vits14_linear_head.pth")
+    assert hub.head_backbone("/downloads/dinov2_vitl14_reg4_linear_head.pth") == "dinov2_vitl14_reg"
+    assert hub.official_head_url("dinov2_vits14") is None and hub.head_backbone("head.pth") is None
+
+    weights = export_model(create_model("vit_micro_p4"), tmp_path / "micro.safetensors")
+    torch.save({"weight": torch.zeros(1000, 3 * 96), "bias": torch.zeros(1000)}, tmp_path / "three.pth")
+    with pytest.raises(DinokitError, match=r"not a DINOv2 linear head for model=.*weight \(1000, 288\)"):
+        official_linear_head(str(tmp_path / "three.pth"), str(weights), "cpu")
+    with pytest.raises(DinokitError, match="pass the backbone it was trained on as model="):
+        official_linear_head(str(tmp_path / "three.pth"), None, "cpu")
+
+    def offline(url, dst, progress=True):
+        raise OSError("network unreachable")
+
+    monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("torch.hub.download_url_to_file", offline)
+    with pytest.raises(DinokitError, match=r"offline.*head=/path/to/dinov2_vits14_linear4_head.pth"):
+        official_linear_head("dinov2_vits14_linear4_head", str(weights), "cpu")

@@ -343,7 +343,9 @@ def predict_classification(
 
     head: a classification head file, `linear_head.safetensors` of `dinokit eval linear` or
     `classifier.safetensors` of `dinokit finetune` (or the out folder holding it); its backbone,
-    transform and classes come with it.
+    transform and classes come with it. Or a released DINOv2 ImageNet-1k linear head: a name such as
+    dinov2_vits14_linear4_head / dinov2_vitb14_reg_linear_head (downloaded once, with its backbone) or
+    its .pth file (model= its backbone, unless the file keeps its released name).
     images: an image, a folder (recursive) or a list file. model: where the head's backbone is now, if
     it moved (its weights must be the ones the head was trained on). out: .csv (path, class,
     probability, then class_2, probability_2, ... class_k, probability_k) or .json ([{"path": ...,
@@ -351,7 +353,13 @@ def predict_classification(
     and counted. Returns the path of `out`.
     """
     from dinokit.data.images import check_readable, list_images
-    from dinokit.eval.heads import backbone_for_head, head_inputs, load_head_file
+    from dinokit.eval.heads import (
+        backbone_for_head,
+        head_inputs,
+        is_official_linear_head,
+        load_head_file,
+        official_linear_head,
+    )
     from dinokit.eval.linear import classifier_logits
 
     if not isinstance(k, int) or k < 1:
@@ -360,10 +368,13 @@ def predict_classification(
     if out_path.suffix.lower() not in PREDICTION_FORMATS:
         raise DinokitError(f"out={out} must end in .csv or .json (the format of the predictions file)")
     prepare_output(out_path, example="predictions.csv", create=False)
-    head_file = head_in_folder(head)
-    state, meta = load_head_file(head_file, "classification")
+    if is_official_linear_head(head):
+        state, meta, backbone = official_linear_head(head, model, device)
+    else:
+        head_file = head_in_folder(head)
+        state, meta = load_head_file(head_file, "classification")
+        backbone = backbone_for_head(meta, model, device, head_file)
     classes = meta["classes"]
-    backbone = backbone_for_head(meta, model, device, head_file)
     dev = next(backbone.model.parameters()).device
     weight, bias = state["weight"].to(dev), state["bias"].to(dev)
     paths = list_images(images)

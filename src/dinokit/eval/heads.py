@@ -5,6 +5,10 @@ of the backbone it was trained on (`model`, its `weights_hash`), the input resol
 feed it and its `task` ("segmentation", "depth" or "classification") with the task's own facts
 (classes, ignore index, depth range, ...). `dinokit predict <task> head=FILE` reads it back, loads that
 backbone (or `model=`) and refuses one whose weights differ from those the head was trained on.
+
+The released DINOv2 ImageNet-1k linear heads (the official hub's `dinov2_vits14_lc` ... heads, a
+plain .pth of `weight` (1000, (1 + n) D) and `bias`, n = 1 or 4 blocks) are read too
+(`official_linear_head`): with the blocks, transform and ImageNet classes they were trained with.
 """
 
 import json
@@ -74,6 +78,66 @@ def load_head_file(path: str | Path, task: str | None = None) -> tuple[dict[str,
         fix = f"{use}pass a {task} head ({writer} writes one)"
         raise DinokitError(f"{path} is a {other} head, not a {task} head: {fix}")
     return state, meta
+
+
+def is_official_linear_head(head: str | Path) -> bool:
+    """A released head name (dinov2_vits14_linear4_head, ...) or a .pth / .pt file (dinokit's head
+    files are safetensors)."""
+    from dinokit.models.hub import official_head_url
+
+    return official_head_url(str(head)) is not None or Path(head).suffix in (".pth", ".pt")
+
+
+def official_linear_head(head: str, model: str | None, device: str) -> tuple[dict[str, torch.Tensor], dict, Backbone]:
+    """(tensors, metadata as a head file's, backbone) of a released DINOv2 ImageNet-1k linear head,
+    a released name (downloaded once) or its .pth. As the official `_LinearClassifierWrapper`: the
+    input is the normed CLS of the last n blocks, then the mean of the last block's normed patch
+    tokens, at 224 px (resize 256, centre crop); the 1000 classes are ImageNet-1k's in index order
+    (torchvision's names). model: its backbone; by default the released backbone the name says."""
+    from torchvision.models import ResNet50_Weights  # its meta holds the ImageNet-1k class names, in order
+
+    from dinokit.models.hub import _download_url, head_backbone, official_head_url
+
+    url = official_head_url(head)
+    path = _download_url(head, url, key="head") if url is not None and not Path(head).exists() else Path(head)
+    model = model or head_backbone(head)
+    if model is None:
+        raise DinokitError(
+            f"{head} is a .pth head whose name is not a released head's: pass the backbone it was trained "
+            "on as model=... (e.g. model=dinov2_vits14 for dinov2_vits14_linear4_head.pth)"
+        )
+    if not path.is_file():
+        raise DinokitError(f"head file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # damaged, or a pickle of more than tensors
+        raise DinokitError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
+    backbone = prepare_backbone(model, device, 0)
+    dim, depth = backbone.model.embed_dim, len(backbone.model.blocks)
+    weight = state.get("weight") if isinstance(state, dict) else None
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
+    blocks = shape[1] // dim - 1 if shape is not None and len(shape) == 2 and shape[1] % dim == 0 else None
+    if set(state) != {"weight", "bias"} or shape is None or shape[0] != 1000 or blocks not in (1, 4):
+        found = f"weight {shape}" if shape is not None else f"keys {sorted(state)[:5]}"
+        raise DinokitError(
+            f"{path} is not a DINOv2 linear head for model={model} (embed dim {dim}): a released head holds "
+            f"weight (1000, 2 x {dim} or 5 x {dim}) and bias (1000,), this file {found}. Pass the backbone "
+            "the head was released with as model=..., or a dinokit head file (eval linear / finetune)"
+        )
+    meta = {
+        "task": "classification",
+        "model": model,
+        "weights_hash": backbone.hash,
+        "image_size": 224,
+        "resize_policy": "center_crop",
+        "layers": list(range(depth - blocks, depth)),
+        "norm": True,
+        "n_last_blocks": blocks,
+        "avgpool": True,
+        "classes": list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"]),
+        "official_head": str(path),
+    }
+    return state, meta, backbone
 
 
 def head_inputs(backbone: Backbone, paths: list[Path], meta: dict, which: tuple[str, ...], transform, **loader):

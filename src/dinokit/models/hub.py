@@ -37,6 +37,28 @@ def official_url(name: str) -> str | None:
     return None
 
 
+def head_backbone(name: str) -> str | None:
+    """The released backbone name of a released ImageNet-1k linear head, named `<backbone>_linear_head`
+    (on the last block) or `<backbone>_linear4_head` (last 4 blocks), e.g. dinov2_vits14_reg_linear4_head,
+    or its file's name (dinov2_vits14_reg4_linear4_head.pth); else None."""
+    for suffix in ("_linear4_head", "_linear_head"):
+        stem = Path(name).name.removesuffix(".pth")
+        backbone = stem.removesuffix(suffix).replace("_reg4", "_reg")
+        if stem.endswith(suffix) and backbone in HF_NAMES:
+            return backbone
+    return None
+
+
+def official_head_url(name: str) -> str | None:
+    """Download URL of a released linear head name (`head_backbone`), else None."""
+    backbone = head_backbone(name)
+    if backbone is None or Path(name).suffix:  # a file name is a local file, not a name to download
+        return None
+    base, layers = backbone.removesuffix("_reg"), "4" if name.endswith("_linear4_head") else ""
+    full = f"{base}_reg4" if backbone.endswith("_reg") else base
+    return f"{_OFFICIAL}/dinov2/{base}/{full}_linear{layers}_head.pth"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DINOKIT_CACHE", Path.home() / ".cache" / "dinokit"))
 
@@ -87,26 +109,36 @@ def looks_local(path: Path) -> bool:
 
 
 def _offline_error(
-    name: str, where: str, error: Exception, cached_as: Path | None = None, hint: str = ""
+    name: str, where: str, error: Exception, cached_as: Path | None = None, hint: str = "", key: str = "model"
 ) -> DinokitError:
     """The download failed: say how to go on without a connection. `cached_as`: the file the name is
     looked up as before any download, where a copy makes the name itself work offline; `hint` ends
-    the message (a likely misspelling)."""
+    the message (a likely misspelling); `key`: the command-line key that takes the local file."""
     keep_name = (
         f" Or copy the file to {cached_as}, where {name!r} is looked up before any download, and the name works."
         if cached_as is not None
         else ""
     )
+    example = (
+        "e.g. dinokit.load_model('/path/to/file.pth') or model=/path/to/file.pth on the command line (any "
+        "official .pth, Hugging Face folder, timm or dinokit file works)"
+        if key == "model"
+        else f"e.g. {key}=/path/to/{url_name(where)} on the command line"
+    )
     return DinokitError(
         f"Could not download {name!r} from {where} ({type(error).__name__}: {error}). This machine may be "
         f"offline. Download the weights where there is a connection, copy them here and pass the local "
-        f"path instead, e.g. dinokit.load_model('/path/to/file.pth') or model=/path/to/file.pth on the "
-        f"command line (any official .pth, Hugging Face folder, timm or dinokit file works).{keep_name}{hint}"
+        f"path instead, {example}.{keep_name}{hint}"
     )
 
 
-def _download_url(name: str, url: str) -> Path:
-    target = cache_dir() / url.rsplit("/", 1)[-1]
+def url_name(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def _download_url(name: str, url: str, key: str = "model") -> Path:
+    """The cached file of `url` (downloaded once); offline, an error naming `key` for a local copy."""
+    target = cache_dir() / url_name(url)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +147,7 @@ def _download_url(name: str, url: str) -> Path:
     try:
         torch.hub.download_url_to_file(url, str(target), progress=True)
     except Exception as e:  # urllib raises URLError, socket errors, HTTP errors...
-        raise _offline_error(name, url, e, cached_as=target) from None
+        raise _offline_error(name, url, e, cached_as=target, key=key) from None
     return target
 
 
