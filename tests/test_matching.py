@@ -12,6 +12,7 @@ from dinokit.errors import DinokitError
 from dinokit.maps.commands import DRAWN_SIDE, joint_heat_overlays, model_input
 from dinokit.maps.matching import best_match_similarity, cosine_matrix, match_patches
 from dinokit.maps.pca import patch_features, pca_rgb
+from dinokit.maps.render import matches_figure
 from dinokit.maps.similarity import patch_to_pixel, pixel_to_patch
 from tests.conftest import perturb_scales_and_norms
 
@@ -328,3 +329,25 @@ def test_large_photos_are_drawn_at_the_figure_size_with_the_lines_on_their_patch
     original = np.array([p["other"] for p in saved["matches"]])
     assert np.allclose(xy_shown, original * DRAWN_SIDE / 3200, atol=0.01)
     assert np.allclose(xy_small, [p["image"] for p in saved["matches"]], atol=0.01)  # small: as it is
+
+
+def test_the_colour_bar_of_one_match_is_readable():
+    """One match (or cosines 1e-6 apart) gave a colour bar of lo..lo + 1e-6 labelled as an offset
+    ('1e-6+5.2558e-1') plus ticks 1.2 .. 2.0; the bar now spans at least 0.01 about the values, in
+    plain numbers."""
+    rgb = np.zeros((8, 12, 3), dtype=np.uint8)
+    points = (np.array([[2.0, 2.0]]), np.array([[6.0, 6.0]]))
+    below = [("a", rgb), ("b", rgb)]
+    fig = matches_figure((rgb, rgb), points, np.array([0.5255811]), below, "t", (0.3, 0.3 + 1e-7, "best"))
+    fig.canvas.draw()
+    bars = [ax for ax in fig.axes if ax.get_ylabel() in ("cosine similarity", "best")]
+    assert len(bars) == 2
+    for bar, value in zip(bars, [0.5255811, 0.3], strict=True):
+        lo, hi = bar.get_ylim()
+        assert np.isclose(hi - lo, 0.01) and np.isclose((lo + hi) / 2, value + (5e-8 if value == 0.3 else 0))
+        assert bar.yaxis.get_major_formatter().get_offset() == ""
+        assert all(
+            lo - 2e-3 <= float(t.get_text().replace("\u2212", "-")) <= hi + 2e-3
+            for t in bar.get_yticklabels()
+            if t.get_text()
+        )

@@ -133,27 +133,41 @@ def matches_figure(
     ax.imshow(canvas)
     values = np.asarray(values, dtype=np.float64)
     lo, hi = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
-    norm = Normalize(lo, hi if hi > lo else lo + 1e-6)
+    norm = readable_norm(lo, hi)
     if len(values):
         start = np.asarray(points[0], dtype=np.float64)
         end = np.asarray(points[1], dtype=np.float64) * scale + [left.shape[1], 0]
         colours = colormaps[cmap](norm(values))
         ax.add_collection(LineCollection(np.stack([start, end], axis=1), colors=colours, linewidths=0.8))
         ax.scatter(*np.concatenate([start, end]).T, s=4, c=np.concatenate([colours, colours]))
-    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, shrink=0.8, label="cosine similarity")
+    plain_ticks(fig.colorbar(ScalarMappable(norm, cmap), ax=ax, shrink=0.8, label="cosine similarity"))
     for k, (name, picture) in enumerate(below):
         axes[f"below{k}"].imshow(picture)
         axes[f"below{k}"].set_title(name, fontsize=8)
     if below_bar is not None:
         lo, hi, label = below_bar
         row = [axes[f"below{k}"] for k in range(len(below))]
-        fig.colorbar(
-            ScalarMappable(Normalize(lo, hi if hi > lo else lo + 1e-6), "inferno"), ax=row, shrink=0.8, label=label
-        )
+        plain_ticks(fig.colorbar(ScalarMappable(readable_norm(lo, hi), "inferno"), ax=row, shrink=0.8, label=label))
     for a in axes.values():
         a.axis("off")
     fig.suptitle(title, fontsize=9)
     return fig
+
+
+def readable_norm(lo: float, hi: float, span: float = 0.01) -> Normalize:
+    """A colour bar's range lo..hi, widened about its middle to at least `span`: a single value (one
+    match) or values 1e-6 apart gave a bar of offset ticks ('1e-6+5.2558e-1') and colours that made
+    equal cosines look different."""
+    if hi - lo < span:
+        middle = (lo + hi) / 2
+        lo, hi = middle - span / 2, middle + span / 2
+    return Normalize(lo, hi)
+
+
+def plain_ticks(colorbar) -> None:
+    """Tick labels as the values themselves, never as an offset ('1e-6+5.2558e-1') plus small numbers."""
+    colorbar.formatter.set_useOffset(False)
+    colorbar.update_ticks()
 
 
 def thumbnail(path: str | Path, size: int) -> Image.Image:
