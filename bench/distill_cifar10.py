@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "src"))
 from learn_cifar10 import cifar10  # noqa: E402
 
 from dinokit.data.labelled import read_labelled  # noqa: E402
-from dinokit.demo import knn_top1  # noqa: E402
+from dinokit.eval.knn import knn_top1  # noqa: E402
 from dinokit.io import write_json  # noqa: E402
 from dinokit.models import export_model, load_model  # noqa: E402
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig  # noqa: E402

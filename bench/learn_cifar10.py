@@ -39,7 +39,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from dinokit.data.images import list_images, open_rgb  # noqa: E402
 from dinokit.data.labelled import read_labelled  # noqa: E402
-from dinokit.demo import knn_top1, raw_pixel_top1  # noqa: E402
+from dinokit.demo import raw_pixel_top1  # noqa: E402
+from dinokit.eval.knn import knn_top1  # noqa: E402
 from dinokit.io import write_json  # noqa: E402
 from dinokit.models import load_model  # noqa: E402
 from dinokit.train.config import resolve_config  # noqa: E402

@@ -564,3 +564,60 @@ def test_no_logits_are_kept_through_a_backward(tmp_path, monkeypatch, centering)
     data = tiny_images(tmp_path / "data")
     run(data, tmp_path / "run", max_iterations=3, centering=centering, ibot_loss_weight=1.0)
     assert len(logits) == 3 * 4 and backwards == [0, 0, 0]  # per step: teacher and student, CLS and patches
+
+
+def test_the_knn_monitor_logs_the_teachers_knn_and_leaves_training_as_it_is(tmp_path):
+    """knn_every=2: rows {iteration, knn_top1, knn_seconds} at iterations 2 and 4 and at the end (5);
+    the last equals `dinokit eval knn` (k 20) on the exported backbone at the same size and precision;
+    the run's weights equal those of the same run without the monitor."""
+    from dinokit.data.synthetic import write_classification_set
+
+    data = tiny_images(tmp_path / "data")
+    for split, seed in (("train", 3), ("val", 4)):
+        write_classification_set(tmp_path / "labelled", per_class=4, size=16, seed=seed, split=split)
+    knn = {"knn_train": str(tmp_path / "labelled" / "train"), "knn_val": str(tmp_path / "labelled" / "val")}
+    summary = run(data, tmp_path / "with", max_iterations=5, knn_every=2, precision="fp32", **knn)
+    run(data, tmp_path / "without", max_iterations=5, precision="fp32")
+    rows = [row for row in read_metrics(tmp_path / "with" / "metrics.jsonl") if "knn_top1" in row]
+    assert [row["iteration"] for row in rows] == [2, 4, 5]
+    assert summary["knn_top1"] == round(rows[-1]["knn_top1"], 2)
+    weights = [load_file(tmp_path / name / "backbone.safetensors") for name in ("with", "without")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
+
+    out = tmp_path / "eval"
+    dinokit.cli.main(
+        [
+            "eval",
+            "knn",
+            f"model={tmp_path / 'with' / 'backbone.safetensors'}",
+            *(f"{k[4:]}={v}" for k, v in knn.items()),
+            f"out={out}",
+            "image_size=16",
+            "precision=fp32",
+            "num_workers=0",
+            "cache=off",
+            "ks=[20]",
+        ]
+    )
+    assert json.loads((out / "knn.json").read_text())["top1"]["20"] == pytest.approx(rows[-1]["knn_top1"], abs=1e-6)
+
+
+def test_the_knn_monitor_needs_its_data_and_may_change_on_resume(tmp_path):
+    data = tiny_images(tmp_path / "data")
+    with pytest.raises(DinokitError, match=r"knn_every needs knn_train=\.\.\. and knn_val="):
+        run(data, tmp_path / "a", max_iterations=2, knn_every=1)
+    with pytest.raises(DinokitError, match="knn_image_size"):
+        run(
+            data,
+            tmp_path / "b",
+            max_iterations=2,
+            knn_every=1,
+            knn_train=str(data),
+            knn_val=str(data),
+            knn_image_size=15,
+        )
+    run(data, tmp_path / "c", max_iterations=2)
+    summary = run(
+        data, tmp_path / "c", max_iterations=4, resume=True, knn_every=2, knn_train=str(data), knn_val=str(data)
+    )
+    assert summary["iterations"] == 4 and "knn_top1" in summary

@@ -19,6 +19,7 @@ from pretrain_helpers import TINY, run_torchrun, tiny_images
 
 import dinokit
 from dinokit import distributed as dist
+from dinokit.data.synthetic import write_classification_set
 from dinokit.losses import EMACenter, sinkhorn_knopp
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
 from dinokit.train.metrics_log import read_metrics
@@ -58,9 +59,12 @@ def worker(rank: int, port: int, data: str, out: str, results: str, bad_data: st
     trainer = Trainer(cfg, data, Path(out), "dinov2_vits14", device, resuming)
     trainer.run()
     torch.save({k: v.clone() for k, v in trainer.model.teacher.state_dict().items()}, f"{results}/teacher{rank}.pt")
-    # an FSDP2 run
+    # an FSDP2 run, with the k-NN monitor every 3 iterations (which must leave training as it is)
     fsdp_out = Path(out).with_name("fsdp")
-    cfg, _ = run_config(fsdp_out, "dinov2_vits14", {**keys, "max_iterations": 6, "batch_size": 4, "fsdp": True}, False)
+    labelled = Path(out).with_name("labelled")
+    knn = {"knn_every": 3, "knn_train": str(labelled / "train"), "knn_val": str(labelled / "val")}
+    given = {**keys, "max_iterations": 6, "batch_size": 4, "fsdp": True, **knn}
+    cfg, _ = run_config(fsdp_out, "dinov2_vits14", given, False)
     Trainer(cfg, data, fsdp_out, "dinov2_vits14", device, False).run()
     # a run over 2 unreadable files, which both processes meet (in different passes), then resumed
     bad_out = Path(out).with_name("bad_files_run")
@@ -78,6 +82,8 @@ def ddp_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     data = tiny_images(root / "data")
     (root / "results").mkdir()
+    for split, seed in (("train", 0), ("val", 1)):  # the FSDP run's k-NN monitor data
+        write_classification_set(root / "labelled", per_class=3, size=16, seed=seed, split=split)
     bad_data = tiny_images(root / "bad_data")
     for name in ("empty.png", "text.png"):
         (bad_data / "circle" / name).write_bytes(b"" if name == "empty.png" else b"not an image")
@@ -136,8 +142,13 @@ def test_unreadable_files_are_counted_once_over_processes_and_after_resume(ddp_r
 
 def test_fsdp_run_equals_the_ddp_run(ddp_run):
     """The same 6 iterations sharded (FSDP2) and replicated (DDP) end in the same teacher: the
-    teacher's heads and embeddings follow the EMA under FSDP too (they went stale without a reshard)."""
+    teacher's heads and embeddings follow the EMA under FSDP too (they went stale without a reshard).
+    The FSDP run also ran the k-NN monitor at iterations 3 and 6 (its teacher's forward outside the
+    step, the RNG forked): training is the same for it."""
     root, _ = ddp_run
+    knn_rows = [row for row in read_metrics(root / "fsdp" / "metrics.jsonl") if "knn_top1" in row]
+    assert [row["iteration"] for row in knn_rows] == [3, 6]
+    assert all(0 <= row["knn_top1"] <= 100 and row["knn_seconds"] >= 0 for row in knn_rows)
     ddp = torch.load(root / "results" / "teacher0.pt", weights_only=True)
     fsdp = load_checkpoint(root / "fsdp" / "checkpoints" / "checkpoint_00000006.pt")["model"]
     for key, value in ddp.items():

@@ -29,8 +29,7 @@ from dinokit.data.labelled import read_labelled
 from dinokit.data.synthetic import SHAPES, render_scene
 from dinokit.data.transforms import eval_transform, normalize
 from dinokit.errors import DinokitError
-from dinokit.eval.knn import knn_classify, topk_accuracy
-from dinokit.features.extract import extract_features
+from dinokit.eval.knn import knn_classify, knn_top1, topk_accuracy
 from dinokit.io import atomic_write
 from dinokit.models import load_model
 from dinokit.train.config import resolve_config
@@ -99,18 +98,6 @@ def prepare_data(out: Path, data: str | None) -> dict:
         source=source,
         listing=listing,
     )
-
-
-def knn_top1(model, data: dict, size: int) -> float:
-    """Weighted k-NN top-1 (k = 20, T = 0.07) of data["test"] against data["train"] on CLS features
-    (images resized to `size`); data holds the paths, their labels and "classes"."""
-    transform = eval_transform(size, resize_policy="resize")
-    options = dict(batch_size=256, num_workers=0, progress=False)
-    bank, kept_bank, _ = extract_features(model, data["train"], transform, **options)
-    queries, kept_queries, _ = extract_features(model, data["test"], transform, **options)
-    bank_labels = torch.tensor(data["train_labels"])[kept_bank]
-    scores = knn_classify(bank["cls"], bank_labels, queries["cls"], len(data["classes"]), ks=(20,), temperature=0.07)
-    return topk_accuracy(scores[20], torch.tensor(data["test_labels"])[kept_queries])
 
 
 def raw_pixel_top1(data: dict, size: int) -> float:

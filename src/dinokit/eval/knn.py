@@ -128,6 +128,31 @@ def knn_classify(
     return knn_scores(sims, bank_labels[idx], num_classes, ks, temperature)
 
 
+def knn_top1(
+    model,
+    data: dict,
+    size: int,
+    resize_policy: str = "resize",
+    precision: str = "bf16",
+    batch_size: int = 256,
+    num_workers: int = 0,
+) -> float:
+    """Weighted k-NN top-1 (k = 20, T = 0.07) of data["test"] against data["train"] on the model's
+    CLS features at `size` px (`eval_transform(size, resize_policy)`); data holds the paths
+    ("train", "test"), their labels ("train_labels", "test_labels") and "classes". Unreadable files
+    are left out of both sides. The DINO protocol of `dinokit eval knn`, without its feature cache."""
+    from dinokit.data.transforms import eval_transform
+    from dinokit.features.extract import extract_features
+
+    transform = eval_transform(size, resize_policy)
+    options = dict(batch_size=batch_size, num_workers=num_workers, precision=precision, progress=False)
+    bank, kept_bank, _ = extract_features(model, data["train"], transform, **options)
+    queries, kept_queries, _ = extract_features(model, data["test"], transform, **options)
+    bank_labels = torch.tensor(data["train_labels"])[kept_bank]
+    scores = knn_classify(bank["cls"], bank_labels, queries["cls"], len(data["classes"]), ks=(20,), temperature=0.07)
+    return topk_accuracy(scores[20], torch.tensor(data["test_labels"])[kept_queries])
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     """Percent of queries whose label is among the k highest scores (micro average)."""
     k = min(k, scores.shape[1])

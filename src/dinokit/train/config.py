@@ -112,6 +112,12 @@ class PretrainConfig:
     fsdp: bool = False  # FSDP2 fully_shard (with torchrun) instead of DDP
     compile: bool = False  # torch.compile the backbone blocks
     reuse_freed_memory: bool = True  # CPU: keep freed memory for reuse (faster steps, more peak memory; runtime.py)
+    # ---- k-NN monitor: top-1 (k 20, T 0.07, as `dinokit eval knn`) of the teacher on labelled data,
+    # knn_val against knn_train (folders of <class>/ images or path,label CSVs), logged as knn_top1
+    knn_every: int = 0  # iterations (0 = off); also at the end of the run
+    knn_train: str | None = None
+    knn_val: str | None = None
+    knn_image_size: int = 0  # 0: global_crops_size
     # ---- run folder
     checkpoint_every: int = 1000  # iterations (0 = off)
     checkpoint_every_minutes: float = 30.0  # 0 = off
@@ -248,6 +254,13 @@ def validate(c: PretrainConfig) -> None:
             "set at least one of epochs, max_iterations, max_minutes",
         ),
         (0 <= c.warmup <= 1 and 0 <= c.teacher_temp_warmup <= 1, "warmup fractions must lie in [0, 1]"),
+        (c.knn_every >= 0, f"knn_every must be >= 0 iterations (0: no k-NN monitor), got {c.knn_every}"),
+        (
+            not c.knn_every or (c.knn_train and c.knn_val),
+            "knn_every needs knn_train=... and knn_val=... (labelled folders or path,label CSVs: the bank and the "
+            "images it classifies)",
+        ),
+        (c.knn_image_size >= 0, f"knn_image_size must be >= 0 (0: global_crops_size), got {c.knn_image_size}"),
         *value_checks(c),
     ]
     require(checks)

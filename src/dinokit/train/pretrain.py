@@ -33,6 +33,7 @@ from dinokit.data.unlabelled import (
 )
 from dinokit.errors import DinokitError, SharedError
 from dinokit.eval.backbone import weights_hash
+from dinokit.eval.knn import knn_top1
 from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs
 from dinokit.models import create_model, load_model
 from dinokit.models.architectures import nearest_architecture
@@ -76,6 +77,10 @@ RESUMABLE_KEYS = {
     "fsdp",
     "compile",
     "reuse_freed_memory",
+    "knn_every",  # the k-NN monitor only reads the teacher
+    "knn_train",
+    "knn_val",
+    "knn_image_size",
 }
 
 
@@ -265,6 +270,30 @@ def export_backbone(model: SelfDistillation, path: Path, fsdp_state: dict | None
 
 
 # ---------------------------------------------------------------------------------------------- data
+def knn_monitor_data(cfg: PretrainConfig, patch_size: int) -> dict | None:
+    """The k-NN monitor's labelled images (`knn_top1`'s data: knn_train as the bank, knn_val classified
+    with its classes) and image size, read and checked before training starts; None where it is off."""
+    if not cfg.knn_every:
+        return None
+    from dinokit.data.labelled import read_labelled
+    from dinokit.data.transforms import check_image_size
+
+    size = cfg.knn_image_size or cfg.global_crops_size
+    check_image_size(size, patch_size, "knn_image_size")
+    train, train_labels, classes = read_labelled(cfg.knn_train)
+    val, val_labels, _ = read_labelled(cfg.knn_val, classes=classes, reference=cfg.knn_train)
+    check_readable(train, cfg.knn_train)
+    check_readable(val, cfg.knn_val)
+    return {
+        "train": train,
+        "train_labels": train_labels,
+        "test": val,
+        "test_labels": val_labels,
+        "classes": classes,
+        "size": size,
+    }
+
+
 def data_fingerprint(paths: list[Path], data: str) -> dict:
     """{"images": N, "sha256": hash of the paths relative to the data folder (or list file's folder)}:
     the same files give the same fingerprint wherever the dataset is mounted."""
@@ -531,6 +560,7 @@ class Trainer:
                 self.dataset = MultiCropDataset(
                     self.paths, self.augmentation, seed=cfg.seed, min_side=self.augmentation.decode_min_side
                 )
+            self.knn_data = knn_monitor_data(cfg, self.model.student.backbone.patch_size)
         self.schedules = Schedules(
             lr=scale_lr(cfg.lr, self.global_batch, cfg.lr_scaling),
             min_lr=cfg.min_lr,
@@ -547,6 +577,7 @@ class Trainer:
         )
         self.iteration, self.samples_seen, self.elapsed = 0, 0, 0.0
         self.counters = {"skipped_steps": 0, "bad_files": 0}
+        self.last_knn: float | None = None  # the k-NN monitor's latest top-1
         self.bad_paths: set[str] = set()  # the same on every process, as of the last share_bad_files
         self.unshared_bad: set[str] = set()  # met by this process since then
         if self.checkpoint is not None:  # full model state, before any sharding
@@ -856,6 +887,8 @@ class Trainer:
                             log.write(row)
                             bar.set_postfix(progress_postfix(row))
                             warned_collapse = self.warn_collapse(row, warned_collapse)
+                if cfg.knn_every and self.iteration % cfg.knn_every == 0:
+                    start += self.log_knn(log, bar)  # its minutes are not training's: out of the time budget
                 due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
                 minutes = cfg.checkpoint_every_minutes
                 due_time = minutes and time.perf_counter() - last_save_time >= 60.0 * minutes
@@ -867,6 +900,8 @@ class Trainer:
                 with dist.compare_errors():
                     if self.main:
                         log.write(last_row)
+            if cfg.knn_every and stopped_by is None and self.iteration % cfg.knn_every:  # the final teacher's
+                self.log_knn(log, bar)
         finally:
             stop.restore()
             bar.close()
@@ -888,10 +923,40 @@ class Trainer:
             "last_metrics": last_row,
             "bad_files": self.counters["bad_files"],
             "skipped_steps": self.counters["skipped_steps"],
+            **({"knn_top1": self.last_knn} if self.last_knn is not None else {}),
         }
         if self.main:
             print(f"pretrain: done, {summary['iterations']} iterations ({summary['epochs']} epochs) -> {backbone}")
         return summary
+
+    def log_knn(self, log: MetricsLog | None, bar) -> float:
+        """The k-NN monitor: top-1 of knn_val against knn_train on the teacher backbone's CLS (`knn_top1`,
+        center crop at knn_image_size, the training precision), written as a metrics row {iteration,
+        knn_top1, knn_seconds} and printed. Every process computes it (a sharded teacher's forward needs
+        them all); the random number generators are left as they were, so training is unchanged.
+        Returns the seconds it took."""
+        started = time.perf_counter()
+        backbone = self.model.teacher.backbone
+        cuda = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            top1 = knn_top1(
+                backbone,
+                self.knn_data,
+                self.knn_data["size"],
+                resize_policy="center_crop",
+                precision=self.cfg.precision,
+                num_workers=min(self.cfg.num_workers, 2),
+            )
+        self.model.train()  # extract_features put the teacher in eval mode
+        if self.fsdp:  # free the gathered parameters, as after the step's teacher forward
+            reshard_teacher(self.model)
+        seconds = time.perf_counter() - started
+        self.last_knn = round(top1, 2)
+        with dist.compare_errors():
+            if self.main:
+                log.write({"iteration": self.iteration, "knn_top1": top1, "knn_seconds": round(seconds, 2)})
+                bar.write(f"pretrain: iteration {self.iteration}: k-NN top-1 {top1:.2f}% ({seconds:.1f} s)")
+        return seconds
 
     def should_log_last(self, elapsed: float) -> bool:
         stop = self.length["stop_iteration"]
