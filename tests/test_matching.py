@@ -12,7 +12,7 @@ from dinokit.errors import DinokitError
 from dinokit.maps.commands import DRAWN_SIDE, joint_heat_overlays, model_input
 from dinokit.maps.matching import best_match_similarity, cosine_matrix, match_patches
 from dinokit.maps.pca import patch_features, pca_rgb
-from dinokit.maps.render import matches_figure
+from dinokit.maps.render import colorize, matches_figure, overlay
 from dinokit.maps.similarity import patch_to_pixel, pixel_to_patch
 from tests.conftest import perturb_scales_and_norms
 
@@ -299,6 +299,10 @@ def test_best_match_maps_share_one_colour_scale(files, capsys, monkeypatch):
     assert scale == (0.3, 0.9)
     assert np.array_equal(left[:, -1], right[:, 0])  # 0.5 at A's right edge and at B's left edge: one colour
     assert not np.array_equal(left[:, 0], right[:, -1])  # 0.3 and 0.9
+    (low, high), scale = joint_heat_overlays(grey, [np.full((1, 2), 0.9999995), np.full((1, 2), 1.0)])
+    assert np.allclose(scale, (0.99499975, 1.00499975))  # as the colour bar: at least 0.01 wide
+    middle = overlay(grey[0], colorize(np.full((4, 8), 0.5), vmin=0, vmax=1))[0, 0].astype(int)
+    assert all(np.abs(m[0, 0].astype(int) - middle).max() <= 8 for m in (low, high))  # not black and yellow
     root, weights = files
     drawn = {}
     real = dinokit.maps.commands.matches_figure

@@ -34,6 +34,7 @@ from dinokit.maps.render import (
     matches_figure,
     overlay,
     panel_figure,
+    readable_norm,
     save_figure,
     save_png,
     shrink,
@@ -85,9 +86,11 @@ def heat_overlay(
 def joint_heat_overlays(
     rgbs: list[np.ndarray], patch_maps: list[np.ndarray]
 ) -> tuple[list[np.ndarray], tuple[float, float]]:
-    """Each patch map over its photo on ONE colour scale, (lo, hi) = the min and max over all the maps
-    (returned for the colour bar): the same colour is the same value in every picture."""
-    scale = (min(float(m.min()) for m in patch_maps), max(float(m.max()) for m in patch_maps))
+    """Each patch map over its photo on ONE colour scale, (lo, hi) = the min and max over all the maps,
+    widened as the colour bar is (`readable_norm`), and returned for it: the same colour is the same
+    value in every picture and on the bar."""
+    norm = readable_norm(min(float(m.min()) for m in patch_maps), max(float(m.max()) for m in patch_maps))
+    scale = (float(norm.vmin), float(norm.vmax))
     return [heat_overlay(rgb, m, scale=scale) for rgb, m in zip(rgbs, patch_maps, strict=True)], scale
 
 
