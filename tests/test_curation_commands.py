@@ -430,9 +430,12 @@ def test_retrieve_from_a_deduplicated_pool_never_brings_back_a_removed_image(poo
     assert set(selected) == truth and summary["pool_images"] == len(kept) and summary["subset"] == subset
     with pytest.raises(DinokitError, match="subset= applies to pool="):
         retrieve(str(seeds_folder), str(tmp_path / "o2"), clusters=str(tmp_path / "dedup"), subset=subset)
+    # an index folder (pools of millions) with subset= retrieves the same kept images
     build_index(str(folder), str(tmp_path / "index"))
-    with pytest.raises(DinokitError, match="subset= needs pool= a `dinokit embed` folder"):
-        retrieve(str(seeds_folder), str(tmp_path / "o2"), pool=str(tmp_path / "index"), subset=subset)
+    from_index = retrieve(
+        str(seeds_folder), str(tmp_path / "o2"), pool=str(tmp_path / "index"), per_seed=2, subset=subset
+    )
+    assert read_lines(tmp_path / "o2" / "selected.txt") == selected and from_index["pool_images"] == len(kept)
 
 
 def test_subset_is_read_like_any_image_list(pool, tmp_path):

@@ -287,3 +287,33 @@ def test_vectors_too_large_for_the_gpu_are_refused_naming_device_cpu(monkeypatch
     with pytest.raises(DinokitError, match=r"the reference vectors \(0.0 GiB, 150 x 8"):
         free = 4000  # the 3200 bytes of x[:100] would fit
         deduplicate(x[:100], 0.95, reference=unit(np.random.default_rng(1), 150, 8), device="cuda")
+
+
+def test_an_index_pool_with_subset_keeps_deduplicated_copies_of_the_evaluation_set_out(tmp_path):
+    # README: pool= an index folder for pools of millions, and subset=dedup/kept.txt so that copies of the
+    # evaluation set dedup removed do not come back; the two could not be combined (subset= was refused
+    # for an index, naming a fix `dinokit index build` does not have), so an index pool brought the
+    # removed copy of a test image straight back as its seed's nearest neighbour
+    from dinokit.curation.commands import dedup
+    from dinokit.retrieval.commands import build_index
+
+    rng = np.random.default_rng(0)
+    pool, test = unit(rng, 40, 16), unit(rng, 3, 16)
+    pool[7] = test[1]  # a copy of a test image in the pool
+    paths = embedding_folder(tmp_path / "pool", {"cls": pool}, shard=16)
+    embedding_folder(tmp_path / "test", {"cls": test}, paths=[f"/test/t{i}.jpg" for i in range(3)])
+    dedup(str(tmp_path / "pool"), str(tmp_path / "dedup"), reference=str(tmp_path / "test"), device="cpu")
+    kept = (tmp_path / "dedup" / "kept.txt").read_text().splitlines()
+    assert paths[7] not in kept and len(kept) == 39
+    build_index(str(tmp_path / "pool"), str(tmp_path / "index"))
+    summary = retrieve(
+        str(tmp_path / "test"), str(tmp_path / "ret"), pool=str(tmp_path / "index"),
+        subset=str(tmp_path / "dedup" / "kept.txt"), per_seed=3,
+    )  # fmt: skip
+    selected = (tmp_path / "ret" / "selected.txt").read_text().splitlines()
+    cosines = test @ pool.T
+    cosines[:, 7] = -np.inf  # the removed copy
+    truth = sorted({paths[j] for j in np.argsort(-cosines, axis=1)[:, :3].ravel().tolist()})
+    assert selected == truth and summary["pool_images"] == 39
+    hits = json.loads((tmp_path / "ret" / "retrieved.json").read_text())
+    assert [len(h["hits"]) for h in hits] == [3, 3, 3]

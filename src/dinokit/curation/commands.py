@@ -268,9 +268,15 @@ def read_clusters(folder: str | Path) -> tuple[list[Level], list[str], dict]:
 
 
 def select_subset(vectors: np.ndarray, paths: list[str], subset: str, features: str) -> tuple[np.ndarray, list[str]]:
-    """The rows of the images listed in the text file `subset`, in the embedding's order. It is read as
-    `dinokit embed data=` reads a list (one path per line, or `path,label`; relative paths are relative
-    to its folder; `#` comments skipped)."""
+    """The rows of the images listed in the text file `subset`, in the embedding's order (`subset_rows`)."""
+    keep = subset_rows(paths, subset, features)
+    return vectors[keep], [paths[i] for i in keep]
+
+
+def subset_rows(paths: list[str], subset: str, features: str) -> list[int]:
+    """The positions in `paths` (of the embedding or index `features`) of the images listed in the text
+    file `subset`, ascending. It is read as `dinokit embed data=` reads a list (one path per line, or
+    `path,label`; relative paths are relative to its folder; `#` comments skipped)."""
     listing = Path(subset).expanduser()
     if listing.is_dir():
         lists = [f"subset={listing / name}" for name in ("kept.txt", "selected.txt") if (listing / name).is_file()]
@@ -298,7 +304,7 @@ def select_subset(vectors: np.ndarray, paths: list[str], subset: str, features: 
             f"{missing} of the {len(wanted)} images listed in {subset} are not in the embedding {features} "
             f"(e.g. {example}): pass a list made from this embedding (e.g. `dinokit curate dedup`'s kept.txt)"
         )
-    return vectors[keep], [paths[i] for i in keep]
+    return keep
 
 
 def cluster_size_plot(sizes: list[np.ndarray], path: Path) -> None:
@@ -381,14 +387,14 @@ def retrieve(
 ) -> dict:
     """Retrieval-based sampling (DINOv2's LVD-142M): select the pool images closest to a curated seed set.
 
-    seeds: a `dinokit embed` folder of the curated images, embedded like the pool. Then one of:
-    pool: a `dinokit embed` folder of the uncurated images, or an index folder over them (`dinokit
-    index build`; for millions of images an ivf or hnsw one): each seed image takes its `per_seed`
-    nearest pool images (cosine >= min_score, if given), the paper's choice for large seed sets.
-    clusters: a `dinokit curate cluster` folder of the pool: each seed image takes `per_seed` pool
-    images drawn at random (`seed`) from the pool cluster nearest to it, the choice for small seed sets.
-    subset (with pool=): a list of the pool images to search (e.g. `dinokit curate dedup`'s kept.txt),
-    so that images deduplication removed, copies of the evaluation set included, do not come back; a
+    seeds: a `dinokit embed` folder of the curated images, embedded like the pool. Then one of: pool: a
+    `dinokit embed` folder of the uncurated images, or an index folder over them (`dinokit index build`;
+    for millions of images an ivf or hnsw one): each seed image takes its `per_seed` nearest pool images
+    (cosine >= min_score, if given), the paper's choice for large seed sets. clusters: a `dinokit curate
+    cluster` folder of the pool: each seed image takes `per_seed` pool images drawn at random (`seed`)
+    from the pool cluster nearest to it, the choice for small seed sets. subset (with pool=, an embed or
+    an index folder): a list of the pool images to search (e.g. `dinokit curate dedup`'s kept.txt), so
+    that images deduplication removed, copies of the evaluation set included, do not come back; a
     cluster folder holds only the images it clustered already. out: a folder for selected.txt (the
     union, in the pool's order), retrieved.json ([{"seed": path, "hits": [{"path", "score"}, ...]},
     ...], with clusters [{"seed": path, "cluster": c, "hits": [{"path"}, ...]}, ...]: the images drawn
@@ -412,6 +418,7 @@ def retrieve(
         )
     require_examples(num_examples, "retrieved.png")
     seed_vectors, seed_paths, seed_embedding = read_unique_vectors(seeds, feature, "seeds")
+    allowed = None  # pool ids that may be retrieved (an index pool with subset=); None: all
     if clusters is not None:
         levels, pool_paths, meta = read_clusters(clusters)
         if meta.get("feature", feature) != feature:
@@ -436,9 +443,9 @@ def retrieve(
             for p, c, row in zip(seed_paths, seed_clusters.tolist(), hits, strict=True)
         ]
     else:
-        index = pool_index(pool, feature, seed_embedding, seeds, subset)
+        index, allowed = pool_index(pool, feature, seed_embedding, seeds, subset)
         pool_paths = index.paths
-        hits = seed_neighbours(index, seed_vectors, per_seed, min_score)
+        hits = seed_neighbours(index, seed_vectors, per_seed, min_score, allowed=allowed)
         record = [
             {"seed": p, "hits": [{"path": pool_paths[j], "score": round(s, 6)} for j, s in row]}
             for p, row in zip(seed_paths, hits, strict=True)
@@ -460,7 +467,7 @@ def retrieve(
             "per_seed": per_seed,
             "min_score": min_score,
             "seed": seed,
-            "pool_images": len(pool_paths),
+            "pool_images": len(pool_paths) if allowed is None else int(allowed.sum()),  # the subset's
             "seed_images": len(seed_paths),
             "selected": len(selected),
             "embedding": seed_embedding,
@@ -474,28 +481,30 @@ def retrieve(
     return without_embedding(summary)
 
 
-def pool_index(pool: str, feature: str, seeds_embedding: dict, seeds: str, subset: str | None = None) -> FeatureIndex:
-    """A search index over the pool: the index folder itself, or an exact one built over a `dinokit
-    embed` folder (over the images listed in `subset` only, if given); refused if the pool was
-    embedded unlike the seeds."""
+def pool_index(
+    pool: str, feature: str, seeds_embedding: dict, seeds: str, subset: str | None = None
+) -> tuple[FeatureIndex, np.ndarray | None]:
+    """A search index over the pool and which of its ids may be retrieved ((N,) bool; None: all): the
+    index folder itself (with `subset`, the ids of the images listed in it), or an exact one built over
+    a `dinokit embed` folder (over the images listed in `subset` only, if given); refused if the pool
+    was embedded unlike the seeds."""
     if (Path(pool) / INDEX_META).is_file():
-        if subset is not None:
-            raise DinokitError(
-                f"subset= needs pool= a `dinokit embed` folder, and {pool} is an index folder: pass the embed "
-                "folder it was built from, or build an index over the subset's images only"
-            )
         index = FeatureIndex.load(pool)
         if index.meta["feature"] != feature:
             raise DinokitError(
                 f"the index {pool} holds {index.meta['feature']} vectors: pass feature={index.meta['feature']}"
             )
         require_same_embedding(index.meta["embedding"], seeds_embedding, pool, seeds)
-        return index
+        allowed = None
+        if subset is not None:  # e.g. dedup's kept.txt: copies of the evaluation set must not come back
+            allowed = np.zeros(len(index.paths), dtype=bool)
+            allowed[subset_rows(index.paths, subset, pool)] = True
+        return index, allowed
     vectors, paths, embedding = read_unique_vectors(pool, feature, "pool", index_ok=True)
     require_same_embedding(embedding, seeds_embedding, pool, seeds)
     if subset is not None:
         vectors, paths = select_subset(vectors, paths, subset, pool)
-    return FeatureIndex.create(vectors, paths, {}, kind="flat")
+    return FeatureIndex.create(vectors, paths, {}, kind="flat"), None
 
 
 # ----------------------------------------------------------------------------------------- shared

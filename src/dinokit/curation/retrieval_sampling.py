@@ -18,19 +18,33 @@ from dinokit.retrieval.index import FeatureIndex
 
 
 def seed_neighbours(
-    pool: FeatureIndex, seeds: np.ndarray, per_seed: int, min_score: float | None = None
+    pool: FeatureIndex,
+    seeds: np.ndarray,
+    per_seed: int,
+    min_score: float | None = None,
+    allowed: np.ndarray | None = None,
 ) -> list[list[tuple[int, float]]]:
     """Per seed (S, D), its `per_seed` nearest pool images as [(pool id, cosine), ...], most similar
-    first; hits under `min_score` are dropped."""
+    first; hits under `min_score` are dropped. allowed (N,) bool: only those pool ids are retrieved (the
+    search asks for 4 times more neighbours until every seed has per_seed allowed ones, or all N)."""
     per_seed = count_per_seed(per_seed)
-    scores, ids = pool.search(unit_rows(seeds, "seeds", allow_empty=True), per_seed)
+    queries = unit_rows(seeds, "seeds", allow_empty=True)
+    k = per_seed
+    while True:
+        scores, ids = pool.search(queries, k)
+        usable = ids >= 0
+        if allowed is not None:
+            usable &= allowed[np.maximum(ids, 0)]
+        if allowed is None or k >= pool.index.ntotal or (usable.sum(axis=1) >= per_seed).all():
+            break
+        k *= 4
     return [
         [
             (int(j), float(s))
-            for s, j in zip(row_scores, row_ids, strict=True)
-            if j >= 0 and (min_score is None or s >= min_score)
-        ]
-        for row_scores, row_ids in zip(scores, ids, strict=True)
+            for s, j in zip(row_scores[row_usable], row_ids[row_usable], strict=True)
+            if min_score is None or s >= min_score
+        ][:per_seed]
+        for row_scores, row_ids, row_usable in zip(scores, ids, usable, strict=True)
     ]
 
 
