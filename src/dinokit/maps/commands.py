@@ -2,8 +2,10 @@
 
 Each loads a model, reads the images whole (resize_policy 'aspect': short side = image_size, long
 side the nearest multiple of the patch size; or 'resize' to exactly image_size), computes the arrays
-with the functions of this folder, and writes PNGs. Maps from a randomly initialised model mean
-nothing: pass released weights (the default, `dinov2_vits14`, is downloaded once) or your checkpoint.
+with the functions of this folder, and writes PNGs. `model=` is read as the eval commands read it
+(`dinokit.eval.backbone`: files, run folders, released names, `random:<arch>`). Maps from a randomly
+initialised model mean nothing (their pictures say so): pass released weights (the default,
+`dinov2_vits14`, is downloaded once) or your checkpoint.
 """
 
 from pathlib import Path
