@@ -39,6 +39,10 @@ def test_demo_writes_report_with_learned_and_random_init(tmp_path):
     iterations = int(re.search(r"(\d+) iterations = ", text).group(1))
     rows = read_metrics(tmp_path / "demo" / "run" / "metrics.jsonl")
     assert rows[-1]["iteration"] == iterations  # the last steps are logged even between log points
+    # the k-NN monitor's last value (the loss.png curve) is the table's learned k-NN (same protocol)
+    monitor = [row for row in rows if "knn_top1" in row]
+    learned = float(re.search(r"k-NN top-1 \(k=20\), learned \| ([\d.]+)", text).group(1))
+    assert monitor[-1]["iteration"] == iterations and abs(monitor[-1]["knn_top1"] - learned) <= 0.05
 
 
 def test_object_set_writes_every_shape_at_the_size(tmp_path):

@@ -132,13 +132,36 @@ def view_retrieval(model, paths: list, size: int, seed: int = 0) -> float:
     return 100.0 * hits.float().mean().item()
 
 
-def plot_losses(rows: list[dict], path: Path) -> None:
+def knn_monitor_keys(out: Path, data: dict, size: int) -> dict:
+    """pretrain keys for its k-NN monitor on the demo's labelled split (path,label CSVs written to
+    `out`), evaluated as the report's table is (resize to `size`): none without labels."""
+    if data["train_labels"] is None:
+        return {}
+    files = {}
+    for side, split in (("train", "train"), ("val", "test")):
+        pairs = zip(data[split], data[f"{split}_labels"], strict=True)
+        lines = "".join(f"{Path(p).resolve()},{data['classes'][y]}\n" for p, y in pairs)
+        files[side] = out / f"knn_{side}.csv"
+        atomic_write(files[side], lambda tmp, text=lines: Path(tmp).write_text(text))
+    return {
+        "knn_every": 400,
+        "knn_train": str(files["train"]),
+        "knn_val": str(files["val"]),
+        "knn_image_size": size,
+        "knn_resize_policy": "resize",
+    }
+
+
+def plot_losses(rows: list[dict], path: Path, knn_rows: list[dict] = (), references: dict | None = None) -> None:
+    """The losses over the iterations; beside them, where the k-NN monitor ran, its top-1 with the
+    `references` ({label: top-1}, e.g. random init, raw pixels) as horizontal lines."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, axes = plt.subplots(1, 2 if knn_rows else 1, figsize=(11 if knn_rows else 6, 3.5), squeeze=False)
+    ax = axes[0, 0]
     for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
         if key in rows[-1]:
             ax.plot([r["iteration"] for r in rows], [r[key] for r in rows], label=key)
@@ -146,6 +169,15 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     ax.set_title("pretraining losses")
+    if knn_rows:
+        ax = axes[0, 1]
+        ax.plot([r["iteration"] for r in knn_rows], [r["knn_top1"] for r in knn_rows], "o-", label="teacher")
+        for (label, value), style in zip((references or {}).items(), (":", "--", "-."), strict=False):
+            ax.axhline(value, linestyle=style, color="grey", label=label)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("k-NN top-1 %")
+        ax.legend()
+        ax.set_title("k-NN on held-out images (k=20)")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
@@ -170,7 +202,7 @@ def demo(
     data_info = prepare_data(out_dir, data)
     print(f"demo: {len(data_info['train'])} training images, {len(data_info['test'])} held out: {data_info['source']}")
     run_dir = out_dir / "run"
-    keys = {"max_minutes": minutes, "num_workers": num_workers}
+    keys = {"max_minutes": minutes, "num_workers": num_workers, **knn_monitor_keys(out_dir, data_info, image_size)}
     summary = pretrain(
         data=str(data_info["listing"]),
         out=str(run_dir),
@@ -196,7 +228,10 @@ def demo(
     )
 
     rows = read_metrics(run_dir / "metrics.jsonl")
-    plot_losses(rows, out_dir / "loss.png")
+    knn_rows = [r for r in rows if "knn_top1" in r]
+    rows = [r for r in rows if "loss" in r]  # training rows (the k-NN monitor's have their own)
+    references = {k.split(", ")[-1]: v for k, v in results.items() if k.startswith("k-NN") and "learned" not in k}
+    plot_losses(rows, out_dir / "loss.png", knn_rows, references)
     last = rows[-1]
     key = "k-NN top-1 (k=20)" if data_info["train_labels"] is not None else "view retrieval top-1"
     gain = results[f"{key}, learned"] - results[f"{key}, same network at random init"]
@@ -230,7 +265,7 @@ def demo(
             else []
         ),
         "",
-        "![losses](loss.png)",
+        "![losses and k-NN over training](loss.png)",
         "",
         f"Run folder: `{run_dir}` (config.yaml, metrics.jsonl, tensorboard/, checkpoints/, backbone.safetensors). "
         f"Total demo time {(time.perf_counter() - start) / 60:.1f} min.",

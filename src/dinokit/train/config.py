@@ -118,6 +118,7 @@ class PretrainConfig:
     knn_train: str | None = None
     knn_val: str | None = None
     knn_image_size: int = 0  # 0: global_crops_size
+    knn_resize_policy: str = "center_crop"  # center_crop | resize (as eval knn's resize_policy)
     # ---- run folder
     checkpoint_every: int = 1000  # iterations (0 = off)
     checkpoint_every_minutes: float = 30.0  # 0 = off
@@ -261,6 +262,10 @@ def validate(c: PretrainConfig) -> None:
             "images it classifies)",
         ),
         (c.knn_image_size >= 0, f"knn_image_size must be >= 0 (0: global_crops_size), got {c.knn_image_size}"),
+        (
+            c.knn_resize_policy in ("center_crop", "resize"),
+            f"knn_resize_policy must be center_crop or resize, got {c.knn_resize_policy!r}",
+        ),
         *value_checks(c),
     ]
     require(checks)

@@ -81,6 +81,7 @@ RESUMABLE_KEYS = {
     "knn_train",
     "knn_val",
     "knn_image_size",
+    "knn_resize_policy",
 }
 
 
@@ -931,7 +932,7 @@ class Trainer:
 
     def log_knn(self, log: MetricsLog | None, bar) -> float:
         """The k-NN monitor: top-1 of knn_val against knn_train on the teacher backbone's CLS (`knn_top1`,
-        center crop at knn_image_size, the training precision), written as a metrics row {iteration,
+        knn_image_size and knn_resize_policy, the training precision), written as a metrics row {iteration,
         knn_top1, knn_seconds} and printed. Every process computes it (a sharded teacher's forward needs
         them all); the random number generators are left as they were, so training is unchanged.
         Returns the seconds it took."""
@@ -943,7 +944,7 @@ class Trainer:
                 backbone,
                 self.knn_data,
                 self.knn_data["size"],
-                resize_policy="center_crop",
+                resize_policy=self.cfg.knn_resize_policy,
                 precision=self.cfg.precision,
                 num_workers=min(self.cfg.num_workers, 2),
             )
