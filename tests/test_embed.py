@@ -371,3 +371,19 @@ def test_reduced_decode_is_a_setting_and_a_folder_embedded_whole_resumes_with_it
     run(setup, tmp_path / "e", reduced_decode=False)
     run(setup, tmp_path / "f")
     assert "ReducedJpegDecode(min_side=" in read_manifest(tmp_path / "f")["transform"]
+
+
+def test_a_file_name_that_is_not_utf8_is_embedded(setup, tmp_path):
+    """A file name of bytes that are not UTF-8 (os.listdir gives it surrogate escapes) crashed embed with
+    a UnicodeEncodeError while hashing the file list, before any work."""
+    import os
+    import shutil
+
+    folder, weights, _ = setup
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(folder / "00.png", os.path.join(os.fsencode(images), b"caf\xe9.png"))
+    shutil.copy(folder / "01.png", images / "plain.png")
+    embed(model=weights, data=str(images), out=str(tmp_path / "e"), image_size=16, num_workers=0, progress=False)
+    feats, paths = read_embeddings(tmp_path / "e")
+    assert feats["cls"].shape[0] == 2 and os.fsencode(paths[0]).endswith(b"caf\xe9.png")

@@ -247,3 +247,19 @@ def test_large_jpegs_decode_at_a_reduced_scale_that_keeps_twice_the_resize(tmp_p
     fast, full = ImageFiles([big], reduced)[0][0], ImageFiles([big], whole)[0][0]
     assert fast.shape == full.shape == (3, 224, 224)
     assert 0 < (fast - full).abs().mean() < 0.01  # normalised units: resampling differences only
+
+
+def test_a_list_file_splits_at_newlines_only(tmp_path):
+    """str.splitlines also splits at U+2028, U+0085 and \\x1c-\\x1e, characters a file name may hold: a
+    list naming such a file was read as two paths."""
+    from pathlib import Path
+
+    from dinokit.data.images import read_list_file
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("/d/a\u2028b.jpg\r\n/d/c\x1cd.jpg,cat\n  /d/e.jpg  \n", encoding="utf-8")
+    assert read_list_file(listing) == [
+        (Path("/d/a\u2028b.jpg"), None),
+        (Path("/d/c\x1cd.jpg"), "cat"),
+        (Path("/d/e.jpg"), None),
+    ]

@@ -97,8 +97,8 @@ def read_list_file(source: Path) -> list[tuple[Path, str | None]]:
             f"{source} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor a UTF-8 text list of paths"
         ) from err
     rows: list[tuple[Path, str | None]] = []
-    for line in text.splitlines():
-        line = line.strip()
+    for line in text.split("\n"):  # not splitlines: U+2028, U+0085, \x1c-\x1e may be in a file name
+        line = line.strip(" \t\r")
         if not line or line.startswith("#"):
             continue
         cells = [line]

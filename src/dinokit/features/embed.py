@@ -116,7 +116,7 @@ def embed(
                 "weights_hash": weights_hash(net),
                 "data": str(Path(data).absolute()),
                 "num_images": len(paths),
-                "paths_sha1": hashlib.sha1("\n".join(paths).encode()).hexdigest(),
+                "paths_sha1": hashlib.sha1("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest(),
                 "image_size": list(size),
                 "patch_grid": [size[0] // net.patch_size, size[1] // net.patch_size],
                 "resize_policy": resize_policy,
