@@ -106,7 +106,8 @@ def run_config(out: Path, keys: dict, resume: bool) -> tuple[FinetuneConfig, boo
         keys,
         resume,
         new=resolve_config,
-        resolve=resolve_config,
+        # a run saved before reduced_decode existed decoded its JPEGs whole: resumed, it goes on so
+        resolve=lambda values, check=True: resolve_config({"reduced_decode": False, **values}, check),
         resumable=lambda old: RESUMABLE_KEYS | {"batch_size"},
         facts=RUN_FACTS,
     )

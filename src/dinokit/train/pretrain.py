@@ -372,7 +372,8 @@ def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple
         keys,
         resume,
         new=lambda values: resolve_config(preset, values),
-        resolve=lambda values, check=True: resolve_config(None, values, check),
+        # a run saved before reduced_decode existed decoded its JPEGs whole: resumed, it goes on so
+        resolve=lambda values, check=True: resolve_config(None, {"reduced_decode": False, **values}, check),
         resumable=resumable,
         facts=RUN_FACTS,
     )
