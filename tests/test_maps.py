@@ -15,7 +15,7 @@ from dinokit.cli import main
 from dinokit.data.images import open_rgb
 from dinokit.errors import DinokitError
 from dinokit.maps.attention import attention_maps, attention_mass_masks
-from dinokit.maps.commands import output_names, read_mask, segment
+from dinokit.maps.commands import DRAWN_SIDE, output_names, read_mask, segment
 from dinokit.maps.pca import pca_rgb
 from dinokit.maps.segment import otsu_threshold, patch_coverage, segment_features, similarity_to
 from dinokit.maps.similarity import patch_similarity, pixel_to_patch
@@ -429,3 +429,23 @@ def test_the_similarity_picture_says_what_its_colours_span(tmp_path, capsys, mon
     low = float(title.split()[1])
     assert title == f"cosine {low:.3f} (dark) .. {report['max']:.3f} (bright)" and low < report["max"]
     assert np.isclose(panels["p"][2][1].min(), low, atol=5e-4)
+
+
+@pytest.mark.parametrize("command", ["attention", "pca", "similarity"])
+def test_large_photos_are_drawn_at_the_figure_size(tmp_path, capsys, monkeypatch, command):
+    """A 24 MP photo was drawn whole, every head's map upsampled and coloured at full size for a figure
+    about 800 px wide (visualize attention: 39 s and 3.2 GB for a 6000x4000 JPEG); the photos are drawn
+    at most DRAWN_SIDE px on the long side, the chosen pixel of similarity marked where it lies."""
+    panels = {}
+    real = dinokit.maps.commands.panel_figure
+    monkeypatch.setattr(dinokit.maps.commands, "panel_figure", lambda p, **k: panels.update(p=p) or real(p, **k))
+    args = maps_command_args(command, tmp_path, "random:vit_micro_p4")
+    Image.fromarray(np.zeros((2000, 3200, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    args = [a for a in args if a not in ("x=1", "y=1")] + (["x=3199", "y=0"] if command == "similarity" else [])
+    assert main(args) == 0
+    pictures = [p for _, p in panels["p"] if np.asarray(p).ndim == 3]
+    assert pictures and all(p.shape == (DRAWN_SIDE * 5 // 8, DRAWN_SIDE, 3) for p in pictures)
+    if command == "similarity":
+        marked = np.argwhere(np.all(pictures[0] == (255, 0, 0), axis=-1))
+        r = DRAWN_SIDE * 5 // 8 // 60
+        assert marked.min(0).tolist() == [0, DRAWN_SIDE - 1 - r] and marked.max(0).tolist() == [r, DRAWN_SIDE - 1]

@@ -47,6 +47,8 @@ from dinokit.maps.similarity import patch_similarity, patch_to_pixel, pixel_to_p
 from dinokit.models import VisionTransformer
 from dinokit.runtime import resolve_device
 
+DRAWN_SIDE = 1600  # the long side, in pixels, at which the pictures draw a photo (figures are ~800 px wide)
+
 
 def model_input(model: VisionTransformer, image, image_size: int, resize_policy: str = "aspect") -> torch.Tensor:
     """(3, H, W) input for `model` from a path or PIL image, the whole image (no crop)."""
@@ -120,7 +122,7 @@ def visualize_attention(
     net = load(model, device)
     x = model_input(net, image, image_size, resize_policy)
     maps = attention_maps(net, x, mass=mass)
-    rgb = np.asarray(open_rgb(image))
+    rgb = shrink(np.asarray(open_rgb(image)), DRAWN_SIDE)
     panels = [("image", rgb), ("mean over heads", heat_overlay(rgb, maps["mean"]))]
     panels += [(f"head {i}", heat_overlay(rgb, m)) for i, m in enumerate(maps["per_head"])]
     masks = maps["mass_masks"]
@@ -174,7 +176,7 @@ def visualize_pca(
     result = pca_rgb(feats, foreground_threshold)
     panels = []
     for (path, picture), colours, fg in zip(opened, result["rgb"], result["foreground"], strict=True):
-        rgb = np.asarray(picture)
+        rgb = shrink(np.asarray(picture), DRAWN_SIDE)
         panels += [
             (path.name, rgb),
             (
@@ -232,17 +234,16 @@ def visualize_similarity(
         target_rgb = np.asarray(open_rgb(target))
         target_feats = patch_features(net, [model_input(net, target, image_size, resize_policy)])[0]
     cos = patch_similarity(source, patch, target_feats)
-    marked = source_rgb.copy()
-    r = max(2, min(source_rgb.shape[:2]) // 60)
-    marked[max(0, y - r) : y + r + 1, max(0, x - r) : x + r + 1] = (255, 0, 0)
+    marked = shrink(source_rgb, DRAWN_SIDE).copy()  # the pixel (x, y) drawn at (cx, cy) of the shrunk copy
+    cx, cy = int(x * marked.shape[1] / source_rgb.shape[1]), int(y * marked.shape[0] / source_rgb.shape[0])
+    r = max(2, min(marked.shape[:2]) // 60)
+    marked[max(0, cy - r) : cy + r + 1, max(0, cx - r) : cx + r + 1] = (255, 0, 0)
+    target_rgb = shrink(target_rgb, DRAWN_SIDE)
     scale = f"cosine {cos.min():.3f} (dark) .. {cos.max():.3f} (bright)"  # the colours span this map's own range
     panels = [("chosen pixel", marked), (scale, heat_overlay(target_rgb, cos)), ("per patch, same colours", cos)]
     save_figure(out, panel_figure(panels, columns=3, title=f"{label(model)}: similarity of patch {patch}"))
     best = np.unravel_index(int(np.argmax(cos)), cos.shape)
     return {"out": out, "patch": list(patch), "best_match": [int(best[0]), int(best[1])], "max": float(cos.max())}
-
-
-DRAWN_SIDE = 1600  # the long side, in pixels, at which visualize matches draws a photo
 
 
 def visualize_matches(
