@@ -38,3 +38,51 @@ def test_a_finetuning_run_saved_before_reduced_decode_resumes_decoding_whole(tmp
     saved_without(out, settings, "reduced_decode")
     assert run_config(out, {}, resume=True)[0].reduced_decode is False
     assert run_config(out, {"reduced_decode": False}, resume=True)[0].reduced_decode is False
+
+
+def test_predict_classification_decodes_jpegs_as_the_head_was_trained(tmp_path, monkeypatch):
+    """A released head saw the official transform (JPEGs decoded whole); an eval linear head of today
+    the reduced decode; an older dinokit head (no reduced_decode in its record) whole. predict applied
+    the reduced decode to all three."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dinokit import create_model, export_model
+    from dinokit.cli import main
+    from dinokit.data.images import decode_min_side
+    from dinokit.data.synthetic import write_classification_set
+    from dinokit.eval import heads
+
+    seen = []
+
+    def spy(backbone, paths, meta, which, transform, **loader):
+        seen.append(decode_min_side(transform))
+        return real(backbone, paths, meta, which, transform, **loader)
+
+    real = heads.head_inputs
+    monkeypatch.setattr(heads, "head_inputs", spy)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
+    torch.manual_seed(0)
+    weights = export_model(create_model("vit_micro_p4"), tmp_path / "micro.safetensors")
+    torch.save({"weight": torch.randn(1000, 2 * 96), "bias": torch.randn(1000)}, tmp_path / "h.pth")
+    common = [f"images={tmp_path / 'a.jpg'}", "num_workers=0", "precision=fp32"]
+    assert main(["predict", "classification", f"head={tmp_path / 'h.pth'}", f"model={weights}", *common,
+                 f"out={tmp_path / 'p.json'}"]) == 0  # fmt: skip
+    assert seen == [None]  # whole, as the official transform
+
+    write_classification_set(tmp_path / "set", per_class=4, size=16, seed=0, split="train")
+    write_classification_set(tmp_path / "set", per_class=2, size=16, seed=1, split="val")
+    args = [f"model={weights}", f"train={tmp_path / 'set/train'}", f"val={tmp_path / 'set/val'}", "image_size=16"]
+    lin = tmp_path / "lin"
+    assert main(["eval", "linear", *args, "num_workers=0", "precision=fp32", "cache=none", f"out={lin}",
+                 "epochs=1", "learning_rates=[0.1]"]) == 0  # fmt: skip
+    assert main(["predict", "classification", f"head={lin}", *common, f"out={tmp_path / 'q.json'}"]) == 0
+    assert seen[1] == 2 * round(16 * 256 / 224)  # as its features were extracted: reduced
+
+    head = lin / "linear_head.safetensors"  # a head written before the key: its features decoded whole
+    state, meta = heads.load_head_file(head)
+    del meta["reduced_decode"]
+    heads.save_head(head, state, meta)
+    assert main(["predict", "classification", f"head={lin}", *common, f"out={tmp_path / 'r.json'}"]) == 0
+    assert seen[2] is None

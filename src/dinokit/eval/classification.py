@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinokit.data.images import decode_min_side
 from dinokit.data.transforms import check_model_input_size
 from dinokit.errors import DinokitError, require
 from dinokit.eval.common import (
@@ -307,6 +308,7 @@ def eval_linear(
         seed,
         task="classification",
         resize_policy=resize_policy,
+        reduced_decode=decode_min_side(transform) is not None,
         n_last_blocks=n,
         avgpool=avg,
         classes=tr.class_names,
@@ -379,7 +381,9 @@ def predict_classification(
     weight, bias = state["weight"].to(dev), state["bias"].to(dev)
     paths = list_images(images)
     check_readable(paths, images)
-    transform = make_transform(meta["image_size"], meta["resize_policy"])
+    # decoded as the head's training images were: heads written before the reduced decode, and the
+    # released ones (the official transform), saw JPEGs decoded whole
+    transform = make_transform(meta["image_size"], meta["resize_policy"], meta.get("reduced_decode", False))
     which = ("layers", "patch_mean") if meta["avgpool"] else ("layers",)
     k = min(k, len(classes))
     rows, bad = [], []

@@ -130,6 +130,7 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
         "weights_hash": backbone.hash,
         "image_size": 224,
         "resize_policy": "center_crop",
+        "reduced_decode": False,  # the official transform decodes JPEGs whole
         "layers": list(range(depth - blocks, depth)),
         "norm": True,
         "n_last_blocks": blocks,

@@ -500,6 +500,7 @@ class Finetuner:
             cfg.seed,
             task="classification",
             resize_policy=cfg.resize_policy,
+            reduced_decode=cfg.reduced_decode,  # of the val transform, which predict applies
             n_last_blocks=1,
             avgpool=cfg.avgpool,
             classes=self.classes,
