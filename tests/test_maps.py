@@ -449,3 +449,11 @@ def test_large_photos_are_drawn_at_the_figure_size(tmp_path, capsys, monkeypatch
         marked = np.argwhere(np.all(pictures[0] == (255, 0, 0), axis=-1))
         r = DRAWN_SIDE * 5 // 8 // 60
         assert marked.min(0).tolist() == [0, DRAWN_SIDE - 1 - r] and marked.max(0).tolist() == [r, DRAWN_SIDE - 1]
+
+
+def test_a_pixel_outside_the_image_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """x=, y= outside the image were found only after the model was loaded (a released one downloaded)."""
+    args = maps_command_args("similarity", tmp_path, "random:vit_micro_p4")
+    monkeypatch.setattr(dinokit.maps.commands, "load", lambda *a: pytest.fail("loaded before checking x, y"))
+    assert main([a if a != "x=1" else "x=24" for a in args]) == 2
+    assert "pixel (24, 1) is outside the 24x16 image (x is the column, y the row)" in capsys.readouterr().err

@@ -221,13 +221,14 @@ def visualize_similarity(
     """
     prepare_output(out, example="similarity.png", create=False, suffix=".png")
     refuse_inputs_as_outputs({"out": out}, [image] if target is None else [image, target])
-    net = load(model, device)
     source_rgb = np.asarray(open_rgb(image))
-    source = patch_features(net, [model_input(net, image, image_size, resize_policy)])[0]
     try:
-        patch = pixel_to_patch(x, y, source_rgb.shape[:2], source.shape[:2])
+        pixel_to_patch(x, y, source_rgb.shape[:2], (1, 1))  # a pixel outside the image: an error before the model loads
     except ValueError as e:
         raise DinokitError(str(e)) from None
+    net = load(model, device)
+    source = patch_features(net, [model_input(net, image, image_size, resize_policy)])[0]
+    patch = pixel_to_patch(x, y, source_rgb.shape[:2], source.shape[:2])
     if target is None:
         target_rgb, target_feats = source_rgb, source
     else:
