@@ -86,3 +86,19 @@ def test_predict_classification_decodes_jpegs_as_the_head_was_trained(tmp_path, 
     heads.save_head(head, state, meta)
     assert main(["predict", "classification", f"head={lin}", *common, f"out={tmp_path / 'r.json'}"]) == 0
     assert seen[2] is None
+
+
+def test_a_released_head_is_refused_on_a_backbone_of_another_shape_than_its_name_says(tmp_path):
+    """dinov2_vits14_reg4_linear_head.pth with model=dinov2_vits14 (no registers, same width 384) gave
+    ImageNet classes of the wrong backbone without an error."""
+    import torch
+
+    from dinokit.eval.heads import official_linear_head
+
+    head = tmp_path / "dinov2_vits14_reg4_linear_head.pth"
+    torch.save({"weight": torch.zeros(1000, 2 * 384), "bias": torch.zeros(1000)}, head)
+    shapes = r"registers \(384, 12, 14, 4\).*has \(384, 12, 14, 0\): pass model=dinov2_vits14_reg"
+    with pytest.raises(DinokitError, match=shapes):
+        official_linear_head(str(head), "random:dinov2_vits14", "cpu")
+    _, meta, _ = official_linear_head(str(head), "random:dinov2_vits14_reg", "cpu")
+    assert meta["layers"] == [11] and meta["n_last_blocks"] == 1

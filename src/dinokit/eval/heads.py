@@ -113,6 +113,7 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
     except Exception as e:  # damaged, or a pickle of more than tensors
         raise DinokitError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
     backbone = prepare_backbone(model, device, 0)
+    check_released_backbone(head, model, backbone)
     dim, depth = backbone.model.embed_dim, len(backbone.model.blocks)
     weight = state.get("weight") if isinstance(state, dict) else None
     shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
@@ -139,6 +140,26 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
         "official_head": str(path),
     }
     return state, meta, backbone
+
+
+def check_released_backbone(head: str, model: str, backbone: Backbone) -> None:
+    """A head whose name says its released backbone (`head_backbone`) is refused on a backbone of
+    another shape: width, depth, patch or registers (a _reg head on a backbone without registers has the
+    same width, and would give wrong classes without an error)."""
+    from dinokit.models.architectures import get_config
+    from dinokit.models.hub import head_backbone
+
+    released = head_backbone(head)
+    if released is None:
+        return
+    config, net = get_config(released), backbone.model
+    wanted = (config.embed_dim, config.depth, config.patch_size, config.num_register_tokens)
+    found = (net.embed_dim, len(net.blocks), net.patch_size, net.num_register_tokens)
+    if found != wanted:
+        raise DinokitError(
+            f"{head} was released for {released} (width, depth, patch, registers {wanted}), but model={model} "
+            f"has {found}: pass model={released} (or a copy of its weights file)"
+        )
 
 
 def head_inputs(backbone: Backbone, paths: list[Path], meta: dict, which: tuple[str, ...], transform, **loader):
