@@ -355,3 +355,19 @@ def test_the_colour_bar_of_one_match_is_readable():
             for t in bar.get_yticklabels()
             if t.get_text()
         )
+
+
+def test_the_title_counts_one_match_in_the_singular(files, monkeypatch):
+    """The title read '1 mutual nearest-neighbour patch matches'."""
+    root, weights = files
+    drawn = {}
+    real = dinokit.maps.commands.matches_figure
+    monkeypatch.setattr(dinokit.maps.commands, "matches_figure", lambda *a: drawn.update(args=a) or real(*a))
+    args = [f"model={weights}", "image_size=16", "device=cpu", f"image={root / 'a.png'}", f"other={root / 'a.png'}"]
+    assert main(["visualize", "matches", *args, f"out={root / 'one.png'}", "max_matches=1"]) == 0
+    assert ": 1 of 24 mutual nearest-neighbour patch matches" in drawn["args"][4]
+    monkeypatch.setattr(
+        dinokit.maps.commands, "match_patches", lambda *a, **k: match_patches(*a, **k) | {"candidates": 1}
+    )
+    assert main(["visualize", "matches", *args, f"out={root / 'one.png'}", "max_matches=1"]) == 0
+    assert drawn["args"][4].endswith(": 1 mutual nearest-neighbour patch match")

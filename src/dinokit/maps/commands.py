@@ -316,7 +316,7 @@ def visualize_matches(
     filters += [f"ratio test {ratio}"] if ratio is not None else []
     title = (
         f"{label(model)} at {tuple(inputs[0].shape[-2:])} and {tuple(inputs[1].shape[-2:])}: {shown} mutual "
-        f"nearest-neighbour patch matches" + (f" ({', '.join(filters)})" if filters else "")
+        f"nearest-neighbour patch match{'' if shown == '1' else 'es'}" + (f" ({', '.join(filters)})" if filters else "")
     )
     below_bar = (*scale, "best-match cosine, both images")
     save_figure(out, matches_figure(tuple(drawn), tuple(drawn_xy), matches["similarity"], below, title, below_bar))
