@@ -102,3 +102,22 @@ def test_a_released_head_is_refused_on_a_backbone_of_another_shape_than_its_name
         official_linear_head(str(head), "random:dinov2_vits14", "cpu")
     _, meta, _ = official_linear_head(str(head), "random:dinov2_vits14_reg", "cpu")
     assert meta["layers"] == [11] and meta["n_last_blocks"] == 1
+
+
+def test_eval_knn_and_linear_decode_jpegs_whole_with_reduced_decode_false(tmp_path):
+    """The official evaluation decodes whole (docs/reproducing.md's commands); eval knn and eval linear
+    had no reduced_decode key, so every large JPEG of train and val was read at a reduced scale."""
+    import json
+
+    from dinokit.cli import main
+    from dinokit.data.synthetic import write_classification_set
+
+    write_classification_set(tmp_path / "set", per_class=3, size=16, seed=0, split="train")
+    write_classification_set(tmp_path / "set", per_class=2, size=16, seed=1, split="val")
+    args = ["model=random:vit_micro_p4", f"train={tmp_path / 'set/train'}", f"val={tmp_path / 'set/val'}"]
+    common = [*args, "image_size=16", "num_workers=0", "precision=fp32", "cache=none", "reduced_decode=false"]
+    assert main(["eval", "knn", *common, f"out={tmp_path / 'knn'}", "ks=[2]"]) == 0
+    assert main(["eval", "linear", *common, f"out={tmp_path / 'lin'}", "epochs=1", "learning_rates=[0.1]"]) == 0
+    for record in (tmp_path / "knn" / "knn.json", tmp_path / "lin" / "linear.json"):
+        transform = json.loads(record.read_text())["protocol"]["transform"]
+        assert transform.startswith("Resize(") and "ReducedJpegDecode" not in transform

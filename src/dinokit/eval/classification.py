@@ -77,6 +77,7 @@ def eval_knn(
     few_shot_tries: int = 5,
     image_size: int = 224,
     resize_policy: str = "center_crop",
+    reduced_decode: bool = True,
     batch_size: int = 64,
     num_workers: int = 2,
     device: str = "auto",
@@ -93,6 +94,8 @@ def eval_knn(
     images per class drawn from train, `few_shot_tries` draws each (mean and std reported); as the
     official few-shot k-NN, n per class votes with the ks not above n, and k = n.
     precision: of feature extraction (bf16 | fp32); the search itself is exact fp32.
+    reduced_decode: large JPEGs decoded at 1/2, 1/4 or 1/8 scale, never below twice the resize
+    (`ReducedJpegDecode`); false decodes them whole, as the official evaluation.
     cache: auto | none | a folder for the feature cache.
     """
     if not ks or min(ks) < 1:
@@ -110,7 +113,7 @@ def eval_knn(
     train_split, val_split, _ = read_splits(train, val)  # a missing val fails before train's features
     backbone = prepare_backbone(model, device, seed)
     check_model_input_size(backbone.model, image_size)
-    transform = make_transform(image_size, resize_policy)
+    transform = make_transform(image_size, resize_policy, reduced_decode)
     cache_dir = resolve_cache(cache)
     kw = dict(cache=cache_dir, batch_size=batch_size, num_workers=num_workers, precision=precision)
     layers = last_blocks(backbone.model)
@@ -192,6 +195,7 @@ def eval_linear(
     refit: bool = True,
     image_size: int = 224,
     resize_policy: str = "center_crop",
+    reduced_decode: bool = True,
     batch_size: int = 64,
     num_workers: int = 2,
     device: str = "auto",
@@ -208,7 +212,9 @@ def eval_linear(
     method: sgd (the DINOv2 grid: n_last_blocks x avgpool x learning_rates, trained at once, SGD +
     cosine schedule for `epochs`) or logreg (L2 logistic regression on the final CLS, `logreg_values`
     values of C in 1e-6..1e5). Writes out/linear.json and out/linear_head.safetensors, the chosen
-    head, which `dinokit predict classification head=...` applies to new images.
+    head, which `dinokit predict classification head=...` applies to new images (decoded as its
+    features were). reduced_decode: as `dinokit eval knn`'s (false: JPEGs decoded whole, as the official
+    evaluation).
     """
     if method not in ("sgd", "logreg"):
         raise DinokitError(f"method must be sgd or logreg, got {method!r}")
@@ -240,7 +246,7 @@ def eval_linear(
     dev = resolve_device(device)
     backbone = prepare_backbone(model, device, seed)
     check_model_input_size(backbone.model, image_size)
-    transform = make_transform(image_size, resize_policy)
+    transform = make_transform(image_size, resize_policy, reduced_decode)
     cache_dir = resolve_cache(cache)
     kw = dict(cache=cache_dir, batch_size=batch_size, num_workers=num_workers, precision=precision)
     layers = last_blocks(backbone.model)
