@@ -43,6 +43,8 @@ LAZY = {
     "pca_rgb": "dinokit.maps.pca",
     "patch_similarity": "dinokit.maps.similarity",
     "segment_features": "dinokit.maps.segment",
+    "match_patches": "dinokit.maps.matching",
+    "best_match_similarity": "dinokit.maps.matching",
     "build_index": "dinokit.retrieval.commands",
     "search_index": "dinokit.retrieval.commands",
 }
