@@ -121,3 +121,20 @@ def test_eval_knn_and_linear_decode_jpegs_whole_with_reduced_decode_false(tmp_pa
     for record in (tmp_path / "knn" / "knn.json", tmp_path / "lin" / "linear.json"):
         transform = json.loads(record.read_text())["protocol"]["transform"]
         assert transform.startswith("Resize(") and "ReducedJpegDecode" not in transform
+
+
+def test_a_released_classifier_saved_whole_gives_its_linear_head(tmp_path):
+    """torch.save(torch.hub.load(..., "dinov2_vits14_lc").state_dict()): backbone.* and linear_head.*
+    keys. It was refused as 'not a DINOv2 linear head', listing backbone keys, with no fix."""
+    import torch
+
+    from dinokit import create_model
+    from dinokit.eval.heads import official_linear_head
+
+    net = create_model("vit_micro_p4")
+    weight, bias = torch.randn(1000, 5 * 96), torch.randn(1000)
+    whole = {**{f"backbone.{k}": v for k, v in net.state_dict().items()}, "linear_head.weight": weight}
+    torch.save({**whole, "linear_head.bias": bias}, tmp_path / "lc.pth")
+    state, meta, _ = official_linear_head(str(tmp_path / "lc.pth"), "random:vit_micro_p4", "cpu")
+    assert torch.equal(state["weight"], weight) and torch.equal(state["bias"], bias)
+    assert meta["n_last_blocks"] == 4 and meta["layers"] == [0, 1, 2, 3]

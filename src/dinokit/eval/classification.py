@@ -353,7 +353,8 @@ def predict_classification(
     `classifier.safetensors` of `dinokit finetune` (or the out folder holding it); its backbone,
     transform and classes come with it. Or a released DINOv2 ImageNet-1k linear head: a name such as
     dinov2_vits14_linear4_head / dinov2_vitb14_reg_linear_head (downloaded once, with its backbone) or
-    its .pth file (model= its backbone, unless the file keeps its released name).
+    its .pth file, or a whole released classifier's state dict (backbone.* and linear_head.*) (model= its
+    backbone, unless the file keeps its released name).
     images: an image, a folder (recursive) or a list file. model: where the head's backbone is now, if
     it moved (its weights must be the ones the head was trained on). out: .csv (path, class,
     probability, then class_2, probability_2, ... class_k, probability_k) or .json ([{"path": ...,

@@ -112,6 +112,9 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged, or a pickle of more than tensors
         raise DinokitError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
+    if isinstance(state, dict) and {"linear_head.weight", "linear_head.bias"} <= set(state):
+        # the whole classifier's state dict (the hub's dinov2_vits14_lc ...): backbone.* and linear_head.*
+        state = {"weight": state["linear_head.weight"], "bias": state["linear_head.bias"]}
     backbone = prepare_backbone(model, device, 0)
     check_released_backbone(head, model, backbone)
     dim, depth = backbone.model.embed_dim, len(backbone.model.blocks)
