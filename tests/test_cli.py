@@ -49,6 +49,9 @@ def test_values_are_converted_to_the_annotated_types():
     with pytest.raises(ValueError) as err:  # image_size: int | list[int] said it twice
         parse_value("abc", int | list[int])
     assert str(err.value) == "expected a number, got 'abc'"
+    with pytest.raises(ValueError) as err:  # max_matches=all: the value for "no limit" is named
+        parse_value("all", int | None)
+    assert str(err.value) == "expected a number, got 'all' (or none)"
 
 
 def test_errors_name_the_problem_and_the_fix(tmp_path):

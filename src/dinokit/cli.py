@@ -89,7 +89,8 @@ def parse_value(text: str, annotation) -> object:
                 return parse_value(text, option)
             except (ValueError, TypeError) as e:
                 errors.append(str(e))
-        raise ValueError("; ".join(dict.fromkeys(errors)))  # int | list[int]: one "expected a number"
+        none = " (or none)" if len(options) < len(typing.get_args(annotation)) else ""  # int | None: say so
+        raise ValueError("; ".join(dict.fromkeys(errors)) + none)  # int | list[int]: one "expected a number"
     if annotation in (str, Path, inspect.Parameter.empty) or annotation is typing.Any:
         return text if annotation is not Path else Path(text)
     if origin in (list, tuple) or annotation in (list, tuple):
