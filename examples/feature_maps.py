@@ -1,13 +1,13 @@
-"""The four pictures of `dinokit.maps`: attention, PCA, similarity on scikit-image's photos; segmentation.
+"""The pictures of `dinokit.maps`: attention, PCA, similarity, matches on scikit-image's photos; segmentation.
 
     python examples/feature_maps.py --model dinov2_vits14_reg     # released weights (downloaded once)
     python examples/feature_maps.py --model path/to/checkpoint    # any file load_model reads
     python examples/feature_maps.py                               # random init: maps mean nothing
 
-Without --model the network is randomly initialised. Its file is then called
-`RANDOM-INIT-meaningless-maps.safetensors` and that name is printed on the attention, PCA and
-similarity pictures (the segmentation masks and overlays carry no title): the pictures only show that
-the tools run, not what DINO features look like. Outputs go to out/examples/.
+Without --model the network is randomly initialised (`random:dinov2_vits14_reg`, seeded): the
+attention, PCA, similarity and matches pictures then say RANDOM INIT in their titles (the segmentation
+masks and overlays carry no title), as they only show that the tools run, not what DINO features look
+like. Outputs go to out/examples/.
 The segmentation example uses rendered shape scenes (dinokit.data.synthetic), whose masks are exact.
 """
 
@@ -22,9 +22,14 @@ from skimage import data
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import dinokit  # noqa: E402
 from dinokit.data.synthetic import render_scene  # noqa: E402
-from dinokit.maps.commands import segment, visualize_attention, visualize_pca, visualize_similarity  # noqa: E402
+from dinokit.maps.commands import (  # noqa: E402
+    segment,
+    visualize_attention,
+    visualize_matches,
+    visualize_pca,
+    visualize_similarity,
+)
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 
@@ -43,9 +48,7 @@ def main() -> None:
 
     model = args.model
     if model is None:
-        model = dinokit.export_model(
-            dinokit.create_model("dinov2_vits14_reg"), out / "RANDOM-INIT-meaningless-maps.safetensors"
-        )
+        model = "random:dinov2_vits14_reg"
         print("no --model given: using a RANDOMLY INITIALISED dinov2_vits14_reg; the maps will be meaningless")
     size = args.image_size
     common = dict(model=model, image_size=size)
@@ -64,6 +67,11 @@ def main() -> None:
             **common,
         )
     )
+
+    # the cat against its mirror image: each matched patch should land on its mirrored place
+    flipped = out / "chelsea_flipped.png"  # not in photos/, which the joint PCA reads whole
+    Image.open(photos / "chelsea.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(flipped)
+    print(visualize_matches(str(photos / "chelsea.png"), str(flipped), str(out / "matches.png"), **common))
 
     scenes = out / "scenes"
     (scenes / "targets").mkdir(parents=True, exist_ok=True)

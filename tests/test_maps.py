@@ -298,6 +298,7 @@ def test_example_script_draws_every_picture_on_the_photos(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     pictures = ["attention_chelsea.png", "pca_joint.png", "similarity_eye.png", "similarity_eye_astronaut.png"]
+    pictures.append("matches.png")
     for name in pictures:
         with Image.open(out / name) as image:
             image.verify()
