@@ -138,3 +138,23 @@ def test_a_released_classifier_saved_whole_gives_its_linear_head(tmp_path):
     state, meta, _ = official_linear_head(str(tmp_path / "lc.pth"), "random:vit_micro_p4", "cpu")
     assert torch.equal(state["weight"], weight) and torch.equal(state["bias"], bias)
     assert meta["n_last_blocks"] == 4 and meta["layers"] == [0, 1, 2, 3]
+
+
+def test_an_eval_linear_folder_named_like_a_released_head_is_read_as_a_dinokit_head(tmp_path, monkeypatch):
+    """eval linear out=.../dinov2_vits14_linear_head, then predict head= that folder: it was taken for
+    the released head's name (dinov2_vits14 downloaded, then 'head file not found: <the folder>')."""
+    from dinokit.cli import main
+    from dinokit.data.synthetic import write_classification_set
+
+    monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path / "cache"))  # nothing cached: a download would fail here
+    monkeypatch.setattr("torch.hub.download_url_to_file", lambda *a, **k: pytest.fail("downloaded"))
+    write_classification_set(tmp_path / "set", per_class=3, size=16, seed=0, split="train")
+    write_classification_set(tmp_path / "set", per_class=2, size=16, seed=1, split="val")
+    out = tmp_path / "dinov2_vits14_linear_head"
+    args = ["model=random:vit_micro_p4", f"train={tmp_path / 'set/train'}", f"val={tmp_path / 'set/val'}"]
+    common = ["num_workers=0", "precision=fp32", "image_size=16"]
+    assert main(["eval", "linear", *args, *common, "cache=none", f"out={out}", "epochs=1", "learning_rates=[0.1]"]) == 0
+    predictions = tmp_path / "p.csv"
+    assert main(["predict", "classification", f"head={out}", f"images={tmp_path / 'set/val'}", f"out={predictions}",
+                 "num_workers=0", "precision=fp32"]) == 0  # fmt: skip
+    assert len(predictions.read_text().splitlines()) == 1 + 2 * 8

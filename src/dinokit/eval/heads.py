@@ -82,10 +82,14 @@ def load_head_file(path: str | Path, task: str | None = None) -> tuple[dict[str,
 
 def is_official_linear_head(head: str | Path) -> bool:
     """A released head name (dinov2_vits14_linear4_head, ...) or a .pth / .pt file (dinokit's head
-    files are safetensors)."""
+    files are safetensors). An existing folder is an out folder holding a dinokit head file, whatever
+    its name (out=out/dinov2_vits14_linear_head of eval linear)."""
     from dinokit.models.hub import official_head_url
 
-    return official_head_url(str(head)) is not None or Path(head).suffix in (".pth", ".pt")
+    path = Path(head).expanduser()
+    if path.is_dir():
+        return False
+    return official_head_url(str(head)) is not None or path.suffix in (".pth", ".pt")
 
 
 def official_linear_head(head: str, model: str | None, device: str) -> tuple[dict[str, torch.Tensor], dict, Backbone]:
