@@ -616,8 +616,11 @@ def test_the_knn_monitor_needs_its_data_and_may_change_on_resume(tmp_path):
             knn_val=str(data),
             knn_image_size=15,
         )
+    from dinokit.data.synthetic import write_classification_set
+
+    for split, seed in (("train", 3), ("val", 4)):
+        write_classification_set(tmp_path / "labelled", per_class=2, size=16, seed=seed, split=split)
+    knn = {"knn_train": str(tmp_path / "labelled" / "train"), "knn_val": str(tmp_path / "labelled" / "val")}
     run(data, tmp_path / "c", max_iterations=2)
-    summary = run(
-        data, tmp_path / "c", max_iterations=4, resume=True, knn_every=2, knn_train=str(data), knn_val=str(data)
-    )
+    summary = run(data, tmp_path / "c", max_iterations=4, resume=True, knn_every=2, **knn)
     assert summary["iterations"] == 4 and "knn_top1" in summary

@@ -158,3 +158,23 @@ def test_an_eval_linear_folder_named_like_a_released_head_is_read_as_a_dinokit_h
     assert main(["predict", "classification", f"head={out}", f"images={tmp_path / 'set/val'}", f"out={predictions}",
                  "num_workers=0", "precision=fp32"]) == 0  # fmt: skip
     assert len(predictions.read_text().splitlines()) == 1 + 2 * 8
+
+
+def test_the_knn_monitor_refuses_what_eval_knn_refuses(tmp_path):
+    """knn_val=knn_train (every query its own neighbour: a top-1 near 100 whatever the features) and a
+    one-class bank were monitored; the monitor said it equals `dinokit eval knn`, which refuses both."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pretrain_helpers import run, tiny_images
+
+    data = tiny_images(tmp_path / "data")
+    with pytest.raises(DinokitError, match=r"knn_train / knn_val .*share 32 images"):
+        run(data, tmp_path / "a", max_iterations=2, knn_every=1, knn_train=str(data), knn_val=str(data))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    one = tmp_path / "one"
+    (one / "circle").mkdir(parents=True)
+    for path in sorted((data / "circle").iterdir()):
+        (one / "circle" / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(DinokitError, match=r"knn_train / knn_val .*one class \(circle\)"):
+        run(data, tmp_path / "b", max_iterations=2, knn_every=1, knn_train=str(one), knn_val=str(data))

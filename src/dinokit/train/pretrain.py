@@ -276,21 +276,23 @@ def knn_monitor_data(cfg: PretrainConfig, patch_size: int) -> dict | None:
     with its classes) and image size, read and checked before training starts; None where it is off."""
     if not cfg.knn_every:
         return None
-    from dinokit.data.labelled import read_labelled
     from dinokit.data.transforms import check_image_size
+    from dinokit.eval.common import read_splits
 
     size = cfg.knn_image_size or cfg.global_crops_size
     check_image_size(size, patch_size, "knn_image_size")
-    train, train_labels, classes = read_labelled(cfg.knn_train)
-    val, val_labels, _ = read_labelled(cfg.knn_val, classes=classes, reference=cfg.knn_train)
-    check_readable(train, cfg.knn_train)
-    check_readable(val, cfg.knn_val)
+    try:  # as `dinokit eval knn` reads them: two classes or more, no val image in the bank (its own neighbour)
+        train, val, _ = read_splits(cfg.knn_train, cfg.knn_val)
+    except DinokitError as e:
+        raise DinokitError(f"the k-NN monitor's knn_train / knn_val (train / val below): {e}") from None
+    check_readable(train.paths, cfg.knn_train)
+    check_readable(val.paths, cfg.knn_val)
     return {
-        "train": train,
-        "train_labels": train_labels,
-        "test": val,
-        "test_labels": val_labels,
-        "classes": classes,
+        "train": train.paths,
+        "train_labels": train.labels,
+        "test": val.paths,
+        "test_labels": val.labels,
+        "classes": train.class_names,
         "size": size,
     }
 
