@@ -603,3 +603,31 @@ def test_a_damaged_predictions_record_names_a_fix_that_works(tmp_path):
     (out / PREDICTIONS_RECORD).unlink()  # the fix it names
     replace_predictions(out, ["b.png"], [])
     assert json.loads((out / PREDICTIONS_RECORD).read_text()) == {"files": ["b.png"]}
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_predict_decodes_jpegs_as_the_dense_head_was_trained(task, tmp_path, monkeypatch):
+    """A dense head records that its features came through the reduced JPEG decode; predict decodes as
+    recorded, and whole for a head written before the key (its features decoded whole). predict
+    applied the reduced decode to every head."""
+    from dinokit.data.images import decode_min_side
+    from dinokit.eval import heads
+
+    train = write_dense_set(tmp_path / "train", 3, size=16, seed=0)
+    val = write_dense_set(tmp_path / "val", 1, size=16, seed=1)
+    extra = ["max_depth=10"] if task == "depth" else ["num_classes=9"]
+    tiny_run(task, train, val, tmp_path / "out", *extra)
+    head = tmp_path / "out" / f"{task}_head.safetensors"
+    seen = []
+    real = heads.head_inputs
+    monkeypatch.setattr(
+        heads, "head_inputs", lambda b, p, m, w, t, **kw: seen.append(decode_min_side(t)) or real(b, p, m, w, t, **kw)
+    )
+    images = val / "images"
+    assert main(["predict", task, f"head={head}", f"images={images}", f"out={tmp_path / 'p1'}", "num_workers=0"]) == 0
+    state, meta = heads.load_head_file(head)
+    assert meta["reduced_decode"] is True and seen == [2 * 16]
+    del meta["reduced_decode"]
+    heads.save_head(head, state, meta)
+    assert main(["predict", task, f"head={head}", f"images={images}", f"out={tmp_path / 'p2'}", "num_workers=0"]) == 0
+    assert seen[1] is None

@@ -417,7 +417,8 @@ def predict_images(
     out_dir, suffixes = out_files
     with folder_lock(out_dir, "predictions", wait=False):  # one predict or eval at a time in out
         replace_predictions(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes], paths)
-        transform = make_transform(meta["image_size"], "resize")
+        # decoded as the head's training images were (whole for a head written before the reduced decode)
+        transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
         which = ("layer_patch_tokens", "layers") if meta.get("with_cls") else ("layer_patch_tokens",)
         side = meta["image_size"] // meta["patch_size"]
         device = next(head.parameters()).device

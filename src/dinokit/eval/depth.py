@@ -218,6 +218,7 @@ def eval_depth(
             norm,
             seed,
             task="depth",
+            reduced_decode=True,  # its features' transform (dense.make_transform's default)
             with_cls=True,
             min_depth=min_depth,
             max_depth=max_depth,

@@ -197,6 +197,7 @@ def eval_segmentation(
             True,
             seed,
             task="segmentation",
+            reduced_decode=True,  # its features' transform (dense.make_transform's default)
             num_classes=num_classes,
             ignore_index=ignore_index,
         )
