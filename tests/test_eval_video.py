@@ -225,5 +225,6 @@ def test_dinokit_preprocessing_and_bf16_features(davis, capsys):
     result = json.loads((out / "video.json").read_text())
     assert result["global"]["J&F-Mean"] == 1 and result["protocol"]["precision"] == "bf16"
     assert "ResizeKeepAspect(short_side=128, patch_size=4" in result["protocol"]["transform"]
+    assert "ReducedJpegDecode" not in result["protocol"]["transform"]  # FrameFiles decodes frames whole
     assert main(["eval", "video", *[a for a in args if "out=" not in a], f"out={out}2", "preprocessing=opencv"]) == 2
     assert "preprocessing must be dino" in capsys.readouterr().err and not (out.parent / "out2").exists()

@@ -107,7 +107,8 @@ def frame_transform(preprocessing: str, image_size: int, patch_size: int) -> v2.
             raise DinokitError(f"image_size {image_size} is less than the patch size {patch_size}: DINO uses 480")
         return v2.Compose([DinoFrameTransform(image_size, patch_size)])
     check_image_size(image_size, patch_size)  # its error names the nearest valid sizes
-    return eval_transform(image_size, "aspect", patch_size=patch_size)
+    # no ReducedJpegDecode: FrameFiles decodes each frame whole (its pixels are drawn and scored)
+    return eval_transform(image_size, "aspect", patch_size=patch_size, reduced_decode=False)
 
 
 class FrameFiles(Dataset):

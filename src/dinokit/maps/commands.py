@@ -57,7 +57,9 @@ def model_input(model: VisionTransformer, image, image_size: int, resize_policy:
     check_image_size(image_size, model.patch_size)  # its error names the nearest valid sizes
     picture = open_rgb(image) if isinstance(image, (str, Path)) else image
     device = next(model.parameters()).device
-    return eval_transform(image_size, resize_policy, patch_size=model.patch_size)(picture).to(device)
+    # no ReducedJpegDecode: the picture is decoded whole here (it is drawn too)
+    transform = eval_transform(image_size, resize_policy, patch_size=model.patch_size, reduced_decode=False)
+    return transform(picture).to(device)
 
 
 def load(model: str, device: str) -> VisionTransformer:
