@@ -77,12 +77,8 @@ def nearest_centroid(x, centroids, device: str | torch.device = "cpu") -> tuple[
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
     dev = resolve_device(device)
     with exact_float32_products():
-        assignment, distances = _nearest(_on(x, dev), _on(centroids, dev))
+        assignment, distances = _nearest(on_device(x, dev), on_device(centroids, dev))
     return assignment.cpu().numpy(), distances.cpu().numpy()
-
-
-def _on(x: np.ndarray, device: torch.device) -> torch.Tensor:
-    return on_device(x, device)
 
 
 def _nearest(
@@ -128,7 +124,7 @@ def kmeans_plus_plus(x, k: int, rng: np.random.Generator, device: str | torch.de
     require([(1 <= k <= len(x), f"kmeans++ needs 1 <= k <= {len(x)} (the number of rows), got k = {k}")])
     dev = resolve_device(device)
     with exact_float32_products():
-        indices = _kmeans_plus_plus(_on(x, dev), k, rng)
+        indices = _kmeans_plus_plus(on_device(x, dev), k, rng)
     return x[indices].copy()
 
 
@@ -182,8 +178,8 @@ def kmeans(
     x = as_vectors(x)
     dev = resolve_device(device)
     with exact_float32_products():
-        rows = _on(x, dev)
-        start = None if init_centroids is None else _on(as_vectors(init_centroids, "init_centroids"), dev)
+        rows = on_device(x, dev)
+        start = None if init_centroids is None else on_device(as_vectors(init_centroids, "init_centroids"), dev)
         centroids = _fit(rows, k, iterations, init, seed, start)
         assignment, _ = _nearest(rows, centroids, distances=False)
     return centroids.cpu().numpy(), assignment.cpu().numpy()
@@ -336,7 +332,7 @@ def hierarchical_kmeans(
     rng = np.random.default_rng(seed)
     levels = []
     with exact_float32_products():
-        items = _on(x, dev)
+        items = on_device(x, dev)
         for level, k in enumerate(n_clusters):
             # _fit, not kmeans: the assignment is made once below (at N = 1M, k = 100k one is the cost of an iteration)
             centroids = _fit(items, k, iterations, init, seed=int(rng.integers(2**31 - 1)))
