@@ -79,7 +79,8 @@ class PretrainConfig:
     augmentation: str = "per_image"
     batched_image_size: int = 0
     # large JPEGs (photos) decoded at 1/2, 1/4 or 1/8 scale, never so small that a crop is upsampled
-    # (data/images.py: ReducedJpegDecode, crops_min_side): about 5x faster loading of 12-megapixel photos
+    # (data/images.py: ReducedJpegDecode, crops_min_side): a multi-crop item of a 12-megapixel photo
+    # 5.2x faster (docs/benchmarks.md)
     reduced_decode: bool = True
     # ---- optimisation (lr is for a global batch of 1024 with sqrt_wrt_1024, 256 with linear_wrt_256)
     lr: float = 0.004
