@@ -121,10 +121,11 @@ def visualize_attention(
         raise DinokitError(f"mass must be a share between 0 and 1 (e.g. 0.6 for 60%), got {mass}")
     prepare_output(out, example="attention.png", create=False, suffix=".png")
     refuse_inputs_as_outputs({"out": out}, [image])
+    picture = open_rgb(image)  # decoded once, for the model and the picture
     net = load(model, device)
-    x = model_input(net, image, image_size, resize_policy)
+    x = model_input(net, picture, image_size, resize_policy)
     maps = attention_maps(net, x, mass=mass)
-    rgb = shrink(np.asarray(open_rgb(image)), DRAWN_SIDE)
+    rgb = shrink(np.asarray(picture), DRAWN_SIDE)
     panels = [("image", rgb), ("mean over heads", heat_overlay(rgb, maps["mean"]))]
     panels += [(f"head {i}", heat_overlay(rgb, m)) for i, m in enumerate(maps["per_head"])]
     masks = maps["mass_masks"]
@@ -223,19 +224,21 @@ def visualize_similarity(
     """
     prepare_output(out, example="similarity.png", create=False, suffix=".png")
     refuse_inputs_as_outputs({"out": out}, [image] if target is None else [image, target])
-    source_rgb = np.asarray(open_rgb(image))
+    source_picture = open_rgb(image)  # each image decoded once, for the model and the picture
+    source_rgb = np.asarray(source_picture)
     try:
         pixel_to_patch(x, y, source_rgb.shape[:2], (1, 1))  # a pixel outside the image: an error before the model loads
     except ValueError as e:
         raise DinokitError(str(e)) from None
     net = load(model, device)
-    source = patch_features(net, [model_input(net, image, image_size, resize_policy)])[0]
+    source = patch_features(net, [model_input(net, source_picture, image_size, resize_policy)])[0]
     patch = pixel_to_patch(x, y, source_rgb.shape[:2], source.shape[:2])
     if target is None:
         target_rgb, target_feats = source_rgb, source
     else:
-        target_rgb = np.asarray(open_rgb(target))
-        target_feats = patch_features(net, [model_input(net, target, image_size, resize_policy)])[0]
+        target_picture = open_rgb(target)
+        target_rgb = np.asarray(target_picture)
+        target_feats = patch_features(net, [model_input(net, target_picture, image_size, resize_policy)])[0]
     cos = patch_similarity(source, patch, target_feats)
     marked = shrink(source_rgb, DRAWN_SIDE).copy()  # the pixel (x, y) drawn at (cx, cy) of the shrunk copy
     cx, cy = int(x * marked.shape[1] / source_rgb.shape[1]), int(y * marked.shape[0] / source_rgb.shape[0])
