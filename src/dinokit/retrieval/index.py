@@ -252,13 +252,7 @@ def training_rows(spec: str, count: int, seed: int = 0) -> np.ndarray:
     """Which of `count` vectors (indices, ascending) to train `spec` on: all of them, or where faiss would
     subsample anyway (more than TRAINING_POINTS_PER_CENTROID per IVF cell or PQ centroid) as many drawn
     at random (seeded): the vectors it would not look at need not be read into memory."""
-    centroids = 1
-    for part in spec.split(","):
-        if part.startswith("IVF"):
-            centroids = max(centroids, int(part[3:]))
-        if part.startswith("PQ"):
-            centroids = max(centroids, 2 ** int(part.split("x")[1]))
-    limit = TRAINING_POINTS_PER_CENTROID * centroids
+    limit = TRAINING_POINTS_PER_CENTROID * needed_training_points(spec)  # one point per centroid is the least
     if count <= limit:
         return np.arange(count)
     return np.sort(np.random.default_rng(seed).choice(count, limit, replace=False))
