@@ -546,6 +546,8 @@ class Trainer:
                 self.load_continued(continued)
                 del continued
             check_crop_sizes(cfg, self.model.student.backbone.patch_size)
+            # the k-NN monitor's images, checked before decode_to_memory's minutes (and any step)
+            self.knn_data = knn_monitor_data(cfg, self.model.student.backbone.patch_size)
             self.use_ibot = self.model.use_ibot
             self.frozen_teacher = None  # distillation's teacher: targets come from it, not the EMA
             if teacher_run is not None:
@@ -564,7 +566,6 @@ class Trainer:
                 self.dataset = MultiCropDataset(
                     self.paths, self.augmentation, seed=cfg.seed, min_side=self.augmentation.decode_min_side
                 )
-            self.knn_data = knn_monitor_data(cfg, self.model.student.backbone.patch_size)
         self.schedules = Schedules(
             lr=scale_lr(cfg.lr, self.global_batch, cfg.lr_scaling),
             min_lr=cfg.min_lr,
