@@ -26,6 +26,8 @@ import torch
 from scipy.ndimage import binary_dilation
 from skimage.morphology import disk
 
+from dinokit.maps.tracking import VOID
+
 
 def confusion_matrix(
     pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
@@ -76,9 +78,6 @@ def mean_depth_errors(per_image: list[dict | None]) -> dict:
     return {k: float(np.mean([r[k] for r in rows])) for k in ("rmse", "abs_rel", "delta1")} | {"images": len(rows)}
 
 
-DAVIS_VOID = 255  # DAVIS's masks mark no pixel void in its scores: its reader turns 255 into background
-
-
 def jaccard(truth: np.ndarray, pred: np.ndarray) -> float:
     """J of one object in one frame: IoU of two (H, W) bool masks; 1 where both are empty (DAVIS)."""
     union = np.logical_or(truth, pred).sum()
@@ -116,7 +115,7 @@ def boundary_f(truth: np.ndarray, pred: np.ndarray, bound_th: float = 0.008) -> 
 def frame_jf(pred: np.ndarray, truth: np.ndarray, objects: list[int]) -> tuple[list[float], list[float]]:
     """(J per object, F per object) of one frame: (H, W) index masks, object k = the pixels of index k
     (the truth's 255 counts as background, as DAVIS reads it)."""
-    truth = np.where(truth == DAVIS_VOID, 0, truth)
+    truth = np.where(truth == VOID, 0, truth)  # DAVIS's reader: void is background
     pairs = [(truth == k, pred == k) for k in objects]
     return [jaccard(t, p) for t, p in pairs], [boundary_f(t, p) for t, p in pairs]
 
