@@ -159,6 +159,9 @@ def test_released_linear_heads_by_name_and_what_a_wrong_one_is_told(tmp_path, mo
         official_linear_head(str(tmp_path / "three.pth"), str(weights), "cpu")
     with pytest.raises(DinokitError, match="pass the backbone it was trained on as model="):
         official_linear_head(str(tmp_path / "three.pth"), None, "cpu")
+    torch.save(torch.zeros(1000, 2 * 96), tmp_path / "tensor.pth")  # a bare tensor: was a RuntimeError
+    with pytest.raises(DinokitError, match=r"not a DINOv2 linear head for model=.*this file a Tensor"):
+        official_linear_head(str(tmp_path / "tensor.pth"), str(weights), "cpu")
 
     def offline(url, dst, progress=True):
         raise OSError("network unreachable")

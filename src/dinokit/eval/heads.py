@@ -125,8 +125,9 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
     weight = state.get("weight") if isinstance(state, dict) else None
     shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
     blocks = shape[1] // dim - 1 if shape is not None and len(shape) == 2 and shape[1] % dim == 0 else None
-    if set(state) != {"weight", "bias"} or shape is None or shape[0] != 1000 or blocks not in (1, 4):
-        found = f"weight {shape}" if shape is not None else f"keys {sorted(state)[:5]}"
+    if shape is None or set(state) != {"weight", "bias"} or shape[0] != 1000 or blocks not in (1, 4):
+        keys = f"keys {sorted(map(str, state))[:5]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        found = f"weight {shape}" if shape is not None else keys  # shape first: never set() / sorted() of a tensor
         raise DinokitError(
             f"{path} is not a DINOv2 linear head for model={model} (embed dim {dim}): a released head holds "
             f"weight (1000, 2 x {dim} or 5 x {dim}) and bias (1000,), this file {found}. Pass the backbone "
