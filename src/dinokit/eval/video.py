@@ -15,7 +15,7 @@ Frame preprocessing: preprocessing=dino is DINO's `read_frame` (the short side t
 long side to the aspect-kept length floored to a multiple of 64, bilinear without antialiasing, 8-bit,
 mean (0.485, 0.456, 0.406), std (0.228, 0.224, 0.225)), the input then cut to whole patches at its
 bottom and right edges as DINO's patch embedding does: the protocol behind DINO's published numbers, up
-to OpenCV's fixed-point rounding of the resize (a grey level here and there). preprocessing=dinokit is
+to OpenCV's fixed-point rounding of the resize (at most one grey level, docs/benchmarks.md). preprocessing=dinokit is
 the maps commands' (bicubic with antialiasing, std 0.229, the long side rounded to whole patches).
 
 Resumable: each sequence's scores are written (<out>/<sequence>/scores.json, atomically) when its last
