@@ -345,3 +345,10 @@ def test_queries_are_decoded_as_the_indexed_images_were(collection, tmp_path, mo
         hits = search_index(str(tmp_path / index), str(collection / "b" / "b1.png"), k=1, num_workers=0)
         assert hits[0]["hits"][0]["path"] == str(collection / "b" / "b1.png")
     assert [type(t.transforms[0]).__name__ == "ReducedJpegDecode" for t in seen] == [False, True]
+    meta_file = tmp_path / "idx_whole" / "index.json"  # an embedding older than its transform record: None
+    meta = json.loads(meta_file.read_text())
+    meta["embedding"]["transform"] = None  # was a TypeError ('in' None)
+    meta_file.write_text(json.dumps(meta))
+    hits = search_index(str(tmp_path / "idx_whole"), str(collection / "b" / "b1.png"), k=1, num_workers=0)
+    assert hits[0]["hits"][0]["path"] == str(collection / "b" / "b1.png")
+    assert type(seen[-1].transforms[0]).__name__ != "ReducedJpegDecode"

@@ -251,7 +251,8 @@ def embed_like_index(
     source = source or emb["model"]
     model = load_model(source, device=resolve_device(device))
     check_index_model(model, emb, source)
-    reduced = "ReducedJpegDecode" in emb.get("transform", "")  # indexes embedded before it decode whole
+    # indexes embedded before ReducedJpegDecode decode whole (and before the transform was recorded: None)
+    reduced = "ReducedJpegDecode" in (emb.get("transform") or "")
     transform = eval_transform(tuple(emb["image_size"]), emb["resize_policy"], reduced_decode=reduced)
     feats, kept, _ = extract_features(
         model,
