@@ -88,7 +88,7 @@ def prepare_data(out: Path, data: str | None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     listing = out / "train_images.txt"
     text = "".join(f"{Path(p).resolve()}\n" for p in train)
-    atomic_write(listing, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(listing, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return dict(
         train=train,
         test=test,
@@ -142,7 +142,7 @@ def knn_monitor_keys(out: Path, data: dict, size: int) -> dict:
         pairs = zip(data[split], data[f"{split}_labels"], strict=True)
         lines = "".join(f"{Path(p).resolve()},{data['classes'][y]}\n" for p, y in pairs)
         files[side] = out / f"knn_{side}.csv"
-        atomic_write(files[side], lambda tmp, text=lines: Path(tmp).write_text(text))
+        atomic_write(files[side], lambda tmp, text=lines: Path(tmp).write_text(text, encoding="utf-8"))
     return {
         "knn_every": 400,
         "knn_train": str(files["train"]),
@@ -271,7 +271,7 @@ def demo(
         f"Total demo time {(time.perf_counter() - start) / 60:.1f} min.",
     ]
     text = "\n".join(report) + "\n"
-    atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out_dir / "report.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     print("\n".join(f"{name}: {value:.1f}%" for name, value in results.items()))
     print(f"demo: learned features {verdict} random init by {gain:+.1f} points; report: {out_dir / 'report.md'}")
     return str(out_dir / "report.md")
