@@ -270,7 +270,7 @@ def visualize_matches(
 
     Top: `image` and `other` side by side, a line between the centres of each matched patch pair,
     coloured by cosine similarity. Below: each image with its best-match map (every patch's highest
-    cosine to any patch of the other image: the regions that drive a retrieval match).
+    cosine to any patch of the other image: where each has a counterpart in the other).
     max_matches: the sparse mode, at most this many pairs, the strongest spread out; none: every
     mutual match (dense). min_similarity: a cosine floor. ratio: Lowe's ratio test (e.g. 0.8).
     foreground_threshold (e.g. 0.5): match foreground patches only (PCA first component, as

@@ -1,5 +1,6 @@
 """Patch matching between two images (the DINOv3 notebooks' dense and sparse matching) and the
-best-match maps that show which regions drive a match (dinov2 #88).
+best-match maps that show which regions of each image have a counterpart in the other (dinov2 #88;
+a retrieval ranks by the CLS token, so these maps are a patch-level view of a match, not its cause).
 
 Inputs are two grids of patch features, A (h1, w1, D) and B (h2, w2, D), as
 `dinokit.maps.pca.patch_features` returns them. Patches are compared by cosine similarity,
@@ -32,7 +33,7 @@ def best_match_similarity(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each patch's highest cosine to any patch of the other image: ((h1, w1) for A against B,
     (h2, w2) for B against A), i.e. max_j S[i, j] and max_i S[i, j]. High where a region of one
-    image has a counterpart in the other: the regions that drive a retrieval match.
+    image has a counterpart in the other.
     similarity: S = cosine_matrix(a, b) where it is already computed (it is not computed again)."""
     s = cosine_matrix(a, b) if similarity is None else checked_similarity(similarity, a, b)
     return s.max(axis=1).reshape(a.shape[:2]), s.max(axis=0).reshape(b.shape[:2])
