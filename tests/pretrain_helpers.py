@@ -49,6 +49,14 @@ def run(data, out, **keys):
     return dinokit.pretrain(data=str(data), out=str(out), **{**TINY, **keys})
 
 
+def finished_run(root: Path, name: str) -> tuple[Path, Path]:
+    """(data, run folder) of a finished 4-iteration TINY run (DINOv2: DINO + iBOT + KoLeo) of
+    vit_nano_p2 under `root`: what continue_from= and distill_from= start from."""
+    data = tiny_images(root / "data")
+    run(data, root / name, max_iterations=4)
+    return data, root / name
+
+
 def run_torchrun(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node 2 args` on the CPU. On a timeout the test fails, and
     torchrun is stopped with SIGTERM, on which it stops its processes (each in a session of its own)."""

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from pretrain_helpers import run, tiny_images
+from pretrain_helpers import finished_run, run
 
 from dinokit.errors import DinokitError
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
@@ -14,10 +14,7 @@ from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("continue")
-    data = tiny_images(root / "data")
-    run(data, root / "first", max_iterations=4)
-    return data, root / "first"
+    return finished_run(tmp_path_factory.mktemp("continue"), "first")
 
 
 def test_a_continued_run_starts_from_the_whole_model_state_at_larger_crops(first_run, tmp_path, capsys):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import yaml
-from pretrain_helpers import TINY, run, run_torchrun, tiny_images
+from pretrain_helpers import TINY, finished_run, run, run_torchrun
 
 import dinokit
 from dinokit.errors import DinokitError
@@ -26,10 +26,7 @@ def narrow_backbone(path, patch_size: int = 2) -> str:
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
     """A finished 4-iteration DINOv2 run (DINO + iBOT + KoLeo, EMA centering) of vit_nano_p2."""
-    root = tmp_path_factory.mktemp("distil")
-    data = tiny_images(root / "data")
-    run(data, root / "teacher", max_iterations=4)
-    return data, root / "teacher"
+    return finished_run(tmp_path_factory.mktemp("distil"), "teacher")
 
 
 def test_a_narrower_student_learns_from_the_frozen_teacher_and_its_ema_is_exported(teacher_run, tmp_path, capsys):
