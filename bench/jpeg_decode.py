@@ -66,11 +66,15 @@ def main() -> None:
                 times[mode].append((time.perf_counter() - start) / len(paths))
                 inputs[mode] = torch.stack(batch)
         decoded = open_rgb(paths[0], decode_min_side(modes["reduced"])).size
-        augmentation = build_augmentation(resolve_config("dinov2_vits14", {}))
+        augmentations = {
+            mode: build_augmentation(resolve_config("dinov2_vits14", {"reduced_decode": mode == "reduced"}))
+            for mode in ("whole", "reduced")
+        }
+        augmentation = augmentations["reduced"]
         crops: dict[str, list[float]] = {"whole": [], "reduced": []}
         for _ in range(args.rounds):
-            for mode, min_side in (("whole", None), ("reduced", augmentation.decode_min_side)):
-                dataset = MultiCropDataset(paths, augmentation, min_side=min_side)
+            for mode, augmentation_of_mode in augmentations.items():
+                dataset = MultiCropDataset(paths, augmentation_of_mode)
                 start = time.perf_counter()
                 for i in range(len(paths)):
                     dataset[(i, i)]

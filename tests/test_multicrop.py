@@ -156,7 +156,15 @@ def test_pretraining_decodes_large_jpegs_at_a_scale_no_crop_upsamples(tmp_path):
     photo = tmp_path / "photo.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)).save(photo)
     seen = []
-    dataset = MultiCropDataset([photo], lambda image: seen.append(image.size) or {}, min_side=official.decode_min_side)
-    dataset[(0, 0)]
-    MultiCropDataset([photo], lambda image: seen.append(image.size) or {})[(0, 0)]
-    assert seen == [(1000, 750), (4000, 3000)]  # 1/4 scale (1/8: 375 < 507); whole without min_side
+
+    class Recorder:  # a multi-crop transform that records the decoded size it is given
+        def __init__(self, decode_min_side: int | None) -> None:
+            self.decode_min_side = decode_min_side
+
+        def __call__(self, image) -> dict:
+            seen.append(image.size)
+            return {}
+
+    MultiCropDataset([photo], Recorder(official.decode_min_side))[(0, 0)]
+    MultiCropDataset([photo], Recorder(None))[(0, 0)]
+    assert seen == [(1000, 750), (4000, 3000)]  # 1/4 scale (1/8: 375 < 507); whole without a min side

@@ -307,10 +307,14 @@ def crops_min_side(crops: list[tuple[int, Sequence[float]]]) -> int:
 
 
 def decode_min_side(transform) -> int | None:
-    """The `min_side` of a transform that starts with ReducedJpegDecode (a torchvision Compose), else None."""
+    """The short side a transform lets large JPEGs be decoded at: the `min_side` of a torchvision
+    Compose that starts with ReducedJpegDecode, or a multi-crop augmentation's `decode_min_side`; else
+    None (decode whole). The datasets that open files (ImageFiles, MultiCropDataset) read it here."""
     steps = getattr(transform, "transforms", None)
     first = steps[0] if steps else None
-    return first.min_side if isinstance(first, ReducedJpegDecode) else None
+    if isinstance(first, ReducedJpegDecode):
+        return first.min_side
+    return getattr(transform, "decode_min_side", None)
 
 
 class ImageFiles(torch.utils.data.Dataset):

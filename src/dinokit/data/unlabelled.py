@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from dinokit.data.batched_augmentations import BatchedMultiCrop
 from dinokit.data.collate import CropBatch, MultiCropCollate
-from dinokit.data.images import ImageFiles, ReducedJpegDecode, collate_skipping_bad, open_rgb
+from dinokit.data.images import ImageFiles, ReducedJpegDecode, collate_skipping_bad, decode_min_side, open_rgb
 from dinokit.errors import DinokitError
 
 
@@ -34,15 +34,15 @@ class MultiCropDataset(torch.utils.data.Dataset):
     orientation, any mode -> RGB); images smaller than a crop are upsampled by RandomResizedCrop.
 
     The augmentation's random draws come from a generator seeded by (seed, position), so they do not
-    depend on which worker processes the item or on the process's own RNG. min_side: large JPEGs are
-    decoded at a reduced scale whose sides stay >= min_side (`ReducedJpegDecode`, `crops_min_side`).
+    depend on which worker processes the item or on the process's own RNG. Large JPEGs are decoded at
+    the reduced scale the transform allows (`decode_min_side`: ReducedJpegDecode, crops_min_side).
     """
 
-    def __init__(self, paths: list[Path], transform, seed: int = 0, min_side: int | None = None) -> None:
+    def __init__(self, paths: list[Path], transform, seed: int = 0) -> None:
         self.paths = list(paths)
         self.transform = transform
         self.seed = seed
-        self.min_side = min_side
+        self.min_side = decode_min_side(transform)
 
     def __len__(self) -> int:
         return len(self.paths)

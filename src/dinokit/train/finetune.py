@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from dinokit import distributed as dist
 from dinokit.data.finetune_augmentation import SoftTargets, train_transform
-from dinokit.data.images import ImageFiles, check_readable, collate_skipping_bad, decode_min_side
+from dinokit.data.images import ImageFiles, check_readable, collate_skipping_bad
 from dinokit.data.transforms import check_image_size, describe
 from dinokit.data.unlabelled import MultiCropDataset, StreamBatchSampler
 from dinokit.errors import DinokitError
@@ -248,9 +248,7 @@ class Finetuner:
     def train_loader(self):
         """Batches of the sample stream from this run's position (`StreamBatchSampler`)."""
         cfg, workers = self.cfg, self.cfg.num_workers
-        dataset = MultiCropDataset(
-            self.train_paths, self.train_transform, seed=cfg.seed, min_side=decode_min_side(self.train_transform)
-        )
+        dataset = MultiCropDataset(self.train_paths, self.train_transform, seed=cfg.seed)
         sampler = StreamBatchSampler(
             len(dataset),
             cfg.batch_size,

@@ -563,9 +563,7 @@ class Trainer:
                 )
                 self.dataset = InMemoryMultiCrops(images, bad, self.augmentation, self.collate, cfg.seed)
             else:
-                self.dataset = MultiCropDataset(
-                    self.paths, self.augmentation, seed=cfg.seed, min_side=self.augmentation.decode_min_side
-                )
+                self.dataset = MultiCropDataset(self.paths, self.augmentation, seed=cfg.seed)
         self.schedules = Schedules(
             lr=scale_lr(cfg.lr, self.global_batch, cfg.lr_scaling),
             min_lr=cfg.min_lr,
