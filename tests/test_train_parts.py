@@ -218,43 +218,64 @@ def test_autocast_falls_back_to_fp32_with_one_warning_where_bf16_is_unsupported(
     assert isinstance(runtime.autocast(torch.device("cpu"), "bf16"), torch.autocast)
 
 
-def test_reuse_freed_memory_serves_large_tensors_from_the_heap_and_restores_the_defaults():
-    import ctypes
+REUSE_FREED_MEMORY_CHECK = """
+import ctypes, sys
+import torch
+from dinokit import runtime
 
-    from dinokit import runtime
-
-    libc = runtime._glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        with runtime.reuse_freed_memory() as applied:
-            assert applied == (libc is not None)  # elsewhere the block runs unchanged
-        pytest.skip("needs glibc >= 2.33 (mallinfo2) to observe where allocations come from")
-
-    fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
-
-    class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fields
-        _fields_ = tuple((name, ctypes.c_size_t) for name in fields)
-
-    libc.mallinfo2.restype = MallInfo2
-
-    def mapped_bytes() -> int:  # bytes in allocations that malloc mapped from the kernel on their own
-        return libc.mallinfo2().hblkhd
-
-    size = 64 * 2**20  # 64 MB: above glibc's largest mmap threshold (32 MB), so mapped by default
+libc = runtime._glibc()
+if libc is None or not hasattr(libc, "mallinfo2"):
     with runtime.reuse_freed_memory() as applied:
-        assert applied
-        with runtime.reuse_freed_memory() as nested:  # e.g. a dense probe run from a training script
-            assert nested
-        before = mapped_bytes()
-        inside = torch.empty(size, dtype=torch.uint8)
-        assert mapped_bytes() == before  # from the heap, also after the nested block closed
-        del inside
+        assert applied == (libc is not None)  # elsewhere the block runs unchanged
+    print("skip: needs glibc >= 2.33 (mallinfo2) to observe where allocations come from")
+    sys.exit(0)
+
+fields = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+
+
+class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fields
+    _fields_ = tuple((name, ctypes.c_size_t) for name in fields)
+
+
+libc.mallinfo2.restype = MallInfo2
+
+
+def mapped_bytes() -> int:  # bytes in allocations that malloc mapped from the kernel on their own
+    return libc.mallinfo2().hblkhd
+
+
+size = 64 * 2**20  # 64 MB: above glibc's largest mmap threshold (32 MB), so mapped by default
+with runtime.reuse_freed_memory() as applied:
+    assert applied
+    with runtime.reuse_freed_memory() as nested:  # e.g. a dense probe run from a training script
+        assert nested
     before = mapped_bytes()
-    outside = torch.empty(size, dtype=torch.uint8)
-    assert mapped_bytes() >= before + size  # defaults back: a fresh mapping again
-    del outside
-    with runtime.reuse_freed_memory(enabled=False) as applied:  # e.g. work on a GPU: unchanged
-        assert not applied
-        before = mapped_bytes()
-        disabled = torch.empty(size, dtype=torch.uint8)
-        assert mapped_bytes() >= before + size
-        del disabled
+    inside = torch.empty(size, dtype=torch.uint8)
+    assert mapped_bytes() == before  # from the heap, also after the nested block closed
+    del inside
+before = mapped_bytes()
+outside = torch.empty(2 * size, dtype=torch.uint8)  # larger than the freed block, which the heap keeps
+assert mapped_bytes() >= before + 2 * size  # defaults back: a fresh mapping again
+del outside
+with runtime.reuse_freed_memory(enabled=False) as applied:  # e.g. work on a GPU: unchanged
+    assert not applied
+    before = mapped_bytes()
+    disabled = torch.empty(2 * size, dtype=torch.uint8)
+    assert mapped_bytes() >= before + 2 * size
+    del disabled
+print("ok")
+"""
+
+
+def test_reuse_freed_memory_serves_large_tensors_from_the_heap_and_restores_the_defaults():
+    """In a fresh process: the heap of this one holds whatever blocks earlier tests freed inside such a
+    block, and malloc may serve an allocation from one of them whatever its settings (a flaky failure
+    of the 'fresh mapping' check in the full suite)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", REUSE_FREED_MEMORY_CHECK], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if result.stdout.startswith("skip"):
+        pytest.skip(result.stdout.strip())
+    assert result.stdout.strip() == "ok"
