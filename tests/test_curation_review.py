@@ -163,9 +163,11 @@ def test_index_build_holds_the_index_and_one_shard_not_every_vector(large_embedd
     flat = f'build_index(sys.argv[1], "{tmp_path / "flat"}")'
     # the flat index holds a copy (1; faiss grows it by doubling), the paths (0.09) and a few shards: 1.4
     assert peak_memory_ratio(setup, flat, large_embedding) < 1.8
-    # 16,384 training rows (0.13), 16-byte codes (0.02), the paths, faiss's training and a few shards: 0.8
+    # 16,384 training rows (0.13), 16-byte codes (0.02), the paths, faiss's training and a few shards:
+    # 0.71-0.86 in six fresh processes, but once 1.25 in a full-suite run (faiss's k-means training
+    # varies), so the bound sits between that and the old 3.6
     ivfpq = f'build_index(sys.argv[1], "{tmp_path / "ivfpq"}", kind="ivfpq", nlist=64, pq_m=16, pq_bits=6)'
-    assert peak_memory_ratio(setup, ivfpq, large_embedding) < 1.2
+    assert peak_memory_ratio(setup, ivfpq, large_embedding) < 2.0
 
 
 def test_an_index_built_shard_by_shard_is_the_index_built_at_once(tmp_path):
