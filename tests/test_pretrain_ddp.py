@@ -340,6 +340,35 @@ def test_an_error_of_one_process_after_they_join_is_printed_by_it(tmp_path):
     assert result.stderr.count("dinokit: error: stopping, as process 1 failed: no images on process 1") == 1
 
 
+# The k-NN monitor runs out of memory on process 1 alone.
+KNN_MONITOR_FAILS_ON_PROCESS_1 = """
+import importlib, os, sys
+from dinokit.cli import main
+pretrain = importlib.import_module("dinokit.train.pretrain")
+knn_top1 = pretrain.knn_top1
+def failing(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise MemoryError("k-NN out of memory on process 1")
+    return knn_top1(*args, **kwargs)
+pretrain.knn_top1 = failing
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_a_knn_monitor_failing_on_one_process_stops_the_others_with_its_error(tmp_path):
+    """Process 1's k-NN failed and it left; process 0 went on to the next step's collective and died
+    there with gloo's 'Connection closed by peer' traceback, which did not say why."""
+    val = write_classification_set(tmp_path / "data", per_class=2, size=16, seed=1, split="val")
+    monitor = f"knn_every=2 knn_train={tmp_path / 'data' / 'train'} knn_val={val}".split()
+    script = KNN_MONITOR_FAILS_ON_PROCESS_1.replace("*sys.argv[1:]]", f"*sys.argv[1:], *{monitor!r}]")
+    result = run_patched_pretraining(script, tmp_path, max_iterations=4)
+    assert result.returncode != 0
+    assert "[rank1]: MemoryError: k-NN out of memory on process 1" in result.stderr, result.stderr[-3000:]
+    assert "[rank0]: Traceback" not in result.stderr, result.stderr[-3000:]
+    stopping = "dinokit: error: stopping, as process 1 failed: MemoryError: k-NN out of memory on process 1"
+    assert result.stderr.count(stopping) == 1, result.stderr[-3000:]
+
+
 def test_compare_errors_keeps_a_process_own_error_where_the_comparison_fails(monkeypatch):
     """A process that raised in a compare_errors block, whose gather then failed (another process was
     killed meanwhile, or NCCL found no memory left for its buffers after a CUDA out-of-memory error),

@@ -941,7 +941,10 @@ class Trainer:
         started = time.perf_counter()
         backbone = self.model.teacher.backbone
         cuda = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
+        # compared across processes: one failing alone (out of memory) stops the others with its error
+        # instead of leaving them in the next step's collective (with FSDP the teacher's forward holds
+        # collectives, so only a failure after the last of them is caught so)
+        with dist.compare_errors(), torch.random.fork_rng(devices=cuda):
             top1 = knn_top1(
                 backbone,
                 self.knn_data,
