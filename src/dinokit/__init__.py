@@ -33,6 +33,7 @@ LAZY = {
     "pretrain": "dinokit.train.pretrain",
     "finetune": "dinokit.train.finetune",
     "predict_classification": "dinokit.eval.classification",
+    "load_released_depth_head": "dinokit.eval.released_depth",
     "eval_transform": "dinokit.data.transforms",
     "list_images": "dinokit.data.images",
     "extract_features": "dinokit.features.extract",

@@ -410,13 +410,7 @@ def predict_images(
     from dinokit.data.images import open_rgb
     from dinokit.eval.heads import head_inputs
 
-    paths = list_images(images)
-    names = output_names(paths, Path(images).expanduser())
-    check_outputs_spare_inputs(paths, names, *out_files)
-    check_readable(paths, images)
-    out_dir, suffixes = out_files
-    with folder_lock(out_dir, "predictions", wait=False):  # one predict or eval at a time in out
-        replace_predictions(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes], paths)
+    with prediction_files(images, out_files) as (paths, names):
         # decoded as the head's training images were (whole for a head written before the reduced decode)
         transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
         which = ("layer_patch_tokens", "layers") if meta.get("with_cls") else ("layer_patch_tokens",)
@@ -435,6 +429,22 @@ def predict_images(
                 yield names[i], rgb, upsample(output[j : j + 1], rgb.shape[:2])[0]
         if bad:
             print(f"skipped {len(bad)} unreadable image(s), e.g. {paths[bad[0]]}")
+
+
+@contextlib.contextmanager
+def prediction_files(images: str, out_files: tuple[Path, tuple[str, ...]]) -> Iterator[tuple[list[Path], list[str]]]:
+    """(image paths, output names) of a predict run over `images`, its output folder held (io.folder_lock)
+    meanwhile: outputs that would replace an input and an input of no readable image are refused first,
+    then the earlier run's predictions are removed and this run's files recorded (`replace_predictions`).
+    out_files: (output folder, suffixes of the files written per name)."""
+    paths = list_images(images)
+    names = output_names(paths, Path(images).expanduser())
+    check_outputs_spare_inputs(paths, names, *out_files)
+    check_readable(paths, images)
+    out_dir, suffixes = out_files
+    with folder_lock(out_dir, "predictions", wait=False):  # one predict or eval at a time in out
+        replace_predictions(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes], paths)
+        yield paths, names
 
 
 def check_outputs_spare_inputs(paths: list[Path], names: list[str], out_dir: Path, suffixes: tuple[str, ...]) -> None:

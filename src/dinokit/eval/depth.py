@@ -1,7 +1,8 @@
 """Linear depth probe: `dinokit eval depth` and `dinokit predict depth`.
 
 The DINOv2 linear depth head (`dinov2/hub/depth`: BNHead with classify=True, "UD" bins, "linear"
-normalisation), with the depth range as a real parameter (the official head hard-codes 0.001-80 m):
+normalisation), with the depth range as a real parameter (the official hub hard-codes 0.001-10 m, for
+its KITTI heads too; `dinokit.eval.released_depth` applies the released heads):
 - input: for each chosen block, its patch map and its CLS token broadcast over the map (2D channels
   per block), blocks concatenated; the blocks are the reference's (ViT-S/B [2, 5, 8, 11], ViT-L
   [4, 11, 17, 23], ViT-g [9, 19, 29, 39], else evenly spaced), or the last block alone; without the
@@ -301,41 +302,64 @@ def predict_depth(
     device: str = "auto",
     precision: str = "bf16",
     depth_scale: float | None = None,
+    max_depth: float | None = None,
 ) -> str:
     """Apply a saved depth head to new images: 16-bit depth PNGs and coloured pictures.
 
-    head: out/depth_head.safetensors of `dinokit eval depth`. images: a folder, an image or a list
-    file. model: the backbone (default: the one the head was trained on; checked by hash). Writes
-    out/<name>.png (uint16, depth x depth_scale, e.g. millimetres; <name> keeps the image's
-    subfolders) and out/<name>_depth.png. depth_scale: by default the one of training; depths beyond
-    65535 / depth_scale metres do not fit 16 bits and are clipped (with a warning). A rerun into the
-    same out first removes the earlier run's predictions (the files it listed in
-    out/.dinokit-predictions.json; no other file), so out holds this run's alone.
+    head: out/depth_head.safetensors of `dinokit eval depth`; or a released DINOv2 depth head, a name
+    dinov2_vit{s,b,l,g}14_{nyu,kitti}_{linear,linear4,dpt}_head (downloaded once, with its backbone) or
+    its .pth file (any .pth with model=), applied as the official hub does (each image whole at its own
+    size, one at a time: batch_size and num_workers do not apply; `dinokit.eval.released_depth`).
+    images: a folder, an image or a list file. model: the backbone (default: the one the head was
+    trained on, checked by hash; for a released head the one its name says, checked by shape). Writes
+    out/<name>.png (uint16, depth x depth_scale; <name> keeps the image's subfolders) and
+    out/<name>_depth.png. depth_scale: by default the one of training (1000: millimetres); for a released
+    head 1000 for NYU (up to 10 m) and 256 for KITTI (up to 80 m, KITTI's own PNG convention: 80 x 1000
+    does not fit 16 bits). Depths beyond 65535 / depth_scale metres are clipped (with a warning).
+    max_depth: a released head's range top in metres (default NYU 10, KITTI 80; needed where a .pth's
+    name does not say its dataset); a dinokit head keeps its trained range. A rerun into the same out
+    first removes the earlier run's predictions (the files it listed in out/.dinokit-predictions.json;
+    no other file), so out holds this run's alone.
     """
+    from dinokit.eval.released_depth import is_released_depth_head, load_released_depth_head, released_depth_maps
+
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
-    net, meta = load_depth_head(head)
-    backbone = backbone_for_head(meta, model, device)
-    net.to(resolve_device(device))
-    scale = meta["depth_scale"] if depth_scale is None else depth_scale
-    if scale <= 0:
-        raise DinokitError(f"depth_scale must be > 0 (PNG units per metre), got {scale}")
+    if depth_scale is not None and not depth_scale > 0:
+        raise DinokitError(f"depth_scale must be > 0 (PNG units per metre), got {depth_scale}")
+    out_files = (out_dir, (".png", "_depth.png"))
+    if is_released_depth_head(head):
+        depther = load_released_depth_head(head, model, device, max_depth, precision)
+        low, high = depther.min_depth, depther.max_depth
+        scale = depth_scale or (1000.0 if high * 1000 <= 65535 else 256.0)
+        maps = released_depth_maps(depther, images, out_files)
+        print(f"released depth head {head}: range {low:g}-{high:g} m, PNG units 1/{scale:g} m")
+    else:
+        if max_depth is not None:
+            raise DinokitError(
+                "max_depth= applies to released heads (.pth); a head of dinokit eval depth keeps the range it "
+                "was trained with: leave max_depth out"
+            )
+        net, meta = load_depth_head(head)
+        backbone = backbone_for_head(meta, model, device)
+        net.to(resolve_device(device))
+        low, high = meta["min_depth"], meta["max_depth"]
+        scale = depth_scale or meta["depth_scale"]
+        predictions = predict_images(net, meta, backbone, images, out_files, batch_size, num_workers, precision)
+        maps = ((name, rgb, pred[0].clamp(low, high).numpy()) for name, rgb, pred in predictions)
     count = clipped = 0
-    for name, rgb, pred in predict_images(
-        net, meta, backbone, images, (out_dir, (".png", "_depth.png")), batch_size, num_workers, precision
-    ):
-        depth = pred[0].clamp(meta["min_depth"], meta["max_depth"]).numpy()
+    for name, rgb, depth in maps:
         units, over = depth_units(depth, scale)
         clipped += over
         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out_dir / f"{name}.png", lambda tmp, u=units: Image.fromarray(u).save(tmp, format="PNG"))
-        save_panel(out_dir / f"{name}_depth.png", [rgb, colour_depth(depth, meta["min_depth"], meta["max_depth"])])
+        save_panel(out_dir / f"{name}_depth.png", [rgb, colour_depth(depth, low, high)])
         count += 1
     print(f"wrote {count} depth maps to {out_dir}")
     if clipped:
         print(
             f"warning: {clipped} pixel(s) deeper than {65535 / scale:g} m were clipped to 65535 in the 16-bit "
-            f"PNGs (depth_scale={scale:g}); pass depth_scale={math.floor(65535 / meta['max_depth'])} or lower "
-            f"to fit the head's range up to {meta['max_depth']:g} m"
+            f"PNGs (depth_scale={scale:g}); pass depth_scale={math.floor(65535 / high)} or lower "
+            f"to fit the head's range up to {high:g} m"
         )
     return str(out_dir)
 

@@ -150,14 +150,14 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
     return state, meta, backbone
 
 
-def check_released_backbone(head: str, model: str, backbone: Backbone) -> None:
-    """A head whose name says its released backbone (`head_backbone`) is refused on a backbone of
-    another shape: width, depth, patch or registers (a _reg head on a backbone without registers has the
-    same width, and would give wrong classes without an error)."""
+def check_released_backbone(head: str, model: str, backbone: Backbone, released: str | None = None) -> None:
+    """A head whose name says its released backbone (`released`, by default `head_backbone`'s) is
+    refused on a backbone of another shape: width, depth, patch or registers (a _reg head on a backbone
+    without registers has the same width, and would give wrong classes without an error)."""
     from dinokit.models.architectures import get_config
     from dinokit.models.hub import head_backbone
 
-    released = head_backbone(head)
+    released = released or head_backbone(head)
     if released is None:
         return
     config, net = get_config(released), backbone.model

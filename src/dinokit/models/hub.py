@@ -59,6 +59,33 @@ def official_head_url(name: str) -> str | None:
     return f"{_OFFICIAL}/dinov2/{base}/{full}_linear{layers}_head.pth"
 
 
+DEPTH_DATASETS = ("nyu", "kitti")
+DEPTH_HEAD_KINDS = ("linear", "linear4", "dpt")
+
+
+def depth_head_parts(name: str) -> tuple[str | None, str, str] | None:
+    """(backbone, dataset, kind) of a depth head named `<backbone>_<nyu|kitti>_<linear|linear4|dpt>_head`, or
+    of its file (.pth): dinov2_vitl14_kitti_dpt_head -> (dinov2_vitl14, kitti, dpt). backbone is None where
+    the prefix is no released backbone with depth heads (those without registers): my_nyu_dpt_head.pth ->
+    (None, nyu, dpt). Else None."""
+    stem = Path(name).name.removesuffix(".pth")
+    for dataset in DEPTH_DATASETS:
+        for kind in DEPTH_HEAD_KINDS:
+            prefix = stem.removesuffix(f"_{dataset}_{kind}_head")
+            if prefix != stem:
+                released = prefix in HF_NAMES and not prefix.endswith("_reg")
+                return (prefix if released else None), dataset, kind
+    return None
+
+
+def official_depth_head_url(name: str) -> str | None:
+    """Download URL of a released depth head name (`depth_head_parts`; a file name is a local file), else None."""
+    backbone, dataset, kind = depth_head_parts(name) or (None, None, None)
+    if backbone is None or Path(name).suffix:
+        return None
+    return f"{_OFFICIAL}/dinov2/{backbone}/{backbone}_{dataset}_{kind}_head.pth"
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DINOKIT_CACHE", Path.home() / ".cache" / "dinokit"))
 

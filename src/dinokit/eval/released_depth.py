@@ -1,0 +1,356 @@
+"""The released DINOv2 depth heads (NYU Depth v2 / KITTI; linear, linear4 and DPT), without mmcv.
+
+Meta released, per backbone dinov2_vit{s,b,l,g}14, heads `<backbone>_<nyu|kitti>_<linear|linear4|dpt>_head`
+(`hub.official_depth_head_url`). Applied as the official hub's depthers (`dinov2/hub/depthers.py`,
+`dinov2/hub/depth/*`, `notebooks/depth_estimation.ipynb`) compute:
+- the whole image at its own size, ImageNet-normalised, zero-padded to a multiple of the patch size
+  (`CenterPadding`: `snap_to_patch_multiple(x, p, "pad")`);
+- the backbone's blocks `depth_blocks` (ViT-S/B [2, 5, 8, 11], ViT-L [4, 11, 17, 23], ViT-g [9, 19, 29, 39];
+  the last block alone for `linear`), patch maps and CLS tokens, without the final LayerNorm;
+- linear / linear4: `LinearDepthHead` (BNHead: patch map + broadcast CLS per block, x4 bilinear, 1x1 conv
+  to 256 bins, linear bin normalisation); dpt: `DPTDepthHead` below;
+- the depth clamped to [min_depth, max_depth], then resized bilinearly to the image (unpadded).
+
+Depth ranges: NYU 0.001-10 m, KITTI 0.001-80 m, the datasets' (as the hub's DPT depthers). The hub
+builds every *linear* head with 0.001-10 m, KITTI's too (trained to 80 m), so the hub's KITTI linear
+depths are compressed by 8 (an older hub version had the opposite bug: 80 m for NYU);
+`max_depth=10` reproduces the hub there. Otherwise the differences are rounding: ImageNet mean / std on
+[0, 1] pixels instead of the notebook's x255 then (123.675, ...) / (58.395, ...); the linear head
+upsamples its logits instead of its features (`LinearDepthHead`); images are turned upright by their
+EXIF orientation (as everywhere in dinokit; the notebook's PIL `open` is not).
+"""
+
+import pickle
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from dinokit.errors import DinokitError
+from dinokit.eval.depth import LinearDepthHead, depth_blocks
+from dinokit.models import VisionTransformer
+from dinokit.models.vision_transformer import snap_to_patch_multiple
+from dinokit.runtime import autocast, effective_precision
+
+MIN_DEPTH = 0.001
+DATASET_RANGES = {"nyu": (MIN_DEPTH, 10.0), "kitti": (MIN_DEPTH, 80.0)}  # metres
+
+
+# ------------------------------------------------------------------------------------------ DPT head
+class ConvUnit(nn.Module):
+    """One convolution kept under `.conv`, as mmcv's ConvModule (no norm, no activation) names its weights."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class ResidualConvUnit(nn.Module):
+    """x + conv2(relu(conv1(relu(x)))), 3x3 convolutions without bias (DPT's pre-activation unit). The
+    official unit applies its ReLUs in place, but on a clone-kept input: the residual is x before them."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = ConvUnit(channels, channels, 3, padding=1, bias=False)
+        self.conv2 = ConvUnit(channels, channels, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class FusionBlock(nn.Module):
+    """DPT's feature fusion: x + unit1(skip) (the skip resized bilinearly to x where their sizes differ),
+    unit2, x2 bilinear (align_corners=True), 1x1 conv. The first block has no skip (no unit1)."""
+
+    def __init__(self, channels: int, with_skip: bool) -> None:
+        super().__init__()
+        self.project = ConvUnit(channels, channels, 1)
+        self.res_conv_unit1 = ResidualConvUnit(channels) if with_skip else None
+        self.res_conv_unit2 = ResidualConvUnit(channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:
+            if skip.shape != x.shape:
+                skip = F.interpolate(skip, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = x + self.res_conv_unit1(skip)
+        x = self.res_conv_unit2(x)
+        return self.project(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
+
+
+class Reassemble(nn.Module):
+    """4 blocks' tokens -> maps at 4x, 2x, 1x and 1/2 the patch grid with D/8, D/4, D/2, D channels. Per
+    block: Linear(2D, D) + GELU on [token, CLS] ("project" readout), 1x1 conv to its channels, then a
+    stride-4 and a stride-2 transposed conv, nothing, a stride-2 3x3 conv."""
+
+    def __init__(self, dim: int, channels: list[int]) -> None:
+        super().__init__()
+        self.readout_projects = nn.ModuleList(nn.Sequential(nn.Linear(2 * dim, dim), nn.GELU()) for _ in channels)
+        self.projects = nn.ModuleList(ConvUnit(dim, c, 1) for c in channels)
+        c0, c1, _, c3 = channels
+        self.resize_layers = nn.ModuleList(
+            [
+                nn.ConvTranspose2d(c0, c0, kernel_size=4, stride=4),
+                nn.ConvTranspose2d(c1, c1, kernel_size=2, stride=2),
+                nn.Identity(),
+                nn.Conv2d(c3, c3, kernel_size=3, stride=2, padding=1),
+            ]
+        )
+
+    def forward(self, tokens: torch.Tensor, cls: torch.Tensor, grid: tuple[int, int]) -> list[torch.Tensor]:
+        b, _, _, d = tokens.shape
+        maps = []
+        for i, readout in enumerate(self.readout_projects):
+            x = readout(torch.cat([tokens[:, i], cls[:, i, None].expand_as(tokens[:, i])], dim=-1))  # (B, N, D)
+            maps.append(self.resize_layers[i](self.projects[i](x.transpose(1, 2).reshape(b, d, *grid))))
+        return maps
+
+
+class DepthOutput(nn.Module):
+    """256 -> 128 (3x3), x2 bilinear (align_corners=True), -> 32 (3x3), ReLU, -> 1 (1x1): the hub's HeadDepth."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.head = nn.Sequential(
+            nn.Conv2d(channels, channels // 2, 3, padding=1),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+            nn.Conv2d(channels // 2, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 1, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+class DPTDepthHead(nn.Module):
+    """(B, 4, N, D) patch tokens + (B, 4, D) CLS of 4 blocks on an (h, w) grid -> depth (B, 1, 32 ceil(h/2),
+    32 ceil(w/2)) >= min_depth: the released DPT head (the hub's DPTHead, readout "project", 256 channels).
+    Reassembled maps -> 3x3 convs to 256 -> fusion from the coarsest map up, each finer map a skip -> 3x3
+    conv + ReLU -> DepthOutput -> relu + min_depth. Its state-dict keys are the released files' without
+    `decode_head.`."""
+
+    def __init__(self, embed_dim: int, min_depth: float = MIN_DEPTH, channels: int = 256) -> None:
+        super().__init__()
+        widths = [embed_dim // 8, embed_dim // 4, embed_dim // 2, embed_dim]
+        self.reassemble_blocks = Reassemble(embed_dim, widths)
+        self.convs = nn.ModuleList(ConvUnit(c, channels, 3, padding=1, bias=False) for c in widths)
+        self.fusion_blocks = nn.ModuleList(FusionBlock(channels, with_skip=i > 0) for i in range(4))
+        self.project = ConvUnit(channels, channels, 3, padding=1)
+        self.conv_depth = DepthOutput(channels)
+        self.min_depth = min_depth
+
+    def forward(self, tokens: torch.Tensor, cls: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        maps = [conv(x) for conv, x in zip(self.convs, self.reassemble_blocks(tokens, cls, grid), strict=True)]
+        x = self.fusion_blocks[0](maps[3])
+        for block, skip in zip(self.fusion_blocks[1:], maps[2::-1], strict=True):
+            x = block(x, skip)
+        x = F.relu(self.project(x))
+        return F.relu(self.conv_depth(x)) + self.min_depth
+
+
+# ----------------------------------------------------------------------------------- backbone + head
+class ReleasedDepther(nn.Module):
+    """A backbone and a released depth head, as the hub's DepthEncoderDecoder.whole_inference:
+    ImageNet-normalised images (B, 3, H, W) -> depth in metres (B, 1, H, W) in [min_depth, max_depth].
+    The backbone runs under `precision` (bf16 autocast, or fp32), the head in fp32."""
+
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        head: nn.Module,
+        blocks: tuple[int, ...],
+        min_depth: float,
+        max_depth: float,
+        precision: str = "fp32",
+    ) -> None:
+        super().__init__()
+        self.backbone, self.head, self.blocks = backbone, head, tuple(blocks)
+        self.min_depth, self.max_depth, self.precision = min_depth, max_depth, precision
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        padded = snap_to_patch_multiple(images, self.backbone.patch_size, "pad")
+        with autocast(images.device, self.precision):
+            layers = self.backbone.get_intermediate_layers(
+                padded, n=list(self.blocks), return_class_token=True, norm=False
+            )
+        tokens = torch.stack([patches for patches, _ in layers], dim=1).float()  # (B, L, N, D)
+        cls = torch.stack([c for _, c in layers], dim=1).float()  # (B, L, D)
+        depth = self.head(tokens, cls, self.backbone.grid_size(*padded.shape[-2:]))
+        depth = depth.clamp(self.min_depth, self.max_depth)
+        return F.interpolate(depth, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+    @torch.inference_mode()
+    def predict(self, image: str | Path | Image.Image) -> np.ndarray:
+        """(H, W) float32 depth in metres of one image at its own size (a file is decoded upright, as RGB)."""
+        from dinokit.data.images import open_rgb, to_rgb
+        from dinokit.data.transforms import normalize
+
+        picture = open_rgb(image) if isinstance(image, (str, Path)) else to_rgb(image)
+        x = normalize()(picture)[None].to(next(self.parameters()).device)
+        return self(x)[0, 0].cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------------- loading
+def is_released_depth_head(head: str | Path) -> bool:
+    """A released depth head name (dinov2_vits14_nyu_dpt_head, ...) or a .pth / .pt file (dinokit's own
+    head files are safetensors); an existing folder is not."""
+    from dinokit.models.hub import official_depth_head_url
+
+    path = Path(head).expanduser()
+    return not path.is_dir() and (official_depth_head_url(str(head)) is not None or path.suffix in (".pth", ".pt"))
+
+
+def read_decode_head(path: Path) -> dict[str, torch.Tensor]:
+    """The `decode_head.*` tensors of a released head file (under "state_dict" where present, as mmcv's
+    `load_checkpoint` reads it), without the prefix; other keys (a backbone's) are ignored. Read with
+    weights_only: a file that also pickles Python objects (an mmcv `meta` record) is refused."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DinokitError(
+            f"{path} holds Python objects besides its weights (e.g. an mmcv `meta` record), which dinokit does "
+            f"not unpickle ({first}). Where you trust the file, keep its weights alone and pass that file: "
+            "python -c \"import torch; c = torch.load('IN.pth', weights_only=False); "
+            "torch.save({'state_dict': c['state_dict']}, 'OUT.pth')\""
+        ) from None
+    except Exception as e:  # damaged, cut short, not a torch file
+        raise DinokitError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    keys = [k for k in state if isinstance(k, str)] if isinstance(state, dict) else []
+    head = {k.removeprefix("decode_head."): state[k] for k in keys if k.startswith("decode_head.")}
+    if not head or not all(isinstance(v, torch.Tensor) for v in head.values()):
+        found = f"keys {sorted(keys)[:5]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise DinokitError(
+            f"{path} is not a DINOv2 depth head: a released head holds decode_head.* weights (e.g. "
+            f"decode_head.conv_depth.weight), this file {found}. Pass a released depth head (such as "
+            "dinov2_vits14_nyu_linear4_head) or a head file of `dinokit eval depth`"
+        )
+    return {k: v.float() for k, v in head.items()}
+
+
+def build_head(state: dict[str, torch.Tensor], kind: str | None, dim: int, min_depth: float, max_depth: float):
+    """(head module, its number of blocks) for `state` (`read_decode_head`) on a backbone of width `dim`:
+    the kind the name says (linear: 1 block, linear4: 4, dpt), or where the name says none, the one its keys
+    show. Raises ValueError listing the keys that are missing, unexpected or of another shape."""
+    if kind == "dpt" or (kind is None and "conv_depth.weight" not in state):
+        kind, head, layers, rename = "dpt", DPTDepthHead(dim, min_depth), 4, {}
+    else:
+        found = state.get("conv_depth.weight")
+        blocks = found.shape[1] / (2 * dim) if found is not None and found.ndim == 4 else None
+        layers = {"linear": 1, "linear4": 4}.get(kind, 1 if blocks == 1 else 4)  # unnamed: as its weight shows
+        kind, head = "linear" if layers == 1 else "linear4", LinearDepthHead(dim, layers, min_depth, max_depth)
+        rename = {"conv_depth.weight": "conv.weight", "conv_depth.bias": "conv.bias"}  # released -> LinearDepthHead
+    own = head.state_dict()
+    wanted = {released: own[mine] for released, mine in rename.items()} if rename else own
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(set(state) - set(wanted))
+    other = [
+        f"{k} {tuple(state[k].shape)} (wanted {tuple(v.shape)})"
+        for k, v in wanted.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or other:
+        problems = [
+            f"{what} {items[:5]}{' ...' if len(items) > 5 else ''}"
+            for what, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", other))
+            if items
+        ]
+        raise ValueError(f"{kind} head keys " + "; ".join(problems))
+    loaded = {rename.get(k, k): v for k, v in state.items()}
+    head.load_state_dict({**head.state_dict(), **loaded})
+    return head.eval(), layers
+
+
+def depth_range(dataset: str | None, max_depth: float | None, head: str) -> tuple[float, float]:
+    """(min_depth, max_depth) in metres: `max_depth` where given, else the dataset's the name says."""
+    if max_depth is not None:
+        if not max_depth > MIN_DEPTH:
+            raise DinokitError(f"max_depth must be > {MIN_DEPTH} m (the heads' min_depth), got {max_depth}")
+        return MIN_DEPTH, float(max_depth)
+    if dataset is None:
+        raise DinokitError(
+            f"{head}: its name does not say the dataset the head was trained on (..._nyu_... or ..._kitti_...), "
+            "which sets its depth range: pass max_depth=10 (NYU Depth v2) or max_depth=80 (KITTI)"
+        )
+    return DATASET_RANGES[dataset]
+
+
+def load_released_depth_head(
+    head: str,
+    model: str | None = None,
+    device: str = "auto",
+    max_depth: float | None = None,
+    precision: str = "fp32",
+) -> ReleasedDepther:
+    """A released DINOv2 depth head with its backbone, ready for images (`ReleasedDepther`, `.predict(image)`
+    -> (H, W) metres). head: a released name such as dinov2_vits14_nyu_linear4_head or dinov2_vitl14_kitti_dpt_head
+    (downloaded once into the cache), or its .pth file. model: the backbone; by default the released
+    one the name says (a backbone of another width, depth or patch is refused). max_depth: the depth range's
+    top in metres; by default the dataset's (NYU 10, KITTI 80). precision: the backbone's, fp32 or bf16."""
+    from dinokit.eval.common import prepare_backbone
+    from dinokit.eval.heads import check_released_backbone
+    from dinokit.models.hub import _download_url, depth_head_parts, official_depth_head_url
+    from dinokit.runtime import resolve_device
+
+    effective_precision(resolve_device(device), precision)  # a bad precision= fails before any download
+    released, dataset, kind = depth_head_parts(str(head)) or (None, None, None)
+    min_depth, top = depth_range(dataset, max_depth, str(head))
+    model = model or released
+    if model is None:
+        raise DinokitError(
+            f"{head} is a .pth head whose name is not a released depth head's: pass the backbone it was trained "
+            "on as model=... (e.g. model=dinov2_vits14 for dinov2_vits14_nyu_linear4_head.pth)"
+        )
+    url = official_depth_head_url(str(head))
+    path = _download_url(str(head), url, key="head") if url is not None and not Path(head).exists() else Path(head)
+    path = path.expanduser()
+    if not path.is_file():
+        raise DinokitError(
+            f"head file not found: {path} (a released depth head name has no extension, e.g. "
+            "dinov2_vits14_nyu_linear4_head)"
+        )
+    state = read_decode_head(path)
+    backbone = prepare_backbone(model, device, 0)
+    check_released_backbone(str(head), model, backbone, released)
+    net = backbone.model
+    try:
+        depth_head, layers = build_head(state, kind, net.embed_dim, min_depth, top)
+    except ValueError as e:
+        expected = released or f"model={model}"
+        raise DinokitError(
+            f"{path} does not fit a DINOv2 depth head on {expected} (width {net.embed_dim}, {len(net.blocks)} "
+            f"blocks): {e}. Pass the backbone the head was released with as model=..."
+        ) from None
+    blocks = depth_blocks(len(net.blocks), layers)
+    return ReleasedDepther(net, depth_head.to(next(net.parameters()).device), blocks, min_depth, top, precision)
+
+
+def released_depth_maps(
+    depther: ReleasedDepther, images: str, out_files
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Yield (output name, RGB array, (H, W) depth in metres) per readable image of `images`, one image at a
+    time at its own size; the output folder is held as `dense.predict_images` holds it."""
+    from tqdm import tqdm
+
+    from dinokit.data.images import UnreadableImage, open_rgb
+    from dinokit.eval.dense import prediction_files
+
+    with prediction_files(images, out_files) as (paths, names):
+        bad = []
+        for path, name in tqdm(list(zip(paths, names, strict=True)), desc="depth", unit="image", leave=False):
+            try:
+                picture = open_rgb(path)
+            except UnreadableImage:
+                bad.append(path)
+                continue
+            yield name, np.asarray(picture), depther.predict(picture)
+        if bad:
+            print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
