@@ -277,6 +277,9 @@ def predict_segmentation(
     num_workers: int = 2,
     device: str = "auto",
     precision: str = "bf16",
+    scales: list[float] | None = None,
+    flip: bool | None = None,
+    image_size: int | None = None,
 ) -> str:
     """Apply a saved segmentation head to new images: class-index PNGs and coloured overlays.
 
@@ -286,8 +289,30 @@ def predict_segmentation(
     it is a class index) and out/<name>_overlay.png; <name> keeps the image's subfolders. A rerun into
     the same out first removes the earlier run's predictions (the files it listed in
     out/.dinokit-predictions.json; no other file), so out holds this run's alone.
+
+    Or a released DINOv2 head: a name <dinov2_vit{s,b,l,g}14>_<ade20k|voc2012>_<linear|ms>_head
+    (downloaded once, with its backbone), its .pth file, or any such .pth with model= its backbone.
+    Applied as the official evaluation (eval/released_segmentation.py): slide inference (512 x 512
+    windows, stride 341) on the image resized to the scale (4 x image_size, image_size) x each ratio
+    of scales, and its mirror image where flip; the views' softmax averaged. scales: default [1.0] for
+    a linear head, [1.0, 1.32, 1.73] for an ms one; flip: default false / true; image_size: 512.
+    batch_size counts windows; num_workers is ignored (one image at a time). Writes out/classes.json
+    too: the class names in index order (ADE20K's 150 or VOC2012's 21; null for an unnamed file
+    without them) and the settings. scales, flip and image_size apply to released heads only.
     """
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
+    from dinokit.eval.released_segmentation import is_released_segmentation_head, predict_released_segmentation
+
+    if is_released_segmentation_head(head):
+        return predict_released_segmentation(
+            head, images, out_dir, model, scales, flip, image_size, batch_size, device, precision
+        )
+    given = [k for k, v in (("scales", scales), ("flip", flip), ("image_size", image_size)) if v is not None]
+    if given:
+        raise DinokitError(
+            f"{', '.join(given)} apply to the released DINOv2 heads only; {head} is a dinokit head file, applied "
+            "at the image size and blocks it was trained with: leave them out"
+        )
     net, meta = load_segmentation_head(head)
     backbone = backbone_for_head(meta, model, device)
     net.to(resolve_device(device))

@@ -1,0 +1,277 @@
+"""The released DINOv2 segmentation heads (`dinokit predict segmentation head=dinov2_vits14_ade20k_ms_head`):
+head files in the official format (random tensors under the official keys for a tiny backbone), checked
+against a transcription of mmseg's computation written out here, and the command end to end."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import perturb_scales_and_norms
+from PIL import Image
+
+from dinokit import create_model, export_model
+from dinokit.cli import main
+from dinokit.errors import DinokitError
+from dinokit.eval.released_segmentation import (
+    InferenceSettings,
+    iter_views,
+    load_released_head,
+    mean_probabilities,
+    released_name,
+    released_url,
+    rescale_size,
+    segment_image,
+    slide_windows,
+    view_scales,
+)
+from dinokit.eval.segmentation_classes import ADE20K_CLASSES, VOC2012_CLASSES
+
+DIM, DEPTH, PATCH = 96, 4, 4  # vit_micro_p4
+
+
+def official_head_file(path: Path, width: int, classes: int, seed: int = 0, meta: dict | None = None) -> dict:
+    """An mmcv checkpoint as released: state_dict with decode_head.bn.* and decode_head.conv_seg.*
+    (random, BN running statistics included), and a meta dict if given. Returns the tensors."""
+    g = torch.Generator().manual_seed(seed)
+    state = {
+        "decode_head.bn.weight": 1 + 0.3 * torch.randn(width, generator=g),
+        "decode_head.bn.bias": 0.3 * torch.randn(width, generator=g),
+        "decode_head.bn.running_mean": 0.5 * torch.randn(width, generator=g),
+        "decode_head.bn.running_var": 0.5 + torch.rand(width, generator=g),
+        "decode_head.bn.num_batches_tracked": torch.tensor(1000),
+        "decode_head.conv_seg.weight": 0.1 * torch.randn(classes, width, 1, 1, generator=g),
+        "decode_head.conv_seg.bias": torch.randn(classes, generator=g),
+    }
+    torch.save({"state_dict": state} | ({"meta": meta} if meta is not None else {}), path)
+    return state
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """A tiny backbone with non-trivial norms, exported: (module, file)."""
+    torch.manual_seed(0)
+    net = perturb_scales_and_norms(create_model("vit_micro_p4")).eval()
+    folder = tmp_path_factory.mktemp("released_seg")
+    return net, export_model(net, folder / "micro.safetensors")
+
+
+# ------------------------------------------------------------------------ the official computation, written out
+def reference_probabilities(net, state, blocks, rgb, scales, flip, image_size, crop, stride) -> torch.Tensor:
+    """(C, H, W) mean softmax of mmseg 0.x's aug_test with the DINOv2 notebook's segmenter: per ratio and
+    flip, mmcv imrescale to (4 S r, S r), Normalize, slide_inference (encode_decode: CenterPadding ->
+    get_intermediate_layers(out_indices, reshape=True) -> BNHead on in_index -> resize to the crop), resize
+    to the original size, softmax, flip back; averaged."""
+    height, width = rgb.shape[:2]
+    img = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    mean = torch.tensor([123.675, 116.28, 103.53])[None, :, None, None]
+    std = torch.tensor([58.395, 57.12, 57.375])[None, :, None, None]
+    out_indices = [DEPTH - 4, DEPTH - 3, DEPTH - 2, DEPTH - 1]
+    in_index = [3] if blocks == 1 else [0, 1, 2, 3]
+    w_conv, b_conv = state["decode_head.conv_seg.weight"], state["decode_head.conv_seg.bias"]
+    outputs = []
+    for ratio in scales:
+        long_side, short_side = int(4 * image_size * ratio), int(image_size * ratio)
+        factor = min(long_side / max(height, width), short_side / min(height, width))
+        h, w = int(height * factor + 0.5), int(width * factor + 0.5)
+        resized = img
+        if (h, w) != (height, width):
+            resized = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False).round().clamp(0, 255)
+        for flipped in (False, True) if flip else (False,):
+            x = ((resized.flip(3) if flipped else resized) - mean) / std
+            h_grids = max(h - crop + stride - 1, 0) // stride + 1
+            w_grids = max(w - crop + stride - 1, 0) // stride + 1
+            preds = torch.zeros(1, len(b_conv), h, w)
+            count = torch.zeros(1, 1, h, w)
+            for h_idx in range(h_grids):
+                for w_idx in range(w_grids):
+                    y1, x1 = h_idx * stride, w_idx * stride
+                    y2, x2 = min(y1 + crop, h), min(x1 + crop, w)
+                    y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+                    crop_img = x[:, :, y1:y2, x1:x2]
+                    pads = []
+                    for size in (crop_img.shape[3], crop_img.shape[2]):  # CenterPadding: last dim first
+                        extra = math.ceil(size / PATCH) * PATCH - size
+                        pads += [extra // 2, extra - extra // 2]
+                    feats = net.get_intermediate_layers(F.pad(crop_img, pads), n=out_indices, reshape=True)
+                    cat = torch.cat([feats[i] for i in in_index], dim=1)
+                    bn = F.batch_norm(
+                        cat,
+                        state["decode_head.bn.running_mean"],
+                        state["decode_head.bn.running_var"],
+                        state["decode_head.bn.weight"],
+                        state["decode_head.bn.bias"],
+                        training=False,
+                        eps=1e-5,
+                    )
+                    logit = F.conv2d(bn, w_conv, b_conv)
+                    logit = F.interpolate(logit, size=crop_img.shape[2:], mode="bilinear", align_corners=False)
+                    preds += F.pad(logit, (x1, w - x2, y1, h - y2))
+                    count[:, :, y1:y2, x1:x2] += 1
+            seg = F.interpolate(preds / count, size=(height, width), mode="bilinear", align_corners=False)
+            prob = seg.softmax(dim=1)
+            outputs.append(prob.flip(3) if flipped else prob)
+    return (sum(outputs) / len(outputs))[0]
+
+
+@pytest.mark.parametrize("kind", ["linear", "ms"])
+def test_parity_with_the_official_slide_multiscale_flip_computation(micro, tmp_path, kind):
+    """fp32, crop 30 / stride 19 (windows overlapping, padded 30 -> 32), on images of 40 x 70 (kept at
+    ratio 1.0, enlarged at 1.32), 22 x 50 (shorter than a crop, enlarged at every ratio) and 60 x 100
+    (reduced: its logits enlarged back to its size)."""
+    net, weights = micro
+    blocks, scales, flip = (1, (1.0,), False) if kind == "linear" else (4, (1.0, 1.32), True)
+    state = official_head_file(tmp_path / "head.pth", blocks * DIM, 7)
+    released = load_released_head(str(tmp_path / "head.pth"), weights, "cpu")
+    assert (released.kind, released.blocks, released.classes) == (kind, blocks, None)
+    settings = InferenceSettings(scales, flip, image_size=40, crop=30, stride=19, batch_size=5, precision="fp32")
+    rng = np.random.default_rng(0)
+    for height, width in ((40, 70), (22, 50), (60, 100)):
+        rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        image = torch.from_numpy(rgb).permute(2, 0, 1)
+        with torch.no_grad():
+            views = list(iter_views(released, image, settings))
+            expected = reference_probabilities(net, state, blocks, rgb, scales, flip, 40, 30, 19)
+            # bands of 2 rows, views kept; or each view's probabilities summed at the image's size
+            kept = segment_image(released, image, settings, keep_views=True, band_bytes=4 * 7 * width * 2)
+            summed = segment_image(released, image, settings, keep_views=False, band_bytes=4 * 7 * width * 2)
+        assert [tuple(v.shape[1:]) for v in views] == settings.view_sizes(height, width)
+        got = mean_probabilities(views, (height, width))
+        assert got.shape == (7, height, width)
+        assert (got - expected).abs().max() < 1e-5
+        assert torch.equal(kept, got.argmax(0)) and torch.equal(summed, kept)
+        assert (kept == expected.argmax(0)).float().mean() > 0.999
+
+
+def test_windows_and_scales_by_hand():
+    # 40 x 70, crop 28, stride 19: rows [0, 28), [12, 40); columns [0, 28), [19, 47), [38, 66), [42, 70)
+    windows = slide_windows(40, 70, 28, 19)
+    rows, cols = [(0, 28), (12, 40)], [(0, 28), (19, 47), (38, 66), (42, 70)]
+    assert windows == [(y1, y2, x1, x2) for y1, y2 in rows for x1, x2 in cols]
+    count = np.zeros((40, 70), dtype=int)
+    for y1, y2, x1, x2 in windows:
+        count[y1:y2, x1:x2] += 1
+    col_count = np.array([1] * 19 + [2] * 9 + [1] * 10 + [2] * 4 + [3] * 5 + [2] * 19 + [1] * 4)
+    row_count = np.array([1] * 12 + [2] * 16 + [1] * 12)
+    assert np.array_equal(count, row_count[:, None] * col_count[None, :])
+    # an image within one crop: one window, the whole image; the mmseg test scale and ratios
+    assert slide_windows(20, 512, 512, 341) == [(0, 20, 0, 512)]
+    assert len(slide_windows(512, 683, 512, 341)) == 2 and len(slide_windows(885, 1180, 512, 341)) == 3 * 3
+    assert view_scales(512, (1.0, 1.32, 1.73)) == [(2048, 512), (2703, 675), (3543, 885)]
+    assert rescale_size(375, 500, (2048, 512)) == (512, 683)  # factor 512 / 375: 682.67 + 0.5 -> 683
+    assert rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # the long side binds: factor 2.048
+    assert rescale_size(500, 375, (2703, 675)) == (900, 675)
+
+
+def test_released_names_and_urls():
+    name = released_name("dinov2_vitb14_voc2012_ms_head")
+    assert (name.backbone, name.dataset, name.kind) == ("dinov2_vitb14", "voc2012", "ms")
+    assert released_url("dinov2_vitb14_voc2012_ms_head") == (
+        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_voc2012_ms_head.pth"
+    )
+    assert released_name("/downloads/dinov2_vitg14_ade20k_linear_head.pth").backbone == "dinov2_vitg14"
+    assert released_url("/downloads/dinov2_vitg14_ade20k_linear_head.pth") is None  # a file: never downloaded
+    for other in ("dinov2_vits14_linear_head", "dinov2_vits14_reg_ade20k_linear_head", "dinov2_vits14_nyu_dpt_head"):
+        assert released_name(other) is None
+    assert len(ADE20K_CLASSES) == 150 and ADE20K_CLASSES[:3] == ("wall", "building", "sky")
+    assert ADE20K_CLASSES[7] == "bed" and ADE20K_CLASSES[-1] == "flag"
+    assert len(VOC2012_CLASSES) == 21 and VOC2012_CLASSES[0] == "background" and VOC2012_CLASSES[-1] == "tvmonitor"
+
+
+def test_cli_masks_at_the_images_sizes_with_the_class_names(micro, tmp_path, capsys):
+    _, weights = micro
+    names = [f"thing{i}" for i in range(5)]
+    official_head_file(tmp_path / "my_head.pth", 4 * DIM, 5, meta={"CLASSES": tuple(names), "PALETTE": [[0, 0, 0]] * 5})
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    sizes = {"a": (30, 45), "sub/b": (41, 23)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / f"{name}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    args = ["predict", "segmentation", f"head={tmp_path / 'my_head.pth'}", f"model={weights}", f"images={images}"]
+    keys = ["image_size=16", "scales=[1.0,1.5]", "precision=fp32", f"out={out}"]
+    assert main([*args, *keys]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped 1 unreadable image" in printed and "wrote 2 masks" in printed
+    for name, size in sizes.items():
+        mask = np.asarray(Image.open(out / f"{name}.png"))
+        assert mask.shape == size and mask.dtype == np.uint8 and mask.max() < 5
+        assert Image.open(out / f"{name}_overlay.png").size == (2 * size[1] + 4, size[0])
+    record = json.loads((out / "classes.json").read_text())
+    assert record["classes"] == names and record["kind"] == "ms" and record["flip"] is True
+    assert record["scales"] == [1.0, 1.5] and record["image_size"] == 16
+    # bf16 autocast (the default): the backbone's features rounded, the masks nearly the same
+    assert main([*args, *keys[:2], f"out={tmp_path / 'bf16'}"]) == 0
+    for name in sizes:
+        fp32, bf16 = (np.asarray(Image.open(folder / f"{name}.png")) for folder in (out, tmp_path / "bf16"))
+        assert (fp32 == bf16).mean() > 0.9
+
+    # a dinokit head file takes no released-head keys
+    with pytest.raises(DinokitError, match="apply to the released DINOv2 heads only"):
+        from dinokit.eval.segmentation import predict_segmentation
+
+        predict_segmentation(str(tmp_path / "x.safetensors"), str(images), str(tmp_path / "o2"), scales=[1.0])
+
+
+class NotPlain:  # pickled by torch.save; weights_only refuses it
+    pass
+
+
+def test_what_a_wrong_head_or_backbone_is_told(micro, tmp_path, monkeypatch):
+    _, weights = micro
+    official_head_file(tmp_path / "dinov2_vits14_ade20k_linear_head.pth", DIM, 150)
+    with pytest.raises(DinokitError, match=r"released for dinov2_vits14 .* pass model=dinov2_vits14"):
+        load_released_head(str(tmp_path / "dinov2_vits14_ade20k_linear_head.pth"), weights, "cpu")
+    official_head_file(tmp_path / "wide.pth", 2 * DIM, 3)
+    with pytest.raises(DinokitError, match=r"takes 192 feature channels.*gives 96 \(linear\) or 384 \(ms\)"):
+        load_released_head(str(tmp_path / "wide.pth"), weights, "cpu")
+    with pytest.raises(DinokitError, match="pass the backbone it was trained on as model="):
+        load_released_head(str(tmp_path / "wide.pth"), None, "cpu")
+    torch.save({"weight": torch.zeros(1000, 2 * DIM), "bias": torch.zeros(1000)}, tmp_path / "cls.pth")
+    with pytest.raises(DinokitError, match=r"not a DINOv2 segmentation head.*use `dinokit predict classification`"):
+        load_released_head(str(tmp_path / "cls.pth"), weights, "cpu")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(DinokitError, match=r"not a DINOv2 segmentation head.*this file a Tensor"):
+        load_released_head(str(tmp_path / "tensor.pth"), weights, "cpu")
+    state = official_head_file(tmp_path / "plain.pth", DIM, 3)
+    torch.save({"state_dict": state, "meta": {"env": NotPlain()}}, tmp_path / "pickle.pth")
+    with pytest.raises(DinokitError, match="never unpickles"):
+        load_released_head(str(tmp_path / "pickle.pth"), weights, "cpu")
+    bad = dict(state, **{"decode_head.conv_seg.bias": torch.zeros(4)})
+    torch.save({"state_dict": bad}, tmp_path / "shapes.pth")
+    with pytest.raises(DinokitError, match="do not fit a BatchNorm"):
+        load_released_head(str(tmp_path / "shapes.pth"), weights, "cpu")
+
+    def offline(url, dst, progress=True):
+        raise OSError("network unreachable")
+
+    monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("torch.hub.download_url_to_file", offline)
+    with pytest.raises(DinokitError, match=r"offline.*head=/path/to/dinov2_vits14_voc2012_ms_head.pth"):
+        load_released_head("dinov2_vits14_voc2012_ms_head", weights, "cpu")
+
+
+def test_a_released_name_is_downloaded_once_with_its_dataset_classes(tmp_path, monkeypatch):
+    """By name: the head fetched from its URL into the cache once; VOC2012's names where the file has
+    no meta; the released backbone's shape accepted (a random ViT-S/14 stands for its weights)."""
+    torch.manual_seed(0)
+    vits = export_model(create_model("dinov2_vits14"), tmp_path / "vits14.safetensors")
+    official_head_file(tmp_path / "served.pth", 384, 21)
+    fetched = []
+
+    def download(url, dst, progress=True):
+        fetched.append(url)
+        Path(dst).write_bytes((tmp_path / "served.pth").read_bytes())
+
+    monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("torch.hub.download_url_to_file", download)
+    for _ in range(2):
+        released = load_released_head("dinov2_vits14_voc2012_linear_head", vits, "cpu")
+    assert fetched == ["https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_voc2012_linear_head.pth"]
+    assert released.path == tmp_path / "cache" / "dinov2_vits14_voc2012_linear_head.pth"
+    assert released.classes == list(VOC2012_CLASSES) and (released.kind, released.blocks) == ("linear", 1)
