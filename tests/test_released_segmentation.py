@@ -28,6 +28,7 @@ from dinokit.eval.released_segmentation import (
     slide_windows,
     view_scales,
 )
+from dinokit.eval.segmentation import predict_segmentation
 from dinokit.eval.segmentation_classes import ADE20K_CLASSES, VOC2012_CLASSES
 
 DIM, DEPTH, PATCH = 96, 4, 4  # vit_micro_p4
@@ -205,16 +206,20 @@ def test_cli_masks_at_the_images_sizes_with_the_class_names(micro, tmp_path, cap
     record = json.loads((out / "classes.json").read_text())
     assert record["classes"] == names and record["kind"] == "ms" and record["flip"] is True
     assert record["scales"] == [1.0, 1.5] and record["image_size"] == 16
+    # a rerun into out over one image leaves its files alone (classes.json is this run's too)
+    assert main([*args[:4], f"images={images / 'a.png'}", *keys]) == 0
+    left = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name[0] != ".")
+    assert left == ["a.png", "a_overlay.png", "classes.json"]
+    assert "classes.json" in json.loads((out / ".dinokit-predictions.json").read_text())["files"]
     # bf16 autocast (the default): the backbone's features rounded, the masks nearly the same
     assert main([*args, *keys[:2], f"out={tmp_path / 'bf16'}"]) == 0
+    assert main([*args, *keys[:3], f"out={tmp_path / 'fp32'}"]) == 0
     for name in sizes:
-        fp32, bf16 = (np.asarray(Image.open(folder / f"{name}.png")) for folder in (out, tmp_path / "bf16"))
+        fp32, bf16 = (np.asarray(Image.open(tmp_path / kind / f"{name}.png")) for kind in ("fp32", "bf16"))
         assert (fp32 == bf16).mean() > 0.9
 
     # a dinokit head file takes no released-head keys
     with pytest.raises(DinokitError, match="apply to the released DINOv2 heads only"):
-        from dinokit.eval.segmentation import predict_segmentation
-
         predict_segmentation(str(tmp_path / "x.safetensors"), str(images), str(tmp_path / "o2"), scales=[1.0])
 
 

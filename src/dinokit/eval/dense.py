@@ -432,18 +432,21 @@ def predict_images(
 
 
 @contextlib.contextmanager
-def prediction_files(images: str, out_files: tuple[Path, tuple[str, ...]]) -> Iterator[tuple[list[Path], list[str]]]:
+def prediction_files(
+    images: str, out_files: tuple[Path, tuple[str, ...]], once: tuple[str, ...] = ()
+) -> Iterator[tuple[list[Path], list[str]]]:
     """(image paths, output names) of a predict run over `images`, its output folder held (io.folder_lock)
     meanwhile: outputs that would replace an input and an input of no readable image are refused first,
     then the earlier run's predictions are removed and this run's files recorded (`replace_predictions`).
-    out_files: (output folder, suffixes of the files written per name)."""
+    out_files: (output folder, suffixes of the files written per name); once: files written once per
+    run (e.g. classes.json), recorded with them."""
     paths = list_images(images)
     names = output_names(paths, Path(images).expanduser())
     check_outputs_spare_inputs(paths, names, *out_files)
     check_readable(paths, images)
     out_dir, suffixes = out_files
     with folder_lock(out_dir, "predictions", wait=False):  # one predict or eval at a time in out
-        replace_predictions(out_dir, [f"{name}{suffix}" for name in names for suffix in suffixes], paths)
+        replace_predictions(out_dir, [*(f"{name}{suffix}" for name in names for suffix in suffixes), *once], paths)
         yield paths, names
 
 

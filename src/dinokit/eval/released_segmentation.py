@@ -399,7 +399,8 @@ def predict_released_segmentation(
         "classes": released.classes,
     }
     count, bad = 0, []
-    with prediction_files(images, (out_dir, (".png", "_overlay.png"))) as (paths, names), torch.no_grad():
+    files = (out_dir, (".png", "_overlay.png"))
+    with prediction_files(images, files, once=("classes.json",)) as (paths, names), torch.no_grad():
         write_json(out_dir / "classes.json", record)
         for path, name in zip(paths, names, strict=True):
             try:
