@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from conftest import perturb_scales_and_norms
 from PIL import Image
 
+import dinokit
 from dinokit import create_model, export_model
 from dinokit.cli import main
 from dinokit.errors import DinokitError
 from dinokit.eval.released_segmentation import (
     InferenceSettings,
     iter_views,
-    load_released_head,
+    load_released_segmentation_head,
     mean_probabilities,
     released_name,
     released_url,
@@ -126,7 +127,7 @@ def test_parity_with_the_official_slide_multiscale_flip_computation(micro, tmp_p
     net, weights = micro
     blocks, scales, flip = (1, (1.0,), False) if kind == "linear" else (4, (1.0, 1.32), True)
     state = official_head_file(tmp_path / "head.pth", blocks * DIM, 7)
-    released = load_released_head(str(tmp_path / "head.pth"), weights, "cpu")
+    released = load_released_segmentation_head(str(tmp_path / "head.pth"), weights, "cpu")
     assert (released.kind, released.blocks, released.classes) == (kind, blocks, None)
     settings = InferenceSettings(scales, flip, image_size=40, crop=30, stride=19, batch_size=5, precision="fp32")
     rng = np.random.default_rng(0)
@@ -203,6 +204,12 @@ def test_cli_masks_at_the_images_sizes_with_the_class_names(micro, tmp_path, cap
         mask = np.asarray(Image.open(out / f"{name}.png"))
         assert mask.shape == size and mask.dtype == np.uint8 and mask.max() < 5
         assert Image.open(out / f"{name}_overlay.png").size == (2 * size[1] + 4, size[0])
+    # from Python: the same masks
+    released = dinokit.load_released_segmentation_head(str(tmp_path / "my_head.pth"), weights, "cpu")
+    mask = released.predict(images / "sub" / "b.png", scales=[1.0, 1.5], image_size=16, precision="fp32")
+    assert np.array_equal(mask, np.asarray(Image.open(out / "sub" / "b.png"))) and released.classes == names
+    with pytest.raises(DinokitError, match="scales must be a list of positive ratios"):
+        released.predict(images / "a.png", scales=[])
     record = json.loads((out / "classes.json").read_text())
     assert record["classes"] == names and record["kind"] == "ms" and record["flip"] is True
     assert record["scales"] == [1.0, 1.5] and record["image_size"] == 16
@@ -231,26 +238,26 @@ def test_what_a_wrong_head_or_backbone_is_told(micro, tmp_path, monkeypatch):
     _, weights = micro
     official_head_file(tmp_path / "dinov2_vits14_ade20k_linear_head.pth", DIM, 150)
     with pytest.raises(DinokitError, match=r"released for dinov2_vits14 .* pass model=dinov2_vits14"):
-        load_released_head(str(tmp_path / "dinov2_vits14_ade20k_linear_head.pth"), weights, "cpu")
+        load_released_segmentation_head(str(tmp_path / "dinov2_vits14_ade20k_linear_head.pth"), weights, "cpu")
     official_head_file(tmp_path / "wide.pth", 2 * DIM, 3)
     with pytest.raises(DinokitError, match=r"takes 192 feature channels.*gives 96 \(linear\) or 384 \(ms\)"):
-        load_released_head(str(tmp_path / "wide.pth"), weights, "cpu")
+        load_released_segmentation_head(str(tmp_path / "wide.pth"), weights, "cpu")
     with pytest.raises(DinokitError, match="pass the backbone it was trained on as model="):
-        load_released_head(str(tmp_path / "wide.pth"), None, "cpu")
+        load_released_segmentation_head(str(tmp_path / "wide.pth"), None, "cpu")
     torch.save({"weight": torch.zeros(1000, 2 * DIM), "bias": torch.zeros(1000)}, tmp_path / "cls.pth")
     with pytest.raises(DinokitError, match=r"not a DINOv2 segmentation head.*use `dinokit predict classification`"):
-        load_released_head(str(tmp_path / "cls.pth"), weights, "cpu")
+        load_released_segmentation_head(str(tmp_path / "cls.pth"), weights, "cpu")
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(DinokitError, match=r"not a DINOv2 segmentation head.*this file a Tensor"):
-        load_released_head(str(tmp_path / "tensor.pth"), weights, "cpu")
+        load_released_segmentation_head(str(tmp_path / "tensor.pth"), weights, "cpu")
     state = official_head_file(tmp_path / "plain.pth", DIM, 3)
     torch.save({"state_dict": state, "meta": {"env": NotPlain()}}, tmp_path / "pickle.pth")
     with pytest.raises(DinokitError, match="never unpickles"):
-        load_released_head(str(tmp_path / "pickle.pth"), weights, "cpu")
+        load_released_segmentation_head(str(tmp_path / "pickle.pth"), weights, "cpu")
     bad = dict(state, **{"decode_head.conv_seg.bias": torch.zeros(4)})
     torch.save({"state_dict": bad}, tmp_path / "shapes.pth")
     with pytest.raises(DinokitError, match="do not fit a BatchNorm"):
-        load_released_head(str(tmp_path / "shapes.pth"), weights, "cpu")
+        load_released_segmentation_head(str(tmp_path / "shapes.pth"), weights, "cpu")
 
     def offline(url, dst, progress=True):
         raise OSError("network unreachable")
@@ -258,7 +265,7 @@ def test_what_a_wrong_head_or_backbone_is_told(micro, tmp_path, monkeypatch):
     monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("torch.hub.download_url_to_file", offline)
     with pytest.raises(DinokitError, match=r"offline.*head=/path/to/dinov2_vits14_voc2012_ms_head.pth"):
-        load_released_head("dinov2_vits14_voc2012_ms_head", weights, "cpu")
+        load_released_segmentation_head("dinov2_vits14_voc2012_ms_head", weights, "cpu")
 
 
 def test_a_released_name_is_downloaded_once_with_its_dataset_classes(tmp_path, monkeypatch):
@@ -276,7 +283,7 @@ def test_a_released_name_is_downloaded_once_with_its_dataset_classes(tmp_path, m
     monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("torch.hub.download_url_to_file", download)
     for _ in range(2):
-        released = load_released_head("dinov2_vits14_voc2012_linear_head", vits, "cpu")
+        released = load_released_segmentation_head("dinov2_vits14_voc2012_linear_head", vits, "cpu")
     assert fetched == ["https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_voc2012_linear_head.pth"]
     assert released.path == tmp_path / "cache" / "dinov2_vits14_voc2012_linear_head.pth"
     assert released.classes == list(VOC2012_CLASSES) and (released.kind, released.blocks) == ("linear", 1)

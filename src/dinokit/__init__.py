@@ -34,6 +34,7 @@ LAZY = {
     "finetune": "dinokit.train.finetune",
     "predict_classification": "dinokit.eval.classification",
     "load_released_depth_head": "dinokit.eval.released_depth",
+    "load_released_segmentation_head": "dinokit.eval.released_segmentation",
     "eval_transform": "dinokit.data.transforms",
     "list_images": "dinokit.data.images",
     "extract_features": "dinokit.features.extract",

@@ -101,11 +101,46 @@ class ReleasedHead:
     classes: list[str] | None
     path: Path
 
+    def settings(
+        self,
+        scales: list[float] | None = None,
+        flip: bool | None = None,
+        image_size: int | None = None,
+        batch_size: int = 16,
+        precision: str = "bf16",
+    ) -> "InferenceSettings":
+        """The official test-time settings of this head's kind (linear: one scale; ms: 3 ratios and
+        flips), with the values given in their place."""
+        check_settings(scales, flip, image_size, batch_size)
+        settings = InferenceSettings(
+            scales=tuple(DEFAULT_SCALES[self.kind] if scales is None else scales),
+            flip=self.kind == "ms" if flip is None else flip,
+            image_size=IMAGE_SIZE if image_size is None else image_size,
+            batch_size=batch_size,
+            precision=precision,
+        )
+        if any(short < 1 for _, short in view_scales(settings.image_size, settings.scales)):
+            raise DinokitError(
+                f"scales={list(settings.scales)} x image_size={settings.image_size} make a scale below 1 px"
+            )
+        return settings
 
-def load_released_head(head: str, model: str | None, device: str) -> ReleasedHead:
-    """A released head by name (downloaded once into the cache) or as a .pth file; model: its backbone,
-    by default the released one its name says (one of another width, depth, patch or registers is
-    refused)."""
+    def predict(self, image: str | Path | Image.Image, **settings) -> np.ndarray:
+        """(H, W) int64 class index per pixel of one image at its own size (a file is decoded upright, as
+        RGB); settings: those of `settings` (scales, flip, image_size, batch_size, precision)."""
+        from dinokit.data.images import open_rgb, to_rgb
+
+        picture = open_rgb(image) if isinstance(image, (str, Path)) else to_rgb(image)
+        x = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(next(self.head.parameters()).device)
+        with torch.no_grad():
+            return segment_image(self, x, self.settings(**settings)).numpy()
+
+
+def load_released_segmentation_head(head: str, model: str | None = None, device: str = "auto") -> ReleasedHead:
+    """A released DINOv2 segmentation head with its backbone (`ReleasedHead`, `.predict(image)` -> (H, W)
+    classes, `.classes` their names): a released name such as dinov2_vits14_ade20k_ms_head (downloaded
+    once into the cache) or its .pth file. model: its backbone, by default the released one its name
+    says (one of another width, depth, patch or registers is refused)."""
     from dinokit.eval.heads import check_released_backbone
     from dinokit.models.hub import _download_url
 
@@ -371,19 +406,9 @@ def predict_released_segmentation(
     from dinokit.eval.visualize import colour_mask, save_panel
     from dinokit.io import atomic_write, write_json
 
-    check_settings(scales, flip, image_size, batch_size)
-    released = load_released_head(head, model, device)
-    settings = InferenceSettings(
-        scales=tuple(DEFAULT_SCALES[released.kind] if scales is None else scales),
-        flip=released.kind == "ms" if flip is None else flip,
-        image_size=IMAGE_SIZE if image_size is None else image_size,
-        batch_size=batch_size,
-        precision=precision,
-    )
-    if any(short < 1 for _, short in view_scales(settings.image_size, settings.scales)):
-        raise DinokitError(
-            f"scales={list(settings.scales)} x image_size={settings.image_size} makes a scale below 1 px"
-        )
+    check_settings(scales, flip, image_size, batch_size)  # before any download
+    released = load_released_segmentation_head(head, model, device)
+    settings = released.settings(scales, flip, image_size, batch_size, precision)
     num_classes = len(released.head.conv.bias)
     dev = next(released.head.parameters()).device
     record = {
