@@ -210,6 +210,8 @@ def test_cli_masks_at_the_images_sizes_with_the_class_names(micro, tmp_path, cap
     assert np.array_equal(mask, np.asarray(Image.open(out / "sub" / "b.png"))) and released.classes == names
     with pytest.raises(DinokitError, match="scales must be a list of positive ratios"):
         released.predict(images / "a.png", scales=[])
+    with pytest.raises(DinokitError, match="precision must be one of bf16, fp32"):
+        released.predict(images / "a.png", precision="fp16")
     record = json.loads((out / "classes.json").read_text())
     assert record["classes"] == names and record["kind"] == "ms" and record["flip"] is True
     assert record["scales"] == [1.0, 1.5] and record["image_size"] == 16

@@ -40,7 +40,7 @@ from dinokit.eval.dense import upsample
 from dinokit.eval.segmentation import LinearSegmentationHead
 from dinokit.eval.segmentation_classes import DATASET_CLASSES
 from dinokit.models.vision_transformer import snap_to_patch_multiple
-from dinokit.runtime import autocast
+from dinokit.runtime import PRECISIONS, autocast
 
 HEAD_NAME = re.compile(r"(dinov2_vit[sblg]14)_(ade20k|voc2012)_(linear|ms)_head")
 DEFAULT_SCALES = {"linear": (1.0,), "ms": (1.0, 1.32, 1.73)}  # ms: the notebook's HEAD_SCALE_COUNT = 3
@@ -111,7 +111,7 @@ class ReleasedHead:
     ) -> "InferenceSettings":
         """The official test-time settings of this head's kind (linear: one scale; ms: 3 ratios and
         flips), with the values given in their place."""
-        check_settings(scales, flip, image_size, batch_size)
+        check_settings(scales, flip, image_size, batch_size, precision)
         settings = InferenceSettings(
             scales=tuple(DEFAULT_SCALES[self.kind] if scales is None else scales),
             flip=self.kind == "ms" if flip is None else flip,
@@ -406,7 +406,7 @@ def predict_released_segmentation(
     from dinokit.eval.visualize import colour_mask, save_panel
     from dinokit.io import atomic_write, write_json
 
-    check_settings(scales, flip, image_size, batch_size)  # before any download
+    check_settings(scales, flip, image_size, batch_size, precision)  # before any download
     released = load_released_segmentation_head(head, model, device)
     settings = released.settings(scales, flip, image_size, batch_size, precision)
     num_classes = len(released.head.conv.bias)
@@ -448,8 +448,12 @@ def predict_released_segmentation(
     return str(out_dir)
 
 
-def check_settings(scales: list[float] | None, flip: bool | None, image_size: int | None, batch_size: int) -> None:
+def check_settings(
+    scales: list[float] | None, flip: bool | None, image_size: int | None, batch_size: int, precision: str
+) -> None:
     """Refuse, before any work, settings that segment nothing."""
+    if precision not in PRECISIONS:
+        raise DinokitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if scales is not None and (not scales or not all(isinstance(r, (int, float)) and r > 0 for r in scales)):
         raise DinokitError(f"scales must be a list of positive ratios such as [1.0, 1.32, 1.73], got {scales}")
     if flip is not None and not isinstance(flip, bool):
