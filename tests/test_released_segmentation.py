@@ -249,12 +249,19 @@ def test_what_a_wrong_head_or_backbone_is_told(micro, tmp_path, monkeypatch):
     torch.save({"weight": torch.zeros(1000, 2 * DIM), "bias": torch.zeros(1000)}, tmp_path / "cls.pth")
     with pytest.raises(DinokitError, match=r"not a DINOv2 segmentation head.*use `dinokit predict classification`"):
         load_released_segmentation_head(str(tmp_path / "cls.pth"), weights, "cpu")
+    depth = {
+        "decode_head.conv_depth.weight": torch.zeros(256, 2 * DIM, 1, 1),
+        "decode_head.conv_depth.bias": torch.zeros(256),
+    }
+    torch.save({"state_dict": depth}, tmp_path / "depth.pth")
+    with pytest.raises(DinokitError, match=r"not a DINOv2 segmentation head.*use `dinokit predict depth`"):
+        load_released_segmentation_head(str(tmp_path / "depth.pth"), weights, "cpu")
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(DinokitError, match=r"not a DINOv2 segmentation head.*this file a Tensor"):
         load_released_segmentation_head(str(tmp_path / "tensor.pth"), weights, "cpu")
     state = official_head_file(tmp_path / "plain.pth", DIM, 3)
     torch.save({"state_dict": state, "meta": {"env": NotPlain()}}, tmp_path / "pickle.pth")
-    with pytest.raises(DinokitError, match="never unpickles"):
+    with pytest.raises(DinokitError, match="which dinokit does not unpickle"):
         load_released_segmentation_head(str(tmp_path / "pickle.pth"), weights, "cpu")
     bad = dict(state, **{"decode_head.conv_seg.bias": torch.zeros(4)})
     torch.save({"state_dict": bad}, tmp_path / "shapes.pth")

@@ -150,6 +150,43 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
     return state, meta, backbone
 
 
+def read_released_dense_head(path: Path, task: str, example: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """({key without `decode_head.`: tensor}, the checkpoint's `meta` dict or None) of a released DINOv2
+    segmentation or depth head: an mmcv checkpoint, its weights under "state_dict" where present (as mmcv's
+    `load_checkpoint` reads it); other keys (a backbone's) are ignored. Read with weights_only: a file
+    that also pickles other Python objects is refused, never unpickled. task names the head in errors
+    ("segmentation", "depth"); example is one of its released names."""
+    import pickle
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message (colour codes, two options) is not the fix here
+        raise DinokitError(
+            f"{path} holds Python objects besides its weights (e.g. an mmcv `meta` record), which dinokit does "
+            "not unpickle (torch.load with weights_only=True refuses them). Where you trust the file, keep its "
+            "weights alone and pass that file: "
+            "python -c \"import torch; c = torch.load('IN.pth', weights_only=False); "
+            "torch.save({'state_dict': c['state_dict']}, 'OUT.pth')\""
+        ) from None
+    except Exception as e:  # damaged, cut short, not a torch file
+        raise DinokitError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
+    is_dict = isinstance(checkpoint, dict)
+    state = checkpoint.get("state_dict", checkpoint) if is_dict else checkpoint
+    meta = checkpoint.get("meta") if is_dict and isinstance(checkpoint.get("meta"), dict) else None
+    keys = [k for k in state if isinstance(k, str)] if isinstance(state, dict) else []
+    head = {k.removeprefix("decode_head."): state[k] for k in keys if k.startswith("decode_head.")}
+    if not head or not all(isinstance(v, torch.Tensor) for v in head.values()):
+        found = f"keys {sorted(keys)[:6]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        classifier = {"weight", "bias"} <= set(keys)
+        other = " (a classification head: use `dinokit predict classification`)" if classifier else ""
+        raise DinokitError(
+            f"{path} is not a DINOv2 {task} head: a released one holds decode_head.* weights under "
+            f"state_dict, this file {found}{other}. Pass a released {task} head (such as {example}) or a head "
+            f"file of `dinokit eval {task}`"
+        )
+    return head, meta
+
+
 def check_released_backbone(head: str, model: str, backbone: Backbone, released: str | None = None) -> None:
     """A head whose name says its released backbone (`released`, by default `head_backbone`'s) is
     refused on a backbone of another shape: width, depth, patch or registers (a _reg head on a backbone

@@ -20,7 +20,6 @@ upsamples its logits instead of its features (`LinearDepthHead`); images are tur
 EXIF orientation (as everywhere in dinokit; the notebook's PIL `open` is not).
 """
 
-import pickle
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from PIL import Image
 
 from dinokit.errors import DinokitError
 from dinokit.eval.depth import LinearDepthHead, depth_blocks
+from dinokit.eval.heads import read_released_dense_head
 from dinokit.models import VisionTransformer
 from dinokit.models.vision_transformer import snap_to_patch_multiple
 from dinokit.runtime import autocast, effective_precision
@@ -207,37 +207,8 @@ def is_released_depth_head(head: str | Path) -> bool:
     return not path.is_dir() and (official_depth_head_url(str(head)) is not None or path.suffix in (".pth", ".pt"))
 
 
-def read_decode_head(path: Path) -> dict[str, torch.Tensor]:
-    """The `decode_head.*` tensors of a released head file (under "state_dict" where present, as mmcv's
-    `load_checkpoint` reads it), without the prefix; other keys (a backbone's) are ignored. Read with
-    weights_only: a file that also pickles Python objects (an mmcv `meta` record) is refused."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DinokitError(
-            f"{path} holds Python objects besides its weights (e.g. an mmcv `meta` record), which dinokit does "
-            f"not unpickle ({first}). Where you trust the file, keep its weights alone and pass that file: "
-            "python -c \"import torch; c = torch.load('IN.pth', weights_only=False); "
-            "torch.save({'state_dict': c['state_dict']}, 'OUT.pth')\""
-        ) from None
-    except Exception as e:  # damaged, cut short, not a torch file
-        raise DinokitError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
-    keys = [k for k in state if isinstance(k, str)] if isinstance(state, dict) else []
-    head = {k.removeprefix("decode_head."): state[k] for k in keys if k.startswith("decode_head.")}
-    if not head or not all(isinstance(v, torch.Tensor) for v in head.values()):
-        found = f"keys {sorted(keys)[:5]}" if isinstance(state, dict) else f"a {type(state).__name__}"
-        raise DinokitError(
-            f"{path} is not a DINOv2 depth head: a released head holds decode_head.* weights (e.g. "
-            f"decode_head.conv_depth.weight), this file {found}. Pass a released depth head (such as "
-            "dinov2_vits14_nyu_linear4_head) or a head file of `dinokit eval depth`"
-        )
-    return {k: v.float() for k, v in head.items()}
-
-
 def build_head(state: dict[str, torch.Tensor], kind: str | None, dim: int, min_depth: float, max_depth: float):
-    """(head module, its number of blocks) for `state` (`read_decode_head`) on a backbone of width `dim`:
+    """(head module, its number of blocks) for `state` (`read_released_dense_head`) on a backbone of width `dim`:
     the kind the name says (linear: 1 block, linear4: 4, dpt), or where the name says none, the one its keys
     show. Raises ValueError listing the keys that are missing, unexpected or of another shape."""
     if kind == "dpt" or (kind is None and "conv_depth.weight" not in state):
@@ -317,7 +288,8 @@ def load_released_depth_head(
             f"head file not found: {path} (a released depth head name has no extension, e.g. "
             "dinov2_vits14_nyu_linear4_head)"
         )
-    state = read_decode_head(path)
+    state, _ = read_released_dense_head(path, "depth", "dinov2_vits14_nyu_linear4_head")
+    state = {k: v.float() for k, v in state.items()}
     backbone = prepare_backbone(model, device, 0)
     check_released_backbone(str(head), model, backbone, released)
     net = backbone.model

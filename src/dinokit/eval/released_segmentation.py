@@ -37,6 +37,7 @@ from PIL import Image
 from dinokit.errors import DinokitError
 from dinokit.eval.common import Backbone, prepare_backbone
 from dinokit.eval.dense import upsample
+from dinokit.eval.heads import read_released_dense_head
 from dinokit.eval.segmentation import LinearSegmentationHead
 from dinokit.eval.segmentation_classes import DATASET_CLASSES
 from dinokit.models.vision_transformer import snap_to_patch_multiple
@@ -184,34 +185,17 @@ def load_released_segmentation_head(head: str, model: str | None = None, device:
 
 
 def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """({bn.* / conv_seg.*: tensor}, the checkpoint's meta dict or None) of an mmcv checkpoint holding a
-    BNHead (`state_dict` with decode_head.*; other keys ignored). Read with weights_only: a file holding
-    objects other than tensors and plain containers is refused, never unpickled."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # damaged, or a pickle of more than tensors (UnpicklingError)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DinokitError(
-            f"{path} cannot be read as tensors and plain containers (torch.load weights_only=True: {reason}); "
-            "dinokit never unpickles other objects. If you trust the file, keep its weights alone in Python: "
-            "torch.save({'state_dict': torch.load(path, weights_only=False)['state_dict']}, 'head.pth')"
-        ) from None
-    is_dict = isinstance(checkpoint, dict)
-    state = checkpoint.get("state_dict", checkpoint) if is_dict else checkpoint
-    meta = checkpoint.get("meta") if is_dict and isinstance(checkpoint.get("meta"), dict) else None
-    found = {k.removeprefix("decode_head."): v for k, v in state.items()} if isinstance(state, dict) else {}
+    """({bn.* / conv_seg.*: tensor}, the checkpoint's meta dict or None) of a released segmentation head
+    (`read_released_dense_head`), checked to be a BatchNorm + 1x1 conv (mmseg's BNHead)."""
+    found, meta = read_released_dense_head(path, "segmentation", "dinov2_vits14_ade20k_linear_head")
     missing = [k for k in HEAD_KEYS if not isinstance(found.get(k), torch.Tensor)]
     if missing:
-        what = f"keys {sorted(map(str, state))[:6]}" if isinstance(state, dict) else f"a {type(state).__name__}"
-        other = (
-            " (a classification head: use `dinokit predict classification`)"
-            if isinstance(state, dict) and {"weight", "bias"} <= set(state)
-            else ""
-        )
+        depth_head = any(k.startswith("conv_depth.") for k in found)
+        depth = " (a depth head: use `dinokit predict depth`)" if depth_head else ""
         raise DinokitError(
-            f"{path} is not a DINOv2 segmentation head: a released one holds state_dict with "
-            f"decode_head.bn.* and decode_head.conv_seg.*, this file {what}{other}. Pass a released head "
-            "(e.g. dinov2_vits14_ade20k_linear_head) or a dinokit head file (eval segmentation writes one)"
+            f"{path} is not a DINOv2 segmentation head: its decode_head holds {sorted(found)[:6]}, a released "
+            f"segmentation head bn.* and conv_seg.*{depth}. Pass a released head (e.g. "
+            "dinov2_vits14_ade20k_linear_head) or a dinokit head file (eval segmentation writes one)"
         )
     weight = found["conv_seg.weight"]
     width = weight.shape[1] if weight.dim() == 4 else None
