@@ -146,12 +146,14 @@ def test_released_linear_heads_by_name_and_what_a_wrong_one_is_told(tmp_path, mo
     from dinokit.eval.heads import official_linear_head
     from dinokit.models import hub
 
-    assert hub.official_head_url("dinov2_vitb14_reg_linear4_head") == (
+    assert hub.released_head_url("dinov2_vitb14_reg_linear4_head") == (
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_reg4_linear4_head.pth"
     )
-    assert hub.official_head_url("dinov2_vits14_linear_head").endswith("/dinov2_vits14/dinov2_vits14_linear_head.pth")
-    assert hub.head_backbone("/downloads/dinov2_vitl14_reg4_linear_head.pth") == "dinov2_vitl14_reg"
-    assert hub.official_head_url("dinov2_vits14") is None and hub.head_backbone("head.pth") is None
+    assert hub.released_head_url("dinov2_vits14_linear_head").endswith("/dinov2_vits14/dinov2_vits14_linear_head.pth")
+    assert hub.released_head("/downloads/dinov2_vitl14_reg4_linear_head.pth") == hub.HeadName(
+        "dinov2_vitl14_reg", "classification", None, "linear"
+    )
+    assert hub.released_head_url("dinov2_vits14") is None and hub.released_head("head.pth") is None
 
     weights = export_model(create_model("vit_micro_p4"), tmp_path / "micro.safetensors")
     torch.save({"weight": torch.zeros(1000, 3 * 96), "bias": torch.zeros(1000)}, tmp_path / "three.pth")

@@ -302,20 +302,21 @@ def test_the_dpt_head_holds_the_released_keys_and_shapes_for_vits14():
 
 
 def test_released_depth_head_names_and_urls():
-    assert hub.depth_head_parts("dinov2_vitl14_kitti_dpt_head") == ("dinov2_vitl14", "kitti", "dpt")
-    assert hub.official_depth_head_url("dinov2_vitl14_kitti_dpt_head") == (
+    assert hub.released_head("dinov2_vitl14_kitti_dpt_head") == hub.HeadName("dinov2_vitl14", "depth", "kitti", "dpt")
+    assert hub.released_head_url("dinov2_vitl14_kitti_dpt_head") == (
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_kitti_dpt_head.pth"
     )
-    assert hub.depth_head_parts("dl/dinov2_vitg14_nyu_linear4_head.pth") == ("dinov2_vitg14", "nyu", "linear4")
-    assert hub.official_depth_head_url("dinov2_vitg14_nyu_linear4_head.pth") is None  # a file name: local
-    assert hub.depth_head_parts("dinov2_vits14_nyu_linear_head") == ("dinov2_vits14", "nyu", "linear")
-    for not_a_depth_head in ("dinov2_vits14_linear4_head", "dinov2_vits14_nyu_head", "dinov2_vits14_nyu_linear2_head"):
-        assert hub.depth_head_parts(not_a_depth_head) is None and hub.official_depth_head_url(not_a_depth_head) is None
+    found = hub.released_head("dl/dinov2_vitg14_nyu_linear4_head.pth")
+    assert found == hub.HeadName("dinov2_vitg14", "depth", "nyu", "linear4")
+    assert hub.released_head_url("dinov2_vitg14_nyu_linear4_head.pth") is None  # a file name: local
+    assert hub.released_head("dinov2_vits14_nyu_linear_head") == hub.HeadName("dinov2_vits14", "depth", "nyu", "linear")
+    assert hub.released_head("dinov2_vits14_linear4_head").task == "classification"
+    for not_a_head in ("dinov2_vits14_nyu_head", "dinov2_vits14_nyu_linear2_head"):
+        assert hub.released_head(not_a_head) is None and hub.released_head_url(not_a_head) is None
     # no released backbone (none with registers has depth heads): the dataset and kind still read, no URL
-    assert hub.depth_head_parts("dinov2_vits14_reg_nyu_dpt_head") == (None, "nyu", "dpt")
-    assert hub.official_depth_head_url("dinov2_vits14_reg_nyu_dpt_head") is None
-    assert hub.depth_head_parts("my_kitti_linear_head.pth") == (None, "kitti", "linear")
-    assert hub.head_backbone("dinov2_vits14_nyu_linear4_head") is None  # not a classification head either
+    assert hub.released_head("dinov2_vits14_reg_nyu_dpt_head") == hub.HeadName(None, "depth", "nyu", "dpt")
+    assert hub.released_head_url("dinov2_vits14_reg_nyu_dpt_head") is None
+    assert hub.released_head("my_kitti_linear_head.pth") == hub.HeadName(None, "depth", "kitti", "linear")
 
 
 def test_kitti_range_png_units_and_max_depth(micro, tmp_path, capsys):

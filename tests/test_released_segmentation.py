@@ -22,8 +22,6 @@ from dinokit.eval.released_segmentation import (
     iter_views,
     load_released_segmentation_head,
     mean_probabilities,
-    released_name,
-    released_url,
     rescale_size,
     segment_image,
     slide_windows,
@@ -169,15 +167,17 @@ def test_windows_and_scales_by_hand():
 
 
 def test_released_names_and_urls():
-    name = released_name("dinov2_vitb14_voc2012_ms_head")
-    assert (name.backbone, name.dataset, name.kind) == ("dinov2_vitb14", "voc2012", "ms")
-    assert released_url("dinov2_vitb14_voc2012_ms_head") == (
+    from dinokit.models import hub
+
+    name = hub.released_head("dinov2_vitb14_voc2012_ms_head")
+    assert name == hub.HeadName("dinov2_vitb14", "segmentation", "voc2012", "ms")
+    assert hub.released_head_url("dinov2_vitb14_voc2012_ms_head") == (
         "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_voc2012_ms_head.pth"
     )
-    assert released_name("/downloads/dinov2_vitg14_ade20k_linear_head.pth").backbone == "dinov2_vitg14"
-    assert released_url("/downloads/dinov2_vitg14_ade20k_linear_head.pth") is None  # a file: never downloaded
-    for other in ("dinov2_vits14_linear_head", "dinov2_vits14_reg_ade20k_linear_head", "dinov2_vits14_nyu_dpt_head"):
-        assert released_name(other) is None
+    assert hub.released_head("/downloads/dinov2_vitg14_ade20k_linear_head.pth").backbone == "dinov2_vitg14"
+    assert hub.released_head_url("/downloads/dinov2_vitg14_ade20k_linear_head.pth") is None  # a file: never downloaded
+    assert hub.released_head("dinov2_vits14_reg_ade20k_linear_head").backbone is None  # no such released head
+    assert hub.released_head_url("dinov2_vits14_reg_ade20k_linear_head") is None
     assert len(ADE20K_CLASSES) == 150 and ADE20K_CLASSES[:3] == ("wall", "building", "sky")
     assert ADE20K_CLASSES[7] == "bed" and ADE20K_CLASSES[-1] == "flag"
     assert len(VOC2012_CLASSES) == 21 and VOC2012_CLASSES[0] == "background" and VOC2012_CLASSES[-1] == "tvmonitor"
@@ -256,6 +256,10 @@ def test_what_a_wrong_head_or_backbone_is_told(micro, tmp_path, monkeypatch):
     torch.save({"state_dict": depth}, tmp_path / "depth.pth")
     with pytest.raises(DinokitError, match=r"not a DINOv2 segmentation head.*use `dinokit predict depth`"):
         load_released_segmentation_head(str(tmp_path / "depth.pth"), weights, "cpu")
+    with pytest.raises(
+        DinokitError, match=r"released DINOv2 depth head, not a segmentation head: use `dinokit predict depth"
+    ):
+        load_released_segmentation_head("dinov2_vits14_nyu_dpt_head", weights, "cpu")
     torch.save(torch.zeros(3), tmp_path / "tensor.pth")
     with pytest.raises(DinokitError, match=r"not a DINOv2 segmentation head.*this file a Tensor"):
         load_released_segmentation_head(str(tmp_path / "tensor.pth"), weights, "cpu")
@@ -296,3 +300,22 @@ def test_a_released_name_is_downloaded_once_with_its_dataset_classes(tmp_path, m
     assert fetched == ["https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_voc2012_linear_head.pth"]
     assert released.path == tmp_path / "cache" / "dinov2_vits14_voc2012_linear_head.pth"
     assert released.classes == list(VOC2012_CLASSES) and (released.kind, released.blocks) == ("linear", 1)
+
+
+@pytest.mark.parametrize(
+    ("command", "head", "its_command"),
+    [
+        ("classification", "dinov2_vits14_ade20k_linear_head", "segmentation"),
+        ("segmentation", "dinov2_vitb14_reg_linear4_head.pth", "classification"),
+        ("depth", "dinov2_vits14_voc2012_ms_head", "segmentation"),
+    ],
+)
+def test_a_released_head_of_another_task_is_told_its_command(tmp_path, capsys, command, head, its_command):
+    """predict classification took any released name or .pth for a classification head, and asked for
+    model= (a segmentation .pth) or failed on its tensors; each predict command now names the right one."""
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (28, 28)).save(tmp_path / "images" / "a.png")
+    out = tmp_path / ("out.json" if command == "classification" else "out")
+    args = ["predict", command, f"head={head}", f"images={tmp_path / 'images'}", f"out={out}"]
+    assert main(args) != 0
+    assert f"not a {command} head: use `dinokit predict {its_command} head={head}`" in capsys.readouterr().err

@@ -365,7 +365,7 @@ def predict_classification(
     from dinokit.eval.heads import (
         backbone_for_head,
         head_inputs,
-        is_official_linear_head,
+        is_released_head,
         load_head_file,
         official_linear_head,
     )
@@ -377,7 +377,7 @@ def predict_classification(
     if out_path.suffix.lower() not in PREDICTION_FORMATS:
         raise DinokitError(f"out={out} must end in .csv or .json (the format of the predictions file)")
     prepare_output(out_path, example="predictions.csv", create=False)
-    if is_official_linear_head(head):
+    if is_released_head(head, "classification"):
         state, meta, backbone = official_linear_head(head, model, device)
     else:
         head_file = head_in_folder(head)

@@ -321,13 +321,14 @@ def predict_depth(
     first removes the earlier run's predictions (the files it listed in out/.dinokit-predictions.json;
     no other file), so out holds this run's alone.
     """
-    from dinokit.eval.released_depth import is_released_depth_head, load_released_depth_head, released_depth_maps
+    from dinokit.eval.heads import is_released_head
+    from dinokit.eval.released_depth import load_released_depth_head, released_depth_maps
 
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     if depth_scale is not None and not depth_scale > 0:
         raise DinokitError(f"depth_scale must be > 0 (PNG units per metre), got {depth_scale}")
     out_files = (out_dir, (".png", "_depth.png"))
-    if is_released_depth_head(head):
+    if is_released_head(head, "depth"):
         depther = load_released_depth_head(head, model, device, max_depth, precision)
         low, high = depther.min_depth, depther.max_depth
         scale = depth_scale or (1000.0 if high * 1000 <= 65535 else 256.0)

@@ -80,16 +80,49 @@ def load_head_file(path: str | Path, task: str | None = None) -> tuple[dict[str,
     return state, meta
 
 
-def is_official_linear_head(head: str | Path) -> bool:
-    """A released head name (dinov2_vits14_linear4_head, ...) or a .pth / .pt file (dinokit's head
-    files are safetensors). An existing folder is an out folder holding a dinokit head file, whatever
-    its name (out=out/dinov2_vits14_linear_head of eval linear)."""
-    from dinokit.models.hub import official_head_url
+def released_head_of(head: str | Path, task: str):
+    """`hub.released_head(head)` (the parts of a released head's name) where it names a head of `task`, else
+    None; a released head of another task is refused, naming its command."""
+    from dinokit.models.hub import released_head
 
+    name = released_head(head)
+    if name is not None and name.task != task:
+        raise DinokitError(
+            f"{head} is a released DINOv2 {name.task} head, not a {task} head: use `dinokit predict {name.task} "
+            f"head={head}`"
+        )
+    return name
+
+
+def is_released_head(head: str | Path, task: str) -> bool:
+    """Whether `dinokit predict <task>` reads `head` as a released DINOv2 head: a released name of that task
+    (`released_head_of`) or a .pth / .pt file (dinokit's own head files are safetensors). An existing folder
+    is an out folder holding a dinokit head file, whatever its name (out=out/dinov2_vits14_linear_head)."""
     path = Path(head).expanduser()
     if path.is_dir():
         return False
-    return official_head_url(str(head)) is not None or path.suffix in (".pth", ".pt")
+    return released_head_of(head, task) is not None or path.suffix in (".pth", ".pt")
+
+
+def locate_released_head(head: str, model: str | None, task: str, example: str):
+    """(local file, backbone to load, `released_head_of(head, task)`) of a released head of `task`: a released
+    name (downloaded once into the cache) or a .pth file. model: the backbone; by default the released one
+    the name says (a file named otherwise needs model=). example: a released name, for errors."""
+    from dinokit.models.hub import _download_url, released_head_url
+
+    name = released_head_of(head, task)
+    url = released_head_url(head) if name is not None else None
+    path = _download_url(head, url, key="head") if url is not None and not Path(head).exists() else Path(head)
+    model = model or (name.backbone if name is not None else None)
+    if model is None:
+        raise DinokitError(
+            f"{head} is a .pth head whose name is not a released {task} head's: pass the backbone it was trained "
+            f"on as model=... (e.g. model=dinov2_vits14 for {example}.pth)"
+        )
+    path = path.expanduser()
+    if not path.is_file():
+        raise DinokitError(f"head file not found: {path} (a released {task} head's name has no extension: {example})")
+    return path, model, name
 
 
 def official_linear_head(head: str, model: str | None, device: str) -> tuple[dict[str, torch.Tensor], dict, Backbone]:
@@ -100,18 +133,7 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
     (torchvision's names). model: its backbone; by default the released backbone the name says."""
     from torchvision.models import ResNet50_Weights  # its meta holds the ImageNet-1k class names, in order
 
-    from dinokit.models.hub import _download_url, head_backbone, official_head_url
-
-    url = official_head_url(head)
-    path = _download_url(head, url, key="head") if url is not None and not Path(head).exists() else Path(head)
-    model = model or head_backbone(head)
-    if model is None:
-        raise DinokitError(
-            f"{head} is a .pth head whose name is not a released head's: pass the backbone it was trained "
-            "on as model=... (e.g. model=dinov2_vits14 for dinov2_vits14_linear4_head.pth)"
-        )
-    if not path.is_file():
-        raise DinokitError(f"head file not found: {path}")
+    path, model, name = locate_released_head(head, model, "classification", "dinov2_vits14_linear4_head")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # damaged, or a pickle of more than tensors
@@ -120,7 +142,7 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
         # the whole classifier's state dict (the hub's dinov2_vits14_lc ...): backbone.* and linear_head.*
         state = {"weight": state["linear_head.weight"], "bias": state["linear_head.bias"]}
     backbone = prepare_backbone(model, device, 0)
-    check_released_backbone(head, model, backbone)
+    check_released_backbone(head, model, backbone, name.backbone if name is not None else None)
     dim, depth = backbone.model.embed_dim, len(backbone.model.blocks)
     weight = state.get("weight") if isinstance(state, dict) else None
     shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
@@ -187,14 +209,12 @@ def read_released_dense_head(path: Path, task: str, example: str) -> tuple[dict[
     return head, meta
 
 
-def check_released_backbone(head: str, model: str, backbone: Backbone, released: str | None = None) -> None:
-    """A head whose name says its released backbone (`released`, by default `head_backbone`'s) is
-    refused on a backbone of another shape: width, depth, patch or registers (a _reg head on a backbone
-    without registers has the same width, and would give wrong classes without an error)."""
+def check_released_backbone(head: str, model: str, backbone: Backbone, released: str | None) -> None:
+    """A head whose name says its released backbone (`released`; None: nothing to check) is refused on a
+    backbone of another shape: width, depth, patch or registers (a _reg head on a backbone without
+    registers has the same width, and would give wrong classes without an error)."""
     from dinokit.models.architectures import get_config
-    from dinokit.models.hub import head_backbone
 
-    released = released or head_backbone(head)
     if released is None:
         return
     config, net = get_config(released), backbone.model

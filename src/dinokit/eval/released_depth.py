@@ -1,7 +1,7 @@
 """The released DINOv2 depth heads (NYU Depth v2 / KITTI; linear, linear4 and DPT), without mmcv.
 
 Meta released, per backbone dinov2_vit{s,b,l,g}14, heads `<backbone>_<nyu|kitti>_<linear|linear4|dpt>_head`
-(`hub.official_depth_head_url`). Applied as the official hub's depthers (`dinov2/hub/depthers.py`,
+(`hub.released_head`). Applied as the official hub's depthers (`dinov2/hub/depthers.py`,
 `dinov2/hub/depth/*`, `notebooks/depth_estimation.ipynb`) compute:
 - the whole image at its own size, ImageNet-normalised, zero-padded to a multiple of the patch size
   (`CenterPadding`: `snap_to_patch_multiple(x, p, "pad")`);
@@ -198,15 +198,6 @@ class ReleasedDepther(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- loading
-def is_released_depth_head(head: str | Path) -> bool:
-    """A released depth head name (dinov2_vits14_nyu_dpt_head, ...) or a .pth / .pt file (dinokit's own
-    head files are safetensors); an existing folder is not."""
-    from dinokit.models.hub import official_depth_head_url
-
-    path = Path(head).expanduser()
-    return not path.is_dir() and (official_depth_head_url(str(head)) is not None or path.suffix in (".pth", ".pt"))
-
-
 def build_head(state: dict[str, torch.Tensor], kind: str | None, dim: int, min_depth: float, max_depth: float):
     """(head module, its number of blocks) for `state` (`read_released_dense_head`) on a backbone of width `dim`:
     the kind the name says (linear: 1 block, linear4: 4, dpt), or where the name says none, the one its keys
@@ -267,34 +258,21 @@ def load_released_depth_head(
     one the name says (a backbone of another width, depth or patch is refused). max_depth: the depth range's
     top in metres; by default the dataset's (NYU 10, KITTI 80). precision: the backbone's, fp32 or bf16."""
     from dinokit.eval.common import prepare_backbone
-    from dinokit.eval.heads import check_released_backbone
-    from dinokit.models.hub import _download_url, depth_head_parts, official_depth_head_url
+    from dinokit.eval.heads import check_released_backbone, locate_released_head, released_head_of
     from dinokit.runtime import resolve_device
 
     effective_precision(resolve_device(device), precision)  # a bad precision= fails before any download
-    released, dataset, kind = depth_head_parts(str(head)) or (None, None, None)
-    min_depth, top = depth_range(dataset, max_depth, str(head))
-    model = model or released
-    if model is None:
-        raise DinokitError(
-            f"{head} is a .pth head whose name is not a released depth head's: pass the backbone it was trained "
-            "on as model=... (e.g. model=dinov2_vits14 for dinov2_vits14_nyu_linear4_head.pth)"
-        )
-    url = official_depth_head_url(str(head))
-    path = _download_url(str(head), url, key="head") if url is not None and not Path(head).exists() else Path(head)
-    path = path.expanduser()
-    if not path.is_file():
-        raise DinokitError(
-            f"head file not found: {path} (a released depth head name has no extension, e.g. "
-            "dinov2_vits14_nyu_linear4_head)"
-        )
+    name = released_head_of(head, "depth")
+    min_depth, top = depth_range(name.dataset if name is not None else None, max_depth, str(head))
+    path, model, name = locate_released_head(str(head), model, "depth", "dinov2_vits14_nyu_linear4_head")
     state, _ = read_released_dense_head(path, "depth", "dinov2_vits14_nyu_linear4_head")
     state = {k: v.float() for k, v in state.items()}
     backbone = prepare_backbone(model, device, 0)
+    released = name.backbone if name is not None else None
     check_released_backbone(str(head), model, backbone, released)
     net = backbone.model
     try:
-        depth_head, layers = build_head(state, kind, net.embed_dim, min_depth, top)
+        depth_head, layers = build_head(state, name.kind if name is not None else None, net.embed_dim, min_depth, top)
     except ValueError as e:
         expected = released or f"model={model}"
         raise DinokitError(

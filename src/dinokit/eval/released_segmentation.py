@@ -24,7 +24,6 @@ scale of the released configs (their config files were not reachable; 512 is mms
 test scale) -- image_size= changes it.
 """
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,50 +42,12 @@ from dinokit.eval.segmentation_classes import DATASET_CLASSES
 from dinokit.models.vision_transformer import snap_to_patch_multiple
 from dinokit.runtime import PRECISIONS, autocast
 
-HEAD_NAME = re.compile(r"(dinov2_vit[sblg]14)_(ade20k|voc2012)_(linear|ms)_head")
 DEFAULT_SCALES = {"linear": (1.0,), "ms": (1.0, 1.32, 1.73)}  # ms: the notebook's HEAD_SCALE_COUNT = 3
 BLOCKS = {"linear": 1, "ms": 4}  # the last block, or the last 4 concatenated on channels
 MEAN = (123.675, 116.28, 103.53)  # mmseg's Normalize, on 0-255
 STD = (58.395, 57.12, 57.375)
 IMAGE_SIZE, CROP, STRIDE = 512, 512, 341  # the configs' scale (2048, 512), test_cfg crop_size and stride
 HEAD_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "conv_seg.weight", "conv_seg.bias")
-
-
-# ----------------------------------------------------------------------------------------------- names
-@dataclass(frozen=True)
-class ReleasedName:
-    """A released segmentation head's name: dinov2_vitb14_voc2012_ms_head -> (dinov2_vitb14, voc2012, ms)."""
-
-    backbone: str
-    dataset: str
-    kind: str
-
-    @property
-    def url(self) -> str:
-        from dinokit.models.hub import _OFFICIAL
-
-        return f"{_OFFICIAL}/dinov2/{self.backbone}/{self.backbone}_{self.dataset}_{self.kind}_head.pth"
-
-
-def released_name(head: str | Path) -> ReleasedName | None:
-    """The parts of a released head name, or of its file's name (.../dinov2_vits14_ade20k_ms_head.pth);
-    else None."""
-    match = HEAD_NAME.fullmatch(Path(head).name.removesuffix(".pth"))
-    return None if match is None else ReleasedName(*match.groups())
-
-
-def released_url(head: str) -> str | None:
-    """Download URL of a released head name; None for anything else (a file name is a local file)."""
-    name = released_name(head)
-    return None if name is None or Path(head).suffix else name.url
-
-
-def is_released_segmentation_head(head: str | Path) -> bool:
-    """A released head name or a .pth / .pt file (dinokit's own head files are safetensors)."""
-    path = Path(head).expanduser()
-    if path.is_dir():
-        return False
-    return released_name(head) is not None or path.suffix in (".pth", ".pt")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -142,20 +103,9 @@ def load_released_segmentation_head(head: str, model: str | None = None, device:
     classes, `.classes` their names): a released name such as dinov2_vits14_ade20k_ms_head (downloaded
     once into the cache) or its .pth file. model: its backbone, by default the released one its name
     says (one of another width, depth, patch or registers is refused)."""
-    from dinokit.eval.heads import check_released_backbone
-    from dinokit.models.hub import _download_url
+    from dinokit.eval.heads import check_released_backbone, locate_released_head
 
-    name, url = released_name(head), released_url(head)
-    path = _download_url(head, url, key="head") if url is not None and not Path(head).exists() else Path(head)
-    path = path.expanduser()
-    model = model or (name.backbone if name is not None else None)
-    if model is None:
-        raise DinokitError(
-            f"{head} is a .pth head whose name is not a released segmentation head's: pass the backbone it "
-            "was trained on as model=... (e.g. model=dinov2_vits14 for dinov2_vits14_ade20k_linear_head.pth)"
-        )
-    if not path.is_file():
-        raise DinokitError(f"head file not found: {path}")
+    path, model, name = locate_released_head(head, model, "segmentation", "dinov2_vits14_ade20k_linear_head")
     state, meta = read_head_file(path)
     backbone = prepare_backbone(model, device, 0)
     check_released_backbone(head, model, backbone, name.backbone if name is not None else None)

@@ -301,9 +301,10 @@ def predict_segmentation(
     without them) and the settings. scales, flip and image_size apply to released heads only.
     """
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
-    from dinokit.eval.released_segmentation import is_released_segmentation_head, predict_released_segmentation
+    from dinokit.eval.heads import is_released_head
+    from dinokit.eval.released_segmentation import predict_released_segmentation
 
-    if is_released_segmentation_head(head):
+    if is_released_head(head, "segmentation"):
         return predict_released_segmentation(
             head, images, out_dir, model, scales, flip, image_size, batch_size, device, precision
         )

@@ -5,6 +5,7 @@ A name resolves to a local file or folder, downloaded once into the cache (`$DIN
 """
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from dinokit.errors import DinokitError
@@ -37,53 +38,59 @@ def official_url(name: str) -> str | None:
     return None
 
 
-def head_backbone(name: str) -> str | None:
-    """The released backbone name of a released ImageNet-1k linear head, named `<backbone>_linear_head`
-    (on the last block) or `<backbone>_linear4_head` (last 4 blocks), e.g. dinov2_vits14_reg_linear4_head,
-    or its file's name (dinov2_vits14_reg4_linear4_head.pth); else None."""
-    for suffix in ("_linear4_head", "_linear_head"):
-        stem = Path(name).name.removesuffix(".pth")
-        backbone = stem.removesuffix(suffix).replace("_reg4", "_reg")
-        if stem.endswith(suffix) and backbone in HF_NAMES:
-            return backbone
-    return None
+# The released DINOv2 heads: task -> (datasets, kinds), named <backbone>[_<dataset>]_<kind>_head. The
+# ImageNet-1k classification heads exist for every backbone (`_reg4` in file names), the segmentation
+# and depth heads for the backbones without registers.
+RELEASED_HEADS = {
+    "classification": ((None,), ("linear", "linear4")),
+    "segmentation": (("ade20k", "voc2012"), ("linear", "ms")),
+    "depth": (("nyu", "kitti"), ("linear", "linear4", "dpt")),
+}
 
 
-def official_head_url(name: str) -> str | None:
-    """Download URL of a released linear head name (`head_backbone`), else None."""
-    backbone = head_backbone(name)
-    if backbone is None or Path(name).suffix:  # a file name is a local file, not a name to download
-        return None
-    base, layers = backbone.removesuffix("_reg"), "4" if name.endswith("_linear4_head") else ""
-    full = f"{base}_reg4" if backbone.endswith("_reg") else base
-    return f"{_OFFICIAL}/dinov2/{base}/{full}_linear{layers}_head.pth"
+@dataclass(frozen=True)
+class HeadName:
+    """A released head's name, or its file's: dinov2_vitb14_voc2012_ms_head -> (dinov2_vitb14, segmentation,
+    voc2012, ms). backbone: the released backbone (dinokit's name, `_reg` for registers), or None where
+    the name's prefix is no released backbone with heads of that task (my_nyu_dpt_head.pth)."""
+
+    backbone: str | None
+    task: str
+    dataset: str | None
+    kind: str
+
+    @property
+    def url(self) -> str | None:
+        """The download URL (None without a released backbone)."""
+        if self.backbone is None:
+            return None
+        base = self.backbone.removesuffix("_reg")
+        full = f"{base}_reg4" if self.backbone.endswith("_reg") else base
+        middle = f"_{self.dataset}" if self.dataset else ""
+        return f"{_OFFICIAL}/dinov2/{base}/{full}{middle}_{self.kind}_head.pth"
 
 
-DEPTH_DATASETS = ("nyu", "kitti")
-DEPTH_HEAD_KINDS = ("linear", "linear4", "dpt")
-
-
-def depth_head_parts(name: str) -> tuple[str | None, str, str] | None:
-    """(backbone, dataset, kind) of a depth head named `<backbone>_<nyu|kitti>_<linear|linear4|dpt>_head`, or
-    of its file (.pth): dinov2_vitl14_kitti_dpt_head -> (dinov2_vitl14, kitti, dpt). backbone is None where
-    the prefix is no released backbone with depth heads (those without registers): my_nyu_dpt_head.pth ->
-    (None, nyu, dpt). Else None."""
+def released_head(name: str | os.PathLike) -> HeadName | None:
+    """The parts of a released head's name (dinov2_vits14_reg_linear4_head, dinov2_vitl14_kitti_dpt_head) or
+    of its file's name (.../dinov2_vits14_reg4_linear4_head.pth); else None."""
     stem = Path(name).name.removesuffix(".pth")
-    for dataset in DEPTH_DATASETS:
-        for kind in DEPTH_HEAD_KINDS:
-            prefix = stem.removesuffix(f"_{dataset}_{kind}_head")
-            if prefix != stem:
-                released = prefix in HF_NAMES and not prefix.endswith("_reg")
-                return (prefix if released else None), dataset, kind
+    for task, (datasets, kinds) in sorted(RELEASED_HEADS.items(), key=lambda item: item[1][0] == (None,)):
+        for dataset in datasets:  # datasets first: dinov2_vits14_nyu_linear_head is not a classifier's
+            for kind in kinds:
+                prefix = stem.removesuffix(f"{f'_{dataset}' if dataset else ''}_{kind}_head")
+                if prefix == stem:
+                    continue
+                backbone = prefix.replace("_reg4", "_reg") if task == "classification" else prefix
+                has_heads = backbone in HF_NAMES and (task == "classification" or not backbone.endswith("_reg"))
+                return HeadName(backbone if has_heads else None, task, dataset, kind)
     return None
 
 
-def official_depth_head_url(name: str) -> str | None:
-    """Download URL of a released depth head name (`depth_head_parts`; a file name is a local file), else None."""
-    backbone, dataset, kind = depth_head_parts(name) or (None, None, None)
-    if backbone is None or Path(name).suffix:
-        return None
-    return f"{_OFFICIAL}/dinov2/{backbone}/{backbone}_{dataset}_{kind}_head.pth"
+def released_head_url(name: str) -> str | None:
+    """Download URL of a released head's bare name (`released_head`); None for anything else, a file name
+    included (a local file is never downloaded)."""
+    head = released_head(name)
+    return None if head is None or Path(name).suffix else head.url
 
 
 def cache_dir() -> Path:
