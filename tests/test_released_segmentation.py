@@ -208,6 +208,8 @@ def test_cli_masks_at_the_images_sizes_with_the_class_names(micro, tmp_path, cap
     released = dinokit.load_released_segmentation_head(str(tmp_path / "my_head.pth"), weights, "cpu")
     mask = released.predict(images / "sub" / "b.png", scales=[1.0, 1.5], image_size=16, precision="fp32")
     assert np.array_equal(mask, np.asarray(Image.open(out / "sub" / "b.png"))) and released.classes == names
+    # the defaults of an ms head (this one is 4 blocks wide): 3 ratios, flips, short side 640
+    assert (released.kind, released.settings()) == ("ms", InferenceSettings((1.0, 1.32, 1.73), True, 640))
     with pytest.raises(DinokitError, match="scales must be a list of positive ratios"):
         released.predict(images / "a.png", scales=[])
     with pytest.raises(DinokitError, match="precision must be one of bf16, fp32"):

@@ -9,7 +9,8 @@ the normed patch tokens of the last block ("linear", D channels) or of the last 
 `EncoderDecoder` with the test pipeline of mmseg's ADE20K / VOC configs:
 
 - the image (RGB, 0-255) resized keeping its aspect ratio to the scale (4 S r, S r) for each ratio r of
-  `scales` (mmcv `imrescale`; S = image_size, 512 in the configs: (2048, 512)), and flipped
+  `scales` (mmcv `imrescale`; S = image_size: 512 for linear heads, mmseg's (2048, 512); 640 for ms
+  heads, see below), and flipped
   horizontally too where `flip`; bilinear, rounded to 8 bits, close to cv2's resize, not bit-equal;
 - normalised with ImageNet's mean and std on 0-255;
 - slide inference: crop x crop windows every `stride` pixels (512 / 341), each zero-padded to a patch
@@ -20,8 +21,10 @@ the normed patch tokens of the last block ("linear", D channels) or of the last 
 
 Verified from the sources: the head's layout and computation, the windows, the resizing rule, the
 normalisation and the ms ratios [1.0, 1.32, 1.73] (the notebook's 3 scales). Not verified: the base
-scale of the released configs (their config files were not reachable; 512 is mmseg's ADE20K / VOC
-test scale) -- image_size= changes it.
+scale of the released configs (their config files were not reachable): 512 for linear heads (mmseg's
+ADE20K / VOC test scale), 640 for ms heads (the DINOv2 paper's "+ms" resolution, and the short side
+640 of a third-party config built from DINOv2's ADE20K ms config: img_scale (99999999, 640), ratios
+[1.0, 1.32, 1.73, 2.28, 3.0], flip); image_size= changes it.
 """
 
 from collections.abc import Iterator
@@ -43,6 +46,7 @@ from dinokit.models.vision_transformer import snap_to_patch_multiple
 from dinokit.runtime import PRECISIONS, autocast
 
 DEFAULT_SCALES = {"linear": (1.0,), "ms": (1.0, 1.32, 1.73)}  # ms: the notebook's HEAD_SCALE_COUNT = 3
+DEFAULT_IMAGE_SIZE = {"linear": 512, "ms": 640}  # the short side at ratio 1 (module docstring: not verified)
 BLOCKS = {"linear": 1, "ms": 4}  # the last block, or the last 4 concatenated on channels
 MEAN = (123.675, 116.28, 103.53)  # mmseg's Normalize, on 0-255
 STD = (58.395, 57.12, 57.375)
@@ -71,13 +75,13 @@ class ReleasedHead:
         batch_size: int = 16,
         precision: str = "bf16",
     ) -> "InferenceSettings":
-        """The official test-time settings of this head's kind (linear: one scale; ms: 3 ratios and
-        flips), with the values given in their place."""
+        """The official test-time settings of this head's kind (linear: one scale, short side 512; ms: 3
+        ratios and flips, short side 640), with the values given in their place."""
         check_settings(scales, flip, image_size, batch_size, precision)
         settings = InferenceSettings(
             scales=tuple(DEFAULT_SCALES[self.kind] if scales is None else scales),
             flip=self.kind == "ms" if flip is None else flip,
-            image_size=IMAGE_SIZE if image_size is None else image_size,
+            image_size=DEFAULT_IMAGE_SIZE[self.kind] if image_size is None else image_size,
             batch_size=batch_size,
             precision=precision,
         )
@@ -394,7 +398,8 @@ def check_settings(
         raise DinokitError(f"flip must be true or false, got {flip!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
         raise DinokitError(
-            f"image_size must be a positive number of pixels (the short side, 512 as released), got {image_size}"
+            "image_size must be a positive number of pixels (the short side; by default 512 for linear heads, "
+            f"640 for ms ones), got {image_size}"
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DinokitError(f"batch_size must be >= 1 (windows per forward pass), got {batch_size}")

@@ -295,7 +295,8 @@ def predict_segmentation(
     Applied as the official evaluation (eval/released_segmentation.py): slide inference (512 x 512
     windows, stride 341) on the image resized to the scale (4 x image_size, image_size) x each ratio
     of scales, and its mirror image where flip; the views' softmax averaged. scales: default [1.0] for
-    a linear head, [1.0, 1.32, 1.73] for an ms one; flip: default false / true; image_size: 512.
+    a linear head, [1.0, 1.32, 1.73] for an ms one; flip: default false / true; image_size: default
+    512 / 640 (the ms configs' short side, not verified: docs/reproducing.md).
     batch_size counts windows; num_workers is ignored (one image at a time). Writes out/classes.json
     too: the class names in index order (ADE20K's 150 or VOC2012's 21; null for an unnamed file
     without them) and the settings. scales, flip and image_size apply to released heads only.
