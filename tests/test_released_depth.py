@@ -406,3 +406,16 @@ def test_a_released_name_is_downloaded_once_and_offline_says_what_to_do(tmp_path
     assert main([*args, f"out={tmp_path / 'out'}", "precision=fp32"]) == 0
     depth = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
     assert depth.shape == (20, 31) and depth.min() >= 1 and depth.max() <= 10000
+
+
+def test_a_depth_pth_named_like_a_classifier_is_not_refused(micro, tmp_path):
+    """A user's depth head file ending in _linear4_head.pth (no released backbone, no dataset in its name) is a
+    depth head given model= and max_depth=: it was refused as 'a released DINOv2 classification head'."""
+    head = official_linear(4, 10.0)
+    file = save_released(tmp_path / "nyu_linear4_head.pth", head)
+    depther = load_released_depth_head(str(file), micro["weights"], "cpu", max_depth=10)
+    expected = official_depth(micro["net"], head, micro["images"] / "a.png", MICRO_BLOCKS, 0.001, 10.0)
+    assert np.abs(depther.predict(micro["images"] / "a.png") - expected).max() < 1e-4
+    # a released classifier's own name still names its command
+    with pytest.raises(DinokitError, match="use `dinokit predict classification"):
+        load_released_depth_head("dinov2_vits14_linear4_head", micro["weights"], "cpu", max_depth=10)

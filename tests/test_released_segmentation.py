@@ -321,3 +321,12 @@ def test_a_released_head_of_another_task_is_told_its_command(tmp_path, capsys, c
     args = ["predict", command, f"head={head}", f"images={tmp_path / 'images'}", f"out={out}"]
     assert main(args) != 0
     assert f"not a {command} head: use `dinokit predict {its_command} head={head}`" in capsys.readouterr().err
+
+
+def test_a_segmentation_pth_named_like_a_classifier_is_not_refused(micro, tmp_path):
+    """voc_linear_head.pth (no released backbone, no dataset in its name) is a segmentation head given model=;
+    predict segmentation refused it as 'a released DINOv2 classification head'."""
+    _, weights = micro
+    official_head_file(tmp_path / "voc_linear_head.pth", DIM, 21)
+    released = load_released_segmentation_head(str(tmp_path / "voc_linear_head.pth"), weights, "cpu")
+    assert (released.kind, released.blocks, len(released.head.conv.bias)) == ("linear", 1, 21)

@@ -82,10 +82,13 @@ def load_head_file(path: str | Path, task: str | None = None) -> tuple[dict[str,
 
 def released_head_of(head: str | Path, task: str):
     """`hub.released_head(head)` (the parts of a released head's name) where it names a head of `task`, else
-    None; a released head of another task is refused, naming its command."""
+    None; a released head of another task is refused, naming its command. A file name that says neither a
+    released backbone nor a dataset (my_linear_head.pth, nyu_linear4_head.pth) names no task: None."""
     from dinokit.models.hub import released_head
 
     name = released_head(head)
+    if name is not None and name.task != task and name.backbone is None and name.dataset is None:
+        return None  # only a classifier's ending (_linear_head): any task's own .pth may be named so
     if name is not None and name.task != task:
         raise DinokitError(
             f"{head} is a released DINOv2 {name.task} head, not a {task} head: use `dinokit predict {name.task} "
