@@ -168,8 +168,9 @@ def center_padding(x, multiple):
     return F.pad(x, list(itertools.chain.from_iterable(pad(m) for m in x.shape[:1:-1])))
 
 
-def official_depth(backbone, head, path: Path, blocks, min_depth, max_depth) -> np.ndarray:
-    """The notebook's transform, CenterPadding, get_intermediate_layers, head, clamp, resize (encode_decode)."""
+def official_depth(backbone, head, path: Path, blocks, min_depth, max_depth, size=None) -> np.ndarray:
+    """The notebook's transform, CenterPadding, get_intermediate_layers, head, clamp, resize to `size` (default
+    the image's; encode_decode)."""
     x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255.0  # ToTensor
     x = 255.0 * x[:3]
     mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
@@ -179,7 +180,7 @@ def official_depth(backbone, head, path: Path, blocks, min_depth, max_depth) -> 
             center_padding(x, backbone.patch_size), n=list(blocks), reshape=True, return_class_token=True, norm=False
         )
         out = torch.clamp(head(feats), min=min_depth, max=max_depth)
-        out = F.interpolate(out, size=x.shape[2:], mode="bilinear", align_corners=False)
+        out = F.interpolate(out, size=size or x.shape[2:], mode="bilinear", align_corners=False)
     return out[0, 0].numpy()
 
 
@@ -419,3 +420,34 @@ def test_a_depth_pth_named_like_a_classifier_is_not_refused(micro, tmp_path):
     # a released classifier's own name still names its command
     with pytest.raises(DinokitError, match="use `dinokit predict classification"):
         load_released_depth_head("dinov2_vits14_linear4_head", micro["weights"], "cpu", max_depth=10)
+
+
+def test_a_photo_over_max_pixels_runs_shrunk_and_its_depth_comes_at_its_size(micro, tmp_path, monkeypatch, capsys):
+    """A 4000 x 3000 photo ran whole (a DPT head on ViT-S: some 27 GB); above max_pixels an image runs at the
+    largest size within them (PIL bilinear), the depth resized straight to the image's size."""
+    head = official_linear(4, 10.0)
+    file = save_released(tmp_path / "my_nyu_linear4_head.pth", head)
+    depther = load_released_depth_head(str(file), micro["weights"], "cpu", max_pixels=100)
+    assert load_released_depth_head(str(file), micro["weights"], "cpu").max_pixels == 1_000_000
+    path = micro["images"] / "a.png"  # 14 x 11 = 154 pixels
+    assert depther.run_size(14, 11) == (11, 8) and depther.run_size(10, 10) == (10, 10)
+    Image.open(path).convert("RGB").resize((11, 8), Image.Resampling.BILINEAR).save(tmp_path / "small.png")
+    expected = official_depth(micro["net"], head, tmp_path / "small.png", MICRO_BLOCKS, 0.001, 10.0, size=(11, 14))
+    assert np.abs(depther.predict(path) - expected).max() < 1e-4
+    with pytest.raises(DinokitError, match="max_pixels must be a positive number"):
+        load_released_depth_head(str(file), micro["weights"], "cpu", max_pixels=0)
+
+    # the command: a 1500 x 1000 photo reaches the depther within 1 000 000 pixels, its PNG at 1500 x 1000
+    seen = []
+
+    def forward(self, images, size=None):
+        seen.append((tuple(images.shape[-2:]), size))
+        return torch.ones(1, 1, *size)
+
+    monkeypatch.setattr("dinokit.eval.released_depth.ReleasedDepther.forward", forward)
+    Image.new("RGB", (1500, 1000)).save(tmp_path / "photo.png")
+    args = [f"head={file}", f"model={micro['weights']}", f"images={tmp_path / 'photo.png'}", f"out={tmp_path / 'o'}"]
+    assert main(["predict", "depth", *args]) == 0
+    assert seen == [((816, 1224), (1000, 1500))] and 816 * 1224 <= 1_000_000
+    assert np.asarray(Image.open(tmp_path / "o" / "photo.png")).shape == (1000, 1500)
+    assert "1 image(s) of more than 1000000 pixels ran shrunk" in capsys.readouterr().out

@@ -11,6 +11,12 @@ Meta released, per backbone dinov2_vit{s,b,l,g}14, heads `<backbone>_<nyu|kitti>
   to 256 bins, linear bin normalisation); dpt: `DPTDepthHead` below;
 - the depth clamped to [min_depth, max_depth], then resized bilinearly to the image (unpadded).
 
+One difference on purpose: an image of more than `max_pixels` (default 1 000 000) runs at the largest size
+within them (aspect kept, PIL bilinear), its depth resized to the image's own size (the official
+encode_decode's `size=`). The hub runs any size whole, and the memory grows with the pixel count (a DPT
+head on ViT-S: about 2.2 GB per megapixel, so some 27 GB for a 4000 x 3000 photo); NYU's 640 x 480 and
+KITTI's 1242 x 375 images are below the limit and run whole. `max_pixels=None` runs every image whole.
+
 Depth ranges: NYU 0.001-10 m, KITTI 0.001-80 m, the datasets' (as the hub's DPT depthers). The hub
 builds every *linear* head with 0.001-10 m, KITTI's too (trained to 80 m), so the hub's KITTI linear
 depths are compressed by 8 (an older hub version had the opposite bug: 80 m for NYU);
@@ -20,6 +26,7 @@ upsamples its logits instead of its features (`LinearDepthHead`); images are tur
 EXIF orientation (as everywhere in dinokit; the notebook's PIL `open` is not).
 """
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +44,7 @@ from dinokit.models.vision_transformer import snap_to_patch_multiple
 from dinokit.runtime import autocast, effective_precision
 
 MIN_DEPTH = 0.001
+MAX_PIXELS = 1_000_000  # larger images run shrunk to this many pixels (module docstring)
 DATASET_RANGES = {"nyu": (MIN_DEPTH, 10.0), "kitti": (MIN_DEPTH, 80.0)}  # metres
 
 
@@ -159,7 +167,8 @@ class DPTDepthHead(nn.Module):
 class ReleasedDepther(nn.Module):
     """A backbone and a released depth head, as the hub's DepthEncoderDecoder.whole_inference:
     ImageNet-normalised images (B, 3, H, W) -> depth in metres (B, 1, H, W) in [min_depth, max_depth].
-    The backbone runs under `precision` (bf16 autocast, or fp32), the head in fp32."""
+    The backbone runs under `precision` (bf16 autocast, or fp32), the head in fp32. `predict` runs an
+    image of more than `max_pixels` (None: no limit) shrunk to them, its depth at the image's size."""
 
     def __init__(
         self,
@@ -169,12 +178,15 @@ class ReleasedDepther(nn.Module):
         min_depth: float,
         max_depth: float,
         precision: str = "fp32",
+        max_pixels: int | None = MAX_PIXELS,
     ) -> None:
         super().__init__()
         self.backbone, self.head, self.blocks = backbone, head, tuple(blocks)
         self.min_depth, self.max_depth, self.precision = min_depth, max_depth, precision
+        self.max_pixels = max_pixels
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, 1, *size) depths, size by default the images' (H, W) (the official encode_decode's `size`)."""
         padded = snap_to_patch_multiple(images, self.backbone.patch_size, "pad")
         with autocast(images.device, self.precision):
             layers = self.backbone.get_intermediate_layers(
@@ -184,17 +196,27 @@ class ReleasedDepther(nn.Module):
         cls = torch.stack([c for _, c in layers], dim=1).float()  # (B, L, D)
         depth = self.head(tokens, cls, self.backbone.grid_size(*padded.shape[-2:]))
         depth = depth.clamp(self.min_depth, self.max_depth)
-        return F.interpolate(depth, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(depth, size=size or images.shape[-2:], mode="bilinear", align_corners=False)
+
+    def run_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) `predict` runs a width x height image at: its own, or within `max_pixels`."""
+        if self.max_pixels is None or width * height <= self.max_pixels:
+            return width, height
+        factor = math.sqrt(self.max_pixels / (width * height))
+        return max(1, int(width * factor)), max(1, int(height * factor))
 
     @torch.inference_mode()
     def predict(self, image: str | Path | Image.Image) -> np.ndarray:
-        """(H, W) float32 depth in metres of one image at its own size (a file is decoded upright, as RGB)."""
+        """(H, W) float32 depth in metres of one image at its own size (a file is decoded upright, as RGB);
+        an image of more than `max_pixels` runs shrunk to them (`run_size`)."""
         from dinokit.data.images import open_rgb, to_rgb
         from dinokit.data.transforms import normalize
 
         picture = open_rgb(image) if isinstance(image, (str, Path)) else to_rgb(image)
-        x = normalize()(picture)[None].to(next(self.parameters()).device)
-        return self(x)[0, 0].cpu().numpy()
+        size = self.run_size(*picture.size)
+        run = picture if size == picture.size else picture.resize(size, Image.Resampling.BILINEAR)
+        x = normalize()(run)[None].to(next(self.parameters()).device)
+        return self(x, size=(picture.height, picture.width))[0, 0].cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -251,17 +273,21 @@ def load_released_depth_head(
     device: str = "auto",
     max_depth: float | None = None,
     precision: str = "fp32",
+    max_pixels: int | None = MAX_PIXELS,
 ) -> ReleasedDepther:
     """A released DINOv2 depth head with its backbone, ready for images (`ReleasedDepther`, `.predict(image)`
     -> (H, W) metres). head: a released name such as dinov2_vits14_nyu_linear4_head or dinov2_vitl14_kitti_dpt_head
     (downloaded once into the cache), or its .pth file. model: the backbone; by default the released
     one the name says (a backbone of another width, depth or patch is refused). max_depth: the depth range's
-    top in metres; by default the dataset's (NYU 10, KITTI 80). precision: the backbone's, fp32 or bf16."""
+    top in metres; by default the dataset's (NYU 10, KITTI 80). precision: the backbone's, fp32 or bf16.
+    max_pixels: larger images run shrunk to this many pixels (memory; None: every image whole, as the hub)."""
     from dinokit.eval.common import prepare_backbone
     from dinokit.eval.heads import check_released_backbone, locate_released_head, released_head_of
     from dinokit.runtime import resolve_device
 
     effective_precision(resolve_device(device), precision)  # a bad precision= fails before any download
+    if max_pixels is not None and not (isinstance(max_pixels, int) and max_pixels >= 1):
+        raise DinokitError(f"max_pixels must be a positive number of pixels, or None for no limit; got {max_pixels!r}")
     name = released_head_of(head, "depth")
     min_depth, top = depth_range(name.dataset if name is not None else None, max_depth, str(head))
     path, model, name = locate_released_head(str(head), model, "depth", "dinov2_vits14_nyu_linear4_head")
@@ -280,7 +306,8 @@ def load_released_depth_head(
             f"blocks): {e}. Pass the backbone the head was released with as model=..."
         ) from None
     blocks = depth_blocks(len(net.blocks), layers)
-    return ReleasedDepther(net, depth_head.to(next(net.parameters()).device), blocks, min_depth, top, precision)
+    head_on_device = depth_head.to(next(net.parameters()).device)
+    return ReleasedDepther(net, head_on_device, blocks, min_depth, top, precision, max_pixels)
 
 
 def released_depth_maps(
@@ -294,13 +321,19 @@ def released_depth_maps(
     from dinokit.eval.dense import prediction_files
 
     with prediction_files(images, out_files) as (paths, names):
-        bad = []
+        bad, shrunk = [], 0
         for path, name in tqdm(list(zip(paths, names, strict=True)), desc="depth", unit="image", leave=False):
             try:
                 picture = open_rgb(path)
             except UnreadableImage:
                 bad.append(path)
                 continue
+            shrunk += depther.run_size(*picture.size) != picture.size
             yield name, np.asarray(picture), depther.predict(picture)
         if bad:
             print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
+        if shrunk:
+            print(
+                f"{shrunk} image(s) of more than {depther.max_pixels} pixels ran shrunk to them (memory), their depths "
+                "resized to the images' sizes; dinokit.load_released_depth_head(max_pixels=None) runs them whole"
+            )
