@@ -150,15 +150,16 @@ def make_transform(image_size: int, resize_policy: str = "center_crop", reduced_
     return eval_transform(image_size, resize_policy, reduced_decode=reduced_decode)
 
 
-def protocol_record(backbone: Backbone, transform, image_size: int, precision: str, **extra) -> dict:
-    """The facts that make a number reproducible (printed and stored with every result)."""
+def protocol_record(backbone: Backbone, transform, image_size: int | None, precision: str, **extra) -> dict:
+    """The facts that make a number reproducible (printed and stored with every result). transform: a
+    torchvision transform, or its description where the images are not prepared by one."""
     return {
         "model": backbone.source,
         "model_description": backbone.description,
         "weights_hash": backbone.hash,
         "random_init": backbone.random,
         "image_size": image_size,
-        "transform": describe(transform),
+        "transform": transform if isinstance(transform, str) else describe(transform),
         "precision": ran_precision(backbone.model, precision),  # fp32 where bf16 falls back
         **extra,
         "dinokit_version": dinokit.__version__,

@@ -407,28 +407,47 @@ def predict_images(
     out_files: (output folder, suffixes of the files written per name), checked against the inputs.
     The output folder is held (io.folder_lock) until the last prediction: a second predict or eval run
     into it meanwhile fails at once."""
+    with prediction_files(images, out_files) as (paths, names):
+        bad: list[int] = []
+        for i, rgb, output in head_outputs(head, meta, backbone, paths, batch_size, num_workers, precision, bad):
+            yield names[i], rgb, output
+        if bad:
+            print(f"skipped {len(bad)} unreadable image(s), e.g. {paths[bad[0]]}")
+
+
+@torch.no_grad()
+def head_outputs(
+    head: nn.Module,
+    meta: dict,
+    backbone: Backbone,
+    paths: list[Path],
+    batch_size: int,
+    num_workers: int,
+    precision: str,
+    bad: list[int] | None = None,
+) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+    """Yield (index into paths, RGB array at original size, head output (C, H, W) at that size) of each
+    readable image, as its head file (`meta`) says the head was trained: decode, resize, blocks, norm.
+    The indices of unreadable images are appended to `bad`."""
     from dinokit.data.images import open_rgb
     from dinokit.eval.heads import head_inputs
 
-    with prediction_files(images, out_files) as (paths, names):
-        # decoded as the head's training images were (whole for a head written before the reduced decode)
-        transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
-        which = ("layer_patch_tokens", "layers") if meta.get("with_cls") else ("layer_patch_tokens",)
-        side = meta["image_size"] // meta["patch_size"]
-        device = next(head.parameters()).device
-        bad = []
-        loader = dict(batch_size=batch_size, num_workers=num_workers, precision=precision)
-        for good, feats, bad_batch in head_inputs(backbone, paths, meta, which, transform, **loader):
+    # decoded as the head's training images were (whole for a head written before the reduced decode)
+    transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
+    which = ("layer_patch_tokens", "layers") if meta.get("with_cls") else ("layer_patch_tokens",)
+    side = meta["image_size"] // meta["patch_size"]
+    device = next(head.parameters()).device
+    loader = dict(batch_size=batch_size, num_workers=num_workers, precision=precision)
+    for good, feats, bad_batch in head_inputs(backbone, paths, meta, which, transform, **loader):
+        if bad is not None:
             bad += bad_batch
-            if not feats:
-                continue
-            cls = feats["layers"].to(device) if "layers" in feats else None
-            output = head(feats["layer_patch_tokens"].to(device), cls, (side, side)).float().cpu()
-            for j, i in enumerate(good.tolist()):
-                rgb = np.asarray(open_rgb(paths[i]))
-                yield names[i], rgb, upsample(output[j : j + 1], rgb.shape[:2])[0]
-        if bad:
-            print(f"skipped {len(bad)} unreadable image(s), e.g. {paths[bad[0]]}")
+        if not feats:
+            continue
+        cls = feats["layers"].to(device) if "layers" in feats else None
+        output = head(feats["layer_patch_tokens"].to(device), cls, (side, side)).float().cpu()
+        for j, i in enumerate(good.tolist()):
+            rgb = np.asarray(open_rgb(paths[i]))
+            yield i, rgb, upsample(output[j : j + 1], rgb.shape[:2])[0]
 
 
 @contextlib.contextmanager

@@ -125,13 +125,13 @@ def evaluate_depth(head, split, read, min_depth, max_depth, device, train_target
 
 
 def eval_depth(
-    model: str,
-    train: str,
-    val: str,
+    model: str | None = None,
+    train: str | None = None,
+    val: str | None = None,
     out: str = "out/eval-depth",
     min_depth: float = 0.001,
     max_depth: float | None = None,
-    depth_scale: float = 1000.0,
+    depth_scale: float | None = None,
     n_layers: int = 4,
     norm: bool = False,
     epochs: int = 20,
@@ -146,8 +146,13 @@ def eval_depth(
     precision: str = "bf16",
     cache: str = "auto",
     seed: int = 0,
+    head: str | None = None,
+    crop: str = "auto",
 ) -> str:
-    """Linear depth probe on frozen features (DINOv2's linear head, SigLoss): RMSE, AbsRel, delta1.
+    """Linear depth probe on frozen features (DINOv2's linear head, SigLoss), or a saved / released head scored.
+
+    Reported: RMSE, AbsRel, delta1. With head=, the errors of a saved or released head on val (no
+    training): see the last paragraph.
 
     train, val: folders with images/ and depth/ (same names, subfolders mirrored): integer data (a
     16-bit PNG, an integer .npy) in 1/depth_scale metres, e.g. millimetres for depth_scale=1000; float
@@ -160,8 +165,57 @@ def eval_depth(
     depth.json, then the earlier head, metrics.jsonl and examples/, and writes depth.json last: where
     it exists, the files beside it are its run's (a run stopped partway leaves no json). out must
     not hold eval segmentation's results (segmentation.json), which share those files, nor be the
-    out of a run still going on (a second run into it is refused at once).
+    out of a run still going on (a second run into it is refused at once). depth_scale: default 1000.
+
+    Scoring a head (head=, no train=; the training keys n_layers, norm, epochs, lr, weight_decay,
+    train_batch_size, image_size, cache and seed do not apply): head is a released DINOv2 depth head (a
+    name such as dinov2_vits14_nyu_linear4_head or its .pth, applied as `dinokit predict depth` applies
+    it; max_depth= its range top as there) or a head file of `dinokit eval depth` (its trained range).
+    model: by default the head's backbone. val: images/ and depth/ of the images' sizes. depth_scale:
+    default 1000 for NYU (millimetres), 256 for KITTI, a dinokit head's own. Scored per image over the
+    pixels with min_depth < gt < the head's max depth inside crop, then averaged over images (the
+    Monocular-Depth-Estimation-Toolbox's protocol): crop=eigen (NYU's 480 x 640 crop), garg (KITTI's) or
+    none; auto: eigen for an nyu head, garg for a kitti one, else none. Writes
+    out/depth.json (rmse, abs_rel, delta1-3 in %, sq_rel, rmse_log, log10, silog, the protocol) and
+    out/examples/*.png, replacing an earlier result there; out must not hold a trained head.
     """
+    out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
+    refuse_other_outputs(out_dir, ("segmentation.json", "depth.json"), "dinokit eval")
+    if val is None:
+        raise DinokitError("val=... is needed: a folder with images/ and depth/ (depth maps, same names)")
+    if head is not None:
+        if train is not None:
+            raise DinokitError(
+                f"train= and head= exclude each other: head={head} is scored on val= as it is (no training); "
+                "leave train= out, or head= out to train a new head"
+            )
+        from dinokit.eval.head_scores import score_depth
+
+        with results_folder(out_dir, "depth"):  # one run at a time in out
+            score_depth(
+                head,
+                val,
+                out_dir,
+                model,
+                min_depth,
+                max_depth,
+                depth_scale,
+                crop,
+                num_examples,
+                batch_size,
+                num_workers,
+                device,
+                precision,
+            )
+        return str(out_dir / "depth.json")
+    if crop != "auto":
+        raise DinokitError("crop= applies to scoring a head (head=...), not to training: leave it out")
+    if model is None or train is None:
+        raise DinokitError(
+            "model=... and train=... are needed to train a head (a backbone and a folder with images/ and depth/), "
+            "or head=... to score a saved or released one on val="
+        )
+    depth_scale = 1000.0 if depth_scale is None else depth_scale
     check_training(epochs, train_batch_size, lr, weight_decay)
     if not depth_scale > 0:  # 0 gave NaN errors as a result; a negative scale, maps 'without measurement'
         raise DinokitError(
@@ -169,8 +223,6 @@ def eval_depth(
             f"got {depth_scale}"
         )
     dev = resolve_device(device)
-    out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
-    refuse_other_outputs(out_dir, ("segmentation.json", "depth.json"), "dinokit eval")
     with results_folder(out_dir, "depth"):  # one run at a time in out
         backbone = prepare_backbone(model, device, seed)
         layers = depth_blocks(len(backbone.model.blocks), n_layers)
@@ -331,7 +383,7 @@ def predict_depth(
     if is_released_head(head, "depth"):
         depther = load_released_depth_head(head, model, device, max_depth, precision)
         low, high = depther.min_depth, depther.max_depth
-        scale = depth_scale or (1000.0 if high * 1000 <= 65535 else 256.0)
+        scale = depth_scale or png_depth_scale(high)
         maps = released_depth_maps(depther, images, out_files)
         print(f"released depth head {head}: range {low:g}-{high:g} m, PNG units 1/{scale:g} m")
     else:
@@ -363,6 +415,12 @@ def predict_depth(
             f"to fit the head's range up to {high:g} m"
         )
     return str(out_dir)
+
+
+def png_depth_scale(max_depth: float) -> float:
+    """A released head's 16-bit PNG units per metre: 1000 (millimetres, NYU's) where max_depth fits 16 bits
+    in them, else 256 (KITTI's 1/256 m)."""
+    return 1000.0 if max_depth * 1000 <= 65535 else 256.0
 
 
 def depth_units(depth: np.ndarray, depth_scale: float) -> tuple[np.ndarray, int]:

@@ -6,6 +6,10 @@ Segmentation, accumulated over the whole dataset in one confusion matrix (pixels
     pixel accuracy = sum_c TP_c / labelled pixels
 Depth, per image over its valid pixels (min_depth < gt <= max_depth), then averaged over images:
     RMSE = sqrt(mean (pred - gt)^2)   AbsRel = mean |pred - gt| / gt   delta1 = mean[max(pred/gt, gt/pred) < 1.25]
+    and the rest of the Monocular-Depth-Estimation-Toolbox's (depth/core/evaluation/metrics.py) that the DINOv2
+    depth evaluation used: delta2, delta3 (< 1.25^2, 1.25^3; deltas in %, the toolbox's a1-a3 are fractions),
+    SqRel = mean (pred - gt)^2 / gt, RMSE log = sqrt(mean (log gt - log pred)^2), log10 = mean |log10 gt -
+    log10 pred|, SILog = 100 sqrt(mean e^2 - (mean e)^2) with e = log pred - log gt
 Video object segmentation, as DAVIS-2017's semi-supervised benchmark (davis2017-evaluation: db_eval_iou,
 db_eval_boundary), per object k of the first frame over the frames but the first and last:
     J = |pred_k & gt_k| / |pred_k | gt_k| (1 where both are empty)
@@ -56,26 +60,55 @@ def segmentation_scores(confusion: torch.Tensor, ignore_index: int | None = None
     }
 
 
+def mean_class_accuracy(confusion: torch.Tensor, ignore_index: int | None = None) -> float:
+    """mmseg's mAcc in %: per true class, the share of its pixels predicted as it, averaged over the classes
+    with labelled pixels (an `ignore_index` in 0..C-1 left out, as in segmentation_scores)."""
+    c = confusion.double()
+    labelled = c.sum(1)
+    present = labelled > 0
+    if ignore_index is not None and 0 <= ignore_index < len(labelled):
+        present[ignore_index] = False
+    return 100.0 * (c.diag()[present] / labelled[present]).mean().item() if present.any() else float("nan")
+
+
 def depth_errors(pred: torch.Tensor, gt: torch.Tensor, min_depth: float, max_depth: float) -> dict | None:
     """{"rmse", "abs_rel", "delta1"} of one image over its valid pixels; None if it has none."""
     valid = (gt > min_depth) & (gt <= max_depth)
+    errors = depth_metrics(pred, gt, valid)
+    return None if errors is None else {k: errors[k] for k in ("rmse", "abs_rel", "delta1")}
+
+
+DEPTH_METRICS = ("rmse", "abs_rel", "delta1", "delta2", "delta3", "sq_rel", "rmse_log", "log10", "silog")
+
+
+def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> dict | None:
+    """Every DEPTH_METRICS value of one image over the pixels where `valid` (H, W) is true (the toolbox's
+    `calculate`, in float64); None if there are none. SILog's variance, negative by rounding, counts as 0."""
     if not valid.any():
         return None
     p, g = pred[valid].double(), gt[valid].double()
     ratio = torch.maximum(p / g, g / p)
+    log_error = p.log() - g.log()
+    variance = (log_error**2).mean() - log_error.mean() ** 2
     return {
         "rmse": ((p - g) ** 2).mean().sqrt().item(),
         "abs_rel": ((p - g).abs() / g).mean().item(),
         "delta1": 100.0 * (ratio < 1.25).double().mean().item(),
+        "delta2": 100.0 * (ratio < 1.25**2).double().mean().item(),
+        "delta3": 100.0 * (ratio < 1.25**3).double().mean().item(),
+        "sq_rel": ((p - g) ** 2 / g).mean().item(),
+        "rmse_log": (log_error**2).mean().sqrt().item(),
+        "log10": (g.log10() - p.log10()).abs().mean().item(),
+        "silog": 100.0 * variance.clamp(min=0).sqrt().item(),
     }
 
 
-def mean_depth_errors(per_image: list[dict | None]) -> dict:
-    """Average of per-image depth errors (images without valid pixels skipped)."""
+def mean_depth_errors(per_image: list[dict | None], keys: tuple[str, ...] = ("rmse", "abs_rel", "delta1")) -> dict:
+    """Average of per-image depth errors `keys` (images without valid pixels skipped), "images": those averaged."""
     rows = [r for r in per_image if r is not None]
     if not rows:
-        return {"rmse": float("nan"), "abs_rel": float("nan"), "delta1": float("nan"), "images": 0}
-    return {k: float(np.mean([r[k] for r in rows])) for k in ("rmse", "abs_rel", "delta1")} | {"images": len(rows)}
+        return dict.fromkeys(keys, float("nan")) | {"images": 0}
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys} | {"images": len(rows)}
 
 
 def jaccard(truth: np.ndarray, pred: np.ndarray) -> float:
