@@ -106,27 +106,33 @@ def split_labels(targets: torch.Tensor, ignore_index: int, num_classes: int) -> 
 
 
 def eval_segmentation(
-    model: str,
-    train: str,
-    val: str,
+    model: str | None = None,
+    train: str | None = None,
+    val: str | None = None,
     out: str = "out/eval-segmentation",
     num_classes: int | None = None,
-    ignore_index: int = 255,
+    ignore_index: int | None = None,
     n_last_blocks: int = 1,
     epochs: int = 20,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     train_batch_size: int = 16,
     num_examples: int = 4,
-    image_size: int = 224,
+    image_size: int | None = None,
     batch_size: int = 32,
     num_workers: int = 2,
     device: str = "auto",
     precision: str = "bf16",
     cache: str = "auto",
     seed: int = 0,
+    head: str | None = None,
+    reduce_zero_label: bool | None = None,
+    scales: list[float] | None = None,
+    flip: bool | None = None,
 ) -> str:
-    """Linear segmentation probe on frozen patch tokens: mIoU and pixel accuracy on val.
+    """Linear segmentation probe on frozen patch tokens (mIoU on val), or a saved / released head scored.
+
+    With head=, the scores of a saved or released head on val (no training): see the last paragraph.
 
     train, val: folders with images/ and masks/ (PNG of class indices, same file names; pixels equal
     to ignore_index are unlabelled; subfolders of images/ mirrored under masks/). An ignore_index
@@ -140,11 +146,62 @@ def eval_segmentation(
     segmentation.json last: where it exists, the files beside it are its run's (a run stopped partway
     leaves no json). out must not hold eval depth's results (depth.json), which share those files,
     nor be the out of a run still going on (a second run into it is refused at once).
+    ignore_index: default 255; image_size: default 224.
+
+    Scoring a head (head=, no train=; the training keys num_classes, n_last_blocks, epochs, lr,
+    weight_decay, train_batch_size, cache and seed do not apply): head is a released DINOv2 head (a name
+    such as dinov2_vits14_ade20k_linear_head or its .pth, applied as `dinokit predict segmentation`
+    applies it, with its scales, flip and image_size) or a head file of `dinokit eval segmentation`
+    (applied at its trained size and blocks). model: by default the head's backbone. val: images/ and
+    masks/ of the images' sizes. reduce_zero_label: map the masks' 0 to ignored and k to k - 1 as mmseg
+    (ADE20K's annotations: 0 = other, 1..150 the classes); default true for a released ade20k head, else
+    false. ignore_index: default 255 (mmseg's; a dinokit head's own). Writes out/segmentation.json (mIoU,
+    aAcc as pixel_accuracy, mAcc as mean_accuracy, per-class IoU, class names where known, the protocol)
+    and out/examples/*.png, replacing an earlier result there; out must not hold a trained head.
     """
-    check_training(epochs, train_batch_size, lr, weight_decay)
-    dev = resolve_device(device)
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     refuse_other_outputs(out_dir, ("segmentation.json", "depth.json"), "dinokit eval")
+    if val is None:
+        raise DinokitError("val=... is needed: a folder with images/ and masks/ (class-index PNGs, same names)")
+    if head is not None:
+        if train is not None:
+            raise DinokitError(
+                f"train= and head= exclude each other: head={head} is scored on val= as it is (no training); "
+                "leave train= out, or head= out to train a new head"
+            )
+        from dinokit.eval.head_scores import score_segmentation
+
+        with results_folder(out_dir, "segmentation"):  # one run at a time in out
+            score_segmentation(
+                head,
+                val,
+                out_dir,
+                model,
+                reduce_zero_label,
+                ignore_index,
+                scales,
+                flip,
+                image_size,
+                num_examples,
+                batch_size,
+                num_workers,
+                device,
+                precision,
+            )
+        return str(out_dir / "segmentation.json")
+    scoring_keys = (("reduce_zero_label", reduce_zero_label), ("scales", scales), ("flip", flip))
+    given = [k for k, v in scoring_keys if v is not None]
+    if given:
+        raise DinokitError(f"{', '.join(given)} apply to scoring a head (head=...), not to training: leave them out")
+    if model is None or train is None:
+        raise DinokitError(
+            "model=... and train=... are needed to train a head (a backbone and a folder with images/ and masks/), "
+            "or head=... to score a saved or released one on val="
+        )
+    ignore_index = 255 if ignore_index is None else ignore_index
+    image_size = 224 if image_size is None else image_size
+    check_training(epochs, train_batch_size, lr, weight_decay)
+    dev = resolve_device(device)
     with results_folder(out_dir, "segmentation"):  # one run at a time in out
         backbone = prepare_backbone(model, device, seed)
         depth = len(backbone.model.blocks)

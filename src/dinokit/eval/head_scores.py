@@ -1,0 +1,459 @@
+"""Scores of a saved or released dense head on a labelled split, without training one:
+`dinokit eval segmentation head=... val=DIR` and `dinokit eval depth head=... val=DIR`.
+
+Each image is predicted exactly as `dinokit predict` predicts it: a released DINOv2 head through its own
+inference (`released_segmentation.segment_image`, the `released_depth.ReleasedDepther`), a dinokit head
+file through `dense.head_outputs` (the code path of `predict_images`). The val folder has the training
+probes' layout (`dense.read_pairs`): images/ with masks/ or depth/ of the same names and sizes.
+
+Segmentation, as mmseg scores it: per-class intersection and union accumulated over the whole split
+(`metrics.confusion_matrix`), IoU of the classes present (union > 0) averaged (mIoU), aAcc = correct /
+labelled pixels, mAcc = mean per-class accuracy. ADE20K annotations hold 0 = "other" and 1..150 = the
+classes: `reduce_zero_label` maps them as mmseg does (0 -> 255, ignored; k -> k - 1; 255 stays 255).
+Depth, as the Monocular-Depth-Estimation-Toolbox that DINOv2's depth evaluation used
+(depth/core/evaluation/metrics.py, depth/datasets/nyu.py, kitti.py): per image over the pixels with
+min_depth < gt < max_depth (strict, as the toolbox) inside the evaluation crop, then averaged over images:
+`eigen` = NYU's rows 45..470, columns 41..600 of its 480 x 640 maps; `garg` = KITTI's rows
+int(0.40810811 H)..int(0.99189189 H) - 1, columns int(0.03594771 W)..int(0.96405229 W) - 1.
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dinokit.errors import DinokitError
+from dinokit.eval.backbone import weights_hash
+from dinokit.eval.dense import UNREADABLE, clear_results, head_outputs, pair_key, read_depth, read_mask, read_pairs
+from dinokit.eval.metrics import (
+    DEPTH_METRICS,
+    confusion_matrix,
+    depth_metrics,
+    mean_class_accuracy,
+    mean_depth_errors,
+    segmentation_scores,
+)
+from dinokit.eval.visualize import colour_depth, colour_mask, save_panel
+from dinokit.io import write_json
+
+IGNORE = 255  # mmseg's ignore index (VOC2012's boundary pixels, ADE20K's "other" after reduce_zero_label)
+NYU_EIGEN_CROP = (45, 471, 41, 601)  # rows y1:y2, columns x1:x2 of NYU's 480 x 640 maps (the toolbox's eigen_crop)
+CROPS = ("auto", "none", "eigen", "garg")  # auto: the dataset's (eigen for NYU, garg for KITTI), else none
+
+
+# ---------------------------------------------------------------------------------------- conventions
+def reduce_zero_label(mask: np.ndarray) -> np.ndarray:
+    """mmseg's `reduce_zero_label`: label 0 ("other" in ADE20K) -> 255 (ignored), k -> k - 1, 255 stays 255."""
+    out = mask.astype(np.int64) - 1
+    out[(mask == 0) | (mask == IGNORE)] = IGNORE
+    return out
+
+
+def eval_crop(shape: tuple[int, int], crop: str) -> np.ndarray:
+    """(H, W) bool: the pixels the toolbox's evaluation crop keeps (all for "none"). "eigen" is NYU's crop of
+    a 480 x 640 map (other sizes are refused), "garg" KITTI's fractions of the map's height and width."""
+    height, width = shape
+    keep = np.zeros(shape, dtype=bool)
+    if crop == "none":
+        keep[:] = True
+    elif crop == "eigen":
+        if shape != (480, 640):
+            raise DinokitError(
+                f"crop=eigen is NYU Depth v2's evaluation crop of its 480 x 640 depth maps; a map of {height} x "
+                f"{width} has none: pass crop=none (or garg, KITTI's crop by fractions of the size)"
+            )
+        y1, y2, x1, x2 = NYU_EIGEN_CROP
+        keep[y1:y2, x1:x2] = True
+    elif crop == "garg":
+        keep[int(0.40810811 * height) : int(0.99189189 * height), int(0.03594771 * width) : int(0.96405229 * width)] = (
+            True
+        )
+    else:
+        raise DinokitError(f"crop must be one of {', '.join(CROPS[1:])}, got {crop!r}")
+    return keep
+
+
+# ------------------------------------------------------------------------------------------ the head
+def check_head_task(head: str, task: str) -> None:
+    """Refuse, before any work, a released name or a dinokit head file of the other dense task, naming the
+    eval command that scores it."""
+    from dinokit.eval.heads import is_released_head, load_head_file
+    from dinokit.models.hub import released_head
+
+    name = released_head(head)
+    other = None
+    if name is not None and name.task != task:
+        other = name.task
+    elif not Path(head).expanduser().is_dir() and not is_released_head(head, task):
+        other = load_head_file(head)[1].get("task")
+        other = None if other == task else other
+    if other in ("segmentation", "depth"):
+        raise DinokitError(f"{head} is a {other} head, not a {task} head: score it with `dinokit eval {other}`")
+    if other is not None:
+        raise DinokitError(f"{head} is a {other} head, not a {task} head: apply it with `dinokit predict {other}`")
+
+
+def refuse_trained_head_in_out(out_dir: Path, task: str) -> None:
+    """A score's out folder must not hold a trained head (`eval <task>` without head=): the rerun's clearing
+    would remove it, though scoring writes none back."""
+    trained = out_dir / f"{task}_head.safetensors"
+    if trained.exists():
+        raise DinokitError(
+            f"out={out_dir} holds a trained head ({trained.name}) that scoring into it would remove: "
+            "choose another out folder"
+        )
+
+
+def released_images(paths: list[Path], predict, bad: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(index, RGB array, predict(RGB picture)) of each readable image of `paths` (decoded upright, as
+    `predict` decodes them), one at a time; the indices of unreadable ones are appended to `bad`."""
+    from dinokit.data.images import UnreadableImage, open_rgb
+
+    for i, path in enumerate(paths):
+        try:
+            picture = open_rgb(path)
+        except UnreadableImage:
+            bad.append(i)
+            continue
+        yield i, np.asarray(picture), predict(picture)
+
+
+def read_targets_once(paths: list[Path], read, check) -> tuple[list[int], list[tuple[Path, str]]]:
+    """(indices of the readable targets, [(unreadable target, why)]): each target read once before any
+    prediction, `check(path, target)` raising DinokitError for one the scores cannot use."""
+    readable, bad = [], []
+    for i, path in enumerate(paths):
+        try:
+            target = read(path)
+        except UNREADABLE as err:
+            bad.append((path, getattr(err, "reason", None) or f"{type(err).__name__}: {err}"))
+            continue
+        check(path, target)
+        readable.append(i)
+    if not readable:
+        raise DinokitError(f"none of the {len(paths)} target files could be read, e.g. {bad[0][0]} ({bad[0][1]})")
+    if bad:
+        print(f"skipped {len(bad)} unreadable target file(s), e.g. {bad[0][0]} ({bad[0][1]})")
+    return readable, bad
+
+
+def size_mismatch(path: Path, target: np.ndarray, pred: np.ndarray) -> str | None:
+    """Why a target cannot be scored against its image's prediction (another size), or None."""
+    if target.shape == pred.shape:
+        return None
+    return f"{path}: {target.shape[0]}x{target.shape[1]} for a {pred.shape[0]}x{pred.shape[1]} image"
+
+
+def report_skipped(where: str, skipped: list[str]) -> None:
+    if skipped:
+        print(
+            f"{where}: skipped {len(skipped)} pair(s), unreadable or of another size than the image, e.g. {skipped[0]}"
+        )
+
+
+# -------------------------------------------------------------------------------------- segmentation
+def score_segmentation(
+    head: str,
+    val: str,
+    out_dir: Path,
+    model: str | None,
+    reduce_zero: bool | None,
+    ignore_index: int | None,
+    scales: list[float] | None,
+    flip: bool | None,
+    image_size: int | None,
+    num_examples: int,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    precision: str,
+) -> dict:
+    """`eval segmentation head=...`: the head's mIoU, aAcc, mAcc and per-class IoU on `val`, with panels in
+    out/examples/; returns the result written to out/segmentation.json (see eval_segmentation)."""
+    from dinokit.eval.common import make_transform, protocol_record
+    from dinokit.eval.heads import backbone_for_head, is_released_head, released_head_of
+    from dinokit.eval.segmentation import MASK_EXTS, load_segmentation_head, predict_classes
+    from dinokit.runtime import resolve_device
+
+    check_head_task(head, "segmentation")
+    refuse_trained_head_in_out(out_dir, "segmentation")
+    images, masks = read_pairs(val, "masks", MASK_EXTS)
+    bad_images: list[int] = []
+    if is_released_head(head, "segmentation"):
+        from dinokit.eval.released_segmentation import (
+            check_settings,
+            load_released_segmentation_head,
+            segment_image,
+        )
+
+        check_settings(scales, flip, image_size, batch_size, precision)  # before any download
+        released = load_released_segmentation_head(head, model, device)
+        settings = released.settings(scales, flip, image_size, batch_size, precision)
+        backbone, classes = released.backbone, released.classes
+        num_classes = len(released.head.conv.bias)
+        name = released_head_of(head, "segmentation")
+        dataset = name.dataset if name is not None else None
+        reduce_zero = dataset == "ade20k" if reduce_zero is None else reduce_zero
+        ignore_index = IGNORE if ignore_index is None else ignore_index
+        dev = next(released.head.parameters()).device
+
+        def segment(picture) -> np.ndarray:  # as predict_released_segmentation
+            image = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(dev)
+            with torch.no_grad():
+                return segment_image(released, image, settings).numpy()
+
+        def predictions(paths: list[Path]):
+            return released_images(paths, segment, bad_images)
+
+        applied = {
+            "head": str(released.path),
+            "kind": f"released DINOv2 {released.kind} head ({dataset or 'dataset unnamed'})",
+            "scales": list(settings.scales),
+            "flip": settings.flip,
+            "window": settings.crop,
+            "stride": settings.stride,
+        }
+        transform = (
+            f"aspect-keeping resize to ({4 * settings.image_size}, {settings.image_size}) x each of scales, "
+            f"slide windows {settings.crop} / {settings.stride}, ImageNet mean / std on 0-255"
+        )
+        size = settings.image_size
+    else:
+        given = [k for k, v in (("scales", scales), ("flip", flip), ("image_size", image_size)) if v is not None]
+        if given:
+            raise DinokitError(
+                f"{', '.join(given)} apply to the released DINOv2 heads only; {head} is a dinokit head file, applied "
+                "at the image size and blocks it was trained with: leave them out"
+            )
+        net, meta = load_segmentation_head(head)
+        backbone = backbone_for_head(meta, model, device, Path(head))
+        net.to(resolve_device(device))
+        num_classes, classes = meta["num_classes"], None
+        head_ignore = meta.get("ignore_index", IGNORE)
+        reduce_zero = False if reduce_zero is None else reduce_zero
+        ignore_index = head_ignore if ignore_index is None else ignore_index
+
+        def predictions(paths: list[Path]):
+            outputs = head_outputs(net, meta, backbone, paths, batch_size, num_workers, precision, bad_images)
+            return ((i, rgb, predict_classes(logits, head_ignore).numpy()) for i, rgb, logits in outputs)
+
+        applied = {"head": str(Path(head).expanduser()), "kind": "dinokit head file (eval segmentation)"}
+        transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
+        size = meta["image_size"]
+
+    def truth_of(path: Path) -> np.ndarray:
+        mask = read_mask(path)
+        return reduce_zero_label(mask) if reduce_zero else mask
+
+    def check(path: Path, truth: np.ndarray) -> None:
+        labelled = truth[truth != ignore_index]
+        if labelled.size and labelled.max() >= num_classes:
+            hint = (
+                ": ADE20K annotations (0 = other, 1..150) need reduce_zero_label=true"
+                if not reduce_zero and labelled.max() == num_classes
+                else f" (check ignore_index={ignore_index} and reduce_zero_label={str(reduce_zero).lower()})"
+            )
+            raise DinokitError(
+                f"{path} holds class {int(labelled.max())}, but the head predicts {num_classes} classes "
+                f"(0..{num_classes - 1}){hint}"
+            )
+
+    readable, bad_masks = read_targets_once(masks, truth_of, check)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    skipped: list[str] = []
+    examples, scored = [], 0
+    clear_results(out_dir, "segmentation")
+    images_dir = Path(val).expanduser() / "images"
+    paths = [images[i] for i in readable]
+    for k, rgb, pred in predictions(paths):
+        path = masks[readable[k]]
+        truth = truth_of(path)
+        why = size_mismatch(path, truth, pred)
+        if why is not None:
+            skipped.append(why)
+            continue
+        confusion += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), num_classes, ignore_index)
+        scored += 1
+        if len(examples) < num_examples:
+            example = out_dir / "examples" / f"{pair_key(paths[k], images_dir)}.png"
+            tiles = [rgb, colour_mask(truth, num_classes, ignore_index), colour_mask(pred, num_classes)]
+            save_panel(example, tiles)
+            examples.append(str(example))
+    skipped += [f"{paths[i]} (unreadable image)" for i in bad_images]
+    report_skipped(val, skipped)
+    if scored == 0:
+        raise DinokitError(f"no image of {val} could be scored (unreadable, or masks of other sizes): {skipped[0]}")
+    scores = segmentation_scores(confusion, ignore_index)
+    protocol = protocol_record(
+        backbone,
+        transform,
+        size,
+        precision,
+        **applied,
+        metric="mmseg: intersection and union per class over the whole split, mIoU over the classes present "
+        "(union > 0), aAcc = correct / labelled pixels, mAcc = mean per-class accuracy; each image at its size",
+        reduce_zero_label=reduce_zero,
+        ignore_index=ignore_index,
+        num_classes=num_classes,
+        val=str(val),
+        val_images=scored,
+        val_bad_files=len(bad_masks) + len(skipped),
+    )
+    result = {
+        "miou": scores["miou"],
+        "pixel_accuracy": scores["pixel_accuracy"],
+        "mean_accuracy": mean_class_accuracy(confusion, ignore_index),
+        "iou_per_class": scores["iou"],
+        "classes": classes,
+        "examples": examples,
+        "protocol": protocol,
+    }
+    write_json(out_dir / "segmentation.json", result)
+    print(f"{applied['kind']} {applied['head']} on {backbone.description}: {scored} images of {val}")
+    print(f"{'':<10} {'mIoU':>7} {'aAcc':>7} {'mAcc':>7}")
+    print(f"{'head':<10} {result['miou']:>7.2f} {result['pixel_accuracy']:>7.2f} {result['mean_accuracy']:>7.2f}")
+    if num_classes <= 30:
+        for c, iou in enumerate(scores["iou"]):
+            label = classes[c] if classes else f"class {c}"
+            print(f"  {c:>3} {label:<24} {'-' if iou is None else f'{iou:.2f}':>7}")
+    else:
+        print(f"per-class IoU ({num_classes} classes{', named' if classes else ''}): {out_dir / 'segmentation.json'}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------- depth
+def score_depth(
+    head: str,
+    val: str,
+    out_dir: Path,
+    model: str | None,
+    min_depth: float,
+    max_depth: float | None,
+    depth_scale: float | None,
+    crop: str,
+    num_examples: int,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    precision: str,
+) -> dict:
+    """`eval depth head=...`: the head's depth errors on `val` (DEPTH_METRICS, per image then averaged), with
+    panels in out/examples/; returns the result written to out/depth.json (see eval_depth)."""
+    from dinokit.eval.common import make_transform, protocol_record
+    from dinokit.eval.depth import DEPTH_EXTS, load_depth_head, png_depth_scale
+    from dinokit.eval.heads import backbone_for_head, is_released_head, released_head_of
+    from dinokit.runtime import resolve_device
+
+    check_head_task(head, "depth")
+    refuse_trained_head_in_out(out_dir, "depth")
+    if crop not in CROPS:
+        raise DinokitError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
+    if depth_scale is not None and not depth_scale > 0:
+        raise DinokitError(f"depth_scale must be > 0 (integer depth-image units per metre), got {depth_scale}")
+    images, targets = read_pairs(val, "depth", DEPTH_EXTS)
+    bad_images: list[int] = []
+    if is_released_head(head, "depth"):
+        from dinokit.eval.backbone import is_random_source
+        from dinokit.eval.common import Backbone
+        from dinokit.eval.released_depth import load_released_depth_head
+
+        name = released_head_of(head, "depth")
+        dataset = name.dataset if name is not None else None
+        depther = load_released_depth_head(head, model, device, max_depth, precision)
+        low, high = depther.min_depth, depther.max_depth
+        depth_scale = depth_scale or {"nyu": 1000.0, "kitti": 256.0}.get(dataset) or png_depth_scale(high)
+        crop = {"nyu": "eigen", "kitti": "garg"}.get(dataset, "none") if crop == "auto" else crop
+        source = str(model or name.backbone)  # load_released_depth_head refuses a head without either
+        backbone = Backbone(depther.backbone, source, source, weights_hash(depther.backbone), is_random_source(source))
+
+        def predictions(paths: list[Path]):
+            return released_images(paths, depther.predict, bad_images)
+
+        kind = name.kind if name is not None else type(depther.head).__name__
+        applied = {
+            "head": str(head),
+            "kind": f"released DINOv2 depth head ({dataset or 'dataset unnamed'}, {kind})",
+            "blocks": list(depther.blocks),
+        }
+        transform = "each image whole at its size, ImageNet mean / std, zero-padded to a patch multiple"
+        size = None
+    else:
+        if max_depth is not None:
+            raise DinokitError(
+                "max_depth= applies to released heads (.pth); a head of dinokit eval depth keeps the range it "
+                "was trained with: leave max_depth out"
+            )
+        net, meta = load_depth_head(head)
+        backbone = backbone_for_head(meta, model, device, Path(head))
+        net.to(resolve_device(device))
+        low, high = meta["min_depth"], meta["max_depth"]
+        depth_scale = depth_scale or meta["depth_scale"]
+        crop = "none" if crop == "auto" else crop
+
+        def predictions(paths: list[Path]):
+            outputs = head_outputs(net, meta, backbone, paths, batch_size, num_workers, precision, bad_images)
+            return ((i, rgb, pred[0].clamp(low, high).numpy()) for i, rgb, pred in outputs)
+
+        applied = {"head": str(Path(head).expanduser()), "kind": "dinokit head file (eval depth)"}
+        transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
+        size = meta["image_size"]
+
+    def truth_of(path: Path) -> np.ndarray:
+        return read_depth(path, depth_scale)
+
+    def check(path: Path, gt: np.ndarray) -> None:
+        try:
+            eval_crop(gt.shape, crop)
+        except DinokitError as e:
+            raise DinokitError(f"{path}: {e}") from None
+
+    readable, bad_targets = read_targets_once(targets, truth_of, check)
+    per_image, skipped, examples = [], [], []
+    clear_results(out_dir, "depth")
+    images_dir = Path(val).expanduser() / "images"
+    paths = [images[i] for i in readable]
+    for k, rgb, pred in predictions(paths):
+        path = targets[readable[k]]
+        gt = truth_of(path)
+        why = size_mismatch(path, gt, pred)
+        if why is not None:
+            skipped.append(why)
+            continue
+        valid = (gt > min_depth) & (gt < high) & eval_crop(gt.shape, crop)
+        per_image.append(depth_metrics(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(valid)))
+        if len(examples) < num_examples:
+            example = out_dir / "examples" / f"{pair_key(paths[k], images_dir)}.png"
+            save_panel(example, [rgb, colour_depth(gt, low, high, valid), colour_depth(pred, low, high)])
+            examples.append(str(example))
+    skipped += [f"{paths[i]} (unreadable image)" for i in bad_images]
+    report_skipped(val, skipped)
+    if not per_image:
+        raise DinokitError(
+            f"no image of {val} could be scored (unreadable, or depth maps of other sizes): {skipped[0]}"
+        )
+    errors = mean_depth_errors(per_image, DEPTH_METRICS)
+    if errors["images"] < len(per_image):
+        print(f"{len(per_image) - errors['images']} image(s) without a valid pixel in range and crop, left out")
+    protocol = protocol_record(
+        backbone,
+        transform,
+        size,
+        precision,
+        **applied,
+        range=[low, high],
+        metric=f"per image over {min_depth} < gt < {high} m inside crop={crop} (the Monocular-Depth-Estimation-"
+        "Toolbox's metrics and crops), averaged over images; each image at its size",
+        crop=crop,
+        depth_scale=depth_scale,
+        val=str(val),
+        val_images=len(per_image),
+        val_bad_files=len(bad_targets) + len(skipped),
+    )
+    result = {**errors, "examples": examples, "protocol": protocol}
+    write_json(out_dir / "depth.json", result)
+    print(f"{applied['kind']} {applied['head']} on {backbone.description}: {len(per_image)} images of {val}")
+    print(f"range {low:g}-{high:g} m, crop={crop}, PNG units 1/{depth_scale:g} m")
+    print(" ".join(f"{k:>9}" for k in DEPTH_METRICS))
+    print(" ".join(f"{errors[k]:>9.4f}" for k in DEPTH_METRICS))
+    return result
