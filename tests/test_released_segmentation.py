@@ -330,3 +330,22 @@ def test_a_segmentation_pth_named_like_a_classifier_is_not_refused(micro, tmp_pa
     official_head_file(tmp_path / "voc_linear_head.pth", DIM, 21)
     released = load_released_segmentation_head(str(tmp_path / "voc_linear_head.pth"), weights, "cpu")
     assert (released.kind, released.blocks, len(released.head.conv.bias)) == ("linear", 1, 21)
+
+
+@pytest.mark.parametrize(
+    ("command", "head", "released"),
+    [
+        ("segmentation", "dinov2_vits14_reg_ade20k_ms_head", "dinov2_vit{s,b,l,g}14_{ade20k,voc2012}_{linear,ms}_head"),
+        ("depth", "dinov2_vitl16_nyu_dpt_head", "dinov2_vit{s,b,l,g}14_{nyu,kitti}_{linear,linear4,dpt}_head"),
+    ],
+)
+def test_a_name_no_head_was_released_under_is_told_so(tmp_path, capsys, command, head, released):
+    """A bare name that no released head has (registers, a typo) was told it 'is a .pth head' needing model=,
+    and with model= 'head file not found ... has no extension'; it is told the released names."""
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    for model in ([], ["model=random:vit_micro_p4"]):
+        args = [f"head={head}", *model, f"images={tmp_path / 'a.png'}", f"out={tmp_path / 'o'}"]
+        assert main(["predict", command, *args]) == 2
+        err = capsys.readouterr().err
+        assert f"no released DINOv2 {command} head is named {head}, and no such file exists" in err
+        assert released in err

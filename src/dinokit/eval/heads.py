@@ -111,10 +111,17 @@ def locate_released_head(head: str, model: str | None, task: str, example: str):
     """(local file, backbone to load, `released_head_of(head, task)`) of a released head of `task`: a released
     name (downloaded once into the cache) or a .pth file. model: the backbone; by default the released one
     the name says (a file named otherwise needs model=). example: a released name, for errors."""
-    from dinokit.models.hub import _download_url, released_head_url
+    from dinokit.models.hub import RELEASED_HEADS, _download_url, released_head_url
 
     name = released_head_of(head, task)
     url = released_head_url(head) if name is not None else None
+    if url is None and not Path(head).suffix and not Path(head).expanduser().exists():
+        datasets, kinds = RELEASED_HEADS[task]
+        middle = "[_reg]" if datasets == (None,) else "_{" + ",".join(datasets) + "}"
+        raise DinokitError(
+            f"no released DINOv2 {task} head is named {head}, and no such file exists: the released ones are "
+            f"dinov2_vit{{s,b,l,g}}14{middle}_{{{','.join(kinds)}}}_head (e.g. {example}), or pass a head file"
+        )
     path = _download_url(head, url, key="head") if url is not None and not Path(head).exists() else Path(head)
     model = model or (name.backbone if name is not None else None)
     if model is None:
