@@ -17,14 +17,16 @@ min_depth < gt < max_depth (strict, as the toolbox) inside the evaluation crop, 
 int(0.40810811 H)..int(0.99189189 H) - 1, columns int(0.03594771 W)..int(0.96405229 W) - 1.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from dinokit.errors import DinokitError
-from dinokit.eval.backbone import weights_hash
+from dinokit.eval.common import Backbone
 from dinokit.eval.dense import UNREADABLE, clear_results, head_outputs, pair_key, read_depth, read_mask, read_pairs
 from dinokit.eval.metrics import (
     DEPTH_METRICS,
@@ -36,6 +38,7 @@ from dinokit.eval.metrics import (
 )
 from dinokit.eval.visualize import colour_depth, colour_mask, save_panel
 from dinokit.io import write_json
+from dinokit.models.hub import released_head
 
 IGNORE = 255  # mmseg's ignore index (VOC2012's boundary pixels, ADE20K's "other" after reduce_zero_label)
 NYU_EIGEN_CROP = (45, 471, 41, 601)  # rows y1:y2, columns x1:x2 of NYU's 480 x 640 maps (the toolbox's eigen_crop)
@@ -79,7 +82,6 @@ def check_head_task(head: str, task: str) -> None:
     """Refuse, before any work, a released name or a dinokit head file of the other dense task, naming the
     eval command that scores it."""
     from dinokit.eval.heads import is_released_head, load_head_file
-    from dinokit.models.hub import released_head
 
     name = released_head(head)
     other = None
@@ -105,6 +107,22 @@ def refuse_trained_head_in_out(out_dir: Path, task: str) -> None:
         )
 
 
+@dataclass
+class HeadRun:
+    """A head ready to predict images as `predict` does, and what its scores' protocol records.
+    predictions(paths) yields (index into paths, RGB array, prediction at the image's size) per readable
+    image, appending the indices of unreadable ones to bad_images."""
+
+    predictions: Callable[[list[Path]], Iterator[tuple[int, np.ndarray, np.ndarray]]]
+    bad_images: list[int]
+    backbone: Backbone
+    record: dict  # the head, its kind and the settings applied
+    transform: object  # a dinokit head's torchvision transform, or a description (released heads)
+    image_size: int | None
+    dataset: str | None  # a released head's dataset (ade20k, voc2012, nyu, kitti) where its name says it
+    facts: dict  # segmentation: num_classes, classes, ignore_index; depth: min_depth, max_depth, depth_scale
+
+
 def released_images(paths: list[Path], predict, bad: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(index, RGB array, predict(RGB picture)) of each readable image of `paths` (decoded upright, as
     `predict` decodes them), one at a time; the indices of unreadable ones are appended to `bad`."""
@@ -119,8 +137,153 @@ def released_images(paths: list[Path], predict, bad: list[int]) -> Iterator[tupl
         yield i, np.asarray(picture), predict(picture)
 
 
-def read_targets_once(paths: list[Path], read, check) -> tuple[list[int], list[tuple[Path, str]]]:
-    """(indices of the readable targets, [(unreadable target, why)]): each target read once before any
+def segmentation_run(
+    head: str,
+    model: str | None,
+    scales: list[float] | None,
+    flip: bool | None,
+    image_size: int | None,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    precision: str,
+) -> HeadRun:
+    """A released segmentation head (`segment_image` with its settings) or a dinokit head file
+    (`dense.head_outputs`, classes as `predict_classes`), predicting (H, W) class indices."""
+    from dinokit.eval.common import make_transform
+    from dinokit.eval.heads import backbone_for_head, is_released_head
+    from dinokit.eval.segmentation import load_segmentation_head, predict_classes
+    from dinokit.runtime import resolve_device
+
+    bad: list[int] = []
+    if is_released_head(head, "segmentation"):
+        from dinokit.eval.released_segmentation import check_settings, load_released_segmentation_head, segment_image
+
+        check_settings(scales, flip, image_size, batch_size, precision)  # before any download
+        released = load_released_segmentation_head(head, model, device)
+        settings = released.settings(scales, flip, image_size, batch_size, precision)
+        dev = next(released.head.parameters()).device
+        name = released_head(head)
+        dataset = name.dataset if name is not None else None
+
+        def segment(picture) -> np.ndarray:  # as predict_released_segmentation
+            image = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(dev)
+            with torch.no_grad():
+                return segment_image(released, image, settings).numpy()
+
+        record = {
+            "head": str(released.path),
+            "kind": f"released DINOv2 {released.kind} head ({dataset or 'dataset unnamed'})",
+            "scales": list(settings.scales),
+            "flip": settings.flip,
+            "window": settings.crop,
+            "stride": settings.stride,
+        }
+        transform = (
+            f"aspect-keeping resize to ({4 * settings.image_size}, {settings.image_size}) x each of scales, "
+            f"slide windows {settings.crop} / {settings.stride}, ImageNet mean / std on 0-255"
+        )
+        facts = {"num_classes": len(released.head.conv.bias), "classes": released.classes, "ignore_index": IGNORE}
+        return HeadRun(
+            partial(released_images, predict=segment, bad=bad),
+            bad,
+            released.backbone,
+            record,
+            transform,
+            settings.image_size,
+            dataset,
+            facts,
+        )
+    given = [k for k, v in (("scales", scales), ("flip", flip), ("image_size", image_size)) if v is not None]
+    if given:
+        raise DinokitError(
+            f"{', '.join(given)} apply to the released DINOv2 heads only; {head} is a dinokit head file, applied "
+            "at the image size and blocks it was trained with: leave them out"
+        )
+    net, meta = load_segmentation_head(head)
+    backbone = backbone_for_head(meta, model, device, Path(head))
+    net.to(resolve_device(device))
+    ignore_index = meta.get("ignore_index", IGNORE)
+
+    def predictions(paths: list[Path]):
+        outputs = head_outputs(net, meta, backbone, paths, batch_size, num_workers, precision, bad)
+        return ((i, rgb, predict_classes(logits, ignore_index).numpy()) for i, rgb, logits in outputs)
+
+    record = {"head": str(Path(head).expanduser()), "kind": "dinokit head file (eval segmentation)"}
+    transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
+    facts = {"num_classes": meta["num_classes"], "classes": None, "ignore_index": ignore_index}
+    return HeadRun(predictions, bad, backbone, record, transform, meta["image_size"], None, facts)
+
+
+def depth_run(
+    head: str,
+    model: str | None,
+    max_depth: float | None,
+    batch_size: int,
+    num_workers: int,
+    device: str,
+    precision: str,
+) -> HeadRun:
+    """A released depth head (its `ReleasedDepther`) or a dinokit head file (`dense.head_outputs`, clamped to
+    its range as predict depth clamps it), predicting (H, W) metres."""
+    from dinokit.eval.backbone import is_random_source, weights_hash
+    from dinokit.eval.common import make_transform
+    from dinokit.eval.depth import load_depth_head, png_depth_scale
+    from dinokit.eval.heads import backbone_for_head, is_released_head
+    from dinokit.runtime import resolve_device
+
+    bad: list[int] = []
+    if is_released_head(head, "depth"):
+        from dinokit.eval.released_depth import load_released_depth_head
+
+        depther = load_released_depth_head(head, model, device, max_depth, precision)
+        low, high = depther.min_depth, depther.max_depth
+        name = released_head(head)
+        dataset = name.dataset if name is not None else None
+        source = str(model) if model is not None else name.backbone  # loading refused a head with neither
+        backbone = Backbone(depther.backbone, source, source, weights_hash(depther.backbone), is_random_source(source))
+        kind = name.kind if name is not None else type(depther.head).__name__
+        record = {
+            "head": str(head),
+            "kind": f"released DINOv2 depth head ({dataset or 'dataset unnamed'}, {kind})",
+            "blocks": list(depther.blocks),
+        }
+        transform = "each image whole at its size, ImageNet mean / std, zero-padded to a patch multiple"
+        scale = {"nyu": 1000.0, "kitti": 256.0}.get(dataset) or png_depth_scale(high)
+        facts = {"min_depth": low, "max_depth": high, "depth_scale": scale}
+        return HeadRun(
+            partial(released_images, predict=depther.predict, bad=bad),
+            bad,
+            backbone,
+            record,
+            transform,
+            None,
+            dataset,
+            facts,
+        )
+    if max_depth is not None:
+        raise DinokitError(
+            "max_depth= applies to released heads (.pth); a head of dinokit eval depth keeps the range it "
+            "was trained with: leave max_depth out"
+        )
+    net, meta = load_depth_head(head)
+    backbone = backbone_for_head(meta, model, device, Path(head))
+    net.to(resolve_device(device))
+    low, high = meta["min_depth"], meta["max_depth"]
+
+    def predictions(paths: list[Path]):
+        outputs = head_outputs(net, meta, backbone, paths, batch_size, num_workers, precision, bad)
+        return ((i, rgb, pred[0].clamp(low, high).numpy()) for i, rgb, pred in outputs)
+
+    record = {"head": str(Path(head).expanduser()), "kind": "dinokit head file (eval depth)"}
+    transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
+    facts = {"min_depth": low, "max_depth": high, "depth_scale": meta["depth_scale"]}
+    return HeadRun(predictions, bad, backbone, record, transform, meta["image_size"], None, facts)
+
+
+# ------------------------------------------------------------------------------------------- the pass
+def read_targets_once(paths: list[Path], read, check) -> tuple[list[int], int]:
+    """(indices of the readable targets, how many were unreadable): each target read once before any
     prediction, `check(path, target)` raising DinokitError for one the scores cannot use."""
     readable, bad = [], []
     for i, path in enumerate(paths):
@@ -135,21 +298,40 @@ def read_targets_once(paths: list[Path], read, check) -> tuple[list[int], list[t
         raise DinokitError(f"none of the {len(paths)} target files could be read, e.g. {bad[0][0]} ({bad[0][1]})")
     if bad:
         print(f"skipped {len(bad)} unreadable target file(s), e.g. {bad[0][0]} ({bad[0][1]})")
-    return readable, bad
+    return readable, len(bad)
 
 
-def size_mismatch(path: Path, target: np.ndarray, pred: np.ndarray) -> str | None:
-    """Why a target cannot be scored against its image's prediction (another size), or None."""
-    if target.shape == pred.shape:
-        return None
-    return f"{path}: {target.shape[0]}x{target.shape[1]} for a {pred.shape[0]}x{pred.shape[1]} image"
-
-
-def report_skipped(where: str, skipped: list[str]) -> None:
+def score_pairs(
+    run: HeadRun, val: str, targets: tuple[str, tuple[str, ...]], read, check, score, panel, out_dir: Path, count: int
+) -> tuple[int, list[str], int]:
+    """Predict every image of `val` whose target (`targets`: folder name and extensions) is readable and
+    call score(prediction, target) for each pair of the same size; the first `count` pairs' panel(RGB,
+    target, prediction) tiles are saved as out/examples/<name>.png. An earlier result in out_dir is
+    cleared first (`dense.clear_results`). Returns (pairs scored, example paths, files skipped)."""
+    images, paths = read_pairs(val, *targets)
+    readable, bad_targets = read_targets_once(paths, read, check)
+    clear_results(out_dir, "segmentation" if targets[0] == "masks" else "depth")
+    images_dir = Path(val).expanduser() / "images"
+    kept = [images[i] for i in readable]
+    skipped, examples, scored = [], [], 0
+    for k, rgb, pred in run.predictions(kept):
+        path = paths[readable[k]]
+        target = read(path)
+        if target.shape != pred.shape:
+            skipped.append(f"{path}: {target.shape[0]}x{target.shape[1]} for a {pred.shape[0]}x{pred.shape[1]} image")
+            continue
+        score(pred, target)
+        scored += 1
+        if len(examples) < count:
+            example = out_dir / "examples" / f"{pair_key(kept[k], images_dir)}.png"
+            save_panel(example, panel(rgb, target, pred))
+            examples.append(str(example))
+    skipped += [f"{kept[i]} (unreadable image)" for i in run.bad_images]
     if skipped:
-        print(
-            f"{where}: skipped {len(skipped)} pair(s), unreadable or of another size than the image, e.g. {skipped[0]}"
-        )
+        print(f"{val}: skipped {len(skipped)} pair(s), unreadable or of another size than the image, e.g. {skipped[0]}")
+    if scored == 0:
+        raise DinokitError(f"no image of {val} could be scored (unreadable, or targets of other sizes): {skipped[0]}")
+    return scored, examples, bad_targets + len(skipped)
 
 
 # -------------------------------------------------------------------------------------- segmentation
@@ -171,78 +353,18 @@ def score_segmentation(
 ) -> dict:
     """`eval segmentation head=...`: the head's mIoU, aAcc, mAcc and per-class IoU on `val`, with panels in
     out/examples/; returns the result written to out/segmentation.json (see eval_segmentation)."""
-    from dinokit.eval.common import make_transform, protocol_record
-    from dinokit.eval.heads import backbone_for_head, is_released_head, released_head_of
-    from dinokit.eval.segmentation import MASK_EXTS, load_segmentation_head, predict_classes
-    from dinokit.runtime import resolve_device
+    from dinokit.eval.common import protocol_record
+    from dinokit.eval.segmentation import MASK_EXTS
 
     check_head_task(head, "segmentation")
     refuse_trained_head_in_out(out_dir, "segmentation")
-    images, masks = read_pairs(val, "masks", MASK_EXTS)
-    bad_images: list[int] = []
-    if is_released_head(head, "segmentation"):
-        from dinokit.eval.released_segmentation import (
-            check_settings,
-            load_released_segmentation_head,
-            segment_image,
-        )
+    read_pairs(val, "masks", MASK_EXTS)  # a val without masks/ fails before any download
+    run = segmentation_run(head, model, scales, flip, image_size, batch_size, num_workers, device, precision)
+    num_classes, classes = run.facts["num_classes"], run.facts["classes"]
+    reduce_zero = run.dataset == "ade20k" if reduce_zero is None else reduce_zero
+    ignore_index = run.facts["ignore_index"] if ignore_index is None else ignore_index
 
-        check_settings(scales, flip, image_size, batch_size, precision)  # before any download
-        released = load_released_segmentation_head(head, model, device)
-        settings = released.settings(scales, flip, image_size, batch_size, precision)
-        backbone, classes = released.backbone, released.classes
-        num_classes = len(released.head.conv.bias)
-        name = released_head_of(head, "segmentation")
-        dataset = name.dataset if name is not None else None
-        reduce_zero = dataset == "ade20k" if reduce_zero is None else reduce_zero
-        ignore_index = IGNORE if ignore_index is None else ignore_index
-        dev = next(released.head.parameters()).device
-
-        def segment(picture) -> np.ndarray:  # as predict_released_segmentation
-            image = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(dev)
-            with torch.no_grad():
-                return segment_image(released, image, settings).numpy()
-
-        def predictions(paths: list[Path]):
-            return released_images(paths, segment, bad_images)
-
-        applied = {
-            "head": str(released.path),
-            "kind": f"released DINOv2 {released.kind} head ({dataset or 'dataset unnamed'})",
-            "scales": list(settings.scales),
-            "flip": settings.flip,
-            "window": settings.crop,
-            "stride": settings.stride,
-        }
-        transform = (
-            f"aspect-keeping resize to ({4 * settings.image_size}, {settings.image_size}) x each of scales, "
-            f"slide windows {settings.crop} / {settings.stride}, ImageNet mean / std on 0-255"
-        )
-        size = settings.image_size
-    else:
-        given = [k for k, v in (("scales", scales), ("flip", flip), ("image_size", image_size)) if v is not None]
-        if given:
-            raise DinokitError(
-                f"{', '.join(given)} apply to the released DINOv2 heads only; {head} is a dinokit head file, applied "
-                "at the image size and blocks it was trained with: leave them out"
-            )
-        net, meta = load_segmentation_head(head)
-        backbone = backbone_for_head(meta, model, device, Path(head))
-        net.to(resolve_device(device))
-        num_classes, classes = meta["num_classes"], None
-        head_ignore = meta.get("ignore_index", IGNORE)
-        reduce_zero = False if reduce_zero is None else reduce_zero
-        ignore_index = head_ignore if ignore_index is None else ignore_index
-
-        def predictions(paths: list[Path]):
-            outputs = head_outputs(net, meta, backbone, paths, batch_size, num_workers, precision, bad_images)
-            return ((i, rgb, predict_classes(logits, head_ignore).numpy()) for i, rgb, logits in outputs)
-
-        applied = {"head": str(Path(head).expanduser()), "kind": "dinokit head file (eval segmentation)"}
-        transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
-        size = meta["image_size"]
-
-    def truth_of(path: Path) -> np.ndarray:
+    def read(path: Path) -> np.ndarray:
         mask = read_mask(path)
         return reduce_zero_label(mask) if reduce_zero else mask
 
@@ -259,38 +381,24 @@ def score_segmentation(
                 f"(0..{num_classes - 1}){hint}"
             )
 
-    readable, bad_masks = read_targets_once(masks, truth_of, check)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    skipped: list[str] = []
-    examples, scored = [], 0
-    clear_results(out_dir, "segmentation")
-    images_dir = Path(val).expanduser() / "images"
-    paths = [images[i] for i in readable]
-    for k, rgb, pred in predictions(paths):
-        path = masks[readable[k]]
-        truth = truth_of(path)
-        why = size_mismatch(path, truth, pred)
-        if why is not None:
-            skipped.append(why)
-            continue
-        confusion += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), num_classes, ignore_index)
-        scored += 1
-        if len(examples) < num_examples:
-            example = out_dir / "examples" / f"{pair_key(paths[k], images_dir)}.png"
-            tiles = [rgb, colour_mask(truth, num_classes, ignore_index), colour_mask(pred, num_classes)]
-            save_panel(example, tiles)
-            examples.append(str(example))
-    skipped += [f"{paths[i]} (unreadable image)" for i in bad_images]
-    report_skipped(val, skipped)
-    if scored == 0:
-        raise DinokitError(f"no image of {val} could be scored (unreadable, or masks of other sizes): {skipped[0]}")
+
+    def score(pred: np.ndarray, truth: np.ndarray) -> None:
+        confusion.add_(confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), num_classes, ignore_index))
+
+    def panel(rgb: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> list[np.ndarray]:
+        return [rgb, colour_mask(truth, num_classes, ignore_index), colour_mask(pred, num_classes)]
+
+    scored, examples, bad_files = score_pairs(
+        run, val, ("masks", MASK_EXTS), read, check, score, panel, out_dir, num_examples
+    )
     scores = segmentation_scores(confusion, ignore_index)
     protocol = protocol_record(
-        backbone,
-        transform,
-        size,
+        run.backbone,
+        run.transform,
+        run.image_size,
         precision,
-        **applied,
+        **run.record,
         metric="mmseg: intersection and union per class over the whole split, mIoU over the classes present "
         "(union > 0), aAcc = correct / labelled pixels, mAcc = mean per-class accuracy; each image at its size",
         reduce_zero_label=reduce_zero,
@@ -298,7 +406,7 @@ def score_segmentation(
         num_classes=num_classes,
         val=str(val),
         val_images=scored,
-        val_bad_files=len(bad_masks) + len(skipped),
+        val_bad_files=bad_files,
     )
     result = {
         "miou": scores["miou"],
@@ -310,7 +418,7 @@ def score_segmentation(
         "protocol": protocol,
     }
     write_json(out_dir / "segmentation.json", result)
-    print(f"{applied['kind']} {applied['head']} on {backbone.description}: {scored} images of {val}")
+    print(f"{run.record['kind']} {run.record['head']} on {run.backbone.description}: {scored} images of {val}")
     print(f"{'':<10} {'mIoU':>7} {'aAcc':>7} {'mAcc':>7}")
     print(f"{'head':<10} {result['miou']:>7.2f} {result['pixel_accuracy']:>7.2f} {result['mean_accuracy']:>7.2f}")
     if num_classes <= 30:
@@ -340,10 +448,8 @@ def score_depth(
 ) -> dict:
     """`eval depth head=...`: the head's depth errors on `val` (DEPTH_METRICS, per image then averaged), with
     panels in out/examples/; returns the result written to out/depth.json (see eval_depth)."""
-    from dinokit.eval.common import make_transform, protocol_record
-    from dinokit.eval.depth import DEPTH_EXTS, load_depth_head, png_depth_scale
-    from dinokit.eval.heads import backbone_for_head, is_released_head, released_head_of
-    from dinokit.runtime import resolve_device
+    from dinokit.eval.common import protocol_record
+    from dinokit.eval.depth import DEPTH_EXTS
 
     check_head_task(head, "depth")
     refuse_trained_head_in_out(out_dir, "depth")
@@ -351,55 +457,13 @@ def score_depth(
         raise DinokitError(f"crop must be one of {', '.join(CROPS)}, got {crop!r}")
     if depth_scale is not None and not depth_scale > 0:
         raise DinokitError(f"depth_scale must be > 0 (integer depth-image units per metre), got {depth_scale}")
-    images, targets = read_pairs(val, "depth", DEPTH_EXTS)
-    bad_images: list[int] = []
-    if is_released_head(head, "depth"):
-        from dinokit.eval.backbone import is_random_source
-        from dinokit.eval.common import Backbone
-        from dinokit.eval.released_depth import load_released_depth_head
+    read_pairs(val, "depth", DEPTH_EXTS)  # a val without depth/ fails before any download
+    run = depth_run(head, model, max_depth, batch_size, num_workers, device, precision)
+    low, high = run.facts["min_depth"], run.facts["max_depth"]
+    depth_scale = depth_scale or run.facts["depth_scale"]
+    crop = {"nyu": "eigen", "kitti": "garg"}.get(run.dataset, "none") if crop == "auto" else crop
 
-        name = released_head_of(head, "depth")
-        dataset = name.dataset if name is not None else None
-        depther = load_released_depth_head(head, model, device, max_depth, precision)
-        low, high = depther.min_depth, depther.max_depth
-        depth_scale = depth_scale or {"nyu": 1000.0, "kitti": 256.0}.get(dataset) or png_depth_scale(high)
-        crop = {"nyu": "eigen", "kitti": "garg"}.get(dataset, "none") if crop == "auto" else crop
-        source = str(model or name.backbone)  # load_released_depth_head refuses a head without either
-        backbone = Backbone(depther.backbone, source, source, weights_hash(depther.backbone), is_random_source(source))
-
-        def predictions(paths: list[Path]):
-            return released_images(paths, depther.predict, bad_images)
-
-        kind = name.kind if name is not None else type(depther.head).__name__
-        applied = {
-            "head": str(head),
-            "kind": f"released DINOv2 depth head ({dataset or 'dataset unnamed'}, {kind})",
-            "blocks": list(depther.blocks),
-        }
-        transform = "each image whole at its size, ImageNet mean / std, zero-padded to a patch multiple"
-        size = None
-    else:
-        if max_depth is not None:
-            raise DinokitError(
-                "max_depth= applies to released heads (.pth); a head of dinokit eval depth keeps the range it "
-                "was trained with: leave max_depth out"
-            )
-        net, meta = load_depth_head(head)
-        backbone = backbone_for_head(meta, model, device, Path(head))
-        net.to(resolve_device(device))
-        low, high = meta["min_depth"], meta["max_depth"]
-        depth_scale = depth_scale or meta["depth_scale"]
-        crop = "none" if crop == "auto" else crop
-
-        def predictions(paths: list[Path]):
-            outputs = head_outputs(net, meta, backbone, paths, batch_size, num_workers, precision, bad_images)
-            return ((i, rgb, pred[0].clamp(low, high).numpy()) for i, rgb, pred in outputs)
-
-        applied = {"head": str(Path(head).expanduser()), "kind": "dinokit head file (eval depth)"}
-        transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
-        size = meta["image_size"]
-
-    def truth_of(path: Path) -> np.ndarray:
+    def read(path: Path) -> np.ndarray:
         return read_depth(path, depth_scale)
 
     def check(path: Path, gt: np.ndarray) -> None:
@@ -408,51 +472,41 @@ def score_depth(
         except DinokitError as e:
             raise DinokitError(f"{path}: {e}") from None
 
-    readable, bad_targets = read_targets_once(targets, truth_of, check)
-    per_image, skipped, examples = [], [], []
-    clear_results(out_dir, "depth")
-    images_dir = Path(val).expanduser() / "images"
-    paths = [images[i] for i in readable]
-    for k, rgb, pred in predictions(paths):
-        path = targets[readable[k]]
-        gt = truth_of(path)
-        why = size_mismatch(path, gt, pred)
-        if why is not None:
-            skipped.append(why)
-            continue
-        valid = (gt > min_depth) & (gt < high) & eval_crop(gt.shape, crop)
-        per_image.append(depth_metrics(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(valid)))
-        if len(examples) < num_examples:
-            example = out_dir / "examples" / f"{pair_key(paths[k], images_dir)}.png"
-            save_panel(example, [rgb, colour_depth(gt, low, high, valid), colour_depth(pred, low, high)])
-            examples.append(str(example))
-    skipped += [f"{paths[i]} (unreadable image)" for i in bad_images]
-    report_skipped(val, skipped)
-    if not per_image:
-        raise DinokitError(
-            f"no image of {val} could be scored (unreadable, or depth maps of other sizes): {skipped[0]}"
-        )
+    per_image = []
+
+    def valid(gt: np.ndarray) -> np.ndarray:
+        return (gt > min_depth) & (gt < high) & eval_crop(gt.shape, crop)
+
+    def score(pred: np.ndarray, gt: np.ndarray) -> None:
+        per_image.append(depth_metrics(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(valid(gt))))
+
+    def panel(rgb: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> list[np.ndarray]:
+        return [rgb, colour_depth(gt, low, high, valid(gt)), colour_depth(pred, low, high)]
+
+    scored, examples, bad_files = score_pairs(
+        run, val, ("depth", DEPTH_EXTS), read, check, score, panel, out_dir, num_examples
+    )
     errors = mean_depth_errors(per_image, DEPTH_METRICS)
-    if errors["images"] < len(per_image):
-        print(f"{len(per_image) - errors['images']} image(s) without a valid pixel in range and crop, left out")
+    if errors["images"] < scored:
+        print(f"{scored - errors['images']} image(s) without a valid pixel in range and crop, left out")
     protocol = protocol_record(
-        backbone,
-        transform,
-        size,
+        run.backbone,
+        run.transform,
+        run.image_size,
         precision,
-        **applied,
+        **run.record,
         range=[low, high],
         metric=f"per image over {min_depth} < gt < {high} m inside crop={crop} (the Monocular-Depth-Estimation-"
         "Toolbox's metrics and crops), averaged over images; each image at its size",
         crop=crop,
         depth_scale=depth_scale,
         val=str(val),
-        val_images=len(per_image),
-        val_bad_files=len(bad_targets) + len(skipped),
+        val_images=scored,
+        val_bad_files=bad_files,
     )
     result = {**errors, "examples": examples, "protocol": protocol}
     write_json(out_dir / "depth.json", result)
-    print(f"{applied['kind']} {applied['head']} on {backbone.description}: {len(per_image)} images of {val}")
+    print(f"{run.record['kind']} {run.record['head']} on {run.backbone.description}: {scored} images of {val}")
     print(f"range {low:g}-{high:g} m, crop={crop}, PNG units 1/{depth_scale:g} m")
     print(" ".join(f"{k:>9}" for k in DEPTH_METRICS))
     print(" ".join(f"{errors[k]:>9.4f}" for k in DEPTH_METRICS))
