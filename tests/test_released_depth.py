@@ -451,3 +451,17 @@ def test_a_photo_over_max_pixels_runs_shrunk_and_its_depth_comes_at_its_size(mic
     assert seen == [((816, 1224), (1000, 1500))] and 816 * 1224 <= 1_000_000
     assert np.asarray(Image.open(tmp_path / "o" / "photo.png")).shape == (1000, 1500)
     assert "1 image(s) of more than 1000000 pixels ran shrunk" in capsys.readouterr().out
+
+
+def test_a_segmentation_head_given_to_predict_depth_is_told_its_command(micro, tmp_path):
+    """A released segmentation head's file (decode_head.bn / conv_seg) was told to pass another backbone as
+    model= (its keys 'do not fit a DPT head'); it is told to use predict segmentation."""
+    state = {"bn.weight": torch.ones(96), "bn.bias": torch.zeros(96), "bn.running_mean": torch.zeros(96)}
+    state |= {
+        "bn.running_var": torch.ones(96),
+        "conv_seg.weight": torch.zeros(5, 96, 1, 1),
+        "conv_seg.bias": torch.zeros(5),
+    }
+    torch.save({"state_dict": {f"decode_head.{k}": v for k, v in state.items()}}, tmp_path / "seg.pth")
+    with pytest.raises(DinokitError, match=r"a DINOv2 segmentation head .* use `dinokit predict segmentation head="):
+        load_released_depth_head(str(tmp_path / "seg.pth"), micro["weights"], "cpu", max_depth=10)

@@ -292,6 +292,11 @@ def load_released_depth_head(
     min_depth, top = depth_range(name.dataset if name is not None else None, max_depth, str(head))
     path, model, name = locate_released_head(str(head), model, "depth", "dinov2_vits14_nyu_linear4_head")
     state, _ = read_released_dense_head(path, "depth", "dinov2_vits14_nyu_linear4_head")
+    if "conv_seg.weight" in state:  # mmseg's BNHead: not a backbone mismatch, whatever model= is
+        raise DinokitError(
+            f"{path} is a DINOv2 segmentation head (decode_head.bn / conv_seg), not a depth head: use "
+            f"`dinokit predict segmentation head={head}`"
+        )
     state = {k: v.float() for k, v in state.items()}
     backbone = prepare_backbone(model, device, 0)
     released = name.backbone if name is not None else None
