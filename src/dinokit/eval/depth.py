@@ -173,7 +173,8 @@ def eval_depth(
     it; max_depth= its range top as there) or a head file of `dinokit eval depth` (its trained range).
     model: by default the head's backbone. val: images/ and depth/ of the images' sizes. depth_scale:
     default 1000 for NYU (millimetres), 256 for KITTI, a dinokit head's own. Scored per image over the
-    pixels with min_depth < gt < the head's max depth inside crop, then averaged over images (the
+    pixels with min_depth < gt < the head's max depth (<= for a dinokit head, as its training run)
+    inside crop, then averaged over images (the
     Monocular-Depth-Estimation-Toolbox's protocol): crop=eigen (NYU's 480 x 640 crop), garg (KITTI's) or
     none; auto: eigen for an nyu head, garg for a kitti one, else none. Writes
     out/depth.json (rmse, abs_rel, delta1-3 in %, sq_rel, rmse_log, log10, silog, the protocol) and
@@ -361,7 +362,8 @@ def predict_depth(
     head: out/depth_head.safetensors of `dinokit eval depth`; or a released DINOv2 depth head, a name
     dinov2_vit{s,b,l,g}14_{nyu,kitti}_{linear,linear4,dpt}_head (downloaded once, with its backbone) or
     its .pth file (any .pth with model=), applied as the official hub does (each image whole at its own
-    size, one at a time: batch_size and num_workers do not apply; `dinokit.eval.released_depth`).
+    size, one at a time: batch_size and num_workers do not apply; one of more than 1 000 000 pixels runs
+    shrunk to them, its depth resized to its size: memory; `dinokit.eval.released_depth`).
     images: a folder, an image or a list file. model: the backbone (default: the one the head was
     trained on, checked by hash; for a released head the one its name says, checked by shape). Writes
     out/<name>.png (uint16, depth x depth_scale; <name> keeps the image's subfolders) and
