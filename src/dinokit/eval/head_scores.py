@@ -12,7 +12,8 @@ labelled pixels, mAcc = mean per-class accuracy. ADE20K annotations hold 0 = "ot
 classes: `reduce_zero_label` maps them as mmseg does (0 -> 255, ignored; k -> k - 1; 255 stays 255).
 Depth, as the Monocular-Depth-Estimation-Toolbox that DINOv2's depth evaluation used
 (depth/core/evaluation/metrics.py, depth/datasets/nyu.py, kitti.py): per image over the pixels with
-min_depth < gt < max_depth (strict, as the toolbox) inside the evaluation crop, then averaged over images:
+min_depth < gt < max_depth (strict, as the toolbox; gt <= max_depth for a dinokit head, as its training run
+scored it: a background at the range's top counts) inside the evaluation crop, then averaged over images:
 `eigen` = NYU's rows 45..470, columns 41..600 of its 480 x 640 maps; `garg` = KITTI's rows
 int(0.40810811 H)..int(0.99189189 H) - 1, columns int(0.03594771 W)..int(0.96405229 W) - 1.
 """
@@ -120,7 +121,8 @@ class HeadRun:
     transform: object  # a dinokit head's torchvision transform, or a description (released heads)
     image_size: int | None
     dataset: str | None  # a released head's dataset (ade20k, voc2012, nyu, kitti) where its name says it
-    facts: dict  # segmentation: num_classes, classes, ignore_index; depth: min_depth, max_depth, depth_scale
+    facts: dict  # segmentation: num_classes, classes, ignore_index; depth: min_depth, max_depth, depth_scale,
+    # top_included (gt <= max_depth scored, as the training probe; the toolbox scores gt < max_depth)
 
 
 def released_images(paths: list[Path], predict, bad: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
@@ -250,7 +252,7 @@ def depth_run(
         }
         transform = "each image whole at its size, ImageNet mean / std, zero-padded to a patch multiple"
         scale = {"nyu": 1000.0, "kitti": 256.0}.get(dataset) or png_depth_scale(high)
-        facts = {"min_depth": low, "max_depth": high, "depth_scale": scale}
+        facts = {"min_depth": low, "max_depth": high, "depth_scale": scale, "top_included": False}  # the toolbox's
         return HeadRun(
             partial(released_images, predict=depther.predict, bad=bad),
             bad,
@@ -277,7 +279,12 @@ def depth_run(
 
     record = {"head": str(Path(head).expanduser()), "kind": "dinokit head file (eval depth)"}
     transform = make_transform(meta["image_size"], "resize", meta.get("reduced_decode", False))
-    facts = {"min_depth": low, "max_depth": high, "depth_scale": meta["depth_scale"]}
+    facts = {
+        "min_depth": low,
+        "max_depth": high,
+        "depth_scale": meta["depth_scale"],
+        "top_included": True,
+    }  # as trained
     return HeadRun(predictions, bad, backbone, record, transform, meta["image_size"], None, facts)
 
 
@@ -459,7 +466,7 @@ def score_depth(
         raise DinokitError(f"depth_scale must be > 0 (integer depth-image units per metre), got {depth_scale}")
     read_pairs(val, "depth", DEPTH_EXTS)  # a val without depth/ fails before any download
     run = depth_run(head, model, max_depth, batch_size, num_workers, device, precision)
-    low, high = run.facts["min_depth"], run.facts["max_depth"]
+    low, high, top_included = run.facts["min_depth"], run.facts["max_depth"], run.facts["top_included"]
     depth_scale = depth_scale or run.facts["depth_scale"]
     crop = {"nyu": "eigen", "kitti": "garg"}.get(run.dataset, "none") if crop == "auto" else crop
 
@@ -475,7 +482,8 @@ def score_depth(
     per_image = []
 
     def valid(gt: np.ndarray) -> np.ndarray:
-        return (gt > min_depth) & (gt < high) & eval_crop(gt.shape, crop)
+        below_top = gt <= high if top_included else gt < high
+        return (gt > min_depth) & below_top & eval_crop(gt.shape, crop)
 
     def score(pred: np.ndarray, gt: np.ndarray) -> None:
         per_image.append(depth_metrics(torch.from_numpy(pred), torch.from_numpy(gt), torch.from_numpy(valid(gt))))
@@ -496,8 +504,8 @@ def score_depth(
         precision,
         **run.record,
         range=[low, high],
-        metric=f"per image over {min_depth} < gt < {high} m inside crop={crop} (the Monocular-Depth-Estimation-"
-        "Toolbox's metrics and crops), averaged over images; each image at its size",
+        metric=f"per image over {min_depth} < gt {'<=' if top_included else '<'} {high} m inside crop={crop} (the "
+        "Monocular-Depth-Estimation-Toolbox's metrics and crops), averaged over images; each image at its size",
         crop=crop,
         depth_scale=depth_scale,
         val=str(val),
