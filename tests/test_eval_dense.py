@@ -631,3 +631,15 @@ def test_predict_decodes_jpegs_as_the_dense_head_was_trained(task, tmp_path, mon
     heads.save_head(head, state, meta)
     assert main(["predict", task, f"head={head}", f"images={images}", f"out={tmp_path / 'p2'}", "num_workers=0"]) == 0
     assert seen[1] is None
+
+
+def test_a_split_path_with_a_parent_step_is_read(tmp_path, monkeypatch):
+    """train=../scenes/../scenes: read_pairs names the images by the plain path, and the pairs' keys were taken
+    relative to the unplain one (a ValueError traceback from pathlib)."""
+    write_dense_set(tmp_path / "scenes", 4, size=16, seed=0)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    split = "../scenes/../scenes"
+    result = tiny_run("segmentation", Path(split), Path(split), tmp_path / "out", "num_examples=1")
+    assert result["protocol"]["val_images"] == 4
+    assert [Path(p).name for p in result["examples"]] == ["00000.png"]

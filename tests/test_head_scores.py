@@ -280,3 +280,14 @@ def test_unreadable_or_misfit_pairs_are_skipped_and_counted_and_a_rerun_replaces
     again = scores("segmentation", *common, f"out={tmp_path / 's'}", "num_examples=1")
     assert again["miou"] == first["miou"]
     assert [p.name for p in (tmp_path / "s" / "examples").rglob("*.png")] == ["a.png"]
+
+
+def test_a_val_path_with_a_parent_step_names_its_examples(micro, tmp_path, monkeypatch):
+    """val=../../val/../val: the example panels are named by the pairs' keys (pathlib refused the unplain path)."""
+    head = tmp_path / "head.pth"
+    official_head_file(head, DIM, 150)
+    monkeypatch.chdir(micro["val"] / "images")
+    args = [f"head={head}", f"model={micro['weights']}", "image_size=32", "reduce_zero_label=true"]
+    args.append("val=../../val/../val")
+    result = scores("segmentation", *args, f"out={tmp_path / 's'}", "num_examples=1")
+    assert [Path(p).name for p in result["examples"]] == ["a.png"] and result["protocol"]["val_images"] == 3

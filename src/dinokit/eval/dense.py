@@ -245,7 +245,7 @@ def dense_split(
     kept = [readable[i] for i in feats.kept.tolist()]
     peaks = [targets[i].peak for i in kept if targets[i].peak is not None]
     side = image_size // backbone.model.patch_size
-    images_dir = Path(root).expanduser() / "images"
+    images_dir = plain_path(Path(root).expanduser()) / "images"  # as read_pairs spells the image paths
     return DenseSplit(
         feats,
         [images[i] for i in kept],

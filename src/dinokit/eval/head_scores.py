@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dinokit.data.images import plain_path
 from dinokit.errors import DinokitError
 from dinokit.eval.common import Backbone
 from dinokit.eval.dense import UNREADABLE, clear_results, head_outputs, pair_key, read_depth, read_mask, read_pairs
@@ -318,7 +319,7 @@ def score_pairs(
     images, paths = read_pairs(val, *targets)
     readable, bad_targets = read_targets_once(paths, read, check)
     clear_results(out_dir, "segmentation" if targets[0] == "masks" else "depth")
-    images_dir = Path(val).expanduser() / "images"
+    images_dir = plain_path(Path(val).expanduser()) / "images"  # as read_pairs spells the image paths
     kept = [images[i] for i in readable]
     skipped, examples, scored = [], [], 0
     for k, rgb, pred in run.predictions(kept):
