@@ -451,6 +451,11 @@ def test_a_photo_over_max_pixels_runs_shrunk_and_its_depth_comes_at_its_size(mic
     assert seen == [((816, 1224), (1000, 1500))] and 816 * 1224 <= 1_000_000
     assert np.asarray(Image.open(tmp_path / "o" / "photo.png")).shape == (1000, 1500)
     assert "1 image(s) of more than 1000000 pixels ran shrunk" in capsys.readouterr().out
+    # the command's max_pixels= key: none runs it whole, a number sets the limit
+    seen.clear()
+    assert main(["predict", "depth", *args, "max_pixels=none"]) == 0
+    assert main(["predict", "depth", *args, "max_pixels=15000"]) == 0
+    assert seen == [((1000, 1500), (1000, 1500)), ((100, 150), (1000, 1500))]
 
 
 def test_a_segmentation_head_given_to_predict_depth_is_told_its_command(micro, tmp_path):

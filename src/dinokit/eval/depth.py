@@ -356,14 +356,16 @@ def predict_depth(
     precision: str = "bf16",
     depth_scale: float | None = None,
     max_depth: float | None = None,
+    max_pixels: int | None = 1_000_000,
 ) -> str:
     """Apply a saved depth head to new images: 16-bit depth PNGs and coloured pictures.
 
     head: out/depth_head.safetensors of `dinokit eval depth`; or a released DINOv2 depth head, a name
     dinov2_vit{s,b,l,g}14_{nyu,kitti}_{linear,linear4,dpt}_head (downloaded once, with its backbone) or
     its .pth file (any .pth with model=), applied as the official hub does (each image whole at its own
-    size, one at a time: batch_size and num_workers do not apply; one of more than 1 000 000 pixels runs
-    shrunk to them, its depth resized to its size: memory; `dinokit.eval.released_depth`).
+    size, one at a time: batch_size and num_workers do not apply; one of more than max_pixels pixels runs
+    shrunk to them, its depth resized to its size, for memory: max_pixels=none runs every image whole;
+    `dinokit.eval.released_depth`).
     images: a folder, an image or a list file. model: the backbone (default: the one the head was
     trained on, checked by hash; for a released head the one its name says, checked by shape). Writes
     out/<name>.png (uint16, depth x depth_scale; <name> keeps the image's subfolders) and
@@ -383,7 +385,7 @@ def predict_depth(
         raise DinokitError(f"depth_scale must be > 0 (PNG units per metre), got {depth_scale}")
     out_files = (out_dir, (".png", "_depth.png"))
     if is_released_head(head, "depth"):
-        depther = load_released_depth_head(head, model, device, max_depth, precision)
+        depther = load_released_depth_head(head, model, device, max_depth, precision, max_pixels)
         low, high = depther.min_depth, depther.max_depth
         scale = depth_scale or png_depth_scale(high)
         maps = released_depth_maps(depther, images, out_files)

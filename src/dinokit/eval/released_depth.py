@@ -340,5 +340,5 @@ def released_depth_maps(
         if shrunk:
             print(
                 f"{shrunk} image(s) of more than {depther.max_pixels} pixels ran shrunk to them (memory), their depths "
-                "resized to the images' sizes; dinokit.load_released_depth_head(max_pixels=None) runs them whole"
+                "resized to the images' sizes; max_pixels=none runs them whole"
             )
