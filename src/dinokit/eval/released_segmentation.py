@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dinokit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from dinokit.errors import DinokitError
 from dinokit.eval.common import Backbone, prepare_backbone
 from dinokit.eval.dense import upsample
@@ -48,8 +49,8 @@ from dinokit.runtime import PRECISIONS, autocast
 DEFAULT_SCALES = {"linear": (1.0,), "ms": (1.0, 1.32, 1.73)}  # ms: the notebook's HEAD_SCALE_COUNT = 3
 DEFAULT_IMAGE_SIZE = {"linear": 512, "ms": 640}  # the short side at ratio 1 (module docstring: not verified)
 BLOCKS = {"linear": 1, "ms": 4}  # the last block, or the last 4 concatenated on channels
-MEAN = (123.675, 116.28, 103.53)  # mmseg's Normalize, on 0-255
-STD = (58.395, 57.12, 57.375)
+# mmseg's Normalize on 0-255, (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375): ImageNet's x 255
+MEAN, STD = tuple(255 * m for m in IMAGENET_MEAN), tuple(255 * s for s in IMAGENET_STD)
 IMAGE_SIZE, CROP, STRIDE = 512, 512, 341  # the configs' scale (2048, 512), test_cfg crop_size and stride
 HEAD_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "conv_seg.weight", "conv_seg.bias")
 
