@@ -99,11 +99,16 @@ _NATIVE_BF16_ARGUMENT = "including_emulation" in inspect.signature(torch.cuda.is
 _warned_fp32: set[str] = set()  # device types already warned about (one warning per process)
 
 
+def check_precision(precision: str) -> None:
+    """Refuse a precision that is not one of PRECISIONS."""
+    if precision not in PRECISIONS:
+        raise DinokitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def effective_precision(device: torch.device, precision: str = "bf16") -> str:
     """The precision that runs on `device` when `precision` is asked for: bf16 where bf16 autocast is
     supported, else fp32 (an older GPU, MPS), with one warning per device type."""
-    if precision not in PRECISIONS:
-        raise DinokitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     if precision == "bf16" and not bf16_supported(device):
         if device.type not in _warned_fp32:
             _warned_fp32.add(device.type)

@@ -44,7 +44,7 @@ from dinokit.eval.heads import read_released_dense_head
 from dinokit.eval.segmentation import LinearSegmentationHead
 from dinokit.eval.segmentation_classes import DATASET_CLASSES
 from dinokit.models.vision_transformer import snap_to_patch_multiple
-from dinokit.runtime import PRECISIONS, autocast
+from dinokit.runtime import autocast, check_precision
 
 DEFAULT_SCALES = {"linear": (1.0,), "ms": (1.0, 1.32, 1.73)}  # ms: the notebook's HEAD_SCALE_COUNT = 3
 DEFAULT_IMAGE_SIZE = {"linear": 512, "ms": 640}  # the short side at ratio 1 (module docstring: not verified)
@@ -391,8 +391,7 @@ def check_settings(
     scales: list[float] | None, flip: bool | None, image_size: int | None, batch_size: int, precision: str
 ) -> None:
     """Refuse, before any work, settings that segment nothing."""
-    if precision not in PRECISIONS:
-        raise DinokitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     if scales is not None and (not scales or not all(isinstance(r, (int, float)) and r > 0 for r in scales)):
         raise DinokitError(f"scales must be a list of positive ratios such as [1.0, 1.32, 1.73], got {scales}")
     if flip is not None and not isinstance(flip, bool):
