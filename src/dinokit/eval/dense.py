@@ -17,7 +17,7 @@ import contextlib
 import json
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from dinokit.data.images import (
@@ -424,7 +425,7 @@ def head_outputs(
     batch_size: int,
     num_workers: int,
     precision: str,
-    bad: list[int] | None = None,
+    bad: list[int],
 ) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
     """Yield (index into paths, RGB array at original size, head output (C, H, W) at that size) of each
     readable image, as its head file (`meta`) says the head was trained: decode, resize, blocks, norm.
@@ -439,8 +440,7 @@ def head_outputs(
     device = next(head.parameters()).device
     loader = dict(batch_size=batch_size, num_workers=num_workers, precision=precision)
     for good, feats, bad_batch in head_inputs(backbone, paths, meta, which, transform, **loader):
-        if bad is not None:
-            bad += bad_batch
+        bad += bad_batch
         if not feats:
             continue
         cls = feats["layers"].to(device) if "layers" in feats else None
@@ -448,6 +448,23 @@ def head_outputs(
         for j, i in enumerate(good.tolist()):
             rgb = np.asarray(open_rgb(paths[i]))
             yield i, rgb, upsample(output[j : j + 1], rgb.shape[:2])[0]
+
+
+def picture_outputs(
+    paths: Iterable[Path], predict: Callable[[Image.Image], np.ndarray], bad: list[int]
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (index into paths, RGB array, predict(its RGB picture)) of each readable image, one at a time,
+    decoded upright (the released heads' counterpart of `head_outputs`). The indices of unreadable images
+    are appended to `bad`."""
+    from dinokit.data.images import open_rgb
+
+    for i, path in enumerate(paths):
+        try:
+            picture = open_rgb(path)
+        except UnreadableImage:
+            bad.append(i)
+            continue
+        yield i, np.asarray(picture), predict(picture)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,16 @@ import torch
 from dinokit.data.images import plain_path
 from dinokit.errors import DinokitError
 from dinokit.eval.common import Backbone
-from dinokit.eval.dense import UNREADABLE, clear_results, head_outputs, pair_key, read_depth, read_mask, read_pairs
+from dinokit.eval.dense import (
+    UNREADABLE,
+    clear_results,
+    head_outputs,
+    pair_key,
+    picture_outputs,
+    read_depth,
+    read_mask,
+    read_pairs,
+)
 from dinokit.eval.metrics import (
     DEPTH_METRICS,
     confusion_matrix,
@@ -126,20 +135,6 @@ class HeadRun:
     # top_included (gt <= max_depth scored, as the training probe; the toolbox scores gt < max_depth)
 
 
-def released_images(paths: list[Path], predict, bad: list[int]) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """(index, RGB array, predict(RGB picture)) of each readable image of `paths` (decoded upright, as
-    `predict` decodes them), one at a time; the indices of unreadable ones are appended to `bad`."""
-    from dinokit.data.images import UnreadableImage, open_rgb
-
-    for i, path in enumerate(paths):
-        try:
-            picture = open_rgb(path)
-        except UnreadableImage:
-            bad.append(i)
-            continue
-        yield i, np.asarray(picture), predict(picture)
-
-
 def segmentation_run(
     head: str,
     model: str | None,
@@ -160,20 +155,13 @@ def segmentation_run(
 
     bad: list[int] = []
     if is_released_head(head, "segmentation"):
-        from dinokit.eval.released_segmentation import check_settings, load_released_segmentation_head, segment_image
+        from dinokit.eval.released_segmentation import check_settings, load_released_segmentation_head
 
         check_settings(scales, flip, image_size, batch_size, precision)  # before any download
         released = load_released_segmentation_head(head, model, device)
         settings = released.settings(scales, flip, image_size, batch_size, precision)
-        dev = next(released.head.parameters()).device
         name = released_head(head)
         dataset = name.dataset if name is not None else None
-
-        def segment(picture) -> np.ndarray:  # as predict_released_segmentation
-            image = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(dev)
-            with torch.no_grad():
-                return segment_image(released, image, settings).numpy()
-
         record = {
             "head": str(released.path),
             "kind": f"released DINOv2 {released.kind} head ({dataset or 'dataset unnamed'})",
@@ -188,7 +176,7 @@ def segmentation_run(
         )
         facts = {"num_classes": len(released.head.conv.bias), "classes": released.classes, "ignore_index": IGNORE}
         return HeadRun(
-            partial(released_images, predict=segment, bad=bad),
+            partial(picture_outputs, predict=partial(released.segment, settings=settings), bad=bad),
             bad,
             released.backbone,
             record,
@@ -255,7 +243,7 @@ def depth_run(
         scale = {"nyu": 1000.0, "kitti": 256.0}.get(dataset) or png_depth_scale(high)
         facts = {"min_depth": low, "max_depth": high, "depth_scale": scale, "top_included": False}  # the toolbox's
         return HeadRun(
-            partial(released_images, predict=depther.predict, bad=bad),
+            partial(picture_outputs, predict=depther.predict, bad=bad),
             bad,
             backbone,
             record,

@@ -322,21 +322,18 @@ def released_depth_maps(
     time at its own size; the output folder is held as `dense.predict_images` holds it."""
     from tqdm import tqdm
 
-    from dinokit.data.images import UnreadableImage, open_rgb
-    from dinokit.eval.dense import prediction_files
+    from dinokit.eval.dense import picture_outputs, prediction_files
 
     with prediction_files(images, out_files) as (paths, names):
-        bad, shrunk = [], 0
-        for path, name in tqdm(list(zip(paths, names, strict=True)), desc="depth", unit="image", leave=False):
-            try:
-                picture = open_rgb(path)
-            except UnreadableImage:
-                bad.append(path)
-                continue
-            shrunk += depther.run_size(*picture.size) != picture.size
-            yield name, np.asarray(picture), depther.predict(picture)
+        bad: list[int] = []
+        shrunk = 0
+        progress = tqdm(paths, desc="depth", unit="image", leave=False)
+        for i, rgb, depth in picture_outputs(progress, depther.predict, bad):
+            size = (rgb.shape[1], rgb.shape[0])  # (width, height), as PIL's
+            shrunk += depther.run_size(*size) != size
+            yield names[i], rgb, depth
         if bad:
-            print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
+            print(f"skipped {len(bad)} unreadable image(s), e.g. {paths[bad[0]]}")
         if shrunk:
             print(
                 f"{shrunk} image(s) of more than {depther.max_pixels} pixels ran shrunk to them (memory), their depths "

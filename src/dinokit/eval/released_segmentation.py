@@ -98,9 +98,13 @@ class ReleasedHead:
         from dinokit.data.images import open_rgb, to_rgb
 
         picture = open_rgb(image) if isinstance(image, (str, Path)) else to_rgb(image)
+        return self.segment(picture, self.settings(**settings))
+
+    def segment(self, picture: Image.Image, settings: "InferenceSettings") -> np.ndarray:
+        """(H, W) int64 class index per pixel of an RGB picture (`segment_image` with `settings`)."""
         x = torch.from_numpy(np.array(picture)).permute(2, 0, 1).to(next(self.head.parameters()).device)
         with torch.no_grad():
-            return segment_image(self, x, self.settings(**settings)).numpy()
+            return segment_image(self, x, settings).numpy()
 
 
 def load_released_segmentation_head(head: str, model: str | None = None, device: str = "auto") -> ReleasedHead:
@@ -340,8 +344,7 @@ def predict_released_segmentation(
 ) -> str:
     """`dinokit predict segmentation` with a released head (see predict_segmentation): one image at a
     time, writing <name>.png, <name>_overlay.png and classes.json."""
-    from dinokit.data.images import UnreadableImage, open_rgb
-    from dinokit.eval.dense import prediction_files
+    from dinokit.eval.dense import picture_outputs, prediction_files
     from dinokit.eval.visualize import colour_mask, save_panel
     from dinokit.io import atomic_write, write_json
 
@@ -349,7 +352,6 @@ def predict_released_segmentation(
     released = load_released_segmentation_head(head, model, device)
     settings = released.settings(scales, flip, image_size, batch_size, precision)
     num_classes = len(released.head.conv.bias)
-    dev = next(released.head.parameters()).device
     record = {
         "head": str(released.path),
         "model": released.backbone.source,
@@ -364,24 +366,18 @@ def predict_released_segmentation(
     }
     count, bad = 0, []
     files = (out_dir, (".png", "_overlay.png"))
-    with prediction_files(images, files, once=("classes.json",)) as (paths, names), torch.no_grad():
+    with prediction_files(images, files, once=("classes.json",)) as (paths, names):
         write_json(out_dir / "classes.json", record)
-        for path, name in zip(paths, names, strict=True):
-            try:
-                rgb = np.array(open_rgb(path))  # writable, for torch.from_numpy
-            except UnreadableImage:
-                bad.append(path)
-                continue
-            image = torch.from_numpy(rgb).permute(2, 0, 1).to(dev)
-            mask = segment_image(released, image, settings).numpy()
-            mask = mask.astype(np.uint8 if num_classes <= 256 else np.uint16)
+        for i, rgb, classes in picture_outputs(paths, lambda picture: released.segment(picture, settings), bad):
+            name = names[i]
+            mask = classes.astype(np.uint8 if num_classes <= 256 else np.uint16)
             (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(out_dir / f"{name}.png", lambda tmp, m=mask: Image.fromarray(m).save(tmp, format="PNG"))
             overlay = (0.5 * rgb + 0.5 * colour_mask(mask, num_classes)).astype(np.uint8)
             save_panel(out_dir / f"{name}_overlay.png", [rgb, overlay])
             count += 1
     if bad:
-        print(f"skipped {len(bad)} unreadable image(s), e.g. {bad[0]}")
+        print(f"skipped {len(bad)} unreadable image(s), e.g. {paths[bad[0]]}")
     known = f"class names in {out_dir / 'classes.json'}" if released.classes else "class names unknown"
     print(f"wrote {count} masks to {out_dir} (released {released.kind} head, {num_classes} classes; {known})")
     return str(out_dir)
