@@ -18,6 +18,7 @@ from dinokit import create_model, export_model
 from dinokit.cli import main
 from dinokit.data.synthetic import write_dense_set
 from dinokit.errors import DinokitError
+from dinokit.eval.common import prepare_backbone
 from dinokit.eval.head_scores import eval_crop, reduce_zero_label
 from dinokit.eval.released_depth import load_released_depth_head
 from tests.conftest import perturb_scales_and_norms
@@ -183,6 +184,8 @@ def test_a_released_depth_head_scores_what_predict_computes(micro, tmp_path):
     protocol = result["protocol"]
     assert (protocol["crop"], protocol["depth_scale"], protocol["range"]) == ("garg", 256.0, [0.001, 80.0])
     assert result["images"] == 3 and protocol["val_bad_files"] == 0
+    backbone = prepare_backbone(micro["weights"], "cpu")  # recorded as every protocol records its backbone
+    assert (protocol["model_description"], protocol["weights_hash"]) == (backbone.description, backbone.hash)
     # crop=none scores every valid pixel: other numbers
     other = scores("depth", *common, f"val={micro['val']}", f"out={tmp_path / 's'}", "crop=none")
     assert other["rmse"] != pytest.approx(result["rmse"]) and other["protocol"]["crop"] == "none"

@@ -217,7 +217,6 @@ def depth_run(
 ) -> HeadRun:
     """A released depth head (its `ReleasedDepther`) or a dinokit head file (`dense.head_outputs`, clamped to
     its range as predict depth clamps it), predicting (H, W) metres."""
-    from dinokit.eval.backbone import is_random_source, weights_hash
     from dinokit.eval.common import make_transform
     from dinokit.eval.depth import load_depth_head, png_depth_scale
     from dinokit.eval.heads import backbone_for_head, is_released_head
@@ -231,8 +230,6 @@ def depth_run(
         low, high = depther.min_depth, depther.max_depth
         name = released_head(head)
         dataset = name.dataset if name is not None else None
-        source = str(model) if model is not None else name.backbone  # loading refused a head with neither
-        backbone = Backbone(depther.backbone, source, source, weights_hash(depther.backbone), is_random_source(source))
         kind = name.kind if name is not None else type(depther.head).__name__
         record = {
             "head": str(head),
@@ -245,7 +242,7 @@ def depth_run(
         return HeadRun(
             partial(picture_outputs, predict=depther.predict, bad=bad),
             bad,
-            backbone,
+            depther.loaded,
             record,
             transform,
             None,

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dinokit.errors import DinokitError
+from dinokit.eval.common import Backbone, prepare_backbone
 from dinokit.eval.depth import LinearDepthHead, depth_blocks
 from dinokit.eval.heads import read_released_dense_head
 from dinokit.models import VisionTransformer
@@ -168,7 +169,8 @@ class ReleasedDepther(nn.Module):
     """A backbone and a released depth head, as the hub's DepthEncoderDecoder.whole_inference:
     ImageNet-normalised images (B, 3, H, W) -> depth in metres (B, 1, H, W) in [min_depth, max_depth].
     The backbone runs under `precision` (bf16 autocast, or fp32), the head in fp32. `predict` runs an
-    image of more than `max_pixels` (None: no limit) shrunk to them, its depth at the image's size."""
+    image of more than `max_pixels` (None: no limit) shrunk to them, its depth at the image's size.
+    loaded: the backbone as `prepare_backbone` loaded it (its source, description and weights hash), where known."""
 
     def __init__(
         self,
@@ -179,11 +181,12 @@ class ReleasedDepther(nn.Module):
         max_depth: float,
         precision: str = "fp32",
         max_pixels: int | None = MAX_PIXELS,
+        loaded: Backbone | None = None,
     ) -> None:
         super().__init__()
         self.backbone, self.head, self.blocks = backbone, head, tuple(blocks)
         self.min_depth, self.max_depth, self.precision = min_depth, max_depth, precision
-        self.max_pixels = max_pixels
+        self.max_pixels, self.loaded = max_pixels, loaded
 
     def forward(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, 1, *size) depths, size by default the images' (H, W) (the official encode_decode's `size`)."""
@@ -281,7 +284,6 @@ def load_released_depth_head(
     one the name says (a backbone of another width, depth or patch is refused). max_depth: the depth range's
     top in metres; by default the dataset's (NYU 10, KITTI 80). precision: the backbone's, fp32 or bf16.
     max_pixels: larger images run shrunk to this many pixels (memory; None: every image whole, as the hub)."""
-    from dinokit.eval.common import prepare_backbone
     from dinokit.eval.heads import check_released_backbone, locate_released_head, released_head_of
     from dinokit.runtime import resolve_device
 
@@ -312,7 +314,7 @@ def load_released_depth_head(
         ) from None
     blocks = depth_blocks(len(net.blocks), layers)
     head_on_device = depth_head.to(next(net.parameters()).device)
-    return ReleasedDepther(net, head_on_device, blocks, min_depth, top, precision, max_pixels)
+    return ReleasedDepther(net, head_on_device, blocks, min_depth, top, precision, max_pixels, backbone)
 
 
 def released_depth_maps(
