@@ -315,6 +315,15 @@ def clear_results(out_dir: Path, task: str) -> None:
 
 
 # -------------------------------------------------------------------------------------------- training
+def refuse_training_with_head(head: str, train: str | None) -> None:
+    """`eval segmentation|depth head=` scores a saved or released head on val= as it is: train= is refused."""
+    if train is not None:
+        raise DinokitError(
+            f"train= and head= exclude each other: head={head} is scored on val= as it is (no training); "
+            "leave train= out, or head= out to train a new head"
+        )
+
+
 def check_training(epochs: int, train_batch_size: int, lr: float, weight_decay: float) -> None:
     """Refuse, before any work, settings that train no head (epochs=0 or lr=0 reported the untrained
     head) or cannot (train_batch_size=0 divided by zero, AdamW refused a negative lr or weight decay,

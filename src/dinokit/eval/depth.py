@@ -33,6 +33,7 @@ from dinokit.eval.dense import (
     predict_images,
     predict_split,
     read_depth,
+    refuse_training_with_head,
     results_folder,
     train_dense_head,
     upsample,
@@ -185,11 +186,7 @@ def eval_depth(
     if val is None:
         raise DinokitError("val=... is needed: a folder with images/ and depth/ (depth maps, same names)")
     if head is not None:
-        if train is not None:
-            raise DinokitError(
-                f"train= and head= exclude each other: head={head} is scored on val= as it is (no training); "
-                "leave train= out, or head= out to train a new head"
-            )
+        refuse_training_with_head(head, train)
         from dinokit.eval.head_scores import score_depth
 
         with results_folder(out_dir, "depth"):  # one run at a time in out
@@ -391,11 +388,7 @@ def predict_depth(
         maps = released_depth_maps(depther, images, out_files)
         print(f"released depth head {head}: range {low:g}-{high:g} m, PNG units 1/{scale:g} m")
     else:
-        if max_depth is not None:
-            raise DinokitError(
-                "max_depth= applies to released heads (.pth); a head of dinokit eval depth keeps the range it "
-                "was trained with: leave max_depth out"
-            )
+        refuse_max_depth(max_depth)
         net, meta = load_depth_head(head)
         backbone = backbone_for_head(meta, model, device)
         net.to(resolve_device(device))
@@ -419,6 +412,15 @@ def predict_depth(
             f"to fit the head's range up to {high:g} m"
         )
     return str(out_dir)
+
+
+def refuse_max_depth(max_depth: float | None) -> None:
+    """max_depth= sets a released head's range; a dinokit head file keeps its trained one."""
+    if max_depth is not None:
+        raise DinokitError(
+            "max_depth= applies to released heads (.pth); a head of dinokit eval depth keeps the range it "
+            "was trained with: leave max_depth out"
+        )
 
 
 def png_depth_scale(max_depth: float) -> float:

@@ -150,7 +150,7 @@ def segmentation_run(
     (`dense.head_outputs`, classes as `predict_classes`), predicting (H, W) class indices."""
     from dinokit.eval.common import make_transform
     from dinokit.eval.heads import backbone_for_head, is_released_head
-    from dinokit.eval.segmentation import load_segmentation_head, predict_classes
+    from dinokit.eval.segmentation import load_segmentation_head, predict_classes, refuse_released_settings
     from dinokit.runtime import resolve_device
 
     bad: list[int] = []
@@ -185,12 +185,7 @@ def segmentation_run(
             dataset,
             facts,
         )
-    given = [k for k, v in (("scales", scales), ("flip", flip), ("image_size", image_size)) if v is not None]
-    if given:
-        raise DinokitError(
-            f"{', '.join(given)} apply to the released DINOv2 heads only; {head} is a dinokit head file, applied "
-            "at the image size and blocks it was trained with: leave them out"
-        )
+    refuse_released_settings(head, scales, flip, image_size)
     net, meta = load_segmentation_head(head)
     backbone = backbone_for_head(meta, model, device, Path(head))
     net.to(resolve_device(device))
@@ -218,7 +213,7 @@ def depth_run(
     """A released depth head (its `ReleasedDepther`) or a dinokit head file (`dense.head_outputs`, clamped to
     its range as predict depth clamps it), predicting (H, W) metres."""
     from dinokit.eval.common import make_transform
-    from dinokit.eval.depth import load_depth_head, png_depth_scale
+    from dinokit.eval.depth import load_depth_head, png_depth_scale, refuse_max_depth
     from dinokit.eval.heads import backbone_for_head, is_released_head
     from dinokit.runtime import resolve_device
 
@@ -249,11 +244,7 @@ def depth_run(
             dataset,
             facts,
         )
-    if max_depth is not None:
-        raise DinokitError(
-            "max_depth= applies to released heads (.pth); a head of dinokit eval depth keeps the range it "
-            "was trained with: leave max_depth out"
-        )
+    refuse_max_depth(max_depth)
     net, meta = load_depth_head(head)
     backbone = backbone_for_head(meta, model, device, Path(head))
     net.to(resolve_device(device))

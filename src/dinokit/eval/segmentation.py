@@ -25,6 +25,7 @@ from dinokit.eval.dense import (
     predict_images,
     predict_split,
     read_mask,
+    refuse_training_with_head,
     results_folder,
     train_dense_head,
 )
@@ -164,11 +165,7 @@ def eval_segmentation(
     if val is None:
         raise DinokitError("val=... is needed: a folder with images/ and masks/ (class-index PNGs, same names)")
     if head is not None:
-        if train is not None:
-            raise DinokitError(
-                f"train= and head= exclude each other: head={head} is scored on val= as it is (no training); "
-                "leave train= out, or head= out to train a new head"
-            )
+        refuse_training_with_head(head, train)
         from dinokit.eval.head_scores import score_segmentation
 
         with results_folder(out_dir, "segmentation"):  # one run at a time in out
@@ -366,12 +363,7 @@ def predict_segmentation(
         return predict_released_segmentation(
             head, images, out_dir, model, scales, flip, image_size, batch_size, device, precision
         )
-    given = [k for k, v in (("scales", scales), ("flip", flip), ("image_size", image_size)) if v is not None]
-    if given:
-        raise DinokitError(
-            f"{', '.join(given)} apply to the released DINOv2 heads only; {head} is a dinokit head file, applied "
-            "at the image size and blocks it was trained with: leave them out"
-        )
+    refuse_released_settings(head, scales, flip, image_size)
     net, meta = load_segmentation_head(head)
     backbone = backbone_for_head(meta, model, device)
     net.to(resolve_device(device))
@@ -389,3 +381,13 @@ def predict_segmentation(
         count += 1
     print(f"wrote {count} masks to {out_dir}")
     return str(out_dir)
+
+
+def refuse_released_settings(head: str, scales: list[float] | None, flip: bool | None, image_size: int | None) -> None:
+    """scales, flip and image_size set a released head's inference; a dinokit head file is refused them."""
+    given = [k for k, v in (("scales", scales), ("flip", flip), ("image_size", image_size)) if v is not None]
+    if given:
+        raise DinokitError(
+            f"{', '.join(given)} apply to the released DINOv2 heads only; {head} is a dinokit head file, applied "
+            "at the image size and blocks it was trained with: leave them out"
+        )
