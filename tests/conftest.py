@@ -19,6 +19,15 @@ def _seed():
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: on a busy machine one thread is faster than a thrashing pool (`usefixtures`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def fresh_bf16_cache(monkeypatch):
     """An empty per-GPU cache of bf16 answers for this test, for tests that fake the GPUs or their answers
     (the process's real cache is back afterwards)."""

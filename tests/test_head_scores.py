@@ -27,13 +27,7 @@ DIM = 96  # vit_micro_p4
 SIZES = {"a": (20, 28), "b": (16, 24), "sub/c": (24, 20)}  # (H, W) of the val images
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than a pool on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
