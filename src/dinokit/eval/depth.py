@@ -367,8 +367,9 @@ def predict_depth(
     trained on, checked by hash; for a released head the one its name says, checked by shape). Writes
     out/<name>.png (uint16, depth x depth_scale; <name> keeps the image's subfolders) and
     out/<name>_depth.png. depth_scale: by default the one of training (1000: millimetres); for a released
-    head 1000 for NYU (up to 10 m) and 256 for KITTI (up to 80 m, KITTI's own PNG convention: 80 x 1000
-    does not fit 16 bits). Depths beyond 65535 / depth_scale metres are clipped (with a warning).
+    head 1000 where its range fits 16 bits in millimetres (NYU's 10 m, or max_depth=10), else 256 (KITTI's
+    80 m, KITTI's own PNG convention: 80 x 1000 does not fit 16 bits). Depths beyond 65535 / depth_scale
+    metres are clipped (with a warning).
     max_depth: a released head's range top in metres (default NYU 10, KITTI 80; needed where a .pth's
     name does not say its dataset); a dinokit head keeps its trained range. A rerun into the same out
     first removes the earlier run's predictions (the files it listed in out/.dinokit-predictions.json;
