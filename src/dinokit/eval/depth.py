@@ -419,8 +419,8 @@ def refuse_max_depth(max_depth: float | None) -> None:
     """max_depth= sets a released head's range; a dinokit head file keeps its trained one."""
     if max_depth is not None:
         raise DinokitError(
-            "max_depth= applies to released heads (.pth); a head of dinokit eval depth keeps the range it "
-            "was trained with: leave max_depth out"
+            "max_depth= applies to released heads (a released name or a .pth); a head of dinokit eval depth "
+            "keeps the range it was trained with: leave max_depth out"
         )
 
 
