@@ -174,3 +174,44 @@ def test_kmeans_on_cuda_finds_what_it_finds_on_cpu():
     np.testing.assert_allclose(on_gpu[0], on_cpu[0], atol=1e-4)
     levels = hierarchical_kmeans(x, [40, 20], n_resamples=2, sample_size=20, device="cuda")
     assert [len(level.centroids) for level in levels] == [40, 20] and len(levels[0].assignment) == 4000
+
+
+def test_released_dense_heads_with_a_cuda_model(tmp_path):
+    tf32 = torch.backends.cudnn.allow_tf32  # on by default for convolutions: the DPT head's would differ by ~1e-3
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        check_released_heads_on("cuda", tmp_path)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def check_released_heads_on(device: str, tmp_path) -> None:
+    """A released-format DPT depth head and ms segmentation head with the model on `device` give the CPU's
+    depths (fp32, 1e-3 m) and classes (99% of the pixels; a class can flip where two nearly tie)."""
+    from test_released_depth import official_dpt, save_released
+    from test_released_segmentation import official_head_file
+
+    torch.manual_seed(0)
+    net = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4")).eval()
+    weights = str(dinokit.export_model(net, tmp_path / "micro.safetensors"))
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (11, 14, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    depth_file = save_released(tmp_path / "my_nyu_dpt_head.pth", official_dpt({"net": net, "images": tmp_path}))
+    official_head_file(tmp_path / "my_ade20k_ms_head.pth", 4 * 96, 5)
+    settings = dict(scales=[1.0, 1.5], image_size=16, precision="fp32")
+    for image in ("a.png", "b.png"):
+        depths = [
+            dinokit.load_released_depth_head(str(depth_file), weights, where, precision="fp32").predict(
+                tmp_path / image
+            )
+            for where in ("cpu", device)
+        ]
+        assert np.abs(depths[0] - depths[1]).max() < 1e-3
+        segmenter = dinokit.load_released_segmentation_head
+        masks = [
+            segmenter(str(tmp_path / "my_ade20k_ms_head.pth"), weights, where).predict(tmp_path / image, **settings)
+            for where in ("cpu", device)
+        ]
+        assert masks[0].shape == masks[1].shape == Image.open(tmp_path / image).size[::-1]
+        assert (masks[0] == masks[1]).mean() >= 0.99
