@@ -460,14 +460,14 @@ def head_outputs(
 
 
 def picture_outputs(
-    paths: Iterable[Path], predict: Callable[[Image.Image], np.ndarray], bad: list[int]
+    paths: Iterable[Path], predict: Callable[[Image.Image], np.ndarray], bad: list[int], desc: str = "predict"
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (index into paths, RGB array, predict(its RGB picture)) of each readable image, one at a time,
-    decoded upright (the released heads' counterpart of `head_outputs`). The indices of unreadable images
-    are appended to `bad`."""
+    decoded upright (the released heads' counterpart of `head_outputs`), with a progress bar named `desc`
+    (an image can take a minute on a CPU). The indices of unreadable images are appended to `bad`."""
     from dinokit.data.images import open_rgb
 
-    for i, path in enumerate(paths):
+    for i, path in enumerate(tqdm(list(paths), desc=desc, unit="image", leave=False)):
         try:
             picture = open_rgb(path)
         except UnreadableImage:

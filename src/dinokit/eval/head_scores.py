@@ -176,7 +176,7 @@ def segmentation_run(
         )
         facts = {"num_classes": len(released.head.conv.bias), "classes": released.classes, "ignore_index": IGNORE}
         return HeadRun(
-            partial(picture_outputs, predict=partial(released.segment, settings=settings), bad=bad),
+            partial(picture_outputs, predict=partial(released.segment, settings=settings), bad=bad, desc="score"),
             bad,
             released.backbone,
             record,
@@ -235,7 +235,7 @@ def depth_run(
         scale = {"nyu": 1000.0, "kitti": 256.0}.get(dataset) or png_depth_scale(high)
         facts = {"min_depth": low, "max_depth": high, "depth_scale": scale, "top_included": False}  # the toolbox's
         return HeadRun(
-            partial(picture_outputs, predict=depther.predict, bad=bad),
+            partial(picture_outputs, predict=depther.predict, bad=bad, desc="score"),
             bad,
             depther.loaded,
             record,

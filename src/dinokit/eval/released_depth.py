@@ -322,15 +322,12 @@ def released_depth_maps(
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield (output name, RGB array, (H, W) depth in metres) per readable image of `images`, one image at a
     time at its own size; the output folder is held as `dense.predict_images` holds it."""
-    from tqdm import tqdm
-
     from dinokit.eval.dense import picture_outputs, prediction_files
 
     with prediction_files(images, out_files) as (paths, names):
         bad: list[int] = []
         shrunk = 0
-        progress = tqdm(paths, desc="depth", unit="image", leave=False)
-        for i, rgb, depth in picture_outputs(progress, depther.predict, bad):
+        for i, rgb, depth in picture_outputs(paths, depther.predict, bad, desc="depth"):
             size = (rgb.shape[1], rgb.shape[0])  # (width, height), as PIL's
             shrunk += depther.run_size(*size) != size
             yield names[i], rgb, depth

@@ -29,6 +29,7 @@ ADE20K / VOC test scale), 640 for ms heads (the DINOv2 paper's "+ms" resolution,
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -368,7 +369,8 @@ def predict_released_segmentation(
     files = (out_dir, (".png", "_overlay.png"))
     with prediction_files(images, files, once=("classes.json",)) as (paths, names):
         write_json(out_dir / "classes.json", record)
-        for i, rgb, classes in picture_outputs(paths, lambda picture: released.segment(picture, settings), bad):
+        segment = partial(released.segment, settings=settings)
+        for i, rgb, classes in picture_outputs(paths, segment, bad, desc="segmentation"):
             name = names[i]
             mask = classes.astype(np.uint8 if num_classes <= 256 else np.uint16)
             (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
