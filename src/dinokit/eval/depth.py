@@ -46,6 +46,7 @@ from dinokit.runtime import resolve_device
 
 DEPTH_EXTS = (".png", ".npy", ".tif", ".tiff")
 REFERENCE_BLOCKS = {12: (2, 5, 8, 11), 24: (4, 11, 17, 23), 40: (9, 19, 29, 39)}  # hub out_index per depth
+MAX_PIXELS = 1_000_000  # a released head runs larger images shrunk to this many pixels (eval/released_depth.py)
 
 
 def depth_blocks(depth: int, n_layers: int) -> tuple[int, ...]:
@@ -353,7 +354,7 @@ def predict_depth(
     precision: str = "bf16",
     depth_scale: float | None = None,
     max_depth: float | None = None,
-    max_pixels: int | None = 1_000_000,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> str:
     """Apply a saved depth head to new images: 16-bit depth PNGs and coloured pictures.
 

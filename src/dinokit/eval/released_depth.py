@@ -38,14 +38,13 @@ from PIL import Image
 
 from dinokit.errors import DinokitError
 from dinokit.eval.common import Backbone, prepare_backbone
-from dinokit.eval.depth import LinearDepthHead, depth_blocks
+from dinokit.eval.depth import MAX_PIXELS, LinearDepthHead, depth_blocks
 from dinokit.eval.heads import read_released_dense_head
 from dinokit.models import VisionTransformer
 from dinokit.models.vision_transformer import snap_to_patch_multiple
 from dinokit.runtime import autocast, effective_precision
 
 MIN_DEPTH = 0.001
-MAX_PIXELS = 1_000_000  # larger images run shrunk to this many pixels (module docstring)
 DATASET_RANGES = {"nyu": (MIN_DEPTH, 10.0), "kitti": (MIN_DEPTH, 80.0)}  # metres
 
 
