@@ -4,7 +4,8 @@ A checkpoint holds everything a run needs to continue exactly: model (student, t
 centers), optimiser, the iteration, the position in the sample stream, the clock, every process's
 RNG states and the run's counters. Model and optimiser states are full (unsharded, keyed by
 parameter name), so a run can resume on a different number of processes, with DDP or FSDP.
-Files are read with `torch.load(weights_only=True)`.
+Files are read with `torch.load(weights_only=True)`. Also here: another run's newest checkpoint as a
+run starts from it (continue_from=, distill_from=), and a run's backbone exported for `load_model`.
 """
 
 import re
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import torch
 
+from dinokit import distributed as dist
 from dinokit.errors import DinokitError
 from dinokit.io import atomic_write
 from dinokit.models.loading import export_model, load_model
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
+from dinokit.train.self_distillation import SelfDistillation
 
 PATTERN = re.compile(r"checkpoint_(\d+)\.pt$")
 
@@ -60,12 +63,67 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from None
 
 
+# ---------------------------------------------------------------------------------- what a checkpoint holds
+def model_state(model: SelfDistillation, fsdp: bool) -> dict:
+    """The full model state on the CPU (students, teachers, heads, centers), keyed by parameter name;
+    under FSDP gathered from the shards (a collective of every process)."""
+    if not fsdp:
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def optimizer_state(model: SelfDistillation, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
+    """The student's full optimiser state, keyed by parameter name (on the CPU under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=fsdp)
+    return get_optimizer_state_dict(model.student, optimizer, options=options)
+
+
+def load_optimizer_state(model: SelfDistillation, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A full optimiser state (keyed by parameter name) into a plain, DDP or FSDP2 student's optimiser."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model.student, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's random number generators: {"cpu": ..., "cuda": ... (on a GPU)}."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore `rng_state`'s generators."""
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---------------------------------------------------------------------------------- the trained backbone
 def export_trained_backbone(config: ViTConfig, state: dict[str, torch.Tensor], path: str | Path) -> str:
     """A run's backbone (`config`, weights `state`) as dinokit safetensors at `path`: fp32, eval mode,
     without the stochastic depth it trained with; returns the path."""
     backbone = VisionTransformer(replace(config, drop_path_rate=0.0))
     backbone.load_state_dict(state)
     return export_model(backbone.float().eval(), path, format="dinokit")
+
+
+def export_teacher_backbone(model: SelfDistillation, path: Path, fsdp_state: dict | None) -> str | None:
+    """Write the teacher backbone as dinokit safetensors (rank 0); returns the path there. fsdp_state:
+    under FSDP, the model's full state (`model_state`, a collective of every process), else None."""
+    if not dist.is_main_process():
+        return None
+    teacher = model.teacher.backbone
+    state = teacher.state_dict()
+    if fsdp_state is not None:
+        prefix = "teacher.backbone."
+        state = {k[len(prefix) :]: v for k, v in fsdp_state.items() if k.startswith(prefix)}
+    return export_trained_backbone(teacher.config, state, path)
 
 
 # ---------------------------------------------------------------------------------- another run's state

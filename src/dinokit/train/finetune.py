@@ -49,12 +49,19 @@ from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_o
 from dinokit.models import VisionTransformer
 from dinokit.models.vision_transformer import ViTConfig
 from dinokit.runtime import StopSignals, autocast, effective_precision, ignore_stop_signals, resolve_device
-from dinokit.train.checkpoint import export_trained_backbone, list_checkpoints, load_checkpoint, save_checkpoint
+from dinokit.train.checkpoint import (
+    export_trained_backbone,
+    list_checkpoints,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dinokit.train.classifier import Classifier, finetune_groups
 from dinokit.train.finetune_config import RESUMABLE_KEYS, RUN_FACTS, FinetuneConfig, resolve_config
 from dinokit.train.metrics_log import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, scale_lr
-from dinokit.train.pretrain import data_fingerprint, rng_state, set_rng_state
+from dinokit.train.pretrain import data_fingerprint
 from dinokit.train.run_settings import run_settings
 from dinokit.train.schedules import warmup_cosine
 

@@ -42,16 +42,22 @@ from dinokit.runtime import StopSignals, autocast, ignore_stop_signals, resolve_
 from dinokit.train.checkpoint import (
     OBJECTIVE_KEYS,
     RunState,
-    export_trained_backbone,
+    export_teacher_backbone,
     list_checkpoints,
     load_checkpoint,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
     read_run,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
     settings_from_run,
 )
 from dinokit.train.config import RUN_FACTS, PretrainConfig, resolve_config
 from dinokit.train.distillation import SET_BY_DISTILLATION, distillation_config, frozen_teacher, teacher_centers
 from dinokit.train.ema import update_teacher
+from dinokit.train.fsdp import local_tensors, reshard_teacher, shard_fsdp
 from dinokit.train.metrics_log import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups, scale_lr
 from dinokit.train.run_settings import run_settings
@@ -175,36 +181,6 @@ def build_collate(cfg: PretrainConfig, patch_size: int, use_ibot: bool) -> Multi
     return MultiCropCollate(generator, tuple(cfg.mask_ratio_min_max), cfg.mask_sample_probability, cfg.seed)
 
 
-def shard_fsdp(model: SelfDistillation) -> None:
-    """FSDP2: shard every block, the backbone (forward_features is its entry point), each head, and
-    the student as root."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-    # outputs such as x_norm_clstoken are views; nothing modifies them in place
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    for net in (model.student, model.teacher):
-        for block in net.backbone.blocks:
-            fully_shard(block)
-        fully_shard(net.backbone)
-        register_fsdp_forward_method(net.backbone, "forward_features")
-        for head in net.heads().values():
-            fully_shard(head)
-    fully_shard(model.student)
-
-
-def reshard_teacher(model: SelfDistillation) -> None:
-    """Free the teacher's gathered parameters after its forward. Its backbone and heads are FSDP2
-    roots with no backward, and a root keeps its unsharded parameters after forward: without this the
-    next forward would reuse them, stale, while the EMA update writes to the shards."""
-    for module in (model.teacher.backbone, *model.teacher.heads().values()):
-        module.reshard()
-
-
-def local_tensors(params) -> list[torch.Tensor]:
-    """Local shards of (possibly FSDP2 / DTensor) parameters."""
-    return [p.to_local() if hasattr(p, "to_local") else p for p in params]
-
-
 def every_patch(global_crops: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(masks (n_g B, N) all True, weights (n_g B N,) = 1/N): iBOT's selection of every patch, each
     image weighted as one (distillation's iBOT on the whole global crops)."""
@@ -219,55 +195,6 @@ def teacher_checkpoint(distill_from: str, checkpoint: dict | None) -> str:
     pinned = Path((checkpoint or {}).get("distill_teacher_checkpoint") or "")
     given = Path(distill_from).expanduser().resolve()
     return str(pinned) if pinned.is_file() and given in (pinned, pinned.parent.parent) else distill_from
-
-
-# ---------------------------------------------------------------------------------------------- state
-def model_state(model: SelfDistillation, fsdp: bool) -> dict:
-    if not fsdp:
-        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def optimizer_state(model: SelfDistillation, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=fsdp)
-    return get_optimizer_state_dict(model.student, optimizer, options=options)
-
-
-def load_optimizer_state(model: SelfDistillation, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """A full optimiser state (keyed by parameter name) into a plain, DDP or FSDP2 student's optimiser."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model.student, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def export_backbone(model: SelfDistillation, path: Path, fsdp_state: dict | None) -> str | None:
-    """Write the teacher backbone as dinokit safetensors (rank 0); returns the path there. fsdp_state:
-    under FSDP, the model's full state (`model_state`, a collective of every process), else None."""
-    if not dist.is_main_process():
-        return None
-    teacher = model.teacher.backbone
-    state = teacher.state_dict()
-    if fsdp_state is not None:
-        prefix = "teacher.backbone."
-        state = {k[len(prefix) :]: v for k, v in fsdp_state.items() if k.startswith(prefix)}
-    return export_trained_backbone(teacher.config, state, path)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -915,7 +842,7 @@ class Trainer:
             stop.end_run("pretrain", stopped_by, self.iteration, self.out, self.main)
         state = model_state(self.model, self.fsdp) if self.fsdp else None  # a collective: every process
         with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
-            backbone = export_backbone(self.model, self.out / "backbone.safetensors", state)
+            backbone = export_teacher_backbone(self.model, self.out / "backbone.safetensors", state)
         self.write_bad_files()
         summary = {
             "out": str(self.out),
