@@ -60,9 +60,10 @@ def micro(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------ the official computation, written out
-def reference_probabilities(net, state, blocks, rgb, scales, flip, image_size, crop, stride) -> torch.Tensor:
+def reference_probabilities(net, state, blocks, rgb, scales, flip, img_scale, crop, stride) -> torch.Tensor:
     """(C, H, W) mean softmax of mmseg 0.x's aug_test with the DINOv2 notebook's segmenter: per ratio and
-    flip, mmcv imrescale to (4 S r, S r), Normalize, slide_inference (encode_decode: CenterPadding ->
+    flip, mmcv imrescale to img_scale x r ((2048, 512) in the linear configs, (99999999, 640) in the ms
+    ones), Normalize, slide_inference (encode_decode: CenterPadding ->
     get_intermediate_layers(out_indices, reshape=True) -> BNHead on in_index -> resize to the crop), resize
     to the original size, softmax, flip back; averaged."""
     height, width = rgb.shape[:2]
@@ -74,7 +75,7 @@ def reference_probabilities(net, state, blocks, rgb, scales, flip, image_size, c
     w_conv, b_conv = state["decode_head.conv_seg.weight"], state["decode_head.conv_seg.bias"]
     outputs = []
     for ratio in scales:
-        long_side, short_side = int(4 * image_size * ratio), int(image_size * ratio)
+        long_side, short_side = int(img_scale[0] * ratio), int(img_scale[1] * ratio)
         factor = min(long_side / max(height, width), short_side / min(height, width))
         h, w = int(height * factor + 0.5), int(width * factor + 0.5)
         resized = img
@@ -120,21 +121,27 @@ def reference_probabilities(net, state, blocks, rgb, scales, flip, image_size, c
 @pytest.mark.parametrize("kind", ["linear", "ms"])
 def test_parity_with_the_official_slide_multiscale_flip_computation(micro, tmp_path, kind):
     """fp32, crop 30 / stride 19 (windows overlapping, padded 30 -> 32), on images of 40 x 70 (kept at
-    ratio 1.0, enlarged at 1.32), 22 x 50 (shorter than a crop, enlarged at every ratio) and 60 x 100
-    (reduced: its logits enlarged back to its size)."""
+    ratio 1.0, enlarged at 1.32), 22 x 50 (shorter than a crop, enlarged at every ratio), 60 x 100
+    (reduced: its logits enlarged back to its size) and 10 x 60 (6 times as wide as high: the linear
+    configs' long side 4 S binds, the ms configs' 99999999 does not)."""
     net, weights = micro
     blocks, scales, flip = (1, (1.0,), False) if kind == "linear" else (4, (1.0, 1.32), True)
+    img_scale, long_side = ((160, 40), None) if kind == "linear" else ((99999999, 40), 99999999)
     state = official_head_file(tmp_path / "head.pth", blocks * DIM, 7)
     released = load_released_segmentation_head(str(tmp_path / "head.pth"), weights, "cpu")
     assert (released.kind, released.blocks, released.classes) == (kind, blocks, None)
-    settings = InferenceSettings(scales, flip, image_size=40, crop=30, stride=19, batch_size=5, precision="fp32")
+    if kind == "linear":  # the linear configs' img_scale (2048, 512), slide crop 512 / stride 341, no flip
+        assert released.settings() == InferenceSettings((1.0,), False, 512, long_side=None, crop=512, stride=341)
+    settings = InferenceSettings(
+        scales, flip, image_size=40, long_side=long_side, crop=30, stride=19, batch_size=5, precision="fp32"
+    )
     rng = np.random.default_rng(0)
-    for height, width in ((40, 70), (22, 50), (60, 100)):
+    for height, width in ((40, 70), (22, 50), (60, 100), (10, 60)):
         rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         image = torch.from_numpy(rgb).permute(2, 0, 1)
         with torch.no_grad():
             views = list(iter_views(released, image, settings))
-            expected = reference_probabilities(net, state, blocks, rgb, scales, flip, 40, 30, 19)
+            expected = reference_probabilities(net, state, blocks, rgb, scales, flip, img_scale, 30, 19)
             # bands of 2 rows, views kept; or each view's probabilities summed at the image's size
             kept = segment_image(released, image, settings, keep_views=True, band_bytes=4 * 7 * width * 2)
             summed = segment_image(released, image, settings, keep_views=False, band_bytes=4 * 7 * width * 2)
@@ -161,6 +168,9 @@ def test_windows_and_scales_by_hand():
     assert slide_windows(20, 512, 512, 341) == [(0, 20, 0, 512)]
     assert len(slide_windows(512, 683, 512, 341)) == 2 and len(slide_windows(885, 1180, 512, 341)) == 3 * 3
     assert view_scales(512, (1.0, 1.32, 1.73)) == [(2048, 512), (2703, 675), (3543, 885)]
+    # the ms configs' img_scale (99999999, 640): only the short side binds, whatever the aspect ratio
+    assert view_scales(640, (1.0, 1.32), 99999999) == [(99999999, 640), (131999998, 844)]
+    assert rescale_size(100, 1000, (99999999, 640)) == (640, 6400)
     assert rescale_size(375, 500, (2048, 512)) == (512, 683)  # factor 512 / 375: 682.67 + 0.5 -> 683
     assert rescale_size(100, 1000, (2048, 512)) == (205, 2048)  # the long side binds: factor 2.048
     assert rescale_size(500, 375, (2703, 675)) == (900, 675)
@@ -210,8 +220,11 @@ def test_cli_masks_at_the_images_sizes_with_the_class_names(micro, tmp_path, cap
     released = dinokit.load_released_segmentation_head(str(tmp_path / "my_head.pth"), weights, "cpu")
     mask = released.predict(images / "sub" / "b.png", scales=[1.0, 1.5], image_size=16, precision="fp32")
     assert np.array_equal(mask, np.asarray(Image.open(out / "sub" / "b.png"))) and released.classes == names
-    # the defaults of an ms head (this one is 4 blocks wide): 3 ratios, flips, short side 640
-    assert (released.kind, released.settings()) == ("ms", InferenceSettings((1.0, 1.32, 1.73), True, 640))
+    # the defaults of an ms head (this one is 4 blocks wide), as the released ms configs (a copy of
+    # dinov2_vits14_voc2012_ms_config.py): img_scale (99999999, 640), slide crop 640 / stride 320, flips; the
+    # notebook's first 3 of the configs' 5 img_ratios
+    ms = InferenceSettings((1.0, 1.32, 1.73), True, 640, long_side=99999999, crop=640, stride=320)
+    assert (released.kind, released.settings()) == ("ms", ms)
     with pytest.raises(DinokitError, match="scales must be a list of positive ratios"):
         released.predict(images / "a.png", scales=[])
     with pytest.raises(DinokitError, match="precision must be one of bf16, fp32"):

@@ -155,7 +155,7 @@ def segmentation_run(
 
     bad: list[int] = []
     if is_released_head(head, "segmentation"):
-        from dinokit.eval.released_segmentation import check_settings, load_released_segmentation_head
+        from dinokit.eval.released_segmentation import check_settings, load_released_segmentation_head, view_scales
 
         check_settings(scales, flip, image_size, batch_size, precision)  # before any download
         released = load_released_segmentation_head(head, model, device)
@@ -170,8 +170,9 @@ def segmentation_run(
             "window": settings.crop,
             "stride": settings.stride,
         }
+        long_side, short_side = view_scales(settings.image_size, (1.0,), settings.long_side)[0]
         transform = (
-            f"aspect-keeping resize to ({4 * settings.image_size}, {settings.image_size}) x each of scales, "
+            f"aspect-keeping resize to ({long_side}, {short_side}) x each of scales, "
             f"slide windows {settings.crop} / {settings.stride}, ImageNet mean / std on 0-255"
         )
         facts = {"num_classes": len(released.head.conv.bias), "classes": released.classes, "ignore_index": IGNORE}

@@ -2,29 +2,39 @@
 mmcv / mmseg: `dinokit predict segmentation head=dinov2_vits14_ade20k_linear_head`.
 
 Meta released per backbone dinov2_vit{s,b,l,g}14 a head `<backbone>_<ade20k|voc2012>_<linear|ms>_head.pth`
-(an mmcv checkpoint: `state_dict` with `decode_head.bn.*` and `decode_head.conv_seg.*`). The head is
-mmseg's `BNHead`, dinokit's `LinearSegmentationHead`: BatchNorm (running statistics) and a 1x1 conv on
-the normed patch tokens of the last block ("linear", D channels) or of the last 4 blocks concatenated
-("ms", 4D). The computation follows DINOv2's semantic_segmentation notebook and mmseg 0.x's
-`EncoderDecoder` with the test pipeline of mmseg's ADE20K / VOC configs:
+(an mmcv checkpoint: `state_dict` with `decode_head.bn.*` and `decode_head.conv_seg.*`) and its mmseg config
+`..._config.py`. The head is mmseg's `BNHead`, dinokit's `LinearSegmentationHead`: BatchNorm (running
+statistics) and a 1x1 conv on the normed patch tokens of the last block ("linear", D channels) or of the
+last 4 blocks concatenated ("ms", 4D). The computation follows DINOv2's semantic_segmentation notebook and
+mmseg 0.x's `EncoderDecoder` with the test pipeline and test_cfg of the released configs:
 
-- the image (RGB, 0-255) resized keeping its aspect ratio to the scale (4 S r, S r) for each ratio r of
-  `scales` (mmcv `imrescale`; S = image_size: 512 for linear heads, mmseg's (2048, 512); 640 for ms
-  heads, see below), and flipped
-  horizontally too where `flip`; bilinear, rounded to 8 bits, close to cv2's resize, not bit-equal;
+- the image (RGB, 0-255) resized keeping its aspect ratio to mmseg's img_scale x each ratio r of `scales`
+  (mmcv `imrescale`): linear heads (4 S r, S r), S = image_size = 512 (img_scale (2048, 512)); ms heads
+  (99999999 r, S r), S = 640 (img_scale (99999999, 640): the short side alone binds); flipped horizontally
+  too where `flip`; bilinear, rounded to 8 bits, close to cv2's resize, not bit-equal;
 - normalised with ImageNet's mean and std on 0-255;
-- slide inference: crop x crop windows every `stride` pixels (512 / 341), each zero-padded to a patch
-  multiple (the official CenterPadding), its logits on the patch grid resized bilinearly to the window;
-  the windows' logits averaged where they overlap;
+- slide inference: crop x crop windows every `stride` pixels (linear 512 / 341, ms 640 / 320), each
+  zero-padded to a patch multiple (the official CenterPadding), its logits on the patch grid resized
+  bilinearly to the window; the windows' logits averaged where they overlap;
 - each view's logits resized bilinearly to the original size, softmaxed, flipped back; the views'
   probabilities averaged; class = argmax.
 
-Verified from the sources: the head's layout and computation, the windows, the resizing rule, the
-normalisation and the ms ratios [1.0, 1.32, 1.73] (the notebook's 3 scales). Not verified: the base
-scale of the released configs (their config files were not reachable): 512 for linear heads (mmseg's
-ADE20K / VOC test scale), 640 for ms heads (the DINOv2 paper's "+ms" resolution, and the short side
-640 of a third-party config built from DINOv2's ADE20K ms config: img_scale (99999999, 640), ratios
-[1.0, 1.32, 1.73, 2.28, 3.0], flip); image_size= changes it.
+Verified, with the source: the head's layout and computation (dinov2 `eval/segmentation/models/
+decode_heads/linear_head.py`, the notebook's printed module: conv_seg (21, 1536) for ViT-S/14 ms, i.e. 4 x
+384); the backbone call (notebook `create_segmenter`: `get_intermediate_layers(n=out_indices,
+reshape=True)`, norm left at its default True; CenterPadding); the ms configs (a copy of Meta's
+`dinov2_vits14_voc2012_ms_config.py`, work_dir /checkpoint/dino/evaluations/segmentation/..., in
+w1394945493/GaussTR configs/dinov2/dinov2_vits14/): out_indices [8, 9, 10, 11] with in_index [0, 1, 2, 3],
+test_cfg slide crop_size (640, 640) stride (320, 320), data.test img_scale (99999999, 640), img_ratios
+[1.0, 1.32, 1.73, 2.28, 3.0], flip=True; the notebook keeps the first HEAD_SCALE_COUNT = 3 ratios, as
+dinokit does by default (`CONFIG_MS_SCALES` holds the 5 of the published "+ms" numbers). The linear
+configs, from adapted copies (Jiawei-Yang/Denoising-ViT evaluation/configs/vitb_voc2012_linear_config.py and
+an ADE20K twin): out_indices [8, 9, 10, 11] with in_index [3] (the last block), img_scale (2048, 512), no
+flip, slide crop (512, 512) stride (341, 341). Not verified: the ADE20K ms config itself (taken to be the
+VOC2012 one's protocol, as the paper describes one "+ms" protocol), and the long side of the linear
+configs' img_scale in Meta's own files (one of Meta's ADE20K configs trains at (99999999, 512); the test
+pipeline of that file was not found): 2048 and 99999999 differ only for images more than 4 times as wide
+as high.
 """
 
 from collections.abc import Iterator
@@ -48,11 +58,14 @@ from dinokit.models.vision_transformer import snap_to_patch_multiple
 from dinokit.runtime import autocast, check_precision
 
 DEFAULT_SCALES = {"linear": (1.0,), "ms": (1.0, 1.32, 1.73)}  # ms: the notebook's HEAD_SCALE_COUNT = 3
-DEFAULT_IMAGE_SIZE = {"linear": 512, "ms": 640}  # the short side at ratio 1 (module docstring: not verified)
+CONFIG_MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)  # the ms configs' img_ratios (their published "+ms" numbers)
+DEFAULT_IMAGE_SIZE = {"linear": 512, "ms": 640}  # the short side of the configs' img_scale
+UNCAPPED = 99999999  # the long side of the ms configs' img_scale (99999999, 640): no cap
+WINDOWS = {"linear": (512, 341), "ms": (640, 320)}  # the configs' test_cfg crop_size and stride
 BLOCKS = {"linear": 1, "ms": 4}  # the last block, or the last 4 concatenated on channels
 # mmseg's Normalize on 0-255, (123.675, 116.28, 103.53) / (58.395, 57.12, 57.375): ImageNet's x 255
 MEAN, STD = tuple(255 * m for m in IMAGENET_MEAN), tuple(255 * s for s in IMAGENET_STD)
-IMAGE_SIZE, CROP, STRIDE = 512, 512, 341  # the configs' scale (2048, 512), test_cfg crop_size and stride
+IMAGE_SIZE, (CROP, STRIDE) = DEFAULT_IMAGE_SIZE["linear"], WINDOWS["linear"]
 HEAD_KEYS = ("bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "conv_seg.weight", "conv_seg.bias")
 
 
@@ -77,17 +90,22 @@ class ReleasedHead:
         batch_size: int = 16,
         precision: str = "bf16",
     ) -> "InferenceSettings":
-        """The official test-time settings of this head's kind (linear: one scale, short side 512; ms: 3
-        ratios and flips, short side 640), with the values given in their place."""
+        """The official test-time settings of this head's kind (linear: one scale, img_scale (4 x 512, 512),
+        windows 512 / 341; ms: the notebook's 3 ratios and flips, img_scale (uncapped, 640), windows 640 /
+        320), with the values given in their place."""
         check_settings(scales, flip, image_size, batch_size, precision)
+        crop, stride = WINDOWS[self.kind]
         settings = InferenceSettings(
             scales=tuple(DEFAULT_SCALES[self.kind] if scales is None else scales),
             flip=self.kind == "ms" if flip is None else flip,
             image_size=DEFAULT_IMAGE_SIZE[self.kind] if image_size is None else image_size,
+            long_side=UNCAPPED if self.kind == "ms" else None,
+            crop=crop,
+            stride=stride,
             batch_size=batch_size,
             precision=precision,
         )
-        if any(short < 1 for _, short in view_scales(settings.image_size, settings.scales)):
+        if any(short < 1 for _, short in settings.img_scales()):
             raise DinokitError(
                 f"scales={list(settings.scales)} x image_size={settings.image_size} make a scale below 1 px"
             )
@@ -179,12 +197,14 @@ def read_head_file(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
 # -------------------------------------------------------------------------------------------- inference
 @dataclass(frozen=True)
 class InferenceSettings:
-    """mmseg's test pipeline and test_cfg as DINOv2's configs set them: the ratios of the scale
-    (4 image_size, image_size), horizontal flips, slide windows; and how dinokit runs them."""
+    """mmseg's test pipeline and test_cfg as DINOv2's configs set them: the ratios of the img_scale
+    (long_side, image_size), horizontal flips, slide windows; and how dinokit runs them. long_side None:
+    4 x image_size (the linear configs' (2048, 512)); the ms configs' is UNCAPPED."""
 
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     image_size: int = IMAGE_SIZE
+    long_side: int | None = None
     crop: int = CROP
     stride: int = STRIDE
     batch_size: int = 16  # windows per forward pass
@@ -192,13 +212,19 @@ class InferenceSettings:
 
     def view_sizes(self, height: int, width: int) -> list[tuple[int, int]]:
         """(h, w) of the resized image of each view (flipped views repeat their scale's)."""
-        sizes = [rescale_size(height, width, scale) for scale in view_scales(self.image_size, self.scales)]
+        sizes = [rescale_size(height, width, scale) for scale in self.img_scales()]
         return [size for size in sizes for _ in range(2 if self.flip else 1)]
 
+    def img_scales(self) -> list[tuple[int, int]]:
+        """(long, short) target scale per ratio (`view_scales`)."""
+        return view_scales(self.image_size, self.scales, self.long_side)
 
-def view_scales(image_size: int, scales: tuple[float, ...]) -> list[tuple[int, int]]:
-    """(long, short) target scale per ratio, as mmseg's MultiScaleFlipAug: (int(4 S r), int(S r))."""
-    return [(int(4 * image_size * r), int(image_size * r)) for r in scales]
+
+def view_scales(image_size: int, scales: tuple[float, ...], long_side: int | None = None) -> list[tuple[int, int]]:
+    """(long, short) target scale per ratio r, as mmseg's MultiScaleFlipAug: (int(L r), int(S r)) for the
+    img_scale (L, S) = (long_side, image_size), L = 4 S where long_side is None."""
+    long_side = 4 * image_size if long_side is None else long_side
+    return [(int(long_side * r), int(image_size * r)) for r in scales]
 
 
 def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -270,7 +296,7 @@ def iter_views(released: ReleasedHead, image: torch.Tensor, settings: InferenceS
     are flipped back."""
     mean = torch.tensor(MEAN, device=image.device)[:, None, None]
     std = torch.tensor(STD, device=image.device)[:, None, None]
-    for scale in view_scales(settings.image_size, settings.scales):
+    for scale in settings.img_scales():
         resized = resize_rgb(image, rescale_size(*image.shape[-2:], scale))
         for flipped in (False, True) if settings.flip else (False,):
             x = (resized.flip(-1) if flipped else resized).sub(mean).div(std)
@@ -360,6 +386,7 @@ def predict_released_segmentation(
         "scales": list(settings.scales),
         "flip": settings.flip,
         "image_size": settings.image_size,
+        "img_scale": list(view_scales(settings.image_size, (1.0,), settings.long_side)[0]),
         "crop": settings.crop,
         "stride": settings.stride,
         "num_classes": num_classes,

@@ -346,11 +346,12 @@ def predict_segmentation(
 
     Or a released DINOv2 head: a name <dinov2_vit{s,b,l,g}14>_<ade20k|voc2012>_<linear|ms>_head
     (downloaded once, with its backbone), its .pth file, or any such .pth with model= its backbone.
-    Applied as the official evaluation (eval/released_segmentation.py): slide inference (512 x 512
-    windows, stride 341) on the image resized to the scale (4 x image_size, image_size) x each ratio
-    of scales, and its mirror image where flip; the views' softmax averaged. scales: default [1.0] for
-    a linear head, [1.0, 1.32, 1.73] for an ms one; flip: default false / true; image_size: default
-    512 / 640 (the ms configs' short side, not verified: docs/reproducing.md).
+    Applied as the released configs do (eval/released_segmentation.py): slide inference (linear heads
+    512 x 512 windows, stride 341; ms heads 640 x 640, stride 320) on the image resized to the scale
+    (4 x image_size, image_size) (ms: short side image_size, long side uncapped) x each ratio of scales,
+    and its mirror image where flip; the views' softmax averaged. scales: default [1.0] for a linear
+    head, the notebook's [1.0, 1.32, 1.73] for an ms one (the configs' evaluation: [1.0, 1.32, 1.73, 2.28,
+    3.0]); flip: default false / true; image_size: default 512 / 640 (docs/reproducing.md).
     batch_size counts windows; num_workers is ignored (one image at a time). Writes out/classes.json
     too: the class names in index order (ADE20K's 150 or VOC2012's 21; null for an unnamed file
     without them) and the settings. scales, flip and image_size apply to released heads only.
