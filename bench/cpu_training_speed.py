@@ -45,9 +45,9 @@ from dinokit.eval.segmentation import LinearSegmentationHead, segmentation_loss 
 from dinokit.losses.dino_loss import student_log_probs  # noqa: E402
 from dinokit.models.layers.attention import matmul_attention  # noqa: E402
 from dinokit.runtime import reuse_freed_memory  # noqa: E402
+from dinokit.train.build import build_backbone, build_model  # noqa: E402
 from dinokit.train.config import resolve_config  # noqa: E402
 from dinokit.train.optim import param_groups  # noqa: E402
-from dinokit.train.pretrain import build_backbone, build_model  # noqa: E402
 
 
 def median_ms(fn, repeats: int = 7, warmup: int = 2) -> float:

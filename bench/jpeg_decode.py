@@ -31,8 +31,8 @@ import dinokit
 from dinokit.data.images import decode_min_side, open_rgb
 from dinokit.data.transforms import eval_transform
 from dinokit.data.unlabelled import MultiCropDataset
+from dinokit.train.build import build_augmentation
 from dinokit.train.config import resolve_config
-from dinokit.train.pretrain import build_augmentation
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 

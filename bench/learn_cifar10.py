@@ -43,8 +43,9 @@ from dinokit.demo import raw_pixel_top1  # noqa: E402
 from dinokit.eval.knn import knn_top1  # noqa: E402
 from dinokit.io import write_json  # noqa: E402
 from dinokit.models import load_model  # noqa: E402
+from dinokit.train.build import build_backbone  # noqa: E402
 from dinokit.train.config import resolve_config  # noqa: E402
-from dinokit.train.pretrain import build_backbone, pretrain  # noqa: E402
+from dinokit.train.pretrain import pretrain  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 

@@ -59,10 +59,10 @@ def autocast(device: str, precision: str):
 def dinokit_step_fn(device: str, precision: str, compile_model: bool, pack_saved=None):
     """dinokit's step; `pack_saved` (a saved_tensors_hooks pack function) sees every tensor autograd
     saves for its backward (`saved_activations_mb`)."""
+    from dinokit.train.build import build_model
     from dinokit.train.config import resolve_config
     from dinokit.train.ema import update_teacher
     from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups
-    from dinokit.train.pretrain import build_model
 
     cfg = resolve_config("dinov2_vits14", {"drop_path_rate": DROP_PATH, "local_crops_size": LOCAL})
     model = build_model(cfg).to(device).train()

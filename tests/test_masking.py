@@ -98,8 +98,8 @@ def test_masks_are_cheap_next_to_a_training_step():
     import time
 
     from dinokit.runtime import autocast
+    from dinokit.train.build import build_model
     from dinokit.train.config import resolve_config
-    from dinokit.train.pretrain import build_model
 
     def best_seconds(fn, repeats):  # the fastest run: other load on the machine only adds time
         times = []

@@ -138,8 +138,8 @@ def test_pretraining_decodes_large_jpegs_at_a_scale_no_crop_upsamples(tmp_path):
     import math
 
     from dinokit.data.images import crops_min_side
+    from dinokit.train.build import build_augmentation
     from dinokit.train.config import resolve_config
-    from dinokit.train.pretrain import build_augmentation
 
     # by hand: 98 / sqrt(0.05 * 3/4) = 506.07 -> 507; 224 / sqrt(0.32 * 3/4) = 457.2; 2 x 224 = 448
     assert crops_min_side([(224, (0.32, 1.0)), (98, (0.05, 0.32))]) == 507

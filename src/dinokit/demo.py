@@ -32,9 +32,10 @@ from dinokit.errors import DinokitError
 from dinokit.eval.knn import knn_classify, knn_top1, topk_accuracy
 from dinokit.io import atomic_write
 from dinokit.models import load_model
+from dinokit.train.build import build_backbone
 from dinokit.train.config import resolve_config
 from dinokit.train.metrics_log import read_metrics
-from dinokit.train.pretrain import build_backbone, pretrain
+from dinokit.train.pretrain import pretrain
 
 SYNTHETIC = {"train_per_class": 300, "test_per_class": 100, "size": 32}
 
