@@ -236,7 +236,7 @@ def test_a_relative_data_path_leaves_no_detour_in_the_manifest_and_a_subset_find
     listing.write_text(f"{tmp_path / 'imgs' / 'b.png'}\n")
     assert select_subset(features["cls"].numpy(), paths, str(listing), "e")[1] == [paths[1]]
 
-    from dinokit.train.pretrain import data_fingerprint
+    from dinokit.train.run_data import data_fingerprint
 
     detour = tmp_path / "imgs" / "x" / ".."
     assert data_fingerprint(list_images(detour), str(detour)) == data_fingerprint(

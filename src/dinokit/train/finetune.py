@@ -61,7 +61,7 @@ from dinokit.train.classifier import Classifier, finetune_groups
 from dinokit.train.finetune_config import RESUMABLE_KEYS, RUN_FACTS, FinetuneConfig, resolve_config
 from dinokit.train.metrics_log import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, scale_lr
-from dinokit.train.pretrain import data_fingerprint
+from dinokit.train.run_data import data_fingerprint
 from dinokit.train.run_settings import run_settings
 from dinokit.train.schedules import warmup_cosine
 
