@@ -156,17 +156,19 @@ def test_a_released_segmentation_head_scores_what_predict_writes(micro, tmp_path
 
 def test_a_released_depth_head_scores_what_predict_computes(micro, tmp_path):
     """A KITTI-named linear4 head: range 0.001-80 m, PNGs in 1/256 m and the garg crop by default; the json's
-    errors are the toolbox's metrics of predict's depths, per image, averaged over images."""
+    errors are the toolbox's metrics of predict's depths averaged with the mirror images' (the released
+    configs' flip=True), per image, averaged over images."""
     head = save_released(tmp_path / "micro_kitti_linear4_head.pth", official_linear(4, 80.0))
     common = [f"head={head}", f"model={micro['weights']}", "precision=fp32", "device=cpu"]
     result = scores("depth", *common, f"val={micro['val']}", f"out={tmp_path / 's'}")
     depther = load_released_depth_head(str(head), micro["weights"], "cpu", precision="fp32")
+    flipped = load_released_depth_head(str(head), micro["weights"], "cpu", precision="fp32", flip=True)
     assert main(["predict", "depth", *common, f"images={micro['val'] / 'images'}", f"out={tmp_path / 'p'}"]) == 0
     rows = []
     for name in SIZES:
-        pred = depther.predict(micro["val"] / "images" / f"{name}.png")
-        png = np.asarray(Image.open(tmp_path / "p" / f"{name}.png")) / 256.0  # predict's own file: the same depths
-        assert np.abs(png - pred).max() <= 0.5 / 256 + 1e-6
+        png = np.asarray(Image.open(tmp_path / "p" / f"{name}.png")) / 256.0  # predict's own file: no flip
+        assert np.abs(png - depther.predict(micro["val"] / "images" / f"{name}.png")).max() <= 0.5 / 256 + 1e-6
+        pred = flipped.predict(micro["val"] / "images" / f"{name}.png")
         gt = np.asarray(Image.open(micro["val"] / "depth" / f"{name}.png")).astype(np.float32) / 256.0
         h, w = gt.shape
         crop = np.zeros_like(gt, dtype=bool)
@@ -177,6 +179,7 @@ def test_a_released_depth_head_scores_what_predict_computes(micro, tmp_path):
         assert result[key] == pytest.approx(np.mean([r[key] for r in rows]), rel=1e-6), key
     protocol = result["protocol"]
     assert (protocol["crop"], protocol["depth_scale"], protocol["range"]) == ("garg", 256.0, [0.001, 80.0])
+    assert protocol["flip"] is True
     assert result["images"] == 3 and protocol["val_bad_files"] == 0
     backbone = prepare_backbone(micro["weights"], "cpu")  # recorded as every protocol records its backbone
     assert (protocol["model_description"], protocol["weights_hash"]) == (backbone.description, backbone.hash)

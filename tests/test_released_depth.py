@@ -265,6 +265,29 @@ def test_released_heads_compute_what_the_official_hub_computes(micro, kind, tmp_
     assert inside / 3 > 0.5  # mostly real depths, not the clamped ends
 
 
+def test_flip_averages_with_the_mirror_images_depth_as_the_released_configs(micro, tmp_path):
+    """flip=True (`eval depth head=`): the released configs' MultiScaleFlipAug(flip=True) through
+    DepthEncoderDecoder.aug_test, the mean of the image's depth and of its mirror image's depth flipped back
+    (each clamped and resized); padding is asymmetric on odd sides, so the mirror image is a second view."""
+    head = official_dpt(micro)
+    file = save_released(tmp_path / "my_nyu_dpt_head.pth", head)
+    plain = load_released_depth_head(str(file), micro["weights"], "cpu", precision="fp32")
+    flipped = load_released_depth_head(str(file), micro["weights"], "cpu", precision="fp32", flip=True)
+    assert (plain.flip, flipped.flip) == (False, True)
+    for name in ("a.png", "sub/b.png"):
+        path = micro["images"] / name
+        mirror = tmp_path / f"mirror-{Path(name).name}"
+        Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirror)
+        views = [
+            official_depth(micro["net"], head, path, MICRO_BLOCKS, 0.001, 10.0),
+            official_depth(micro["net"], head, mirror, MICRO_BLOCKS, 0.001, 10.0)[:, ::-1],
+        ]
+        expected = (views[0] + views[1]) / 2
+        assert np.abs(flipped.predict(path) - expected).max() < 1e-4
+        assert np.abs(plain.predict(path) - views[0]).max() < 1e-4
+        assert np.abs(views[0] - views[1]).max() > 1e-3  # the mirror view is another prediction
+
+
 def test_the_dpt_head_holds_the_released_keys_and_shapes_for_vits14():
     """The module tree notebooks/depth_estimation.ipynb prints for dinov2_vits14_nyu_dpt_head (48/96/192/384
     post-process channels, 256 fusion channels), as state-dict keys without `decode_head.`."""

@@ -3,8 +3,11 @@
 
 Each image is predicted exactly as `dinokit predict` predicts it: a released DINOv2 head through its own
 inference (`released_segmentation.segment_image`, the `released_depth.ReleasedDepther`), a dinokit head
-file through `dense.head_outputs` (the code path of `predict_images`). The val folder has the training
-probes' layout (`dense.read_pairs`): images/ with masks/ or depth/ of the same names and sizes.
+file through `dense.head_outputs` (the code path of `predict_images`); except that a released depth head's
+depth is averaged with the mirror image's (`ReleasedDepther(flip=True)`), as the released NYU and KITTI
+configs' test pipelines do (`MultiScaleFlipAug(flip=True)`), where predict depth follows the hub (no flip).
+The val folder has the training probes' layout (`dense.read_pairs`): images/ with masks/ or depth/ of the
+same names and sizes.
 
 Segmentation, as mmseg scores it: per-class intersection and union accumulated over the whole split
 (`metrics.confusion_matrix`), IoU of the classes present (union > 0) averaged (mIoU), aAcc = correct /
@@ -222,7 +225,7 @@ def depth_run(
     if is_released_head(head, "depth"):
         from dinokit.eval.released_depth import load_released_depth_head
 
-        depther = load_released_depth_head(head, model, device, max_depth, precision)
+        depther = load_released_depth_head(head, model, device, max_depth, precision, flip=True)
         low, high = depther.min_depth, depther.max_depth
         name = released_head(head)
         dataset = name.dataset if name is not None else None
@@ -231,8 +234,12 @@ def depth_run(
             "head": str(head),
             "kind": f"released DINOv2 depth head ({dataset or 'dataset unnamed'}, {kind})",
             "blocks": list(depther.blocks),
+            "flip": depther.flip,
         }
-        transform = "each image whole at its size, ImageNet mean / std, zero-padded to a patch multiple"
+        transform = (
+            "each image whole at its size, ImageNet mean / std, zero-padded to a patch multiple; the depth "
+            "averaged with the mirror image's (the released configs' flip=True)"
+        )
         scale = {"nyu": 1000.0, "kitti": 256.0}.get(dataset) or png_depth_scale(high)
         facts = {"min_depth": low, "max_depth": high, "depth_scale": scale, "top_included": False}  # the toolbox's
         return HeadRun(

@@ -17,13 +17,30 @@ encode_decode's `size=`). The hub runs any size whole, and the memory grows with
 head on ViT-S: about 2.2 GB per megapixel, so some 27 GB for a 4000 x 3000 photo); NYU's 640 x 480 and
 KITTI's 1242 x 375 images are below the limit and run whole. `max_pixels=None` runs every image whole.
 
-Depth ranges: NYU 0.001-10 m, KITTI 0.001-80 m, the datasets' (as the hub's DPT depthers). The hub
-builds every *linear* head with 0.001-10 m, KITTI's too (trained to 80 m), so the hub's KITTI linear
-depths are compressed by 8 (an older hub version had the opposite bug: 80 m for NYU);
-`max_depth=10` reproduces the hub there. Otherwise the differences are rounding: ImageNet mean / std on
-[0, 1] pixels instead of the notebook's x255 then (123.675, ...) / (58.395, ...); the linear head
-upsamples its logits instead of its features (`LinearDepthHead`); images are turned upright by their
-EXIF orientation (as everywhere in dinokit; the notebook's PIL `open` is not).
+Depth ranges: NYU 0.001-10 m, KITTI 0.001-80 m, the datasets' (the released configs' decode_head max_depth,
+and the hub's DPT depthers). The hub's *linear* depthers hard-code one range for every head: 10 m in one
+version of dinov2/hub/depthers.py (so its KITTI linear depths are compressed 8-fold; `max_depth=10`
+reproduces that), 80 m in another (which ignores the NYU range). Otherwise the differences are rounding:
+ImageNet mean / std on [0, 1] pixels instead of the notebook's x255 then (123.675, ...) / (58.395, ...); the
+linear head upsamples its logits instead of its features (`LinearDepthHead`); images are turned upright by
+their EXIF orientation (as everywhere in dinokit; the notebook's PIL `open` is not).
+
+`flip=True` (what `eval depth head=` uses) averages each depth with the mirror image's, flipped back, as the
+released configs' test pipeline does (`MultiScaleFlipAug(img_scale=(480, 640), flip=True)` for NYU, no
+resize; DepthEncoderDecoder.aug_test); `predict depth` follows the hub's notebook (no flip).
+
+Verified, with the source: the hub code (facebookresearch/dinov2 dinov2/hub/depthers.py, depth/
+decode_heads.py, depth/encoder_decoder.py): blocks, norm=False, CenterPadding, BNHead (UD bins, linear
+norm, upsample 4, no BatchNorm), DPTHead (channels 256, post_process_channels [D/8, D/4, D/2, D], readout
+"project", ConvModule's default ReLU after `project`), clamp then bilinear resize (align_corners False);
+copies of the released configs: Meta's dinov2_vitl14_nyu_dpt_config.py (work_dir /checkpoint/dino/
+evaluations/depth/dinov2_vitl14_nyu_dpt): backbone final_norm=False, out_indices [4, 11, 17, 23], DPTHead
+channels 256, post_process_channels [128, 256, 512, 1024], readout_type "project", max_depth 10, test
+flip=True, eigen_crop; Meta's dinov2_vits14_kitti_linear_config.py (work_dir /checkpoint/dino/evaluations/
+depth/dinov2_vits14_kitti_linear, adapted by its copier: its in_channels / channels do not fit ViT-S):
+final_norm=False, out_indices [11] (the last block), BNHead max_depth 80, test KBCrop then flip=True,
+garg_crop. KITTI's KB crop (the bottom 352 rows, the middle 1216 columns of image and ground truth) is not
+applied by dinokit: crop the images and depth maps yourself to follow it (docs/reproducing.md).
 """
 
 import math
@@ -168,7 +185,9 @@ class ReleasedDepther(nn.Module):
     """A backbone and a released depth head, as the hub's DepthEncoderDecoder.whole_inference:
     ImageNet-normalised images (B, 3, H, W) -> depth in metres (B, 1, H, W) in [min_depth, max_depth].
     The backbone runs under `precision` (bf16 autocast, or fp32), the head in fp32. `predict` runs an
-    image of more than `max_pixels` (None: no limit) shrunk to them, its depth at the image's size.
+    image of more than `max_pixels` (None: no limit) shrunk to them, its depth at the image's size; with
+    `flip`, the mean of its depth and its mirror image's depth flipped back (the released configs' test
+    pipeline, MultiScaleFlipAug flip=True, through DepthEncoderDecoder.aug_test; the hub's notebook does not flip).
     loaded: the backbone as `prepare_backbone` loaded it (its source, description and weights hash), where known."""
 
     def __init__(
@@ -181,11 +200,12 @@ class ReleasedDepther(nn.Module):
         precision: str = "fp32",
         max_pixels: int | None = MAX_PIXELS,
         loaded: Backbone | None = None,
+        flip: bool = False,
     ) -> None:
         super().__init__()
         self.backbone, self.head, self.blocks = backbone, head, tuple(blocks)
         self.min_depth, self.max_depth, self.precision = min_depth, max_depth, precision
-        self.max_pixels, self.loaded = max_pixels, loaded
+        self.max_pixels, self.loaded, self.flip = max_pixels, loaded, flip
 
     def forward(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, 1, *size) depths, size by default the images' (H, W) (the official encode_decode's `size`)."""
@@ -210,7 +230,8 @@ class ReleasedDepther(nn.Module):
     @torch.inference_mode()
     def predict(self, image: str | Path | Image.Image) -> np.ndarray:
         """(H, W) float32 depth in metres of one image at its own size (a file is decoded upright, as RGB);
-        an image of more than `max_pixels` runs shrunk to them (`run_size`)."""
+        an image of more than `max_pixels` runs shrunk to them (`run_size`); with `flip`, averaged with the
+        mirror image's depth flipped back."""
         from dinokit.data.images import open_rgb, to_rgb
         from dinokit.data.transforms import normalize
 
@@ -218,7 +239,10 @@ class ReleasedDepther(nn.Module):
         size = self.run_size(*picture.size)
         run = picture if size == picture.size else picture.resize(size, Image.Resampling.BILINEAR)
         x = normalize()(run)[None].to(next(self.parameters()).device)
-        return self(x, size=(picture.height, picture.width))[0, 0].cpu().numpy()
+        depth = self(x, size=(picture.height, picture.width))
+        if self.flip:  # aug_test: the views' depths (each clamped, resized and flipped back) averaged
+            depth = (depth + self(x.flip(-1), size=(picture.height, picture.width)).flip(-1)) / 2
+        return depth[0, 0].cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -276,13 +300,16 @@ def load_released_depth_head(
     max_depth: float | None = None,
     precision: str = "fp32",
     max_pixels: int | None = MAX_PIXELS,
+    flip: bool = False,
 ) -> ReleasedDepther:
     """A released DINOv2 depth head with its backbone, ready for images (`ReleasedDepther`, `.predict(image)`
     -> (H, W) metres). head: a released name such as dinov2_vits14_nyu_linear4_head or dinov2_vitl14_kitti_dpt_head
     (downloaded once into the cache), or its .pth file. model: the backbone; by default the released
     one the name says (a backbone of another width, depth or patch is refused). max_depth: the depth range's
     top in metres; by default the dataset's (NYU 10, KITTI 80). precision: the backbone's, fp32 or bf16.
-    max_pixels: larger images run shrunk to this many pixels (memory; None: every image whole, as the hub)."""
+    max_pixels: larger images run shrunk to this many pixels (memory; None: every image whole, as the hub).
+    flip: average each depth with the mirror image's, as the released configs' evaluation (`eval depth head=`
+    does; `predict depth` follows the hub, no flip)."""
     from dinokit.eval.heads import check_released_backbone, locate_released_head, released_head_of
     from dinokit.runtime import resolve_device
 
@@ -313,7 +340,7 @@ def load_released_depth_head(
         ) from None
     blocks = depth_blocks(len(net.blocks), layers)
     head_on_device = depth_head.to(next(net.parameters()).device)
-    return ReleasedDepther(net, head_on_device, blocks, min_depth, top, precision, max_pixels, backbone)
+    return ReleasedDepther(net, head_on_device, blocks, min_depth, top, precision, max_pixels, backbone, flip)
 
 
 def released_depth_maps(
