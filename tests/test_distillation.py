@@ -11,8 +11,8 @@ from dinokit.losses import DINOHead, IBOTPatchLoss
 from dinokit.models import export_model
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
+from dinokit.train.distillation import every_patch
 from dinokit.train.metrics_log import read_metrics
-from dinokit.train.pretrain import every_patch
 from dinokit.train.self_distillation import SelfDistillation, Student
 
 

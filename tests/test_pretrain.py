@@ -423,7 +423,7 @@ def test_batched_augmentation_learns_resumes_exactly_and_skips_bad_files(tmp_pat
 
 
 def test_progress_bar_shows_what_metrics_jsonl_logs(tmp_path, capsys):
-    from dinokit.train.pretrain import progress_postfix
+    from dinokit.train.metrics_log import progress_postfix
 
     data = tiny_images(tmp_path / "data")
     summary = run(data, tmp_path / "run", max_iterations=4, progress=True)

@@ -195,7 +195,7 @@ def test_the_advice_after_non_finite_steps_can_be_followed(tmp_path, monkeypatch
 def test_epochs_give_the_exact_number_of_iterations(epochs, images, batch, iterations):
     """ceil(epochs * images / batch) in floating point: 2.2 * 25 is 55.000000000000007, which ran a 56th
     iteration beyond the requested epochs."""
-    from dinokit.train.pretrain import run_length
+    from dinokit.train.schedules import run_length
 
     length = run_length(resolve_config("dinov2_vits14", {"epochs": epochs}), images, batch)
     assert length["stop_iteration"] == length["schedule_iterations"] == iterations

@@ -144,6 +144,32 @@ def list_presets() -> list[str]:
 # config= is read without them (data, out and preset are pretrain's own arguments).
 RUN_FACTS = ("data", "out", "preset", "derived")
 
+# Keys that may change when a run is resumed; any other key must match the saved config.
+RESUMABLE_KEYS = {
+    "epochs",
+    "max_iterations",
+    "max_minutes",
+    "device",
+    "precision",
+    "num_workers",
+    "checkpoint_every",
+    "checkpoint_every_minutes",
+    "keep_checkpoints",
+    "log_every",
+    "nan_patience",
+    "progress",
+    "tensorboard",
+    "batch_size",
+    "fsdp",
+    "compile",
+    "reuse_freed_memory",
+    "knn_every",  # the k-NN monitor only reads the teacher
+    "knn_train",
+    "knn_val",
+    "knn_image_size",
+    "knn_resize_policy",
+}
+
 
 def read_preset(preset: str) -> dict:
     """The keys of a shipped preset name or a YAML file path (a run's config.yaml too: its RUN_FACTS are

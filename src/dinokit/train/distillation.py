@@ -21,6 +21,7 @@ warm-up on a frozen backbone), then distil from that run folder.
 """
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -40,6 +41,14 @@ def distillation_config(cfg: PretrainConfig, teacher: RunState) -> tuple[Pretrai
     is kept: the CLS alone is distilled (a student of another patch size than the teacher's)."""
     cls_only = {"ibot_loss_weight": 0.0} if cfg.ibot_loss_weight == 0 else {}
     return settings_from_run(cfg, teacher, drop_path_rate=0.0, **cls_only)
+
+
+def teacher_checkpoint(distill_from: str, checkpoint: dict | None) -> str:
+    """What a distilling run reads its teacher from: distill_from=, or (resumed) the checkpoint of that
+    run it started from while it is still there, though the teacher run went on and saved newer ones."""
+    pinned = Path((checkpoint or {}).get("distill_teacher_checkpoint") or "")
+    given = Path(distill_from).expanduser().resolve()
+    return str(pinned) if pinned.is_file() and given in (pinned, pinned.parent.parent) else distill_from
 
 
 def frozen_teacher(teacher: RunState, cfg: PretrainConfig) -> Student:
@@ -66,3 +75,11 @@ def teacher_centers(teacher: RunState) -> dict[str, torch.Tensor]:
     """The teacher run's EMA centers ({"dino_center.center": (1, K), ...}): where a frozen teacher's
     EMA centering starts."""
     return {k: v for k, v in teacher.state.items() if k.endswith("_center.center")}
+
+
+def every_patch(global_crops: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masks (n_g B, N) all True, weights (n_g B N,) = 1/N): iBOT's selection of every patch, each
+    image weighted as one (distillation's iBOT on the whole global crops)."""
+    h, w = (side // patch_size for side in global_crops.shape[-2:])
+    masks = torch.ones(len(global_crops), h * w, dtype=torch.bool, device=global_crops.device)
+    return masks, torch.full((masks.numel(),), 1.0 / (h * w), device=global_crops.device)

@@ -1,4 +1,5 @@
-"""The run's metrics: `metrics.jsonl` (one JSON row per log step, flushed as written) and TensorBoard."""
+"""The run's metrics: `metrics.jsonl` (one JSON row per log step, flushed as written), TensorBoard,
+and the progress bar's short view of a row."""
 
 import json
 import math
@@ -58,3 +59,18 @@ def parse_rows(text: str) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def progress_postfix(row: dict) -> dict[str, str]:
+    """The progress bar's short view of a metrics.jsonl row: loss, schedule values, health, speed."""
+    return {
+        "loss": f"{row['loss']:.3f}",
+        "lr": f"{row['lr']:.3g}",
+        "wd": f"{row['weight_decay']:.3g}",
+        "mom": f"{row['momentum']:.4f}",
+        "temp": f"{row['teacher_temp']:.3g}",
+        "ent": f"{row['teacher_entropy']:.2f}",
+        "spread": f"{row['cls_spread']:.2f}",
+        "img_s": f"{row['img_per_s']:.1f}",
+        "wait": f"{100 * row['data_wait']:.0f}%",
+    }

@@ -46,11 +46,18 @@ from dinokit.train.checkpoint import (
     set_rng_state,
     settings_from_run,
 )
-from dinokit.train.config import RUN_FACTS, PretrainConfig, resolve_config
-from dinokit.train.distillation import SET_BY_DISTILLATION, distillation_config, frozen_teacher, teacher_centers
+from dinokit.train.config import RESUMABLE_KEYS, RUN_FACTS, PretrainConfig, resolve_config
+from dinokit.train.distillation import (
+    SET_BY_DISTILLATION,
+    distillation_config,
+    every_patch,
+    frozen_teacher,
+    teacher_centers,
+    teacher_checkpoint,
+)
 from dinokit.train.ema import update_teacher
 from dinokit.train.fsdp import local_tensors, reshard_teacher, shard_fsdp
-from dinokit.train.metrics_log import MetricsLog
+from dinokit.train.metrics_log import MetricsLog, progress_postfix
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups
 from dinokit.train.run_data import (
     check_data_agrees,
@@ -61,52 +68,10 @@ from dinokit.train.run_data import (
     make_loader,
 )
 from dinokit.train.run_settings import run_settings
+from dinokit.train.schedules import run_length
 from dinokit.train.self_distillation import Student, collapse_figures
 
-# Keys that may change when a run is resumed; any other key must match the saved config.
-RESUMABLE_KEYS = {
-    "epochs",
-    "max_iterations",
-    "max_minutes",
-    "device",
-    "precision",
-    "num_workers",
-    "checkpoint_every",
-    "checkpoint_every_minutes",
-    "keep_checkpoints",
-    "log_every",
-    "nan_patience",
-    "progress",
-    "tensorboard",
-    "batch_size",
-    "fsdp",
-    "compile",
-    "reuse_freed_memory",
-    "knn_every",  # the k-NN monitor only reads the teacher
-    "knn_train",
-    "knn_val",
-    "knn_image_size",
-    "knn_resize_policy",
-}
 
-
-def every_patch(global_crops: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(masks (n_g B, N) all True, weights (n_g B N,) = 1/N): iBOT's selection of every patch, each
-    image weighted as one (distillation's iBOT on the whole global crops)."""
-    h, w = (side // patch_size for side in global_crops.shape[-2:])
-    masks = torch.ones(len(global_crops), h * w, dtype=torch.bool, device=global_crops.device)
-    return masks, torch.full((masks.numel(),), 1.0 / (h * w), device=global_crops.device)
-
-
-def teacher_checkpoint(distill_from: str, checkpoint: dict | None) -> str:
-    """What a distilling run reads its teacher from: distill_from=, or (resumed) the checkpoint of that
-    run it started from while it is still there, though the teacher run went on and saved newer ones."""
-    pinned = Path((checkpoint or {}).get("distill_teacher_checkpoint") or "")
-    given = Path(distill_from).expanduser().resolve()
-    return str(pinned) if pinned.is_file() and given in (pinned, pinned.parent.parent) else distill_from
-
-
-# ---------------------------------------------------------------------------------------------- config
 def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple[PretrainConfig, bool]:
     """The run's configuration, and whether a checkpoint will be resumed (`run_settings`): a new run
     takes `preset` and `keys`; a resumed run its config.yaml, where `keys` may change RESUMABLE_KEYS."""
@@ -126,53 +91,6 @@ def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple
         resumable=resumable,
         facts=RUN_FACTS,
     )
-
-
-def run_length(
-    cfg: PretrainConfig, num_images: int, global_batch: int, iteration: int = 0, samples_seen: int = 0
-) -> dict:
-    """Iterations per epoch, the schedule's length in iterations (None: time-based) and stop limits,
-    for a run at `iteration` that has seen `samples_seen` images (a resumed run).
-
-    `epochs` are real passes, so their limit is in images: ceil(epochs * N / G) batches of the global
-    batch G, and `schedule_samples` is that many images. A run resumed with another global batch
-    (batch_size=...) still ends after the same images, in batches of its new size, and its schedules,
-    measured in images seen, carry on where they were."""
-    per_epoch = num_images / global_batch
-    limits = {}
-    schedule_samples = None
-    if cfg.epochs:
-        # rounded first: 2.2 * 25 is 55.000000000000007 in floating point, not one batch more
-        schedule_samples = math.ceil(round(cfg.epochs * per_epoch, 9)) * global_batch
-        limits["epochs"] = iteration + max(0, math.ceil((schedule_samples - samples_seen) / global_batch))
-    if cfg.max_iterations:
-        limits["max_iterations"] = cfg.max_iterations
-    schedule = limits.get("epochs", limits.get("max_iterations"))
-    if schedule is None and not cfg.max_minutes:
-        raise DinokitError("set at least one of epochs, max_iterations, max_minutes (0 means no limit)")
-    stop = min(limits.values()) if limits else None
-    return {
-        "iterations_per_epoch": per_epoch,
-        "schedule_iterations": schedule,
-        "schedule_samples": schedule_samples,
-        "stop_iteration": stop,
-    }
-
-
-# ---------------------------------------------------------------------------------------------- train
-def progress_postfix(row: dict) -> dict[str, str]:
-    """The progress bar's short view of a metrics.jsonl row: loss, schedule values, health, speed."""
-    return {
-        "loss": f"{row['loss']:.3f}",
-        "lr": f"{row['lr']:.3g}",
-        "wd": f"{row['weight_decay']:.3g}",
-        "mom": f"{row['momentum']:.4f}",
-        "temp": f"{row['teacher_temp']:.3g}",
-        "ent": f"{row['teacher_entropy']:.2f}",
-        "spread": f"{row['cls_spread']:.2f}",
-        "img_s": f"{row['img_per_s']:.1f}",
-        "wait": f"{100 * row['data_wait']:.0f}%",
-    }
 
 
 def pretrain(

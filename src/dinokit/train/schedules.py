@@ -3,11 +3,14 @@
 Every schedule is a function of the run's progress p in [0, 1]: p = iteration / total iterations,
 or elapsed / budget for a run bounded only by `max_minutes`. Phase lengths are fractions of the run
 (the official 100-epoch recipe's 10 warm-up epochs are `warmup: 0.1`), so a schedule keeps its shape
-whatever the dataset size, batch size or budget.
+whatever the dataset size, batch size or budget. `run_length` says what the run's length is.
 """
 
 import math
 from dataclasses import dataclass
+
+from dinokit.errors import DinokitError
+from dinokit.train.config import PretrainConfig
 
 
 def cosine(start: float, end: float, fraction: float) -> float:
@@ -63,3 +66,34 @@ class Schedules:
             "momentum": cosine(self.momentum, self.momentum_end, progress),
             "teacher_temp": temp,
         }
+
+
+def run_length(
+    cfg: PretrainConfig, num_images: int, global_batch: int, iteration: int = 0, samples_seen: int = 0
+) -> dict:
+    """Iterations per epoch, the schedule's length in iterations (None: time-based) and stop limits,
+    for a run at `iteration` that has seen `samples_seen` images (a resumed run).
+
+    `epochs` are real passes, so their limit is in images: ceil(epochs * N / G) batches of the global
+    batch G, and `schedule_samples` is that many images. A run resumed with another global batch
+    (batch_size=...) still ends after the same images, in batches of its new size, and its schedules,
+    measured in images seen, carry on where they were."""
+    per_epoch = num_images / global_batch
+    limits = {}
+    schedule_samples = None
+    if cfg.epochs:
+        # rounded first: 2.2 * 25 is 55.000000000000007 in floating point, not one batch more
+        schedule_samples = math.ceil(round(cfg.epochs * per_epoch, 9)) * global_batch
+        limits["epochs"] = iteration + max(0, math.ceil((schedule_samples - samples_seen) / global_batch))
+    if cfg.max_iterations:
+        limits["max_iterations"] = cfg.max_iterations
+    schedule = limits.get("epochs", limits.get("max_iterations"))
+    if schedule is None and not cfg.max_minutes:
+        raise DinokitError("set at least one of epochs, max_iterations, max_minutes (0 means no limit)")
+    stop = min(limits.values()) if limits else None
+    return {
+        "iterations_per_epoch": per_epoch,
+        "schedule_iterations": schedule,
+        "schedule_samples": schedule_samples,
+        "stop_iteration": stop,
+    }
