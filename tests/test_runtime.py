@@ -1,4 +1,6 @@
 import contextlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -69,3 +71,30 @@ def test_each_gpu_is_asked_about_bf16_once(fake_gpus):
         assert bf16_supported(torch.device("cuda", 1)) and not bf16_supported(torch.device("cuda", 0))
         assert not bf16_supported(torch.device("cuda"))  # the current GPU, 0: the same answer as cuda:0
     assert len(fake_gpus) == 2
+
+
+# In a process of its own: the old handling of a repeated SIGTERM killed the process running it.
+REPEATED_SIGTERM = """
+import os, signal, time
+from dinokit.runtime import StopSignals
+with StopSignals() as stop:
+    for _ in range(2):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs between bytecodes
+    print(stop.requested, flush=True)
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+print(signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+"""
+
+
+def test_a_repeated_sigterm_is_the_same_stop_and_ctrl_c_after_it_acts_at_once():
+    """A SIGTERM after a SIGTERM killed the process before it saved its checkpoint. One stop can reach a
+    process twice: SLURM's proctrack/linuxproc signals every process of a job step (torchrun's processes
+    too), and torchrun passes its own SIGTERM on."""
+    result = subprocess.run([sys.executable, "-c", REPEATED_SIGTERM], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.split() == ["SIGTERM", "interrupted", "True"]  # and SIGTERM's handler given back

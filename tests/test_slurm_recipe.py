@@ -2,7 +2,8 @@
 PATH and the SLURM_* variables SLURM sets: srun starts the script's torchrun once per "node" (here:
 processes on localhost), whose c10d rendezvous is real. A job stopped near its time limit (SIGUSR1 to
 the batch shell) saves a checkpoint and requeues itself; the requeued job, the same script again,
-continues the run to its end."""
+continues the run to its end. Processes that get SIGTERM from SLURM and again from torchrun stop with a
+checkpoint too."""
 
 import os
 import signal
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pretrain_helpers import TINY, tiny_images
+from pretrain_helpers import TINY, run_torchrun, tiny_images
 
 import dinokit
 from dinokit.train.checkpoint import list_checkpoints, load_checkpoint
@@ -171,3 +172,37 @@ def test_a_one_node_job_of_two_processes_finishes_and_its_requeue_trains_no_furt
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_00000004.pt"]
     assert log.read_text().count("pretrain: done, 4 iterations") == 2
     assert "scontrol requeue" not in (tmp_path / "stub.log").read_text()
+
+
+# SLURM with ProctrackType=proctrack/linuxproc signals every process of a job step, torchrun's processes
+# too, and torchrun passes its own SIGTERM on: each process gets SIGTERM twice. Here in the third step:
+# each process signals itself, process 0 also torchrun, and the step lasts until torchrun's has come.
+SIGTERM_TO_THE_PROCESS_TREE = """
+import importlib, os, signal, sys, time
+from dinokit.cli import main
+pretrain = importlib.import_module("dinokit.train.pretrain")
+step = pretrain.Trainer.step
+def signalled_step(self, *args):
+    if self.iteration == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+        if os.environ["RANK"] == "0":
+            os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(2)
+    return step(self, *args)
+pretrain.Trainer.step = signalled_step
+sys.exit(main(["pretrain", *sys.argv[1:]]))
+"""
+
+
+def test_processes_signalled_by_slurm_and_by_torchrun_stop_with_a_checkpoint(tmp_path):
+    """The second SIGTERM (torchrun's) killed each process during the step, before its checkpoint."""
+    data = tiny_images(tmp_path / "data")
+    (tmp_path / "run.py").write_text(SIGTERM_TO_THE_PROCESS_TREE)
+    keys = {**TINY, "max_iterations": 20, "batch_size": 4}
+    args = [str(tmp_path / "run.py"), f"data={data}", f"out={tmp_path / 'run'}"] + [f"{k}={v}" for k, v in keys.items()]
+    result = run_torchrun(args, timeout=120)
+    assert result.returncode != 0
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_00000003.pt"], (
+        result.stderr[-3000:]
+    )
+    assert "pretrain: stopped by SIGTERM at iteration 3, checkpoint saved" in result.stdout

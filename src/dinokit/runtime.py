@@ -196,9 +196,12 @@ def reuse_freed_memory(enabled: bool = True) -> Iterator[bool]:
 class StopSignals:
     """A context in which SIGINT (Ctrl-C) and SIGTERM (a scheduler's pre-emption, `kill`) ask a long
     loop to stop rather than kill it: the first one sets `requested` (its name), the loop checks it
-    between steps, saves its state and calls `raise_requested`; a second one acts as usual at once
-    (SIGINT: KeyboardInterrupt; SIGTERM: termination). Handlers are set in the main thread only and
-    restored on leaving."""
+    between steps, saves its state and calls `raise_requested`. A second Ctrl-C acts as usual at once
+    (KeyboardInterrupt), and so does a SIGTERM after a Ctrl-C; a SIGTERM after a SIGTERM is ignored:
+    one stop may reach a process twice (SLURM's proctrack/linuxproc signals every process of a job
+    step, and torchrun passes its own SIGTERM on), and those who send SIGTERM follow it with SIGKILL
+    when they will not wait. Handlers are set in the main thread only and restored on leaving
+    (`restore`: every signal then acts as usual)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -214,7 +217,13 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         self.requested = signal.Signals(signum).name
-        self.restore()  # a second signal acts as usual
+        if signum == signal.SIGTERM:  # the same stop delivered twice: ignored until `restore`
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            before = self.previous.pop(signal.SIGTERM)
+            self.restore()  # Ctrl-C acts as usual
+            self.previous = {signal.SIGTERM: before}
+        else:
+            self.restore()  # a second signal acts as usual
 
     def restore(self) -> None:
         """Give the signals their earlier handlers back (idempotent)."""
