@@ -21,9 +21,7 @@ from dinokit import distributed as dist
 from dinokit.data.collate import CropBatch
 from dinokit.data.images import check_readable, list_images
 from dinokit.data.transforms import check_image_size
-from dinokit.data.unlabelled import (
-    InMemoryMultiCrops,
-)
+from dinokit.data.unlabelled import InMemoryMultiCrops
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.eval.knn import knn_top1
@@ -70,27 +68,6 @@ from dinokit.train.run_data import (
 from dinokit.train.run_settings import run_settings
 from dinokit.train.schedules import run_length
 from dinokit.train.self_distillation import Student, collapse_figures
-
-
-def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple[PretrainConfig, bool]:
-    """The run's configuration, and whether a checkpoint will be resumed (`run_settings`): a new run
-    takes `preset` and `keys`; a resumed run its config.yaml, where `keys` may change RESUMABLE_KEYS."""
-
-    def resumable(old: PretrainConfig) -> set[str]:
-        # a distilling or continued run takes some keys from the other run, whatever was given (as when it started)
-        replaced = SET_BY_DISTILLATION if old.distill_from else OBJECTIVE_KEYS if old.continue_from else ()
-        return {*RESUMABLE_KEYS, *replaced}
-
-    return run_settings(
-        out,
-        keys,
-        resume,
-        new=lambda values: resolve_config(preset, values),
-        # a run saved before reduced_decode existed decoded its JPEGs whole: resumed, it goes on so
-        resolve=lambda values, check=True: resolve_config(None, {"reduced_decode": False, **values}, check),
-        resumable=resumable,
-        facts=RUN_FACTS,
-    )
 
 
 def pretrain(
@@ -152,9 +129,31 @@ def pretrain(
     return summary if main else None
 
 
+def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple[PretrainConfig, bool]:
+    """The run's configuration, and whether a checkpoint will be resumed (`run_settings`): a new run
+    takes `preset` and `keys`; a resumed run its config.yaml, where `keys` may change RESUMABLE_KEYS."""
+
+    def resumable(old: PretrainConfig) -> set[str]:
+        # a distilling or continued run takes some keys from the other run, whatever was given (as when it started)
+        replaced = SET_BY_DISTILLATION if old.distill_from else OBJECTIVE_KEYS if old.continue_from else ()
+        return {*RESUMABLE_KEYS, *replaced}
+
+    return run_settings(
+        out,
+        keys,
+        resume,
+        new=lambda values: resolve_config(preset, values),
+        # a run saved before reduced_decode existed decoded its JPEGs whole: resumed, it goes on so
+        resolve=lambda values, check=True: resolve_config(None, {"reduced_decode": False, **values}, check),
+        resumable=resumable,
+        facts=RUN_FACTS,
+    )
+
+
 class Trainer:
     """One pretraining run (see `pretrain`)."""
 
+    # ------------------------------------------------------------------------------------ set-up
     def __init__(
         self,
         cfg: PretrainConfig,
@@ -173,24 +172,8 @@ class Trainer:
         with dist.compare_errors():
             self.checkpoint = load_checkpoint(list_checkpoints(out / "checkpoints")[-1]) if resuming else None
             if self.checkpoint is not None and not batch_size_given:  # keep the global batch on any world size
-                saved_global = self.checkpoint["global_batch"]
-                if saved_global % world:
-                    raise DinokitError(
-                        f"the run's global batch {saved_global} does not divide over {world} processes; "
-                        "pass batch_size=... explicitly"
-                    )
-                cfg = replace(cfg, batch_size=saved_global // world)
-            # another run's objective and heads (already so in a resumed config)
-            teacher_run, continued, self.notes_from_run = None, None, []
-            if self.checkpoint is not None and (cfg.continue_from or cfg.distill_from):  # as when it started,
-                saved = self.checkpoint["config"]  # whatever is given: the objective it took from the other run
-                cfg = replace(cfg, **{key: saved[key] for key in OBJECTIVE_KEYS if key in saved})
-            if cfg.distill_from:
-                teacher_run = read_run(teacher_checkpoint(cfg.distill_from, self.checkpoint), "distill_from")
-                cfg, self.notes_from_run = distillation_config(cfg, teacher_run)
-            if cfg.continue_from and self.checkpoint is None:  # a resumed one holds the weights itself
-                continued = read_run(cfg.continue_from, "continue_from")
-                cfg, self.notes_from_run = settings_from_run(cfg, continued)
+                cfg = self.keep_global_batch(cfg, world)
+            cfg, teacher_run, continued = self.read_other_runs(cfg)
             self.cfg = cfg
             self.global_batch = cfg.batch_size * world
             self.paths = list_images(data)
@@ -210,16 +193,17 @@ class Trainer:
             if continued is not None:  # students, teachers, heads and centers: the whole model state
                 self.load_continued(continued)
                 del continued
-            check_crop_sizes(cfg, self.model.student.backbone.patch_size)
+            patch_size = self.model.student.backbone.patch_size
+            check_crop_sizes(cfg, patch_size)
             # the k-NN monitor's images, checked before decode_to_memory's minutes (and any step)
-            self.knn_data = knn_monitor_data(cfg, self.model.student.backbone.patch_size)
+            self.knn_data = knn_monitor_data(cfg, patch_size)
             self.use_ibot = self.model.use_ibot
             self.frozen_teacher = None  # distillation's teacher: targets come from it, not the EMA
             if teacher_run is not None:
                 self.frozen_teacher = self.build_frozen_teacher(teacher_run)
                 del teacher_run  # its whole checkpoint
             masked = self.use_ibot and self.frozen_teacher is None
-            self.collate = build_collate(cfg, self.model.student.backbone.patch_size, masked)
+            self.collate = build_collate(cfg, patch_size, masked)
             self.augmentation = build_augmentation(cfg)
             self.dataset = make_dataset(self.paths, cfg, self.augmentation, self.collate, cfg.progress and self.main)
         self.schedules = build_schedules(cfg, self.global_batch)
@@ -229,29 +213,14 @@ class Trainer:
         self.bad_paths: set[str] = set()  # the same on every process, as of the last share_bad_files
         self.unshared_bad: set[str] = set()  # met by this process since then
         if self.checkpoint is not None:  # full model state, before any sharding
-            self.model.load_state_dict(self.checkpoint["model"])
-            self.iteration = self.checkpoint["iteration"]
-            self.samples_seen = self.checkpoint["samples_seen"]
-            self.elapsed = self.checkpoint["elapsed_seconds"]
-            self.counters = dict(self.checkpoint["counters"])
-            self.bad_paths = set(self.checkpoint.get("bad_files", []))  # not counted again after resume
-            self.counters["bad_files"] = max(self.counters["bad_files"], len(self.bad_paths))
+            self.resume_from(self.checkpoint)
 
         if cfg.compile:
             for net in (self.model.student, self.model.teacher):
                 for block in net.backbone.blocks:
                     block.compile(dynamic=False)
         self.fsdp = cfg.fsdp and dist.is_distributed()
-        self.student = self.model.student  # what the step calls: the student, or its DDP wrapper
-        if self.fsdp:
-            shard_fsdp(self.model)
-        elif dist.is_distributed():
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            self.student = DistributedDataParallel(
-                self.model.student, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True
-            )
+        self.student = self.spread_over_processes()  # what the step calls: the student, or its DDP wrapper
         # the optimiser is built on the final (possibly sharded) parameters
         groups = param_groups(
             self.model.student.backbone, self.model.student.heads(), cfg.layerwise_decay, cfg.patch_embed_lr_mult
@@ -266,7 +235,33 @@ class Trainer:
             set_rng_state(self.checkpoint["rng"][dist.rank()], device)
         self.describe(data, preset)
 
-    # ------------------------------------------------------------------------------------ helpers
+    def keep_global_batch(self, cfg: PretrainConfig, world: int) -> PretrainConfig:
+        """A resumed run keeps its global batch (its stream positions and lr) on any number of processes:
+        batch_size becomes saved global batch / processes."""
+        saved_global = self.checkpoint["global_batch"]
+        if saved_global % world:
+            raise DinokitError(
+                f"the run's global batch {saved_global} does not divide over {world} processes; "
+                "pass batch_size=... explicitly"
+            )
+        return replace(cfg, batch_size=saved_global // world)
+
+    def read_other_runs(self, cfg: PretrainConfig) -> tuple[PretrainConfig, RunState | None, RunState | None]:
+        """(`cfg` with what it takes from another run, distill_from='s teacher run, a new continue_from=
+        run): their objective and heads (already so in a resumed config), and for distillation no
+        stochastic depth; `self.notes_from_run` says what that changed."""
+        teacher_run, continued, self.notes_from_run = None, None, []
+        if self.checkpoint is not None and (cfg.continue_from or cfg.distill_from):  # as when it started,
+            saved = self.checkpoint["config"]  # whatever is given: the objective it took from the other run
+            cfg = replace(cfg, **{key: saved[key] for key in OBJECTIVE_KEYS if key in saved})
+        if cfg.distill_from:
+            teacher_run = read_run(teacher_checkpoint(cfg.distill_from, self.checkpoint), "distill_from")
+            cfg, self.notes_from_run = distillation_config(cfg, teacher_run)
+        if cfg.continue_from and self.checkpoint is None:  # a resumed one holds the weights itself
+            continued = read_run(cfg.continue_from, "continue_from")
+            cfg, self.notes_from_run = settings_from_run(cfg, continued)
+        return cfg, teacher_run, continued
+
     def load_continued(self, run: RunState) -> None:
         """A new continue_from= run's start: the other run's whole model state. A run distilled from
         another (distill_from=) saw no masks, so its backbones have no mask token: masked iBOT starts
@@ -305,6 +300,31 @@ class Trainer:
         if self.checkpoint is None and self.cfg.centering == "ema":
             self.model.load_state_dict(teacher_centers(teacher_run), strict=False)
         return teacher
+
+    def resume_from(self, checkpoint: dict) -> None:
+        """Where the checkpoint left the run: the full model state (loaded before any sharding), the
+        iteration, images seen, clock, counters and the unreadable files met (not counted again)."""
+        self.model.load_state_dict(checkpoint["model"])
+        self.iteration = checkpoint["iteration"]
+        self.samples_seen = checkpoint["samples_seen"]
+        self.elapsed = checkpoint["elapsed_seconds"]
+        self.counters = dict(checkpoint["counters"])
+        self.bad_paths = set(checkpoint.get("bad_files", []))
+        self.counters["bad_files"] = max(self.counters["bad_files"], len(self.bad_paths))
+
+    def spread_over_processes(self) -> torch.nn.Module:
+        """Under torchrun, FSDP2 shards the model in place (fsdp=true) or DDP wraps the student; returns
+        what the step calls: the student, or its DDP wrapper."""
+        if self.fsdp:
+            shard_fsdp(self.model)
+        elif dist.is_distributed():
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(
+                self.model.student, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True
+            )
+        return self.model.student
 
     def describe(self, data: str, preset: str | None) -> None:
         cfg, n = self.cfg, len(self.paths)
@@ -372,52 +392,6 @@ class Trainer:
             return f"{n} files found, {len(self.dataset.bad)} unreadable file(s) skipped"
         return f"{n} files found (unreadable ones are skipped when met and listed at the end)"
 
-    def progress(self, elapsed: float) -> float:
-        """The run's progress in [0, 1]: images seen of `epochs`' images, else iterations of
-        max_iterations, else minutes of max_minutes."""
-        if self.length["schedule_samples"]:
-            return min(self.samples_seen / self.length["schedule_samples"], 1.0)
-        total = self.length["schedule_iterations"]
-        if total:
-            return self.iteration / total
-        return min(elapsed / (60.0 * self.cfg.max_minutes), 1.0)
-
-    def should_stop(self, elapsed: float) -> bool:
-        stop = self.length["stop_iteration"]
-        done = stop is not None and self.iteration >= stop
-        return done or bool(self.cfg.max_minutes and elapsed >= 60.0 * self.cfg.max_minutes)
-
-    def shared_clock(self, start: float, stop_requested: bool) -> tuple[float, bool]:
-        """(Seconds since the run started as process 0 measured them, whether any process was asked to
-        stop), in one collective: every process takes the same time-based decisions, schedule values
-        and stop."""
-        mine = [time.perf_counter() - start if self.main else 0.0, float(stop_requested)]
-        clock, stops = dist.all_reduce_sum(torch.tensor(mine, dtype=torch.float64)).tolist()
-        return clock, stops > 0
-
-    def save(self, elapsed: float) -> None:
-        state = {
-            "iteration": self.iteration,
-            "samples_seen": self.samples_seen,
-            "elapsed_seconds": elapsed,
-            "global_batch": self.global_batch,
-            "data_fingerprint": self.data_fingerprint,
-            "backbone_config": self.model.student.backbone.config.to_dict(),
-            "distill_teacher_hash": self.distill_hash if self.frozen_teacher is not None else None,
-            "distill_teacher_checkpoint": self.distill_source if self.frozen_teacher is not None else None,
-            "counters": self.counters,
-            "model": model_state(self.model, self.fsdp),
-            "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
-            "rng": dist.all_gather_objects(rng_state(self.device)),
-            "bad_files": sorted(self.share_bad_files()),
-            "config": self.cfg.to_dict(),
-        }
-        # process 0 writes while the others wait in compare_errors' gather (not a barrier, which they
-        # would leave with gloo's traceback where its write fails, e.g. on a full disk)
-        with dist.compare_errors():
-            if self.main:
-                save_checkpoint(self.out / "checkpoints", self.iteration, state, self.cfg.keep_checkpoints)
-
     # ------------------------------------------------------------------------------------ step
     def step(self, batch: CropBatch, values: dict) -> tuple[dict, dict, bool, float]:
         """One optimisation step; returns (loss parts, the teacher's CLS features and probabilities,
@@ -456,7 +430,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return parts, logged, accepted, float(grad_norm)
 
-    # ------------------------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------------------------ run loop
     def run(self) -> dict:
         cfg = self.cfg
         log = None
@@ -501,19 +475,8 @@ class Trainer:
                     if accepted:
                         consecutive_bad = 0
                     else:
-                        self.counters["skipped_steps"] += 1
                         consecutive_bad += 1
-                        if self.main:
-                            warnings.warn(
-                                f"iteration {self.iteration}: non-finite loss or gradients, step skipped", stacklevel=1
-                            )
-                        if consecutive_bad >= cfg.nan_patience:
-                            raise DinokitError(
-                                f"{consecutive_bad} steps in a row had non-finite losses or gradients (iteration "
-                                f"{self.iteration}). `resume=true precision=fp32` (or a larger batch_size=...) "
-                                "continues from the last checkpoint; a lower lr or koleo_loss_weight=0 takes a new "
-                                "run (another out=...), as resume=true keeps the run's other settings."
-                            )
+                        self.skip_step(consecutive_bad)
                 self.iteration += 1
                 self.samples_seen += self.global_batch
                 if not empty:
@@ -537,10 +500,7 @@ class Trainer:
                             warned_collapse = self.warn_collapse(row, warned_collapse)
                 if cfg.knn_every and self.iteration % cfg.knn_every == 0:
                     start += self.log_knn(log, bar)  # its minutes are not training's: out of the time budget
-                due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
-                minutes = cfg.checkpoint_every_minutes
-                due_time = minutes and time.perf_counter() - last_save_time >= 60.0 * minutes
-                if due or dist.broadcast(torch.tensor([float(bool(due_time))])).item():
+                if self.checkpoint_due(last_save_time):
                     self.save(elapsed)
                     last_save_time = time.perf_counter()
             if window["steps"] and parts is not None:  # the time budget ended between log points
@@ -555,6 +515,85 @@ class Trainer:
             bar.close()
             if log is not None:
                 log.close()
+        return self.finish(elapsed, last_row, stop, stopped_by)
+
+    def progress(self, elapsed: float) -> float:
+        """The run's progress in [0, 1]: images seen of `epochs`' images, else iterations of
+        max_iterations, else minutes of max_minutes."""
+        if self.length["schedule_samples"]:
+            return min(self.samples_seen / self.length["schedule_samples"], 1.0)
+        total = self.length["schedule_iterations"]
+        if total:
+            return self.iteration / total
+        return min(elapsed / (60.0 * self.cfg.max_minutes), 1.0)
+
+    def should_stop(self, elapsed: float) -> bool:
+        stop = self.length["stop_iteration"]
+        done = stop is not None and self.iteration >= stop
+        return done or bool(self.cfg.max_minutes and elapsed >= 60.0 * self.cfg.max_minutes)
+
+    def shared_clock(self, start: float, stop_requested: bool) -> tuple[float, bool]:
+        """(Seconds since the run started as process 0 measured them, whether any process was asked to
+        stop), in one collective: every process takes the same time-based decisions, schedule values
+        and stop."""
+        mine = [time.perf_counter() - start if self.main else 0.0, float(stop_requested)]
+        clock, stops = dist.all_reduce_sum(torch.tensor(mine, dtype=torch.float64)).tolist()
+        return clock, stops > 0
+
+    def should_log_last(self, elapsed: float) -> bool:
+        stop = self.length["stop_iteration"]
+        return stop is not None and self.iteration == stop
+
+    def skip_step(self, in_a_row: int) -> None:
+        """The NaN guard: a step with non-finite losses or gradients was skipped, `in_a_row` of them in a
+        row; counted and warned of, and after nan_patience in a row the run stops with what to do."""
+        self.counters["skipped_steps"] += 1
+        if self.main:
+            warnings.warn(f"iteration {self.iteration}: non-finite loss or gradients, step skipped", stacklevel=1)
+        if in_a_row >= self.cfg.nan_patience:
+            raise DinokitError(
+                f"{in_a_row} steps in a row had non-finite losses or gradients (iteration "
+                f"{self.iteration}). `resume=true precision=fp32` (or a larger batch_size=...) "
+                "continues from the last checkpoint; a lower lr or koleo_loss_weight=0 takes a new "
+                "run (another out=...), as resume=true keeps the run's other settings."
+            )
+
+    def checkpoint_due(self, last_save_time: float) -> bool:
+        """Every checkpoint_every iterations, and checkpoint_every_minutes after the last save by process
+        0's clock (broadcast: every process saves together)."""
+        cfg = self.cfg
+        due = cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0
+        minutes = cfg.checkpoint_every_minutes
+        due_time = minutes and time.perf_counter() - last_save_time >= 60.0 * minutes
+        return bool(due or dist.broadcast(torch.tensor([float(bool(due_time))])).item())
+
+    # ------------------------------------------------------------------------------------ saving
+    def save(self, elapsed: float) -> None:
+        state = {
+            "iteration": self.iteration,
+            "samples_seen": self.samples_seen,
+            "elapsed_seconds": elapsed,
+            "global_batch": self.global_batch,
+            "data_fingerprint": self.data_fingerprint,
+            "backbone_config": self.model.student.backbone.config.to_dict(),
+            "distill_teacher_hash": self.distill_hash if self.frozen_teacher is not None else None,
+            "distill_teacher_checkpoint": self.distill_source if self.frozen_teacher is not None else None,
+            "counters": self.counters,
+            "model": model_state(self.model, self.fsdp),
+            "optimizer": optimizer_state(self.model, self.optimizer, self.fsdp),
+            "rng": dist.all_gather_objects(rng_state(self.device)),
+            "bad_files": sorted(self.share_bad_files()),
+            "config": self.cfg.to_dict(),
+        }
+        # process 0 writes while the others wait in compare_errors' gather (not a barrier, which they
+        # would leave with gloo's traceback where its write fails, e.g. on a full disk)
+        with dist.compare_errors():
+            if self.main:
+                save_checkpoint(self.out / "checkpoints", self.iteration, state, self.cfg.keep_checkpoints)
+
+    def finish(self, elapsed: float, last_row: dict, stop: StopSignals, stopped_by: str | None) -> dict:
+        """The run's end: a last checkpoint (then, if a signal stopped it, stop as it asks), the teacher
+        backbone as backbone.safetensors, bad_files.txt, and the summary `pretrain` returns."""
         self.save(elapsed)
         if stopped_by is not None:
             stop.end_run("pretrain", stopped_by, self.iteration, self.out, self.main)
@@ -577,42 +616,6 @@ class Trainer:
             print(f"pretrain: done, {summary['iterations']} iterations ({summary['epochs']} epochs) -> {backbone}")
         return summary
 
-    def log_knn(self, log: MetricsLog | None, bar) -> float:
-        """The k-NN monitor: top-1 of knn_val against knn_train on the teacher backbone's CLS (`knn_top1`,
-        knn_image_size and knn_resize_policy, the training precision), written as a metrics row {iteration,
-        knn_top1, knn_seconds} and printed. Every process computes it (a sharded teacher's forward needs
-        them all); the random number generators are left as they were, so training is unchanged.
-        Returns the seconds it took."""
-        started = time.perf_counter()
-        backbone = self.model.teacher.backbone
-        cuda = [self.device] if self.device.type == "cuda" else []
-        # compared across processes: one failing alone (out of memory) stops the others with its error
-        # instead of leaving them in the next step's collective (with FSDP the teacher's forward holds
-        # collectives, so only a failure after the last of them is caught so)
-        with dist.compare_errors(), torch.random.fork_rng(devices=cuda):
-            top1 = knn_top1(
-                backbone,
-                self.knn_data,
-                self.knn_data["size"],
-                resize_policy=self.cfg.knn_resize_policy,
-                precision=self.cfg.precision,
-                num_workers=min(self.cfg.num_workers, 2),
-            )
-        self.model.train()  # extract_features put the teacher in eval mode
-        if self.fsdp:  # free the gathered parameters, as after the step's teacher forward
-            reshard_teacher(self.model)
-        seconds = time.perf_counter() - started
-        self.last_knn = round(top1, 2)
-        with dist.compare_errors():
-            if self.main:
-                log.write({"iteration": self.iteration, "knn_top1": top1, "knn_seconds": round(seconds, 2)})
-                bar.write(f"pretrain: iteration {self.iteration}: k-NN top-1 {top1:.2f}% ({seconds:.1f} s)")
-        return seconds
-
-    def should_log_last(self, elapsed: float) -> bool:
-        stop = self.length["stop_iteration"]
-        return stop is not None and self.iteration == stop
-
     def record_bad(self, batch: CropBatch) -> None:
         self.unshared_bad.update(str(self.paths[index]) for index in batch.bad)
 
@@ -633,6 +636,7 @@ class Trainer:
                 atomic_write(self.out / "bad_files.txt", lambda tmp: Path(tmp).write_text(text))
                 print(f"pretrain: {len(every)} unreadable file(s) skipped, listed in {self.out / 'bad_files.txt'}")
 
+    # ------------------------------------------------------------------------------------ logging
     def metrics_row(
         self, parts: dict, teacher: dict, values: dict, grad_norm: float, window: dict, elapsed: float
     ) -> dict:
@@ -679,3 +683,35 @@ class Trainer:
             )
             return True
         return False
+
+    def log_knn(self, log: MetricsLog | None, bar) -> float:
+        """The k-NN monitor: top-1 of knn_val against knn_train on the teacher backbone's CLS (`knn_top1`,
+        knn_image_size and knn_resize_policy, the training precision), written as a metrics row {iteration,
+        knn_top1, knn_seconds} and printed. Every process computes it (a sharded teacher's forward needs
+        them all); the random number generators are left as they were, so training is unchanged.
+        Returns the seconds it took."""
+        started = time.perf_counter()
+        backbone = self.model.teacher.backbone
+        cuda = [self.device] if self.device.type == "cuda" else []
+        # compared across processes: one failing alone (out of memory) stops the others with its error
+        # instead of leaving them in the next step's collective (with FSDP the teacher's forward holds
+        # collectives, so only a failure after the last of them is caught so)
+        with dist.compare_errors(), torch.random.fork_rng(devices=cuda):
+            top1 = knn_top1(
+                backbone,
+                self.knn_data,
+                self.knn_data["size"],
+                resize_policy=self.cfg.knn_resize_policy,
+                precision=self.cfg.precision,
+                num_workers=min(self.cfg.num_workers, 2),
+            )
+        self.model.train()  # extract_features put the teacher in eval mode
+        if self.fsdp:  # free the gathered parameters, as after the step's teacher forward
+            reshard_teacher(self.model)
+        seconds = time.perf_counter() - started
+        self.last_knn = round(top1, 2)
+        with dist.compare_errors():
+            if self.main:
+                log.write({"iteration": self.iteration, "knn_top1": top1, "knn_seconds": round(seconds, 2)})
+                bar.write(f"pretrain: iteration {self.iteration}: k-NN top-1 {top1:.2f}% ({seconds:.1f} s)")
+        return seconds
