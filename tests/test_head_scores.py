@@ -18,8 +18,9 @@ from dinokit import create_model, export_model
 from dinokit.cli import main
 from dinokit.data.synthetic import write_dense_set
 from dinokit.errors import DinokitError
+from dinokit.eval import head_scores
 from dinokit.eval.common import prepare_backbone
-from dinokit.eval.head_scores import eval_crop, reduce_zero_label
+from dinokit.eval.head_scores import eval_crop, kb_crop, reduce_zero_label
 from dinokit.eval.released_depth import load_released_depth_head
 from tests.conftest import perturb_scales_and_norms
 
@@ -115,6 +116,16 @@ def test_eval_crops_keep_exactly_the_toolbox_pixels():
     kitti = eval_crop((375, 1242), "garg")
     rows, cols = np.nonzero(kitti.any(1))[0], np.nonzero(kitti.any(0))[0]
     assert (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) == (153, 371, 44, 1197)
+    # KITTI's KB crop of a 375 x 1242 map: the bottom 352 rows (23 .. 374), columns int(26 / 2) = 13 .. 1228;
+    # kb_garg then keeps rows int(0.40810811 * 352) = 143 .. 348, columns 43 .. 1171 of the cut map
+    grid = np.arange(375 * 1242).reshape(375, 1242)
+    cut = kb_crop(grid)
+    assert cut.shape == (352, 1216) and cut[0, 0] == grid[23, 13] and cut[-1, -1] == grid[374, 1228]
+    kept = eval_crop(cut.shape, "kb_garg")
+    rows, cols = np.nonzero(kept.any(1))[0], np.nonzero(kept.any(0))[0]
+    assert (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1) == (143, 349, 43, 1172)
+    with pytest.raises(DinokitError, match=r"352 x 1216; one of 351 x 1242 is smaller: pass crop=garg"):
+        kb_crop(grid[:351])
     nyu = eval_crop((480, 640), "eigen")
     expected = np.zeros((480, 640), dtype=bool)
     expected[45:471, 41:601] = True
@@ -154,13 +165,16 @@ def test_a_released_segmentation_head_scores_what_predict_writes(micro, tmp_path
     assert "holds class 150, but the head predicts 150 classes (0..149)" in error and "reduce_zero_label=true" in error
 
 
-def test_a_released_depth_head_scores_what_predict_computes(micro, tmp_path):
-    """A KITTI-named linear4 head: range 0.001-80 m, PNGs in 1/256 m and the garg crop by default; the json's
-    errors are the toolbox's metrics of predict's depths averaged with the mirror images' (the released
-    configs' flip=True), per image, averaged over images."""
+def test_a_released_depth_head_scores_what_predict_computes(micro, tmp_path, capsys):
+    """A KITTI-named linear4 head: range 0.001-80 m, PNGs in 1/256 m; crop=garg (these maps are smaller than
+    the default kb_garg's 352 x 1216, which says so); the json's errors are the toolbox's metrics of predict's
+    depths averaged with the mirror images' (the released configs' flip=True), per image, averaged."""
     head = save_released(tmp_path / "micro_kitti_linear4_head.pth", official_linear(4, 80.0))
     common = [f"head={head}", f"model={micro['weights']}", "precision=fp32", "device=cpu"]
-    result = scores("depth", *common, f"val={micro['val']}", f"out={tmp_path / 's'}")
+    error = refused(["eval", "depth", *common, f"val={micro['val']}", f"out={tmp_path / 's'}"], capsys)
+    assert "crop=kb_garg cuts images and depth maps to KITTI's benchmark size 352 x 1216" in error
+    assert "pass crop=garg" in error
+    result = scores("depth", *common, f"val={micro['val']}", f"out={tmp_path / 's'}", "crop=garg")
     depther = load_released_depth_head(str(head), micro["weights"], "cpu", precision="fp32")
     flipped = load_released_depth_head(str(head), micro["weights"], "cpu", precision="fp32", flip=True)
     assert main(["predict", "depth", *common, f"images={micro['val'] / 'images'}", f"out={tmp_path / 'p'}"]) == 0
@@ -186,6 +200,31 @@ def test_a_released_depth_head_scores_what_predict_computes(micro, tmp_path):
     # crop=none scores every valid pixel: other numbers
     other = scores("depth", *common, f"val={micro['val']}", f"out={tmp_path / 's'}", "crop=none")
     assert other["rmse"] != pytest.approx(result["rmse"]) and other["protocol"]["crop"] == "none"
+
+
+def test_a_kitti_head_is_scored_on_kitti_benchmark_crops_by_default(micro, tmp_path, monkeypatch):
+    """crop=auto for a KITTI head is the released KITTI configs' protocol: the image cut by KBCrop (bottom rows,
+    middle columns) before predicting, the ground truth by the toolbox's eval_kb_crop, then garg of the cut
+    map. KITTI's 352 x 1216 is shrunk here to 12 x 19 for the tiny images (the same rule, by hand)."""
+    monkeypatch.setattr(head_scores, "KB_CROP", (12, 19))
+    head = save_released(tmp_path / "micro_kitti_linear4_head.pth", official_linear(4, 80.0))
+    common = [f"head={head}", f"model={micro['weights']}", "precision=fp32", "device=cpu"]
+    result = scores("depth", *common, f"val={micro['val']}", f"out={tmp_path / 's'}")
+    flipped = load_released_depth_head(str(head), micro["weights"], "cpu", precision="fp32", flip=True)
+    rows = []
+    for name, (h, w) in SIZES.items():
+        top, left = h - 12, (w - 19) // 2  # a: rows 8..19, columns 4..22; b: 4..15, 2..20; c: 12..23, 0..18
+        rgb = np.asarray(Image.open(micro["val"] / "images" / f"{name}.png"))[top : top + 12, left : left + 19]
+        pred = flipped.predict(Image.fromarray(rgb))
+        gt = np.asarray(Image.open(micro["val"] / "depth" / f"{name}.png")).astype(np.float32) / 256.0
+        gt = gt[top : top + 12, left : left + 19]
+        crop = np.zeros_like(gt, dtype=bool)
+        crop[int(0.40810811 * 12) : int(0.99189189 * 12), int(0.03594771 * 19) : int(0.96405229 * 19)] = True
+        valid = (gt > 1e-3) & (gt < 80) & crop
+        rows.append(toolbox_metrics(gt[valid].astype(np.float64), pred[valid].astype(np.float64)))
+    for key in rows[0]:
+        assert result[key] == pytest.approx(np.mean([r[key] for r in rows]), rel=1e-6), key
+    assert result["protocol"]["crop"] == "kb_garg" and result["images"] == 3
 
 
 def test_a_trained_head_scored_on_its_own_val_split_gives_the_training_runs_scores(micro, tmp_path):

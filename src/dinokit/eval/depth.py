@@ -177,10 +177,11 @@ def eval_depth(
     default 1000 for NYU (millimetres), 256 for KITTI, a dinokit head's own. Scored per image over the
     pixels with min_depth < gt < the head's max depth (<= for a dinokit head, as its training run)
     inside crop, then averaged over images (the Monocular-Depth-Estimation-Toolbox's protocol):
-    crop=eigen (NYU's 480 x 640 crop), garg (KITTI's) or none; auto: eigen for an nyu head, garg for a
-    kitti one, else none. Writes out/depth.json (rmse, abs_rel, delta1-3 in %, sq_rel, rmse_log, log10,
-    silog, the protocol) and out/examples/*.png, replacing an earlier result there; out must not hold a
-    trained head.
+    crop=eigen (NYU's 480 x 640 crop), garg (KITTI's, of the map as given), kb_garg (the released KITTI
+    configs': image and ground truth cut to the bottom 352 rows and middle 1216 columns first, a released
+    head only) or none; auto: eigen for an nyu head, kb_garg for a kitti one, else none. Writes
+    out/depth.json (rmse, abs_rel, delta1-3 in %, sq_rel, rmse_log, log10, silog, the protocol) and
+    out/examples/*.png, replacing an earlier result there; out must not hold a trained head.
     """
     out_dir = prepare_output(out, folder=True, create=False)  # a bad out= fails before any work
     refuse_other_outputs(out_dir, ("segmentation.json", "depth.json"), "dinokit eval")

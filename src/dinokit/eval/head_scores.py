@@ -18,7 +18,10 @@ Depth, as the Monocular-Depth-Estimation-Toolbox that DINOv2's depth evaluation 
 min_depth < gt < max_depth (strict, as the toolbox; gt <= max_depth for a dinokit head, as its training run
 scored it: a background at the range's top counts) inside the evaluation crop, then averaged over images:
 `eigen` = NYU's rows 45..470, columns 41..600 of its 480 x 640 maps; `garg` = KITTI's rows
-int(0.40810811 H)..int(0.99189189 H) - 1, columns int(0.03594771 W)..int(0.96405229 W) - 1.
+int(0.40810811 H)..int(0.99189189 H) - 1, columns int(0.03594771 W)..int(0.96405229 W) - 1; `kb_garg` (a
+KITTI head's default) = the released KITTI configs' protocol: image and ground truth first cut to KITTI's
+benchmark size (`kb_crop`: the bottom 352 rows, the middle 1216 columns; the toolbox's KBCrop on the image
+before predicting, `eval_kb_crop` on the ground truth), then `garg` of that 352 x 1216 map.
 """
 
 from collections.abc import Callable, Iterator
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from dinokit.data.images import plain_path
 from dinokit.errors import DinokitError
@@ -56,7 +60,9 @@ from dinokit.models.hub import released_head
 
 IGNORE = 255  # mmseg's ignore index (VOC2012's boundary pixels, ADE20K's "other" after reduce_zero_label)
 NYU_EIGEN_CROP = (45, 471, 41, 601)  # rows y1:y2, columns x1:x2 of NYU's 480 x 640 maps (the toolbox's eigen_crop)
-CROPS = ("auto", "none", "eigen", "garg")  # auto: the dataset's (eigen for NYU, garg for KITTI), else none
+CROPS = ("auto", "none", "eigen", "garg", "kb_garg")  # auto: the dataset's (NYU eigen, KITTI kb_garg), else none
+DATASET_CROPS = {"nyu": "eigen", "kitti": "kb_garg"}  # the released configs' (eigen_crop; KBCrop + garg_crop)
+KB_CROP = (352, 1216)  # KITTI's benchmark size: the toolbox's KBCrop (image) and eval_kb_crop (ground truth)
 
 
 # ---------------------------------------------------------------------------------------- conventions
@@ -67,9 +73,23 @@ def reduce_zero_label(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def kb_crop(array: np.ndarray) -> np.ndarray:
+    """The bottom 352 rows and middle 1216 columns (`KB_CROP`) of an (H, W, ...) array, as the toolbox's KBCrop:
+    top = H - 352, left = int((W - 1216) / 2). A smaller array is refused."""
+    height, width = KB_CROP
+    if array.shape[0] < height or array.shape[1] < width:
+        raise DinokitError(
+            f"crop=kb_garg cuts images and depth maps to KITTI's benchmark size {height} x {width}; one of "
+            f"{array.shape[0]} x {array.shape[1]} is smaller: pass crop=garg (KITTI's crop of the map as given)"
+        )
+    top, left = array.shape[0] - height, int((array.shape[1] - width) / 2)
+    return array[top : top + height, left : left + width]
+
+
 def eval_crop(shape: tuple[int, int], crop: str) -> np.ndarray:
     """(H, W) bool: the pixels the toolbox's evaluation crop keeps (all for "none"). "eigen" is NYU's crop of
-    a 480 x 640 map (other sizes are refused), "garg" KITTI's fractions of the map's height and width."""
+    a 480 x 640 map (other sizes are refused), "garg" KITTI's fractions of the map's height and width;
+    "kb_garg" is "garg" of a map already cut by `kb_crop`."""
     height, width = shape
     keep = np.zeros(shape, dtype=bool)
     if crop == "none":
@@ -82,7 +102,7 @@ def eval_crop(shape: tuple[int, int], crop: str) -> np.ndarray:
             )
         y1, y2, x1, x2 = NYU_EIGEN_CROP
         keep[y1:y2, x1:x2] = True
-    elif crop == "garg":
+    elif crop in ("garg", "kb_garg"):
         keep[int(0.40810811 * height) : int(0.99189189 * height), int(0.03594771 * width) : int(0.96405229 * width)] = (
             True
         )
@@ -213,9 +233,11 @@ def depth_run(
     num_workers: int,
     device: str,
     precision: str,
+    cut: bool = False,
 ) -> HeadRun:
     """A released depth head (its `ReleasedDepther`) or a dinokit head file (`dense.head_outputs`, clamped to
-    its range as predict depth clamps it), predicting (H, W) metres."""
+    its range as predict depth clamps it), predicting (H, W) metres; with `cut`, of each image's `kb_crop`
+    (released heads only), the RGB array yielded cut too."""
     from dinokit.eval.common import make_transform
     from dinokit.eval.depth import load_depth_head, png_depth_scale, refuse_max_depth
     from dinokit.eval.heads import backbone_for_head, is_released_head
@@ -242,8 +264,15 @@ def depth_run(
         )
         scale = {"nyu": 1000.0, "kitti": 256.0}.get(dataset) or png_depth_scale(high)
         facts = {"min_depth": low, "max_depth": high, "depth_scale": scale, "top_included": False}  # the toolbox's
+
+        def cut_predictions(paths: list[Path]):
+            def predict(picture: Image.Image) -> np.ndarray:
+                return depther.predict(Image.fromarray(kb_crop(np.asarray(picture))))
+
+            return ((i, kb_crop(rgb), pred) for i, rgb, pred in picture_outputs(paths, predict, bad, "score"))
+
         return HeadRun(
-            partial(picture_outputs, predict=depther.predict, bad=bad, desc="score"),
+            cut_predictions if cut else partial(picture_outputs, predict=depther.predict, bad=bad, desc="score"),
             bad,
             depther.loaded,
             record,
@@ -253,6 +282,11 @@ def depth_run(
             facts,
         )
     refuse_max_depth(max_depth)
+    if cut:
+        raise DinokitError(
+            "crop=kb_garg cuts the images before a released DINOv2 head predicts them; a dinokit head file predicts "
+            "whole images: pass crop=garg (or cut the images and depth maps to 352 x 1216 yourself)"
+        )
     net, meta = load_depth_head(head)
     backbone = backbone_for_head(meta, model, device, Path(head))
     net.to(resolve_device(device))
@@ -450,13 +484,18 @@ def score_depth(
     if depth_scale is not None and not depth_scale > 0:
         raise DinokitError(f"depth_scale must be > 0 (integer depth-image units per metre), got {depth_scale}")
     read_pairs(val, "depth", DEPTH_EXTS)  # a val without depth/ fails before any download
-    run = depth_run(head, model, max_depth, batch_size, num_workers, device, precision)
+    if crop == "auto":  # a released head's dataset, as its name says it
+        from dinokit.eval.heads import is_released_head
+
+        name = released_head(head) if is_released_head(head, "depth") else None
+        crop = DATASET_CROPS.get(name.dataset if name is not None else None, "none")
+    run = depth_run(head, model, max_depth, batch_size, num_workers, device, precision, cut=crop == "kb_garg")
     low, high, top_included = run.facts["min_depth"], run.facts["max_depth"], run.facts["top_included"]
     depth_scale = depth_scale or run.facts["depth_scale"]
-    crop = {"nyu": "eigen", "kitti": "garg"}.get(run.dataset, "none") if crop == "auto" else crop
 
     def read(path: Path) -> np.ndarray:
-        return read_depth(path, depth_scale)
+        gt = read_depth(path, depth_scale)
+        return kb_crop(gt) if crop == "kb_garg" else gt
 
     def check(path: Path, gt: np.ndarray) -> None:
         try:

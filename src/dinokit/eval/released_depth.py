@@ -39,8 +39,8 @@ channels 256, post_process_channels [128, 256, 512, 1024], readout_type "project
 flip=True, eigen_crop; Meta's dinov2_vits14_kitti_linear_config.py (work_dir /checkpoint/dino/evaluations/
 depth/dinov2_vits14_kitti_linear, adapted by its copier: its in_channels / channels do not fit ViT-S):
 final_norm=False, out_indices [11] (the last block), BNHead max_depth 80, test KBCrop then flip=True,
-garg_crop. KITTI's KB crop (the bottom 352 rows, the middle 1216 columns of image and ground truth) is not
-applied by dinokit: crop the images and depth maps yourself to follow it (docs/reproducing.md).
+garg_crop; `eval depth head=` follows it (`head_scores.kb_crop`: image and ground truth cut to the bottom 352
+rows and middle 1216 columns, garg of that), `predict depth` predicts whole images.
 """
 
 import math
