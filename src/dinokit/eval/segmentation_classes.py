@@ -4,7 +4,9 @@ their output channels (facts from mmsegmentation's dataset classes, whose order 
 ADE20K: mmseg's `ADE20KDataset.CLASSES`, 150 classes; with `reduce_zero_label`, channel 0 is ADE20K's
 class 1 ("wall"), ... channel 149 its class 150; ADE20K's 0 ("other") is no channel. mmseg spells class
 7 "bed " with a trailing space; here "bed". VOC2012: mmseg's `PascalVOCDataset.CLASSES`, 21 classes,
-"background" first.
+"background" first. Checked name by name against open-mmlab/mmsegmentation's mmseg/datasets/ade.py (150,
+same order) and voc.py (21); the released configs set num_classes 150 (ADE20K, annotations loaded with
+reduce_zero_label=True) and 21 (VOC2012).
 """
 
 ADE20K_CLASSES = (
