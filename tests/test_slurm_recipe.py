@@ -1,9 +1,9 @@
 """examples/slurm/pretrain.sbatch run by bash on this machine, with stub `srun` and `scontrol` first on
 PATH and the SLURM_* variables SLURM sets: srun starts the script's torchrun once per "node" (here:
 processes on localhost), whose c10d rendezvous is real. A job stopped near its time limit (SIGUSR1 to
-the batch shell) saves a checkpoint and requeues itself; the requeued job, the same script again,
-continues the run to its end. Processes that get SIGTERM from SLURM and again from torchrun stop with a
-checkpoint too."""
+the batch shell) saves a checkpoint and requeues itself, a pre-empted one (SIGTERM to the shell and the
+torchruns) saves a checkpoint; the requeued job, the same script again, continues the run to its end.
+Processes that get SIGTERM from SLURM and again from torchrun stop with a checkpoint too."""
 
 import os
 import signal
@@ -25,17 +25,22 @@ SCRIPT = ROOT / "examples" / "slurm" / "pretrain.sbatch"
 JOB_ID = "4242"
 
 # srun --ntasks-per-node=1 on SLURM_NNODES nodes: the command once per node, all on this machine, with
-# the task's SLURM_NODEID / SLURM_PROCID / SLURM_LOCALID; signals to srun go on to the tasks (srun(1));
-# exit status: the highest of the tasks'. Its options (all --name=value) are logged and skipped.
+# the task's SLURM_NODEID / SLURM_PROCID / SLURM_LOCALID; the tasks' pids go to $STUB_DIR/tasks (the
+# job step's, which the scancel stub signals). As srun does (src/srun/srun_job.c: _srun_signal_mgr), a
+# SIGTERM, SIGHUP or SIGQUIT to srun SIGKILLs the tasks; SIGINT and SIGUSR1 are forwarded. Exit status:
+# the highest of the tasks'. Its options (all --name=value) are logged and skipped.
 SRUN = """#!/bin/bash
-echo "srun $*" >> "$STUB_LOG"
+echo "srun $*" >> "$STUB_DIR/log"
 while [[ $# -gt 0 && $1 == -* ]]; do shift; done
 pids=()
 for ((node = 0; node < SLURM_NNODES; node++)); do
     SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" &
     pids+=($!)
 done
-trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM INT
+printf '%s\\n' "${pids[@]}" > "$STUB_DIR/tasks"
+trap 'echo "srun: forcing job termination"; kill -KILL "${pids[@]}" 2>/dev/null' TERM HUP QUIT
+trap 'kill -INT "${pids[@]}" 2>/dev/null' INT
+trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
 status=0
 for pid in "${pids[@]}"; do
     while true; do
@@ -49,10 +54,16 @@ exit $status
 
 # scontrol show hostnames: every node is this machine; scontrol requeue: logged
 SCONTROL = """#!/bin/bash
-echo "scontrol $*" >> "$STUB_LOG"
+echo "scontrol $*" >> "$STUB_DIR/log"
 if [[ $1 == show && $2 == hostnames ]]; then
     for ((node = 0; node < SLURM_NNODES; node++)); do echo localhost; done
 fi
+"""
+
+# scancel --signal=SIG <job>: SIG to the job steps' tasks (the torchruns srun started), not the batch shell
+SCANCEL = """#!/bin/bash
+echo "scancel $*" >> "$STUB_DIR/log"
+[[ $1 == --signal=* ]] && kill -s "${1#--signal=}" $(cat "$STUB_DIR/tasks")
 """
 
 
@@ -67,7 +78,7 @@ def job_environment(tmp_path: Path, nodes: int, nproc_per_node: int, max_iterati
     the script's knobs set to a tiny CPU run."""
     stubs = tmp_path / "stubs"
     stubs.mkdir(exist_ok=True)
-    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("scancel", SCANCEL)):
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o755)
     keys = {**{k: v for k, v in TINY.items() if k != "preset"}, "max_iterations": max_iterations, "batch_size": 4}
@@ -86,7 +97,7 @@ def job_environment(tmp_path: Path, nodes: int, nproc_per_node: int, max_iterati
         **slurm,
         **knobs,
         "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}",
-        "STUB_LOG": str(tmp_path / "stub.log"),
+        "STUB_DIR": str(stubs),
         "PYTHONPATH": str(ROOT / "src"),
         "OMP_NUM_THREADS": "1",
     }
@@ -109,26 +120,40 @@ def finish(job: subprocess.Popen, timeout: float) -> int:
         pytest.fail(f"the job still ran after {timeout} s")
 
 
-def test_a_two_node_job_stopped_near_its_time_limit_checkpoints_requeues_and_continues(tmp_path):
+def signal_the_job(job: subprocess.Popen, tmp_path: Path, how: str) -> None:
+    """As SLURM signals a job: near its time limit (--signal=B:USR1) the batch shell alone; on
+    pre-emption (or scancel) SIGTERM to every step's tasks: the batch shell and the torchruns."""
+    if how == "time_limit":
+        job.send_signal(signal.SIGUSR1)
+        return
+    job.send_signal(signal.SIGTERM)
+    for pid in (tmp_path / "stubs" / "tasks").read_text().split():
+        os.kill(int(pid), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("how", ["time_limit", "preemption"])
+def test_a_two_node_job_stopped_by_slurm_checkpoints_and_its_requeued_job_continues(tmp_path, how):
+    """Near the time limit the job stops its steps with a checkpoint and requeues itself; pre-empted, it
+    stops with a checkpoint and leaves the requeue to SLURM. The requeued job, the same script, continues."""
     env = job_environment(tmp_path, nodes=2, nproc_per_node=1, max_iterations=40)
     out, log = tmp_path / "run", tmp_path / "job.out"
 
-    # the first job: SLURM's --signal=B:USR1 reaches the batch shell once training runs
+    # the first job, signalled once training runs
     job = start_job(env, log)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() or not read_metrics(out / "metrics.jsonl"):
         assert job.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.05)
-    job.send_signal(signal.SIGUSR1)
+    signal_the_job(job, tmp_path, how)
     assert finish(job, timeout=120) != 0
     output = log.read_text()
     (checkpoint,) = list_checkpoints(out / "checkpoints")
     stopped_at = load_checkpoint(checkpoint)["iteration"]
     assert 2 <= stopped_at < 40, output[-3000:]
     assert f"stopped by SIGTERM at iteration {stopped_at}, checkpoint saved" in output, output[-3000:]
-    assert not (out / "backbone.safetensors").exists()
-    stub_log = (tmp_path / "stub.log").read_text()
-    assert f"scontrol requeue {JOB_ID}" in stub_log  # the job requeued itself
+    assert not (out / "backbone.safetensors").exists() and "forcing job termination" not in output
+    stub_log = (tmp_path / "stubs" / "log").read_text()
+    assert (f"scontrol requeue {JOB_ID}" in stub_log) == (how == "time_limit")  # pre-empted: SLURM requeues
     srun_line = next(line for line in stub_log.splitlines() if line.startswith("srun "))
     port = env["DINOKIT_PORT"]
     for flag in ("--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}"):
@@ -152,7 +177,8 @@ def test_a_two_node_job_stopped_near_its_time_limit_checkpoints_requeues_and_con
     final = load_checkpoint(out / "checkpoints" / "checkpoint_00000040.pt")
     assert final["global_batch"] == 8 and final["samples_seen"] == 40 * 8  # 2 nodes x 1 process x batch 4
     assert dinokit.load_model(out / "backbone.safetensors")
-    assert (tmp_path / "stub.log").read_text().count("scontrol requeue") == 1  # a finished job does not requeue
+    requeues = (tmp_path / "stubs" / "log").read_text().count("scontrol requeue")
+    assert requeues == (how == "time_limit")  # a finished job does not requeue
 
 
 def test_a_one_node_job_of_two_processes_finishes_and_its_requeue_trains_no_further(tmp_path):
@@ -171,7 +197,7 @@ def test_a_one_node_job_of_two_processes_finishes_and_its_requeue_trains_no_furt
     assert read_metrics(out / "metrics.jsonl") == rows
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_00000004.pt"]
     assert log.read_text().count("pretrain: done, 4 iterations") == 2
-    assert "scontrol requeue" not in (tmp_path / "stub.log").read_text()
+    assert "scontrol requeue" not in (tmp_path / "stubs" / "log").read_text()
 
 
 # SLURM with ProctrackType=proctrack/linuxproc signals every process of a job step, torchrun's processes
