@@ -2,9 +2,11 @@
 epochs, exact resume after Ctrl-C, the output files (backbone, head file, result), bad input, and a
 two-process torchrun run that matches one process on the same global batch."""
 
+import importlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +173,35 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(data, finished, tmp_pat
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert resumed["fine_tuned_weights_hash"] == whole["fine_tuned_weights_hash"]
+
+
+def test_a_sigterm_repeated_while_the_stop_checkpoint_is_written_is_ignored(data, tmp_path, monkeypatch):
+    """As in pretraining (tests/test_pretrain.py): the same stop delivered again while the stopped run
+    writes its checkpoint does not act. The handler in place before the run records whether it did."""
+    module = importlib.import_module("dinokit.train.finetune")
+    acted = []
+    before = signal.signal(signal.SIGTERM, lambda *_: acted.append(1))
+    try:
+        step, save = Finetuner.step, module.save_checkpoint
+
+        def stopping_step(self, *args):
+            if self.iteration == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # the stop
+            return step(self, *args)
+
+        def save_with_the_stop_again(folder, iteration, *args):
+            os.kill(os.getpid(), signal.SIGTERM)  # the same stop, delivered again during the save
+            time.sleep(0.01)  # the handler runs between bytecodes
+            return save(folder, iteration, *args)
+
+        monkeypatch.setattr(Finetuner, "step", stopping_step)
+        monkeypatch.setattr(module, "save_checkpoint", save_with_the_stop_again)
+        with pytest.raises(SystemExit) as exit_:
+            run(data, tmp_path / "run", epochs=2, lr=0.1)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert exit_.value.code == 143 and acted == []
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_00000004.pt"]
 
 
 # ---------------------------------------------------------------------------------------------- outputs

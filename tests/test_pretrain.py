@@ -173,6 +173,38 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_reaches_the_sam
     assert_same_parameters_at_40(tmp_path / "full", out)
 
 
+def test_a_sigterm_repeated_while_the_stop_checkpoint_is_written_is_ignored(tmp_path, monkeypatch):
+    """One stop can reach a process twice (SLURM's proctrack/linuxproc signals every process of a job
+    step and torchrun passes its own SIGTERM on); a copy that arrives while the stopped run writes its
+    checkpoint must not end the process before it is written. The SIGTERM handler in place before the
+    run stands for the default one (which would kill the process) and records whether it acted."""
+    module = importlib.import_module("dinokit.train.pretrain")  # the module; dinokit.train.pretrain is the function
+    acted = []
+    before = signal.signal(signal.SIGTERM, lambda *_: acted.append(1))
+    try:
+        step, save = module.Trainer.step, module.save_checkpoint
+
+        def stopping_step(self, *args):
+            if self.iteration == 2:
+                os.kill(os.getpid(), signal.SIGTERM)  # the stop
+            return step(self, *args)
+
+        def save_with_the_stop_again(folder, iteration, *args):
+            os.kill(os.getpid(), signal.SIGTERM)  # the same stop, delivered again during the last save
+            time.sleep(0.01)  # the handler runs between bytecodes
+            return save(folder, iteration, *args)
+
+        monkeypatch.setattr(module.Trainer, "step", stopping_step)
+        monkeypatch.setattr(module, "save_checkpoint", save_with_the_stop_again)
+        with pytest.raises(SystemExit) as exit_:
+            run(tiny_images(tmp_path / "data"), tmp_path / "run", max_iterations=20)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert exit_.value.code == 143 and acted == []
+    (checkpoint,) = list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert load_checkpoint(checkpoint)["iteration"] == 3
+
+
 def test_stop_signals_ask_once_then_act_as_usual():
     from dinokit.runtime import StopSignals
 

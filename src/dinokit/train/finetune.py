@@ -398,7 +398,7 @@ class Finetuner:
         start = time.perf_counter() - self.elapsed
         elapsed, stopped_by, non_finite = self.elapsed, None, 0
         window = torch.zeros(2, dtype=torch.float64)  # summed loss, steps since the last log row
-        stop = StopSignals().install()
+        stop = StopSignals().install()  # restored after the loop, or after the checkpoint of a stop
         try:
             iterator = iter(self.train_loader())
             while self.iteration < self.total_steps:
@@ -437,14 +437,21 @@ class Finetuner:
                         bar.set_postfix(loss=f"{row['train_loss']:.3f}", **shown)
                 if epoch_end:
                     self.save(elapsed)
-        finally:
+        except BaseException:
             stop.restore()
+            raise
+        finally:
+            if stopped_by is None:
+                stop.restore()
             bar.close()
             if log is not None:
                 log.close()
         if stopped_by is not None:
-            self.fold(window)  # the steps since the last row count towards this epoch's train loss
-            self.save(elapsed)
+            try:  # a repeated SIGTERM stays ignored until this checkpoint is written
+                self.fold(window)  # the steps since the last row count towards this epoch's train loss
+                self.save(elapsed)
+            finally:
+                stop.restore()
             stop.end_run("finetune", stopped_by, self.iteration, self.out, self.main)
         return self.finish()
 

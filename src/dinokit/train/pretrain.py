@@ -452,7 +452,9 @@ class Trainer:
         elapsed = self.elapsed
         parts = None
         stopped_by = None
-        stop = StopSignals().install()  # restored right after the loop: a signal during the end acts as usual
+        # restored after the loop; when a signal stopped it, after its last checkpoint (`finish`): a
+        # repeated SIGTERM stays ignored until that checkpoint is written
+        stop = StopSignals().install()
         try:
             iterator = iter(loader)  # the loader's workers ignore both signals (ignore_stop_signals)
             while True:
@@ -510,8 +512,12 @@ class Trainer:
                         log.write(last_row)
             if cfg.knn_every and stopped_by is None and self.iteration % cfg.knn_every:  # the final teacher's
                 self.log_knn(log, bar)
-        finally:
+        except BaseException:
             stop.restore()
+            raise
+        finally:
+            if stopped_by is None:
+                stop.restore()
             bar.close()
             if log is not None:
                 log.close()
@@ -594,7 +600,10 @@ class Trainer:
     def finish(self, elapsed: float, last_row: dict, stop: StopSignals, stopped_by: str | None) -> dict:
         """The run's end: a last checkpoint (then, if a signal stopped it, stop as it asks), the teacher
         backbone as backbone.safetensors, bad_files.txt, and the summary `pretrain` returns."""
-        self.save(elapsed)
+        try:
+            self.save(elapsed)
+        finally:
+            stop.restore()  # a signal that stopped the run: its handlers held until this checkpoint
         if stopped_by is not None:
             stop.end_run("pretrain", stopped_by, self.iteration, self.out, self.main)
         state = model_state(self.model, self.fsdp) if self.fsdp else None  # a collective: every process
