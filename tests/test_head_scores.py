@@ -83,6 +83,17 @@ def miou_by_hand(pairs: list[tuple[np.ndarray, np.ndarray]], num_classes: int, i
     return 100 * float(np.mean(inter[present] / union[present])), 100 * correct / labelled
 
 
+def ade20k_scores_of_pngs(folder: Path, val: Path) -> tuple[float, float]:
+    """(mIoU %, aAcc %) by hand of predict's class PNGs in folder against val's ADE20K-style masks, reduced as
+    mmseg's reduce_zero_label (0 and 255 -> 255, k -> k - 1), 150 classes."""
+    pairs = []
+    for name in SIZES:
+        pred = np.asarray(Image.open(folder / f"{name}.png")).astype(np.int64)
+        mask = np.asarray(Image.open(val / "masks" / f"{name}.png")).astype(np.int64)
+        pairs.append((pred, np.where((mask == 0) | (mask == 255), 255, mask - 1)))
+    return miou_by_hand(pairs, 150, 255)
+
+
 def toolbox_metrics(gt: np.ndarray, pred: np.ndarray) -> dict:
     """The toolbox's `calculate` (depth/core/evaluation/metrics.py) on the valid pixels; deltas in %."""
     thresh = np.maximum(gt / pred, pred / gt)
@@ -143,14 +154,9 @@ def test_a_released_segmentation_head_scores_what_predict_writes(micro, tmp_path
     common = [f"head={head}", f"model={micro['weights']}", "image_size=32", "precision=fp32", "device=cpu"]
     assert main(["predict", "segmentation", *common, f"images={micro['val'] / 'images'}", f"out={tmp_path / 'p'}"]) == 0
     result = scores("segmentation", *common, f"val={micro['val']}", f"out={tmp_path / 's'}", "num_examples=2")
-    pairs = []
-    for name in SIZES:
-        pred = np.asarray(Image.open(tmp_path / "p" / f"{name}.png")).astype(np.int64)
-        mask = np.asarray(Image.open(micro["val"] / "masks" / f"{name}.png")).astype(np.int64)
-        truth = np.where((mask == 0) | (mask == 255), 255, mask - 1)
-        pairs.append((pred, truth))
-    miou, aacc = miou_by_hand(pairs, 150, 255)
-    assert len({p.max() for p, _ in pairs} | {p.min() for p, _ in pairs}) > 1  # the head predicts several classes
+    miou, aacc = ade20k_scores_of_pngs(tmp_path / "p", micro["val"])
+    assert len(np.unique(np.asarray(Image.open(tmp_path / "p" / "a.png")))) > 1  # the head predicts several classes
+    assert result["protocol"]["scales"] == [1.0] and result["protocol"]["flip"] is False  # a linear head's
     assert result["miou"] == pytest.approx(miou, abs=1e-9)
     assert result["pixel_accuracy"] == pytest.approx(aacc, abs=1e-9)
     assert result["classes"][0] == "wall" and len(result["iou_per_class"]) == 150
@@ -163,6 +169,34 @@ def test_a_released_segmentation_head_scores_what_predict_writes(micro, tmp_path
     argv = ["eval", "segmentation", *common, f"val={micro['val']}", f"out={tmp_path / 'r'}", "reduce_zero_label=false"]
     error = refused(argv, capsys)
     assert "holds class 150, but the head predicts 150 classes (0..149)" in error and "reduce_zero_label=true" in error
+
+
+def test_an_ms_head_is_scored_with_the_configs_five_ratios_where_predict_uses_the_notebooks_three(micro, tmp_path):
+    """eval segmentation head= scores an ms head as its published "+ms" numbers were measured: the released configs'
+    img_ratios [1.0, 1.32, 1.73, 2.28, 3.0] with flips (a copy of dinov2_vits14_voc2012_ms_config.py); predict
+    segmentation keeps the notebook's first 3. The json records the ratios that ran: its scores are those of
+    predict's PNGs made with those ratios, by hand; scales= sets them in either command."""
+    head = tmp_path / "micro_ade20k_ms_head.pth"  # 4 blocks wide: an ms head
+    official_head_file(head, 4 * DIM, 150)
+    common = [f"head={head}", f"model={micro['weights']}", "image_size=16", "precision=fp32", "device=cpu"]
+    images, val = f"images={micro['val'] / 'images'}", f"val={micro['val']}"
+    five, three = [1.0, 1.32, 1.73, 2.28, 3.0], [1.0, 1.32, 1.73]
+    assert main(["predict", "segmentation", *common, images, f"out={tmp_path / 'p3'}"]) == 0
+    record = json.loads((tmp_path / "p3" / "classes.json").read_text())
+    assert (record["kind"], record["scales"], record["flip"]) == ("ms", three, True)
+    assert (
+        main(["predict", "segmentation", *common, images, f"out={tmp_path / 'p5'}", "scales=[1.0,1.32,1.73,2.28,3.0]"])
+        == 0
+    )
+    by_hand = {n: ade20k_scores_of_pngs(tmp_path / f"p{n}", micro["val"]) for n in (3, 5)}
+    assert by_hand[3] != by_hand[5]  # the two protocols' masks score differently here: the test tells them apart
+    result = scores("segmentation", *common, val, f"out={tmp_path / 's'}")
+    assert (result["protocol"]["scales"], result["protocol"]["flip"]) == (five, True)
+    assert (result["miou"], result["pixel_accuracy"]) == pytest.approx(by_hand[5], abs=1e-9)
+    # scales= overrides the default, and the json records it
+    notebook = scores("segmentation", *common, val, f"out={tmp_path / 's3'}", "scales=[1.0,1.32,1.73]")
+    assert (notebook["protocol"]["scales"], notebook["protocol"]["flip"]) == (three, True)
+    assert (notebook["miou"], notebook["pixel_accuracy"]) == pytest.approx(by_hand[3], abs=1e-9)
 
 
 def test_a_released_depth_head_scores_what_predict_computes(micro, tmp_path, capsys):

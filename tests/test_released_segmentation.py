@@ -225,6 +225,10 @@ def test_cli_masks_at_the_images_sizes_with_the_class_names(micro, tmp_path, cap
     # notebook's first 3 of the configs' 5 img_ratios
     ms = InferenceSettings((1.0, 1.32, 1.73), True, 640, long_side=99999999, crop=640, stride=320)
     assert (released.kind, released.settings()) == ("ms", ms)
+    # scoring (eval segmentation head=): the configs' 5 ratios, those of the published "+ms" numbers
+    scored = InferenceSettings((1.0, 1.32, 1.73, 2.28, 3.0), True, 640, long_side=99999999, crop=640, stride=320)
+    assert released.settings(scoring=True) == scored
+    assert released.settings(scales=[1.0], scoring=True).scales == (1.0,)
     with pytest.raises(DinokitError, match="scales must be a list of positive ratios"):
         released.predict(images / "a.png", scales=[])
     with pytest.raises(DinokitError, match="precision must be one of bf16, fp32"):

@@ -3,9 +3,13 @@
 
 Each image is predicted exactly as `dinokit predict` predicts it: a released DINOv2 head through its own
 inference (`released_segmentation.segment_image`, the `released_depth.ReleasedDepther`), a dinokit head
-file through `dense.head_outputs` (the code path of `predict_images`); except that a released depth head's
-depth is averaged with the mirror image's (`ReleasedDepther(flip=True)`), as the released NYU and KITTI
-configs' test pipelines do (`MultiScaleFlipAug(flip=True)`), where predict depth follows the hub (no flip).
+file through `dense.head_outputs` (the code path of `predict_images`); except where the released configs'
+evaluation differs from the notebooks predict follows, since a released head is scored to reproduce its
+published numbers: an ms segmentation head is scored over the configs' 5 ratios [1.0, 1.32, 1.73, 2.28, 3.0]
+with flips by default (`SCORING_SCALES`; predict segmentation: the notebook's first 3; `scales=` sets
+either), and a released depth head's depth is averaged with the mirror image's (`ReleasedDepther(flip=True)`),
+as the released NYU and KITTI configs' test pipelines do (`MultiScaleFlipAug(flip=True)`), where predict
+depth follows the hub (no flip). The result's protocol records the scales and flip that ran.
 The val folder has the training probes' layout (`dense.read_pairs`): images/ with masks/ or depth/ of the
 same names and sizes.
 
@@ -169,8 +173,9 @@ def segmentation_run(
     device: str,
     precision: str,
 ) -> HeadRun:
-    """A released segmentation head (`segment_image` with its settings) or a dinokit head file
-    (`dense.head_outputs`, classes as `predict_classes`), predicting (H, W) class indices."""
+    """A released segmentation head (`segment_image` with its scoring settings: an ms head's default ratios
+    are the configs' 5) or a dinokit head file (`dense.head_outputs`, classes as `predict_classes`),
+    predicting (H, W) class indices."""
     from dinokit.eval.common import make_transform
     from dinokit.eval.heads import backbone_for_head, is_released_head
     from dinokit.eval.segmentation import load_segmentation_head, predict_classes, refuse_released_settings
@@ -182,7 +187,7 @@ def segmentation_run(
 
         check_settings(scales, flip, image_size, batch_size, precision)  # before any download
         released = load_released_segmentation_head(head, model, device)
-        settings = released.settings(scales, flip, image_size, batch_size, precision)
+        settings = released.settings(scales, flip, image_size, batch_size, precision, scoring=True)
         name = released_head(head)
         dataset = name.dataset if name is not None else None
         record = {

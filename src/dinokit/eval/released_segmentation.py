@@ -27,7 +27,8 @@ reshape=True)`, norm left at its default True; CenterPadding); the ms configs (a
 w1394945493/GaussTR configs/dinov2/dinov2_vits14/): out_indices [8, 9, 10, 11] with in_index [0, 1, 2, 3],
 test_cfg slide crop_size (640, 640) stride (320, 320), data.test img_scale (99999999, 640), img_ratios
 [1.0, 1.32, 1.73, 2.28, 3.0], flip=True; the notebook keeps the first HEAD_SCALE_COUNT = 3 ratios, as
-dinokit does by default (`CONFIG_MS_SCALES` holds the 5 of the published "+ms" numbers). The linear
+`predict segmentation` does by default (`DEFAULT_SCALES`), while `eval segmentation head=` scores with the
+configs' 5 (`SCORING_SCALES`: those of the published "+ms" numbers). The linear
 configs, from adapted copies (Jiawei-Yang/Denoising-ViT evaluation/configs/vitb_voc2012_linear_config.py and
 an ADE20K twin): out_indices [8, 9, 10, 11] with in_index [3] (the last block), img_scale (2048, 512), no
 flip, slide crop (512, 512) stride (341, 341). Not verified: the ADE20K ms config itself (taken to be the
@@ -59,6 +60,7 @@ from dinokit.runtime import autocast, check_precision
 
 DEFAULT_SCALES = {"linear": (1.0,), "ms": (1.0, 1.32, 1.73)}  # ms: the notebook's HEAD_SCALE_COUNT = 3
 CONFIG_MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)  # the ms configs' img_ratios (their published "+ms" numbers)
+SCORING_SCALES = {"linear": (1.0,), "ms": CONFIG_MS_SCALES}  # eval segmentation head=: the configs' protocol
 DEFAULT_IMAGE_SIZE = {"linear": 512, "ms": 640}  # the short side of the configs' img_scale
 UNCAPPED = 99999999  # the long side of the ms configs' img_scale (99999999, 640): no cap
 WINDOWS = {"linear": (512, 341), "ms": (640, 320)}  # the configs' test_cfg crop_size and stride
@@ -89,14 +91,17 @@ class ReleasedHead:
         image_size: int | None = None,
         batch_size: int = 16,
         precision: str = "bf16",
+        scoring: bool = False,
     ) -> "InferenceSettings":
         """The official test-time settings of this head's kind (linear: one scale, img_scale (4 x 512, 512),
-        windows 512 / 341; ms: the notebook's 3 ratios and flips, img_scale (uncapped, 640), windows 640 /
-        320), with the values given in their place."""
+        windows 512 / 341; ms: ratios and flips, img_scale (uncapped, 640), windows 640 / 320), with the
+        values given in their place. The ms ratios: the notebook's 3 (`DEFAULT_SCALES`, for a picture), or
+        with `scoring` the configs' 5 (`SCORING_SCALES`, the published "+ms" numbers' evaluation)."""
         check_settings(scales, flip, image_size, batch_size, precision)
         crop, stride = WINDOWS[self.kind]
+        default_scales = (SCORING_SCALES if scoring else DEFAULT_SCALES)[self.kind]
         settings = InferenceSettings(
-            scales=tuple(DEFAULT_SCALES[self.kind] if scales is None else scales),
+            scales=tuple(default_scales if scales is None else scales),
             flip=self.kind == "ms" if flip is None else flip,
             image_size=DEFAULT_IMAGE_SIZE[self.kind] if image_size is None else image_size,
             long_side=UNCAPPED if self.kind == "ms" else None,

@@ -152,7 +152,9 @@ def eval_segmentation(
     Scoring a head (head=, no train=; the training keys num_classes, n_last_blocks, epochs, lr,
     weight_decay, train_batch_size, cache and seed do not apply): head is a released DINOv2 head (a name
     such as dinov2_vits14_ade20k_linear_head or its .pth, applied as `dinokit predict segmentation`
-    applies it, with its scales, flip and image_size) or a head file of `dinokit eval segmentation`
+    applies it, with its scales, flip and image_size, except that an ms head's scales default to the
+    configs' 5 ratios [1.0, 1.32, 1.73, 2.28, 3.0], those of its published numbers, where predict
+    uses the notebook's first 3) or a head file of `dinokit eval segmentation`
     (applied at its trained size and blocks). model: by default the head's backbone. val: images/ and
     masks/ of the images' sizes. reduce_zero_label: map the masks' 0 to ignored and k to k - 1 as mmseg
     (ADE20K's annotations: 0 = other, 1..150 the classes); default true for a released ade20k head, else
@@ -350,8 +352,9 @@ def predict_segmentation(
     512 x 512 windows, stride 341; ms heads 640 x 640, stride 320) on the image resized to the scale
     (4 x image_size, image_size) (ms: short side image_size, long side uncapped) x each ratio of scales,
     and its mirror image where flip; the views' softmax averaged. scales: default [1.0] for a linear
-    head, the notebook's [1.0, 1.32, 1.73] for an ms one (the configs' evaluation: [1.0, 1.32, 1.73, 2.28,
-    3.0]); flip: default false / true; image_size: default 512 / 640 (docs/reproducing.md).
+    head, the notebook's [1.0, 1.32, 1.73] for an ms one (the configs' evaluation, `eval segmentation
+    head=`'s default: [1.0, 1.32, 1.73, 2.28, 3.0]); flip: default false / true; image_size: default
+    512 / 640 (docs/reproducing.md).
     batch_size counts windows; num_workers is ignored (one image at a time). Writes out/classes.json
     too: the class names in index order (ADE20K's 150 or VOC2012's 21; null for an unnamed file
     without them) and the settings. scales, flip and image_size apply to released heads only.
