@@ -204,6 +204,34 @@ def test_a_sigterm_repeated_while_the_stop_checkpoint_is_written_is_ignored(data
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_00000004.pt"]
 
 
+def test_a_run_stopped_by_sigterm_that_then_fails_gives_the_signal_handlers_back(data, tmp_path, monkeypatch):
+    """As in pretraining (tests/test_pretrain.py): a stopped run that fails before its last checkpoint
+    (closing metrics.jsonl on a full disk) gives the SIGINT / SIGTERM handlers back."""
+    from dinokit.train.metrics_log import MetricsLog
+
+    step = Finetuner.step
+
+    def stopping_step(self, *args):
+        if self.iteration == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the stop
+        return step(self, *args)
+
+    def close_on_a_full_disk(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Finetuner, "step", stopping_step)
+    monkeypatch.setattr(MetricsLog, "close", close_on_a_full_disk)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(OSError, match="No space left on device"):
+            run(data, tmp_path / "run", epochs=2, lr=0.1)
+        after = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert after == before
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 def test_backbone_and_head_files_reproduce_the_model_and_its_val_accuracy(data, finished, tmp_path):
     result = json.loads((finished / "finetune.json").read_text())

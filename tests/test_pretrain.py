@@ -205,6 +205,36 @@ def test_a_sigterm_repeated_while_the_stop_checkpoint_is_written_is_ignored(tmp_
     assert load_checkpoint(checkpoint)["iteration"] == 3
 
 
+def test_a_run_stopped_by_sigterm_that_then_fails_gives_the_signal_handlers_back(tmp_path, monkeypatch):
+    """A stopped run keeps its handlers until its last checkpoint; one that fails before it (here closing
+    metrics.jsonl on a full disk) must still give them back, as any failing run does: else SIGTERM stays
+    ignored in the calling process (a notebook's kernel) and Ctrl-C is caught by a finished run."""
+    from dinokit.train.metrics_log import MetricsLog
+
+    module = importlib.import_module("dinokit.train.pretrain")  # the module; dinokit.train.pretrain is the function
+    step = module.Trainer.step
+
+    def stopping_step(self, *args):
+        if self.iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the stop
+        return step(self, *args)
+
+    def close_on_a_full_disk(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module.Trainer, "step", stopping_step)
+    monkeypatch.setattr(MetricsLog, "close", close_on_a_full_disk)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(OSError, match="No space left on device"):
+            run(tiny_images(tmp_path / "data"), tmp_path / "run", max_iterations=20)
+        after = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert after == before
+
+
 def test_stop_signals_ask_once_then_act_as_usual():
     from dinokit.runtime import StopSignals
 

@@ -398,62 +398,64 @@ class Finetuner:
         start = time.perf_counter() - self.elapsed
         elapsed, stopped_by, non_finite = self.elapsed, None, 0
         window = torch.zeros(2, dtype=torch.float64)  # summed loss, steps since the last log row
-        stop = StopSignals().install()  # restored after the loop, or after the checkpoint of a stop
+        # restored after the loop, or after the checkpoint of a stop; every way out restores them (an
+        # error before that checkpoint too), so none stays behind in the calling process
+        stop = StopSignals().install()
         try:
-            iterator = iter(self.train_loader())
-            while self.iteration < self.total_steps:
-                requested = dist.all_reduce_sum(torch.tensor([float(stop.requested is not None)]))
-                if requested.item() > 0:  # Ctrl-C or SIGTERM on some process: every process stops here
-                    stopped_by = stop.requested or "a signal to another process"
-                    break
-                images, good, bad = next(iterator)
-                self.train_bad.update(str(self.train_paths[i]) for i in bad)
-                empty = dist.all_reduce_sum(torch.tensor([float(images is None)]))
-                values = self.schedule(self.iteration)
-                if empty.item() == 0:  # else a batch of unreadable files on some process: skipped everywhere
-                    loss, accepted = self.step(images, self.train_labels[good], values)
-                    non_finite = 0 if accepted else non_finite + 1
-                    if non_finite >= NAN_PATIENCE:
-                        raise DinokitError(
-                            f"{non_finite} steps in a row had non-finite losses or gradients (iteration "
-                            f"{self.iteration}): `resume=true precision=fp32` continues from the last checkpoint; a "
-                            "lower lr or clip_grad=1 takes a new run (another out=...)"
-                        )
-                    if accepted:
-                        window += torch.tensor([loss.item(), 1.0])
-                self.iteration += 1
-                bar.update(1)
-                elapsed = time.perf_counter() - start
-                epoch_end = self.iteration % self.steps_per_epoch == 0
-                if self.iteration % cfg.log_every == 0 or epoch_end:
-                    row = self.train_row(window, values, elapsed)
-                    if epoch_end:  # the epoch's figures in the same row
-                        entry = self.end_epoch(val_loader, elapsed)
-                        row.update(epoch_train_loss=entry["train_loss"], val_top1=entry["val_top1"])
-                        row["val_top5"] = entry["val_top5"]
-                    if self.main:
-                        log.write(row)
-                        shown = {"val_top1": f"{row['val_top1']:.1f}"} if epoch_end else {"lr": f"{values['lr']:.3g}"}
-                        bar.set_postfix(loss=f"{row['train_loss']:.3f}", **shown)
-                if epoch_end:
-                    self.save(elapsed)
-        except BaseException:
-            stop.restore()
-            raise
-        finally:
-            if stopped_by is None:
-                stop.restore()
-            bar.close()
-            if log is not None:
-                log.close()
-        if stopped_by is not None:
-            try:  # a repeated SIGTERM stays ignored until this checkpoint is written
+            try:
+                iterator = iter(self.train_loader())
+                while self.iteration < self.total_steps:
+                    requested = dist.all_reduce_sum(torch.tensor([float(stop.requested is not None)]))
+                    if requested.item() > 0:  # Ctrl-C or SIGTERM on some process: every process stops here
+                        stopped_by = stop.requested or "a signal to another process"
+                        break
+                    images, good, bad = next(iterator)
+                    self.train_bad.update(str(self.train_paths[i]) for i in bad)
+                    empty = dist.all_reduce_sum(torch.tensor([float(images is None)]))
+                    values = self.schedule(self.iteration)
+                    if empty.item() == 0:  # else a batch of unreadable files on some process: skipped everywhere
+                        loss, accepted = self.step(images, self.train_labels[good], values)
+                        non_finite = 0 if accepted else non_finite + 1
+                        if non_finite >= NAN_PATIENCE:
+                            raise DinokitError(
+                                f"{non_finite} steps in a row had non-finite losses or gradients (iteration "
+                                f"{self.iteration}): `resume=true precision=fp32` continues from the last checkpoint; "
+                                "a lower lr or clip_grad=1 takes a new run (another out=...)"
+                            )
+                        if accepted:
+                            window += torch.tensor([loss.item(), 1.0])
+                    self.iteration += 1
+                    bar.update(1)
+                    elapsed = time.perf_counter() - start
+                    epoch_end = self.iteration % self.steps_per_epoch == 0
+                    if self.iteration % cfg.log_every == 0 or epoch_end:
+                        row = self.train_row(window, values, elapsed)
+                        if epoch_end:  # the epoch's figures in the same row
+                            entry = self.end_epoch(val_loader, elapsed)
+                            row.update(epoch_train_loss=entry["train_loss"], val_top1=entry["val_top1"])
+                            row["val_top5"] = entry["val_top5"]
+                        if self.main:
+                            log.write(row)
+                            shown = (
+                                {"val_top1": f"{row['val_top1']:.1f}"} if epoch_end else {"lr": f"{values['lr']:.3g}"}
+                            )
+                            bar.set_postfix(loss=f"{row['train_loss']:.3f}", **shown)
+                    if epoch_end:
+                        self.save(elapsed)
+            finally:
+                if stopped_by is None:
+                    stop.restore()
+                bar.close()
+                if log is not None:
+                    log.close()
+            if stopped_by is not None:  # a repeated SIGTERM stays ignored until this checkpoint is written
                 self.fold(window)  # the steps since the last row count towards this epoch's train loss
                 self.save(elapsed)
-            finally:
                 stop.restore()
-            stop.end_run("finetune", stopped_by, self.iteration, self.out, self.main)
-        return self.finish()
+                stop.end_run("finetune", stopped_by, self.iteration, self.out, self.main)
+            return self.finish()
+        finally:
+            stop.restore()
 
     def fold(self, window: torch.Tensor) -> torch.Tensor:
         """The summed loss and steps of `window` over every process, added to the epoch's (a collective);

@@ -453,75 +453,76 @@ class Trainer:
         parts = None
         stopped_by = None
         # restored after the loop; when a signal stopped it, after its last checkpoint (`finish`): a
-        # repeated SIGTERM stays ignored until that checkpoint is written
+        # repeated SIGTERM stays ignored until that checkpoint is written. Every way out restores them
+        # (an error before that checkpoint too), so none stays behind in the calling process
         stop = StopSignals().install()
         try:
-            iterator = iter(loader)  # the loader's workers ignore both signals (ignore_stop_signals)
-            while True:
-                elapsed, stop_requested = self.shared_clock(start, stop.requested is not None)
-                if stop_requested:  # Ctrl-C or SIGTERM on some process: every process stops here
-                    stopped_by = stop.requested or "a signal to another process"
-                    break
-                if self.should_stop(elapsed):
-                    break
-                t0 = time.perf_counter()
-                batch = next(iterator)
-                t1 = time.perf_counter()
-                self.record_bad(batch)
-                # a batch of unreadable files on some process: no step anywhere, but the iteration's
-                # bookkeeping (bar, metrics row, checkpoint due) as after a step
-                empty = dist.all_reduce_sum(torch.tensor([float(batch.batch_size == 0)])).item() > 0
-                if not empty:
-                    values = self.schedules(self.progress(elapsed))
-                    parts, teacher, accepted, grad_norm = self.step(batch, values)
-                    if accepted:
-                        consecutive_bad = 0
-                    else:
-                        consecutive_bad += 1
-                        self.skip_step(consecutive_bad)
-                self.iteration += 1
-                self.samples_seen += self.global_batch
-                if not empty:
-                    t2 = time.perf_counter()
-                    window["time"] += t2 - t0
-                    window["wait"] += t1 - t0
-                    window["images"] += self.global_batch
-                    window["steps"] += 1
-                bar.update(1)
+            try:
+                iterator = iter(loader)  # the loader's workers ignore both signals (ignore_stop_signals)
+                while True:
+                    elapsed, stop_requested = self.shared_clock(start, stop.requested is not None)
+                    if stop_requested:  # Ctrl-C or SIGTERM on some process: every process stops here
+                        stopped_by = stop.requested or "a signal to another process"
+                        break
+                    if self.should_stop(elapsed):
+                        break
+                    t0 = time.perf_counter()
+                    batch = next(iterator)
+                    t1 = time.perf_counter()
+                    self.record_bad(batch)
+                    # a batch of unreadable files on some process: no step anywhere, but the iteration's
+                    # bookkeeping (bar, metrics row, checkpoint due) as after a step
+                    empty = dist.all_reduce_sum(torch.tensor([float(batch.batch_size == 0)])).item() > 0
+                    if not empty:
+                        values = self.schedules(self.progress(elapsed))
+                        parts, teacher, accepted, grad_norm = self.step(batch, values)
+                        if accepted:
+                            consecutive_bad = 0
+                        else:
+                            consecutive_bad += 1
+                            self.skip_step(consecutive_bad)
+                    self.iteration += 1
+                    self.samples_seen += self.global_batch
+                    if not empty:
+                        t2 = time.perf_counter()
+                        window["time"] += t2 - t0
+                        window["wait"] += t1 - t0
+                        window["images"] += self.global_batch
+                        window["steps"] += 1
+                    bar.update(1)
 
-                # a row's losses are its window's last step's: a window of empty batches only has none
-                log_due = self.iteration % cfg.log_every == 0 or self.should_log_last(elapsed)
-                if log_due and window["steps"]:
-                    row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
-                    window = {"time": 0.0, "wait": 0.0, "images": 0, "steps": 0}
-                    last_row = row
-                    with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
+                    # a row's losses are its window's last step's: a window of empty batches only has none
+                    log_due = self.iteration % cfg.log_every == 0 or self.should_log_last(elapsed)
+                    if log_due and window["steps"]:
+                        row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
+                        window = {"time": 0.0, "wait": 0.0, "images": 0, "steps": 0}
+                        last_row = row
+                        with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
+                            if self.main:
+                                log.write(row)
+                                bar.set_postfix(progress_postfix(row))
+                                warned_collapse = self.warn_collapse(row, warned_collapse)
+                    if cfg.knn_every and self.iteration % cfg.knn_every == 0:
+                        start += self.log_knn(log, bar)  # its minutes are not training's: out of the time budget
+                    if self.checkpoint_due(last_save_time):
+                        self.save(elapsed)
+                        last_save_time = time.perf_counter()
+                if window["steps"] and parts is not None:  # the time budget ended between log points
+                    last_row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
+                    with dist.compare_errors():
                         if self.main:
-                            log.write(row)
-                            bar.set_postfix(progress_postfix(row))
-                            warned_collapse = self.warn_collapse(row, warned_collapse)
-                if cfg.knn_every and self.iteration % cfg.knn_every == 0:
-                    start += self.log_knn(log, bar)  # its minutes are not training's: out of the time budget
-                if self.checkpoint_due(last_save_time):
-                    self.save(elapsed)
-                    last_save_time = time.perf_counter()
-            if window["steps"] and parts is not None:  # the time budget ended between log points
-                last_row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
-                with dist.compare_errors():
-                    if self.main:
-                        log.write(last_row)
-            if cfg.knn_every and stopped_by is None and self.iteration % cfg.knn_every:  # the final teacher's
-                self.log_knn(log, bar)
-        except BaseException:
-            stop.restore()
-            raise
+                            log.write(last_row)
+                if cfg.knn_every and stopped_by is None and self.iteration % cfg.knn_every:  # the final teacher's
+                    self.log_knn(log, bar)
+            finally:
+                if stopped_by is None:
+                    stop.restore()
+                bar.close()
+                if log is not None:
+                    log.close()
+            return self.finish(elapsed, last_row, stop, stopped_by)
         finally:
-            if stopped_by is None:
-                stop.restore()
-            bar.close()
-            if log is not None:
-                log.close()
-        return self.finish(elapsed, last_row, stop, stopped_by)
+            stop.restore()
 
     def progress(self, elapsed: float) -> float:
         """The run's progress in [0, 1]: images seen of `epochs`' images, else iterations of
@@ -600,10 +601,8 @@ class Trainer:
     def finish(self, elapsed: float, last_row: dict, stop: StopSignals, stopped_by: str | None) -> dict:
         """The run's end: a last checkpoint (then, if a signal stopped it, stop as it asks), the teacher
         backbone as backbone.safetensors, bad_files.txt, and the summary `pretrain` returns."""
-        try:
-            self.save(elapsed)
-        finally:
-            stop.restore()  # a signal that stopped the run: its handlers held until this checkpoint
+        self.save(elapsed)
+        stop.restore()  # a signal that stopped the run: its handlers held until this checkpoint (`run`: on errors)
         if stopped_by is not None:
             stop.end_run("pretrain", stopped_by, self.iteration, self.out, self.main)
         state = model_state(self.model, self.fsdp) if self.fsdp else None  # a collective: every process
