@@ -283,7 +283,7 @@ def slide_logits(released: ReleasedHead, image: torch.Tensor, settings: Inferenc
         for (y1, y2, x1, x2), out in zip(chunk, logits, strict=True):  # one window at full size at a time
             total[:, y1:y2, x1:x2] += upsample(out[None], (y2 - y1, x2 - x1))[0]
             count[:, y1:y2, x1:x2] += 1
-    return total / count
+    return total.div_(count)  # in place: one (C, H, W) map at a time (150 x 1920 x 2560 is 2.9 GB)
 
 
 def resize_rgb(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -298,7 +298,8 @@ def resize_rgb(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def iter_views(released: ReleasedHead, image: torch.Tensor, settings: InferenceSettings) -> Iterator[torch.Tensor]:
     """Slide-inference logits (C, h, w) of each view of a (3, H, W) 0-255 RGB image, in the order of
     `settings.view_sizes`: per ratio, the image resized, then (with flip) its mirror image, whose logits
-    are flipped back."""
+    are flipped back. No view's logits are held here once it is yielded and the caller moves on, so a
+    caller that drops each view keeps one large map alive at a time (two during a flip)."""
     mean = torch.tensor(MEAN, device=image.device)[:, None, None]
     std = torch.tensor(STD, device=image.device)[:, None, None]
     for scale in settings.img_scales():
@@ -306,7 +307,10 @@ def iter_views(released: ReleasedHead, image: torch.Tensor, settings: InferenceS
         for flipped in (False, True) if settings.flip else (False,):
             x = (resized.flip(-1) if flipped else resized).sub(mean).div(std)
             logits = slide_logits(released, x, settings)
-            yield logits.flip(-1) if flipped else logits
+            if flipped:
+                logits = logits.flip(-1)
+            yield logits
+            del logits  # before the next view is made
 
 
 def mean_probabilities(views: list[torch.Tensor], size: tuple[int, int], rows: slice | None = None) -> torch.Tensor:
@@ -358,6 +362,7 @@ def segment_image(
             total = logits.new_zeros(num_classes, height, width)
         for band in bands:
             total[:, band] += mean_probabilities([logits], (height, width), band)
+        del logits  # before iter_views makes the next view
     return total.argmax(0).cpu()
 
 
