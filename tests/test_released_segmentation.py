@@ -24,6 +24,7 @@ from dinokit.eval.released_segmentation import (
     mean_probabilities,
     rescale_size,
     segment_image,
+    slide_logits,
     slide_windows,
     view_scales,
 )
@@ -146,6 +147,11 @@ def test_parity_with_the_official_slide_multiscale_flip_computation(micro, tmp_p
             kept = segment_image(released, image, settings, keep_views=True, band_bytes=4 * 7 * width * 2)
             summed = segment_image(released, image, settings, keep_views=False, band_bytes=4 * 7 * width * 2)
         assert [tuple(v.shape[1:]) for v in views] == settings.view_sizes(height, width)
+        if flip:  # the mirror image's windows written flipped into place: its whole map flipped back, exactly
+            mirror = torch.randn(3, height + 5, width + 9)
+            with torch.no_grad():
+                flipped_back = slide_logits(released, mirror, settings).flip(-1)
+                assert torch.equal(slide_logits(released, mirror, settings, mirrored=True), flipped_back)
         got = mean_probabilities(views, (height, width))
         assert got.shape == (7, height, width)
         assert (got - expected).abs().max() < 1e-5

@@ -267,9 +267,13 @@ def window_logits(released: ReleasedHead, crops: torch.Tensor, precision: str) -
     return released.head(torch.stack([t.float() for t in tokens], dim=1), None, grid)
 
 
-def slide_logits(released: ReleasedHead, image: torch.Tensor, settings: InferenceSettings) -> torch.Tensor:
+def slide_logits(
+    released: ReleasedHead, image: torch.Tensor, settings: InferenceSettings, mirrored: bool = False
+) -> torch.Tensor:
     """(C, H, W) logits of a (3, H, W) normalised image: each window's logits resized to the window,
-    averaged where windows overlap."""
+    averaged where windows overlap. mirrored: the image is a mirror image, and each window's logits go
+    flipped into the mirrored columns: the map of the unmirrored image, as the whole map flipped back (the
+    same values), without a second (C, H, W) map."""
     _, height, width = image.shape
     windows = slide_windows(height, width, settings.crop, settings.stride)
     total = None
@@ -281,7 +285,10 @@ def slide_logits(released: ReleasedHead, image: torch.Tensor, settings: Inferenc
         if total is None:
             total = logits.new_zeros(logits.shape[1], height, width)
         for (y1, y2, x1, x2), out in zip(chunk, logits, strict=True):  # one window at full size at a time
-            total[:, y1:y2, x1:x2] += upsample(out[None], (y2 - y1, x2 - x1))[0]
+            window = upsample(out[None], (y2 - y1, x2 - x1))[0]
+            if mirrored:
+                x1, x2, window = width - x2, width - x1, window.flip(-1)
+            total[:, y1:y2, x1:x2] += window
             count[:, y1:y2, x1:x2] += 1
     return total.div_(count)  # in place: one (C, H, W) map at a time (150 x 1920 x 2560 is 2.9 GB)
 
@@ -298,19 +305,15 @@ def resize_rgb(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def iter_views(released: ReleasedHead, image: torch.Tensor, settings: InferenceSettings) -> Iterator[torch.Tensor]:
     """Slide-inference logits (C, h, w) of each view of a (3, H, W) 0-255 RGB image, in the order of
     `settings.view_sizes`: per ratio, the image resized, then (with flip) its mirror image, whose logits
-    are flipped back. No view's logits are held here once it is yielded and the caller moves on, so a
-    caller that drops each view keeps one large map alive at a time (two during a flip)."""
+    are flipped back (`slide_logits(mirrored=True)`). No view's logits are held here once it is yielded
+    and the caller moves on, so a caller that drops each view keeps one large map alive at a time."""
     mean = torch.tensor(MEAN, device=image.device)[:, None, None]
     std = torch.tensor(STD, device=image.device)[:, None, None]
     for scale in settings.img_scales():
         resized = resize_rgb(image, rescale_size(*image.shape[-2:], scale))
         for flipped in (False, True) if settings.flip else (False,):
             x = (resized.flip(-1) if flipped else resized).sub(mean).div(std)
-            logits = slide_logits(released, x, settings)
-            if flipped:
-                logits = logits.flip(-1)
-            yield logits
-            del logits  # before the next view is made
+            yield slide_logits(released, x, settings, mirrored=flipped)
 
 
 def mean_probabilities(views: list[torch.Tensor], size: tuple[int, int], rows: slice | None = None) -> torch.Tensor:
