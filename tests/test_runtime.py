@@ -1,4 +1,5 @@
 import contextlib
+import signal
 import subprocess
 import sys
 
@@ -98,3 +99,30 @@ def test_a_repeated_sigterm_is_the_same_stop_and_ctrl_c_after_it_acts_at_once():
     result = subprocess.run([sys.executable, "-c", REPEATED_SIGTERM], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.split() == ["SIGTERM", "interrupted", "True"]  # and SIGTERM's handler given back
+
+
+def test_a_sigterm_handled_while_the_handlers_are_restored_leaves_them_restored(monkeypatch):
+    """A SIGTERM can arrive while `restore` gives the handlers back one by one (its handler runs between
+    two of them): `restore` still ends with every earlier handler back, without an error."""
+    from dinokit.runtime import StopSignals
+
+    before = {s: signal.getsignal(s) for s in StopSignals.SIGNALS}
+    stop = StopSignals().install()
+    set_handler, arrived = signal.signal, []
+
+    def setting(signum, handler):  # the stop's SIGTERM handled once, just after SIGINT's handler is back
+        previous = set_handler(signum, handler)
+        if signum == signal.SIGINT and not arrived:
+            arrived.append(signal.SIGTERM)
+            stop._handle(signal.SIGTERM, None)
+        return previous
+
+    monkeypatch.setattr(signal, "signal", setting)
+    try:
+        stop.restore()
+        after = {s: signal.getsignal(s) for s in StopSignals.SIGNALS}
+    finally:
+        monkeypatch.undo()
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert after == before and stop.requested == "SIGTERM"

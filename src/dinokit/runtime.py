@@ -219,17 +219,23 @@ class StopSignals:
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGTERM:  # the same stop delivered twice: ignored until `restore`
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            before = self.previous.pop(signal.SIGTERM)
-            self.restore()  # Ctrl-C acts as usual
-            self.previous = {signal.SIGTERM: before}
+            self.restore_ctrl_c()
         else:
             self.restore()  # a second signal acts as usual
 
+    def restore_ctrl_c(self) -> None:
+        """Give SIGINT its earlier handler back (Ctrl-C acts as usual), SIGTERM's kept until `restore`: a
+        loop stopped (here or on another process) while its last checkpoint is written."""
+        if signal.SIGINT in self.previous:
+            handler = self.previous.pop(signal.SIGINT)
+            signal.signal(signal.SIGINT, handler if handler is not None else signal.SIG_DFL)
+
     def restore(self) -> None:
-        """Give the signals their earlier handlers back (idempotent)."""
-        for s, handler in self.previous.items():
+        """Give the signals their earlier handlers back (idempotent; a signal handled meanwhile finds
+        nothing left to restore)."""
+        previous, self.previous = self.previous, {}
+        for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        self.previous = {}
 
     def __enter__(self) -> "StopSignals":
         return self.install()
