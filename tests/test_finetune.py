@@ -232,6 +232,46 @@ def test_a_run_stopped_by_sigterm_that_then_fails_gives_the_signal_handlers_back
     assert after == before
 
 
+def test_ctrl_c_acts_at_once_during_the_stop_checkpoint_of_a_process_stopped_by_another(data, tmp_path, monkeypatch):
+    """As in pretraining (tests/test_pretrain.py): stopped because another process was signalled (its
+    stop check, one sum over the processes, says so after the step of iteration 3), a process keeps
+    SIGTERM handled through its stop checkpoint while Ctrl-C acts at once."""
+    from dinokit import distributed
+
+    module = importlib.import_module("dinokit.train.finetune")
+    step, save, all_reduce_sum = Finetuner.step, module.save_checkpoint, distributed.all_reduce_sum
+    stop_elsewhere = []
+
+    def stepping(self, *args):
+        out = step(self, *args)
+        stop_elsewhere.extend([True] if self.iteration == 3 else [])
+        return out
+
+    def summed(tensor):  # the next one-number sum, the loop's stop check, counts another process's stop
+        if stop_elsewhere and tensor.numel() == 1:
+            stop_elsewhere.clear()
+            return all_reduce_sum(tensor) + 1
+        return all_reduce_sum(tensor)
+
+    during_save = []
+
+    def recording_save(*args):
+        during_save.append({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+        return save(*args)
+
+    monkeypatch.setattr(Finetuner, "step", stepping)
+    monkeypatch.setattr(distributed, "all_reduce_sum", summed)
+    monkeypatch.setattr(module, "save_checkpoint", recording_save)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(KeyboardInterrupt):  # stopped by a signal to another process
+        run(data, tmp_path / "run", epochs=2, lr=0.1)
+    assert {s: signal.getsignal(s) for s in before} == before
+    (last,) = during_save
+    assert last[signal.SIGINT] == before[signal.SIGINT]  # Ctrl-C: as usual
+    assert last[signal.SIGTERM] != before[signal.SIGTERM]  # SIGTERM: still the stop's handler
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["checkpoint_00000004.pt"]
+
+
 # ---------------------------------------------------------------------------------------------- outputs
 def test_backbone_and_head_files_reproduce_the_model_and_its_val_accuracy(data, finished, tmp_path):
     result = json.loads((finished / "finetune.json").read_text())

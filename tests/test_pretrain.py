@@ -235,6 +235,35 @@ def test_a_run_stopped_by_sigterm_that_then_fails_gives_the_signal_handlers_back
     assert after == before
 
 
+def test_ctrl_c_acts_at_once_during_the_last_checkpoint_of_a_process_stopped_by_another(tmp_path, monkeypatch):
+    """A process that stops because another one was signalled keeps SIGTERM handled through its last
+    checkpoint (the stop may still reach it), but Ctrl-C acts at once there, as on the signalled
+    processes: a stuck save is not held up by a Ctrl-C swallowed on some processes only."""
+    module = importlib.import_module("dinokit.train.pretrain")  # the module; dinokit.train.pretrain is the function
+    shared_clock, save = module.Trainer.shared_clock, module.save_checkpoint
+
+    def stopped_elsewhere(self, start, requested):  # as when another process got the signal
+        elapsed, _ = shared_clock(self, start, requested)
+        return elapsed, self.iteration == 2
+
+    during_save = []
+
+    def recording_save(*args):
+        during_save.append({s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+        return save(*args)
+
+    monkeypatch.setattr(module.Trainer, "shared_clock", stopped_elsewhere)
+    monkeypatch.setattr(module, "save_checkpoint", recording_save)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(KeyboardInterrupt):  # stopped by a signal to another process
+        run(tiny_images(tmp_path / "data"), tmp_path / "run", max_iterations=20)
+    assert {s: signal.getsignal(s) for s in before} == before
+    (last,) = during_save
+    assert last[signal.SIGINT] == before[signal.SIGINT]  # Ctrl-C: as usual
+    assert last[signal.SIGTERM] != before[signal.SIGTERM]  # SIGTERM: still the stop's handler
+    assert load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["iteration"] == 2
+
+
 def test_stop_signals_ask_once_then_act_as_usual():
     from dinokit.runtime import StopSignals
 

@@ -445,6 +445,8 @@ class Finetuner:
             finally:
                 if stopped_by is None:
                     stop.restore()
+                else:  # Ctrl-C stops the last checkpoint at once on every process, signalled or not
+                    stop.restore_ctrl_c()
                 bar.close()
                 if log is not None:
                     log.close()
