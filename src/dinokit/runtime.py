@@ -230,6 +230,15 @@ class StopSignals:
             handler = self.previous.pop(signal.SIGINT)
             signal.signal(signal.SIGINT, handler if handler is not None else signal.SIG_DFL)
 
+    def end_loop(self, stopped: bool) -> None:
+        """The loop is over: every handler back, or, where a stop ended it (`stopped`, here or on another
+        process), Ctrl-C's alone: SIGTERM stays handled (a repeat ignored) until the stop's checkpoint is
+        written and `restore` is called."""
+        if stopped:
+            self.restore_ctrl_c()
+        else:
+            self.restore()
+
     def restore(self) -> None:
         """Give the signals their earlier handlers back (idempotent; a signal handled meanwhile finds
         nothing left to restore)."""

@@ -443,10 +443,7 @@ class Finetuner:
                     if epoch_end:
                         self.save(elapsed)
             finally:
-                if stopped_by is None:
-                    stop.restore()
-                else:  # Ctrl-C stops the last checkpoint at once on every process, signalled or not
-                    stop.restore_ctrl_c()
+                stop.end_loop(stopped_by is not None)  # Ctrl-C then stops even the stop's checkpoint
                 bar.close()
                 if log is not None:
                     log.close()

@@ -515,10 +515,7 @@ class Trainer:
                 if cfg.knn_every and stopped_by is None and self.iteration % cfg.knn_every:  # the final teacher's
                     self.log_knn(log, bar)
             finally:
-                if stopped_by is None:
-                    stop.restore()
-                else:  # Ctrl-C stops the last checkpoint at once on every process, signalled or not
-                    stop.restore_ctrl_c()
+                stop.end_loop(stopped_by is not None)  # Ctrl-C then stops even the stop's checkpoint
                 bar.close()
                 if log is not None:
                     log.close()
