@@ -1,3 +1,7 @@
+import os
+import signal
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +10,7 @@ from PIL import Image
 import dinokit
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
-from dinokit.features.extract import compute_features, extract_features
+from dinokit.features.extract import compute_features, extract_features, image_loader
 from dinokit.runtime import autocast, resolve_device
 
 
@@ -20,6 +24,22 @@ def images(tmp_path):
         paths.append(p)
     (tmp_path / "bad.jpg").write_bytes(b"broken")
     return [*paths[:2], tmp_path / "bad.jpg", *paths[2:]]
+
+
+def test_loader_workers_leave_stop_signals_to_the_main_process(images):
+    """A Ctrl-C or SIGTERM to the whole process group (a terminal, torchrun) reaches the loader's workers
+    too; they ignore it, so the main process decides (a pretraining run's k-NN monitor: finish the step,
+    save a checkpoint) and the batches still come."""
+    loader = image_loader(images, eval_transform(32), batch_size=1, num_workers=1, device=torch.device("cpu"))
+    batches = iter(loader)
+    first = next(batches)
+    (worker,) = batches._workers
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        os.kill(worker.pid, stop)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    rest = list(batches)
+    assert [i for _, good, _ in [first, *rest] for i in good] == [0, 1, 3, 4, 5]
 
 
 def test_extract_features_in_order_with_bad_files_skipped(images):

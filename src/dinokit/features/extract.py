@@ -13,7 +13,7 @@ from tqdm import tqdm
 from dinokit.data.images import ImageFiles, collate_skipping_bad
 from dinokit.errors import DinokitError
 from dinokit.models.vision_transformer import VisionTransformer
-from dinokit.runtime import autocast
+from dinokit.runtime import autocast, ignore_stop_signals
 
 # Which features a batch can produce, and their shapes for B images, D dims, R registers, N patches.
 FEATURE_KINDS = {
@@ -83,7 +83,12 @@ def check_loader_settings(batch_size: int, num_workers: int) -> None:
 
 
 def image_loader(paths: Sequence[Path], transform, batch_size: int, num_workers: int, device: torch.device):
-    """In-order DataLoader yielding (images, good indices, bad indices); bad files drop out."""
+    """In-order DataLoader yielding (images, good indices, bad indices); bad files drop out. Its workers
+    leave Ctrl-C and SIGTERM to the main process (`ignore_stop_signals`): a stop that reaches the whole
+    process group (a terminal's Ctrl-C, torchrun's SIGTERM) then ends the work there, where a training
+    run's k-NN monitor finishes its step and saves a checkpoint, instead of killing the workers first
+    (with fork they would only inherit the main process's handlers; with spawn, macOS's default, or
+    forkserver, they would die)."""
     check_loader_settings(batch_size, num_workers)
     return torch.utils.data.DataLoader(
         ImageFiles(list(paths), transform),
@@ -94,6 +99,7 @@ def image_loader(paths: Sequence[Path], transform, batch_size: int, num_workers:
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
     )
 
 
