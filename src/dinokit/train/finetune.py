@@ -398,10 +398,9 @@ class Finetuner:
         start = time.perf_counter() - self.elapsed
         elapsed, stopped_by, non_finite = self.elapsed, None, 0
         window = torch.zeros(2, dtype=torch.float64)  # summed loss, steps since the last log row
-        # restored after the loop, or after the checkpoint of a stop; every way out restores them (an
-        # error before that checkpoint too), so none stays behind in the calling process
-        stop = StopSignals().install()
-        try:
+        # the handlers: Ctrl-C's given back after the loop, SIGTERM's after a stop's checkpoint (a repeated
+        # SIGTERM is the same stop, ignored until it is written); leaving the block restores every one
+        with StopSignals() as stop:
             try:
                 iterator = iter(self.train_loader())
                 while self.iteration < self.total_steps:
@@ -447,14 +446,12 @@ class Finetuner:
                 bar.close()
                 if log is not None:
                     log.close()
-            if stopped_by is not None:  # a repeated SIGTERM stays ignored until this checkpoint is written
+            if stopped_by is not None:  # the stop's checkpoint
                 self.fold(window)  # the steps since the last row count towards this epoch's train loss
                 self.save(elapsed)
-                stop.restore()
-                stop.end_run("finetune", stopped_by, self.iteration, self.out, self.main)
-            return self.finish()
-        finally:
-            stop.restore()
+        if stopped_by is not None:
+            stop.end_run("finetune", stopped_by, self.iteration, self.out, self.main)
+        return self.finish()
 
     def fold(self, window: torch.Tensor) -> torch.Tensor:
         """The summed loss and steps of `window` over every process, added to the epoch's (a collective);

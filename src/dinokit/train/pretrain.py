@@ -452,11 +452,9 @@ class Trainer:
         elapsed = self.elapsed
         parts = None
         stopped_by = None
-        # restored after the loop; when a signal stopped it, after its last checkpoint (`finish`): a
-        # repeated SIGTERM stays ignored until that checkpoint is written. Every way out restores them
-        # (an error before that checkpoint too), so none stays behind in the calling process
-        stop = StopSignals().install()
-        try:
+        # the handlers: Ctrl-C's given back after the loop, SIGTERM's after the last checkpoint (a repeated
+        # SIGTERM is the same stop, ignored until it is written); leaving the block restores every one
+        with StopSignals() as stop:
             try:
                 iterator = iter(loader)  # the loader's workers ignore both signals (ignore_stop_signals)
                 while True:
@@ -519,9 +517,10 @@ class Trainer:
                 bar.close()
                 if log is not None:
                     log.close()
-            return self.finish(elapsed, last_row, stop, stopped_by)
-        finally:
-            stop.restore()
+            self.save(elapsed)  # the last checkpoint
+        if stopped_by is not None:
+            stop.end_run("pretrain", stopped_by, self.iteration, self.out, self.main)
+        return self.finish(elapsed, last_row)
 
     def progress(self, elapsed: float) -> float:
         """The run's progress in [0, 1]: images seen of `epochs`' images, else iterations of
@@ -597,13 +596,9 @@ class Trainer:
             if self.main:
                 save_checkpoint(self.out / "checkpoints", self.iteration, state, self.cfg.keep_checkpoints)
 
-    def finish(self, elapsed: float, last_row: dict, stop: StopSignals, stopped_by: str | None) -> dict:
-        """The run's end: a last checkpoint (then, if a signal stopped it, stop as it asks), the teacher
-        backbone as backbone.safetensors, bad_files.txt, and the summary `pretrain` returns."""
-        self.save(elapsed)
-        stop.restore()  # a signal that stopped the run: its handlers held until this checkpoint (`run`: on errors)
-        if stopped_by is not None:
-            stop.end_run("pretrain", stopped_by, self.iteration, self.out, self.main)
+    def finish(self, elapsed: float, last_row: dict) -> dict:
+        """The end of a run that was not stopped: the teacher backbone as backbone.safetensors,
+        bad_files.txt, and the summary `pretrain` returns."""
         state = model_state(self.model, self.fsdp) if self.fsdp else None  # a collective: every process
         with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
             backbone = export_teacher_backbone(self.model, self.out / "backbone.safetensors", state)
