@@ -59,8 +59,8 @@ from dinokit.models.vision_transformer import snap_to_patch_multiple
 from dinokit.runtime import autocast, check_precision
 
 DEFAULT_SCALES = {"linear": (1.0,), "ms": (1.0, 1.32, 1.73)}  # ms: the notebook's HEAD_SCALE_COUNT = 3
-CONFIG_MS_SCALES = (1.0, 1.32, 1.73, 2.28, 3.0)  # the ms configs' img_ratios (their published "+ms" numbers)
-SCORING_SCALES = {"linear": (1.0,), "ms": CONFIG_MS_SCALES}  # eval segmentation head=: the configs' protocol
+# eval segmentation head=: the configs' protocol; ms: their img_ratios (the published "+ms" numbers)
+SCORING_SCALES = {"linear": (1.0,), "ms": (1.0, 1.32, 1.73, 2.28, 3.0)}
 DEFAULT_IMAGE_SIZE = {"linear": 512, "ms": 640}  # the short side of the configs' img_scale
 UNCAPPED = 99999999  # the long side of the ms configs' img_scale (99999999, 640): no cap
 WINDOWS = {"linear": (512, 341), "ms": (640, 320)}  # the configs' test_cfg crop_size and stride
