@@ -5,6 +5,7 @@
 #   inference   bench/inference.py --device cuda (dinokit vs transformers, fp32 and bf16)
 #   train       bench/train_throughput.py --device cuda (dinokit vs lightly, bf16 and fp32, eager)
 #   compiled    the same with torch.compile of the blocks (bf16)
+#   train64     the same at batch 64 (a batch that fills the GPU, as the recipes use), 3 alternating rounds
 #   pretrain    `dinokit pretrain` of ViT-S/14 (DINOv2 recipe, 224 px) on rendered shapes, then
 #               continued under torchrun (NCCL) with resume=true
 #   tests       the test suite's training, model and feature tests (device=auto picks the GPU)
@@ -62,6 +63,8 @@ $PY -c 'import torch, transformers, timm; print(torch.__version__, torch.cuda.ge
 transformers.__version__, timm.__version__)'; nproc" ;;
     inference) step inference 150 $PY bench/inference.py --device cuda --rounds 20 ;;
     train) step train 200 $PY bench/train_throughput.py --device cuda --precisions bf16,fp32 --steps 20 --warmup 5 ;;
+    train64) step train64 300 $PY bench/train_throughput.py --device cuda --precisions bf16,fp32 --batch 64 --steps 10 \
+        --warmup 3 --rounds 3 ;;
     compiled) step compiled 300 $PY bench/train_throughput.py --device cuda --precisions bf16 --compile --steps 20 \
         --warmup 5 ;;
     pretrain) step pretrain 200 bash "$0" _pretrain ;;

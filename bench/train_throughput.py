@@ -11,6 +11,7 @@ pairs alternate to spread machine drift.
 
     python bench/train_throughput.py                       # CPU, fp32 and bf16
     python bench/train_throughput.py --device cuda --compile
+    python bench/train_throughput.py --device cuda --batch 64 --rounds 3   # a batch that fills a GPU
     python bench/train_throughput.py --peer dinokit-default-malloc   # dinokit with / without reuse_freed_memory
     python bench/train_throughput.py --saved-activations             # MB autograd saves for dinokit's backward
 """
@@ -261,11 +262,13 @@ def timed_steps(library: str, device: str, precision: str, steps: int, warmup: i
 
 
 def main() -> None:
+    global BATCH
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precisions", default="fp32,bf16")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=BATCH, help="images per step (the issue's comparison: 8)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating (dinokit, lightly) rounds per precision")
     parser.add_argument("--compile", action="store_true", help="torch.compile the blocks (both libraries)")
     parser.add_argument(
@@ -281,6 +284,7 @@ def main() -> None:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    BATCH = args.batch
     if args.saved_activations:
         for precision in args.precisions.split(","):
             print(f"{precision}: dinokit step saves {saved_activations_mb(precision):.0f} MB for its backward")
@@ -311,6 +315,8 @@ def main() -> None:
                     str(args.steps),
                     "--warmup",
                     str(args.warmup),
+                    "--batch",
+                    str(args.batch),
                 ] + (["--compile"] if args.compile else [])
                 run = subprocess.run(cmd, capture_output=True, text=True)
                 if run.returncode:
