@@ -126,11 +126,6 @@ def collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor, list[int]]:
     return collate_skipping_bad([(image, index) for image, index, _ in items])
 
 
-def export_backbone(model: Classifier, path: Path) -> str:
-    """The fine-tuned backbone as dinokit safetensors (fp32, eval mode, no stochastic depth)."""
-    return export_trained_backbone(model.backbone.config, model.backbone.state_dict(), path)
-
-
 class Finetuner:
     """One fine-tuning run (see `finetune`)."""
 
@@ -500,7 +495,10 @@ class Finetuner:
 
     def write_outputs(self) -> str:
         cfg, model = self.cfg, self.model
-        backbone_path = Path(export_backbone(model, self.out / "backbone.safetensors")).resolve()
+        backbone = model.backbone  # as dinokit safetensors: fp32, eval mode, no stochastic depth
+        backbone_path = Path(
+            export_trained_backbone(backbone.config, backbone.state_dict(), self.out / "backbone.safetensors")
+        ).resolve()
         tuned = prepare_backbone(str(backbone_path), "cpu", cfg.seed)  # as predict will read it (weights hash)
         meta = head_metadata(
             tuned,
