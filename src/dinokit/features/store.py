@@ -81,18 +81,14 @@ def damaged_shard(path: Path) -> Iterator[None]:
 def read_shard(path: Path, kinds: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """({kind: tensor}, image paths) of one shard; `kinds` None reads every feature kind."""
     with damaged_shard(path):
-        return _read_shard(path, kinds)
-
-
-def _read_shard(path: Path, kinds: list[str] | None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            names = [k for k in z.files if k not in ("paths", "bad")]
-            feats = {k: torch.from_numpy(z[k]) for k in names if kinds is None or k in kinds}
-            return feats, z["paths"].tolist()
-    with safe_open(str(path), framework="pt") as f:
-        feats = {k: f.get_tensor(k) for k in f.keys() if kinds is None or k in kinds}  # noqa: SIM118
-        return feats, json.loads(f.metadata()["paths"])
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                names = [k for k in z.files if k not in ("paths", "bad")]
+                feats = {k: torch.from_numpy(z[k]) for k in names if kinds is None or k in kinds}
+                return feats, z["paths"].tolist()
+        with safe_open(str(path), framework="pt") as f:
+            feats = {k: f.get_tensor(k) for k in f.keys() if kinds is None or k in kinds}  # noqa: SIM118
+            return feats, json.loads(f.metadata()["paths"])
 
 
 def read_manifest(folder: str | Path) -> dict:
