@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from dinokit.errors import DinokitError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"})
+CLASS_INDEX_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")  # Pillow modes of a mask: one class index per pixel
 
 
 def files_under(root: Path, extensions: frozenset[str] | tuple[str, ...]) -> list[Path]:

@@ -29,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dinokit.data.images import (
+    CLASS_INDEX_MODES,
     UnreadableImage,
     check_readable,
     files_under,
@@ -104,7 +105,7 @@ def read_mask(path: Path) -> np.ndarray:
     """(H, W) int64 class indices of a single-channel (1-bit, L, P, I;16 or I) PNG, in its EXIF
     orientation (as its image). A 1-bit mask (a boolean array saved by Pillow) holds classes 0 and 1."""
     im = open_image(path, what="mask")
-    if im.mode not in ("1", "L", "P", "I;16", "I;16B", "I;16L", "I"):
+    if im.mode not in CLASS_INDEX_MODES:
         raise DinokitError(
             f"{path} is a {im.mode} image; a mask must hold one class index per pixel "
             "(1/8/16-bit grayscale or palette PNG), not colours"

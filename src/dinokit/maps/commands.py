@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from dinokit.data.images import (
+    CLASS_INDEX_MODES,
     UnreadableImage,
     list_images,
     open_image,
@@ -486,7 +487,6 @@ def report_skipped(bad: list[Path]) -> None:
 
 
 VOID = 255  # the class index of a palette mask's unlabelled pixels (Pascal VOC's object borders)
-CLASS_INDEX_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")  # one class index per pixel
 
 
 def read_mask(path: str | Path, size: tuple[int, int], reference_class: int | None = None) -> np.ndarray:
