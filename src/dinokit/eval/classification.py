@@ -220,7 +220,7 @@ def eval_linear(
         raise DinokitError(f"method must be sgd or logreg, got {method!r}")
     if not n_last_blocks or min(n_last_blocks) < 1:
         raise DinokitError(f"n_last_blocks must be >= 1, got {n_last_blocks}")
-    checks = [  # an empty grid used to become the default one, unrecorded; epochs=0 reported untrained heads
+    checks = [  # an empty grid would fall back to the default one, unrecorded; epochs=0 would report untrained heads
         (
             learning_rates and min(learning_rates) > 0,
             f"learning_rates must be a non-empty list of positive rates, got {learning_rates}",
