@@ -489,8 +489,9 @@ class Trainer:
                         window["steps"] += 1
                     bar.update(1)
 
-                    # a row's losses are its window's last step's: a window of empty batches only has none
-                    log_due = self.iteration % cfg.log_every == 0 or self.should_log_last(elapsed)
+                    # a row every log_every iterations and at the last one (stop_iteration, None for a run of
+                    # max_minutes); its losses are its window's last step's: a window of empty batches has none
+                    log_due = self.iteration % cfg.log_every == 0 or self.iteration == self.length["stop_iteration"]
                     if log_due and window["steps"]:
                         row = self.metrics_row(parts, teacher, values, grad_norm, window, elapsed)
                         window = {"time": 0.0, "wait": 0.0, "images": 0, "steps": 0}
@@ -544,10 +545,6 @@ class Trainer:
         mine = [time.perf_counter() - start if self.main else 0.0, float(stop_requested)]
         clock, stops = dist.all_reduce_sum(torch.tensor(mine, dtype=torch.float64)).tolist()
         return clock, stops > 0
-
-    def should_log_last(self, elapsed: float) -> bool:
-        stop = self.length["stop_iteration"]
-        return stop is not None and self.iteration == stop
 
     def skip_step(self, in_a_row: int) -> None:
         """The NaN guard: a step with non-finite losses or gradients was skipped, `in_a_row` of them in a
