@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 
 from dinokit import distributed as dist
 from dinokit.data.masking import MaskingGenerator
-from dinokit.losses import DINOHead, DINOLoss, EMACenter, sinkhorn_knopp
+from dinokit.losses import DINOHead, DINOLoss, EMACenter, KoLeoLoss, sinkhorn_knopp
 from dinokit.models import create_model
 from dinokit.train.config import resolve_config
 from dinokit.train.self_distillation import SelfDistillation
@@ -450,3 +450,11 @@ def test_multicrop_is_the_dinov2_recipe():
     assert recipe(released.global_first) == crop(224, (0.32, 1.0), 0.0)  # never blurred
     assert recipe(released.global_other) == [*crop(224, (0.32, 1.0), 0.9), ("RandomSolarize", 128, 0.2)]
     assert recipe(released.local) == crop(98, (0.05, 0.32), 0.5)
+
+
+def test_koleo_never_takes_a_sample_as_its_own_neighbour():
+    """Two opposite features are each other's neighbour (distance 2); the official -1 diagonal fill
+    ties with their similarity -1 and takes the first sample as its own (a term of -log(~2.4e-8))."""
+    x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert KoLeoLoss()(x).item() == pytest.approx(-math.log(2.0), rel=1e-6)
+    assert official_koleo(x).item() == pytest.approx((-math.log(2**0.5 * 1e-8 + 1e-8) - math.log(2.0)) / 2, rel=1e-3)

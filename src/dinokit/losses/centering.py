@@ -14,7 +14,11 @@ class EMACenter(nn.Module):
         c <- m c + (1 - m) (sum of t over rows of every process) / (number of rows over processes)
 
     `center` (1, K) is a buffer (saved with the model). The update averages over all processes, so
-    every process keeps the same center; with equal per-process batches it is the official update.
+    every process keeps the same center; with equal per-process batches it is the official update
+    (the DINO center's case). iBOT's center deviates on purpose: its masked-patch counts differ between
+    processes, and the official `iBOTPatchLoss` averages the per-process means (a process with no
+    masked patch makes its mean, and then every process's center, NaN); here it is the mean over every
+    masked patch of every process, the same value in one process or many.
     """
 
     def __init__(self, dim: int, momentum: float = 0.9) -> None:

@@ -25,7 +25,9 @@ class DINOLoss(nn.Module):
         L[s, t] = -(1/B) sum_b sum_k p[t, b, k] log softmax(x[s, b] / tau_s)_k
         loss = mean of L[s, t] over the valid pairs
     With `ignore_same_view` (DINO, DINOv2) the pairs s == t, a crop predicting itself, are not valid:
-    2 global + 8 local crops give 2 x 10 - 2 = 18 pairs, the official count.
+    2 global + 8 local crops give 2 x 10 - 2 = 18 pairs, the official count. Without local crops the
+    loss is the mean of the 2 cross-view pairs; the official DINOv2 code divides their sum by
+    2 + max(n_l n_g, 1) = 3 there (2/3 of the mean), a floor dinokit does not copy.
     """
 
     def __init__(self, student_temp: float = 0.1, ignore_same_view: bool = True) -> None:

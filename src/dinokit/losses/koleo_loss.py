@@ -15,7 +15,10 @@ class KoLeoLoss(nn.Module):
 
     In float32 whatever the autocast state; identical features give log(~1e-8), never inf. A batch of
     fewer than 2 samples has no neighbours: the loss is 0 and a warning is issued (DINOv2's KoLeo is
-    per process, so a per-process batch of 1 would otherwise give inf/NaN).
+    per process, so a per-process batch of 1 would otherwise give inf/NaN). The diagonal of the
+    similarities is set to -2, below any cosine; the official -1 ties with an exact opposite, so that
+    in a batch of 2 antipodal features the first is taken as its own neighbour (its term ~17 instead
+    of -log 2).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
