@@ -81,13 +81,11 @@ def label(model: str) -> str:
     return Path(model).name if Path(model).exists() else model
 
 
-def heat_overlay(
-    rgb: np.ndarray, patch_map: np.ndarray, mode: str = "bilinear", scale: tuple[float, float] | None = None
-) -> np.ndarray:
-    """A patch map upsampled to the photo, coloured (from its own min..max, or `scale` (lo, hi)) and
-    blended over it."""
+def heat_overlay(rgb: np.ndarray, patch_map: np.ndarray, scale: tuple[float, float] | None = None) -> np.ndarray:
+    """A patch map upsampled (bilinear) to the photo, coloured (from its own min..max, or `scale` (lo, hi))
+    and blended over it."""
     lo, hi = (None, None) if scale is None else scale
-    return overlay(rgb, colorize(upsample(patch_map, rgb.shape[:2], mode), vmin=lo, vmax=hi), alpha=0.6)
+    return overlay(rgb, colorize(upsample(patch_map, rgb.shape[:2]), vmin=lo, vmax=hi), alpha=0.6)
 
 
 def joint_heat_overlays(
