@@ -53,17 +53,6 @@ def write_shard(path: Path, features: dict[str, torch.Tensor], paths: list[str],
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def read_shard_index(path: Path) -> tuple[list[str], list[str]]:
-    """(image paths, bad files) of a shard, without reading its tensors."""
-    with damaged_shard(path):
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                return z["paths"].tolist(), z["bad"].tolist()
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-        return json.loads(meta["paths"]), json.loads(meta["bad"])
-
-
 @contextlib.contextmanager
 def damaged_shard(path: Path) -> Iterator[None]:
     """A shard that cannot be parsed (dinokit writes whole shards; e.g. one cut short by an interrupted
@@ -76,6 +65,17 @@ def damaged_shard(path: Path) -> Iterator[None]:
         raise
     except Exception as e:
         raise DinokitError(f"{path} is damaged ({e}); run the same `dinokit embed` again to compute it again") from None
+
+
+def read_shard_index(path: Path) -> tuple[list[str], list[str]]:
+    """(image paths, bad files) of a shard, without reading its tensors."""
+    with damaged_shard(path):
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return z["paths"].tolist(), z["bad"].tolist()
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        return json.loads(meta["paths"]), json.loads(meta["bad"])
 
 
 def read_shard(path: Path, kinds: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
