@@ -458,3 +458,22 @@ def test_koleo_never_takes_a_sample_as_its_own_neighbour():
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
     assert KoLeoLoss()(x).item() == pytest.approx(-math.log(2.0), rel=1e-6)
     assert official_koleo(x).item() == pytest.approx((-math.log(2**0.5 * 1e-8 + 1e-8) - math.log(2.0)) / 2, rel=1e-3)
+
+
+def test_the_ema_pairs_every_teacher_tensor_with_its_student_tensor():
+    """The trainer's EMA zips `student.parameters()` with `teacher.parameters()`: the official update
+    covers the backbone and both heads (the weight-norm gain and direction too), tensor by tensor."""
+    torch.manual_seed(0)
+    backbone = create_model("vit_nano_p2", img_size=8, mask_token=True)
+    model = SelfDistillation(
+        backbone,
+        head_prototypes=12,
+        head_hidden_dim=8,
+        head_bottleneck_dim=4,
+        ibot_separate_head=True,
+        ibot_prototypes=10,
+    )
+    student, teacher = list(model.student.named_parameters()), list(model.teacher.named_parameters())
+    assert [(n, p.shape) for n, p in student] == [(n, p.shape) for n, p in teacher]
+    names = {n for n, _ in student}
+    assert {"dino_head.last_layer.parametrizations.weight.original0", "ibot_head.mlp.0.weight"} <= names
