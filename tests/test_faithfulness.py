@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 
 from dinokit import distributed as dist
 from dinokit.data.masking import MaskingGenerator
+from dinokit.errors import DinokitError
 from dinokit.losses import DINOHead, DINOLoss, EMACenter, KoLeoLoss, sinkhorn_knopp
 from dinokit.models import create_model
 from dinokit.train.config import resolve_config
@@ -477,3 +478,13 @@ def test_the_ema_pairs_every_teacher_tensor_with_its_student_tensor():
     assert [(n, p.shape) for n, p in student] == [(n, p.shape) for n, p in teacher]
     names = {n for n, _ in student}
     assert {"dino_head.last_layer.parametrizations.weight.original0", "ibot_head.mlp.0.weight"} <= names
+
+
+@pytest.mark.parametrize("keys", [{"mask_sample_probability": 0.0}, {"mask_ratio_min_max": [0.0, 0.0]}])
+def test_ibot_without_masks_is_refused(keys):
+    """iBOT with no image masked (probability 0) or no patch (ratios 0) would train with an iBOT loss of
+    0 at every step; the official code asserts both positive when iBOT is on."""
+    with pytest.raises(DinokitError, match="iBOT"):
+        resolve_config("dinov2_vits14", keys)
+    resolve_config("dinov2_vits14", {**keys, "ibot_loss_weight": 0.0})  # iBOT off: masks unused
+    resolve_config("dino_vits16", keys)

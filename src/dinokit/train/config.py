@@ -273,6 +273,13 @@ def validate(c: PretrainConfig) -> None:
         ),
         (len(c.blur_probabilities) == 3, "blur_probabilities needs 3 values: first global, other globals, locals"),
         (len(c.mask_ratio_min_max) == 2, "mask_ratio_min_max needs 2 values"),
+        (  # as the official code asserts: else the iBOT loss is 0 at every step, silently
+            not (c.objective == "dinov2" and c.ibot_loss_weight > 0 and not c.distill_from)
+            or (c.mask_sample_probability > 0 and max(c.mask_ratio_min_max, default=0.0) > 0),
+            "iBOT (ibot_loss_weight > 0) needs masked patches: mask_sample_probability and the larger "
+            f"mask_ratio_min_max value must be > 0, got {c.mask_sample_probability} and {c.mask_ratio_min_max}; "
+            "set ibot_loss_weight=0 to train without iBOT",
+        ),
         (
             c.blur_kernel_size == 0 or (c.blur_kernel_size > 0 and c.blur_kernel_size % 2 == 1),
             f"blur_kernel_size must be odd (e.g. 9), or 0 for an untruncated Gaussian; got {c.blur_kernel_size}",
