@@ -488,3 +488,39 @@ def test_ibot_without_masks_is_refused(keys):
         resolve_config("dinov2_vits14", keys)
     resolve_config("dinov2_vits14", {**keys, "ibot_loss_weight": 0.0})  # iBOT off: masks unused
     resolve_config("dino_vits16", keys)
+
+
+def test_dino_v1_objective_equals_the_official_dino_loss():
+    """objective=dino against `dino:main_dino.py DINOLoss`: the student's crops unmasked, the loss summed
+    over (teacher crop iq, student crop v != iq) and divided by their count, the center then moved by
+    the batch mean of this step's teacher output."""
+    torch.manual_seed(0)
+    backbone = create_model("vit_nano_p2", img_size=8, mask_token=False)
+    model = SelfDistillation(backbone, objective="dino", head_prototypes=24, head_hidden_dim=16, head_bottleneck_dim=8)
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        model.dino_center.center.normal_()
+    center = model.dino_center.center.clone()
+    global_crops, local_crops, _ = batch()
+    teacher = model.teacher_outputs(global_crops, None)
+    parts = model.losses(model.student(global_crops, local_crops), model.teacher_probabilities(teacher, 0.04), 2)
+    model.update_centers(model.center_statistics(teacher))
+    assert set(parts) == {"dino", "loss"}
+
+    with torch.no_grad():
+        teacher_output = model.teacher.dino_head(
+            model.teacher.backbone.forward_features(global_crops)["x_norm_clstoken"]
+        )
+    g, l_ = (f["x_norm_clstoken"] for f in model.student.backbone.forward_features([global_crops, local_crops]))
+    student_out = (model.student.dino_head(torch.cat([g, l_])) / 0.1).chunk(2 + 4)
+    teacher_out = F.softmax((teacher_output - center) / 0.04, dim=-1).chunk(2)
+    total, n_terms = 0, 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v != iq:
+                total = total + torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+                n_terms += 1
+    torch.testing.assert_close(parts["loss"], total / n_terms)
+    expected_center = center * 0.9 + teacher_output.sum(0, keepdim=True) / len(teacher_output) * 0.1
+    torch.testing.assert_close(model.dino_center.center, expected_center)
