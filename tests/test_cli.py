@@ -9,7 +9,16 @@ import pytest
 import torch
 
 import dinokit
-from dinokit.cli import COMMANDS, build_kwargs, main, parse_value, resolve_command
+from dinokit.cli import (
+    COMMAND_KEYS,
+    COMMANDS,
+    build_kwargs,
+    command_help,
+    explained_keys,
+    main,
+    parse_value,
+    resolve_command,
+)
 from dinokit.errors import DinokitError
 
 
@@ -320,3 +329,41 @@ def test_the_help_page_reads_summaries_without_importing_the_commands():
     code = f"import sys; from dinokit.cli import main_help; main_help(); print({heavy})"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def help_key_lines(name: str) -> list[str]:
+    """The lines of `dinokit <name> --help` under `keys:`, one per key of the command's function."""
+    page = command_help(name, resolve_command(name))
+    return page.split("\nkeys:\n")[1].split("\n\n")[0].splitlines() if "\nkeys:\n" in page else []
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_help_gives_every_key_a_meaning(name):
+    """--help listed eval linear's selection_fraction, refit, ... with a type and default and nothing
+    saying what they are: every key now has a one-line meaning, or 'see above' where the docstring
+    printed above it explains it with a `key:` label."""
+    for line in help_key_lines(name):
+        assert re.search(r"  # \S", line), f"dinokit {name} --help: {line.strip()}"
+
+
+def test_help_meanings_name_keys_that_exist():
+    for name, meanings in COMMAND_KEYS.items():
+        keys = {line.split()[0] for line in help_key_lines(name)}
+        assert set(meanings) <= keys, (name, sorted(set(meanings) - keys))
+
+
+def test_help_shows_required_keys_defaults_and_meanings():
+    lines = {line.split()[0]: line for line in help_key_lines("eval linear")}
+    assert re.fullmatch(r"  train +str +\(required\)  # labelled .*", lines["train"])
+    assert re.fullmatch(r"  val +str +\(required\)  # see above", lines["val"])
+    selection = lines["selection_fraction"]
+    assert re.fullmatch(r"  selection_fraction +float += 0\.1  # share of each train class .*", selection)
+    assert re.fullmatch(r"  device +str += 'auto'  # auto \(a GPU .*", lines["device"])
+    embed = {line.split()[0]: line for line in help_key_lines("embed")}
+    assert "= ['cls']" in embed["features"]  # a tuple default shown as the list one would type
+
+
+def test_explained_keys_reads_the_labels_of_a_docstring():
+    doc = "Title.\n\nmodel: a file. train, val: folders. nprobe (ivf: cells) / ef_search (hnsw): effort.\nk:\n a number"
+    assert explained_keys(doc) == {"model", "train", "val", "nprobe", "ef_search", "k"}
+    assert explained_keys("the key model: is not a label mid-sentence") == set()

@@ -62,6 +62,112 @@ FURTHER_KEYS: dict[str, str] = {
     "finetune": "dinokit.train.finetune_config:FinetuneConfig",
 }
 
+# One-line meanings of keys that many commands share: `--help` shows one beside each such key that its
+# command's docstring does not explain with a `key:` label of its own.
+SHARED_KEYS: dict[str, str] = {
+    "model": "weights file or folder, run folder, released name (eval / pictures: also random:<arch>)",
+    "out": "where the results are written",
+    "device": "auto (a GPU if there is one, else the CPU) | cpu | cuda | cuda:N | mps",
+    "batch_size": "images per forward pass",
+    "num_workers": "image-decoding worker processes (0: in the main process)",
+    "precision": "bf16 (autocast) | fp32",
+    "image_size": "input size in pixels (the short side with resize_policy=aspect), a multiple of the patch size",
+    "resize_policy": "center_crop | resize (stretch to image_size) | aspect (short side image_size, whole image)",
+    "reduced_decode": "decode large JPEGs at 1/2, 1/4 or 1/8 scale (false: whole, as the official code)",
+    "seed": "random seed",
+    "cache": "feature cache: auto ($DINOKIT_CACHE/features) | none | a folder",
+    "progress": "show progress bars",
+    "num_examples": "example images drawn into out",
+    "epochs": "training epochs of the probe",
+    "lr": "learning rate of the probe",
+    "weight_decay": "weight decay of the probe",
+    "train_batch_size": "images per training step of the probe",
+    "image": "an image file (or a folder of them)",
+    "k": "results per image",
+}
+
+# One-line meanings of the keys that a command's docstring mentions without a `key:` label (--help).
+COMMAND_KEYS: dict[str, dict[str, str]] = {
+    "demo": {
+        "data": "a folder of your images instead of rendered shapes (<class>/ folders: k-NN per class)",
+        "minutes": "training time (default: the preset's max_minutes)",
+        "preset": "the pretraining preset",
+    },
+    "eval knn": {"few_shot_tries": "draws of each few_shot size (mean and std reported)"},
+    "eval linear": {
+        "train": "labelled <class>/<images> folder or path,label CSV",
+        "selection_fraction": "share of each train class held out to choose the head (without selection=)",
+        "n_last_blocks": "grid: CLS of the last 1 and / or 4 blocks",
+        "avgpool": "grid: without and / or with the mean patch token",
+        "learning_rates": "grid: the heads' learning rates",
+        "logreg_values": "method=logreg: how many values of C, in 1e-6..1e5",
+        "refit": "retrain the chosen head on all of train before val (with a held-out selection split)",
+    },
+    "eval segmentation": {
+        "head": "score this saved or released head on val instead of training one",
+        "scales": "head=: image scales averaged (default: the head's; ms heads 5 ratios)",
+        "flip": "head=: also average the mirror images (default: the head's)",
+    },
+    "eval depth": {
+        "head": "score this saved or released head on val instead of training one",
+        "crop": "head=: evaluation crop: auto | eigen | garg | kb_garg | none",
+    },
+    "eval video": {
+        "resolution": "the DAVIS folders' resolution: JPEGImages/<resolution>, Annotations/<resolution>",
+        "image_size": "the frames' short side in pixels (see preprocessing)",
+    },
+    "predict depth": {"max_pixels": "an image with more pixels runs shrunk to them (none: all whole)"},
+    "embed": {"layers": "blocks of the layers / layer_patch_tokens features, e.g. [8,9,10,11]"},
+    "index build": {
+        "nlist": "ivf cells (default 4 sqrt(N), at most N / 39)",
+        "pq_m": "pq sub-vectors (default 16)",
+        "pq_bits": "bits per pq sub-vector code (default 8)",
+        "hnsw_m": "hnsw neighbours per node (default 32)",
+    },
+    "index search": {
+        "nprobe": "ivf: cells visited (default ceil(sqrt(nlist))); more: closer to exact, slower",
+        "ef_search": "hnsw: search effort; more: closer to exact, slower",
+    },
+    "visualize attention": {"mass": "share of each head's attention the thresholded maps hold (DINO: 0.6)"},
+    "visualize pca": {"foreground_threshold": "mask the background: first component below it (e.g. 0.5)"},
+    "visualize similarity": {"x": "pixel column in image", "y": "pixel row in image"},
+    "visualize matches": {"other": "the second image"},
+    "curate cluster": {
+        "sample_size": "members each centroid is re-fitted on (default: half the average cluster size)",
+        "strategy": "resampling members: closest to the centroid | random",
+        "feature": "cls | patch_mean (must be in the embedding)",
+    },
+    "curate sample": {
+        "clusters": "a `dinokit curate cluster` folder",
+        "target_size": "images to select",
+        "strategy": "level-1 clusters give their images at random | closest to the centroid",
+    },
+    "curate retrieve": {
+        "pool": "an embed or index folder of the uncurated images (or clusters=)",
+        "per_seed": "images each seed brings in",
+        "min_score": "pool=: lowest cosine taken (default: none)",
+        "feature": "cls | patch_mean (must be in the embedding)",
+    },
+    "pretrain": {
+        "data": "a folder of images (recursive) or a text file of paths",
+        "preset": "a shipped recipe (see above) or a YAML file",
+        "max_iterations": "stop after this many iterations",
+        "max_minutes": "stop after this many minutes of training",
+        "resume": "continue the run in out from its newest checkpoint",
+        "init": "start from weights load_model reads (released name, .pth, HF folder, ...), with fresh heads",
+        "epochs": "real passes over the data (none: the preset's)",
+        "batch_size": "images per process and step (none: the preset's)",
+        "checkpoint_every": "iterations between checkpoints (0: off; none: the preset's)",
+        "num_workers": "image-decoding worker processes per training process (none: the preset's)",
+    },
+    "finetune": {
+        "model": "required (but with resume=true): as the eval commands' model=",
+        "train": "required (but with resume=true): labelled folder or path,label CSV",
+        "val": "required (but with resume=true): the reported split",
+        "resume": "continue the run in out from its newest checkpoint",
+    },
+}
+
 # a hint after the one-line message of an OSError, by errno
 OS_ERROR_HINTS = {
     errno.EEXIST: "a file is where a folder is to be written: pass another path, or remove the file",
@@ -214,7 +320,7 @@ def type_name(annotation) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def key_line(name: str, annotation, default: str, comment: str = "") -> str:
+def key_line(name: str, annotation, default: str, comment: str | None = "") -> str:
     line = f"  {name:<24} {type_name(annotation):<18} {default}"
     return f"{line}  # {comment}" if comment else line
 
@@ -231,25 +337,38 @@ def command_help(name: str, func) -> str:
         "keys:",
     ]
     hints = typing.get_type_hints(func)
+    explained = explained_keys(inspect.getdoc(func) or "")
     for pname, p in inspect.signature(func).parameters.items():
         if p.kind is p.VAR_KEYWORD:
             if name not in FURTHER_KEYS:
                 lines.append("  ...           further keys are passed on (see above)")
             continue
-        default = "(required)" if p.default is p.empty else f"= {p.default!r}"
-        lines.append(key_line(pname, hints.get(pname, p.empty), default))
+        value = list(p.default) if isinstance(p.default, tuple) else p.default  # as YAML writes it: [cls]
+        default = "(required)" if p.default is p.empty else f"= {value!r}"
+        meaning = COMMAND_KEYS.get(name, {}).get(pname, "see above" if pname in explained else SHARED_KEYS.get(pname))
+        lines.append(key_line(pname, hints.get(pname, p.empty), default, meaning))
     if name in FURTHER_KEYS:
         module, cls = FURTHER_KEYS[name].split(":")
-        lines += ["", *dataclass_keys(getattr(importlib.import_module(module), cls))]
+        presets = "preset" in inspect.signature(func).parameters
+        lines += ["", *dataclass_keys(getattr(importlib.import_module(module), cls), presets)]
     return "\n".join(lines)
 
 
-def dataclass_keys(cls) -> list[str]:
+def explained_keys(doc: str) -> set[str]:
+    """The keys a docstring explains: the names before a colon that opens a line or a sentence, alone or
+    listed (`model: ...`, `train, val: ...`, `min_depth, max_depth: ...`)."""
+    name = r"`?\w+`?(?: \([^()]*\))?"  # a name, perhaps with a parenthesis: `nprobe (ivf: cells visited)`
+    label = re.compile(rf"(?:^|[.;)]\s)({name}(?:(?:, | / | and ){name})*):\s", re.M)
+    names = (re.findall(r"`?(\w+)`?(?: \([^()]*\))?(?:, | / | and |$)", m[1]) for m in label.finditer(doc))
+    return {n for group in names for n in group}
+
+
+def dataclass_keys(cls, presets: bool = False) -> list[str]:
     """--help lines for every field of a config dataclass: type, default and the comment beside it in
     the source, under the source's `# ---- group` headings."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    lines = [f"further keys ({cls.__name__}; these are its defaults, a preset may change them):"]
+    lines = [f"further keys ({cls.__name__}; these are its defaults{', a preset may change them' if presets else ''}):"]
     try:
         source = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):  # source not available: the fields without groups or comments
