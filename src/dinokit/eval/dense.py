@@ -282,14 +282,32 @@ DENSE_TASKS = ("segmentation", "depth")  # their results share out/metrics.jsonl
 
 
 def check_results_folder(out_dir: Path, task: str) -> None:
-    """Refuse an out folder that holds the other dense probe's results (before any work): this run
-    would replace the metrics.jsonl and examples/ that its result json describes."""
+    """Refuse an out folder (before any work) that holds the other dense probe's results, whose
+    metrics.jsonl and examples/ this run would replace, or files of those names (or its head's) that
+    no eval `task` run wrote there (a folder of the user's own: out=. in a project with examples/)."""
     for other in DENSE_TASKS:
         if other != task and (out_dir / f"{other}.json").exists():
             raise DinokitError(
                 f"out={out_dir} holds the results of eval {other} ({other}.json), whose metrics.jsonl and "
                 f"examples/ eval {task} would replace: choose another out folder"
             )
+    ours = (out_dir / f"{task}.json").is_file() or (out_dir / results_record(task)).is_file()
+    foreign = [name for name in result_files(task) if (out_dir / name).exists()] if not ours else []
+    if foreign:
+        raise DinokitError(
+            f"out={out_dir} holds {', '.join(foreign)}, which no earlier eval {task} wrote there and which it would "
+            "replace: choose another out folder (a new or empty one, or an earlier eval's out)"
+        )
+
+
+def result_files(task: str) -> tuple[str, ...]:
+    """The files and folders of an eval `task` run that a rerun replaces (beside its result json)."""
+    return (f"{task}_head.safetensors", "metrics.jsonl", "examples")
+
+
+def results_record(task: str) -> str:
+    """The file that marks a folder's `result_files` as written by eval `task` (from before the first)."""
+    return f".dinokit-eval-{task}.json"
 
 
 @contextlib.contextmanager
@@ -306,8 +324,12 @@ def clear_results(out_dir: Path, task: str) -> None:
     """Remove an earlier run's outputs from `out_dir` (created if missing) before writing any new one:
     first its result json `<task>.json`, then its head, metrics.jsonl and examples/. With the result
     json written last, it only ever stands beside its own run's files: a rerun stopped partway leaves
-    no result json, never an earlier one beside new files, nor stale example PNGs beside a new one."""
+    no result json, never an earlier one beside new files, nor stale example PNGs beside a new one.
+    check_results_folder has made sure that they are an eval run's; the `results_record` written
+    first says so to the next run, should this one stop before its result json."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_results_folder(out_dir, task)
+    write_json(out_dir / results_record(task), {"written_by": f"dinokit eval {task}", "files": result_files(task)})
     (out_dir / f"{task}.json").unlink(missing_ok=True)
     sync(out_dir)  # the result is gone (power cut included) before any new file appears
     (out_dir / f"{task}_head.safetensors").unlink(missing_ok=True)

@@ -166,8 +166,9 @@ def eval_depth(
     out/examples/*.png (image | truth | prediction). A rerun into the same out first removes
     depth.json, then the earlier head, metrics.jsonl and examples/, and writes depth.json last: where
     it exists, the files beside it are its run's (a run stopped partway leaves no json). out must
-    not hold eval segmentation's results (segmentation.json), which share those files, nor be the
-    out of a run still going on (a second run into it is refused at once). depth_scale: default 1000.
+    not hold eval segmentation's results (segmentation.json), which share those files, nor files of
+    those names that no eval depth wrote (your own examples/), nor be the out of a run still going on
+    (a second run into it is refused at once). depth_scale: default 1000.
 
     Scoring a head (head=, no train=; the training keys n_layers, norm, epochs, lr, weight_decay,
     train_batch_size, image_size, cache and seed do not apply): head is a released DINOv2 depth head (a

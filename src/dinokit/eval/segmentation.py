@@ -146,7 +146,8 @@ def eval_segmentation(
     first removes segmentation.json, then the earlier head, metrics.jsonl and examples/, and writes
     segmentation.json last: where it exists, the files beside it are its run's (a run stopped partway
     leaves no json). out must not hold eval depth's results (depth.json), which share those files,
-    nor be the out of a run still going on (a second run into it is refused at once).
+    nor files of those names that no eval segmentation wrote (your own examples/), nor be the out of
+    a run still going on (a second run into it is refused at once).
     ignore_index: default 255; image_size: default 224.
 
     Scoring a head (head=, no train=; the training keys num_classes, n_last_blocks, epochs, lr,
