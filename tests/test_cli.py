@@ -367,3 +367,13 @@ def test_explained_keys_reads_the_labels_of_a_docstring():
     doc = "Title.\n\nmodel: a file. train, val: folders. nprobe (ivf: cells) / ef_search (hnsw): effort.\nk:\n a number"
     assert explained_keys(doc) == {"model", "train", "val", "nprobe", "ef_search", "k"}
     assert explained_keys("the key model: is not a label mid-sentence") == set()
+
+
+def test_a_missing_key_names_the_help_page_of_its_command(capsys):
+    """'missing required key(s): val=...' did not say where the keys are explained."""
+    assert main(["eval", "knn", "model=m", "train=t"]) == 2
+    assert capsys.readouterr().err == (
+        "dinokit: error: missing required key(s): val=... (`dinokit eval knn --help` says what each key is)\n"
+    )
+    assert main(["eval", "knn", "model=m", "train"]) == 2
+    assert "got 'train' (see `dinokit eval knn --help`)" in capsys.readouterr().err

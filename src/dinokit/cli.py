@@ -267,8 +267,9 @@ def convert_value(value: object, annotation) -> object:
     return parse_value(json.dumps(value), annotation)  # JSON is YAML: lists, numbers, true, null
 
 
-def build_kwargs(func, pairs: list[str]) -> dict:
-    """key=value strings (plus an optional config=FILE.yaml) -> validated keyword arguments."""
+def build_kwargs(func, pairs: list[str], command: str = "<command>") -> dict:
+    """key=value strings (plus an optional config=FILE.yaml) -> validated keyword arguments; `command`
+    names the command in the messages."""
     signature = inspect.signature(func)
     hints = typing.get_type_hints(func)
     params = {n: p for n, p in signature.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
@@ -277,7 +278,7 @@ def build_kwargs(func, pairs: list[str]) -> dict:
     explicit: dict[str, str] = {}
     for pair in pairs:
         if "=" not in pair:
-            raise DinokitError(f"expected key=value, got {pair!r} (see `dinokit <command> --help`)")
+            raise DinokitError(f"expected key=value, got {pair!r} (see `dinokit {command} --help`)")
         key, text = pair.split("=", 1)
         explicit[key.strip().replace("-", "_")] = text
     if "config" in explicit and "config" not in params:
@@ -307,7 +308,10 @@ def build_kwargs(func, pairs: list[str]) -> dict:
             raise DinokitError(f"bad value for {key}: {e}") from None
     missing = [n for n, p in params.items() if p.default is p.empty and n not in kwargs]
     if missing:
-        raise DinokitError(f"missing required key(s): {', '.join(f'{m}=...' for m in missing)}")
+        raise DinokitError(
+            f"missing required key(s): {', '.join(f'{m}=...' for m in missing)} "
+            f"(`dinokit {command} --help` says what each key is)"
+        )
     return kwargs
 
 
@@ -490,7 +494,7 @@ def run(argv: list[str]) -> int:
         if any(a in ("-h", "--help") for a in rest):
             print(command_help(name, func))
             return 0
-        result = func(**build_kwargs(func, rest))
+        result = func(**build_kwargs(func, rest, name))
     except DinokitError as e:
         print_error(str(e), shared=isinstance(e, SharedError))
         return 2
