@@ -347,7 +347,8 @@ DINOV2_DEFAULT = dict(
     blur_sigma=[0.1, 2.0], blur_kernel_size=9, solarize_probability=0.2, color_jitter=[0.4, 0.4, 0.2, 0.1],
     color_jitter_probability=0.8, grayscale_probability=0.2, lr=0.004, lr_scaling="sqrt_wrt_1024",
     min_lr=1e-6, warmup=0.1, weight_decay=0.04, weight_decay_end=0.4, layerwise_decay=0.9,
-    patch_embed_lr_mult=0.2, adamw_betas=[0.9, 0.999], clip_grad=3.0, freeze_last_layer=0.01,
+    patch_embed_lr_mult=0.2, adamw_betas=[0.9, 0.999], clip_grad=3.0, clip_grad_per="module",
+    freeze_last_layer=0.01, freeze_last_layer_by="lr",
     momentum_teacher=0.992, momentum_teacher_end=1.0, teacher_temp_start=0.04, teacher_temp=0.07,
     teacher_temp_warmup=0.3, epochs=100, batch_size=64,
 )  # fmt: skip
@@ -366,8 +367,9 @@ DINO_V1 = dict(
     solarize_probability=0.2, color_jitter=[0.4, 0.4, 0.2, 0.1], color_jitter_probability=0.8,
     grayscale_probability=0.2, lr=5e-4, lr_scaling="linear_wrt_256", min_lr=1e-6, warmup=0.1,
     weight_decay=0.04, weight_decay_end=0.4, layerwise_decay=1.0, patch_embed_lr_mult=1.0,
-    adamw_betas=[0.9, 0.999], clip_grad=3.0, freeze_last_layer=0.01, momentum_teacher=0.996,
-    momentum_teacher_end=1.0, teacher_temp_start=0.04, teacher_temp=0.04, teacher_temp_warmup=0.0,
+    adamw_betas=[0.9, 0.999], clip_grad=3.0, clip_grad_per="parameter", freeze_last_layer=0.01,
+    freeze_last_layer_by="gradient", momentum_teacher=0.996, momentum_teacher_end=1.0, teacher_temp_start=0.04,
+    teacher_temp=0.04, teacher_temp_warmup=0.0,
     epochs=100, batch_size=64,
 )  # fmt: skip
 OFFICIAL_PRESETS = {

@@ -104,6 +104,40 @@ def test_clip_gradients_per_module():
     assert a.weight.grad.item() == pytest.approx(3.0, rel=1e-5) and b.weight.grad.item() == pytest.approx(3.0, rel=1e-5)
 
 
+def test_clip_gradients_per_parameter_as_dino_v1():
+    """One module, weight gradient 6 and bias gradient 8: per module both scale by 3 / 10; per
+    parameter (DINO v1) each is clipped to norm 3 on its own."""
+    layer = torch.nn.Linear(1, 1)
+    for per, expected in (("module", (1.8, 2.4)), ("parameter", (3.0, 3.0))):
+        layer.weight.grad, layer.bias.grad = torch.tensor([[6.0]]), torch.tensor([8.0])
+        assert clip_gradients([layer], max_norm=3.0, per=per).item() == pytest.approx(10.0)
+        assert (layer.weight.grad.item(), layer.bias.grad.item()) == pytest.approx(expected, rel=1e-5)
+    layer.weight.grad, layer.bias.grad = torch.tensor([[1.0]]), torch.tensor([-2.0])  # under the limit: kept
+    clip_gradients([layer], max_norm=3.0, per="parameter")
+    assert (layer.weight.grad.item(), layer.bias.grad.item()) == (1.0, -2.0)
+
+
+@pytest.mark.parametrize(("by", "last_layer_steps"), [("lr", 4), ("gradient", 2)])
+def test_last_layer_freeze_by_lr_or_by_dropping_its_gradients(tmp_path, by, last_layer_steps):
+    """DINOv2 freezes the heads' last layer with lr 0 (AdamW still steps it: its moments move); DINO
+    v1 drops its gradients, so AdamW skips it until the freeze ends (half of a 4-iteration run here)."""
+    from pretrain_helpers import TINY, tiny_images
+
+    from dinokit.train.config import resolve_config
+    from dinokit.train.pretrain import Trainer
+
+    keys = {k: v for k, v in TINY.items() if k != "preset"}
+    cfg = resolve_config(
+        "dino_vits16", {**keys, "max_iterations": 4, "freeze_last_layer": 0.5, "freeze_last_layer_by": by}
+    )
+    trainer = Trainer(cfg, str(tiny_images(tmp_path / "data")), tmp_path / "run", None, torch.device("cpu"), False)
+    trainer.run()
+    for group in trainer.optimizer.param_groups:
+        for p in group["params"]:
+            steps = int(trainer.optimizer.state[p]["step"])
+            assert steps == (last_layer_steps if group["is_last_layer"] else 4), group["names"]
+
+
 def test_ema_update_by_hand():
     teacher = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])]
     student = [torch.tensor([3.0, 6.0]), torch.tensor([[4.0]])]

@@ -92,8 +92,10 @@ class PretrainConfig:
     layerwise_decay: float = 0.9
     patch_embed_lr_mult: float = 0.2
     adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    clip_grad: float = 3.0  # per module (backbone, each head), as the official code; 0 = off
-    freeze_last_layer: float = 0.01
+    clip_grad: float = 3.0  # max gradient norm; 0 = off
+    clip_grad_per: str = "module"  # module: each module's norm (DINOv2) | parameter: each parameter's (DINO v1)
+    freeze_last_layer: float = 0.01  # fraction of the run during which the heads' last layer stays fixed
+    freeze_last_layer_by: str = "lr"  # lr: lr 0, AdamW moments still move (DINOv2) | gradient: dropped (DINO v1)
     freeze_backbone: float = 0.0  # head warm-up on a frozen backbone (with init=), fraction of the run
     momentum_teacher: float = 0.992
     momentum_teacher_end: float = 1.0
@@ -245,6 +247,14 @@ def validate(c: PretrainConfig) -> None:
     checks = [
         (c.objective in ("dino", "dinov2"), f"objective must be dino or dinov2, got {c.objective!r}"),
         (c.centering in ("ema", "sinkhorn_knopp"), f"centering must be ema or sinkhorn_knopp, got {c.centering!r}"),
+        (
+            c.clip_grad_per in ("module", "parameter"),
+            f"clip_grad_per must be module (DINOv2) or parameter (DINO v1), got {c.clip_grad_per!r}",
+        ),
+        (
+            c.freeze_last_layer_by in ("lr", "gradient"),
+            f"freeze_last_layer_by must be lr (DINOv2) or gradient (DINO v1), got {c.freeze_last_layer_by!r}",
+        ),
         (c.precision in ("bf16", "fp32"), f"precision must be bf16 or fp32, got {c.precision!r}"),
         (
             c.augmentation in ("per_image", "batched"),

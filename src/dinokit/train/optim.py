@@ -117,18 +117,31 @@ def apply_schedule(optimizer: torch.optim.Optimizer, values: dict[str, float]) -
         group["weight_decay"] = values["weight_decay"] * group["wd_multiplier"]
 
 
-def clip_gradients(modules: Iterable[nn.Module], max_norm: float) -> torch.Tensor:
-    """Clip each module's gradient norm to `max_norm` separately, as the official code does for the
-    backbone and each head; returns the total gradient norm before clipping (over all modules)."""
+def drop_last_layer_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """DINO v1's `cancel_gradients_last_layer`: the heads' last layers lose their gradients, so AdamW
+    leaves them, their moments and their step count untouched this step (DINOv2 sets their lr to 0
+    instead, and their moments keep moving)."""
+    for group in optimizer.param_groups:
+        if group["is_last_layer"]:
+            for p in group["params"]:
+                p.grad = None
+
+
+def clip_gradients(modules: Iterable[nn.Module], max_norm: float, per: str = "module") -> torch.Tensor:
+    """Clip gradient norms to `max_norm` (0: measure only): each module's norm separately (`per="module"`,
+    as the official DINOv2 code does for the backbone and each head) or each parameter's own norm
+    (`per="parameter"`, DINO v1's `utils.clip_gradients`: g <- g min(1, max_norm / (|g| + 1e-6))).
+    Returns the total gradient norm before clipping, over all modules."""
     norms = []
     for module in modules:
         params = [p for p in module.parameters() if p.grad is not None]
         if not params:
             continue
-        if max_norm > 0:
-            norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
-        else:
-            norms.append(torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True))
+        for group in [[p] for p in params] if per == "parameter" else [params]:
+            if max_norm > 0:
+                norms.append(torch.nn.utils.clip_grad_norm_(group, max_norm, foreach=True))
+            else:
+                norms.append(torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True))
     if not norms:
         return torch.tensor(0.0)
     return torch.stack([n.float().cpu() for n in norms]).norm()

@@ -56,7 +56,7 @@ from dinokit.train.distillation import (
 from dinokit.train.ema import update_teacher
 from dinokit.train.fsdp import local_tensors, reshard_teacher, shard_fsdp
 from dinokit.train.metrics_log import MetricsLog, progress_postfix
-from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups
+from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, drop_last_layer_gradients, param_groups
 from dinokit.train.run_data import (
     check_data_agrees,
     check_same_data,
@@ -420,7 +420,9 @@ class Trainer:
             del student, targets
         parts["loss"].backward()
         heads = self.model.student.heads().values()
-        grad_norm = clip_gradients([self.model.student.backbone, *heads], cfg.clip_grad)
+        grad_norm = clip_gradients([self.model.student.backbone, *heads], cfg.clip_grad, cfg.clip_grad_per)
+        if cfg.freeze_last_layer_by == "gradient" and values["last_layer_frozen"]:
+            drop_last_layer_gradients(self.optimizer)  # after clipping, as DINO v1
         finite = torch.tensor([float(torch.isfinite(parts["loss"]).item() and math.isfinite(float(grad_norm)))])
         accepted = bool(-dist.all_reduce_max(-finite).item())  # all processes agree
         if accepted:

@@ -61,6 +61,7 @@ class Schedules:
         return {
             "lr": lr,
             "last_layer_lr": 0.0 if progress < self.freeze_last_layer else lr,
+            "last_layer_frozen": float(progress < self.freeze_last_layer),
             "backbone_lr_factor": 0.0 if progress < self.freeze_backbone else 1.0,
             "weight_decay": cosine(self.weight_decay, self.weight_decay_end, progress),
             "momentum": cosine(self.momentum, self.momentum_end, progress),
