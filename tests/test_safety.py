@@ -2,8 +2,11 @@
 reads back, files it refuses to unpickle. Each test is a defect that was found and fixed."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from dinokit.cli import main
 from dinokit.data.synthetic import write_dense_set
@@ -38,3 +41,58 @@ def test_eval_dense_never_removes_files_it_did_not_write(task, tmp_path, capsys)
     assert main(args) == 0 and main([*args, "num_examples=1"]) == 0
     assert len(list((fresh / "examples").iterdir())) == 1
     assert json.loads((fresh / f"{task}.json").read_text())["examples"]
+
+
+def small_video(root: Path) -> list[str]:
+    """root/frames/f0..f3.png (noise) and root/truth/f0..f3.png (class-index masks); the frame names."""
+    rng = np.random.default_rng(0)
+    (root / "frames").mkdir(parents=True)
+    (root / "truth").mkdir()
+    names = [f"f{t}" for t in range(4)]
+    for t, name in enumerate(names):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "frames" / f"{name}.png")
+        mask = np.zeros((32, 32), np.uint8)
+        mask[t * 4 : t * 4 + 12, 4:16] = 1
+        Image.fromarray(mask).save(root / "truth" / f"{name}.png")
+    return names
+
+
+def test_track_never_writes_its_masks_over_the_ground_truth_or_the_first_mask(tmp_path, capsys):
+    """`dinokit track ground_truth=T out=T` wrote each predicted mask over T/<frame>.png, then scored it
+    against itself: the ground truth lost, J&F reported as 1.0. An out= where a mask or overlay would
+    replace a frame, the first mask or a ground-truth mask is now refused before any work."""
+    small_video(tmp_path)
+    truth = {p.name: p.read_bytes() for p in (tmp_path / "truth").iterdir()}
+    args = ["track", "model=random:vit_nano_p2", f"frames={tmp_path / 'frames'}", "image_size=32", "device=cpu"]
+    cases = ((tmp_path / "truth", tmp_path / "truth" / "f0.png"), (tmp_path / "m", tmp_path / "m" / "f0.png"))
+    for out, first in cases:
+        first.parent.mkdir(exist_ok=True)
+        first.write_bytes(truth["f0.png"])
+        assert main([*args, f"first_mask={first}", f"ground_truth={tmp_path / 'truth'}", f"out={out}"]) == 2
+        assert "would overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "truth").iterdir()} == truth
+    assert not (tmp_path / "truth" / "track.json").exists()
+    assert (tmp_path / "m" / "f0.png").read_bytes() == truth["f0.png"]
+    assert main([*args, f"first_mask={first}", f"ground_truth={tmp_path / 'truth'}", f"out={tmp_path / 'o'}"]) == 0
+
+
+def test_eval_video_never_writes_its_masks_over_the_annotations(tmp_path, capsys):
+    """`dinokit eval video out=DAVIS/Annotations/480p` wrote each sequence's masks over its annotations
+    and scored them against themselves (J&F 1.0, the annotations lost); refused now before any work."""
+    names = small_video(tmp_path / "v")
+    root = tmp_path / "DAVIS"
+    for kind, folder, suffix in (("JPEGImages", "frames", ".jpg"), ("Annotations", "truth", ".png")):
+        (root / kind / "480p" / "seq").mkdir(parents=True)
+        for name in names:
+            Image.open(tmp_path / "v" / folder / f"{name}.png").save(root / kind / "480p" / "seq" / f"{name}{suffix}")
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("seq\n")
+    annotations = root / "Annotations" / "480p"
+    before = {p.name: p.read_bytes() for p in (annotations / "seq").iterdir()}
+    args = ["eval", "video", "model=random:vit_nano_p2", f"data={root}", "image_size=32", "device=cpu"]
+    args += ["num_workers=0", "preprocessing=dinokit"]
+    assert main([*args, f"out={annotations}"]) == 2
+    assert "would overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (annotations / "seq").iterdir()} == before
+    assert not (annotations / "video.json").exists()
+    assert main([*args, f"out={tmp_path / 'out'}"]) == 0
