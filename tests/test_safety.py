@@ -96,3 +96,23 @@ def test_eval_video_never_writes_its_masks_over_the_annotations(tmp_path, capsys
     assert {p.name: p.read_bytes() for p in (annotations / "seq").iterdir()} == before
     assert not (annotations / "video.json").exists()
     assert main([*args, f"out={tmp_path / 'out'}"]) == 0
+
+
+def test_segment_never_writes_over_its_reference_mask(tmp_path, capsys):
+    """`dinokit segment reference=photos/a.png reference_mask=photos/a_mask.png target=photos/a.png
+    out=photos` wrote a's predicted mask over photos/a_mask.png, the reference mask it was given (masks
+    kept beside their images as <name>_mask.png, a common layout). Refused now before any work."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(photos / "a.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
+    Image.fromarray(mask).save(photos / "a_mask.png")
+    before = (photos / "a_mask.png").read_bytes()
+    args = ["segment", "model=random:vit_nano_p2", f"reference={photos / 'a.png'}", "image_size=32", "device=cpu"]
+    args += [f"reference_mask={photos / 'a_mask.png'}", f"target={photos / 'a.png'}"]
+    assert main([*args, f"out={photos}"]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert (photos / "a_mask.png").read_bytes() == before and not (photos / "a_overlay.png").exists()
+    assert main([*args, f"out={tmp_path / 'out'}"]) == 0

@@ -38,13 +38,8 @@ from dinokit.errors import DinokitError
 from dinokit.eval.common import prepare_backbone, protocol_record
 from dinokit.eval.metrics import GLOBAL_MEASURES, davis_global, video_jf
 from dinokit.io import folder_lock, prepare_output, read_json, refuse_other_outputs, write_json
-from dinokit.maps.track_command import (
-    check_frame_sizes,
-    check_settings,
-    read_first_mask,
-    refuse_overwriting_inputs,
-    track_frames,
-)
+from dinokit.maps.commands import refuse_overwriting_inputs
+from dinokit.maps.track_command import check_frame_sizes, check_settings, read_first_mask, track_frames
 from dinokit.maps.tracking import VOID
 
 PREPROCESSINGS = ("dino", "dinokit")
@@ -239,7 +234,7 @@ def eval_video(
     for video in videos:  # none of its masks may replace a frame or an annotation
         names = [f.stem for f in video.frames]
         inputs = [*video.frames, *(video.annotations / f"{name}.png" for name in names)]
-        refuse_overwriting_inputs(out_dir / video.name, names, inputs)
+        refuse_overwriting_inputs(out_dir, [out_dir / video.name / f"{name}.png" for name in names], inputs)
     with folder_lock(out_dir, "eval video results", wait=False):
         backbone = prepare_backbone(model, device)
         net = backbone.model

@@ -8,6 +8,7 @@ initialised model mean nothing (their pictures say so): pass released weights (t
 `dinov2_vits14`, is downloaded once) or your checkpoint.
 """
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -403,19 +404,22 @@ def segment(
     check_threshold(threshold)
     prepare_output(out, folder=True, create=False)
     refuse_other_outputs(out, ("segment.json",), "dinokit segment")
+    out_dir = Path(out)
+    paths = inputs_without_outputs(target, out_dir)
+    names = output_names(paths, target)
+    outputs = [out_dir / f"{name}{suffix}" for name in names for suffix in ("_mask.png", "_overlay.png")]
+    refuse_overwriting_inputs(out_dir, [*outputs, out_dir / "segment.json"], [*paths, *references, *masks])
     net = load(model, device)
     refs = []
     for ref, mask_path in zip(references, masks, strict=True):
         picture = open_rgb(ref)
         feats = patch_features(net, [model_input(net, picture, image_size, resize_policy)])[0]
         refs.append((feats, read_mask(mask_path, picture.size, reference_class)))
-    out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     bad = []
     first_error = None
-    paths = inputs_without_outputs(target, out_dir)
-    for path, name in zip(paths, output_names(paths, target), strict=True):
+    for path, name in zip(paths, names, strict=True):
         try:
             picture = open_rgb(path)
         except UnreadableImage as err:
@@ -463,6 +467,19 @@ def inputs_without_outputs(source: str, out: Path) -> list[Path]:
     if not kept:
         raise DinokitError(f"{source} holds no images besides the outputs in {out}")
     return kept
+
+
+def refuse_overwriting_inputs(out_dir: Path, outputs: Iterable[Path], inputs: Iterable[str | Path | None]) -> None:
+    """A DinokitError, before any work, where one of the files `outputs` to be written in the folder
+    `out_dir` is one of `inputs` (None: not given): out= the folder of the ground truth, a mask or the
+    images would replace them (and a mask scored against itself would score 1)."""
+    given = {Path(p).expanduser().resolve() for p in inputs if p is not None}
+    for target in outputs:
+        if Path(target).expanduser().resolve() in given:
+            raise DinokitError(
+                f"out={out_dir} would overwrite the input {target} with an output: choose an out folder apart from "
+                "the input files"
+            )
 
 
 def refuse_inputs_as_outputs(outputs: dict[str, str | None], inputs: list) -> None:

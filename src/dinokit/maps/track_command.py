@@ -24,7 +24,7 @@ from dinokit.eval.metrics import frame_jf, video_jf
 from dinokit.eval.visualize import palette
 from dinokit.io import atomic_write, prepare_output, refuse_other_outputs, write_json
 from dinokit.maps import tracking
-from dinokit.maps.commands import inputs_without_outputs, load, model_input
+from dinokit.maps.commands import inputs_without_outputs, load, model_input, refuse_overwriting_inputs
 from dinokit.maps.pca import patch_features
 from dinokit.maps.render import mask_overlay, save_png
 from dinokit.models import VisionTransformer
@@ -68,7 +68,8 @@ def track(
     mask, colours = read_first_mask(first_mask, first_rgb.shape[:2], paths[0])
     objects = tracking.object_values(mask)
     truths = ground_truth_paths(ground_truth, names, first_rgb.shape[:2]) if ground_truth is not None else None
-    refuse_overwriting_inputs(out_dir, names, [*paths, first_mask, *(truths or [])])
+    outputs = [out_dir / sub / f"{name}.png" for name in names for sub in ("", "overlays")]
+    refuse_overwriting_inputs(out_dir, outputs, [*paths, first_mask, *(truths or [])])
     net = load(model, device)
     grid = net.grid_size(*model_input(net, Image.fromarray(first_rgb), image_size, resize_policy).shape[-2:])
     at_grid = tracking.one_hot_at_grid(mask, objects, grid)  # the objects as the first frame's patches hold them
@@ -166,20 +167,6 @@ def check_settings(n_last_frames: int, size_mask_neighborhood: int, topk: int) -
         )
     if topk < 1:
         raise DinokitError(f"topk must be 1 or more (DINO uses 5), got {topk}")
-
-
-def refuse_overwriting_inputs(folder: Path, names: list[str], inputs: Iterable[str | Path | None]) -> None:
-    """A DinokitError, before any work, where a mask or overlay written in `folder` (<name>.png,
-    overlays/<name>.png) would replace one of `inputs` (frames, first mask, ground-truth masks; None:
-    none): out= the ground-truth folder would overwrite the truth and score the masks against themselves."""
-    given = {Path(p).expanduser().resolve() for p in inputs if p is not None}
-    for name in names:
-        for target in (folder / f"{name}.png", folder / "overlays" / f"{name}.png"):
-            if target.expanduser().resolve() in given:
-                raise DinokitError(
-                    f"out={folder} would overwrite the input {target} (a frame, the first mask or a ground-truth "
-                    "mask) with a predicted mask: choose an out folder apart from the video's files"
-                )
 
 
 def check_frame_sizes(paths: list[Path], size: tuple[int, int]) -> None:
