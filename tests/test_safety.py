@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pretrain_helpers import run, tiny_images
 
 from dinokit.cli import main
 from dinokit.data.synthetic import write_dense_set
+from dinokit.errors import DinokitError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -116,3 +118,26 @@ def test_segment_never_writes_over_its_reference_mask(tmp_path, capsys):
     assert "would overwrite the input" in capsys.readouterr().err
     assert (photos / "a_mask.png").read_bytes() == before and not (photos / "a_overlay.png").exists()
     assert main([*args, f"out={tmp_path / 'out'}"]) == 0
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_new_pretraining_run_never_replaces_files_it_did_not_write(resume, tmp_path):
+    """`dinokit pretrain out=F` into a folder of the user's own files (no config.yaml) rewrote F/metrics.jsonl
+    (rows after iteration 0 dropped), replaced F/backbone.safetensors and deleted all but the newest
+    keep_checkpoints F/checkpoints/checkpoint_*.pt; resume=true did the same where F held no run yet.
+    Such a folder is now refused before any work, untouched."""
+    data = tiny_images(tmp_path / "data")
+    out = tmp_path / "mine"
+    (out / "checkpoints").mkdir(parents=True)
+    mine = {
+        "metrics.jsonl": '{"iteration": 5, "loss": 1.0}\n',
+        "backbone.safetensors": "my weights",
+        "checkpoints/checkpoint_00000001.pt": "my checkpoint",
+    }
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    with pytest.raises(DinokitError, match=r"metrics\.jsonl") as refused:
+        run(data, out, max_iterations=2, checkpoint_every=1, keep_checkpoints=1, resume=resume)
+    assert "choose" in str(refused.value) and "config.yaml" in str(refused.value)
+    assert {name: (out / name).read_text() for name in mine} == mine
+    assert not (out / "config.yaml").exists()

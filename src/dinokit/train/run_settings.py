@@ -39,6 +39,29 @@ def read_saved_settings(saved: Path, facts: Iterable[str]) -> dict:
     return {k: v for k, v in values.items() if k not in facts}
 
 
+# What a pretrain or finetune run writes in its folder beside config.yaml (which it writes first)
+RUN_FILES = (
+    "checkpoints",
+    "metrics.jsonl",
+    "tensorboard",
+    "backbone.safetensors",
+    "bad_files.txt",
+    "classifier.safetensors",
+    "finetune.json",
+)
+
+
+def refuse_files_of_no_run(out: Path) -> None:
+    """A DinokitError where `out`, holding no run (no config.yaml), holds files of a run's names: a new run
+    would rewrite metrics.jsonl, replace backbone.safetensors and delete all but its newest checkpoints."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        raise DinokitError(
+            f"{out} holds {', '.join(found)} but no config.yaml of a dinokit run, and a new run would replace or "
+            "remove them: choose a new or empty out= folder (or move those files away)"
+        )
+
+
 def run_settings(
     out: Path,
     keys: dict,
@@ -57,8 +80,10 @@ def run_settings(
             raise DinokitError(
                 f"{out} already holds a run (config.yaml); pass resume=true to continue it, or choose a new out=..."
             )
+        refuse_files_of_no_run(out)
         return new(keys), False
     if not saved.exists():
+        refuse_files_of_no_run(out)
         if dist.launched_as_process_0():  # once, not once per torchrun process
             print(f"resume=true but {out} holds no run yet: starting a new one")
         return new(keys), False
