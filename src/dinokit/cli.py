@@ -150,7 +150,7 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
     },
     "pretrain": {
         "data": "a folder of images (recursive) or a text file of paths",
-        "preset": "a shipped recipe (see above) or a YAML file",
+        "preset": "a shipped recipe (see above) or a YAML file; on a CPU: cpu32, cpu96 or demo",
         "max_iterations": "stop after this many iterations",
         "max_minutes": "stop after this many minutes of training",
         "resume": "continue the run in out from its newest checkpoint",
