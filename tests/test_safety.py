@@ -141,3 +141,32 @@ def test_a_new_pretraining_run_never_replaces_files_it_did_not_write(resume, tmp
     assert "choose" in str(refused.value) and "config.yaml" in str(refused.value)
     assert {name: (out / name).read_text() for name in mine} == mine
     assert not (out / "config.yaml").exists()
+
+
+def test_a_download_cut_short_is_not_cached_as_the_released_weights(tmp_path, monkeypatch):
+    """A connection closed before the whole file arrived raises nothing in urllib (http.client reads
+    the short body as complete), and torch.hub.download_url_to_file moved it into the cache as the
+    released weights: every later load failed on the cached half file. A torch archive that ends short
+    is now refused with a clear error, and not cached: the next call downloads again."""
+    import torch
+
+    import dinokit
+    from dinokit.models.hub import cache_dir
+
+    monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path / "cache"))
+    torch.save({"w": torch.arange(4096.0)}, tmp_path / "served.pth")
+    served = (tmp_path / "served.pth").read_bytes()
+    calls = []
+
+    def cut_short(url, dst, progress=True):
+        calls.append(url)
+        Path(dst).write_bytes(served[: len(served) // 2])
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", cut_short)
+    with pytest.raises(DinokitError, match="stopped short") as refused:
+        dinokit.load_model("dinov2_vits14")
+    assert "again" in str(refused.value)
+    assert not list(cache_dir().iterdir())  # nothing left as if complete, no temporary file either
+    with pytest.raises(DinokitError, match="stopped short"):
+        dinokit.load_model("dinov2_vits14")
+    assert len(calls) == 2  # downloaded again, not read from the cache

@@ -5,10 +5,12 @@ A name resolves to a local file or folder, downloaded once into the cache (`$DIN
 """
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from dinokit.errors import DinokitError
+from dinokit.io import atomic_write
 
 _OFFICIAL = "https://dl.fbaipublicfiles.com"
 _DINO_V1_FILES = {
@@ -171,18 +173,46 @@ def url_name(url: str) -> str:
 
 
 def _download_url(name: str, url: str, key: str = "model") -> Path:
-    """The cached file of `url` (downloaded once); offline, an error naming `key` for a local copy."""
+    """The cached file of `url` (downloaded once, whole: see check_whole_archive); offline, an error
+    naming `key` for a local copy."""
     target = cache_dir() / url_name(url)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     import torch.hub
 
+    def fetch(tmp: str) -> None:
+        torch.hub.download_url_to_file(url, tmp, progress=True)
+        check_whole_archive(Path(tmp), url)
+
     try:
-        torch.hub.download_url_to_file(url, str(target), progress=True)
+        atomic_write(target, fetch)  # in the cache only once checked
+    except DinokitError:
+        raise
     except Exception as e:  # urllib raises URLError, socket errors, HTTP errors...
         raise _offline_error(name, url, e, cached_as=target, key=key) from None
     return target
+
+
+def check_whole_archive(path: Path, url: str) -> None:
+    """A DinokitError where the file downloaded from `url` is a torch archive (zip; every released .pth
+    is one) cut short, or empty: a connection closed early reads as the end of the file in urllib
+    (http.client does not compare the length received with Content-Length), and torch.hub keeps it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path):  # its directory is at the end: a file cut short has none
+                return
+        except zipfile.BadZipFile:
+            pass
+    elif head:
+        return
+    raise DinokitError(
+        f"the download of {url} stopped short ({path.stat().st_size} bytes, not the whole file; nothing was "
+        "kept): run the same command again, or download the file where the connection is steady and pass its "
+        "local path"
+    )
 
 
 # What is fetched of a Hub repo: its safetensors; only where it has none, its pytorch_model.bin (read
