@@ -170,3 +170,24 @@ def test_a_download_cut_short_is_not_cached_as_the_released_weights(tmp_path, mo
     with pytest.raises(DinokitError, match="stopped short"):
         dinokit.load_model("dinov2_vits14")
     assert len(calls) == 2  # downloaded again, not read from the cache
+
+
+def test_a_full_disk_while_downloading_is_not_reported_as_offline(tmp_path, monkeypatch, capsys):
+    """A download that filled the disk was reported as "Could not download ... This machine may be
+    offline", sending the user after the network. The disk-full OSError now reaches the CLI, which
+    names the file and says to free space; nothing is left in the cache."""
+    import errno
+
+    from dinokit.models.hub import cache_dir
+
+    monkeypatch.setenv("DINOKIT_CACHE", str(tmp_path / "cache"))
+
+    def disk_full(url, dst, progress=True):
+        Path(dst).write_bytes(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, "No space left on device", dst)
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", disk_full)
+    assert main(["info", "model=dinov2_vits14"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "free some space" in err and "offline" not in err
+    assert not list(cache_dir().iterdir())

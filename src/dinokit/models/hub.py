@@ -4,6 +4,7 @@ A name resolves to a local file or folder, downloaded once into the cache (`$DIN
 `~/.cache/dinokit`). Offline, the error says so and shows how to pass a local file instead.
 """
 
+import errno
 import os
 import zipfile
 from dataclasses import dataclass
@@ -190,8 +191,20 @@ def _download_url(name: str, url: str, key: str = "model") -> Path:
     except DinokitError:
         raise
     except Exception as e:  # urllib raises URLError, socket errors, HTTP errors...
+        if local_disk_error(e):
+            raise
         raise _offline_error(name, url, e, cached_as=target, key=key) from None
     return target
+
+
+# OSErrors of the cache's own disk, not of the network (whose errors are OSErrors too: URLError, socket errors)
+LOCAL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def local_disk_error(e: Exception) -> bool:
+    """Whether a download failed on this machine's disk (full, over quota, read-only): the CLI names
+    the file and the fix, where the offline error would send the user after the network."""
+    return isinstance(e, OSError) and e.errno in LOCAL_DISK_ERRNOS
 
 
 def check_whole_archive(path: Path, url: str) -> None:
@@ -232,6 +245,8 @@ def _download_hub(repo_id: str) -> Path:
         if not any(folder.glob("*.safetensors")):
             folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_BIN, cache_dir=cache_dir() / "hub"))
     except Exception as e:  # offline, gated, missing repo: the hub raises many types
+        if local_disk_error(e):
+            raise
         hint = "" if repo_id in HF_NAMES.values() else did_you_mean(Path(repo_id))
         raise _offline_error(repo_id, "the Hugging Face Hub", e, hint=hint) from None
     return folder
