@@ -104,11 +104,17 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "refit": "retrain the chosen head on all of train before val (with a held-out selection split)",
     },
     "eval segmentation": {
+        "model": "required to train a probe: weights, run folder, name or random:<arch> (head=: the head's)",
+        "train": "required to train a probe: images/ and masks/ (see above)",
+        "val": "required: images/ and masks/ (see above)",
         "head": "score this saved or released head on val instead of training one",
         "scales": "head=: image scales averaged (default: the head's; ms heads 5 ratios)",
         "flip": "head=: also average the mirror images (default: the head's)",
     },
     "eval depth": {
+        "model": "required to train a probe: weights, run folder, name or random:<arch> (head=: the head's)",
+        "train": "required to train a probe: images/ and depth/ (see above)",
+        "val": "required: images/ and depth/ (see above)",
         "head": "score this saved or released head on val instead of training one",
         "crop": "head=: evaluation crop: auto | eigen | garg | kb_garg | none",
     },
