@@ -191,3 +191,18 @@ def test_a_full_disk_while_downloading_is_not_reported_as_offline(tmp_path, monk
     err = capsys.readouterr().err
     assert "No space left on device" in err and "free some space" in err and "offline" not in err
     assert not list(cache_dir().iterdir())
+
+
+def test_an_index_refuses_image_paths_its_file_list_cannot_hold(tmp_path):
+    """An image whose name holds a line break (legal on Linux and macOS) was written into the index's
+    paths-<g>.txt (one path a line) as two lines: the index then never loaded again ("index (3) and file
+    list (4) disagree; rebuild it", and a rebuild wrote the same). Saving it is now refused, naming the
+    file and the fix, before any file of the index is written."""
+    from dinokit.retrieval.index import FeatureIndex
+
+    vectors = np.eye(3, 4, dtype=np.float32)
+    index = FeatureIndex.create(vectors, ["/data/a.png", "/data/b\nc.png", "/data/d.png"], {})
+    with pytest.raises(DinokitError, match="line break") as refused:
+        index.save(tmp_path / "index")
+    assert "b\\nc.png" in str(refused.value) and "rename" in str(refused.value)
+    assert not (tmp_path / "index").exists() or not list((tmp_path / "index").iterdir())

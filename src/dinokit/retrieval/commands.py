@@ -16,7 +16,7 @@ from dinokit.features.store import MANIFEST, read_manifest, read_shard, read_sha
 from dinokit.io import folder_lock, prepare_output, refuse_other_outputs, write_json
 from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
-from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex, built_options
+from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex, built_options, check_listable
 from dinokit.runtime import resolve_device
 
 VECTOR_FEATURES = ("cls", "patch_mean")
@@ -51,6 +51,7 @@ def build_index(
     refuse_other_outputs(out, ("index.json",), "dinokit index build")
     manifest = vector_manifest(features, feature)
     paths = [p for shard in manifest["shards"] for p in read_shard_index(Path(features) / shard["file"])[0]]
+    check_listable(paths)  # before the index is built
     embedding = embedding_settings(manifest)
 
     def blocks() -> Iterator[np.ndarray]:  # a shard at a time: never all N x D floats in memory

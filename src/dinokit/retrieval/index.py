@@ -169,7 +169,10 @@ class FeatureIndex:
 
     # ------------------------------------------------------------------------------------ disk
     def save(self, folder: str | Path) -> None:
-        """Write generation g + 1 of the files, switch index.json to it, remove generation g."""
+        """Write generation g + 1 of the files, switch index.json to it, remove generation g. A path
+        holding a line break, which the file list (one path a line) cannot hold, is a DinokitError
+        before anything is written."""
+        check_listable(self.paths)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         previous = self.meta.get("generation")
@@ -211,6 +214,17 @@ class FeatureIndex:
         if not index.ntotal == len(paths) == meta["count"]:
             raise DinokitError(f"{folder}: index ({index.ntotal}) and file list ({len(paths)}) disagree; rebuild it")
         return cls(index, paths, meta)
+
+
+def check_listable(paths: list[str]) -> None:
+    """A DinokitError naming the first path that holds a line break, which the file list of an index
+    (paths-<g>.txt, one path a line) cannot hold."""
+    broken = next((p for p in paths if "\n" in p), None)
+    if broken is not None:
+        raise DinokitError(
+            f"the image path {broken!r} holds a line break, which the index's file list (one path a line) "
+            "cannot hold: rename the file without it, embed the images again and build the index"
+        )
 
 
 def read_paths(path: Path) -> list[str]:
