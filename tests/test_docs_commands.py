@@ -239,3 +239,25 @@ def test_the_python_check_follows_imports_and_keywords():
     with pytest.raises(AssertionError, match="no keyword"):
         test_every_documented_python_call_exists_with_its_keywords("x", "dinokit.pretrain", ["lrr"])
     test_every_documented_python_call_exists_with_its_keywords("x", "dinokit.pretrain", ["lr", "data"])
+
+
+def heading_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_of_the_docs_leads_somewhere():
+    """The README's table of contents links to its headings: a renamed heading must not leave a dead link;
+    links to files (docs/python.md, examples/...) name files that exist."""
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            assert linked.exists(), f"{path.name}: link to {target}: no such file"
+            if anchor and linked.suffix == ".md":
+                prose = FENCE.sub("", linked.read_text(encoding="utf-8"))
+                anchors = {heading_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, re.M)}
+                assert anchor in anchors, f"{path.name}: link to {target}: no such heading"
