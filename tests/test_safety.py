@@ -206,3 +206,28 @@ def test_an_index_refuses_image_paths_its_file_list_cannot_hold(tmp_path):
         index.save(tmp_path / "index")
     assert "b\\nc.png" in str(refused.value) and "rename" in str(refused.value)
     assert not (tmp_path / "index").exists() or not list((tmp_path / "index").iterdir())
+
+
+def test_curation_refuses_image_paths_its_lists_cannot_hold(tmp_path, capsys):
+    """`dinokit curate` wrote an image whose name holds a line break into kept.txt / paths.txt /
+    selected.txt (one path a line) as two lines: read back (pretrain data=, embed data=, curate sample)
+    it named two files that do not exist, and lost the image. It is now refused before any work,
+    naming the file and the fix."""
+    import torch
+
+    import dinokit
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b\nc.png", "d.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
+    torch.manual_seed(0)
+    model = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "m.safetensors")
+    embed = ["embed", f"model={model}", f"data={tmp_path / 'images'}", f"out={tmp_path / 'emb'}", "image_size=16"]
+    assert main([*embed, "num_workers=0", "device=cpu", "progress=false"]) == 0
+    for step in (["dedup"], ["cluster", "n_clusters=2"]):
+        out = tmp_path / step[0]
+        assert main(["curate", *step, f"features={tmp_path / 'emb'}", f"out={out}", "device=cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "b\\nc.png" in err and "line break" in err and "rename" in err
+        assert not out.exists()

@@ -31,7 +31,7 @@ from dinokit.features.store import MANIFEST
 from dinokit.io import atomic_folder, atomic_write, prepare_output, read_json, write_json
 from dinokit.maps.render import contact_sheet, save_figure
 from dinokit.retrieval.commands import embedding_differences, read_vectors
-from dinokit.retrieval.index import INDEX_META, FeatureIndex, first_occurrences, normalise, read_paths
+from dinokit.retrieval.index import INDEX_META, FeatureIndex, check_listable, first_occurrences, normalise, read_paths
 from dinokit.runtime import resolve_device
 
 SUMMARY = "curation.json"
@@ -516,6 +516,7 @@ def read_unique_vectors(
     the embedding lists twice is kept once (its first vector). Normalised in place: one N x D array."""
     require_embedding_folder(features, key, index_ok)
     vectors, paths, embedding = read_vectors(features, feature)
+    check_listable(paths)  # the step's lists hold them
     keep = first_occurrences(paths)
     if len(keep) < len(paths):
         vectors, paths = vectors[keep], [paths[i] for i in keep]

@@ -217,13 +217,13 @@ class FeatureIndex:
 
 
 def check_listable(paths: list[str]) -> None:
-    """A DinokitError naming the first path that holds a line break, which the file list of an index
-    (paths-<g>.txt, one path a line) cannot hold."""
+    """A DinokitError naming the first path that holds a line break, which a list of image paths (one
+    a line: an index's paths-<g>.txt, curation's kept.txt, paths.txt, selected.txt) cannot hold."""
     broken = next((p for p in paths if "\n" in p), None)
     if broken is not None:
         raise DinokitError(
-            f"the image path {broken!r} holds a line break, which the index's file list (one path a line) "
-            "cannot hold: rename the file without it, embed the images again and build the index"
+            f"the image path {broken!r} holds a line break, which a list of image paths (one a line: an index's "
+            "file list, curation's lists) cannot hold: rename the file without it and embed the images again"
         )
 
 
