@@ -261,3 +261,44 @@ def test_every_link_of_the_docs_leads_somewhere():
                 prose = FENCE.sub("", linked.read_text(encoding="utf-8"))
                 anchors = {heading_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, re.M)}
                 assert anchor in anchors, f"{path.name}: link to {target}: no such heading"
+
+
+def defaults(command: str) -> dict:
+    """The default of every key of `dinokit <command>`'s function."""
+    module, func = COMMANDS[command].split(":")
+    params = inspect.signature(getattr(importlib.import_module(module), func)).parameters
+    return {name: p.default for name, p in params.items()}
+
+
+def test_the_defaults_the_readme_states_are_the_code_s():
+    """Each default the README states in words, beside the value it has in the code: a changed default
+    fails here until the README says the new one."""
+    from dinokit.eval.released_segmentation import DEFAULT_SCALES, SCORING_SCALES
+    from dinokit.train.finetune_config import FinetuneConfig
+
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    knn, linear, ft = defaults("eval knn"), defaults("eval linear"), FinetuneConfig()
+    pictures = [defaults(c) for c in COMMANDS if c.startswith("visualize ")]
+    stated = {
+        "k = 10, 20, 100, 200, T = 0.07": knn["ks"] == [10, 20, 100, 200] and knn["temperature"] == 0.07,
+        "`image_size` is 224 by default (`eval video`: 480)": (
+            {knn["image_size"], linear["image_size"], defaults("eval depth")["image_size"]} == {224}
+            and defaults("eval video")["image_size"] == 480
+        ),
+        "x 13 learning rates = 52 heads": len(linear["learning_rates"]) * 4 == 52,
+        "(10% per class;": linear["selection_fraction"] == 0.1,
+        "`max_pixels=1000000`": defaults("predict depth")["max_pixels"] == 1000000,
+        "`scales=[1.0,1.32,1.73]`": DEFAULT_SCALES["ms"] == (1.0, 1.32, 1.73),
+        "`[1.0,1.32,1.73,2.28,3.0]`": SCORING_SCALES["ms"] == (1.0, 1.32, 1.73, 2.28, 3.0),
+        "`center_crop` (default for `embed`": defaults("embed")["resize_policy"] == "center_crop",
+        "`aspect` (default for the pictures": {p["resize_policy"] for p in pictures} == {"aspect"},
+        "`eval video` defaults to fp32": defaults("eval video")["precision"] == "fp32",
+        "init trunc-normal std 2e-5": ft.head_init_std == 2e-5,
+        "lr 5e-4 per 256 images of global batch, warm-up (`warmup_epochs=1`)": (ft.lr, ft.warmup_epochs) == (5e-4, 1),
+        "layer-wise lr decay 0.75": ft.layer_decay == 0.75,
+        "weight decay 0.05": ft.weight_decay == 0.05,
+        "stochastic depth 0.1, label smoothing 0.1": (ft.drop_path_rate, ft.label_smoothing) == (0.1, 0.1),
+    }
+    for words, holds in stated.items():
+        assert words in readme, f"the README no longer says {words!r}: update this test"
+        assert holds, f"the README says {words!r}, the code has another default"
