@@ -72,7 +72,7 @@ SHARED_KEYS: dict[str, str] = {
     "num_workers": "image-decoding worker processes (0: in the main process)",
     "precision": "bf16 (autocast) | fp32",
     "image_size": "input size in pixels (the short side with resize_policy=aspect), a multiple of the patch size",
-    "resize_policy": "center_crop | resize (stretch to image_size) | aspect (short side image_size, whole image)",
+    "resize_policy": "center_crop | resize (stretch); pictures: aspect (short side image_size, whole image) | resize",
     "reduced_decode": "decode large JPEGs at 1/2, 1/4 or 1/8 scale (false: whole, as the official code)",
     "seed": "random seed",
     "cache": "feature cache: auto ($DINOKIT_CACHE/features) | none | a folder",
