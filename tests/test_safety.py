@@ -231,3 +231,28 @@ def test_curation_refuses_image_paths_its_lists_cannot_hold(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "b\\nc.png" in err and "line break" in err and "rename" in err
         assert not out.exists()
+
+
+def test_embed_never_replaces_a_manifest_it_did_not_write(tmp_path, capsys):
+    """`dinokit embed data=D out=D` (or out= any folder of the user's) replaced D/manifest.json, a common
+    name for a dataset's own file list, with the embedding's manifest at the end of the run. A folder
+    that holds a manifest.json but no embed_config.json (no embedding started there) is now refused
+    before any work, untouched."""
+    import torch
+
+    import dinokit
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "dataset"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / name)
+    (data / "manifest.json").write_text('{"source": "my dataset"}\n')
+    torch.manual_seed(0)
+    model = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "m.safetensors")
+    args = ["embed", f"model={model}", f"data={data}", "image_size=16", "num_workers=0", "device=cpu", "progress=false"]
+    assert main([*args, f"out={data}"]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+    assert (data / "manifest.json").read_text() == '{"source": "my dataset"}\n'
+    assert sorted(p.name for p in data.iterdir() if p.name != ".dinokit.lock") == ["a.png", "b.png", "manifest.json"]
+    assert main([*args, f"out={tmp_path / 'emb'}"]) == 0 and main([*args, f"out={tmp_path / 'emb'}"]) == 0

@@ -259,13 +259,20 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
 
 def check_no_unknown_shards(out_dir: Path) -> None:
     """Shards without the embed_config.json of their run (removed, or not copied with them) were made
-    with unknown settings: resuming would mix them with shards of this run's settings, so it is refused."""
+    with unknown settings: resuming would mix them with shards of this run's settings, so it is refused.
+    So is a manifest.json without it: a file of the user's (a dataset's own list), which the run's
+    manifest would replace."""
     shards = sorted(p.name for p in out_dir.glob("shard_*") if p.suffix in SHARD_FORMATS.values())
     if shards:
         raise DinokitError(
             f"{out_dir} holds {len(shards)} shard(s) ({shards[0]}, ...) but no {CONFIG}, which records the settings "
             "they were made with, so they cannot be resumed safely: use a new out= folder, or remove the folder "
             "to embed everything again"
+        )
+    if (out_dir / MANIFEST).exists():
+        raise DinokitError(
+            f"{out_dir} holds a {MANIFEST} that no `dinokit embed` wrote (no {CONFIG} beside it), which the "
+            "embedding's manifest would replace: use a new (or empty) out= folder"
         )
 
 
