@@ -65,7 +65,7 @@ FURTHER_KEYS: dict[str, str] = {
 # One-line meanings of keys that many commands share: `--help` shows one beside each such key that its
 # command's docstring does not explain with a `key:` label of its own.
 SHARED_KEYS: dict[str, str] = {
-    "model": "weights file or folder, run folder, released name (eval / pictures: also random:<arch>)",
+    "model": "weights file or folder, run folder, released name or HF id (eval / pictures: also random:<arch>)",
     "out": "where the results are written",
     "device": "auto (a GPU if there is one, else the CPU) | cpu | cuda | cuda:N | mps",
     "batch_size": "images per forward pass",
@@ -82,7 +82,7 @@ SHARED_KEYS: dict[str, str] = {
     "lr": "learning rate of the probe",
     "weight_decay": "weight decay of the probe",
     "train_batch_size": "images per training step of the probe",
-    "image": "an image file (or a folder of them)",
+    "image": "an image file",
     "k": "results per image",
 }
 
