@@ -135,7 +135,7 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "ef_search": "hnsw: search effort; more: closer to exact, slower",
     },
     "visualize attention": {"mass": "share of each head's attention the thresholded maps hold (DINO: 0.6)"},
-    "visualize pca": {"foreground_threshold": "mask the background: first component below it (e.g. 0.5)"},
+    "visualize pca": {"foreground_threshold": "mask the background: first component below it (e.g. 0.5; none: off)"},
     "visualize similarity": {"x": "pixel column in image", "y": "pixel row in image"},
     "visualize matches": {"other": "the second image"},
     "curate cluster": {
@@ -146,7 +146,7 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
     "curate sample": {
         "clusters": "a `dinokit curate cluster` folder",
         "target_size": "images to select",
-        "strategy": "level-1 clusters give their images at random | closest to the centroid",
+        "strategy": "random | closest: which images a level-1 cluster gives (at random, or nearest its centroid)",
     },
     "curate retrieve": {
         "pool": "an embed or index folder of the uncurated images (or clusters=)",
