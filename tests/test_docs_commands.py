@@ -302,3 +302,13 @@ def test_the_defaults_the_readme_states_are_the_code_s():
     for words, holds in stated.items():
         assert words in readme, f"the README no longer says {words!r}: update this test"
         assert holds, f"the README says {words!r}, the code has another default"
+
+
+def test_the_developers_layout_names_every_module():
+    """DEVELOPERS.md's layout lacked train/run_settings.py after pretrain / finetune were split: every
+    module under src/dinokit (its file name) and every bench/ script must appear there."""
+    layout = (ROOT / "DEVELOPERS.md").read_text(encoding="utf-8")
+    package = ROOT / "src" / "dinokit"
+    modules = [p for p in package.rglob("*.py") if p.name != "__init__.py"] + sorted((ROOT / "bench").glob("*.py"))
+    missing = [str(p.relative_to(ROOT)) for p in modules if p.stem not in layout]
+    assert not missing, f"DEVELOPERS.md's layout does not name {missing}"
