@@ -256,3 +256,30 @@ def test_embed_never_replaces_a_manifest_it_did_not_write(tmp_path, capsys):
     assert (data / "manifest.json").read_text() == '{"source": "my dataset"}\n'
     assert sorted(p.name for p in data.iterdir() if p.name != ".dinokit.lock") == ["a.png", "b.png", "manifest.json"]
     assert main([*args, f"out={tmp_path / 'emb'}"]) == 0 and main([*args, f"out={tmp_path / 'emb'}"]) == 0
+
+
+def test_index_search_never_writes_its_sheet_or_hits_over_a_query_image(tmp_path, capsys):
+    """`dinokit index search query=q.png sheet=q.png` (or out=q.png) wrote the contact sheet over the
+    query photo, as the visualize commands refuse to. Now refused before any work."""
+    import torch
+
+    import dinokit
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
+    torch.manual_seed(0)
+    model = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "m.safetensors")
+    emb, index = tmp_path / "emb", tmp_path / "index"
+    embed = ["embed", f"model={model}", f"data={tmp_path / 'images'}", f"out={emb}", "image_size=16"]
+    assert main([*embed, "num_workers=0", "device=cpu", "progress=false"]) == 0
+    assert main(["index", "build", f"features={emb}", f"out={index}"]) == 0
+    query = tmp_path / "images" / "a.png"
+    before = query.read_bytes()
+    search = ["index", "search", f"index={index}", f"query={query}", "k=2", "device=cpu"]
+    for key in ("sheet", "out"):
+        assert main([*search, f"{key}={query}"]) == 2
+        assert "input images" in capsys.readouterr().err
+        assert query.read_bytes() == before
+    assert main([*search, f"sheet={tmp_path / 'hits.png'}"]) == 0

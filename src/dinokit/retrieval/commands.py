@@ -14,6 +14,7 @@ from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
 from dinokit.features.store import MANIFEST, read_manifest, read_shard, read_shard_index
 from dinokit.io import folder_lock, prepare_output, refuse_other_outputs, write_json
+from dinokit.maps.commands import refuse_inputs_as_outputs
 from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
 from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex, built_options, check_listable
@@ -227,6 +228,8 @@ def index_search(
     for path, example, suffix in ((out, "hits.json", None), (sheet, "hits.png", ".png")):  # before any work
         if path:
             prepare_output(path, example=example, create=False, suffix=suffix)
+    if out or sheet:
+        refuse_inputs_as_outputs({"out": out, "sheet": sheet}, list_images(query))
     results = search_index(index, query, k, nprobe, ef_search, batch_size, num_workers, device, model)
     print(format_table(results))
     if out:
