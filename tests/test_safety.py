@@ -283,3 +283,18 @@ def test_index_search_never_writes_its_sheet_or_hits_over_a_query_image(tmp_path
         assert "input images" in capsys.readouterr().err
         assert query.read_bytes() == before
     assert main([*search, f"sheet={tmp_path / 'hits.png'}"]) == 0
+
+
+def test_predict_classification_never_writes_over_its_list_of_images(tmp_path, capsys):
+    """`dinokit predict classification images=test.csv out=test.csv` wrote the predictions over the
+    list of images it read (a path,label CSV, the same suffix as the predictions'). Now refused before
+    any work (here before the head is even looked for)."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    listing = tmp_path / "test.csv"
+    listing.write_text("path,label\na.png,cat\n")
+    args = ["predict", "classification", f"head={tmp_path / 'no_head.safetensors'}", f"images={listing}"]
+    assert main([*args, f"out={listing}"]) == 2
+    err = capsys.readouterr().err
+    assert "images=" in err and "would replace it" in err
+    assert listing.read_text() == "path,label\na.png,cat\n"

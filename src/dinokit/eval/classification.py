@@ -377,6 +377,12 @@ def predict_classification(
     if out_path.suffix.lower() not in PREDICTION_FORMATS:
         raise DinokitError(f"out={out} must end in .csv or .json (the format of the predictions file)")
     prepare_output(out_path, example="predictions.csv", create=False)
+    if out_path.resolve() == Path(images).expanduser().resolve():
+        other = out_path.with_name(f"{out_path.stem}_predictions{out_path.suffix}")
+        raise DinokitError(
+            f"out={out} is the images= list this command reads, and writing the predictions there would replace "
+            f"it: pass another out=, e.g. {other}"
+        )
     if is_released_head(head, "classification"):
         state, meta, backbone = official_linear_head(head, model, device)
     else:
