@@ -298,3 +298,24 @@ def test_predict_classification_never_writes_over_its_list_of_images(tmp_path, c
     err = capsys.readouterr().err
     assert "images=" in err and "would replace it" in err
     assert listing.read_text() == "path,label\na.png,cat\n"
+
+
+def test_the_demo_never_replaces_files_it_did_not_write(tmp_path, monkeypatch):
+    """`dinokit demo out=.` in a project folder replaced its report.md and loss.png (and any
+    train_images.txt, knn_train.csv, knn_val.csv) with the demo's. A folder holding files of those
+    names but no run/ folder of a demo is now refused before any work, untouched."""
+    from dinokit import demo as demo_module
+
+    def no_training(**keys):
+        raise RuntimeError("the demo went on to train")
+
+    monkeypatch.setattr(demo_module, "pretrain", no_training)
+    data = tiny_images(tmp_path / "data")
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "report.md").write_text("# my report\n")
+    with pytest.raises(DinokitError, match=r"report\.md") as refused:
+        demo_module.demo(out=str(out), data=str(data))
+    assert "choose" in str(refused.value)
+    assert (out / "report.md").read_text() == "# my report\n"
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]

@@ -184,6 +184,23 @@ def plot_losses(rows: list[dict], path: Path, knn_rows: list[dict] = (), referen
     plt.close(fig)
 
 
+# What the demo writes in its out folder beside run/ (its pretraining run, made before any of them)
+DEMO_FILES = ("report.md", "loss.png", "train_images.txt", "knn_train.csv", "knn_val.csv")
+
+
+def claim_demo_folder(out: Path) -> None:
+    """Refuse, before any work, an `out` holding files of the demo's names (DEMO_FILES) but no run/
+    folder, which the demo makes first: files of the user's (out=. in a project) that it would
+    replace. Then make run/, marking `out` as the demo's (for a rerun, an interrupted one included)."""
+    found = [name for name in DEMO_FILES if (out / name).exists()]
+    if found and not (out / "run").is_dir():
+        raise DinokitError(
+            f"{out} holds {', '.join(found)} but no run/ folder of a demo, and the demo would replace them: "
+            "choose a new or empty out= folder (or an earlier demo's)"
+        )
+    (out / "run").mkdir(parents=True, exist_ok=True)
+
+
 def demo(
     out: str = "out/demo",
     data: str | None = None,
@@ -200,6 +217,7 @@ def demo(
     smaller)."""
     start = time.perf_counter()
     out_dir = Path(out)
+    claim_demo_folder(out_dir)
     data_info = prepare_data(out_dir, data)
     print(f"demo: {len(data_info['train'])} training images, {len(data_info['test'])} held out: {data_info['source']}")
     run_dir = out_dir / "run"
