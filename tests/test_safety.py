@@ -319,3 +319,24 @@ def test_the_demo_never_replaces_files_it_did_not_write(tmp_path, monkeypatch):
     assert "choose" in str(refused.value)
     assert (out / "report.md").read_text() == "# my report\n"
     assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+
+
+def test_eval_video_never_writes_outside_out_for_a_crafted_sequence_name(tmp_path, capsys):
+    """The sequence names of DAVIS's ImageSets/2017/<split>.txt became folders under out= as they were:
+    a list naming `../escape` (with JPEGImages/escape and Annotations/escape beside the resolution
+    folders) made eval video write its masks to out/../escape/, outside out. A name that is not a
+    plain folder name is now refused before any work."""
+    names = small_video(tmp_path / "v")
+    root = tmp_path / "DAVIS"
+    for kind, folder, suffix in (("JPEGImages", "frames", ".jpg"), ("Annotations", "truth", ".png")):
+        (root / kind / "480p").mkdir(parents=True)
+        (root / kind / "escape").mkdir()
+        for name in names:
+            Image.open(tmp_path / "v" / folder / f"{name}.png").save(root / kind / "escape" / f"{name}{suffix}")
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("../escape\n")
+    out = tmp_path / "runs" / "out"
+    args = ["eval", "video", "model=random:vit_nano_p2", f"data={root}", "image_size=32", "device=cpu"]
+    assert main([*args, "num_workers=0", "preprocessing=dinokit", f"out={out}"]) == 2
+    assert "../escape" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "escape").exists()

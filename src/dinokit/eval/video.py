@@ -143,6 +143,12 @@ def split_sequences(data: str, split: str, resolution: str, sequences: str | lis
             f"TrainVal download has train.txt and val.txt); check data= and split={split}"
         )
     names = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
+    crafted = [n for n in names if Path(n).name != n or n in (".", "..") or "\\" in n]
+    if crafted:  # each name becomes a folder under out=: none may lead out of it
+        raise DinokitError(
+            f"{listing} names the sequence {crafted[0]!r}, not a folder name (DAVIS's are such as bear, "
+            "bike-packing): each becomes a folder under out=, which it would leave; fix the list"
+        )
     if sequences is not None:
         wanted = [s.strip() for s in (sequences.split(",") if isinstance(sequences, str) else sequences)]
         unknown = [s for s in wanted if s not in names]
