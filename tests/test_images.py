@@ -263,3 +263,10 @@ def test_a_list_file_splits_at_newlines_only(tmp_path):
         (Path("/d/c\x1cd.jpg"), "cat"),
         (Path("/d/e.jpg"), None),
     ]
+
+
+def test_a_missing_image_is_reported_as_not_found(tmp_path):
+    from dinokit.data.images import open_image
+
+    with pytest.raises(DinokitError, match=r"cannot read the image .*nope\.jpg: no such file\. Check the spelling"):
+        open_image(tmp_path / "nope.jpg")

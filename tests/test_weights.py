@@ -655,3 +655,8 @@ def test_shape_only_models_draw_no_weights_so_loading_does_not_import_the_compil
     with torch.device("meta"):
         meta = VisionTransformer(ViTConfig(img_size=16, patch_size=2, embed_dim=32, depth=1, num_heads=2))
     assert meta.cls_token.is_meta and meta.blocks[0].attn.qkv.weight.is_meta
+
+
+def test_load_model_says_random_weights_are_for_baselines_only():
+    with pytest.raises(DinokitError, match=r"random:vit_micro_p4' \(an untrained network\).*weights are needed"):
+        dinokit.load_model("random:vit_micro_p4")

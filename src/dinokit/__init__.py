@@ -9,7 +9,7 @@ feats, kept, bad = dinokit.extract_features(model, paths, transform, which=["cls
 dinokit.pretrain(data="my_images/", out="out/run", preset="cpu32")  # DINO / DINOv2 pretraining
 dinokit.finetune(model="out/run", train="data/train", val="data/val", out="out/ft", image_size=32)
 
-The functions below `__getattr__`'s table are imported on first use. docs/python.md shows them all.
+docs/python.md shows every function of the Python API.
 """
 
 import importlib

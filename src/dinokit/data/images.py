@@ -179,6 +179,9 @@ def open_image(path: str | Path, rgb: bool = False, what: str = "image", min_sid
     except Exception as err:  # damaged files make Pillow raise OSError, ValueError, SyntaxError, TypeError, ...
         reason = "not an image format Pillow recognises" if isinstance(err, UnidentifiedImageError) else str(err)
         fix = "Check that the file is a complete image (jpg, png, webp, bmp, tiff), or remove it from the input."
+        if isinstance(err, FileNotFoundError):
+            reason = "no such file"
+            fix = "Check the spelling and the current folder, or pass an absolute path."
         if isinstance(err, IsADirectoryError):  # e.g. a folder given where one image is taken
             reason, fix = "it is a folder", f"Pass one {what} file there (a file inside it, e.g. {example_in(path)})."
         error = UnreadableImage(f"cannot read the {what} {path}: {reason}. {fix}")

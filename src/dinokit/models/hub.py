@@ -121,6 +121,12 @@ def resolve(source: str | os.PathLike) -> Path:
         )
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return _download_hub(name)
+    if name.startswith("random:"):  # eval.backbone.RANDOM_PREFIX, which the eval and picture commands take
+        raise DinokitError(
+            f"{name!r} (an untrained network) is taken only where a random baseline means something: the eval "
+            "commands and the pictures (visualize, segment, track). Here trained weights are needed: a released "
+            "name (e.g. dinov2_vits14), a weights file or folder, or a pretraining run folder."
+        )
     known = ", ".join([*HF_NAMES, *_DINO_V1_FILES])
     raise DinokitError(
         f"No such file or folder: {name!r}; nor is it a released model name.{did_you_mean(path)} "
