@@ -340,3 +340,26 @@ def test_eval_video_never_writes_outside_out_for_a_crafted_sequence_name(tmp_pat
     assert main([*args, "num_workers=0", "preprocessing=dinokit", f"out={out}"]) == 2
     assert "../escape" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "escape").exists()
+
+
+@pytest.mark.parametrize("fmt", ["official", "hf"])
+def test_export_never_replaces_the_file_it_reads(fmt, tmp_path, capsys):
+    """`dinokit export model=ckpt.pth out=ckpt.pth` replaced a whole training checkpoint (teacher,
+    optimiser state, epoch) with the backbone alone; format=hf with out= the folder holding model= replaced
+    that folder and dropped the file. An export whose output is (or holds) its model= is now refused
+    before any work."""
+    import torch
+
+    import dinokit
+
+    net = dinokit.create_model("vit_nano_p2")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    checkpoint = folder / "ckpt.pth"
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in net.state_dict().items()}, "epoch": 5}, checkpoint)
+    before = checkpoint.read_bytes()
+    out = checkpoint if fmt == "official" else folder
+    assert main(["export", f"model={checkpoint}", f"out={out}", f"format={fmt}"]) == 2
+    assert "model=" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["ckpt.pth"]
+    assert main(["export", f"model={checkpoint}", f"out={tmp_path / 'elsewhere.pth'}"]) == 0
