@@ -363,3 +363,20 @@ def test_export_never_replaces_the_file_it_reads(fmt, tmp_path, capsys):
     assert "model=" in capsys.readouterr().err
     assert checkpoint.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["ckpt.pth"]
     assert main(["export", f"model={checkpoint}", f"out={tmp_path / 'elsewhere.pth'}"]) == 0
+
+
+def test_checkpoint_rotation_removes_only_the_checkpoints_it_wrote(tmp_path):
+    """A run's checkpoint rotation took every file whose name ends in checkpoint_<n>.pt as one of its
+    own: a copy kept as checkpoints/best_checkpoint_00000002.pt was deleted as an old checkpoint (or
+    resumed from as the newest). Only checkpoint_<n>.pt itself is the run's now."""
+    from dinokit.train.checkpoint import list_checkpoints, save_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "best_checkpoint_00000002.pt").write_text("my copy")
+    (folder / "checkpoint_00000009.pt.bak").write_text("my backup")
+    for iteration in (1, 3, 4):
+        save_checkpoint(folder, iteration, {"iteration": iteration}, keep=2)
+    assert [p.name for p in list_checkpoints(folder)] == ["checkpoint_00000003.pt", "checkpoint_00000004.pt"]
+    assert (folder / "best_checkpoint_00000002.pt").read_text() == "my copy"
+    assert (folder / "checkpoint_00000009.pt.bak").read_text() == "my backup"

@@ -21,7 +21,7 @@ from dinokit.models.loading import export_model, load_model
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.train.self_distillation import SelfDistillation
 
-PATTERN = re.compile(r"checkpoint_(\d+)\.pt$")
+PATTERN = re.compile(r"checkpoint_(\d+)\.pt")  # the whole name (fullmatch): a copy named best_checkpoint_... is not one
 
 
 def checkpoint_path(folder: str | Path, iteration: int) -> Path:
@@ -33,7 +33,7 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := PATTERN.search(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := PATTERN.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 
