@@ -380,3 +380,20 @@ def test_checkpoint_rotation_removes_only_the_checkpoints_it_wrote(tmp_path):
     assert [p.name for p in list_checkpoints(folder)] == ["checkpoint_00000003.pt", "checkpoint_00000004.pt"]
     assert (folder / "best_checkpoint_00000002.pt").read_text() == "my copy"
     assert (folder / "checkpoint_00000009.pt.bak").read_text() == "my backup"
+
+
+def test_a_released_classifier_head_that_needs_pickle_is_refused_with_the_fix(tmp_path, capsys):
+    """A .pth given as a released ImageNet linear head that pickles more than tensors was refused with
+    torch's own message passed on, whose first remedy is to load it with weights_only=False (run its
+    pickled code). It now gets dinokit's refusal, as weights files and the segmentation / depth heads
+    do: which file, that dinokit never unpickles code, and how to keep its tensors alone."""
+    import datetime
+
+    import torch
+
+    head = tmp_path / "dinov2_vits14_linear_head.pth"
+    torch.save({"weight": torch.zeros(1000, 768), "bias": torch.zeros(1000), "when": datetime.date(2024, 1, 1)}, head)
+    args = ["predict", "classification", f"head={head}", f"images={tmp_path}", "model=random:vit_nano_p2"]
+    assert main([*args, f"out={tmp_path / 'p.csv'}"]) == 2
+    err = capsys.readouterr().err
+    assert str(head) in err and "never unpickles" in err and "weights_only=False" not in err

@@ -144,9 +144,15 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
     from torchvision.models import ResNet50_Weights  # its meta holds the ImageNet-1k class names, in order
 
     path, model, name = locate_released_head(head, model, "classification", "dinov2_vits14_linear4_head")
+    import pickle
+
+    from dinokit.models.loading import pickled_objects_error
+
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # damaged, or a pickle of more than tensors
+    except pickle.UnpicklingError as e:  # torch's message offers weights_only=False: not the fix here
+        raise pickled_objects_error(path, e) from None
+    except Exception as e:  # damaged, cut short, not a torch file
         raise DinokitError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
     if isinstance(state, dict) and {"linear_head.weight", "linear_head.bias"} <= set(state):
         # the whole classifier's state dict (the hub's dinov2_vits14_lc ...): backbone.* and linear_head.*

@@ -72,18 +72,24 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         with torch.serialization.safe_globals([argparse.Namespace]):  # DINO v1 checkpoint.pth holds its `args`
             obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=kind == "zip")
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        raise DinokitError(
-            f"{path} holds Python objects besides tensors"
-            + (f" ({found[1]})" if found else "")
-            + ", and dinokit never unpickles code from a file. "
-            "If you trust the file, re-save only its tensors (torch.save(state_dict) or safetensors)."
-        ) from None
+        raise pickled_objects_error(path, e) from None
     except Exception as e:  # torch raises RuntimeError, EOFError, IndexError... on damaged files
         raise DinokitError(f"{path} could not be read as a PyTorch file (corrupt or truncated?): {e}") from None
     if not isinstance(obj, dict):
         raise DinokitError(f"{path} does not hold a state dict (found {type(obj).__name__})")
     return obj, {}
+
+
+def pickled_objects_error(path: str | Path, error: pickle.UnpicklingError) -> DinokitError:
+    """The refusal of a torch file that torch.load(weights_only=True) could not read: it pickles Python
+    objects besides tensors (named where torch's `error` names one), which dinokit never unpickles."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return DinokitError(
+        f"{path} holds Python objects besides tensors"
+        + (f" ({found[1]})" if found else "")
+        + ", and dinokit never unpickles code from a file. "
+        "If you trust the file, re-save only its tensors (torch.save(state_dict) or safetensors)."
+    )
 
 
 def sniff_weights(path: Path) -> str:
