@@ -366,6 +366,18 @@ def test_bad_input_is_refused_with_a_clear_message(data, tmp_path):
     assert not (out / "config.yaml").exists()
 
 
+def test_a_missing_key_names_the_help_page(tmp_path, capsys):
+    """'missing required key(s): model=...' did not say where the keys are explained, as the CLI's own
+    message for the other commands does (model, train and val are optional arguments of `finetune`,
+    so FinetuneConfig's check says it)."""
+    assert cli_run(["finetune", "train=t", f"out={tmp_path / 'run'}"]) == 2
+    assert capsys.readouterr().err == (
+        "dinokit: error: missing required key(s): model=..., val=... "
+        "(`dinokit finetune --help` says what each key is)\n"
+    )
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------------------------------------- torchrun
 def test_torchrun_two_processes_match_one_process_on_the_same_global_batch(data, tmp_path):
     """2 processes x batch 4 read the same stream positions, augmentations and mean loss as 1 x 8:

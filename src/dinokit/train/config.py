@@ -32,104 +32,104 @@ class PretrainConfig:
     init: str | None = None  # start from weights load_model reads (released name, .pth, HF folder, ...)
     # distil from a finished run's frozen teacher (its folder or a checkpoint): DINOv2's distillation of
     # smaller models; its objective and head sizes replace these, no masking nor drop path (train/distillation.py)
-    distill_from: str | None = None
+    distill_from: str | None = None  # a finished run (folder or checkpoint) whose frozen teacher teaches the student
     # start from another run's students, teachers, heads and centers (not its optimiser nor schedules):
     # DINOv2's high-resolution adaptation (larger crops, a short run) or continued pretraining on new data
-    continue_from: str | None = None
-    drop_path_rate: float = 0.1
-    drop_path_uniform: bool = True
+    continue_from: str | None = None  # a run (folder or checkpoint) whose model state this run starts from
+    drop_path_rate: float = 0.1  # student's stochastic depth in [0, 1), 0 = off (official: student.drop_path_rate)
+    drop_path_uniform: bool = True  # true: drop_path_rate in every block (DINOv2); false: rising linearly from 0
     layerscale: float | None = 1e-5  # LayerScale init of a fresh backbone; 0: no LayerScale; None: the architecture's
     # ---- heads and losses
-    head_prototypes: int = 65536
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
-    head_nlayers: int = 3
+    head_prototypes: int = 65536  # K, the DINO head's outputs (official: dino.head_n_prototypes)
+    head_hidden_dim: int = 2048  # width of the head MLP's hidden layers (official: dino.head_hidden_dim)
+    head_bottleneck_dim: int = 256  # the head MLP's L2-normed output, before the prototypes (dino.head_bottleneck_dim)
+    head_nlayers: int = 3  # Linear layers of the heads' MLP, before the prototypes (official: dino.head_nlayers)
     head_norm_last_layer: bool = False  # True: freeze the weight-norm gain (DINO v1 default)
-    ibot_separate_head: bool = False
-    ibot_prototypes: int = 65536
-    ibot_hidden_dim: int = 2048
-    ibot_bottleneck_dim: int = 256
-    dino_loss_weight: float = 1.0
-    ibot_loss_weight: float = 1.0
-    koleo_loss_weight: float = 0.1
-    centering: str = "ema"  # ema | sinkhorn_knopp
-    center_momentum: float = 0.9
-    student_temp: float = 0.1
-    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
-    mask_sample_probability: float = 0.5
+    ibot_separate_head: bool = False  # true: iBOT gets its own head (ibot_*); false: it shares the DINO head
+    ibot_prototypes: int = 65536  # the separate iBOT head's K (ibot_separate_head only; ibot.head_n_prototypes)
+    ibot_hidden_dim: int = 2048  # the separate iBOT head's hidden width (ibot_separate_head only)
+    ibot_bottleneck_dim: int = 256  # the separate iBOT head's bottleneck width (ibot_separate_head only)
+    dino_loss_weight: float = 1.0  # weight of the DINO (CLS) loss in the total (official: dino.loss_weight)
+    ibot_loss_weight: float = 1.0  # iBOT masked-patch loss weight, dinov2 only; 0: no iBOT, no masks (ibot.loss_weight)
+    koleo_loss_weight: float = 0.1  # KoLeo loss weight (student's CLS), dinov2 only; 0 = off (dino.koleo_loss_weight)
+    centering: str = "ema"  # the teacher's targets: ema (EMA center) | sinkhorn_knopp (official: train.centering)
+    center_momentum: float = 0.9  # EMA momentum of the teacher's DINO / iBOT centers, centering=ema (official 0.9)
+    student_temp: float = 0.1  # softmax temperature of the student, DINO and iBOT (official 0.1, in the losses)
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])  # [min, max] share of a crop masked
+    mask_sample_probability: float = 0.5  # share of the global crops iBOT masks (ibot.mask_sample_probability)
     # ---- crops and augmentation
-    global_crops_size: int = 224
+    global_crops_size: int = 224  # side of the global crops in pixels, a multiple of the patch size
     local_crops_size: int = 98  # 7 x 7 patches of the default arch's 14 (the official default 96 is for patch 16)
-    global_crops_number: int = 2
-    local_crops_number: int = 8
-    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
-    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
-    blur_probabilities: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    global_crops_number: int = 2  # global crops per image: the teacher's and the student's views
+    local_crops_number: int = 8  # local crops per image, the student's only (0: none)
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])  # [min, max] area share of the image
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])  # [min, max] area share of the image
+    blur_probabilities: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])  # blur p: 1st global, other, local
     blur_as_released: bool = False  # True: the released checkpoints' inverted blur (0.0 / 0.9 / 0.5)
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
-    blur_kernel_size: int = 9
-    solarize_probability: float = 0.2
-    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
-    color_jitter_probability: float = 0.8
-    grayscale_probability: float = 0.2
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])  # [min, max] of the blur's sigma, crop pixels
+    blur_kernel_size: int = 9  # odd side of the blur kernel (official 9); 0: untruncated (DINO v1's PIL blur)
+    solarize_probability: float = 0.2  # solarisation (threshold 128) of the second and later global crops
+    color_jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])  # [brightness, contrast, sat., hue]
+    color_jitter_probability: float = 0.8  # colour jitter's probability, per crop
+    grayscale_probability: float = 0.2  # grayscale's probability, per crop
     # per_image: torchvision transforms per crop in DataLoader workers (any data size). batched: every
     # image decoded once to batched_image_size px (0: global_crops_size) and kept in memory as uint8,
     # crops and colour augmentation applied to whole batches as tensor ops (data/batched_augmentations.py);
     # several times faster for small images (CIFAR-size), memory N * 3 * size^2 bytes per process.
-    augmentation: str = "per_image"
-    batched_image_size: int = 0
+    augmentation: str = "per_image"  # per_image (in workers) | batched (images in memory, whole-batch crops)
+    batched_image_size: int = 0  # augmentation=batched: pixels the images are held at; 0: global_crops_size
     # large JPEGs (photos) decoded at 1/2, 1/4 or 1/8 scale, never so small that a crop is upsampled
     # (data/images.py: ReducedJpegDecode, crops_min_side): a multi-crop item of a 12-megapixel photo
     # 5.2x faster (docs/benchmarks.md)
-    reduced_decode: bool = True
+    reduced_decode: bool = True  # decode large JPEGs at 1/2, 1/4 or 1/8 scale (false: whole, as the official code)
     # ---- optimisation (lr is for a global batch of 1024 with sqrt_wrt_1024, 256 with linear_wrt_256)
-    lr: float = 0.004
+    lr: float = 0.004  # peak lr after warm-up, for lr_scaling's reference batch (official: optim.base_lr)
     lr_scaling: str = "sqrt_wrt_1024"  # sqrt_wrt_1024 (DINOv2) | linear_wrt_256 (DINO v1) | none
-    min_lr: float = 1e-6
-    warmup: float = 0.1
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    layerwise_decay: float = 0.9
-    patch_embed_lr_mult: float = 0.2
-    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    min_lr: float = 1e-6  # lr at the end of the cosine decay (official: optim.min_lr)
+    warmup: float = 0.1  # lr warm-up from 0, fraction of the run (official: 10 of 100 epochs)
+    weight_decay: float = 0.04  # AdamW's at the start, cosine to weight_decay_end; none on biases, norms, LayerScale
+    weight_decay_end: float = 0.4  # weight decay at the end of the run (official: optim.weight_decay_end)
+    layerwise_decay: float = 0.9  # lr x decay^(L + 1 - d): d 0 embeddings, i + 1 block i, L + 1 final norm; 1 = off
+    patch_embed_lr_mult: float = 0.2  # a further lr factor of the patch embedding (official: optim.patch_embed_lr_mult)
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW [beta1, beta2]
     clip_grad: float = 3.0  # max gradient norm; 0 = off
     clip_grad_per: str = "module"  # module: each module's norm (DINOv2) | parameter: each parameter's (DINO v1)
     freeze_last_layer: float = 0.01  # fraction of the run during which the heads' last layer stays fixed
     freeze_last_layer_by: str = "lr"  # lr: lr 0, AdamW moments still move (DINOv2) | gradient: dropped (DINO v1)
     freeze_backbone: float = 0.0  # head warm-up on a frozen backbone (with init=), fraction of the run
-    momentum_teacher: float = 0.992
-    momentum_teacher_end: float = 1.0
-    teacher_temp_start: float = 0.04
-    teacher_temp: float = 0.07
-    teacher_temp_warmup: float = 0.3
+    momentum_teacher: float = 0.992  # teacher EMA momentum at the start, cosine to momentum_teacher_end
+    momentum_teacher_end: float = 1.0  # teacher EMA momentum at the end (official: teacher.final_momentum_teacher)
+    teacher_temp_start: float = 0.04  # at the start, linear to teacher_temp (teacher.warmup_teacher_temp)
+    teacher_temp: float = 0.07  # teacher temperature after warm-up (official: teacher.teacher_temp)
+    teacher_temp_warmup: float = 0.3  # teacher temperature warm-up, fraction of the run (official: 30 of 100 epochs)
     # ---- length (whichever ends first; the schedule spans epochs / max_iterations, else max_minutes)
-    epochs: float | None = 100.0  # real passes over the data
-    max_iterations: int | None = None
-    max_minutes: float | None = None
-    batch_size: int = 64  # per process
+    epochs: float | None = 100.0  # real passes over the data (0 or none: no limit)
+    max_iterations: int | None = None  # stop after this many iterations (0 or none: no limit)
+    max_minutes: float | None = None  # training minutes, k-NN monitor not counted (0 or none: no limit)
+    batch_size: int = 64  # images per process and step (global batch: x processes)
     # ---- runtime
-    device: str = "auto"
+    device: str = "auto"  # auto (a GPU if there is one, else the CPU) | cpu | cuda | cuda:N | mps
     precision: str = "bf16"  # bf16 | fp32
-    num_workers: int = 8
-    seed: int = 0
+    num_workers: int = 8  # image-decoding worker processes per training process (0: in the training process)
+    seed: int = 0  # random seed of the initial weights, data order, crops and masks
     fsdp: bool = False  # FSDP2 fully_shard (with torchrun) instead of DDP
     compile: bool = False  # torch.compile the backbone blocks
     reuse_freed_memory: bool = True  # CPU: keep freed memory for reuse (faster steps, more peak memory; runtime.py)
     # ---- k-NN monitor: top-1 (k 20, T 0.07, as `dinokit eval knn`) of the teacher on labelled data,
     # knn_val against knn_train (folders of <class>/ images or path,label CSVs), logged as knn_top1
-    knn_every: int = 0  # iterations (0 = off); also at the end of the run
-    knn_train: str | None = None
-    knn_val: str | None = None
-    knn_image_size: int = 0  # 0: global_crops_size
+    knn_every: int = 0  # iterations between k-NN monitor runs (0 = off); also at the end of the run
+    knn_train: str | None = None  # the k-NN bank: labelled <class>/<images> folder or path,label CSV
+    knn_val: str | None = None  # the labelled images the k-NN monitor classifies (as knn_train)
+    knn_image_size: int = 0  # the k-NN monitor's image size in pixels (0: global_crops_size)
     knn_resize_policy: str = "center_crop"  # center_crop | resize (as eval knn's resize_policy)
     # ---- run folder
-    checkpoint_every: int = 1000  # iterations (0 = off)
-    checkpoint_every_minutes: float = 30.0  # 0 = off
-    keep_checkpoints: int = 3
-    log_every: int = 10
+    checkpoint_every: int = 1000  # iterations between checkpoints (0 = off)
+    checkpoint_every_minutes: float = 30.0  # minutes between checkpoints (0 = off)
+    keep_checkpoints: int = 3  # newest checkpoints kept (0: keep all)
+    log_every: int = 10  # iterations between metrics rows (metrics.jsonl, TensorBoard, the progress bar)
     nan_patience: int = 5  # stop after this many non-finite steps in a row
-    progress: bool = True
-    tensorboard: bool = True
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = True  # also log the metrics to TensorBoard (tensorboard/ in the run folder)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -22,20 +22,20 @@ class FinetuneConfig:
     avgpool: bool = False  # head input: normed CLS, or CLS concatenated with the mean of the normed patch tokens
     head_init_std: float = 2e-5  # trunc-normal std of the head's weight (MAE 2e-5; DINOv2's linear heads 0.01); bias 0
     # ---- optimisation (AdamW, warm-up then cosine per iteration)
-    epochs: int = 20
-    batch_size: int = 64  # per process
+    epochs: int = 20  # passes over train, freeze_backbone_epochs included
+    batch_size: int = 64  # images per process and step
     lr: float = 5e-4  # base lr for a global batch of 256: peak lr = lr * global batch / 256 (MAE's blr)
-    min_lr: float = 1e-6
+    min_lr: float = 1e-6  # lr at the end of each phase's cosine decay
     warmup_epochs: float = 1.0  # of each phase (the head-only phase and the fine-tuning phase)
     weight_decay: float = 0.05  # not on biases, norms, LayerScale, tokens
     layer_decay: float = 0.75  # block i gets lr x decay^(L - i), embeddings decay^(L + 1), head x 1
-    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adamw_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW [beta1, beta2]
     clip_grad: float = 0.0  # max gradient norm of the backbone and of the head, each (0 = off)
     freeze_backbone_epochs: int = 0  # linear probe first: only the head trains in these epochs (= epochs: throughout)
     drop_path_rate: float = 0.1  # stochastic depth, rising linearly with depth to this rate (0 = off)
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # s: targets x (1 - s) + s / classes (0 = off)
     # ---- augmentation (training only; val gets the eval commands' transform)
-    image_size: int = 224
+    image_size: int = 224  # training crops' and val images' side in pixels, a multiple of the patch size
     crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop's area range
     rand_augment: int = 0  # RandAugment magnitude (0 = off; MAE: 9)
     mixup: float = 0.0  # MixUp alpha (0 = off; MAE: 0.8)
@@ -43,15 +43,15 @@ class FinetuneConfig:
     resize_policy: str = "center_crop"  # of the val transform: center_crop | resize (as eval)
     reduced_decode: bool = True  # large JPEGs decoded at a reduced scale that no crop upsamples (ReducedJpegDecode)
     # ---- runtime
-    device: str = "auto"
+    device: str = "auto"  # auto (a GPU if there is one, else the CPU) | cpu | cuda | cuda:N | mps
     precision: str = "bf16"  # bf16 | fp32
-    num_workers: int = 4
-    seed: int = 0
+    num_workers: int = 4  # image-decoding worker processes per training process (0: in the training process)
+    seed: int = 0  # random seed of the head, data order, augmentation and stochastic depth
     # ---- run folder
-    keep_checkpoints: int = 2  # 0 = keep all (one per epoch)
-    log_every: int = 10
-    progress: bool = True
-    tensorboard: bool = True
+    keep_checkpoints: int = 2  # newest checkpoints kept (0 = keep all, one per epoch)
+    log_every: int = 10  # iterations between metrics rows (metrics.jsonl, TensorBoard), and each epoch's end
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = True  # also log the metrics to TensorBoard (tensorboard/ in the run folder)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -85,7 +85,11 @@ def validate(c: FinetuneConfig) -> None:
     missing = [k for k in ("model", "train", "val") if not getattr(c, k)]
     require(
         [
-            (not missing, f"missing required key(s): {', '.join(f'{k}=...' for k in missing)}"),
+            (
+                not missing,
+                f"missing required key(s): {', '.join(f'{k}=...' for k in missing)} "
+                "(`dinokit finetune --help` says what each key is)",
+            ),
             (c.epochs >= 1, f"epochs must be >= 1, got {c.epochs}"),
             (
                 0 <= c.freeze_backbone_epochs <= c.epochs,
