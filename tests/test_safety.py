@@ -397,3 +397,26 @@ def test_a_released_classifier_head_that_needs_pickle_is_refused_with_the_fix(tm
     assert main([*args, f"out={tmp_path / 'p.csv'}"]) == 2
     err = capsys.readouterr().err
     assert str(head) in err and "never unpickles" in err and "weights_only=False" not in err
+
+
+def test_reading_another_runs_damaged_checkpoint_never_says_to_delete_it(tmp_path):
+    """continue_from= / distill_from= a run whose checkpoint could not be read was told "delete it to
+    resume from the previous one": advice for resuming one's own run, here to delete a checkpoint of
+    the run read from (maybe its only one). The error now says to pass another checkpoint of that run;
+    a checkpoint that pickles objects gets dinokit's refusal, not torch's weights_only=False remedy."""
+    import datetime
+
+    import torch
+
+    from dinokit.train.checkpoint import read_run
+
+    run = tmp_path / "other_run" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "checkpoint_00000004.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(DinokitError) as damaged:
+        read_run(tmp_path / "other_run", "continue_from")
+    assert "delete" not in str(damaged.value) and "another checkpoint" in str(damaged.value)
+    torch.save({"config": {}, "model": {}, "when": datetime.date(2024, 1, 1)}, run / "checkpoint_00000004.pt")
+    with pytest.raises(DinokitError) as pickled:
+        read_run(run / "checkpoint_00000004.pt", "distill_from")
+    assert "never unpickles" in str(pickled.value) and "weights_only=False" not in str(pickled.value)

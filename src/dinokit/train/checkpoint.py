@@ -8,6 +8,7 @@ Files are read with `torch.load(weights_only=True)`. Also here: another run's ne
 run starts from it (continue_from=, distill_from=), and a run's backbone exported for `load_model`.
 """
 
+import pickle
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from dinokit import distributed as dist
 from dinokit.errors import DinokitError
 from dinokit.io import atomic_write
-from dinokit.models.loading import export_model, load_model
+from dinokit.models.loading import export_model, load_model, pickled_objects_error
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
 from dinokit.train.self_distillation import SelfDistillation
 
@@ -54,13 +55,16 @@ def save_checkpoint(folder: str | Path, iteration: int, state: dict, keep: int =
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, fix: str = "delete it to resume from the previous one") -> dict:
+    """A checkpoint's state, read with weights_only; one that cannot be read is a DinokitError saying
+    `fix` (the default: a resumed run's own newest checkpoint), one that pickles Python objects is
+    refused (loading.pickled_objects_error)."""
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise pickled_objects_error(path, e) from None
     except Exception as e:
-        raise DinokitError(
-            f"checkpoint {path} could not be read ({e}); delete it to resume from the previous one"
-        ) from None
+        raise DinokitError(f"checkpoint {path} could not be read ({e}); {fix}") from None
 
 
 # ---------------------------------------------------------------------------------- what a checkpoint holds
@@ -179,7 +183,8 @@ def read_run(source: str | Path, key: str) -> RunState:
             "none of. Train heads for it first: `dinokit pretrain init=<its weights> freeze_backbone=1.0 ...` "
             f"(the backbone frozen), then pass that run folder as {key}="
         )
-    checkpoint = load_checkpoint(path)
+    # never "delete it": a checkpoint of the run read from, maybe its only one
+    checkpoint = load_checkpoint(path, f"pass another checkpoint of that run as {key}= (its checkpoints/ folder)")
     missing = [k for k in ("config", "model") if k not in checkpoint]
     if missing:
         raise DinokitError(f"{path} is not a dinokit pretraining checkpoint (no {', '.join(missing)})")
