@@ -275,3 +275,32 @@ def test_a_saved_value_refused_since_is_fixed_by_giving_its_resumable_key(tmp_pa
     resumed = {**keys, "max_iterations": 3, "resume": True, "keep_checkpoints": 0}
     dinokit.pretrain(data=str(data), out=str(out), **resumed)
     assert len(list((out / "checkpoints").glob("checkpoint_*.pt"))) == 3  # 0: every checkpoint kept
+
+
+def test_an_official_gpu_recipe_on_the_cpu_is_warned_about_once_and_the_cpu_presets_named(tmp_path):
+    """`dinokit pretrain` without preset= on a CPU trained the official dinov2_vits14 recipe (224 px crops,
+    65536 prototypes, batch 64, 10 workers) silently: 85 s per iteration and 17 GB on a 2-core CPU. A new
+    run of an official GPU recipe on the CPU now starts with one warning naming the CPU presets (and
+    still runs); a CPU preset, and the resumed run, get none."""
+    import warnings
+
+    from pretrain_helpers import run, tiny_images
+
+    data = tiny_images(tmp_path / "data")
+    with pytest.warns(UserWarning) as caught:
+        summary = run(data, tmp_path / "gpu_recipe", max_iterations=1)  # TINY: dinov2_vits14, tiny overrides
+    assert summary["iterations"] == 1
+    recipe = [str(w.message) for w in caught if "official GPU recipe" in str(w.message)]
+    assert len(recipe) == 1
+    assert recipe[0].startswith(
+        "preset dinov2_vits14 is an official GPU recipe (224 px crops, 65536 prototypes, batch 64 per process)"
+    )
+    assert all(f"preset={name}" in recipe[0] for name in ("cpu32", "cpu96", "demo"))
+    for keys in (
+        dict(out=tmp_path / "gpu_recipe", max_iterations=2, resume=True),
+        dict(out=tmp_path / "cpu_preset", preset="cpu32", max_iterations=1),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run(data, **keys)
+        assert not [w for w in caught if "GPU recipe" in str(w.message)], keys

@@ -44,7 +44,7 @@ from dinokit.train.checkpoint import (
     set_rng_state,
     settings_from_run,
 )
-from dinokit.train.config import RESUMABLE_KEYS, RUN_FACTS, PretrainConfig, resolve_config
+from dinokit.train.config import RESUMABLE_KEYS, RUN_FACTS, PretrainConfig, list_presets, resolve_config
 from dinokit.train.distillation import (
     SET_BY_DISTILLATION,
     distillation_config,
@@ -375,6 +375,8 @@ class Trainer:
             f"schedule over {span}{epochs}; {cfg.objective} {cfg.init or cfg.continue_from or cfg.arch} "
             f"on {self.device}, {cfg.precision}"
         )
+        if self.checkpoint is None:
+            self.warn_gpu_recipe_on_cpu(preset)
         if cfg.init or cfg.continue_from:
             key = f"init={cfg.init}" if cfg.init else f"continue_from={cfg.continue_from}"
             print(f"pretrain: {key} sets the architecture ({derived['backbone']}); arch={cfg.arch} is unused")
@@ -382,6 +384,23 @@ class Trainer:
             print(f"pretrain: continuing from the {derived['continued']}")
         if cfg.distill_from:
             print(f"pretrain: distilling from the {derived['distillation']}; the final model is the student's EMA")
+
+    def warn_gpu_recipe_on_cpu(self, preset: str | None) -> None:
+        """A new run of an official GPU recipe (the dinov2_* and dino_vit* presets: 224 px crops, 65536
+        prototypes) on the CPU is warned of, not refused, with the CPU presets named. A resumed run is
+        not: its settings are its config.yaml's, whatever preset= says."""
+        official = preset in list_presets() and preset.startswith(("dinov2_", "dino_vit"))
+        if self.device.type != "cpu" or not official:
+            return
+        recipe = resolve_config(preset, {})
+        warnings.warn(
+            f"preset {preset} is an official GPU recipe ({recipe.global_crops_size} px crops, "
+            f"{recipe.head_prototypes} prototypes, batch {recipe.batch_size} per process): on a CPU one step can "
+            "take over a minute and over 10 GB of memory. For a CPU, pick one of the CPU presets: preset=cpu32 "
+            "(32 px images, e.g. CIFAR), preset=cpu96 (64-96 px images) or preset=demo, e.g. `dinokit pretrain "
+            "data=... preset=cpu32 max_minutes=15`",
+            stacklevel=1,
+        )
 
     def files_found(self) -> str:
         """The data as known before training: the files listed, and (augmentation=batched, which has
