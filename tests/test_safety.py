@@ -420,3 +420,31 @@ def test_reading_another_runs_damaged_checkpoint_never_says_to_delete_it(tmp_pat
     with pytest.raises(DinokitError) as pickled:
         read_run(run / "checkpoint_00000004.pt", "distill_from")
     assert "never unpickles" in str(pickled.value) and "weights_only=False" not in str(pickled.value)
+
+
+def test_embed_errors_never_advise_removing_a_folder_of_images(tmp_path, capsys):
+    """With out= the images folder itself (which embed allows), a damaged embed_config.json was met with
+    "remove <out> and embed again", and shards without one with "or remove the folder": the user's images
+    with it. The errors now name the embedding's own files to remove."""
+    import torch
+
+    import dinokit
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "photos"
+    data.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / name)
+    torch.manual_seed(0)
+    model = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "m.safetensors")
+    args = ["embed", f"model={model}", f"data={data}", f"out={data}", "image_size=16", "num_workers=0", "device=cpu"]
+    assert main([*args, "progress=false"]) == 0
+    (data / "embed_config.json").write_text("{ cut short")
+    assert main([*args, "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert f"remove {data} " not in err and "embed_config.json" in err
+    (data / "embed_config.json").unlink()
+    (data / "manifest.json").unlink()
+    assert main([*args, "progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "remove the folder" not in err and "shard_*" in err

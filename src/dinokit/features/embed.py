@@ -246,7 +246,9 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
             check_no_unknown_shards(out_dir)
             write_json(path, settings)
     with compare_errors():  # every process's error: printed once
-        previous = read_json(path, f"embed into a new out= folder, or remove {out_dir} and embed again")
+        # never "remove out": it may be the images' own folder (out=data)
+        fix = f"embed into a new out= folder, or remove {path.name} and the shard_* files beside it and embed again"
+        previous = read_json(path, fix)
         changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
         if changed:
             older = "transform" in changed and "ReducedJpegDecode" not in str(previous.get("transform"))
@@ -266,8 +268,8 @@ def check_no_unknown_shards(out_dir: Path) -> None:
     if shards:
         raise DinokitError(
             f"{out_dir} holds {len(shards)} shard(s) ({shards[0]}, ...) but no {CONFIG}, which records the settings "
-            "they were made with, so they cannot be resumed safely: use a new out= folder, or remove the folder "
-            "to embed everything again"
+            "they were made with, so they cannot be resumed safely: use a new out= folder, or remove its shard_* "
+            "files to embed everything again"
         )
     if (out_dir / MANIFEST).exists():
         raise DinokitError(
