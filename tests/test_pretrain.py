@@ -715,3 +715,13 @@ def test_the_knn_monitor_needs_its_data_and_may_change_on_resume(tmp_path):
     run(data, tmp_path / "c", max_iterations=2)
     summary = run(data, tmp_path / "c", max_iterations=4, resume=True, knn_every=2, **knn)
     assert summary["iterations"] == 4 and "knn_top1" in summary
+
+
+def test_a_resumed_run_keeps_the_preset_its_config_records(tmp_path):
+    """resume=true without preset= (the function's default is dinov2_vits14) keeps config.yaml's preset."""
+    data = tiny_images(tmp_path / "data")
+    keys = {k: v for k, v in TINY.items() if k != "preset"}
+    dinokit.pretrain(data=str(data), out=str(tmp_path / "run"), preset="cpu32", max_iterations=1, **keys)
+    dinokit.pretrain(data=str(data), out=str(tmp_path / "run"), resume=True, max_iterations=2)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["preset"] == "cpu32" and saved["augmentation"] == "batched"  # cpu32's

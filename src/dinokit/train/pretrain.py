@@ -117,6 +117,7 @@ def pretrain(
     main = dist.launched_as_process_0()
     with folder_lock(out_dir, "a pretraining run", wait=False) if main else contextlib.nullcontext():
         cfg, resuming = run_config(out_dir, preset, keys, resume)
+        preset = saved_preset(out_dir) if resume and (out_dir / "config.yaml").exists() else preset
         runtime_device = dist.init_distributed(resolve_device(cfg.device))
         # on a CPU, large tensors are made afresh every step: keep freed memory for reuse (runtime.py)
         try:
@@ -127,6 +128,12 @@ def pretrain(
             raise
         dist.destroy_distributed()
     return summary if main else None
+
+
+def saved_preset(out: Path) -> str | None:
+    """The preset a run's config.yaml records: a resumed run keeps it, whatever preset= says (its
+    settings are its config.yaml's), so the file goes on naming the recipe it started from."""
+    return yaml.safe_load((out / "config.yaml").read_text()).get("preset")  # read by run_config before
 
 
 def run_config(out: Path, preset: str | None, keys: dict, resume: bool) -> tuple[PretrainConfig, bool]:
