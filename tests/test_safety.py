@@ -448,3 +448,39 @@ def test_embed_errors_never_advise_removing_a_folder_of_images(tmp_path, capsys)
     assert main([*args, "progress=false"]) == 2
     err = capsys.readouterr().err
     assert "remove the folder" not in err and "shard_*" in err
+
+
+@pytest.mark.parametrize("task", ["segmentation", "depth"])
+def test_predict_never_writes_over_files_it_did_not_write(task, tmp_path, capsys):
+    """`dinokit predict segmentation images=dataset/images out=dataset/masks` wrote each prediction over
+    the ground-truth mask of the same name (images/x.png and masks/x.png: the layout eval segmentation
+    reads), files no predict run had written. A file this run would write that is in out= but not in the
+    earlier run's record (.dinokit-predictions.json) is now refused before any prediction, untouched."""
+    from dinokit.eval.common import prepare_backbone
+    from dinokit.eval.depth import LinearDepthHead
+    from dinokit.eval.heads import head_metadata, save_head
+    from dinokit.eval.segmentation import LinearSegmentationHead
+
+    backbone = prepare_backbone("random:vit_nano_p2", "cpu", seed=0)
+    dim = backbone.model.embed_dim
+    if task == "segmentation":
+        head, extra = LinearSegmentationHead(dim, 3), dict(num_classes=3, ignore_index=255)
+    else:
+        head = LinearDepthHead(dim, 1, 0.001, 10.0)
+        extra = dict(with_cls=True, min_depth=0.001, max_depth=10.0, depth_scale=1000.0)
+    save_head(
+        tmp_path / "head.safetensors", head.eval(), head_metadata(backbone, 16, (1,), True, 0, task=task, **extra)
+    )
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "images" / name)
+        Image.fromarray(np.ones((20, 30), np.uint8)).save(tmp_path / "masks" / name)
+    truth = {p.name: p.read_bytes() for p in (tmp_path / "masks").iterdir()}
+    args = ["predict", task, f"head={tmp_path / 'head.safetensors'}", f"images={tmp_path / 'images'}"]
+    assert main([*args, f"out={tmp_path / 'masks'}", "num_workers=0"]) == 2
+    assert "a.png" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "masks").iterdir() if p.name != ".dinokit.lock"} == truth
+    out = tmp_path / "predictions"
+    assert main([*args, f"out={out}", "num_workers=0"]) == 0 and main([*args, f"out={out}", "num_workers=0"]) == 0

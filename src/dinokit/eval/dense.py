@@ -540,12 +540,22 @@ def replace_predictions(out_dir: Path, files: list[str], inputs: list[Path]) -> 
     files that an earlier run recorded in PREDICTIONS_RECORD, then record `files` (paths under
     `out_dir`) as this run's. A rerun so leaves only its own predictions, never those of images no
     longer in its input; one stopped partway is cleaned up by the next. Other files are never removed,
-    nor any that is an input image of this run or lies outside `out_dir`."""
+    nor any that is an input image of this run or lies outside `out_dir`; a file of `files` already in
+    `out_dir` but not in the record (e.g. out= the ground-truth masks) is refused, before any change."""
     record = out_dir / PREDICTIONS_RECORD
-    if record.is_file():
+    fix = f"remove {record} (the earlier run's predictions then stay), or predict into a new out= folder"
+    earlier = read_json(record, fix).get("files", []) if record.is_file() else []
+    others = [name for name in files if name not in earlier and (out_dir / name).exists()]
+    if others:  # e.g. out= the ground-truth masks: files of this run's names that no predict run wrote
+        raise DinokitError(
+            f"out={out_dir} holds {others[0]}"
+            + (f" (and {len(others) - 1} more)" if len(others) > 1 else "")
+            + ", a file of a prediction's name that no predict run wrote there, which this one would replace: "
+            "predict into a new or empty out= folder"
+        )
+    if earlier:
         root, keep = out_dir.resolve(), {p.resolve() for p in inputs}
-        fix = f"remove {record} (the earlier run's predictions then stay), or predict into a new out= folder"
-        for name in read_json(record, fix).get("files", []):
+        for name in earlier:
             path = (out_dir / name).resolve()
             if path.is_relative_to(root) and path not in keep and path.is_file():
                 path.unlink(missing_ok=True)
