@@ -484,3 +484,19 @@ def test_predict_never_writes_over_files_it_did_not_write(task, tmp_path, capsys
     assert {p.name: p.read_bytes() for p in (tmp_path / "masks").iterdir() if p.name != ".dinokit.lock"} == truth
     out = tmp_path / "predictions"
     assert main([*args, f"out={out}", "num_workers=0"]) == 0 and main([*args, f"out={out}", "num_workers=0"]) == 0
+
+
+def test_track_never_writes_over_masks_no_track_run_wrote(tmp_path, capsys):
+    """`dinokit track frames=F first_mask=first.png out=GT` (no ground_truth= given) wrote each frame's
+    mask over GT/<frame>.png, files no track run had written (the ground truth, kept elsewhere than the
+    first mask). A folder without track.json holding a file this run would write is now refused."""
+    small_video(tmp_path)
+    (tmp_path / "first.png").write_bytes((tmp_path / "truth" / "f0.png").read_bytes())
+    (tmp_path / "truth" / "f0.png").unlink()
+    truth = {p.name: p.read_bytes() for p in (tmp_path / "truth").iterdir()}
+    args = ["track", "model=random:vit_nano_p2", f"frames={tmp_path / 'frames'}", "image_size=32", "device=cpu"]
+    args.append(f"first_mask={tmp_path / 'first.png'}")
+    assert main([*args, f"out={tmp_path / 'truth'}"]) == 2
+    assert "f1.png" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "truth").iterdir()} == truth
+    assert main([*args, f"out={tmp_path / 'o'}"]) == 0 and main([*args, f"out={tmp_path / 'o'}"]) == 0

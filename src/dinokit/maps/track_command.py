@@ -70,6 +70,12 @@ def track(
     truths = ground_truth_paths(ground_truth, names, first_rgb.shape[:2]) if ground_truth is not None else None
     outputs = [out_dir / sub / f"{name}.png" for name in names for sub in ("", "overlays")]
     refuse_overwriting_inputs(out_dir, outputs, [*paths, first_mask, *(truths or [])])
+    others = [p for p in outputs if p.exists()] if not (out_dir / "track.json").is_file() else []
+    if others:  # no track run wrote them (it writes track.json first): e.g. out= the ground-truth masks
+        raise DinokitError(
+            f"out={out_dir} holds {others[0]}, a file of a tracked mask's name that no track run wrote there "
+            "(no track.json), which this one would replace: choose a new or empty out folder"
+        )
     net = load(model, device)
     grid = net.grid_size(*model_input(net, Image.fromarray(first_rgb), image_size, resize_policy).shape[-2:])
     at_grid = tracking.one_hot_at_grid(mask, objects, grid)  # the objects as the first frame's patches hold them
