@@ -154,9 +154,14 @@ def knn_top1(
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    """Percent of queries whose label is among the k highest scores (micro average)."""
-    k = min(k, scores.shape[1])
-    hits = (scores.topk(k, dim=1).indices == torch.as_tensor(labels).unsqueeze(1)).any(dim=1)
+    """Percent of queries whose label is among the k highest of its scores (Q, C) (micro average).
+
+    Ties count against the label: it is in the top k only if every class scoring at least as high fits
+    there too. So a class that no neighbour voted for (score 0) is never a k-NN top-5 hit, where the
+    official top-5 (torchmetrics' topk) fills the places beyond the voted classes with zero-score classes
+    in the order its topk breaks ties, and counts the truth among them."""
+    own = scores.gather(1, torch.as_tensor(labels).long().to(scores.device).unsqueeze(1))
+    hits = (scores >= own).sum(dim=1) <= k
     return 100.0 * hits.double().mean().item()
 
 

@@ -1,0 +1,66 @@
+"""dinokit's evaluation protocols against independent re-implementations of the official computations
+(`dinov2/eval/knn.py`, `dinov2/eval/linear.py`, `dinov2/eval/log_regression.py`, the depth heads and
+SigLoss, mmseg's mIoU), written here from the formulas of /work/shared/reference/dinov2-official.md
+section 7 and the official code's order of operations, on small tensors. Where dinokit deliberately
+departs from the official code (its known bugs), the test pins dinokit's behaviour and says why."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dinokit.eval.knn import knn_classify, topk_accuracy
+
+
+# ----------------------------------------------------------------------------------------- k-NN
+def official_knn_probas(bank, bank_labels, queries, nb_knn, T, num_classes):
+    """`KnnModule.forward` of one process: cosine similarities of L2-normalised features, the top max_k,
+    softmax(s / T) over them, one_hot(labels) weighted and summed over the first k, for each k."""
+    train = F.normalize(bank.double(), dim=1)
+    test = F.normalize(queries.double(), dim=1)
+    sims = test @ train.T
+    topk_sims, idx = sims.topk(max(nb_knn), dim=1, largest=True, sorted=True)
+    labels = bank_labels[idx]
+    weights = torch.softmax(topk_sims / T, dim=1)
+    votes = F.one_hot(labels, num_classes).double() * weights[:, :, None]
+    return {k: votes[:, :k].sum(1) for k in nb_knn}
+
+
+def test_knn_scores_are_the_official_probas_for_every_k():
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(400, 12, generator=g), torch.randn(60, 12, generator=g)
+    labels = torch.randint(0, 7, (400,), generator=g)
+    ks = (10, 20, 100, 200)
+    ours = knn_classify(bank, labels, queries, 7, ks, 0.07, bank_chunk=33, query_chunk=16)
+    ref = official_knn_probas(bank, labels, queries, ks, 0.07, 7)
+    for k in ks:
+        assert torch.allclose(ours[k].double(), ref[k], atol=1e-5)
+        assert torch.equal(ours[k].argmax(1), ref[k].argmax(1))
+
+
+def test_a_class_no_neighbour_voted_for_is_never_a_top5_hit():
+    """The official top-5 (torchmetrics' topk over the vote sums) fills the five places with classes of
+    zero votes when the neighbours name fewer than five classes, and counts the truth among them as a
+    hit: which ones depends on how topk breaks ties (the class order, the device). dinokit counts a
+    class in the top k only if every class tied with it fits there too, so a class without votes never is."""
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.2]])
+    labels = torch.tensor([7, 7, 3])
+    scores = knn_classify(bank, labels, torch.tensor([[1.0, 0.0]]), num_classes=10, ks=(3,))[3]
+    for truth in range(10):
+        expected = 100.0 if truth in (3, 7) else 0.0
+        assert topk_accuracy(scores, torch.tensor([truth]), 5) == expected, truth
+    # top-1 of two classes tied exactly: neither is counted (the official result followed the class order)
+    tied = torch.tensor([[0.5, 0.5, 0.0]])
+    assert topk_accuracy(tied, torch.tensor([0]), 1) == topk_accuracy(tied, torch.tensor([1]), 1) == 0.0
+    assert topk_accuracy(tied, torch.tensor([1]), 2) == 100.0
+    # k at or above the number of classes: every label is in it
+    assert topk_accuracy(tied, torch.tensor([2]), 5) == 100.0
+
+
+def test_few_shot_draws_take_n_of_each_class_without_repeats():
+    from dinokit.eval.knn import few_shot_indices, few_shot_ks
+
+    labels = np.array([0] * 5 + [1] * 2 + [2] * 9)
+    picked = few_shot_indices(labels, 3, seed=4)
+    assert np.bincount(labels[picked]).tolist() == [3, 2, 3]  # a class with fewer gives all it has
+    assert len(set(picked.tolist())) == len(picked)
+    assert few_shot_ks([10, 20, 100, 200], 5) == [5] and few_shot_ks([1, 10, 20], 10) == [1, 10]
