@@ -500,3 +500,24 @@ def test_track_never_writes_over_masks_no_track_run_wrote(tmp_path, capsys):
     assert "f1.png" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (tmp_path / "truth").iterdir()} == truth
     assert main([*args, f"out={tmp_path / 'o'}"]) == 0 and main([*args, f"out={tmp_path / 'o'}"]) == 0
+
+
+def test_segment_never_writes_over_masks_no_segment_run_wrote(tmp_path, capsys):
+    """`dinokit segment ... target=photos/ out=labels/` replaced labels/<name>_mask.png, hand-made masks
+    that no segment run wrote (no segment.json there). Now refused before the model is loaded."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photos" / "a.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
+    Image.fromarray(mask).save(tmp_path / "ref_mask.png")
+    Image.fromarray(mask * 255).save(tmp_path / "labels" / "a_mask.png")
+    before = (tmp_path / "labels" / "a_mask.png").read_bytes()
+    args = ["segment", "model=random:vit_nano_p2", f"reference={tmp_path / 'photos' / 'a.png'}", "image_size=32"]
+    args += [f"reference_mask={tmp_path / 'ref_mask.png'}", f"target={tmp_path / 'photos'}", "device=cpu"]
+    assert main([*args, f"out={tmp_path / 'labels'}"]) == 2
+    assert "a_mask.png" in capsys.readouterr().err
+    assert (tmp_path / "labels" / "a_mask.png").read_bytes() == before
+    assert not (tmp_path / "labels" / "a_overlay.png").exists()
+    assert main([*args, f"out={tmp_path / 'o'}"]) == 0 and main([*args, f"out={tmp_path / 'o'}"]) == 0

@@ -409,6 +409,12 @@ def segment(
     names = output_names(paths, target)
     outputs = [out_dir / f"{name}{suffix}" for name in names for suffix in ("_mask.png", "_overlay.png")]
     refuse_overwriting_inputs(out_dir, [*outputs, out_dir / "segment.json"], [*paths, *references, *masks])
+    others = [p for p in outputs if p.exists()] if not (out_dir / "segment.json").is_file() else []
+    if others:  # no segment run wrote them (its segment.json would be there): e.g. hand-made masks
+        raise DinokitError(
+            f"out={out_dir} holds {others[0]}, a file of an output's name that no segment run wrote there (no "
+            "segment.json), which this one would replace: choose a new or empty out folder"
+        )
     net = load(model, device)
     refs = []
     for ref, mask_path in zip(references, masks, strict=True):
