@@ -13,7 +13,6 @@ Needs ../shared/data/cifar10-jpg.tar.gz beside the repository (or --data with tr
 """
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from learn_cifar10 import cifar10  # noqa: E402
+from learn_cifar10 import cifar10, fresh_output  # noqa: E402
 
 from dinokit.data.labelled import read_labelled  # noqa: E402
 from dinokit.eval.knn import knn_top1  # noqa: E402
@@ -63,9 +62,7 @@ def main() -> None:
     teacher_config = yaml.safe_load((args.teacher / "config.yaml").read_text())
     preset = teacher_config["preset"]
     teacher = load_model(args.teacher / "backbone.safetensors")
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
+    fresh_output(args.out)
     init = student_init(args.out / "student_init.safetensors", teacher, args.width, args.depth, args.heads)
     keys = dict(
         data=str(root / "train"),

@@ -74,6 +74,19 @@ class LightlyBackbone(torch.nn.Module):
         return {"x_norm_clstoken": self.backbone(images)}
 
 
+BENCH_MARK = ".dinokit-bench"  # in every --out folder a bench made: only such a folder is emptied
+
+
+def fresh_output(folder: Path) -> None:
+    """Empty `folder` for a new run, if a bench made it (or it is empty); refuse anyone else's folder."""
+    if folder.exists():
+        if any(folder.iterdir()) and not (folder / BENCH_MARK).exists():
+            sys.exit(f"--out {folder} holds files this benchmark did not write: pass a new or empty folder")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / BENCH_MARK).touch()
+
+
 def train_lightly(
     train_dir: Path, minutes: float, arch, batch_size: int, num_workers: int
 ) -> tuple[torch.nn.Module, dict]:
@@ -192,9 +205,7 @@ def main() -> None:
     train, train_labels, classes = read_labelled(root / "train")
     test, test_labels, _ = read_labelled(root / "test", classes=classes)
     data = dict(train=train, train_labels=train_labels, test=test, test_labels=test_labels, classes=classes)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
+    fresh_output(args.out)
     cfg = resolve_config(args.preset, overrides)
     arch = build_backbone(cfg).config
     results = {"minutes": args.minutes, "preset": args.preset, "overrides": overrides, "arch": cfg.arch}
