@@ -123,12 +123,29 @@ def nano(seed: int, **overrides) -> dinokit.VisionTransformer:
     return perturb_scales_and_norms(dinokit.create_model("vit_nano_p2", **overrides)).eval()
 
 
-def test_failed_large_onnx_export_keeps_the_previous_graph_and_its_data(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def large_first_export(tmp_path_factory) -> Path:
+    """A folder holding export_graph(nano(0), "model.onnx", "onnx") of a "large" model (weights in a .data
+    file): the previous export the tests below start from, exported once (3-4 s) and copied into each."""
+    folder = tmp_path_factory.mktemp("large_first_export")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(graph_export, "LARGE_MODEL_BYTES", 0)
+        export_graph(nano(0), folder / "model.onnx", "onnx")
+    return folder
+
+
+def previous_export(folder: Path, tmp_path: Path) -> None:
+    """The files of `large_first_export` (`folder`) copied into `tmp_path`, as export_graph left them."""
+    for p in folder.iterdir():
+        (tmp_path / p.name).write_bytes(p.read_bytes())
+
+
+def test_failed_large_onnx_export_keeps_the_previous_graph_and_its_data(tmp_path, monkeypatch, large_first_export):
     """Large models keep their weights in `<name>.data`, which used to be overwritten outside the
     atomic write: a failed export then left the old graph pointing at the new model's weights."""
     monkeypatch.setattr(graph_export, "LARGE_MODEL_BYTES", 0)  # every model "large": weights in a .data file
     first, second = nano(0), nano(1)
-    export_graph(first, tmp_path / "model.onnx", "onnx")
+    previous_export(large_first_export, tmp_path)  # export_graph(first, tmp_path / "model.onnx", "onnx")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert sorted(before)[0] == "model.onnx" and onnx_data(tmp_path)
     monkeypatch.setattr(graph_export, "MAX_ABS_DIFF", -1.0)
@@ -153,14 +170,16 @@ def onnx_data(folder) -> str:
     return next(iter(locations))
 
 
-def test_a_crash_before_the_new_graph_is_moved_in_keeps_the_previous_graph_and_its_data(tmp_path, monkeypatch):
+def test_a_crash_before_the_new_graph_is_moved_in_keeps_the_previous_graph_and_its_data(
+    tmp_path, monkeypatch, large_first_export
+):
     """A large model's graph and data were moved into place one after the other under fixed names: a
     crash between the two renames left the old graph beside the new model's data (its numbers wrong,
     or no session at all). The data now gets a name of its own, and the graph's rename is the switch."""
     monkeypatch.setattr(graph_export, "LARGE_MODEL_BYTES", 0)
     first, second = nano(0), nano(1)
     target = tmp_path / "model.onnx"
-    export_graph(first, target, "onnx")
+    previous_export(large_first_export, tmp_path)  # export_graph(first, target, "onnx")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     real_replace = os.replace
 
