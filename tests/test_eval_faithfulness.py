@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinokit.eval.knn import knn_classify, topk_accuracy
+from dinokit.eval.knn import knn_classify, knn_neighbours, topk_accuracy
 
 
 # ----------------------------------------------------------------------------------------- k-NN
@@ -54,6 +54,32 @@ def test_a_class_no_neighbour_voted_for_is_never_a_top5_hit():
     assert topk_accuracy(tied, torch.tensor([1]), 2) == 100.0
     # k at or above the number of classes: every label is in it
     assert topk_accuracy(tied, torch.tensor([2]), 5) == 100.0
+
+
+def reference_neighbours(bank, queries, k):
+    """Top-k of each query by similarity, ties broken by the lower bank index (a stable full sort)."""
+    sims = F.normalize(queries.float(), dim=1) @ F.normalize(bank.float(), dim=1).T
+    order = torch.sort(sims, dim=1, descending=True, stable=True).indices[:, :k]
+    return sims.gather(1, order), order
+
+
+def test_chunked_neighbours_equal_the_unchunked_ones_with_tied_similarities():
+    """Duplicate images in the bank give exactly tied similarities. Which of them enters the top k, and
+    in what order, decided the votes of k's boundaries by how topk happened to break the tie, so bank
+    and query chunk sizes changed the neighbours. Ties now go to the lower bank index, in every chunking."""
+    # bank rows of one non-zero entry: each similarity is one product, exact however the matrix
+    # products are blocked (a sum of two could round differently under a fused multiply-add)
+    g = torch.Generator().manual_seed(0)
+    base = torch.zeros(40, 6)
+    base[torch.arange(40), torch.randint(0, 6, (40,), generator=g)] = torch.randn(40, generator=g)
+    bank = torch.cat([base, base[:15], base[:15]])  # rows 40..54 and 55..69 repeat rows 0..14
+    queries = torch.cat([base[:15], torch.randn(10, 6, generator=g)])
+    for k in (1, 2, 3, 5, 70):
+        want_s, want_i = reference_neighbours(bank, queries, k)
+        for bank_chunk, query_chunk in ((65536, 1024), (7, 3), (1, 1), (40, 25), (13, 2)):
+            s, i = knn_neighbours(bank, queries, k, bank_chunk=bank_chunk, query_chunk=query_chunk)
+            assert torch.equal(i, want_i), (k, bank_chunk, query_chunk)
+            assert torch.allclose(s, want_s)
 
 
 def test_few_shot_draws_take_n_of_each_class_without_repeats():

@@ -8,9 +8,13 @@ exp(s/T) (DINO v1) does not change any argmax.
 
 Memory is bounded by the chunk sizes, not by the bank: the bank (a tensor, a numpy array, a
 memory-mapped array, or a list of such shards) is read chunk by chunk, once, while a running top-k of
-every query is kept. Similarities are exact fp32 dot products. (A bf16 search cannot rank real
-neighbours: the 20th and 52nd neighbours of a CIFAR-10 query are typically 0.01 apart in cosine,
-about the worst-case error of a bf16 dot product of unit vectors; see docs/benchmarks.md.)
+every query is kept. Similarities are exact fp32 dot products; equal ones (duplicate images, and
+coincidences: 4 of 2,000 random queries against 20,000 rows had one within their top 200) are ordered
+by bank index, the lower first, where topk's own order (which the official code keeps) depends on the
+chunking and the device. Only the last bit of a product can still depend on the chunk shape (BLAS
+blocking). (A bf16 search cannot rank real neighbours: the 20th and 52nd neighbours of a CIFAR-10
+query are typically 0.01 apart in cosine, about the worst-case error of a bf16 dot product of unit
+vectors; see docs/benchmarks.md.)
 """
 
 from collections.abc import Iterator, Sequence
@@ -45,12 +49,40 @@ def bank_chunks(bank: BankLike, chunk: int) -> Iterator[tuple[int, torch.Tensor]
         offset += len(shard)
 
 
+def _in_order(s: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidates (similarities s, distinct bank indices i; (Q, m)) sorted by similarity, ties by index."""
+    by_index = i.argsort(dim=1)
+    s, i = s.gather(1, by_index), i.gather(1, by_index)
+    order = s.sort(dim=1, descending=True, stable=True).indices
+    return s.gather(1, order), i.gather(1, order)
+
+
+def _chunk_topk(s: torch.Tensor, k: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most similar of each row of a chunk's similarities s (Q, n), with their bank indices
+    (start + column), sorted, ties to the lower index. Which columns topk returns is arbitrary only in
+    a row whose k-th and (k+1)-th similarities are equal: those (rare) rows are redone from all the
+    columns at least as similar as the k-th."""
+    n = s.shape[1]
+    if k >= n:
+        return _in_order(s, torch.arange(start, start + n, device=s.device).expand_as(s))
+    top_s, top_i = s.topk(k + 1, dim=1)
+    tied = torch.nonzero(top_s[:, k] == top_s[:, k - 1]).flatten().tolist()
+    top_s, top_i = _in_order(top_s[:, :k], top_i[:, :k] + start)
+    for r in tied:
+        columns = torch.nonzero(s[r] >= top_s[r, k - 1]).flatten()  # ascending
+        order = s[r, columns].sort(descending=True, stable=True).indices[:k]
+        top_s[r], top_i[r] = s[r, columns[order]], columns[order] + start
+    return top_s, top_i
+
+
 def _merge_topk(
     best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of two sorted candidate lists, the first of lower bank indices: a stable sort keeps
+    its entries before the second's equal ones, so ties stay with the lower index."""
     cand_s, cand_i = torch.cat([best_s, s], dim=1), torch.cat([best_i, i], dim=1)
-    top_s, order = cand_s.topk(min(k, cand_s.shape[1]), dim=1)
-    return top_s, cand_i.gather(1, order)
+    order = cand_s.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return cand_s.gather(1, order), cand_i.gather(1, order)
 
 
 @torch.no_grad()
@@ -63,6 +95,7 @@ def knn_neighbours(
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k cosine similarities and bank indices (Q, k), sorted, of each query (returned on the CPU).
+    Equal similarities are ordered by bank index (the lower first), whatever the chunk sizes or device.
 
     bank: (N, D) tensor or array, or a list of (N_i, D) shards (see `bank_chunks`); queries (Q, D).
     The outer loop runs over bank chunks, so each bank row is read (and sent to `device`) once; memory
@@ -82,9 +115,9 @@ def knn_neighbours(
         for q0 in range(0, len(queries), query_chunk):
             chunk = queries[q0 : q0 + query_chunk]
             s = torch.mm(chunk, rows.T, out=products[: len(chunk) * len(rows)].view(len(chunk), len(rows)))
-            top_s, top_i = s.topk(min(k, s.shape[1]), dim=1)
+            top_s, top_i = _chunk_topk(s, k, start)
             old = slice(q0, q0 + query_chunk)
-            merged = _merge_topk(best_s[old], best_i[old], top_s, top_i + start, k)
+            merged = _merge_topk(best_s[old], best_i[old], top_s, top_i, k)
             new_s.append(merged[0])
             new_i.append(merged[1])
         best_s, best_i = torch.cat(new_s), torch.cat(new_i)
