@@ -54,6 +54,8 @@ def test_a_class_no_neighbour_voted_for_is_never_a_top5_hit():
     assert topk_accuracy(tied, torch.tensor([1]), 2) == 100.0
     # k at or above the number of classes: every label is in it
     assert topk_accuracy(tied, torch.tensor([2]), 5) == 100.0
+    # a query class absent from the bank: no votes, no hit; one beyond the scores' classes: no hit either
+    assert topk_accuracy(scores.expand(3, -1), torch.tensor([5, 12, -1]), 5) == 0.0
 
 
 def reference_neighbours(bank, queries, k):

@@ -193,8 +193,10 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
     there too. So a class that no neighbour voted for (score 0) is never a k-NN top-5 hit, where the
     official top-5 (torchmetrics' topk) fills the places beyond the voted classes with zero-score classes
     in the order its topk breaks ties, and counts the truth among them."""
-    own = scores.gather(1, torch.as_tensor(labels).long().to(scores.device).unsqueeze(1))
-    hits = (scores >= own).sum(dim=1) <= k
+    labels = torch.as_tensor(labels).long().to(scores.device)
+    known = (labels >= 0) & (labels < scores.shape[1])  # a label without a score column is no hit
+    own = scores.gather(1, labels.clamp(0, scores.shape[1] - 1).unsqueeze(1))
+    hits = known & ((scores >= own).sum(dim=1) <= k)
     return 100.0 * hits.double().mean().item()
 
 
