@@ -125,6 +125,16 @@ def start_command_line_run(data, out, **keys) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data, run folder) of an uninterrupted TINY run of 10 epochs (40 iterations): the parameters the
+    interrupted runs below must reach. The run is made once for them; they only read it."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = tiny_images(root / "data")
+    run(data, root / "full", epochs=10.0)  # 40 iterations
+    return data, root / "full"
+
+
 def assert_same_parameters_at_40(full, resumed):
     """The checkpoints of iteration 40 of two runs hold the same model parameters, bit for bit."""
     a = load_checkpoint(full / "checkpoints" / "checkpoint_00000040.pt")["model"]
@@ -132,10 +142,9 @@ def assert_same_parameters_at_40(full, resumed):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+def test_killed_run_resumes_to_the_same_parameters(tmp_path, uninterrupted_run):
     """SIGKILL a command-line run after a checkpoint; resuming reaches the uninterrupted parameters."""
-    data = tiny_images(tmp_path / "data")
-    run(data, tmp_path / "full", epochs=10.0)  # 40 iterations
+    data, full = uninterrupted_run
     out = tmp_path / "killed"
     process = start_command_line_run(data, out, epochs=10.0, checkpoint_every=4)
     deadline = time.time() + 120
@@ -147,15 +156,16 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     reached = list_checkpoints(out / "checkpoints")[-1].name
     assert reached < "checkpoint_00000040.pt", "the run finished before it was killed"
     run(data, out, epochs=10.0, resume=True)
-    assert_same_parameters_at_40(tmp_path / "full", out)
+    assert_same_parameters_at_40(full, out)
 
 
-def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_reaches_the_same_parameters(tmp_path):
+def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_reaches_the_same_parameters(
+    tmp_path, uninterrupted_run
+):
     """A scheduler's SIGTERM (pre-emption) mid-run: the run finishes its step, saves a checkpoint at the
     iteration it reached (none was due: checkpoint_every=0), exits with 143, and resuming gives the
     uninterrupted parameters. The loader's worker ignores the signal (the main process ends it)."""
-    data = tiny_images(tmp_path / "data")
-    run(data, tmp_path / "full", epochs=10.0)  # 40 iterations
+    data, full = uninterrupted_run
     out = tmp_path / "stopped"
     process = start_command_line_run(data, out, epochs=10.0, num_workers=1)
     deadline = time.time() + 120
@@ -170,7 +180,7 @@ def test_sigterm_stops_after_a_step_with_a_checkpoint_and_resume_reaches_the_sam
     assert 2 <= reached < 40 and f"stopped by SIGTERM at iteration {reached}, checkpoint saved" in output
     assert "resume=true" in output and not (out / "backbone.safetensors").exists()
     run(data, out, epochs=10.0, num_workers=1, resume=True)
-    assert_same_parameters_at_40(tmp_path / "full", out)
+    assert_same_parameters_at_40(full, out)
 
 
 def test_a_sigterm_repeated_while_the_stop_checkpoint_is_written_is_ignored(tmp_path, monkeypatch):
