@@ -8,7 +8,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinokit.eval.cache import Features
 from dinokit.eval.knn import knn_classify, knn_neighbours, topk_accuracy
+from dinokit.eval.linear import ProbeSplit, linear_probe
 
 
 # ----------------------------------------------------------------------------------------- k-NN
@@ -92,3 +94,28 @@ def test_few_shot_draws_take_n_of_each_class_without_repeats():
     assert np.bincount(labels[picked]).tolist() == [3, 2, 3]  # a class with fewer gives all it has
     assert len(set(picked.tolist())) == len(picked)
     assert few_shot_ks([10, 20, 100, 200], 5) == [5] and few_shot_ks([1, 10, 20], 10) == [1, 10]
+
+
+# ----------------------------------------------------------------------------------------- linear
+def probe_split(n: int, seed: int, name: str) -> "ProbeSplit":
+    """Unbalanced classes (60 / 25 / 15%) told apart by the last block's CLS alone."""
+    rng = np.random.default_rng(seed)
+    labels = rng.choice(3, n, p=[0.6, 0.25, 0.15])
+    centers = np.random.default_rng(7).normal(0, 3, (3, 8))
+    layers = rng.normal(0, 1, (n, 4, 8)).astype(np.float32)
+    layers[:, -1] = centers[labels] + rng.normal(0, 0.3, (n, 8))
+    patch_mean = rng.normal(0, 1, (n, 8)).astype(np.float32)
+    return ProbeSplit(
+        Features({"layers": [layers], "patch_mean": [patch_mean]}, np.arange(n), []), np.arange(n), labels, name
+    )
+
+
+def test_logreg_refits_with_the_swept_c_itself():
+    """The official sweep (`log_regression.py: sweep_C_values`) refits with the C of the grid that won.
+    dinokit keyed its results by C printed to 6 digits and refitted with that rounded number."""
+    grid = np.logspace(-6, 5, 4)  # 1e-6, 10^-2.33, 10^1.33, 1e5: the first predicts the majority class only
+    results, final = linear_probe(
+        probe_split(300, 0, "train"), probe_split(60, 1, "test"), 3, method="logreg", logreg_values=4, progress=False
+    )
+    assert final.C in grid.tolist() and results["selected"]["C"] == final.C
+    assert grid[0] != final.C  # the case the test is about: a C that 6 digits do not hold

@@ -244,11 +244,12 @@ def sweep_logreg(
     x_fit, y_fit = logreg_inputs(fit)
     x_sel, y_sel = logreg_inputs(select)
     model = None
-    results = {}
-    for C in np.logspace(*LOGREG_C_POWERS, n_values):
-        model = fit_logreg(x_fit, y_fit, float(C), max_iter, model)
+    results, values = {}, {}
+    for C in np.logspace(*LOGREG_C_POWERS, n_values).tolist():
+        model = fit_logreg(x_fit, y_fit, C, max_iter, model)
         results[f"{C:.6g}"] = logreg_scores(model, x_sel, y_sel, num_classes)
-    return float(best_head(results)), results
+        values[f"{C:.6g}"] = C  # the key is rounded to 6 digits: the refit takes the C itself
+    return values[best_head(results)], results
 
 
 # ---------------------------------------------------------------------------------- the chosen head
