@@ -10,13 +10,26 @@ Grid: every (n, avgpool) pair times 13 learning rates (1e-5 ... 0.1, each scaled
 0.9, no weight decay, cosine annealing to 0, the sum of the heads' cross-entropies as the loss.
 
 Selection is honest (the official script picks the best of its 52 heads on the split it reports):
-the heads are compared on a selection split, by default 10% of train carved out per class (as the
-official logistic regression does), then the chosen configuration is retrained on the whole train
-set and the test split is evaluated once, with that head alone.
+the heads are compared on a selection split, by default 10% of each train class carved out (the
+official logistic regression carves 10% of train at random, not per class), then the chosen
+configuration is retrained on the whole train set and the test split is evaluated once, with that
+head alone.
+
+Deliberate differences from the official `dinov2/eval/linear.py`, besides the selection:
+- no augmentation: the heads train on cached features of the eval transform (Resize 256, CenterCrop
+  224), computed once; the official script runs the backbone on a fresh RandomResizedCrop 224 + flip
+  of every image at every step, which features once cannot hold;
+- `epochs` are passes over train (the last batch smaller); the official 10 "epochs" are 10 x 1250
+  iterations of 128 images per GPU (10 ImageNet epochs on 8 GPUs), with drop_last;
+- learning rates are scaled by this process's batch / 256; the official by the global batch / 256
+  (x 4 on its 8 GPUs), a factor the 13-value grid spans.
 
 Logistic regression (`method="logreg"`, as `dinov2/eval/log_regression.py` with scikit-learn in
-place of cuML): L2-regularised multinomial regression on the final CLS, C swept over
-10^linspace(-6, 5, 45), chosen on the selection split, refitted on train.
+place of cuML, whose C means the same since cuML PR #2494, 2020): L2-regularised multinomial regression on the
+final CLS, C swept over 10^linspace(-6, 5, 45), chosen on the selection split, refitted on train with
+that C. Differences: its features are the linear probe's cached ones (Resize 256, CenterCrop 224), the
+official one's Resize 224, CenterCrop 224 (`make_classification_eval_transform(resize_size=224)`);
+lbfgs stops at a gradient tolerance of 1e-6 (cuML's 1e-12), warm-started from the previous C.
 """
 
 import contextlib
