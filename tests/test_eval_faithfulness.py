@@ -5,6 +5,7 @@ section 7 and the official code's order of operations, on small tensors. Where d
 departs from the official code (its known bugs), the test pins dinokit's behaviour and says why."""
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -119,3 +120,73 @@ def test_logreg_refits_with_the_swept_c_itself():
     )
     assert final.C in grid.tolist() and results["selected"]["C"] == final.C
     assert grid[0] != final.C  # the case the test is about: a C that 6 digits do not hold
+
+
+def official_linear_inputs(model, images, n_last_blocks):
+    """`ModelWithIntermediateLayers(model, 4)` then `create_linear_input`: the last 4 blocks' outputs
+    through the final norm, CLS = token 0, patch tokens after the CLS and the registers; the CLS of the
+    last n blocks concatenated oldest first, then (avgpool) the mean of the last block's patch tokens."""
+    x = model.prepare_tokens(images)
+    outputs = []
+    for i, block in enumerate(model.blocks):
+        x = block(x)
+        if i >= len(model.blocks) - 4:
+            outputs.append(model.norm(x))
+    pairs = [(o[:, 1 + model.num_register_tokens :], o[:, 0]) for o in outputs]
+    last = pairs[-n_last_blocks:]
+    cls = torch.cat([c for _, c in last], dim=-1)
+    return cls, torch.cat([cls, pairs[-1][0].mean(dim=1)], dim=-1)
+
+
+@torch.no_grad()
+def test_linear_probe_inputs_are_the_official_ones_on_a_model_with_registers():
+    from conftest import perturb_scales_and_norms
+
+    from dinokit.eval.classification import CLASSIFICATION_KINDS, last_blocks
+    from dinokit.eval.linear import linear_input
+    from dinokit.features.extract import compute_features
+    from dinokit.models import create_model
+
+    torch.manual_seed(0)
+    model = perturb_scales_and_norms(create_model("vit_micro_p4", num_register_tokens=2)).eval()
+    images = torch.randn(3, 3, 32, 32)
+    feats = compute_features(model, images, CLASSIFICATION_KINDS, last_blocks(model))
+    for n in (1, 4):
+        cls_only, with_mean = official_linear_inputs(model, images, n)
+        assert torch.allclose(linear_input(feats["layers"], feats["patch_mean"], n, False), cls_only, atol=1e-5)
+        assert torch.allclose(linear_input(feats["layers"], feats["patch_mean"], n, True), with_mean, atol=1e-5)
+    # k-NN's feature (the last of the cached blocks) is the final-norm CLS of `ModelWithNormalize`
+    assert torch.allclose(feats["layers"][:, -1], model.forward_features(images)["x_norm_clstoken"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- dense metrics
+def test_miou_is_accumulated_over_the_split_as_mmseg_not_averaged_over_images():
+    """mmseg's `total_intersect_and_union` sums each class's intersection and union over every image
+    of the split before dividing; a mean of per-image mIoUs is another (larger here) number."""
+    from dinokit.eval.metrics import confusion_matrix, segmentation_scores
+
+    g = torch.Generator().manual_seed(3)
+    preds = [torch.randint(0, 4, (6, 7), generator=g) for _ in range(5)]
+    truths = [torch.randint(0, 4, (6, 7), generator=g) for _ in range(5)]
+    truths[0][:2] = 255  # ignored pixels
+    truths[1][truths[1] == 3] = 0  # class 3 absent from one image
+    intersect, union, labelled, correct = np.zeros(4), np.zeros(4), 0, 0
+    for p, t in zip(preds, truths, strict=True):
+        p, t = p.numpy(), t.numpy()
+        keep = t != 255
+        p, t = p[keep], t[keep]
+        hit = p[p == t]
+        area_i = np.bincount(hit, minlength=4)
+        intersect += area_i
+        union += np.bincount(p, minlength=4) + np.bincount(t, minlength=4) - area_i
+        labelled, correct = labelled + len(t), correct + len(hit)
+    total = sum(confusion_matrix(p, t, 4, 255) for p, t in zip(preds, truths, strict=True))
+    scores = segmentation_scores(total, 255)
+    assert scores["miou"] == pytest.approx(100 * np.nanmean(intersect / union))
+    assert scores["pixel_accuracy"] == pytest.approx(100 * correct / labelled)
+    # by hand: image 1 misses its one class-1 pixel (mIoU 37.5), image 2 is all right (100); over the split
+    # IoU_0 = 3 / 4 and IoU_1 = 4 / 5: 77.5, where the mean of the images' mIoUs is 68.75
+    one = confusion_matrix(torch.tensor([0, 0, 0, 0]), torch.tensor([0, 0, 0, 1]), 2)
+    two = confusion_matrix(torch.tensor([1, 1, 1, 1]), torch.tensor([1, 1, 1, 1]), 2)
+    assert segmentation_scores(one)["miou"] == 37.5 and segmentation_scores(two)["miou"] == 100.0
+    assert segmentation_scores(one + two)["miou"] == pytest.approx(77.5)
