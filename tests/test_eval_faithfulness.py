@@ -190,3 +190,59 @@ def test_miou_is_accumulated_over_the_split_as_mmseg_not_averaged_over_images():
     two = confusion_matrix(torch.tensor([1, 1, 1, 1]), torch.tensor([1, 1, 1, 1]), 2)
     assert segmentation_scores(one)["miou"] == 37.5 and segmentation_scores(two)["miou"] == 100.0
     assert segmentation_scores(one + two)["miou"] == pytest.approx(77.5)
+
+
+def test_linear_heads_train_as_the_official_loop(monkeypatch):
+    """`dinov2/eval/linear.py`'s training, written out: every head's cross-entropy summed into one loss,
+    SGD with momentum 0.9 (buffer = 0.9 buffer + grad, the first step's buffer = grad), no weight decay,
+    each head's lr = base lr x batch / 256, cosine annealing lr_t = lr (1 + cos(pi t / T)) / 2 to 0 over
+    the T steps, stepped after every batch. The initial weights are taken from dinokit's heads (N(0, 0.01),
+    bias 0), the batch order from its seeded permutations."""
+    import math
+
+    from dinokit.eval import linear
+
+    captured = {}
+
+    class Capturing(linear.LinearHeads):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            captured.update({k: v.clone() for k, v in self.state_dict().items()})
+
+    monkeypatch.setattr(linear, "LinearHeads", Capturing)
+    split = probe_split(40, 0, "train")
+    configs = [linear.HeadConfig(1, False, 0.5), linear.HeadConfig(4, True, 2.0)]
+    batch, epochs = 16, 2
+    trained = linear.train_heads(split, configs, 3, epochs=epochs, batch_size=batch, seed=5, progress=False)
+
+    params = {
+        c.name: [captured[f"heads.{c.name}.weight"].double(), captured[f"heads.{c.name}.bias"].double()]
+        for c in configs
+    }
+    buffers = {name: [None, None] for name in params}
+    steps = epochs * math.ceil(len(split) / batch)
+    rng, t = np.random.default_rng(5), 0
+    for _ in range(epochs):
+        order = rng.permutation(len(split))
+        for start in range(0, len(split), batch):
+            block_cls, patch_mean, y = split.batch(order[start : start + batch])
+            grads = {}
+            for c in configs:
+                w, b = (p.clone().requires_grad_(True) for p in params[c.name])
+                x = block_cls[:, -c.n_last_blocks :].flatten(1).double()
+                if c.avgpool:
+                    x = torch.cat([x, patch_mean.double()], dim=1)
+                F.cross_entropy(x @ w.T + b, y).backward()  # the sum's gradient w.r.t. one head is its own
+                grads[c.name] = [w.grad, b.grad]
+            factor = (1 + math.cos(math.pi * t / steps)) / 2
+            for c in configs:
+                lr = c.lr * batch / 256 * factor
+                for j in range(2):
+                    g = grads[c.name][j]
+                    buffers[c.name][j] = g if buffers[c.name][j] is None else 0.9 * buffers[c.name][j] + g
+                    params[c.name][j] = params[c.name][j] - lr * buffers[c.name][j]
+            t += 1
+    for c in configs:
+        head = trained.heads[c.name]
+        assert torch.allclose(head.weight.double(), params[c.name][0], atol=1e-5)
+        assert torch.allclose(head.bias.double(), params[c.name][1], atol=1e-5)
