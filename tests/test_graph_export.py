@@ -61,15 +61,23 @@ def reference(model, x):
         return [t.numpy() for t in NormedTokens(model)(x)]
 
 
-def test_onnx_has_dynamic_batch_and_size_and_matches_pytorch(model, tmp_path):
-    report = export_graph(model, tmp_path / "m.onnx", "onnx", image_size=32)
+@pytest.fixture(scope="module")
+def onnx_export(model, tmp_path_factory) -> tuple[Path, dict]:
+    """(path, report) of export_graph(model, "m.onnx", "onnx", image_size=32), exported once (3-4 s) for
+    the tests that only read it."""
+    path = tmp_path_factory.mktemp("onnx_export") / "m.onnx"
+    return path, export_graph(model, path, "onnx", image_size=32)
+
+
+def test_onnx_has_dynamic_batch_and_size_and_matches_pytorch(model, onnx_export):
+    path, report = onnx_export
     assert report["checked_size"] != report["exported_size"] and report["checked_batch"] != 2
     assert max(report["max_abs_diff_cls"], report["max_abs_diff_patch_tokens"]) <= 1e-4
-    graph = onnx.load(tmp_path / "m.onnx").graph
+    graph = onnx.load(path).graph
     assert [o.name for o in graph.output] == ["cls", "patch_tokens"]
     dims = graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param != "" for d in dims] == [True, False, True, True]  # B, 3, H, W
-    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    session = onnxruntime.InferenceSession(str(path))
     for shape in [(1, 3, 32, 32), (4, 3, 16, 40), (2, 3, 48, 8)]:
         x = torch.randn(shape)
         cls, patches = session.run(None, {"images": x.numpy()})
@@ -88,14 +96,18 @@ def test_torchscript_serves_any_size(model, tmp_path):
 
 
 @pytest.mark.parametrize(("fmt", "name"), [("onnx", "m.onnx"), ("torchscript", "m.pt")])
-def test_a_graph_export_given_as_weights_is_named_as_a_graph(model, tmp_path, fmt, name):
+def test_a_graph_export_given_as_weights_is_named_as_a_graph(model, onnx_export, tmp_path, fmt, name):
     """load_model / `dinokit info` on an ONNX export called it a corrupt download; on a TorchScript one
     they passed on torch's weights_only message and warning."""
-    export_graph(model, tmp_path / name, fmt, image_size=16)
+    if fmt == "onnx":
+        path = onnx_export[0]  # export_graph(model, ..., "onnx"), as the TorchScript one below
+    else:
+        path = tmp_path / name
+        export_graph(model, path, fmt, image_size=16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(DinokitError, match=f"is {'an ONNX' if fmt == 'onnx' else 'a TorchScript'} graph"):
-            dinokit.load_model(tmp_path / name)
+            dinokit.load_model(path)
 
 
 def test_failed_check_writes_nothing(model, tmp_path, monkeypatch):
