@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_KS = (10, 20, 100, 200)
+TIED_ROWS = 64  # rows of a chunk sorted whole at once where their k-th place is tied
 BankLike = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
 
@@ -60,18 +61,17 @@ def _in_order(s: torch.Tensor, i: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def _chunk_topk(s: torch.Tensor, k: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k most similar of each row of a chunk's similarities s (Q, n), with their bank indices
     (start + column), sorted, ties to the lower index. Which columns topk returns is arbitrary only in
-    a row whose k-th and (k+1)-th similarities are equal: those (rare) rows are redone from all the
-    columns at least as similar as the k-th."""
+    a row whose k-th and (k+1)-th similarities are equal: those (rare) rows are redone by a stable
+    sort of the whole row, TIED_ROWS at a time (bounded memory however many rows tie)."""
     n = s.shape[1]
     if k >= n:
         return _in_order(s, torch.arange(start, start + n, device=s.device).expand_as(s))
     top_s, top_i = s.topk(k + 1, dim=1)
-    tied = torch.nonzero(top_s[:, k] == top_s[:, k - 1]).flatten().tolist()
+    tied = torch.nonzero(top_s[:, k] == top_s[:, k - 1]).flatten()
     top_s, top_i = _in_order(top_s[:, :k], top_i[:, :k] + start)
-    for r in tied:
-        columns = torch.nonzero(s[r] >= top_s[r, k - 1]).flatten()  # ascending
-        order = s[r, columns].sort(descending=True, stable=True).indices[:k]
-        top_s[r], top_i[r] = s[r, columns[order]], columns[order] + start
+    for rows in tied.split(TIED_ROWS):
+        order = s[rows].sort(dim=1, descending=True, stable=True).indices[:, :k]
+        top_s[rows], top_i[rows] = s[rows].gather(1, order), order + start
     return top_s, top_i
 
 
