@@ -5,6 +5,12 @@ concatenated, as a (B, L*D, h, w) map -> BatchNorm -> 1x1 convolution to class l
 upsampling to the target -> cross-entropy over labelled pixels (`ignore_index` excluded). Reported:
 mIoU and pixel accuracy on val at each image's original size, beside the trivial baseline of
 predicting the most frequent training class everywhere.
+
+The training recipe is dinokit's own (the official repository has none; its released heads were
+trained with mmseg): AdamW with a cosine schedule on cached features of the whole image resized, no
+augmentation, a single-process BatchNorm (mmseg: SyncBN), and the cross-entropy averaged over the
+labelled pixels of a batch (PyTorch's `ignore_index`; mmseg 0.x's `CrossEntropyLoss`, without
+`avg_non_ignore`, divides by every pixel, ignored ones included).
 """
 
 from pathlib import Path
