@@ -8,13 +8,11 @@ import numpy as np
 import torch
 
 from dinokit.data.images import check_readable, list_images
-from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
 from dinokit.features.store import MANIFEST, read_manifest, read_shard, read_shard_index
 from dinokit.io import folder_lock, prepare_output, refuse_other_outputs, write_json
-from dinokit.maps.commands import refuse_inputs_as_outputs
 from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
 from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex, built_options, check_listable
@@ -229,6 +227,8 @@ def index_search(
         if path:
             prepare_output(path, example=example, create=False, suffix=suffix)
     if out or sheet:
+        from dinokit.maps.commands import refuse_inputs_as_outputs  # torchvision, sklearn: not for index build
+
         refuse_inputs_as_outputs({"out": out, "sheet": sheet}, list_images(query))
     results = search_index(index, query, k, nprobe, ef_search, batch_size, num_workers, device, model)
     print(format_table(results))
@@ -257,6 +257,8 @@ def embed_like_index(
     check_index_model(model, emb, source)
     # indexes embedded before ReducedJpegDecode decode whole (and before the transform was recorded: None)
     reduced = "ReducedJpegDecode" in (emb.get("transform") or "")
+    from dinokit.data.transforms import eval_transform  # torchvision: not for index build or curation
+
     transform = eval_transform(tuple(emb["image_size"]), emb["resize_policy"], reduced_decode=reduced)
     feats, kept, _ = extract_features(
         model,
