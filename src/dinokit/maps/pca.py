@@ -10,7 +10,6 @@ The sign of a principal component is arbitrary; the first one is oriented so tha
 
 import numpy as np
 import torch
-from sklearn.decomposition import PCA
 
 from dinokit.errors import DinokitError
 from dinokit.maps.render import normalise_01
@@ -42,6 +41,8 @@ def pca_rgb(features: list[np.ndarray], foreground_threshold: float | None = Non
             f"PCA colours need at least 3 patches, the images give {len(x)} ({shapes[0][0]}x{shapes[0][1]} "
             "patch grid): use a larger image_size"
         )
+    from sklearn.decomposition import PCA  # 0.9 s to import: only here, not for every maps command
+
     result = {}
     foreground = np.ones(len(x), dtype=bool)
     if foreground_threshold is not None:
