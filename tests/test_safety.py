@@ -521,3 +521,36 @@ def test_segment_never_writes_over_masks_no_segment_run_wrote(tmp_path, capsys):
     assert (tmp_path / "labels" / "a_mask.png").read_bytes() == before
     assert not (tmp_path / "labels" / "a_overlay.png").exists()
     assert main([*args, f"out={tmp_path / 'o'}"]) == 0 and main([*args, f"out={tmp_path / 'o'}"]) == 0
+
+
+def test_a_segment_run_stopped_partway_can_be_rerun_into_its_out(tmp_path, monkeypatch, capsys):
+    """A segment run stopped after its first target's mask (Ctrl-C, a crash) left that mask without the
+    segment.json it wrote at the end, and the same command run again was refused as if the mask were
+    the user's. segment.json is now written first, so the rerun replaces its own files."""
+    import dinokit.maps.commands as commands
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "photos").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"{name}.png")
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
+    Image.fromarray(mask).save(tmp_path / "ref_mask.png")
+    args = ["segment", "model=random:vit_nano_p2", f"reference={tmp_path / 'photos' / 'a.png'}", "image_size=32"]
+    args += [f"reference_mask={tmp_path / 'ref_mask.png'}", f"target={tmp_path / 'photos'}", "device=cpu"]
+    args += [f"out={tmp_path / 'seg'}"]
+    segment_features, calls = commands.segment_features, []
+
+    def stopped_at_the_second_target(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return segment_features(*a, **k)
+
+    monkeypatch.setattr(commands, "segment_features", stopped_at_the_second_target)
+    assert main(args) != 0  # "dinokit: interrupted"
+    assert (tmp_path / "seg" / "a_mask.png").is_file() and not (tmp_path / "seg" / "b_mask.png").exists()
+    monkeypatch.setattr(commands, "segment_features", segment_features)
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "seg" / "segment.json").read_text())
+    assert [Path(r["mask"]).name for r in report["results"]] == ["a_mask.png", "b_mask.png"]

@@ -389,9 +389,9 @@ def segment(
     them (their similarity maps are averaged). reference_class: the class index that marks the object
     in the masks (the others are background, 255 void), e.g. 15 for VOC's person. target: an image,
     a folder or a list file. threshold: a cosine value, or otsu (automatic, per target). Writes
-    <out>/<name>_mask.png (0/255),
-    <out>/<name>_overlay.png and <out>/segment.json; <name> is the target's path relative to the
-    target folder (subfolders kept, see `output_names`). Returns, per target, the threshold, mask
+    <out>/<name>_mask.png (0/255), <out>/<name>_overlay.png and <out>/segment.json (written first,
+    "complete": false until the end); <name> is the target's path relative to the target folder
+    (subfolders kept, see `output_names`). Returns, per target, the threshold, mask
     fraction and the two files (also in segment.json).
 
     A mask is read in its EXIF orientation and must be pixel-aligned with its reference image: the
@@ -410,7 +410,7 @@ def segment(
     outputs = [out_dir / f"{name}{suffix}" for name in names for suffix in ("_mask.png", "_overlay.png")]
     refuse_overwriting_inputs(out_dir, [*outputs, out_dir / "segment.json"], [*paths, *references, *masks])
     others = [p for p in outputs if p.exists()] if not (out_dir / "segment.json").is_file() else []
-    if others:  # no segment run wrote them (its segment.json would be there): e.g. hand-made masks
+    if others:  # no segment run wrote them (it writes segment.json first): e.g. hand-made masks
         raise DinokitError(
             f"out={out_dir} holds {others[0]}, a file of an output's name that no segment run wrote there (no "
             "segment.json), which this one would replace: choose a new or empty out folder"
@@ -421,7 +421,9 @@ def segment(
         picture = open_rgb(ref)
         feats = patch_features(net, [model_input(net, picture, image_size, resize_policy)])[0]
         refs.append((feats, read_mask(mask_path, picture.size, reference_class)))
+    report = {"complete": False, "model": model, "references": references}
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "segment.json", report)  # first: a rerun after a stop knows the masks as a segment run's
     results = []
     bad = []
     first_error = None
@@ -448,9 +450,7 @@ def segment(
         raise DinokitError(f"none of the {len(bad)} target images can be read; the first: {first_error}")
     report_skipped(bad)
     skipped = [str(p) for p in bad]
-    write_json(
-        out_dir / "segment.json", {"model": model, "references": references, "results": results, "skipped": skipped}
-    )
+    write_json(out_dir / "segment.json", report | {"complete": True, "results": results, "skipped": skipped})
     return {"out": str(out_dir), "results": results, "skipped": skipped}
 
 
