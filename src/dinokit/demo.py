@@ -30,7 +30,7 @@ from dinokit.data.synthetic import SHAPES, render_scene
 from dinokit.data.transforms import eval_transform, normalize
 from dinokit.errors import DinokitError
 from dinokit.eval.knn import knn_classify, knn_top1, topk_accuracy
-from dinokit.io import atomic_write
+from dinokit.io import atomic_write, refuse_files_no_run_wrote
 from dinokit.models import load_model
 from dinokit.train.build import build_backbone
 from dinokit.train.config import resolve_config
@@ -192,12 +192,7 @@ def claim_demo_folder(out: Path) -> None:
     """Refuse, before any work, an `out` holding files of the demo's names (DEMO_FILES) but no run/
     folder, which the demo makes first: files of the user's (out=. in a project) that it would
     replace. Then make run/, marking `out` as the demo's (for a rerun, an interrupted one included)."""
-    found = [name for name in DEMO_FILES if (out / name).exists()]
-    if found and not (out / "run").is_dir():
-        raise DinokitError(
-            f"{out} holds {', '.join(found)} but no run/ folder of a demo, and the demo would replace them: "
-            "choose a new or empty out= folder (or an earlier demo's)"
-        )
+    refuse_files_no_run_wrote(out, DEMO_FILES, ("run",), "dinokit demo")
     (out / "run").mkdir(parents=True, exist_ok=True)
 
 

@@ -8,7 +8,7 @@ import os
 import shutil
 import socket
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from dinokit.errors import DinokitError
@@ -165,6 +165,25 @@ def refuse_other_outputs(folder: str | Path, own: tuple[str, ...], command: str)
         raise DinokitError(
             f"out={folder} holds {OUTPUT_MARKERS[found[0]]} ({found[0]}), which {command} would mix its own "
             "files with: choose another out folder"
+        )
+
+
+def refuse_files_no_run_wrote(
+    folder: str | Path, names: Iterable[str | Path], marks: tuple[str, ...], command: str
+) -> None:
+    """A DinokitError, before any work, where `folder` holds none of `marks` (what a `command` run writes
+    there before any other file) but some of `names` (paths relative to it) that the run would replace
+    or remove: files of the user's (out= the ground-truth masks, out=. in a project)."""
+    folder = Path(folder).expanduser()
+    if any((folder / mark).exists() for mark in marks):
+        return
+    found = [str(name) for name in names if (folder / name).exists()]
+    if found:
+        more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+        raise DinokitError(
+            f"out={folder} holds {', '.join(found[:3])}{more} but no {' or '.join(marks)} of a {command} run, "
+            "so no such run wrote them, and this one would replace them: choose another out folder (a new or "
+            "empty one, or an earlier run's)"
         )
 
 

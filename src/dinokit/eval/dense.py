@@ -44,7 +44,7 @@ from dinokit.data.transforms import check_model_input_size
 from dinokit.errors import DinokitError, require
 from dinokit.eval.cache import Features
 from dinokit.eval.common import Backbone, make_transform, split_features
-from dinokit.io import atomic_write, folder_lock, read_json, sync, write_json
+from dinokit.io import atomic_write, folder_lock, read_json, refuse_files_no_run_wrote, sync, write_json
 from dinokit.runtime import reuse_freed_memory
 
 
@@ -291,13 +291,8 @@ def check_results_folder(out_dir: Path, task: str) -> None:
                 f"out={out_dir} holds the results of eval {other} ({other}.json), whose metrics.jsonl and "
                 f"examples/ eval {task} would replace: choose another out folder"
             )
-    ours = (out_dir / f"{task}.json").is_file() or (out_dir / results_record(task)).is_file()
-    foreign = [name for name in result_files(task) if (out_dir / name).exists()] if not ours else []
-    if foreign:
-        raise DinokitError(
-            f"out={out_dir} holds {', '.join(foreign)}, which no earlier eval {task} wrote there and which it would "
-            "replace: choose another out folder (a new or empty one, or an earlier eval's out)"
-        )
+    marks = (f"{task}.json", results_record(task))  # the results of an earlier run, or its record written first
+    refuse_files_no_run_wrote(out_dir, result_files(task), marks, f"dinokit eval {task}")
 
 
 def result_files(task: str) -> tuple[str, ...]:

@@ -43,7 +43,14 @@ from dinokit.features.store import (
     shard_path,
     write_shard,
 )
-from dinokit.io import folder_lock, prepare_output, read_json, refuse_other_outputs, write_json
+from dinokit.io import (
+    folder_lock,
+    prepare_output,
+    read_json,
+    refuse_files_no_run_wrote,
+    refuse_other_outputs,
+    write_json,
+)
 from dinokit.models import load_model
 from dinokit.runtime import effective_precision, resolve_device
 
@@ -271,11 +278,7 @@ def check_no_unknown_shards(out_dir: Path) -> None:
             "they were made with, so they cannot be resumed safely: use a new out= folder, or remove its shard_* "
             "files to embed everything again"
         )
-    if (out_dir / MANIFEST).exists():
-        raise DinokitError(
-            f"{out_dir} holds a {MANIFEST} that no `dinokit embed` wrote (no {CONFIG} beside it), which the "
-            "embedding's manifest would replace: use a new (or empty) out= folder"
-        )
+    refuse_files_no_run_wrote(out_dir, (MANIFEST,), (CONFIG,), "dinokit embed")
 
 
 def finished(shard: Path) -> bool:

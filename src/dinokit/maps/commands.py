@@ -28,7 +28,7 @@ from dinokit.data.images import (
 from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import RANDOM_PREFIX, is_random_source, load_backbone
-from dinokit.io import prepare_output, refuse_other_outputs, write_json
+from dinokit.io import prepare_output, refuse_files_no_run_wrote, refuse_other_outputs, write_json
 from dinokit.maps.attention import attention_maps
 from dinokit.maps.matching import best_match_similarity, check_options, cosine_matrix, match_patches
 from dinokit.maps.pca import patch_features, pca_rgb
@@ -407,14 +407,9 @@ def segment(
     out_dir = Path(out)
     paths = inputs_without_outputs(target, out_dir)
     names = output_names(paths, target)
-    outputs = [out_dir / f"{name}{suffix}" for name in names for suffix in ("_mask.png", "_overlay.png")]
-    refuse_overwriting_inputs(out_dir, [*outputs, out_dir / "segment.json"], [*paths, *references, *masks])
-    others = [p for p in outputs if p.exists()] if not (out_dir / "segment.json").is_file() else []
-    if others:  # no segment run wrote them (it writes segment.json first): e.g. hand-made masks
-        raise DinokitError(
-            f"out={out_dir} holds {others[0]}, a file of an output's name that no segment run wrote there (no "
-            "segment.json), which this one would replace: choose a new or empty out folder"
-        )
+    outputs = [f"{name}{suffix}" for name in names for suffix in ("_mask.png", "_overlay.png")]
+    refuse_overwriting_inputs(out_dir, [out_dir / p for p in [*outputs, "segment.json"]], [*paths, *references, *masks])
+    refuse_files_no_run_wrote(out_dir, outputs, ("segment.json",), "dinokit segment")  # e.g. hand-made masks
     net = load(model, device)
     refs = []
     for ref, mask_path in zip(references, masks, strict=True):

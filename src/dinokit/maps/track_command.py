@@ -22,7 +22,7 @@ from dinokit.data.images import CLASS_INDEX_MODES, open_image, open_rgb, output_
 from dinokit.errors import DinokitError
 from dinokit.eval.metrics import frame_jf, video_jf
 from dinokit.eval.visualize import palette
-from dinokit.io import atomic_write, prepare_output, refuse_other_outputs, write_json
+from dinokit.io import atomic_write, prepare_output, refuse_files_no_run_wrote, refuse_other_outputs, write_json
 from dinokit.maps import tracking
 from dinokit.maps.commands import inputs_without_outputs, load, model_input, refuse_overwriting_inputs
 from dinokit.maps.pca import patch_features
@@ -68,14 +68,9 @@ def track(
     mask, colours = read_first_mask(first_mask, first_rgb.shape[:2], paths[0])
     objects = tracking.object_values(mask)
     truths = ground_truth_paths(ground_truth, names, first_rgb.shape[:2]) if ground_truth is not None else None
-    outputs = [out_dir / sub / f"{name}.png" for name in names for sub in ("", "overlays")]
-    refuse_overwriting_inputs(out_dir, outputs, [*paths, first_mask, *(truths or [])])
-    others = [p for p in outputs if p.exists()] if not (out_dir / "track.json").is_file() else []
-    if others:  # no track run wrote them (it writes track.json first): e.g. out= the ground-truth masks
-        raise DinokitError(
-            f"out={out_dir} holds {others[0]}, a file of a tracked mask's name that no track run wrote there "
-            "(no track.json), which this one would replace: choose a new or empty out folder"
-        )
+    outputs = [Path(sub, f"{name}.png") for name in names for sub in ("", "overlays")]
+    refuse_overwriting_inputs(out_dir, [out_dir / p for p in outputs], [*paths, first_mask, *(truths or [])])
+    refuse_files_no_run_wrote(out_dir, outputs, ("track.json",), "dinokit track")  # e.g. out= ground-truth masks
     net = load(model, device)
     grid = net.grid_size(*model_input(net, Image.fromarray(first_rgb), image_size, resize_policy).shape[-2:])
     at_grid = tracking.one_hot_at_grid(mask, objects, grid)  # the objects as the first frame's patches hold them

@@ -9,6 +9,7 @@ import yaml
 
 from dinokit import distributed as dist
 from dinokit.errors import DinokitError
+from dinokit.io import refuse_files_no_run_wrote
 from dinokit.train.checkpoint import list_checkpoints
 
 
@@ -39,7 +40,8 @@ def read_saved_settings(saved: Path, facts: Iterable[str]) -> dict:
     return {k: v for k, v in values.items() if k not in facts}
 
 
-# What a pretrain or finetune run writes in its folder beside config.yaml (which it writes first)
+# What a pretrain or finetune run writes in its folder beside config.yaml (which it writes first): a new
+# run into a folder holding them but no config.yaml would rewrite or remove the user's files
 RUN_FILES = (
     "checkpoints",
     "metrics.jsonl",
@@ -49,17 +51,6 @@ RUN_FILES = (
     "classifier.safetensors",
     "finetune.json",
 )
-
-
-def refuse_files_of_no_run(out: Path) -> None:
-    """A DinokitError where `out`, holding no run (no config.yaml), holds files of a run's names: a new run
-    would rewrite metrics.jsonl, replace backbone.safetensors and delete all but its newest checkpoints."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if found:
-        raise DinokitError(
-            f"{out} holds {', '.join(found)} but no config.yaml of a dinokit run, and a new run would replace or "
-            "remove them: choose a new or empty out= folder (or move those files away)"
-        )
 
 
 def run_settings(
@@ -75,15 +66,14 @@ def run_settings(
     a folder that already holds one, never overwriting a run; a resumed run takes its config.yaml
     (`resolve(values, check=False)`), and the given keys may change only `resumable(saved config)`."""
     saved = out / "config.yaml"
+    refuse_files_no_run_wrote(out, RUN_FILES, (saved.name,), "dinokit pretrain / finetune")
     if not resume:
         if saved.exists():
             raise DinokitError(
                 f"{out} already holds a run (config.yaml); pass resume=true to continue it, or choose a new out=..."
             )
-        refuse_files_of_no_run(out)
         return new(keys), False
     if not saved.exists():
-        refuse_files_of_no_run(out)
         if dist.launched_as_process_0():  # once, not once per torchrun process
             print(f"resume=true but {out} holds no run yet: starting a new one")
         return new(keys), False
