@@ -181,7 +181,7 @@ def test_predict_writes_full_size_outputs_and_checks_the_backbone(tmp_path, caps
     assert "cannot be loaded" in (err := capsys.readouterr().err) and "pass it as model=" in err
     photo = (tmp_path / "in" / "wide.png").read_bytes()
     assert main([*args, f"out={tmp_path / 'in'}", "num_workers=0"]) == 2  # would write in/wide.png
-    assert "would overwrite the input image" in capsys.readouterr().err
+    assert f"would overwrite the input {tmp_path / 'in' / 'wide.png'}" in capsys.readouterr().err
     assert (tmp_path / "in" / "wide.png").read_bytes() == photo
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "broken.jpg").write_bytes(b"nope")  # nothing readable: was "wrote 0 masks", exit 0

@@ -168,6 +168,19 @@ def refuse_other_outputs(folder: str | Path, own: tuple[str, ...], command: str)
         )
 
 
+def refuse_overwriting_inputs(out_dir: Path, outputs: Iterable[Path], inputs: Iterable[str | Path | None]) -> None:
+    """A DinokitError, before any work, where one of the files `outputs` to be written in the folder
+    `out_dir` is one of `inputs` (None: not given): out= the folder of the images, a mask or the ground
+    truth would replace them (and a mask scored against itself would score 1)."""
+    given = {Path(p).expanduser().resolve() for p in inputs if p is not None}
+    for target in outputs:
+        if Path(target).expanduser().resolve() in given:
+            raise DinokitError(
+                f"out={out_dir} would overwrite the input {target} with an output: choose an out folder apart from "
+                "the input files"
+            )
+
+
 def refuse_files_no_run_wrote(
     folder: str | Path, names: Iterable[str | Path], marks: tuple[str, ...], command: str
 ) -> None:

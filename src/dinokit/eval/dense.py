@@ -44,7 +44,15 @@ from dinokit.data.transforms import check_model_input_size
 from dinokit.errors import DinokitError, require
 from dinokit.eval.cache import Features
 from dinokit.eval.common import Backbone, make_transform, split_features
-from dinokit.io import atomic_write, folder_lock, read_json, refuse_files_no_run_wrote, sync, write_json
+from dinokit.io import (
+    atomic_write,
+    folder_lock,
+    read_json,
+    refuse_files_no_run_wrote,
+    refuse_overwriting_inputs,
+    sync,
+    write_json,
+)
 from dinokit.runtime import reuse_freed_memory
 
 
@@ -505,26 +513,13 @@ def prediction_files(
     run (e.g. classes.json), recorded with them."""
     paths = list_images(images)
     names = output_names(paths, Path(images).expanduser())
-    check_outputs_spare_inputs(paths, names, *out_files)
-    check_readable(paths, images)
     out_dir, suffixes = out_files
+    files = [f"{name}{suffix}" for name in names for suffix in suffixes]
+    refuse_overwriting_inputs(out_dir, [out_dir / f for f in files], paths)  # e.g. out= the images, PNGs
+    check_readable(paths, images)
     with folder_lock(out_dir, "predictions", wait=False):  # one predict or eval at a time in out
-        replace_predictions(out_dir, [*(f"{name}{suffix}" for name in names for suffix in suffixes), *once], paths)
+        replace_predictions(out_dir, [*files, *once], paths)
         yield paths, names
-
-
-def check_outputs_spare_inputs(paths: list[Path], names: list[str], out_dir: Path, suffixes: tuple[str, ...]) -> None:
-    """Refuse, before any work, an output folder where a prediction would replace an input image
-    (e.g. out= the images folder itself, with PNG inputs)."""
-    inputs = {p.resolve() for p in paths}
-    for name in names:
-        for suffix in suffixes:
-            target = (out_dir / f"{name}{suffix}").resolve()
-            if target in inputs:
-                raise DinokitError(
-                    f"out={out_dir} would overwrite the input image {target} with a prediction; "
-                    "choose an out folder apart from the images"
-                )
 
 
 PREDICTIONS_RECORD = ".dinokit-predictions.json"  # the files a predict command wrote in its out folder

@@ -37,8 +37,14 @@ from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.common import prepare_backbone, protocol_record
 from dinokit.eval.metrics import GLOBAL_MEASURES, davis_global, video_jf
-from dinokit.io import folder_lock, prepare_output, read_json, refuse_other_outputs, write_json
-from dinokit.maps.commands import refuse_overwriting_inputs
+from dinokit.io import (
+    folder_lock,
+    prepare_output,
+    read_json,
+    refuse_other_outputs,
+    refuse_overwriting_inputs,
+    write_json,
+)
 from dinokit.maps.track_command import check_frame_sizes, check_settings, read_first_mask, track_frames
 from dinokit.maps.tracking import VOID
 

@@ -8,7 +8,6 @@ initialised model mean nothing (their pictures say so): pass released weights (t
 `dinov2_vits14`, is downloaded once) or your checkpoint.
 """
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,13 @@ from dinokit.data.images import (
 from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import RANDOM_PREFIX, is_random_source, load_backbone
-from dinokit.io import prepare_output, refuse_files_no_run_wrote, refuse_other_outputs, write_json
+from dinokit.io import (
+    prepare_output,
+    refuse_files_no_run_wrote,
+    refuse_other_outputs,
+    refuse_overwriting_inputs,
+    write_json,
+)
 from dinokit.maps.attention import attention_maps
 from dinokit.maps.matching import best_match_similarity, check_options, cosine_matrix, match_patches
 from dinokit.maps.pca import patch_features, pca_rgb
@@ -468,19 +473,6 @@ def inputs_without_outputs(source: str, out: Path) -> list[Path]:
     if not kept:
         raise DinokitError(f"{source} holds no images besides the outputs in {out}")
     return kept
-
-
-def refuse_overwriting_inputs(out_dir: Path, outputs: Iterable[Path], inputs: Iterable[str | Path | None]) -> None:
-    """A DinokitError, before any work, where one of the files `outputs` to be written in the folder
-    `out_dir` is one of `inputs` (None: not given): out= the folder of the ground truth, a mask or the
-    images would replace them (and a mask scored against itself would score 1)."""
-    given = {Path(p).expanduser().resolve() for p in inputs if p is not None}
-    for target in outputs:
-        if Path(target).expanduser().resolve() in given:
-            raise DinokitError(
-                f"out={out_dir} would overwrite the input {target} with an output: choose an out folder apart from "
-                "the input files"
-            )
 
 
 def refuse_inputs_as_outputs(outputs: dict[str, str | None], inputs: list) -> None:

@@ -22,9 +22,16 @@ from dinokit.data.images import CLASS_INDEX_MODES, open_image, open_rgb, output_
 from dinokit.errors import DinokitError
 from dinokit.eval.metrics import frame_jf, video_jf
 from dinokit.eval.visualize import palette
-from dinokit.io import atomic_write, prepare_output, refuse_files_no_run_wrote, refuse_other_outputs, write_json
+from dinokit.io import (
+    atomic_write,
+    prepare_output,
+    refuse_files_no_run_wrote,
+    refuse_other_outputs,
+    refuse_overwriting_inputs,
+    write_json,
+)
 from dinokit.maps import tracking
-from dinokit.maps.commands import inputs_without_outputs, load, model_input, refuse_overwriting_inputs
+from dinokit.maps.commands import inputs_without_outputs, load, model_input
 from dinokit.maps.pca import patch_features
 from dinokit.maps.render import mask_overlay, save_png
 from dinokit.models import VisionTransformer
