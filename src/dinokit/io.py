@@ -168,6 +168,19 @@ def refuse_other_outputs(folder: str | Path, own: tuple[str, ...], command: str)
         )
 
 
+def refuse_inputs_as_outputs(outputs: dict[str, str | None], inputs: list) -> None:
+    """DinokitError, before any work, where an output file (key: path, None: not written) is one of
+    the input images: the picture would replace the photo."""
+    given = {Path(p).expanduser().resolve() for p in inputs}
+    for key, path in outputs.items():
+        if path is not None and Path(path).expanduser().resolve() in given:
+            other = Path(path).with_name(f"{Path(path).stem}_{key}{Path(path).suffix}")
+            raise DinokitError(
+                f"{key}={path} is one of the input images, and writing there would replace it: pass another "
+                f"{key}= path, e.g. {other}"
+            )
+
+
 def refuse_overwriting_inputs(out_dir: Path, outputs: Iterable[Path], inputs: Iterable[str | Path | None]) -> None:
     """A DinokitError, before any work, where one of the files `outputs` to be written in the folder
     `out_dir` is one of `inputs` (None: not given): out= the folder of the images, a mask or the ground

@@ -30,6 +30,7 @@ from dinokit.eval.backbone import RANDOM_PREFIX, is_random_source, load_backbone
 from dinokit.io import (
     prepare_output,
     refuse_files_no_run_wrote,
+    refuse_inputs_as_outputs,
     refuse_other_outputs,
     refuse_overwriting_inputs,
     write_json,
@@ -473,19 +474,6 @@ def inputs_without_outputs(source: str, out: Path) -> list[Path]:
     if not kept:
         raise DinokitError(f"{source} holds no images besides the outputs in {out}")
     return kept
-
-
-def refuse_inputs_as_outputs(outputs: dict[str, str | None], inputs: list) -> None:
-    """DinokitError, before any work, where an output file (key: path, None: not written) is one of
-    the input images: the picture would replace the photo."""
-    given = {Path(p).expanduser().resolve() for p in inputs}
-    for key, path in outputs.items():
-        if path is not None and Path(path).expanduser().resolve() in given:
-            other = Path(path).with_name(f"{Path(path).stem}_{key}{Path(path).suffix}")
-            raise DinokitError(
-                f"{key}={path} is one of the input images, and writing there would replace it: pass another "
-                f"{key}= path, e.g. {other}"
-            )
 
 
 def report_skipped(bad: list[Path]) -> None:

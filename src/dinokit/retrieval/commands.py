@@ -12,7 +12,7 @@ from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
 from dinokit.features.store import MANIFEST, read_manifest, read_shard, read_shard_index
-from dinokit.io import folder_lock, prepare_output, refuse_other_outputs, write_json
+from dinokit.io import folder_lock, prepare_output, refuse_inputs_as_outputs, refuse_other_outputs, write_json
 from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
 from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex, built_options, check_listable
@@ -227,8 +227,6 @@ def index_search(
         if path:
             prepare_output(path, example=example, create=False, suffix=suffix)
     if out or sheet:
-        from dinokit.maps.commands import refuse_inputs_as_outputs  # torchvision, sklearn: not for index build
-
         refuse_inputs_as_outputs({"out": out, "sheet": sheet}, list_images(query))
     results = search_index(index, query, k, nprobe, ef_search, batch_size, num_workers, device, model)
     print(format_table(results))
