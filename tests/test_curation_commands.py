@@ -362,7 +362,7 @@ def test_out_may_not_be_a_folder_the_step_reads(concepts, tmp_path):
         retrieve(str(folder), str(clusters), clusters=str(clusters))
     assert sorted(p.name for p in clusters.iterdir()) == before and read_clusters(clusters)[2]["step"] == "cluster"
     dedup(str(folder), str(tmp_path / "dedup"))
-    with pytest.raises(DinokitError, match="holds the subset= list this step reads"):
+    with pytest.raises(DinokitError, match="holds the subset= file this step reads"):
         cluster(str(folder), str(tmp_path / "dedup"), n_clusters=[2], subset=str(tmp_path / "dedup" / "kept.txt"))
     assert (tmp_path / "dedup" / "kept.txt").is_file()
 

@@ -168,6 +168,20 @@ def refuse_other_outputs(folder: str | Path, own: tuple[str, ...], command: str)
         )
 
 
+def refuse_output_over_inputs(out: str | Path, reader: str, **inputs: str | None) -> None:
+    """A DinokitError, before any work, where `out` is, or is a folder holding, one of the existing files
+    or folders `inputs` (key: path, None: not given) that `reader` reads: writing there would replace it."""
+    target = Path(out).expanduser().resolve()
+    for key, given in inputs.items():
+        source = Path(given).expanduser().resolve() if given is not None else None
+        if source is not None and source.exists() and (source == target or target in source.parents):
+            raise DinokitError(
+                f"out={out} {'is' if source == target else 'holds'} the {key}= "
+                f"{'folder' if source.is_dir() else 'file'} {reader} reads ({given}), and writing there would "
+                "replace it: pass another out="
+            )
+
+
 def refuse_inputs_as_outputs(outputs: dict[str, str | None], inputs: list) -> None:
     """DinokitError, before any work, where an output file (key: path, None: not written) is one of
     the input images: the picture would replace the photo."""

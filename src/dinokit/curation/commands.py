@@ -28,7 +28,7 @@ from dinokit.curation.sampling import cluster_sizes, hierarchical_sampling
 from dinokit.data.images import plain_path, read_list_file
 from dinokit.errors import DinokitError
 from dinokit.features.store import MANIFEST
-from dinokit.io import atomic_folder, atomic_write, prepare_output, read_json, write_json
+from dinokit.io import atomic_folder, atomic_write, prepare_output, read_json, refuse_output_over_inputs, write_json
 from dinokit.maps.render import contact_sheet, save_figure
 from dinokit.retrieval.commands import embedding_differences, read_vectors
 from dinokit.retrieval.index import INDEX_META, FeatureIndex, check_listable, first_occurrences, normalise, read_paths
@@ -603,21 +603,7 @@ def output_folder(out: str, **inputs: str | None) -> Iterator[Path]:
     step (which it replaces); a folder holding anything else is refused, as it may hold your files,
     and so is one of the step's `inputs` (key: path) or a folder holding one, which it would replace."""
     path = prepare_output(out, folder=True, create=False)
-    target = path.resolve()
-    for key, given in inputs.items():
-        if given is None:
-            continue
-        source = Path(given).expanduser().resolve()
-        if source == target:
-            raise DinokitError(
-                f"out={out} is the {key}= folder this step reads, and writing there would replace it: "
-                "pass another folder as out="
-            )
-        if target in source.parents:
-            raise DinokitError(
-                f"out={out} holds the {key}= {'list' if source.is_file() else 'folder'} this step reads "
-                f"({given}), and writing there would replace it: pass another folder as out="
-            )
+    refuse_output_over_inputs(out, "this step", **inputs)
     if path.is_dir() and any(path.iterdir()) and not (path / SUMMARY).is_file():
         raise DinokitError(
             f"{path} already holds files and is not the output of a `dinokit curate` step (no {SUMMARY}); "

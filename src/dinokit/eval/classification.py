@@ -24,7 +24,7 @@ from dinokit.eval.common import (
 from dinokit.eval.heads import head_metadata, save_head
 from dinokit.eval.knn import DEFAULT_KS, few_shot_indices, few_shot_ks, knn_classify, topk_accuracy
 from dinokit.eval.linear import LEARNING_RATES, ProbeSplit, head_grid, linear_classifier, linear_probe
-from dinokit.io import atomic_write, prepare_output, refuse_other_outputs, write_json
+from dinokit.io import atomic_write, prepare_output, refuse_other_outputs, refuse_output_over_inputs, write_json
 from dinokit.runtime import resolve_device
 
 # k-NN and the linear probes share one cache entry: the normed CLS of the last (up to) 4 blocks and the
@@ -377,12 +377,7 @@ def predict_classification(
     if out_path.suffix.lower() not in PREDICTION_FORMATS:
         raise DinokitError(f"out={out} must end in .csv or .json (the format of the predictions file)")
     prepare_output(out_path, example="predictions.csv", create=False)
-    if out_path.resolve() == Path(images).expanduser().resolve():
-        other = out_path.with_name(f"{out_path.stem}_predictions{out_path.suffix}")
-        raise DinokitError(
-            f"out={out} is the images= list this command reads, and writing the predictions there would replace "
-            f"it: pass another out=, e.g. {other}"
-        )
+    refuse_output_over_inputs(out_path, "predict classification", images=images)  # out= the list of images
     if is_released_head(head, "classification"):
         state, meta, backbone = official_linear_head(head, model, device)
     else:

@@ -1,10 +1,8 @@
 """Model commands: the architecture table, what a weights file holds, and format conversion."""
 
-from pathlib import Path
-
 import torch
 
-from dinokit.errors import DinokitError
+from dinokit.io import refuse_output_over_inputs
 from dinokit.models.architectures import ARCHITECTURES, architecture_name, count_parameters, create_model
 from dinokit.models.graph_export import GRAPH_FORMATS, export_graph
 from dinokit.models.loading import (
@@ -84,13 +82,8 @@ def export(model: str, out: str, format: str | None = None, image_size: int | No
     """
     format = export_format(out, format)
     check_image_size_applies(format, image_size)
-    target = output_path(out, format, create=False).resolve()  # a bad out= fails before the model is read
-    source = Path(model).expanduser().resolve()
-    if source.exists() and (source == target or target in source.parents):
-        raise DinokitError(
-            f"out={out} is (or holds) the model={model} that the export reads, and writing there would replace it "
-            "and whatever else it holds (e.g. a training checkpoint's optimiser state): pass another out="
-        )
+    # a bad out= fails before the model is read; one that is (or holds) model= would replace a checkpoint
+    refuse_output_over_inputs(output_path(out, format, create=False), "the export", model=model)
     net = load_model(model)
     if format in GRAPH_FORMATS:
         return export_graph(net, out, format, image_size)
