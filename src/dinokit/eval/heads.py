@@ -12,6 +12,7 @@ plain .pth of `weight` (1000, (1 + n) D) and `bias`, n = 1 or 4 blocks) are read
 """
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn as nn
 from dinokit.errors import DinokitError
 from dinokit.eval.common import Backbone, prepare_backbone
 from dinokit.io import atomic_write
+from dinokit.models.loading import pickled_objects_error
 
 WRITERS = {  # which command writes each task's head file (named in errors)
     "segmentation": "dinokit eval segmentation",
@@ -144,16 +146,7 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
     from torchvision.models import ResNet50_Weights  # its meta holds the ImageNet-1k class names, in order
 
     path, model, name = locate_released_head(head, model, "classification", "dinov2_vits14_linear4_head")
-    import pickle
-
-    from dinokit.models.loading import pickled_objects_error
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # torch's message offers weights_only=False: not the fix here
-        raise pickled_objects_error(path, e) from None
-    except Exception as e:  # damaged, cut short, not a torch file
-        raise DinokitError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
+    state = read_released_file(path)
     if isinstance(state, dict) and {"linear_head.weight", "linear_head.bias"} <= set(state):
         # the whole classifier's state dict (the hub's dinov2_vits14_lc ...): backbone.* and linear_head.*
         state = {"weight": state["linear_head.weight"], "bias": state["linear_head.bias"]}
@@ -188,26 +181,32 @@ def official_linear_head(head: str, model: str | None, device: str) -> tuple[dic
     return state, meta, backbone
 
 
+def read_released_file(path: Path, pickled: DinokitError | None = None):
+    """What a released head's torch file holds, read with weights_only: one that pickles Python objects
+    besides tensors is refused with `pickled` (default: loading.pickled_objects_error; torch's own message
+    offers weights_only=False, not the fix here), a damaged one (cut short, not a torch file) too."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise (pickled or pickled_objects_error(path, e)) from None
+    except Exception as e:
+        raise DinokitError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
+
+
 def read_released_dense_head(path: Path, task: str, example: str) -> tuple[dict[str, torch.Tensor], dict | None]:
     """({key without `decode_head.`: tensor}, the checkpoint's `meta` dict or None) of a released DINOv2
     segmentation or depth head: an mmcv checkpoint, its weights under "state_dict" where present (as mmcv's
     `load_checkpoint` reads it); other keys (a backbone's) are ignored. Read with weights_only: a file
     that also pickles other Python objects is refused, never unpickled. task names the head in errors
     ("segmentation", "depth"); example is one of its released names."""
-    import pickle
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # torch's message (colour codes, two options) is not the fix here
-        raise DinokitError(
-            f"{path} holds Python objects besides its weights (e.g. an mmcv `meta` record), which dinokit does "
-            "not unpickle (torch.load with weights_only=True refuses them). Where you trust the file, keep its "
-            "weights alone and pass that file: "
-            "python -c \"import torch; c = torch.load('IN.pth', weights_only=False); "
-            "torch.save({'state_dict': c['state_dict']}, 'OUT.pth')\""
-        ) from None
-    except Exception as e:  # damaged, cut short, not a torch file
-        raise DinokitError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
+    pickled = DinokitError(
+        f"{path} holds Python objects besides its weights (e.g. an mmcv `meta` record), which dinokit does "
+        "not unpickle (torch.load with weights_only=True refuses them). Where you trust the file, keep its "
+        "weights alone and pass that file: "
+        "python -c \"import torch; c = torch.load('IN.pth', weights_only=False); "
+        "torch.save({'state_dict': c['state_dict']}, 'OUT.pth')\""
+    )
+    checkpoint = read_released_file(path, pickled)
     is_dict = isinstance(checkpoint, dict)
     state = checkpoint.get("state_dict", checkpoint) if is_dict else checkpoint
     meta = checkpoint.get("meta") if is_dict and isinstance(checkpoint.get("meta"), dict) else None
