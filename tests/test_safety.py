@@ -456,21 +456,9 @@ def test_predict_never_writes_over_files_it_did_not_write(task, tmp_path, capsys
     the ground-truth mask of the same name (images/x.png and masks/x.png: the layout eval segmentation
     reads), files no predict run had written. A file this run would write that is in out= but not in the
     earlier run's record (.dinokit-predictions.json) is now refused before any prediction, untouched."""
-    from dinokit.eval.common import prepare_backbone
-    from dinokit.eval.depth import LinearDepthHead
-    from dinokit.eval.heads import head_metadata, save_head
-    from dinokit.eval.segmentation import LinearSegmentationHead
+    from test_eval_dense import save_tiny_head
 
-    backbone = prepare_backbone("random:vit_nano_p2", "cpu", seed=0)
-    dim = backbone.model.embed_dim
-    if task == "segmentation":
-        head, extra = LinearSegmentationHead(dim, 3), dict(num_classes=3, ignore_index=255)
-    else:
-        head = LinearDepthHead(dim, 1, 0.001, 10.0)
-        extra = dict(with_cls=True, min_depth=0.001, max_depth=10.0, depth_scale=1000.0)
-    save_head(
-        tmp_path / "head.safetensors", head.eval(), head_metadata(backbone, 16, (1,), True, 0, task=task, **extra)
-    )
+    save_tiny_head(task, tmp_path / "head.safetensors")
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
