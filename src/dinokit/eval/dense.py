@@ -328,10 +328,9 @@ def clear_results(out_dir: Path, task: str) -> None:
     first its result json `<task>.json`, then its head, metrics.jsonl and examples/. With the result
     json written last, it only ever stands beside its own run's files: a rerun stopped partway leaves
     no result json, never an earlier one beside new files, nor stale example PNGs beside a new one.
-    check_results_folder has made sure that they are an eval run's; the `results_record` written
-    first says so to the next run, should this one stop before its result json."""
+    Called inside `results_folder`, whose check_results_folder has made sure that they are an eval run's;
+    the `results_record` written first says so to the next run, should this one stop before its result json."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_results_folder(out_dir, task)
     write_json(out_dir / results_record(task), {"written_by": f"dinokit eval {task}", "files": result_files(task)})
     (out_dir / f"{task}.json").unlink(missing_ok=True)
     sync(out_dir)  # the result is gone (power cut included) before any new file appears
