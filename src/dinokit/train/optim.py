@@ -144,4 +144,4 @@ def clip_gradients(modules: Iterable[nn.Module], max_norm: float, per: str = "mo
                 norms.append(torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True))
     if not norms:
         return torch.tensor(0.0)
-    return torch.stack([n.float().cpu() for n in norms]).norm()
+    return torch.stack([n.float() for n in norms]).norm().cpu()  # one copy to the host, not one per norm
