@@ -23,7 +23,7 @@ class DINOHead(nn.Module):
     Precision: the head runs in the autocast dtype, bf16 by default, where the official code runs it in
     fp16. bf16 rounds the logits (|logit| <= g, about 1) by up to ~2e-3: at teacher temperature 0.04 that
     moves a teacher probability by up to ~6% of itself (fp16: ~0.8%), a KL of ~5e-5 nats to the float32
-    targets over 65536 prototypes, zero-mean noise next to a loss of ~10 nats. Losses, centers,
+    targets over 65536 prototypes (bench/head_precision.py), noise next to a loss of ~10 nats. Losses, centers,
     Sinkhorn-Knopp and KoLeo are float32 from these logits on; `precision=fp32` runs the head in float32.
     """
 
