@@ -403,7 +403,8 @@ class Trainer:
         warnings.warn(
             f"preset {preset} is an official GPU recipe ({recipe.global_crops_size} px crops, "
             f"{recipe.head_prototypes} prototypes, batch {recipe.batch_size} per process): on a CPU one step can "
-            "take over a minute and over 10 GB of memory. For a CPU, pick one of the CPU presets: preset=cpu32 "
+            "take tens of seconds and several GB of memory (bench/train_throughput.py, docs/benchmarks.md). "
+            "For a CPU, pick one of the CPU presets: preset=cpu32 "
             "(32 px images, e.g. CIFAR), preset=cpu96 (64-96 px images) or preset=demo, e.g. `dinokit pretrain "
             "data=... preset=cpu32 max_minutes=15`",
             stacklevel=1,
