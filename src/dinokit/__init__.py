@@ -15,21 +15,20 @@ docs/python.md shows every function of the Python API.
 import importlib
 
 from dinokit.errors import DinokitError
-from dinokit.models import (
-    ARCHITECTURES,
-    VisionTransformer,
-    ViTConfig,
-    count_parameters,
-    create_model,
-    export_model,
-    load_model,
-)
 
 __version__ = "0.1.0"
 
 
-# name -> module, imported on first use (they pull in torchvision, sklearn, faiss or the trainer)
+# name -> module, imported on first use (torch, torchvision, faiss or the trainer): `import dinokit`,
+# and so `dinokit --help`, loads none of them
 LAZY = {
+    "ARCHITECTURES": "dinokit.models.architectures",
+    "ViTConfig": "dinokit.models.vision_transformer",
+    "VisionTransformer": "dinokit.models.vision_transformer",
+    "count_parameters": "dinokit.models.architectures",
+    "create_model": "dinokit.models.architectures",
+    "export_model": "dinokit.models.loading",
+    "load_model": "dinokit.models.loading",
     "pretrain": "dinokit.train.pretrain",
     "finetune": "dinokit.train.finetune",
     "predict_classification": "dinokit.eval.classification",
@@ -62,14 +61,4 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *LAZY})
 
 
-__all__ = [
-    "ARCHITECTURES",
-    "DinokitError",
-    "ViTConfig",
-    "VisionTransformer",
-    "count_parameters",
-    "create_model",
-    "export_model",
-    "load_model",
-    *LAZY,
-]
+__all__ = ["DinokitError", *LAZY]
