@@ -67,3 +67,70 @@ def test_a_download_killed_partway_leaves_no_file_in_the_cache_after_the_next_on
     assert hub.resolve("dinov2_vits14") == cache / served.name
     assert sorted(p.name for p in cache.iterdir()) == [served.name]
     assert (cache / served.name).read_bytes() == served.read_bytes()
+
+
+# ------------------------------------------------------------------------------------ index add
+@pytest.fixture(scope="module")
+def embeddings(tmp_path_factory):
+    """Two `dinokit embed` folders (emb_a: 8 images, emb_b: 5) of a tiny model, and the model file."""
+    import numpy as np
+
+    import dinokit
+    from dinokit.features.embed import embed
+    from tests.conftest import random_images
+
+    root = tmp_path_factory.mktemp("embeddings")
+    rng = np.random.default_rng(0)
+    torch.manual_seed(0)
+    weights = dinokit.export_model(dinokit.create_model("vit_micro_p4", depth=2), root / "m.safetensors")
+    for part, count in (("a", 8), ("b", 5)):
+        random_images(root / part, count, 20, rng, prefix=part)
+        embed(str(weights), str(root / part), str(root / f"emb_{part}"), image_size=16, num_workers=0, progress=False)
+    return root
+
+
+def index_files(folder: Path) -> tuple[list[str], list[str], torch.Tensor]:
+    """(file names, indexed paths, indexed vectors) of an index folder."""
+    from dinokit.retrieval.index import FeatureIndex
+
+    index = FeatureIndex.load(folder)
+    vectors = torch.from_numpy(index.index.reconstruct_n(0, index.index.ntotal))
+    return sorted(p.name for p in folder.iterdir()), index.paths, vectors
+
+
+@pytest.mark.parametrize("where", ["writing the index file", "after switching index.json"])
+def test_an_index_add_killed_partway_then_run_again_leaves_one_generation(where, embeddings, tmp_path):
+    """An add writes generation g + 1 of index-<g>.faiss and paths-<g>.txt, switches index.json to it and
+    then removes generation g. Killed while faiss wrote the file, it left its temporary file (an index in
+    size) for good; killed after the switch, generation g stayed beside g + 1 for good: every later add
+    removes only the generation before its own. The add run again now finishes with the files of one
+    generation, holding what an uninterrupted add holds."""
+    from dinokit.retrieval.commands import build_index
+
+    reference = tmp_path / "reference"
+    build_index(str(embeddings / "emb_a"), str(reference))
+    build_index(str(embeddings / "emb_b"), str(reference), add=True)
+    out = tmp_path / "index"
+    build_index(str(embeddings / "emb_a"), str(out))
+    kill = "os.kill(os.getpid(), signal.SIGKILL)"
+    patch = (
+        f"faiss.write_index = lambda index, path: (open(path, 'wb').write(b'half an index'), {kill})"
+        if where == "writing the index file"
+        else f"real = index.write_json; index.write_json = lambda path, obj: (real(path, obj), {kill})"
+    )
+    run_killed(
+        f"""
+        import os, signal
+        import faiss
+        from dinokit.retrieval import index
+        from dinokit.retrieval.commands import build_index
+        {patch}
+        build_index({str(embeddings / "emb_b")!r}, {str(out)!r}, add=True)
+        """
+    )
+    build_index(str(embeddings / "emb_b"), str(out), add=True)
+    names, paths, vectors = index_files(out)
+    reference_names, reference_paths, reference_vectors = index_files(reference)
+    assert len([n for n in names if n.endswith(".faiss")]) == 1  # one generation, no temporary file
+    assert [n.replace("2", "1") for n in names] == reference_names  # the same files (of another generation)
+    assert paths == reference_paths and torch.equal(vectors, reference_vectors)

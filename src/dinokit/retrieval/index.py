@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 
 from dinokit.errors import DinokitError, require
-from dinokit.io import atomic_write, read_json, write_json
+from dinokit.io import atomic_write, process_alive, read_json, write_json
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "pq", "ivfpq")
 INDEX_META = "index.json"
@@ -169,9 +169,10 @@ class FeatureIndex:
 
     # ------------------------------------------------------------------------------------ disk
     def save(self, folder: str | Path) -> None:
-        """Write generation g + 1 of the files, switch index.json to it, remove generation g. A path
-        holding a line break, which the file list (one path a line) cannot hold, is a DinokitError
-        before anything is written."""
+        """Write generation g + 1 of the files, switch index.json to it, remove the other generations
+        (g, and any that a save killed after its switch left) and the temporary files of saves killed
+        mid-write (`remove_stale_files`). A path holding a line break, which the file list (one path a
+        line) cannot hold, is a DinokitError before anything is written."""
         check_listable(self.paths)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -182,9 +183,7 @@ class FeatureIndex:
         atomic_write(folder / f"paths-{generation}.txt", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         self.meta.update(generation=generation, count=len(self.paths))
         write_json(folder / INDEX_META, self.meta)
-        if previous is not None:
-            for old in (folder / f"index-{previous}.faiss", folder / f"paths-{previous}.txt"):
-                old.unlink(missing_ok=True)
+        remove_stale_files(folder, generation)
 
     @classmethod
     def load(cls, folder: str | Path) -> "FeatureIndex":
@@ -214,6 +213,24 @@ class FeatureIndex:
         if not index.ntotal == len(paths) == meta["count"]:
             raise DinokitError(f"{folder}: index ({index.ntotal}) and file list ({len(paths)}) disagree; rebuild it")
         return cls(index, paths, meta)
+
+
+# an index folder's files of generation <g> (groups 1, 2), and the temporary files of their atomic
+# writes, .<name>.tmp<pid> (group 3)
+INDEX_FILE = re.compile(r"index-(\d+)\.faiss|paths-(\d+)\.txt|\.(?:index-\d+\.faiss|paths-\d+\.txt)\.tmp(\d+)")
+
+
+def remove_stale_files(folder: Path, generation: int) -> None:
+    """Remove from an index folder the files of generations other than `generation` (the current one)
+    and the temporary files of writers that died (a save killed mid-write leaves one, an index in
+    size); those of live writers stay."""
+    for entry in folder.iterdir():
+        m = INDEX_FILE.fullmatch(entry.name)
+        if m is None:
+            continue
+        dead_writer = m.group(3) is not None and not process_alive(int(m.group(3)))
+        if dead_writer or (m.group(3) is None and int(m.group(1) or m.group(2)) != generation):
+            entry.unlink(missing_ok=True)
 
 
 def check_listable(paths: list[str]) -> None:
