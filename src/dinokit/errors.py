@@ -9,6 +9,11 @@ class DinokitError(Exception):
     """A problem with the user's input or environment; the message says what is wrong and how to fix it."""
 
 
+class ModelInputError(DinokitError, ValueError):
+    """Images a model cannot take (a PIL image, uint8 pixels, (H, W, C), another device, a size that is
+    not a multiple of the patch size): a DinokitError, and a ValueError as PyTorch's bad arguments."""
+
+
 class SharedError(DinokitError):
     """A DinokitError that every process of a torchrun job raises alike, as it follows from values the
     processes exchanged (e.g. pretraining's check that they list the same images, or

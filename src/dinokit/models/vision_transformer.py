@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinokit.errors import DinokitError
+from dinokit.errors import DinokitError, ModelInputError
 from dinokit.models.layers import Block, PatchEmbed
 from dinokit.models.layers.position_interpolation import resample_grid
 
@@ -189,12 +189,44 @@ class VisionTransformer(nn.Module):
         grid = resample_grid(grid, h0, w0, scale_h, scale_w, self.interpolate_antialias, keep_if_same=True)
         return grid.permute(1, 2, 0).reshape(1, h0 * w0, -1)
 
-    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) [+ bool masks (B, N)] -> tokens (B, 1 + R + N, D)."""
-        channels = self.patch_embed.proj.in_channels
+    def check_images(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` as the model takes it: a float batch (B, C, H, W) on the weights' device, cast to the
+        weights' dtype (as transformers' Dinov2Model does; `model.half()` then takes float32 images).
+        Anything else raises a ModelInputError naming the fix (PIL images, uint8 pixels, (B, H, W, C))."""
+        channels, weight = self.patch_embed.proj.in_channels, self.patch_embed.proj.weight
+        transform = "dinokit.eval_transform(size, patch_size=model.patch_size)"
+        if not isinstance(x, torch.Tensor):
+            raise ModelInputError(
+                f"the model takes a batch of normalised image tensors (B, {channels}, H, W), got a "
+                f"{type(x).__module__}.{type(x).__name__}: {transform} turns a PIL image, a numpy (H, W, 3) "
+                "uint8 array or a uint8 tensor into one image (3, H, W); torch.stack([transform(image) for image "
+                "in images]) makes the batch"
+            )
+        if not x.is_floating_point():
+            raise ModelInputError(
+                f"images of dtype {x.dtype} (pixel values?): the model takes float images normalised with the "
+                "ImageNet mean and std. dinokit.data.transforms.normalize()(images) does that to uint8 images "
+                f"(3, H, W) or (B, 3, H, W) at their size; {transform}(images) also resizes and crops them"
+            )
         if x.ndim != 4 or x.shape[1] != channels:
-            one = ": one image needs images.unsqueeze(0)" if x.ndim == 3 else ""
-            raise ValueError(f"images must be a batch (B, {channels}, H, W), got {tuple(x.shape)}{one}")
+            hint = ""
+            if x.ndim == 3:
+                hint = ": one image needs images.unsqueeze(0)"
+            elif x.ndim == 4 and x.shape[-1] == channels:
+                hint = ": channels last (B, H, W, C) needs images.permute(0, 3, 1, 2)"
+            elif x.ndim == 4 and x.shape[1] == 1:
+                hint = ": grayscale images need 3 channels (PIL: image.convert('RGB') before the transform)"
+            raise ModelInputError(f"images must be a batch (B, {channels}, H, W), got {tuple(x.shape)}{hint}")
+        if x.device != weight.device and not weight.is_meta:
+            raise ModelInputError(
+                f"images are on {x.device} and the model on {weight.device}: move them to the model's device, "
+                "images.to(next(model.parameters()).device), or the model to theirs, model.to(images.device)"
+            )
+        return x.to(weight.dtype)
+
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) [+ bool masks (B, N)] -> tokens (B, 1 + R + N, D); `check_images` first."""
+        x = self.check_images(x)
         b, _, h, w = x.shape
         x = self.patch_embed(x)
         if masks is not None:
@@ -285,7 +317,7 @@ class VisionTransformer(nn.Module):
                 f"{depth}-block model (negative ones count from the end)"
             )
         wanted = [i % depth for i in wanted]
-        b, _, h, w = x.shape
+        b, _, h, w = self.check_images(x).shape
         per_block = self.run_blocks(self.prepare_tokens(x), keep=wanted)
         outputs = [self.norm(per_block[i]) if norm else per_block[i] for i in wanted]
         r = self.num_register_tokens

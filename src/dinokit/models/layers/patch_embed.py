@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from dinokit.errors import ModelInputError
+
 
 class PatchEmbed(nn.Module):
     """Split an image into non-overlapping `patch_size` squares and project each to `embed_dim`.
@@ -20,7 +22,7 @@ class PatchEmbed(nn.Module):
         h, w = x.shape[-2:]
         p = self.patch_size
         if h % p or w % p:
-            raise ValueError(
+            raise ModelInputError(
                 f"Input size {h}x{w} is not a multiple of the patch size {p}. Use "
                 f"{h // p * p}x{w // p * p} (crop) or {-(-h // p) * p}x{-(-w // p) * p} (pad), e.g. "
                 "dinokit.models.snap_to_patch_multiple(x, patch_size, mode='crop'|'pad')."
