@@ -78,3 +78,18 @@ def test_grad_mode_memory_format_and_compile_give_the_same_features(micro):
         out = channels_last.forward_features(x.detach().to(memory_format=torch.channels_last))
         torch.testing.assert_close(out["x_norm_patchtokens"], reference, rtol=0, atol=1e-5)
         torch.testing.assert_close(compiled(x.detach()), micro(x.detach()), rtol=0, atol=1e-6)
+
+
+def test_eval_transform_takes_numpy_photos_and_pil_images_of_any_mode_as_rgb():
+    """A numpy (H, W, 3) uint8 array went through torchvision's v2 steps unresized and uncropped (48 x 40
+    stayed 48 x 40); a grayscale PIL image gave one channel, which the model then refused."""
+    transform = dinokit.eval_transform(32, patch_size=4)
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    reference = transform(rgb)
+    assert reference.shape == (3, 32, 32)
+    assert torch.equal(transform(np.asarray(rgb)), reference)
+    gray = rgb.convert("L")
+    assert torch.equal(transform(gray), transform(gray.convert("RGB")))
+    assert torch.equal(transform(np.asarray(gray)), transform(gray.convert("RGB")))
+    with pytest.raises(DinokitError, match=r"uint8 \(H, W\) or \(H, W, 3\) array, got float64"):
+        transform(np.asarray(rgb) / 255.0)

@@ -16,7 +16,9 @@ Each policy starts with `ReducedJpegDecode` (`reduced_decode=False` leaves it ou
 by `ImageFiles` decode at a reduced scale that keeps twice the resize's size.
 """
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 from dinokit.data.images import ReducedJpegDecode
@@ -76,13 +78,38 @@ class ResizeKeepAspect(torch.nn.Module):
 RESIZE_POLICIES = ("center_crop", "resize", "aspect")
 
 
+class EvalTransform(v2.Compose):
+    """eval_transform's steps, given the RGB image they expect: a numpy (H, W) or (H, W, 3 | 4) uint8
+    array (photo arrays; torchvision's v2 steps would pass it through unresized and uncropped) becomes a
+    PIL image, and a PIL image of another mode ("L", "RGBA", "P") is converted to RGB, as `open_rgb`
+    converts the files it opens. Tensors pass as they are. The steps, and `describe`, are Compose's."""
+
+    def forward(self, image):
+        if isinstance(image, np.ndarray):
+            if (
+                image.dtype != np.uint8
+                or image.ndim not in (2, 3)
+                or (image.ndim == 3 and image.shape[2] not in (3, 4))
+            ):
+                raise DinokitError(
+                    f"the transform takes a numpy photo as a uint8 (H, W) or (H, W, 3) array, got {image.dtype} "
+                    f"{image.shape}: convert it (e.g. (array * 255).round().astype(np.uint8) for values in 0..1), "
+                    "or pass a PIL image"
+                )
+            image = Image.fromarray(image)
+        if isinstance(image, Image.Image) and image.mode != "RGB":
+            image = image.convert("RGB")
+        return super().forward(image)
+
+
 def eval_transform(
     image_size: int | tuple[int, int] = 224,
     resize_policy: str = "center_crop",
     patch_size: int = 14,
     reduced_decode: bool = True,
 ) -> v2.Compose:
-    """PIL image -> normalised tensor (3, H, W) under one of RESIZE_POLICIES (see the module docstring).
+    """PIL image (any mode), numpy (H, W, 3) uint8 array or uint8 tensor (3, H, W) / (B, 3, H, W) ->
+    normalised float tensor (3, H, W) / (B, 3, H, W) under one of RESIZE_POLICIES (module docstring).
     image_size: an int (square) or (height, width); for 'aspect' an int, the short side.
     reduced_decode: start with `ReducedJpegDecode` at twice the resize's largest side, so that files
     opened by `ImageFiles` (every eval and embed command) decode large JPEGs at a reduced scale; False
@@ -102,7 +129,7 @@ def eval_transform(
         steps, resized = [ResizeKeepAspect(h, patch_size), normalize()], h
     else:
         raise DinokitError(f"resize_policy must be one of {', '.join(RESIZE_POLICIES)}, got {resize_policy!r}")
-    return v2.Compose([ReducedJpegDecode(2 * resized), *steps] if reduced_decode else steps)
+    return EvalTransform([ReducedJpegDecode(2 * resized), *steps] if reduced_decode else steps)
 
 
 def check_image_size(
