@@ -134,3 +134,35 @@ def test_an_index_add_killed_partway_then_run_again_leaves_one_generation(where,
     assert len([n for n in names if n.endswith(".faiss")]) == 1  # one generation, no temporary file
     assert [n.replace("2", "1") for n in names] == reference_names  # the same files (of another generation)
     assert paths == reference_paths and torch.equal(vectors, reference_vectors)
+
+
+# ------------------------------------------------------------------------------------ export
+@pytest.mark.parametrize("name", ["vits.safetensors", "vits.pth"])
+def test_an_export_killed_mid_write_leaves_no_file_beside_the_next_one(name, embeddings, tmp_path):
+    """`dinokit export` wrote the weights through atomic_write's `.<name>.tmp<pid>`: an export killed
+    mid-write left that file beside out= for good, a model in size (an ONNX export's temporary folder was
+    already removed by the next export). The next export now removes it, and writes what an
+    uninterrupted export writes."""
+    from dinokit.cli import main
+    from dinokit.models import load_model
+
+    model = embeddings / "m.safetensors"
+    out = tmp_path / "out"
+    out.mkdir()
+    kill = "os.kill(os.getpid(), signal.SIGKILL)"
+    writer = "loading.save_file" if name.endswith(".safetensors") else "torch.save"
+    run_killed(
+        f"""
+        import os, signal
+        import torch
+        from dinokit.cli import main
+        from dinokit.models import loading
+        {writer} = lambda obj, path, **kw: (open(path, 'wb').write(b'PK half a model'), {kill})
+        main(["export", "model={model}", "out={out / name}"])
+        """
+    )
+    assert not (out / name).exists()
+    assert main(["export", f"model={model}", f"out={out / name}"]) == 0
+    assert [p.name for p in out.iterdir()] == [name]
+    exported, original = load_model(out / name).state_dict(), load_model(model).state_dict()
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)

@@ -38,6 +38,19 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
             tmp.unlink()
 
 
+def atomic_write_large(path: str | Path, write: Callable[[str], object]) -> None:
+    """atomic_write of a file whose writing takes long enough to be killed (a download, an exported
+    model): the temporary files (the writer's own too, e.g. torch.hub's .partial) are written in this
+    process's writers_folder beside `path`, which the next write of `path` removes once this process is
+    dead. (atomic_write's `.<name>.tmp<pid>` of a killed writer would stay beside `path` for good.)"""
+    path = Path(path)
+    with writers_folder(path) as folder:
+        atomic_write(folder / path.name, write)
+        os.chmod(folder / path.name, file_mode(path))  # that of the file it replaces, as atomic_write's
+        os.replace(folder / path.name, path)
+        sync(path.parent)
+
+
 def disk_full(folder: Path, margin: int = 2**20) -> bool:
     """Whether the file system of `folder` has (almost) no space left: what a writer's own error means
     when it does not say so (torch.save: "unexpected pos", safetensors: a SafetensorError)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dinokit.errors import DinokitError
-from dinokit.io import atomic_write, sync, writers_folder
+from dinokit.io import atomic_write_large
 
 _OFFICIAL = "https://dl.fbaipublicfiles.com"
 _DINO_V1_FILES = {
@@ -181,9 +181,8 @@ def url_name(url: str) -> str:
 
 def _download_url(name: str, url: str, key: str = "model") -> Path:
     """The cached file of `url` (downloaded once, whole: see check_whole_archive); offline, an error
-    naming `key` for a local copy. The download is written in a temporary folder of this process beside
-    the cached file (io.writers_folder), the partial files of torch.hub and atomic_write included: one
-    killed partway leaves only that folder, which the next download of the name removes."""
+    naming `key` for a local copy. A download killed partway leaves its temporary files in a folder that
+    the next download of the name removes (io.atomic_write_large)."""
     target = cache_dir() / url_name(url)
     if target.exists():
         return target
@@ -195,10 +194,7 @@ def _download_url(name: str, url: str, key: str = "model") -> Path:
         check_whole_archive(Path(tmp), url)
 
     try:
-        with writers_folder(target) as folder:
-            atomic_write(folder / target.name, fetch)  # checked before it is moved into the cache
-            os.replace(folder / target.name, target)
-            sync(target.parent)
+        atomic_write_large(target, fetch)  # in the cache only once checked
     except DinokitError:
         raise
     except Exception as e:  # urllib raises URLError, socket errors, HTTP errors...

@@ -23,7 +23,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from dinokit.errors import DinokitError
-from dinokit.io import atomic_folder, atomic_write, link_entries, prepare_output, read_json, write_json
+from dinokit.io import (
+    atomic_folder,
+    atomic_write,
+    atomic_write_large,
+    link_entries,
+    prepare_output,
+    read_json,
+    write_json,
+)
 from dinokit.models.architectures import nearest_architecture
 from dinokit.models.formats import hf as hf_format
 from dinokit.models.formats import timm as timm_format
@@ -340,7 +348,8 @@ def export_model(
     Hugging Face folder (`config.json` + `model.safetensors`) that `transformers.Dinov2Model` /
     `Dinov2WithRegistersModel.from_pretrained` loads, or an ONNX / TorchScript graph (any batch and
     size; `image_size` is the example size, default the native one; see `graph_export`). Writes are
-    atomic; `path` is checked before any work (`output_path`). Returns the written path.
+    atomic (one killed mid-write leaves a temporary folder that the next export removes); `path` is checked
+    before any work (`output_path`). Returns the written path.
 
     format: by default the one `path` is named as (`export_format`: .safetensors dinokit, .pth / .pt
     official, .onnx onnx, a folder hf); a format that contradicts the suffix is an error.
@@ -357,13 +366,13 @@ def export_model(
     path = output_path(path, format)
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     if format == "dinokit":
-        atomic_write(
+        atomic_write_large(
             path, lambda tmp: save_file(sd, tmp, metadata={DINOKIT_CONFIG_KEY: json.dumps(model.config.to_dict())})
         )
     elif format == "official":
         sd = with_official_mask_token(sd, model.config)
         warn_if_read_back_otherwise(sd, model.config, path)
-        atomic_write(path, lambda tmp: torch.save(sd, tmp))
+        atomic_write_large(path, lambda tmp: torch.save(sd, tmp))
     else:
         _write_hf_folder(sd, model.config, path)
     return str(path)
