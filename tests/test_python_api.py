@@ -1,6 +1,8 @@
 """The Python API as a notebook user meets it: what a model and the helpers take, what they return, and
 that a call leaves the notebook's global state (threads, flags, random streams, logging, cwd) as it was."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -93,3 +95,17 @@ def test_eval_transform_takes_numpy_photos_and_pil_images_of_any_mode_as_rgb():
     assert torch.equal(transform(np.asarray(gray)), transform(gray.convert("RGB")))
     with pytest.raises(DinokitError, match=r"uint8 \(H, W\) or \(H, W, 3\) array, got float64"):
         transform(np.asarray(rgb) / 255.0)
+
+
+def test_finetune_takes_pathlib_paths_as_every_other_command(tmp_path):
+    """dinokit.finetune(model=Path(...)) failed with 'bad value for model: Object of type PosixPath is
+    not JSON serializable' (pretrain, embed, index, eval and predict took Paths)."""
+    from dinokit.data.synthetic import write_classification_set
+
+    write_classification_set(tmp_path, per_class=2, size=16, seed=0, split="train")
+    write_classification_set(tmp_path, per_class=1, size=16, seed=1, split="val")
+    weights = dinokit.export_model(dinokit.create_model("vit_nano_p2"), tmp_path / "nano.safetensors")
+    keys = dict(image_size=16, epochs=1, batch_size=8, num_workers=0, progress=False, device="cpu")
+    out = tmp_path / "ft"
+    dinokit.finetune(model=Path(weights), train=tmp_path / "train", val=tmp_path / "val", out=out, **keys)
+    assert (out / "classifier.safetensors").is_file()

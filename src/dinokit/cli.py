@@ -266,6 +266,8 @@ def convert_value(value: object, annotation) -> object:
     annotation (pretrain's further keys) are converted by the pretraining config instead."""
     if annotation is inspect.Parameter.empty or annotation is typing.Any:
         return value
+    if isinstance(value, os.PathLike):  # a pathlib.Path from Python: the path as the command line gives it
+        value = os.fspath(value)
     if isinstance(value, str):
         return parse_value(value, annotation)
     if isinstance(value, (list, dict)) and annotation in (str, Path):
