@@ -23,19 +23,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dinokit.data.augmentations import MultiCropAugmentation
 from dinokit.data.images import list_images, open_rgb
 from dinokit.data.labelled import read_labelled
 from dinokit.data.synthetic import SHAPES, render_scene
-from dinokit.data.transforms import eval_transform, normalize
 from dinokit.errors import DinokitError
 from dinokit.eval.knn import knn_classify, knn_top1, topk_accuracy
 from dinokit.io import atomic_write, refuse_files_no_run_wrote
 from dinokit.models import load_model
-from dinokit.train.build import build_backbone
 from dinokit.train.config import resolve_config
 from dinokit.train.metrics_log import read_metrics
-from dinokit.train.pretrain import pretrain
 
 SYNTHETIC = {"train_per_class": 300, "test_per_class": 100, "size": 32}
 
@@ -103,6 +99,8 @@ def prepare_data(out: Path, data: str | None) -> dict:
 
 def raw_pixel_top1(data: dict, size: int) -> float:
     """The same k-NN on raw pixels (images resized to `size` and normalised, flattened)."""
+    from dinokit.data.transforms import eval_transform
+
     transform = eval_transform(size, resize_policy="resize")
 
     def pixels(paths):
@@ -118,6 +116,9 @@ def raw_pixel_top1(data: dict, size: int) -> float:
 def view_retrieval(model, paths: list, size: int, seed: int = 0) -> float:
     """Percent of held-out images whose second augmented view is the nearest neighbour (cosine) of
     the first view's CLS feature, among the second views of all of them."""
+    from dinokit.data.augmentations import MultiCropAugmentation
+    from dinokit.data.transforms import normalize
+
     augment = MultiCropAugmentation(size, size, local_crops_number=0, global_crops_scale=(0.3, 1.0))
     to_float = normalize()
     views = [[], []]
@@ -210,6 +211,9 @@ def demo(
     beat the same network at random init; writes out/report.md and out/loss.png. image_size: the side
     that images are resized to for the evaluation (the rendered shapes' size; training crops may be
     smaller)."""
+    from dinokit.train.build import build_backbone
+    from dinokit.train.pretrain import pretrain
+
     start = time.perf_counter()
     out_dir = Path(out)
     claim_demo_folder(out_dir)

@@ -21,7 +21,6 @@ from matplotlib.figure import Figure
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-from dinokit.curation.dedup import TOLERANCE, deduplicate
 from dinokit.curation.kmeans import Level, hierarchical_kmeans
 from dinokit.curation.retrieval_sampling import seed_cluster_samples, seed_neighbours
 from dinokit.curation.sampling import cluster_sizes, hierarchical_sampling
@@ -65,6 +64,8 @@ def dedup(
     duplicates.png (0: no duplicates.png). device: where the similarities are computed (auto: a GPU
     if there is one; the search grows as the square of the number of images).
     """
+    from dinokit.curation.dedup import deduplicate  # scipy: only where it runs, not for `--help`
+
     require_examples(num_examples, "duplicates.png")
     dev = resolve_device(device)
     if reference is not None and Path(reference).expanduser().resolve() == Path(features).expanduser().resolve():
@@ -132,6 +133,8 @@ def dedup(
 
 def similarity_histogram(nearest: np.ndarray, threshold: float, path: Path) -> None:
     """PNG: histogram of each image's highest cosine to another image, the threshold marked."""
+    from dinokit.curation.dedup import TOLERANCE
+
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     # a cosine is at most 1: identical vectors whose float32 cosine rounds above it go in the top bin

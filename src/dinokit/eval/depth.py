@@ -39,7 +39,6 @@ from dinokit.eval.dense import (
     upsample,
 )
 from dinokit.eval.heads import backbone_for_head, head_metadata, load_head_file, save_head
-from dinokit.eval.metrics import depth_errors, mean_depth_errors
 from dinokit.eval.visualize import colour_depth, save_panel
 from dinokit.io import atomic_write, prepare_output, refuse_other_outputs, write_json
 from dinokit.runtime import resolve_device
@@ -110,6 +109,8 @@ class LinearDepthHead(nn.Module):
 
 def evaluate_depth(head, split, read, min_depth, max_depth, device, train_targets) -> tuple[dict, dict]:
     """(probe errors, {baseline: errors}) on `split`, each image at its original size."""
+    from dinokit.eval.metrics import depth_errors, mean_depth_errors  # scipy and scikit-image: not for `--help`
+
     valid = (train_targets > min_depth) & (train_targets <= max_depth)
     mean = float(train_targets[valid].mean())
     per_pixel = (train_targets * valid).sum(0) / valid.sum(0).clamp(min=1)

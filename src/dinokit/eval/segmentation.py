@@ -36,7 +36,6 @@ from dinokit.eval.dense import (
     train_dense_head,
 )
 from dinokit.eval.heads import backbone_for_head, head_metadata, load_head_file, save_head
-from dinokit.eval.metrics import confusion_matrix, segmentation_scores
 from dinokit.eval.visualize import colour_mask, save_panel
 from dinokit.io import atomic_write, prepare_output, refuse_other_outputs, write_json
 from dinokit.runtime import resolve_device
@@ -80,6 +79,8 @@ def evaluate_segmentation(
     """(probe scores, {baseline: scores}) on `split`, each image at its original size. Baselines: the
     most frequent training class everywhere, and the most frequent training class at each position.
     None of them predicts an ignore_index that lies in 0..num_classes-1."""
+    from dinokit.eval.metrics import confusion_matrix, segmentation_scores  # scipy and scikit-image: not for `--help`
+
     labelled = split_labels(train_targets, ignore_index, num_classes)
     majority = int(torch.bincount(labelled, minlength=num_classes).argmax())
     t = train_targets.long()

@@ -25,18 +25,15 @@ it is refused) and starts at the first unfinished one. One run at a time per out
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
 from dinokit.data.images import open_rgb, upright_size
-from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
-from dinokit.eval.common import prepare_backbone, protocol_record
-from dinokit.eval.metrics import GLOBAL_MEASURES, davis_global, video_jf
 from dinokit.io import (
     folder_lock,
     prepare_output,
@@ -47,6 +44,9 @@ from dinokit.io import (
 )
 from dinokit.maps.track_command import check_frame_sizes, check_settings, read_first_mask, track_frames
 from dinokit.maps.tracking import VOID
+
+if TYPE_CHECKING:  # torchvision, scipy and scikit-image are imported where they are used: not for `--help`
+    from torchvision.transforms import v2
 
 PREPROCESSINGS = ("dino", "dinokit")
 DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # DINO's color_normalize
@@ -106,8 +106,12 @@ def check_preprocessing(preprocessing: str) -> None:
         )
 
 
-def frame_transform(preprocessing: str, image_size: int, patch_size: int) -> v2.Compose:
+def frame_transform(preprocessing: str, image_size: int, patch_size: int) -> "v2.Compose":
     """The frames' transform (PIL RGB -> (3, H, W)) of `preprocessing` (dino or dinokit)."""
+    from torchvision.transforms import v2
+
+    from dinokit.data.transforms import check_image_size, eval_transform
+
     check_preprocessing(preprocessing)
     if preprocessing == "dino":
         if image_size < patch_size:
@@ -238,6 +242,9 @@ def eval_video(
     F-Mean, F-Recall, F-Decay (shares in [0, 1], means over all objects of all sequences), per sequence
     and object its scores, and the protocol. Returns the path of video.json.
     """
+    from dinokit.eval.common import prepare_backbone, protocol_record
+    from dinokit.eval.metrics import davis_global
+
     check_settings(n_last_frames, size_mask_neighborhood, topk)
     check_preprocessing(preprocessing)
     out_dir = prepare_output(out, folder=True, create=False)
@@ -308,6 +315,8 @@ def finished_sequences(out_dir: Path, videos: list[Sequence], run: dict) -> dict
 
 def track_sequence(net, video: Sequence, transform, out_dir: Path, run: dict, precision: str, workers: int) -> dict:
     """Track one DAVIS sequence from its first annotation; writes its masks, then its scores.json."""
+    from dinokit.eval.metrics import video_jf
+
     first = video.annotations / f"{video.frames[0].stem}.png"
     mask, colours = read_first_mask(str(first), video.size, video.frames[0])
     labelled = np.where(mask == VOID, 0, mask)
@@ -329,6 +338,8 @@ def track_sequence(net, video: Sequence, transform, out_dir: Path, run: dict, pr
 
 def print_table(result: dict, split: str, model: str) -> None:
     """davis2017-evaluation's printout: the global measures, then J-Mean and F-Mean per object."""
+    from dinokit.eval.metrics import GLOBAL_MEASURES
+
     print(f"DAVIS-2017 {split}, {model}; transform: {result['protocol']['transform']}")
     print("".join(f"{m:>10}" for m in GLOBAL_MEASURES))
     print("".join(f"{result['global'][m]:>10.3f}" for m in GLOBAL_MEASURES))

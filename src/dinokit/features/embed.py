@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from dinokit import distributed
 from dinokit.data.images import check_readable, list_images, plain_path
-from dinokit.data.transforms import check_model_input_size, describe, eval_transform
 from dinokit.distributed import (
     all_gather_objects,
     barrier,
@@ -89,6 +88,8 @@ def embed(
     manifest records a hash of the weights (`weights_hash`), so that `dinokit index search` can tell
     when the model file changed. Returns a summary (on process 0; None on the others).
     """
+    from dinokit.data.transforms import check_model_input_size, describe, eval_transform  # torchvision: not for --help
+
     started = time.perf_counter()
     features, layers = list(features), list(layers)
     check_choices(features, layers, format, dtype, resize_policy)

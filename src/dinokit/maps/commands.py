@@ -24,7 +24,6 @@ from dinokit.data.images import (
     output_names,
     same_aspect,
 )
-from dinokit.data.transforms import check_image_size, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import RANDOM_PREFIX, is_random_source, load_backbone
 from dinokit.io import (
@@ -60,6 +59,8 @@ DRAWN_SIDE = 1600  # the long side, in pixels, at which the pictures draw a phot
 
 def model_input(model: VisionTransformer, image, image_size: int, resize_policy: str = "aspect") -> torch.Tensor:
     """(3, H, W) input for `model` from a path or PIL image, the whole image (no crop)."""
+    from dinokit.data.transforms import check_image_size, eval_transform  # torchvision: not for `--help`
+
     if resize_policy not in ("aspect", "resize"):
         raise DinokitError(f"maps use the whole image: resize_policy must be aspect or resize, got {resize_policy!r}")
     check_image_size(image_size, model.patch_size)  # its error names the nearest valid sizes

@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from dinokit.data.images import CLASS_INDEX_MODES, open_image, open_rgb, output_names, upright_size
 from dinokit.errors import DinokitError
-from dinokit.eval.metrics import frame_jf, video_jf
 from dinokit.eval.visualize import palette
 from dinokit.io import (
     atomic_write,
@@ -64,6 +63,8 @@ def track(
     Returns (and writes to <out>/track.json) the frames, objects, settings and, with ground_truth,
     J_mean, F_mean, J&F_mean (DAVIS-2017, shares in [0, 1]) and per object.
     """
+    from dinokit.eval.metrics import video_jf  # scipy and scikit-image: not for `--help`
+
     check_settings(n_last_frames, size_mask_neighborhood, topk)
     prepare_output(out, folder=True, create=False)
     refuse_other_outputs(out, ("track.json",), "dinokit track")
@@ -137,6 +138,8 @@ def track_frames(
     `overlays` <out_dir>/overlays/<name>.png. With `truths` (per frame a ground-truth mask's path, None for
     the unscored first and last) returns per frame `frame_jf` of `objects` (None where unscored), else None.
     """
+    from dinokit.eval.metrics import frame_jf
+
     objects = tracking.object_values(mask) if objects is None else objects
     pictures: deque[np.ndarray] = deque()  # the frames whose features were computed, not yet written
     device = next(net.parameters()).device

@@ -3,6 +3,7 @@
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,10 +14,11 @@ from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
 from dinokit.features.store import MANIFEST, read_manifest, read_shard, read_shard_index
 from dinokit.io import folder_lock, prepare_output, refuse_inputs_as_outputs, refuse_other_outputs, write_json
-from dinokit.maps.render import contact_sheet
 from dinokit.models import load_model
-from dinokit.retrieval.index import EMBEDDING_KEYS, INDEX_META, FeatureIndex, built_options, check_listable
 from dinokit.runtime import resolve_device
+
+if TYPE_CHECKING:  # faiss and matplotlib are imported by the functions that use them: `--help` needs neither
+    from dinokit.retrieval.index import FeatureIndex
 
 VECTOR_FEATURES = ("cls", "patch_mean")
 
@@ -44,6 +46,8 @@ def build_index(
     shard at a time (ivf / pq kinds: once to train on at most 256 vectors per centroid, once to add), so
     memory holds the index, not every vector.
     """
+    from dinokit.retrieval.index import INDEX_META, FeatureIndex, built_options, check_listable
+
     structure = {"kind": kind, "nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "hnsw_m": hnsw_m}
     given = {key: value for key, value in structure.items() if value is not None}
     prepare_output(out, folder=True, create=False)
@@ -124,6 +128,8 @@ def read_vectors(features: str | Path, feature: str = "cls") -> tuple[np.ndarray
 
 def embedding_settings(manifest: dict) -> dict:
     """The settings of an embedding (from its manifest) that vectors compared with its own must share."""
+    from dinokit.retrieval.index import EMBEDDING_KEYS
+
     return {k: manifest.get(k) for k in EMBEDDING_KEYS}
 
 
@@ -160,12 +166,14 @@ def embedding_differences(a: dict, b: dict) -> list[str]:
     """The embedding settings (EMBEDDING_KEYS) in which two embeddings differ: vectors of embeddings
     that differ are not comparable. The model's path may differ where both record the same weights
     hash (the same weights, moved or copied)."""
+    from dinokit.retrieval.index import EMBEDDING_KEYS
+
     same_weights = a.get("weights_hash") is not None and a.get("weights_hash") == b.get("weights_hash")
     return [k for k in EMBEDDING_KEYS if a.get(k) != b.get(k) and not (k == "model" and same_weights)]
 
 
 def search_index(
-    index: str | FeatureIndex,
+    index: "str | FeatureIndex",
     query: str | list[str],
     k: int = 10,
     nprobe: int | None = None,
@@ -179,6 +187,8 @@ def search_index(
     image (an image, a folder, a list file, or a list of paths), embedded with the index's own model,
     transform and precision. `model` loads those weights from another path (they must be the same
     weights). Unreadable queries are reported on stderr and left out."""
+    from dinokit.retrieval.index import FeatureIndex
+
     if k < 1:
         raise DinokitError(f"k must be a positive number of hits, got {k}")
     idx = index if isinstance(index, FeatureIndex) else FeatureIndex.load(index)
@@ -223,6 +233,8 @@ def index_search(
     where the index's model now is, if its weights file moved (default: the path recorded in the
     index); the weights must be the ones it was built with.
     """
+    from dinokit.maps.render import contact_sheet
+
     for path, example, suffix in ((out, "hits.json", None), (sheet, "hits.png", ".png")):  # before any work
         if path:
             prepare_output(path, example=example, create=False, suffix=suffix)
