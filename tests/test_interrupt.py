@@ -1,6 +1,7 @@
 """Kill-and-resume: long-running commands stopped partway (SIGKILL, Ctrl-C) leave nothing a later run
 reads as complete, and the same command run again finishes as an uninterrupted run would."""
 
+import json
 import os
 import subprocess
 import sys
@@ -166,3 +167,49 @@ def test_an_export_killed_mid_write_leaves_no_file_beside_the_next_one(name, emb
     assert [p.name for p in out.iterdir()] == [name]
     exported, original = load_model(out / name).state_dict(), load_model(model).state_dict()
     assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
+
+
+# ------------------------------------------------------------------------------------ eval linear
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    """A labelled train / val split of rendered shapes, 16 px."""
+    from dinokit.data.synthetic import write_classification_set
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_classification_set(root, per_class=6, size=16, seed=0, split="train")
+    write_classification_set(root, per_class=2, size=16, seed=1, split="val")
+    return root
+
+
+def test_eval_linear_stopped_after_its_head_leaves_no_earlier_result_beside_it(shapes, tmp_path, monkeypatch, capsys):
+    """eval linear rerun into its out= wrote the new linear_head.safetensors, then linear.json: a run
+    stopped between the two (Ctrl-C, a kill) left the earlier run's linear.json, its scores and protocol,
+    beside the new run's head, which `predict classification head=out` then applied. The earlier result
+    is now removed before the new head is written (as eval segmentation / depth do), Ctrl-C is one line,
+    and the same command run again writes both."""
+    from dinokit.cli import main
+    from dinokit.eval import classification
+    from dinokit.eval.heads import load_head_file
+
+    out = tmp_path / "lin"
+    common = ["model=random:vit_nano_p2", "image_size=16", "num_workers=0", f"cache={tmp_path / 'cache'}"]
+    args = ["eval", "linear", *common, f"train={shapes / 'train'}", f"val={shapes / 'val'}", f"out={out}"]
+    assert main([*args, "epochs=1", "learning_rates=[0.01]"]) == 0  # an sgd run's result and head
+    real_write_json = classification.write_json
+
+    def stopped_at_the_result(path, obj):
+        if Path(path).name == "linear.json":
+            raise KeyboardInterrupt
+        real_write_json(path, obj)
+
+    monkeypatch.setattr(classification, "write_json", stopped_at_the_result)
+    capsys.readouterr()
+    assert main([*args, "method=logreg", "logreg_values=3"]) == 130
+    assert capsys.readouterr().err == "dinokit: interrupted\n"
+    assert load_head_file(out / "linear_head.safetensors")[1]["method"] == "logreg"
+    assert not (out / "linear.json").exists()  # not the sgd run's result beside the logreg head
+
+    monkeypatch.setattr(classification, "write_json", real_write_json)
+    assert main([*args, "method=logreg", "logreg_values=3"]) == 0
+    result = json.loads((out / "linear.json").read_text())
+    assert result["protocol"]["method"] == load_head_file(out / "linear_head.safetensors")[1]["method"] == "logreg"

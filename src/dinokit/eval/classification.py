@@ -24,7 +24,14 @@ from dinokit.eval.common import (
 from dinokit.eval.heads import head_metadata, save_head
 from dinokit.eval.knn import DEFAULT_KS, few_shot_indices, few_shot_ks, knn_classify, topk_accuracy
 from dinokit.eval.linear import LEARNING_RATES, ProbeSplit, head_grid, linear_classifier, linear_probe
-from dinokit.io import atomic_write, prepare_output, refuse_other_outputs, refuse_output_over_inputs, write_json
+from dinokit.io import (
+    atomic_write,
+    prepare_output,
+    refuse_other_outputs,
+    refuse_output_over_inputs,
+    sync,
+    write_json,
+)
 from dinokit.runtime import resolve_device
 
 # k-NN and the linear probes share one cache entry: the normed CLS of the last (up to) 4 blocks and the
@@ -321,6 +328,9 @@ def eval_linear(
         method=method,
         selected=sel,
     )
+    # an earlier run's result goes first: a run stopped before its own never leaves it beside this head
+    (out_dir / "linear.json").unlink(missing_ok=True)
+    sync(out_dir)
     save_head(out_dir / "linear_head.safetensors", linear_classifier(final, sel, num_classes), meta)
     write_json(out_dir / "linear.json", {**results, "protocol": protocol})  # last: the result's record
     print(f"linear probe ({method}) {backbone.description}; transform: {protocol['transform']}")
