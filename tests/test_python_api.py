@@ -109,3 +109,141 @@ def test_finetune_takes_pathlib_paths_as_every_other_command(tmp_path):
     out = tmp_path / "ft"
     dinokit.finetune(model=Path(weights), train=tmp_path / "train", val=tmp_path / "val", out=out, **keys)
     assert (out / "classifier.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------------- global state
+def global_state() -> dict:
+    """What a notebook set up and a library must leave as it found it."""
+    import logging
+    import os
+    import random
+    import signal
+    import sys
+    import warnings
+
+    from PIL import ImageFile
+
+    loggers = {"": logging.getLogger(), **logging.root.manager.loggerDict}
+    matplotlib = sys.modules.get("matplotlib")
+    return {
+        "threads": torch.get_num_threads(),
+        "flags": (
+            torch.get_float32_matmul_precision(),
+            torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32,
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(),
+            torch.is_anomaly_enabled(),
+            torch.get_default_dtype(),
+        ),
+        "torch_rng": torch.get_rng_state().tolist(),
+        "numpy_rng": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+        "python_rng": random.getstate(),
+        "warnings_filters": list(warnings.filters),
+        "logging": {
+            name: (log.level, list(log.handlers), log.propagate, log.disabled)
+            for name, log in loggers.items()
+            if isinstance(log, logging.Logger)
+        },
+        "logging_disabled": logging.root.manager.disable,
+        "cwd": os.getcwd(),
+        "environ": dict(os.environ),
+        "signals": [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)],
+        "pil": (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES),
+        "matplotlib_backend": None if matplotlib is None else matplotlib.rcParams._get_backend_or_none(),
+        "numpy_errors": np.geterr(),
+    }
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Rendered 16 px shapes (train / val), a vit_nano_p2 file, its embedding, index and linear probe."""
+    from dinokit.cli import main
+    from dinokit.data.synthetic import write_classification_set
+
+    root = tmp_path_factory.mktemp("api")
+    write_classification_set(root, per_class=2, size=16, seed=0, split="train")
+    write_classification_set(root, per_class=1, size=16, seed=1, split="val")
+    torch.manual_seed(0)
+    model = dinokit.create_model("vit_nano_p2").eval()
+    weights = dinokit.export_model(model, root / "nano.safetensors")
+    dinokit.embed(model=weights, data=root / "val", out=root / "emb", image_size=16, num_workers=0, progress=False)
+    dinokit.build_index(features=root / "emb", out=root / "val.index")
+    probe = ["image_size=16", "num_workers=0", "epochs=2", "learning_rates=[0.1]", "precision=fp32"]
+    assert main(["eval", "linear", f"model={weights}", f"train={root / 'train'}", f"val={root / 'val'}",
+                 f"out={root / 'lin'}", *probe]) == 0  # fmt: skip
+    transform = dinokit.eval_transform(16, patch_size=2)
+    paths = dinokit.list_images(root / "val")
+    image = transform(Image.open(paths[0]))
+    grids = dinokit.patch_features(model, [image, image])
+    return dict(root=root, model=model, weights=weights, transform=transform, paths=paths, image=image, grids=grids)
+
+
+def call_eval_linear(i, root, weights, **_):
+    from dinokit.eval.classification import eval_linear
+
+    eval_linear(model=weights, train=root / "train", val=root / "val", out=root / f"lin{i}", image_size=16,
+                num_workers=0, epochs=2, learning_rates=[0.1], precision="fp32")  # fmt: skip
+
+
+def call_pretrain(i, root, **_):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pretrain_helpers import TINY
+
+    dinokit.pretrain(data=root / "train", out=root / f"run{i}", **{**TINY, "max_iterations": 2})
+
+
+def call_finetune(i, root, weights, **_):
+    dinokit.finetune(model=weights, train=root / "train", val=root / "val", out=root / f"ft{i}", image_size=16,
+                     epochs=1, batch_size=8, num_workers=0, progress=False, device="cpu")  # fmt: skip
+
+
+CALLS = {
+    "load_model": lambda i, weights, **_: dinokit.load_model(weights),
+    "export_model": lambda i, model, root, **_: dinokit.export_model(model, root / f"copy{i}.safetensors"),
+    "eval_transform": lambda i, **_: dinokit.eval_transform(16, patch_size=2),
+    "list_images": lambda i, root, **_: dinokit.list_images(root / "train"),
+    "extract_features": lambda i, model, paths, transform, **_: dinokit.extract_features(
+        model, paths, transform, which=["cls", "patch_tokens"], num_workers=i, progress=False
+    ),
+    "embed": lambda i, root, weights, **_: dinokit.embed(
+        model=weights, data=root / "val", out=root / f"emb{i}", image_size=16, num_workers=0, progress=False
+    ),
+    "read_embeddings": lambda i, root, **_: dinokit.read_embeddings(root / "emb"),
+    "build_index": lambda i, root, **_: dinokit.build_index(features=root / "emb", out=root / f"i{i}.index"),
+    "search_index": lambda i, root, paths, **_: dinokit.search_index(root / "val.index", paths[0], k=2),
+    "attention_maps": lambda i, model, image, **_: dinokit.attention_maps(model, image),
+    "patch_features": lambda i, model, image, **_: dinokit.patch_features(model, [image]),
+    "pca_rgb": lambda i, grids, **_: dinokit.pca_rgb(grids, foreground_threshold=0.5),
+    "patch_similarity": lambda i, grids, **_: dinokit.patch_similarity(grids[0], (1, 1), target=grids[1]),
+    "segment_features": lambda i, grids, **_: dinokit.segment_features(
+        [(grids[0], np.eye(16, dtype=bool))], grids[1], size=(16, 16)
+    ),
+    "match_patches": lambda i, grids, **_: dinokit.match_patches(grids[0], grids[1], max_matches=5),
+    "best_match_similarity": lambda i, grids, **_: dinokit.best_match_similarity(grids[0], grids[1]),
+    "predict_classification": lambda i, root, **_: dinokit.predict_classification(
+        head=root / "lin", images=root / "val", out=root / f"pred{i}.csv", num_workers=0
+    ),
+    "eval_linear": call_eval_linear,
+    "pretrain": call_pretrain,
+    "finetune": call_finetune,
+}
+
+
+@pytest.mark.parametrize("name", list(CALLS))
+def test_a_call_leaves_the_notebooks_global_state_as_it_was(inputs, name):
+    """Threads, PyTorch flags, the torch / numpy / random streams (not reseeded: pretrain, finetune and
+    eval linear seeded the global generator for their weights), warnings filters, logging, cwd, the
+    environment, signal handlers, PIL limits and matplotlib's backend. The first call imports what the
+    function needs (third-party imports change some of these themselves: sklearn sets KMP_* variables,
+    sympy adds a warnings filter); the second is compared."""
+    CALLS[name](0, **inputs)
+    before = global_state()
+    CALLS[name](1, **inputs)
+    after = global_state()
+    assert {k: v for k, v in after.items() if v != before[k]} == {}

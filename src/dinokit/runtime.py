@@ -147,6 +147,21 @@ def exact_float32_products() -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
+def keeps_global_rng(function):
+    """Decorates a function that seeds and draws from PyTorch's global generators for its own
+    reproducibility (initial weights, drop path): the states of the CPU generator and of each CUDA device
+    in use at the call come back when it returns or raises, so a call leaves the caller's random stream
+    as it was, not reseeded."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 def _glibc():
     """The C library, where it is glibc (it has mallopt and malloc_trim); else None."""
     if not sys.platform.startswith("linux"):

@@ -53,7 +53,7 @@ from dinokit.io import (
     sync,
     write_json,
 )
-from dinokit.runtime import reuse_freed_memory
+from dinokit.runtime import keeps_global_rng, reuse_freed_memory
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -363,6 +363,7 @@ def check_training(epochs: int, train_batch_size: int, lr: float, weight_decay: 
     )
 
 
+@keeps_global_rng
 def train_dense_head(
     head: nn.Module,
     loss_fn,

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from dinokit.errors import DinokitError
 from dinokit.eval.cache import Features
 from dinokit.eval.knn import topk_accuracy
+from dinokit.runtime import keeps_global_rng
 
 LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 SMALL_STEP_FLOPS = 5e7  # below this per head and step, one CPU thread beats several (no thread wake-ups)
@@ -166,6 +167,7 @@ def threads_for(step_flops: float, device):
         torch.set_num_threads(before)
 
 
+@keeps_global_rng
 def train_heads(
     split: ProbeSplit,
     configs: list[HeadConfig],
