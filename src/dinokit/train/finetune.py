@@ -38,13 +38,8 @@ import yaml
 from tqdm import tqdm
 
 from dinokit import distributed as dist
-from dinokit.data.finetune_augmentation import SoftTargets, train_transform
 from dinokit.data.images import ImageFiles, check_readable, collate_skipping_bad
-from dinokit.data.transforms import check_image_size, describe
-from dinokit.data.unlabelled import MultiCropDataset, StreamBatchSampler
 from dinokit.errors import DinokitError
-from dinokit.eval.common import Backbone, make_transform, prepare_backbone, protocol_record, read_splits
-from dinokit.eval.heads import head_metadata, save_head
 from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs, write_json
 from dinokit.models import VisionTransformer
 from dinokit.models.vision_transformer import ViTConfig
@@ -57,11 +52,9 @@ from dinokit.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dinokit.train.classifier import Classifier, finetune_groups
 from dinokit.train.finetune_config import RESUMABLE_KEYS, RUN_FACTS, FinetuneConfig, resolve_config
 from dinokit.train.metrics_log import MetricsLog
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, scale_lr
-from dinokit.train.run_data import data_fingerprint
 from dinokit.train.run_settings import run_settings
 from dinokit.train.schedules import warmup_cosine
 
@@ -132,6 +125,12 @@ class Finetuner:
     def __init__(
         self, cfg: FinetuneConfig, out: Path, device: torch.device, resuming: bool, batch_size_given: bool = False
     ) -> None:
+        from dinokit.data.finetune_augmentation import SoftTargets, train_transform
+        from dinokit.data.transforms import check_image_size
+        from dinokit.eval.common import make_transform, prepare_backbone, read_splits
+        from dinokit.train.classifier import Classifier, finetune_groups
+        from dinokit.train.run_data import data_fingerprint
+
         self.out, self.device = out, device
         self.main, world = dist.is_main_process(), dist.world_size()
         # an error every process hits is printed once, by process 0 (dist.compare_errors)
@@ -223,6 +222,8 @@ class Finetuner:
             )
 
     def write_config(self) -> None:
+        from dinokit.data.transforms import describe
+
         cfg = self.cfg
         self.derived = {
             "processes": dist.world_size(),
@@ -249,6 +250,8 @@ class Finetuner:
 
     def train_loader(self):
         """Batches of the sample stream from this run's position (`StreamBatchSampler`)."""
+        from dinokit.data.unlabelled import MultiCropDataset, StreamBatchSampler
+
         cfg, workers = self.cfg, self.cfg.num_workers
         dataset = MultiCropDataset(self.train_paths, self.train_transform, seed=cfg.seed)
         sampler = StreamBatchSampler(
@@ -494,6 +497,9 @@ class Finetuner:
         return path
 
     def write_outputs(self) -> str:
+        from dinokit.eval.common import Backbone, prepare_backbone, protocol_record
+        from dinokit.eval.heads import head_metadata, save_head
+
         cfg, model = self.cfg, self.model
         backbone = model.backbone  # as dinokit safetensors: fp32, eval mode, no stochastic depth
         backbone_path = Path(

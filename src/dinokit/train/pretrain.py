@@ -12,23 +12,20 @@ import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 from tqdm import tqdm
 
 from dinokit import distributed as dist
-from dinokit.data.collate import CropBatch
 from dinokit.data.images import check_readable, list_images
-from dinokit.data.transforms import check_image_size
-from dinokit.data.unlabelled import InMemoryMultiCrops
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.eval.knn import knn_top1
 from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs
 from dinokit.models.architectures import nearest_architecture
 from dinokit.runtime import StopSignals, autocast, resolve_device, reuse_freed_memory
-from dinokit.train.build import build_augmentation, build_collate, build_model, build_schedules, check_crop_sizes
 from dinokit.train.checkpoint import (
     OBJECTIVE_KEYS,
     RunState,
@@ -57,17 +54,12 @@ from dinokit.train.ema import update_teacher
 from dinokit.train.fsdp import local_tensors, reshard_teacher, shard_fsdp
 from dinokit.train.metrics_log import MetricsLog, progress_postfix
 from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, drop_last_layer_gradients, param_groups
-from dinokit.train.run_data import (
-    check_data_agrees,
-    check_same_data,
-    data_fingerprint,
-    knn_monitor_data,
-    make_dataset,
-    make_loader,
-)
 from dinokit.train.run_settings import run_settings
 from dinokit.train.schedules import run_length
 from dinokit.train.self_distillation import Student, collapse_figures
+
+if TYPE_CHECKING:  # the data pipeline (torchvision) is imported where the Trainer builds it: not for `--help`
+    from dinokit.data.collate import CropBatch
 
 
 def pretrain(
@@ -171,6 +163,21 @@ class Trainer:
         resuming: bool,
         batch_size_given: bool = False,
     ) -> None:
+        from dinokit.train.build import (
+            build_augmentation,
+            build_collate,
+            build_model,
+            build_schedules,
+            check_crop_sizes,
+        )
+        from dinokit.train.run_data import (
+            check_data_agrees,
+            check_same_data,
+            data_fingerprint,
+            knn_monitor_data,
+            make_dataset,
+        )
+
         self.out, self.device = out, device
         self.main = dist.is_main_process()
         world = dist.world_size()
@@ -286,6 +293,8 @@ class Trainer:
     def build_frozen_teacher(self, teacher_run: RunState) -> Student:
         """The distillation teacher on this run's device, checked against the student and, on resume,
         against the teacher the run started with; a new run's EMA centers start from the teacher's."""
+        from dinokit.data.transforms import check_image_size
+
         teacher = frozen_teacher(teacher_run, self.cfg).to(self.device)
         patch, student_patch = teacher.backbone.patch_size, self.model.student.backbone.patch_size
         check_image_size(self.cfg.global_crops_size, patch, name="global_crops_size")  # the teacher sees those
@@ -414,13 +423,15 @@ class Trainer:
         """The data as known before training: the files listed, and (augmentation=batched, which has
         decoded them all) how many are unreadable; the per-image path meets those during training
         (`write_bad_files`), as a full scan of a large dataset up front would be slow."""
+        from dinokit.data.unlabelled import InMemoryMultiCrops
+
         n = len(self.paths)
         if isinstance(self.dataset, InMemoryMultiCrops):
             return f"{n} files found, {len(self.dataset.bad)} unreadable file(s) skipped"
         return f"{n} files found (unreadable ones are skipped when met and listed at the end)"
 
     # ------------------------------------------------------------------------------------ step
-    def step(self, batch: CropBatch, values: dict) -> tuple[dict, dict, bool, float]:
+    def step(self, batch: "CropBatch", values: dict) -> tuple[dict, dict, bool, float]:
         """One optimisation step; returns (loss parts, the teacher's CLS features and probabilities,
         accepted, grad norm).
 
@@ -461,6 +472,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ run loop
     def run(self) -> dict:
+        from dinokit.train.run_data import make_loader
+
         cfg = self.cfg
         log = None
         with dist.compare_errors():  # process 0 opens (on resume: rewrites) metrics.jsonl, the others wait
@@ -644,7 +657,7 @@ class Trainer:
             print(f"pretrain: done, {summary['iterations']} iterations ({summary['epochs']} epochs) -> {backbone}")
         return summary
 
-    def record_bad(self, batch: CropBatch) -> None:
+    def record_bad(self, batch: "CropBatch") -> None:
         self.unshared_bad.update(str(self.paths[index]) for index in batch.bad)
 
     def share_bad_files(self) -> set[str]:
