@@ -247,3 +247,21 @@ def test_a_call_leaves_the_notebooks_global_state_as_it_was(inputs, name):
     CALLS[name](1, **inputs)
     after = global_state()
     assert {k: v for k, v in after.items() if v != before[k]} == {}
+
+
+def test_predict_classification_writes_under_out_and_never_over_a_file_of_the_users(inputs, tmp_path, monkeypatch):
+    """The default out was predictions.csv in the current folder (the other predict commands write under
+    out/predict-<task>), and any existing out file, a user's data.csv, was replaced silently."""
+    root = inputs["root"]
+    monkeypatch.chdir(tmp_path)
+    written = dinokit.predict_classification(head=root / "lin", images=root / "val", num_workers=0)
+    assert Path(written) == Path("out/predict-classification/predictions.csv") and Path(written).is_file()
+    assert not Path("predictions.csv").exists()
+    dinokit.predict_classification(head=root / "lin", images=root / "val", num_workers=0)  # its own: replaced
+    for name, text in (("data.csv", "id,label\n1,cat\n"), ("results.json", '{"top1": 71.2}\n')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DinokitError, match=f"out={tmp_path / name} exists and is not a predictions file"):
+            dinokit.predict_classification(head=root / "lin", images=root / "val", out=tmp_path / name)
+        assert (tmp_path / name).read_text() == text
+    dinokit.predict_classification(head=root / "lin", images=root / "val", out=tmp_path / "p.json", num_workers=0)
+    dinokit.predict_classification(head=root / "lin", images=root / "val", out=tmp_path / "p.json", num_workers=0)

@@ -349,7 +349,7 @@ PREDICTION_FORMATS = (".csv", ".json")
 def predict_classification(
     head: str,
     images: str,
-    out: str = "predictions.csv",
+    out: str = "out/predict-classification/predictions.csv",
     k: int = 5,
     model: str | None = None,
     batch_size: int = 64,
@@ -368,7 +368,8 @@ def predict_classification(
     images: an image, a folder (recursive) or a list file. model: where the head's backbone is now, if
     it moved (its weights must be the ones the head was trained on). out: .csv (path, class,
     probability, then class_2, probability_2, ... class_k, probability_k) or .json ([{"path": ...,
-    "predictions": [{"class": ..., "probability": ...}, ...]}, ...]). Unreadable images are skipped
+    "predictions": [{"class": ..., "probability": ...}, ...]}, ...]); an existing file is replaced only
+    if it is such a predictions file (an earlier run's), never another. Unreadable images are skipped
     and counted. Returns the path of `out`.
     """
     from dinokit.data.images import check_readable, list_images
@@ -388,6 +389,7 @@ def predict_classification(
         raise DinokitError(f"out={out} must end in .csv or .json (the format of the predictions file)")
     prepare_output(out_path, example="predictions.csv", create=False)
     refuse_output_over_inputs(out_path, "predict classification", images=images)  # out= the list of images
+    refuse_replacing_other_file(out_path)
     if is_released_head(head, "classification"):
         state, meta, backbone = official_linear_head(head, model, device)
     else:
@@ -446,6 +448,25 @@ def head_in_folder(head: str) -> Path:
             "pass the head file itself"
         )
     return found[0]
+
+
+def refuse_replacing_other_file(path: Path) -> None:
+    """A DinokitError, before any work, where `path` exists but is not a predictions file as
+    `write_predictions` writes them (a CSV headed path,class,probability or a JSON list of {"path": ...,
+    "predictions": ...}): a file of the user's (data.csv, results.json) would be replaced."""
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        start = f.read(200).decode("utf-8", errors="replace")
+    if path.suffix.lower() == ".json":
+        ours = start.startswith("[") and (start.replace(" ", "").replace("\n", "") == "[]" or '"path"' in start)
+    else:
+        ours = start.startswith("path,class,probability")
+    if not ours:
+        raise DinokitError(
+            f"out={path} exists and is not a predictions file of dinokit predict classification, so no such run "
+            "wrote it, and this one would replace it: pass another out= (or remove the file)"
+        )
 
 
 def write_predictions(path: Path, rows: list[dict], k: int) -> None:
