@@ -43,7 +43,14 @@ from dinokit.errors import DinokitError
 from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs, write_json
 from dinokit.models import VisionTransformer
 from dinokit.models.vision_transformer import ViTConfig
-from dinokit.runtime import StopSignals, autocast, effective_precision, ignore_stop_signals, resolve_device
+from dinokit.runtime import (
+    StopSignals,
+    autocast,
+    effective_precision,
+    ignore_stop_signals,
+    keeps_global_rng,
+    resolve_device,
+)
 from dinokit.train.checkpoint import (
     export_trained_backbone,
     list_checkpoints,
@@ -61,6 +68,7 @@ from dinokit.train.schedules import warmup_cosine
 NAN_PATIENCE = 5  # stop after this many steps in a row with non-finite losses or gradients
 
 
+@keeps_global_rng
 def finetune(
     model: str | None = None,
     train: str | None = None,

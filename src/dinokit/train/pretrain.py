@@ -25,7 +25,7 @@ from dinokit.eval.backbone import weights_hash
 from dinokit.eval.knn import knn_top1
 from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs
 from dinokit.models.architectures import nearest_architecture
-from dinokit.runtime import StopSignals, autocast, resolve_device, reuse_freed_memory
+from dinokit.runtime import StopSignals, autocast, keeps_global_rng, resolve_device, reuse_freed_memory
 from dinokit.train.checkpoint import (
     OBJECTIVE_KEYS,
     RunState,
@@ -62,6 +62,7 @@ if TYPE_CHECKING:  # the data pipeline (torchvision) is imported where the Train
     from dinokit.data.collate import CropBatch
 
 
+@keeps_global_rng
 def pretrain(
     data: str,
     out: str = "out/pretrain",
