@@ -265,3 +265,31 @@ def test_predict_classification_writes_under_out_and_never_over_a_file_of_the_us
         assert (tmp_path / name).read_text() == text
     dinokit.predict_classification(head=root / "lin", images=root / "val", out=tmp_path / "p.json", num_workers=0)
     dinokit.predict_classification(head=root / "lin", images=root / "val", out=tmp_path / "p.json", num_workers=0)
+
+
+class Reached(Exception):
+    """The model was called."""
+
+
+@pytest.mark.parametrize("helper", ["attention_maps", "patch_features"])
+def test_the_map_helpers_move_the_image_to_the_models_device_and_name_what_it_cannot_take(micro, helper):
+    """A CPU image from eval_transform and a model on a GPU gave PyTorch's device mismatch (the helpers
+    return CPU arrays but did not move their input); a PIL image gave AttributeError 'no attribute ndim'.
+    The meta device stands in for the GPU: the model then sees the image there."""
+    call = {
+        "attention_maps": lambda m, x: dinokit.attention_maps(m, x),
+        "patch_features": lambda m, x: dinokit.patch_features(m, [x]),
+    }[helper]
+    with pytest.raises(ModelInputError, match=r"PIL\.Image\.Image"):
+        call(micro, photo())
+    elsewhere = dinokit.create_model("vit_micro_p4").to("meta").eval()
+    seen = []
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.device)
+        raise Reached  # the forward itself cannot run on meta tensors' values
+
+    elsewhere.get_last_selfattention = elsewhere.forward_features = spy
+    with pytest.raises(Reached):
+        call(elsewhere, torch.randn(3, 32, 32))
+    assert seen == [torch.device("meta")]

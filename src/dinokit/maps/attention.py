@@ -13,7 +13,8 @@ from dinokit.models import VisionTransformer, attention_to_patches
 
 @torch.inference_mode()
 def attention_maps(model: VisionTransformer, image: torch.Tensor, mass: float = 0.6) -> dict[str, np.ndarray]:
-    """Attention of the CLS token in the last block for one image (3, H, W) or (1, 3, H, W).
+    """Attention of the CLS token in the last block for one image (3, H, W) or (1, 3, H, W), wherever it is
+    (it moves to the model's device; the arrays come back on the CPU).
 
     Returns (h, w = H/p, W/p; R registers):
       per_head (heads, h, w)      CLS -> patch attention
@@ -24,7 +25,7 @@ def attention_maps(model: VisionTransformer, image: torch.Tensor, mass: float = 
       mass_masks (heads, h, w)    bool: the fewest patches holding `mass` of each head's patch
                                   attention (DINO's visualize_attention.py `threshold`)
     """
-    x = image if image.ndim == 4 else image.unsqueeze(0)
+    x = model_batch(model, image)
     h, w = model.grid_size(*x.shape[-2:])
     attn = model.get_last_selfattention(x)[0:1].float().cpu()  # (1, heads, T, T), off the model's device
     parts = attention_to_patches(attn, model.num_register_tokens)
@@ -37,6 +38,15 @@ def attention_maps(model: VisionTransformer, image: torch.Tensor, mass: float = 
         "registers_to_patches": parts["registers_to_patches"][0].mean(0).reshape(-1, h, w).numpy(),
         "mass_masks": attention_mass_masks(per_head, mass).reshape(-1, h, w).numpy(),
     }
+
+
+def model_batch(model: VisionTransformer, image: torch.Tensor) -> torch.Tensor:
+    """One image (3, H, W) or (1, 3, H, W), from eval_transform on the CPU, as a batch (1, 3, H, W) on
+    the model's device, as the maps return their arrays on the CPU whatever the model's device; what
+    the model cannot take (a PIL image, ...) gets its ModelInputError."""
+    if isinstance(image, torch.Tensor):
+        image = (image.unsqueeze(0) if image.ndim == 3 else image).to(next(model.parameters()).device)
+    return model.check_images(image)
 
 
 def attention_mass_masks(attention: torch.Tensor, mass: float) -> torch.Tensor:

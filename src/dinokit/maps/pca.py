@@ -12,17 +12,20 @@ import numpy as np
 import torch
 
 from dinokit.errors import DinokitError
+from dinokit.maps.attention import model_batch
 from dinokit.maps.render import normalise_01
 from dinokit.models import VisionTransformer
 
 
 @torch.inference_mode()
 def patch_features(model: VisionTransformer, images: list[torch.Tensor]) -> list[np.ndarray]:
-    """Normed last-block patch tokens of each image (3, H, W) as an (H/p, W/p, D) array (sizes may differ)."""
+    """Normed last-block patch tokens of each image (3, H, W) as an (H/p, W/p, D) array (sizes may differ);
+    the images move to the model's device, the arrays come back on the CPU."""
     out = []
     for image in images:
-        h, w = model.grid_size(*image.shape[-2:])
-        tokens = model.forward_features(image.unsqueeze(0))["x_norm_patchtokens"][0]
+        x = model_batch(model, image)
+        h, w = model.grid_size(*x.shape[-2:])
+        tokens = model.forward_features(x)["x_norm_patchtokens"][0]
         out.append(tokens.float().cpu().reshape(h, w, -1).numpy())
     return out
 
