@@ -213,3 +213,43 @@ def test_eval_linear_stopped_after_its_head_leaves_no_earlier_result_beside_it(s
     assert main([*args, "method=logreg", "logreg_values=3"]) == 0
     result = json.loads((out / "linear.json").read_text())
     assert result["protocol"]["method"] == load_head_file(out / "linear_head.safetensors")[1]["method"] == "logreg"
+
+
+# ------------------------------------------------------------------------------------ embed
+def test_ctrl_c_in_embed_says_how_to_resume_on_a_line_of_its_own_and_the_rerun_equals_one_run(
+    embeddings, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C during `dinokit embed` printed 'embed: stopped; ...' at the end of the progress bar's line
+    (the bar was left open), and the bar drew itself again after 'dinokit: interrupted'. The bar is now
+    closed first: the stop is a line of its own, then the CLI's, and nothing after them. The same command
+    then computes only the missing shards, and its embeddings equal an uninterrupted run's."""
+    from dinokit.cli import main
+    from dinokit.features import embed as embed_module
+    from dinokit.features.store import read_embeddings
+
+    command = ["embed", f"model={embeddings / 'm.safetensors'}", f"data={embeddings / 'a'}", "image_size=16"]
+    command += ["num_workers=0", "batch_size=2", "shard_size=2"]
+    assert main([*command, f"out={tmp_path / 'reference'}", "progress=false"]) == 0
+    real_iter = embed_module.iter_features
+
+    def stopped_after_two_batches(*args, **kwargs):
+        for number, batch in enumerate(real_iter(*args, **kwargs)):
+            if number == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(embed_module, "iter_features", stopped_after_two_batches)
+    capsys.readouterr()
+    assert main([*command, f"out={tmp_path / 'run'}"]) == 130
+    err = capsys.readouterr().err
+    lines = [line.rsplit("\r", 1)[-1] for line in err.splitlines()]  # as a terminal shows them
+    assert lines[-2:] == [
+        f"embed: stopped; 2 of 4 shards are saved in {tmp_path / 'run'}, and the same command resumes from there",
+        "dinokit: interrupted",
+    ]
+    monkeypatch.setattr(embed_module, "iter_features", real_iter)
+    assert main([*command, f"out={tmp_path / 'run'}", "progress=false"]) == 0
+    assert '"computed_shards": 2' in capsys.readouterr().out
+    features, paths = read_embeddings(tmp_path / "run")
+    reference, reference_paths = read_embeddings(tmp_path / "reference")
+    assert paths == reference_paths and torch.equal(features["cls"], reference["cls"])

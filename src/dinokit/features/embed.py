@@ -317,32 +317,34 @@ def run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_
         precision=settings["precision"],
         progress=False,
     )
-    for good, feats, bad_batch in batches:
-        feats = as_grids(feats, settings["patch_grid"])
-        bar.update(len(good) + len(bad_batch))
-        kept += good.tolist()
-        bad += bad_batch
-        for k, v in feats.items():
-            pending.setdefault(k, []).append(v)
-        # `kept` and `bad` hold the indices seen since the current shard began; a batch may run past
-        # the shard's end, so the features are split there
-        while current < len(todo) and len(kept) + len(bad) >= len(shards[todo[current]]):
-            end = start + len(shards[todo[current]])
-            n_in = sum(1 for i in kept if i < end)
-            stacked = {k: torch.cat(pending.get(k, [torch.zeros(0, *shape)])) for k, shape in shapes.items()}
-            shard_feats = {k: v[:n_in] for k, v in stacked.items()}
-            pending = {k: [v[n_in:]] for k, v in stacked.items()}
-            write_shard(
-                shard_path(out_dir, todo[current], settings["format"]),
-                shard_feats,
-                [queue[i] for i in kept if i < end],
-                [queue[i] for i in bad if i < end],
-                settings["dtype"],
-            )
-            kept = [i for i in kept if i >= end]
-            bad = [i for i in bad if i >= end]
-            current, start = current + 1, end
-    bar.close()
+    try:  # the bar closed before a stop's message (Ctrl-C), which then has a line of its own
+        for good, feats, bad_batch in batches:
+            feats = as_grids(feats, settings["patch_grid"])
+            bar.update(len(good) + len(bad_batch))
+            kept += good.tolist()
+            bad += bad_batch
+            for k, v in feats.items():
+                pending.setdefault(k, []).append(v)
+            # `kept` and `bad` hold the indices seen since the current shard began; a batch may run past
+            # the shard's end, so the features are split there
+            while current < len(todo) and len(kept) + len(bad) >= len(shards[todo[current]]):
+                end = start + len(shards[todo[current]])
+                n_in = sum(1 for i in kept if i < end)
+                stacked = {k: torch.cat(pending.get(k, [torch.zeros(0, *shape)])) for k, shape in shapes.items()}
+                shard_feats = {k: v[:n_in] for k, v in stacked.items()}
+                pending = {k: [v[n_in:]] for k, v in stacked.items()}
+                write_shard(
+                    shard_path(out_dir, todo[current], settings["format"]),
+                    shard_feats,
+                    [queue[i] for i in kept if i < end],
+                    [queue[i] for i in bad if i < end],
+                    settings["dtype"],
+                )
+                kept = [i for i in kept if i >= end]
+                bad = [i for i in bad if i >= end]
+                current, start = current + 1, end
+    finally:
+        bar.close()
 
 
 def write_manifest(out_dir: Path, settings: dict, num_shards: int) -> dict:
