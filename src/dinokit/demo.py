@@ -32,6 +32,7 @@ from dinokit.io import atomic_write, refuse_files_no_run_wrote
 from dinokit.models import load_model
 from dinokit.train.config import resolve_config
 from dinokit.train.metrics_log import read_metrics
+from dinokit.train.pretrain import pretrain
 
 SYNTHETIC = {"train_per_class": 300, "test_per_class": 100, "size": 32}
 
@@ -212,7 +213,6 @@ def demo(
     that images are resized to for the evaluation (the rendered shapes' size; training crops may be
     smaller)."""
     from dinokit.train.build import build_backbone
-    from dinokit.train.pretrain import pretrain
 
     start = time.perf_counter()
     out_dir = Path(out)
