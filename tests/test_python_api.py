@@ -139,7 +139,6 @@ def global_state() -> dict:
             torch.is_anomaly_enabled(),
             torch.get_default_dtype(),
         ),
-        "torch_rng": torch.get_rng_state().tolist(),
         "numpy_rng": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
         "python_rng": random.getstate(),
         "warnings_filters": list(warnings.filters),
@@ -237,16 +236,22 @@ CALLS = {
 
 @pytest.mark.parametrize("name", list(CALLS))
 def test_a_call_leaves_the_notebooks_global_state_as_it_was(inputs, name):
-    """Threads, PyTorch flags, the torch / numpy / random streams (not reseeded: pretrain, finetune and
-    eval linear seeded the global generator for their weights), warnings filters, logging, cwd, the
+    """Threads, PyTorch flags, the numpy / random streams, warnings filters, logging, cwd, the
     environment, signal handlers, PIL limits and matplotlib's backend. The first call imports what the
     function needs (third-party imports change some of these themselves: sklearn sets KMP_* variables,
-    sympy adds a warnings filter); the second is compared."""
+    sympy adds a warnings filter); the second is compared. The torch stream goes on from the caller's
+    seed (pretrain, finetune and eval linear reseeded it for their weights): a DataLoader draws its
+    workers' base seed from it, as in any PyTorch code, so the two seeds' next draws must differ."""
     CALLS[name](0, **inputs)
     before = global_state()
+    torch.manual_seed(1)
     CALLS[name](1, **inputs)
+    after_seed_1 = torch.rand(4)
     after = global_state()
     assert {k: v for k, v in after.items() if v != before[k]} == {}
+    torch.manual_seed(2)
+    CALLS[name](2, **inputs)
+    assert not torch.equal(torch.rand(4), after_seed_1)
 
 
 def test_predict_classification_writes_under_out_and_never_over_a_file_of_the_users(inputs, tmp_path, monkeypatch):

@@ -100,7 +100,6 @@ def image_loader(paths: Sequence[Path], transform, batch_size: int, num_workers:
         persistent_workers=False,
         prefetch_factor=4 if num_workers > 0 else None,
         worker_init_fn=ignore_stop_signals,
-        generator=torch.Generator(),  # the workers' seeds: not drawn from the caller's random stream
     )
 
 
