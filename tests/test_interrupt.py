@@ -253,3 +253,58 @@ def test_ctrl_c_in_embed_says_how_to_resume_on_a_line_of_its_own_and_the_rerun_e
     features, paths = read_embeddings(tmp_path / "run")
     reference, reference_paths = read_embeddings(tmp_path / "reference")
     assert paths == reference_paths and torch.equal(features["cls"], reference["cls"])
+
+
+# ------------------------------------------------------------------------------------ finetune
+def test_a_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL in epoch 1 (no stop checkpoint: the run resumes from epoch 0's) then resume=true: the same
+    history, weights and metrics rows (each iteration once) as an uninterrupted run, and no file that
+    the killed run left beside its outputs."""
+    from dinokit.data.synthetic import write_classification_set
+    from dinokit.train.finetune import finetune
+    from dinokit.train.metrics_log import read_metrics
+
+    write_classification_set(tmp_path / "data", per_class=6, size=16, seed=0, split="train")
+    write_classification_set(tmp_path / "data", per_class=2, size=16, seed=1, split="val")
+    keys = dict(
+        train=str(tmp_path / "data" / "train"),
+        val=str(tmp_path / "data" / "val"),
+        model="random:vit_nano_p2",
+        image_size=16,
+        batch_size=8,
+        num_workers=0,
+        device="cpu",
+        precision="fp32",
+        progress=False,
+        tensorboard=False,
+        epochs=2,
+        log_every=2,
+        lr=0.1,
+    )
+    whole = json.loads(Path(finetune(out=str(tmp_path / "whole"), **keys)).read_text())
+    out = tmp_path / "killed"
+    run_killed(
+        f"""
+        import os, signal
+        from dinokit.train.finetune import Finetuner, finetune
+        step = Finetuner.step
+
+        def killed_at_iteration_9(self, *args):
+            if self.iteration == 9:  # epoch 0 is 6 steps: its checkpoint is written, then 3 more steps
+                os.kill(os.getpid(), signal.SIGKILL)
+            return step(self, *args)
+
+        Finetuner.step = killed_at_iteration_9
+        finetune(out={str(out)!r}, **{keys!r})
+        """
+    )
+    resumed = json.loads(Path(finetune(out=str(out), resume=True)).read_text())
+
+    def without_minutes(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if k != "minutes"} for row in rows]
+
+    assert without_minutes(resumed["history"]) == without_minutes(whole["history"])
+    assert resumed["fine_tuned_weights_hash"] == whole["fine_tuned_weights_hash"]
+    rows, whole_rows = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "whole" / "metrics.jsonl")
+    assert without_minutes(rows) == without_minutes(whole_rows)
+    assert sorted(p.name for p in out.rglob("*")) == sorted(p.name for p in (tmp_path / "whole").rglob("*"))
