@@ -298,3 +298,22 @@ def test_the_map_helpers_move_the_image_to_the_models_device_and_name_what_it_ca
     with pytest.raises(Reached):
         call(elsewhere, torch.randn(3, 32, 32))
     assert seen == [torch.device("meta")]
+
+
+def test_extract_features_gives_the_model_back_in_its_mode_and_runs_half_models(inputs):
+    """extract_features left a model being trained in eval mode (its dropout and drop path off for the
+    rest of the user's training), and a model.half() failed under its default bf16 autocast with
+    'Unexpected floating ScalarType in at::autocast::prioritize'."""
+    paths, transform = inputs["paths"], inputs["transform"]
+    model = dinokit.create_model("vit_nano_p2", drop_path_rate=0.5)
+    model.load_state_dict(inputs["model"].state_dict())
+    keys = dict(which=["cls", "layers"], layers=[0, 1], num_workers=0, progress=False, precision="fp32")
+    feats, kept, _ = dinokit.extract_features(model.train(), paths, transform, **keys)
+    assert model.training and all(block.training for block in model.blocks)
+    reference, _, _ = dinokit.extract_features(inputs["model"], paths, transform, **keys)  # eval: no drop path
+    assert torch.equal(feats["cls"], reference["cls"]) and torch.equal(feats["layers"], reference["layers"])
+    half = dinokit.create_model("vit_nano_p2").eval()
+    half.load_state_dict(inputs["model"].state_dict())
+    half_feats, half_kept, _ = dinokit.extract_features(half.half(), paths, transform, **{**keys, "precision": "bf16"})
+    assert half_kept == kept and half_feats["cls"].dtype == torch.float32
+    torch.testing.assert_close(half_feats["cls"], reference["cls"], rtol=0, atol=2e-2)

@@ -4,6 +4,7 @@ The one place where images become features; embedding to disk, evaluation caches
 call `iter_features` / `extract_features`.
 """
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -116,17 +117,27 @@ def iter_features(
     precision: str = "bf16",
     progress: bool = True,
 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor], list[int]]]:
-    """Yield (indices into `paths`, features on CPU as float32, indices of unreadable files) per batch."""
-    device = next(model.parameters()).device
-    model.eval()
+    """Yield (indices into `paths`, features on CPU as float32, indices of unreadable files) per batch.
+
+    The model runs in eval mode and is given back in the mode it came in (a model being trained stays
+    in training). `precision` sets autocast for float32 and bf16 weights; a model.half() runs in
+    float16 (bf16 autocast cannot mix with float16 weights)."""
+    weights = next(model.parameters())
+    device = weights.device
+    half = weights.dtype == torch.float16
     loader = image_loader(paths, transform, batch_size, num_workers, device)
-    for images, good, bad in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
-        if images is None:
-            yield good, {}, bad
-            continue
-        with autocast(device, precision):
-            feats = compute_features(model, images.to(device, non_blocking=True), which, layers, norm)
-        yield good, {k: v.cpu() for k, v in feats.items()}, bad
+    training = model.training
+    model.eval()
+    try:
+        for images, good, bad in tqdm(loader, desc="features", unit="batch", disable=not progress, leave=False):
+            if images is None:
+                yield good, {}, bad
+                continue
+            with contextlib.nullcontext() if half else autocast(device, precision):
+                feats = compute_features(model, images.to(device, non_blocking=True), which, layers, norm)
+            yield good, {k: v.cpu() for k, v in feats.items()}, bad
+    finally:
+        model.train(training)
 
 
 def extract_features(
