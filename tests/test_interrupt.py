@@ -308,3 +308,31 @@ def test_a_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_pat
     rows, whole_rows = read_metrics(out / "metrics.jsonl"), read_metrics(tmp_path / "whole" / "metrics.jsonl")
     assert without_minutes(rows) == without_minutes(whole_rows)
     assert sorted(p.name for p in out.rglob("*")) == sorted(p.name for p in (tmp_path / "whole").rglob("*"))
+
+
+# ------------------------------------------------------------------------------------ demo
+def test_a_demo_stopped_while_rendering_its_test_images_renders_them_all_on_the_next_run(tmp_path, monkeypatch):
+    """The demo renders its shapes once (train, then test) and skipped rendering where shapes/test existed:
+    stopped partway through the test split, the next `make demo` evaluated the k-NN on the few test
+    images (and shapes) rendered before the stop, as if that were the test set. The shapes folder is now
+    written whole or not at all, so the next run renders every image."""
+    from dinokit import demo
+
+    monkeypatch.setitem(demo.SYNTHETIC, "train_per_class", 2)
+    monkeypatch.setitem(demo.SYNTHETIC, "test_per_class", 2)
+    real_write = demo.write_object_set
+
+    def stopped_in_the_test_split(root, per_class, size, seed, split):
+        if split == "test":
+            (root / split / demo.SHAPES[0]).mkdir(parents=True)  # the first shape's folder, then Ctrl-C
+            raise KeyboardInterrupt
+        return real_write(root, per_class, size, seed, split)
+
+    monkeypatch.setattr(demo, "write_object_set", stopped_in_the_test_split)
+    with pytest.raises(KeyboardInterrupt):
+        demo.prepare_data(tmp_path / "demo", None)
+    monkeypatch.setattr(demo, "write_object_set", real_write)
+    data = demo.prepare_data(tmp_path / "demo", None)
+    assert len(data["test"]) == 2 * len(demo.SHAPES) and len(data["train"]) == 2 * len(demo.SHAPES)
+    assert sorted(set(data["test_labels"])) == list(range(len(demo.SHAPES)))
+    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["shapes", "train_images.txt"]

@@ -28,7 +28,7 @@ from dinokit.data.labelled import read_labelled
 from dinokit.data.synthetic import SHAPES, render_scene
 from dinokit.errors import DinokitError
 from dinokit.eval.knn import knn_classify, knn_top1, topk_accuracy
-from dinokit.io import atomic_write, refuse_files_no_run_wrote
+from dinokit.io import atomic_folder, atomic_write, refuse_files_no_run_wrote
 from dinokit.models import load_model
 from dinokit.train.config import resolve_config
 from dinokit.train.metrics_log import read_metrics
@@ -61,9 +61,10 @@ def prepare_data(out: Path, data: str | None) -> dict:
     "source"}; the training paths are also written to out/train_images.txt for `pretrain`."""
     if data is None:
         root = out / "shapes"
-        if not (root / "test").exists():
-            write_object_set(root, SYNTHETIC["train_per_class"], SYNTHETIC["size"], seed=0, split="train")
-            write_object_set(root, SYNTHETIC["test_per_class"], SYNTHETIC["size"], seed=1, split="test")
+        if not root.is_dir():  # rendered whole or not at all: a demo stopped meanwhile renders them again
+            with atomic_folder(root) as tmp:
+                write_object_set(tmp, SYNTHETIC["train_per_class"], SYNTHETIC["size"], seed=0, split="train")
+                write_object_set(tmp, SYNTHETIC["test_per_class"], SYNTHETIC["size"], seed=1, split="test")
         train, train_labels, classes = read_labelled(root / "train")
         test, test_labels, _ = read_labelled(root / "test", classes=classes)
         source = f"rendered shapes, object-centred ({len(SHAPES)} classes, {SYNTHETIC['size']} px), {root}"
@@ -158,12 +159,10 @@ def knn_monitor_keys(out: Path, data: dict, size: int) -> dict:
 def plot_losses(rows: list[dict], path: Path, knn_rows: list[dict] = (), references: dict | None = None) -> None:
     """The losses over the iterations; beside them, where the k-NN monitor ran, its top-1 with the
     `references` ({label: top-1}, e.g. random init, raw pixels) as horizontal lines."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures stay as they were
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2 if knn_rows else 1, figsize=(11 if knn_rows else 6, 3.5), squeeze=False)
+    fig = Figure(figsize=(11 if knn_rows else 6, 3.5))
+    axes = fig.subplots(1, 2 if knn_rows else 1, squeeze=False)
     ax = axes[0, 0]
     for key in ("loss", "dino_loss", "ibot_loss", "koleo_loss"):
         if key in rows[-1]:
@@ -183,7 +182,6 @@ def plot_losses(rows: list[dict], path: Path, knn_rows: list[dict] = (), referen
         ax.set_title("k-NN on held-out images (k=20)")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
 
 
 # What the demo writes in its out folder beside run/ (its pretraining run, made before any of them)
