@@ -336,3 +336,33 @@ def test_a_demo_stopped_while_rendering_its_test_images_renders_them_all_on_the_
     assert len(data["test"]) == 2 * len(demo.SHAPES) and len(data["train"]) == 2 * len(demo.SHAPES)
     assert sorted(set(data["test_labels"])) == list(range(len(demo.SHAPES)))
     assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["shapes", "train_images.txt"]
+
+
+# ------------------------------------------------------------------------------------ curation
+def test_a_curation_step_killed_partway_keeps_the_earlier_output_and_the_rerun_leaves_nothing_else(
+    embeddings, tmp_path
+):
+    """`dinokit curate dedup` killed while it writes its new output over an earlier one: the earlier output
+    stays whole; the same command then writes what an uninterrupted run writes, and nothing of the
+    killed run stays beside it."""
+    from dinokit.cli import main
+
+    out = tmp_path / "dedup"
+    command = ["curate", "dedup", f"features={embeddings / 'emb_a'}", f"out={out}", "device=cpu"]
+    assert main([*command, "threshold=0.99"]) == 0
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+    run_killed(
+        f"""
+        import os, signal
+        from dinokit.cli import main
+        from dinokit.curation import commands
+        real = commands.write_json
+        commands.write_json = lambda path, obj: (real(path, obj), os.kill(os.getpid(), signal.SIGKILL))
+        main({[*command, "threshold=0.5"]!r})
+        """
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    assert main([*command, "threshold=0.5"]) == 0
+    assert main([*command[:3], f"out={tmp_path / 'reference'}", "device=cpu", "threshold=0.5"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dedup", "reference"]
+    assert (out / "kept.txt").read_text() == (tmp_path / "reference" / "kept.txt").read_text()
