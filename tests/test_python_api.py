@@ -317,3 +317,24 @@ def test_extract_features_gives_the_model_back_in_its_mode_and_runs_half_models(
     half_feats, half_kept, _ = dinokit.extract_features(half.half(), paths, transform, **{**keys, "precision": "bf16"})
     assert half_kept == kept and half_feats["cls"].dtype == torch.float32
     torch.testing.assert_close(half_feats["cls"], reference["cls"], rtol=0, atol=2e-2)
+
+
+def test_the_demos_loss_plot_leaves_matplotlibs_backend_and_figures_alone(tmp_path):
+    """dinokit.demo's plot_losses called matplotlib.use("Agg"): in a notebook, plt.show() then showed
+    nothing for the rest of the session. It now draws on a Figure of its own, not through pyplot."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    from dinokit.demo import plot_losses
+
+    prior = dict.__getitem__(matplotlib.rcParams, "backend")
+    matplotlib.use("pdf")  # stands for the notebook's own (inline, qt, ...)
+    try:
+        figures = plt.get_fignums()
+        rows = [{"iteration": i, "loss": 1.0 / (i + 1), "dino_loss": 0.5} for i in range(3)]
+        knn = [{"iteration": 2, "knn_top1": 40.0}]
+        plot_losses(rows, tmp_path / "loss.png", knn_rows=knn, references={"random": 20.0})
+        assert Image.open(tmp_path / "loss.png").size == (1210, 385)  # 11 x 3.5 inches at 110 dpi
+        assert (matplotlib.get_backend(), plt.get_fignums()) == ("pdf", figures)
+    finally:
+        dict.__setitem__(matplotlib.rcParams, "backend", prior)
