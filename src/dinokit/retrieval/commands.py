@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # faiss and matplotlib are imported by the functions that use
     from dinokit.retrieval.index import FeatureIndex
 
 VECTOR_FEATURES = ("cls", "patch_mean")
+SHEET_QUERIES = 32  # queries drawn into index search's sheet= by default (146 px of height each)
 
 
 def build_index(
@@ -48,6 +49,7 @@ def build_index(
     """
     from dinokit.retrieval.index import INDEX_META, FeatureIndex, built_options, check_listable
 
+    features, out = str(Path(features).expanduser()), str(Path(out).expanduser())  # "~/emb" from Python
     structure = {"kind": kind, "nlist": nlist, "pq_m": pq_m, "pq_bits": pq_bits, "hnsw_m": hnsw_m}
     given = {key: value for key, value in structure.items() if value is not None}
     prepare_output(out, folder=True, create=False)
@@ -222,19 +224,24 @@ def index_search(
     num_workers: int = 0,
     device: str = "auto",
     model: str | None = None,
+    num_examples: int = SHEET_QUERIES,
 ) -> None:
     """Find the k most similar indexed images to each query image; print them as a table.
 
     index: an index folder (`dinokit index build`). query: an image, a folder or a list file; it is
     embedded with the index's own model, transform and precision. out: also write the hits as JSON,
     [{"query": path, "hits": [{"path": ..., "score": ...}, ...]}, ...]. sheet: also write a PNG
-    contact sheet (each query, then its hits with scores). nprobe (ivf: cells visited, default
+    contact sheet (each query, then its hits with scores) of the first `num_examples` queries (32: a
+    row is 146 px high; a sheet of 1,000 queries was 146,000 px, drawn at a 3 GB peak, and too large
+    for Pillow to open). nprobe (ivf: cells visited, default
     ceil(sqrt(nlist))) / ef_search (hnsw): search effort (more = closer to exact, slower). model:
     where the index's model now is, if its weights file moved (default: the path recorded in the
     index); the weights must be the ones it was built with.
     """
     from dinokit.maps.render import contact_sheet
 
+    if sheet and not (isinstance(num_examples, int) and num_examples >= 1):
+        raise DinokitError(f"num_examples is the number of queries sheet= shows, >= 1 (e.g. 32), got {num_examples!r}")
     for path, example, suffix in ((out, "hits.json", None), (sheet, "hits.png", ".png")):  # before any work
         if path:
             prepare_output(path, example=example, create=False, suffix=suffix)
@@ -247,8 +254,10 @@ def index_search(
         write_json(out, results)
         print(f"hits written to {out}")
     if sheet:
-        contact_sheet([(r["query"], [(h["path"], h["score"]) for h in r["hits"]]) for r in results], sheet)
-        print(f"contact sheet written to {sheet}")
+        shown = results[:num_examples]
+        contact_sheet([(r["query"], [(h["path"], h["score"]) for h in r["hits"]]) for r in shown], sheet)
+        which = f" (the first {len(shown)} of {len(results)} queries: num_examples=)" if shown != results else ""
+        print(f"contact sheet written to {sheet}{which}")
 
 
 def embed_like_index(

@@ -1,0 +1,40 @@
+"""Scale: what a command holds in memory or does per image must not grow with the collection beyond
+what its output needs. Each test runs a small case of a defect that the full CIFAR-10 (60,000 images,
+docs/benchmarks.md "Scale") showed, and counts what the old code did too much of."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dinokit
+from dinokit.cli import main
+from dinokit.features.embed import embed
+from dinokit.retrieval.commands import SHEET_QUERIES, build_index
+from tests.conftest import random_images
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    """40 noise images embedded with a tiny model, and a flat index over them."""
+    root = tmp_path_factory.mktemp("scale")
+    random_images(root / "images", 40, 32, np.random.default_rng(0))
+    torch.manual_seed(0)
+    weights = dinokit.export_model(dinokit.create_model("vit_micro_p4", depth=1), root / "m.safetensors")
+    embed(weights, str(root / "images"), str(root / "emb"), image_size=32, num_workers=0, progress=False)
+    build_index(str(root / "emb"), str(root / "idx"))
+    return root
+
+
+def test_index_search_sheet_shows_a_bounded_number_of_queries(collection, tmp_path, capsys):
+    """The sheet had a 146 px row per query: 1,000 queries drew a 1452 x 146,000 px PNG at a 3 GB peak
+    (1 GB without the sheet), which Pillow then refuses to open (a decompression bomb). It now shows the
+    first num_examples queries (32 by default) and says so; the JSON still holds every query."""
+    search = ["index", "search", f"index={collection / 'idx'}", f"query={collection / 'images'}", "k=3"]
+    assert main([*search, f"out={tmp_path / 'hits.json'}", f"sheet={tmp_path / 'sheet.png'}"]) == 0
+    assert Image.open(tmp_path / "sheet.png").size == (4 * 132, SHEET_QUERIES * 146)
+    assert f"(the first {SHEET_QUERIES} of 40 queries: num_examples=)" in capsys.readouterr().out
+    assert main([*search, f"sheet={tmp_path / 'five.png'}", "num_examples=5"]) == 0
+    assert Image.open(tmp_path / "five.png").size == (4 * 132, 5 * 146)
+    assert main([*search, f"sheet={tmp_path / 'none.png'}", "num_examples=0"]) == 2
+    assert "num_examples is the number of queries sheet= shows" in capsys.readouterr().err
