@@ -338,3 +338,22 @@ def test_the_demos_loss_plot_leaves_matplotlibs_backend_and_figures_alone(tmp_pa
         assert (matplotlib.get_backend(), plt.get_fignums()) == ("pdf", figures)
     finally:
         dict.__setitem__(matplotlib.rcParams, "backend", prior)
+
+
+def test_paths_under_the_home_folder_are_expanded_as_load_model_and_list_images_do(inputs, tmp_path, monkeypatch):
+    """dinokit.embed(out="~/emb") and build_index(out="~/photos.index") wrote a folder named '~' in the
+    current folder (a notebook has no shell to expand it), and read_embeddings / search_index read
+    '~/...' there; load_model, list_images and predict already expanded '~'."""
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    dinokit.export_model(inputs["model"], "~/nano.safetensors")
+    keys = dict(image_size=16, num_workers=0, progress=False)
+    dinokit.embed(model="~/nano.safetensors", data=inputs["root"] / "val", out="~/emb", **keys)
+    feats, paths = dinokit.read_embeddings("~/emb")
+    dinokit.build_index(features="~/emb", out="~/photos.index")
+    (hits,) = dinokit.search_index("~/photos.index", paths[0], k=1)
+    assert hits["hits"][0]["path"] == paths[0] and len(paths) == feats["cls"].shape[0] == 8
+    assert (home / "emb" / "manifest.json").is_file() and (home / "photos.index" / "index.json").is_file()
+    assert list(elsewhere.iterdir()) == []

@@ -91,6 +91,7 @@ def embed(
     from dinokit.data.transforms import check_model_input_size, describe, eval_transform  # torchvision: not for --help
 
     started = time.perf_counter()
+    out = str(Path(out).expanduser())  # "~/emb" from Python (a shell expands it on the command line)
     features, layers = list(features), list(layers)
     check_choices(features, layers, format, dtype, resize_policy)
     check_loader_settings(batch_size, num_workers)

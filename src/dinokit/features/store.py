@@ -93,7 +93,7 @@ def read_shard(path: Path, kinds: list[str] | None = None) -> tuple[dict[str, to
 
 def read_manifest(folder: str | Path) -> dict:
     """The manifest of an embedding run folder (a clear error if the run is missing or unfinished)."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     path = folder / MANIFEST
     if not folder.is_dir():
         what = "a file" if folder.exists() else "not there"
@@ -112,7 +112,7 @@ def read_manifest(folder: str | Path) -> dict:
 
 def read_embeddings(folder: str | Path, kinds: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """All shards of a finished run, concatenated in image order: ({kind: tensor (N, ...)}, paths)."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     missing = sorted(set(kinds or []) - set(manifest["features"]))
     if missing:

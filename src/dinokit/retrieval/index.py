@@ -187,7 +187,7 @@ class FeatureIndex:
 
     @classmethod
     def load(cls, folder: str | Path) -> "FeatureIndex":
-        folder = Path(folder)
+        folder = Path(folder).expanduser()
         if not (folder / INDEX_META).is_file():
             raise DinokitError(
                 f"{folder} is not an index folder (no {INDEX_META}); build one with `dinokit index build`"
