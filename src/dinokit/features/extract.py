@@ -143,7 +143,9 @@ def iter_features(
 def extract_features(
     model: VisionTransformer, paths: Sequence[Path], transform, **kwargs
 ) -> tuple[dict, list[int], list[int]]:
-    """All features in memory: ({kind: tensor over the readable images}, their indices, bad indices)."""
+    """All features in memory: ({kind: float32 CPU tensor (N, ...)}, kept, bad) for N readable images,
+    row i of each tensor being paths[kept[i]]; bad: indices of unreadable files. The kinds and their
+    shapes: FEATURE_KINDS (cls (N, D), patch_tokens (N, h*w, D), ...); `kwargs` as `iter_features`."""
     chunks: dict[str, list[torch.Tensor]] = {}
     kept: list[int] = []
     bad: list[int] = []
