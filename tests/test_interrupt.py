@@ -366,3 +366,38 @@ def test_a_curation_step_killed_partway_keeps_the_earlier_output_and_the_rerun_l
     assert main([*command[:3], f"out={tmp_path / 'reference'}", "device=cpu", "threshold=0.5"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dedup", "reference"]
     assert (out / "kept.txt").read_text() == (tmp_path / "reference" / "kept.txt").read_text()
+
+
+# ------------------------------------------------------------------------------------ eval feature cache
+def test_eval_knn_killed_while_caching_features_reruns_to_the_same_result(shapes, tmp_path):
+    """`dinokit eval knn` killed after writing a shard's arrays but before its rows.json (the shard's
+    mark of completion): the cache entry holds its key (meta.json) and the killed writer's temporary
+    folder, never a shard a reader takes as complete; the rerun extracts that shard, removes the
+    folder, and scores as an uninterrupted run."""
+    from dinokit.cli import main
+
+    cache = tmp_path / "cache"
+    common = ["eval", "knn", "model=random:vit_nano_p2", "image_size=16", "num_workers=0", "batch_size=8"]
+    common += [f"train={shapes / 'train'}", f"val={shapes / 'val'}"]
+    assert main([*common, f"out={tmp_path / 'reference'}", "cache=none"]) == 0
+    run_killed(
+        f"""
+        import os, signal
+        from dinokit.cli import main
+        from dinokit.eval import cache
+        real = cache.write_json
+        def killed_at_rows(path, obj):
+            if path.name == "rows.json":
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(path, obj)
+        cache.write_json = killed_at_rows
+        main({[*common, f"out={tmp_path / 'knn'}", f"cache={cache}"]!r})
+        """
+    )
+    (entry,) = cache.iterdir()
+    assert [p.name for p in entry.iterdir() if not p.name.startswith(".shard-00000.tmp-")] == ["meta.json"]
+    assert main([*common, f"out={tmp_path / 'knn'}", f"cache={cache}"]) == 0
+    assert not [p for p in cache.rglob(".*")]  # the killed writer's folder is gone
+    assert all((split / "shard-00000" / "rows.json").is_file() for split in cache.iterdir())  # train's and val's
+    result, reference = (json.loads((tmp_path / out / "knn.json").read_text()) for out in ("knn", "reference"))
+    assert (result["top1"], result["top5"]) == (reference["top1"], reference["top5"])
