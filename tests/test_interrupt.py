@@ -256,10 +256,11 @@ def test_ctrl_c_in_embed_says_how_to_resume_on_a_line_of_its_own_and_the_rerun_e
 
 
 # ------------------------------------------------------------------------------------ finetune
-def test_a_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
-    """SIGKILL in epoch 1 (no stop checkpoint: the run resumes from epoch 0's) then resume=true: the same
-    history, weights and metrics rows (each iteration once) as an uninterrupted run, and no file that
-    the killed run left beside its outputs."""
+@pytest.mark.parametrize("killed_at", [2, 9])
+def test_a_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_result(killed_at, tmp_path):
+    """SIGKILL in epoch 0 (before any checkpoint) or 1 (no stop checkpoint: the run resumes from epoch
+    0's), then resume=true: the same history, weights and metrics rows (each iteration once) as an
+    uninterrupted run, and no file that the killed run left beside its outputs."""
     from dinokit.data.synthetic import write_classification_set
     from dinokit.train.finetune import finetune
     from dinokit.train.metrics_log import read_metrics
@@ -289,12 +290,12 @@ def test_a_finetune_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_pat
         from dinokit.train.finetune import Finetuner, finetune
         step = Finetuner.step
 
-        def killed_at_iteration_9(self, *args):
-            if self.iteration == 9:  # epoch 0 is 6 steps: its checkpoint is written, then 3 more steps
+        def killed(self, *args):
+            if self.iteration == {killed_at}:  # an epoch is 6 steps; its checkpoint is written at its end
                 os.kill(os.getpid(), signal.SIGKILL)
             return step(self, *args)
 
-        Finetuner.step = killed_at_iteration_9
+        Finetuner.step = killed
         finetune(out={str(out)!r}, **{keys!r})
         """
     )
