@@ -357,3 +357,16 @@ def test_paths_under_the_home_folder_are_expanded_as_load_model_and_list_images_
     assert hits["hits"][0]["path"] == paths[0] and len(paths) == feats["cls"].shape[0] == 8
     assert (home / "emb" / "manifest.json").is_file() and (home / "photos.index" / "index.json").is_file()
     assert list(elsewhere.iterdir()) == []
+
+
+def test_attention_probabilities_are_float32_under_a_callers_autocast(micro):
+    """get_selfattention says 'computed explicitly in float32', but under torch.autocast its q @ k^T
+    ran in bf16 and the probabilities came back bf16 (rows summing to 1 only to ~1e-2)."""
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        reference = micro.get_last_selfattention(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            attn = micro.get_last_selfattention(x)
+    assert attn.dtype == torch.float32
+    torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(attn, reference, rtol=0, atol=2e-2)  # the blocks before still ran in bf16

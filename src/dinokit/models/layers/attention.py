@@ -42,7 +42,8 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (B, heads, N, d_head)
         if return_attention:
             scale = q.shape[-1] ** -0.5
-            attn = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(dim=-1)
+            with torch.autocast(q.device.type, enabled=False):  # float32 under a caller's autocast too
+                attn = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(dim=-1)
             out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, d)
             return scaled_linear(out, self.proj, gain), attn
         out = matmul_attention(q, k, v) if cpu_bf16(q) else F.scaled_dot_product_attention(q, k, v)
