@@ -169,7 +169,7 @@ class FeatureIndex:
 
     # ------------------------------------------------------------------------------------ disk
     def save(self, folder: str | Path) -> None:
-        """Write generation g + 1 of the files, switch index.json to it, remove the other generations
+        """Write generation g + 1 of the files, switch index.json to it, remove the older generations
         (g, and any that a save killed after its switch left) and the temporary files of saves killed
         mid-write (`remove_stale_files`). A path holding a line break, which the file list (one path a
         line) cannot hold, is a DinokitError before anything is written."""
@@ -221,15 +221,15 @@ INDEX_FILE = re.compile(r"index-(\d+)\.faiss|paths-(\d+)\.txt|\.(?:index-\d+\.fa
 
 
 def remove_stale_files(folder: Path, generation: int) -> None:
-    """Remove from an index folder the files of generations other than `generation` (the current one)
-    and the temporary files of writers that died (a save killed mid-write leaves one, an index in
-    size); those of live writers stay."""
+    """Remove from an index folder the files of generations before `generation` (the current one; a
+    first save removes none: such files are not an index's) and the temporary files of writers that
+    died (a save killed mid-write leaves one, an index in size); those of live writers stay."""
     for entry in folder.iterdir():
         m = INDEX_FILE.fullmatch(entry.name)
         if m is None:
             continue
         dead_writer = m.group(3) is not None and not process_alive(int(m.group(3)))
-        if dead_writer or (m.group(3) is None and int(m.group(1) or m.group(2)) != generation):
+        if dead_writer or (m.group(3) is None and int(m.group(1) or m.group(2)) < generation):
             entry.unlink(missing_ok=True)
 
 
