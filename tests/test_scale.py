@@ -9,8 +9,10 @@ from PIL import Image
 
 import dinokit
 from dinokit.cli import main
+from dinokit.curation.retrieval_sampling import seed_neighbours
 from dinokit.features.embed import embed
 from dinokit.retrieval.commands import SHEET_QUERIES, build_index
+from dinokit.retrieval.index import FeatureIndex
 from tests.conftest import random_images
 
 
@@ -38,3 +40,33 @@ def test_index_search_sheet_shows_a_bounded_number_of_queries(collection, tmp_pa
     assert Image.open(tmp_path / "five.png").size == (4 * 132, 5 * 146)
     assert main([*search, f"sheet={tmp_path / 'none.png'}", "num_examples=0"]) == 2
     assert "num_examples is the number of queries sheet= shows" in capsys.readouterr().err
+
+
+def test_retrieve_with_a_subset_searches_again_only_the_seeds_that_lack_hits(monkeypatch):
+    """With subset= (allowed pool ids), every seed was searched again with 4 times the k whenever one
+    seed lacked per_seed allowed hits: on CIFAR-10 (60,000 seeds, dedup's kept.txt) k grew to the
+    thousands for all 60,000, 63 s and a 2.0 GB peak. Now only the lacking seeds are searched again,
+    and each seed still gets its exact per_seed nearest allowed images."""
+    rng = np.random.default_rng(0)
+    pool = rng.normal(size=(300, 16)).astype(np.float32)
+    pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+    seeds = pool[:60]
+    allowed = np.ones(300, dtype=bool)
+    allowed[np.argsort(-(pool @ seeds[0]))[:6]] = False  # seed 0's 6 nearest (itself too) were removed
+    index = FeatureIndex.create(pool, [f"{i}.png" for i in range(300)], {}, kind="flat")
+    searched = []  # (queries, k) of each search
+    search = FeatureIndex.search
+
+    def counted(self, queries, k, **options):
+        searched.append((len(queries), k))
+        return search(self, queries, k, **options)
+
+    monkeypatch.setattr(FeatureIndex, "search", counted)
+    hits = seed_neighbours(index, seeds, per_seed=4, allowed=allowed)
+    cosines = seeds @ pool.T
+    for s, row in enumerate(hits):
+        best = [j for j in np.argsort(-cosines[s], kind="stable") if allowed[j]][:4]
+        assert [j for j, _ in row] == best
+        assert np.allclose([c for _, c in row], cosines[s, best], atol=1e-5)
+    lacking = searched[1][0]
+    assert searched[0] == (60, 4) and 1 <= lacking < 10 and searched[1][1] == 16  # old: (60, 16) again

@@ -26,26 +26,28 @@ def seed_neighbours(
 ) -> list[list[tuple[int, float]]]:
     """Per seed (S, D), its `per_seed` nearest pool images as [(pool id, cosine), ...], most similar
     first; hits under `min_score` are dropped. allowed (N,) bool: only those pool ids are retrieved (the
-    search asks for 4 times more neighbours until every seed has per_seed allowed ones, or all N)."""
+    seeds with fewer than per_seed allowed hits are searched again for 4 times more neighbours, until
+    they have them or k reaches N; the others are not searched again, so memory holds S x per_seed hits
+    and the few seeds searched further)."""
     per_seed = count_per_seed(per_seed)
     queries = unit_rows(seeds, "seeds", allow_empty=True)
-    k = per_seed
-    while True:
-        scores, ids = pool.search(queries, k)
+    hits: list[list[tuple[int, float]]] = [[] for _ in range(len(queries))]
+    todo, k = np.arange(len(queries)), per_seed
+    while len(todo):
+        scores, ids = pool.search(queries[todo], k)
         usable = ids >= 0
         if allowed is not None:
             usable &= allowed[np.maximum(ids, 0)]
-        if allowed is None or k >= pool.index.ntotal or (usable.sum(axis=1) >= per_seed).all():
-            break
-        k *= 4
-    return [
-        [
-            (int(j), float(s))
-            for s, j in zip(row_scores[row_usable], row_ids[row_usable], strict=True)
-            if min_score is None or s >= min_score
-        ][:per_seed]
-        for row_scores, row_ids, row_usable in zip(scores, ids, usable, strict=True)
-    ]
+        last = allowed is None or k >= pool.index.ntotal  # no search would find more
+        done = np.full(len(todo), True) if last else usable.sum(axis=1) >= per_seed
+        for row in np.flatnonzero(done).tolist():
+            hits[todo[row]] = [
+                (int(j), float(s))
+                for s, j in zip(scores[row][usable[row]], ids[row][usable[row]], strict=True)
+                if min_score is None or s >= min_score
+            ][:per_seed]
+        todo, k = todo[~done], k * 4
+    return hits
 
 
 def seed_cluster_samples(
