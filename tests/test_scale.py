@@ -2,14 +2,19 @@
 what its output needs. Each test runs a small case of a defect that the full CIFAR-10 (60,000 images,
 docs/benchmarks.md "Scale") showed, and counts what the old code did too much of."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import dinokit
 from dinokit.cli import main
 from dinokit.curation.retrieval_sampling import seed_neighbours
+from dinokit.data.transforms import eval_transform
+from dinokit.eval.cache import cached_features
 from dinokit.features.embed import embed
 from dinokit.retrieval.commands import SHEET_QUERIES, build_index
 from dinokit.retrieval.index import FeatureIndex
@@ -70,3 +75,31 @@ def test_retrieve_with_a_subset_searches_again_only_the_seeds_that_lack_hits(mon
         assert np.allclose([c for _, c in row], cosines[s, best], atol=1e-5)
     lacking = searched[1][0]
     assert searched[0] == (60, 4) and 1 <= lacking < 10 and searched[1][1] == 16  # old: (60, 16) again
+
+
+def test_cached_features_show_one_bar_over_every_image_to_extract(collection, tmp_path, monkeypatch):
+    """The feature cache extracts a split in shards of 16,384 images, and each shard had its own bar of
+    batches: CIFAR-10's train split showed `features 256/256 100%` three times and then 13/13, each
+    looking like the end. Now one bar counts the split's images still to extract (those of the
+    missing shards only, when an extraction resumes)."""
+    bars = []
+
+    class Recorded(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not self.disable:  # close() disables every bar: kept here are the ones shown
+                bars.append(self)
+
+    monkeypatch.setattr("dinokit.features.extract.tqdm", Recorded)
+    monkeypatch.setattr("dinokit.eval.cache.tqdm", Recorded, raising=False)
+    model = dinokit.load_model(collection / "m.safetensors")
+    paths = sorted((collection / "images").glob("*.png"))[:10]
+    options = dict(cache_dir=tmp_path, shard_size=4, batch_size=2, num_workers=0, progress=True)
+    features = cached_features(model, paths, eval_transform(32, "resize"), **options)
+    assert [(b.total, b.n, b.unit) for b in bars] == [
+        (10, 10, "img")
+    ]  # old: (2, 2, 'batch'), (2, 2, 'batch'), (1, 1, 'batch')
+    shutil.rmtree(features.location / "shard-00001")
+    bars.clear()
+    cached_features(model, paths, eval_transform(32, "resize"), **options)
+    assert [(b.total, b.n) for b in bars] == [(4, 4)]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dinokit.data.transforms import describe
 from dinokit.eval.backbone import weights_hash
@@ -109,13 +110,15 @@ def cache_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _write_shard(folder: Path, model, paths: Sequence[Path], first: int, transform, extract_kw: dict) -> None:
-    """Extract images [first, first + len(paths)) into `folder`, streaming into memory-mapped .npy files."""
+def _write_shard(folder: Path, model, paths: Sequence[Path], first: int, transform, extract_kw: dict, bar) -> None:
+    """Extract images [first, first + len(paths)) into `folder`, streaming into memory-mapped .npy files;
+    `bar` (tqdm) counts the images done."""
     arrays: dict[str, np.ndarray] = {}
     kept: list[int] = []
     bad: list[int] = []
     row = 0
     for good, feats, bad_batch in iter_features(model, paths, transform, **extract_kw):
+        bar.update(len(good) + len(bad_batch))
         bad += [first + i for i in bad_batch]
         if not feats:
             continue
@@ -214,15 +217,29 @@ def cached_features(
     shards: dict[str, list[np.ndarray]] = {k: [] for k in which}
     kept: list[int] = []
     bad: list[int] = []
-    for number, first in enumerate(range(0, len(paths), shard_size)):
+    starts = range(0, len(paths), shard_size)
+    missing = [
+        first for number, first in enumerate(starts) if not (entry / f"shard-{number:05d}" / "rows.json").exists()
+    ]
+    # one bar over the images still to extract (not one per shard, each reaching 100%)
+    bar = tqdm(
+        total=sum(min(shard_size, len(paths) - first) for first in missing),
+        desc="features",
+        unit="img",
+        disable=not progress or not missing,
+        leave=False,
+    )
+    extract_kw["progress"] = False
+    for number, first in enumerate(starts):
         folder = entry / f"shard-{number:05d}"
         if not (folder / "rows.json").exists():
             reused = False
             with atomic_folder(folder) as tmp:
-                _write_shard(tmp, model, paths[first : first + shard_size], first, transform, extract_kw)
+                _write_shard(tmp, model, paths[first : first + shard_size], first, transform, extract_kw, bar)
         arrays, shard_kept, shard_bad = _read_shard(folder, which)
         for k, a in arrays.items():
             shards[k].append(a)
         kept += shard_kept
         bad += shard_bad
+    bar.close()
     return Features(shards, np.asarray(kept, dtype=np.int64), bad, key, entry, reused, fields)
