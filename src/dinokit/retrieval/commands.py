@@ -231,9 +231,9 @@ def index_search(
     index: an index folder (`dinokit index build`). query: an image, a folder or a list file; it is
     embedded with the index's own model, transform and precision. out: also write the hits as JSON,
     [{"query": path, "hits": [{"path": ..., "score": ...}, ...]}, ...]. sheet: also write a PNG
-    contact sheet (each query, then its hits with scores) of the first `num_examples` queries (32: a
-    row is 146 px high; a sheet of 1,000 queries was 146,000 px, drawn at a 3 GB peak, and too large
-    for Pillow to open). nprobe (ivf: cells visited, default
+    contact sheet (each query, then its hits with scores). num_examples: the queries the sheet shows,
+    the first ones (a row is 146 px high: a sheet of 1,000 queries was 146,000 px, drawn at a 3 GB
+    peak, too large for Pillow to open). nprobe (ivf: cells visited, default
     ceil(sqrt(nlist))) / ef_search (hnsw): search effort (more = closer to exact, slower). model:
     where the index's model now is, if its weights file moved (default: the path recorded in the
     index); the weights must be the ones it was built with.
