@@ -58,6 +58,7 @@ def test_index_add_takes_an_embedding_of_the_same_weights_at_another_path(small,
     assert build_index(str(tmp_path / "b"), str(tmp_path / "idx"), add=True)["total"] == 9
     results = search_index(str(tmp_path / "idx"), str(tmp_path / "more"), k=1, num_workers=0)
     assert [r["hits"][0]["path"] for r in results] == [r["query"] for r in results]
+    torch.manual_seed(1)  # not the set-up's seed: other weights whatever embed drew from the global stream
     other = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2))
     other_weights = dinokit.export_model(other, tmp_path / "other.safetensors")
     run_embed(small, tmp_path / "c", model=str(other_weights), data=str(tmp_path / "more"))

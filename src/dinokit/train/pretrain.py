@@ -747,7 +747,7 @@ class Trainer:
                 precision=self.cfg.precision,
                 num_workers=min(self.cfg.num_workers, 2),
             )
-        self.model.train()  # extract_features put the teacher in eval mode
+        self.model.train()  # extract_features restores the mode it found; this keeps the step's invariant explicit
         if self.fsdp:  # free the gathered parameters, as after the step's teacher forward
             reshard_teacher(self.model)
         seconds = time.perf_counter() - started
