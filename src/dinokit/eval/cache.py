@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dinokit.data.transforms import describe
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features, iter_features
 from dinokit.io import atomic_folder, read_json, write_json
@@ -189,6 +188,8 @@ def cached_features(
         precision=precision,
         progress=progress,
     )
+    from dinokit.data.transforms import describe  # torchvision: not for `--help`
+
     fields = {
         "format": CACHE_FORMAT,
         "model": model_hash or weights_hash(model),

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from dinokit.data.images import decode_min_side
-from dinokit.data.transforms import check_model_input_size
 from dinokit.errors import DinokitError, require
 from dinokit.eval.common import (
     labelled_features,
@@ -119,6 +118,8 @@ def eval_knn(
     refuse_other_outputs(out, ("knn.json", "linear.json"), "dinokit eval")
     train_split, val_split, _ = read_splits(train, val)  # a missing val fails before train's features
     backbone = prepare_backbone(model, device, seed)
+    from dinokit.data.transforms import check_model_input_size  # torchvision: not for `--help`
+
     check_model_input_size(backbone.model, image_size)
     transform = make_transform(image_size, resize_policy, reduced_decode)
     cache_dir = resolve_cache(cache)
@@ -252,6 +253,8 @@ def eval_linear(
     train_split, val_split, selection_split = read_splits(train, val, selection)
     dev = resolve_device(device)
     backbone = prepare_backbone(model, device, seed)
+    from dinokit.data.transforms import check_model_input_size  # torchvision: not for `--help`
+
     check_model_input_size(backbone.model, image_size)
     transform = make_transform(image_size, resize_policy, reduced_decode)
     cache_dir = resolve_cache(cache)

@@ -10,7 +10,6 @@ import numpy as np
 import dinokit
 from dinokit import distributed as dist
 from dinokit.data.labelled import read_labelled
-from dinokit.data.transforms import describe, eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import is_random_source, load_backbone, weights_hash
 from dinokit.eval.cache import Features, cached_features, default_cache_dir, ran_precision
@@ -147,12 +146,16 @@ def split_features(
 def make_transform(image_size: int, resize_policy: str = "center_crop", reduced_decode: bool = True):
     if resize_policy not in ("center_crop", "resize"):
         raise DinokitError(f"resize_policy must be center_crop or resize, got {resize_policy!r}")
+    from dinokit.data.transforms import eval_transform  # torchvision: not for `--help`
+
     return eval_transform(image_size, resize_policy, reduced_decode=reduced_decode)
 
 
 def protocol_record(backbone: Backbone, transform, image_size: int | None, precision: str, **extra) -> dict:
     """The facts that make a number reproducible (printed and stored with every result). transform: a
     torchvision transform, or its description where the images are not prepared by one."""
+    from dinokit.data.transforms import describe  # torchvision: not for `--help`
+
     return {
         "model": backbone.source,
         "model_description": backbone.description,

@@ -40,7 +40,6 @@ from dinokit.data.images import (
     same_aspect,
     upright_size,
 )
-from dinokit.data.transforms import check_model_input_size
 from dinokit.errors import DinokitError, require
 from dinokit.eval.cache import Features
 from dinokit.eval.common import Backbone, make_transform, split_features
@@ -230,6 +229,8 @@ def dense_split(
 ) -> DenseSplit:
     """Read a split's pairs and their full-size targets (pairs with an unreadable target skipped and
     counted), take the features of the rest from the cache (extracting what is missing)."""
+    from dinokit.data.transforms import check_model_input_size  # torchvision: not for `--help`
+
     check_model_input_size(backbone.model, image_size)
     images, target_paths = read_pairs(root, target_folder, target_exts)
     targets, bad = read_targets(target_paths, read_target, image_size, ignore)
