@@ -36,29 +36,13 @@ HEAVY = (
 )
 
 # What some commands' help still imports: names that tests replace on the command's module keep their
-# import at its top, and the module they come from imports the heavy one at its own top.
-TORCHVISION = {"torchvision", "torch._dynamo"}
-# eval/classification.py: learning_rates' default, LEARNING_RATES <- eval.linear <- eval.cache <- data.transforms
-CLASSIFICATION = TORCHVISION
-# eval/segmentation.py, depth.py: train_dense_head (tests replace it) <- eval.dense <- data.transforms
-DENSE = TORCHVISION
-MAPS = {"matplotlib"}  # maps/commands.py: panel_figure, matches_figure (tests replace them) -> maps.render
-CURATION = {"matplotlib", "faiss"}  # curation/commands.py: save_figure, contact_sheet, hierarchical_kmeans (replaced)
+# import at its top, and the module they come from imports the heavy one at its own top. The eval and
+# predict modules import data.transforms (torchvision) and maps/render.py matplotlib in the functions
+# that use them, so those helps import neither.
+# curation/commands.py: FeatureIndex, normalise, ... <- retrieval/index.py, which imports faiss at its top
+# (0.03 s)
+CURATION = {"faiss"}
 STILL_IMPORTED = {
-    "eval knn": CLASSIFICATION,
-    "eval linear": CLASSIFICATION,
-    "predict classification": CLASSIFICATION,
-    "eval segmentation": DENSE,
-    "eval depth": DENSE,
-    "predict segmentation": DENSE,
-    "predict depth": DENSE,
-    "eval video": MAPS,
-    "visualize attention": MAPS,
-    "visualize pca": MAPS,
-    "visualize similarity": MAPS,
-    "visualize matches": MAPS,
-    "segment": MAPS,
-    "track": MAPS,
     "curate dedup": CURATION,
     "curate cluster": CURATION,
     "curate sample": CURATION,

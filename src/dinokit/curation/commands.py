@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
@@ -133,6 +132,8 @@ def dedup(
 
 def similarity_histogram(nearest: np.ndarray, threshold: float, path: Path) -> None:
     """PNG: histogram of each image's highest cosine to another image, the threshold marked."""
+    from matplotlib.figure import Figure  # not for `--help`
+
     from dinokit.curation.dedup import TOLERANCE
 
     fig = Figure(figsize=(6, 3.5), layout="constrained")
@@ -312,6 +313,8 @@ def subset_rows(paths: list[str], subset: str, features: str) -> list[int]:
 
 def cluster_size_plot(sizes: list[np.ndarray], path: Path) -> None:
     """PNG: each level's clusters by number of images, largest first (a flat curve is a balanced clustering)."""
+    from matplotlib.figure import Figure  # not for `--help`
+
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     for number, s in enumerate(sizes, start=1):
@@ -343,6 +346,8 @@ def sample(clusters: str, out: str, target_size: int, strategy: str = "random", 
             top = level.assignment[top]
         after = np.bincount(top, minlength=len(before))
         order = np.argsort(-before, kind="stable")
+        from matplotlib.figure import Figure  # not for `--help`
+
         fig = Figure(figsize=(6, 3.5), layout="constrained")
         ax = fig.subplots()
         ax.plot(np.arange(1, len(before) + 1), before[order], label="all images")

@@ -6,18 +6,18 @@ written atomically.
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
-from matplotlib.cm import ScalarMappable
-from matplotlib.collections import LineCollection
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageOps
 
 from dinokit.io import atomic_write
+
+if TYPE_CHECKING:  # matplotlib is imported by the functions that draw: not for `--help`
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
 
 
 def upsample(patch_map: np.ndarray, size: tuple[int, int], mode: str = "bilinear") -> np.ndarray:
@@ -51,6 +51,8 @@ def normalise_01(values: np.ndarray) -> np.ndarray:
 
 def colorize(values: np.ndarray, cmap: str = "inferno", vmin: float | None = None, vmax: float | None = None):
     """(H, W) values -> (H, W, 3) uint8 through a matplotlib colour map (range: vmin..vmax or min..max)."""
+    from matplotlib import colormaps
+
     values = np.asarray(values, dtype=np.float32)
     lo = values.min() if vmin is None else vmin
     hi = values.max() if vmax is None else vmax
@@ -80,7 +82,7 @@ def save_png(path: str | Path, array: np.ndarray) -> str:
     return str(path)
 
 
-def save_figure(path: str | Path, fig: Figure) -> str:
+def save_figure(path: str | Path, fig: "Figure") -> str:
     """Save a matplotlib figure as PNG (atomically); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,8 +92,10 @@ def save_figure(path: str | Path, fig: Figure) -> str:
     return str(path)
 
 
-def panel_figure(panels: list[tuple[str, np.ndarray]], columns: int, title: str = "", size: float = 2.6) -> Figure:
+def panel_figure(panels: list[tuple[str, np.ndarray]], columns: int, title: str = "", size: float = 2.6) -> "Figure":
     """A grid of titled images (uint8 RGB or 2-D arrays shown with a colour map); no pyplot state."""
+    from matplotlib.figure import Figure
+
     rows = -(-len(panels) // columns)
     aspect = min(2.0, max(0.3, np.asarray(panels[0][1]).shape[0] / np.asarray(panels[0][1]).shape[1]))
     fig = Figure(figsize=(size * columns, (size * aspect + 0.3) * rows + (0.4 if title else 0)), layout="constrained")
@@ -114,11 +118,16 @@ def matches_figure(
     title: str,
     below_bar: tuple[float, float, str] | None = None,
     cmap: str = "viridis",
-) -> Figure:
+) -> "Figure":
     """Two uint8 images side by side (the second scaled to the first's height) with a line from
     points[0][k] to points[1][k] ((N, 2) pixel (x, y) in each image) coloured by values[k] (colour
     bar: cosine similarity), above a row of titled images `below` (e.g. heat overlays); below_bar
     (lo, hi, label): the colour bar of the row below (`colorize`'s inferno from lo to hi)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+
     left, right = images
     scale = left.shape[0] / right.shape[0]
     right = np.asarray(Image.fromarray(right).resize((max(1, round(right.shape[1] * scale)), left.shape[0])))
@@ -154,10 +163,12 @@ def matches_figure(
     return fig
 
 
-def readable_norm(lo: float, hi: float, span: float = 0.01) -> Normalize:
+def readable_norm(lo: float, hi: float, span: float = 0.01) -> "Normalize":
     """A colour bar's range lo..hi, widened about its middle to at least `span`: a single value (one
     match) or values 1e-6 apart gave a bar of offset ticks ('1e-6+5.2558e-1') and colours that made
     equal cosines look different."""
+    from matplotlib.colors import Normalize
+
     if hi - lo < span:
         middle = (lo + hi) / 2
         lo, hi = middle - span / 2, middle + span / 2
