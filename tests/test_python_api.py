@@ -272,6 +272,18 @@ def test_predict_classification_writes_under_out_and_never_over_a_file_of_the_us
     dinokit.predict_classification(head=root / "lin", images=root / "val", out=tmp_path / "p.json", num_workers=0)
 
 
+def test_predict_classification_refuses_a_json_list_of_records_that_are_not_predictions(inputs, tmp_path):
+    """A user's JSON list of {"path": ..., "label": ...} records (a manifest, a labels file) was taken as
+    an earlier predictions file, as only "path" was looked for, and replaced: a predictions file's
+    records hold "path" and "predictions", and nothing else."""
+    root, out = inputs["root"], tmp_path / "labels.json"
+    text = '[\n  {\n    "path": "a.png",\n    "label": "cat"\n  }\n]\n'
+    out.write_text(text)
+    with pytest.raises(DinokitError, match="exists and is not a predictions file"):
+        dinokit.predict_classification(head=root / "lin", images=root / "val", out=out, num_workers=0)
+    assert out.read_text() == text
+
+
 class Reached(Exception):
     """The model was called."""
 

@@ -5,6 +5,7 @@ from the cache (`dinokit.eval.cache`: extracted once per model, files and transf
 with the protocol beside it, and write a JSON file of results into `out`.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -460,9 +461,10 @@ def refuse_replacing_other_file(path: Path) -> None:
     if not path.is_file():
         return
     with open(path, "rb") as f:
-        start = f.read(200).decode("utf-8", errors="replace")
+        start = f.read(2**20).decode("utf-8", errors="replace")  # a record holds k predictions: far less
     if path.suffix.lower() == ".json":
-        ours = start.startswith("[") and (start.replace(" ", "").replace("\n", "") == "[]" or '"path"' in start)
+        records = start[1:].lstrip() if start.startswith("[") else ""  # the list's records, or its end
+        ours = records.startswith("]") or first_record_keys(records) == {"path", "predictions"}
     else:
         ours = start.startswith("path,class,probability")
     if not ours:
@@ -470,6 +472,15 @@ def refuse_replacing_other_file(path: Path) -> None:
             f"out={path} exists and is not a predictions file of dinokit predict classification, so no such run "
             "wrote it, and this one would replace it: pass another out= (or remove the file)"
         )
+
+
+def first_record_keys(text: str) -> set[str] | None:
+    """The keys of the JSON object that `text` begins with (None where it begins with none, whole)."""
+    try:
+        record, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    return set(record) if isinstance(record, dict) else None
 
 
 def write_predictions(path: Path, rows: list[dict], k: int) -> None:
