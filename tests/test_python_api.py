@@ -97,6 +97,25 @@ def test_eval_transform_takes_numpy_photos_and_pil_images_of_any_mode_as_rgb():
         transform(np.asarray(rgb) / 255.0)
 
 
+def test_eval_transform_converts_pil_images_and_arrays_as_dinokit_converts_the_files_it_opens(tmp_path):
+    """The transform converted other modes with PIL's convert("RGB"), not as `open_rgb` converts the
+    files that embed and the evals open (`data.images.to_rgb`): a transparent RGBA image kept the colour
+    under its alpha (here black) where a file is composited on white, and a 16-bit image was clipped to
+    white where a file is rescaled, so a notebook's features of an image were not embed's."""
+    from dinokit.data.images import open_rgb
+
+    transform = dinokit.eval_transform(32, patch_size=4)
+    rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+    rgba[10:30, 10:30] = (200, 30, 30, 255)  # a red square on a transparent (black) background
+    sixteen = (np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 40).astype(np.uint16)
+    for name, image in (("rgba.png", Image.fromarray(rgba)), ("gray16.png", Image.fromarray(sixteen))):
+        image.save(tmp_path / name)
+        as_embed_opens_it = transform(open_rgb(tmp_path / name))
+        with Image.open(tmp_path / name) as opened:
+            assert torch.equal(transform(opened), as_embed_opens_it), name
+    assert torch.equal(transform(rgba), transform(open_rgb(tmp_path / "rgba.png")))
+
+
 def test_finetune_takes_pathlib_paths_as_every_other_command(tmp_path):
     """dinokit.finetune(model=Path(...)) failed with 'bad value for model: Object of type PosixPath is
     not JSON serializable' (pretrain, embed, index, eval and predict took Paths)."""

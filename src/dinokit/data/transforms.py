@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from dinokit.data.images import ReducedJpegDecode
+from dinokit.data.images import ReducedJpegDecode, to_rgb
 from dinokit.errors import DinokitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,8 +81,9 @@ RESIZE_POLICIES = ("center_crop", "resize", "aspect")
 class EvalTransform(v2.Compose):
     """eval_transform's steps, given the RGB image they expect: a numpy (H, W) or (H, W, 3 | 4) uint8
     array (photo arrays; torchvision's v2 steps would pass it through unresized and uncropped) becomes a
-    PIL image, and a PIL image of another mode ("L", "RGBA", "P") is converted to RGB, as `open_rgb`
-    converts the files it opens. Tensors pass as they are. The steps, and `describe`, are Compose's."""
+    PIL image, and a PIL image of another mode ("L", "RGBA", "P", 16-bit) is converted to RGB by
+    `to_rgb`, as `open_rgb` converts the files it opens (alpha on white, 16 bits rescaled). Tensors pass
+    as they are. The steps, and `describe`, are Compose's."""
 
     def forward(self, image):
         if isinstance(image, np.ndarray):
@@ -98,7 +99,7 @@ class EvalTransform(v2.Compose):
                 )
             image = Image.fromarray(image)
         if isinstance(image, Image.Image) and image.mode != "RGB":
-            image = image.convert("RGB")
+            image = to_rgb(image)
         return super().forward(image)
 
 
