@@ -390,6 +390,29 @@ def test_paths_under_the_home_folder_are_expanded_as_load_model_and_list_images_
     assert list(elsewhere.iterdir()) == []
 
 
+def test_every_command_writes_an_out_under_the_home_folder_there(inputs, tmp_path, monkeypatch):
+    """The commands that dropped prepare_output's expanded path wrote out="~/..." into a folder named '~'
+    in the current folder: eval knn / linear, visualize *, segment, track, index search's out= and
+    sheet=. Here one of each way of writing: a folder, a PNG, a JSON beside a sheet."""
+    from dinokit.eval.classification import eval_knn, eval_linear
+    from dinokit.maps.commands import visualize_attention
+    from dinokit.retrieval.commands import index_search
+
+    root, elsewhere = inputs["root"], tmp_path / "cwd"
+    home = tmp_path / "home"
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    keys = dict(model=inputs["weights"], train=root / "train", val=root / "val", image_size=16, num_workers=0)
+    eval_knn(out="~/knn", **keys)
+    eval_linear(out="~/lin", epochs=1, learning_rates=[0.1], precision="fp32", **keys)
+    visualize_attention(model=inputs["weights"], image=inputs["paths"][0], out="~/attention.png", image_size=16)
+    index_search(root / "val.index", inputs["paths"][0], k=1, out="~/hits.json", sheet="~/hits.png")
+    assert list(elsewhere.iterdir()) == []
+    written = ["attention.png", "hits.json", "hits.png", "knn/knn.json", "lin/linear.json"]
+    assert [name for name in written if not (home / name).is_file()] == []
+
+
 def test_attention_probabilities_are_float32_under_a_callers_autocast(micro):
     """get_selfattention says 'computed explicitly in float32', but under torch.autocast its q @ k^T
     ran in bf16 and the probabilities came back bf16 (rows summing to 1 only to ~1e-2)."""

@@ -115,7 +115,7 @@ def eval_knn(
         raise DinokitError(f"few_shot must be positive numbers of images per class, e.g. [1, 5, 10]; got {few_shot}")
     if few_shot and few_shot_tries < 1:
         raise DinokitError(f"few_shot_tries must be >= 1 (draws per few_shot size), got {few_shot_tries}")
-    prepare_output(out, folder=True, create=False)  # before the features are extracted
+    out = str(prepare_output(out, folder=True, create=False))  # before the features; "~/knn" expanded
     refuse_other_outputs(out, ("knn.json", "linear.json"), "dinokit eval")
     train_split, val_split, _ = read_splits(train, val)  # a missing val fails before train's features
     backbone = prepare_backbone(model, device, seed)
@@ -249,7 +249,7 @@ def eval_linear(
     require(checks)
     # each value once, as the grid and its record hold it
     n_last_blocks, avgpool, learning_rates = (list(dict.fromkeys(v)) for v in (n_last_blocks, avgpool, learning_rates))
-    prepare_output(out, folder=True, create=False)  # before the features are extracted
+    out = str(prepare_output(out, folder=True, create=False))  # before the features; "~/knn" expanded
     refuse_other_outputs(out, ("knn.json", "linear.json"), "dinokit eval")
     train_split, val_split, selection_split = read_splits(train, val, selection)
     dev = resolve_device(device)

@@ -126,7 +126,7 @@ def visualize_attention(
     """
     if not 0 < mass <= 1:
         raise DinokitError(f"mass must be a share between 0 and 1 (e.g. 0.6 for 60%), got {mass}")
-    prepare_output(out, example="attention.png", create=False, suffix=".png")
+    out = str(prepare_output(out, example="attention.png", create=False, suffix=".png"))  # "~/..." expanded
     refuse_inputs_as_outputs({"out": out}, [image])
     picture = open_rgb(image)  # decoded once, for the model and the picture
     net = load(model, device)
@@ -176,7 +176,7 @@ def visualize_pca(
     explained variance ratios.
     """
     check_foreground_threshold(foreground_threshold)
-    prepare_output(out, example="pca.png", create=False, suffix=".png")
+    out = str(prepare_output(out, example="pca.png", create=False, suffix=".png"))  # "~/..." expanded
     net = load(model, device)
     paths = inputs_without_outputs(image, Path(out))
     refuse_inputs_as_outputs({"out": out}, paths)
@@ -229,7 +229,7 @@ def visualize_similarity(
 
     Writes the PNG `out`; returns the chosen patch and the best-matching target patch.
     """
-    prepare_output(out, example="similarity.png", create=False, suffix=".png")
+    out = str(prepare_output(out, example="similarity.png", create=False, suffix=".png"))  # "~/..." expanded
     refuse_inputs_as_outputs({"out": out}, [image] if target is None else [image, target])
     source_picture = open_rgb(image)  # each image decoded once, for the model and the picture
     source_rgb = np.asarray(source_picture)
@@ -290,9 +290,9 @@ def visualize_matches(
     """
     check_options(min_similarity, max_matches, ratio)
     check_foreground_threshold(foreground_threshold)
-    prepare_output(out, example="matches.png", create=False, suffix=".png")
+    out = str(prepare_output(out, example="matches.png", create=False, suffix=".png"))  # "~/..." expanded
     if json is not None:
-        prepare_output(json, example="matches.json", create=False, suffix=".json")
+        json = str(prepare_output(json, example="matches.json", create=False, suffix=".json"))
     refuse_inputs_as_outputs({"out": out, "json": json}, [image, other])
     pictures = [open_rgb(image), open_rgb(other)]  # unreadable or missing files: an error before the model loads
     net = load(model, device)
@@ -409,7 +409,7 @@ def segment(
     if len(references) != len(masks):
         raise DinokitError(f"{len(references)} reference images but {len(masks)} reference masks: give one mask each")
     check_threshold(threshold)
-    prepare_output(out, folder=True, create=False)
+    out = str(prepare_output(out, folder=True, create=False))  # "~/..." expanded
     refuse_other_outputs(out, ("segment.json",), "dinokit segment")
     out_dir = Path(out)
     paths = inputs_without_outputs(target, out_dir)

@@ -66,7 +66,7 @@ def track(
     from dinokit.eval.metrics import video_jf  # scipy and scikit-image: not for `--help`
 
     check_settings(n_last_frames, size_mask_neighborhood, topk)
-    prepare_output(out, folder=True, create=False)
+    out = str(prepare_output(out, folder=True, create=False))  # "~/..." expanded
     refuse_other_outputs(out, ("track.json",), "dinokit track")
     out_dir = Path(out).expanduser()
     paths = frame_paths(frames, out_dir)

@@ -242,9 +242,10 @@ def index_search(
 
     if sheet and not (isinstance(num_examples, int) and num_examples >= 1):
         raise DinokitError(f"num_examples is the number of queries sheet= shows, >= 1 (e.g. 32), got {num_examples!r}")
-    for path, example, suffix in ((out, "hits.json", None), (sheet, "hits.png", ".png")):  # before any work
-        if path:
-            prepare_output(path, example=example, create=False, suffix=suffix)
+    if out:  # checked before any work, "~/..." expanded
+        out = str(prepare_output(out, example="hits.json", create=False))
+    if sheet:
+        sheet = str(prepare_output(sheet, example="hits.png", create=False, suffix=".png"))
     if out or sheet:
         refuse_inputs_as_outputs({"out": out, "sheet": sheet}, list_images(query))
     results = search_index(index, query, k, nprobe, ef_search, batch_size, num_workers, device, model)
