@@ -116,6 +116,19 @@ def test_eval_transform_converts_pil_images_and_arrays_as_dinokit_converts_the_f
     assert torch.equal(transform(rgba), transform(open_rgb(tmp_path / "rgba.png")))
 
 
+def test_a_submodule_is_reachable_from_a_bare_import_dinokit():
+    """`import dinokit` imported dinokit.models (and so dinokit.io) at its top, so
+    dinokit.models.snap_to_patch_multiple(...) (README) worked after it; the lazy table left them out
+    ("module 'dinokit' has no attribute 'models'"). A fresh interpreter: this one imported them."""
+    import subprocess
+    import sys
+
+    probe = "import dinokit; print(dinokit.models.snap_to_patch_multiple.__name__, dinokit.io.atomic_write.__name__)"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert (run.returncode, run.stdout.split()) == (0, ["snap_to_patch_multiple", "atomic_write"]), run.stderr
+    assert not hasattr(dinokit, "no_such_module")
+
+
 def test_finetune_takes_pathlib_paths_as_every_other_command(tmp_path):
     """dinokit.finetune(model=Path(...)) failed with 'bad value for model: Object of type PosixPath is
     not JSON serializable' (pretrain, embed, index, eval and predict took Paths)."""

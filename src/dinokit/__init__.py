@@ -13,6 +13,7 @@ docs/python.md shows every function of the Python API.
 """
 
 import importlib
+import importlib.util
 
 from dinokit.errors import DinokitError
 
@@ -54,6 +55,10 @@ LAZY = {
 def __getattr__(name: str):
     if name in LAZY:
         return getattr(importlib.import_module(LAZY[name]), name)
+    # a submodule on first use too, as when this file imported dinokit.models and dinokit.io at its top:
+    # `import dinokit` then dinokit.models.snap_to_patch_multiple(...) (README), dinokit.io.atomic_write
+    if not name.startswith("_") and importlib.util.find_spec(f"dinokit.{name}") is not None:
+        return importlib.import_module(f"dinokit.{name}")
     raise AttributeError(f"module 'dinokit' has no attribute {name!r}")
 
 
