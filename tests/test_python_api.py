@@ -316,6 +316,22 @@ def test_predict_classification_refuses_a_json_list_of_records_that_are_not_pred
     assert out.read_text() == text
 
 
+def test_predict_classification_refuses_a_csv_whose_header_only_begins_as_its_own(inputs, tmp_path):
+    """A CSV was taken as an earlier predictions file when its first line began with
+    'path,class,probability', so a user's table headed path,class,probability_human,notes was replaced;
+    a predictions file's header is path, then class / probability pairs (class_2, probability_2, ...)."""
+    root, out = inputs["root"], tmp_path / "annotations.csv"
+    text = "path,class,probability_human,notes\na.png,cat,0.9,checked by hand\n"
+    out.write_text(text)
+    with pytest.raises(DinokitError, match="exists and is not a predictions file"):
+        dinokit.predict_classification(head=root / "lin", images=root / "val", out=out, num_workers=0)
+    assert out.read_text() == text
+    keys = dict(head=root / "lin", images=root / "val", out=tmp_path / "p.csv", num_workers=0)
+    for k in (1, 3):  # its own, of any k: replaced
+        dinokit.predict_classification(**keys, k=k)
+        dinokit.predict_classification(**keys)
+
+
 class Reached(Exception):
     """The model was called."""
 

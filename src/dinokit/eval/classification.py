@@ -456,7 +456,7 @@ def head_in_folder(head: str) -> Path:
 
 def refuse_replacing_other_file(path: Path) -> None:
     """A DinokitError, before any work, where `path` exists but is not a predictions file as
-    `write_predictions` writes them (a CSV headed path,class,probability or a JSON list of {"path": ...,
+    `write_predictions` writes them (a CSV headed prediction_columns(k) or a JSON list of {"path": ...,
     "predictions": ...}): a file of the user's (data.csv, results.json) would be replaced."""
     if not path.is_file():
         return
@@ -466,12 +466,19 @@ def refuse_replacing_other_file(path: Path) -> None:
         records = start[1:].lstrip() if start.startswith("[") else ""  # the list's records, or its end
         ours = records.startswith("]") or first_record_keys(records) == {"path", "predictions"}
     else:
-        ours = start.startswith("path,class,probability")
+        columns = start.partition("\n")[0].rstrip("\r").split(",")  # path, then k class / probability pairs
+        ours = len(columns) >= 3 and columns == prediction_columns(len(columns) // 2)
     if not ours:
         raise DinokitError(
             f"out={path} exists and is not a predictions file of dinokit predict classification, so no such run "
             "wrote it, and this one would replace it: pass another out= (or remove the file)"
         )
+
+
+def prediction_columns(k: int) -> list[str]:
+    """The header of a predictions CSV: path, class, probability, class_2, probability_2, ... up to k."""
+    suffixes = ["", *(f"_{rank}" for rank in range(2, k + 1))]
+    return ["path", *(f"{name}{suffix}" for suffix in suffixes for name in ("class", "probability"))]
 
 
 def first_record_keys(text: str) -> set[str] | None:
@@ -495,11 +502,7 @@ def write_predictions(path: Path, rows: list[dict], k: int) -> None:
         return
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    header = ["path"]
-    for rank in range(1, k + 1):
-        suffix = "" if rank == 1 else f"_{rank}"
-        header += [f"class{suffix}", f"probability{suffix}"]
-    writer.writerow(header)
+    writer.writerow(prediction_columns(k))
     for row in rows:
         writer.writerow([row["path"], *(v for p in row["predictions"] for v in (p["class"], p["probability"]))])
     text = buffer.getvalue()
