@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import yaml
 from pretrain_helpers import TINY, tiny_images
 
@@ -56,3 +57,25 @@ def test_object_set_writes_every_shape_at_the_size(tmp_path):
     assert len(files) == 2 * len(SHAPES)
     assert {Image.open(f).size for f in files} == {(32, 32)}
     assert {f.parent.name for f in files} == set(SHAPES)
+
+
+def test_demo_writes_an_out_under_the_home_folder_there(tmp_path, monkeypatch):
+    """demo(out="~/demo") from Python (no shell to expand it) wrote into a folder named '~' in the
+    current folder, as the commands before bd3aeb7 did. Stopped at its pretraining: the data is laid out."""
+    import dinokit.demo
+
+    class Reached(Exception):
+        pass
+
+    def stop(**_):
+        raise Reached
+
+    folder = tiny_images(tmp_path / "images", per_class=5)
+    home, elsewhere = tmp_path / "home", tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(dinokit.demo, "pretrain", stop)
+    with pytest.raises(Reached):
+        demo(out="~/demo", data=str(folder), image_size=16)
+    assert list(elsewhere.iterdir()) == [] and (home / "demo" / "run").is_dir()

@@ -213,7 +213,7 @@ def demo(
     from dinokit.train.build import build_backbone
 
     start = time.perf_counter()
-    out_dir = Path(out)
+    out_dir = Path(out).expanduser()  # "~/demo" from Python (a shell expands it on the command line)
     claim_demo_folder(out_dir)
     data_info = prepare_data(out_dir, data)
     print(f"demo: {len(data_info['train'])} training images, {len(data_info['test'])} held out: {data_info['source']}")
