@@ -442,6 +442,19 @@ def test_every_command_writes_an_out_under_the_home_folder_there(inputs, tmp_pat
     assert [name for name in written if not (home / name).is_file()] == []
 
 
+def test_curation_reads_an_embedding_under_the_home_folder(inputs, tmp_path, monkeypatch):
+    """curate dedup / cluster (features="~/emb" from Python) read the manifest under the home folder but
+    its shards from '~/emb/shard_...' in the current folder: "shard_00000.safetensors is missing"."""
+    from dinokit.curation.commands import cluster, dedup
+
+    monkeypatch.setenv("HOME", str(inputs["root"]))
+    monkeypatch.chdir(tmp_path)
+    dedup(features="~/emb", out=tmp_path / "dd")
+    cluster(features="~/emb", out=tmp_path / "cl", n_clusters=[2])
+    kept = (tmp_path / "dd" / "kept.txt").read_text().splitlines()  # a random init: near-duplicates all
+    assert kept and set(kept) <= {str(p) for p in inputs["paths"]} and (tmp_path / "cl").is_dir()
+
+
 def test_attention_probabilities_are_float32_under_a_callers_autocast(micro):
     """get_selfattention says 'computed explicitly in float32', but under torch.autocast its q @ k^T
     ran in bf16 and the probabilities came back bf16 (rows summing to 1 only to ~1e-2)."""

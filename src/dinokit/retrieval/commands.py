@@ -157,7 +157,7 @@ def vector_shards(features: str | Path, manifest: dict, feature: str) -> Iterato
     """The shards of a `dinokit embed` folder one at a time, in image order: (vectors (n, D) as stored,
     in the stored dtype, not normalised; their n image paths)."""
     for shard in manifest["shards"]:
-        path = Path(features) / shard["file"]
+        path = Path(features).expanduser() / shard["file"]  # as read_manifest found the folder
         feats, paths = read_shard(path, [feature])
         if feature not in feats or len(feats[feature]) != len(paths):
             raise DinokitError(f"{path} is damaged (its {feature} rows and paths disagree): embed the images again")
