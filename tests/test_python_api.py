@@ -466,3 +466,22 @@ def test_attention_probabilities_are_float32_under_a_callers_autocast(micro):
     assert attn.dtype == torch.float32
     torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]), rtol=0, atol=1e-6)
     torch.testing.assert_close(attn, reference, rtol=0, atol=2e-2)  # the blocks before still ran in bf16
+
+
+def test_eval_transform_turns_a_pil_image_by_its_exif_orientation_as_embed_does(tmp_path):
+    """A phone photo from Image.open (EXIF Orientation 6: stored on its side) went through the transform
+    as stored, where embed and the evals open the file upright (`open_rgb`): features of the same photo
+    differed between a notebook and `dinokit embed`."""
+    from dinokit.data.images import open_rgb
+
+    pixels = np.random.default_rng(2).integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "phone.png", exif=exif)
+    transform = dinokit.eval_transform(16, resize_policy="resize", patch_size=4)
+    as_embed_opens_it = transform(open_rgb(tmp_path / "phone.png"))
+    with Image.open(tmp_path / "phone.png") as opened:
+        assert opened.size == (24, 40)  # stored on its side
+        assert torch.equal(transform(opened), as_embed_opens_it)
+    assert transform(Image.fromarray(pixels)).shape == as_embed_opens_it.shape
+    assert not torch.equal(transform(Image.fromarray(pixels)), as_embed_opens_it)  # as stored: other pixels

@@ -206,16 +206,21 @@ def upright(im: Image.Image) -> Image.Image:
         return im
 
 
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF Orientation of `im` (1: upright, as stored), 1 when its EXIF block cannot be parsed."""
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block: `upright` keeps the image as stored
+        return 1
+
+
 def upright_size(path: str | Path) -> tuple[int, int] | None:
     """(H, W) of an image as `open_image` turns it (EXIF orientation), from its header alone; None if the
     header cannot be read (reading the whole file then decides)."""
     try:
         with open(path, "rb") as file, Image.open(file) as im:
             w, h = im.size
-            try:
-                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # transposed or turned by 90 degrees
-            except Exception:  # a damaged EXIF block: open_image keeps the image as stored
-                turned = False
+            turned = exif_orientation(im) in (5, 6, 7, 8)  # transposed or turned by 90 degrees
     except Exception:
         return None
     return (w, h) if turned else (h, w)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from dinokit.data.images import ReducedJpegDecode, to_rgb
+from dinokit.data.images import ReducedJpegDecode, exif_orientation, to_rgb, upright
 from dinokit.errors import DinokitError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -81,8 +81,9 @@ RESIZE_POLICIES = ("center_crop", "resize", "aspect")
 class EvalTransform(v2.Compose):
     """eval_transform's steps, given the RGB image they expect: a numpy (H, W) or (H, W, 3 | 4) uint8
     array (photo arrays; torchvision's v2 steps would pass it through unresized and uncropped) becomes a
-    PIL image, and a PIL image of another mode ("L", "RGBA", "P", 16-bit) is converted to RGB by
-    `to_rgb`, as `open_rgb` converts the files it opens (alpha on white, 16 bits rescaled). Tensors pass
+    PIL image, and a PIL image is turned by its EXIF orientation (`Image.open` of a phone photo is not)
+    and one of another mode ("L", "RGBA", "P", 16-bit) converted to RGB by `to_rgb`, as `open_rgb` does
+    to the files it opens (upright, alpha on white, 16 bits rescaled). Tensors pass
     as they are. The steps, and `describe`, are Compose's."""
 
     def forward(self, image):
@@ -98,8 +99,9 @@ class EvalTransform(v2.Compose):
                     "or pass a PIL image"
                 )
             image = Image.fromarray(image)
-        if isinstance(image, Image.Image) and image.mode != "RGB":
-            image = to_rgb(image)
+        if isinstance(image, Image.Image):
+            image = upright(image) if exif_orientation(image) != 1 else image  # no copy of an upright one
+            image = to_rgb(image) if image.mode != "RGB" else image
         return super().forward(image)
 
 
