@@ -151,7 +151,9 @@ def keeps_global_rng(function):
     """Decorates a function that seeds and draws from PyTorch's global generators for its own
     reproducibility (initial weights, drop path): the states of the CPU generator and of each CUDA device
     in use at the call come back when it returns or raises, so a call leaves the caller's random stream
-    as it was, not reseeded."""
+    as it was, not reseeded. CUDA generators not yet initialised at the call (a fresh process's first
+    CUDA work is the call's) keep the call's seeding: call torch.cuda.manual_seed_all afterwards if a
+    later CUDA draw must not depend on it."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
