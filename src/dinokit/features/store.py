@@ -29,6 +29,9 @@ SHARD_FORMATS = {"safetensors": ".safetensors", "numpy": ".npz"}
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MANIFEST = "manifest.json"
 CONFIG = "embed_config.json"  # the settings of a run, written before its first shard
+# a manifest's settings that vectors compared with its own (queries, another embedding) must share
+# (weights_hash: see dinokit.eval.backbone.weights_hash; absent from embeddings made before it was recorded)
+EMBEDDING_KEYS = ("model", "architecture", "weights_hash", "image_size", "resize_policy", "transform", "precision")
 
 
 def shard_path(folder: Path, index: int, format: str) -> Path:

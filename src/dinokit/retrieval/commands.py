@@ -12,7 +12,7 @@ from dinokit.data.images import check_readable, list_images
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
-from dinokit.features.store import MANIFEST, read_manifest, read_shard, read_shard_index
+from dinokit.features.store import EMBEDDING_KEYS, MANIFEST, read_manifest, read_shard, read_shard_index
 from dinokit.io import folder_lock, prepare_output, refuse_inputs_as_outputs, refuse_other_outputs, write_json
 from dinokit.models import load_model
 from dinokit.runtime import resolve_device
@@ -130,8 +130,6 @@ def read_vectors(features: str | Path, feature: str = "cls") -> tuple[np.ndarray
 
 def embedding_settings(manifest: dict) -> dict:
     """The settings of an embedding (from its manifest) that vectors compared with its own must share."""
-    from dinokit.retrieval.index import EMBEDDING_KEYS
-
     return {k: manifest.get(k) for k in EMBEDDING_KEYS}
 
 
@@ -168,8 +166,6 @@ def embedding_differences(a: dict, b: dict) -> list[str]:
     """The embedding settings (EMBEDDING_KEYS) in which two embeddings differ: vectors of embeddings
     that differ are not comparable. The model's path may differ where both record the same weights
     hash (the same weights, moved or copied)."""
-    from dinokit.retrieval.index import EMBEDDING_KEYS
-
     same_weights = a.get("weights_hash") is not None and a.get("weights_hash") == b.get("weights_hash")
     return [k for k in EMBEDDING_KEYS if a.get(k) != b.get(k) and not (k == "model" and same_weights)]
 

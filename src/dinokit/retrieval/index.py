@@ -28,11 +28,8 @@ from dinokit.io import atomic_write, process_alive, read_json, write_json
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "pq", "ivfpq")
 INDEX_META = "index.json"
-# embedding settings that queries must share with the indexed images (weights_hash: see
-# dinokit.eval.backbone.weights_hash; absent from embeddings made before it was recorded)
 # faiss's k-means trains on at most this many vectors per centroid (ClusteringParameters.max_points_per_centroid)
 TRAINING_POINTS_PER_CENTROID = 256
-EMBEDDING_KEYS = ("model", "architecture", "weights_hash", "image_size", "resize_policy", "transform", "precision")
 
 
 def factory_string(
