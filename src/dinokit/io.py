@@ -240,6 +240,20 @@ def refuse_files_no_run_wrote(
         )
 
 
+def file_stamps(paths: Iterable[str | Path]) -> list[list[int]]:
+    """[size, modification time in ns] of each file, [-1, -1] where it cannot be stat'ed: what the caches
+    and resumable runs compare to tell that a file changed since it was read, without reading it (a file
+    rewritten with the same size and the same modification time cannot be told apart)."""
+    stamps = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+            stamps.append([st.st_size, st.st_mtime_ns])
+        except OSError:
+            stamps.append([-1, -1])
+    return stamps
+
+
 def read_json(path: str | Path, fix: str = "download or export it again"):
     """Parsed JSON of `path`; a damaged file gets a DinokitError naming it and `fix`, what to do."""
     try:

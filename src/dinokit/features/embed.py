@@ -2,7 +2,10 @@
 
 The images are split into fixed shards of `shard_size` consecutive files (sorted folder order, or
 the list's order). Each shard is written atomically once all its images are done, so a killed job
-restarts where it stopped: shards on disk are skipped, the others computed. Under
+restarts where it stopped: shards on disk are skipped, the others computed. A shard records the size
+and modification time of its files when they were read: a rerun computes again the shards of files
+changed since (a photo exported again under its name), and one whose data= lists other images (added,
+removed, renamed) is refused, as the fixed split of the list cannot take them. Under
 `torchrun --nproc_per_node N` (or several nodes sharing the output folder), shard i goes to process
 i mod N; every process writes its own shards and process 0 writes the one manifest at the end.
 The file layout is described in `dinokit.features.store`.
@@ -39,10 +42,12 @@ from dinokit.features.store import (
     SHARD_FORMATS,
     STORE_DTYPES,
     read_shard_index,
+    read_shard_stamps,
     shard_path,
     write_shard,
 )
 from dinokit.io import (
+    file_stamps,
     folder_lock,
     prepare_output,
     read_json,
@@ -114,6 +119,7 @@ def embed(
             check_layers(layers, len(net.blocks))
             size = check_model_input_size(net, image_size)
             transform = eval_transform(size, resize_policy, reduced_decode=reduced_decode)
+            data = spelling_of_run(Path(out) / CONFIG, data)
             paths = [str(plain_path(p.absolute())) for p in list_images(data)]  # no ../ from a relative data=
             check_readable(paths, data)
             out_dir = Path(out)
@@ -140,12 +146,21 @@ def embed(
             }
             if rank == 0:  # one embedding run at a time in out: a second would compute every shard again
                 held.enter_context(folder_lock(out_dir, "an embedding run", wait=False))
-        check_or_write_config(out_dir, settings, rank)
+        check_or_write_config(out_dir, settings, rank, paths)
 
         step = settings["shard_size"]
         shards = [paths[i : i + step] for i in range(0, len(paths), step)]
         mine = [i for i in range(len(shards)) if i % world == rank]
-        todo = [i for i in mine if not finished(shard_path(out_dir, i, format))]
+        done = [i for i in mine if finished(shard_path(out_dir, i, format))]
+        changed = {i: files for i in done if (files := changed_files(shard_path(out_dir, i, format), shards[i]))}
+        if changed:
+            first = next(iter(changed.values()))[0]
+            print(
+                f"embed: {sum(map(len, changed.values()))} file(s) changed since they were embedded (first: {first}); "
+                f"computing their {len(changed)} shard(s) again",
+                file=sys.stderr,
+            )
+        todo = [i for i in mine if i not in done or i in changed]
         try:
             run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_workers, progress and rank == 0)
         except KeyboardInterrupt:
@@ -245,8 +260,28 @@ def auto_shard_size(shapes: dict[str, list[int]], dtype: str, target_bytes: int 
     return max(1, min(4096, target_bytes // max(per_image, 1)))
 
 
-def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
-    """A fresh folder gets the settings; a resumed one must have been started with the same ones."""
+def spelling_of_run(config: Path, data: str) -> str:
+    """`data` as the run in `config`'s folder spelled it, where both name the same folder or list (through
+    a symlink, a relative path or `~`), so that a resumed run lists the same paths; else `data`."""
+    if not config.is_file():
+        return data
+    before = read_json(config, "embed into a new out= folder").get("data")
+    same = before is not None and Path(before).resolve() == Path(data).expanduser().resolve()
+    return before if same else data
+
+
+def changed_files(shard: Path, files: list[str]) -> list[str]:
+    """The files of a finished shard (in listing order) whose size or modification time differ from
+    those the shard recorded when it read them (none for a shard that recorded none)."""
+    recorded = read_shard_stamps(shard)
+    if recorded is None or len(recorded) != len(files):
+        return []
+    return [f for f, was, now in zip(files, recorded, file_stamps(files), strict=True) if was != now]
+
+
+def check_or_write_config(out_dir: Path, settings: dict, rank: int, paths: list[str]) -> None:
+    """A fresh folder gets the settings; a resumed one must have been started with the same ones and
+    list the same images (`paths`)."""
     path = out_dir / CONFIG
     # process 0 writes it while the others wait in compare_errors' gather (not a barrier, which they
     # would leave with gloo's traceback where process 0 fails, e.g. on a full disk)
@@ -259,6 +294,8 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
         fix = f"embed into a new out= folder, or remove {path.name} and the shard_* files beside it and embed again"
         previous = read_json(path, fix)
         changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+        if changed and set(changed) <= {"num_images", "paths_sha1"}:
+            raise DinokitError(other_images(out_dir, previous, paths))
         if changed:
             older = "transform" in changed and "ReducedJpegDecode" not in str(previous.get("transform"))
             hint = " (it decoded JPEGs whole: reduced_decode=false)" if older else ""
@@ -266,6 +303,27 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int) -> None:
                 f"{out_dir} holds embeddings made with other settings ({', '.join(changed)} differ; "
                 f"see {path}). Use a new out= folder, or the same settings to resume{hint}."
             )
+
+
+def other_images(out_dir: Path, previous: dict, paths: list[str]) -> str:
+    """The refusal of a resumed run whose data= lists other images than when it started: how many, and
+    the first added and removed ones that the shards on disk show."""
+    embedded = set()
+    for shard in sorted(out_dir.glob("shard_*")):
+        if shard.suffix in SHARD_FORMATS.values() and finished(shard):
+            kept, bad = read_shard_index(shard)
+            embedded.update(kept, bad)
+    now = set(paths)
+    gone = sorted(embedded - now)
+    complete = len(embedded) == previous["num_images"]  # every shard on disk: all the images of then
+    added = [p for p in paths if p not in embedded] if complete else []
+    seen = [f"{len(x)} {what}, first {x[0]}" for x, what in ((added, "added"), (gone, "removed")) if x]
+    return (
+        f"data={previous['data']} lists {len(paths)} images now, {previous['num_images']} when {out_dir} was started"
+        f"{' (' + '; '.join(seen) + ')' if seen else ' (other names)'}: the shards split the list of then, so they "
+        f"cannot take other images. Embed into a new out= folder, or remove {CONFIG} and the shard_* files there "
+        "to embed everything again"
+    )
 
 
 def check_no_unknown_shards(out_dir: Path) -> None:
@@ -304,6 +362,7 @@ def run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_
     queue = [p for i in todo for p in shards[i]]
     bar = tqdm(total=len(queue), desc="embed", unit="img", disable=not progress)
     current, start = 0, 0  # shard being filled (position in todo), its first index in `queue`
+    stamps = {i: file_stamps(shards[i]) for i in todo}  # before the files are read: a later change shows
     pending: dict[str, list[torch.Tensor]] = {}
     kept: list[int] = []
     bad: list[int] = []
@@ -340,6 +399,7 @@ def run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_
                     [queue[i] for i in kept if i < end],
                     [queue[i] for i in bad if i < end],
                     settings["dtype"],
+                    stamps[todo[current]],
                 )
                 kept = [i for i in kept if i >= end]
                 bad = [i for i in bad if i >= end]

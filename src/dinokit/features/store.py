@@ -4,7 +4,8 @@ A run folder holds
   manifest.json             model and its weights hash, resolution, transform, features and shapes, dtype,
                             shards, bad files
   embed_config.json         the settings (checked when a run resumes)
-  shard_00000.safetensors   (or .npz) one shard: a tensor per feature kind, its image paths, its bad files
+  shard_00000.safetensors   (or .npz) one shard: a tensor per feature kind, its image paths, its bad files,
+                            and the [size, mtime ns] of each of its files when they were read (`file_stamps`)
   ...
 Every shard is one file, written atomically: it either holds all its images or does not exist.
 Tensors in a shard (n = images of the shard):
@@ -38,13 +39,23 @@ def shard_path(folder: Path, index: int, format: str) -> Path:
     return folder / f"shard_{index:05d}{SHARD_FORMATS[format]}"
 
 
-def write_shard(path: Path, features: dict[str, torch.Tensor], paths: list[str], bad: list[str], dtype: str) -> None:
+def write_shard(
+    path: Path,
+    features: dict[str, torch.Tensor],
+    paths: list[str],
+    bad: list[str],
+    dtype: str,
+    stamps: list[list[int]] | None = None,
+) -> None:
     """Atomically write one shard: the features (cast to `dtype`), the image paths they belong to (in
-    order) and the files of this shard that could not be read."""
+    order), the files of this shard that could not be read, and `stamps`: [size, mtime ns] of each of
+    the shard's files (read or not, in listing order) taken before they were read (None: not recorded)."""
     tensors = {k: v.to(STORE_DTYPES[dtype]).contiguous() for k, v in features.items()}
     if path.suffix == ".npz":
         arrays = {k: v.numpy() for k, v in tensors.items()}
         arrays.update(paths=np.array(paths, dtype=str), bad=np.array(bad, dtype=str))
+        if stamps is not None:
+            arrays["stamps"] = np.array(stamps, dtype=np.int64).reshape(-1, 2)
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
@@ -53,6 +64,8 @@ def write_shard(path: Path, features: dict[str, torch.Tensor], paths: list[str],
         atomic_write(path, write)
     else:
         metadata = {"paths": json.dumps(paths), "bad": json.dumps(bad)}
+        if stamps is not None:
+            metadata["stamps"] = json.dumps(stamps)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
@@ -81,12 +94,24 @@ def read_shard_index(path: Path) -> tuple[list[str], list[str]]:
         return json.loads(meta["paths"]), json.loads(meta["bad"])
 
 
+def read_shard_stamps(path: Path) -> list[list[int]] | None:
+    """The [size, mtime ns] of each of a shard's files when they were read (listing order), or None for
+    a shard written before dinokit recorded them."""
+    with damaged_shard(path):
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                return z["stamps"].tolist() if "stamps" in z.files else None
+        with safe_open(str(path), framework="pt") as f:
+            stamps = f.metadata().get("stamps")
+        return None if stamps is None else json.loads(stamps)
+
+
 def read_shard(path: Path, kinds: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """({kind: tensor}, image paths) of one shard; `kinds` None reads every feature kind."""
     with damaged_shard(path):
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:
-                names = [k for k in z.files if k not in ("paths", "bad")]
+                names = [k for k in z.files if k not in ("paths", "bad", "stamps")]
                 feats = {k: torch.from_numpy(z[k]) for k in names if kinds is None or k in kinds}
                 return feats, z["paths"].tolist()
         with safe_open(str(path), framework="pt") as f:

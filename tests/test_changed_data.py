@@ -1,0 +1,95 @@
+"""The user's data changes between two runs (images added, removed, replaced under their name, labels
+edited, the same folder reached through a symlink): a resumed or cached job never mixes stale and fresh
+results. It computes again what changed, or refuses with one line naming the change and the fix."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dinokit
+from dinokit.errors import DinokitError
+from dinokit.features.embed import embed
+from dinokit.features.store import read_embeddings
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def draw(path: Path, seed: int, size: int = 20) -> None:
+    """A tiny image of seeded noise; BMP, so that every image of one size has the same file size."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def replace(path: Path, seed: int) -> None:
+    """Another picture under the same name and of the same size, written a second later (an export)."""
+    before = path.stat()
+    draw(path, seed)
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    model = dinokit.create_model("vit_micro_p4", depth=1)
+    return str(dinokit.export_model(model, tmp_path_factory.mktemp("model") / "model.safetensors"))
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    folder = tmp_path / "photos"
+    for i in range(6):
+        draw(folder / f"{i:02d}.bmp", i)
+    return folder
+
+
+def run_embed(weights: str, data, out, **kw) -> dict:
+    args = dict(image_size=16, batch_size=2, num_workers=0, shard_size=2, progress=False, precision="fp32")
+    return embed(model=weights, data=str(data), out=str(out), **{**args, **kw})
+
+
+# ------------------------------------------------------------------------------------------ embed
+def test_embed_again_computes_the_shard_of_a_file_replaced_under_its_name(weights, photos, tmp_path, capsys):
+    """Every finished shard was kept as it was: a photo exported again under its name (same size) kept its
+    old features for good. Shards now record their files' size and mtime and are computed again where
+    a file changed."""
+    run_embed(weights, photos, tmp_path / "emb")
+    replace(photos / "03.bmp", 99)
+    summary = run_embed(weights, photos, tmp_path / "emb")
+    assert summary["computed_shards"] == 1 and summary["resumed_shards"] == 2
+    assert "1 file(s) changed since they were embedded (first: " in capsys.readouterr().err
+    feats, paths = read_embeddings(tmp_path / "emb")
+    model = dinokit.load_model(weights)
+    transform = dinokit.eval_transform(16)
+    fresh = dinokit.extract_features(model, [photos / "03.bmp"], transform, which=["cls"], precision="fp32")[0]
+    assert paths[3].endswith("03.bmp") and torch.allclose(feats["cls"][3], fresh["cls"][0], atol=1e-6)
+    assert run_embed(weights, photos, tmp_path / "emb")["computed_shards"] == 0  # nothing changed since
+
+
+def test_embed_into_a_run_whose_folder_gained_or_lost_images_names_them(weights, photos, tmp_path):
+    """The refusal said 'num_images, paths_sha1 differ'; it now says what changed and what to do."""
+    run_embed(weights, photos, tmp_path / "emb")
+    draw(photos / "06.bmp", 6)
+    with pytest.raises(DinokitError, match=r"lists 7 images now, 6 when .* was started \(1 added, first .*06\.bmp\)"):
+        run_embed(weights, photos, tmp_path / "emb")
+    (photos / "06.bmp").unlink()
+    (photos / "02.bmp").unlink()
+    with pytest.raises(DinokitError, match=r"\(1 removed, first .*02\.bmp\).*Embed into a new out= folder"):
+        run_embed(weights, photos, tmp_path / "emb")
+
+
+def test_embed_resumes_a_run_through_a_symlink_or_a_relative_path_to_its_folder(weights, photos, tmp_path, monkeypatch):
+    """The same folder through a symlink was refused ('data, paths_sha1 differ'); it now resumes, with
+    the paths spelled as the run began."""
+    first = run_embed(weights, photos, tmp_path / "emb")
+    (tmp_path / "link").symlink_to(photos)
+    assert run_embed(weights, tmp_path / "link", tmp_path / "emb")["computed_shards"] == 0
+    monkeypatch.chdir(tmp_path)
+    assert run_embed(weights, "photos", tmp_path / "emb")["computed_shards"] == 0
+    assert read_embeddings(tmp_path / "emb")[1] == [str(p) for p in sorted(photos.iterdir())]
+    assert first["embedded"] == 6
