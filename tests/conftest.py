@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from dinokit import runtime
+from dinokit.models.vision_transformer import VisionTransformer
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +33,36 @@ def fresh_bf16_cache(monkeypatch):
     """An empty per-GPU cache of bf16 answers for this test, for tests that fake the GPUs or their answers
     (the process's real cache is back afterwards)."""
     monkeypatch.setattr(runtime, "_cuda_native_bf16", functools.cache(runtime._cuda_native_bf16.__wrapped__))
+
+
+# what a CUDA GPU's caching allocator raises when a forward pass does not fit
+GPU_OUT_OF_MEMORY = (
+    "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 7.79 GiB of which 1.25 GiB "
+    "is free. Including non-PyTorch memory, this process has 6.52 GiB memory in use."
+)
+
+
+@pytest.fixture
+def memory_fits(monkeypatch):
+    """`memory_fits(n, error=...)`: every VisionTransformer's forward of more than n images raises `error`
+    (a GPU's torch.OutOfMemoryError by default), as a device without the memory for them would; returns
+    the list of the batch sizes tried, filled as they come."""
+
+    def limit(fits: int, error: Exception | None = None) -> list[int]:
+        tried: list[int] = []
+        for name in ("forward_features", "get_intermediate_layers"):
+            original = getattr(VisionTransformer, name)
+
+            def forward(self, x, *args, original=original, **kwargs):
+                tried.append(len(x))
+                if len(x) > fits:
+                    raise error or torch.OutOfMemoryError(GPU_OUT_OF_MEMORY)
+                return original(self, x, *args, **kwargs)
+
+            monkeypatch.setattr(VisionTransformer, name, forward)
+        return tried
+
+    return limit
 
 
 def perturb_scales_and_norms(module: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:

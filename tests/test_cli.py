@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import os
 import re
@@ -5,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from conftest import GPU_OUT_OF_MEMORY, random_images
 
 import dinokit
 from dinokit.cli import (
@@ -15,12 +18,14 @@ from dinokit.cli import (
     FURTHER_KEYS,
     build_kwargs,
     command_help,
+    describe_out_of_memory,
     explained_keys,
     main,
     parse_value,
     resolve_command,
 )
 from dinokit.errors import DinokitError
+from dinokit.train.config import PretrainConfig
 
 
 def example(
@@ -396,3 +401,61 @@ def test_a_missing_key_names_the_help_page_of_its_command(capsys):
     )
     assert main(["eval", "knn", "model=m", "train"]) == 2
     assert "got 'train' (see `dinokit eval knn --help`)" in capsys.readouterr().err
+
+
+@pytest.fixture
+def embed_keys(tmp_path):
+    """`dinokit embed` keys for two tiny images and a one-block model."""
+    weights = dinokit.export_model(dinokit.create_model("vit_micro_p4", depth=1), tmp_path / "m.safetensors")
+    random_images(tmp_path / "images", 2, 20, np.random.default_rng(0))
+    keys = [f"model={weights}", f"data={tmp_path / 'images'}", f"out={tmp_path / 'e'}", "image_size=16"]
+    return [*keys, "batch_size=8", "num_workers=0", "progress=false", "device=cpu"]
+
+
+def test_one_image_the_device_has_no_memory_for_is_one_line_naming_the_device_sizes_and_the_keys(
+    embed_keys, memory_fits, capsys
+):
+    """Torch's multi-screen traceback was all a user got; the batch is halved down to one image first."""
+    tried = memory_fits(0)
+    assert main(["embed", *embed_keys]) == 2
+    assert capsys.readouterr().err == (
+        "dinokit: error: out of memory on cuda:0 (tried to allocate 2.00 GiB, 1.25 GiB free); to use less: "
+        "lower batch_size (now 8), image_size (now 16)\n"
+    )
+    assert tried == [2, 1]
+
+
+def test_the_cpu_allocator_failing_is_one_line_without_a_smaller_batch(embed_keys, memory_fits, monkeypatch, capsys):
+    failure = RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)"
+    )
+    tried = memory_fits(1, failure)
+    keys = [*embed_keys, "precision=fp32"]
+    assert main(["embed", *keys]) == 2
+    assert capsys.readouterr().err == (
+        "dinokit: error: out of memory on cpu (tried to allocate 3.00 GiB); to use less: lower batch_size (now 8), "
+        "image_size (now 16); set precision=bf16\n"
+    )
+    assert tried == [2]  # not halved: the machine itself is short of memory
+    memory_fits(1, RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # not memory: the traceback
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(["embed", *keys])
+
+
+def test_out_of_memory_names_the_keys_that_lower_memory_which_the_command_has():
+    """Derived from the command's signature and config dataclass: pretrain's crops and fsdp, not embed's."""
+    error = torch.OutOfMemoryError(GPU_OUT_OF_MEMORY)
+    pretrain = describe_out_of_memory(error, "pretrain", resolve_command("pretrain"), {"batch_size": 64})
+    assert pretrain.startswith(
+        "out of memory on cuda:0 (tried to allocate 2.00 GiB, 1.25 GiB free); to use less: lower batch_size (now "
+        "64), global_crops_size, local_crops_size, local_crops_number; set precision=bf16"
+    )
+    assert "fsdp=true" in pretrain
+    checkpointing = "activation_checkpointing" in {f.name for f in dataclasses.fields(PretrainConfig)}
+    assert ("activation_checkpointing=true" in pretrain) == checkpointing
+    finetune = describe_out_of_memory(error, "finetune", resolve_command("finetune"), {"precision": "bf16"})
+    assert "lower batch_size, image_size" in finetune and "crops" not in finetune and "fsdp" not in finetune
+    assert "precision" not in finetune  # already bf16
+    dedup = describe_out_of_memory(error, "curate dedup", resolve_command("curate dedup"), {})
+    assert dedup.endswith("to use less: set device=cpu")

@@ -11,6 +11,7 @@ from PIL import Image
 
 import dinokit
 from dinokit import runtime
+from dinokit.cli import main
 from dinokit.data.transforms import eval_transform
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
@@ -388,3 +389,29 @@ def test_a_file_name_that_is_not_utf8_is_embedded(setup, tmp_path):
     embed(model=weights, data=str(images), out=str(tmp_path / "e"), image_size=16, num_workers=0, progress=False)
     feats, paths = read_embeddings(tmp_path / "e")
     assert feats["cls"].shape[0] == 2 and os.fsencode(paths[0]).endswith(b"caf\xe9.png")
+
+
+def test_dinokit_embed_on_a_device_short_of_memory_writes_the_shards_of_a_plain_run(setup, tmp_path, memory_fits):
+    """The device fits 3 images of batch_size=4: embed goes on 2 at a time, with one warning, and writes
+    what a plain run writes (features, order, bad files, shards)."""
+    folder, weights, _ = setup
+    keys = [f"model={weights}", f"data={folder}", "image_size=16", "batch_size=4", "num_workers=0", "shard_size=5"]
+    keys += ["precision=fp32", "features=[cls,patch_tokens]", "progress=false"]
+    assert main(["embed", *keys, f"out={tmp_path / 'plain'}"]) == 0
+    tried = memory_fits(3)
+    with pytest.warns(UserWarning) as warned:
+        assert main(["embed", *keys, f"out={tmp_path / 'short'}"]) == 0
+    assert [str(w.message) for w in warned] == [
+        "out of memory on cpu at batch_size=4: the features are computed 2 images at a time from here on "
+        "(pass batch_size=2 next time)"
+    ]
+    assert tried == [4, 2, 2, 2, 1, 2, 2, 1]  # batches of 4 paths: 4, 3 (and a bad file), 4, 1 images
+    plain, short = read_manifest(tmp_path / "plain"), read_manifest(tmp_path / "short")
+    assert short["bad_files"] == plain["bad_files"] and short["shards"] == plain["shards"]
+    (plain_feats, plain_paths), (feats, paths) = (
+        read_embeddings(tmp_path / "plain"),
+        read_embeddings(tmp_path / "short"),
+    )
+    assert paths == plain_paths
+    for kind in plain_feats:
+        torch.testing.assert_close(feats[kind], plain_feats[kind])

@@ -87,3 +87,22 @@ def test_bad_requests():
     if not torch.cuda.is_available():
         with pytest.raises(DinokitError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_a_batch_the_device_has_no_memory_for_is_run_in_halves_with_the_same_features(images, memory_fits):
+    """Batches of 4 paths: 3 readable images, then 2; the device fits 2. The first batch is halved (2 + 1)
+    and 2 kept for the rest, with one warning; features, order and bad files are a plain run's."""
+    model = dinokit.create_model("vit_micro_p4", depth=2).eval()
+    kw = dict(which=("cls", "patch_tokens"), batch_size=4, num_workers=0, precision="fp32", progress=False)
+    plain, plain_kept, plain_bad = extract_features(model, images, eval_transform(32), **kw)
+    tried = memory_fits(2)
+    with pytest.warns(UserWarning) as warned:
+        feats, kept, bad = extract_features(model, images, eval_transform(32), **kw)
+    assert [str(w.message) for w in warned] == [
+        "out of memory on cpu at batch_size=4: the features are computed 2 images at a time from here on "
+        "(pass batch_size=2 next time)"
+    ]
+    assert tried == [3, 2, 1, 2]
+    assert kept == plain_kept == [0, 1, 3, 4, 5] and bad == plain_bad == [2]
+    for kind in plain:
+        torch.testing.assert_close(feats[kind], plain[kind])

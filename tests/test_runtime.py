@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dinokit.errors import DinokitError
-from dinokit.runtime import bf16_supported, resolve_device
+from dinokit.runtime import OutOfMemory, bf16_supported, device_out_of_memory, out_of_memory, resolve_device
 
 
 @pytest.fixture
@@ -126,3 +126,48 @@ def test_a_sigterm_handled_while_the_handlers_are_restored_leaves_them_restored(
         for s, handler in before.items():
             signal.signal(s, handler)
     assert after == before and stop.requested == "SIGTERM"
+
+
+@pytest.mark.parametrize(
+    "error, found",
+    [
+        (
+            torch.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 1 has a total capacity of 79.19 GiB of which "
+                "1.25 GiB is free. Including non-PyTorch memory, this process has 77.89 GiB memory in use."
+            ),
+            OutOfMemory("cuda:1", "tried to allocate 2.00 GiB, 1.25 GiB free"),
+        ),
+        (
+            torch.OutOfMemoryError(
+                "XPU out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 11.93 GiB of which "
+                "5.62 MiB is free. Of the allocated memory 10.43 GiB is allocated by PyTorch"
+            ),
+            OutOfMemory("xpu:0", "tried to allocate 20.00 MiB, 5.62 MiB free"),
+        ),
+        (
+            RuntimeError(
+                "MPS backend out of memory (MPS allocated: 17.21 GiB, other allocations: 1.02 GiB, max allowed: "
+                "20.13 GiB). Tried to allocate 9.19 MiB on private pool. Use PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0"
+            ),
+            OutOfMemory("mps", "tried to allocate 9.19 MiB"),
+        ),
+        (  # a library's allocation outside the caching allocator
+            RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"),
+            OutOfMemory("cuda", ""),
+        ),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you "
+                "tried to allocate 911360 bytes."
+            ),
+            OutOfMemory("cpu", "tried to allocate 0.87 MiB"),
+        ),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"), None),
+    ],
+)
+def test_out_of_memory_reads_where_and_how_much_from_what_torch_says(error, found):
+    """CUDA and XPU raise torch.OutOfMemoryError, MPS and the CPU allocator a RuntimeError; only a device's
+    memory lets work go on in smaller pieces."""
+    assert out_of_memory(error) == found
+    assert device_out_of_memory(error) == (found is not None and found.device != "cpu")

@@ -174,6 +174,23 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
     },
 }
 
+# The keys that lower a command's memory, as the out-of-memory message names them: sizes to lower, then
+# settings to make (key: (value, note)). A command is told only the keys it has (`command_keys`).
+MEMORY_SIZES = (
+    "batch_size",
+    "train_batch_size",
+    "image_size",
+    "max_pixels",
+    "global_crops_size",
+    "local_crops_size",
+    "local_crops_number",
+)
+MEMORY_SETTINGS = {
+    "precision": ("bf16", ""),
+    "activation_checkpointing": ("true", ""),
+    "fsdp": ("true", " (torchrun: the model sharded over the GPUs)"),
+}
+
 # a hint after the one-line message of an OSError, by errno
 OS_ERROR_HINTS = {
     errno.EEXIST: "a file is where a folder is to be written: pass another path, or remove the file",
@@ -452,6 +469,53 @@ def describe_os_error(e: OSError) -> str:
     return f"{line}: {hint}" if hint else line
 
 
+def command_keys(name: str, func) -> set[str]:
+    """Every key command `name` takes: its function's keyword arguments and its FURTHER_KEYS fields."""
+    keys = set(inspect.signature(func).parameters)
+    if name in FURTHER_KEYS:
+        module, cls = FURTHER_KEYS[name].split(":")
+        keys |= {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+    return keys
+
+
+def describe_out_of_memory(error: BaseException, name: str, func, given: dict) -> str | None:
+    """One line for torch running out of memory in command `name` (None for any other error): where,
+    what torch said of sizes, and the keys that lower the command's memory (`memory_fixes`). Torch is
+    asked only where it is loaded already: the error is not torch's otherwise."""
+    if "torch" not in sys.modules or func is None:
+        return None
+    from dinokit.runtime import out_of_memory
+
+    found = out_of_memory(error)
+    if found is None:
+        return None
+    sizes = f" ({found.sizes})" if found.sizes else ""
+    fixes = memory_fixes(name, func, given, on_cpu=found.device == "cpu")
+    return f"out of memory on {found.device}{sizes}; " + (
+        f"to use less: {fixes}" if fixes else "free memory there (other programs) or use a machine with more"
+    )
+
+
+def memory_fixes(name: str, func, given: dict, on_cpu: bool) -> str:
+    """The keys of command `name` that lower its memory, with the values in use (`given`, else the
+    defaults of its function): 'lower batch_size (now 64), image_size (now 224); set precision=bf16'.
+    A command that has none but device= is told device=cpu where a GPU ran out."""
+    keys = command_keys(name, func) - ({"fsdp"} if on_cpu else set())
+    defaults = {k: p.default for k, p in inspect.signature(func).parameters.items() if p.default is not p.empty}
+    now = {k: v for k, v in {**defaults, **given}.items() if v is not None}
+    sizes = [f"{k} (now {now[k]})" if k in now else k for k in MEMORY_SIZES if k in keys]
+    settings = [
+        f"{k}={value}{note}"
+        for k, (value, note) in MEMORY_SETTINGS.items()
+        if k in keys and str(now.get(k)).lower() != value
+    ]
+    if not sizes and not settings and not on_cpu and "device" in keys:
+        settings = ["device=cpu"]
+    return "; ".join(
+        [*([f"lower {', '.join(sizes)}"] if sizes else []), *([f"set {', '.join(settings)}"] if settings else [])]
+    )
+
+
 def print_error(message: str, shared: bool = False) -> None:
     """`dinokit: error: <message>` on stderr; in a torchrun job, once for an error that every process
     raises (`distributed.leave_shared_error_to_process_0`; imported there only, as it loads torch)."""
@@ -496,13 +560,15 @@ def run(argv: list[str]) -> int:
 
         print(f"dinokit {__version__}")
         return 0
+    name, func, kwargs = "", None, {}
     try:
         name, rest = split_command(argv)
         func = resolve_command(name)
         if any(a in ("-h", "--help") for a in rest):
             print(command_help(name, func))
             return 0
-        result = func(**build_kwargs(func, rest, name))
+        kwargs = build_kwargs(func, rest, name)
+        result = func(**kwargs)
     except DinokitError as e:
         print_error(str(e), shared=isinstance(e, SharedError))
         return 2
@@ -514,6 +580,12 @@ def run(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print_interrupted()
         return 130
+    except RuntimeError as e:  # out of memory (torch raises RuntimeErrors): one line; any other: the traceback
+        message = describe_out_of_memory(e, name, func, kwargs)
+        if message is None:
+            raise
+        print_error(message)
+        return 2
     if isinstance(result, (dict, list)):
         print(json.dumps(result, indent=2, default=str))
     elif result is not None:

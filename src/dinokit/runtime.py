@@ -1,5 +1,6 @@
-"""Where and how to run, shared by every stage: device choice, autocast, (on CPU) malloc's reuse of
-freed memory for loops that make large tensors afresh, and stopping long loops cleanly on a signal."""
+"""Where and how to run, shared by every stage: device choice, autocast, what an out-of-memory error
+says, (on CPU) malloc's reuse of freed memory for loops that make large tensors afresh, and stopping
+long loops cleanly on a signal."""
 
 import contextlib
 import ctypes
@@ -11,7 +12,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 import torch
 
@@ -127,6 +128,67 @@ def autocast(device: torch.device, precision: str = "bf16"):
     if effective_precision(device, precision) == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+class OutOfMemory(NamedTuple):
+    """Where memory ran out and what torch said of sizes: ("cuda:0", "tried to allocate 2.00 GiB, 1.25
+    GiB free"); device "cpu" is the machine's memory, sizes "" where torch named none."""
+
+    device: str
+    sizes: str
+
+
+# What torch raises when memory runs out. The caching allocators of CUDA and XPU: torch.OutOfMemoryError,
+# "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.25 GiB
+# is free. ..." (or "... per_process_memory_fraction limit. Requested size: ..."); MPS's: a RuntimeError,
+# "MPS backend out of memory (MPS allocated: ..., max allowed: ...). Tried to allocate 9.19 MiB on private
+# pool. ..."; a CUDA call outside the allocator (a library's workspace): "CUDA error: out of memory"; the
+# CPU allocator: a RuntimeError, "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1024
+# bytes. Error code 12 (...)" (Windows: "not enough memory: you tried to allocate 1024 bytes.").
+DEVICE_OUT_OF_MEMORY = re.compile(r"(CUDA|XPU|MPS)(?: backend)?(?: error:)? out of memory")
+CPU_OUT_OF_MEMORY = re.compile(
+    r"DefaultCPUAllocator: (?:can't allocate memory|not enough memory): you tried to allocate (\d+) bytes"
+)
+GPU_INDEX = re.compile(r"\bGPU (\d+)\b")
+TRIED = re.compile(r"(?:Tried to allocate|Requested size:) ([\d.]+ \w+)")
+FREE = re.compile(r"of which ([\d.]+ \w+) is free")
+
+
+def out_of_memory(error: BaseException) -> OutOfMemory | None:
+    """Where memory ran out if `error` is torch saying so (a device's or the CPU's allocator), else None."""
+    text = str(error)
+    cpu = CPU_OUT_OF_MEMORY.search(text)
+    if cpu is not None:
+        size = int(cpu[1])
+        amount = f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.2f} MiB"
+        return OutOfMemory("cpu", f"tried to allocate {amount}")
+    kind = DEVICE_OUT_OF_MEMORY.match(text)
+    if kind is None and not isinstance(error, torch.OutOfMemoryError):
+        return None
+    device = kind[1].lower() if kind is not None else "the device"
+    index = GPU_INDEX.search(text)
+    if index is not None and device in ("cuda", "xpu"):
+        device = f"{device}:{index[1]}"
+    tried, free = TRIED.search(text), FREE.search(text)
+    sizes = [f"tried to allocate {tried[1]}"] if tried else []
+    if free:
+        sizes.append(f"{free[1]} free")
+    return OutOfMemory(device, ", ".join(sizes))
+
+
+def device_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is a GPU's (or another accelerator's) memory running out, not the CPU's: work can
+    go on in smaller pieces there. The CPU's is left an error: on Linux the kernel's OOM killer usually
+    ends the process first, and a failed allocation there means the machine is short of memory."""
+    found = out_of_memory(error)
+    return found is not None and found.device != "cpu"
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Give the cached blocks of `device`'s caching allocator (CUDA, MPS, XPU) back, after an out-of-memory
+    error: the next try starts with that memory free. Nothing to do on the CPU."""
+    if device.type in ("cuda", "mps", "xpu"):
+        getattr(torch, device.type).empty_cache()
 
 
 # glibc mallopt parameters (malloc.h) and their defaults

@@ -5,6 +5,7 @@ call `iter_features` / `extract_features`.
 """
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from tqdm import tqdm
 from dinokit.data.images import ImageFiles, collate_skipping_bad
 from dinokit.errors import DinokitError
 from dinokit.models.vision_transformer import VisionTransformer
-from dinokit.runtime import autocast, ignore_stop_signals
+from dinokit.runtime import autocast, device_out_of_memory, free_cached_memory, ignore_stop_signals
 
 # Which features a batch can produce, and their shapes for B images, D dims, R registers, N patches.
 FEATURE_KINDS = {
@@ -75,6 +76,36 @@ def compute_features(
     return {k: v.float() for k, v in out.items()}
 
 
+def compute_features_fitting(
+    model: VisionTransformer, images: torch.Tensor, limit: int, *args
+) -> tuple[dict[str, torch.Tensor], int]:
+    """`compute_features` of images (B, 3, H, W) run `limit` at a time; a run the device has no memory
+    for is halved (and again, down to one image, whose out-of-memory error is raised) after its cached
+    memory is freed. Returns ({kind: (B, ...)}, the images per run that fitted: `limit` or fewer).
+    `args`: compute_features' which, layers, norm. A sharded (FSDP) model is not split: its forward is a
+    collective that every process must run alike."""
+    sharded = hasattr(next(model.parameters()), "to_local")
+    parts = []
+    start = 0
+    while start < len(images):
+        n = min(limit, len(images) - start)
+        try:
+            feats = compute_features(model, images[start : start + n], *args)
+        except RuntimeError as e:
+            if n == 1 or sharded or not device_out_of_memory(e):
+                raise
+            feats = None  # the error, and the tensors its traceback holds, go when this block ends
+        if feats is None:
+            limit = (n + 1) // 2
+            free_cached_memory(images.device)
+            continue
+        parts.append(feats)
+        start += n
+    if len(parts) == 1:
+        return parts[0], limit
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, limit
+
+
 def check_loader_settings(batch_size: int, num_workers: int) -> None:
     """Clear errors for settings torch's DataLoader refuses with a traceback."""
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -121,11 +152,14 @@ def iter_features(
 
     The model runs in eval mode and is given back in the mode it came in (a model being trained stays
     in training). `precision` sets autocast for float32 and bf16 weights; a model.half() runs in
-    float16 (bf16 autocast cannot mix with float16 weights)."""
+    float16 (bf16 autocast cannot mix with float16 weights). A batch the device has no memory for is
+    run in halves (`compute_features_fitting`), and the smaller size kept for the rest of the images,
+    with a warning naming the batch_size to pass; the features are the same."""
     weights = next(model.parameters())
     device = weights.device
     half = weights.dtype == torch.float16
     loader = image_loader(paths, transform, batch_size, num_workers, device)
+    limit = batch_size  # images per forward pass: lowered for the rest of the run where memory runs out
     training = model.training
     model.eval()
     try:
@@ -134,7 +168,15 @@ def iter_features(
                 yield good, {}, bad
                 continue
             with contextlib.nullcontext() if half else autocast(device, precision):
-                feats = compute_features(model, images.to(device, non_blocking=True), which, layers, norm)
+                images = images.to(device, non_blocking=True)
+                feats, fitted = compute_features_fitting(model, images, limit, which, layers, norm)
+            if fitted < limit:
+                warnings.warn(
+                    f"out of memory on {device} at batch_size={limit}: the features are computed {fitted} images "
+                    f"at a time from here on (pass batch_size={fitted} next time)",
+                    stacklevel=2,
+                )
+                limit = fitted
             yield good, {k: v.cpu() for k, v in feats.items()}, bad
     finally:
         model.train(training)
