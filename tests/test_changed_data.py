@@ -93,3 +93,47 @@ def test_embed_resumes_a_run_through_a_symlink_or_a_relative_path_to_its_folder(
     assert run_embed(weights, "photos", tmp_path / "emb")["computed_shards"] == 0
     assert read_embeddings(tmp_path / "emb")[1] == [str(p) for p in sorted(photos.iterdir())]
     assert first["embedded"] == 6
+
+
+# ------------------------------------------------------------------------------------------ index build
+def test_index_add_skips_images_indexed_under_another_spelling_of_their_folder(weights, photos, tmp_path):
+    """An embedding of the same folder through a symlink was added again in full: every image twice in
+    the index (each query hit both copies). Images are now matched with their folder's symlinks resolved;
+    a folder that gained an image adds just that one."""
+    from dinokit.retrieval.commands import build_index
+    from dinokit.retrieval.index import FeatureIndex
+
+    run_embed(weights, photos, tmp_path / "emb")
+    build_index(features=str(tmp_path / "emb"), out=str(tmp_path / "index"))
+    (tmp_path / "link").symlink_to(photos)
+    draw(photos / "06.bmp", 6)
+    run_embed(weights, tmp_path / "link", tmp_path / "emb_link")
+    summary = build_index(features=str(tmp_path / "emb_link"), out=str(tmp_path / "index"), add=True)
+    assert (summary["added"], summary["skipped"], summary["total"]) == (1, 6, 7)
+    assert FeatureIndex.load(tmp_path / "index").paths[-1] == str(tmp_path / "link" / "06.bmp")
+
+
+def test_index_add_refuses_an_image_replaced_since_it_was_indexed(weights, photos, tmp_path):
+    """add=true skipped images indexed already, so one replaced under its name and embedded again kept
+    its old vector. The index now records each image's size and mtime when embedded and refuses."""
+    from dinokit.retrieval.commands import build_index
+
+    run_embed(weights, photos, tmp_path / "emb")
+    build_index(features=str(tmp_path / "emb"), out=str(tmp_path / "index"))
+    replace(photos / "04.bmp", 44)
+    run_embed(weights, photos, tmp_path / "emb")  # embed again: the shard of 04.bmp is computed again
+    with pytest.raises(DinokitError, match=r"1 image\(s\) of .* changed since they were indexed .*04\.bmp"):
+        build_index(features=str(tmp_path / "emb"), out=str(tmp_path / "index"), add=True)
+    assert build_index(features=str(tmp_path / "emb"), out=str(tmp_path / "fresh"))["total"] == 6
+
+
+def test_a_damaged_stamps_file_of_an_index_is_an_error_naming_it(weights, photos, tmp_path):
+    from dinokit.retrieval.commands import build_index
+    from dinokit.retrieval.index import FeatureIndex
+
+    run_embed(weights, photos, tmp_path / "emb")
+    build_index(features=str(tmp_path / "emb"), out=str(tmp_path / "index"))
+    stamps = tmp_path / "index" / "stamps-0.npy"
+    stamps.write_bytes(stamps.read_bytes()[:60])
+    with pytest.raises(DinokitError, match=r"stamps-0\.npy is damaged.*build the index again"):
+        FeatureIndex.load(tmp_path / "index")

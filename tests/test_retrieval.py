@@ -86,7 +86,8 @@ def test_save_add_and_interrupted_add(clustered, tmp_path, monkeypatch):
     loaded = FeatureIndex.load(tmp_path / "i")
     assert loaded.add(x[300:], paths[300:]) == 200  # 100 already indexed: skipped
     loaded.save(tmp_path / "i")
-    assert sorted(p.name for p in (tmp_path / "i").iterdir()) == ["index-1.faiss", "index.json", "paths-1.txt"]
+    files = ["index-1.faiss", "index.json", "paths-1.txt", "stamps-1.npy"]
+    assert sorted(p.name for p in (tmp_path / "i").iterdir()) == files
     again = FeatureIndex.load(tmp_path / "i")
     assert again.paths == paths
     _, ids = again.search(x[:5], 1)
@@ -190,8 +191,8 @@ def test_an_add_while_another_add_runs_waits_and_both_are_indexed(collection, tm
     real_add = FeatureIndex.add_blocks  # build_index adds an embedding shard by shard
     other: list[threading.Thread] = []
 
-    def add_while_another_adds(self, paths, blocks):
-        added = real_add(self, paths, blocks)
+    def add_while_another_adds(self, paths, blocks, stamps=None):
+        added = real_add(self, paths, blocks, stamps)
         if not other:  # the first add starts the second and gives it time to finish before saving
             other.append(
                 threading.Thread(

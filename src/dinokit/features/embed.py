@@ -152,7 +152,7 @@ def embed(
         shards = [paths[i : i + step] for i in range(0, len(paths), step)]
         mine = [i for i in range(len(shards)) if i % world == rank]
         done = [i for i in mine if finished(shard_path(out_dir, i, format))]
-        changed = {i: files for i in done if (files := changed_files(shard_path(out_dir, i, format), shards[i]))}
+        changed = {i: files for i in done if (files := changed_files(shard_path(out_dir, i, format)))}
         if changed:
             first = next(iter(changed.values()))[0]
             print(
@@ -270,13 +270,14 @@ def spelling_of_run(config: Path, data: str) -> str:
     return before if same else data
 
 
-def changed_files(shard: Path, files: list[str]) -> list[str]:
-    """The files of a finished shard (in listing order) whose size or modification time differ from
-    those the shard recorded when it read them (none for a shard that recorded none)."""
+def changed_files(shard: Path) -> list[str]:
+    """The files of a finished shard (its images, then its bad files) whose size or modification time
+    differ from those the shard recorded when it read them (none for a shard that recorded none)."""
     recorded = read_shard_stamps(shard)
-    if recorded is None or len(recorded) != len(files):
+    kept, bad = read_shard_index(shard)
+    if recorded is None or len(recorded) != len(kept) + len(bad):
         return []
-    return [f for f, was, now in zip(files, recorded, file_stamps(files), strict=True) if was != now]
+    return [f for f, was, now in zip(kept + bad, recorded, file_stamps(kept + bad), strict=True) if was != now]
 
 
 def check_or_write_config(out_dir: Path, settings: dict, rank: int, paths: list[str]) -> None:
@@ -393,13 +394,15 @@ def run_shards(net, shards, todo, out_dir, settings, transform, batch_size, num_
                 stacked = {k: torch.cat(pending.get(k, [torch.zeros(0, *shape)])) for k, shape in shapes.items()}
                 shard_feats = {k: v[:n_in] for k, v in stacked.items()}
                 pending = {k: [v[n_in:]] for k, v in stacked.items()}
+                shard_kept, shard_bad = [queue[i] for i in kept if i < end], [queue[i] for i in bad if i < end]
+                stamp_of = dict(zip(shards[todo[current]], stamps[todo[current]], strict=True))
                 write_shard(
                     shard_path(out_dir, todo[current], settings["format"]),
                     shard_feats,
-                    [queue[i] for i in kept if i < end],
-                    [queue[i] for i in bad if i < end],
+                    shard_kept,
+                    shard_bad,
                     settings["dtype"],
-                    stamps[todo[current]],
+                    [stamp_of[p] for p in shard_kept + shard_bad],
                 )
                 kept = [i for i in kept if i >= end]
                 bad = [i for i in bad if i >= end]

@@ -49,7 +49,7 @@ def write_shard(
 ) -> None:
     """Atomically write one shard: the features (cast to `dtype`), the image paths they belong to (in
     order), the files of this shard that could not be read, and `stamps`: [size, mtime ns] of each of
-    the shard's files (read or not, in listing order) taken before they were read (None: not recorded)."""
+    `paths`, then of each of `bad`, taken before they were read (None: not recorded)."""
     tensors = {k: v.to(STORE_DTYPES[dtype]).contiguous() for k, v in features.items()}
     if path.suffix == ".npz":
         arrays = {k: v.numpy() for k, v in tensors.items()}
@@ -95,8 +95,8 @@ def read_shard_index(path: Path) -> tuple[list[str], list[str]]:
 
 
 def read_shard_stamps(path: Path) -> list[list[int]] | None:
-    """The [size, mtime ns] of each of a shard's files when they were read (listing order), or None for
-    a shard written before dinokit recorded them."""
+    """The [size, mtime ns] of each of a shard's files when they were read (its image paths, then its bad
+    files), or None for a shard written before dinokit recorded them."""
     with damaged_shard(path):
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:

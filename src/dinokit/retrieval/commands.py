@@ -12,7 +12,14 @@ from dinokit.data.images import check_readable, list_images
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features
-from dinokit.features.store import EMBEDDING_KEYS, MANIFEST, read_manifest, read_shard, read_shard_index
+from dinokit.features.store import (
+    EMBEDDING_KEYS,
+    MANIFEST,
+    read_manifest,
+    read_shard,
+    read_shard_index,
+    read_shard_stamps,
+)
 from dinokit.io import folder_lock, prepare_output, refuse_inputs_as_outputs, refuse_other_outputs, write_json
 from dinokit.models import load_model
 from dinokit.runtime import resolve_device
@@ -41,7 +48,8 @@ def build_index(
     the embedding). kind: flat (exact, default), ivf, hnsw, pq or ivfpq (see dinokit.retrieval.index;
     nlist defaults to 4 sqrt(N), at most N / 39: faiss's 39 training points per cell; pq_m 16, pq_bits
     8, hnsw_m 32). add: add the images of `features` to the existing index `out` (images already
-    indexed are skipped), which keeps the structure it was built with (kind and its options are for
+    indexed are skipped, under any spelling of their path; refused where one was replaced since it was
+    indexed, as its old vector would stay), which keeps the structure it was built with (kind and its options are for
     building: given with add=true, they must be the index's own); the embedding settings must match.
     An image listed twice is indexed once; the summary counts the images skipped. The embedding is read a
     shard at a time (ivf / pq kinds: once to train on at most 256 vectors per centroid, once to add), so
@@ -55,7 +63,7 @@ def build_index(
     prepare_output(out, folder=True, create=False)
     refuse_other_outputs(out, ("index.json",), "dinokit index build")
     manifest = vector_manifest(features, feature)
-    paths = [p for shard in manifest["shards"] for p in read_shard_index(Path(features) / shard["file"])[0]]
+    paths, stamps = indexed_files(features, manifest)
     check_listable(paths)  # before the index is built
     embedding = embedding_settings(manifest)
 
@@ -84,12 +92,19 @@ def build_index(
                     f"{features} was embedded differently from the index {out} ({', '.join(changed) or 'feature'} "
                     "differ); queries could not match both. Build a separate index."
                 )
-            added = index.add_blocks(paths, blocks)
+            replaced = index.changed_since_indexed(paths, stamps)
+            if replaced:
+                raise DinokitError(
+                    f"{len(replaced)} image(s) of {features} changed since they were indexed in {out} (first: "
+                    f"{replaced[0]}): add=true keeps indexed images as they are, so their old vectors would stay. "
+                    "Build the index anew (a new out=) from an embedding of every image"
+                )
+            added = index.add_blocks(paths, blocks, stamps)
             index.meta["sources"].append(str(Path(features).absolute()))
         else:
             meta = {"feature": feature, "embedding": embedding, "sources": [str(Path(features).absolute())]}
             options = {key: value for key, value in given.items() if key != "kind"}
-            index = FeatureIndex.create_from_blocks(paths, blocks, meta, kind=kind or "flat", **options)
+            index = FeatureIndex.create_from_blocks(paths, blocks, meta, kind=kind or "flat", stamps=stamps, **options)
             added = len(index.paths)
         index.save(out)
     return {
@@ -99,6 +114,19 @@ def build_index(
         "skipped": len(paths) - added,  # already indexed, or listed twice in the embedding
         "total": len(index.paths),
     }
+
+
+def indexed_files(features: str, manifest: dict) -> tuple[list[str], np.ndarray]:
+    """The image paths of a `dinokit embed` folder in row order, and (N, 2) int64 their [size, mtime ns]
+    when they were embedded (-1 for shards that did not record them)."""
+    paths, stamps = [], []
+    for shard in manifest["shards"]:
+        file = Path(features) / shard["file"]
+        shard_paths = read_shard_index(file)[0]
+        recorded = read_shard_stamps(file)
+        paths += shard_paths
+        stamps += recorded[: len(shard_paths)] if recorded is not None else [[-1, -1]] * len(shard_paths)
+    return paths, np.asarray(stamps, dtype=np.int64).reshape(-1, 2)
 
 
 def read_vectors(features: str | Path, feature: str = "cls") -> tuple[np.ndarray, list[str], dict]:

@@ -9,12 +9,14 @@ for `flat`, and for `ivf` when nprobe = nlist). Index kinds (faiss factory strin
   ivfpq   IVF{nlist},PQ{pq_m}x{pq_bits}: both, for hundreds of millions of vectors
 
 An index folder holds index.json (settings, the embedding run's model, weights hash and transform,
-and which generation of the files below is current), index-<g>.faiss and paths-<g>.txt (one image
-per line, in id order). Adding writes generation g + 1 and switches index.json last (atomically), so an
+and which generation of the files below is current), index-<g>.faiss, paths-<g>.txt (one image
+per line, in id order) and stamps-<g>.npy ((N, 2) int64: each image's size and mtime in ns when it was
+embedded, -1 where unknown). Adding writes generation g + 1 and switches index.json last (atomically), so an
 interrupted add leaves the previous index intact.
 """
 
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -87,6 +89,11 @@ class FeatureIndex:
     index: faiss.Index
     paths: list[str]
     meta: dict = field(default_factory=dict)
+    stamps: np.ndarray | None = None  # (N, 2) int64: [size, mtime ns] of each image when embedded, -1: unknown
+
+    def __post_init__(self) -> None:
+        if self.stamps is None:
+            self.stamps = unknown_stamps(len(self.paths))
 
     @classmethod
     def create(cls, vectors, paths: list[str], meta: dict, kind: str = "flat", **options) -> "FeatureIndex":
@@ -96,14 +103,21 @@ class FeatureIndex:
 
     @classmethod
     def create_from_blocks(
-        cls, paths: list[str], blocks: Callable[[], Iterator[np.ndarray]], meta: dict, kind: str = "flat", **options
+        cls,
+        paths: list[str],
+        blocks: Callable[[], Iterator[np.ndarray]],
+        meta: dict,
+        kind: str = "flat",
+        stamps: np.ndarray | None = None,
+        **options,
     ) -> "FeatureIndex":
         """`create` over vectors read a block at a time: blocks() iterates over consecutive row blocks
         (n_i, D) of the vectors of `paths` (e.g. the shards of an embedding). It is called once to add
         them (flat, hnsw), or once to train on `training_rows` and once to add (ivf, pq, ivfpq), so that
-        memory holds the index, one block and the training rows, never all N x D floats."""
+        memory holds the index, one block and the training rows, never all N x D floats. `stamps` (N, 2):
+        the images' [size, mtime ns] when embedded (None: unknown)."""
         first = np.zeros(len(paths), dtype=bool)
-        first[first_occurrences(paths)] = True
+        first[first_occurrences(same_file_keys(paths))] = True
         count = int(first.sum())
         index, train, spec, sample, seen = None, None, "", [], 0
         for block in _kept_blocks(blocks(), first):
@@ -131,22 +145,39 @@ class FeatureIndex:
                 index.add(block)
         kept = np.flatnonzero(first).tolist()
         dim = int(index.d)
-        return cls(index, [paths[i] for i in kept], {**meta, "kind": kind, "factory": spec, "dim": dim})
+        stamps = unknown_stamps(len(paths)) if stamps is None else np.asarray(stamps, dtype=np.int64)
+        meta = {**meta, "kind": kind, "factory": spec, "dim": dim}
+        return cls(index, [paths[i] for i in kept], meta, stamps[kept])
 
     def add(self, vectors, paths: list[str]) -> int:
         """Add vectors whose path is not indexed yet (the first of a path listed again); returns how
         many were added."""
         return self.add_blocks(paths, lambda: iter([np.asarray(vectors)]))
 
-    def add_blocks(self, paths: list[str], blocks: Callable[[], Iterator[np.ndarray]]) -> int:
-        """`add` over vectors read a block at a time (blocks() as in `create_from_blocks`, called once)."""
+    def add_blocks(
+        self, paths: list[str], blocks: Callable[[], Iterator[np.ndarray]], stamps: np.ndarray | None = None
+    ) -> int:
+        """`add` over vectors read a block at a time (blocks() as in `create_from_blocks`, called once); an
+        image counts as indexed under any spelling of its path (`same_file_keys`)."""
         new = np.zeros(len(paths), dtype=bool)
-        new[first_occurrences(paths, known=set(self.paths))] = True
+        new[first_occurrences(same_file_keys(paths), known=set(same_file_keys(self.paths)))] = True
         if new.any():
             for block in _kept_blocks(blocks(), new):
                 self.index.add(block)
             self.paths += [paths[i] for i in np.flatnonzero(new).tolist()]
+            added = unknown_stamps(len(paths)) if stamps is None else np.asarray(stamps, dtype=np.int64)
+            self.stamps = np.concatenate([self.stamps, added[new]])
         return int(new.sum())
+
+    def changed_since_indexed(self, paths: list[str], stamps: np.ndarray) -> list[str]:
+        """The `paths` indexed already (under any spelling) whose [size, mtime ns] `stamps` (N, 2) differ from
+        those recorded when they were indexed (where both are known): images replaced under their name."""
+        indexed = dict(zip(same_file_keys(self.paths), self.stamps.tolist(), strict=True))
+        return [
+            path
+            for path, key, now in zip(paths, same_file_keys(paths), np.asarray(stamps).tolist(), strict=True)
+            if key in indexed and now[0] >= 0 and indexed[key][0] >= 0 and indexed[key] != now
+        ]
 
     def search(
         self, queries, k: int, nprobe: int | None = None, ef_search: int | None = None
@@ -178,6 +209,7 @@ class FeatureIndex:
         atomic_write(folder / f"index-{generation}.faiss", lambda tmp: faiss.write_index(self.index, tmp))
         text = "".join(p + "\n" for p in self.paths)
         atomic_write(folder / f"paths-{generation}.txt", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(folder / f"stamps-{generation}.npy", lambda tmp: save_array(tmp, self.stamps))
         self.meta.update(generation=generation, count=len(self.paths))
         write_json(folder / INDEX_META, self.meta)
         remove_stale_files(folder, generation)
@@ -207,14 +239,17 @@ class FeatureIndex:
                 raise DinokitError(f"{which} is {why}, so {folder} cannot be read: {fix}") from None
         else:
             raise DinokitError(f"{folder} changed while it was read (adds running): read it again")
-        if not index.ntotal == len(paths) == meta["count"]:
+        stamps = read_stamps(folder / f"stamps-{g}.npy", fix)
+        if not index.ntotal == len(paths) == meta["count"] == (len(paths) if stamps is None else len(stamps)):
             raise DinokitError(f"{folder}: index ({index.ntotal}) and file list ({len(paths)}) disagree; rebuild it")
-        return cls(index, paths, meta)
+        return cls(index, paths, meta, stamps)
 
 
-# an index folder's files of generation <g> (groups 1, 2), and the temporary files of their atomic
-# writes, .<name>.tmp<pid> (group 3)
-INDEX_FILE = re.compile(r"index-(\d+)\.faiss|paths-(\d+)\.txt|\.(?:index-\d+\.faiss|paths-\d+\.txt)\.tmp(\d+)")
+# an index folder's files of generation <g> (groups 1, 2, 3), and the temporary files of their atomic
+# writes, .<name>.tmp<pid> (group 4)
+INDEX_FILE = re.compile(
+    r"index-(\d+)\.faiss|paths-(\d+)\.txt|stamps-(\d+)\.npy|\.(?:index-\d+\.faiss|paths-\d+\.txt|stamps-\d+\.npy)\.tmp(\d+)"
+)
 
 
 def remove_stale_files(folder: Path, generation: int) -> None:
@@ -225,8 +260,8 @@ def remove_stale_files(folder: Path, generation: int) -> None:
         m = INDEX_FILE.fullmatch(entry.name)
         if m is None:
             continue
-        dead_writer = m.group(3) is not None and not process_alive(int(m.group(3)))
-        if dead_writer or (m.group(3) is None and int(m.group(1) or m.group(2)) < generation):
+        dead_writer = m.group(4) is not None and not process_alive(int(m.group(4)))
+        if dead_writer or (m.group(4) is None and int(m.group(1) or m.group(2) or m.group(3)) < generation):
             entry.unlink(missing_ok=True)
 
 
@@ -246,6 +281,39 @@ def read_paths(path: Path) -> list[str]:
     only: str.splitlines also splits at characters such as U+2028 or U+0085 that a file name may hold)."""
     text = path.read_text(encoding="utf-8")
     return text[:-1].split("\n") if text else []
+
+
+def unknown_stamps(count: int) -> np.ndarray:
+    """(count, 2) int64 of -1: images whose size and mtime when embedded are not known."""
+    return np.full((count, 2), -1, dtype=np.int64)
+
+
+def read_stamps(path: Path, fix: str) -> np.ndarray | None:
+    """An index's (N, 2) stamps-<g>.npy; None where it has none (an index made before they were recorded)."""
+    if not path.is_file():
+        return None
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, EOFError):
+        raise DinokitError(f"{path} is damaged, so {path.parent} cannot be read: {fix}") from None
+
+
+def save_array(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a name
+        np.save(f, array)
+
+
+def same_file_keys(paths: list[str]) -> list[str]:
+    """Each path with the symlinks of its folder resolved (os.path.realpath, once per folder), so that
+    the spellings of one file through a symlinked or relative folder are one key."""
+    real: dict[str, str] = {}
+    keys = []
+    for path in paths:
+        folder, name = os.path.split(path)
+        if folder not in real:
+            real[folder] = os.path.realpath(folder)
+        keys.append(os.path.join(real[folder], name))
+    return keys
 
 
 def first_occurrences(paths: list[str], known: Iterable[str] = ()) -> list[int]:
