@@ -137,3 +137,39 @@ def test_a_damaged_stamps_file_of_an_index_is_an_error_naming_it(weights, photos
     stamps.write_bytes(stamps.read_bytes()[:60])
     with pytest.raises(DinokitError, match=r"stamps-0\.npy is damaged.*build the index again"):
         FeatureIndex.load(tmp_path / "index")
+
+
+# ------------------------------------------------------------------------------------------ eval video
+def test_eval_video_tracks_again_a_finished_sequence_whose_annotations_were_corrected(tmp_path, monkeypatch):
+    """A rerun kept every finished sequence's scores.json, so scores of annotations corrected since stayed
+    in video.json. A sequence whose frames or annotations changed is now tracked again; the same DAVIS
+    folder through a symlink keeps its finished sequences."""
+    from test_eval_video import make_sequence, palette_png
+
+    from dinokit.cli import main
+    from dinokit.eval import video as video_module
+
+    root = tmp_path / "DAVIS"
+    make_sequence(root, "alpha", 4, 1, seed=1)
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("alpha\n")
+    torch.manual_seed(0)
+    model = dinokit.create_model("vit_micro_p4", depth=1)
+    with torch.no_grad():
+        model.pos_embed.zero_()  # frames rolled by whole patches are tracked exactly (see test_eval_video)
+    weights = dinokit.export_model(model, tmp_path / "m.safetensors")
+    args = [f"model={weights}", f"out={tmp_path / 'out'}", "image_size=128", "size_mask_neighborhood=3"]
+    args += ["device=cpu", "num_workers=0"]
+    tracked = []
+    real = video_module.track_sequence
+    monkeypatch.setattr(video_module, "track_sequence", lambda net, v, *rest: tracked.append(v) or real(net, v, *rest))
+    assert main(["eval", "video", *args, f"data={root}"]) == 0
+    assert dinokit.io.read_json(tmp_path / "out" / "alpha" / "scores.json")["J_mean"] == 1
+    (tmp_path / "link").symlink_to(root)
+    assert main(["eval", "video", *args, f"data={tmp_path / 'link'}"]) == 0 and len(tracked) == 1
+    annotation = root / "Annotations" / "480p" / "alpha" / "00001.png"
+    palette_png(np.zeros((128, 128), dtype=np.uint8), annotation)  # the object is not in frame 1 after all
+    assert main(["eval", "video", *args, f"data={root}"]) == 0 and len(tracked) == 2
+    scores = (tmp_path / "out" / "video.json").read_text()
+    assert '"frames_scored": 2' in scores and "files_sha256" not in scores
+    assert dinokit.io.read_json(tmp_path / "out" / "alpha" / "scores.json")["J_mean"] == 0.5

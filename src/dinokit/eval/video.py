@@ -20,9 +20,12 @@ the maps commands' (bicubic with antialiasing, std 0.229, the long side rounded 
 
 Resumable: each sequence's scores are written (<out>/<sequence>/scores.json, atomically) when its last
 mask is; a rerun into the same out keeps the finished sequences (of the same model and settings, else
-it is refused) and starts at the first unfinished one. One run at a time per out folder.
+it is refused) and starts at the first unfinished one. A finished sequence whose frames or annotations
+changed since (names, sizes, modification times) is tracked again. One run at a time per out folder.
 """
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinokit.data.images import open_rgb, upright_size
 from dinokit.errors import DinokitError
 from dinokit.io import (
+    file_stamps,
     folder_lock,
     prepare_output,
     read_json,
@@ -51,6 +55,7 @@ if TYPE_CHECKING:  # torchvision, scipy and scikit-image are imported where they
 PREPROCESSINGS = ("dino", "dinokit")
 DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.228, 0.224, 0.225)  # DINO's color_normalize
 SCORES = "scores.json"  # per sequence, beside its masks: the sequence is finished
+FILES = "files_sha256"  # scores.json's hash of the files it was scored on (sequence_files_hash)
 
 
 @dataclass
@@ -288,7 +293,8 @@ def eval_video(
             print(f"[{i + 1}/{len(videos)}] {video.name}: J&F-Mean {finished[video.name]['J&F_mean']:.3f}")
         scored = {video.name: finished[video.name] for video in videos}
         result |= {"complete": True, "global": davis_global(list(scored.values()))}
-        result["sequences"] = {name: {k: v for k, v in r.items() if k != "run"} for name, r in scored.items()}
+        own = ("run", FILES)  # the resume's records, not results
+        result["sequences"] = {name: {k: v for k, v in r.items() if k not in own} for name, r in scored.items()}
         write_json(out_dir / "video.json", result)
         print_table(result, split, backbone.description)
         return str(out_dir / "video.json")
@@ -309,14 +315,28 @@ def finished_sequences(out_dir: Path, videos: list[Sequence], run: dict) -> dict
                 f"out={out_dir} holds results of another run ({path}: {', '.join(changed)} differ): choose "
                 "another out folder, or delete it to evaluate afresh"
             )
+        recorded = scores.get(FILES)  # absent from the scores of earlier versions: kept
+        if recorded is not None and recorded != sequence_files_hash(video):
+            print(f"{video.name}: its frames or annotations changed since it was scored; tracking it again")
+            continue
         finished[video.name] = scores
     return finished
+
+
+def sequence_files_hash(video: Sequence) -> str:
+    """A hash of the sequence's frame names and of its frames' and annotations' sizes and modification
+    times (`file_stamps`): it changes where annotations are corrected or frames extracted again, not where
+    the same files are reached through another path (a moved or symlinked data=)."""
+    files = [*video.frames, *(video.annotations / f"{f.stem}.png" for f in video.frames)]
+    record = [[f.name for f in video.frames], file_stamps(files)]
+    return hashlib.sha256(json.dumps(record).encode()).hexdigest()
 
 
 def track_sequence(net, video: Sequence, transform, out_dir: Path, run: dict, precision: str, workers: int) -> dict:
     """Track one DAVIS sequence from its first annotation; writes its masks, then its scores.json."""
     from dinokit.eval.metrics import video_jf
 
+    files = sequence_files_hash(video)  # before they are read: a change meanwhile shows at the next run
     first = video.annotations / f"{video.frames[0].stem}.png"
     mask, colours = read_first_mask(str(first), video.size, video.frames[0])
     labelled = np.where(mask == VOID, 0, mask)
@@ -331,7 +351,7 @@ def track_sequence(net, video: Sequence, transform, out_dir: Path, run: dict, pr
     per_frame = track_frames(
         net, loader, names, mask, colours, folder, settings, truths, objects, False, precision, video.name
     )
-    scores = video_jf(per_frame, objects) | {"frames": len(names), "run": run}
+    scores = video_jf(per_frame, objects) | {"frames": len(names), "run": run, FILES: files}
     write_json(folder / SCORES, scores)
     return scores
 
