@@ -173,3 +173,24 @@ def test_eval_video_tracks_again_a_finished_sequence_whose_annotations_were_corr
     scores = (tmp_path / "out" / "video.json").read_text()
     assert '"frames_scored": 2' in scores and "files_sha256" not in scores
     assert dinokit.io.read_json(tmp_path / "out" / "alpha" / "scores.json")["J_mean"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------ readers of an embedding
+def test_curate_and_index_build_refuse_an_embedding_of_images_replaced_since(weights, photos, tmp_path):
+    """curate and index build read an embedding's vectors as they were: after a photo was replaced under
+    its name, dedup against a fresh reference embedding mixed old and new images. Both now refuse,
+    naming the image and the fix (embed again: only its shard is computed); a missing image (the
+    embedding read on another machine) is not a change."""
+    from dinokit.curation.commands import dedup
+    from dinokit.retrieval.commands import build_index
+
+    run_embed(weights, photos, tmp_path / "emb")
+    replace(photos / "05.bmp", 55)
+    refusal = r"1 image\(s\) of .*emb changed since they were embedded \(first: .*05\.bmp\).*dinokit embed` again"
+    with pytest.raises(DinokitError, match=refusal):
+        dedup(features=str(tmp_path / "emb"), out=str(tmp_path / "dedup"))
+    with pytest.raises(DinokitError, match=refusal):
+        build_index(features=str(tmp_path / "emb"), out=str(tmp_path / "index"))
+    assert run_embed(weights, photos, tmp_path / "emb")["computed_shards"] == 1
+    (photos / "00.bmp").unlink()
+    assert build_index(features=str(tmp_path / "emb"), out=str(tmp_path / "index"))["total"] == 6

@@ -20,7 +20,14 @@ from dinokit.features.store import (
     read_shard_index,
     read_shard_stamps,
 )
-from dinokit.io import folder_lock, prepare_output, refuse_inputs_as_outputs, refuse_other_outputs, write_json
+from dinokit.io import (
+    file_stamps,
+    folder_lock,
+    prepare_output,
+    refuse_inputs_as_outputs,
+    refuse_other_outputs,
+    write_json,
+)
 from dinokit.models import load_model
 from dinokit.runtime import resolve_device
 
@@ -63,7 +70,7 @@ def build_index(
     prepare_output(out, folder=True, create=False)
     refuse_other_outputs(out, ("index.json",), "dinokit index build")
     manifest = vector_manifest(features, feature)
-    paths, stamps = indexed_files(features, manifest)
+    paths, stamps = embedded_files(features, manifest)
     check_listable(paths)  # before the index is built
     embedding = embedding_settings(manifest)
 
@@ -116,12 +123,12 @@ def build_index(
     }
 
 
-def indexed_files(features: str, manifest: dict) -> tuple[list[str], np.ndarray]:
+def embedded_files(features: str | Path, manifest: dict) -> tuple[list[str], np.ndarray]:
     """The image paths of a `dinokit embed` folder in row order, and (N, 2) int64 their [size, mtime ns]
     when they were embedded (-1 for shards that did not record them)."""
     paths, stamps = [], []
     for shard in manifest["shards"]:
-        file = Path(features) / shard["file"]
+        file = Path(features).expanduser() / shard["file"]
         shard_paths = read_shard_index(file)[0]
         recorded = read_shard_stamps(file)
         paths += shard_paths
@@ -162,8 +169,9 @@ def embedding_settings(manifest: dict) -> dict:
 
 
 def vector_manifest(features: str | Path, feature: str) -> dict:
-    """The manifest of a `dinokit embed` folder, after checking that `feature` is one vector per image
-    and that the folder holds it."""
+    """The manifest of a `dinokit embed` folder, after checking that `feature` is one vector per image,
+    that the folder holds it, and that no image there was changed since it was embedded
+    (`refuse_changed_images`)."""
     if feature not in VECTOR_FEATURES:
         raise DinokitError(
             f"feature must be one of {', '.join(VECTOR_FEATURES)} (one vector per image), got {feature!r}"
@@ -176,7 +184,22 @@ def vector_manifest(features: str | Path, feature: str) -> dict:
             f"{features} holds no {feature} vectors (it has {', '.join(manifest['features'])}): "
             f"{fix}embed again with features=[{feature}]"
         )
+    refuse_changed_images(features, *embedded_files(features, manifest))
     return manifest
+
+
+def refuse_changed_images(features: str | Path, paths: list[str], stamps: np.ndarray) -> None:
+    """A DinokitError where an image of the embedding `features` is there with another size or mtime than
+    when it was embedded (replaced under its name): its vector would be of the old image. Images not
+    there (an embedding read on another machine) and shards that recorded no stamps are not checked."""
+    now = np.asarray(file_stamps(paths), dtype=np.int64).reshape(-1, 2)
+    changed = np.flatnonzero((stamps[:, 0] >= 0) & (now[:, 0] >= 0) & (stamps != now).any(axis=1))
+    if len(changed):
+        raise DinokitError(
+            f"{len(changed)} image(s) of {features} changed since they were embedded (first: {paths[changed[0]]}): "
+            "their vectors are of the old images; run the same `dinokit embed` again, which computes only their "
+            "shards again"
+        )
 
 
 def vector_shards(features: str | Path, manifest: dict, feature: str) -> Iterator[tuple[torch.Tensor, list[str]]]:
