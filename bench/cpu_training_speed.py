@@ -97,7 +97,7 @@ def main() -> None:
         loss.backward()
 
     matmul_step = median_ms(step, repeats=5)
-    with mock.patch("dinokit.models.layers.attention.cpu_bf16", return_value=False):
+    with mock.patch("dinokit.models.layers.attention.use_matmul_attention", return_value=False):
         fused_step = median_ms(step, repeats=5)
     print(
         f"\ncpu32 backbone forward + backward, bf16, one batch: SDPA {fused_step:.0f} ms, matmul {matmul_step:.0f} ms"

@@ -381,13 +381,18 @@ def test_dinokit_error_is_an_exception():
     assert issubclass(DinokitError, Exception)
 
 
-def test_cpu_bf16_attention_matches_sdpa():
-    """In bf16 on CPU, training and inference take the matmul attention path; it computes what SDPA
-    computes, in values and gradients (against SDPA in fp32)."""
-    from dinokit.models.layers.attention import Attention, cpu_bf16, matmul_attention
+@pytest.mark.parametrize("amx", [False, True])
+def test_cpu_bf16_attention_matches_sdpa(monkeypatch, amx):
+    """In bf16 on CPU, training takes the matmul attention path, and so does inference on CPUs without
+    AMX tiles (with them, SDPA: the faster forward there); it computes what SDPA computes, in values
+    and gradients (against SDPA in fp32)."""
+    from dinokit.models.layers import attention as attention_module
+    from dinokit.models.layers.attention import Attention, matmul_attention, use_matmul_attention
 
+    monkeypatch.setattr(attention_module, "cpu_has_amx", lambda: amx)
     q = torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)
-    assert cpu_bf16(q) and not cpu_bf16(q.detach().half()) and not cpu_bf16(q.float())  # fp16: SDPA
+    assert use_matmul_attention(q) and use_matmul_attention(q.detach()) is not amx
+    assert not use_matmul_attention(q.detach().half()) and not use_matmul_attention(q.float())  # fp16: SDPA
     torch.manual_seed(0)
     attention = Attention(32, 4)
     for tokens in (17, 40):  # rows under 32 tokens take the fp32-cast softmax, longer ones the bf16 one
@@ -400,11 +405,25 @@ def test_cpu_bf16_attention_matches_sdpa():
         reference.sum().backward()
         torch.testing.assert_close(fast.float(), reference, atol=3e-2, rtol=3e-2)
         torch.testing.assert_close(fast_grad, x.grad, atol=3e-2, rtol=3e-2)
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: the same path
-            torch.testing.assert_close(attention(x).float(), fast.float(), atol=0, rtol=0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference
+            inference = attention(x).float()
+        if amx:  # SDPA: bf16 rounding apart
+            torch.testing.assert_close(inference, reference.detach(), atol=3e-2, rtol=3e-2)
+        else:  # the same path, the same values
+            torch.testing.assert_close(inference, fast.float(), atol=0, rtol=0)
         # the function itself, in fp32 where nothing is rounded: SDPA's values (heads of 8, scale 8^-0.5)
         q, k, v = torch.randn(3, 2, 4, tokens, 8).unbind(0)
         torch.testing.assert_close(matmul_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
+
+
+def test_cpu_inference_slices_suit_the_cpu(monkeypatch):
+    """A model built on a CPU with AMX tiles runs inference in slices of 4096 tokens, elsewhere of 1024
+    (the faster size on each, bench/inference.py)."""
+    from dinokit.models import vision_transformer
+
+    for amx, tokens in ((False, 1024), (True, 4096)):
+        monkeypatch.setattr(vision_transformer, "cpu_has_amx", lambda amx=amx: amx)
+        assert tiny().cpu_inference_tokens == tokens
 
 
 def test_gelu_linear_gradients_equal_the_separate_ops():
@@ -423,13 +442,13 @@ def test_gelu_linear_gradients_equal_the_separate_ops():
 def plain_block(block, x: torch.Tensor) -> torch.Tensor:
     """A LayerScale block computed op by op as its docstring writes it, from its own submodules:
     x + ls1(proj(attention(norm1(x)))), then + ls2(fc2(gelu(fc1(norm2(.))))) or + ls2(swiglu(norm2(.)))."""
-    from dinokit.models.layers.attention import cpu_bf16, matmul_attention
+    from dinokit.models.layers.attention import matmul_attention, use_matmul_attention
 
     attn, mlp = block.attn, block.mlp
     h = block.norm1(x)
     b, n, d = h.shape
     q, k, v = attn.qkv(h).reshape(b, n, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
-    out = matmul_attention(q, k, v) if cpu_bf16(q) else F.scaled_dot_product_attention(q, k, v)
+    out = matmul_attention(q, k, v) if use_matmul_attention(q) else F.scaled_dot_product_attention(q, k, v)
     y = x + block.ls1(attn.proj(out.transpose(1, 2).reshape(b, n, d)))
     if isinstance(mlp, SwiGLUFFN):
         x1, x2 = mlp.w12(block.norm2(y)).chunk(2, dim=-1)

@@ -1,16 +1,22 @@
 """Multi-head self-attention through `torch.nn.functional.scaled_dot_product_attention`, or through two
-matrix products and a softmax where that is faster: on CPU in bf16, training and inference.
+matrix products and a softmax where that is faster: on CPU in bf16, for training everywhere and for
+inference on CPUs without matrix tiles.
 
-PyTorch's fused CPU attention is slow in reduced precision. On this project's AVX512-BF16 CPU the
-matmul path is 11x / 4.6x / 2.0x faster than SDPA for forward + backward at 17 / 65 / 257 tokens
-(128 x 3 heads of 32, 128 x 3 of 32, 16 x 6 of 64), and 2.1x faster for inference at 257 tokens
-(3 x 6 heads of 64) (`bench/cpu_training_speed.py`). A whole ViT-S/14 forward in bf16 went from
-1.12-1.14x to 1.29-1.32x the speed of transformers' best bf16 with it (`bench/inference.py`).
+PyTorch's fused CPU attention is slow in reduced precision, except in the forward on CPUs with AMX
+tiles. Measured by `bench/cpu_training_speed.py` and throwaway probes of the same shapes:
+- on an AVX512-BF16 CPU without AMX (AMD EPYC), the matmul path is 11x / 4.6x / 2.0x faster than SDPA
+  for forward + backward at 17 / 65 / 257 tokens (128 x 3 heads of 32, 128 x 3 of 32, 16 x 6 of 64),
+  and 2.1x faster for inference at 257 tokens (3 x 6 heads of 64);
+- on an Intel Xeon with AMX, it is still 5.0x / 5.1x / 1.8x faster for forward + backward, but SDPA
+  is the faster inference: 1.2x at 3 x 6 x 257, 2.6x at 32 x 6 x 257, 3.8x at 2 x 12 x 1370 tokens
+  (1.2x slower only at 128 x 3 x 17).
 Its logits are rounded to bf16 before the softmax, as in transformers' eager attention under
 autocast; a ViT-S/14's CLS keeps a cosine of 0.99999 to fp32 either way. In fp32, in fp16 (whose
-matrix products this CPU runs slowly: SDPA is 2-8x faster than the matmul path there) and on GPUs,
+matrix products these CPUs run slowly: SDPA is 2-8x faster than the matmul path there) and on GPUs,
 SDPA is used.
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +52,7 @@ class Attention(nn.Module):
                 attn = (q.float() @ k.float().transpose(-2, -1) * scale).softmax(dim=-1)
             out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(b, n, d)
             return scaled_linear(out, self.proj, gain), attn
-        out = matmul_attention(q, k, v) if cpu_bf16(q) else F.scaled_dot_product_attention(q, k, v)
+        out = matmul_attention(q, k, v) if use_matmul_attention(q) else F.scaled_dot_product_attention(q, k, v)
         return scaled_linear(out.transpose(1, 2).reshape(b, n, d), self.proj, gain)
 
 
@@ -67,6 +73,17 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return (probabilities @ v).view(b, h, n, dh)
 
 
-def cpu_bf16(q: torch.Tensor) -> bool:
-    """True when attention on `q` runs on CPU in bf16, where `matmul_attention` is faster than SDPA."""
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16
+def use_matmul_attention(q: torch.Tensor) -> bool:
+    """Whether attention on `q` (B, heads, N, d_head) takes `matmul_attention`, the faster path for it:
+    on CPU in bf16 when it is differentiated (training), or on any CPU without AMX tiles."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16:
+        return False
+    return q.requires_grad or not cpu_has_amx()
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), whose bf16 matrix units run
+    PyTorch's fused CPU attention faster than `matmul_attention` in the forward (module docstring)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, present since torch 2.3
+    return bool(probe is not None and probe())
