@@ -194,3 +194,38 @@ def test_curate_and_index_build_refuse_an_embedding_of_images_replaced_since(wei
     assert run_embed(weights, photos, tmp_path / "emb")["computed_shards"] == 1
     (photos / "00.bmp").unlink()
     assert build_index(features=str(tmp_path / "emb"), out=str(tmp_path / "index"))["total"] == 6
+
+
+# ------------------------------------------------------------------------------------------ eval cache
+def test_eval_knn_takes_edited_labels_and_another_spelling_from_the_cache_and_a_replaced_image_anew(
+    weights, tmp_path, capsys
+):
+    """Features do not depend on labels: a path,label CSV edited (labels fixed) reuses the cached entry
+    with the new labels; the same folder through a symlink is the same entry; an image replaced under its
+    name (same size, later mtime) makes a new one."""
+    from dinokit.cli import main
+
+    for c, cls in enumerate("ab"):
+        for i in range(3):
+            draw(tmp_path / "train" / cls / f"{i}.bmp", 10 * c + i)
+        draw(tmp_path / "val" / cls / "0.bmp", 10 * c + 5)
+    rows = [f"{p},{p.parent.name}" for p in sorted((tmp_path / "train").rglob("*.bmp"))]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    cache = tmp_path / "cache"
+    knn = ["eval", "knn", f"model={weights}", "image_size=16", "num_workers=0", f"cache={cache}", "ks=[1]"]
+    knn += [f"val={tmp_path / 'val'}", "precision=fp32"]
+
+    def top1(train: str, out: str) -> float:
+        assert main([*knn, f"train={train}", f"out={tmp_path / out}"]) == 0
+        return dinokit.io.read_json(tmp_path / out / "knn.json")["top1"]["1"]
+
+    before = top1(tmp_path / "train.csv", "knn1")
+    entries = sorted(p.name for p in cache.iterdir())
+    (tmp_path / "train.csv").write_text("\n".join(r[:-1] + ("b" if r.endswith("a") else "a") for r in rows) + "\n")
+    assert top1(tmp_path / "train.csv", "knn2") == 100 - before  # every label swapped: every vote too
+    (tmp_path / "link").symlink_to(tmp_path / "train")
+    top1(tmp_path / "link", "knn3")
+    assert sorted(p.name for p in cache.iterdir()) == entries
+    replace(tmp_path / "train" / "a" / "0.bmp", 77)
+    top1(tmp_path / "train", "knn4")
+    assert len(list(cache.iterdir())) == len(entries) + 1
