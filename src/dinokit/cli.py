@@ -256,8 +256,11 @@ def parse_value(text: str, annotation) -> object:
 
 def list_items(text: str) -> list:
     """The items of a list key's value: a YAML list (`[a, 'b,c']`), one quoted YAML scalar (`'b,c'`:
-    one item), or else comma-separated items (`"b,c", d`: double quotes hold commas), not parsed as
-    YAML, so that `*.jpg,b.jpg` or `@x` are items too."""
+    one item), the path of an existing file or folder (`lr=1e-3,bs=64/m.png`: one item, commas and all,
+    as a list file's line), or else comma-separated items (`"b,c", d`: double quotes hold commas), not
+    parsed as YAML, so that `*.jpg,b.jpg` or `@x` are items too."""
+    if "," in text and os.path.exists(os.path.expanduser(text.strip())):
+        return [text.strip()]
     if text.strip().startswith("["):
         try:
             value = yaml.safe_load(text)
@@ -301,9 +304,16 @@ def build_kwargs(func, pairs: list[str], command: str = "<command>") -> dict:
     accepts_extra = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     raw: dict[str, object] = {}
     explicit: dict[str, str] = {}
-    for pair in pairs:
+    for n, pair in enumerate(pairs):
         if "=" not in pair:
-            raise DinokitError(f"expected key=value, got {pair!r} (see `dinokit {command} --help`)")
+            before = pairs[n - 1] if n and "=" in pairs[n - 1] and pair.replace("-", "_") not in params else None
+            hint = (  # `data=My Photos/` unquoted: the shell split the path at its space
+                f"; if it is the rest of a path with a space, quote the whole value: {before.split('=', 1)[0]}="
+                f'"{before.split("=", 1)[1]} {pair}"'
+                if before
+                else ""
+            )
+            raise DinokitError(f"expected key=value, got {pair!r}{hint} (see `dinokit {command} --help`)")
         key, text = pair.split("=", 1)
         explicit[key.strip().replace("-", "_")] = text
     if "config" in explicit and "config" not in params:
@@ -539,6 +549,10 @@ def print_interrupted() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`dinokit ...`; returns the exit status: 0 done, 1 output pipe closed, 2 error, 130 interrupted."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        # a file name that is not UTF-8 (held as surrogate escapes) is printed as its own bytes, as `ls`
+        # prints it, not a UnicodeEncodeError at the end of a job (stdout is strict in a UTF-8 locale)
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         status = run(list(sys.argv[1:] if argv is None else argv))
         sys.stdout.flush()  # a closed pipe shows here, not at exit

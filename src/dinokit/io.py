@@ -262,6 +262,30 @@ def read_json(path: str | Path, fix: str = "download or export it again"):
         raise DinokitError(f"{path} is not valid JSON ({e}); the file is damaged or truncated: {fix}") from None
 
 
+def path_bytes(text: str) -> bytes:
+    """`text` as UTF-8, with the bytes of file names that are not UTF-8 kept as they were: Python lists
+    such a name (`caf\\xe9.jpg` of an old Latin-1 archive) as surrogate escapes (`caf\\udce9.jpg`, PEP 383),
+    which a plain `.encode()` refuses mid-job. Hashes of paths and the lists of paths dinokit writes
+    (`write_text`) go through this, so a list read back (`read_text`) names the same files."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def shown(path: str | Path) -> str:
+    """`path` as text a picture or a terminal can show: bytes of a name that are not UTF-8 as U+FFFD."""
+    return path_bytes(str(path)).decode("utf-8", "replace")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write `text` (lists of paths, CSVs) as UTF-8 whatever the locale (`path_bytes`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(path_bytes(text)))
+
+
+def read_text(path: str | Path) -> str:
+    """The text of a UTF-8 file that `write_text` wrote (a leading byte-order mark dropped), bytes that
+    are not UTF-8 as surrogate escapes: the file names they were."""
+    return Path(path).read_bytes().decode("utf-8-sig", "surrogateescape")
+
+
 def write_json(path: str | Path, obj) -> None:
     """Atomically write `obj` as indented JSON."""
     text = json.dumps(obj, indent=2)

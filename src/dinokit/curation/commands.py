@@ -26,7 +26,15 @@ from dinokit.curation.sampling import cluster_sizes, hierarchical_sampling
 from dinokit.data.images import plain_path, read_list_file
 from dinokit.errors import DinokitError
 from dinokit.features.store import MANIFEST
-from dinokit.io import atomic_folder, atomic_write, prepare_output, read_json, refuse_output_over_inputs, write_json
+from dinokit.io import (
+    atomic_folder,
+    atomic_write,
+    prepare_output,
+    read_json,
+    refuse_output_over_inputs,
+    write_json,
+    write_text,
+)
 from dinokit.maps.render import contact_sheet, save_figure
 from dinokit.retrieval.commands import embedding_differences, read_vectors
 from dinokit.retrieval.index import INDEX_META, FeatureIndex, check_listable, first_occurrences, normalise, read_paths
@@ -600,8 +608,7 @@ def without_embedding(summary: dict) -> dict:
 
 def write_paths(path: Path, paths: list[str]) -> None:
     """A list of image paths, one per line (what `dinokit pretrain data=` and `dinokit embed data=` read)."""
-    text = "".join(p + "\n" for p in paths)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))  # as lists are read
+    write_text(path, "".join(p + "\n" for p in paths))  # as lists are read
 
 
 @contextlib.contextmanager

@@ -90,13 +90,19 @@ def read_list_file(source: Path) -> list[tuple[Path, str | None]]:
     """(path, label or None) per line of a UTF-8 list file: one path, or CSV `path,label[,...]` cells
     (quoted cells, a byte-order mark and CRLF endings as spreadsheets write them). Relative paths are
     relative to the list file; blank lines, `#` comments and header lines (`is_header`) are skipped; a
-    line that names an existing file as a whole is a path holding a comma, not `path,label`."""
+    line that names an existing file as a whole is a path holding a comma, not `path,label`, and so is
+    an unquoted `lr=1e-3,bs=64/a.png,cat` whose first cells name one (`path_holding_commas`). Bytes that
+    are not UTF-8 are a file name's own (`ls > list.txt` of an old Latin-1 archive, or dinokit's lists:
+    `dinokit.io.write_text`), read as Python lists such names, unless control bytes show a binary file."""
+    data = source.read_bytes()
     try:
-        text = source.read_text(encoding="utf-8-sig")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DinokitError(
-            f"{source} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor a UTF-8 text list of paths"
-        ) from err
+        if any(byte < 0x20 and byte not in b"\t\n\r" for byte in data):  # a zip, a HEIC photo, ...
+            raise DinokitError(
+                f"{source} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) nor a UTF-8 text list of paths"
+            ) from err
+        text = data.decode("utf-8-sig", "surrogateescape")
     rows: list[tuple[Path, str | None]] = []
     for line in text.split("\n"):  # not splitlines: U+2028, U+0085, \x1c-\x1e may be in a file name
         line = line.strip(" \t\r")
@@ -105,11 +111,23 @@ def read_list_file(source: Path) -> list[tuple[Path, str | None]]:
         cells = [line]
         if ("," in line or line.startswith('"')) and not list_path(source, line).is_file():
             cells = [cell.strip() for cell in next(csv.reader([line]))]
+            if not line.startswith('"') and not list_path(source, cells[0]).is_file():
+                cells = path_holding_commas(source, line) or cells
         path, label = list_path(source, cells[0]), (cells[1] if len(cells) > 1 else None)
         if cells[0].lower() in PATH_HEADERS or (not rows and label is not None and is_header(path, label)):
             continue
         rows.append((path, label))
     return rows
+
+
+def path_holding_commas(source: Path, line: str) -> list[str] | None:
+    """The cells of an unquoted CSV line whose path holds commas (`run=3,bs=64/a.png,cat`): the
+    shortest run of its first cells that names an existing file, then the rest; None if none does."""
+    parts = line.split(",")
+    for k in range(2, len(parts)):
+        if list_path(source, ",".join(parts[:k])).is_file():
+            return [",".join(parts[:k]), *(cell.strip() for cell in parts[k:])]
+    return None
 
 
 def list_path(source: Path, text: str) -> Path:

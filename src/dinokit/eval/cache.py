@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from dinokit.eval.backbone import weights_hash
 from dinokit.features.extract import extract_features, iter_features
-from dinokit.io import atomic_folder, read_json, write_json
+from dinokit.io import atomic_folder, path_bytes, read_json, write_json
 from dinokit.runtime import effective_precision
 
 CACHE_FORMAT = 1
@@ -92,9 +92,9 @@ def files_fingerprint(paths: Sequence[Path]) -> str:
     for p in paths:
         try:
             st = Path(p).stat()
-            h.update(f"{Path(p).resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            h.update(path_bytes(f"{Path(p).resolve()}\t{st.st_size}\t{st.st_mtime_ns}\n"))
         except OSError:
-            h.update(f"{p}\tmissing\n".encode())
+            h.update(path_bytes(f"{p}\tmissing\n"))
     return h.hexdigest()
 
 

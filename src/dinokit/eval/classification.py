@@ -25,12 +25,12 @@ from dinokit.eval.heads import head_metadata, save_head
 from dinokit.eval.knn import DEFAULT_KS, few_shot_indices, few_shot_ks, knn_classify, topk_accuracy
 from dinokit.eval.linear import LEARNING_RATES, ProbeSplit, head_grid, linear_classifier, linear_probe
 from dinokit.io import (
-    atomic_write,
     prepare_output,
     refuse_other_outputs,
     refuse_output_over_inputs,
     sync,
     write_json,
+    write_text,
 )
 from dinokit.runtime import resolve_device
 
@@ -427,7 +427,9 @@ def predict_classification(
         probs, top = logits.float().softmax(dim=-1).topk(k, dim=-1)
         for i, p, t in zip(good.tolist(), probs.cpu().tolist(), top.cpu().tolist(), strict=True):
             predictions = [{"class": classes[c], "probability": round(q, 6)} for c, q in zip(t, p, strict=True)]
-            rows.append({"path": str(paths[i]), "predictions": predictions})
+            # absolute, as embed and index search record paths: the CSV read as a list (train=, data=) takes
+            # relative paths relative to its own folder, not to the folder predict ran in
+            rows.append({"path": str(paths[i].absolute()), "predictions": predictions})
     write_predictions(out_path, rows, k)
     print(prediction_table(rows))
     if bad:
@@ -505,8 +507,7 @@ def write_predictions(path: Path, rows: list[dict], k: int) -> None:
     writer.writerow(prediction_columns(k))
     for row in rows:
         writer.writerow([row["path"], *(v for p in row["predictions"] for v in (p["class"], p["probability"]))])
-    text = buffer.getvalue()
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    write_text(path, buffer.getvalue())
 
 
 def prediction_table(rows: list[dict], limit: int = 20) -> str:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from dinokit.data.images import open_rgb, upright_size
+from dinokit.data.images import files_under, open_rgb, upright_size
 from dinokit.errors import DinokitError
 from dinokit.io import (
     file_stamps,
@@ -180,7 +180,7 @@ def split_sequences(data: str, split: str, resolution: str, sequences: str | lis
 
 def davis_sequence(root: Path, name: str, resolution: str) -> Sequence:
     frame_dir, annotations = root / "JPEGImages" / resolution / name, root / "Annotations" / resolution / name
-    frames = sorted(frame_dir.glob("*.jpg"))
+    frames = files_under(frame_dir, (".jpg",))  # sorted; a macOS copy's ._00000.jpg is no frame
     if not frames:
         raise DinokitError(
             f"no frames (*.jpg) in {frame_dir}: data= must hold JPEGImages/{resolution}/<sequence>/ for every "

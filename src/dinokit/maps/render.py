@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
-from dinokit.io import atomic_write
+from dinokit.io import atomic_write, shown
 
 if TYPE_CHECKING:  # matplotlib is imported by the functions that draw: not for `--help`
     from matplotlib.colors import Normalize
@@ -102,11 +102,11 @@ def panel_figure(panels: list[tuple[str, np.ndarray]], columns: int, title: str 
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     for ax, (name, picture) in zip(axes, panels, strict=False):
         ax.imshow(picture, cmap="inferno" if np.asarray(picture).ndim == 2 else None)
-        ax.set_title(name, fontsize=8)
+        ax.set_title(shown(name), fontsize=8)  # a file name that is not UTF-8: matplotlib takes text only
     for ax in axes:
         ax.axis("off")
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(shown(title), fontsize=9)
     return fig
 
 
@@ -152,14 +152,14 @@ def matches_figure(
     plain_ticks(fig.colorbar(ScalarMappable(norm, cmap), ax=ax, shrink=0.8, label="cosine similarity"))
     for k, (name, picture) in enumerate(below):
         axes[f"below{k}"].imshow(picture)
-        axes[f"below{k}"].set_title(name, fontsize=8)
+        axes[f"below{k}"].set_title(shown(name), fontsize=8)
     if below_bar is not None:
         lo, hi, label = below_bar
         row = [axes[f"below{k}"] for k in range(len(below))]
         plain_ticks(fig.colorbar(ScalarMappable(readable_norm(lo, hi), "inferno"), ax=row, shrink=0.8, label=label))
     for a in axes.values():
         a.axis("off")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(shown(title), fontsize=9)
     return fig
 
 

@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from dinokit.errors import DinokitError, require
-from dinokit.io import atomic_write, process_alive, read_json, write_json
+from dinokit.io import atomic_write, process_alive, read_json, read_text, write_json, write_text
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "pq", "ivfpq")
 INDEX_META = "index.json"
@@ -208,7 +208,7 @@ class FeatureIndex:
         generation = 0 if previous is None else previous + 1
         atomic_write(folder / f"index-{generation}.faiss", lambda tmp: faiss.write_index(self.index, tmp))
         text = "".join(p + "\n" for p in self.paths)
-        atomic_write(folder / f"paths-{generation}.txt", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_text(folder / f"paths-{generation}.txt", text)
         atomic_write(folder / f"stamps-{generation}.npy", lambda tmp: save_array(tmp, self.stamps))
         self.meta.update(generation=generation, count=len(self.paths))
         write_json(folder / INDEX_META, self.meta)
@@ -277,9 +277,9 @@ def check_listable(paths: list[str]) -> None:
 
 
 def read_paths(path: Path) -> list[str]:
-    """The lines of a list of image paths that dinokit wrote (UTF-8, whatever the locale; split at newlines
+    """The lines of a list of image paths that dinokit wrote (`dinokit.io.write_text`; split at newlines
     only: str.splitlines also splits at characters such as U+2028 or U+0085 that a file name may hold)."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     return text[:-1].split("\n") if text else []
 
 

@@ -23,7 +23,7 @@ from dinokit.data.images import check_readable, list_images
 from dinokit.errors import DinokitError
 from dinokit.eval.backbone import weights_hash
 from dinokit.eval.knn import knn_top1
-from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs
+from dinokit.io import atomic_write, folder_lock, prepare_output, refuse_other_outputs, write_text
 from dinokit.models.architectures import nearest_architecture
 from dinokit.runtime import StopSignals, autocast, keeps_global_rng, resolve_device, reuse_freed_memory
 from dinokit.train.checkpoint import (
@@ -674,8 +674,7 @@ class Trainer:
         every = self.share_bad_files()
         with dist.compare_errors():  # process 0 writes, the others wait (as in `save`)
             if self.main and every:
-                text = "".join(f"{p}\n" for p in sorted(every))
-                atomic_write(self.out / "bad_files.txt", lambda tmp: Path(tmp).write_text(text))
+                write_text(self.out / "bad_files.txt", "".join(f"{p}\n" for p in sorted(every)))
                 print(f"pretrain: {len(every)} unreadable file(s) skipped, listed in {self.out / 'bad_files.txt'}")
 
     # ------------------------------------------------------------------------------------ logging

@@ -12,6 +12,7 @@ from dinokit.data.images import check_readable, plain_path
 from dinokit.data.transforms import check_image_size
 from dinokit.data.unlabelled import InMemoryMultiCrops, MultiCropDataset, StreamBatchSampler, decode_to_memory
 from dinokit.errors import DinokitError, SharedError
+from dinokit.io import path_bytes
 from dinokit.runtime import ignore_stop_signals
 from dinokit.train.checkpoint import list_checkpoints
 from dinokit.train.config import PretrainConfig
@@ -24,7 +25,7 @@ def data_fingerprint(paths: list[Path], data: str) -> dict:
     root = plain_path(Path(data).expanduser())  # as list_images spells the paths
     root = root if root.is_dir() else root.parent
     names = [p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p) for p in paths]
-    return {"images": len(paths), "sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+    return {"images": len(paths), "sha256": hashlib.sha256(path_bytes("\n".join(names))).hexdigest()}
 
 
 def check_same_data(checkpoint: dict, fingerprint: dict, data: str, out: Path) -> None:
