@@ -175,6 +175,39 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(data, finished, tmp_pat
     assert resumed["fine_tuned_weights_hash"] == whole["fine_tuned_weights_hash"]
 
 
+def test_activation_checkpointing_trains_the_same_and_may_change_on_resume(data, finished, tmp_path, monkeypatch):
+    """activation_checkpointing=true recomputes the blocks in the backward of each step (2 checkpointed
+    block calls a step; none in the val passes, which run without gradients) and changes nothing else:
+    checkpointed until a Ctrl-C after step 4 and resumed without it, the run ends with the history,
+    parameters (keys and values) and fine-tuned weights of the uninterrupted plain run (stochastic
+    depth 0.1, fp32)."""
+    from dinokit.models.layers import block
+
+    calls = []
+    checkpoint = block.checkpoint
+    monkeypatch.setattr(block, "checkpoint", lambda *args, **kw: calls.append(1) or checkpoint(*args, **kw))
+    out = tmp_path / "switched"
+    step = Finetuner.step
+
+    def interrupting_step(self, *args):
+        if self.iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *args)
+
+    monkeypatch.setattr(Finetuner, "step", interrupting_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(data, out, epochs=2, lr=0.1, activation_checkpointing=True)
+    assert len(calls) == 4 * 2
+    monkeypatch.setattr(Finetuner, "step", step)
+    resumed = json.loads(Path(finetune(out=str(out), resume=True, activation_checkpointing=False)).read_text())
+    assert len(calls) == 4 * 2
+    whole = json.loads((finished / "finetune.json").read_text())
+    assert [without_minutes(h) for h in resumed["history"]] == [without_minutes(h) for h in whole["history"]]
+    a, b = (load_checkpoint(list_checkpoints(o / "checkpoints")[-1])["model"] for o in (finished, out))
+    assert list(a) == list(b) and all(torch.equal(a[name], b[name]) for name in a)
+    assert resumed["fine_tuned_weights_hash"] == whole["fine_tuned_weights_hash"]
+
+
 def test_a_sigterm_repeated_while_the_stop_checkpoint_is_written_is_ignored(data, tmp_path, monkeypatch):
     """As in pretraining (tests/test_pretrain.py): the same stop delivered again while the stopped run
     writes its checkpoint does not act. The handler in place before the run records whether it did."""

@@ -736,3 +736,40 @@ def test_a_resumed_run_keeps_the_preset_its_config_records(tmp_path):
     dinokit.pretrain(data=str(data), out=str(tmp_path / "run"), resume=True, max_iterations=2)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["preset"] == "cpu32" and saved["augmentation"] == "batched"  # cpu32's
+
+
+def test_activation_checkpointing_trains_the_same_and_may_change_on_resume(tmp_path, monkeypatch):
+    """activation_checkpointing=true recomputes the student's blocks in the backward (4 checkpointed
+    block calls a step: 2 blocks x the global and the local crops; none of the teacher, which runs
+    without gradients) and changes nothing else: 4 iterations in fp32 with drop path, plain, and
+    checkpointed in the first or the last 2 (switched at a resume), give the same losses, checkpoints
+    (keys and values) and exported backbone."""
+    from dinokit.models.layers import block
+
+    calls = []
+    checkpoint = block.checkpoint
+    monkeypatch.setattr(block, "checkpoint", lambda *args, **kw: calls.append(1) or checkpoint(*args, **kw))
+    data = tiny_images(tmp_path / "data")
+    keys = dict(precision="fp32", epochs=1.0, max_iterations=4)  # one epoch: 4 iterations of 8 of 32 images
+    run(data, tmp_path / "plain", **keys)
+    assert calls == []
+    for first, then in ((True, False), (False, True)):
+        out = tmp_path / f"{first}_then_{then}"
+        run(data, out, activation_checkpointing=first, **{**keys, "max_iterations": 2})
+        assert len(calls) == (2 * 4 if first else 0)
+        run(data, out, activation_checkpointing=then, resume=True, **keys)
+        assert (
+            len(calls) == 2 * 4
+            and yaml.safe_load((out / "config.yaml").read_text())["activation_checkpointing"] is then
+        )
+        calls.clear()
+    plain = load_checkpoint(tmp_path / "plain" / "checkpoints" / "checkpoint_00000004.pt")["model"]
+    losses = [row["loss"] for row in read_metrics(tmp_path / "plain" / "metrics.jsonl")]
+    backbone = load_file(tmp_path / "plain" / "backbone.safetensors")
+    for name in ("True_then_False", "False_then_True"):
+        other = load_checkpoint(tmp_path / name / "checkpoints" / "checkpoint_00000004.pt")["model"]
+        assert list(other) == list(plain), name
+        assert all(torch.equal(other[k], plain[k]) for k in plain), name
+        assert [row["loss"] for row in read_metrics(tmp_path / name / "metrics.jsonl")] == losses, name
+        exported = load_file(tmp_path / name / "backbone.safetensors")
+        assert exported.keys() == backbone.keys() and all(torch.equal(exported[k], backbone[k]) for k in backbone)

@@ -59,17 +59,20 @@ def worker(rank: int, port: int, data: str, out: str, results: str, bad_data: st
     trainer = Trainer(cfg, data, Path(out), "dinov2_vits14", device, resuming)
     trainer.run()
     torch.save({k: v.clone() for k, v in trainer.model.teacher.state_dict().items()}, f"{results}/teacher{rank}.pt")
-    # an FSDP2 run, with the k-NN monitor every 3 iterations (which must leave training as it is)
+    # an FSDP2 run, with the k-NN monitor every 3 iterations (which must leave training as it is) and
+    # activation checkpointing inside the sharded blocks (which must too)
     fsdp_out = Path(out).with_name("fsdp")
     labelled = Path(out).with_name("labelled")
     knn = {"knn_every": 3, "knn_train": str(labelled / "train"), "knn_val": str(labelled / "val")}
-    given = {**keys, "max_iterations": 6, "batch_size": 4, "fsdp": True, **knn}
+    given = {**keys, "max_iterations": 6, "batch_size": 4, "fsdp": True, "activation_checkpointing": True, **knn}
     cfg, _ = run_config(fsdp_out, "dinov2_vits14", given, False)
     Trainer(cfg, data, fsdp_out, "dinov2_vits14", device, False).run()
-    # a run over 2 unreadable files, which both processes meet (in different passes), then resumed
+    # a run over 2 unreadable files, which both processes meet (in different passes), then resumed;
+    # DDP with activation checkpointing, switched off at the resume
     bad_out = Path(out).with_name("bad_files_run")
     for iterations, resume in ((6, False), (12, True)):
         given = {**keys, "max_iterations": iterations, "batch_size": 4, "log_every": 1}
+        given["activation_checkpointing"] = not resume
         cfg, resuming = run_config(bad_out, "dinov2_vits14", given, resume)
         summary = Trainer(cfg, bad_data, bad_out, "dinov2_vits14", device, resuming).run()
     torch.save(summary["bad_files"], f"{results}/bad_files{rank}.pt")
@@ -144,7 +147,8 @@ def test_fsdp_run_equals_the_ddp_run(ddp_run):
     """The same 6 iterations sharded (FSDP2) and replicated (DDP) end in the same teacher: the
     teacher's heads and embeddings follow the EMA under FSDP too (they went stale without a reshard).
     The FSDP run also ran the k-NN monitor at iterations 3 and 6 (its teacher's forward outside the
-    step, the RNG forked): training is the same for it."""
+    step, the RNG forked) and checkpointed the student's sharded blocks (recomputed in the backward
+    with the same drop path): training is the same for both."""
     root, _ = ddp_run
     knn_rows = [row for row in read_metrics(root / "fsdp" / "metrics.jsonl") if "knn_top1" in row]
     assert [row["iteration"] for row in knn_rows] == [3, 6]

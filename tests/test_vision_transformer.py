@@ -539,3 +539,77 @@ def test_the_residual_stream_stays_fp32_under_autocast(init_values, grad):
     with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
         m.forward_features(torch.randn(2, 3, 28, 28))
     assert dtypes == [(torch.float32, torch.float32)] * (len(m.blocks) + 1)
+
+
+# ---------------------------------------------------------------------------------------------- checkpointing
+def drop_path_vit(rate: float, ffn_layer: str = "mlp", depth: int = 4) -> VisionTransformer:
+    """A training ViT with stochastic depth `rate` in every block (DINOv2's uniform rates)."""
+    m = tiny(img_size=16, patch_size=2, depth=depth, init_values=0.5, ffn_layer=ffn_layer)
+    m.set_drop_path(rate, uniform=True)
+    return m.train()
+
+
+def loss_and_grads(model: VisionTransformer, x: torch.Tensor, precision: str = "fp32", seed: int = 1):
+    """A scalar of the CLS and patch outputs, and the gradients of every parameter, the drop-path draws
+    seeded with `seed`."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model.forward_features(x)
+    loss = out["x_norm_clstoken"].float().pow(2).sum() + out["x_norm_patchtokens"].float().sin().sum()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# 0.05: each sample's branch dropped apart (on a CPU the kept samples picked: the branch on fewer rows);
+# 0.3: the branch on a random subset of the batch (the official `drop_add_residual_stochastic_depth`)
+@pytest.mark.parametrize("rate", [0.05, 0.3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 on a CPU: the matmul attention path
+@pytest.mark.parametrize("ffn_layer", ["mlp", "swiglu"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(rate, precision, ffn_layer):
+    """The blocks recomputed in the backward draw the same drop-path samples as in the forward
+    (checkpoint restores the RNG state): the loss and every gradient are those without it, and the
+    drop path did drop (another seed gives another loss)."""
+    model = drop_path_vit(rate, ffn_layer)
+    x = torch.randn(8, 3, 16, 16)
+    loss, grads = loss_and_grads(model, x, precision)
+    model.set_activation_checkpointing(True)
+    checkpointed_loss, checkpointed = loss_and_grads(model, x, precision)
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=1e-6, atol=0)
+    assert checkpointed.keys() == grads.keys() and len(grads) == len(list(model.parameters())) - 1  # no mask token
+    for name, grad in grads.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    assert loss_and_grads(model, x, precision, seed=2)[0] != loss
+
+
+def test_activation_checkpointing_saves_only_each_blocks_input():
+    """Counted by autograd's saved-tensor hooks (the bytes of the distinct storages saved): with
+    checkpointing a 4-block ViT keeps what is saved outside its blocks, and the checkpoints hold each
+    block's input (B, N, D): under a quarter of what it saves without. The state-dict keys and
+    module names stay those of the plain model (no wrapper modules)."""
+    model = drop_path_vit(0.1)
+    x = torch.randn(8, 3, 16, 16)
+    keys, names = list(model.state_dict()), [n for n, _ in model.named_modules()]
+    plain = saved_bytes(lambda: model.forward_features(x))
+    model.set_activation_checkpointing(True)
+    checkpointed = saved_bytes(lambda: model.forward_features(x))
+    block_inputs = len(model.blocks) * 8 * (1 + 8 * 8) * 32 * 4  # B x (CLS + 8 x 8 patches) x D, fp32
+    assert checkpointed + block_inputs < plain / 4
+    assert list(model.state_dict()) == keys and [n for n, _ in model.named_modules()] == names
+
+
+def test_activation_checkpointing_inside_compiled_blocks():
+    """As the trainer's compile=true: each block compiled on its own (`block.compile`), which traces
+    the checkpoint in its forward. aot_eager runs dynamo and AOT autograd's partitioner as inductor
+    gets them (inductor needs minutes of C++ compiling; its own run is in docs/benchmarks.md): the
+    loss and gradients are those of the eager, uncheckpointed blocks, with drop path."""
+    model = drop_path_vit(0.3, depth=2)
+    x = torch.randn(8, 3, 16, 16)
+    loss, grads = loss_and_grads(model, x)
+    model.set_activation_checkpointing(True)
+    for block in model.blocks:
+        block.compile(backend="aot_eager", dynamic=False)
+    compiled_loss, compiled = loss_and_grads(model, x)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-6, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(compiled[name], grad, rtol=1e-5, atol=1e-6, msg=name)

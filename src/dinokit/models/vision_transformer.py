@@ -133,6 +133,14 @@ class VisionTransformer(nn.Module):
         for block, block_rate in zip(self.blocks, drop_path_rates(rate, len(self.blocks), uniform), strict=True):
             block.drop_path_rate = block_rate
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing for training: with gradients on, each block keeps only its input
+        (B, N, D) for the backward and recomputes its activations there (`Block.forward`): less memory
+        for one more forward of the blocks. The same results and gradients; names and state-dict keys
+        unchanged."""
+        for block in self.blocks:
+            block.checkpointing = enabled
+
     def init_weights(self) -> None:
         """Official init: pos_embed and Linear weights trunc_normal(0.02), CLS and registers normal(1e-6)."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

@@ -43,8 +43,9 @@ def build_backbone(cfg: PretrainConfig, resumed_config: dict | None = None) -> V
 
 
 def build_model(cfg: PretrainConfig, resumed_config: dict | None = None) -> SelfDistillation:
-    """The student and EMA teacher (`build_backbone` and fresh heads) with `cfg`'s objective."""
-    return SelfDistillation(
+    """The student and EMA teacher (`build_backbone` and fresh heads) with `cfg`'s objective; the
+    student's blocks checkpointed with activation_checkpointing (the teacher runs without gradients)."""
+    model = SelfDistillation(
         build_backbone(cfg, resumed_config),
         objective=cfg.objective,
         head_prototypes=cfg.head_prototypes,
@@ -64,6 +65,8 @@ def build_model(cfg: PretrainConfig, resumed_config: dict | None = None) -> Self
         koleo_loss_weight=cfg.koleo_loss_weight,
         masked_inputs=not cfg.distill_from,  # distillation: iBOT on whole crops (train/distillation.py)
     )
+    model.student.backbone.set_activation_checkpointing(cfg.activation_checkpointing)
+    return model
 
 
 def check_crop_sizes(cfg: PretrainConfig, patch_size: int) -> None:

@@ -114,6 +114,9 @@ class PretrainConfig:
     seed: int = 0  # random seed of the initial weights, data order, crops and masks
     fsdp: bool = False  # FSDP2 fully_shard (with torchrun) instead of DDP
     compile: bool = False  # torch.compile the backbone blocks
+    # the student's blocks keep only their input for the backward and run their forward again there:
+    # memory for a larger batch (ViT-L/g on one GPU), one more forward of the blocks per step (docs/benchmarks.md)
+    activation_checkpointing: bool = False  # recompute the student's block activations in the backward: less memory
     reuse_freed_memory: bool = True  # CPU: keep freed memory for reuse (faster steps, more peak memory; runtime.py)
     # ---- k-NN monitor: top-1 (k 20, T 0.07, as `dinokit eval knn`) of the teacher on labelled data,
     # knn_val against knn_train (folders of <class>/ images or path,label CSVs), logged as knn_top1
@@ -164,6 +167,7 @@ RESUMABLE_KEYS = {
     "batch_size",
     "fsdp",
     "compile",
+    "activation_checkpointing",  # memory, not maths: the same gradients
     "reuse_freed_memory",
     "knn_every",  # the k-NN monitor only reads the teacher
     "knn_train",

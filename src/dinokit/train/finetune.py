@@ -177,6 +177,7 @@ class Finetuner:
         torch.manual_seed(cfg.seed)  # the same head in every process
         self.model = Classifier(backbone.float(), len(self.classes), cfg.avgpool, cfg.head_init_std)
         self.model.backbone.set_drop_path(cfg.drop_path_rate)  # rising to drop_path_rate at the last block
+        self.model.backbone.set_activation_checkpointing(cfg.activation_checkpointing)
         self.iteration, self.history, self.elapsed = 0, [], 0.0
         self.epoch_loss = [0.0, 0]  # this epoch's summed loss over every process and step, steps
         self.train_bad: set[str] = set()

@@ -47,6 +47,7 @@ class FinetuneConfig:
     precision: str = "bf16"  # bf16 | fp32
     num_workers: int = 4  # image-decoding worker processes per training process (0: in the training process)
     seed: int = 0  # random seed of the head, data order, augmentation and stochastic depth
+    activation_checkpointing: bool = False  # recompute the block activations in the backward: less memory, more compute
     # ---- run folder
     keep_checkpoints: int = 2  # newest checkpoints kept (0 = keep all, one per epoch)
     log_every: int = 10  # iterations between metrics rows (metrics.jsonl, TensorBoard), and each epoch's end
@@ -59,7 +60,16 @@ class FinetuneConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
 # Keys that may change when a run is resumed; any other key must match the saved config.
-RESUMABLE_KEYS = {"device", "precision", "num_workers", "keep_checkpoints", "log_every", "progress", "tensorboard"}
+RESUMABLE_KEYS = {
+    "device",
+    "precision",
+    "num_workers",
+    "activation_checkpointing",  # memory, not maths: the same gradients
+    "keep_checkpoints",
+    "log_every",
+    "progress",
+    "tensorboard",
+}
 # What a run's config.yaml records beside its settings.
 RUN_FACTS = ("out", "derived")
 

@@ -2,6 +2,7 @@
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dinokit.models.layers.attention import Attention
 from dinokit.models.layers.ffn import Mlp, SwiGLUFFN, saves_for_backward, swiglu_hidden_dim
@@ -20,6 +21,9 @@ class Block(nn.Module):
     folded into proj and fc2 (`scaled_weights`) and the MLP recomputes its GELU (`GeluLinear`). In a
     DINOv2 ViT-S/14 training step (bf16, `bench/train_throughput.py`'s crops) the backbone's saved
     activations fall from 1.5 to 1.2 GB, at the same speed.
+
+    With `checkpointing` (`VisionTransformer.set_activation_checkpointing`) and gradients on, the block
+    keeps only its input for the backward and runs its forward again there (activation checkpointing).
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class Block(nn.Module):
             raise ValueError(f"ffn_layer must be 'mlp' or 'swiglu', got {ffn_layer!r}")
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path_rate = drop_path_rate
+        self.checkpointing = False
 
     def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
         if self.fold_layer_scale():
@@ -67,6 +72,15 @@ class Block(nn.Module):
         return isinstance(self.ls1, LayerScale) and saves_for_backward()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, N, D). With `checkpointing`: torch.utils.checkpoint, non-reentrant, inside the
+        block, so that `block.compile()` traces it (as torch supports: checkpoint, then compile, then
+        FSDP2's fully_shard of the block) and the module names stay as they are. The recomputation
+        draws the same drop-path samples: checkpoint restores the RNG state first (preserve_rng_state)."""
+        if self.checkpointing and saves_for_backward():
+            return checkpoint(self.residual_branches, x, use_reentrant=False)
+        return self.residual_branches(x)
+
+    def residual_branches(self, x: torch.Tensor) -> torch.Tensor:
         rate = self.drop_path_rate if self.training else 0.0
         x = drop_add_residual(x, self.attention_branch, rate)
         return drop_add_residual(x, self.ffn_branch, rate)
