@@ -229,3 +229,17 @@ def test_eval_knn_takes_edited_labels_and_another_spelling_from_the_cache_and_a_
     replace(tmp_path / "train" / "a" / "0.bmp", 77)
     top1(tmp_path / "train", "knn4")
     assert len(list(cache.iterdir())) == len(entries) + 1
+
+
+def test_curate_retrieve_refuses_a_pool_index_of_images_replaced_since(weights, photos, tmp_path):
+    """pool= an index folder: its vectors stay those of the images when they were embedded; after one was
+    replaced, seeds embedded since were matched against its old vector. Refused now, with the fix."""
+    from dinokit.curation.commands import retrieve
+    from dinokit.retrieval.commands import build_index
+
+    run_embed(weights, photos, tmp_path / "emb")
+    build_index(features=str(tmp_path / "emb"), out=str(tmp_path / "index"))
+    replace(photos / "01.bmp", 11)
+    run_embed(weights, photos, tmp_path / "emb")  # the seeds, fresh
+    with pytest.raises(DinokitError, match=r"1 image\(s\) of .*index changed .*01\.bmp.*build the index anew"):
+        retrieve(seeds=str(tmp_path / "emb"), pool=str(tmp_path / "index"), out=str(tmp_path / "retrieved"))

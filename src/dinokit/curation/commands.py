@@ -36,7 +36,7 @@ from dinokit.io import (
     write_text,
 )
 from dinokit.maps.render import contact_sheet, save_figure
-from dinokit.retrieval.commands import embedding_differences, read_vectors
+from dinokit.retrieval.commands import embedding_differences, read_vectors, refuse_changed_images
 from dinokit.retrieval.index import INDEX_META, FeatureIndex, check_listable, first_occurrences, normalise, read_paths
 from dinokit.runtime import resolve_device
 
@@ -511,6 +511,8 @@ def pool_index(
                 f"the index {pool} holds {index.meta['feature']} vectors: pass feature={index.meta['feature']}"
             )
         require_same_embedding(index.meta["embedding"], seeds_embedding, pool, seeds)
+        fix = "embed them again (the same `dinokit embed`) and build the index anew"
+        refuse_changed_images(pool, index.paths, index.stamps, fix)
         allowed = None
         if subset is not None:  # e.g. dedup's kept.txt: copies of the evaluation set must not come back
             allowed = np.zeros(len(index.paths), dtype=bool)

@@ -188,17 +188,22 @@ def vector_manifest(features: str | Path, feature: str) -> dict:
     return manifest
 
 
-def refuse_changed_images(features: str | Path, paths: list[str], stamps: np.ndarray) -> None:
-    """A DinokitError where an image of the embedding `features` is there with another size or mtime than
-    when it was embedded (replaced under its name): its vector would be of the old image. Images not
-    there (an embedding read on another machine) and shards that recorded no stamps are not checked."""
+def refuse_changed_images(
+    features: str | Path,
+    paths: list[str],
+    stamps: np.ndarray,
+    fix: str = "run the same `dinokit embed` again, which computes only their shards again",
+) -> None:
+    """A DinokitError where an image of the embedding (or index) `features` is there with another size or
+    mtime than when it was embedded (`stamps` (N, 2), [size, mtime ns]; replaced under its name): its
+    vector would be of the old image. Images not there (an embedding read on another machine) and
+    stamps not recorded (-1) are not checked."""
     now = np.asarray(file_stamps(paths), dtype=np.int64).reshape(-1, 2)
     changed = np.flatnonzero((stamps[:, 0] >= 0) & (now[:, 0] >= 0) & (stamps != now).any(axis=1))
     if len(changed):
         raise DinokitError(
             f"{len(changed)} image(s) of {features} changed since they were embedded (first: {paths[changed[0]]}): "
-            "their vectors are of the old images; run the same `dinokit embed` again, which computes only their "
-            "shards again"
+            f"their vectors are of the old images; {fix}"
         )
 
 
