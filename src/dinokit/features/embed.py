@@ -49,6 +49,7 @@ from dinokit.features.store import (
 from dinokit.io import (
     file_stamps,
     folder_lock,
+    path_bytes,
     prepare_output,
     read_json,
     refuse_files_no_run_wrote,
@@ -131,7 +132,7 @@ def embed(
                 "weights_hash": weights_hash(net),
                 "data": str(Path(data).absolute()),
                 "num_images": len(paths),
-                "paths_sha1": hashlib.sha1("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest(),
+                "paths_sha1": hashlib.sha1(path_bytes("\n".join(paths))).hexdigest(),
                 "image_size": list(size),
                 "patch_grid": [size[0] // net.patch_size, size[1] // net.patch_size],
                 "resize_policy": resize_policy,
