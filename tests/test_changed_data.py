@@ -71,6 +71,16 @@ def test_embed_again_computes_the_shard_of_a_file_replaced_under_its_name(weight
     assert run_embed(weights, photos, tmp_path / "emb")["computed_shards"] == 0  # nothing changed since
 
 
+def test_embed_again_embeds_an_unreadable_image_once_it_was_exported_again(weights, photos, tmp_path):
+    """A file skipped as unreadable stayed in the manifest's bad files after it was replaced by a good
+    image: its shard was finished. Its stamp is recorded too, so the shard is computed again."""
+    (photos / "02.bmp").write_bytes(b"not an image")
+    assert run_embed(weights, photos, tmp_path / "emb")["bad_files"] == 1
+    draw(photos / "02.bmp", 2)
+    summary = run_embed(weights, photos, tmp_path / "emb")
+    assert (summary["bad_files"], summary["embedded"], summary["computed_shards"]) == (0, 6, 1)
+
+
 def test_embed_into_a_run_whose_folder_gained_or_lost_images_names_them(weights, photos, tmp_path):
     """The refusal said 'num_images, paths_sha1 differ'; it now says what changed and what to do."""
     run_embed(weights, photos, tmp_path / "emb")
