@@ -88,8 +88,9 @@ def random_images(folder: Path, count: int, size: int, rng: np.random.Generator,
 
 
 def dead_writer_tag() -> str:
-    """`<host>-<pid>` of a process on this host that has ended, as io names a writer's temporary folder
-    (`.<name>.tmp-<host>-<pid>`, `.<name>.old-<host>-<pid>`): what a writer killed mid-write leaves."""
+    """`<host>-<pid>` of a process on this host that has ended, as io named a writer's temporary folder
+    (`.<name>.tmp-<host>-<pid>`, `.<name>.old-<host>-<pid>`) before its names got a random part and a
+    lock file: what such a writer killed mid-write left, which io judges by its pid (it has no lock)."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return f"{socket.gethostname()}-{int(dead.stdout)}"
 

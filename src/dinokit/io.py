@@ -5,6 +5,8 @@ import errno
 import glob
 import json
 import os
+import re
+import secrets
 import shutil
 import socket
 import stat
@@ -15,34 +17,56 @@ from dinokit.errors import DinokitError
 
 
 def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
-    """Call write(tmp_path) on a temporary file next to `path`, then rename it into place: readers
-    never see a half-written file, and an interrupted write leaves the previous file intact. The data
-    and the rename are flushed to disk (fsync) before returning, so that a caller may delete older
-    files (e.g. checkpoints) without a power cut leaving it an empty new one. A writer's error on a
-    full disk is an OSError (ENOSPC) naming `path`."""
+    """Call write(tmp_path) on a temporary file `.<name>.tmp-<tag>` next to `path` (writer_tag), then
+    rename it into place: readers never see a half-written file, and an interrupted write leaves the
+    previous file intact. The data and the rename are flushed to disk (fsync) before returning, so
+    that a caller may delete older files (e.g. checkpoints) without a power cut leaving it an empty new
+    one. A writer's error on a full disk is an OSError (ENOSPC) naming `path`. What writers killed
+    mid-write left in the folder is removed first (remove_dead_writers), unless no other process has
+    changed the folder since this one last wrote there (folder_stamps)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    unchanged = path.parent in folder_stamps and folder_stamps[path.parent] == folder_stamp(path.parent)
+    others_writing = not unchanged and remove_dead_writers(path.parent)
+    with writer_tag(path) as tag:
+        tmp = path.with_name(f".{path.name}.tmp-{tag}")
         try:
-            write(str(tmp))
-        except Exception as e:
-            if not isinstance(e, OSError) and disk_full(path.parent):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
-            raise
-        os.chmod(tmp, file_mode(path))
-        sync(tmp)
-        os.replace(tmp, path)
-        sync(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+            try:
+                write(str(tmp))
+            except Exception as e:
+                if not isinstance(e, OSError) and disk_full(path.parent):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+                raise
+            os.chmod(tmp, file_mode(path))
+            sync(tmp)
+            os.replace(tmp, path)
+            sync(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+    if others_writing:
+        folder_stamps.pop(path.parent, None)  # look again next time: one of them may die meanwhile
+    else:
+        folder_stamps[path.parent] = folder_stamp(path.parent)
+
+
+# the modification time of each folder after this process's last atomic_write there, where no other
+# writer's files were left: while it stays the same, no other process has written there (nor died
+# writing), so a listing of the folder at each write (O(entries): 4 ms, 5 writes' time, among 10,000
+# files) is spared
+folder_stamps: dict[Path, int | None] = {}
+
+
+def folder_stamp(folder: Path) -> int | None:
+    """The modification time (ns) of `folder`, None where it is missing."""
+    try:
+        return os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
 
 
 def atomic_write_large(path: str | Path, write: Callable[[str], object]) -> None:
     """atomic_write of a file whose writing takes long enough to be killed (a download, an exported
-    model): the temporary files (the writer's own too, e.g. torch.hub's .partial) are written in this
-    process's writers_folder beside `path`, which the next write of `path` removes once this process is
-    dead. (atomic_write's `.<name>.tmp<pid>` of a killed writer would stay beside `path` for good.)"""
+    model) and whose writer makes temporary files of its own (torch.hub's .partial): all are written
+    in a writers_folder beside `path`, which the next write of `path` removes once its writer is dead."""
     path = Path(path)
     with writers_folder(path) as folder:
         atomic_write(folder / path.name, write)
@@ -298,16 +322,18 @@ def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
     to `path`, so readers see the whole folder or none of it. If `path` appeared meanwhile (another
     writer finished first), the new folder is discarded.
 
-    With `replace`, an existing `path` is replaced whole instead: it is renamed aside, the new folder
-    (given the old one's permission bits) renamed in, and the old one removed, so a reader never sees
-    files of both. An error in the block or in the swap leaves `path` as it was. A writer killed
-    between the two renames leaves no `path`; the next atomic_folder of `path` puts the old folder back
-    first. A symbolic link is followed: the folder it names is replaced."""
+    With `replace`, an existing `path` is replaced whole instead: it is renamed aside (to
+    `.<name>.old-<tag>`), the new folder (given the old one's permission bits) renamed in, and the old
+    one removed, so a reader never sees files of both. An error in the block or in the swap leaves
+    `path` as it was. A writer killed between the two renames leaves no `path`; the next atomic_folder
+    of `path` puts the old folder back first (remove_dead_writers). A symbolic link is followed: the
+    folder it names is replaced."""
     path = Path(path).resolve() if replace else Path(path)
-    aside_prefix = f".{path.name}.old-{socket.gethostname()}-"
-    aside = path.with_name(f"{aside_prefix}{os.getpid()}")
-    remove_dead_writers_folders(path.parent, aside_prefix, restore=path)
-    with writers_folder(path) as tmp:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_writers(path.parent, path.name)
+    with writer_tag(path) as tag:
+        tmp, aside = path.with_name(f".{path.name}.tmp-{tag}"), path.with_name(f".{path.name}.old-{tag}")
+        tmp.mkdir()
         try:
             yield tmp
             if replace and path.is_dir():
@@ -323,38 +349,95 @@ def atomic_folder(path: str | Path, replace: bool = False) -> Iterator[Path]:
             if aside.is_dir() and not path.exists():  # stopped between the two renames: the old folder back
                 os.rename(aside, path)
             shutil.rmtree(aside, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def writers_folder(path: str | Path) -> Iterator[Path]:
-    """A new temporary folder `.<name>.tmp-<host>-<pid>` next to `path`, in which this process writes
-    what becomes `path` (atomic_folder renames it to `path`; a graph export moves its files there); it
-    is removed when the block ends. Those of writers that died (SIGKILL, a power cut) are removed
-    first (remove_dead_writers_folders), those of live ones left alone."""
+    """A new temporary folder `.<name>.tmp-<tag>` next to `path` (writer_tag), in which this process
+    writes what becomes `path` (atomic_write_large's file; a graph export moves its files there); it is
+    removed when the block ends. What writers of `path` that died left there is removed first
+    (remove_dead_writers), what live ones write left alone."""
     path = Path(path)
-    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
-    remove_dead_writers_folders(path.parent, prefix)
-    tmp = path.with_name(f"{prefix}{os.getpid()}")
-    tmp.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_writers(path.parent, path.name)
+    with writer_tag(path) as tag:
+        tmp = path.with_name(f".{path.name}.tmp-{tag}")
+        tmp.mkdir()
+        try:
+            yield tmp
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writer_tag(path: Path) -> Iterator[str]:
+    """A new tag `<host>-<pid>-<random>` for the temporary files and folders of this process's write of
+    `path` (`.<name>.tmp-<tag>`, `.<name>.old-<tag>`), which no other writer's name takes (processes
+    of other pid namespaces, e.g. containers sharing the host's name, may have this one's pid). For the
+    block it holds an flock on the lock file `.<name>.tmp-<tag>.lock`, which the kernel releases when
+    the process dies, however it dies: that is how a later writer tells that what it finds was left by
+    a dead writer (remove_dead_writers). Make those files inside the block; remove them by its end."""
+    tag = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    lock = path.with_name(f".{path.name}.tmp-{tag}.lock")
+    handle = hold_lock(lock, refusal="", wait=True)
     try:
-        yield tmp
+        yield tag
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if handle is not None:
+            lock.unlink(missing_ok=True)  # while held: the writer's files are gone, so it counts as dead
+            handle.close()
 
 
-def remove_dead_writers_folders(parent: Path, prefix: str, restore: Path | None = None) -> None:
-    """Remove the temporary folders `<prefix><pid>` of writers on this host that died mid-write (a
-    killed job leaves them, a whole shard in size), and one of this process's pid (an earlier process
-    of that pid died). Folders of live processes, and those of other hosts (prefix names the host; a
-    cache may be shared between machines), are left alone. With `restore`, such a folder is renamed
-    back to `restore` where that is missing (a folder its writer had set aside to replace it)."""
-    for folder in parent.glob(f"{glob.escape(prefix)}*"):
-        pid = folder.name[len(prefix) :]
-        if pid.isdigit() and (int(pid) == os.getpid() or not process_alive(int(pid))):
-            if restore is not None and not restore.exists():
-                os.rename(folder, restore)
-            else:
-                shutil.rmtree(folder, ignore_errors=True)
+def remove_dead_writers(folder: Path, name: str | None = None) -> bool:
+    """Remove what writers on this host that died mid-write (SIGKILL, a power cut) left in `folder` (of
+    `folder / name` only, given `name`): their temporary files and folders `.<name>.tmp-<tag>`, up to a
+    model or a shard in size, and lock files. A folder one set aside to replace (`.<name>.old-<tag>`)
+    is renamed back to `<name>` where that is missing, else removed. Those of live writers are left
+    alone (writer_alive), and so are those of other hosts: a cache may be shared between machines, and
+    some file systems lock per machine. Whether files of live writers of this host were left."""
+    host = socket.gethostname()
+    left = re.compile(rf"\.(.+)\.(?:tmp|old)-({re.escape(host)}-(\d+)(?:-[0-9a-f]{{8}})?)(?:\.lock)?")
+    pattern = f".{glob.escape(name)}.*" if name is not None else ".*"
+    writers = {m.group(1, 2, 3) for entry in folder.glob(pattern) if (m := left.fullmatch(entry.name))}
+    others_writing = False
+    for target, tag, pid in writers:
+        lock = folder / f".{target}.tmp-{tag}.lock"
+        with contextlib.ExitStack() as held:
+            if writer_alive(lock, int(pid), held):
+                others_writing = True
+                continue
+            aside = folder / f".{target}.old-{tag}"
+            if aside.is_dir() and not (folder / target).exists():
+                os.rename(aside, folder / target)
+            for entry in (aside, folder / f".{target}.tmp-{tag}", lock):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+    return others_writing
+
+
+def writer_alive(lock: Path, pid: int, held: contextlib.ExitStack) -> bool:
+    """Whether the writer (of this host, process `pid`) whose lock file is `lock` (writer_tag) may still
+    be writing: not when this process can take its flock without waiting, whatever pid namespace the
+    writer ran in; the lock then stays held, in `held`, while the caller removes what it left. Where
+    the lock cannot tell (no lock file: a writer without fcntl or of an older dinokit; a file system
+    that does not lock), alive unless no process `pid` runs on this host."""
+    try:
+        import fcntl
+
+        handle = held.enter_context(open(lock, "r+"))  # noqa: SIM115 (r+: never created here)
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except (ImportError, FileNotFoundError, PermissionError):
+        pass
+    except OSError as e:
+        if e.errno not in LOCK_UNSUPPORTED:
+            raise
+    return process_alive(pid)
 
 
 def link_entries(old: Path, new: Path, keep: Callable[[str], bool]) -> None:

@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from dinokit.errors import DinokitError, require
-from dinokit.io import atomic_write, process_alive, read_json, read_text, write_json, write_text
+from dinokit.io import atomic_write, read_json, read_text, write_json, write_text
 
 INDEX_KINDS = ("flat", "ivf", "hnsw", "pq", "ivfpq")
 INDEX_META = "index.json"
@@ -198,9 +198,9 @@ class FeatureIndex:
     # ------------------------------------------------------------------------------------ disk
     def save(self, folder: str | Path) -> None:
         """Write generation g + 1 of the files, switch index.json to it, remove the older generations
-        (g, and any that a save killed after its switch left) and the temporary files of saves killed
-        mid-write (`remove_stale_files`). A path holding a line break, which the file list (one path a
-        line) cannot hold, is a DinokitError before anything is written."""
+        (g, and any that a save killed after its switch left: `remove_stale_files`); atomic_write removes
+        the temporary files of saves killed mid-write. A path holding a line break, which the file list
+        (one path a line) cannot hold, is a DinokitError before anything is written."""
         check_listable(self.paths)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -245,23 +245,16 @@ class FeatureIndex:
         return cls(index, paths, meta, stamps)
 
 
-# an index folder's files of generation <g> (groups 1, 2, 3), and the temporary files of their atomic
-# writes, .<name>.tmp<pid> (group 4)
-INDEX_FILE = re.compile(
-    r"index-(\d+)\.faiss|paths-(\d+)\.txt|stamps-(\d+)\.npy|\.(?:index-\d+\.faiss|paths-\d+\.txt|stamps-\d+\.npy)\.tmp(\d+)"
-)
+# an index folder's files of generation <g> (one of the groups)
+INDEX_FILE = re.compile(r"index-(\d+)\.faiss|paths-(\d+)\.txt|stamps-(\d+)\.npy")
 
 
 def remove_stale_files(folder: Path, generation: int) -> None:
     """Remove from an index folder the files of generations before `generation` (the current one; a
-    first save removes none: such files are not an index's) and the temporary files of writers that
-    died (a save killed mid-write leaves one, an index in size); those of live writers stay."""
+    first save removes none: such files are not an index's)."""
     for entry in folder.iterdir():
         m = INDEX_FILE.fullmatch(entry.name)
-        if m is None:
-            continue
-        dead_writer = m.group(4) is not None and not process_alive(int(m.group(4)))
-        if dead_writer or (m.group(4) is None and int(m.group(1) or m.group(2) or m.group(3)) < generation):
+        if m is not None and int(m.group(1) or m.group(2) or m.group(3)) < generation:
             entry.unlink(missing_ok=True)
 
 
