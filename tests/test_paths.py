@@ -16,7 +16,7 @@ from pretrain_helpers import TINY
 
 import dinokit
 from dinokit.cli import build_kwargs, main, parse_value
-from dinokit.data.images import list_images, read_list_file
+from dinokit.data.images import list_images, open_rgb, read_list_file
 from dinokit.data.labelled import read_labelled
 from dinokit.errors import DinokitError
 from dinokit.eval.video import davis_sequence
@@ -105,6 +105,18 @@ def test_an_unquoted_path_with_a_space_is_named_with_the_quoting_that_fixes_it()
     'expected key=value, got Photos/'."""
     with pytest.raises(DinokitError, match=r"got 'Photos/'; .*quote the whole value: data=\"/x/My Photos/\""):
         build_kwargs(dinokit.cli.resolve_command("embed"), ["model=m", "data=/x/My", "Photos/", "out=o"])
+
+
+def test_a_path_starting_or_ending_with_a_space_is_shown_so_when_not_found(tree):
+    """`data="My Photos "` (pasted with a space): 'image source not found: .../My Photos (give ...' did
+    not show the space that made the path wrong."""
+    _, train, _, _ = tree
+    with pytest.raises(DinokitError, match=r"not found: .* \(the path ends with a space: '.*/train '\)"):
+        list_images(f"{train} ")
+    with pytest.raises(DinokitError, match=r"not found: .* \(the path starts with a space: ' .*/train'\)"):
+        read_labelled(f" {train}")
+    with pytest.raises(DinokitError, match=r"no such file \(the path ends with a space: '.*/b.Png '\)"):
+        open_rgb(f"{train / 'cat' / 'b.Png'} ")
 
 
 def test_a_list_of_file_names_that_are_not_utf8_is_read_as_the_names(tree, tmp_path):

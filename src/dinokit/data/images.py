@@ -79,7 +79,17 @@ def list_images(source: str | Path) -> list[Path]:
         if not paths:
             raise DinokitError(f"the list file {source} names no images")
         return paths
-    raise DinokitError(f"image source not found: {source} (give a folder, an image, or a text file of paths)")
+    raise DinokitError(
+        f"image source not found: {source}{spaces_note(source)} (give a folder, an image, or a text file of paths)"
+    )
+
+
+def spaces_note(path: str | Path) -> str:
+    """' (the path ends with a space: 'photos ')' where `path` starts or ends with white space, which an
+    error message does not show (a path pasted with a space, a quoted value with one inside the quotes)."""
+    text = str(path)
+    ends = [end for end, space in (("starts", text[:1].isspace()), ("ends", text[-1:].isspace())) if space]
+    return f" (the path {' and '.join(ends)} with a space: {text!r})" if ends else ""
 
 
 PATH_HEADERS = ("path", "filename")  # a line whose first cell is one of these is a header
@@ -198,7 +208,7 @@ def open_image(path: str | Path, rgb: bool = False, what: str = "image", min_sid
         reason = "not an image format Pillow recognises" if isinstance(err, UnidentifiedImageError) else str(err)
         fix = "Check that the file is a complete image (jpg, png, webp, bmp, tiff), or remove it from the input."
         if isinstance(err, FileNotFoundError):
-            reason = "no such file"
+            reason = f"no such file{spaces_note(path)}"
             fix = "Check the spelling and the current folder, or pass an absolute path."
         if isinstance(err, IsADirectoryError):  # e.g. a folder given where one image is taken
             reason, fix = "it is a folder", f"Pass one {what} file there (a file inside it, e.g. {example_in(path)})."

@@ -4,7 +4,7 @@ relative to the list file; quoted cells, comments and a header line are understo
 
 from pathlib import Path
 
-from dinokit.data.images import IMAGE_EXTENSIONS, files_under, plain_path, read_list_file
+from dinokit.data.images import IMAGE_EXTENSIONS, files_under, plain_path, read_list_file, spaces_note
 from dinokit.errors import DinokitError
 
 
@@ -39,7 +39,9 @@ def read_labelled(
         if not pairs:
             raise DinokitError(f"{source} lists no `path,label` lines")
     else:
-        raise DinokitError(f"labelled dataset not found: {source} (a <class>/<images> folder or a path,label CSV)")
+        raise DinokitError(
+            f"labelled dataset not found: {source}{spaces_note(source)} (a <class>/<images> folder or a path,label CSV)"
+        )
     names = classes if classes is not None else sorted({label for _, label in pairs})
     index = {name: i for i, name in enumerate(names)}
     unknown = sorted({label for _, label in pairs} - set(index))
