@@ -402,3 +402,12 @@ with io.atomic_folder({str(folder)!r}, replace=True) as tmp:
     with pytest.raises(KeyboardInterrupt), io.atomic_folder(folder, replace=True):
         raise KeyboardInterrupt
     assert (folder / "weights").read_text() == "old weights" and os.listdir(tmp_path) == ["export"]
+
+
+def test_a_writer_judged_by_its_pid_alone_does_not_make_every_write_list_the_folder_again(tmp_path, monkeypatch):
+    """Files without a lock whose pid runs (an older dinokit's; any, where pids cannot be probed) counted
+    as a live writer's that might die any moment: every later write listed the folder again."""
+    leftover_writer_folders(tmp_path, "result.json", "half")
+    io.write_json(tmp_path / "result.json", {})
+    monkeypatch.setattr(io, "remove_dead_writers", lambda *args: pytest.fail("the folder was listed"))
+    io.write_json(tmp_path / "result.json", {})

@@ -26,7 +26,7 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
     changed the folder since this one last wrote there (folder_stamps)."""
     path = Path(path)
     unchanged = path.parent in folder_stamps and folder_stamps[path.parent] == folder_stamp(path.parent)
-    others_writing = not unchanged and remove_dead_writers(path.parent)
+    others_locked = not unchanged and remove_dead_writers(path.parent)
     with writer_tag(path) as tag:
         tmp = path.with_name(f".{path.name}.tmp-{tag}")
         try:
@@ -42,14 +42,14 @@ def atomic_write(path: str | Path, write: Callable[[str], object]) -> None:
             sync(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
-    if others_writing:
+    if others_locked:
         folder_stamps.pop(path.parent, None)  # look again next time: one of them may die meanwhile
     else:
         folder_stamps[path.parent] = folder_stamp(path.parent)
 
 
 # the modification time of each folder after this process's last atomic_write there, where no other
-# writer's files were left: while it stays the same, no other process has written there (nor died
+# writer's lock was held: while it stays the same, no other process has written there (nor died
 # writing), so a listing of the folder at each write (O(entries): 4 ms, 5 writes' time, among 10,000
 # files) is spared
 folder_stamps: dict[Path, int | None] = {}
@@ -395,17 +395,18 @@ def remove_dead_writers(folder: Path, name: str | None = None) -> bool:
     model or a shard in size, and lock files. A folder one set aside to replace (`.<name>.old-<tag>`)
     is renamed back to `<name>` where that is missing, else removed. Those of live writers are left
     alone (writer_alive), and so are those of other hosts: a cache may be shared between machines, and
-    some file systems lock per machine. Whether files of live writers of this host were left."""
+    some file systems lock per machine. Whether a live writer's lock was found: it may die before the
+    folder changes again (atomic_write's folder_stamps)."""
     host = socket.gethostname()
     left = re.compile(rf"\.(.+)\.(?:tmp|old)-({re.escape(host)}-(\d+)(?:-[0-9a-f]{{8}})?)(?:\.lock)?")
     pattern = f".{glob.escape(name)}.*" if name is not None else ".*"
     writers = {m.group(1, 2, 3) for entry in folder.glob(pattern) if (m := left.fullmatch(entry.name))}
-    others_writing = False
+    locked = False
     for target, tag, pid in writers:
         lock = folder / f".{target}.tmp-{tag}.lock"
         with contextlib.ExitStack() as held:
             if writer_alive(lock, int(pid), held):
-                others_writing = True
+                locked = locked or lock.exists()  # not one judged by its pid (no lock), which may stay for long
                 continue
             aside = folder / f".{target}.old-{tag}"
             if aside.is_dir() and not (folder / target).exists():
@@ -414,8 +415,9 @@ def remove_dead_writers(folder: Path, name: str | None = None) -> bool:
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
-                    entry.unlink(missing_ok=True)
-    return others_writing
+                    with contextlib.suppress(OSError):  # as rmtree's: e.g. another user's, in a sticky folder
+                        entry.unlink()
+    return locked
 
 
 def writer_alive(lock: Path, pid: int, held: contextlib.ExitStack) -> bool:
