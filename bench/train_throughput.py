@@ -13,7 +13,8 @@ pairs alternate to spread machine drift.
     python bench/train_throughput.py --device cuda --compile
     python bench/train_throughput.py --device cuda --batch 64 --rounds 3   # a batch that fills a GPU
     python bench/train_throughput.py --peer dinokit-default-malloc   # dinokit with / without reuse_freed_memory
-    python bench/train_throughput.py --saved-activations             # MB autograd saves for dinokit's backward
+    python bench/train_throughput.py --saved-activations             # MB autograd saves for dinokit's backward,
+                                                                     # without and with activation checkpointing
 """
 
 import argparse
@@ -57,16 +58,25 @@ def autocast(device: str, precision: str):
 
 
 # --------------------------------------------------------------------------------------------- dinokit
-def dinokit_step_fn(device: str, precision: str, compile_model: bool, pack_saved=None):
+def dinokit_step_fn(device: str, precision: str, compile_model: bool, pack_saved=None, checkpointing: bool = False):
     """dinokit's step; `pack_saved` (a saved_tensors_hooks pack function) sees every tensor autograd
-    saves for its backward (`saved_activations_mb`)."""
+    saves for its backward, and with `checkpointing` (activation_checkpointing=true) each student
+    block's input, which its checkpoint holds instead (`saved_activations_mb`)."""
     from dinokit.train.build import build_model
     from dinokit.train.config import resolve_config
     from dinokit.train.ema import update_teacher
     from dinokit.train.optim import apply_schedule, build_optimizer, clip_gradients, param_groups
 
-    cfg = resolve_config("dinov2_vits14", {"drop_path_rate": DROP_PATH, "local_crops_size": LOCAL})
+    keys = {"drop_path_rate": DROP_PATH, "local_crops_size": LOCAL, "activation_checkpointing": checkpointing}
+    cfg = resolve_config("dinov2_vits14", keys)
     model = build_model(cfg).to(device).train()
+    if checkpointing and pack_saved is not None:  # the input each checkpoint holds for its recomputation
+
+        def held_input(block: torch.nn.Module, args: tuple) -> None:
+            pack_saved(args[0])
+
+        for block in model.student.backbone.blocks:
+            block.register_forward_pre_hook(held_input)
     if compile_model:
         for net in (model.student, model.teacher):
             for block in net.backbone.blocks:
@@ -109,9 +119,10 @@ def saved_tensor_hooks(pack):
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
-def saved_activations_mb(precision: str) -> float:
+def saved_activations_mb(precision: str, checkpointing: bool = False) -> float:
     """MB of the distinct storages autograd saves for the backward of one dinokit step on the CPU:
-    the student side (backbone, heads, losses), what the step's memory peak is made of."""
+    the student side (backbone, heads, losses), what the step's memory peak is made of; with
+    `checkpointing`, what it saves outside the student's blocks and the blocks' inputs."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -119,7 +130,7 @@ def saved_activations_mb(precision: str) -> float:
         return t
 
     torch.manual_seed(0)
-    dinokit_step_fn("cpu", precision, False, pack)(make_inputs())
+    dinokit_step_fn("cpu", precision, False, pack, checkpointing)(make_inputs())
     return sum(storages.values()) / 2**20
 
 
@@ -287,7 +298,11 @@ def main() -> None:
     BATCH = args.batch
     if args.saved_activations:
         for precision in args.precisions.split(","):
-            print(f"{precision}: dinokit step saves {saved_activations_mb(precision):.0f} MB for its backward")
+            plain, checkpointed = saved_activations_mb(precision), saved_activations_mb(precision, True)
+            print(
+                f"{precision}: dinokit step saves {plain:.0f} MB for its backward, "
+                f"{checkpointed:.0f} MB with activation_checkpointing=true"
+            )
         return
     if args.worker:
         library, precision = args.worker.split(":")
