@@ -96,8 +96,10 @@ def ddp_run(tmp_path_factory):
     except mp.ProcessExitedException as e:
         # Seen once in six runs here: a process killed by SIGABRT ("terminate called without an active
         # exception") after its runs had finished and it had left the process group, i.e. in the
-        # interpreter's exit, where gloo's C++ threads are torn down (pytorch/pytorch#179291). What this
-        # module tests is complete then; a crash any earlier still fails it.
+        # interpreter's exit, where gloo's C++ threads are torn down (pytorch/pytorch#179291). DDP's part
+        # of the cause is gone (test_leaving_the_process_group_ends_its_gloo_threads), but the worker's FSDP2
+        # run still keeps the group's threads running after it is left. What this module tests is
+        # complete then; a crash any earlier still fails it.
         if e.signal_name != "SIGABRT" or not all((root / "results" / f"left{r}").exists() for r in range(WORLD)):
             raise
         warnings.warn(f"{e} after every process had finished and left the process group", stacklevel=1)
@@ -388,6 +390,34 @@ def test_compare_errors_keeps_a_process_own_error_where_the_comparison_fails(mon
         raise DinokitError("no images found")
     with pytest.raises(RuntimeError, match="Connection closed"), dist.compare_errors():  # none of its own
         pass
+
+
+# A fresh interpreter, as torchrun starts: one process joins a gloo group of one, imports what DDP's first
+# use imports (torch.distributed.nn, through torch._dynamo), leaves the group, then lists its threads.
+LEAVE_GROUP = """
+import os, torch
+from dinokit import distributed as dist
+dist.launched_by_torchrun = lambda: True
+dist.init_distributed(torch.device("cpu"))
+import torch.distributed.nn
+dist.destroy_distributed()
+print(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc (Linux)")
+def test_leaving_the_process_group_ends_its_gloo_threads():
+    """`torchrun ... dinokit finetune|pretrain` aborted now and then at exit (SIGABRT, 'terminate called
+    without an active exception'): torch.distributed.nn, imported by DDP after the group started, holds
+    it in default arguments, so destroy_process_group left gloo's worker threads running into the
+    interpreter's exit, where one freeing the last collective's tensors may be ended mid-destructor.
+    The module is imported before the group now: leaving it joins them."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0"}
+    env.update(WORLD_SIZE="1", LOCAL_RANK="0", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    done = subprocess.run([sys.executable, "-c", LEAVE_GROUP], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    threads = done.stdout.strip().splitlines()[-1]
+    assert "gloo" not in threads, threads
 
 
 # Ctrl-C, which torchrun passes on to every process: here each sends SIGINT to itself after a step.

@@ -56,9 +56,23 @@ def init_distributed(
     device = process_device(device)
     if launched_by_torchrun() and not is_distributed():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        unpin_default_group()
         dist.init_process_group(backend=backend, timeout=timeout)
         _joined = True
     return device
+
+
+def unpin_default_group() -> None:
+    """Import torch.distributed.nn before the process group exists, so that `destroy_distributed` ends it.
+
+    Its functions take `group=group.WORLD` as a default argument, evaluated at import: imported while
+    a group runs (DDP's first use imports torch._dynamo, which imports it), they hold that group for
+    good, and destroy_process_group then leaves gloo's worker threads running into the interpreter's
+    exit. There, a worker that still holds the last collective's tensors (it lets go of them after
+    waking the waiter) may take the GIL to free them and be ended mid-destructor: SIGABRT, 'terminate
+    called without an active exception' (pytorch/pytorch#190489). Imported first, the defaults are None.
+    """
+    import torch.distributed.nn  # noqa: F401
 
 
 def process_device(device: torch.device) -> torch.device:
