@@ -506,6 +506,10 @@ if "WHICH" in ("config", "bad_files"):
     def failing_write(path, write):
         return full_disk(path) if Path(path).name == name else atomic_write(path, write)
     pretrain.atomic_write = failing_write
+    write_text = pretrain.write_text  # bad_files.txt: a list of paths, written as their bytes
+    def failing_write_text(path, text):
+        return full_disk(path) if Path(path).name == name else write_text(path, text)
+    pretrain.write_text = failing_write_text
     share = pretrain.Trainer.share_bad_files
     def share_with_one_bad(self):  # every process: one unreadable file met, so bad_files.txt is written
         return share(self) | {"unreadable.png"}
