@@ -135,7 +135,7 @@ def signal_the_job(job: subprocess.Popen, tmp_path: Path, how: str) -> None:
 def test_a_two_node_job_stopped_by_slurm_checkpoints_and_its_requeued_job_continues(tmp_path, how):
     """Near the time limit the job stops its steps with a checkpoint and requeues itself; pre-empted, it
     stops with a checkpoint and leaves the requeue to SLURM. The requeued job, the same script, continues."""
-    env = job_environment(tmp_path, nodes=2, nproc_per_node=1, max_iterations=40)
+    env = job_environment(tmp_path, nodes=2, nproc_per_node=1, max_iterations=20)
     out, log = tmp_path / "run", tmp_path / "job.out"
 
     # the first job, signalled once training runs
@@ -149,7 +149,7 @@ def test_a_two_node_job_stopped_by_slurm_checkpoints_and_its_requeued_job_contin
     output = log.read_text()
     (checkpoint,) = list_checkpoints(out / "checkpoints")
     stopped_at = load_checkpoint(checkpoint)["iteration"]
-    assert 2 <= stopped_at < 40, output[-3000:]
+    assert 2 <= stopped_at < 20, output[-3000:]
     assert f"stopped by SIGTERM at iteration {stopped_at}, checkpoint saved" in output, output[-3000:]
     assert not (out / "backbone.safetensors").exists() and "forcing job termination" not in output
     stub_log = (tmp_path / "stubs" / "log").read_text()
@@ -168,14 +168,14 @@ def test_a_two_node_job_stopped_by_slurm_checkpoints_and_its_requeued_job_contin
     assert "holds no run yet" not in log.read_text()[first_output:]
     rows = read_metrics(out / "metrics.jsonl")
     iterations = [row["iteration"] for row in rows]
-    assert iterations == sorted(set(iterations)) and iterations[-1] == 40, iterations
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 20, iterations
     assert rows[: len(first_rows)] == first_rows  # continued after them: not trained again from iteration 0
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == [
         f"checkpoint_{stopped_at:08d}.pt",
-        "checkpoint_00000040.pt",
+        "checkpoint_00000020.pt",
     ]
-    final = load_checkpoint(out / "checkpoints" / "checkpoint_00000040.pt")
-    assert final["global_batch"] == 8 and final["samples_seen"] == 40 * 8  # 2 nodes x 1 process x batch 4
+    final = load_checkpoint(out / "checkpoints" / "checkpoint_00000020.pt")
+    assert final["global_batch"] == 8 and final["samples_seen"] == 20 * 8  # 2 nodes x 1 process x batch 4
     assert dinokit.load_model(out / "backbone.safetensors")
     requeues = (tmp_path / "stubs" / "log").read_text().count("scontrol requeue")
     assert requeues == (how == "time_limit")  # a finished job does not requeue
