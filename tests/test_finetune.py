@@ -146,10 +146,9 @@ def test_backbone_unchanged_during_the_head_only_epochs_and_changed_after(data, 
 
 
 # ---------------------------------------------------------------------------------------------- resume
-def test_ctrl_c_then_resume_equals_the_uninterrupted_run(data, finished, tmp_path, monkeypatch):
-    """SIGINT in the middle of epoch 1 (after step 4 of 12): the run stops with a checkpoint there, and
-    resume=true ends with exactly the parameters, history and result of the uninterrupted run."""
-    out = tmp_path / "interrupted"
+def ctrl_c_after_step_4(monkeypatch):
+    """Make the next run of Finetuner send this process SIGINT (a Ctrl-C) as it starts step 4 (iteration
+    3), so that it stops with a checkpoint after that step; returns the plain step, to put back."""
     step = Finetuner.step
 
     def interrupting_step(self, *args):
@@ -158,6 +157,14 @@ def test_ctrl_c_then_resume_equals_the_uninterrupted_run(data, finished, tmp_pat
         return step(self, *args)
 
     monkeypatch.setattr(Finetuner, "step", interrupting_step)
+    return step
+
+
+def test_ctrl_c_then_resume_equals_the_uninterrupted_run(data, finished, tmp_path, monkeypatch):
+    """SIGINT in the middle of epoch 1 (after step 4 of 12): the run stops with a checkpoint there, and
+    resume=true ends with exactly the parameters, history and result of the uninterrupted run."""
+    out = tmp_path / "interrupted"
+    step = ctrl_c_after_step_4(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(data, out, epochs=2, lr=0.1)
     assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["checkpoint_00000004.pt"]
@@ -187,14 +194,7 @@ def test_activation_checkpointing_trains_the_same_and_may_change_on_resume(data,
     checkpoint = block.checkpoint
     monkeypatch.setattr(block, "checkpoint", lambda *args, **kw: calls.append(1) or checkpoint(*args, **kw))
     out = tmp_path / "switched"
-    step = Finetuner.step
-
-    def interrupting_step(self, *args):
-        if self.iteration == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return step(self, *args)
-
-    monkeypatch.setattr(Finetuner, "step", interrupting_step)
+    step = ctrl_c_after_step_4(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run(data, out, epochs=2, lr=0.1, activation_checkpointing=True)
     assert len(calls) == 4 * 2
