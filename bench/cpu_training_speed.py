@@ -75,10 +75,13 @@ def main() -> None:
     for shape in [(128, 3, 17, 32), (128, 3, 5, 32), (128, 3, 65, 32), (16, 6, 257, 64)]:
         fused, matmul = attention_ms(F.scaled_dot_product_attention, shape), attention_ms(matmul_attention, shape)
         print(f"{shape} | {fused:.1f} | {matmul:.1f} | {fused / matmul:.1f}x")
-    shape = (3, 6, 257, 64)  # ViT-S/14 inference at 224 px, one CPU slice of 3 images
-    fused = attention_ms(F.scaled_dot_product_attention, shape, backward=False)
-    matmul = attention_ms(matmul_attention, shape, backward=False)
-    print(f"attention forward only (inference), bf16: {shape} | {fused:.2f} | {matmul:.2f} | {fused / matmul:.1f}x")
+    # ViT-S/14 inference at 224 px: a CPU slice of 3 images (1024 tokens), a batch of 32 unsliced; ViT-B/14 at
+    # 518 px; and cpu32's 17-token crops. Which is faster depends on the CPU (models/layers/attention.py: AMX)
+    for shape in [(3, 6, 257, 64), (32, 6, 257, 64), (2, 12, 1370, 64), (128, 3, 17, 32)]:
+        fused = attention_ms(F.scaled_dot_product_attention, shape, backward=False)
+        matmul = attention_ms(matmul_attention, shape, backward=False)
+        print(f"attention forward only (inference), bf16: {shape} | {fused:.2f} | {matmul:.2f} | {fused / matmul:.2f}x")
+    shape = (3, 6, 257, 64)
     q, k, v = (torch.randn(*shape, dtype=torch.float16) for _ in range(3))  # fp16 keeps SDPA: why
     with torch.inference_mode():
         fused = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), repeats=20)

@@ -387,10 +387,15 @@ def command_help(name: str, func) -> str:
         meaning = COMMAND_KEYS.get(name, {}).get(pname, "see above" if pname in explained else SHARED_KEYS.get(pname))
         lines.append(key_line(pname, hints.get(pname, p.empty), default, meaning))
     if name in FURTHER_KEYS:
-        module, cls = FURTHER_KEYS[name].split(":")
         presets = "preset" in inspect.signature(func).parameters
-        lines += ["", *dataclass_keys(getattr(importlib.import_module(module), cls), presets)]
+        lines += ["", *dataclass_keys(further_keys_class(name), presets)]
     return "\n".join(lines)
+
+
+def further_keys_class(name: str):
+    """The config dataclass whose fields are the further keys of command `name` (FURTHER_KEYS)."""
+    module, cls = FURTHER_KEYS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def explained_keys(doc: str) -> set[str]:
@@ -483,8 +488,7 @@ def command_keys(name: str, func) -> set[str]:
     """Every key command `name` takes: its function's keyword arguments and its FURTHER_KEYS fields."""
     keys = set(inspect.signature(func).parameters)
     if name in FURTHER_KEYS:
-        module, cls = FURTHER_KEYS[name].split(":")
-        keys |= {f.name for f in dataclasses.fields(getattr(importlib.import_module(module), cls))}
+        keys |= {f.name for f in dataclasses.fields(further_keys_class(name))}
     return keys
 
 
