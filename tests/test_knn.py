@@ -6,7 +6,7 @@ from PIL import Image
 
 from dinokit.data.labelled import read_labelled
 from dinokit.errors import DinokitError
-from dinokit.eval.knn import knn_classify, knn_neighbours, knn_scores, topk_accuracy
+from dinokit.eval.knn import _row_topk, knn_classify, knn_neighbours, knn_scores, topk_accuracy
 
 
 def brute_force(bank, labels, queries, k, T, C):
@@ -32,6 +32,27 @@ def test_knn_matches_brute_force_and_chunking_changes_nothing():
     s1, i1 = knn_neighbours(bank, queries, 20)
     s2, i2 = knn_neighbours(bank, queries, 20, bank_chunk=7, query_chunk=3)
     assert torch.allclose(s1, s2) and torch.equal(i1, i2)
+
+
+@pytest.mark.parametrize("n", [640, 653])  # 16 slices of 40 columns, and 13 columns beyond them
+def test_screened_row_topk_equals_topk(n):
+    """_row_topk reads a wide row as 16 slices and keeps the m positions of highest maximum: the same
+    values as topk, and the same columns where the m-th value is not tied, wherever the largest sit."""
+    g = torch.Generator().manual_seed(n)
+    m, w = 6, n // 16
+    s = torch.randn(8, n, generator=g)
+    s[1, torch.arange(m) * w + 3] = 10 + torch.arange(m, dtype=torch.float)  # all at one position
+    s[2, 16 * w :] = 20  # in the columns beyond the slices (all of them when n = 653)
+    s[3, :m] = 30  # side by side in one slice
+    s[4] = torch.randint(0, 4, (n,), generator=g).float()  # every value tied many times
+    s[5, [0, w, 2 * w]] = 40  # three at one position, the rest anywhere
+    values, columns = _row_topk(s, m)
+    expected = s.topk(m, dim=1)
+    assert torch.equal(values, expected.values)
+    assert torch.equal(s.gather(1, columns), values) and all(len(set(row.tolist())) == m for row in columns)
+    untied = expected.values[:, m - 1] > s.sort(dim=1, descending=True).values[:, m]
+    assert untied.sum() >= 6  # every row but the tied ones (row 4, and row 2 when n = 653)
+    assert torch.equal(columns[untied].sort(1).values, expected.indices[untied].sort(1).values)
 
 
 def test_weights_by_hand():
