@@ -136,12 +136,41 @@ def nano(seed: int, **overrides) -> dinokit.VisionTransformer:
 
 
 @pytest.fixture(scope="module")
-def large_first_export(tmp_path_factory) -> Path:
+def traced_programs() -> dict:
+    """torch.onnx.export's programs of this module's tests, by the weights and input shape traced."""
+    return {}
+
+
+def trace_each_model_once(patch: pytest.MonkeyPatch, programs: dict) -> None:
+    """torch.onnx.export (3-4 s a call: torch.export's tracing) gives again the program it gave for the
+    same weights and input shape, which ir.save writes unchanged (it restores the initialisers it moves to
+    a .data file): for the tests of how export_graph writes, replaces and checks files, which export
+    nano(0) and nano(1) again and again. Every other step of export_graph still runs."""
+    trace = torch.onnx.export
+
+    def traced_once(wrapper, args, **kwargs):
+        key = (tuple(args[0].shape), *((k, v.numpy().tobytes()) for k, v in wrapper.state_dict().items()))
+        if key not in programs:
+            programs[key] = trace(wrapper, args, **kwargs)
+        return programs[key]
+
+    patch.setattr(torch.onnx, "export", traced_once)
+
+
+@pytest.fixture
+def traced_once(monkeypatch, traced_programs) -> None:
+    """torch.onnx.export traces each model of the test once in this module (trace_each_model_once)."""
+    trace_each_model_once(monkeypatch, traced_programs)
+
+
+@pytest.fixture(scope="module")
+def large_first_export(tmp_path_factory, traced_programs) -> Path:
     """A folder holding export_graph(nano(0), "model.onnx", "onnx") of a "large" model (weights in a .data
     file): the previous export the tests below start from, exported once (3-4 s) and copied into each."""
     folder = tmp_path_factory.mktemp("large_first_export")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(graph_export, "LARGE_MODEL_BYTES", 0)
+        trace_each_model_once(patch, traced_programs)
         export_graph(nano(0), folder / "model.onnx", "onnx")
     return folder
 
@@ -152,7 +181,9 @@ def previous_export(folder: Path, tmp_path: Path) -> None:
         (tmp_path / p.name).write_bytes(p.read_bytes())
 
 
-def test_failed_large_onnx_export_keeps_the_previous_graph_and_its_data(tmp_path, monkeypatch, large_first_export):
+def test_failed_large_onnx_export_keeps_the_previous_graph_and_its_data(
+    tmp_path, monkeypatch, large_first_export, traced_once
+):
     """Large models keep their weights in `<name>.data`, which used to be overwritten outside the
     atomic write: a failed export then left the old graph pointing at the new model's weights."""
     monkeypatch.setattr(graph_export, "LARGE_MODEL_BYTES", 0)  # every model "large": weights in a .data file
@@ -183,7 +214,7 @@ def onnx_data(folder) -> str:
 
 
 def test_a_crash_before_the_new_graph_is_moved_in_keeps_the_previous_graph_and_its_data(
-    tmp_path, monkeypatch, large_first_export
+    tmp_path, monkeypatch, large_first_export, traced_once
 ):
     """A large model's graph and data were moved into place one after the other under fixed names: a
     crash between the two renames left the old graph beside the new model's data (its numbers wrong,
@@ -214,7 +245,9 @@ def test_a_crash_before_the_new_graph_is_moved_in_keeps_the_previous_graph_and_i
     assert np.abs(graph_export.run_onnx(str(target), x)[0].numpy() - reference(second, x)[0]).max() <= 1e-4
 
 
-def test_a_second_export_to_the_same_path_while_one_runs_is_refused_and_removes_nothing(tmp_path, monkeypatch):
+def test_a_second_export_to_the_same_path_while_one_runs_is_refused_and_removes_nothing(
+    tmp_path, monkeypatch, traced_once
+):
     """Two exports at once to one path: the one that finished second removed the other's data file as an
     earlier export's, so the graph moved in last named a data file that was gone (no session at all).
     An export now holds the target while it runs: a second one is refused before it writes anything."""
@@ -246,7 +279,9 @@ def test_a_second_export_to_the_same_path_while_one_runs_is_refused_and_removes_
 
 
 @pytest.mark.parametrize(("fmt", "name"), [("onnx", "m.onnx"), ("torchscript", "m.pt")])
-def test_an_export_removes_the_temporary_folders_of_killed_exports_not_those_of_live_ones(tmp_path, fmt, name):
+def test_an_export_removes_the_temporary_folders_of_killed_exports_not_those_of_live_ones(
+    tmp_path, fmt, name, traced_once
+):
     """A killed export (SIGKILL) left its hidden temporary folder, model-sized, beside the target for
     good; the next export now removes those of dead writers on this host, as io.atomic_folder does."""
     left = leftover_writer_folders(tmp_path, name, name)
