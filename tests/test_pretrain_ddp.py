@@ -191,13 +191,22 @@ def test_two_process_run_resumes_in_one_process(ddp_run):
     assert checkpoint["global_batch"] == 8 and checkpoint["samples_seen"] == 64  # the global batch is kept
 
 
-def test_torchrun_launches_pretraining_on_two_processes(tmp_path):
-    """The documented entry path: `torchrun --nproc_per_node 2 -m dinokit pretrain ...` (gloo on CPU)."""
-    data = tiny_images(tmp_path / "data")
-    out = tmp_path / "run"
-    keys = {**TINY, "max_iterations": 6, "batch_size": 4}
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(out, result) of `torchrun --nproc_per_node 2 -m dinokit pretrain ... resume=true` into a folder
+    without a run (6 iterations of batch 4): the tests below read different things from it."""
+    root = tmp_path_factory.mktemp("torchrun")
+    data = tiny_images(root / "data")
+    out = root / "run"
+    keys = {**TINY, "max_iterations": 6, "batch_size": 4, "resume": True}
     args = ["-m", "dinokit", "pretrain", f"data={data}", f"out={out}"] + [f"{k}={v}" for k, v in keys.items()]
-    result = run_torchrun(args, timeout=240)
+    return out, run_torchrun(args, timeout=240)
+
+
+def test_torchrun_launches_pretraining_on_two_processes(torchrun_run):
+    """The documented entry path: `torchrun --nproc_per_node 2 -m dinokit pretrain ...` (gloo on CPU),
+    with resume=true as the multi-node command (README) and the SLURM script give it."""
+    out, result = torchrun_run
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
     assert rows[-1]["iteration"] == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
@@ -207,12 +216,9 @@ def test_torchrun_launches_pretraining_on_two_processes(tmp_path):
     assert summary["iterations"] == 6 and summary["backbone"] == str(out / "backbone.safetensors")
 
 
-def test_resume_into_an_empty_folder_says_so_once(tmp_path):
+def test_resume_into_an_empty_folder_says_so_once(torchrun_run):
     """Under torchrun, resume=true into a folder without a run printed its notice once per process."""
-    data = tiny_images(tmp_path / "data")
-    keys = {**TINY, "max_iterations": 2, "batch_size": 4, "resume": True}
-    args = ["-m", "dinokit", "pretrain", f"data={data}", f"out={tmp_path / 'run'}"]
-    result = run_torchrun(args + [f"{k}={v}" for k, v in keys.items()], timeout=240)
+    _, result = torchrun_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("holds no run yet: starting a new one") == 1
 
