@@ -439,20 +439,19 @@ def test_init_from_weights_with_fresh_heads_and_frozen_backbone_warmup(tmp_path)
 
 
 def test_cli_help_and_command(tmp_path, capsys):
+    """In process: start_command_line_run's tests run `python -m dinokit pretrain` in a fresh interpreter
+    (which costs 3-5 s of imports alone), and test_pretrain_ddp reads its summary under torchrun."""
     from dinokit.cli import main
 
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    assert main(["pretrain", "--help"]) == 0  # in process: the command below runs `python -m dinokit`
+    assert main(["pretrain", "--help"]) == 0
     help_text = capsys.readouterr().out
     for key in ("max_iterations", "max_minutes", "epochs", "batch_size", "checkpoint_every", "resume", "init"):
         assert key in help_text
     data = tiny_images(tmp_path / "data")
     args = [f"{k}={v}" for k, v in TINY.items()] + ["max_iterations=2", f"data={data}", f"out={tmp_path / 'run'}"]
-    result = subprocess.run(
-        [sys.executable, "-m", "dinokit", "pretrain", *args], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout[result.stdout.index("{") :])["iterations"] == 2
+    assert main(["pretrain", *args]) == 0
+    stdout = capsys.readouterr().out
+    assert json.loads(stdout[stdout.index("{") :])["iterations"] == 2
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
