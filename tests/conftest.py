@@ -1,5 +1,6 @@
 import functools
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -109,3 +110,12 @@ def leftover_writer_folders(folder: Path, name: str, content: str) -> dict[str, 
         path.mkdir()
         (path / content).write_bytes(b"half")
     return left
+
+
+def run_example(script: Path, args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python script *args` in this process (runpy, as __main__): an example end to end without a fresh
+    interpreter's 3-5 s of importing torch, torchvision, scikit-image, ... again. sys.argv and sys.path
+    (which the examples extend) are as they were afterwards; the test reads the output with capsys."""
+    monkeypatch.setattr(sys, "argv", [str(script), *args])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    runpy.run_path(str(script), run_name="__main__")

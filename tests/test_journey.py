@@ -11,6 +11,7 @@ import torch
 import dinokit
 from dinokit.models import hub
 from dinokit.models.commands import info
+from tests.conftest import run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,21 +56,16 @@ def test_pil_images_through_the_exported_transform_equal_the_extracted_folder_fe
     torch.testing.assert_close(feats["cls"], direct, rtol=0, atol=1e-6)
 
 
-def test_the_python_api_example_runs_as_written(tmp_path):
+def test_the_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     """examples/python_api.py (docs/python.md's walk-through) end to end on a tiny model."""
     weights = dinokit.export_model(dinokit.create_model("vit_micro_p4"), tmp_path / "micro.safetensors")
-    example = [sys.executable, str(ROOT / "examples" / "python_api.py")]
-    done = subprocess.run(
-        [*example, "--model", str(weights), "--image-size", "16", "--out", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "cls (2, 96)" in done.stdout
-    assert "last 4 blocks: [((2, 96, 4, 4), (2, 96))" in done.stdout
-    assert "rows: ['astronaut.jpg', 'chelsea.jpg']" in done.stdout
-    assert "search: [('chelsea.jpg', 1.0)" in done.stdout
+    example = ["--model", str(weights), "--image-size", "16", "--out", str(tmp_path / "out")]
+    run_example(ROOT / "examples" / "python_api.py", example, monkeypatch)
+    stdout = capsys.readouterr().out
+    assert "cls (2, 96)" in stdout
+    assert "last 4 blocks: [((2, 96, 4, 4), (2, 96))" in stdout
+    assert "rows: ['astronaut.jpg', 'chelsea.jpg']" in stdout
+    assert "search: [('chelsea.jpg', 1.0)" in stdout
 
 
 def test_info_names_the_architecture_of_each_format(tmp_path):

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from dinokit.maps.pca import pca_rgb
 from dinokit.maps.segment import otsu_threshold, patch_coverage, segment_features, similarity_to
 from dinokit.maps.similarity import patch_similarity, pixel_to_patch
 from dinokit.models.vision_transformer import VisionTransformer, ViTConfig
-from tests.conftest import perturb_scales_and_norms
+from tests.conftest import perturb_scales_and_norms, run_example
 
 
 @pytest.fixture(scope="module")
@@ -288,15 +286,13 @@ def test_a_damaged_reference_mask_is_one_error_naming_it_and_a_damaged_exif_bloc
         read_mask(tmp_path / "mask.png", (6, 4))  # was Pillow's message alone, naming no file
 
 
-def test_example_script_draws_every_picture_on_the_photos(tmp_path):
+def test_example_script_draws_every_picture_on_the_photos(tmp_path, monkeypatch):
     """examples/feature_maps.py end to end, on a one-block 14 px-patch ViT (fast at any size)."""
     config = ViTConfig(img_size=56, patch_size=14, embed_dim=32, depth=1, num_heads=2, num_register_tokens=2)
     weights = dinokit.export_model(VisionTransformer(config), tmp_path / "tiny.safetensors")
     script = Path(__file__).parents[1] / "examples" / "feature_maps.py"
     out = tmp_path / "out"
-    cmd = [sys.executable, str(script), "--model", weights, "--out", str(out), "--image-size", "56"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_example(script, ["--model", weights, "--out", str(out), "--image-size", "56"], monkeypatch)
     pictures = ["attention_chelsea.png", "pca_joint.png", "similarity_eye.png", "similarity_eye_astronaut.png"]
     pictures.append("matches.png")
     for name in pictures:
