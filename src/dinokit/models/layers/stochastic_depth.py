@@ -38,12 +38,21 @@ def drop_add_residual(
             return x + branch(x) * keep
         if len(idx) == b:
             return torch.add(x, branch(x), alpha=1.0 / (1.0 - drop_rate))
-        return AddRows.apply(x, idx, branch(x[idx]).to(x.dtype), 1.0 / (1.0 - drop_rate))
+        return AddRows.apply(x, idx, branch(take_rows(x, idx)).to(x.dtype), 1.0 / (1.0 - drop_rate))
     keep = max(int(b * (1.0 - drop_rate)), 1)
     # a random subset via argsort of uniform draws: on CUDA, randperm cost 184 us of host time per call
     # (96 calls per ViT-S step; bench/profile_train_step.py --device cuda)
     idx = torch.rand(b, device=x.device).argsort()[:keep]
-    return AddRows.apply(x, idx, branch(x[idx]).to(x.dtype), b / keep)
+    return AddRows.apply(x, idx, branch(take_rows(x, idx)).to(x.dtype), b / keep)
+
+
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] for distinct sample indices idx (S,): x (B, ...) -> (S, ...), through index_select, whose
+    backward adds the rows' gradients into zeros with index_add. x[idx]'s backward does it with
+    index_put(accumulate=True), 4-5x slower on a CPU (the same values): at the ViT-S/14 recipe's shapes
+    5.6 against 1.1 ms at 16 x 257 x 384 in fp32, 4.0 against 0.8 ms at 64 x 50 x 384, 2.5 against 1.0
+    ms in bf16, about 170 ms of a 5 s fp32 step (`bench/train_throughput.py`, docs/benchmarks.md)."""
+    return x.index_select(0, idx)
 
 
 class AddRows(torch.autograd.Function):
