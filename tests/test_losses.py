@@ -148,6 +148,66 @@ def test_ibot_loss_by_hand():
     assert loss.item() == pytest.approx((0.5 * LN(2) + 0.5 * LN(2) + LN(4 / 3)) / 4, rel=1e-6)
 
 
+def composed_cross_entropy(x: torch.Tensor, q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """What soft_cross_entropy replaces: -(q * log_softmax(x.float() / t)).sum(-1)."""
+    return -(q.float() * torch.log_softmax(x.float() / temperature, dim=-1)).sum(dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_soft_cross_entropy_is_the_log_softmax_composition_block_by_block(monkeypatch, dtype):
+    """Values and gradients (logits' in their dtype, targets') of the composition to rounding, over
+    blocks of rows that do not divide the rows (7 rows, blocks of 3), and no farther from float64
+    (within 2x its error, or 1e-6 of the largest value)."""
+    from dinokit.losses import ibot_loss
+
+    monkeypatch.setattr(ibot_loss, "CHUNK_ELEMENTS", 3 * 50)
+    torch.manual_seed(0)
+    x0 = (3 * torch.randn(7, 50)).to(dtype)
+    q0 = torch.softmax(torch.randn(7, 50) / 0.2, dim=-1)
+    w = torch.rand(7)
+    results = {}
+    for name, ce in (("fused", ibot_loss.soft_cross_entropy), ("composed", composed_cross_entropy)):
+        x, q = x0.clone().requires_grad_(), q0.clone().requires_grad_()
+        per_row = ce(x, q, 0.1)
+        assert per_row.dtype == torch.float32 and per_row.shape == (7,)
+        per_row.mul(w).sum().backward()
+        assert x.grad.dtype == dtype
+        results[name] = (per_row.detach(), x.grad.float(), q.grad)
+    exact_x, exact_q = x0.double().requires_grad_(), q0.double().requires_grad_()
+    exact = -(exact_q * torch.log_softmax(exact_x / 0.1, dim=-1)).sum(dim=-1)
+    exact.mul(w.double()).sum().backward()
+    for fused, composed, reference in zip(
+        results["fused"], results["composed"], (exact, exact_x.grad, exact_q.grad), strict=True
+    ):
+        tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5)
+        torch.testing.assert_close(fused, composed, **tolerance)
+        reference = reference.detach()
+        error, composed_error = ((t.double() - reference).abs().max() for t in (fused, composed))
+        assert error <= max(2 * composed_error, 1e-6 * reference.abs().max())
+
+
+def test_soft_cross_entropy_gradients_in_float64():
+    from dinokit.losses.ibot_loss import soft_cross_entropy
+
+    x = torch.randn(5, 9, dtype=torch.float64, requires_grad=True)
+    q = torch.rand(5, 9, dtype=torch.float64, requires_grad=True)  # rows need not sum to 1
+    assert torch.autograd.gradcheck(lambda x, q: soft_cross_entropy(x, q, 0.3), (x, q))
+
+
+def test_ibot_loss_keeps_no_float32_log_probabilities_for_its_backward():
+    """The iBOT loss's backward keeps the bf16 logits, the targets and one value per row: composed, it
+    kept the (M, K) float32 log-probabilities too (151 MB in a DINOv2 ViT-S/14 step)."""
+    x = torch.randn(12, 40, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.softmax(torch.randn(12, 40), dim=-1)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = IBOTPatchLoss()(x * 1.0, q, torch.full((12,), 0.25), num_images=3)
+    big = [t for t in saved if t.numel() == x.numel() and t.untyped_storage().data_ptr() != q.data_ptr()]
+    assert [t.dtype for t in big] == [torch.bfloat16], [(t.dtype, tuple(t.shape)) for t in big]
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all()
+
+
 # ----------------------------------------------------------------------------------------- KoLeo
 def test_koleo_by_hand():
     x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])  # z2 = (1, 1)/sqrt 2 is everyone's neighbour

@@ -628,35 +628,36 @@ def test_a_refused_run_leaves_no_folder_behind(tmp_path, capsys):
 
 @pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
 def test_no_logits_are_kept_through_a_backward(tmp_path, monkeypatch, centering):
-    """The teacher's and the student's logits (M x K each, 80-90 MB in a DINOv2 ViT-S/14 step) are let
-    go before the backward, where the step's memory peaks: the centers keep only row sums, the
-    metrics only the teacher's CLS rows. Neither this step's nor the previous step's logits may
-    still be alive when a backward starts."""
+    """The teacher's logits (M x K, 80-90 MB in a DINOv2 ViT-S/14 step) are let go before the backward,
+    where the step's memory peaks: the centers keep only row sums, the metrics only the teacher's CLS
+    rows. Of the student's, only the patch logits are alive when a backward starts: the iBOT loss keeps
+    them, in their own dtype, in place of float32 log-probabilities (`SoftCrossEntropy`). No logits of
+    the previous step may still be alive."""
     import gc
     import weakref
 
     from dinokit.train.self_distillation import SelfDistillation
 
-    logits: list[weakref.ref] = []
+    logits: list[tuple[str, weakref.ref]] = []
     teacher_outputs, losses, backward = SelfDistillation.teacher_outputs, SelfDistillation.losses, torch.Tensor.backward
 
-    def record(outputs: dict) -> None:
-        logits.extend(weakref.ref(v) for k, v in outputs.items() if k.endswith("_logits"))
+    def record(outputs: dict, whose: str) -> None:
+        logits.extend((f"{whose} {k}", weakref.ref(v)) for k, v in outputs.items() if k.endswith("_logits"))
 
     def recording_teacher_outputs(self, *args, **kwargs):
         outputs = teacher_outputs(self, *args, **kwargs)
-        record(outputs)
+        record(outputs, "teacher")
         return outputs
 
     def recording_losses(self, student, *args, **kwargs):
-        record(student)
+        record(student, "student")
         return losses(self, student, *args, **kwargs)
 
     backwards = []
 
     def checking_backward(self, *args, **kwargs):
         gc.collect()
-        backwards.append(sum(ref() is not None for ref in logits))
+        backwards.append([name for name, ref in logits if ref() is not None])
         return backward(self, *args, **kwargs)
 
     monkeypatch.setattr(SelfDistillation, "teacher_outputs", recording_teacher_outputs)
@@ -664,7 +665,8 @@ def test_no_logits_are_kept_through_a_backward(tmp_path, monkeypatch, centering)
     monkeypatch.setattr(torch.Tensor, "backward", checking_backward)
     data = tiny_images(tmp_path / "data")
     run(data, tmp_path / "run", max_iterations=3, centering=centering, ibot_loss_weight=1.0)
-    assert len(logits) == 3 * 4 and backwards == [0, 0, 0]  # per step: teacher and student, CLS and patches
+    assert len(logits) == 3 * 4  # per step: teacher and student, CLS and patches
+    assert backwards == [["student patch_logits"]] * 3
 
 
 def test_the_knn_monitor_logs_the_teachers_knn_and_leaves_training_as_it_is(tmp_path):
