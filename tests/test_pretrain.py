@@ -656,7 +656,8 @@ def test_no_logits_are_kept_through_a_backward(tmp_path, monkeypatch, centering)
     backwards = []
 
     def checking_backward(self, *args, **kwargs):
-        gc.collect()
+        if len([ref for _, ref in logits if ref() is not None]) > 1:  # a full collection over this process: ~1 s
+            gc.collect()  # only cyclic garbage may still hold them then
         backwards.append([name for name, ref in logits if ref() is not None])
         return backward(self, *args, **kwargs)
 
