@@ -449,6 +449,43 @@ def test_cpu_bf16_attention_matches_sdpa(monkeypatch, amx):
         torch.testing.assert_close(matmul_attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # SDPA, and the matmul path
+def test_attention_backward_stacks_the_qkv_gradients_without_another_copy(precision):
+    """The q, k, v gradients are stacked into the qkv projection's output layout in one copy: no
+    clone after the stack (a (B, N, 3D) copy per block, 45 ms of a 5-6 s fp32 ViT-S/14 step). The
+    values and gradients are those of the permuted layout, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dinokit.models.layers.attention import Attention
+
+    class BackwardOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    attention = Attention(32, 4)
+    x = torch.randn(3, 40, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = attention(x)
+    ops = BackwardOps()
+    with ops:
+        out.float().square().sum().backward()
+    after_stack = ops.names[ops.names.index("stack.default") + 1 :]
+    assert "stack.default" not in after_stack and "clone.default" not in after_stack, ops.names
+    if precision == "fp32":
+        x_ref = x.detach().clone().requires_grad_()
+        q, k, v = attention.qkv(x_ref).view(3, 40, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        expected = attention.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(3, 40, 32))
+        torch.testing.assert_close(out, expected, atol=0, rtol=0)
+        expected.square().sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad, atol=0, rtol=0)
+
+
 def test_cpu_inference_slices_suit_the_cpu(monkeypatch):
     """A model built on a CPU with AMX tiles runs inference in slices of 4096 tokens, elsewhere of 1024
     (the faster size on each, bench/inference.py)."""

@@ -44,8 +44,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, return_attention: bool = False, gain: torch.Tensor | None = None):
         b, n, d = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, N, d_head)
+        # each (B, heads, N, d_head), a view of qkv's output: unbound at the q/k/v axis, then transposed,
+        # the backward stacks their gradients straight into that output's layout (permuting first and
+        # unbinding at 0 stacked them as (3, B, heads, N, d_head) and copied that once more)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         if return_attention:
             scale = q.shape[-1] ** -0.5
             with torch.autocast(q.device.type, enabled=False):  # float32 under a caller's autocast too
