@@ -8,6 +8,7 @@ unconditionally.
 
 import contextlib
 import datetime
+import gc
 import os
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from dinokit.errors import DinokitError, SharedError
 
 SHARED_ERROR_WAIT_S = 10.0  # how long a process other than 0 leaves process 0 to print an error they share
 _joined = False  # whether this process joined a process group (it stays True after leaving it)
+_meshes: list = []  # device meshes made by `device_mesh`, let go of by `destroy_distributed`
 
 
 def is_distributed() -> bool:
@@ -89,6 +91,20 @@ def process_device(device: torch.device) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def device_mesh(device: torch.device):
+    """A 1-D DeviceMesh over every process, on the default process group: the mesh FSDP2's fully_shard
+    makes when given none, made here so that `destroy_distributed` can let go of it.
+
+    A mesh holds its process groups, and DTensor's sharding caches keep every mesh an optimizer step
+    went through alive for good: destroy_process_group then leaves gloo's worker threads running into
+    the interpreter's exit, where they may abort the process (see `unpin_default_group`)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    _meshes.append(mesh)
+    return mesh
+
+
 def destroy_distributed(wait: bool = True) -> None:
     """Leave the process group, after every process got there (`wait`). Pass wait=False when this
     process stops on an error: the others may be in another collective, and a barrier would hang
@@ -96,7 +112,11 @@ def destroy_distributed(wait: bool = True) -> None:
     if is_distributed():
         if wait:
             dist.barrier()
+        for mesh in _meshes:
+            mesh._pg_registry.clear()  # its process groups (torch has no public way to let go of them)
+        _meshes.clear()
         dist.destroy_process_group()
+        gc.collect()  # models that ran DDP / FSDP2 hold the group too, in reference cycles: free them now
 
 
 def leave_shared_error_to_process_0(shared: bool) -> None:

@@ -5,6 +5,7 @@ import warnings
 
 import torch
 
+from dinokit import distributed as dist
 from dinokit.train.self_distillation import SelfDistillation
 
 
@@ -15,14 +16,15 @@ def shard_fsdp(model: SelfDistillation) -> None:
 
     # outputs such as x_norm_clstoken are views; nothing modifies them in place
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    mesh = dist.device_mesh(next(model.parameters()).device)  # released when the process group is left
     for net in (model.student, model.teacher):
         for block in net.backbone.blocks:
-            fully_shard(block)
-        fully_shard(net.backbone)
+            fully_shard(block, mesh=mesh)
+        fully_shard(net.backbone, mesh=mesh)
         register_fsdp_forward_method(net.backbone, "forward_features")
         for head in net.heads().values():
-            fully_shard(head)
-    fully_shard(model.student)
+            fully_shard(head, mesh=mesh)
+    fully_shard(model.student, mesh=mesh)
 
 
 def reshard_teacher(model: SelfDistillation) -> None:
