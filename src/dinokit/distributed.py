@@ -12,11 +12,15 @@ import gc
 import os
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from dinokit.errors import DinokitError, SharedError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 SHARED_ERROR_WAIT_S = 10.0  # how long a process other than 0 leaves process 0 to print an error they share
 _joined = False  # whether this process joined a process group (it stays True after leaving it)
@@ -91,7 +95,7 @@ def process_device(device: torch.device) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def device_mesh(device: torch.device):
+def device_mesh(device: torch.device) -> "DeviceMesh":
     """A 1-D DeviceMesh over every process, on the default process group: the mesh FSDP2's fully_shard
     makes when given none, made here so that `destroy_distributed` can let go of it.
 
@@ -113,7 +117,7 @@ def destroy_distributed(wait: bool = True) -> None:
         if wait:
             dist.barrier()
         for mesh in _meshes:
-            mesh._pg_registry.clear()  # its process groups (torch has no public way to let go of them)
+            getattr(mesh, "_pg_registry", {}).clear()  # its process groups (torch has no public way to let go)
         _meshes.clear()
         dist.destroy_process_group()
         gc.collect()  # models that ran DDP / FSDP2 hold the group too, in reference cycles: free them now
