@@ -13,7 +13,8 @@
    65536-prototype head): `fused=True` (`dinokit.train.optim.build_optimizer`) against `foreach=True`.
 4. The student side of the iBOT loss at the ViT-S/14 recipe's 605 masked patches x 65536 prototypes,
    forward + backward: the temperature division out of place against `student_log_probs` (in place
-   on the float32 copy of the bf16 logits).
+   on the float32 copy of the bf16 logits), and against `soft_cross_entropy` (blocks of rows, no
+   (M, K) float32 array kept: what the iBOT loss runs), in bf16 and fp32.
 5. A dense probe's training step (`dinokit eval segmentation`'s linear head on the last 4 layers'
    patch tokens of 16 images at 224 px, 21 classes, logits upsampled to 224 px, cross-entropy,
    AdamW) with glibc's default malloc against inside `dinokit.runtime.reuse_freed_memory()`, as
@@ -43,11 +44,26 @@ from dinokit.data.batched_augmentations import BatchedMultiCrop  # noqa: E402
 from dinokit.eval.dense import upsample  # noqa: E402
 from dinokit.eval.segmentation import LinearSegmentationHead, segmentation_loss  # noqa: E402
 from dinokit.losses.dino_loss import student_log_probs  # noqa: E402
+from dinokit.losses.ibot_loss import soft_cross_entropy  # noqa: E402
 from dinokit.models.layers.attention import matmul_attention  # noqa: E402
 from dinokit.runtime import reuse_freed_memory  # noqa: E402
 from dinokit.train.build import build_backbone, build_model  # noqa: E402
 from dinokit.train.config import resolve_config  # noqa: E402
 from dinokit.train.optim import param_groups  # noqa: E402
+
+
+def ibot_loss_ms(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float]:
+    """ms of forward + backward of the cross-entropy of (M, K) logits to targets, three ways:
+    -(q * log_softmax(x.float() / t)).sum(), the same through student_log_probs, soft_cross_entropy."""
+    logits.requires_grad_()
+
+    def composed(log_probs) -> float:
+        return median_ms(lambda: (-(targets * log_probs(logits)).sum()).backward(), repeats=5)
+
+    divided = composed(lambda x: torch.log_softmax(x.float() / 0.1, dim=-1))
+    in_place = composed(lambda x: student_log_probs(x, 0.1))
+    blocks = median_ms(lambda: soft_cross_entropy(logits, targets, 0.1).sum().backward(), repeats=5)
+    return divided, in_place, blocks
 
 
 def median_ms(fn, repeats: int = 7, warmup: int = 2) -> float:
@@ -143,18 +159,16 @@ def main() -> None:
     )
 
     # 605 rows: the masked patches of one batch of bench/train_throughput.py (ViT-S/14 recipe, batch 8)
-    logits = (3 * torch.randn(605, 65536)).to(torch.bfloat16).requires_grad_()
+    # logits of 0.3 x randn are a head's (cosines times g, about 1: |x| <= 1); 3 x randn, where most of a
+    # row's exponentials underflow at t = 0.1, what this line measured before soft_cross_entropy
     targets = torch.softmax(5 * torch.randn(605, 65536), dim=-1)
-
-    def loss_ms(log_probs) -> float:
-        return median_ms(lambda: (-(targets * log_probs(logits)).sum()).backward(), repeats=5)
-
-    divided = loss_ms(lambda x: torch.log_softmax(x.float() / 0.1, dim=-1))
-    in_place = loss_ms(lambda x: student_log_probs(x, 0.1))
-    print(
-        f"\niBOT-style loss forward + backward, bf16 logits 605 x 65536: log_softmax(x.float() / t) {divided:.0f} ms, "
-        f"student_log_probs {in_place:.0f} ms ({divided / in_place:.2f}x)"
-    )
+    for dtype, scale in ((torch.bfloat16, 0.3), (torch.float32, 0.3), (torch.bfloat16, 3.0)):
+        divided, in_place, blocks = ibot_loss_ms((scale * torch.randn(605, 65536)).to(dtype), targets)
+        print(
+            f"\niBOT-style loss forward + backward, {str(dtype)[6:]} logits {scale} x randn, 605 x 65536: "
+            f"log_softmax(x.float() / t) {divided:.0f} ms, student_log_probs {in_place:.0f} ms "
+            f"({divided / in_place:.2f}x), soft_cross_entropy {blocks:.0f} ms ({divided / blocks:.2f}x)"
+        )
 
     head = LinearSegmentationHead(4 * 384, 21)
     head_optimizer = torch.optim.AdamW(head.parameters())

@@ -8,7 +8,7 @@ def student_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / temperature) in float32, (.., K) -> (.., K).
 
     When the cast to float32 makes a copy (bf16 / fp16 logits) the division runs in place on it: one
-    pass less over the (rows, prototypes) array, 10-15% of an iBOT loss's forward + backward at 605 x
+    pass less over the (rows, prototypes) array, 10-15% of an iBOT-style loss's forward + backward at 605 x
     65536 on a 2-core CPU (`bench/cpu_training_speed.py`). float32 logits are divided out of place, so
     the caller's tensor is kept.
     """
