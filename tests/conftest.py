@@ -119,3 +119,22 @@ def run_example(script: Path, args: list[str], monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(sys, "argv", [str(script), *args])
     monkeypatch.setattr(sys, "path", list(sys.path))
     runpy.run_path(str(script), run_name="__main__")
+
+
+def aten_op_names(run) -> list[str]:
+    """The names of the aten ops (e.g. "index_add.default") that `run()` dispatches, in order: what a
+    forward or a backward computes, for tests that pin which kernels a path uses."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Recorder() as recorder:
+        run()
+    return recorder.names

@@ -14,7 +14,7 @@ from dinokit.models import (
     snap_to_patch_multiple,
 )
 from dinokit.models.layers.ffn import SwiGLUFFN
-from tests.conftest import perturb_scales_and_norms
+from tests.conftest import aten_op_names, perturb_scales_and_norms
 
 RELEASED = {
     "dinov2_vits14": 22_056_576,
@@ -335,18 +335,7 @@ def test_adding_the_branch_rows_back_keeps_only_their_indices_for_the_backward()
 def test_stochastic_depth_takes_the_kept_rows_with_a_backward_that_adds_them_without_index_put(rate):
     """The branch's input rows come through index_select, whose backward is index_add into zeros:
     x[idx]'s backward, index_put(accumulate=True), is 4-5x slower on a CPU for the same values."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from dinokit.models.layers import drop_add_residual
-
-    class BackwardOps(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
 
     x = torch.randn(16, 5, 4, requires_grad=True)
     w = torch.randn(4, 4)
@@ -354,11 +343,9 @@ def test_stochastic_depth_takes_the_kept_rows_with_a_backward_that_adds_them_wit
     out = drop_add_residual(x, lambda t: t @ w, rate)
     kept = (out != x).any(dim=(1, 2))
     assert 0 < kept.sum() < 16
-    ops = BackwardOps()
-    with ops:
-        out.square().sum().backward()
-    assert any(name.startswith("index_add") for name in ops.names)
-    assert not any(name.startswith("index_put") for name in ops.names), ops.names
+    names = aten_op_names(lambda: out.square().sum().backward())
+    assert any(name.startswith("index_add") for name in names)
+    assert not any(name.startswith("index_put") for name in names), names
     scale = 16 / kept.sum() if rate > 0.1 else 1 / (1 - rate)
     expected = 2 * out.detach() + kept[:, None, None] * (2 * out.detach() * scale) @ w.T
     torch.testing.assert_close(x.grad, expected)
@@ -454,29 +441,16 @@ def test_attention_backward_stacks_the_qkv_gradients_without_another_copy(precis
     """The q, k, v gradients are stacked into the qkv projection's output layout in one copy: no
     clone after the stack (a (B, N, 3D) copy per block, 45 ms of a 5-6 s fp32 ViT-S/14 step). The
     values and gradients are those of the permuted layout, bit for bit."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from dinokit.models.layers.attention import Attention
-
-    class BackwardOps(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     attention = Attention(32, 4)
     x = torch.randn(3, 40, 32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = attention(x)
-    ops = BackwardOps()
-    with ops:
-        out.float().square().sum().backward()
-    after_stack = ops.names[ops.names.index("stack.default") + 1 :]
-    assert "stack.default" not in after_stack and "clone.default" not in after_stack, ops.names
+    names = aten_op_names(lambda: out.float().square().sum().backward())
+    after_stack = names[names.index("stack.default") + 1 :]
+    assert "stack.default" not in after_stack and "clone.default" not in after_stack, names
     if precision == "fp32":
         x_ref = x.detach().clone().requires_grad_()
         q, k, v = attention.qkv(x_ref).view(3, 40, 3, 4, 8).permute(2, 0, 3, 1, 4)
