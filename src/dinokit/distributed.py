@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 SHARED_ERROR_WAIT_S = 10.0  # how long a process other than 0 leaves process 0 to print an error they share
 _joined = False  # whether this process joined a process group (it stays True after leaving it)
-_meshes: list = []  # device meshes made by `device_mesh`, let go of by `destroy_distributed`
+_meshes: list["DeviceMesh"] = []  # device meshes made by `device_mesh`, let go of by `destroy_distributed`
 
 
 def is_distributed() -> bool:
