@@ -12,8 +12,9 @@ from PIL import Image
 
 import dinokit
 from dinokit.errors import DinokitError
+from dinokit.features import embed as embed_module
 from dinokit.features.embed import embed
-from dinokit.features.store import read_embeddings
+from dinokit.features.store import read_embeddings, read_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,16 +82,189 @@ def test_embed_again_embeds_an_unreadable_image_once_it_was_exported_again(weigh
     assert (summary["bad_files"], summary["embedded"], summary["computed_shards"]) == (0, 6, 1)
 
 
-def test_embed_into_a_run_whose_folder_gained_or_lost_images_names_them(weights, photos, tmp_path):
-    """The refusal said 'num_images, paths_sha1 differ'; it now says what changed and what to do."""
-    run_embed(weights, photos, tmp_path / "emb")
-    draw(photos / "06.bmp", 6)
-    with pytest.raises(DinokitError, match=r"lists 7 images now, 6 when .* was started \(1 added, first .*06\.bmp\)"):
-        run_embed(weights, photos, tmp_path / "emb")
-    (photos / "06.bmp").unlink()
-    (photos / "02.bmp").unlink()
-    with pytest.raises(DinokitError, match=r"\(1 removed, first .*02\.bmp\).*Embed into a new out= folder"):
-        run_embed(weights, photos, tmp_path / "emb")
+def embedded_names(out: Path) -> list[str]:
+    return [Path(p).name for p in read_embeddings(out)[1]]
+
+
+def shard_files(out: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(out.glob("shard_*"))}
+
+
+def recording_reads(monkeypatch) -> list[str]:
+    """The image paths the embed runs read from now on."""
+    seen: list[str] = []
+    real = embed_module.iter_features
+    monkeypatch.setattr(
+        embed_module, "iter_features", lambda m, paths, *a, **k: seen.extend(paths) or real(m, paths, *a, **k)
+    )
+    return seen
+
+
+def test_embed_again_after_the_folder_gained_images_embeds_only_them(weights, photos, tmp_path, monkeypatch, capsys):
+    """A data= that gained images was refused ('embed into a new out='): a growing photo collection was
+    embedded anew each time. The listed images in no shard now go into new shards after the finished
+    ones, which stay as they were (bytes, names); only the new images are read."""
+    (photos / "05.bmp").write_bytes(b"not an image")  # a bad file of the first run
+    out = tmp_path / "emb"
+    run_embed(weights, photos, out)
+    before = shard_files(out)
+    for name, seed in (("02b.bmp", 12), ("06.bmp", 16), ("07.bmp", 17)):  # 02b sorts among the old images
+        draw(photos / name, seed)
+    (photos / "08.bmp").write_bytes(b"not an image either")
+    seen = recording_reads(monkeypatch)
+    summary = run_embed(weights, photos, out)
+    new = [str(photos / name) for name in ("02b.bmp", "06.bmp", "07.bmp", "08.bmp")]
+    assert seen == new
+    assert (summary["shards"], summary["computed_shards"], summary["resumed_shards"]) == (5, 2, 3)
+    assert "4 listed image(s) are in none of the 3 finished shard(s)" in capsys.readouterr().err
+    assert {name: file for name, file in shard_files(out).items() if name in before} == before
+    feats, paths = read_embeddings(out)
+    assert paths == [str(photos / f"{i:02d}.bmp") for i in range(5)] + new[:3]  # old rows, then the new in order
+    manifest = read_manifest(out)
+    assert manifest["bad_files"] == [str(photos / "05.bmp"), new[3]]
+    assert [s["file"] for s in manifest["shards"]] == [f"shard_0000{i}.safetensors" for i in range(5)]
+    model, transform = dinokit.load_model(weights), dinokit.eval_transform(16)
+    fresh = dinokit.extract_features(model, new[:3], transform, which=["cls"], precision="fp32")[0]
+    assert torch.allclose(feats["cls"][5:], fresh["cls"], atol=1e-6)
+    assert run_embed(weights, photos, out)["computed_shards"] == 0 and seen == new  # nothing new since
+
+
+def test_embed_refuses_a_folder_that_lost_or_renamed_an_embedded_image(weights, photos, tmp_path):
+    """An image of the shards that data= no longer lists cannot be dropped from them: refused, naming it
+    and the fix, with nothing written."""
+    out = tmp_path / "emb"
+    run_embed(weights, photos, out)
+    before = shard_files(out), (out / "embed_config.json").read_bytes()
+    (photos / "02.bmp").rename(photos / "02-renamed.bmp")  # lost + gained
+    lost = r"\(removed or renamed, first .*02\.bmp\).*Embed into a new out= folder"
+    with pytest.raises(
+        DinokitError, match=r"lists 6 images now, and 1 image\(s\) of the shards in .*emb are not among them " + lost
+    ):
+        run_embed(weights, photos, out)
+    (photos / "02-renamed.bmp").unlink()
+    with pytest.raises(DinokitError, match=r"lists 5 images now, .*" + lost):
+        run_embed(weights, photos, out)
+    assert (shard_files(out), (out / "embed_config.json").read_bytes()) == before
+
+
+def test_a_killed_extension_resumes_and_takes_images_added_meanwhile(weights, photos, tmp_path, monkeypatch):
+    """An extension killed in its new shards is finished by the same command (the shards written are
+    kept); one killed before photos were added again takes them too: every image once, in shard order."""
+    out = tmp_path / "emb"
+    run_embed(weights, photos, out)
+    real_write = embed_module.write_shard
+
+    def killed_after_one_shard(written: list[str]):
+        def write(path, *args):
+            if written:  # the second new shard dies half-way through its write
+                Path(path).with_name(f".{Path(path).name}.tmp99").write_bytes(b"half a shard")
+                raise KeyboardInterrupt
+            real_write(path, *args)
+            written.append(Path(path).name)
+
+        return write
+
+    for i in range(6, 11):  # shards 3-5: [06, 07], [08, 09], [10]
+        draw(photos / f"{i:02d}.bmp", i)
+    monkeypatch.setattr(embed_module, "write_shard", killed_after_one_shard(written := []))
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(weights, photos, out)
+    assert written == ["shard_00003.safetensors"] and len(read_embeddings(out)[1]) == 6  # the manifest of then
+    monkeypatch.setattr(embed_module, "write_shard", real_write)
+    seen = recording_reads(monkeypatch)
+    summary = run_embed(weights, photos, out)
+    assert (summary["shards"], summary["computed_shards"]) == (6, 2) and [Path(p).name for p in seen] == [
+        "08.bmp",
+        "09.bmp",
+        "10.bmp",
+    ]
+    assert embedded_names(out) == [f"{i:02d}.bmp" for i in range(11)]
+    assert not list(out.glob(".*tmp*"))
+
+    for i in range(11, 16):  # shards 6-8: [11, 12], [13, 14], [15]
+        draw(photos / f"{i:02d}.bmp", i)
+    monkeypatch.setattr(embed_module, "write_shard", killed_after_one_shard(written := []))
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(weights, photos, out)
+    monkeypatch.setattr(embed_module, "write_shard", real_write)
+    draw(photos / "115.bmp", 115)  # added before the rerun, sorted between 11 and 12
+    draw(photos / "16.bmp", 16)
+    assert run_embed(weights, photos, out)["computed_shards"] == 3  # [115, 13], [14, 15], [16]
+    names = [f"{i:02d}.bmp" for i in range(13)]
+    assert embedded_names(out) == [*names, "115.bmp", "13.bmp", "14.bmp", "15.bmp", "16.bmp"]
+    assert sorted(embedded_names(out)) == sorted(p.name for p in photos.iterdir())
+
+
+def as_process(monkeypatch, rank: int, world: int) -> None:
+    """embed runs as process `rank` of a torchrun job of `world` processes (each run alone, in turn)."""
+    from dinokit import distributed
+
+    monkeypatch.setattr(distributed, "rank", lambda: rank)
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+
+
+def test_an_extension_under_two_processes_splits_the_new_shards_between_them(weights, photos, tmp_path, monkeypatch):
+    """Under torchrun, process 0 records the extension's split before the others read it: each process
+    computes the same shards and writes those i where i mod 2 is its rank; the manifest comes at the end."""
+    out = tmp_path / "emb"
+    run_embed(weights, photos, out)
+    for i in range(6, 11):  # shards 3-5
+        draw(photos / f"{i:02d}.bmp", i)
+    as_process(monkeypatch, 0, 2)
+    with pytest.raises(DinokitError, match=r"shard_00003\.safetensors is missing: a process did not finish"):
+        run_embed(weights, photos, out)  # process 0: shard 4, then the manifest, which waits for 3 and 5
+    assert sorted(p.name for p in out.glob("shard_*"))[3:] == ["shard_00004.safetensors"]
+    as_process(monkeypatch, 1, 2)
+    assert run_embed(weights, photos, out) is None  # process 1: shards 3 and 5
+    as_process(monkeypatch, 0, 1)
+    assert run_embed(weights, photos, out)["computed_shards"] == 0
+    assert embedded_names(out) == [f"{i:02d}.bmp" for i in range(11)]
+
+
+def test_an_extension_stopped_with_a_shard_missing_is_split_anew_from_there(
+    weights, photos, tmp_path, monkeypatch, capsys
+):
+    """A torchrun extension stopped where process 1 had not written shard 3 but process 0 had written shard
+    4, then photos added: the shards from the missing one on are split anew with them (shard 4 is
+    computed again), every image once."""
+    out = tmp_path / "emb"
+    run_embed(weights, photos, out)
+    for i in range(6, 11):
+        draw(photos / f"{i:02d}.bmp", i)
+    as_process(monkeypatch, 0, 2)
+    with pytest.raises(DinokitError, match="a process did not finish"):
+        run_embed(weights, photos, out)
+    as_process(monkeypatch, 0, 1)
+    draw(photos / "07b.bmp", 70)
+    assert run_embed(weights, photos, out)["computed_shards"] == 3  # [06, 07], [07b, 08], [09, 10]
+    assert "1 shard(s) after a missing one are computed again" in capsys.readouterr().err
+    assert embedded_names(out) == [f"{i:02d}.bmp" for i in range(8)] + ["07b.bmp", "08.bmp", "09.bmp", "10.bmp"]
+
+
+def test_an_index_built_before_an_extension_adds_just_the_new_images(weights, photos, tmp_path):
+    """index build add=true from the extended embedding into the index of its first run: the new images
+    are added, the others skipped, the embedding named once among the index's sources; every image is
+    there once and finds itself first."""
+    from dinokit.retrieval.commands import build_index
+    from dinokit.retrieval.index import FeatureIndex
+    from tests.conftest import perturb_scales_and_norms
+
+    torch.manual_seed(0)  # a model whose vectors of noise images tell them apart (the module's: cosines ~1)
+    model = perturb_scales_and_norms(dinokit.create_model("vit_micro_p4", depth=2))
+    weights = str(dinokit.export_model(model, tmp_path / "distinct.safetensors"))
+    out = tmp_path / "emb"
+    run_embed(weights, photos, out)
+    build_index(features=str(out), out=str(tmp_path / "index"))
+    for name, seed in (("02b.bmp", 12), ("06.bmp", 16), ("07.bmp", 17)):
+        draw(photos / name, seed)
+    run_embed(weights, photos, out)
+    summary = build_index(features=str(out), out=str(tmp_path / "index"), add=True)
+    assert (summary["added"], summary["skipped"], summary["total"]) == (3, 6, 9)
+    index = FeatureIndex.load(tmp_path / "index")
+    feats, paths = read_embeddings(out)
+    assert index.paths == paths and index.meta["sources"] == [str(out)]
+    scores, ids = index.search(feats["cls"].numpy(), 2)
+    assert [index.paths[i] for i in ids[:, 0]] == paths and (scores[:, 1] < scores[:, 0] - 1e-4).all()
 
 
 def test_embed_resumes_a_run_through_a_symlink_or_a_relative_path_to_its_folder(weights, photos, tmp_path, monkeypatch):

@@ -4,8 +4,11 @@ The images are split into fixed shards of `shard_size` consecutive files (sorted
 the list's order). Each shard is written atomically once all its images are done, so a killed job
 restarts where it stopped: shards on disk are skipped, the others computed. A shard records the size
 and modification time of its files when they were read: a rerun computes again the shards of files
-changed since (a photo exported again under its name), and one whose data= lists other images (added,
-removed, renamed) is refused, as the fixed split of the list cannot take them. Under
+changed since (a photo exported again under its name). A rerun whose data= gained images extends the
+embedding: its finished shards stay as they are, and the listed images in none of them are split into
+new shards after them (`extend_run`; embed_config.json's `earlier_shards` counts the shards kept, and
+the new images' split is fixed by the listing then, so a killed extension resumes like a first run).
+One whose data= no longer lists an image of its shards (removed, renamed) is refused. Under
 `torchrun --nproc_per_node N` (or several nodes sharing the output folder), shard i goes to process
 i mod N; every process writes its own shards and process 0 writes the one manifest at the end.
 The file layout is described in `dinokit.features.store`.
@@ -90,7 +93,9 @@ def embed(
     float16 or bfloat16 (safetensors only) on disk. format: safetensors or numpy (.npz). shard_size:
     images per shard (default: up to 4096, fewer so that a shard stays near 512 MB, e.g. with
     patch_tokens). reduced_decode: large JPEGs decoded at 1/2, 1/4 or 1/8 scale, never below twice the
-    resize (`ReducedJpegDecode`; false: whole). Unreadable images are skipped and listed in the manifest. The
+    resize (`ReducedJpegDecode`; false: whole). Unreadable images are skipped and listed in the manifest. Run
+    again into the same out=, it resumes: images replaced since are embedded again, and images data= gained
+    since (new photos) go into new shards after the finished ones, which stay as they are. The
     manifest records a hash of the weights (`weights_hash`), so that `dinokit index search` can tell
     when the model file changed. Returns a summary (on process 0; None on the others).
     """
@@ -147,10 +152,9 @@ def embed(
             }
             if rank == 0:  # one embedding run at a time in out: a second would compute every shard again
                 held.enter_context(folder_lock(out_dir, "an embedding run", wait=False))
-        check_or_write_config(out_dir, settings, rank, paths)
+        earlier = check_or_write_config(out_dir, settings, rank, paths)
 
-        step = settings["shard_size"]
-        shards = [paths[i : i + step] for i in range(0, len(paths), step)]
+        shards = plan_shards(out_dir, paths, earlier, settings["shard_size"], format)
         mine = [i for i in range(len(shards)) if i % world == rank]
         done = [i for i in mine if finished(shard_path(out_dir, i, format))]
         changed = {i: files for i in done if (files := changed_files(shard_path(out_dir, i, format)))}
@@ -281,23 +285,28 @@ def changed_files(shard: Path) -> list[str]:
     return [f for f, was, now in zip(kept + bad, recorded, file_stamps(kept + bad), strict=True) if was != now]
 
 
-def check_or_write_config(out_dir: Path, settings: dict, rank: int, paths: list[str]) -> None:
-    """A fresh folder gets the settings; a resumed one must have been started with the same ones and
-    list the same images (`paths`)."""
+# the settings that say which images the shards split: the listing of data= (its size and hash) and the
+# shards of earlier runs that its other images follow. A rerun may list more images (`extend_run`).
+LISTING_KEYS = frozenset({"num_images", "paths_sha1", "earlier_shards"})
+
+
+def check_or_write_config(out_dir: Path, settings: dict, rank: int, paths: list[str]) -> int:
+    """A fresh folder gets the settings; a resumed one must have been started with the same ones. Where
+    its data= lists other images (`paths`) since, process 0 extends the run (`extend_run`). Returns the
+    number of shards of earlier runs, kept as they are, before the shards of the images in none of them."""
     path = out_dir / CONFIG
     # process 0 writes it while the others wait in compare_errors' gather (not a barrier, which they
     # would leave with gloo's traceback where process 0 fails, e.g. on a full disk)
     with compare_errors():
         if rank == 0 and not path.exists():
             check_no_unknown_shards(out_dir)
-            write_json(path, settings)
+            write_json(path, {**settings, "earlier_shards": 0})
+    # never "remove out": it may be the images' own folder (out=data)
+    fix = f"embed into a new out= folder, or remove {path.name} and the shard_* files beside it and embed again"
     with compare_errors():  # every process's error: printed once
-        # never "remove out": it may be the images' own folder (out=data)
-        fix = f"embed into a new out= folder, or remove {path.name} and the shard_* files beside it and embed again"
         previous = read_json(path, fix)
-        changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
-        if changed and set(changed) <= {"num_images", "paths_sha1"}:
-            raise DinokitError(other_images(out_dir, previous, paths))
+        keys = (settings.keys() | previous.keys()) - LISTING_KEYS
+        changed = sorted(k for k in keys if settings.get(k) != previous.get(k))
         if changed:
             older = "transform" in changed and "ReducedJpegDecode" not in str(previous.get("transform"))
             hint = " (it decoded JPEGs whole: reduced_decode=false)" if older else ""
@@ -305,27 +314,89 @@ def check_or_write_config(out_dir: Path, settings: dict, rank: int, paths: list[
                 f"{out_dir} holds embeddings made with other settings ({', '.join(changed)} differ; "
                 f"see {path}). Use a new out= folder, or the same settings to resume{hint}."
             )
+        if rank == 0 and not split_holds(out_dir, previous, settings):  # the others read its new split below
+            extend_run(out_dir, settings, paths)
+    with compare_errors():
+        recorded = read_json(path, fix)
+        if not same_listing(recorded, settings):  # process 0 recorded its listing: this one differs
+            raise DinokitError(
+                f"data={settings['data']} listed other images in process {rank} than in process 0 (the folder "
+                "changed while the processes started): run the same command again"
+            )
+    return recorded.get("earlier_shards", 0)  # absent from folders started before runs were extended
 
 
-def other_images(out_dir: Path, previous: dict, paths: list[str]) -> str:
-    """The refusal of a resumed run whose data= lists other images than when it started: how many, and
-    the first added and removed ones that the shards on disk show."""
-    embedded = set()
-    for shard in sorted(out_dir.glob("shard_*")):
-        if shard.suffix in SHARD_FORMATS.values() and finished(shard):
-            kept, bad = read_shard_index(shard)
-            embedded.update(kept, bad)
-    now = set(paths)
-    gone = sorted(embedded - now)
-    complete = len(embedded) == previous["num_images"]  # every shard on disk: all the images of then
-    added = [p for p in paths if p not in embedded] if complete else []
-    seen = [f"{len(x)} {what}, first {x[0]}" for x, what in ((added, "added"), (gone, "removed")) if x]
-    return (
-        f"data={previous['data']} lists {len(paths)} images now, {previous['num_images']} when {out_dir} was started"
-        f"{' (' + '; '.join(seen) + ')' if seen else ' (other names)'}: the shards split the list of then, so they "
-        f"cannot take other images. Embed into a new out= folder, or remove {CONFIG} and the shard_* files there "
-        "to embed everything again"
+def same_listing(config: dict, settings: dict) -> bool:
+    return all(config.get(k) == settings[k] for k in ("num_images", "paths_sha1"))
+
+
+def split_holds(out_dir: Path, config: dict, settings: dict) -> bool:
+    """Whether the split recorded in `config` is this run's: the same listing of data=, and every shard
+    of earlier runs finished (`plan_shards` reads their images from them)."""
+    earlier = config.get("earlier_shards", 0)
+    return same_listing(config, settings) and all(
+        finished(shard_path(out_dir, i, settings["format"])) for i in range(earlier)
     )
+
+
+def extend_run(out_dir: Path, settings: dict, paths: list[str]) -> None:
+    """Record a new split in embed_config.json, where data= lists other images than the run that made the
+    shards (photos added since), or a shard of an earlier run is gone: the finished shards from shard 0
+    up to the first one missing stay as they are, and the listed images in none of them go into new
+    shards after those (`plan_shards`). Shard files after the first one missing (a killed run's) are
+    removed first, as their images are split anew. Refused where an image of the kept shards is no
+    longer listed (removed, or renamed): an embedding cannot drop it."""
+    format = settings["format"]
+    count, embedded = 0, []
+    while finished(shard := shard_path(out_dir, count, format)):
+        good, bad = read_shard_index(shard)
+        embedded += good + bad
+        count += 1
+    listed = set(paths)
+    gone = sorted({p for p in embedded if p not in listed})
+    if gone:
+        raise DinokitError(
+            f"data={settings['data']} lists {len(paths)} images now, and {len(gone)} image(s) of the shards in "
+            f"{out_dir} are not among them (removed or renamed, first {gone[0]}): an embedding takes the images "
+            "added to its data=, but cannot drop those it holds. Embed into a new out= folder, or remove "
+            f"{CONFIG} and the shard_* files there to embed everything again"
+        )
+    later = [p for p in out_dir.glob(f"shard_*{SHARD_FORMATS[format]}") if shard_number(p) >= count]
+    for shard in later:  # before the new split is recorded: a resumed run would take them as its own
+        shard.unlink()
+    write_json(out_dir / CONFIG, {**settings, "earlier_shards": count})
+    known = set(embedded)
+    added = [p for p in paths if p not in known]
+    if added:
+        again = f"; {len(later)} shard(s) after a missing one are computed again" if later else ""
+        print(
+            f"embed: {len(added)} listed image(s) are in none of the {count} finished shard(s) of {out_dir} "
+            f"(first: {added[0]}): embedding them into new shards from {shard_path(out_dir, count, format).name}"
+            f"{again}",
+            file=sys.stderr,
+        )
+
+
+def shard_number(shard: Path) -> int:
+    """i of shard_<i>.<suffix> (-1 for another name)."""
+    number = shard.name.removeprefix("shard_").split(".")[0]
+    return int(number) if number.isdigit() else -1
+
+
+def plan_shards(out_dir: Path, paths: list[str], earlier: int, step: int, format: str) -> list[list[str]]:
+    """The files of each shard, in order: the `earlier` shards of earlier runs (finished) with their own
+    files (images and bad files, in listing order), then the listed files in none of them, `step` at a
+    time, in listing order (a first run: `paths` split in `step`s)."""
+    order: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        order.setdefault(p, i)
+    shards = []
+    for i in range(earlier):
+        good, bad = read_shard_index(shard_path(out_dir, i, format))
+        shards.append(sorted(good + bad, key=order.__getitem__))
+    kept = {p for shard in shards for p in shard}
+    new = [p for p in paths if p not in kept]
+    return shards + [new[i : i + step] for i in range(0, len(new), step)]
 
 
 def check_no_unknown_shards(out_dir: Path) -> None:

@@ -3,7 +3,8 @@
 A run folder holds
   manifest.json             model and its weights hash, resolution, transform, features and shapes, dtype,
                             shards, bad files
-  embed_config.json         the settings (checked when a run resumes)
+  embed_config.json         the settings (checked when a run resumes), the listing of data= the shards
+                            split, and earlier_shards: those of earlier runs kept before its new images
   shard_00000.safetensors   (or .npz) one shard: a tensor per feature kind, its image paths, its bad files,
                             and the [size, mtime ns] of each of its files when they were read (`file_stamps`)
   ...
@@ -139,7 +140,8 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def read_embeddings(folder: str | Path, kinds: list[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """All shards of a finished run, concatenated in image order: ({kind: tensor (N, ...)}, paths)."""
+    """All shards of a finished run, concatenated in shard order (the listing of data=, and after it the
+    images an extended run added): ({kind: tensor (N, ...)}, paths)."""
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     missing = sorted(set(kinds or []) - set(manifest["features"]))

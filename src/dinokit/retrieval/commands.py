@@ -107,7 +107,9 @@ def build_index(
                     "Build the index anew (a new out=) from an embedding of every image"
                 )
             added = index.add_blocks(paths, blocks, stamps)
-            index.meta["sources"].append(str(Path(features).absolute()))
+            source = str(Path(features).absolute())
+            if source not in index.meta["sources"]:  # the same embedding again: extended since (new images)
+                index.meta["sources"].append(source)
         else:
             meta = {"feature": feature, "embedding": embedding, "sources": [str(Path(features).absolute())]}
             options = {key: value for key, value in given.items() if key != "kind"}
