@@ -9,6 +9,8 @@
 #   pretrain    `dinokit pretrain` of ViT-S/14 (DINOv2 recipe, 224 px) on rendered shapes, then
 #               continued under torchrun (NCCL) with resume=true
 #   tests       the test suite's training, model and feature tests (device=auto picks the GPU)
+#   embed       bench/embed.py --device cuda (seed per image, transformers batched, dinokit embed; 2048 JPEGs,
+#               decoded by 8 workers); needs the CIFAR-10 archive in shared/data/ inside the checkout
 #   curation    bench/curation.py section 0 (dedup and hierarchical k-means), CPU and GPU at 50k and the GPU at 400k
 # Python packages that the machine lacks (lightly, faiss) can be installed from wheels in .whl/.
 set -u
@@ -74,6 +76,8 @@ transformers.__version__, timm.__version__)'; nproc" ;;
     tests) step tests 240 $PY -m pytest -o addopts=-ra -p no:cacheprovider tests/test_cuda.py tests/test_pretrain.py \
         tests/test_vision_transformer.py tests/test_extract.py tests/test_embed.py tests/test_parity_hf.py \
         tests/test_curation_dedup.py tests/test_curation_clustering.py ;;
+    embed) step embed 300 $PY bench/embed.py --device cuda --images 2048 --batch-size 128 --num-workers 8 \
+        --json "$OUT/embed.json" ;;
     curation) step curation 240 bash -c "$PY bench/curation.py --speed-only --devices cpu,cuda && \
 $PY bench/curation.py --speed-only --devices cuda --n 400000" ;;
     *) echo "unknown step $name" && exit 2 ;;

@@ -12,8 +12,10 @@ layout; speed does not depend on the values) and the same transform (resize 256 
 224, ImageNet normalisation). dinokit loads the weights with interpolate_offset=0.0, which is what
 transformers' Dinov2Model computes at 224, so that features can be compared. The images are the first
 `--images` CIFAR-10 test pictures resized to 224x224 JPEGs (so that decoding costs what a real photo
-collection costs). Each way runs `--repeats` times, alternating; medians and ratios are printed, plus
-the cosine similarity between dinokit's (bf16) features and transformers' fp32 ones.
+collection costs). `--device cuda` runs all three models on the GPU (the images are decoded on the CPU
+as before; on a GPU the seed's per-image loop is bound by its preprocessing and launches). Each way runs
+`--repeats` times, alternating; medians and ratios are printed, plus the cosine similarity between
+dinokit's (bf16) features and transformers' fp32 ones.
 
 Run under the shared lock:  flock /tmp/dinokit-heavy.lock .venv/bin/python bench/embed.py
 """
@@ -40,8 +42,9 @@ from dinokit.features.embed import embed  # noqa: E402
 from dinokit.features.store import read_embeddings  # noqa: E402
 from dinokit.io import write_json  # noqa: E402
 
-# ../shared beside the checkout (CI, /work/main); a worktree one level deeper finds it one level up
-ARCHIVES = [base / "shared" / "data" / "cifar10-jpg.tar.gz" for base in (ROOT.parent, ROOT.parent.parent)]
+# ../shared beside the checkout (CI, /work/main); a worktree one level deeper finds it one level up; a
+# shared/ inside the checkout (git-ignored) is what travels to a lent GPU machine (bench/cuda_checks.sh embed)
+ARCHIVES = [base / "shared" / "data" / "cifar10-jpg.tar.gz" for base in (ROOT.parent, ROOT.parent.parent, ROOT)]
 
 
 def prepare_images(count: int, folder: Path) -> list[Path]:
@@ -84,30 +87,30 @@ def bit_image_processor():
 
 
 @torch.inference_mode()
-def run_seed(model, processor, paths: list[Path], out: Path) -> np.ndarray:
-    """Seed 4.2: per image, processor -> model -> CLS, then np.vstack and save."""
+def run_seed(model, processor, paths: list[Path], out: Path, device: str) -> np.ndarray:
+    """Seed 4.2: per image, processor -> model (on `device`) -> CLS, then np.vstack and save."""
     features = []
     for path in paths:
-        inputs = processor(images=Image.open(path), return_tensors="pt")
-        features.append(model(**inputs).last_hidden_state[:, 0].numpy())
+        inputs = processor(images=Image.open(path), return_tensors="pt").to(device)
+        features.append(model(**inputs).last_hidden_state[:, 0].cpu().numpy())
     features = np.vstack(features)
     np.save(out, features)
     return features
 
 
 @torch.inference_mode()
-def run_hf_batched(model, processor, paths: list[Path], out: Path, batch_size: int) -> np.ndarray:
+def run_hf_batched(model, processor, paths: list[Path], out: Path, batch_size: int, device: str) -> np.ndarray:
     features = []
     for start in range(0, len(paths), batch_size):
         images = [Image.open(p) for p in paths[start : start + batch_size]]
-        inputs = processor(images=images, return_tensors="pt")
-        features.append(model(**inputs).last_hidden_state[:, 0].numpy())
+        inputs = processor(images=images, return_tensors="pt").to(device)
+        features.append(model(**inputs).last_hidden_state[:, 0].cpu().numpy())
     features = np.vstack(features)
     np.save(out, features)
     return features
 
 
-def run_dinokit(weights: str, folder: Path, out: Path, batch_size: int, num_workers: int) -> np.ndarray:
+def run_dinokit(weights: str, folder: Path, out: Path, batch_size: int, num_workers: int, device: str) -> np.ndarray:
     embed(
         weights,
         str(folder),
@@ -115,7 +118,7 @@ def run_dinokit(weights: str, folder: Path, out: Path, batch_size: int, num_work
         image_size=224,
         batch_size=batch_size,
         num_workers=num_workers,
-        device="cpu",
+        device=device,
         precision="bf16",
         progress=False,
     )
@@ -132,6 +135,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where all three ways run their model")
     parser.add_argument("--work", default="/tmp/dinokit-bench-embed")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -145,11 +149,12 @@ def main() -> None:
     hf_folder = dinokit.export_model(dinokit.create_model("dinov2_vits14"), work / "vits14_hf", format="hf")
     # same weights for dinokit, with transformers' position-embedding interpolation at 224
     weights = dinokit.export_model(dinokit.load_model(hf_folder, interpolate_offset=0.0), work / "vits14.safetensors")
-    hf_model = Dinov2Model.from_pretrained(hf_folder).eval()
+    hf_model = Dinov2Model.from_pretrained(hf_folder).eval().to(args.device)
     processor = bit_image_processor()
     print(
-        f"{len(paths)} JPEGs 224x224, torch threads {torch.get_num_threads()}, batch {args.batch_size}, "
-        f"dinokit num_workers {args.num_workers}, transformers attn {hf_model.config._attn_implementation}"
+        f"{len(paths)} JPEGs 224x224 on {args.device}, torch threads {torch.get_num_threads()}, "
+        f"batch {args.batch_size}, dinokit num_workers {args.num_workers}, "
+        f"transformers attn {hf_model.config._attn_implementation}"
     )
 
     times = {"seed": [], "hf-batch": [], "dinokit": []}
@@ -160,11 +165,15 @@ def main() -> None:
             for name in times:
                 start = time.perf_counter()
                 if name == "seed":
-                    outputs[name] = run_seed(hf_model, processor, paths, tmp / "seed.npy")
+                    outputs[name] = run_seed(hf_model, processor, paths, tmp / "seed.npy", args.device)
                 elif name == "hf-batch":
-                    outputs[name] = run_hf_batched(hf_model, processor, paths, tmp / "hf.npy", args.batch_size)
+                    outputs[name] = run_hf_batched(
+                        hf_model, processor, paths, tmp / "hf.npy", args.batch_size, args.device
+                    )
                 else:
-                    outputs[name] = run_dinokit(weights, images, tmp / "dinokit", args.batch_size, args.num_workers)
+                    outputs[name] = run_dinokit(
+                        weights, images, tmp / "dinokit", args.batch_size, args.num_workers, args.device
+                    )
                 times[name].append(time.perf_counter() - start)
                 print(f"repeat {r + 1} {name:<9} {len(paths) / times[name][-1]:7.1f} images/s")
 
