@@ -124,17 +124,26 @@ def run_example(script: Path, args: list[str], monkeypatch: pytest.MonkeyPatch) 
 def aten_op_names(run) -> list[str]:
     """The names of the aten ops (e.g. "index_add.default") that `run()` dispatches, in order: what a
     forward or a backward computes, for tests that pin which kernels a path uses."""
+    return [name for name, _ in aten_op_outputs(run, views=True)]
+
+
+def aten_op_outputs(run, views: bool = False) -> list[tuple[str, list[tuple[tuple[int, ...], torch.dtype]]]]:
+    """(name, [(shape, dtype) of each tensor it returns]) of the aten ops `run()` dispatches, in order,
+    views left out unless `views`: for tests that pin which arrays a path makes (in-place ops' names end in "_")."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Recorder(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
-            self.names: list[str] = []
+            self.ops: list[tuple[str, list[tuple[tuple[int, ...], torch.dtype]]]] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
+            if views or not func.is_view:
+                self.ops.append((func.__name__, [(tuple(t.shape), t.dtype) for t in tensors]))
+            return out
 
     with Recorder() as recorder:
         run()
-    return recorder.names
+    return recorder.ops

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dinokit.losses import DINOHead, DINOLoss, EMACenter, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
-from tests.conftest import aten_op_names
+from tests.conftest import aten_op_names, aten_op_outputs
 
 LN = math.log
 
@@ -108,6 +108,29 @@ def test_ema_center_counts_bf16_rows_exactly():
     assert center.center.item() == 1.0
 
 
+def test_ema_center_works_a_block_of_rows_at_a_time(monkeypatch):
+    """Probabilities equal softmax((logits.float() - c) / t) bit for bit and the row sums the float32
+    sums to rounding, over blocks of rows that do not divide the rows (7 rows, blocks of 3), with no
+    float32 array of the logits' size but the probabilities: at 605 x 65536 the whole cast, difference
+    and quotient were 160 MB each, and the row sums' cast another."""
+    from dinokit.losses import ibot_loss
+
+    monkeypatch.setattr(ibot_loss, "CHUNK_ELEMENTS", 3 * 50)
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(7, 50)).bfloat16()
+    center = EMACenter(50)
+    center.center.copy_(torch.randn(1, 50))
+    probs = center.probabilities(logits, 0.04)
+    composed = torch.softmax((logits.float() - center.center) / 0.04, dim=-1)
+    torch.testing.assert_close(probs, composed, atol=0, rtol=0)
+    sums = EMACenter.row_sums(logits)
+    torch.testing.assert_close(sums[:-1], logits.float().sum(dim=0))
+    assert sums[-1].item() == 7 and sums.dtype == torch.float32
+    for run in (lambda: center.probabilities(logits, 0.04), lambda: EMACenter.row_sums(logits)):
+        whole = [name for name, outputs in aten_op_outputs(run) if ((7, 50), torch.float32) in outputs]
+        assert whole in (["new_empty.default"], []), whole  # the probabilities; none for the sums
+
+
 def sinkhorn_by_hand(logits: list[list[float]], n_iterations: int) -> list[list[Fraction]]:
     """Sinkhorn-Knopp in exact fractions on exp(logits) given as ratios (tau = 1)."""
     q = [[Fraction(v) for v in col] for col in zip(*logits, strict=True)]  # K x B, entries = exp(t)
@@ -186,6 +209,23 @@ def test_soft_cross_entropy_is_the_log_softmax_composition_block_by_block(monkey
         reference = reference.detach()
         error, composed_error = ((t.double() - reference).abs().max() for t in (fused, composed))
         assert error <= max(2 * composed_error, 1e-6 * reference.abs().max())
+
+
+def test_soft_cross_entropy_forward_makes_two_float32_arrays_a_block(monkeypatch):
+    """Each block of bf16 rows is cast to float32 (one array) and divided by the temperature in place,
+    its log-probabilities (the other) multiplied by the targets in place: the quotient and the product
+    were two more block-sized arrays to write and read again (7 rows, blocks of 3: 3 blocks)."""
+    from dinokit.losses import ibot_loss
+
+    monkeypatch.setattr(ibot_loss, "CHUNK_ELEMENTS", 3 * 50)
+    x = (3 * torch.randn(7, 50)).bfloat16().requires_grad_()
+    q = torch.softmax(torch.randn(7, 50), dim=-1)
+    made = [
+        name
+        for name, outputs in aten_op_outputs(lambda: ibot_loss.soft_cross_entropy(x, q, 0.1))
+        if not name.split(".")[0].endswith("_") and any(s[1:] == (50,) and d == torch.float32 for s, d in outputs)
+    ]
+    assert made == ["_to_copy.default", "_log_softmax.default"] * 3, made
 
 
 def test_soft_cross_entropy_takes_its_exponentials_from_the_softmax_kernels():

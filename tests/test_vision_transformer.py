@@ -14,7 +14,7 @@ from dinokit.models import (
     snap_to_patch_multiple,
 )
 from dinokit.models.layers.ffn import SwiGLUFFN
-from tests.conftest import aten_op_names, perturb_scales_and_norms
+from tests.conftest import aten_op_names, aten_op_outputs, perturb_scales_and_norms
 
 RELEASED = {
     "dinov2_vits14": 22_056_576,
@@ -329,6 +329,25 @@ def test_adding_the_branch_rows_back_keeps_only_their_indices_for_the_backward()
 
     assert saved_shapes(lambda x, r: AddRows.apply(x, idx, r, 1.7)) == [(3,)]
     assert (3, 3, 4) in saved_shapes(lambda x, r: torch.index_add(x, 0, idx, r, alpha=1.7))
+
+
+def test_adding_the_branch_rows_back_makes_their_gradient_as_one_array():
+    """AddRows's backward scales the rows' gradient in place where index_select makes it: grad[idx] *
+    alpha made a second array of their size (a branch output's, per block and branch)."""
+    from dinokit.models.layers.stochastic_depth import AddRows
+
+    x = torch.randn(6, 3, 4, requires_grad=True)
+    rows = torch.randn(3, 3, 4, requires_grad=True)
+    idx = torch.tensor([4, 0, 2])
+    out = AddRows.apply(x, idx, rows, 1.7)
+    grad = torch.randn(6, 3, 4)
+    ops = aten_op_outputs(lambda: out.backward(grad))
+    made = [
+        name for name, outputs in ops if ((3, 3, 4), torch.float32) in outputs and not name.split(".")[0].endswith("_")
+    ]
+    assert made == ["index_select.default"], made
+    torch.testing.assert_close(rows.grad, grad[idx] * 1.7, atol=0, rtol=0)
+    torch.testing.assert_close(x.grad, grad, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])  # per-sample DropPath, and the subset path

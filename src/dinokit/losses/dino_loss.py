@@ -5,16 +5,20 @@ from torch import nn
 
 
 def student_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature) in float32, (.., K) -> (.., K).
+    """log softmax(logits / temperature) in float32 (float64 for float64 logits), (.., K) -> (.., K)."""
+    return torch.log_softmax(scaled_logits(logits, temperature), dim=-1)
 
-    When the cast to float32 makes a copy (bf16 / fp16 logits) the division runs in place on it: one
-    pass less over the (rows, prototypes) array, 10-15% of an iBOT-style loss's forward + backward at 605 x
-    65536 on a 2-core CPU (`bench/cpu_training_speed.py`). float32 logits are divided out of place, so
-    the caller's tensor is kept.
+
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / temperature in float32 (float64 for float64 logits), (.., K) -> (.., K).
+
+    When the cast makes a copy (bf16 / fp16 logits) the division runs in place on it: one pass less
+    over the (rows, prototypes) array, 10-15% of an iBOT-style loss's forward + backward at 605 x 65536
+    on a 2-core CPU (`bench/cpu_training_speed.py`). Logits already in that dtype are divided out of
+    place, so the caller's tensor is kept. The same values either way.
     """
-    z = logits.float()
-    z = z.div_(temperature) if z is not logits else z / temperature
-    return torch.log_softmax(z, dim=-1)
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return z.div_(temperature) if z is not logits else z / temperature
 
 
 class DINOLoss(nn.Module):
@@ -36,11 +40,12 @@ class DINOLoss(nn.Module):
         self.ignore_same_view = ignore_same_view
 
     def pair_matrix(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
-        """student_logits (S, B, K), teacher_probs (T, B, K) -> L (S, T), in float32 (autocast off)."""
+        """student_logits (S, B, K), teacher_probs (T, B, K) -> L (S, T), in float32 (float64 for float64
+        logits; autocast off)."""
         s, b, _ = student_logits.shape
         with torch.autocast(student_logits.device.type, enabled=False):
             log_p = student_log_probs(student_logits, self.student_temp)
-            return -(log_p.reshape(s, -1) @ teacher_probs.float().reshape(teacher_probs.shape[0], -1).T) / b
+            return -(log_p.reshape(s, -1) @ teacher_probs.to(log_p.dtype).reshape(teacher_probs.shape[0], -1).T) / b
 
     def valid_pairs(self, num_student: int, num_teacher: int, device=None) -> torch.Tensor:
         """(S, T) bool: which pairs count."""

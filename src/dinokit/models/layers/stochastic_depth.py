@@ -72,4 +72,4 @@ class AddRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (idx,) = ctx.saved_tensors
-        return grad, None, grad.index_select(0, idx) * ctx.alpha, None
+        return grad, None, grad.index_select(0, idx).mul_(ctx.alpha), None  # scaled where it is made
