@@ -386,7 +386,7 @@ def test_eval_knn_takes_edited_labels_and_another_spelling_from_the_cache_and_a_
 ):
     """Features do not depend on labels: a path,label CSV edited (labels fixed) reuses the cached entry
     with the new labels; the same folder through a symlink is the same entry; an image replaced under its
-    name (same size, later mtime) makes a new one."""
+    name (same size, later mtime) makes a new one, which extracts only that image."""
     from dinokit.cli import main
 
     for c, cls in enumerate("ab"):
@@ -411,8 +411,10 @@ def test_eval_knn_takes_edited_labels_and_another_spelling_from_the_cache_and_a_
     top1(tmp_path / "link", "knn3")
     assert sorted(p.name for p in cache.iterdir()) == entries
     replace(tmp_path / "train" / "a" / "0.bmp", 77)
+    capsys.readouterr()
     top1(tmp_path / "train", "knn4")
     assert len(list(cache.iterdir())) == len(entries) + 1
+    assert "6 images, features reused 5, extracted 1" in capsys.readouterr().out  # the others' rows copied
 
 
 def test_curate_retrieve_refuses_a_pool_index_of_images_replaced_since(weights, photos, tmp_path):

@@ -44,6 +44,20 @@ def count_extractions(monkeypatch):
     return calls
 
 
+def interrupt_shard(monkeypatch, writer: str, first: int):
+    """Make cache_module.<writer> (_write_shard, _assemble_shard) raise KeyboardInterrupt on the shard of
+    images from `first`; returns the real one."""
+    real = getattr(cache_module, writer)
+
+    def interrupted(folder, model, paths, start, *args):
+        if start == first:
+            raise KeyboardInterrupt
+        return real(folder, model, paths, start, *args)
+
+    monkeypatch.setattr(cache_module, writer, interrupted)
+    return real
+
+
 def test_cache_reuses_and_invalidates_when_it_must(images, tmp_path, count_extractions):
     model = dinokit.create_model("vit_nano_p2").eval()
     t16 = eval_transform(16)
@@ -89,14 +103,7 @@ def test_cache_reuses_and_invalidates_when_it_must(images, tmp_path, count_extra
 def test_interrupted_extraction_resumes_at_the_missing_shard(images, tmp_path, monkeypatch, count_extractions):
     model = dinokit.create_model("vit_nano_p2").eval()
     t = eval_transform(16)
-    real = cache_module._write_shard
-
-    def crash_on_second(folder, model, paths, first, *args):
-        if first == 2:
-            raise KeyboardInterrupt
-        return real(folder, model, paths, first, *args)
-
-    monkeypatch.setattr(cache_module, "_write_shard", crash_on_second)
+    real = interrupt_shard(monkeypatch, "_write_shard", 2)
     with pytest.raises(KeyboardInterrupt):
         cached_features(model, images, t, ("cls",), cache_dir=tmp_path / "c", shard_size=2, **KW)
     entry = next((tmp_path / "c").iterdir())
@@ -159,3 +166,97 @@ def test_a_damaged_cache_entry_is_an_error_naming_it_and_the_fix(images, tmp_pat
     shutil.rmtree(first.location)
     again = cached_features(model, images, eval_transform(16), ("cls",), cache_dir=tmp_path / "c", **KW)
     assert not again.reused and np.array_equal(again.array("cls"), first.array("cls"))
+
+
+# ------------------------------------------------------------------ a changed image list reuses a donor entry
+def draw_image(path, seed: int) -> None:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
+
+
+def same_features(a, b) -> bool:
+    """Same kept and bad files, same storage dtypes, the same rows: bit for bit, but patch tokens to float16
+    rounding (the extractor's patch tokens of an image vary in their last bits with the batch it is in)."""
+    return (
+        a.kept.tolist() == b.kept.tolist()
+        and a.bad == b.bad
+        and all(a.array(k).dtype == b.array(k).dtype for k in a.shards)
+        and all(
+            np.allclose(a.array(k), b.array(k), rtol=1e-3, atol=1e-3)
+            if k == "patch_tokens"
+            else np.array_equal(a.array(k), b.array(k))
+            for k in a.shards
+        )
+    )
+
+
+def test_an_added_image_is_the_only_one_extracted(images, tmp_path, count_extractions):
+    """An image added to a split made a new entry, extracted whole; now the other files' rows (and the bad
+    file's mark, which is not read again) come from the entry of the list before, and the shards are
+    those of a fresh extraction into an empty cache."""
+    model = dinokit.create_model("vit_nano_p2").eval()
+    t, which = eval_transform(16), ("cls", "patch_tokens")  # float32 and float16 storage
+    cached_features(model, images, t, which, cache_dir=tmp_path / "c", shard_size=2, **KW)
+    added = tmp_path / "img" / "added.png"
+    draw_image(added, 9)
+    grown = [*images[:2], added, *images[2:]]  # between two shards' files of the donor
+    count_extractions.clear()
+    reused = cached_features(model, grown, t, which, cache_dir=tmp_path / "c", shard_size=2, **KW)
+    assert count_extractions == [1] and reused.extracted == 1 and not reused.reused
+    fresh = cached_features(model, grown, t, which, cache_dir=tmp_path / "empty", shard_size=2, **KW)
+    assert same_features(reused, fresh) and reused.bad == [4] and len(reused) == 6
+    assert len(list((tmp_path / "c").iterdir())) == 2  # the donor entry stays
+    assert not list((tmp_path / "c").rglob("fresh"))
+
+
+def test_a_replaced_image_is_the_only_one_extracted_again(images, tmp_path, count_extractions):
+    model = dinokit.create_model("vit_nano_p2").eval()
+    t = eval_transform(16)
+    first = cached_features(model, images, t, ("cls",), cache_dir=tmp_path / "c", **KW)
+    before = images[4].stat()
+    draw_image(images[4], 77)  # same name and size, another picture, written later
+    os.utime(images[4], ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    count_extractions.clear()
+    again = cached_features(model, images, t, ("cls",), cache_dir=tmp_path / "c", **KW)
+    assert count_extractions == [1] and again.key != first.key
+    fresh = cached_features(model, images, t, ("cls",), cache_dir=None, **KW)
+    assert same_features(again, fresh) and not np.array_equal(again.array("cls")[3], first.array("cls")[3])
+
+
+def test_a_removed_image_extracts_nothing(images, tmp_path, count_extractions):
+    model = dinokit.create_model("vit_nano_p2").eval()
+    t = eval_transform(16)
+    cached_features(model, images, t, ("cls",), cache_dir=tmp_path / "c", shard_size=4, **KW)
+    count_extractions.clear()
+    shrunk = cached_features(model, images[1:], t, ("cls",), cache_dir=tmp_path / "c", shard_size=4, **KW)
+    assert count_extractions == [] and shrunk.reused and shrunk.extracted == 0
+    fresh = cached_features(model, images[1:], t, ("cls",), cache_dir=tmp_path / "empty", shard_size=4, **KW)
+    assert same_features(shrunk, fresh) and shrunk.bad == [2]
+
+
+@pytest.mark.parametrize("change", ["transform", "precision", "kinds"])
+def test_features_of_another_transform_precision_or_kinds_are_not_reused(images, tmp_path, count_extractions, change):
+    model = dinokit.create_model("vit_nano_p2").eval()
+    cached_features(model, images[1:], eval_transform(16), ("cls",), cache_dir=tmp_path / "c", **KW)
+    count_extractions.clear()
+    t = eval_transform(16, "resize") if change == "transform" else eval_transform(16)
+    kw = KW | {"precision": "bf16"} if change == "precision" else KW
+    which = ("cls", "patch_mean") if change == "kinds" else ("cls",)
+    cached_features(model, images, t, which, cache_dir=tmp_path / "c", **kw)
+    assert count_extractions == [6]
+
+
+def test_an_interrupted_assembly_resumes_at_the_missing_shard(images, tmp_path, monkeypatch, count_extractions):
+    model = dinokit.create_model("vit_nano_p2").eval()
+    t = eval_transform(16)
+    cached_features(model, images[1:], t, ("cls",), cache_dir=tmp_path / "c", shard_size=2, **KW)
+    real = interrupt_shard(monkeypatch, "_assemble_shard", 2)
+    count_extractions.clear()
+    with pytest.raises(KeyboardInterrupt):
+        cached_features(model, images, t, ("cls",), cache_dir=tmp_path / "c", shard_size=2, **KW)
+    assert count_extractions == [1]  # images[0], into shard 0
+    monkeypatch.setattr(cache_module, "_assemble_shard", real)
+    resumed = cached_features(model, images, t, ("cls",), cache_dir=tmp_path / "c", shard_size=2, **KW)
+    assert count_extractions == [1] and resumed.extracted == 0  # shards 1 and 2 wholly from the donor
+    assert not list((tmp_path / "c").rglob(".*"))  # no temporary folder left
+    fresh = cached_features(model, images, t, ("cls",), cache_dir=None, **KW)
+    assert same_features(resumed, fresh)

@@ -120,7 +120,7 @@ def split_features(
     num_workers: int,
     precision: str,
 ) -> Features:
-    """Cached features of one split's images; reports skipped files and whether the cache was used."""
+    """Cached features of one split's images; reports skipped files and how many were reused or extracted."""
     feats = cached_features(
         backbone.model,
         paths,
@@ -139,7 +139,9 @@ def split_features(
     if feats.bad:
         print(f"{source}: skipped {len(feats.bad)} unreadable file(s), e.g. {paths[feats.bad[0]]}")
     where = f"cached at {feats.location}" if feats.location else "not cached"
-    print(f"{source}: {len(feats)} images, features {'reused' if feats.reused else 'extracted'} ({where})")
+    reused, extracted = len(paths) - feats.extracted, feats.extracted
+    done = "reused" if not extracted else "extracted" if not reused else f"reused {reused}, extracted {extracted}"
+    print(f"{source}: {len(feats)} images, features {done} ({where})")
     return feats
 
 
