@@ -18,8 +18,9 @@ as float16 (half the disk; dense probes upcast per batch), the rest as float32.
 A new entry (an image added to a split, replaced or removed) takes what it can from a donor: the entry
 of the same model, transform, kinds, layers, norm and precision whose finished shards hold the most of
 its files with their stamps unchanged. Those files' rows are copied from the donor's shards (an
-unreadable one stays bad), the rest extracted: the shards are those a fresh extraction writes. The
-donor stays as it was.
+unreadable one stays bad), the rest extracted. The rows are a fresh extraction's, except that patch
+tokens may differ in their last bits (float16 rounding), as the extractor's do with the batch an image
+is in. The donor stays as it was.
 """
 
 import errno
